@@ -1,0 +1,51 @@
+//! Every hard bound geobeat enforces, in one place, with the relationships between them asserted at
+//! compile time. Nothing here is tunable at run time: configuration may pick smaller values (see
+//! `config`), never larger ones. Units and qualifiers come last in every name.
+
+/// Longest device id, in UTF-8 bytes (ids are 1..=64 bytes).
+pub const DEVICE_ID_BYTES_MAX: usize = 64;
+/// Largest opaque attribute blob stored with one heartbeat (the compact JSON text of `attrs`).
+pub const ATTRS_BYTES_MAX: usize = 256;
+/// Largest encoded heartbeat payload (rkyv bytes) one log entry may carry. Generous: a heartbeat
+/// with the longest id and the largest attribute blob is about 400 bytes.
+pub const ENTRY_PAYLOAD_BYTES_MAX: usize = 1024;
+/// Every log entry starts on this boundary (the rkyv root of a heartbeat needs 8-byte alignment).
+pub const ENTRY_ALIGN_BYTES: usize = 8;
+/// Size of the fixed header in front of every log entry (see `shards/README.md`).
+pub const ENTRY_HEADER_BYTES: usize = 32;
+/// Size of the fixed header at the start of every segment file.
+pub const SEGMENT_HEADER_BYTES: usize = 4096;
+/// Smallest and largest segment file size accepted by configuration.
+pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
+/// See [`SEGMENT_BYTES_MIN`].
+pub const SEGMENT_BYTES_MAX: u64 = 1 << 32;
+/// Default segment file size.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
+/// Page size assumed for mapping and alignment of segment sizes.
+pub const PAGE_BYTES: u64 = 4096;
+/// Most logical shards a data directory may be created with.
+pub const SHARDS_MAX: usize = 256;
+
+/// Largest WebSocket message (frame payload) a device may send.
+pub const FRAME_BYTES_MAX: usize = 64 << 10;
+/// Most heartbeats one frame (JSON array or binary batch) may carry.
+pub const FRAME_HEARTBEATS_MAX: usize = 1000;
+/// Largest HTTP request head (request line plus headers).
+pub const HTTP_HEAD_BYTES_MAX: usize = 8 << 10;
+/// Longest request URI.
+pub const HTTP_URI_BYTES_MAX: usize = 2048;
+/// Largest HTTP request body geobeat reads.
+pub const HTTP_BODY_BYTES_MAX: usize = 64 << 10;
+/// Most headers in one HTTP request.
+pub const HTTP_HEADERS_MAX: usize = 64;
+/// Deepest JSON nesting accepted inside `attrs`.
+pub const JSON_DEPTH_MAX: usize = 8;
+
+const _: () = assert!(ENTRY_HEADER_BYTES % ENTRY_ALIGN_BYTES == 0);
+const _: () = assert!(SEGMENT_HEADER_BYTES as u64 % PAGE_BYTES == 0);
+const _: () = assert!(SEGMENT_BYTES_MIN % PAGE_BYTES == 0);
+const _: () = assert!(SEGMENT_BYTES_DEFAULT % PAGE_BYTES == 0);
+const _: () =
+    assert!(SEGMENT_BYTES_MIN as usize > SEGMENT_HEADER_BYTES + 64 * ENTRY_PAYLOAD_BYTES_MAX);
+const _: () = assert!(ENTRY_PAYLOAD_BYTES_MAX > DEVICE_ID_BYTES_MAX + ATTRS_BYTES_MAX + 128);
+const _: () = assert!(FRAME_BYTES_MAX <= 1 << 20);
