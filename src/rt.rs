@@ -1,0 +1,221 @@
+//! The runtime seam: everything geobeat needs from its async runtime (glommio today), behind a
+//! thin layer so a later move to another io_uring runtime stays small. It owns executor startup
+//! (one pinned executor per core, explicit `io_memory` and `ring_depth`), local task spawning,
+//! timers, the cross-executor channel mesh, an io_uring `fdatasync`, and a tiny single-threaded
+//! notification primitive. It owns no geobeat logic.
+//!
+//! Invariant: nothing outside this module names `glommio`.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+pub use glommio::net::{TcpListener, TcpStream};
+
+/// io_uring registered-buffer memory per executor. geobeat does no DMA file I/O, so the minimum
+/// that glommio accepts is plenty; it counts against the 8 MiB locked-memory limit.
+const IO_MEMORY_BYTES: usize = 512 << 10;
+/// Submission queue depth per ring. Sockets and fdatasyncs are the only users.
+const RING_DEPTH: usize = 512;
+
+/// Starts `count` executors, executor `i` pinned to CPU `i % online CPUs`, each running `main(i)`;
+/// blocks until every one has returned, and returns their results in order.
+pub fn run_executors<F, Fut, T>(count: usize, main: F) -> io::Result<Vec<T>>
+where
+    F: Fn(usize) -> Fut + Send + Clone + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    assert!(count > 0);
+    let cpus: Vec<usize> = glommio::CpuSet::online()
+        .map(|set| set.into_iter().map(|l| l.cpu).collect())
+        .unwrap_or_default();
+    let mut handles = Vec::with_capacity(count);
+    for index in 0..count {
+        let placement = if cpus.is_empty() {
+            glommio::Placement::Unbound
+        } else {
+            glommio::Placement::Fixed(cpus[index % cpus.len()])
+        };
+        let main = main.clone();
+        let handle = glommio::LocalExecutorBuilder::new(placement)
+            .name(&format!("geobeat-{index}"))
+            .io_memory(IO_MEMORY_BYTES)
+            .ring_depth(RING_DEPTH)
+            .spin_before_park(Duration::from_micros(0))
+            .spawn(move || main(index))
+            .map_err(|e| io::Error::other(format!("starting executor {index}: {e}")))?;
+        handles.push(handle);
+    }
+    handles
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| h.join().map_err(|e| io::Error::other(format!("executor {i} failed: {e}"))))
+        .collect()
+}
+
+/// Spawns a task on the current executor and lets it run on its own.
+pub fn spawn<F: Future<Output = ()> + 'static>(fut: F) {
+    glommio::spawn_local(fut).detach();
+}
+
+/// Spawns a task on the current executor and returns a handle to await its result.
+pub fn spawn_joinable<T: 'static, F: Future<Output = T> + 'static>(fut: F) -> glommio::task::JoinHandle<T> {
+    glommio::spawn_local(fut).detach()
+}
+
+/// Sleeps without blocking the executor.
+pub async fn sleep(d: Duration) {
+    glommio::timer::sleep(d).await;
+}
+
+/// Runs `fut` for at most `d`; `None` on timeout (the future is dropped).
+pub async fn timeout<T>(d: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        sleep(d).await;
+        None
+    })
+    .await
+}
+
+/// Lets other tasks run if this one has used up its time slice.
+pub async fn yield_if_needed() {
+    glommio::yield_if_needed().await;
+}
+
+/// Binds a listening socket with SO_REUSEPORT (every executor binds the same address; the kernel
+/// spreads connections).
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(io::Error::from)
+}
+
+/// Builds a TcpStream from a file descriptor handed over from another executor.
+///
+/// # Safety
+/// `fd` must be an open, connected TCP socket that nothing else owns.
+pub unsafe fn stream_from_fd(fd: RawFd) -> TcpStream {
+    // SAFETY: the caller hands over sole ownership of a connected TCP socket.
+    unsafe { TcpStream::from_raw_fd(fd) }
+}
+
+/// A file opened for io_uring `fdatasync` (one per log segment, cached by the caller).
+pub struct SyncFile(glommio::io::BufferedFile);
+
+impl SyncFile {
+    /// Wraps a duplicate of `fd` (the caller keeps its own).
+    pub fn from_fd(fd: RawFd) -> io::Result<SyncFile> {
+        // SAFETY: dup returns a fresh descriptor that only this SyncFile owns.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a new, open descriptor owned by nothing else.
+        Ok(SyncFile(unsafe { glommio::io::BufferedFile::from_raw_fd(dup) }))
+    }
+
+    /// `fdatasync` through the executor's io_uring: the shard keeps serving while the kernel
+    /// writes back the segment's dirty pages (including those dirtied through the mapping).
+    pub async fn fdatasync(&self) -> io::Result<()> {
+        self.0.fdatasync().await.map_err(io::Error::from)
+    }
+}
+
+/// Bounded channels between every pair of executors (glommio's channel mesh).
+pub mod mesh {
+    pub use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
+
+    /// Builds a full mesh of `peers` executors with `capacity` messages per directed pair.
+    pub fn full<T: Send + 'static>(peers: usize, capacity: usize) -> MeshBuilder<T, Full> {
+        MeshBuilder::full(peers, capacity)
+    }
+}
+
+/// A single-threaded broadcast signal: tasks wait for "something changed" and a notifier wakes all
+/// of them. No atomics, no allocation per notify (the waiter list is reused).
+#[derive(Default)]
+pub struct Signal {
+    generation: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Signal {
+    /// A new signal, shared by reference counting within one executor.
+    pub fn new() -> Rc<Signal> {
+        Rc::new(Signal::default())
+    }
+
+    /// Wakes every waiting task.
+    pub fn notify(&self) {
+        self.generation.set(self.generation.get().wrapping_add(1));
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Waits until the next [`Signal::notify`] after this call.
+    pub fn wait(&self) -> SignalWait<'_> {
+        SignalWait {
+            signal: self,
+            seen: self.generation.get(),
+        }
+    }
+}
+
+/// The future returned by [`Signal::wait`].
+pub struct SignalWait<'a> {
+    signal: &'a Signal,
+    seen: u64,
+}
+
+impl Future for SignalWait<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.generation.get() != self.seen {
+            return Poll::Ready(());
+        }
+        let mut waiters = self.signal.waiters.borrow_mut();
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_wakes_waiters_and_mesh_crosses_executors() {
+        // Two executors: executor 1 sends a value over the mesh; executor 0 receives it, then a
+        // local task waits on a Signal that another local task fires.
+        let mesh = mesh::full::<u64>(2, 4);
+        let got = run_executors(2, move |i| {
+            let mesh = mesh.clone();
+            async move {
+                let (tx, rx) = mesh.join().await.unwrap();
+                if i == 1 {
+                    tx.send_to(0, 42).await.unwrap();
+                    return 0;
+                }
+                let v = rx.recv_from(1).await.unwrap().unwrap();
+                let sig = Signal::new();
+                let s2 = sig.clone();
+                let waiter = spawn_joinable(async move {
+                    s2.wait().await;
+                    7
+                });
+                sleep(Duration::from_millis(5)).await;
+                sig.notify();
+                v + waiter.await.unwrap()
+            }
+        })
+        .unwrap();
+        assert_eq!(got, vec![49, 0]);
+    }
+}

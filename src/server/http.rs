@@ -1,0 +1,178 @@
+//! The HTTP endpoints served beside the WebSocket upgrade on the same listener. It owns routing
+//! by method and path, ops-token checks, and JSON bodies for answers and errors. Reads of a
+//! device's state are answered by the executor that owns the device's shard (`Exec::query`).
+//!
+//! Every error is JSON: `{"error":"<message>"}` plus `"param"` when one parameter is at fault.
+
+use serde::Serialize;
+
+use crate::auth::Scope;
+use crate::http::parse::Head;
+use crate::route::shard_of;
+use crate::server::exec::Exec;
+
+/// A complete response.
+pub struct Response {
+    /// HTTP status code.
+    pub status: u16,
+    /// Content type of `body`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: String,
+}
+
+impl Response {
+    fn json(status: u16, body: String) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+        }
+    }
+
+    fn error(status: u16, message: &str) -> Response {
+        Response::json(status, error_body(status, Some(message)))
+    }
+}
+
+/// The standard reason phrase of the statuses geobeat uses.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Payload Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// A JSON error body: `{"error": message}` (the reason phrase when no message is given).
+pub fn error_body(status: u16, message: Option<&str>) -> String {
+    #[derive(Serialize)]
+    struct E<'a> {
+        error: &'a str,
+    }
+    serde_json::to_string(&E {
+        error: message.unwrap_or(reason_phrase(status)),
+    })
+    .expect("serializing a string cannot fail")
+}
+
+/// The last location of a device as returned by `GET /v1/devices/{id}`.
+#[derive(Serialize)]
+pub struct LastLocationBody {
+    /// Device id.
+    pub id: String,
+    /// Latitude, degrees.
+    pub lat: f64,
+    /// Longitude, degrees.
+    pub lon: f64,
+    /// Device time, ms since the Unix epoch.
+    pub ts: i64,
+    /// Server receive time, ms since the Unix epoch.
+    pub received_at: i64,
+    /// Altitude, m.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alt: Option<f32>,
+    /// Speed, m/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed: Option<f32>,
+    /// Heading, degrees.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heading: Option<f32>,
+    /// Accuracy, m.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acc: Option<f32>,
+    /// Attributes as sent (a JSON object).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attrs: Option<Box<serde_json::value::RawValue>>,
+}
+
+impl LastLocationBody {
+    /// Renders a stored heartbeat.
+    pub fn from_heartbeat(hb: &crate::record::Heartbeat) -> LastLocationBody {
+        let attrs = (!hb.attrs.is_empty())
+            .then(|| std::str::from_utf8(&hb.attrs).ok())
+            .flatten()
+            .and_then(|s| serde_json::value::RawValue::from_string(s.to_owned()).ok());
+        LastLocationBody {
+            id: hb.device_id.clone(),
+            lat: hb.lat,
+            lon: hb.lon,
+            ts: hb.ts_ms,
+            received_at: hb.received_ms,
+            alt: hb.alt_m,
+            speed: hb.speed_mps,
+            heading: hb.heading_deg,
+            acc: hb.acc_m,
+            attrs,
+        }
+    }
+}
+
+fn require_ops(exec: &Exec, head: &Head<'_>) -> Result<(), Response> {
+    let token = head
+        .bearer_token()
+        .ok_or_else(|| Response::error(401, "missing ops token"))?;
+    let claims = crate::auth::verify(&exec.shared.secret, &token, crate::auth::now_s())
+        .map_err(|e| Response::error(401, &e.to_string()))?;
+    match claims.scope {
+        Scope::Ops => Ok(()),
+        _ => Err(Response::error(401, "token scope does not allow queries")),
+    }
+}
+
+/// Answers one HTTP request.
+pub async fn respond(exec: &Exec, head: &Head<'_>, _body: &[u8]) -> Response {
+    let path = head.path();
+    let method = head.method();
+    let get_only = |r: Response| if method == "GET" { r } else { Response::error(405, "method not allowed") };
+    match path {
+        "/healthz" | "/readyz" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            if exec.shared.ready() {
+                Response::json(200, r#"{"status":"ok"}"#.into())
+            } else {
+                Response::json(503, r#"{"status":"starting"}"#.into())
+            }
+        }
+        _ if path.starts_with("/v1/devices/") => {
+            let id = &path["/v1/devices/".len()..];
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            if let Err(r) = require_ops(exec, head) {
+                return r;
+            }
+            let id = match crate::http::parse::percent_decode(id) {
+                Some(id) if crate::record::validate_device_id(&id).is_ok() => id,
+                _ => return Response::json(400, r#"{"error":"invalid device id","param":"id"}"#.into()),
+            };
+            get_only(last_location(exec, id).await)
+        }
+        "/v1/ingest" => Response::error(400, "use a WebSocket upgrade for /v1/ingest"),
+        _ => Response::error(404, "no such endpoint"),
+    }
+}
+
+async fn last_location(exec: &Exec, id: String) -> Response {
+    let shard = shard_of(&id, exec.shared.shard_count);
+    let found = exec
+        .query(shard, move |store| store.last_heartbeat(&id).map(|hb| LastLocationBody::from_heartbeat(&hb)))
+        .await;
+    match found {
+        Some(Some(body)) => Response::json(200, serde_json::to_string(&body).expect("serializable")),
+        Some(None) => Response::error(404, "unknown device"),
+        None => Response::error(503, "shard unavailable"),
+    }
+}

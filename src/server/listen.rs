@@ -1,0 +1,246 @@
+//! Accepting and dispatching sockets. It owns the accept loop (connection cap, EMFILE backoff),
+//! reading one bounded HTTP request head under the handshake timeout, authenticating WebSocket
+//! upgrades before answering them (401 JSON otherwise), and the choice of where a device
+//! connection lives: on the executor that owns its device's shard (the socket is handed over
+//! once, then never crosses cores again) or, for gateways, here with per-frame forwarding.
+//!
+//! Invariant: every accepted socket counts once in `Shared::connections_open` until it closes,
+//! whichever executor ends up holding it.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+use crate::auth::Scope;
+use crate::http::parse::{self, Head, ParseError};
+use crate::limits::HTTP_HEAD_BYTES_MAX;
+use crate::route::shard_of;
+use crate::rt::{self, TcpListener, TcpStream};
+use crate::server::exec::Exec;
+use crate::server::msg::{Adopt, ToOwner};
+
+/// How long the accept loop backs off after EMFILE/ENFILE before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// Most HTTP requests served on one keep-alive connection.
+const HTTP_REQUESTS_PER_CONN_MAX: usize = 1000;
+
+/// A verified WebSocket upgrade of `/v1/ingest`.
+#[derive(Debug, Clone)]
+pub struct Upgrade {
+    /// `Sec-WebSocket-Accept` value for the 101 response.
+    pub accept_key: String,
+    /// What the connection's token allows.
+    pub scope: Scope,
+}
+
+/// Counts a connection in `connections_open` and releases it on drop.
+pub struct ConnSlot(std::sync::Arc<crate::server::Shared>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Accepts until shutdown.
+pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener) {
+    let max = exec.shared.cfg.connections_max;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            exec.stop_signal.wait().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                let e = std::io::Error::from(e);
+                // EMFILE/ENFILE/ENOMEM/ECONNABORTED: back off, never spin, never exit.
+                tracing::warn!(error = %e, "accept failed; backing off");
+                rt::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        if exec.stopping() {
+            return;
+        }
+        let open = exec.shared.connections_open.fetch_add(1, Ordering::AcqRel) + 1;
+        let slot = ConnSlot(exec.shared.clone());
+        if open > max {
+            rt::spawn(refuse_over_cap(stream, slot));
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        rt::spawn(handle(exec.clone(), stream, slot));
+    }
+}
+
+async fn refuse_over_cap(mut stream: TcpStream, _slot: ConnSlot) {
+    let body = r#"{"error":"too many connections"}"#;
+    let _ = rt::timeout(Duration::from_secs(1), write_response(&mut stream, 503, body, true)).await;
+}
+
+/// Writes a complete HTTP/1.1 response with a JSON (or given) body.
+pub async fn write_response(stream: &mut TcpStream, status: u16, body: &str, close: bool) -> std::io::Result<()> {
+    write_response_typed(stream, status, "application/json", body, close).await
+}
+
+/// Writes a complete HTTP/1.1 response with the given content type.
+pub async fn write_response_typed(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    close: bool,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}\r\n",
+        crate::server::http::reason_phrase(status),
+        body.len(),
+        if close { "connection: close\r\n" } else { "" }
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.flush().await
+}
+
+/// Reads one request head into `buf` (which may already hold bytes), bounded in size and time.
+/// Returns the head length, or the status to answer with.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>, timeout: Duration) -> Result<usize, Option<u16>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match parse::head_len(buf) {
+            Ok(Some(n)) => return Ok(n),
+            Ok(None) => {}
+            Err(e) => return Err(Some(e.status())),
+        }
+        if buf.len() >= HTTP_HEAD_BYTES_MAX {
+            return Err(Some(431));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut chunk = [0u8; 2048];
+        let room = (HTTP_HEAD_BYTES_MAX - buf.len()).min(chunk.len());
+        match rt::timeout(left, stream.read(&mut chunk[..room])).await {
+            None => return Err(if buf.is_empty() { None } else { Some(408) }),
+            Some(Ok(0)) | Some(Err(_)) => return Err(None),
+            Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot) {
+    let mut buf = Vec::with_capacity(1024);
+    let handshake_timeout = exec.shared.cfg.handshake_timeout;
+    for _ in 0..HTTP_REQUESTS_PER_CONN_MAX {
+        let head_len = match read_head(&mut stream, &mut buf, handshake_timeout).await {
+            Ok(n) => n,
+            Err(Some(status)) => {
+                let body = crate::server::http::error_body(status, None);
+                let _ = write_response(&mut stream, status, &body, true).await;
+                return;
+            }
+            Err(None) => return,
+        };
+        let head = match parse::parse_head(&buf[..head_len]) {
+            Ok(h) => h,
+            Err(e) => {
+                let body = crate::server::http::error_body(e.status(), Some(&e.to_string()));
+                let _ = write_response(&mut stream, e.status(), &body, true).await;
+                return;
+            }
+        };
+        if head.path() == "/v1/ingest" {
+            let upgrade = match authorize_upgrade(&exec, &head) {
+                Ok(u) => u,
+                Err((status, body)) => {
+                    let _ = write_response(&mut stream, status, &body, true).await;
+                    return;
+                }
+            };
+            let leftover = buf[head_len..].to_vec();
+            drop(head);
+            return place_ingest(exec, stream, leftover, upgrade, slot).await;
+        }
+        // Plain HTTP. Bodies are bounded and read in full before answering.
+        let body_len = head.content_length().unwrap_or(0);
+        let keep_alive = head.keep_alive();
+        let mut body = buf[head_len..].to_vec();
+        while body.len() < body_len {
+            let mut chunk = [0u8; 4096];
+            match rt::timeout(handshake_timeout, stream.read(&mut chunk)).await {
+                Some(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        }
+        let rest = body.split_off(body_len);
+        let resp = crate::server::http::respond(&exec, &head, &body).await;
+        drop(head);
+        if write_response_typed(&mut stream, resp.status, resp.content_type, &resp.body, !keep_alive)
+            .await
+            .is_err()
+            || !keep_alive
+        {
+            return;
+        }
+        buf = rest;
+    }
+}
+
+/// Checks the upgrade headers and the token: 400 for a bad upgrade, 401 for a missing, bad,
+/// expired or wrong-scope token.
+fn authorize_upgrade(exec: &Exec, head: &Head<'_>) -> Result<Upgrade, (u16, String)> {
+    let http = crate::server::http::error_body;
+    if head.method() != "GET" {
+        return Err((405, http(405, Some("method not allowed"))));
+    }
+    let accept_key = head.websocket_accept().map_err(|e: ParseError| (400, http(400, Some(&e.to_string()))))?;
+    let token = head.bearer_token().ok_or_else(|| (401, http(401, Some("missing token"))))?;
+    let claims = crate::auth::verify(&exec.shared.secret, &token, crate::auth::now_s())
+        .map_err(|e| (401, http(401, Some(&e.to_string()))))?;
+    match claims.scope {
+        Scope::Device(_) | Scope::Gateway(_) => Ok(Upgrade {
+            accept_key,
+            scope: claims.scope,
+        }),
+        _ => Err((401, http(401, Some("token scope does not allow ingest")))),
+    }
+}
+
+/// Serves a device connection on the executor that owns its shard (handing the socket over if
+/// that is another executor); gateways stay here.
+async fn place_ingest(exec: Rc<Exec>, stream: TcpStream, leftover: Vec<u8>, upgrade: Upgrade, slot: ConnSlot) {
+    if let Scope::Device(id) = &upgrade.scope {
+        let (owner, _) = exec.shared.owner(shard_of(id, exec.shared.shard_count));
+        if owner != exec.index && exec.shared.cfg.migrate_connections {
+            // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
+            let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if dup >= 0 {
+                // SAFETY: `dup` is a fresh descriptor nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+                let adopt = Adopt { fd, leftover, upgrade };
+                std::mem::forget(slot); // the adopting executor counts it from now on
+                drop(stream);
+                if let Err(ToOwner::Adopt(a)) = exec.requests.send_to(owner, ToOwner::Adopt(Box::new(adopt))).await {
+                    tracing::warn!("could not hand a connection over; closing it");
+                    drop(a);
+                    exec.shared.connections_open.fetch_sub(1, Ordering::AcqRel);
+                }
+                return;
+            }
+        }
+    }
+    crate::server::ingest::serve(exec, stream, leftover, upgrade, slot).await;
+}
+
+/// Takes over a connection handed over by another executor.
+pub fn adopt(exec: Rc<Exec>, adopt: Adopt) {
+    use std::os::fd::IntoRawFd;
+    let slot = ConnSlot(exec.shared.clone());
+    // SAFETY: the descriptor is a connected TCP socket whose ownership travels in `Adopt`.
+    let stream = unsafe { rt::stream_from_fd(adopt.fd.into_raw_fd()) };
+    rt::spawn(crate::server::ingest::serve(exec, stream, adopt.leftover, adopt.upgrade, slot));
+}

@@ -1,0 +1,135 @@
+//! `geobeat serve`: the thread-per-core server. This module owns startup and shutdown: it opens the
+//! data directory, starts one pinned executor per core (each accepting on the same port through
+//! SO_REUSEPORT), wires the cross-executor channel meshes, and turns SIGTERM/SIGINT into an
+//! orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
+//! [`ingest`], HTTP endpoints in [`http`], and accepting/dispatching sockets in [`listen`].
+//!
+//! Ownership: logical shard `k` (fixed for the data directory) lives on executor `k % executors`.
+//! A data directory created with 4 shards opens fine on a 2-core machine (two shards per
+//! executor) or a 16-core one (some executors own none and only accept and forward).
+
+pub mod exec;
+pub mod http;
+pub mod ingest;
+pub mod listen;
+pub mod msg;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::auth::Secret;
+use crate::config::ServeConfig;
+use crate::datadir::DataDir;
+use crate::route::ShardId;
+use crate::rt;
+
+/// Everything executors share read-only (plus a few process-wide counters that change per
+/// connection, never per heartbeat).
+pub struct Shared {
+    /// The resolved configuration.
+    pub cfg: ServeConfig,
+    /// The token secret.
+    pub secret: Secret,
+    /// Logical shard count of the data directory.
+    pub shard_count: u32,
+    /// Number of executors.
+    pub executors: usize,
+    /// Executors that finished recovery and accept connections.
+    pub executors_ready: AtomicUsize,
+    /// Open client connections across all executors (bounded by `connections_max`).
+    pub connections_open: AtomicUsize,
+    /// Set once SIGTERM/SIGINT arrived: stop accepting, drain, exit.
+    pub stopping: AtomicBool,
+    /// Executors whose connections have all closed during shutdown.
+    pub executors_drained: AtomicUsize,
+    /// The address actually bound (differs from the configured one when the port was 0).
+    pub local_addr: std::sync::OnceLock<SocketAddr>,
+}
+
+impl Shared {
+    /// The executor that owns logical shard `shard`, and the shard's index among that executor's.
+    pub fn owner(&self, shard: ShardId) -> (usize, usize) {
+        let k = shard.0 as usize;
+        (k % self.executors, k / self.executors)
+    }
+
+    /// True once every executor has recovered its shards and is accepting.
+    pub fn ready(&self) -> bool {
+        self.executors_ready.load(Ordering::Acquire) == self.executors && !self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// Why `serve` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The data directory could not be opened or created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: crate::datadir::Error,
+    },
+    /// The token secret could not be loaded or created.
+    #[error("secret: {0}")]
+    Secret(String),
+    /// A listener could not be bound, an executor failed to start, or a shard failed to open.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the server until SIGTERM/SIGINT (or until `stop` is set) and returns after an orderly
+/// drain: every heartbeat already received is made durable and acked before connections close.
+pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeError> {
+    let datadir = DataDir::open_or_create(&cfg.data_dir, cfg.shards as u32).map_err(|source| ServeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let secret = crate::auth::resolve_secret(cfg.secret_file.as_deref(), &cfg.data_dir)
+        .map_err(|e| ServeError::Secret(e.to_string()))?;
+    let executors = cfg.shards.max(1);
+    let shared = Arc::new(Shared {
+        shard_count: datadir.shard_count(),
+        executors,
+        secret,
+        executors_ready: AtomicUsize::new(0),
+        connections_open: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
+        executors_drained: AtomicUsize::new(0),
+        local_addr: std::sync::OnceLock::new(),
+        cfg,
+    });
+    tracing::info!(
+        executors,
+        shards = shared.shard_count,
+        data_dir = %shared.cfg.data_dir.display(),
+        durability = ?shared.cfg.durability,
+        "starting geobeat"
+    );
+
+    // Bind once up front so a port of 0 resolves to one concrete port every executor shares,
+    // and a bad address fails before any executor starts.
+    let probe = std::net::TcpListener::bind(shared.cfg.listen)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    let _ = shared.local_addr.set(addr);
+
+    let stop_flag = stop.unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop_flag.clone())?;
+    }
+
+    let meshes = exec::Meshes::new(executors, shared.cfg.mesh_capacity);
+    let datadir = Arc::new(datadir);
+    let results = rt::run_executors(executors, {
+        let shared = shared.clone();
+        let stop_flag = stop_flag.clone();
+        move |index| exec::executor_main(index, shared.clone(), datadir.clone(), meshes.clone(), stop_flag.clone())
+    })?;
+    for r in results {
+        r?;
+    }
+    tracing::info!("geobeat stopped cleanly");
+    Ok(())
+}
