@@ -4,8 +4,16 @@
 //! - [`limits`]: every hard bound, with compile-time relationships.
 //! - [`record`]: the heartbeat record, its validation and rkyv encoding.
 //! - [`route`]: device-to-shard hashing (stable, fingerprinted).
+//! - [`datadir`]: the data directory (meta file, shard directories).
+//! - [`log`]: the durable per-shard log (segments, commit, recovery, retention).
+//! - [`table`]: the per-shard last-location table.
+//! - [`store`]: one shard's log plus table behind a small facade.
 #![deny(missing_docs)]
 
+pub mod datadir;
 pub mod limits;
+pub mod log;
 pub mod record;
 pub mod route;
+pub mod store;
+pub mod table;
