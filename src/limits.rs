@@ -41,6 +41,35 @@ pub const HTTP_HEADERS_MAX: usize = 64;
 /// Deepest JSON nesting accepted inside `attrs`.
 pub const JSON_DEPTH_MAX: usize = 8;
 
+/// Bytes of one CPU cache line: the unit of DAX (MAP_SYNC) flushes.
+pub const CACHE_LINE_BYTES: usize = 64;
+/// Most segments one shard log keeps mapped at once (each is one mapping; the newest also holds an
+/// open file). Retention must keep a shard below this; appends fail cleanly beyond it.
+pub const LOG_SEGMENTS_MAX: usize = 16_384;
+/// Most "consumed up to" cursors one shard log tracks.
+pub const LOG_CONSUMERS_MAX: usize = 16;
+/// Longest consumer name, in bytes.
+pub const LOG_CONSUMER_NAME_BYTES_MAX: usize = 64;
+/// Submission queue size of a `log::sync::UringSyncer` ring (one entry per segment file synced).
+pub const SYNC_RING_ENTRIES: u32 = 16;
+/// Shortest group-commit interval accepted, in microseconds.
+pub const GROUP_INTERVAL_US_MIN: u64 = 1_000;
+/// Longest group-commit interval accepted, in microseconds.
+pub const GROUP_INTERVAL_US_MAX: u64 = 5_000;
+/// Default group-commit interval, in microseconds.
+pub const GROUP_INTERVAL_US_DEFAULT: u64 = 2_000;
+/// Default number of pending entries that makes a group commit due regardless of the interval.
+pub const GROUP_ENTRIES_DEFAULT: usize = 1_000;
+/// Largest group size accepted by configuration.
+pub const GROUP_ENTRIES_MAX: usize = 100_000;
+/// Largest log position the last-location table stores (positions are packed into 48 bits; at
+/// 1 GB/s of log per shard that is nearly 9 years).
+pub const TABLE_POS_MAX: u64 = (1 << 48) - 1;
+/// Most devices one shard's last-location table holds (row indices are u32).
+pub const TABLE_DEVICES_MAX: usize = 1 << 31;
+/// Largest id arena of one shard's table (offsets are u32; each id is stored with a 1-byte length).
+pub const TABLE_ID_ARENA_BYTES_MAX: usize = u32::MAX as usize;
+
 const _: () = assert!(ENTRY_HEADER_BYTES % ENTRY_ALIGN_BYTES == 0);
 const _: () = assert!(SEGMENT_HEADER_BYTES as u64 % PAGE_BYTES == 0);
 const _: () = assert!(SEGMENT_BYTES_MIN % PAGE_BYTES == 0);
@@ -49,3 +78,9 @@ const _: () =
     assert!(SEGMENT_BYTES_MIN as usize > SEGMENT_HEADER_BYTES + 64 * ENTRY_PAYLOAD_BYTES_MAX);
 const _: () = assert!(ENTRY_PAYLOAD_BYTES_MAX > DEVICE_ID_BYTES_MAX + ATTRS_BYTES_MAX + 128);
 const _: () = assert!(FRAME_BYTES_MAX <= 1 << 20);
+const _: () = assert!(DEVICE_ID_BYTES_MAX <= u8::MAX as usize);
+const _: () = assert!(SEGMENT_BYTES_MAX <= TABLE_POS_MAX);
+const _: () = assert!(SEGMENT_HEADER_BYTES % CACHE_LINE_BYTES == 0);
+const _: () = assert!(GROUP_INTERVAL_US_MIN <= GROUP_INTERVAL_US_DEFAULT);
+const _: () = assert!(GROUP_INTERVAL_US_DEFAULT <= GROUP_INTERVAL_US_MAX);
+const _: () = assert!(GROUP_ENTRIES_DEFAULT <= GROUP_ENTRIES_MAX);

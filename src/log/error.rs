@@ -1,0 +1,128 @@
+//! The shard log's error type: every operating condition the log reports (I/O failures with their
+//! path and operation, no space, a poisoned log after a failed sync, refused input, exhausted
+//! bounds). Programmer errors (two sync jobs in flight, a job from another log) are assertions,
+//! not variants.
+//!
+//! Invariant: every variant names the shard, and every file-system variant names the path and the
+//! operation, so a log line alone says what failed where.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::record::Invalid;
+use crate::route::ShardId;
+
+/// Errors from the shard log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file-system operation failed.
+    #[error("shard {shard}: {op} {}: {source}", path.display())]
+    Io {
+        /// Shard whose log failed.
+        shard: ShardId,
+        /// What was being done ("create segment", "fsync directory", ...).
+        op: &'static str,
+        /// File or directory concerned.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Preallocating a new segment failed for lack of space. Nothing was written and the log
+    /// position did not move; the next append tries again.
+    #[error("shard {shard}: no space to preallocate segment {} ({bytes} bytes): {source}", path.display())]
+    NoSpace {
+        /// Shard whose log is full.
+        shard: ShardId,
+        /// Segment that could not be created.
+        path: PathBuf,
+        /// Bytes requested.
+        bytes: u64,
+        /// The OS error (ENOSPC).
+        source: io::Error,
+    },
+    /// A sync of the log failed. The log is now poisoned: whether the data reached the disk is
+    /// unknown, so nothing more is appended or acknowledged until the shard is reopened.
+    #[error("shard {shard}: sync of {} failed, log poisoned: {source}", path.display())]
+    SyncFailed {
+        /// Shard whose log failed.
+        shard: ShardId,
+        /// Segment file whose sync failed (the first one of the job).
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// An earlier sync failed; the log refuses all appends and commits until reopened.
+    #[error("shard {shard}: log poisoned by an earlier failed sync; reopen the shard to recover")]
+    Poisoned {
+        /// Shard whose log is poisoned.
+        shard: ShardId,
+    },
+    /// The heartbeat failed validation and was not written.
+    #[error("shard {shard}: heartbeat refused: {}", reason.reason())]
+    Invalid {
+        /// Shard asked to store it.
+        shard: ShardId,
+        /// Which rule it broke.
+        reason: Invalid,
+    },
+    /// The encoded heartbeat is larger than `limits::ENTRY_PAYLOAD_BYTES_MAX`.
+    #[error("shard {shard}: encoded heartbeat is {payload_bytes} bytes, above the entry maximum")]
+    TooLarge {
+        /// Shard asked to store it.
+        shard: ShardId,
+        /// Encoded size.
+        payload_bytes: usize,
+    },
+    /// The configuration is unusable.
+    #[error("shard {shard}: bad log configuration: {reason}")]
+    Config {
+        /// Shard being opened.
+        shard: ShardId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Another process holds the shard directory's lock.
+    #[error("shard {shard}: {} is locked by another process", path.display())]
+    Locked {
+        /// Shard being opened.
+        shard: ShardId,
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The oldest retained segment is unreadable, so the log cannot say where it starts.
+    #[error("shard {shard}: first segment {} is unusable ({reason}); move it aside to start the shard", path.display())]
+    Corrupt {
+        /// Shard being opened.
+        shard: ShardId,
+        /// The unusable segment.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The shard already maps `limits::LOG_SEGMENTS_MAX` segments (retention is not keeping up).
+    #[error("shard {shard}: {segments} segments mapped, the maximum; delete expired segments")]
+    TooManySegments {
+        /// Shard whose log is full.
+        shard: ShardId,
+        /// Segments currently mapped.
+        segments: usize,
+    },
+    /// `set_consumed` named a consumer that was never registered.
+    #[error("shard {shard}: unknown log consumer {name:?}")]
+    UnknownConsumer {
+        /// Shard asked.
+        shard: ShardId,
+        /// The name given.
+        name: String,
+    },
+    /// A consumer name is empty, too long, or there are already `limits::LOG_CONSUMERS_MAX`.
+    #[error("shard {shard}: cannot register log consumer {name:?}: {reason}")]
+    Consumer {
+        /// Shard asked.
+        shard: ShardId,
+        /// The name given.
+        name: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+}

@@ -1,0 +1,816 @@
+//! The durable per-shard heartbeat log: an append-only sequence of CRC-checked rkyv entries in
+//! fixed-size, preallocated, memory-mapped segment files, addressed by a global byte position
+//! ([`LogPos`]). It owns appends, rollover, the two-phase commit (`commit_begin` / `commit_end`,
+//! so a runtime can fdatasync asynchronously while appends go on), reads, per-device back-pointer
+//! chains, ordered scans, recovery at open and retention. It does not decide when to acknowledge
+//! (see [`Durability`], a caller policy), does not know the last location of devices (`table`),
+//! and never spawns threads: one log belongs to one shard on one thread.
+//!
+//! Invariants: positions are contiguous across segments (a segment's base is its predecessor's
+//! base plus its size) and data once written never moves; sequence numbers are contiguous; an
+//! entry at position `p` is durable iff `p < durable()`; a segment that has a successor is
+//! complete and durable (it is synced before the successor is created), so only the last segment
+//! can have a torn tail.
+
+pub mod dax;
+pub mod error;
+pub mod format;
+pub mod policy;
+pub mod recovery;
+mod segment;
+pub mod sync;
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rkyv::util::AlignedVec;
+
+pub use error::Error;
+pub use policy::{Durability, GroupPolicy};
+pub use recovery::{Damage, RecoveryReport};
+pub use sync::{Commit, SyncFile, SyncJob, UringSyncer};
+
+use format::{entry_bytes, parse_entry, write_entry, FIRST_SEQ, POS_NONE};
+use segment::Segment;
+
+use crate::limits::{
+    ENTRY_PAYLOAD_BYTES_MAX, LOG_CONSUMERS_MAX, LOG_CONSUMER_NAME_BYTES_MAX, LOG_SEGMENTS_MAX,
+    PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES,
+};
+use crate::record::{self, ArchivedHeartbeat, Heartbeat};
+use crate::route::{self, ShardId};
+
+/// A global byte position within one shard's log (segment base + offset in the segment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LogPos(pub u64);
+
+impl std::fmt::Display for LogPos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// How a segment is made durable, detected per segment at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// MAP_SYNC mapping on a DAX file system: commit = cache-line write-back + sfence, no syscall.
+    Dax,
+    /// Ordinary shared mapping: commit = fdatasync of the segment file.
+    Fdatasync,
+}
+
+impl std::fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncMode::Dax => "dax",
+            SyncMode::Fdatasync => "fdatasync",
+        })
+    }
+}
+
+/// Where a shard log lives and how big new segments are.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// The shard directory (created if missing).
+    pub dir: PathBuf,
+    /// The shard this log belongs to (recorded in every segment header and checked at open).
+    pub shard: ShardId,
+    /// Size of newly created segment files: a multiple of the page size within
+    /// `SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX`. Existing segments keep the size in their header.
+    pub segment_bytes: u64,
+}
+
+impl LogConfig {
+    /// A configuration with the default segment size.
+    pub fn new(dir: impl Into<PathBuf>, shard: ShardId) -> LogConfig {
+        LogConfig {
+            dir: dir.into(),
+            shard,
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+        }
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        let b = self.segment_bytes;
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&b) || b % PAGE_BYTES != 0 {
+            return Err(Error::Config {
+                shard: self.shard,
+                reason: format!(
+                    "segment_bytes {b} must be a multiple of {PAGE_BYTES} in {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One validated log entry, borrowed from the mapping.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// Where the entry starts.
+    pub pos: LogPos,
+    /// Shard-wide sequence number.
+    pub seq: u64,
+    /// The same device's previous entry, if any.
+    pub prev: Option<LogPos>,
+    /// The heartbeat (zero-copy, validated).
+    pub hb: &'a ArchivedHeartbeat,
+    /// Low 32 bits of `route::device_hash` of the device id.
+    pub device_hash_low: u32,
+    /// Bytes the entry occupies (header, payload, padding).
+    pub len_bytes: u32,
+}
+
+impl Entry<'_> {
+    /// Position just past this entry.
+    pub fn end(&self) -> LogPos {
+        LogPos(self.pos.0 + u64::from(self.len_bytes))
+    }
+}
+
+/// Where a [`Scan`] stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanEnd {
+    /// At the end of everything appended (`written()`).
+    Written,
+    /// At `durable()` (entries not yet durable are not returned).
+    Durable,
+}
+
+/// Counters describing a log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogStats {
+    /// Bytes of segment files on disk.
+    pub bytes: u64,
+    /// Segment files.
+    pub segments: usize,
+    /// Entries in the retained segments.
+    pub entries: u64,
+    /// `written()`.
+    pub written: LogPos,
+    /// `durable()`.
+    pub durable: LogPos,
+    /// Sync mode of the active segment.
+    pub sync_mode: SyncMode,
+}
+
+#[derive(Debug)]
+struct Consumer {
+    name: String,
+    upto: LogPos,
+}
+
+/// One shard's log. Not shared between threads; several logs may live on one thread.
+#[derive(Debug)]
+pub struct Log {
+    shard: ShardId,
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// Oldest first; the last one is active (receives appends). Never empty.
+    segments: VecDeque<Segment>,
+    written: u64,
+    durable: u64,
+    next_seq: u64,
+    poisoned: bool,
+    job_in_flight: bool,
+    /// Reused encoding buffer (no per-append allocation once warm).
+    scratch: AlignedVec,
+    consumers: Vec<Consumer>,
+    /// Holds the shard directory's flock for the life of the log.
+    _lock: File,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn io_err(shard: ShardId, op: &'static str, path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        shard,
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Name of the lock file inside a shard directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+fn lock_dir(shard: ShardId, dir: &Path) -> Result<File, Error> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io_err(shard, "open lock file", &path, e))?;
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Error::Locked { shard, path }
+        } else {
+            io_err(shard, "flock", &path, err)
+        });
+    }
+    Ok(file)
+}
+
+impl Log {
+    /// Opens (or creates) the log in `cfg.dir`, recovering it: `on_entry` sees every valid entry in
+    /// log order (use it to rebuild indexes). Torn tails are zeroed and damage quarantined as
+    /// described in `shards/README.md`; everything recovered is synced before this returns, so
+    /// `durable() == written()` afterwards.
+    pub fn open<F>(cfg: &LogConfig, on_entry: F) -> Result<(Log, RecoveryReport), Error>
+    where
+        F: FnMut(LogPos, &Entry<'_>),
+    {
+        cfg.check()?;
+        let shard = cfg.shard;
+        let dir = cfg.dir.clone();
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| io_err(shard, "create shard dir", &dir, e))?;
+            if let Some(parent) = dir.parent() {
+                segment::sync_dir(shard, parent)?;
+            }
+        }
+        let lock = lock_dir(shard, &dir)?;
+        let recovered = recovery::recover(shard, &dir, on_entry)?;
+        let mut segments = recovered.segments;
+        let report = recovered.report;
+        let next_seq = recovered.next_seq.unwrap_or(FIRST_SEQ);
+        if segments.is_empty() {
+            segments.push_back(Segment::create(
+                &dir,
+                shard,
+                0,
+                cfg.segment_bytes,
+                next_seq,
+                now_ms(),
+            )?);
+        }
+        let last_index = segments.len() - 1;
+        for seg in segments.iter_mut().take(last_index) {
+            seg.file = None;
+        }
+        let last = segments.back_mut().expect("at least one segment");
+        // Entries recovered from the page cache after a process crash may not be on disk yet:
+        // sync them so `durable()` can start at `written()`.
+        let last_path = last.path.clone();
+        last.sync_range(SEGMENT_HEADER_BYTES as u64, last.data_end)
+            .map_err(|e| io_err(shard, "sync recovered segment", &last_path, e))?;
+        let written = last.base + last.data_end;
+        let mode = last.mode();
+        tracing::info!(
+            shard = shard.0,
+            dir = %dir.display(),
+            sync_mode = %mode,
+            segments = report.segments,
+            entries = report.entries,
+            bytes = report.bytes,
+            torn_tail_bytes = report.torn_tail_bytes,
+            damaged = report.damaged.len(),
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "shard log opened"
+        );
+        let log = Log {
+            shard,
+            dir,
+            segment_bytes: cfg.segment_bytes,
+            segments,
+            written,
+            durable: written,
+            next_seq,
+            poisoned: false,
+            job_in_flight: false,
+            scratch: AlignedVec::with_capacity(ENTRY_PAYLOAD_BYTES_MAX),
+            consumers: Vec::new(),
+            _lock: lock,
+        };
+        Ok((log, report))
+    }
+
+    /// The shard this log belongs to.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// The shard directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sync mode of the active segment.
+    pub fn sync_mode(&self) -> SyncMode {
+        self.active().mode()
+    }
+
+    /// Sequence number the next append will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Whether a failed sync poisoned the log.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// End of all appended bytes.
+    pub fn written(&self) -> LogPos {
+        LogPos(self.written)
+    }
+
+    /// An entry at position `p` is durable iff `p < durable()`.
+    pub fn durable(&self) -> LogPos {
+        LogPos(self.durable)
+    }
+
+    /// Position of the oldest retained entry slot (the first segment's first entry offset).
+    pub fn first_pos(&self) -> LogPos {
+        LogPos(self.segments[0].base + SEGMENT_HEADER_BYTES as u64)
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments.back().expect("a log always has a segment")
+    }
+
+    fn poisoned_err(&self) -> Error {
+        Error::Poisoned { shard: self.shard }
+    }
+
+    /// Appends one heartbeat whose device's previous entry is `prev` (from the caller's index), and
+    /// returns the new entry's position. The heartbeat is validated first; nothing is written on
+    /// any error. Not durable until a commit covers it.
+    pub fn append(&mut self, hb: &Heartbeat, prev: Option<LogPos>) -> Result<LogPos, Error> {
+        if self.poisoned {
+            return Err(self.poisoned_err());
+        }
+        hb.validate().map_err(|reason| Error::Invalid {
+            shard: self.shard,
+            reason,
+        })?;
+        let prev_raw = match prev {
+            Some(p) => {
+                assert!(p.0 < self.written, "prev {p} is not an earlier entry");
+                p.0
+            }
+            None => POS_NONE,
+        };
+        hb.encode_into(&mut self.scratch);
+        let len = self.scratch.len();
+        if len > ENTRY_PAYLOAD_BYTES_MAX {
+            return Err(Error::TooLarge {
+                shard: self.shard,
+                payload_bytes: len,
+            });
+        }
+        let total = entry_bytes(len) as u64;
+        {
+            let seg = self.active();
+            if seg.data_end + total > seg.bytes {
+                self.roll_over()?;
+            }
+        }
+        let hash_low = route::device_hash(&hb.device_id) as u32;
+        let seg = self
+            .segments
+            .back_mut()
+            .expect("a log always has a segment");
+        let off = seg.data_end;
+        write_entry(
+            &mut seg.data_mut()[off as usize..],
+            self.next_seq,
+            prev_raw,
+            hash_low,
+            &self.scratch,
+        );
+        seg.data_end += total;
+        self.written = seg.base + seg.data_end;
+        self.next_seq += 1;
+        Ok(LogPos(seg.base + off))
+    }
+
+    /// Seals the active segment (makes it durable) and creates its successor. On failure nothing
+    /// changes except that the old segment is durable; a failed sync poisons the log.
+    fn roll_over(&mut self) -> Result<(), Error> {
+        if self.segments.len() >= LOG_SEGMENTS_MAX {
+            return Err(Error::TooManySegments {
+                shard: self.shard,
+                segments: self.segments.len(),
+            });
+        }
+        let shard = self.shard;
+        let old = self
+            .segments
+            .back_mut()
+            .expect("a log always has a segment");
+        if old.base + old.data_end > self.durable {
+            let (start, end) = (old.flushed, old.data_end);
+            if let Err(source) = old.sync_range(start, end) {
+                self.poisoned = true;
+                tracing::error!(shard = shard.0, path = %old.path.display(), error = %source, "sync at rollover failed; log poisoned");
+                return Err(Error::SyncFailed {
+                    shard,
+                    path: old.path.clone(),
+                    source,
+                });
+            }
+            self.durable = self.durable.max(old.base + old.data_end);
+        }
+        let base = old.end();
+        let new = Segment::create(
+            &self.dir,
+            shard,
+            base,
+            self.segment_bytes,
+            self.next_seq,
+            now_ms(),
+        )?;
+        tracing::debug!(shard = shard.0, base, mode = %new.mode(), "new log segment");
+        let old = self
+            .segments
+            .back_mut()
+            .expect("a log always has a segment");
+        old.file = None;
+        self.segments.push_back(new);
+        Ok(())
+    }
+
+    /// Starts a commit of everything written so far. DAX segments are flushed inline; for the
+    /// others a [`SyncJob`] is returned to be run (possibly asynchronously) and handed back to
+    /// [`Log::commit_end`]. Appends may continue meanwhile. Panics if a job is already in flight.
+    pub fn commit_begin(&mut self) -> Result<Commit, Error> {
+        assert!(!self.job_in_flight, "only one sync job may be in flight");
+        if self.poisoned {
+            return Err(self.poisoned_err());
+        }
+        if self.written == self.durable {
+            return Ok(Commit::Idle);
+        }
+        let mut files = Vec::new();
+        for seg in self.segments.iter_mut().rev() {
+            if seg.base + seg.data_end <= self.durable {
+                break;
+            }
+            if !seg.dax_flush_dirty() {
+                let file = seg
+                    .file
+                    .as_ref()
+                    .expect("a segment with unsynced bytes keeps its file open");
+                let fd = file
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| io_err(self.shard, "dup segment fd", &seg.path, e))?;
+                files.push(sync::SyncFile::new(fd, seg.path.clone(), LogPos(seg.base)));
+            }
+        }
+        if files.is_empty() {
+            self.durable = self.written;
+            return Ok(Commit::Done(LogPos(self.durable)));
+        }
+        self.job_in_flight = true;
+        Ok(Commit::Sync(SyncJob {
+            target: LogPos(self.written),
+            files,
+        }))
+    }
+
+    /// Finishes a commit with the outcome of running `job`. On success the durable position moves
+    /// to the job's target and is returned. On failure the log is poisoned: every later append or
+    /// commit returns [`Error::Poisoned`] (a failed fdatasync may have dropped the dirty pages, so
+    /// retrying could report data durable that is not).
+    pub fn commit_end(&mut self, job: SyncJob, res: std::io::Result<()>) -> Result<LogPos, Error> {
+        assert!(self.job_in_flight, "commit_end without a job in flight");
+        assert!(
+            job.target.0 <= self.written,
+            "sync job does not belong to this log"
+        );
+        self.job_in_flight = false;
+        if self.poisoned {
+            return Err(self.poisoned_err());
+        }
+        if let Err(source) = res {
+            self.poisoned = true;
+            let path = job
+                .files
+                .first()
+                .map(|f| f.path().to_path_buf())
+                .unwrap_or_default();
+            tracing::error!(shard = self.shard.0, path = %path.display(), error = %source, "log sync failed; log poisoned");
+            return Err(Error::SyncFailed {
+                shard: self.shard,
+                path,
+                source,
+            });
+        }
+        self.durable = self.durable.max(job.target.0);
+        Ok(LogPos(self.durable))
+    }
+
+    /// Commits synchronously on this thread (`commit_begin`, `fdatasync`, `commit_end`): for tests
+    /// and tools. Panics if a job is in flight.
+    pub fn sync_blocking(&mut self) -> Result<LogPos, Error> {
+        match self.commit_begin()? {
+            Commit::Idle => Ok(LogPos(self.durable)),
+            Commit::Done(pos) => Ok(pos),
+            Commit::Sync(job) => {
+                let res = job.run_blocking();
+                self.commit_end(job, res)
+            }
+        }
+    }
+
+    fn segment_index(&self, pos: u64) -> Option<usize> {
+        let i = self.segments.partition_point(|s| s.base <= pos);
+        if i == 0 || pos >= self.segments[i - 1].end() {
+            None
+        } else {
+            Some(i - 1)
+        }
+    }
+
+    fn entry_in(seg: &Segment, off: u64) -> Option<Entry<'_>> {
+        let raw = parse_entry(seg.data(), off as usize).ok()?;
+        let hb = record::access(raw.payload)?;
+        Some(Entry {
+            pos: LogPos(seg.base + off),
+            seq: raw.seq,
+            prev: (raw.prev_pos != POS_NONE).then_some(LogPos(raw.prev_pos)),
+            hb,
+            device_hash_low: raw.device_hash_low,
+            len_bytes: raw.total_bytes as u32,
+        })
+    }
+
+    /// The entry at `pos`, validated (CRC, then rkyv + record rules); `None` if `pos` is not an
+    /// entry of a retained segment.
+    pub fn read(&self, pos: LogPos) -> Option<Entry<'_>> {
+        let seg = &self.segments[self.segment_index(pos.0)?];
+        let off = pos.0 - seg.base;
+        if off < SEGMENT_HEADER_BYTES as u64
+            || off % crate::limits::ENTRY_ALIGN_BYTES as u64 != 0
+            || off >= seg.data_end
+        {
+            return None;
+        }
+        Self::entry_in(seg, off)
+    }
+
+    /// Walks one device's entries newest first, starting at `head` and following back-pointers
+    /// across segments. Stops cleanly at a deleted segment, a damaged entry, or an entry of another
+    /// device.
+    pub fn chain(&self, head: LogPos) -> Chain<'_> {
+        Chain {
+            log: self,
+            next: Some(head),
+            device_hash_low: None,
+        }
+    }
+
+    /// Iterates entries in log order from `pos` (an entry position, or any position inside a
+    /// segment header, meaning that segment's first entry; positions before the oldest retained
+    /// segment start at the oldest entry) up to `end`.
+    pub fn scan_from(&self, pos: LogPos, end: ScanEnd) -> Scan<'_> {
+        let limit = match end {
+            ScanEnd::Written => self.written,
+            ScanEnd::Durable => self.durable,
+        };
+        let header = SEGMENT_HEADER_BYTES as u64;
+        let (seg_index, off) = if pos.0 < self.segments[0].base {
+            (0, header)
+        } else {
+            match self.segment_index(pos.0) {
+                Some(i) => (i, (pos.0 - self.segments[i].base).max(header)),
+                // Past the last segment: nothing to read yet.
+                None => (self.segments.len() - 1, self.active().bytes),
+            }
+        };
+        Scan {
+            log: self,
+            seg_index,
+            off,
+            limit,
+            damaged: false,
+        }
+    }
+
+    /// Registers a consumer (e.g. the storage flusher) that must have consumed a segment before
+    /// retention may delete it. It starts at position 0 (nothing consumed). Registering an existing
+    /// name keeps its position.
+    pub fn register_consumer(&mut self, name: &str) -> Result<(), Error> {
+        if self.consumers.iter().any(|c| c.name == name) {
+            return Ok(());
+        }
+        let reason = if name.is_empty() {
+            Some("empty name")
+        } else if name.len() > LOG_CONSUMER_NAME_BYTES_MAX {
+            Some("name too long")
+        } else if self.consumers.len() >= LOG_CONSUMERS_MAX {
+            Some("too many consumers")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(Error::Consumer {
+                shard: self.shard,
+                name: name.to_string(),
+                reason,
+            });
+        }
+        self.consumers.push(Consumer {
+            name: name.to_string(),
+            upto: LogPos(0),
+        });
+        Ok(())
+    }
+
+    /// Removes a consumer; returns whether it existed.
+    pub fn unregister_consumer(&mut self, name: &str) -> bool {
+        let before = self.consumers.len();
+        self.consumers.retain(|c| c.name != name);
+        before != self.consumers.len()
+    }
+
+    /// Records that consumer `name` has consumed everything before `upto`. Positions only move
+    /// forward (a smaller value is ignored). Persisting it is the caller's business.
+    pub fn set_consumed(&mut self, name: &str, upto: LogPos) -> Result<(), Error> {
+        match self.consumers.iter_mut().find(|c| c.name == name) {
+            Some(c) => {
+                c.upto = c.upto.max(upto);
+                Ok(())
+            }
+            None => Err(Error::UnknownConsumer {
+                shard: self.shard,
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    /// Consumer `name`'s position, if registered.
+    pub fn consumed(&self, name: &str) -> Option<LogPos> {
+        self.consumers
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.upto)
+    }
+
+    /// Deletes sealed segments, oldest first, that were sealed more than `retention` before `now`
+    /// (a segment counts as sealed when its successor was created) and that every registered
+    /// consumer has consumed completely. Returns the number deleted. The active segment is never
+    /// deleted.
+    pub fn delete_expired(&mut self, now: SystemTime, retention: Duration) -> Result<usize, Error> {
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let retention_ms = retention.as_millis().min(i64::MAX as u128) as i64;
+        let mut deleted = 0;
+        while self.segments.len() > 1 {
+            let (old, next) = (&self.segments[0], &self.segments[1]);
+            let sealed_ms = next.created_ms;
+            if now_ms.saturating_sub(sealed_ms) < retention_ms {
+                break;
+            }
+            let data_end = LogPos(old.base + old.data_end);
+            if self.consumers.iter().any(|c| c.upto < data_end) {
+                break;
+            }
+            let path = old.path.clone();
+            std::fs::remove_file(&path)
+                .map_err(|e| io_err(self.shard, "delete segment", &path, e))?;
+            self.segments.pop_front();
+            deleted += 1;
+            tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
+        }
+        if deleted > 0 {
+            segment::sync_dir(self.shard, &self.dir)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            bytes: self.segments.iter().map(|s| s.bytes).sum(),
+            segments: self.segments.len(),
+            entries: self.next_seq - self.segments[0].first_seq,
+            written: LogPos(self.written),
+            durable: LogPos(self.durable),
+            sync_mode: self.sync_mode(),
+        }
+    }
+
+    /// Unit tests only: makes the segments that still have an open file use the DAX commit path on
+    /// an ordinary mapping (new segments are ordinary again).
+    #[cfg(test)]
+    fn force_dax_for_test(&mut self) {
+        for seg in self.segments.iter_mut() {
+            if seg.file.is_some() {
+                seg.force_dax_for_test();
+            }
+        }
+    }
+}
+
+/// Iterator over one device's entries, newest first (see [`Log::chain`]).
+#[derive(Debug)]
+pub struct Chain<'a> {
+    log: &'a Log,
+    next: Option<LogPos>,
+    device_hash_low: Option<u32>,
+}
+
+impl<'a> Iterator for Chain<'a> {
+    type Item = Entry<'a>;
+
+    fn next(&mut self) -> Option<Entry<'a>> {
+        let pos = self.next.take()?;
+        let entry = self.log.read(pos)?;
+        match self.device_hash_low {
+            Some(h) if h != entry.device_hash_low => return None,
+            _ => self.device_hash_low = Some(entry.device_hash_low),
+        }
+        // Back-pointers always point backwards; anything else is damage and ends the walk.
+        self.next = entry.prev.filter(|p| p.0 < pos.0);
+        Some(entry)
+    }
+}
+
+/// Iterator over entries in log order (see [`Log::scan_from`]).
+#[derive(Debug)]
+pub struct Scan<'a> {
+    log: &'a Log,
+    seg_index: usize,
+    off: u64,
+    limit: u64,
+    damaged: bool,
+}
+
+impl Scan<'_> {
+    /// Where to resume a later scan: the position after the last entry returned (normalised to the
+    /// next segment's first entry when a sealed segment is exhausted).
+    pub fn next_pos(&self) -> LogPos {
+        let segs = &self.log.segments;
+        let seg = &segs[self.seg_index];
+        if self.off >= seg.data_end && self.seg_index + 1 < segs.len() {
+            return LogPos(segs[self.seg_index + 1].base + SEGMENT_HEADER_BYTES as u64);
+        }
+        LogPos(seg.base + self.off)
+    }
+
+    /// Whether the scan stopped at an entry that failed validation (or at a position that is not
+    /// an entry boundary).
+    pub fn hit_damage(&self) -> bool {
+        self.damaged
+    }
+}
+
+impl<'a> Iterator for Scan<'a> {
+    type Item = Entry<'a>;
+
+    fn next(&mut self) -> Option<Entry<'a>> {
+        let log: &'a Log = self.log;
+        let segs = &log.segments;
+        loop {
+            if self.damaged {
+                return None;
+            }
+            let seg = &segs[self.seg_index];
+            if seg.base + self.off >= self.limit {
+                return None;
+            }
+            if self.off >= seg.data_end {
+                if self.seg_index + 1 < segs.len() {
+                    self.seg_index += 1;
+                    self.off = SEGMENT_HEADER_BYTES as u64;
+                    continue;
+                }
+                return None;
+            }
+            if self.off % crate::limits::ENTRY_ALIGN_BYTES as u64 != 0 {
+                self.damaged = true;
+                return None;
+            }
+            return match Log::entry_in(seg, self.off) {
+                Some(e) => {
+                    self.off += u64::from(e.len_bytes);
+                    Some(e)
+                }
+                None => {
+                    self.damaged = true;
+                    None
+                }
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

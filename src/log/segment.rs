@@ -1,0 +1,358 @@
+//! One segment file of a shard log: creating it (preallocated with `fallocate`, header written and
+//! synced, then atomically renamed into place), opening an existing one, its shared mapping (DAX or
+//! ordinary), and making byte ranges of it durable. It does not decide where entries go, roll over,
+//! or judge damage: that is `Log` and `recovery`.
+//!
+//! Invariant: a file named `<base>.seg` always has a complete, synced header and is fully
+//! allocated, so writing through the mapping can never fault for lack of space (a sparse file
+//! would SIGBUS on ENOSPC); a segment being created lives under a `.seg.tmp` name until then.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+use super::dax::DaxMap;
+use super::error::Error;
+use super::format::{
+    segment_file_name, HeaderFault, SegmentHeader, SEGMENT_SUFFIX, SEGMENT_TMP_SUFFIX,
+};
+use super::SyncMode;
+use crate::limits::SEGMENT_HEADER_BYTES;
+use crate::route::ShardId;
+
+/// The mapping of a segment: DAX (flush with cache-line write-backs) or ordinary (fdatasync).
+#[derive(Debug)]
+pub(crate) enum Mapping {
+    /// Ordinary shared mapping, made durable by `fdatasync` on the file.
+    Plain(MmapMut),
+    /// MAP_SYNC mapping on a DAX file system.
+    Dax(DaxMap),
+}
+
+impl Mapping {
+    /// Maps the whole file, DAX if the file system allows it.
+    fn map(file: &File, len: usize) -> io::Result<Mapping> {
+        if let Some(dax) = DaxMap::try_map(file, len)? {
+            return Ok(Mapping::Dax(dax));
+        }
+        // SAFETY: the segment file is never truncated while mapped (segments are only ever
+        // deleted whole, after unmapping) and the shard's LOCK file keeps other processes from
+        // writing it; every write goes through this mapping.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(file)? };
+        Ok(Mapping::Plain(map))
+    }
+
+    fn mode(&self) -> SyncMode {
+        match self {
+            Mapping::Plain(_) => SyncMode::Fdatasync,
+            Mapping::Dax(_) => SyncMode::Dax,
+        }
+    }
+}
+
+/// One mapped segment file.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    /// Global position of the segment's first byte.
+    pub base: u64,
+    /// Size of the file and the mapping, header included.
+    pub bytes: u64,
+    /// Path of the file.
+    pub path: PathBuf,
+    /// Open file, kept while the segment may still need an fdatasync (the active segment); sealed
+    /// segments drop it so a long log does not hold thousands of descriptors.
+    pub file: Option<File>,
+    map: Mapping,
+    /// Sequence number of the first entry in this segment.
+    pub first_seq: u64,
+    /// Creation time from the header, ms since the Unix epoch.
+    pub created_ms: i64,
+    /// Offset just past the last entry (the next entry's offset). Starts at the header size.
+    pub data_end: u64,
+    /// Offset below which a DAX segment has been flushed (unused in Fdatasync mode).
+    pub flushed: u64,
+}
+
+/// Result of opening an existing segment file.
+pub(crate) enum Opened {
+    /// Header valid and consistent with the file name and shard.
+    Ok(Segment),
+    /// Header damaged or inconsistent: the reason, for the damage report.
+    Bad(String),
+}
+
+fn io_err(shard: ShardId, op: &'static str, path: &Path, source: io::Error) -> Error {
+    Error::Io {
+        shard,
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// fsyncs a directory, making creations, renames and deletions in it durable.
+pub(crate) fn sync_dir(shard: ShardId, dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(shard, "fsync directory", dir, e))
+}
+
+/// Allocates `len` bytes of `file` for real. `fallocate` (mode 0) reserves blocks so later writes
+/// through the mapping cannot hit ENOSPC; where the file system has no fallocate, zeros are written
+/// instead (same guarantee, slower). `ftruncate` is never used: it makes a sparse file.
+fn preallocate(file: &File, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+impl Segment {
+    /// Creates `<dir>/<base>.seg`: a `.seg.tmp` file is preallocated, mapped, given its header and
+    /// synced, then renamed into place and the directory synced. On any failure the temporary file
+    /// is removed and nothing else changed; ENOSPC is reported as [`Error::NoSpace`].
+    pub fn create(
+        dir: &Path,
+        shard: ShardId,
+        base: u64,
+        bytes: u64,
+        first_seq: u64,
+        created_ms: i64,
+    ) -> Result<Segment, Error> {
+        let path = dir.join(segment_file_name(base));
+        let tmp = dir.join(format!(
+            "{}{}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+                .expect("segment names end in .seg"),
+            SEGMENT_TMP_SUFFIX
+        ));
+        let result = Self::create_at(&tmp, &path, dir, shard, base, bytes, first_seq, created_ms);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_at(
+        tmp: &Path,
+        path: &Path,
+        dir: &Path,
+        shard: ShardId,
+        base: u64,
+        bytes: u64,
+        first_seq: u64,
+        created_ms: i64,
+    ) -> Result<Segment, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp)
+            .map_err(|e| io_err(shard, "create segment", tmp, e))?;
+        if let Err(source) = preallocate(&file, bytes) {
+            return Err(if source.raw_os_error() == Some(libc::ENOSPC) {
+                Error::NoSpace {
+                    shard,
+                    path: path.to_path_buf(),
+                    bytes,
+                    source,
+                }
+            } else {
+                io_err(shard, "fallocate segment", tmp, source)
+            });
+        }
+        let mut map = Mapping::map(&file, bytes as usize)
+            .map_err(|e| io_err(shard, "mmap segment", tmp, e))?;
+        let header = SegmentHeader {
+            shard: shard.0,
+            base,
+            segment_bytes: bytes,
+            first_seq,
+            created_ms,
+        };
+        match &mut map {
+            Mapping::Plain(m) => header.encode(&mut m[..]),
+            Mapping::Dax(d) => header.encode(d.as_mut_slice()),
+        }
+        let mut seg = Segment {
+            base,
+            bytes,
+            path: path.to_path_buf(),
+            file: Some(file),
+            map,
+            first_seq,
+            created_ms,
+            data_end: SEGMENT_HEADER_BYTES as u64,
+            flushed: SEGMENT_HEADER_BYTES as u64,
+        };
+        seg.sync_range(0, SEGMENT_HEADER_BYTES as u64)
+            .map_err(|e| io_err(shard, "sync segment header", tmp, e))?;
+        std::fs::rename(tmp, path).map_err(|e| io_err(shard, "rename segment", tmp, e))?;
+        sync_dir(shard, dir)?;
+        Ok(seg)
+    }
+
+    /// Opens and maps an existing segment whose name says it starts at `base`. A short file (which
+    /// only outside interference can produce) is extended with zeros to its recorded size so the
+    /// mapping never reaches past the end of the file.
+    pub fn open(path: &Path, shard: ShardId, base: u64) -> Result<Opened, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_err(shard, "open segment", path, e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| io_err(shard, "stat segment", path, e))?
+            .len();
+        let mut head = vec![0u8; SEGMENT_HEADER_BYTES];
+        {
+            use std::os::unix::fs::FileExt;
+            if file_len < SEGMENT_HEADER_BYTES as u64 {
+                return Ok(Opened::Bad(HeaderFault::Short.to_string()));
+            }
+            file.read_exact_at(&mut head, 0)
+                .map_err(|e| io_err(shard, "read segment header", path, e))?;
+        }
+        let header = match SegmentHeader::decode(&head) {
+            Ok(h) => h,
+            Err(fault) => return Ok(Opened::Bad(fault.to_string())),
+        };
+        if header.shard != shard.0 {
+            return Ok(Opened::Bad(format!(
+                "header says shard {}, expected {shard}",
+                header.shard
+            )));
+        }
+        if header.base != base {
+            return Ok(Opened::Bad(format!(
+                "header says base {}, file name says {base}",
+                header.base
+            )));
+        }
+        if header.segment_bytes > crate::limits::SEGMENT_BYTES_MAX {
+            return Ok(Opened::Bad(format!(
+                "segment size {} above the maximum",
+                header.segment_bytes
+            )));
+        }
+        if file_len < header.segment_bytes {
+            tracing::warn!(
+                shard = shard.0,
+                path = %path.display(),
+                file_len,
+                segment_bytes = header.segment_bytes,
+                "segment file shorter than its header says; extending with zeros"
+            );
+            preallocate(&file, header.segment_bytes)
+                .map_err(|e| io_err(shard, "extend short segment", path, e))?;
+        }
+        let map = Mapping::map(&file, header.segment_bytes as usize)
+            .map_err(|e| io_err(shard, "mmap segment", path, e))?;
+        Ok(Opened::Ok(Segment {
+            base,
+            bytes: header.segment_bytes,
+            path: path.to_path_buf(),
+            file: Some(file),
+            map,
+            first_seq: header.first_seq,
+            created_ms: header.created_ms,
+            data_end: SEGMENT_HEADER_BYTES as u64,
+            flushed: SEGMENT_HEADER_BYTES as u64,
+        }))
+    }
+
+    /// How this segment is made durable.
+    pub fn mode(&self) -> SyncMode {
+        self.map.mode()
+    }
+
+    /// Global position one past the segment's last byte (the next segment's base).
+    pub fn end(&self) -> u64 {
+        self.base + self.bytes
+    }
+
+    /// The mapped segment bytes.
+    #[inline]
+    pub fn data(&self) -> &[u8] {
+        match &self.map {
+            Mapping::Plain(m) => &m[..],
+            Mapping::Dax(d) => d.as_slice(),
+        }
+    }
+
+    /// The mapped segment bytes, writable.
+    #[inline]
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        match &mut self.map {
+            Mapping::Plain(m) => &mut m[..],
+            Mapping::Dax(d) => d.as_mut_slice(),
+        }
+    }
+
+    /// Makes bytes `[start, end)` durable: a cache-line flush in DAX mode, else an fdatasync of the
+    /// whole file (the kernel writes back the mapping's dirty pages).
+    pub fn sync_range(&mut self, start: u64, end: u64) -> io::Result<()> {
+        match &self.map {
+            Mapping::Dax(d) => {
+                d.flush(start as usize, end as usize);
+                self.flushed = self.flushed.max(end);
+                Ok(())
+            }
+            Mapping::Plain(_) => {
+                let file = self
+                    .file
+                    .as_ref()
+                    .expect("a segment that may need a sync keeps its file open");
+                file.sync_data()
+            }
+        }
+    }
+
+    /// DAX only: flushes everything written since the last flush. Returns false in Fdatasync mode
+    /// (the caller must fdatasync instead).
+    pub fn dax_flush_dirty(&mut self) -> bool {
+        match &self.map {
+            Mapping::Dax(d) => {
+                if self.flushed < self.data_end {
+                    d.flush(self.flushed as usize, self.data_end as usize);
+                    self.flushed = self.data_end;
+                }
+                true
+            }
+            Mapping::Plain(_) => false,
+        }
+    }
+
+    /// Pretends this segment is on a DAX device (tests of the commit state machine only): commits
+    /// become cache-line flushes of an ordinary mapping, which run but are not durable.
+    #[cfg(test)]
+    pub fn force_dax_for_test(&mut self) {
+        let file = self.file.as_ref().expect("file open");
+        // SAFETY: see `Mapping::map`; this only runs in unit tests on private temp files.
+        let len = self.bytes as usize;
+        let fake = unsafe { DaxMap::fake_from_file(file, len) };
+        self.map = Mapping::Dax(fake);
+    }
+}
