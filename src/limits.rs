@@ -84,3 +84,39 @@ const _: () = assert!(SEGMENT_HEADER_BYTES % CACHE_LINE_BYTES == 0);
 const _: () = assert!(GROUP_INTERVAL_US_MIN <= GROUP_INTERVAL_US_DEFAULT);
 const _: () = assert!(GROUP_INTERVAL_US_DEFAULT <= GROUP_INTERVAL_US_MAX);
 const _: () = assert!(GROUP_ENTRIES_DEFAULT <= GROUP_ENTRIES_MAX);
+
+/// Largest heartbeat sequence number: 2^53 - 1, the largest integer every JSON implementation
+/// (JavaScript's `Number` included) represents exactly, so a client can never send a seq it
+/// cannot read back from an ack.
+pub const SEQ_MAX: u64 = (1 << 53) - 1;
+/// How far before its receive time a heartbeat's device time (`ts`) may lie: 30 days. Older
+/// heartbeats are refused with `ts_out_of_range` (a device clock that far off is broken, and the
+/// log is not a back-fill archive).
+pub const TS_PAST_MS_MAX: i64 = 30 * 24 * 3600 * 1000;
+/// How far after its receive time a heartbeat's device time may lie: 10 minutes (clock skew).
+pub const TS_FUTURE_MS_MAX: i64 = 10 * 60 * 1000;
+/// Error frames one connection may provoke within [`CONN_ERRORS_WINDOW_MS`] (after a burst of
+/// this many, one more per `window / max`) before it is closed with 1008.
+pub const CONN_ERRORS_PER_WINDOW_MAX: u32 = 100;
+/// See [`CONN_ERRORS_PER_WINDOW_MAX`].
+pub const CONN_ERRORS_WINDOW_MS: u64 = 60_000;
+/// Nesting depth beyond which a device frame is refused outright (`too_deep`): the JSON walker
+/// keeps its container stack in one `u64` bit set, so it needs no allocation and no recursion.
+pub const FRAME_JSON_DEPTH_MAX: usize = 64;
+/// Longest access token accepted, in bytes (longer input is refused before any parsing).
+pub const TOKEN_BYTES_MAX: usize = 512;
+/// File descriptors kept free for everything that is not a client connection (segment files,
+/// listeners, metrics, logs) when `connections_max` is checked against `RLIMIT_NOFILE`.
+pub const OPEN_FILES_RESERVE: u64 = 512;
+/// Largest capacity of one cross-executor mesh channel.
+pub const MESH_CAPACITY_MAX: usize = 65_536;
+/// Smallest frame size limit configuration may choose (a heartbeat with the longest id and
+/// attribute blob must always fit).
+pub const FRAME_BYTES_MIN: usize = 1024;
+
+const _: () = assert!(JSON_DEPTH_MAX < FRAME_JSON_DEPTH_MAX && FRAME_JSON_DEPTH_MAX <= 64);
+const _: () = assert!(TS_PAST_MS_MAX > 0 && TS_FUTURE_MS_MAX > 0);
+const _: () = assert!(FRAME_BYTES_MIN <= FRAME_BYTES_MAX);
+const _: () = assert!(FRAME_HEARTBEATS_MAX <= u16::MAX as usize);
+const _: () =
+    assert!(DEVICE_ID_BYTES_MAX <= u8::MAX as usize && ATTRS_BYTES_MAX <= u16::MAX as usize);

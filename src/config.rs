@@ -1,0 +1,1094 @@
+//! Command line and configuration: the clap `Cli` (`serve`, `token`, `demo`) and the resolution
+//! of every `serve` setting from its sources into a [`ServeConfig`] of concrete types. It does not
+//! act on settings (the server does) and does not read the secret (see `auth`).
+//!
+//! Precedence, highest first: command-line flag, `GEOBEAT_*` environment variable, TOML file
+//! (`--config`/`GEOBEAT_CONFIG`; flat, keys are the flag names with `_` for `-`), built-in
+//! default. An empty environment variable counts as unset. Every source goes through the same
+//! parser per setting, so a value means the same wherever it is given.
+//!
+//! Invariant: a `ServeConfig` only exists with every value inside its bounds (the `limits`
+//! constants, the open-file limit for `connections_max`); each error names the setting, the bad
+//! value and where it came from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::{parse_ttl, resolve_secret, Secret, SecretError, SECRET_ENV};
+use crate::limits::{
+    FRAME_BYTES_MAX, FRAME_BYTES_MIN, FRAME_HEARTBEATS_MAX, MESH_CAPACITY_MAX, OPEN_FILES_RESERVE,
+    PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SHARDS_MAX,
+};
+
+/// Default listen address.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+/// Bounds of the group-commit interval, ms (the log's own group-commit bounds must admit them).
+pub const COMMIT_INTERVAL_MS_MIN: u64 = 1;
+/// See [`COMMIT_INTERVAL_MS_MIN`].
+pub const COMMIT_INTERVAL_MS_MAX: u64 = 5;
+/// Most entries one group commit may gather (configuration bound).
+pub const COMMIT_ENTRIES_MAX: usize = 100_000;
+/// Default group-commit interval, ms.
+pub const COMMIT_INTERVAL_MS_DEFAULT: u64 = 2;
+/// Default most entries per group commit.
+pub const COMMIT_ENTRIES_MAX_DEFAULT: usize = 1000;
+/// Default retention of log data.
+pub const RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 86_400);
+/// Default most concurrent client connections.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 16_000;
+/// Default time allowed from TCP accept to a completed WebSocket upgrade, ms.
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 5000;
+/// Bounds of the handshake timeout, ms.
+pub const HANDSHAKE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 60_000);
+/// Default idle timeout, s.
+pub const IDLE_TIMEOUT_S_DEFAULT: u64 = 60;
+/// Bounds of the idle timeout, s.
+pub const IDLE_TIMEOUT_S_RANGE: (u64, u64) = (2, 3600);
+/// Default capacity of each cross-executor channel.
+pub const MESH_CAPACITY_DEFAULT: usize = 1024;
+/// Default log filter.
+pub const LOG_LEVEL_DEFAULT: &str = "info";
+/// Default simulated devices for `demo`.
+pub const DEMO_DEVICES_DEFAULT: u32 = 1000;
+/// Most simulated devices for `demo`.
+pub const DEMO_DEVICES_MAX: u32 = 1_000_000;
+/// Most heartbeats per second per simulated device for `demo`.
+pub const DEMO_RATE_HZ_MAX: f64 = 100.0;
+
+/// geobeat: durable location-heartbeat ingest for very large IoT fleets.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "geobeat", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Run the ingest server.
+    Serve(ServeArgs),
+    /// Mint an access token and print it (only the token, on one line).
+    Token(TokenArgs),
+    /// Run the server together with simulated devices (a self-contained demonstration).
+    Demo(DemoArgs),
+}
+
+/// `serve` settings. Every one may also come from a `GEOBEAT_*` environment variable or the TOML
+/// file; a flag always wins.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// Address for devices and the HTTP API [env: GEOBEAT_LISTEN] [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub listen: Option<SocketAddr>,
+    /// Directory holding the shard logs and the secret [env: GEOBEAT_DATA_DIR] [default: ./shards]
+    #[arg(long, value_name = "DIR", value_parser = parse_path)]
+    pub data_dir: Option<PathBuf>,
+    /// Executors (threads, one per core), 1..=256 [env: GEOBEAT_SHARDS] [default: available cores]
+    #[arg(long, value_name = "N", value_parser = parse_shards)]
+    pub shards: Option<usize>,
+    /// TOML file with settings (flat keys named like the flags, `_` for `-`) [env: GEOBEAT_CONFIG]
+    #[arg(long, value_name = "FILE", value_parser = parse_path)]
+    pub config: Option<PathBuf>,
+    /// File holding the token secret; otherwise GEOBEAT_SECRET, otherwise <data-dir>/secret
+    /// (created, mode 0600) [env: GEOBEAT_SECRET_FILE]
+    #[arg(long, value_name = "FILE", value_parser = parse_path)]
+    pub secret_file: Option<PathBuf>,
+    /// Size of each log segment file: bytes or KiB/MiB/GiB, a multiple of 4 KiB in 1 MiB..=4 GiB
+    /// [env: GEOBEAT_SEGMENT_BYTES] [default: 64MiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_segment_bytes)]
+    pub segment_bytes: Option<u64>,
+    /// Group-commit interval in ms, 1..=5 [env: GEOBEAT_COMMIT_INTERVAL_MS] [default: 2]
+    #[arg(long, value_name = "MS", value_parser = parse_commit_interval_ms)]
+    pub commit_interval_ms: Option<u64>,
+    /// Most heartbeats per group commit, 1..=100000 [env: GEOBEAT_COMMIT_ENTRIES_MAX] [default: 1000]
+    #[arg(long, value_name = "N", value_parser = parse_commit_entries_max)]
+    pub commit_entries_max: Option<usize>,
+    /// strict: ack only once data is on stable storage; relaxed: ack once written to the mapped
+    /// log (survives a process crash, not a power loss) [env: GEOBEAT_DURABILITY] [default: strict]
+    #[arg(long, value_name = "MODE", value_parser = parse_durability)]
+    pub durability: Option<Durability>,
+    /// How long log data is kept: e.g. 12h, 7d, or `forever` [env: GEOBEAT_RETENTION]
+    /// [default: 7d]
+    #[arg(long, value_name = "AGE", value_parser = parse_retention)]
+    pub retention: Option<Retention>,
+    /// Most concurrent client connections; must leave 512 file descriptors under the open-file
+    /// limit (ulimit -n) [env: GEOBEAT_CONNECTIONS_MAX] [default: 16000]
+    #[arg(long, value_name = "N", value_parser = parse_connections_max)]
+    pub connections_max: Option<usize>,
+    /// Time from TCP accept to a completed WebSocket upgrade, in ms, 100..=60000
+    /// [env: GEOBEAT_HANDSHAKE_TIMEOUT_MS] [default: 5000]
+    #[arg(long, value_name = "MS", value_parser = parse_handshake_timeout_ms)]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Close connections silent this long, in s, 2..=3600; the server pings at half of it
+    /// [env: GEOBEAT_IDLE_TIMEOUT_S] [default: 60]
+    #[arg(long, value_name = "S", value_parser = parse_idle_timeout_s)]
+    pub idle_timeout_s: Option<u64>,
+    /// Largest WebSocket message accepted (larger: close 1009): bytes or KiB, 1KiB..=64KiB
+    /// [env: GEOBEAT_FRAME_BYTES_MAX] [default: 64KiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_frame_bytes_max)]
+    pub frame_bytes_max: Option<usize>,
+    /// Most heartbeats in one message, 1..=1000 [env: GEOBEAT_FRAME_HEARTBEATS_MAX]
+    /// [default: 1000]
+    #[arg(long, value_name = "N", value_parser = parse_frame_heartbeats_max)]
+    pub frame_heartbeats_max: Option<usize>,
+    /// Capacity of each channel between executors, 1..=65536 [env: GEOBEAT_MESH_CAPACITY]
+    /// [default: 1024]
+    #[arg(long, value_name = "N", value_parser = parse_mesh_capacity)]
+    pub mesh_capacity: Option<usize>,
+    /// Address for the Prometheus /metrics endpoint, or `off` [env: GEOBEAT_METRICS_LISTEN]
+    /// [default: off]
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_listen)]
+    pub metrics_listen: Option<MetricsListen>,
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
+    /// `info,geobeat=debug` [env: GEOBEAT_LOG_LEVEL] [default: info]
+    #[arg(long, value_name = "FILTER", value_parser = parse_log_level)]
+    pub log_level: Option<String>,
+}
+
+/// `demo` settings: everything `serve` takes, plus the simulated fleet.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Server settings.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Simulated devices, 1..=1000000
+    #[arg(long, value_name = "N", default_value_t = DEMO_DEVICES_DEFAULT, value_parser = parse_demo_devices)]
+    pub devices: u32,
+    /// Heartbeats per second sent by each simulated device, > 0 and <= 100
+    #[arg(long, value_name = "HZ", default_value_t = 1.0, value_parser = parse_demo_rate_hz)]
+    pub rate_hz: f64,
+}
+
+/// `token` settings.
+#[derive(Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// The kind of token.
+    #[command(subcommand)]
+    pub kind: TokenKind,
+    /// Lifetime: a number with unit s, m, h or d (e.g. 30d)
+    /// [default: 365d; ops: 30d]
+    #[arg(long, global = true, value_name = "TTL")]
+    pub ttl: Option<String>,
+    /// Secret file to sign with [env: GEOBEAT_SECRET_FILE]; otherwise GEOBEAT_SECRET, otherwise
+    /// <data-dir>/secret (created, mode 0600, if missing)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Data directory whose `secret` file is used [env: GEOBEAT_DATA_DIR] [default: ./shards]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Token kinds for `geobeat token`.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A device token: ingest as exactly this device
+    Device {
+        /// The device id (1..=64 bytes, no control characters)
+        id: String,
+    },
+    /// A gateway token: ingest for every device whose id starts with PREFIX
+    Gateway {
+        /// The device-id prefix (may be empty: all devices)
+        prefix: String,
+    },
+    /// An ops token: read any device's state, admin endpoints
+    Ops,
+    /// A subscriber token: read devices whose id starts with PREFIX
+    Subscriber {
+        /// The device-id prefix (may be empty: all devices)
+        prefix: String,
+    },
+}
+
+/// When an ingest is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Ack once the data is on stable storage.
+    Strict,
+    /// Ack once written to the mapped log (survives a process crash, not a power loss).
+    Relaxed,
+}
+
+/// How long log data is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Data older than this may be deleted.
+    For(Duration),
+    /// Never delete.
+    Forever,
+}
+
+/// Whether and where to serve metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// Serve `/metrics` on this address.
+    On(SocketAddr),
+    /// No metrics listener.
+    Off,
+}
+
+/// Every `serve` setting resolved to concrete values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    /// Address for devices and the HTTP API.
+    pub listen: SocketAddr,
+    /// Directory of shard logs and the secret file.
+    pub data_dir: PathBuf,
+    /// Executors.
+    pub shards: usize,
+    /// Secret file, if configured (else `GEOBEAT_SECRET`, else `<data_dir>/secret`).
+    pub secret_file: Option<PathBuf>,
+    /// Segment file size, bytes.
+    pub segment_bytes: u64,
+    /// Group-commit interval.
+    pub commit_interval: Duration,
+    /// Most entries per group commit.
+    pub commit_entries_max: usize,
+    /// Ack policy.
+    pub durability: Durability,
+    /// Data age after which it may be deleted; `None`: keep forever.
+    pub retention: Option<Duration>,
+    /// Most concurrent client connections.
+    pub connections_max: usize,
+    /// Accept-to-upgrade deadline.
+    pub handshake_timeout: Duration,
+    /// Silence after which a connection is closed (ping at half).
+    pub idle_timeout: Duration,
+    /// Largest WebSocket message, bytes.
+    pub frame_bytes_max: usize,
+    /// Most heartbeats per message.
+    pub frame_heartbeats_max: usize,
+    /// Capacity of each cross-executor channel.
+    pub mesh_capacity: usize,
+    /// Metrics listener address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log filter directives (validated).
+    pub log_level: String,
+}
+
+impl ServeConfig {
+    /// When the server pings an idle connection: half the idle timeout.
+    pub fn ping_interval(&self) -> Duration {
+        self.idle_timeout / 2
+    }
+
+    /// The token secret per the documented source order (`secret_file`, `GEOBEAT_SECRET`,
+    /// `<data_dir>/secret` created if missing), reading the process environment.
+    pub fn load_secret(&self) -> Result<Secret, SecretError> {
+        let env_secret = std::env::var(SECRET_ENV).ok().filter(|v| !v.is_empty());
+        resolve_secret(
+            self.secret_file.as_deref(),
+            env_secret.as_deref(),
+            &self.data_dir,
+        )
+    }
+}
+
+/// Why configuration could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is malformed or out of bounds.
+    #[error("invalid value {value:?} for {setting} (from {origin}): {reason}")]
+    Invalid {
+        /// The setting, as its flag (`--shards`).
+        setting: &'static str,
+        /// The value given.
+        value: String,
+        /// Where it came from.
+        origin: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The TOML file has a key that is not a setting.
+    #[error("config file {}: unknown key `{key}` (known keys: {})", path.display(), known_keys())]
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// The TOML file does not parse.
+    #[error("config file {}: {message}", path.display())]
+    FileSyntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// The TOML file cannot be read.
+    #[error("config file {}: cannot read: {source}", path.display())]
+    FileRead {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `connections_max` does not fit under the open-file limit.
+    #[error(
+        "--connections-max {connections_max} (from {origin}) needs {connections_max} + {OPEN_FILES_RESERVE} \
+         reserved file descriptors, but the open-file limit (RLIMIT_NOFILE) is {limit}; lower \
+         --connections-max to at most {} or raise the limit (ulimit -n)",
+        limit.saturating_sub(OPEN_FILES_RESERVE)
+    )]
+    TooManyConnections {
+        /// The configured value.
+        connections_max: usize,
+        /// Where it came from.
+        origin: String,
+        /// The current soft limit.
+        limit: u64,
+    },
+}
+
+/// One setting's names in each source.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// Command-line flag.
+    pub flag: &'static str,
+    /// Environment variable.
+    pub env: &'static str,
+    /// TOML key (`None`: not settable from the file).
+    pub key: Option<&'static str>,
+}
+
+macro_rules! settings {
+    ($($id:ident => $flag:literal, $env:literal, $key:expr;)*) => {
+        $(const $id: Setting = Setting { flag: $flag, env: $env, key: $key };)*
+        /// Every `serve` setting, in `--help` order.
+        pub const SETTINGS: &[Setting] = &[$($id),*];
+    };
+}
+
+settings! {
+    LISTEN => "--listen", "GEOBEAT_LISTEN", Some("listen");
+    DATA_DIR => "--data-dir", "GEOBEAT_DATA_DIR", Some("data_dir");
+    SHARDS => "--shards", "GEOBEAT_SHARDS", Some("shards");
+    CONFIG => "--config", "GEOBEAT_CONFIG", None;
+    SECRET_FILE => "--secret-file", "GEOBEAT_SECRET_FILE", Some("secret_file");
+    SEGMENT_BYTES => "--segment-bytes", "GEOBEAT_SEGMENT_BYTES", Some("segment_bytes");
+    COMMIT_INTERVAL_MS => "--commit-interval-ms", "GEOBEAT_COMMIT_INTERVAL_MS", Some("commit_interval_ms");
+    COMMIT_ENTRIES_MAX_S => "--commit-entries-max", "GEOBEAT_COMMIT_ENTRIES_MAX", Some("commit_entries_max");
+    DURABILITY => "--durability", "GEOBEAT_DURABILITY", Some("durability");
+    RETENTION => "--retention", "GEOBEAT_RETENTION", Some("retention");
+    CONNECTIONS_MAX => "--connections-max", "GEOBEAT_CONNECTIONS_MAX", Some("connections_max");
+    HANDSHAKE_TIMEOUT_MS => "--handshake-timeout-ms", "GEOBEAT_HANDSHAKE_TIMEOUT_MS", Some("handshake_timeout_ms");
+    IDLE_TIMEOUT_S => "--idle-timeout-s", "GEOBEAT_IDLE_TIMEOUT_S", Some("idle_timeout_s");
+    FRAME_BYTES_MAX_S => "--frame-bytes-max", "GEOBEAT_FRAME_BYTES_MAX", Some("frame_bytes_max");
+    FRAME_HEARTBEATS_MAX_S => "--frame-heartbeats-max", "GEOBEAT_FRAME_HEARTBEATS_MAX", Some("frame_heartbeats_max");
+    MESH_CAPACITY => "--mesh-capacity", "GEOBEAT_MESH_CAPACITY", Some("mesh_capacity");
+    METRICS_LISTEN => "--metrics-listen", "GEOBEAT_METRICS_LISTEN", Some("metrics_listen");
+    LOG_LEVEL => "--log-level", "GEOBEAT_LOG_LEVEL", Some("log_level");
+}
+
+fn known_keys() -> String {
+    SETTINGS
+        .iter()
+        .filter_map(|s| s.key)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The inputs besides the flags, passed in so resolution is a pure function (tests pass maps).
+pub struct Sources<'a> {
+    /// Environment lookup (empty values count as unset).
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// The TOML file's path (for messages) and text, if any.
+    pub file: Option<(&'a Path, &'a str)>,
+    /// The open-file soft limit (`RLIMIT_NOFILE`).
+    pub open_files_limit: u64,
+    /// Cores available (the default for `shards`).
+    pub cores: usize,
+}
+
+/// Where a value came from.
+enum Origin<'a> {
+    Flag,
+    Env(&'static str),
+    File(&'a Path, &'static str),
+    Default,
+}
+
+impl std::fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Flag => f.write_str("the command line"),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::File(path, key) => write!(f, "key `{key}` in {}", path.display()),
+            Origin::Default => f.write_str("the default"),
+        }
+    }
+}
+
+/// The parsed TOML file as setting key -> value text.
+struct FileValues<'a> {
+    path: &'a Path,
+    table: toml::Table,
+}
+
+impl<'a> FileValues<'a> {
+    fn parse(path: &'a Path, text: &str) -> Result<FileValues<'a>, ConfigError> {
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::FileSyntax {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?;
+        if let Some(key) = table
+            .keys()
+            .find(|k| !SETTINGS.iter().any(|s| s.key == Some(k.as_str())))
+        {
+            return Err(ConfigError::UnknownKey {
+                path: path.to_owned(),
+                key: key.clone(),
+            });
+        }
+        Ok(FileValues { path, table })
+    }
+
+    /// The value of `key` as text (strings as is, numbers and booleans printed).
+    fn get(&self, setting: &Setting) -> Result<Option<String>, ConfigError> {
+        let Some(key) = setting.key else {
+            return Ok(None);
+        };
+        let Some(value) = self.table.get(key) else {
+            return Ok(None);
+        };
+        match value {
+            toml::Value::String(s) => Ok(Some(s.clone())),
+            toml::Value::Integer(i) => Ok(Some(i.to_string())),
+            toml::Value::Float(x) => Ok(Some(x.to_string())),
+            toml::Value::Boolean(b) => Ok(Some(b.to_string())),
+            other => Err(ConfigError::Invalid {
+                setting: setting.flag,
+                value: other.to_string(),
+                origin: Origin::File(self.path, key).to_string(),
+                reason: "expected a string or a number".into(),
+            }),
+        }
+    }
+}
+
+struct Resolver<'a> {
+    sources: &'a Sources<'a>,
+    file: Option<FileValues<'a>>,
+}
+
+impl<'a> Resolver<'a> {
+    /// The highest-precedence value of one setting, with its origin.
+    fn pick<T: Clone>(
+        &self,
+        s: &Setting,
+        flag: &Option<T>,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<Option<(T, Origin<'a>)>, ConfigError> {
+        if let Some(v) = flag {
+            return Ok(Some((v.clone(), Origin::Flag)));
+        }
+        let invalid = |value: String, origin: &Origin<'_>, reason: String| ConfigError::Invalid {
+            setting: s.flag,
+            value,
+            origin: origin.to_string(),
+            reason,
+        };
+        if let Some(text) = (self.sources.env)(s.env).filter(|v| !v.is_empty()) {
+            let origin = Origin::Env(s.env);
+            return match parse(&text) {
+                Ok(v) => Ok(Some((v, origin))),
+                Err(reason) => Err(invalid(text, &origin, reason)),
+            };
+        }
+        if let Some(file) = &self.file {
+            if let Some(text) = file.get(s)? {
+                let origin = Origin::File(file.path, s.key.expect("file values have keys"));
+                return match parse(&text) {
+                    Ok(v) => Ok(Some((v, origin))),
+                    Err(reason) => Err(invalid(text, &origin, reason)),
+                };
+            }
+        }
+        Ok(None)
+    }
+
+    fn get<T: Clone>(
+        &self,
+        s: &Setting,
+        flag: &Option<T>,
+        parse: fn(&str) -> Result<T, String>,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        Ok(self.pick(s, flag, parse)?.map_or(default, |(v, _)| v))
+    }
+}
+
+impl ServeArgs {
+    /// The config file path: `--config`, else `GEOBEAT_CONFIG`.
+    pub fn config_path(&self, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+        self.config
+            .clone()
+            .or_else(|| env(CONFIG.env).filter(|v| !v.is_empty()).map(PathBuf::from))
+    }
+
+    /// Resolves every setting from the flags (`self`) and `sources`.
+    pub fn resolve(&self, sources: &Sources<'_>) -> Result<ServeConfig, ConfigError> {
+        let file = match sources.file {
+            Some((path, text)) => Some(FileValues::parse(path, text)?),
+            None => None,
+        };
+        let r = Resolver { sources, file };
+        let connections = r.pick(
+            &CONNECTIONS_MAX,
+            &self.connections_max,
+            parse_connections_max,
+        )?;
+        let (connections_max, connections_origin) =
+            connections.unwrap_or((CONNECTIONS_MAX_DEFAULT, Origin::Default));
+        let limit = sources.open_files_limit;
+        if (connections_max as u64).saturating_add(OPEN_FILES_RESERVE) > limit {
+            return Err(ConfigError::TooManyConnections {
+                connections_max,
+                origin: connections_origin.to_string(),
+                limit,
+            });
+        }
+        let retention = r.get(
+            &RETENTION,
+            &self.retention,
+            parse_retention,
+            Retention::For(RETENTION_DEFAULT),
+        )?;
+        let metrics = r.get(
+            &METRICS_LISTEN,
+            &self.metrics_listen,
+            parse_metrics_listen,
+            MetricsListen::Off,
+        )?;
+        Ok(ServeConfig {
+            listen: r.get(
+                &LISTEN,
+                &self.listen,
+                parse_socket_addr,
+                LISTEN_DEFAULT.parse().expect("default address parses"),
+            )?,
+            data_dir: r.get(
+                &DATA_DIR,
+                &self.data_dir,
+                parse_path,
+                PathBuf::from(crate::auth::DATA_DIR_DEFAULT),
+            )?,
+            shards: r.get(
+                &SHARDS,
+                &self.shards,
+                parse_shards,
+                sources.cores.clamp(1, SHARDS_MAX),
+            )?,
+            secret_file: r
+                .pick(&SECRET_FILE, &self.secret_file, parse_path)?
+                .map(|(p, _)| p),
+            segment_bytes: r.get(
+                &SEGMENT_BYTES,
+                &self.segment_bytes,
+                parse_segment_bytes,
+                SEGMENT_BYTES_DEFAULT,
+            )?,
+            commit_interval: Duration::from_millis(r.get(
+                &COMMIT_INTERVAL_MS,
+                &self.commit_interval_ms,
+                parse_commit_interval_ms,
+                COMMIT_INTERVAL_MS_DEFAULT,
+            )?),
+            commit_entries_max: r.get(
+                &COMMIT_ENTRIES_MAX_S,
+                &self.commit_entries_max,
+                parse_commit_entries_max,
+                COMMIT_ENTRIES_MAX_DEFAULT,
+            )?,
+            durability: r.get(
+                &DURABILITY,
+                &self.durability,
+                parse_durability,
+                Durability::Strict,
+            )?,
+            retention: match retention {
+                Retention::For(d) => Some(d),
+                Retention::Forever => None,
+            },
+            connections_max,
+            handshake_timeout: Duration::from_millis(r.get(
+                &HANDSHAKE_TIMEOUT_MS,
+                &self.handshake_timeout_ms,
+                parse_handshake_timeout_ms,
+                HANDSHAKE_TIMEOUT_MS_DEFAULT,
+            )?),
+            idle_timeout: Duration::from_secs(r.get(
+                &IDLE_TIMEOUT_S,
+                &self.idle_timeout_s,
+                parse_idle_timeout_s,
+                IDLE_TIMEOUT_S_DEFAULT,
+            )?),
+            frame_bytes_max: r.get(
+                &FRAME_BYTES_MAX_S,
+                &self.frame_bytes_max,
+                parse_frame_bytes_max,
+                FRAME_BYTES_MAX,
+            )?,
+            frame_heartbeats_max: r.get(
+                &FRAME_HEARTBEATS_MAX_S,
+                &self.frame_heartbeats_max,
+                parse_frame_heartbeats_max,
+                FRAME_HEARTBEATS_MAX,
+            )?,
+            mesh_capacity: r.get(
+                &MESH_CAPACITY,
+                &self.mesh_capacity,
+                parse_mesh_capacity,
+                MESH_CAPACITY_DEFAULT,
+            )?,
+            metrics_listen: match metrics {
+                MetricsListen::On(a) => Some(a),
+                MetricsListen::Off => None,
+            },
+            log_level: r.get(
+                &LOG_LEVEL,
+                &self.log_level,
+                parse_log_level,
+                LOG_LEVEL_DEFAULT.to_owned(),
+            )?,
+        })
+    }
+
+    /// Resolves against the real process: environment, the config file (read from disk), the
+    /// open-file limit (after raising the soft limit to the hard one, see
+    /// [`raise_open_files_limit`]) and the available cores.
+    pub fn load(&self) -> Result<ServeConfig, ConfigError> {
+        let env = |name: &str| std::env::var(name).ok();
+        let path = self.config_path(&env);
+        let text = match &path {
+            Some(p) => {
+                Some(
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::FileRead {
+                        path: p.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let sources = Sources {
+            env: &env,
+            file: path.as_deref().zip(text.as_deref()),
+            open_files_limit: raise_open_files_limit(),
+            cores,
+        };
+        self.resolve(&sources)
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit (capped at 2^20) if it is lower, and
+/// returns the soft limit in force afterwards (0 if it cannot be read).
+pub fn raise_open_files_limit() -> u64 {
+    const CAP: u64 = 1 << 20;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid, owned `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    let want = lim.rlim_max.min(CAP);
+    if lim.rlim_cur < want {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the valid `raised`; failure leaves the limit unchanged.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return want;
+        }
+    }
+    lim.rlim_cur
+}
+
+// ---- per-setting parsers (shared by clap, the environment and the file) ----
+
+fn parse_int<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+    text: &str,
+    min: T,
+    max: T,
+) -> Result<T, String> {
+    let v: T = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a whole number in {min}..={max}"))?;
+    if v < min || v > max {
+        return Err(format!("must be in {min}..={max}"));
+    }
+    Ok(v)
+}
+
+/// Parses a byte size: a whole number optionally followed by `KiB`, `MiB`, `GiB` (or `K`, `M`,
+/// `G`, also binary).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return Err("expected a number of bytes, optionally with KiB, MiB or GiB".into()),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a number of bytes, optionally with KiB, MiB or GiB".to_string())?;
+    n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+}
+
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| "expected IP:PORT, e.g. 127.0.0.1:8080 or [::]:8080".to_string())
+}
+
+fn parse_path(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        Err("empty path".into())
+    } else {
+        Ok(PathBuf::from(text))
+    }
+}
+
+fn parse_shards(text: &str) -> Result<usize, String> {
+    parse_int(text, 1, SHARDS_MAX)
+}
+
+fn parse_segment_bytes(text: &str) -> Result<u64, String> {
+    let v = parse_size(text)?;
+    if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&v) {
+        return Err("must be in 1MiB..=4GiB".into());
+    }
+    if v % PAGE_BYTES != 0 {
+        return Err("must be a multiple of 4KiB".into());
+    }
+    Ok(v)
+}
+
+fn parse_commit_interval_ms(text: &str) -> Result<u64, String> {
+    parse_int(text, COMMIT_INTERVAL_MS_MIN, COMMIT_INTERVAL_MS_MAX)
+}
+
+fn parse_commit_entries_max(text: &str) -> Result<usize, String> {
+    parse_int(text, 1, COMMIT_ENTRIES_MAX)
+}
+
+fn parse_durability(text: &str) -> Result<Durability, String> {
+    match text.trim() {
+        "strict" => Ok(Durability::Strict),
+        "relaxed" => Ok(Durability::Relaxed),
+        _ => Err("expected `strict` or `relaxed`".into()),
+    }
+}
+
+fn parse_retention(text: &str) -> Result<Retention, String> {
+    if text.trim() == "forever" {
+        return Ok(Retention::Forever);
+    }
+    parse_ttl(text)
+        .map(Retention::For)
+        .map_err(|e| format!("{}; or `forever`", e.reason))
+}
+
+fn parse_connections_max(text: &str) -> Result<usize, String> {
+    parse_int(text, 1, usize::MAX)
+}
+
+fn parse_handshake_timeout_ms(text: &str) -> Result<u64, String> {
+    parse_int(
+        text,
+        HANDSHAKE_TIMEOUT_MS_RANGE.0,
+        HANDSHAKE_TIMEOUT_MS_RANGE.1,
+    )
+}
+
+fn parse_idle_timeout_s(text: &str) -> Result<u64, String> {
+    parse_int(text, IDLE_TIMEOUT_S_RANGE.0, IDLE_TIMEOUT_S_RANGE.1)
+}
+
+fn parse_frame_bytes_max(text: &str) -> Result<usize, String> {
+    let v = parse_size(text)?;
+    if !(FRAME_BYTES_MIN as u64..=FRAME_BYTES_MAX as u64).contains(&v) {
+        return Err(format!(
+            "must be in {FRAME_BYTES_MIN}..={FRAME_BYTES_MAX} bytes"
+        ));
+    }
+    Ok(v as usize)
+}
+
+fn parse_frame_heartbeats_max(text: &str) -> Result<usize, String> {
+    parse_int(text, 1, FRAME_HEARTBEATS_MAX)
+}
+
+fn parse_mesh_capacity(text: &str) -> Result<usize, String> {
+    parse_int(text, 1, MESH_CAPACITY_MAX)
+}
+
+fn parse_metrics_listen(text: &str) -> Result<MetricsListen, String> {
+    if text.trim() == "off" {
+        return Ok(MetricsListen::Off);
+    }
+    parse_socket_addr(text)
+        .map(MetricsListen::On)
+        .map_err(|e| format!("{e}, or `off`"))
+}
+
+fn parse_log_level(text: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("not a log filter ({e})"))
+}
+
+fn parse_demo_devices(text: &str) -> Result<u32, String> {
+    parse_int(text, 1, DEMO_DEVICES_MAX)
+}
+
+fn parse_demo_rate_hz(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| "expected a number of heartbeats per second".to_string())?;
+    if !(v > 0.0 && v <= DEMO_RATE_HZ_MAX) {
+        return Err(format!("must be > 0 and <= {DEMO_RATE_HZ_MAX}"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let mut full = vec!["geobeat", "serve"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full).expect("arguments parse").command {
+            Command::Serve(a) => a,
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    fn resolve(
+        args: &ServeArgs,
+        env: &[(&str, &str)],
+        file: Option<&str>,
+    ) -> Result<ServeConfig, ConfigError> {
+        let map: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |k: &str| map.get(k).cloned();
+        let sources = Sources {
+            env: &lookup,
+            file: file.map(|t| (Path::new("geobeat.toml"), t)),
+            open_files_limit: 20_000,
+            cores: 2,
+        };
+        args.resolve(&sources)
+    }
+
+    #[test]
+    fn defaults_apply_without_sources() {
+        // Nothing given: every documented default.
+        let c = resolve(&ServeArgs::default(), &[], None).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("./shards"));
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.segment_bytes, 64 << 20);
+        assert_eq!(c.commit_interval, Duration::from_millis(2));
+        assert_eq!(c.commit_entries_max, 1000);
+        assert_eq!(c.durability, Durability::Strict);
+        assert_eq!(c.retention, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(c.connections_max, 16_000);
+        assert_eq!(c.handshake_timeout, Duration::from_millis(5000));
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.ping_interval(), Duration::from_secs(30));
+        assert_eq!(c.frame_bytes_max, FRAME_BYTES_MAX);
+        assert_eq!(c.frame_heartbeats_max, FRAME_HEARTBEATS_MAX);
+        assert_eq!(c.mesh_capacity, 1024);
+        assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.secret_file, None);
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        // The same setting from three sources: the flag wins, then env, then file.
+        let file = "shards = 3\nmesh_capacity = 10\nretention = \"12h\"\n";
+        let env = [("GEOBEAT_SHARDS", "5"), ("GEOBEAT_MESH_CAPACITY", "20")];
+        let c = resolve(&serve_args(&["--shards", "7"]), &env, Some(file)).unwrap();
+        assert_eq!(c.shards, 7);
+        assert_eq!(c.mesh_capacity, 20);
+        assert_eq!(c.retention, Some(Duration::from_secs(12 * 3600)));
+        let c = resolve(&serve_args(&[]), &env, Some(file)).unwrap();
+        assert_eq!(c.shards, 5);
+        let c = resolve(&serve_args(&[]), &[("GEOBEAT_SHARDS", "")], Some(file)).unwrap();
+        assert_eq!(c.shards, 3, "an empty variable counts as unset");
+    }
+
+    #[test]
+    fn every_source_parses_the_same_forms() {
+        // Sizes with units, `forever`, `off`, durability words, from env and file.
+        let c = resolve(
+            &serve_args(&[
+                "--segment-bytes",
+                "2MiB",
+                "--metrics-listen",
+                "127.0.0.1:9100",
+            ]),
+            &[
+                ("GEOBEAT_RETENTION", "forever"),
+                ("GEOBEAT_DURABILITY", "relaxed"),
+            ],
+            Some("frame_bytes_max = \"16KiB\"\nsecret_file = \"/etc/geobeat/secret\"\n"),
+        )
+        .unwrap();
+        assert_eq!(c.segment_bytes, 2 << 20);
+        assert_eq!(
+            c.metrics_listen,
+            Some("127.0.0.1:9100".parse::<SocketAddr>().unwrap())
+        );
+        assert_eq!(c.retention, None);
+        assert_eq!(c.durability, Durability::Relaxed);
+        assert_eq!(c.frame_bytes_max, 16 << 10);
+        assert_eq!(c.secret_file, Some(PathBuf::from("/etc/geobeat/secret")));
+    }
+
+    #[test]
+    fn bad_values_name_setting_value_and_origin() {
+        // Errors carry the flag name, the bad text and where it came from.
+        let err = resolve(
+            &serve_args(&[]),
+            &[("GEOBEAT_COMMIT_INTERVAL_MS", "9")],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--commit-interval-ms"), "{err}");
+        assert!(err.contains("\"9\""), "{err}");
+        assert!(err.contains("GEOBEAT_COMMIT_INTERVAL_MS"), "{err}");
+        let err = resolve(&serve_args(&[]), &[], Some("segment_bytes = 12345\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--segment-bytes") && err.contains("geobeat.toml"),
+            "{err}"
+        );
+        let err = resolve(&serve_args(&[]), &[], Some("listen = [1]\n")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    setting: "--listen",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        for (var, bad) in [
+            ("GEOBEAT_LISTEN", "localhost"),
+            ("GEOBEAT_SHARDS", "0"),
+            ("GEOBEAT_SHARDS", "257"),
+            ("GEOBEAT_FRAME_BYTES_MAX", "1MiB"),
+            ("GEOBEAT_FRAME_HEARTBEATS_MAX", "1001"),
+            ("GEOBEAT_DURABILITY", "maybe"),
+            ("GEOBEAT_RETENTION", "7"),
+            ("GEOBEAT_LOG_LEVEL", "info,[["),
+            ("GEOBEAT_IDLE_TIMEOUT_S", "1"),
+        ] {
+            assert!(
+                resolve(&serve_args(&[]), &[(var, bad)], None).is_err(),
+                "{var}={bad}"
+            );
+        }
+        // Flags are checked by clap with the same parsers.
+        let mut argv = vec!["geobeat", "serve", "--shards", "0"];
+        assert!(Cli::try_parse_from(&argv).is_err());
+        argv[3] = "4";
+        assert!(Cli::try_parse_from(&argv).is_ok());
+    }
+
+    #[test]
+    fn unknown_toml_key_is_named() {
+        // A typo in the file is an error naming the key, not silently ignored.
+        let err = resolve(&serve_args(&[]), &[], Some("shard = 4\n")).unwrap_err();
+        assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "shard"));
+        assert!(err.to_string().contains("`shard`"));
+        let err = resolve(&serve_args(&[]), &[], Some("shards = \n")).unwrap_err();
+        assert!(matches!(err, ConfigError::FileSyntax { .. }));
+    }
+
+    #[test]
+    fn connections_must_fit_under_open_file_limit() {
+        // 19,600 + 512 reserved > 20,000: refused with the largest allowed value in the message.
+        let err = resolve(&serve_args(&["--connections-max", "19600"]), &[], None).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(
+            err,
+            ConfigError::TooManyConnections { limit: 20_000, .. }
+        ));
+        assert!(msg.contains("19488"), "{msg}");
+        assert!(resolve(&serve_args(&["--connections-max", "19488"]), &[], None).is_ok());
+    }
+
+    #[test]
+    fn help_documents_every_setting_and_its_env_var() {
+        // `serve --help` mentions each flag and its GEOBEAT_* variable.
+        let mut cmd = Cli::command();
+        let serve = cmd.find_subcommand_mut("serve").unwrap();
+        let help = serve.render_long_help().to_string();
+        for s in SETTINGS {
+            assert!(help.contains(s.flag), "{} missing from help", s.flag);
+            assert!(help.contains(s.env), "{} missing from help", s.env);
+        }
+    }
+
+    #[test]
+    fn token_and_demo_arguments_parse() {
+        // Global token options work after the kind; demo takes serve flags plus its own.
+        let cli =
+            Cli::try_parse_from(["geobeat", "token", "device", "truck-1", "--ttl", "30d"]).unwrap();
+        let Command::Token(t) = cli.command else {
+            panic!("token expected")
+        };
+        assert_eq!(
+            t.kind,
+            TokenKind::Device {
+                id: "truck-1".into()
+            }
+        );
+        assert_eq!(t.ttl.as_deref(), Some("30d"));
+        let cli = Cli::try_parse_from(["geobeat", "token", "--data-dir", "/tmp/x", "ops"]).unwrap();
+        let Command::Token(t) = cli.command else {
+            panic!("token expected")
+        };
+        assert_eq!(t.kind, TokenKind::Ops);
+        assert_eq!(t.data_dir, Some(PathBuf::from("/tmp/x")));
+        let cli =
+            Cli::try_parse_from(["geobeat", "demo", "--devices", "50", "--shards", "2"]).unwrap();
+        let Command::Demo(d) = cli.command else {
+            panic!("demo expected")
+        };
+        assert_eq!((d.devices, d.rate_hz, d.serve.shards), (50, 1.0, Some(2)));
+        assert!(Cli::try_parse_from(["geobeat", "demo", "--rate-hz", "0"]).is_err());
+        Cli::command().debug_assert();
+    }
+}
