@@ -64,7 +64,7 @@ pub fn run_fleet(
         })
         .collect();
     let gateways = devices.div_ceil(DEVICES_PER_GATEWAY);
-    let expires = crate::auth::now_s() + 86_400;
+    let expires = crate::server::exec::now_s() + 86_400;
     let token = mint(secret, &Scope::Gateway(DEMO_PREFIX.to_string()), expires);
     let url = format!("ws://{addr}/v1/ingest?token={token}");
     let mut sockets = Vec::with_capacity(gateways);
@@ -95,7 +95,8 @@ pub fn run_fleet(
         }
         for (ws, mut f) in sockets.iter_mut().zip(frames) {
             f.push(']');
-            ws.send(tungstenite::Message::text(f)).map_err(std::io::Error::other)?;
+            ws.send(tungstenite::Message::text(f))
+                .map_err(std::io::Error::other)?;
             // Drain acks without blocking for long.
             while ws.can_read() {
                 match ws.get_mut() {
@@ -110,14 +111,22 @@ pub fn run_fleet(
                 }
                 match r {
                     Ok(_) => continue,
-                    Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(tungstenite::Error::Io(e))
+                        if e.kind() == std::io::ErrorKind::WouldBlock =>
+                    {
+                        break
+                    }
                     Err(e) => return Err(std::io::Error::other(e)),
                 }
             }
         }
         sent += devices as u64;
         if sent % (devices as u64 * 10) == 0 {
-            tracing::info!(sent, per_s = sent as f64 / started.elapsed().as_secs_f64(), "demo fleet");
+            tracing::info!(
+                sent,
+                per_s = sent as f64 / started.elapsed().as_secs_f64(),
+                "demo fleet"
+            );
         }
         next += period;
         let now = Instant::now();

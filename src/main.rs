@@ -1,1 +1,119 @@
-fn main() {}
+//! The `geobeat` binary: parses the command line, sets up logging, runs `serve`, `token` or
+//! `demo`, and maps failures to exit codes (1: runtime failure, 2: bad configuration or usage).
+//! Everything else lives in the library.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use geobeat::config::{Cli, Command, ServeConfig};
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = match args.load() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("geobeat serve: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&cfg.log_level);
+            match geobeat::server::run(cfg, None) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("geobeat serve: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Token(args) => match geobeat::auth::run_token_command(&args) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("geobeat token: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Demo(args) => {
+            let cfg = match args.serve.load() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("geobeat demo: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&cfg.log_level);
+            match demo(cfg, args.devices as usize, args.rate_hz) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("geobeat demo: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// Runs the server in the background, waits until it is healthy, prints what to try, then runs
+/// the simulated fleet until SIGINT/SIGTERM.
+fn demo(cfg: ServeConfig, devices: usize, rate_hz: f64) -> Result<(), Box<dyn std::error::Error>> {
+    let secret = cfg.load_secret()?;
+    let addr = cfg.listen;
+    let data_dir = cfg.data_dir.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let server = std::thread::spawn({
+        let stop = stop.clone();
+        move || geobeat::server::run(cfg, Some(stop))
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if server.is_finished() || Instant::now() > deadline {
+            return match server.join() {
+                Ok(Err(e)) => Err(e.into()),
+                _ => Err("the server did not start".into()),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ops = geobeat::auth::mint(
+        &secret,
+        &geobeat::auth::Scope::Ops,
+        geobeat::server::exec::now_s() + 86_400,
+    );
+    println!(
+        "geobeat demo: {devices} simulated devices ({rate_hz} heartbeat/s each) sending to ws://{addr}/v1/ingest\n\
+         data directory: {}\n\n\
+         Try:\n  \
+         curl -H 'Authorization: Bearer {ops}' http://{addr}/v1/devices/{}00042\n  \
+         cargo run --release -- token device my-device --data-dir {}   # a device token of your own\n  \
+         curl http://{addr}/healthz\n\n\
+         Stop with Ctrl-C.",
+        data_dir.display(),
+        geobeat::demo::DEMO_PREFIX,
+        data_dir.display()
+    );
+    let fleet = geobeat::demo::run_fleet(addr, &secret, devices, rate_hz, &stop);
+    stop.store(true, Ordering::Release);
+    let served = server.join().map_err(|_| "server thread panicked")?;
+    fleet?;
+    served?;
+    Ok(())
+}

@@ -55,7 +55,10 @@ where
     handles
         .into_iter()
         .enumerate()
-        .map(|(i, h)| h.join().map_err(|e| io::Error::other(format!("executor {i} failed: {e}"))))
+        .map(|(i, h)| {
+            h.join()
+                .map_err(|e| io::Error::other(format!("executor {i} failed: {e}")))
+        })
         .collect()
 }
 
@@ -65,7 +68,9 @@ pub fn spawn<F: Future<Output = ()> + 'static>(fut: F) {
 }
 
 /// Spawns a task on the current executor and returns a handle to await its result.
-pub fn spawn_joinable<T: 'static, F: Future<Output = T> + 'static>(fut: F) -> glommio::task::JoinHandle<T> {
+pub fn spawn_joinable<T: 'static, F: Future<Output = T> + 'static>(
+    fut: F,
+) -> glommio::task::JoinHandle<T> {
     glommio::spawn_local(fut).detach()
 }
 
@@ -88,10 +93,61 @@ pub async fn yield_if_needed() {
     glommio::yield_if_needed().await;
 }
 
+/// Listen backlog: deep enough for thousands of devices reconnecting at once.
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// Binds a listening socket with SO_REUSEPORT (every executor binds the same address; the kernel
-/// spreads connections).
+/// spreads connections) and SO_REUSEADDR (a restart must not fail on the previous life's
+/// TIME_WAIT connections).
 pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).map_err(io::Error::from)
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let std::net::SocketAddr::V4(v4) = addr else {
+        return TcpListener::bind(addr).map_err(io::Error::from);
+    };
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    // SAFETY: plain socket syscalls on a descriptor this function owns (via OwnedFd on every
+    // path); the sockaddr is fully initialised and its size passed exactly.
+    unsafe {
+        let fd = check(libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        ))?;
+        let owned = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            check(libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ))?;
+        }
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        check(libc::bind(
+            fd,
+            &sin as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ))?;
+        check(libc::listen(fd, LISTEN_BACKLOG))?;
+        Ok(TcpListener::from_raw_fd(
+            std::os::fd::IntoRawFd::into_raw_fd(owned),
+        ))
+    }
 }
 
 /// Builds a TcpStream from a file descriptor handed over from another executor.
@@ -115,7 +171,9 @@ impl SyncFile {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `dup` is a new, open descriptor owned by nothing else.
-        Ok(SyncFile(unsafe { glommio::io::BufferedFile::from_raw_fd(dup) }))
+        Ok(SyncFile(unsafe {
+            glommio::io::BufferedFile::from_raw_fd(dup)
+        }))
     }
 
     /// `fdatasync` through the executor's io_uring: the shard keeps serving while the kernel

@@ -32,7 +32,13 @@ fn ten_thousand_connections_all_acked_and_readable() {
     let secret = geobeat::auth::Secret::load(&dir.path().join("secret")).unwrap();
     let expires = geobeat::auth::now_s() + 3600;
     let tokens: Vec<String> = (0..CONNECTIONS)
-        .map(|i| geobeat::auth::mint(&secret, &geobeat::auth::Scope::Device(format!("c10k-{i}")), expires))
+        .map(|i| {
+            geobeat::auth::mint(
+                &secret,
+                &geobeat::auth::Scope::Device(format!("c10k-{i}")),
+                expires,
+            )
+        })
         .collect();
     let rss_before = rss_kib(server.child.id());
     let addr = server.addr;
@@ -51,12 +57,21 @@ fn ten_thousand_connections_all_acked_and_readable() {
         let release = Rc::new(glommio::sync::Semaphore::new(0));
         let mut tasks = Vec::new();
         for (i, tok) in tokens.into_iter().enumerate() {
-            let (gate, connected, acked, release) = (gate.clone(), connected.clone(), acked.clone(), release.clone());
+            let (gate, connected, acked, release) = (
+                gate.clone(),
+                connected.clone(),
+                acked.clone(),
+                release.clone(),
+            );
             tasks.push(glommio::spawn_local(async move {
                 let permit = gate.acquire_permit(1).await.unwrap();
-                let stream = glommio::net::TcpStream::connect(addr).await.expect("connect");
+                let stream = glommio::net::TcpStream::connect(addr)
+                    .await
+                    .expect("connect");
                 let url = format!("ws://{addr}/v1/ingest?token={tok}");
-                let (mut ws, _) = async_tungstenite::client_async(url, stream).await.expect("handshake");
+                let (mut ws, _) = async_tungstenite::client_async(url, stream)
+                    .await
+                    .expect("handshake");
                 drop(permit);
                 for seq in 1..=HEARTBEATS_PER_CONN {
                     let f = format!(

@@ -28,14 +28,23 @@ fn handshake_refuses_missing_forged_expired_and_wrong_scope_tokens() {
     assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string());
 
     let forged = "gb1.d.ZGV2LTE.9999999999.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
-    assert_eq!(upgrade(&format!("authorization: Bearer {forged}\r\n"), "").0, 401);
+    assert_eq!(
+        upgrade(&format!("authorization: Bearer {forged}\r\n"), "").0,
+        401
+    );
 
     let expired = server.token(&["device", "dev-1", "--ttl", "1s"]);
     std::thread::sleep(std::time::Duration::from_millis(2100));
-    assert_eq!(upgrade(&format!("authorization: Bearer {expired}\r\n"), "").0, 401);
+    assert_eq!(
+        upgrade(&format!("authorization: Bearer {expired}\r\n"), "").0,
+        401
+    );
 
     let ops = server.token(&["ops"]);
-    assert_eq!(upgrade(&format!("authorization: Bearer {ops}\r\n"), "").0, 401);
+    assert_eq!(
+        upgrade(&format!("authorization: Bearer {ops}\r\n"), "").0,
+        401
+    );
 
     let good = server.token(&["device", "dev-1"]);
     let (st, _) = {
@@ -50,7 +59,14 @@ fn handshake_refuses_missing_forged_expired_and_wrong_scope_tokens() {
         let mut buf = [0u8; 256];
         let n = s.read(&mut buf).unwrap();
         let text = String::from_utf8_lossy(&buf[..n]).to_string();
-        (text.split_whitespace().nth(1).unwrap().parse::<u16>().unwrap(), text)
+        (
+            text.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u16>()
+                .unwrap(),
+            text,
+        )
     };
     assert_eq!(st, 101);
 }
@@ -75,7 +91,14 @@ fn json_array_and_binary_heartbeats_are_acked_and_readable_after_restart() {
     );
     ws.send(Message::text(arr)).unwrap();
     assert!(wait_ack(&mut ws, 4).is_empty());
-    let bin = geobeat::proto::binary::encode_one(5, 52.8, 13.7, t0 + 4000);
+    let hb = geobeat::record::Heartbeat {
+        lat: 52.8,
+        lon: 13.7,
+        ts_ms: t0 + 4000,
+        ..Default::default()
+    };
+    let mut bin = Vec::new();
+    geobeat::proto::binary::encode_frame(&mut bin, [(geobeat::proto::Seq(5), &hb)]).unwrap();
     ws.send(Message::binary(bin)).unwrap();
     assert!(wait_ack(&mut ws, 5).is_empty());
 
@@ -93,11 +116,15 @@ fn json_array_and_binary_heartbeats_are_acked_and_readable_after_restart() {
     let (st, body) = server.get("/v1/devices/truck-7", Some(&ops));
     assert_eq!(st, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((v["lat"].as_f64(), v["ts"].as_i64()), (Some(52.8), Some(t0 + 4000)));
+    assert_eq!(
+        (v["lat"].as_f64(), v["ts"].as_i64()),
+        (Some(52.8), Some(t0 + 4000))
+    );
 
     // A reconnect after the restart keeps working (seq restarts per connection).
     let mut ws = ws_connect(&server, &tok).unwrap();
-    ws.send(Message::text(hb_json(1, 1.0, 2.0, t0 + 5000))).unwrap();
+    ws.send(Message::text(hb_json(1, 1.0, 2.0, t0 + 5000)))
+        .unwrap();
     assert!(wait_ack(&mut ws, 1).is_empty());
     let v: serde_json::Value =
         serde_json::from_str(&server.get("/v1/devices/truck-7", Some(&ops)).1).unwrap();
@@ -117,7 +144,12 @@ fn last_location_needs_an_ops_token_and_404s_unknown_devices() {
     assert_eq!(st, 404);
     assert!(body.contains("error"));
     assert_eq!(server.get("/nope", None).0, 404);
-    assert_eq!(http(server.addr, "POST", "/v1/devices/a", Some(&ops)).unwrap().0, 405);
+    assert_eq!(
+        http(server.addr, "POST", "/v1/devices/a", Some(&ops))
+            .unwrap()
+            .0,
+        405
+    );
 }
 
 #[test]
@@ -132,7 +164,8 @@ fn bad_input_gets_the_promised_answers_while_others_keep_going() {
     let mut by_seq = 0u64;
     let mut by_send = |ws: &mut Ws| {
         by_seq += 1;
-        ws.send(Message::text(hb_json(by_seq, 1.0, 1.0, now_ms()))).unwrap();
+        ws.send(Message::text(hb_json(by_seq, 1.0, 1.0, now_ms())))
+            .unwrap();
         assert!(wait_ack(ws, by_seq).is_empty());
     };
 
@@ -140,18 +173,33 @@ fn bad_input_gets_the_promised_answers_while_others_keep_going() {
     ws.send(Message::text("{not json")).unwrap();
     let v = next_json(&mut ws);
     assert!(v["seq"].is_null() && v["error"].is_string(), "{v}");
-    ws.send(Message::text(hb_json(1, 91.0, 0.0, now_ms()))).unwrap();
-    let v = next_json(&mut ws);
-    assert_eq!((v["seq"].as_u64(), v["error"].as_str()), (Some(1), Some("lat_out_of_range")));
-    ws.send(Message::text(format!(r#"{{"seq":2,"id":"someone-else","lat":1,"lon":1,"ts":{}}}"#, now_ms())))
+    ws.send(Message::text(hb_json(1, 91.0, 0.0, now_ms())))
         .unwrap();
     let v = next_json(&mut ws);
-    assert_eq!((v["seq"].as_u64(), v["error"].as_str()), (Some(2), Some("id_mismatch")));
-    ws.send(Message::text(hb_json(3, 1.0, 1.0, now_ms()))).unwrap();
-    assert!(wait_ack(&mut ws, 3).is_empty(), "still open and acking after errors");
+    assert_eq!(
+        (v["seq"].as_u64(), v["error"].as_str()),
+        (Some(1), Some("lat_out_of_range"))
+    );
+    ws.send(Message::text(format!(
+        r#"{{"seq":2,"id":"someone-else","lat":1,"lon":1,"ts":{}}}"#,
+        now_ms()
+    )))
+    .unwrap();
+    let v = next_json(&mut ws);
+    assert_eq!(
+        (v["seq"].as_u64(), v["error"].as_str()),
+        (Some(2), Some("id_mismatch"))
+    );
+    ws.send(Message::text(hb_json(3, 1.0, 1.0, now_ms())))
+        .unwrap();
+    assert!(
+        wait_ack(&mut ws, 3).is_empty(),
+        "still open and acking after errors"
+    );
     by_send(&mut bystander);
 
-    ws.send(Message::text(hb_json(3, 1.0, 1.0, now_ms()))).unwrap();
+    ws.send(Message::text(hb_json(3, 1.0, 1.0, now_ms())))
+        .unwrap();
     assert_eq!(wait_close(&mut ws).0, 1008);
     by_send(&mut bystander);
 
@@ -165,7 +213,9 @@ fn bad_input_gets_the_promised_answers_while_others_keep_going() {
     let mut ws = ws_connect(&server, &tok).unwrap();
     {
         use std::io::Write;
-        let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() else { unreachable!() };
+        let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() else {
+            unreachable!()
+        };
         // FIN + text opcode, masked, 2-byte payload 0xC3 0x28 (invalid UTF-8), zero mask.
         s.write_all(&[0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28]).unwrap();
     }
@@ -186,9 +236,18 @@ fn gateway_tokens_write_only_inside_their_prefix() {
     );
     ws.send(Message::text(frame)).unwrap();
     let errors = wait_ack(&mut ws, 4);
-    let reasons: Vec<_> = errors.iter().map(|e| (e["seq"].as_u64(), e["error"].as_str().map(String::from))).collect();
-    assert!(reasons.contains(&(Some(2), Some("id_outside_prefix".into()))), "{reasons:?}");
-    assert!(reasons.contains(&(Some(3), Some("missing_field:id".into()))), "{reasons:?}");
+    let reasons: Vec<_> = errors
+        .iter()
+        .map(|e| (e["seq"].as_u64(), e["error"].as_str().map(String::from)))
+        .collect();
+    assert!(
+        reasons.contains(&(Some(2), Some("id_outside_prefix".into()))),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&(Some(3), Some("missing_field:id".into()))),
+        "{reasons:?}"
+    );
     assert_eq!(server.get("/v1/devices/fleet-a%2F2", Some(&ops)).0, 200);
     assert_eq!(server.get("/v1/devices/fleet-b%2F1", Some(&ops)).0, 404);
 }

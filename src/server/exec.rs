@@ -32,6 +32,9 @@ pub const CONN_ERRORS_QUEUED_MAX: usize = 256;
 const BATCH_POOL_MAX: usize = 256;
 /// Segment files kept open for io_uring fdatasync per shard (older ones are reopened on demand).
 const SYNC_FILES_MAX: usize = 4;
+/// Longest a graceful shutdown waits for connections to drain before exiting anyway (whatever
+/// is not yet durable then was never acked, so nothing acked is lost).
+const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
 /// How often executors look at the process-wide stop flag.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -55,7 +58,11 @@ impl Meshes {
 /// Who is told when a group becomes durable.
 enum Target {
     /// A connection on this executor.
-    Local { conn: ConnKey, frame: u64, failed: Vec<(u64, &'static str)> },
+    Local {
+        conn: ConnKey,
+        frame: u64,
+        failed: Vec<(u64, &'static str)>,
+    },
     /// A connection on another executor: the batch goes back in a reply.
     Remote { peer: usize, batch: Batch },
 }
@@ -130,6 +137,8 @@ pub struct Exec {
     outbox: Vec<RefCell<VecDeque<ToSource>>>,
     outbox_signal: Vec<Rc<Signal>>,
     batch_pool: RefCell<Vec<Vec<(u64, Heartbeat)>>>,
+    /// The executor's frame decoder (decoding is synchronous; slots are consumed before awaits).
+    pub decoder: RefCell<crate::proto::Decoder>,
     /// Fired once when shutdown begins.
     pub stop_signal: Rc<Signal>,
     /// Connections open on this executor.
@@ -148,6 +157,11 @@ pub fn received_now_ms() -> i64 {
     now_ms()
 }
 
+/// Wall-clock seconds since the Unix epoch (token expiry checks).
+pub fn now_s() -> u64 {
+    (now_ms() / 1000).max(0) as u64
+}
+
 impl Exec {
     /// True once shutdown has begun.
     pub fn stopping(&self) -> bool {
@@ -157,7 +171,11 @@ impl Exec {
     /// The slot of a logical shard this executor owns.
     pub fn slot(&self, shard: ShardId) -> &StoreSlot {
         let (exec, local) = self.shared.owner(shard);
-        assert_eq!(exec, self.index, "shard {shard} is not owned by executor {}", self.index);
+        assert_eq!(
+            exec, self.index,
+            "shard {shard} is not owned by executor {}",
+            self.index
+        );
         &self.stores[local]
     }
 
@@ -220,14 +238,18 @@ impl Exec {
     /// Starts a frame with `groups` destination groups; returns its number. A frame with zero
     /// groups (everything rejected) completes at once.
     pub fn frame_begin(&self, key: ConnKey, seq_max: u64, groups: u32) -> u64 {
-        self.with_conn(key, |c| {
-            let frame = c.next_frame;
-            c.next_frame += 1;
-            c.frames.push_back(FrameWait { frame, seq_max, groups });
-            frame
-        })
-        .expect("frame_begin on a live connection");
-        let frame = self.with_conn(key, |c| c.next_frame - 1).unwrap_or(0);
+        let frame = self
+            .with_conn(key, |c| {
+                let frame = c.next_frame;
+                c.next_frame += 1;
+                c.frames.push_back(FrameWait {
+                    frame,
+                    seq_max,
+                    groups,
+                });
+                frame
+            })
+            .expect("frame_begin on a live connection");
         if groups == 0 {
             self.settle(key);
         }
@@ -240,7 +262,9 @@ impl Exec {
             for &(seq, reason) in failed {
                 c.errors.push_back((Some(seq), reason));
             }
-            let Some(front) = c.frames.front() else { return };
+            let Some(front) = c.frames.front() else {
+                return;
+            };
             let idx = frame.wrapping_sub(front.frame) as usize;
             if let Some(f) = c.frames.get_mut(idx) {
                 assert!(f.frame == frame && f.groups > 0);
@@ -271,7 +295,9 @@ impl Exec {
         self.batch_pool.borrow_mut().pop().unwrap_or_default()
     }
 
-    fn recycle(&self, v: Vec<(u64, Heartbeat)>) {
+    /// Returns a forwarding buffer to the pool.
+    pub fn recycle(&self, mut v: Vec<(u64, Heartbeat)>) {
+        v.clear();
         let mut pool = self.batch_pool.borrow_mut();
         if pool.len() < BATCH_POOL_MAX {
             pool.push(v);
@@ -283,7 +309,7 @@ impl Exec {
     fn append_group<'a>(
         &self,
         slot: &StoreSlot,
-        items: impl Iterator<Item = &'a (u64, Heartbeat)>,
+        items: impl Iterator<Item = (u64, &'a Heartbeat)>,
         failed: &mut Vec<(u64, &'static str)>,
     ) -> Option<LogPos> {
         let mut last = None;
@@ -297,12 +323,13 @@ impl Exec {
                 }
                 Err(e) => {
                     tracing::warn!(shard = %slot.shard, error = %e, "append refused");
-                    failed.push((*seq, storage_reason(&e)));
+                    failed.push((seq, storage_reason(&e)));
                 }
             }
         }
         if appended > 0 {
-            slot.pending_entries.set(slot.pending_entries.get() + appended);
+            slot.pending_entries
+                .set(slot.pending_entries.get() + appended);
             if slot.pending_since.get().is_none() {
                 slot.pending_since.set(Some(Instant::now()));
             }
@@ -322,26 +349,46 @@ impl Exec {
     }
 
     /// Appends a frame group from a local connection to a local shard.
-    pub fn append_local(&self, shard: ShardId, conn: ConnKey, frame: u64, items: &[(u64, Heartbeat)]) {
+    pub fn append_local<'a>(
+        &self,
+        shard: ShardId,
+        conn: ConnKey,
+        frame: u64,
+        items: impl Iterator<Item = (u64, &'a Heartbeat)>,
+    ) {
         let slot = self.slot(shard);
         let mut failed = Vec::new();
-        let pos = self.append_group(slot, items.iter(), &mut failed);
-        self.register(slot, pos, Target::Local { conn, frame, failed });
+        let pos = self.append_group(slot, items, &mut failed);
+        self.register(
+            slot,
+            pos,
+            Target::Local {
+                conn,
+                frame,
+                failed,
+            },
+        );
     }
 
     fn append_remote(&self, peer: usize, shard: ShardId, mut batch: Batch) {
         let slot = self.slot(shard);
         let mut failed = std::mem::take(&mut batch.failed);
-        let pos = self.append_group(slot, batch.items.iter(), &mut failed);
+        let pos = self.append_group(slot, batch.items.iter().map(|(s, h)| (*s, h)), &mut failed);
         batch.failed = failed;
         self.register(slot, pos, Target::Remote { peer, batch });
     }
 
     fn complete(&self, target: Target) {
         match target {
-            Target::Local { conn, frame, failed } => self.group_done(conn, frame, &failed),
+            Target::Local {
+                conn,
+                frame,
+                failed,
+            } => self.group_done(conn, frame, &failed),
             Target::Remote { peer, batch } => {
-                self.outbox[peer].borrow_mut().push_back(ToSource::Done(batch));
+                self.outbox[peer]
+                    .borrow_mut()
+                    .push_back(ToSource::Done(batch));
                 self.outbox_signal[peer].notify();
             }
         }
@@ -349,9 +396,8 @@ impl Exec {
 
     fn on_reply(&self, reply: ToSource) {
         match reply {
-            ToSource::Done(mut batch) => {
+            ToSource::Done(batch) => {
                 self.group_done(batch.conn, batch.frame, &batch.failed);
-                batch.failed.clear();
                 self.recycle(batch.items);
             }
         }
@@ -363,7 +409,12 @@ impl Exec {
         self.stores.iter().any(|s| s.pending_entries.get() > 0)
     }
 
-    async fn sync_file(&self, slot: &StoreSlot, base: u64, fd: std::os::fd::RawFd) -> std::io::Result<Rc<SyncFile>> {
+    async fn sync_file(
+        &self,
+        slot: &StoreSlot,
+        base: u64,
+        fd: std::os::fd::RawFd,
+    ) -> std::io::Result<Rc<SyncFile>> {
         if let Some((_, f)) = slot.sync_files.borrow().iter().find(|(b, _)| *b == base) {
             return Ok(f.clone());
         }
@@ -393,7 +444,12 @@ impl Exec {
                 let targets: Vec<(u64, Option<std::os::fd::RawFd>)> = job
                     .files()
                     .iter()
-                    .map(|f| (f.base().0, f.fd().map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd))))
+                    .map(|f| {
+                        (
+                            f.base().0,
+                            f.fd().map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd)),
+                        )
+                    })
                     .collect();
                 for (base, fd) in targets {
                     let Some(fd) = fd else { continue };
@@ -438,7 +494,10 @@ impl Exec {
         let relaxed = policy.durability == crate::config::Durability::Relaxed;
         loop {
             if !self.any_pending() {
-                if self.stopping() && self.shared.executors_drained.load(Ordering::Acquire) == self.shared.executors {
+                if self.stopping()
+                    && self.shared.executors_drained.load(Ordering::Acquire)
+                        == self.shared.executors
+                {
                     return;
                 }
                 // Wake on the next append, or periodically while stopping to notice the drain.
@@ -448,14 +507,22 @@ impl Exec {
             // Group: in Strict mode start at once when idle (the group grows while the previous
             // fdatasync is in flight) unless a linger is configured; Relaxed mode syncs on the
             // interval, since nobody waits for it.
-            let wait = if relaxed { linger.max(Duration::from_millis(1)) } else { linger };
+            let wait = if relaxed {
+                linger.max(Duration::from_millis(1))
+            } else {
+                linger
+            };
             if !wait.is_zero() {
                 let due = |s: &StoreSlot| {
                     s.pending_entries.get() >= policy.commit_entries_max
                         || s.pending_since.get().is_some_and(|t| t.elapsed() >= wait)
                 };
                 while !self.stores.iter().any(due) {
-                    rt::timeout(wait / 4 + Duration::from_micros(50), self.commit_signal.wait()).await;
+                    rt::timeout(
+                        wait / 4 + Duration::from_micros(50),
+                        self.commit_signal.wait(),
+                    )
+                    .await;
                 }
             }
             let commits = self
@@ -513,7 +580,10 @@ impl Exec {
         let job: crate::server::msg::StoreJob = Box::new(move |store| {
             let _ = tx.send(job(store));
         });
-        self.requests.send_to(owner, ToOwner::Query { shard, job }).await.ok()?;
+        self.requests
+            .send_to(owner, ToOwner::Query { shard, job })
+            .await
+            .ok()?;
         rx.await.ok()
     }
 }
@@ -578,6 +648,7 @@ pub async fn executor_main(
         outbox: (0..peers).map(|_| RefCell::new(VecDeque::new())).collect(),
         outbox_signal: (0..peers).map(|_| Signal::new()).collect(),
         batch_pool: RefCell::new(Vec::new()),
+        decoder: RefCell::new(crate::proto::Decoder::new()),
         stop_signal: Signal::new(),
         conns_open: Cell::new(0),
     });
@@ -590,7 +661,12 @@ pub async fn executor_main(
     }
     let commit = rt::spawn_joinable(exec.clone().commit_loop());
 
-    let listener = rt::bind(*shared.local_addr.get().expect("address resolved before executors start"))?;
+    let listener = rt::bind(
+        *shared
+            .local_addr
+            .get()
+            .expect("address resolved before executors start"),
+    )?;
     shared.executors_ready.fetch_add(1, Ordering::AcqRel);
     rt::spawn(crate::server::listen::accept_loop(exec.clone(), listener));
 
@@ -601,16 +677,20 @@ pub async fn executor_main(
     shared.stopping.store(true, Ordering::Release);
     exec.stop_signal.notify();
     tracing::info!(executor = index, "draining");
-    let drain_deadline = Instant::now() + shared.cfg.shutdown_timeout;
+    let drain_deadline = Instant::now() + SHUTDOWN_DRAIN_MAX;
     while exec.conns_open.get() > 0 && Instant::now() < drain_deadline {
         rt::sleep(Duration::from_millis(5)).await;
     }
     shared.executors_drained.fetch_add(1, Ordering::AcqRel);
     // Keep committing for peers until every executor drained.
-    while shared.executors_drained.load(Ordering::Acquire) < shared.executors && Instant::now() < drain_deadline {
+    while shared.executors_drained.load(Ordering::Acquire) < shared.executors
+        && Instant::now() < drain_deadline
+    {
         rt::sleep(Duration::from_millis(5)).await;
     }
-    shared.executors_drained.store(shared.executors, Ordering::Release);
+    shared
+        .executors_drained
+        .store(shared.executors, Ordering::Release);
     commit.await;
     for slot in &exec.stores {
         if let Err(e) = slot.store.borrow_mut().sync_blocking() {

@@ -7,8 +7,9 @@
 use serde::Serialize;
 
 use crate::auth::Scope;
-use crate::http::parse::Head;
+use crate::http::parse::{self, Request};
 use crate::route::shard_of;
+use crate::server::exec::now_s;
 use crate::server::exec::Exec;
 
 /// A complete response.
@@ -118,11 +119,13 @@ impl LastLocationBody {
     }
 }
 
-fn require_ops(exec: &Exec, head: &Head<'_>) -> Result<(), Response> {
-    let token = head
-        .bearer_token()
-        .ok_or_else(|| Response::error(401, "missing ops token"))?;
-    let claims = crate::auth::verify(&exec.shared.secret, &token, crate::auth::now_s())
+fn require_ops(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
+    let mut scratch = Vec::new();
+    let token = match parse::bearer_token(req, &mut scratch) {
+        Ok(Some(t)) => t,
+        _ => return Err(Response::error(401, "missing ops token")),
+    };
+    let claims = crate::auth::verify(&exec.shared.secret, token, now_s())
         .map_err(|e| Response::error(401, &e.to_string()))?;
     match claims.scope {
         Scope::Ops => Ok(()),
@@ -131,10 +134,16 @@ fn require_ops(exec: &Exec, head: &Head<'_>) -> Result<(), Response> {
 }
 
 /// Answers one HTTP request.
-pub async fn respond(exec: &Exec, head: &Head<'_>, _body: &[u8]) -> Response {
-    let path = head.path();
-    let method = head.method();
-    let get_only = |r: Response| if method == "GET" { r } else { Response::error(405, "method not allowed") };
+pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8]) -> Response {
+    let path = req.path;
+    let method = req.method;
+    let get_only = |r: Response| {
+        if method == "GET" {
+            r
+        } else {
+            Response::error(405, "method not allowed")
+        }
+    };
     match path {
         "/healthz" | "/readyz" => {
             if method != "GET" {
@@ -151,12 +160,18 @@ pub async fn respond(exec: &Exec, head: &Head<'_>, _body: &[u8]) -> Response {
             if method != "GET" {
                 return Response::error(405, "method not allowed");
             }
-            if let Err(r) = require_ops(exec, head) {
+            if let Err(r) = require_ops(exec, req) {
                 return r;
             }
-            let id = match crate::http::parse::percent_decode(id) {
-                Some(id) if crate::record::validate_device_id(&id).is_ok() => id,
-                _ => return Response::json(400, r#"{"error":"invalid device id","param":"id"}"#.into()),
+            let mut buf = Vec::new();
+            let id = match parse::percent_decode(id, &mut buf) {
+                Ok(id) if crate::record::validate_device_id(id).is_ok() => id.to_owned(),
+                _ => {
+                    return Response::json(
+                        400,
+                        r#"{"error":"invalid device id","param":"id"}"#.into(),
+                    )
+                }
             };
             get_only(last_location(exec, id).await)
         }
@@ -168,10 +183,16 @@ pub async fn respond(exec: &Exec, head: &Head<'_>, _body: &[u8]) -> Response {
 async fn last_location(exec: &Exec, id: String) -> Response {
     let shard = shard_of(&id, exec.shared.shard_count);
     let found = exec
-        .query(shard, move |store| store.last_heartbeat(&id).map(|hb| LastLocationBody::from_heartbeat(&hb)))
+        .query(shard, move |store| {
+            store
+                .last_record(&id)
+                .map(|e| LastLocationBody::from_heartbeat(&e.hb.to_owned_heartbeat()))
+        })
         .await;
     match found {
-        Some(Some(body)) => Response::json(200, serde_json::to_string(&body).expect("serializable")),
+        Some(Some(body)) => {
+            Response::json(200, serde_json::to_string(&body).expect("serializable"))
+        }
         Some(None) => Response::error(404, "unknown device"),
         None => Response::error(503, "shard unavailable"),
     }

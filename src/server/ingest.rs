@@ -19,10 +19,14 @@ use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
 use futures_util::{SinkExt, StreamExt};
 
-use crate::proto::{self, close_code};
+use crate::limits::{CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS};
+use crate::proto::{self, close, Ingest, IngestScope, Outcome};
+use crate::record::Heartbeat;
 use crate::route::{shard_of, ShardId};
 use crate::rt::{self, TcpStream};
-use crate::server::exec::{received_now_ms, ConnState, Exec, CONN_ERRORS_QUEUED_MAX, CONN_FRAMES_IN_FLIGHT_MAX};
+use crate::server::exec::{
+    received_now_ms, ConnState, Exec, CONN_ERRORS_QUEUED_MAX, CONN_FRAMES_IN_FLIGHT_MAX,
+};
 use crate::server::listen::{ConnSlot, Upgrade};
 use crate::server::msg::{Batch, ConnKey, ToOwner};
 
@@ -33,6 +37,11 @@ const WS_READ_BUFFER_BYTES: usize = 4 << 10;
 const WS_WRITE_BUFFER_BYTES: usize = 0;
 /// Most bytes queued for a slow reader of our acks before writes wait.
 const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
+
+/// Close code for a normal closure (RFC 6455).
+const CLOSE_NORMAL: u16 = 1000;
+/// Close code for a protocol error (RFC 6455).
+const CLOSE_PROTOCOL: u16 = 1002;
 
 /// Control flags from the reader to the writer.
 #[derive(Default)]
@@ -54,7 +63,13 @@ fn ws_config(frame_bytes_max: usize) -> WebSocketConfig {
 }
 
 /// Serves one upgraded ingest connection to its end.
-pub async fn serve(exec: Rc<Exec>, mut stream: TcpStream, leftover: Vec<u8>, upgrade: Upgrade, slot: ConnSlot) {
+pub async fn serve(
+    exec: Rc<Exec>,
+    mut stream: TcpStream,
+    leftover: Vec<u8>,
+    upgrade: Upgrade,
+    slot: ConnSlot,
+) {
     let _slot = slot;
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
@@ -64,15 +79,29 @@ pub async fn serve(exec: Rc<Exec>, mut stream: TcpStream, leftover: Vec<u8>, upg
         return;
     }
     let cfg = &exec.shared.cfg;
-    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config(cfg.frame_bytes_max))).await;
+    let ws = WebSocketStream::from_partially_read(
+        stream,
+        leftover,
+        Role::Server,
+        Some(ws_config(cfg.frame_bytes_max)),
+    )
+    .await;
     let (sink, source) = ws.split();
     let key = exec.conn_open();
-    let signal = exec.with_conn(key, |c| c.signal.clone()).expect("just opened");
+    let signal = exec
+        .with_conn(key, |c| c.signal.clone())
+        .expect("just opened");
     let ctl = Rc::new(Ctl::default());
-    let writer = rt::spawn_joinable(write_loop(exec.clone(), key, sink, ctl.clone(), signal.clone()));
+    let writer = rt::spawn_joinable(write_loop(
+        exec.clone(),
+        key,
+        sink,
+        ctl.clone(),
+        signal.clone(),
+    ));
     read_loop(&exec, key, source, &ctl, &upgrade).await;
     if ctl.close.get().is_none() {
-        ctl.close.set(Some((close_code::NORMAL, "")));
+        ctl.close.set(Some((CLOSE_NORMAL, "")));
     }
     signal.notify();
     let _ = writer.await;
@@ -89,20 +118,30 @@ enum Next {
     Stop,
 }
 
-async fn read_loop(exec: &Rc<Exec>, key: ConnKey, mut source: Source, ctl: &Ctl, upgrade: &Upgrade) {
+async fn read_loop(
+    exec: &Rc<Exec>,
+    key: ConnKey,
+    mut source: Source,
+    ctl: &Ctl,
+    upgrade: &Upgrade,
+) {
     let cfg = &exec.shared.cfg;
-    let mut decoder = proto::Decoder::new(cfg.frame_heartbeats_max);
-    let mut seqs = proto::SeqTracker::default();
-    let mut budget = proto::ErrorBudget::default();
-    let mut groups: Vec<(ShardId, Vec<(u64, crate::record::Heartbeat)>)> = Vec::new();
+    let Some(scope) = IngestScope::from_scope(&upgrade.scope) else {
+        ctl.close
+            .set(Some((close::POLICY, "token scope does not allow ingest")));
+        return;
+    };
+    let mut seqs = proto::SeqTracker::new();
+    let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
+    let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
     let mut idle_strikes = 0u32;
-    let half_idle = cfg.idle_timeout / 2;
+    let ping_after = cfg.ping_interval();
     loop {
         // Backpressure: stop reading while this connection has too much in flight.
         loop {
-            let Some((frames, errors, signal)) =
-                exec.with_conn(key, |c: &mut ConnState| (c.frames_in_flight(), c.errors.len(), c.signal.clone()))
-            else {
+            let Some((frames, errors, signal)) = exec.with_conn(key, |c: &mut ConnState| {
+                (c.frames_in_flight(), c.errors.len(), c.signal.clone())
+            }) else {
                 return;
             };
             if frames < CONN_FRAMES_IN_FLIGHT_MAX && errors < CONN_ERRORS_QUEUED_MAX {
@@ -111,12 +150,13 @@ async fn read_loop(exec: &Rc<Exec>, key: ConnKey, mut source: Source, ctl: &Ctl,
             signal.wait().await;
         }
         if exec.stopping() {
-            ctl.close.set(Some((close_code::GOING_AWAY, "server shutting down")));
+            ctl.close
+                .set(Some((close::GOING_AWAY, "server shutting down")));
             return;
         }
         let next = futures_lite::future::or(
             async {
-                match rt::timeout(half_idle, source.next()).await {
+                match rt::timeout(ping_after, source.next()).await {
                     Some(m) => Next::Msg(m),
                     None => Next::Idle,
                 }
@@ -129,13 +169,14 @@ async fn read_loop(exec: &Rc<Exec>, key: ConnKey, mut source: Source, ctl: &Ctl,
         .await;
         let msg = match next {
             Next::Stop => {
-                ctl.close.set(Some((close_code::GOING_AWAY, "server shutting down")));
+                ctl.close
+                    .set(Some((close::GOING_AWAY, "server shutting down")));
                 return;
             }
             Next::Idle => {
                 idle_strikes += 1;
                 if idle_strikes >= 2 {
-                    ctl.close.set(Some((close_code::GOING_AWAY, "idle timeout")));
+                    ctl.close.set(Some((close::GOING_AWAY, "idle timeout")));
                     return;
                 }
                 ctl.ping.set(true);
@@ -145,9 +186,9 @@ async fn read_loop(exec: &Rc<Exec>, key: ConnKey, mut source: Source, ctl: &Ctl,
             Next::Msg(None) => return,
             Next::Msg(Some(Err(e))) => {
                 ctl.close.set(match e {
-                    WsError::Capacity(_) => Some((close_code::TOO_BIG, "frame too large")),
-                    WsError::Utf8(_) => Some((close_code::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
-                    WsError::Protocol(_) => Some((close_code::PROTOCOL, "protocol error")),
+                    WsError::Capacity(_) => Some((close::TOO_BIG, "frame too large")),
+                    WsError::Utf8 => Some((close::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
+                    WsError::Protocol(_) => Some((CLOSE_PROTOCOL, "protocol error")),
                     _ => None,
                 });
                 return;
@@ -155,122 +196,163 @@ async fn read_loop(exec: &Rc<Exec>, key: ConnKey, mut source: Source, ctl: &Ctl,
             Next::Msg(Some(Ok(m))) => m,
         };
         idle_strikes = 0;
-        let received_ms = received_now_ms();
+        let mut ingest = Ingest::new(scope, received_now_ms());
+        ingest.heartbeats_max = cfg.frame_heartbeats_max;
+        // Decode with the executor's shared decoder; its slots are consumed before any await.
+        let mut decoder = exec.decoder.borrow_mut();
         let decoded = match &msg {
-            Message::Text(t) => decoder.decode_text(t.as_str(), &upgrade.scope, received_ms),
-            Message::Binary(b) => decoder.decode_binary(b, &upgrade.scope, received_ms),
+            Message::Text(t) => decoder.decode_text(t.as_str(), &ingest),
+            Message::Binary(b) => decoder.decode_binary(b, &ingest),
             Message::Close(_) => return,
             _ => continue,
         };
-        let (items, rejects) = match decoded {
-            Ok(parts) => parts,
-            Err(frame_err) => {
+        let slots = match decoded {
+            Ok(slots) => slots,
+            Err(e) => {
+                drop(decoder);
+                if let Some(code) = e.close_code() {
+                    ctl.close.set(Some((code, e.reason())));
+                    return;
+                }
                 exec.with_conn(key, |c| {
-                    c.errors.push_back((None, frame_err.reason()));
+                    c.errors.push_back((None, e.reason()));
                     c.signal.notify();
                 });
-                if budget.charge(1).is_err() {
-                    ctl.close.set(Some((close_code::POLICY, "too many errors")));
+                if let Err(abuse) = budget.charge(now_ms_u64()) {
+                    ctl.close.set(Some((abuse.close_code(), abuse.reason())));
                     return;
                 }
                 continue;
             }
         };
-        // Seq order across the whole frame (accepted and rejected alike): abuse closes.
-        let mut abuse = false;
-        for seq in decoder.frame_seqs() {
-            if seqs.check(seq).is_err() {
-                abuse = true;
-                break;
+        // Seq order over the whole frame, accepted and rejected alike; rejections become error
+        // frames; accepted heartbeats are grouped by owning shard.
+        let shards = exec.shared.shard_count;
+        let mut seq_max = 0u64;
+        let mut first_shard = None;
+        let mut one_shard = true;
+        let mut abuse = None;
+        let mut rejected = 0usize;
+        exec.with_conn(key, |c| {
+            for slot in slots.iter() {
+                if let Some(seq) = slot.seq() {
+                    if let Err(a) = seqs.check(seq) {
+                        abuse = Some(a);
+                        return;
+                    }
+                }
+                match slot.outcome() {
+                    Outcome::Accepted { seq, heartbeat } => {
+                        seq_max = seq.0;
+                        let shard = shard_of(&heartbeat.device_id, shards);
+                        match first_shard {
+                            None => first_shard = Some(shard),
+                            Some(f) if f != shard => one_shard = false,
+                            Some(_) => {}
+                        }
+                    }
+                    Outcome::Rejected { seq, reason } => {
+                        rejected += 1;
+                        c.errors.push_back((seq.map(|s| s.0), reason.reason()));
+                    }
+                }
             }
-        }
-        if abuse {
-            ctl.close.set(Some((close_code::POLICY, "seq not increasing")));
+            if rejected > 0 {
+                c.signal.notify();
+            }
+        });
+        if let Some(a) = abuse {
+            ctl.close.set(Some((a.close_code(), a.reason())));
             return;
         }
-        if !rejects.is_empty() {
-            let n = rejects.len();
-            exec.with_conn(key, |c| {
-                c.errors.extend(rejects.iter().map(|&(s, r)| (Some(s), r)));
-                c.signal.notify();
-            });
-            if budget.charge(n).is_err() {
-                ctl.close.set(Some((close_code::POLICY, "too many errors")));
+        for _ in 0..rejected {
+            if let Err(a) = budget.charge(now_ms_u64()) {
+                ctl.close.set(Some((a.close_code(), a.reason())));
                 return;
             }
         }
-        if items.is_empty() {
+        let Some(first_shard) = first_shard else {
+            continue;
+        };
+        let (owner, _) = exec.shared.owner(first_shard);
+        if one_shard && owner == exec.index {
+            // The common case on a device connection that lives on its owner: append straight
+            // from the decoder's slots, no copy, no await.
+            let frame = exec.frame_begin(key, seq_max, 1);
+            exec.append_local(
+                first_shard,
+                key,
+                frame,
+                slots.iter().filter_map(accepted_pair),
+            );
             continue;
         }
-        dispatch(exec, key, items, &mut groups).await;
-    }
-}
-
-/// Groups a frame's accepted heartbeats by owning shard, registers the frame, and appends each
-/// group locally or forwards it to its owner (waiting for room in the mesh: backpressure).
-async fn dispatch(
-    exec: &Rc<Exec>,
-    key: ConnKey,
-    items: &mut [(u64, crate::record::Heartbeat)],
-    groups: &mut Vec<(ShardId, Vec<(u64, crate::record::Heartbeat)>)>,
-) {
-    let shards = exec.shared.shard_count;
-    let seq_max = items.iter().map(|(s, _)| *s).max().unwrap_or(0);
-    let first_shard = shard_of(&items[0].1.device_id, shards);
-    if items.iter().all(|(_, hb)| shard_of(&hb.device_id, shards) == first_shard) {
-        // The common case (a device connection, or a gateway frame for one shard): no regrouping.
-        let frame = exec.frame_begin(key, seq_max, 1);
-        send_group(exec, key, frame, first_shard, items).await;
-        return;
-    }
-    groups.clear();
-    for item in items.iter_mut() {
-        let shard = shard_of(&item.1.device_id, shards);
-        let idx = match groups.iter().position(|(s, _)| *s == shard) {
-            Some(i) => i,
-            None => {
-                groups.push((shard, exec.take_batch_vec()));
-                groups.len() - 1
+        // Group by shard; local groups are appended at once, remote ones forwarded.
+        forwards.clear();
+        for slot in slots.iter_mut() {
+            let Some(seq) = slot.seq() else { continue };
+            let Some(hb) = slot.accepted_mut() else {
+                continue;
+            };
+            let shard = shard_of(&hb.device_id, shards);
+            let idx = match forwards.iter().position(|(s, _)| *s == shard) {
+                Some(i) => i,
+                None => {
+                    forwards.push((shard, exec.take_batch_vec()));
+                    forwards.len() - 1
+                }
+            };
+            forwards[idx].1.push((seq.0, std::mem::take(hb)));
+        }
+        drop(decoder);
+        let frame = exec.frame_begin(key, seq_max, forwards.len() as u32);
+        for (shard, items) in forwards.drain(..) {
+            let (owner, _) = exec.shared.owner(shard);
+            if owner == exec.index {
+                exec.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
+                exec.recycle(items);
+                continue;
             }
-        };
-        let v = &mut groups[idx].1;
-        v.push((item.0, std::mem::take(&mut item.1)));
-    }
-    let frame = exec.frame_begin(key, seq_max, groups.len() as u32);
-    for (shard, mut v) in groups.drain(..) {
-        send_group(exec, key, frame, shard, &mut v).await;
+            let batch = Batch {
+                conn: key,
+                frame,
+                items,
+                failed: Vec::new(),
+            };
+            // Waits for room in the owner's channel: a slow owner slows this reader.
+            if exec
+                .requests
+                .send_to(owner, ToOwner::Append { shard, batch })
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    owner,
+                    "request mesh closed; heartbeats not stored and not acked"
+                );
+            }
+        }
     }
 }
 
-async fn send_group(
-    exec: &Rc<Exec>,
+fn accepted_pair(slot: &proto::Slot) -> Option<(u64, &Heartbeat)> {
+    match slot.outcome() {
+        Outcome::Accepted { seq, heartbeat } => Some((seq.0, heartbeat)),
+        Outcome::Rejected { .. } => None,
+    }
+}
+
+fn now_ms_u64() -> u64 {
+    received_now_ms().max(0) as u64
+}
+
+async fn write_loop(
+    exec: Rc<Exec>,
     key: ConnKey,
-    frame: u64,
-    shard: ShardId,
-    items: &mut [(u64, crate::record::Heartbeat)],
+    mut sink: Sink,
+    ctl: Rc<Ctl>,
+    signal: Rc<rt::Signal>,
 ) {
-    let (owner, _) = exec.shared.owner(shard);
-    if owner == exec.index {
-        exec.append_local(shard, key, frame, items);
-        return;
-    }
-    let mut v = exec.take_batch_vec();
-    v.clear();
-    for item in items.iter_mut() {
-        v.push((item.0, std::mem::take(&mut item.1)));
-    }
-    let batch = Batch {
-        conn: key,
-        frame,
-        items: v,
-        failed: Vec::new(),
-    };
-    if exec.requests.send_to(owner, ToOwner::Append { shard, batch }).await.is_err() {
-        tracing::error!(owner, "request mesh closed; heartbeats not stored and not acked");
-    }
-}
-
-async fn write_loop(exec: Rc<Exec>, key: ConnKey, mut sink: Sink, ctl: Rc<Ctl>, signal: Rc<rt::Signal>) {
     let mut acked = 0u64;
     let mut text = String::with_capacity(64);
     loop {
@@ -283,14 +365,14 @@ async fn write_loop(exec: Rc<Exec>, key: ConnKey, mut sink: Sink, ctl: Rc<Ctl>, 
         };
         let mut wrote = false;
         for (seq, reason) in errors {
-            proto::write_error(&mut text, seq, reason);
+            proto::ack::write_error(&mut text, seq.map(proto::Seq), reason);
             if sink.feed(Message::text(text.as_str())).await.is_err() {
                 return;
             }
             wrote = true;
         }
         if ack_ready > acked {
-            proto::write_ack(&mut text, ack_ready);
+            proto::ack::write_ack(&mut text, proto::Seq(ack_ready));
             if sink.feed(Message::text(text.as_str())).await.is_err() {
                 return;
             }
@@ -310,13 +392,17 @@ async fn write_loop(exec: Rc<Exec>, key: ConnKey, mut sink: Sink, ctl: Rc<Ctl>, 
             // A graceful close (shutdown, idle, client close) first waits until everything
             // received is durable and acked (the ack above covered every completed frame);
             // abuse and protocol errors close at once.
-            let graceful = code == close_code::GOING_AWAY || code == close_code::NORMAL;
+            let graceful = code == close::GOING_AWAY || code == CLOSE_NORMAL;
             if !graceful || in_flight == 0 {
                 let frame = CloseFrame {
                     code: CloseCode::from(code),
                     reason: reason.into(),
                 };
-                let _ = rt::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+                let _ = rt::timeout(
+                    Duration::from_secs(1),
+                    sink.send(Message::Close(Some(frame))),
+                )
+                .await;
                 let _ = rt::timeout(Duration::from_secs(1), sink.close()).await;
                 return;
             }

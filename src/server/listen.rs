@@ -15,15 +15,18 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::Scope;
-use crate::http::parse::{self, Head, ParseError};
+use crate::http::parse::{self, Parsed, Request};
 use crate::limits::HTTP_HEAD_BYTES_MAX;
 use crate::route::shard_of;
 use crate::rt::{self, TcpListener, TcpStream};
+use crate::server::exec::now_s;
 use crate::server::exec::Exec;
 use crate::server::msg::{Adopt, ToOwner};
 
 /// How long the accept loop backs off after EMFILE/ENFILE before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// Device connections move to the executor owning their shard (see `place_ingest`).
+const MIGRATE_DEVICE_CONNECTIONS: bool = true;
 /// Most HTTP requests served on one keep-alive connection.
 const HTTP_REQUESTS_PER_CONN_MAX: usize = 1000;
 
@@ -81,11 +84,20 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener) {
 
 async fn refuse_over_cap(mut stream: TcpStream, _slot: ConnSlot) {
     let body = r#"{"error":"too many connections"}"#;
-    let _ = rt::timeout(Duration::from_secs(1), write_response(&mut stream, 503, body, true)).await;
+    let _ = rt::timeout(
+        Duration::from_secs(1),
+        write_response(&mut stream, 503, body, true),
+    )
+    .await;
 }
 
 /// Writes a complete HTTP/1.1 response with a JSON (or given) body.
-pub async fn write_response(stream: &mut TcpStream, status: u16, body: &str, close: bool) -> std::io::Result<()> {
+pub async fn write_response(
+    stream: &mut TcpStream,
+    status: u16,
+    body: &str,
+    close: bool,
+) -> std::io::Result<()> {
     write_response_typed(stream, status, "application/json", body, close).await
 }
 
@@ -99,7 +111,7 @@ pub async fn write_response_typed(
 ) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}\r\n",
-        crate::server::http::reason_phrase(status),
+        parse::status_text(status),
         body.len(),
         if close { "connection: close\r\n" } else { "" }
     );
@@ -108,14 +120,19 @@ pub async fn write_response_typed(
     stream.flush().await
 }
 
-/// Reads one request head into `buf` (which may already hold bytes), bounded in size and time.
-/// Returns the head length, or the status to answer with.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>, timeout: Duration) -> Result<usize, Option<u16>> {
+/// Reads until `buf` holds a complete request head, bounded in size and time. `Ok(())` when
+/// complete, `Err(Some(status))` to answer with an error, `Err(None)` to just close (EOF, or a
+/// connection that never sent a byte before the deadline).
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<(), Option<u16>> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        match parse::head_len(buf) {
-            Ok(Some(n)) => return Ok(n),
-            Ok(None) => {}
+        match parse::parse_head(buf) {
+            Ok(Parsed::Complete(_)) => return Ok(()),
+            Ok(Parsed::Partial) => {}
             Err(e) => return Err(Some(e.status())),
         }
         if buf.len() >= HTTP_HEAD_BYTES_MAX {
@@ -136,25 +153,20 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot) {
     let mut buf = Vec::with_capacity(1024);
     let handshake_timeout = exec.shared.cfg.handshake_timeout;
     for _ in 0..HTTP_REQUESTS_PER_CONN_MAX {
-        let head_len = match read_head(&mut stream, &mut buf, handshake_timeout).await {
-            Ok(n) => n,
-            Err(Some(status)) => {
-                let body = crate::server::http::error_body(status, None);
+        if let Err(status) = read_head(&mut stream, &mut buf, handshake_timeout).await {
+            if let Some(status) = status {
+                let (_, body) = parse::json_error(status, parse::status_text(status), None);
                 let _ = write_response(&mut stream, status, &body, true).await;
-                return;
             }
-            Err(None) => return,
+            return;
+        }
+        let req = match parse::parse_head(&buf) {
+            Ok(Parsed::Complete(r)) => r,
+            _ => unreachable!("read_head returned a complete head"),
         };
-        let head = match parse::parse_head(&buf[..head_len]) {
-            Ok(h) => h,
-            Err(e) => {
-                let body = crate::server::http::error_body(e.status(), Some(&e.to_string()));
-                let _ = write_response(&mut stream, e.status(), &body, true).await;
-                return;
-            }
-        };
-        if head.path() == "/v1/ingest" {
-            let upgrade = match authorize_upgrade(&exec, &head) {
+        let head_len = req.head_bytes;
+        if req.path == "/v1/ingest" && (req.upgrade.is_some() || req.method != "GET") {
+            let upgrade = match authorize_upgrade(&exec, &req) {
                 Ok(u) => u,
                 Err((status, body)) => {
                     let _ = write_response(&mut stream, status, &body, true).await;
@@ -162,71 +174,105 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot) {
                 }
             };
             let leftover = buf[head_len..].to_vec();
-            drop(head);
             return place_ingest(exec, stream, leftover, upgrade, slot).await;
         }
-        // Plain HTTP. Bodies are bounded and read in full before answering.
-        let body_len = head.content_length().unwrap_or(0);
-        let keep_alive = head.keep_alive();
-        let mut body = buf[head_len..].to_vec();
-        while body.len() < body_len {
+        // Plain HTTP. Bodies are bounded (the parser refused larger ones) and read in full
+        // before answering, so pipelined requests stay in step.
+        let body_len = req.content_length.unwrap_or(0) as usize;
+        let keep_alive = req.keep_alive();
+        if req.chunked {
+            let (st, body) =
+                parse::json_error(411, "chunked request bodies are not supported", None);
+            let _ = write_response(&mut stream, st, &body, true).await;
+            return;
+        }
+        while buf.len() < head_len + body_len {
             let mut chunk = [0u8; 4096];
             match rt::timeout(handshake_timeout, stream.read(&mut chunk)).await {
-                Some(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+                Some(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
                 _ => return,
             }
         }
-        let rest = body.split_off(body_len);
-        let resp = crate::server::http::respond(&exec, &head, &body).await;
-        drop(head);
-        if write_response_typed(&mut stream, resp.status, resp.content_type, &resp.body, !keep_alive)
-            .await
-            .is_err()
+        let req = match parse::parse_head(&buf) {
+            Ok(Parsed::Complete(r)) => r,
+            _ => unreachable!("the head was complete before"),
+        };
+        let resp =
+            crate::server::http::respond(&exec, &req, &buf[head_len..head_len + body_len]).await;
+        if write_response_typed(
+            &mut stream,
+            resp.status,
+            resp.content_type,
+            &resp.body,
+            !keep_alive,
+        )
+        .await
+        .is_err()
             || !keep_alive
         {
             return;
         }
-        buf = rest;
+        buf.drain(..head_len + body_len);
     }
 }
 
-/// Checks the upgrade headers and the token: 400 for a bad upgrade, 401 for a missing, bad,
+/// Checks the upgrade headers and the token: 4xx for a bad upgrade, 401 for a missing, bad,
 /// expired or wrong-scope token.
-fn authorize_upgrade(exec: &Exec, head: &Head<'_>) -> Result<Upgrade, (u16, String)> {
-    let http = crate::server::http::error_body;
-    if head.method() != "GET" {
-        return Err((405, http(405, Some("method not allowed"))));
-    }
-    let accept_key = head.websocket_accept().map_err(|e: ParseError| (400, http(400, Some(&e.to_string()))))?;
-    let token = head.bearer_token().ok_or_else(|| (401, http(401, Some("missing token"))))?;
-    let claims = crate::auth::verify(&exec.shared.secret, &token, crate::auth::now_s())
-        .map_err(|e| (401, http(401, Some(&e.to_string()))))?;
+fn authorize_upgrade(exec: &Exec, req: &Request<'_>) -> Result<Upgrade, (u16, String)> {
+    let accept_key = parse::websocket_accept(req)
+        .map_err(|e| parse::json_error(e.status(), &e.to_string(), None))?;
+    let mut scratch = Vec::new();
+    let token = match parse::bearer_token(req, &mut scratch) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Err(parse::json_error(401, "missing token", Some("token"))),
+        Err(_) => return Err(parse::json_error(401, "malformed token", Some("token"))),
+    };
+    let claims = crate::auth::verify(&exec.shared.secret, token, now_s())
+        .map_err(|e| parse::json_error(401, &e.to_string(), Some("token")))?;
     match claims.scope {
         Scope::Device(_) | Scope::Gateway(_) => Ok(Upgrade {
             accept_key,
             scope: claims.scope,
         }),
-        _ => Err((401, http(401, Some("token scope does not allow ingest")))),
+        _ => Err(parse::json_error(
+            401,
+            "token scope does not allow ingest",
+            Some("token"),
+        )),
     }
 }
 
 /// Serves a device connection on the executor that owns its shard (handing the socket over if
 /// that is another executor); gateways stay here.
-async fn place_ingest(exec: Rc<Exec>, stream: TcpStream, leftover: Vec<u8>, upgrade: Upgrade, slot: ConnSlot) {
+async fn place_ingest(
+    exec: Rc<Exec>,
+    stream: TcpStream,
+    leftover: Vec<u8>,
+    upgrade: Upgrade,
+    slot: ConnSlot,
+) {
     if let Scope::Device(id) = &upgrade.scope {
         let (owner, _) = exec.shared.owner(shard_of(id, exec.shared.shard_count));
-        if owner != exec.index && exec.shared.cfg.migrate_connections {
+        if owner != exec.index && MIGRATE_DEVICE_CONNECTIONS {
             // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
             let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
             if dup >= 0 {
                 // SAFETY: `dup` is a fresh descriptor nothing else owns.
                 let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-                let adopt = Adopt { fd, leftover, upgrade };
+                let adopt = Adopt {
+                    fd,
+                    leftover,
+                    upgrade,
+                };
                 std::mem::forget(slot); // the adopting executor counts it from now on
                 drop(stream);
-                if let Err(ToOwner::Adopt(a)) = exec.requests.send_to(owner, ToOwner::Adopt(Box::new(adopt))).await {
+                if exec
+                    .requests
+                    .send_to(owner, ToOwner::Adopt(Box::new(adopt)))
+                    .await
+                    .is_err()
+                {
                     tracing::warn!("could not hand a connection over; closing it");
-                    drop(a);
                     exec.shared.connections_open.fetch_sub(1, Ordering::AcqRel);
                 }
                 return;
@@ -242,5 +288,11 @@ pub fn adopt(exec: Rc<Exec>, adopt: Adopt) {
     let slot = ConnSlot(exec.shared.clone());
     // SAFETY: the descriptor is a connected TCP socket whose ownership travels in `Adopt`.
     let stream = unsafe { rt::stream_from_fd(adopt.fd.into_raw_fd()) };
-    rt::spawn(crate::server::ingest::serve(exec, stream, adopt.leftover, adopt.upgrade, slot));
+    rt::spawn(crate::server::ingest::serve(
+        exec,
+        stream,
+        adopt.leftover,
+        adopt.upgrade,
+        slot,
+    ));
 }

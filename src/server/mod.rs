@@ -56,7 +56,8 @@ impl Shared {
 
     /// True once every executor has recovered its shards and is accepting.
     pub fn ready(&self) -> bool {
-        self.executors_ready.load(Ordering::Acquire) == self.executors && !self.stopping.load(Ordering::Acquire)
+        self.executors_ready.load(Ordering::Acquire) == self.executors
+            && !self.stopping.load(Ordering::Acquire)
     }
 }
 
@@ -69,7 +70,7 @@ pub enum ServeError {
         /// The directory.
         path: std::path::PathBuf,
         /// The cause.
-        source: crate::datadir::Error,
+        source: crate::datadir::DataDirError,
     },
     /// The token secret could not be loaded or created.
     #[error("secret: {0}")]
@@ -82,11 +83,14 @@ pub enum ServeError {
 /// Runs the server until SIGTERM/SIGINT (or until `stop` is set) and returns after an orderly
 /// drain: every heartbeat already received is made durable and acked before connections close.
 pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeError> {
-    let datadir = DataDir::open_or_create(&cfg.data_dir, cfg.shards as u32).map_err(|source| ServeError::DataDir {
-        path: cfg.data_dir.clone(),
-        source,
+    let datadir = DataDir::open_or_create(&cfg.data_dir, cfg.shards as u32).map_err(|source| {
+        ServeError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        }
     })?;
-    let secret = crate::auth::resolve_secret(cfg.secret_file.as_deref(), &cfg.data_dir)
+    let secret = cfg
+        .load_secret()
         .map_err(|e| ServeError::Secret(e.to_string()))?;
     let executors = cfg.shards.max(1);
     let shared = Arc::new(Shared {
@@ -125,7 +129,15 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     let results = rt::run_executors(executors, {
         let shared = shared.clone();
         let stop_flag = stop_flag.clone();
-        move |index| exec::executor_main(index, shared.clone(), datadir.clone(), meshes.clone(), stop_flag.clone())
+        move |index| {
+            exec::executor_main(
+                index,
+                shared.clone(),
+                datadir.clone(),
+                meshes.clone(),
+                stop_flag.clone(),
+            )
+        }
     })?;
     for r in results {
         r?;

@@ -64,7 +64,11 @@ impl Server {
 
     /// Restarts with the same arguments (same port and directory).
     pub fn restart(&mut self) {
-        let child = Command::new(bin()).args(&self.args).env("RUST_LOG", "geobeat=warn").spawn().unwrap();
+        let child = Command::new(bin())
+            .args(&self.args)
+            .env("RUST_LOG", "geobeat=warn")
+            .spawn()
+            .unwrap();
         self.child = child;
         self.wait_healthy();
     }
@@ -103,7 +107,10 @@ impl Server {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
             }
-            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -133,16 +140,31 @@ pub fn token_in(dir: &Path, kind: &[&str]) -> String {
         .args(["--data-dir", &dir.display().to_string()])
         .output()
         .expect("run geobeat token");
-    assert!(out.status.success(), "geobeat token failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "geobeat token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = String::from_utf8(out.stdout).unwrap();
     assert_eq!(s.lines().count(), 1, "token prints one line");
     s.trim().to_string()
 }
 
 /// One HTTP/1.1 request with `connection: close`; returns status and body.
-pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> std::io::Result<(u16, String)> {
-    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
-    raw_http(addr, format!("{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n").as_bytes())
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    raw_http(
+        addr,
+        format!("{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n")
+            .as_bytes(),
+    )
 }
 
 /// Sends raw bytes, reads the whole response; returns status and body.
@@ -158,7 +180,10 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, Strin
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))?;
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -181,7 +206,9 @@ pub fn ws_connect(server: &Server, token: &str) -> Result<Ws, tungstenite::Error
 pub fn next_json(ws: &mut Ws) -> serde_json::Value {
     loop {
         match ws.read().expect("read frame") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server sends JSON"),
+            Message::Text(t) => {
+                return serde_json::from_str(t.as_str()).expect("server sends JSON")
+            }
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("unexpected frame {other:?}"),
         }
