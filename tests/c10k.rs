@@ -10,7 +10,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt as _, StreamExt};
 
 const CONNECTIONS: usize = 10_000;
 const HEARTBEATS_PER_CONN: u64 = 3;
@@ -30,7 +30,7 @@ fn ten_thousand_connections_all_acked_and_readable() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--connections-max", "12000"]);
     let secret = geobeat::auth::Secret::load(&dir.path().join("secret")).unwrap();
-    let expires = geobeat::auth::now_s() + 3600;
+    let expires = geobeat::server::exec::now_s() + 3600;
     let tokens: Vec<String> = (0..CONNECTIONS)
         .map(|i| {
             geobeat::auth::mint(
