@@ -34,6 +34,10 @@ pub const INGEST_PATH: &str = "/v1/ingest";
 /// Default per-connection read buffer: heartbeat frames are small, and tungstenite's default
 /// (128 KiB) would cost ~1.3 GiB at 10,000 connections.
 pub const READ_BUFFER_BYTES_DEFAULT: usize = 4 << 10;
+/// Outgoing bytes buffered before tungstenite writes to the socket: above the acks of
+/// [`FRAMES_PER_FLUSH_MAX`] frames, so a burst of acks leaves in one write at the explicit flush
+/// (0 would write every ack with its own syscall).
+pub const WRITE_BUFFER_BYTES: usize = 8 << 10;
 /// Most shards (executors) one null server runs.
 pub const SHARDS_MAX: usize = 256;
 /// Default glommio io_memory per executor: network I/O does not use glommio's DMA buffers, so a
@@ -47,6 +51,9 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// Most data frames answered before one flush, so a flood cannot grow the write buffer unbounded.
 const FRAMES_PER_FLUSH_MAX: usize = 256;
+/// Longest ack text: `{"ack":` + 20 digits + `}`, plus WebSocket framing (2 bytes).
+const ACK_FRAME_BYTES_MAX: usize = 7 + 20 + 1 + 2;
+const _: () = assert!(FRAMES_PER_FLUSH_MAX * ACK_FRAME_BYTES_MAX <= WRITE_BUFFER_BYTES);
 /// The reply to a frame whose seq cannot be found.
 const BAD_FRAME_REPLY: &str = r#"{"seq":null,"error":"bad_frame"}"#;
 
@@ -181,7 +188,7 @@ impl NullConfig {
     fn ws_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
             .read_buffer_size(self.read_buffer_bytes)
-            .write_buffer_size(0)
+            .write_buffer_size(WRITE_BUFFER_BYTES)
             .max_message_size(Some(FRAME_BYTES_MAX))
             .max_frame_size(Some(FRAME_BYTES_MAX))
     }

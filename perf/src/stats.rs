@@ -110,6 +110,9 @@ pub struct Stats {
     pub counters: Counters,
     /// Ack latency of measured heartbeats, microseconds from intended send to ack.
     pub latency_us: Histogram<u64>,
+    /// Open loop: how late each measured frame left relative to its intended time, in
+    /// microseconds (the client's own scheduling delay, already included in `latency_us`).
+    pub send_lag_us: Histogram<u64>,
     /// Rejections by reason (bounded by [`REJECTION_REASONS_MAX`]).
     pub rejection_reasons: BTreeMap<String, u64>,
 }
@@ -119,6 +122,7 @@ impl Default for Stats {
         Self {
             counters: Counters::default(),
             latency_us: new_histogram(),
+            send_lag_us: new_histogram(),
             rejection_reasons: BTreeMap::new(),
         }
     }
@@ -133,6 +137,9 @@ impl Stats {
     /// Folds `other` into `self`.
     pub fn merge(&mut self, other: &Stats) {
         self.counters.add(&other.counters);
+        self.send_lag_us
+            .add(&other.send_lag_us)
+            .expect("histograms share bounds");
         self.latency_us
             .add(&other.latency_us)
             .expect("histograms share bounds");
@@ -269,6 +276,12 @@ pub struct Summary {
     /// The latency histogram, V2-serialized and base64-encoded (for merging across processes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub histogram_v2_base64: Option<String>,
+    /// Open loop: send lag percentiles (client scheduling delay; part of `latency`).
+    #[serde(default)]
+    pub send_lag: LatencySummary,
+    /// The send-lag histogram, V2-serialized and base64-encoded (for merging across processes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_lag_v2_base64: Option<String>,
 }
 
 impl Summary {
@@ -287,7 +300,32 @@ impl Summary {
             rejection_reasons: stats.rejection_reasons.clone(),
             client_cpu,
             histogram_v2_base64: Some(encode_histogram(&stats.latency_us)),
+            send_lag: LatencySummary::of(&stats.send_lag_us),
+            send_lag_v2_base64: Some(encode_histogram(&stats.send_lag_us)),
         }
+    }
+
+    /// What makes this run unclean: no acks at all, or any rejection, protocol error,
+    /// connection failure, disconnect or unacked measured heartbeat. Empty for a clean run.
+    pub fn problems(&self) -> Vec<String> {
+        let c = &self.counters;
+        let mut problems = Vec::new();
+        if c.acked == 0 {
+            problems.push("no measured heartbeat was acked".to_owned());
+        }
+        for (name, value) in [
+            ("rejected", c.rejected),
+            ("frame_rejections", c.frame_rejections),
+            ("protocol_errors", c.protocol_errors),
+            ("connect_failures", c.connect_failures),
+            ("disconnects", c.disconnects),
+            ("unacked", c.unacked),
+        ] {
+            if value > 0 {
+                problems.push(format!("{name} = {value}"));
+            }
+        }
+        problems
     }
 
     /// The single stdout line a child process prints.
@@ -316,6 +354,10 @@ impl Summary {
             let child = Stats {
                 counters: part.counters,
                 latency_us: decode_histogram(encoded)?,
+                send_lag_us: match part.send_lag_v2_base64.as_deref() {
+                    Some(lag) => decode_histogram(lag)?,
+                    None => new_histogram(),
+                },
                 rejection_reasons: part.rejection_reasons.clone(),
             };
             stats.merge(&child);
@@ -402,6 +444,23 @@ mod tests {
             }
         );
         assert!(Summary::from_line("unrelated output").is_none());
+    }
+
+    #[test]
+    fn problems_flag_unclean_runs() {
+        // Checks that a run with acks and no errors is clean, and that no acks or any error
+        // counter is reported by name.
+        let mut clean = Summary::default();
+        clean.counters.acked = 10;
+        assert!(clean.problems().is_empty());
+        assert_eq!(
+            Summary::default().problems(),
+            vec!["no measured heartbeat was acked"]
+        );
+        let mut dirty = clean.clone();
+        dirty.counters.protocol_errors = 2;
+        dirty.counters.unacked = 1;
+        assert_eq!(dirty.problems(), vec!["protocol_errors = 2", "unacked = 1"]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `geobeat-load` entry point: parse flags, raise the open-file limit, run (in this process or
 //! over child processes), print the report and optionally write the JSON summary. Exit codes:
-//! 0 run completed, 1 run failed, 2 bad flags.
+//! 0 run completed, 1 run failed, 2 bad flags, 3 run completed but unclean (`--fail-on-errors`).
 
 use std::process::ExitCode;
 
@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     };
     let child = plan.args.child;
     let json_out = plan.args.json_out.clone();
+    let fail_on_errors = plan.args.fail_on_errors;
     if !child {
         eprintln!("{}", report::describe(&plan));
     }
@@ -41,11 +42,17 @@ fn main() -> ExitCode {
     if let Some(path) = json_out {
         let mut public = summary.clone();
         public.histogram_v2_base64 = None;
+        public.send_lag_v2_base64 = None;
         let json = serde_json::to_string_pretty(&public).expect("summaries always serialize");
         if let Err(e) = std::fs::write(&path, json + "\n") {
             eprintln!("geobeat-load: cannot write {}: {e}", path.display());
             return ExitCode::from(1);
         }
+    }
+    let problems = summary.problems();
+    if fail_on_errors && !problems.is_empty() {
+        eprintln!("geobeat-load: unclean run: {}", problems.join(", "));
+        return ExitCode::from(3);
     }
     ExitCode::SUCCESS
 }

@@ -132,6 +132,10 @@ pub struct LoadArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// Exit with status 3 unless the run acked heartbeats and saw no rejection, protocol error,
+    /// connection failure, disconnect or unacked heartbeat (for scripts and CI).
+    #[arg(long)]
+    pub fail_on_errors: bool,
     /// Internal: run as a child and print one summary line.
     #[arg(long, hide = true)]
     pub child: bool,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_tungstenite::tokio::TokioAdapter;
 use async_tungstenite::WebSocketStream;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use rand::{Rng as _, SeedableRng as _};
 use tokio::net::TcpStream;
 use tungstenite::client::IntoClientRequest as _;
@@ -37,6 +37,9 @@ pub const CLIENT_READ_BUFFER_BYTES: usize = 4 << 10;
 pub const CLIENT_WRITE_BUFFER_BYTES: usize = 16 << 10;
 /// Largest reply a client accepts (acks and rejections are tiny).
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = 64 << 10;
+/// Most already-received replies handled in one go before the device sends again (bounds the
+/// time one busy connection can hold its thread).
+const REPLIES_PER_TURN_MAX: usize = 256;
 /// Pause between connection attempts of one device, multiplied by the attempt number.
 const CONNECT_BACKOFF: Duration = Duration::from_millis(250);
 /// How long closing a connection at the end may take.
@@ -311,6 +314,17 @@ impl<'a> Device<'a> {
         self.counters.sent_total += u64::from(count);
         if measured {
             self.counters.sent += u64::from(count);
+            if args.mode == Mode::Open {
+                let lag_us = Instant::now()
+                    .saturating_duration_since(intended)
+                    .as_micros();
+                let lag_us = u64::try_from(lag_us)
+                    .unwrap_or(u64::MAX)
+                    .min(LATENCY_US_MAX);
+                self.shared.stats.with(self.global, |s| {
+                    let _ = s.send_lag_us.record(lag_us);
+                });
+            }
         }
         match ws.feed(message).await {
             Ok(()) => Flow::Continue,
@@ -376,6 +390,22 @@ impl<'a> Device<'a> {
         }
     }
 
+    /// Handles replies that have already arrived, without waiting, so that a burst of acks
+    /// frees the window once and the refill goes out in one write instead of one per ack.
+    fn on_ready_messages(&mut self, ws: &mut DeviceStream) -> Flow {
+        for _ in 0..REPLIES_PER_TURN_MAX {
+            match ws.next().now_or_never() {
+                None => break,
+                Some(message) => {
+                    if self.on_message(message) == Flow::Ended {
+                        return Flow::Ended;
+                    }
+                }
+            }
+        }
+        Flow::Continue
+    }
+
     /// Saturation: keep the window full until the measured window ends.
     async fn closed_loop(&mut self, ws: &mut DeviceStream) -> Flow {
         let batch = self.shared.plan.args.batch;
@@ -398,7 +428,9 @@ impl<'a> Device<'a> {
             }
             tokio::select! {
                 message = ws.next() => {
-                    if self.on_message(message) == Flow::Ended {
+                    if self.on_message(message) == Flow::Ended
+                        || self.on_ready_messages(ws) == Flow::Ended
+                    {
                         return Flow::Ended;
                     }
                 }
@@ -425,7 +457,9 @@ impl<'a> Device<'a> {
             tokio::select! {
                 biased;
                 message = ws.next() => {
-                    if self.on_message(message) == Flow::Ended {
+                    if self.on_message(message) == Flow::Ended
+                        || self.on_ready_messages(ws) == Flow::Ended
+                    {
                         return Flow::Ended;
                     }
                 }

@@ -19,20 +19,27 @@ pub fn describe(plan: &Plan) -> String {
         ),
     };
     format!(
-        "geobeat-load: {} devices -> {} ({:?}, batch {}), {pacing}; {} x {:?} thread(s) x {} \
+        "geobeat-load: {} devices -> {} ({}, batch {}), {pacing}; {} {} thread(s) x {} \
          process(es); ramp {:.1} s, warmup {:.1} s, measure {:.1} s, drain {:.1} s",
         plan.devices,
         args.url,
-        args.format,
+        value_name(args.format),
         args.batch,
         plan.threads,
-        args.runtime,
+        value_name(args.runtime),
         args.processes,
         plan.ramp.as_secs_f64(),
         plan.warmup.as_secs_f64(),
         plan.duration.as_secs_f64(),
         plan.drain.as_secs_f64(),
     )
+}
+
+/// The flag spelling of a value-enum value.
+fn value_name(value: impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned())
 }
 
 /// The results block.
@@ -69,6 +76,15 @@ pub fn render(summary: &Summary) -> String {
          ({} samples)",
         l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.mean_us, l.count
     );
+    if summary.send_lag.count > 0 {
+        let g = &summary.send_lag;
+        let _ = writeln!(
+            out,
+            "send lag:    p50 {} us, p99 {} us, max {} us (client timer/scheduling delay, \
+             already part of the latency above)",
+            g.p50_us, g.p99_us, g.max_us
+        );
+    }
     let _ = write!(
         out,
         "client cpu:  user {:.2} s, sys {:.2} s (subtract from machine totals)",
