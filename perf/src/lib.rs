@@ -1,0 +1,25 @@
+//! geobeat-perf: the tools that measure geobeat from the outside.
+//!
+//! # Layout
+//! - [`frame`]: device-protocol frame encoders (JSON text and binary batch).
+//! - [`scan`]: the null server's minimal frame parser (highest seq per frame).
+//! - [`reply`]: `{"ack":N}` formatting and server reply classification.
+//! - [`track`]: plausible random-walk device tracks.
+//! - [`inflight`]: open-loop schedule and in-flight/latency bookkeeping (no coordinated omission).
+//! - [`stats`]: counters, HDR histograms, mergeable machine-readable summaries.
+//! - [`tokens`]: device credentials (gateway token, tokens file, minted with feature `mint`).
+//! - [`sys`]: RLIMIT_NOFILE and getrusage.
+//! - [`load`]: the fleet simulator behind `geobeat-load`.
+//! - [`null`]: the ceiling server behind `geobeat-null` (glommio, same stack as geobeat).
+#![deny(missing_docs)]
+
+pub mod frame;
+pub mod inflight;
+pub mod load;
+pub mod null;
+pub mod reply;
+pub mod scan;
+pub mod stats;
+pub mod sys;
+pub mod tokens;
+pub mod track;
