@@ -102,12 +102,24 @@ pub struct ServeArgs {
     /// [env: GEOBEAT_SEGMENT_BYTES] [default: 64MiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_segment_bytes)]
     pub segment_bytes: Option<u64>,
-    /// Group-commit interval in ms, 1..=5 [env: GEOBEAT_COMMIT_INTERVAL_MS] [default: 2]
+    /// Relaxed durability: background sync interval in ms, 1..=5. Strict durability: the longest
+    /// a group waits when --commit-linger-us is set [env: GEOBEAT_COMMIT_INTERVAL_MS] [default: 2]
     #[arg(long, value_name = "MS", value_parser = parse_commit_interval_ms)]
     pub commit_interval_ms: Option<u64>,
     /// Most heartbeats per group commit, 1..=100000 [env: GEOBEAT_COMMIT_ENTRIES_MAX] [default: 1000]
     #[arg(long, value_name = "N", value_parser = parse_commit_entries_max)]
     pub commit_entries_max: Option<usize>,
+    /// Strict durability: how long a group may wait to grow before its fdatasync starts, in µs,
+    /// 0..=5000. 0 (adaptive): the next fdatasync starts as soon as the previous one completes,
+    /// so a group is whatever arrived meanwhile — lowest latency, and groups grow with load
+    /// [env: GEOBEAT_COMMIT_LINGER_US] [default: 0]
+    #[arg(long, value_name = "US", value_parser = parse_commit_linger_us)]
+    pub commit_linger_us: Option<u64>,
+    /// Where a device connection lives: `migrate` hands its socket once to the executor that owns
+    /// the device's shard; `forward` keeps it where it was accepted and forwards every frame over
+    /// the channel mesh (gateways always forward) [env: GEOBEAT_ROUTING] [default: migrate]
+    #[arg(long, value_name = "MODE", value_parser = parse_routing)]
+    pub routing: Option<Routing>,
     /// strict: ack only once data is on stable storage; relaxed: ack once written to the mapped
     /// log (survives a process crash, not a power loss) [env: GEOBEAT_DURABILITY] [default: strict]
     #[arg(long, value_name = "MODE", value_parser = parse_durability)]
@@ -214,6 +226,15 @@ pub enum Durability {
     Relaxed,
 }
 
+/// Where device connections live (see `--routing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// Hand the socket to the executor owning the device's shard.
+    Migrate,
+    /// Keep it on the accepting executor; forward frames.
+    Forward,
+}
+
 /// How long log data is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retention {
@@ -249,6 +270,10 @@ pub struct ServeConfig {
     pub commit_interval: Duration,
     /// Most entries per group commit.
     pub commit_entries_max: usize,
+    /// Strict mode: how long a group may wait to grow (zero: adaptive).
+    pub commit_linger: Duration,
+    /// Where device connections live.
+    pub routing: Routing,
     /// Ack policy.
     pub durability: Durability,
     /// Data age after which it may be deleted; `None`: keep forever.
@@ -373,6 +398,8 @@ settings! {
     SEGMENT_BYTES => "--segment-bytes", "GEOBEAT_SEGMENT_BYTES", Some("segment_bytes");
     COMMIT_INTERVAL_MS => "--commit-interval-ms", "GEOBEAT_COMMIT_INTERVAL_MS", Some("commit_interval_ms");
     COMMIT_ENTRIES_MAX_S => "--commit-entries-max", "GEOBEAT_COMMIT_ENTRIES_MAX", Some("commit_entries_max");
+    COMMIT_LINGER_US => "--commit-linger-us", "GEOBEAT_COMMIT_LINGER_US", Some("commit_linger_us");
+    ROUTING => "--routing", "GEOBEAT_ROUTING", Some("routing");
     DURABILITY => "--durability", "GEOBEAT_DURABILITY", Some("durability");
     RETENTION => "--retention", "GEOBEAT_RETENTION", Some("retention");
     CONNECTIONS_MAX => "--connections-max", "GEOBEAT_CONNECTIONS_MAX", Some("connections_max");
@@ -607,6 +634,13 @@ impl ServeArgs {
                 parse_commit_entries_max,
                 COMMIT_ENTRIES_MAX_DEFAULT,
             )?,
+            commit_linger: Duration::from_micros(r.get(
+                &COMMIT_LINGER_US,
+                &self.commit_linger_us,
+                parse_commit_linger_us,
+                0,
+            )?),
+            routing: r.get(&ROUTING, &self.routing, parse_routing, Routing::Migrate)?,
             durability: r.get(
                 &DURABILITY,
                 &self.durability,
@@ -786,6 +820,18 @@ fn parse_commit_interval_ms(text: &str) -> Result<u64, String> {
 
 fn parse_commit_entries_max(text: &str) -> Result<usize, String> {
     parse_int(text, 1, COMMIT_ENTRIES_MAX)
+}
+
+fn parse_commit_linger_us(text: &str) -> Result<u64, String> {
+    parse_int(text, 0, 5000)
+}
+
+fn parse_routing(text: &str) -> Result<Routing, String> {
+    match text.trim() {
+        "migrate" => Ok(Routing::Migrate),
+        "forward" => Ok(Routing::Forward),
+        _ => Err("expected `migrate` or `forward`".into()),
+    }
 }
 
 fn parse_durability(text: &str) -> Result<Durability, String> {

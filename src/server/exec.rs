@@ -490,8 +490,12 @@ impl Exec {
 
     async fn commit_loop(self: Rc<Self>) {
         let policy = &self.shared.cfg;
-        let linger = policy.commit_interval;
         let relaxed = policy.durability == crate::config::Durability::Relaxed;
+        let linger = if relaxed {
+            policy.commit_interval
+        } else {
+            policy.commit_linger.min(policy.commit_interval)
+        };
         loop {
             if !self.any_pending() {
                 if self.stopping()

@@ -25,8 +25,11 @@ use crate::server::msg::{Adopt, ToOwner};
 
 /// How long the accept loop backs off after EMFILE/ENFILE before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
-/// Device connections move to the executor owning their shard (see `place_ingest`).
-const MIGRATE_DEVICE_CONNECTIONS: bool = true;
+/// Connections over the cap that are still answered with a 503 (beyond that they are closed
+/// at once, so a flood cannot exhaust descriptors).
+const REFUSALS_IN_FLIGHT_MAX: usize = 256;
+/// How long a refused connection is read from and written to.
+const REFUSAL_READ_MAX: Duration = Duration::from_millis(500);
 /// Most HTTP requests served on one keep-alive connection.
 const HTTP_REQUESTS_PER_CONN_MAX: usize = 1000;
 
@@ -44,7 +47,8 @@ pub struct ConnSlot(std::sync::Arc<crate::server::Shared>);
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.connections_open.fetch_sub(1, Ordering::AcqRel);
+        let open = self.0.connections_open.fetch_sub(1, Ordering::AcqRel) - 1;
+        tracing::debug!(open, "connection closed");
     }
 }
 
@@ -72,7 +76,14 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener) {
             return;
         }
         let open = exec.shared.connections_open.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::debug!(open, executor = exec.index, "accepted");
         let slot = ConnSlot(exec.shared.clone());
+        if open > max + REFUSALS_IN_FLIGHT_MAX {
+            // A flood: close at once rather than hold more descriptors.
+            drop(stream);
+            drop(slot);
+            continue;
+        }
         if open > max {
             rt::spawn(refuse_over_cap(stream, slot));
             continue;
@@ -82,13 +93,21 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener) {
     }
 }
 
+/// Answers a connection over the cap with 503 JSON. The request is read first (briefly): closing
+/// a socket with unread input makes the kernel send a reset, which would destroy the answer.
 async fn refuse_over_cap(mut stream: TcpStream, _slot: ConnSlot) {
+    let mut buf = Vec::with_capacity(512);
+    let _ = read_head(&mut stream, &mut buf, REFUSAL_READ_MAX).await;
     let body = r#"{"error":"too many connections"}"#;
     let _ = rt::timeout(
-        Duration::from_secs(1),
+        REFUSAL_READ_MAX,
         write_response(&mut stream, 503, body, true),
     )
     .await;
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let mut sink = [0u8; 512];
+    let drain = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = rt::timeout(REFUSAL_READ_MAX, drain).await;
 }
 
 /// Writes a complete HTTP/1.1 response with a JSON (or given) body.
@@ -253,7 +272,7 @@ async fn place_ingest(
 ) {
     if let Scope::Device(id) = &upgrade.scope {
         let (owner, _) = exec.shared.owner(shard_of(id, exec.shared.shard_count));
-        if owner != exec.index && MIGRATE_DEVICE_CONNECTIONS {
+        if owner != exec.index && exec.shared.cfg.routing == crate::config::Routing::Migrate {
             // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
             let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
             if dup >= 0 {

@@ -48,7 +48,10 @@ impl Server {
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(bin())
             .args(&args)
-            .env("RUST_LOG", "geobeat=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("GB_TEST_LOG").unwrap_or("geobeat=warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn geobeat");
@@ -66,7 +69,10 @@ impl Server {
     pub fn restart(&mut self) {
         let child = Command::new(bin())
             .args(&self.args)
-            .env("RUST_LOG", "geobeat=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("GB_TEST_LOG").unwrap_or("geobeat=warn".into()),
+            )
             .spawn()
             .unwrap();
         self.child = child;
