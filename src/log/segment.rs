@@ -311,6 +311,14 @@ impl Segment {
         }
     }
 
+    /// Asks the kernel to read the whole segment ahead (recovery is about to scan it): turns the
+    /// 4 KiB page faults of a cold scan into large sequential reads. Advisory; failures ignored.
+    pub fn prefetch(&self) {
+        if let Mapping::Plain(m) = &self.map {
+            let _ = m.advise(memmap2::Advice::WillNeed);
+        }
+    }
+
     /// Makes bytes `[start, end)` durable: a cache-line flush in DAX mode, else an fdatasync of the
     /// whole file (the kernel writes back the mapping's dirty pages).
     pub fn sync_range(&mut self, start: u64, end: u64) -> io::Result<()> {
