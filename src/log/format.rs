@@ -139,12 +139,11 @@ pub const fn entry_bytes(payload_len: usize) -> usize {
     align_entry(ENTRY_HEADER_BYTES + payload_len)
 }
 
-/// The CRC32C of an entry: the length field, then bytes 8..32 of the header, then the payload.
+/// The CRC32C of an entry: its 4-byte length field, then `rest` = bytes 8..32+len of the entry
+/// (the rest of the header followed by the payload, contiguous in the segment).
 #[inline]
-pub fn entry_crc(header: &[u8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&header[0..4]);
-    let crc = crc32c::crc32c_append(crc, &header[8..ENTRY_HEADER_BYTES]);
-    crc32c::crc32c_append(crc, payload)
+pub fn entry_crc(len_field: &[u8], rest: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(len_field), rest)
 }
 
 /// The fields of one entry header plus its payload, as found in a segment (CRC already checked).
@@ -194,7 +193,8 @@ pub fn parse_entry(seg: &[u8], off: usize) -> Result<RawEntry<'_>, EntryFault> {
         return Err(EntryFault::Length);
     }
     let payload = &seg[off + ENTRY_HEADER_BYTES..off + ENTRY_HEADER_BYTES + len];
-    if u32_at(h, 28) != 0 || entry_crc(h, payload) != u32_at(h, 4) {
+    let covered = &seg[off + 8..off + ENTRY_HEADER_BYTES + len];
+    if u32_at(h, 28) != 0 || entry_crc(&h[0..4], covered) != u32_at(h, 4) {
         return Err(EntryFault::Crc);
     }
     Ok(RawEntry {
@@ -227,15 +227,14 @@ pub fn write_entry(
     dst[ENTRY_HEADER_BYTES..ENTRY_HEADER_BYTES + len].copy_from_slice(payload);
     // Padding: zero it explicitly so the entry's bytes never depend on what was there before.
     dst[ENTRY_HEADER_BYTES + len..].fill(0);
-    let mut h = [0u8; ENTRY_HEADER_BYTES];
-    h[0..4].copy_from_slice(&(len as u32).to_le_bytes());
-    h[8..16].copy_from_slice(&seq.to_le_bytes());
-    h[16..24].copy_from_slice(&prev_pos.to_le_bytes());
-    h[24..28].copy_from_slice(&device_hash_low.to_le_bytes());
-    let crc = entry_crc(&h, payload);
-    h[4..8].copy_from_slice(&crc.to_le_bytes());
-    dst[8..ENTRY_HEADER_BYTES].copy_from_slice(&h[8..]);
-    dst[0..8].copy_from_slice(&h[0..8]);
+    dst[8..16].copy_from_slice(&seq.to_le_bytes());
+    dst[16..24].copy_from_slice(&prev_pos.to_le_bytes());
+    dst[24..28].copy_from_slice(&device_hash_low.to_le_bytes());
+    dst[28..32].fill(0);
+    let len_field = (len as u32).to_le_bytes();
+    let crc = entry_crc(&len_field, &dst[8..ENTRY_HEADER_BYTES + len]);
+    dst[4..8].copy_from_slice(&crc.to_le_bytes());
+    dst[0..4].copy_from_slice(&len_field);
     total
 }
 

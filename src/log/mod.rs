@@ -27,6 +27,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rkyv::ser::allocator::Arena;
 use rkyv::util::AlignedVec;
 
 pub use error::Error;
@@ -165,7 +166,6 @@ struct Consumer {
 }
 
 /// One shard's log. Not shared between threads; several logs may live on one thread.
-#[derive(Debug)]
 pub struct Log {
     shard: ShardId,
     dir: PathBuf,
@@ -179,9 +179,40 @@ pub struct Log {
     job_in_flight: bool,
     /// Reused encoding buffer (no per-append allocation once warm).
     scratch: AlignedVec,
+    /// Reused serializer scratch space (kept here, not in rkyv's thread-local arena: cheaper, and
+    /// no thread-locals).
+    arena: Arena,
     consumers: Vec<Consumer>,
     /// Holds the shard directory's flock for the life of the log.
     _lock: File,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("shard", &self.shard)
+            .field("dir", &self.dir)
+            .field("segments", &self.segments.len())
+            .field("written", &self.written)
+            .field("durable", &self.durable)
+            .field("next_seq", &self.next_seq)
+            .field("poisoned", &self.poisoned)
+            .field("job_in_flight", &self.job_in_flight)
+            .finish()
+    }
+}
+
+/// Serializes `hb` into `out` (cleared first) with rkyv's low-level API: the same bytes as
+/// `Heartbeat::encode_into`, without its thread-local arena lookup.
+fn encode(arena: &mut Arena, out: &mut AlignedVec, hb: &Heartbeat) {
+    out.clear();
+    let buf = std::mem::take(out);
+    *out = rkyv::api::low::to_bytes_in_with_alloc::<_, _, rkyv::rancor::Failure>(
+        hb,
+        buf,
+        arena.acquire(),
+    )
+    .expect("serializing a heartbeat into memory cannot fail");
 }
 
 fn now_ms() -> i64 {
@@ -292,6 +323,7 @@ impl Log {
             poisoned: false,
             job_in_flight: false,
             scratch: AlignedVec::with_capacity(ENTRY_PAYLOAD_BYTES_MAX),
+            arena: Arena::new(),
             consumers: Vec::new(),
             _lock: lock,
         };
@@ -364,7 +396,7 @@ impl Log {
             }
             None => POS_NONE,
         };
-        hb.encode_into(&mut self.scratch);
+        encode(&mut self.arena, &mut self.scratch, hb);
         let len = self.scratch.len();
         if len > ENTRY_PAYLOAD_BYTES_MAX {
             return Err(Error::TooLarge {

@@ -288,6 +288,7 @@ where
             break;
         }
 
+        seg.prefetch();
         let scan = scan_segment(&seg, seg.first_seq, &mut on_entry);
         seg.data_end = scan.end as u64;
         seg.flushed = seg.data_end;

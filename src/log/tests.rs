@@ -236,3 +236,19 @@ fn second_open_of_a_shard_is_refused() {
     let err = Log::open(&cfg(dir.path()), |_, _| {}).unwrap_err();
     assert!(matches!(err, Error::Locked { .. }), "{err}");
 }
+
+#[test]
+fn log_encoding_matches_the_record_encoding() {
+    // The log's arena-based encoder must produce exactly Heartbeat::encode_into's bytes.
+    let mut arena = Arena::new();
+    let mut ours = AlignedVec::new();
+    let mut theirs = AlignedVec::new();
+    let mut h = hb("some-device-id-long-enough", 123);
+    h.attrs = br#"{"k":1}"#.to_vec();
+    h.speed_mps = Some(3.5);
+    for _ in 0..3 {
+        encode(&mut arena, &mut ours, &h);
+        h.encode_into(&mut theirs);
+        assert_eq!(ours.as_slice(), theirs.as_slice());
+    }
+}
