@@ -303,6 +303,37 @@ mod tests {
     }
 
     #[test]
+    fn protocol_doc_example_decodes() {
+        // The byte-by-byte example in docs/PROTOCOL.md is what the encoder writes and decodes.
+        let doc =
+            "01 01 00 01 00 00 00 00 00 00 00 c3 f5 28 5c 8f 42 4a 40 8f c2 f5 28 5c cf 2a 40 \
+                   7b 6a 2a 4f 93 01 00 00 02 00 00 c0 3f";
+        let bytes: Vec<u8> = doc
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        let hb = Heartbeat {
+            lat: 52.52,
+            lon: 13.405,
+            ts_ms: 1_732_200_000_123,
+            speed_mps: Some(1.5),
+            ..Heartbeat::default()
+        };
+        let mut out = Vec::new();
+        encode_frame(&mut out, [(Seq(1), &hb)]).unwrap();
+        assert_eq!(out, bytes);
+        let mut dec = Decoder::new();
+        let ing = Ingest::new(IngestScope::Device("truck-1"), 1_732_200_000_500);
+        let slots = dec.decode_binary(&bytes, &ing).unwrap();
+        let Outcome::Accepted { seq, heartbeat } = slots[0].outcome() else {
+            panic!("accepted expected");
+        };
+        assert_eq!(seq, Seq(1));
+        assert_eq!(heartbeat.device_id, "truck-1");
+        assert_eq!(heartbeat.speed_mps, Some(1.5));
+    }
+
+    #[test]
     fn round_trips_full_heartbeats() {
         // Every optional part survives encode -> decode.
         let a = sample("d-1");

@@ -149,20 +149,18 @@ fn parse_field(p: &mut Parser<'_>, f: Field, slot: &mut super::Slot) -> Result<b
                     Some(v) => hb.ts_ms = v,
                     None => slot.reject(Reject::TsOutOfRange),
                 },
-                Field::Lat => match num.text.parse::<f64>() {
-                    Ok(v) => hb.lat = v,
-                    Err(_) => slot.reject(Reject::BadType(f)),
+                Field::Lat => match num.to_f64() {
+                    Some(v) => hb.lat = v,
+                    None => slot.reject(Reject::BadType(f)),
                 },
-                Field::Lon => match num.text.parse::<f64>() {
-                    Ok(v) => hb.lon = v,
-                    Err(_) => slot.reject(Reject::BadType(f)),
+                Field::Lon => match num.to_f64() {
+                    Some(v) => hb.lon = v,
+                    None => slot.reject(Reject::BadType(f)),
                 },
-                Field::Alt | Field::Speed | Field::Heading | Field::Acc => {
-                    match num.text.parse::<f32>() {
-                        Ok(v) => *measurement(hb, f) = Some(v),
-                        Err(_) => slot.reject(Reject::BadType(f)),
-                    }
-                }
+                Field::Alt | Field::Speed | Field::Heading | Field::Acc => match num.to_f32() {
+                    Some(v) => *measurement(hb, f) = Some(v),
+                    None => slot.reject(Reject::BadType(f)),
+                },
                 Field::Id | Field::Attrs => unreachable!("excluded by the match guard"),
             }
             return Ok(true);
@@ -232,30 +230,73 @@ pub(super) fn compact_attrs(text: &str, out: &mut Vec<u8>) -> Result<(), Reject>
     Ok(())
 }
 
-/// A number token: its text and shape.
+/// A number token: its text, shape, and the decimal mantissa/exponent accumulated while scanning
+/// (so integers need no second pass and most floats take the exact fast path).
 struct Num<'a> {
     text: &'a str,
     /// No fraction and no exponent.
     int: bool,
     neg: bool,
+    /// All digits (integer and fraction) as one integer; `None` if it overflowed `u64`.
+    mantissa: Option<u64>,
+    /// Decimal exponent: value = mantissa * 10^exp10 (clamped far outside any fast-path range).
+    exp10: i32,
 }
+
+/// Powers of ten exactly representable as `f64` (10^22 is the largest).
+const POW10_F64: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+/// Powers of ten exactly representable as `f32` (10^10 is the largest).
+const POW10_F32: [f32; 11] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10];
 
 impl Num<'_> {
     /// The absolute value of an integer token, `None` if above `u64::MAX` (or not an integer).
     fn magnitude(&self) -> Option<u64> {
-        if !self.int {
-            return None;
+        if self.int {
+            self.mantissa
+        } else {
+            None
         }
-        let digits = self.text.strip_prefix('-').unwrap_or(self.text);
-        digits.bytes().try_fold(0u64, |acc, d| {
-            acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        })
     }
 
     /// The value of an integer token as `i64`, `None` if out of range (or not an integer).
     fn as_i64(&self) -> Option<i64> {
         let m = i128::from(self.magnitude()?);
         i64::try_from(if self.neg { -m } else { m }).ok()
+    }
+
+    /// The correctly rounded `f64`. Fast path (Clinger): a mantissa below 2^53 and |exp10| <= 22
+    /// are both exact in `f64`, so one multiplication or division rounds correctly; otherwise the
+    /// standard library's parser.
+    fn to_f64(&self) -> Option<f64> {
+        if let Some(m) = self.mantissa.filter(|&m| m < 1 << 53) {
+            if let Some(&p) = POW10_F64.get(self.exp10.unsigned_abs() as usize) {
+                let v = if self.exp10 < 0 {
+                    m as f64 / p
+                } else {
+                    m as f64 * p
+                };
+                return Some(if self.neg { -v } else { v });
+            }
+        }
+        self.text.parse().ok()
+    }
+
+    /// The correctly rounded `f32`, by the same reasoning with 2^24 and 10^10.
+    fn to_f32(&self) -> Option<f32> {
+        if let Some(m) = self.mantissa.filter(|&m| m < 1 << 24) {
+            if let Some(&p) = POW10_F32.get(self.exp10.unsigned_abs() as usize) {
+                let v = if self.exp10 < 0 {
+                    m as f32 / p
+                } else {
+                    m as f32 * p
+                };
+                return Some(if self.neg { -v } else { v });
+            }
+        }
+        self.text.parse().ok()
     }
 }
 
@@ -307,6 +348,9 @@ struct Parser<'a> {
     text: &'a str,
     b: &'a [u8],
     pos: usize,
+    /// Set whenever `skip_ws` skips something (lets `walk_value` copy already-compact values
+    /// in one piece).
+    ws_skipped: bool,
 }
 
 impl<'a> Parser<'a> {
@@ -315,6 +359,7 @@ impl<'a> Parser<'a> {
             text,
             b: text.as_bytes(),
             pos: 0,
+            ws_skipped: false,
         }
     }
 
@@ -340,9 +385,11 @@ impl<'a> Parser<'a> {
     }
 
     fn skip_ws(&mut self) {
+        let start = self.pos;
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
             self.pos += 1;
         }
+        self.ws_skipped |= self.pos != start;
     }
 
     fn expect(&mut self, c: u8) -> Result<(), FrameError> {
@@ -373,53 +420,80 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// Parses a number token (JSON grammar).
+    /// Parses a number token (JSON grammar), accumulating its mantissa and exponent.
     fn number(&mut self) -> Result<Num<'a>, FrameError> {
         let start = self.pos;
         let neg = self.peek() == Some(b'-');
         if neg {
             self.pos += 1;
         }
+        let mut mantissa = Some(0u64);
         match self.peek() {
             Some(b'0') => self.pos += 1,
-            Some(b'1'..=b'9') => self.digits(),
+            Some(b'1'..=b'9') => {
+                self.digits_into(&mut mantissa);
+            }
             _ => return Err(self.invalid()),
         }
         let mut int = true;
+        let mut exp10: i32 = 0;
         if self.peek() == Some(b'.') {
             self.pos += 1;
             int = false;
-            self.require_digits()?;
+            let n = self.digits_into(&mut mantissa);
+            if n == 0 {
+                return Err(self.invalid());
+            }
+            // A fraction longer than any frame is impossible; saturate to stay total.
+            exp10 = -i32::try_from(n).unwrap_or(i32::MAX);
         }
         if let Some(b'e' | b'E') = self.peek() {
             self.pos += 1;
             int = false;
-            if let Some(b'+' | b'-') = self.peek() {
+            let exp_neg = match self.peek() {
+                Some(b'-') => {
+                    self.pos += 1;
+                    true
+                }
+                Some(b'+') => {
+                    self.pos += 1;
+                    false
+                }
+                _ => false,
+            };
+            let mut e: i32 = 0;
+            let digits_start = self.pos;
+            while let Some(d @ b'0'..=b'9') = self.peek() {
+                // Clamp: anything beyond 10^6 is far outside the fast path and the parser's
+                // own range handling takes over.
+                e = (e * 10 + i32::from(d - b'0')).min(1_000_000);
                 self.pos += 1;
             }
-            self.require_digits()?;
+            if self.pos == digits_start {
+                return Err(self.invalid());
+            }
+            exp10 = exp10.saturating_add(if exp_neg { -e } else { e });
         }
         Ok(Num {
             text: &self.text[start..self.pos],
             int,
             neg,
+            mantissa,
+            exp10,
         })
     }
 
-    fn digits(&mut self) {
-        while let Some(b'0'..=b'9') = self.peek() {
+    /// Consumes digits, folding them into `mantissa` (`None` once it overflows); returns how
+    /// many digits were consumed.
+    fn digits_into(&mut self, mantissa: &mut Option<u64>) -> usize {
+        let start = self.pos;
+        while let Some(d @ b'0'..=b'9') = self.peek() {
+            *mantissa = mantissa
+                .and_then(|m| m.checked_mul(10))
+                .and_then(|m| m.checked_add(u64::from(d - b'0')));
             self.pos += 1;
         }
-    }
-
-    fn require_digits(&mut self) -> Result<(), FrameError> {
-        let start = self.pos;
-        self.digits();
-        if self.pos == start {
-            Err(self.invalid())
-        } else {
-            Ok(())
-        }
+        self.pos - start
     }
 
     /// Parses a string (the cursor is at its opening quote), decoding it into `out` (cleared
@@ -536,8 +610,30 @@ impl<'a> Parser<'a> {
     }
 
     /// Walks one complete value of any type, syntax-checking it and writing its compact text to
-    /// `sink`. Iterative: bit `d` of `stack` says whether the container at depth `d` is an object.
+    /// `sink`. Values without insignificant whitespace (what serializers emit) are checked, then
+    /// copied in one piece; others are walked a second time, emitting token by token.
     fn walk_value(&mut self, sink: &mut Sink<'_>) -> Result<Walk, FrameError> {
+        if sink.out.is_none() {
+            return self.walk_tokens(sink);
+        }
+        self.skip_ws();
+        let start = self.pos;
+        self.ws_skipped = false;
+        let walk = self.walk_tokens(&mut Sink::discard())?;
+        if !self.ws_skipped {
+            sink.put(&self.b[start..self.pos]);
+            return Ok(walk);
+        }
+        let end = self.pos;
+        self.pos = start;
+        let walk = self.walk_tokens(sink)?;
+        debug_assert_eq!(self.pos, end, "both walks cover the same value");
+        Ok(walk)
+    }
+
+    /// The walk itself. Iterative: bit `d` of `stack` says whether the container at depth `d` is
+    /// an object.
+    fn walk_tokens(&mut self, sink: &mut Sink<'_>) -> Result<Walk, FrameError> {
         let mut stack: u64 = 0;
         let mut depth: usize = 0;
         let mut depth_max: usize = 0;
@@ -1035,6 +1131,41 @@ mod tests {
             encode_frame(&mut text, [(Seq(1), &bad)]),
             Err(EncodeError::NonFinite(Field::Lat))
         );
+    }
+
+    fn parse_num(text: &str) -> (Option<f64>, Option<f32>, Option<i64>) {
+        let mut p = Parser::new(text);
+        let n = p.number().expect("valid number");
+        assert_eq!(p.pos, text.len(), "whole token consumed");
+        (n.to_f64(), n.to_f32(), n.as_i64())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn number_fast_paths_match_std(text in "-?(0|[1-9][0-9]{0,24})(\\.[0-9]{1,25})?([eE][+-]?[0-9]{1,3})?") {
+            // The mantissa/exponent fast paths give bit-identical results to std's parsers.
+            let (f64v, f32v, i64v) = parse_num(&text);
+            let want64: f64 = text.parse().unwrap();
+            let want32: f32 = text.parse().unwrap();
+            proptest::prop_assert_eq!(f64v.map(f64::to_bits), Some(want64.to_bits()));
+            proptest::prop_assert_eq!(f32v.map(f32::to_bits), Some(want32.to_bits()));
+            proptest::prop_assert_eq!(i64v, text.parse::<i64>().ok());
+        }
+
+        #[test]
+        fn number_display_forms_match_std(v in proptest::num::f64::NORMAL | proptest::num::f64::SUBNORMAL | proptest::num::f64::ZERO) {
+            // Display and exponent forms of any finite float parse exactly as std parses them.
+            let narrow = v as f32;
+            let mut forms = vec![format!("{v}"), format!("{v:e}")];
+            if narrow.is_finite() {
+                forms.extend([format!("{narrow}"), format!("{narrow:e}")]);
+            }
+            for text in forms {
+                let (f64v, f32v, _) = parse_num(&text);
+                proptest::prop_assert_eq!(f64v.map(f64::to_bits), Some(text.parse::<f64>().unwrap().to_bits()));
+                proptest::prop_assert_eq!(f32v.map(f32::to_bits), Some(text.parse::<f32>().unwrap().to_bits()));
+            }
+        }
     }
 
     #[test]
