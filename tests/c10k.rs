@@ -10,7 +10,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures_util::{SinkExt as _, StreamExt};
+use futures_util::StreamExt;
 
 const CONNECTIONS: usize = 10_000;
 const HEARTBEATS_PER_CONN: u64 = 3;

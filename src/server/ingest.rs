@@ -125,7 +125,6 @@ async fn read_loop(
     ctl: &Ctl,
     upgrade: &Upgrade,
 ) {
-    let cfg = &exec.shared.cfg;
     let Some(scope) = IngestScope::from_scope(&upgrade.scope) else {
         ctl.close
             .set(Some((close::POLICY, "token scope does not allow ingest")));
@@ -135,7 +134,7 @@ async fn read_loop(
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
     let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
     let mut idle_strikes = 0u32;
-    let ping_after = cfg.ping_interval();
+    let ping_after = exec.shared.cfg.ping_interval();
     loop {
         // Backpressure: stop reading while this connection has too much in flight.
         loop {
@@ -196,142 +195,198 @@ async fn read_loop(
             Next::Msg(Some(Ok(m))) => m,
         };
         idle_strikes = 0;
-        let mut ingest = Ingest::new(scope, received_now_ms());
-        ingest.heartbeats_max = cfg.frame_heartbeats_max;
-        // Decode with the executor's shared decoder; its slots are consumed before any await.
-        let mut decoder = exec.decoder.borrow_mut();
-        let decoded = match &msg {
-            Message::Text(t) => decoder.decode_text(t.as_str(), &ingest),
-            Message::Binary(b) => decoder.decode_binary(b, &ingest),
+        let payload = match &msg {
+            Message::Text(t) => Payload::Text(t.as_str()),
+            Message::Binary(b) => Payload::Binary(b),
             Message::Close(_) => return,
             _ => continue,
         };
-        let slots = match decoded {
-            Ok(slots) => slots,
-            Err(e) => {
-                drop(decoder);
-                if let Some(code) = e.close_code() {
-                    ctl.close.set(Some((code, e.reason())));
-                    return;
-                }
-                exec.with_conn(key, |c| {
-                    c.errors.push_back((None, e.reason()));
-                    c.signal.notify();
-                });
-                if let Err(abuse) = budget.charge(now_ms_u64()) {
-                    ctl.close.set(Some((abuse.close_code(), abuse.reason())));
-                    return;
-                }
-                continue;
-            }
-        };
-        // Seq order over the whole frame, accepted and rejected alike; rejections become error
-        // frames; accepted heartbeats are grouped by owning shard.
-        let shards = exec.shared.shard_count;
-        let mut seq_max = 0u64;
-        let mut first_shard = None;
-        let mut one_shard = true;
-        let mut abuse = None;
-        let mut rejected = 0usize;
-        exec.with_conn(key, |c| {
-            for slot in slots.iter() {
-                if let Some(seq) = slot.seq() {
-                    if let Err(a) = seqs.check(seq) {
-                        abuse = Some(a);
-                        return;
-                    }
-                }
-                match slot.outcome() {
-                    Outcome::Accepted { seq, heartbeat } => {
-                        seq_max = seq.0;
-                        let shard = shard_of(&heartbeat.device_id, shards);
-                        match first_shard {
-                            None => first_shard = Some(shard),
-                            Some(f) if f != shard => one_shard = false,
-                            Some(_) => {}
-                        }
-                    }
-                    Outcome::Rejected { seq, reason } => {
-                        rejected += 1;
-                        c.errors.push_back((seq.map(|s| s.0), reason.reason()));
-                    }
-                }
-            }
-            if rejected > 0 {
-                c.signal.notify();
-            }
-        });
-        if let Some(a) = abuse {
-            ctl.close.set(Some((a.close_code(), a.reason())));
-            return;
-        }
-        for _ in 0..rejected {
-            if let Err(a) = budget.charge(now_ms_u64()) {
-                ctl.close.set(Some((a.close_code(), a.reason())));
+        match process_frame(
+            exec,
+            key,
+            payload,
+            scope,
+            &mut seqs,
+            &mut budget,
+            &mut forwards,
+        ) {
+            Step::Done => {}
+            Step::Close(code, reason) => {
+                ctl.close.set(Some((code, reason)));
                 return;
             }
+            Step::Forward(frame) => {
+                for (shard, items) in forwards.drain(..) {
+                    let (owner, _) = exec.shared.owner(shard);
+                    let batch = Batch {
+                        conn: key,
+                        frame,
+                        items,
+                        failed: Vec::new(),
+                    };
+                    // Waits for room in the owner's channel: a slow owner slows this reader.
+                    if exec
+                        .requests
+                        .send_to(owner, ToOwner::Append { shard, batch })
+                        .await
+                        .is_err()
+                    {
+                        tracing::error!(
+                            owner,
+                            "request mesh closed; heartbeats not stored and not acked"
+                        );
+                    }
+                }
+            }
         }
-        let Some(first_shard) = first_shard else {
+    }
+}
+
+/// A frame's payload.
+enum Payload<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// What the reader does after a frame was processed.
+enum Step {
+    /// Nothing more (everything was local, or rejected).
+    Done,
+    /// Close the connection.
+    Close(u16, &'static str),
+    /// Send the groups left in `forwards` to their owners, as parts of this frame.
+    Forward(u64),
+}
+
+/// Decodes one frame with the executor's decoder, checks seqs and the error budget, queues error
+/// frames, and appends every group owned by this executor. Groups owned elsewhere are left in
+/// `forwards`. Synchronous: the decoder's borrow never spans an await.
+fn process_frame(
+    exec: &Exec,
+    key: ConnKey,
+    payload: Payload<'_>,
+    scope: IngestScope<'_>,
+    seqs: &mut proto::SeqTracker,
+    budget: &mut proto::ErrorBudget,
+    forwards: &mut Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
+) -> Step {
+    let cfg = &exec.shared.cfg;
+    let mut ingest = Ingest::new(scope, received_now_ms());
+    ingest.heartbeats_max = cfg.frame_heartbeats_max;
+    let mut decoder = exec.decoder.borrow_mut();
+    let decoded = match payload {
+        Payload::Text(t) => decoder.decode_text(t, &ingest),
+        Payload::Binary(b) => decoder.decode_binary(b, &ingest),
+    };
+    let slots = match decoded {
+        Ok(slots) => slots,
+        Err(e) => {
+            if let Some(code) = e.close_code() {
+                return Step::Close(code, e.reason());
+            }
+            exec.with_conn(key, |c| {
+                c.errors.push_back((None, e.reason()));
+                c.signal.notify();
+            });
+            return match budget.charge(now_ms_u64()) {
+                Ok(()) => Step::Done,
+                Err(a) => Step::Close(a.close_code(), a.reason()),
+            };
+        }
+    };
+    // Seq order over the whole frame, accepted and rejected alike; rejections become error
+    // frames; accepted heartbeats are grouped by owning shard.
+    let shards = exec.shared.shard_count;
+    let mut seq_max = 0u64;
+    let mut first_shard = None;
+    let mut one_shard = true;
+    let mut abuse = None;
+    let mut rejected = 0usize;
+    exec.with_conn(key, |c| {
+        for slot in slots.iter() {
+            if let Some(seq) = slot.seq() {
+                if let Err(a) = seqs.check(seq) {
+                    abuse = Some(a);
+                    return;
+                }
+            }
+            match slot.outcome() {
+                Outcome::Accepted { seq, heartbeat } => {
+                    seq_max = seq.0;
+                    let shard = shard_of(&heartbeat.device_id, shards);
+                    match first_shard {
+                        None => first_shard = Some(shard),
+                        Some(f) if f != shard => one_shard = false,
+                        Some(_) => {}
+                    }
+                }
+                Outcome::Rejected { seq, reason } => {
+                    rejected += 1;
+                    c.errors.push_back((seq.map(|s| s.0), reason.reason()));
+                }
+            }
+        }
+        if rejected > 0 {
+            c.signal.notify();
+        }
+    });
+    if let Some(a) = abuse {
+        return Step::Close(a.close_code(), a.reason());
+    }
+    for _ in 0..rejected {
+        if let Err(a) = budget.charge(now_ms_u64()) {
+            return Step::Close(a.close_code(), a.reason());
+        }
+    }
+    let Some(first_shard) = first_shard else {
+        return Step::Done;
+    };
+    let (owner, _) = exec.shared.owner(first_shard);
+    if one_shard && owner == exec.index {
+        // The common case on a device connection that lives on its owner: append straight from
+        // the decoder's slots, no copy.
+        let frame = exec.frame_begin(key, seq_max, 1);
+        exec.append_local(
+            first_shard,
+            key,
+            frame,
+            slots.iter().filter_map(accepted_pair),
+        );
+        return Step::Done;
+    }
+    // Group by shard; local groups are appended at once, remote ones left for the caller.
+    forwards.clear();
+    for slot in slots.iter_mut() {
+        let Some(seq) = slot.seq() else { continue };
+        let Some(hb) = slot.accepted_mut() else {
             continue;
         };
-        let (owner, _) = exec.shared.owner(first_shard);
-        if one_shard && owner == exec.index {
-            // The common case on a device connection that lives on its owner: append straight
-            // from the decoder's slots, no copy, no await.
-            let frame = exec.frame_begin(key, seq_max, 1);
-            exec.append_local(
-                first_shard,
-                key,
-                frame,
-                slots.iter().filter_map(accepted_pair),
-            );
-            continue;
-        }
-        // Group by shard; local groups are appended at once, remote ones forwarded.
-        forwards.clear();
-        for slot in slots.iter_mut() {
-            let Some(seq) = slot.seq() else { continue };
-            let Some(hb) = slot.accepted_mut() else {
-                continue;
-            };
-            let shard = shard_of(&hb.device_id, shards);
-            let idx = match forwards.iter().position(|(s, _)| *s == shard) {
-                Some(i) => i,
-                None => {
-                    forwards.push((shard, exec.take_batch_vec()));
-                    forwards.len() - 1
-                }
-            };
-            forwards[idx].1.push((seq.0, std::mem::take(hb)));
-        }
-        drop(decoder);
-        let frame = exec.frame_begin(key, seq_max, forwards.len() as u32);
-        for (shard, items) in forwards.drain(..) {
-            let (owner, _) = exec.shared.owner(shard);
-            if owner == exec.index {
-                exec.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
-                exec.recycle(items);
-                continue;
+        let shard = shard_of(&hb.device_id, shards);
+        let idx = match forwards.iter().position(|(s, _)| *s == shard) {
+            Some(i) => i,
+            None => {
+                forwards.push((shard, exec.take_batch_vec()));
+                forwards.len() - 1
             }
-            let batch = Batch {
-                conn: key,
-                frame,
-                items,
-                failed: Vec::new(),
-            };
-            // Waits for room in the owner's channel: a slow owner slows this reader.
-            if exec
-                .requests
-                .send_to(owner, ToOwner::Append { shard, batch })
-                .await
-                .is_err()
-            {
-                tracing::error!(
-                    owner,
-                    "request mesh closed; heartbeats not stored and not acked"
-                );
-            }
+        };
+        forwards[idx].1.push((seq.0, std::mem::take(hb)));
+    }
+    drop(decoder);
+    let frame = exec.frame_begin(key, seq_max, forwards.len() as u32);
+    let mut i = 0;
+    while i < forwards.len() {
+        if exec.shared.owner(forwards[i].0).0 == exec.index {
+            let (shard, items) = forwards.swap_remove(i);
+            exec.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
+            exec.recycle(items);
+        } else {
+            i += 1;
         }
+    }
+    if forwards.is_empty() {
+        Step::Done
+    } else {
+        Step::Forward(frame)
     }
 }
 

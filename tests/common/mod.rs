@@ -42,7 +42,7 @@ impl Server {
             "--data-dir".into(),
             dir.display().to_string(),
         ];
-        if !extra.iter().any(|a| *a == "--shards") {
+        if !extra.contains(&"--shards") {
             args.extend(["--shards".into(), "2".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -196,6 +196,7 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, Strin
 pub type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
 
 /// Connects a WebSocket client with `Authorization: Bearer <token>`.
+#[allow(clippy::result_large_err)]
 pub fn ws_connect(server: &Server, token: &str) -> Result<Ws, tungstenite::Error> {
     use tungstenite::client::IntoClientRequest;
     let mut req = server.ingest_url().into_client_request().unwrap();
