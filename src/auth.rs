@@ -162,7 +162,12 @@ impl Secret {
             op,
             source,
         };
-        let file = File::open(path).map_err(|e| io_err("open", e))?;
+        // O_NONBLOCK: a FIFO given by mistake must not hang startup (regular files ignore it).
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| io_err("open", e))?;
         let meta = file.metadata().map_err(|e| io_err("stat", e))?;
         if !meta.is_file() {
             return Err(io_err(

@@ -237,7 +237,8 @@ struct Num<'a> {
     /// No fraction and no exponent.
     int: bool,
     neg: bool,
-    /// All digits (integer and fraction) as one integer; `None` if it overflowed `u64`.
+    /// All digits (integer and fraction) as one integer; `None` beyond 19 digits (where it
+    /// might not fit `u64`; such integers exceed every range the protocol accepts anyway).
     mantissa: Option<u64>,
     /// Decimal exponent: value = mantissa * 10^exp10 (clamped far outside any fast-path range).
     exp10: i32,
@@ -252,7 +253,7 @@ const POW10_F64: [f64; 23] = [
 const POW10_F32: [f32; 11] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10];
 
 impl Num<'_> {
-    /// The absolute value of an integer token, `None` if above `u64::MAX` (or not an integer).
+    /// The absolute value of an integer token, `None` beyond 19 digits (or not an integer).
     fn magnitude(&self) -> Option<u64> {
         if self.int {
             self.mantissa
@@ -427,23 +428,26 @@ impl<'a> Parser<'a> {
         if neg {
             self.pos += 1;
         }
-        let mut mantissa = Some(0u64);
-        match self.peek() {
-            Some(b'0') => self.pos += 1,
-            Some(b'1'..=b'9') => {
-                self.digits_into(&mut mantissa);
+        // Digits fold into `acc` (wrapping); with at most 19 digits it cannot have wrapped.
+        let mut acc = 0u64;
+        let mut count = match self.peek() {
+            Some(b'0') => {
+                self.pos += 1;
+                1
             }
+            Some(b'1'..=b'9') => self.digits_into(&mut acc),
             _ => return Err(self.invalid()),
-        }
+        };
         let mut int = true;
         let mut exp10: i32 = 0;
         if self.peek() == Some(b'.') {
             self.pos += 1;
             int = false;
-            let n = self.digits_into(&mut mantissa);
+            let n = self.digits_into(&mut acc);
             if n == 0 {
                 return Err(self.invalid());
             }
+            count += n;
             // A fraction longer than any frame is impossible; saturate to stay total.
             exp10 = -i32::try_from(n).unwrap_or(i32::MAX);
         }
@@ -474,6 +478,7 @@ impl<'a> Parser<'a> {
             }
             exp10 = exp10.saturating_add(if exp_neg { -e } else { e });
         }
+        let mantissa = (count <= 19).then_some(acc);
         Ok(Num {
             text: &self.text[start..self.pos],
             int,
@@ -483,14 +488,16 @@ impl<'a> Parser<'a> {
         })
     }
 
-    /// Consumes digits, folding them into `mantissa` (`None` once it overflows); returns how
-    /// many digits were consumed.
-    fn digits_into(&mut self, mantissa: &mut Option<u64>) -> usize {
+    /// Consumes digits, folding them into `acc` (wrapping: callers bound the digit count);
+    /// returns how many digits were consumed.
+    fn digits_into(&mut self, acc: &mut u64) -> usize {
         let start = self.pos;
-        while let Some(d @ b'0'..=b'9') = self.peek() {
-            *mantissa = mantissa
-                .and_then(|m| m.checked_mul(10))
-                .and_then(|m| m.checked_add(u64::from(d - b'0')));
+        while let Some(&c) = self.b.get(self.pos) {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                break;
+            }
+            *acc = acc.wrapping_mul(10).wrapping_add(u64::from(d));
             self.pos += 1;
         }
         self.pos - start

@@ -105,17 +105,40 @@ impl Field {
 
     /// Maps a wire name to a field; `None` for unknown names (ignored for forward compatibility).
     pub fn from_name(name: &[u8]) -> Option<Field> {
-        Some(match name {
-            b"seq" => Field::Seq,
-            b"id" => Field::Id,
-            b"lat" => Field::Lat,
-            b"lon" => Field::Lon,
-            b"ts" => Field::Ts,
-            b"alt" => Field::Alt,
-            b"speed" => Field::Speed,
-            b"heading" => Field::Heading,
-            b"acc" => Field::Acc,
-            b"attrs" => Field::Attrs,
+        // Names are at most 7 bytes: pack bytes and length into one u64 and compare integers.
+        const fn pack(name: &[u8]) -> u64 {
+            let mut v = (name.len() as u64) << 56;
+            let mut i = 0;
+            while i < name.len() {
+                v |= (name[i] as u64) << (8 * i);
+                i += 1;
+            }
+            v
+        }
+        const SEQ: u64 = pack(b"seq");
+        const ID: u64 = pack(b"id");
+        const LAT: u64 = pack(b"lat");
+        const LON: u64 = pack(b"lon");
+        const TS: u64 = pack(b"ts");
+        const ALT: u64 = pack(b"alt");
+        const SPEED: u64 = pack(b"speed");
+        const HEADING: u64 = pack(b"heading");
+        const ACC: u64 = pack(b"acc");
+        const ATTRS: u64 = pack(b"attrs");
+        if name.len() > 7 {
+            return None;
+        }
+        Some(match pack(name) {
+            SEQ => Field::Seq,
+            ID => Field::Id,
+            LAT => Field::Lat,
+            LON => Field::Lon,
+            TS => Field::Ts,
+            ALT => Field::Alt,
+            SPEED => Field::Speed,
+            HEADING => Field::Heading,
+            ACC => Field::Acc,
+            ATTRS => Field::Attrs,
             _ => return None,
         })
     }
@@ -709,6 +732,16 @@ mod tests {
         );
         assert_eq!(Reject::Invalid(Invalid::Lat).reason(), "lat_out_of_range");
         assert_eq!(Reject::SeqNotPositive.reason(), "seq_not_positive");
+        for unknown in [
+            &b""[..],
+            b"s",
+            b"seqq",
+            b"Lat",
+            b"headings",
+            b"\0\0\0\0\0\0\0\x03",
+        ] {
+            assert_eq!(Field::from_name(unknown), None);
+        }
         assert_eq!(
             FrameError::TooManyHeartbeats { max: 3 }.reason(),
             "too_many_heartbeats"
@@ -726,6 +759,14 @@ mod tests {
             Field::Attrs,
         ] {
             assert_eq!(Field::from_name(f.name().as_bytes()), Some(f));
+            let mut padded = f.name().as_bytes().to_vec();
+            padded.push(0);
+            assert_eq!(
+                Field::from_name(&padded),
+                None,
+                "NUL padding is not the same name"
+            );
+            assert_eq!(Field::from_name(&padded[1..]), None);
             assert_eq!(
                 Reject::BadType(f).reason(),
                 format!("bad_type:{}", f.name())
