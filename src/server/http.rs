@@ -119,7 +119,10 @@ impl LastLocationBody {
     }
 }
 
-fn require_ops(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
+/// Checks the request's token: an ops token reads everything; a subscriber token reads devices
+/// whose id starts with its prefix (`device` is `None` for endpoints that are not about one
+/// device, which only ops tokens may use).
+fn require_reader(exec: &Exec, req: &Request<'_>, device: Option<&str>) -> Result<(), Response> {
     let mut scratch = Vec::new();
     let token = match parse::bearer_token(req, &mut scratch) {
         Ok(Some(t)) => t,
@@ -127,9 +130,10 @@ fn require_ops(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
     };
     let claims = crate::auth::verify(&exec.shared.secret, token, now_s())
         .map_err(|e| Response::error(401, &e.to_string()))?;
-    match claims.scope {
-        Scope::Ops => Ok(()),
-        _ => Err(Response::error(401, "token scope does not allow queries")),
+    match (&claims.scope, device) {
+        (Scope::Ops, _) => Ok(()),
+        (Scope::Subscriber(prefix), Some(id)) if id.starts_with(prefix.as_str()) => Ok(()),
+        _ => Err(Response::error(401, "token scope does not allow this query")),
     }
 }
 
@@ -137,13 +141,6 @@ fn require_ops(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
 pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8]) -> Response {
     let path = req.path;
     let method = req.method;
-    let get_only = |r: Response| {
-        if method == "GET" {
-            r
-        } else {
-            Response::error(405, "method not allowed")
-        }
-    };
     match path {
         "/healthz" | "/readyz" => {
             if method != "GET" {
@@ -160,20 +157,15 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8]) -> Response {
             if method != "GET" {
                 return Response::error(405, "method not allowed");
             }
-            if let Err(r) = require_ops(exec, req) {
-                return r;
-            }
             let mut buf = Vec::new();
             let id = match parse::percent_decode(id, &mut buf) {
                 Ok(id) if crate::record::validate_device_id(id).is_ok() => id.to_owned(),
-                _ => {
-                    return Response::json(
-                        400,
-                        r#"{"error":"invalid device id","param":"id"}"#.into(),
-                    )
-                }
+                _ => return Response::json(400, r#"{"error":"invalid device id","param":"id"}"#.into()),
             };
-            get_only(last_location(exec, id).await)
+            if let Err(r) = require_reader(exec, req, Some(&id)) {
+                return r;
+            }
+            last_location(exec, id).await
         }
         "/v1/ingest" => Response::error(400, "use a WebSocket upgrade for /v1/ingest"),
         _ => Response::error(404, "no such endpoint"),
@@ -193,7 +185,7 @@ async fn last_location(exec: &Exec, id: String) -> Response {
         Some(Some(body)) => {
             Response::json(200, serde_json::to_string(&body).expect("serializable"))
         }
-        Some(None) => Response::error(404, "unknown device"),
+        Some(None) => Response::json(404, r#"{"error":"unknown device","param":"id"}"#.into()),
         None => Response::error(503, "shard unavailable"),
     }
 }
