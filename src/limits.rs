@@ -120,3 +120,9 @@ const _: () = assert!(FRAME_BYTES_MIN <= FRAME_BYTES_MAX);
 const _: () = assert!(FRAME_HEARTBEATS_MAX <= u16::MAX as usize);
 const _: () =
     assert!(DEVICE_ID_BYTES_MAX <= u8::MAX as usize && ATTRS_BYTES_MAX <= u16::MAX as usize);
+
+/// Default number of results of a history or area query.
+pub const QUERY_LIMIT_DEFAULT: usize = 1000;
+/// Largest `limit` a history or area query accepts (a larger one is a 400).
+pub const QUERY_LIMIT_MAX: usize = 10_000;
+const _: () = assert!(QUERY_LIMIT_DEFAULT <= QUERY_LIMIT_MAX);

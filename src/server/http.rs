@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::auth::Scope;
 use crate::http::parse::{self, Request};
+use crate::limits::{QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX};
 use crate::route::shard_of;
 use crate::server::exec::now_s;
 use crate::server::exec::Exec;
@@ -33,6 +34,12 @@ impl Response {
 
     fn error(status: u16, message: &str) -> Response {
         Response::json(status, error_body(status, Some(message)))
+    }
+
+    /// A 400 naming the parameter at fault.
+    fn param_error(message: &str, param: &str) -> Response {
+        let (status, body) = parse::json_error(400, message, Some(param));
+        Response::json(status, body)
     }
 }
 
@@ -133,7 +140,10 @@ fn require_reader(exec: &Exec, req: &Request<'_>, device: Option<&str>) -> Resul
     match (&claims.scope, device) {
         (Scope::Ops, _) => Ok(()),
         (Scope::Subscriber(prefix), Some(id)) if id.starts_with(prefix.as_str()) => Ok(()),
-        _ => Err(Response::error(401, "token scope does not allow this query")),
+        _ => Err(Response::error(
+            401,
+            "token scope does not allow this query",
+        )),
     }
 }
 
@@ -153,22 +163,85 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8]) -> Response {
             }
         }
         _ if path.starts_with("/v1/devices/") => {
-            let id = &path["/v1/devices/".len()..];
+            let rest = &path["/v1/devices/".len()..];
+            let (raw_id, sub) = match rest.split_once('/') {
+                None => (rest, None),
+                Some((id, "history")) => (id, Some("history")),
+                Some(_) => return Response::error(404, "no such endpoint"),
+            };
             if method != "GET" {
                 return Response::error(405, "method not allowed");
             }
             let mut buf = Vec::new();
-            let id = match parse::percent_decode(id, &mut buf) {
+            let id = match parse::percent_decode(raw_id, &mut buf) {
                 Ok(id) if crate::record::validate_device_id(id).is_ok() => id.to_owned(),
-                _ => return Response::json(400, r#"{"error":"invalid device id","param":"id"}"#.into()),
+                _ => return Response::param_error("invalid device id", "id"),
             };
             if let Err(r) = require_reader(exec, req, Some(&id)) {
                 return r;
             }
-            last_location(exec, id).await
+            match sub {
+                None => last_location(exec, id).await,
+                Some(_) => history(exec, req, id).await,
+            }
         }
         "/v1/ingest" => Response::error(400, "use a WebSocket upgrade for /v1/ingest"),
         _ => Response::error(404, "no such endpoint"),
+    }
+}
+
+/// One optional integer query parameter; `Err` is the 400 to answer with.
+fn int_param<T: std::str::FromStr>(req: &Request<'_>, name: &str) -> Result<Option<T>, Response> {
+    let mut buf = Vec::new();
+    match parse::query_param(req.query, name, &mut buf) {
+        Ok(None) => Ok(None),
+        Ok(Some(v)) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| Response::param_error(&format!("{name} must be an integer"), name)),
+        Err(_) => Err(Response::param_error("bad percent-encoding", name)),
+    }
+}
+
+/// `limit`: default and maximum from `limits`; 0 and larger than the maximum are 400s.
+fn limit_param(req: &Request<'_>) -> Result<usize, Response> {
+    match int_param::<usize>(req, "limit")? {
+        None => Ok(QUERY_LIMIT_DEFAULT),
+        Some(n) if (1..=QUERY_LIMIT_MAX).contains(&n) => Ok(n),
+        Some(_) => Err(Response::param_error(
+            &format!("limit must be between 1 and {QUERY_LIMIT_MAX}"),
+            "limit",
+        )),
+    }
+}
+
+async fn history(exec: &Exec, req: &Request<'_>, id: String) -> Response {
+    let parsed = (|| {
+        let from = int_param::<i64>(req, "from")?.unwrap_or(i64::MIN);
+        let to = int_param::<i64>(req, "to")?.unwrap_or(i64::MAX);
+        if from > to {
+            return Err(Response::param_error("from must not be after to", "from"));
+        }
+        Ok((from, to, limit_param(req)?))
+    })();
+    let (from, to, limit) = match parsed {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let shard = shard_of(&id, exec.shared.shard_count);
+    let found = exec
+        .query(shard, move |store| {
+            crate::server::query::history(store, &id, from, to, limit).map(|hbs| {
+                let bodies: Vec<LastLocationBody> =
+                    hbs.iter().map(LastLocationBody::from_heartbeat).collect();
+                serde_json::to_string(&bodies).expect("serializable")
+            })
+        })
+        .await;
+    match found {
+        Some(Some(body)) => Response::json(200, body),
+        Some(None) => Response::json(404, r#"{"error":"unknown device","param":"id"}"#.into()),
+        None => Response::error(503, "shard unavailable"),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod http;
 pub mod ingest;
 pub mod listen;
 pub mod msg;
+pub mod query;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
