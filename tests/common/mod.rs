@@ -265,21 +265,24 @@ pub fn hb_json(seq: u64, lat: f64, lon: f64, ts: i64) -> String {
 // ----- Helpers added for the reliability suites (crash, torn storage, disk full, hostile,
 // security). Existing helpers above are unchanged. -----
 
-/// Spawns `geobeat` with `args`, appending its stderr (the tracing log) to `log`.
+/// Spawns `geobeat` with `args`, appending its stdout (the tracing log) and stderr (fatal errors)
+/// to `log`.
 pub fn spawn_logged(args: &[String], log: &Path) -> Child {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("open server log");
+    let out = file.try_clone().expect("clone log handle");
     Command::new(bin())
         .args(args)
         .env(
             "RUST_LOG",
             std::env::var("GB_TEST_LOG").unwrap_or("geobeat=info".into()),
         )
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(out)
         .stderr(file)
         .spawn()
         .expect("spawn geobeat")
@@ -463,4 +466,24 @@ pub fn try_next_json<S: Read + Write>(
             Err(_) => return None,
         }
     }
+}
+
+/// Runs `geobeat` with `args` (stderr to `log`) and waits up to 20 s for it to exit on its own;
+/// returns its status (`None` if it was still running and had to be killed) and its stderr.
+pub fn serve_until_exit(args: &[&str], log: &Path) -> (Option<ExitStatus>, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut child = spawn_logged(&args, log);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(log).unwrap_or_default())
 }
