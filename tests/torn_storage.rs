@@ -341,7 +341,7 @@ fn restart_and_check(
 /// New heartbeats (one per device, newer than everything) land after the damage point.
 fn append_one_each(server: &Server, expected: &mut HashMap<String, BTreeMap<i64, f64>>) {
     let gw = server.token(&["gateway", "torn-"]);
-    let mut ws = ws_connect(&server, &gw).unwrap();
+    let mut ws = ws_connect(server, &gw).unwrap();
     let ts = now_ms();
     let mut seq = 0;
     for (id, want) in expected.iter_mut() {
@@ -399,7 +399,7 @@ fn truncated_last_segments_keep_every_entry_before_the_cut() {
     let work = tempfile::tempdir().unwrap();
     let data = copy_data(work.path());
     let mut cuts = vec![None; 2];
-    for s in 0..2 {
+    for (s, cut) in cuts.iter_mut().enumerate() {
         let last = f.shards[s].segments.len() - 1;
         let in_last: Vec<&Rec> = f.shards[s]
             .recs
@@ -413,7 +413,7 @@ fn truncated_last_segments_keep_every_entry_before_the_cut() {
             in_last[rng.gen_range(0..in_last.len())].offset
         };
         truncate(&seg_in(&data, s, last), at);
-        cuts[s] = Some(Cut {
+        *cut = Some(Cut {
             segment: last,
             offset: at,
         });
@@ -437,7 +437,7 @@ fn bit_flips_in_the_last_segment_keep_the_valid_prefix() {
     let work = tempfile::tempdir().unwrap();
     let data = copy_data(work.path());
     let mut cuts = vec![None; 2];
-    for s in 0..2 {
+    for (s, cut) in cuts.iter_mut().enumerate() {
         let last = f.shards[s].segments.len() - 1;
         let in_last: Vec<&Rec> = f.shards[s]
             .recs
@@ -451,7 +451,7 @@ fn bit_flips_in_the_last_segment_keep_the_valid_prefix() {
         };
         let at = rng.gen_range(victim.offset..victim.covered_end);
         flip_bit(&seg_in(&data, s, last), at, rng.gen_range(0..8));
-        cuts[s] = Some(Cut {
+        *cut = Some(Cut {
             segment: last,
             offset: victim.offset,
         });
@@ -615,8 +615,7 @@ fn garbage_after_the_last_entry_is_zeroed_and_never_resurrected() {
         let end = f.shards[s]
             .recs
             .iter()
-            .filter(|r| r.segment == last)
-            .last()
+            .rfind(|r| r.segment == last)
             .unwrap();
         let start = (end.covered_end).div_ceil(8) * 8;
         let path = seg_in(&data, s, last);
