@@ -22,7 +22,11 @@ fuzz_target!(|data: &[u8]| {
     if mode % 2 == 0 {
         let token = String::from_utf8_lossy(rest);
         if let Ok(claims) = verify(&secret, &token, now_s) {
-            assert_eq!(canonical(&secret, &claims), token, "only minted tokens verify");
+            assert_eq!(
+                canonical(&secret, &claims),
+                token,
+                "only minted tokens verify"
+            );
         }
         return;
     }

@@ -21,7 +21,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(req.minor_version <= 1);
             assert!(!(req.chunked && req.content_length.is_some()));
             assert!(!(req.chunked && req.minor_version == 0));
-            assert!(req.content_length.is_none_or(|n| n <= HTTP_BODY_BYTES_MAX as u64));
+            assert!(req
+                .content_length
+                .is_none_or(|n| n <= HTTP_BODY_BYTES_MAX as u64));
             if req.minor_version == 1 {
                 assert!(req.host.is_some());
             }

@@ -61,7 +61,9 @@ fn entries(store: &ShardStore) -> Vec<(String, i64, u64)> {
 
 fn check_table(store: &ShardStore) {
     for (id, last) in store.table().iter() {
-        let rec = store.last_record(id).expect("a table row points at a readable record");
+        let rec = store
+            .last_record(id)
+            .expect("a table row points at a readable record");
         assert_eq!(rec.hb.device_id.as_str(), id);
         assert_eq!(rec.hb.ts_ms.to_native(), last.ts_ms);
         for e in store.chain(id) {
@@ -96,14 +98,24 @@ fn structured(ops: &[u8]) -> (Vec<(u64, Vec<u8>)>, Vec<(String, i64, u64)>, &[u8
             ts_ms: 1_732_200_000_000 + i64::from(u16::from_le_bytes([op[4], op[5]])),
             received_ms: 1_732_200_000_000,
             speed_mps: (op[3] & 1 == 1).then_some(f32::from(op[4])),
-            attrs: if op[5] & 3 == 0 { b"{\"k\":1}".to_vec() } else { Vec::new() },
+            attrs: if op[5] & 3 == 0 {
+                b"{\"k\":1}".to_vec()
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         };
         hb.validate().expect("generated heartbeats are valid");
         hb.encode_into(&mut enc);
         let (base, bytes) = files.last_mut().unwrap();
         bytes.resize(off + 2048, 0);
-        let used = write_entry(&mut bytes[off..], seq, heads[d], device_hash(IDS[d]) as u32, &enc);
+        let used = write_entry(
+            &mut bytes[off..],
+            seq,
+            heads[d],
+            device_hash(IDS[d]) as u32,
+            &enc,
+        );
         bytes.truncate(off + used);
         heads[d] = *base + off as u64;
         off += used;
@@ -174,7 +186,11 @@ fuzz_target!(|data: &[u8]| {
     if let Some((written, damaged)) = &expected {
         if *damaged {
             assert!(got.len() <= written.len(), "recovery invented entries");
-            assert_eq!(&written[..got.len()], &got[..], "recovered entries are a prefix");
+            assert_eq!(
+                &written[..got.len()],
+                &got[..],
+                "recovered entries are a prefix"
+            );
         } else {
             assert_eq!(&got, written, "an undamaged log recovers every entry");
         }
@@ -198,7 +214,11 @@ fuzz_target!(|data: &[u8]| {
     let mut cfg = StoreConfig::new(&dir, ShardId(0));
     cfg.segment_bytes = SEGMENT_BYTES;
     let (store, report) = ShardStore::open(&cfg).expect("a recovered log reopens");
-    assert!(report.damaged.is_empty(), "damage reported twice: {:?}", report.damaged);
+    assert!(
+        report.damaged.is_empty(),
+        "damage reported twice: {:?}",
+        report.damaged
+    );
     assert_eq!(report.torn_tail_bytes, 0, "torn tail reported twice");
     let mut again = entries(&store);
     if appended {

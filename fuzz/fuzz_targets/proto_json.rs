@@ -39,6 +39,9 @@ fuzz_target!(|data: &[u8]| {
         let reused = d
             .decode_text(text, &ingest)
             .map(|slots| geobeat_fuzz::outcomes(slots));
-        assert_eq!(reused, fresh_result, "a reused decoder must answer like a fresh one");
+        assert_eq!(
+            reused, fresh_result,
+            "a reused decoder must answer like a fresh one"
+        );
     });
 });

@@ -48,7 +48,9 @@ pub fn check_slots(slots: &[Slot], ingest: &Ingest<'_>) {
             Outcome::Accepted { seq, heartbeat } => {
                 assert_eq!(slot.seq(), Some(seq));
                 assert!((1..=SEQ_MAX).contains(&seq.0), "seq {seq:?}");
-                heartbeat.validate().expect("an accepted heartbeat validates");
+                heartbeat
+                    .validate()
+                    .expect("an accepted heartbeat validates");
                 assert_eq!(heartbeat.received_ms, ingest.received_ms);
                 assert!(ingest
                     .ts_window
@@ -128,7 +130,11 @@ pub fn check_binary_agrees(accepted: &[(Seq, Heartbeat)], ingest: &Ingest<'_>) {
         .decode_binary(&frame, ingest)
         .expect("a frame of accepted heartbeats decodes");
     let again: Vec<(Seq, Heartbeat)> = self::accepted(slots);
-    assert_eq!(again.len(), accepted.len(), "binary refused what JSON accepted");
+    assert_eq!(
+        again.len(),
+        accepted.len(),
+        "binary refused what JSON accepted"
+    );
     for ((s1, h1), (s2, h2)) in accepted.iter().zip(&again) {
         assert_eq!(s1, s2);
         assert_eq!(h1, h2);
