@@ -18,7 +18,12 @@ shift || true
 all=(proto_json proto_binary ws_frames http_parse auth_verify log_recovery)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${all[@]}"); fi
 sanitizer="${GEOBEAT_FUZZ_SANITIZER:-none}"
-if [ "$sanitizer" != "none" ]; then export RUSTC_BOOTSTRAP=1; fi
+# Each sanitizer builds into its own target directory, so switching does not rebuild the other.
+target_dir=target
+if [ "$sanitizer" != "none" ]; then
+  export RUSTC_BOOTSTRAP=1
+  target_dir="target-$sanitizer"
+fi
 
 max_len() {
   case "$1" in
@@ -30,24 +35,24 @@ max_len() {
 }
 
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz missing: cargo install cargo-fuzz" >&2; exit 2; }
-cargo fuzz build -s "$sanitizer"
+cargo fuzz build -s "$sanitizer" --target-dir "$target_dir"
 
 failed=()
 summary=()
 for t in "${targets[@]}"; do
-  bin="target/x86_64-unknown-linux-gnu/release/$t"
+  bin="$target_dir/x86_64-unknown-linux-gnu/release/$t"
   # Regression: every input that once crashed this target must now pass.
   if compgen -G "artifacts-fixed/$t/*" >/dev/null; then
-    if ! "$bin" artifacts-fixed/"$t"/* >"target/fuzz-$t-regress.log" 2>&1; then
-      echo "== $t: a fixed crash input crashes again (see fuzz/target/fuzz-$t-regress.log)" >&2
+    if ! "$bin" artifacts-fixed/"$t"/* >"$target_dir/fuzz-$t-regress.log" 2>&1; then
+      echo "== $t: a fixed crash input crashes again (see fuzz/$target_dir/fuzz-$t-regress.log)" >&2
       failed+=("$t(regression)")
     fi
   fi
   mkdir -p "corpus-ci/$t" "artifacts/$t"
   args=(-max_total_time="$secs" -max_len="$(max_len "$t")" -print_final_stats=1)
   if [ -f "dict/$t.dict" ]; then args+=(-dict="dict/$t.dict"); fi
-  log="target/fuzz-$t.log"
-  if cargo fuzz run -s "$sanitizer" "$t" "corpus-ci/$t" "corpus/$t" -- "${args[@]}" >"$log" 2>&1; then
+  log="$target_dir/fuzz-$t.log"
+  if cargo fuzz run -s "$sanitizer" --target-dir "$target_dir" "$t" "corpus-ci/$t" "corpus/$t" -- "${args[@]}" >"$log" 2>&1; then
     status=ok
   else
     status=CRASH

@@ -291,8 +291,12 @@ pub fn spawn_logged(args: &[String], log: &Path) -> Child {
 impl Server {
     /// Like [`Server::start`], but the server's log (at `info` unless `GB_TEST_LOG` says
     /// otherwise) goes to the file `log` instead of the test's terminal.
+    /// The port lies outside the kernel's ephemeral range, so that clients retrying while the
+    /// server is down can never self-connect to it (a socket connecting to 127.0.0.1:P from the
+    /// ephemeral port P connects to itself and then holds the port, and the restart fails with
+    /// "Address already in use").
     pub fn start_logged(dir: &Path, extra: &[&str], log: &Path) -> Server {
-        let addr = free_addr();
+        let addr = free_addr_outside_ephemeral();
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--listen".into(),
@@ -346,6 +350,26 @@ impl Server {
         let exp = (now_ms() / 1000) as u64 + 3600;
         geobeat::auth::mint(&secret, &scope, exp)
     }
+}
+
+/// A free TCP port on 127.0.0.1 below the kernel's ephemeral port range.
+pub fn free_addr_outside_ephemeral() -> SocketAddr {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    if low <= 2048 {
+        return free_addr();
+    }
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(1024.max(low / 2)..low);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
+    free_addr()
 }
 
 /// The last `lines` lines of a log file (for failure messages).
