@@ -12,8 +12,10 @@
 //! - [`auth`]: access tokens (HMAC-signed scopes) and the server secret.
 //! - [`config`]: command line and configuration resolution.
 //! - [`http`]: pure HTTP request-head parsing and WebSocket upgrade helpers.
+//! - [`metrics`]: per-executor probes and the Prometheus exposition.
 //! - [`rt`]: the runtime seam (glommio behind a thin layer).
 //! - [`server`]: `geobeat serve`: executors, ingest connections, HTTP endpoints.
+//! - [`spatial`]: bounding boxes, great-circle distance, the per-shard grid index.
 //! - [`demo`]: `geobeat demo`'s simulated fleet.
 #![deny(missing_docs)]
 
@@ -24,10 +26,12 @@ pub mod demo;
 pub mod http;
 pub mod limits;
 pub mod log;
+pub mod metrics;
 pub mod proto;
 pub mod record;
 pub mod route;
 pub mod rt;
 pub mod server;
+pub mod spatial;
 pub mod store;
 pub mod table;

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 
 use crate::datadir::DataDir;
 use crate::log::{Commit, LogPos};
+use crate::metrics::{ExecProbe, ExecSnapshot, ShardSnapshot, StoreProbe};
 use crate::record::Heartbeat;
 use crate::route::ShardId;
 use crate::rt::{self, mesh, Signal, SyncFile};
+use crate::server::listen::Role;
 use crate::server::msg::{Batch, ConnKey, ToOwner, ToSource};
 use crate::server::Shared;
 use crate::store::{ShardStore, StoreConfig};
@@ -87,11 +89,15 @@ pub struct StoreSlot {
     pending_entries: Cell<usize>,
     /// When the first of those was appended.
     pending_since: Cell<Option<Instant>>,
+    /// Commit counters.
+    pub probe: StoreProbe,
 }
 
 /// A frame waiting for its groups to become durable.
 struct FrameWait {
     frame: u64,
+    /// When the frame was read (ack latency starts here).
+    received: Instant,
     /// Highest accepted seq in the frame (0 if none).
     seq_max: u64,
     /// Groups not yet durable.
@@ -143,6 +149,8 @@ pub struct Exec {
     pub stop_signal: Rc<Signal>,
     /// Connections open on this executor.
     pub conns_open: Cell<usize>,
+    /// This executor's counters.
+    pub probe: ExecProbe,
 }
 
 fn now_ms() -> i64 {
@@ -237,13 +245,14 @@ impl Exec {
 
     /// Starts a frame with `groups` destination groups; returns its number. A frame with zero
     /// groups (everything rejected) completes at once.
-    pub fn frame_begin(&self, key: ConnKey, seq_max: u64, groups: u32) -> u64 {
+    pub fn frame_begin(&self, key: ConnKey, seq_max: u64, groups: u32, received: Instant) -> u64 {
         let frame = self
             .with_conn(key, |c| {
                 let frame = c.next_frame;
                 c.next_frame += 1;
                 c.frames.push_back(FrameWait {
                     frame,
+                    received,
                     seq_max,
                     groups,
                 });
@@ -276,11 +285,17 @@ impl Exec {
 
     /// Pops the completed prefix of frames and wakes the writer if the ack moved.
     fn settle(&self, key: ConnKey) {
+        let probe = &self.probe;
         self.with_conn(key, |c| {
             let before = (c.ack_ready, c.errors.len());
+            let mut now = None;
             while c.frames.front().is_some_and(|f| f.groups == 0) {
                 let f = c.frames.pop_front().expect("front exists");
                 c.ack_ready = c.ack_ready.max(f.seq_max);
+                let now = *now.get_or_insert_with(Instant::now);
+                probe
+                    .ack_latency
+                    .observe(now.duration_since(f.received).as_secs_f64());
             }
             if (c.ack_ready, c.errors.len()) != before {
                 c.signal.notify();
@@ -429,6 +444,10 @@ impl Exec {
 
     /// Commits one shard: makes everything appended so far durable, then completes waiters.
     async fn commit_slot(&self, slot: &StoreSlot) {
+        let started = Instant::now();
+        slot.probe
+            .group_entries
+            .observe(slot.pending_entries.get() as f64);
         slot.pending_entries.set(0);
         slot.pending_since.set(None);
         let begun = slot.store.borrow_mut().commit_begin();
@@ -473,6 +492,9 @@ impl Exec {
                 }
             }
         };
+        slot.probe
+            .commit_latency
+            .observe(started.elapsed().as_secs_f64());
         loop {
             let next = {
                 let mut w = slot.waiters.borrow_mut();
@@ -542,9 +564,11 @@ impl Exec {
 
     async fn request_loop(self: Rc<Self>, rx: Rc<mesh::Receivers<ToOwner>>, peer: usize) {
         while let Ok(Some(msg)) = rx.recv_from(peer).await {
+            ExecProbe::add(&self.probe.received_from[peer], 1);
             match msg {
                 ToOwner::Append { shard, batch } => self.append_remote(peer, shard, batch),
                 ToOwner::Query { shard, job } => job(&self.slot(shard).store.borrow()),
+                ToOwner::Run(job) => job(&self),
                 ToOwner::Adopt(adopt) => crate::server::listen::adopt(self.clone(), *adopt),
             }
         }
@@ -584,11 +608,65 @@ impl Exec {
         let job: crate::server::msg::StoreJob = Box::new(move |store| {
             let _ = tx.send(job(store));
         });
-        self.requests
-            .send_to(owner, ToOwner::Query { shard, job })
-            .await
-            .ok()?;
+        self.send(owner, ToOwner::Query { shard, job }).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Sends a request to another executor (waiting for room: backpressure), counting it.
+    pub async fn send(&self, to: usize, msg: ToOwner) -> Result<(), ()> {
+        ExecProbe::add(&self.probe.sent_to[to], 1);
+        self.requests.send_to(to, msg).await.map_err(|_| ())
+    }
+
+    /// Runs `job` on every executor (here directly, elsewhere over the mesh) and collects the
+    /// answers in executor order; executors that cannot answer are left out.
+    pub async fn on_all<T: Send + 'static>(
+        &self,
+        job: impl Fn(&Exec) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.shared.executors);
+        for i in 0..self.shared.executors {
+            if i == self.index {
+                out.push(job(self));
+                continue;
+            }
+            let (tx, rx) = futures_channel::oneshot::channel();
+            let job = job.clone();
+            let run: crate::server::msg::ExecJob = Box::new(move |exec: &Exec| {
+                let _ = tx.send(job(exec));
+            });
+            if self.send(i, ToOwner::Run(run)).await.is_ok() {
+                if let Ok(v) = rx.await {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// This executor's metrics snapshot.
+    pub fn snapshot(&self) -> ExecSnapshot {
+        let mut snap = self.probe.snapshot(self.index, self.conns_open.get());
+        for slot in &self.stores {
+            let store = slot.store.borrow();
+            let stats = store.stats();
+            snap.shards.push(ShardSnapshot {
+                shard: slot.shard.0,
+                executor: self.index,
+                log_bytes: stats.bytes,
+                segments: stats.segments,
+                entries: stats.entries,
+                written: stats.written.0,
+                durable: stats.durable.0,
+                devices: store.table().len(),
+                table_bytes: store.table().heap_bytes(),
+                sync_mode: stats.sync_mode.to_string(),
+                group_entries: slot.probe.group_entries.snapshot(),
+                commit_latency: slot.probe.commit_latency.snapshot(),
+                waiters: slot.waiters.borrow().len(),
+            });
+        }
+        snap
     }
 }
 
@@ -627,6 +705,7 @@ pub async fn executor_main(
             sync_files: RefCell::new(Vec::new()),
             pending_entries: Cell::new(0),
             pending_since: Cell::new(None),
+            probe: StoreProbe::default(),
         });
     }
     let (requests, request_rx) = meshes
@@ -655,6 +734,7 @@ pub async fn executor_main(
         decoder: RefCell::new(crate::proto::Decoder::new()),
         stop_signal: Signal::new(),
         conns_open: Cell::new(0),
+        probe: ExecProbe::new(peers),
     });
     let request_rx = Rc::new(request_rx);
     let reply_rx = Rc::new(reply_rx);
@@ -672,7 +752,20 @@ pub async fn executor_main(
             .expect("address resolved before executors start"),
     )?;
     shared.executors_ready.fetch_add(1, Ordering::AcqRel);
-    rt::spawn(crate::server::listen::accept_loop(exec.clone(), listener));
+    rt::spawn(crate::server::listen::accept_loop(
+        exec.clone(),
+        listener,
+        Role::Main,
+    ));
+    if let (0, Some(addr)) = (index, shared.cfg.metrics_listen) {
+        let metrics = rt::bind(addr)?;
+        tracing::info!(%addr, "serving /metrics on its own listener");
+        rt::spawn(crate::server::listen::accept_loop(
+            exec.clone(),
+            metrics,
+            Role::Metrics,
+        ));
+    }
 
     // Watch for shutdown.
     while !stop_flag.load(Ordering::Acquire) {

@@ -7,11 +7,14 @@
 use serde::Serialize;
 
 use crate::auth::Scope;
+use crate::config::Durability;
 use crate::http::parse::{self, Request};
 use crate::limits::{QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX};
+use crate::metrics::{ExecSnapshot, ProcessInfo};
 use crate::route::shard_of;
 use crate::server::exec::now_s;
 use crate::server::exec::Exec;
+use crate::server::listen::Role;
 
 /// A complete response.
 pub struct Response {
@@ -148,10 +151,32 @@ fn require_reader(exec: &Exec, req: &Request<'_>, device: Option<&str>) -> Resul
 }
 
 /// Answers one HTTP request.
-pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8]) -> Response {
+pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -> Response {
     let path = req.path;
     let method = req.method;
+    let metrics_here = match role {
+        Role::Metrics => true,
+        Role::Main => exec.shared.cfg.metrics_listen.is_none(),
+    };
+    if role == Role::Metrics && path != "/metrics" {
+        return Response::error(404, "this listener serves only /metrics");
+    }
     match path {
+        "/metrics" if metrics_here => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            metrics(exec).await
+        }
+        "/v1/stats" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            if let Err(r) = require_reader(exec, req, None) {
+                return r;
+            }
+            stats(exec).await
+        }
         "/healthz" | "/readyz" => {
             if method != "GET" {
                 return Response::error(405, "method not allowed");
@@ -243,6 +268,50 @@ async fn history(exec: &Exec, req: &Request<'_>, id: String) -> Response {
         Some(None) => Response::json(404, r#"{"error":"unknown device","param":"id"}"#.into()),
         None => Response::error(503, "shard unavailable"),
     }
+}
+
+fn process_info(exec: &Exec) -> ProcessInfo {
+    let shared = &exec.shared;
+    ProcessInfo {
+        uptime_s: shared.started.elapsed().as_secs_f64(),
+        durability: match shared.cfg.durability {
+            Durability::Strict => "strict",
+            Durability::Relaxed => "relaxed",
+        },
+        connections_total: shared
+            .connections_open
+            .load(std::sync::atomic::Ordering::Relaxed),
+        sink_backlog: Vec::new(),
+    }
+}
+
+async fn metrics(exec: &Exec) -> Response {
+    let snaps = exec.on_all(|e: &Exec| e.snapshot()).await;
+    Response {
+        status: 200,
+        content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        body: crate::metrics::render(snaps, process_info(exec)),
+    }
+}
+
+async fn stats(exec: &Exec) -> Response {
+    #[derive(Serialize)]
+    struct Stats {
+        uptime_s: f64,
+        durability: &'static str,
+        connections_total: usize,
+        shard_count: u32,
+        executors: Vec<ExecSnapshot>,
+    }
+    let info = process_info(exec);
+    let body = Stats {
+        uptime_s: info.uptime_s,
+        durability: info.durability,
+        connections_total: info.connections_total,
+        shard_count: exec.shared.shard_count,
+        executors: exec.on_all(|e: &Exec| e.snapshot()).await,
+    };
+    Response::json(200, serde_json::to_string(&body).expect("serializable"))
 }
 
 async fn last_location(exec: &Exec, id: String) -> Response {

@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -20,6 +20,7 @@ use futures_lite::AsyncWriteExt;
 use futures_util::{SinkExt, StreamExt};
 
 use crate::limits::{CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS};
+use crate::metrics::ExecProbe;
 use crate::proto::{self, close, Ingest, IngestScope, Outcome};
 use crate::record::Heartbeat;
 use crate::route::{shard_of, ShardId};
@@ -226,8 +227,7 @@ async fn read_loop(
                     };
                     // Waits for room in the owner's channel: a slow owner slows this reader.
                     if exec
-                        .requests
-                        .send_to(owner, ToOwner::Append { shard, batch })
+                        .send(owner, ToOwner::Append { shard, batch })
                         .await
                         .is_err()
                     {
@@ -271,6 +271,16 @@ fn process_frame(
     forwards: &mut Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
 ) -> Step {
     let cfg = &exec.shared.cfg;
+    let received = Instant::now();
+    let probe = &exec.probe;
+    ExecProbe::add(&probe.frames_in, 1);
+    ExecProbe::add(
+        &probe.bytes_in,
+        match payload {
+            Payload::Text(t) => t.len(),
+            Payload::Binary(b) => b.len(),
+        } as u64,
+    );
     let mut ingest = Ingest::new(scope, received_now_ms());
     ingest.heartbeats_max = cfg.frame_heartbeats_max;
     let mut decoder = exec.decoder.borrow_mut();
@@ -284,6 +294,7 @@ fn process_frame(
             if let Some(code) = e.close_code() {
                 return Step::Close(code, e.reason());
             }
+            probe.reject(e.reason());
             exec.with_conn(key, |c| {
                 c.errors.push_back((None, e.reason()));
                 c.signal.notify();
@@ -302,6 +313,7 @@ fn process_frame(
     let mut one_shard = true;
     let mut abuse = None;
     let mut rejected = 0usize;
+    let mut accepted = 0u64;
     exec.with_conn(key, |c| {
         for slot in slots.iter() {
             if let Some(seq) = slot.seq() {
@@ -313,6 +325,7 @@ fn process_frame(
             match slot.outcome() {
                 Outcome::Accepted { seq, heartbeat } => {
                     seq_max = seq.0;
+                    accepted += 1;
                     let shard = shard_of(&heartbeat.device_id, shards);
                     match first_shard {
                         None => first_shard = Some(shard),
@@ -322,6 +335,7 @@ fn process_frame(
                 }
                 Outcome::Rejected { seq, reason } => {
                     rejected += 1;
+                    probe.reject(reason.reason());
                     c.errors.push_back((seq.map(|s| s.0), reason.reason()));
                 }
             }
@@ -330,6 +344,7 @@ fn process_frame(
             c.signal.notify();
         }
     });
+    ExecProbe::add(&probe.accepted, accepted);
     if let Some(a) = abuse {
         return Step::Close(a.close_code(), a.reason());
     }
@@ -345,7 +360,7 @@ fn process_frame(
     if one_shard && owner == exec.index {
         // The common case on a device connection that lives on its owner: append straight from
         // the decoder's slots, no copy.
-        let frame = exec.frame_begin(key, seq_max, 1);
+        let frame = exec.frame_begin(key, seq_max, 1, received);
         exec.append_local(
             first_shard,
             key,
@@ -372,7 +387,7 @@ fn process_frame(
         forwards[idx].1.push((seq.0, std::mem::take(hb)));
     }
     drop(decoder);
-    let frame = exec.frame_begin(key, seq_max, forwards.len() as u32);
+    let frame = exec.frame_begin(key, seq_max, forwards.len() as u32, received);
     let mut i = 0;
     while i < forwards.len() {
         if exec.shared.owner(forwards[i].0).0 == exec.index {

@@ -52,8 +52,17 @@ impl Drop for ConnSlot {
     }
 }
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Devices and the HTTP API (and `/metrics` unless it has its own listener).
+    Main,
+    /// Only `/metrics` (`--metrics-listen`).
+    Metrics,
+}
+
 /// Accepts until shutdown.
-pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener) {
+pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
     let max = exec.shared.cfg.connections_max;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -89,7 +98,7 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener) {
             continue;
         }
         let _ = stream.set_nodelay(true);
-        rt::spawn(handle(exec.clone(), stream, slot));
+        rt::spawn(handle(exec.clone(), stream, slot, role));
     }
 }
 
@@ -168,7 +177,7 @@ async fn read_head(
     }
 }
 
-async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot) {
+async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Role) {
     let mut buf = Vec::with_capacity(1024);
     let handshake_timeout = exec.shared.cfg.handshake_timeout;
     for _ in 0..HTTP_REQUESTS_PER_CONN_MAX {
@@ -184,7 +193,10 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot) {
             _ => unreachable!("read_head returned a complete head"),
         };
         let head_len = req.head_bytes;
-        if req.path == "/v1/ingest" && (req.upgrade.is_some() || req.method != "GET") {
+        if role == Role::Main
+            && req.path == "/v1/ingest"
+            && (req.upgrade.is_some() || req.method != "GET")
+        {
             let upgrade = match authorize_upgrade(&exec, &req) {
                 Ok(u) => u,
                 Err((status, body)) => {
@@ -217,7 +229,8 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot) {
             _ => unreachable!("the head was complete before"),
         };
         let resp =
-            crate::server::http::respond(&exec, &req, &buf[head_len..head_len + body_len]).await;
+            crate::server::http::respond(&exec, &req, &buf[head_len..head_len + body_len], role)
+                .await;
         if write_response_typed(
             &mut stream,
             resp.status,
@@ -286,8 +299,7 @@ async fn place_ingest(
                 std::mem::forget(slot); // the adopting executor counts it from now on
                 drop(stream);
                 if exec
-                    .requests
-                    .send_to(owner, ToOwner::Adopt(Box::new(adopt)))
+                    .send(owner, ToOwner::Adopt(Box::new(adopt)))
                     .await
                     .is_err()
                 {

@@ -44,6 +44,8 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// Executors whose connections have all closed during shutdown.
     pub executors_drained: AtomicUsize,
+    /// When the server started.
+    pub started: std::time::Instant,
     /// The address actually bound (differs from the configured one when the port was 0).
     pub local_addr: std::sync::OnceLock<SocketAddr>,
 }
@@ -103,6 +105,7 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         stopping: AtomicBool::new(false),
         executors_drained: AtomicUsize::new(0),
         local_addr: std::sync::OnceLock::new(),
+        started: std::time::Instant::now(),
         cfg,
     });
     tracing::info!(
