@@ -205,3 +205,9 @@ impl ShardStore {
         &self.table
     }
 }
+
+// The server may build stores on one thread and move them to their executor's thread.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<ShardStore>();
+};

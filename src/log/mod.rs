@@ -718,11 +718,11 @@ impl Log {
             std::fs::remove_file(&path)
                 .map_err(|e| io_err(self.shard, "delete segment", &path, e))?;
             self.segments.pop_front();
+            // Sync after each deletion: if a crash made a later deletion durable but not an
+            // earlier one, recovery would see a gap between segments and treat it as damage.
+            segment::sync_dir(self.shard, &self.dir)?;
             deleted += 1;
             tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
-        }
-        if deleted > 0 {
-            segment::sync_dir(self.shard, &self.dir)?;
         }
         Ok(deleted)
     }
