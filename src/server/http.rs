@@ -187,6 +187,15 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -
                 Response::json(503, r#"{"status":"starting"}"#.into())
             }
         }
+        "/v1/devices" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            if let Err(r) = require_reader(exec, req, None) {
+                return r;
+            }
+            area(exec, req).await
+        }
         _ if path.starts_with("/v1/devices/") => {
             let rest = &path["/v1/devices/".len()..];
             let (raw_id, sub) = match rest.split_once('/') {
@@ -238,6 +247,102 @@ fn limit_param(req: &Request<'_>) -> Result<usize, Response> {
             "limit",
         )),
     }
+}
+
+/// A parameter made of comma-separated numbers; `Err` is the 400 to answer with.
+fn floats_param<const N: usize>(
+    req: &Request<'_>,
+    name: &str,
+    what: &str,
+) -> Result<Option<[f64; N]>, Response> {
+    let mut buf = Vec::new();
+    let raw = match parse::query_param(req.query, name, &mut buf) {
+        Ok(None) => return Ok(None),
+        Ok(Some(v)) => v,
+        Err(_) => return Err(Response::param_error("bad percent-encoding", name)),
+    };
+    let bad = || Response::param_error(&format!("{name} must be {what}"), name);
+    let mut out = [0.0; N];
+    let mut parts = raw.split(',');
+    for slot in out.iter_mut() {
+        *slot = parts
+            .next()
+            .and_then(|p| p.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .ok_or_else(bad)?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(Some(out))
+}
+
+/// Largest `radius` of a near query: half the Earth's circumference (covers everything).
+const RADIUS_M_MAX: f64 = 20_037_509.0;
+
+fn area_params(req: &Request<'_>) -> Result<(crate::server::query::Area, usize), Response> {
+    use crate::server::query::Area;
+    let limit = limit_param(req)?;
+    let bbox = floats_param::<4>(req, "bbox", "minLon,minLat,maxLon,maxLat")?;
+    let near = floats_param::<2>(req, "near", "lat,lon")?;
+    let radius = floats_param::<1>(req, "radius", "a number of metres")?;
+    match (bbox, near) {
+        (Some([min_lon, min_lat, max_lon, max_lat]), None) => {
+            let b = crate::spatial::BBox::new(min_lon, min_lat, max_lon, max_lat)
+                .map_err(|e| Response::param_error(e, "bbox"))?;
+            Ok((Area::BBox(b), limit))
+        }
+        (None, Some([lat, lon])) => {
+            if !((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)) {
+                return Err(Response::param_error(
+                    "near must be lat,lon within range",
+                    "near",
+                ));
+            }
+            let radius_m = match radius {
+                Some([r]) if r > 0.0 && r <= RADIUS_M_MAX => r,
+                Some(_) => {
+                    return Err(Response::param_error(
+                        &format!("radius must be > 0 and <= {RADIUS_M_MAX} metres"),
+                        "radius",
+                    ))
+                }
+                None => {
+                    return Err(Response::param_error(
+                        "near needs radius (metres)",
+                        "radius",
+                    ))
+                }
+            };
+            Ok((Area::Near { lat, lon, radius_m }, limit))
+        }
+        (Some(_), Some(_)) => Err(Response::param_error(
+            "give either bbox or near, not both",
+            "bbox",
+        )),
+        (None, None) => Err(Response::param_error(
+            "give bbox=minLon,minLat,maxLon,maxLat or near=lat,lon&radius=m",
+            "bbox",
+        )),
+    }
+}
+
+async fn area(exec: &Exec, req: &Request<'_>) -> Response {
+    let (area, limit) = match area_params(req) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let shards = (0..exec.shared.shard_count).map(|k| {
+        exec.query(crate::route::ShardId(k), move |store| {
+            crate::server::query::area(store, &area, limit)
+        })
+    });
+    let parts = futures_util::future::join_all(shards).await;
+    if parts.iter().any(Option::is_none) {
+        return Response::error(503, "shard unavailable");
+    }
+    let hits = crate::server::query::merge_area(parts.into_iter().flatten().collect(), limit);
+    Response::json(200, serde_json::to_string(&hits).expect("serializable"))
 }
 
 async fn history(exec: &Exec, req: &Request<'_>, id: String) -> Response {

@@ -94,6 +94,18 @@ pub enum TableError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot(u32);
 
+impl Slot {
+    /// The slot as a plain key, for side indexes such as the spatial grid.
+    pub(crate) fn raw(self) -> u32 {
+        self.0
+    }
+
+    /// A slot back from [`Slot::raw`]; only keys this table handed out are valid.
+    pub(crate) fn from_raw(raw: u32) -> Slot {
+        Slot(raw)
+    }
+}
+
 // Record layout (little-endian, 4-byte aligned, never straddling a chunk):
 //   0..8 lat f64 | 8..16 lon f64 | 16..24 ts_ms i64 | 24..32 received_ms i64
 //   32..38 last_pos u48 | 38..44 head_pos u48 | 44 id_len u8 | 45.. id bytes | zero pad to 4
