@@ -339,10 +339,14 @@ impl prometheus_client::collector::Collector for Exposition {
                 .map(|s| (shard_label(s.shard), f(s)))
                 .collect()
         };
-        let build = vec![("version", env!("CARGO_PKG_VERSION").to_string())];
-        let mut me =
-            e.encode_descriptor("geobeat_build", "Build information", None, MetricType::Info)?;
-        me.encode_info(&build)?;
+        // A gauge fixed at 1 (the classic `_info` idiom): an OpenMetrics `info` type would not
+        // parse as Prometheus text format (promtool, older scrapers).
+        self.gauge(
+            e,
+            "geobeat_build_info",
+            "Build information",
+            &[(vec![("version", env!("CARGO_PKG_VERSION").to_string())], 1)],
+        )?;
         self.gauge(
             e,
             "geobeat_uptime_seconds",
@@ -564,6 +568,39 @@ impl prometheus_client::collector::Collector for Exposition {
         )?;
         Ok(())
     }
+}
+
+/// Rewrites an OpenMetrics exposition into the classic Prometheus text format (0.0.4) for
+/// scrapers that do not ask for OpenMetrics: counter families are named with their `_total`
+/// suffix, and the OpenMetrics-only `# UNIT` and `# EOF` lines go.
+pub fn to_classic(openmetrics: &str) -> String {
+    let mut counters: Vec<&str> = Vec::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.strip_suffix(" counter") {
+                counters.push(name);
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Renders the OpenMetrics text exposition.

@@ -166,7 +166,10 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -
             if method != "GET" {
                 return Response::error(405, "method not allowed");
             }
-            metrics(exec).await
+            let openmetrics = req
+                .accept
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            metrics(exec, openmetrics).await
         }
         "/v1/stats" => {
             if method != "GET" {
@@ -390,12 +393,23 @@ fn process_info(exec: &Exec) -> ProcessInfo {
     }
 }
 
-async fn metrics(exec: &Exec) -> Response {
+/// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus does), else the classic
+/// Prometheus text format.
+async fn metrics(exec: &Exec, openmetrics: bool) -> Response {
     let snaps = exec.on_all(|e: &Exec| e.snapshot()).await;
-    Response {
-        status: 200,
-        content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        body: crate::metrics::render(snaps, process_info(exec)),
+    let text = crate::metrics::render(snaps, process_info(exec));
+    if openmetrics {
+        Response {
+            status: 200,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body: text,
+        }
+    } else {
+        Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: crate::metrics::to_classic(&text),
+        }
     }
 }
 

@@ -34,8 +34,9 @@ use crate::server::msg::{Batch, ConnKey, ToOwner};
 /// tungstenite's read buffer per connection. Its default (128 KiB) alone would blow the 8 KiB
 /// per idle connection budget; frames larger than this are still read, in several steps.
 const WS_READ_BUFFER_BYTES: usize = 4 << 10;
-/// Write buffer: acks and error frames are small.
-const WS_WRITE_BUFFER_BYTES: usize = 0;
+/// Frames queued before tungstenite writes to the socket: the writer feeds every pending error
+/// frame and ack, then flushes once, so one syscall carries them all.
+const WS_WRITE_BUFFER_BYTES: usize = 8 << 10;
 /// Most bytes queued for a slow reader of our acks before writes wait.
 const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
 
