@@ -367,7 +367,7 @@ impl LastLocationTable {
         if self
             .chunks
             .last()
-            .map_or(true, |c| c.used + size > TABLE_CHUNK_BYTES)
+            .is_none_or(|c| c.used + size > TABLE_CHUNK_BYTES)
         {
             self.chunks.push(Chunk::new());
         }
