@@ -16,6 +16,9 @@ use crate::server::exec::now_s;
 use crate::server::exec::Exec;
 use crate::server::listen::Role;
 
+/// The OpenAPI 3 document of the HTTP API (kept true by tests/openapi.rs).
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
 /// A complete response.
 pub struct Response {
     /// HTTP status code.
@@ -171,6 +174,12 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -
                 .is_some_and(|a| a.contains("application/openmetrics-text"));
             metrics(exec, openmetrics).await
         }
+        "/openapi.json" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            Response::json(200, OPENAPI_JSON.to_owned())
+        }
         "/v1/stats" => {
             if method != "GET" {
                 return Response::error(405, "method not allowed");
@@ -222,7 +231,7 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -
                 Some(_) => history(exec, req, id).await,
             }
         }
-        "/v1/ingest" => Response::error(400, "use a WebSocket upgrade for /v1/ingest"),
+        "/v1/ingest" => Response::error(426, "use a WebSocket upgrade for /v1/ingest"),
         _ => Response::error(404, "no such endpoint"),
     }
 }

@@ -137,11 +137,14 @@ pub async fn write_response_typed(
     body: &str,
     close: bool,
 ) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}\r\n",
+    let head =
+        format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}{}\r\n",
         parse::status_text(status),
         body.len(),
-        if close { "connection: close\r\n" } else { "" }
+        if close { "connection: close\r\n" } else { "" },
+        // RFC 6455 4.4: say which WebSocket version we speak.
+        if status == 426 { "sec-websocket-version: 13\r\n" } else { "" }
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
