@@ -177,3 +177,28 @@ fn area_queries_by_bbox_and_radius_across_shards() {
     }
     assert_eq!(server.get("/v1/devices?bbox=0,0,1,1", None).0, 401);
 }
+
+#[test]
+fn oversized_requests_get_the_matching_4xx() {
+    // A URI over the limit is 414, a head over the limit 431, a declared body over the limit
+    // 413 — each with a JSON body — and the server keeps serving.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let long_uri = format!(
+        "GET /v1/devices/{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(5000)
+    );
+    let (st, body) = raw_http(server.addr, long_uri.as_bytes()).unwrap();
+    assert_eq!(st, 414, "{body}");
+    assert!(body.contains("\"error\""));
+    let big_head = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: {}\r\n\r\n",
+        "b".repeat(9000)
+    );
+    assert_eq!(raw_http(server.addr, big_head.as_bytes()).unwrap().0, 431);
+    let big_body = "POST /v1/devices HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n";
+    assert_eq!(raw_http(server.addr, big_body.as_bytes()).unwrap().0, 413);
+    let smuggle = "POST /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+    assert_eq!(raw_http(server.addr, smuggle.as_bytes()).unwrap().0, 400);
+    assert_eq!(server.get("/healthz", None).0, 200);
+}

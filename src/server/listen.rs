@@ -28,6 +28,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// Connections over the cap that are still answered with a 503 (beyond that they are closed
 /// at once, so a flood cannot exhaust descriptors).
 const REFUSALS_IN_FLIGHT_MAX: usize = 256;
+/// Most bytes read and dropped from a client after its final answer.
+const DRAIN_BYTES_MAX: usize = 1 << 20;
 /// How long a refused connection is read from and written to.
 const REFUSAL_READ_MAX: Duration = Duration::from_millis(500);
 /// Most HTTP requests served on one keep-alive connection.
@@ -108,14 +110,25 @@ async fn refuse_over_cap(mut stream: TcpStream, _slot: ConnSlot) {
     let mut buf = Vec::with_capacity(512);
     let _ = read_head(&mut stream, &mut buf, REFUSAL_READ_MAX).await;
     let body = r#"{"error":"too many connections"}"#;
-    let _ = rt::timeout(
-        REFUSAL_READ_MAX,
-        write_response(&mut stream, 503, body, true),
-    )
-    .await;
+    answer_and_close(&mut stream, 503, body).await;
+}
+
+/// Sends a final answer and closes gracefully: our side is shut down first and what the client
+/// still sends is read and dropped for a moment, because closing a socket with unread input makes
+/// the kernel send a reset that can destroy the answer before the client reads it.
+async fn answer_and_close(stream: &mut TcpStream, status: u16, body: &str) {
+    let _ = rt::timeout(REFUSAL_READ_MAX, write_response(stream, status, body, true)).await;
     let _ = stream.shutdown(std::net::Shutdown::Write).await;
-    let mut sink = [0u8; 512];
-    let drain = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let mut sink = [0u8; 2048];
+    let mut left = DRAIN_BYTES_MAX;
+    let drain = async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    };
     let _ = rt::timeout(REFUSAL_READ_MAX, drain).await;
 }
 
@@ -187,7 +200,7 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
         if let Err(status) = read_head(&mut stream, &mut buf, handshake_timeout).await {
             if let Some(status) = status {
                 let (_, body) = parse::json_error(status, parse::status_text(status), None);
-                let _ = write_response(&mut stream, status, &body, true).await;
+                answer_and_close(&mut stream, status, &body).await;
             }
             return;
         }
@@ -203,7 +216,7 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             let upgrade = match authorize_upgrade(&exec, &req) {
                 Ok(u) => u,
                 Err((status, body)) => {
-                    let _ = write_response(&mut stream, status, &body, true).await;
+                    answer_and_close(&mut stream, status, &body).await;
                     return;
                 }
             };
@@ -217,7 +230,7 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
         if req.chunked {
             let (st, body) =
                 parse::json_error(411, "chunked request bodies are not supported", None);
-            let _ = write_response(&mut stream, st, &body, true).await;
+            answer_and_close(&mut stream, st, &body).await;
             return;
         }
         while buf.len() < head_len + body_len {
