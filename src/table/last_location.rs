@@ -406,6 +406,23 @@ impl LastLocationTable {
             .flat_map(Chunk::records)
             .map(|rec| (rec_str(rec), rec_location(rec)))
     }
+
+    /// Iterates every device with its slot (in insertion order), e.g. to build side indexes keyed
+    /// by slot without a lookup per device.
+    pub fn iter_slots(&self) -> impl Iterator<Item = (Slot, &str, LastLocation)> + '_ {
+        self.chunks.iter().enumerate().flat_map(|(ci, chunk)| {
+            let mut off = 0;
+            std::iter::from_fn(move || {
+                if off >= chunk.used {
+                    return None;
+                }
+                let rec = &chunk.bytes[off..];
+                let slot = Slot(((ci as u32) << REF_CHUNK_SHIFT) | (off / REC_ALIGN) as u32);
+                off += record_bytes(rec[REC_ID_LEN] as usize);
+                Some((slot, rec_str(rec), rec_location(rec)))
+            })
+        })
+    }
 }
 
 #[cfg(test)]
@@ -498,7 +515,8 @@ mod tests {
     #[test]
     fn long_ids_fill_several_chunks_without_straddling() {
         // 10k devices with ids of 200..=255 bytes need several 1 MiB chunks: every record stays
-        // findable with its exact id and values, and iteration visits each once, in order.
+        // findable with its exact id and values, and iteration (with and without slots) visits
+        // each once, in order, handing out the slots lookups return.
         let mut t = LastLocationTable::new();
         let id = |i: usize| format!("{i:08}{}", "z".repeat(192 + i % 56));
         for i in 0..10_000usize {
@@ -518,6 +536,13 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 10_000);
+        // iter_slots hands out the same slots lookups do.
+        for (k, (slot, got, l)) in t.iter_slots().enumerate() {
+            assert_eq!(got, id(k));
+            assert_eq!(Some(slot), t.find(got));
+            assert_eq!(t.get_at(slot), l);
+        }
+        assert_eq!(t.iter_slots().count(), 10_000);
         assert_eq!(record_bytes(1), 48);
         assert_eq!(record_bytes(20), 68);
         assert_eq!(record_bytes(255), 300);
