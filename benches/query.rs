@@ -44,7 +44,9 @@ fn queries(c: &mut Criterion) {
     );
     let mut g = c.benchmark_group("area_1M");
     g.measurement_time(Duration::from_secs(5)).sample_size(30);
-    g.bench_function("bbox_1000", |bch| bch.iter(|| black_box(area(&store, &Area::BBox(b), 1000))));
+    g.bench_function("bbox_1000", |bch| {
+        bch.iter(|| black_box(area(&store, &Area::BBox(b), 1000)))
+    });
     g.bench_function("bbox_1000_merged", |bch| {
         bch.iter(|| black_box(merge_area(vec![area(&store, &Area::BBox(b), 1000)], 1000)))
     });
@@ -54,7 +56,9 @@ fn queries(c: &mut Criterion) {
         radius_m: 75_000.0,
     };
     println!("near holds {} devices", area(&store, &near, 10_000).len());
-    g.bench_function("near_75km", |bch| bch.iter(|| black_box(area(&store, &near, 1000))));
+    g.bench_function("near_75km", |bch| {
+        bch.iter(|| black_box(area(&store, &near, 1000)))
+    });
     let crossing = BBox::new(179.0, -10.0, -179.0, 10.0).unwrap();
     g.bench_function("bbox_antimeridian_empty", |bch| {
         bch.iter(|| black_box(area(&store, &Area::BBox(crossing), 1000)))

@@ -96,8 +96,7 @@ impl ShardStore {
             });
         }
         let mut grid = Grid::new();
-        for (id, loc) in table.iter() {
-            let slot = table.find(id).expect("iterated ids are in the table");
+        for (slot, _, loc) in table.iter_slots() {
             grid.update(slot.raw(), loc.lat, loc.lon);
         }
         Ok((ShardStore { log, table, grid }, report))
