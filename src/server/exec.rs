@@ -690,13 +690,19 @@ pub async fn executor_main(
     stop_flag: Arc<AtomicBool>,
 ) -> Result<(), std::io::Error> {
     let mut stores = Vec::new();
+    let mut open_error = None;
     for k in (index..shared.shard_count as usize).step_by(shared.executors) {
         let shard = ShardId(k as u32);
         let mut cfg = StoreConfig::new(datadir.shard_dir(shard), shard);
         cfg.segment_bytes = shared.cfg.segment_bytes;
         let started = Instant::now();
-        let (store, report) = ShardStore::open(&cfg)
-            .map_err(|e| std::io::Error::other(format!("opening shard {shard}: {e}")))?;
+        let (store, report) = match ShardStore::open(&cfg) {
+            Ok(opened) => opened,
+            Err(e) => {
+                open_error = Some(std::io::Error::other(format!("opening shard {shard}: {e}")));
+                break;
+            }
+        };
         tracing::info!(shard = %shard, executor = index, elapsed_ms = started.elapsed().as_millis() as u64, report = ?report, "shard recovered");
         stores.push(StoreSlot {
             shard,
@@ -718,6 +724,14 @@ pub async fn executor_main(
         .join()
         .await
         .map_err(|_| std::io::Error::other("joining reply mesh"))?;
+    if let Some(e) = open_error {
+        // The meshes are joined (peers would wait for us forever otherwise); now stop everyone.
+        tracing::error!(executor = index, error = %e, "a shard could not be opened; stopping");
+        stop_flag.store(true, Ordering::Release);
+        shared.stopping.store(true, Ordering::Release);
+        shared.executors_drained.fetch_add(1, Ordering::AcqRel);
+        return Err(e);
+    }
     let peers = shared.executors;
     let exec = Rc::new(Exec {
         index,
