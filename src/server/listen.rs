@@ -221,6 +221,8 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
                 }
             };
             let leftover = buf[head_len..].to_vec();
+            // The head buffer is not needed for the connection's life (idle memory budget).
+            drop(buf);
             return place_ingest(exec, stream, leftover, upgrade, slot).await;
         }
         // Plain HTTP. Bodies are bounded (the parser refused larger ones) and read in full
