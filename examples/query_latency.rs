@@ -20,10 +20,12 @@ fn main() -> std::io::Result<()> {
     let count: usize = args[4].parse().expect("ID_COUNT");
     let seconds: f64 = args[5].parse().expect("SECONDS");
     let history = args.get(6).is_some_and(|a| a == "history");
-    let stream = TcpStream::connect(addr)?;
-    stream.set_nodelay(true)?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
+    let connect = || -> std::io::Result<(BufReader<TcpStream>, TcpStream)> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        Ok((BufReader::new(stream.try_clone()?), stream))
+    };
+    let (mut reader, mut writer) = connect()?;
     let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
     let (mut ok, mut not_found, mut other) = (0u64, 0u64, 0u64);
     let end = Instant::now() + Duration::from_secs_f64(seconds);
@@ -49,19 +51,26 @@ fn main() -> std::io::Result<()> {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let mut len = 0usize;
+        let mut close = false;
         loop {
             line.clear();
             reader.read_line(&mut line)?;
             if line == "\r\n" || line.is_empty() {
                 break;
             }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
                 len = v.trim().parse().unwrap_or(0);
             }
+            close |= lower.starts_with("connection: close");
         }
         body.resize(len, 0);
         reader.read_exact(&mut body)?;
         hist.record(t.elapsed().as_micros() as u64).expect("record");
+        if close {
+            // The server ends keep-alive connections after a bounded number of requests.
+            (reader, writer) = connect()?;
+        }
         match status {
             200 => ok += 1,
             404 => not_found += 1,

@@ -196,7 +196,7 @@ async fn read_head(
 async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Role) {
     let mut buf = Vec::with_capacity(1024);
     let handshake_timeout = exec.shared.cfg.handshake_timeout;
-    for _ in 0..HTTP_REQUESTS_PER_CONN_MAX {
+    for served in 1..=HTTP_REQUESTS_PER_CONN_MAX {
         if let Err(status) = read_head(&mut stream, &mut buf, handshake_timeout).await {
             if let Some(status) = status {
                 let (_, body) = parse::json_error(status, parse::status_text(status), None);
@@ -228,7 +228,8 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
         // Plain HTTP. Bodies are bounded (the parser refused larger ones) and read in full
         // before answering, so pipelined requests stay in step.
         let body_len = req.content_length.unwrap_or(0) as usize;
-        let keep_alive = req.keep_alive();
+        // The last request a connection may make is answered with `connection: close`.
+        let keep_alive = req.keep_alive() && served < HTTP_REQUESTS_PER_CONN_MAX;
         if req.chunked {
             let (st, body) =
                 parse::json_error(411, "chunked request bodies are not supported", None);
