@@ -261,3 +261,229 @@ pub fn now_ms() -> i64 {
 pub fn hb_json(seq: u64, lat: f64, lon: f64, ts: i64) -> String {
     format!(r#"{{"seq":{seq},"lat":{lat},"lon":{lon},"ts":{ts}}}"#)
 }
+
+// ----- Helpers added for the reliability suites (crash, torn storage, disk full, hostile,
+// security). Existing helpers above are unchanged. -----
+
+/// Spawns `geobeat` with `args`, appending its stdout (the tracing log) and stderr (fatal errors)
+/// to `log`.
+pub fn spawn_logged(args: &[String], log: &Path) -> Child {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open server log");
+    let out = file.try_clone().expect("clone log handle");
+    Command::new(bin())
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("GB_TEST_LOG").unwrap_or("geobeat=info".into()),
+        )
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(file)
+        .spawn()
+        .expect("spawn geobeat")
+}
+
+impl Server {
+    /// Like [`Server::start`], but the server's log (at `info` unless `GB_TEST_LOG` says
+    /// otherwise) goes to the file `log` instead of the test's terminal.
+    pub fn start_logged(dir: &Path, extra: &[&str], log: &Path) -> Server {
+        let addr = free_addr();
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+        ];
+        if !extra.contains(&"--shards") {
+            args.extend(["--shards".into(), "2".into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = spawn_logged(&args, log);
+        let mut s = Server {
+            child,
+            addr,
+            dir: dir.to_path_buf(),
+            args,
+        };
+        s.wait_healthy_or_log(log);
+        s
+    }
+
+    /// Restarts with the same arguments, appending the log to `log`.
+    pub fn restart_logged(&mut self, log: &Path) {
+        self.child = spawn_logged(&self.args, log);
+        self.wait_healthy_or_log(log);
+    }
+
+    /// Waits for `/healthz`; on failure panics with the end of the server log.
+    fn wait_healthy_or_log(&mut self, log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("geobeat exited early: {st}\n{}", log_tail(log, 40));
+            }
+            if let Ok((200, _)) = http(self.addr, "GET", "/healthz", None) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not become healthy\n{}",
+                log_tail(log, 40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Mints a token in-process from the data directory's secret (fast; many tokens).
+    pub fn token_fast(&self, scope: geobeat::auth::Scope) -> String {
+        let secret = geobeat::auth::Secret::load(&self.dir.join("secret")).expect("secret");
+        let exp = (now_ms() / 1000) as u64 + 3600;
+        geobeat::auth::mint(&secret, &scope, exp)
+    }
+}
+
+/// The last `lines` lines of a log file (for failure messages).
+pub fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// One page of `GET /v1/devices/{id}/history` with a raw query string (e.g. `limit=10`).
+pub fn history_page(server: &Server, id: &str, query: &str, token: &str) -> (u16, String) {
+    let mut enc = String::new();
+    geobeat::http::parse::percent_encode(id, &mut enc);
+    let q = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    server.get(&format!("/v1/devices/{enc}/history{q}"), Some(token))
+}
+
+/// A device's whole history, newest first by device time, paging with `to` (device times must be
+/// unique per device for the paging to be exact). `None` when the server answers 404.
+pub fn history_all(server: &Server, id: &str, token: &str) -> Option<Vec<serde_json::Value>> {
+    const PAGE: usize = 10_000;
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    let mut to = i64::MAX;
+    loop {
+        let (st, body) = history_page(server, id, &format!("to={to}&limit={PAGE}"), token);
+        if st == 404 && out.is_empty() {
+            return None;
+        }
+        assert_eq!(st, 200, "history of {id}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("history is JSON");
+        let page = v.as_array().expect("history is an array").clone();
+        let n = page.len();
+        let Some(oldest) = page.last().map(|h| h["ts"].as_i64().expect("ts")) else {
+            return Some(out);
+        };
+        out.extend(page);
+        if n < PAGE || oldest == i64::MIN {
+            return Some(out);
+        }
+        to = oldest - 1;
+    }
+}
+
+/// The last location as JSON, `None` on 404.
+pub fn last_location(server: &Server, id: &str, token: &str) -> Option<serde_json::Value> {
+    let mut enc = String::new();
+    geobeat::http::parse::percent_encode(id, &mut enc);
+    let (st, body) = server.get(&format!("/v1/devices/{enc}"), Some(token));
+    match st {
+        200 => Some(serde_json::from_str(&body).expect("last location is JSON")),
+        404 => None,
+        other => panic!("last location of {id}: {other} {body}"),
+    }
+}
+
+/// The raw HTTP text of a WebSocket upgrade of `/v1/ingest` (with `extra` header lines, each
+/// ending in `\r\n`).
+pub fn upgrade_request(query: &str, extra: &str) -> String {
+    format!(
+        "GET /v1/ingest{query} HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+}
+
+/// A WebSocket client over an already connected stream (e.g. one with custom socket options).
+#[allow(clippy::result_large_err)]
+pub fn ws_over(
+    stream: TcpStream,
+    server: &Server,
+    token: &str,
+) -> Result<tungstenite::WebSocket<TcpStream>, tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = server.ingest_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    match tungstenite::client(req, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => Err(tungstenite::Error::Io(
+            std::io::ErrorKind::WouldBlock.into(),
+        )),
+    }
+}
+
+/// Sends a WebSocket message on a raw socket as the client would: one masked frame with the
+/// given first byte (FIN + opcode), zero mask (so the payload is sent as is).
+pub fn raw_ws_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![first];
+    let n = payload.len();
+    if n < 126 {
+        f.push(0x80 | n as u8);
+    } else if n <= u16::MAX as usize {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads the next text frame as JSON, or `None` when the connection closed (close frame, EOF,
+/// reset) or nothing arrived within the socket's read timeout.
+pub fn try_next_json<S: Read + Write>(
+    ws: &mut tungstenite::WebSocket<S>,
+) -> Option<serde_json::Value> {
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => return serde_json::from_str(t.as_str()).ok(),
+            Ok(Message::Close(_)) => return None,
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Runs `geobeat` with `args` (stderr to `log`) and waits up to 20 s for it to exit on its own;
+/// returns its status (`None` if it was still running and had to be killed) and its stderr.
+pub fn serve_until_exit(args: &[&str], log: &Path) -> (Option<ExitStatus>, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut child = spawn_logged(&args, log);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(log).unwrap_or_default())
+}
