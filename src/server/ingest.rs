@@ -55,6 +55,11 @@ struct Ctl {
     close: Cell<Option<(u16, &'static str)>>,
     /// Send a ping (idle check).
     ping: Cell<bool>,
+    /// Set when the writer has ended (socket error, or a write stalled past the idle timeout):
+    /// the reader stops too.
+    writer_gone: Cell<bool>,
+    /// Fired when `writer_gone` is set.
+    gone: rt::Signal,
 }
 
 fn ws_config(frame_bytes_max: usize) -> WebSocketConfig {
@@ -121,6 +126,7 @@ enum Next {
     Msg(Option<Result<Message, WsError>>),
     Idle,
     Stop,
+    WriterGone,
 }
 
 async fn read_loop(
@@ -148,6 +154,9 @@ async fn read_loop(
             }) else {
                 return;
             };
+            if ctl.writer_gone.get() {
+                return;
+            }
             if frames < CONN_FRAMES_IN_FLIGHT_MAX && errors < CONN_ERRORS_QUEUED_MAX {
                 break;
             }
@@ -165,13 +174,22 @@ async fn read_loop(
                     None => Next::Idle,
                 }
             },
-            async {
-                exec.stop_signal.wait().await;
-                Next::Stop
-            },
+            futures_lite::future::or(
+                async {
+                    exec.stop_signal.wait().await;
+                    Next::Stop
+                },
+                async {
+                    if !ctl.writer_gone.get() {
+                        ctl.gone.wait().await;
+                    }
+                    Next::WriterGone
+                },
+            ),
         )
         .await;
         let msg = match next {
+            Next::WriterGone => return,
             Next::Stop => {
                 ctl.close
                     .set(Some((close::GOING_AWAY, "server shutting down")));
@@ -420,13 +438,25 @@ fn now_ms_u64() -> u64 {
     received_now_ms().max(0) as u64
 }
 
+/// Runs the writer, then tells the reader it is gone (whatever ended it).
 async fn write_loop(
     exec: Rc<Exec>,
     key: ConnKey,
-    mut sink: Sink,
+    sink: Sink,
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
 ) {
+    write_frames(&exec, key, sink, &ctl, &signal).await;
+    ctl.writer_gone.set(true);
+    ctl.gone.notify();
+    signal.notify();
+}
+
+/// Writes error frames, coalesced acks, pings and the close frame. Every write must finish within
+/// the idle timeout: a client that stops reading (or vanished without FIN) would otherwise hold
+/// the connection, its slot and its buffers forever.
+async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, signal: &rt::Signal) {
+    let stall = exec.shared.cfg.idle_timeout;
     let mut acked = 0u64;
     let mut text = String::with_capacity(64);
     loop {
@@ -440,26 +470,36 @@ async fn write_loop(
         let mut wrote = false;
         for (seq, reason) in errors {
             proto::ack::write_error(&mut text, seq.map(proto::Seq), reason);
-            if sink.feed(Message::text(text.as_str())).await.is_err() {
+            if !matches!(
+                rt::timeout(stall, sink.feed(Message::text(text.as_str()))).await,
+                Some(Ok(()))
+            ) {
                 return;
             }
             wrote = true;
         }
         if ack_ready > acked {
             proto::ack::write_ack(&mut text, proto::Seq(ack_ready));
-            if sink.feed(Message::text(text.as_str())).await.is_err() {
+            if !matches!(
+                rt::timeout(stall, sink.feed(Message::text(text.as_str()))).await,
+                Some(Ok(()))
+            ) {
                 return;
             }
             acked = ack_ready;
             wrote = true;
         }
         if ctl.ping.replace(false) {
-            if sink.feed(Message::Ping(Default::default())).await.is_err() {
+            if !matches!(
+                rt::timeout(stall, sink.feed(Message::Ping(Default::default()))).await,
+                Some(Ok(()))
+            ) {
                 return;
             }
             wrote = true;
         }
-        if wrote && sink.flush().await.is_err() {
+        if wrote && !matches!(rt::timeout(stall, sink.flush()).await, Some(Ok(()))) {
+            tracing::debug!("a connection's writes stalled or failed; closing it");
             return;
         }
         if let Some((code, reason)) = ctl.close.get() {
