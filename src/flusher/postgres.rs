@@ -27,7 +27,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// partition, stopped host) fails a batch after this long instead of hanging the sink.
 pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Advisory lock key serialising schema creation between concurrent sinks.
-const SCHEMA_LOCK_KEY: i64 = 0x6765_6f62_6561_74; // "geobeat"
+const SCHEMA_LOCK_KEY: i64 = 0x0067_656f_6265_6174; // "geobeat" in ASCII
 
 /// The SQL statements of one schema.
 #[derive(Debug)]
