@@ -1508,6 +1508,182 @@ mod tests {
     }
 
     #[test]
+    fn sink_tables_parse_with_defaults() {
+        // Two `[[sinks]]` tables: every key read, defaults filled in, file order kept, and the
+        // database password never shown by Debug.
+        let file = r#"
+shards = 2
+[[sinks]]
+name = "archive"
+kind = "audit"
+dir = "/var/lib/geobeat/audit"
+compress = "zstd"
+zstd_level = 9
+
+[[sinks]]
+name = "pg-main"
+kind = "postgres"
+url = "postgres://geo:s3cret@db.example:5432/geo"
+schema = "geobeat"
+batch_rows = 5000
+poll_interval_ms = 250
+"#;
+        let c = resolve(&serve_args(&[]), &[], Some(file)).unwrap();
+        assert_eq!(c.shards, 2);
+        assert_eq!(
+            c.sinks[0],
+            SinkConfig {
+                name: "archive".into(),
+                kind: SinkKind::Audit {
+                    dir: PathBuf::from("/var/lib/geobeat/audit"),
+                    compress: Compression::Zstd { level: 9 },
+                },
+                batch_rows: SINK_BATCH_ROWS_DEFAULT,
+                poll_interval: Duration::from_millis(SINK_POLL_INTERVAL_MS_DEFAULT),
+            }
+        );
+        assert_eq!(c.sinks[1].name, "pg-main");
+        assert_eq!(
+            (c.sinks[1].batch_rows, c.sinks[1].poll_interval),
+            (5000, Duration::from_millis(250))
+        );
+        assert!(
+            matches!(&c.sinks[1].kind, SinkKind::Postgres { schema, .. } if schema == "geobeat")
+        );
+        let shown = format!("{:?}", c.sinks);
+        assert!(
+            !shown.contains("s3cret") && shown.contains("geo:***@db.example"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_url("host=db user=geo password=x"),
+            "host=db user=geo password=***"
+        );
+        assert!(resolve(&serve_args(&[]), &[], None)
+            .unwrap()
+            .sinks
+            .is_empty());
+    }
+
+    #[test]
+    fn bad_sink_tables_name_the_sink_and_the_problem() {
+        // Each malformed table is refused with its position, its name when known, and the fault.
+        let audit = "kind = \"audit\"\ndir = \"/a\"\n";
+        for (table, expect) in [
+            ("kind = \"audit\"\ndir = \"/a\"", "`name` is required"),
+            ("name = \"x\"\ndir = \"/a\"", "`kind` is required"),
+            ("name = \"X Y\"\nkind = \"audit\"\ndir = \"/a\"", "a-z"),
+            ("name = \"x\"\nkind = \"kafka\"", "\"kafka\""),
+            ("name = \"x\"\nkind = \"audit\"", "needs `dir`"),
+            ("name = \"x\"\nkind = \"postgres\"", "needs `url`"),
+            (
+                "name = \"x\"\nkind = \"postgres\"\nurl = \"postgres://h/db\"\nschema = \"A;drop\"",
+                "identifier",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\ncompress = \"lz4\"",
+                "`compress`",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\nbatch_rows = 0",
+                "`batch_rows`",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\nurl = \"u\"",
+                "unknown key `url`",
+            ),
+        ] {
+            let file = format!("[[sinks]]\n{table}\n");
+            let err = resolve(&serve_args(&[]), &[], Some(&file)).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, ConfigError::Sink { index: 1, .. }), "{msg}");
+            assert!(msg.contains(expect), "{table:?}: {msg}");
+        }
+        let twice = format!("[[sinks]]\nname = \"a\"\n{audit}[[sinks]]\nname = \"a\"\nkind = \"audit\"\ndir = \"/b\"\n");
+        let msg = resolve(&serve_args(&[]), &[], Some(&twice))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("#2") && msg.contains("two sinks have this name"),
+            "{msg}"
+        );
+        let same_dir = format!("[[sinks]]\nname = \"a\"\n{audit}[[sinks]]\nname = \"b\"\n{audit}");
+        let msg = resolve(&serve_args(&[]), &[], Some(&same_dir))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("share this `dir`"), "{msg}");
+        let msg = resolve(&serve_args(&[]), &[], Some("sinks = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("array of tables"), "{msg}");
+        let many: String = (0..=SINKS_MAX)
+            .map(|i| format!("[[sinks]]\nname = \"s{i}\"\nkind = \"audit\"\ndir = \"/d{i}\"\n"))
+            .collect();
+        assert!(resolve(&serve_args(&[]), &[], Some(&many)).is_err());
+    }
+
+    #[test]
+    fn sink_backlog_limits_resolve() {
+        // Defaults: warn at 1 GiB, no hard limit; sizes and `off` from every source; a hard limit
+        // below the warning is refused naming the flag.
+        let c = resolve(&serve_args(&[]), &[], None).unwrap();
+        assert_eq!(
+            (c.sink_backlog_warn_bytes, c.sink_backlog_max_bytes),
+            (Some(1 << 30), None)
+        );
+        let c = resolve(
+            &serve_args(&["--sink-backlog-max-bytes", "8GiB"]),
+            &[("GEOBEAT_SINK_BACKLOG_WARN_BYTES", "2GiB")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.sink_backlog_warn_bytes, c.sink_backlog_max_bytes),
+            (Some(2 << 30), Some(8 << 30))
+        );
+        let c = resolve(
+            &serve_args(&[]),
+            &[],
+            Some("sink_backlog_warn_bytes = \"off\"\nsink_backlog_max_bytes = 4096\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.sink_backlog_warn_bytes, c.sink_backlog_max_bytes),
+            (None, Some(4096))
+        );
+        let err = resolve(
+            &serve_args(&["--sink-backlog-max-bytes", "1MiB"]),
+            &[],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--sink-backlog-max-bytes") && err.contains("at least"),
+            "{err}"
+        );
+        assert!(resolve(
+            &serve_args(&[]),
+            &[("GEOBEAT_SINK_BACKLOG_MAX_BYTES", "0")],
+            None
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn sinks_command_parses() {
+        // `geobeat sinks` takes --data-dir, --config and --json.
+        let cli = Cli::try_parse_from(["geobeat", "sinks", "--data-dir", "/d", "--json"]).unwrap();
+        let Command::Sinks(a) = cli.command else {
+            panic!("sinks expected")
+        };
+        assert_eq!(
+            (a.data_dir, a.config, a.json),
+            (Some(PathBuf::from("/d")), None, true)
+        );
+    }
+
+    #[test]
     fn token_and_demo_arguments_parse() {
         // Global token options work after the kind; demo takes serve flags plus its own.
         let cli =

@@ -233,6 +233,54 @@ fn retention_waits_for_sinks_and_gaps_are_reported() {
     }
 }
 
+fn cursor_ahead_of_durable_waits_without_rewinding() {
+    // A sink whose cursor is past the durable position it is shown (here: a feed published late,
+    // as after a wiring mistake or a log cut by recovery) must not rewind: it reports the
+    // situation, keeps its cursor, and once the durable position passes the cursor it goes on,
+    // leaving every heartbeat exactly once in its files.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dir.path().join("a");
+    let total = 8_000;
+    {
+        let mut stores = open_stores(&data, 1);
+        append(&mut stores, 0..total / 2, total, 1);
+        stores[0].sync_blocking().unwrap();
+    }
+    drain_in_process(&data, vec![audit_sink("a", &out, false)]);
+    let mut stores = open_stores(&data, 1);
+    append(&mut stores, total / 2..total, total, 1);
+    let durable = stores[0].sync_blocking().unwrap();
+    let mut feeds = feeds(&data, &stores);
+    drop(stores);
+    feeds[0] = geobeat::flusher::ShardFeed::new(
+        ShardId(0),
+        feeds[0].dir.clone(),
+        geobeat::log::LogPos(4096),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = flusher::start(
+        vec![audit_sink("a", &out, false)],
+        feeds.clone(),
+        stop.clone(),
+    )
+    .unwrap();
+    let cursor = handle.status()[0].cursor;
+    assert!(cursor > 4096);
+    wait_for("the report", Duration::from_secs(10), || {
+        handle.status()[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("past the log's durable end"))
+    });
+    assert_eq!(handle.status()[0].cursor, cursor, "no rewind");
+    feeds[0].publish_durable(durable);
+    wait_until_drained(&handle, Duration::from_secs(20));
+    stop.store(true, Ordering::Release);
+    handle.join().unwrap();
+    verify_audit(&out, &data);
+}
+
 fn main() {
     if child_main() {
         return;
@@ -245,6 +293,10 @@ fn main() {
         (
             "retention_waits_for_sinks_and_gaps_are_reported",
             retention_waits_for_sinks_and_gaps_are_reported,
+        ),
+        (
+            "cursor_ahead_of_durable_waits_without_rewinding",
+            cursor_ahead_of_durable_waits_without_rewinding,
         ),
     ]);
 }

@@ -67,6 +67,8 @@ pub(crate) struct Lane {
     /// next time (the sink is not rolled back: it is consistent with this cursor, and the file
     /// on disk may already be this one).
     pub unsaved: Option<Cursor>,
+    /// This shard's own backoff (failures that are not the whole sink's).
+    pub backoff: Backoff,
 }
 
 impl Lane {
@@ -86,12 +88,14 @@ impl Lane {
             fresh,
             needs_resume: true,
             unsaved: None,
+            backoff: Backoff::default(),
         })
     }
 }
 
 /// Bounded exponential backoff.
-struct Backoff {
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
     failures: u32,
     until: Option<Instant>,
 }
@@ -131,7 +135,9 @@ enum Step {
     Progress,
 }
 
-/// The body of sink thread `index`.
+/// The body of sink thread `index`. A failure backs off only its lane (the shard), except a
+/// database failure, which backs off the whole sink: a dead database fails every shard alike, and
+/// trying each shard in turn would only multiply connection timeouts.
 pub(crate) fn run(
     index: usize,
     cfg: SinkConfig,
@@ -141,10 +147,7 @@ pub(crate) fn run(
     stop: Arc<AtomicBool>,
 ) {
     tracing::info!(sink = %cfg.name, kind = cfg.kind.name(), shards = lanes.len(), "sink started");
-    let mut backoff = Backoff {
-        failures: 0,
-        until: None,
-    };
+    let mut backoff = Backoff::default();
     while !stop.load(Ordering::Acquire) {
         if let Some(until) = backoff.until {
             let now = Instant::now();
@@ -154,19 +157,29 @@ pub(crate) fn run(
             }
         }
         let mut busy = false;
-        let mut failed = false;
+        let mut sink_failed = false;
         for (lane_index, lane) in lanes.iter_mut().enumerate() {
             if stop.load(Ordering::Acquire) {
                 break;
             }
+            if lane.backoff.until.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
             match step(index, lane_index, &cfg, sink.as_mut(), lane, &board) {
-                Ok(Step::Idle) => {}
-                Ok(Step::Progress) => busy = true,
+                Ok(Step::Idle) => lane.backoff.reset(),
+                Ok(Step::Progress) => {
+                    lane.backoff.reset();
+                    busy = true;
+                }
                 Err(e) => {
-                    failed = true;
                     sink.discard();
                     lane.needs_resume = lane.unsaved.is_none();
-                    let failures = backoff.failures + 1;
+                    let sink_wide = matches!(e, FlushError::Postgres { .. });
+                    let failures = if sink_wide {
+                        backoff.failures + 1
+                    } else {
+                        lane.backoff.failures + 1
+                    };
                     if failures == 1 || failures.is_power_of_two() {
                         tracing::warn!(sink = %cfg.name, shard = %lane.feed.shard, failures, error = %e, "sink batch failed; retrying from the cursor");
                     }
@@ -178,12 +191,15 @@ pub(crate) fn run(
                         s.durable = lane.feed.durable().0;
                         s.lag_bytes = s.durable.saturating_sub(s.cursor);
                     });
-                    // One failure pauses the whole sink: a dead database fails every shard alike.
-                    break;
+                    if sink_wide {
+                        sink_failed = true;
+                        break;
+                    }
+                    lane.backoff.fail();
                 }
             }
         }
-        if failed {
+        if sink_failed {
             backoff.fail();
         } else {
             backoff.reset();
@@ -226,17 +242,25 @@ fn step(
     }
     let bound = lane.feed.durable();
     if lane.cursor.pos > bound.0 {
-        // The log ends before the cursor: recovery cut it (damage quarantined). Positions past
-        // the bound will be reused by new entries; continue from the new end.
+        // The log's durable end is before the cursor: either the durable position was not
+        // published yet, or recovery cut the log (damage quarantined) and will reuse positions
+        // the sink already exported. Never rewind (an audit sink would write lines twice): wait
+        // until the log passes the cursor, and say so.
         let msg = format!(
-            "cursor {} is past the log's durable end {bound}: the log was cut by recovery; \
-             continuing from its end",
+            "cursor {} is past the log's durable end {bound}; waiting for the log to pass it \
+             (if recovery cut the log, entries before the cursor are not exported)",
             lane.cursor.pos
         );
-        tracing::error!(sink = %cfg.name, shard = %shard, "{msg}");
-        return skip_to(
-            sink_index, lane_index, sink, lane, board, bound, None, msg, false,
-        );
+        board.with_status(sink_index, lane_index, |s| {
+            if s.last_error.is_none() {
+                tracing::error!(sink = %cfg.name, shard = %shard, "{msg}");
+            }
+            s.last_error = Some(msg);
+            s.last_error_ms = Some(now_ms());
+            s.durable = bound.0;
+            s.lag_bytes = 0;
+        });
+        return Ok(Step::Idle);
     }
     if lane.cursor.pos == bound.0 {
         sink.idle(shard, now_ms())?;
@@ -369,7 +393,7 @@ fn skip_to(
     quiet: bool,
 ) -> Result<Step, FlushError> {
     let mut next = lane.cursor.clone();
-    let backwards = to.0 < next.pos;
+    debug_assert!(to.0 >= next.pos, "skips only move forward");
     let skipped = to.0.saturating_sub(next.pos);
     next.pos = to.0;
     next.seq = seq;
@@ -379,11 +403,7 @@ fn skip_to(
     lane.cursor = next;
     lane.tail.seek(to, seq);
     lane.fresh = false;
-    if backwards {
-        board.rewind(sink_index, lane_index, to.0, &lane.feed);
-    } else {
-        board.advance(sink_index, lane_index, to.0, &lane.feed);
-    }
+    board.advance(sink_index, lane_index, to.0, &lane.feed);
     let now = now_ms();
     board.with_status(sink_index, lane_index, |s| {
         s.cursor = to.0;

@@ -199,13 +199,6 @@ impl Board {
         feed.consumed.fetch_max(min, Ordering::AcqRel);
     }
 
-    /// Moves sink `sink`'s cursor for lane `lane` back to `cursor` (the log was cut under it by
-    /// recovery) and lowers the lane's `consumed` accordingly.
-    pub fn rewind(&self, sink: usize, lane: usize, cursor: u64, feed: &ShardFeed) {
-        self.cursors[sink * self.shards + lane].store(cursor, Ordering::Release);
-        feed.consumed.fetch_min(cursor, Ordering::AcqRel);
-    }
-
     /// Runs `f` on the status row of (sink, lane).
     pub fn with_status(&self, sink: usize, lane: usize, f: impl FnOnce(&mut SinkStatus)) {
         let mut rows = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -216,25 +209,21 @@ impl Board {
 /// The running flusher.
 pub struct FlusherHandle {
     threads: Vec<(String, JoinHandle<()>)>,
+    status: StatusReader,
+}
+
+/// A cheap, cloneable, thread-safe view of the flusher's status (for HTTP handlers and metrics
+/// on any thread), valid after the flusher stopped too.
+#[derive(Debug, Clone)]
+pub struct StatusReader {
     board: Arc<Board>,
     feeds: Vec<ShardFeed>,
 }
 
-impl std::fmt::Debug for FlusherHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlusherHandle")
-            .field(
-                "sinks",
-                &self.threads.iter().map(|t| &t.0).collect::<Vec<_>>(),
-            )
-            .field("shards", &self.feeds.len())
-            .finish()
-    }
-}
-
-impl FlusherHandle {
+impl StatusReader {
     /// Every sink's progress on every shard, sink by sink in configuration order, shards in feed
-    /// order.
+    /// order. `durable` and `lag_bytes` use the shard's latest durable position, so a stalled
+    /// sink's lag keeps growing here.
     pub fn status(&self) -> Vec<SinkStatus> {
         let mut rows = self
             .board
@@ -254,6 +243,35 @@ impl FlusherHandle {
     /// The feeds (to read `backlog_bytes` per shard).
     pub fn feeds(&self) -> &[ShardFeed] {
         &self.feeds
+    }
+}
+
+impl std::fmt::Debug for FlusherHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlusherHandle")
+            .field(
+                "sinks",
+                &self.threads.iter().map(|t| &t.0).collect::<Vec<_>>(),
+            )
+            .field("shards", &self.status.feeds.len())
+            .finish()
+    }
+}
+
+impl FlusherHandle {
+    /// See [`StatusReader::status`].
+    pub fn status(&self) -> Vec<SinkStatus> {
+        self.status.status()
+    }
+
+    /// A cloneable view of the status for other threads.
+    pub fn status_reader(&self) -> StatusReader {
+        self.status.clone()
+    }
+
+    /// The feeds (to read `backlog_bytes` per shard).
+    pub fn feeds(&self) -> &[ShardFeed] {
+        &self.status.feeds
     }
 
     /// Waits for every sink thread to finish (they stop once the stop flag is set, after
@@ -362,8 +380,7 @@ pub fn start(
     }
     Ok(FlusherHandle {
         threads,
-        board,
-        feeds,
+        status: StatusReader { board, feeds },
     })
 }
 

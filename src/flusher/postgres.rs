@@ -63,7 +63,6 @@ impl Sql {
                attrs jsonb,\n\
                PRIMARY KEY (shard, pos)\n\
              );\n\
-             CREATE INDEX IF NOT EXISTS history_id_ts ON {schema}.history (id, ts);\n\
              CREATE TABLE IF NOT EXISTS {schema}.last_location (\n\
                id text PRIMARY KEY,\n\
                lat double precision NOT NULL,\n\
