@@ -8,6 +8,7 @@
 //! - [`log`]: the durable per-shard log (segments, commit, recovery, retention).
 //! - [`table`]: the per-shard last-location table.
 //! - [`store`]: one shard's log plus table behind a small facade.
+//! - [`flusher`]: drains durable log entries to storage sinks (audit files, PostgreSQL).
 //! - [`proto`]: the device ingest protocol (frame decoding, verdicts, acks, abuse guards).
 //! - [`auth`]: access tokens (HMAC-signed scopes) and the server secret.
 //! - [`config`]: command line and configuration resolution.
@@ -23,6 +24,7 @@ pub mod auth;
 pub mod config;
 pub mod datadir;
 pub mod demo;
+pub mod flusher;
 pub mod http;
 pub mod limits;
 pub mod log;

@@ -131,3 +131,18 @@ pub const QUERY_LIMIT_DEFAULT: usize = 1000;
 /// Largest `limit` a history or area query accepts (a larger one is a 400).
 pub const QUERY_LIMIT_MAX: usize = 10_000;
 const _: () = assert!(QUERY_LIMIT_DEFAULT <= QUERY_LIMIT_MAX);
+
+/// Most storage sinks (`[[sinks]]`) one server drains its shard logs to.
+pub const SINKS_MAX: usize = 8;
+/// Longest sink name, in bytes (it names cursor files).
+pub const SINK_NAME_BYTES_MAX: usize = 32;
+/// Most heartbeats in one sink batch (one database transaction or one audit-file fsync).
+pub const SINK_BATCH_ROWS_MAX: usize = 100_000;
+/// Most encoded bytes one sink batch may buffer before it is committed, whatever its row count.
+pub const SINK_BATCH_BYTES_MAX: usize = 32 << 20;
+/// Largest cursor file read (they are a few hundred bytes).
+pub const SINK_CURSOR_BYTES_MAX: u64 = 4096;
+
+const _: () = assert!(SINKS_MAX <= LOG_CONSUMERS_MAX);
+const _: () = assert!(SINK_NAME_BYTES_MAX <= LOG_CONSUMER_NAME_BYTES_MAX);
+const _: () = assert!(SINK_BATCH_BYTES_MAX >= 64 * ENTRY_PAYLOAD_BYTES_MAX);
