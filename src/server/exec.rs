@@ -37,6 +37,8 @@ const SYNC_FILES_MAX: usize = 4;
 /// Longest a graceful shutdown waits for connections to drain before exiting anyway (whatever
 /// is not yet durable then was never acked, so nothing acked is lost).
 const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
+/// How often consumed positions, retention and sink backlogs are looked at.
+const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How often executors look at the process-wide stop flag.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -328,6 +330,17 @@ impl Exec {
         failed: &mut Vec<(u64, &'static str)>,
     ) -> Option<LogPos> {
         let mut last = None;
+        if let Some(max) = self.shared.cfg.sink_backlog_max_bytes {
+            let backlog = self.shared.feeds[slot.shard.0 as usize].backlog_bytes();
+            if backlog > max {
+                // Past the hard budget of unconsumed log: refuse (devices see it and retry
+                // later) rather than delete anything a sink has not consumed.
+                for (seq, _) in items {
+                    failed.push((seq, "sink_backlog_full"));
+                }
+                return None;
+            }
+        }
         let mut store = slot.store.borrow_mut();
         let mut appended = 0usize;
         for (seq, hb) in items {
@@ -495,6 +508,7 @@ impl Exec {
         slot.probe
             .commit_latency
             .observe(started.elapsed().as_secs_f64());
+        self.shared.feeds[slot.shard.0 as usize].publish_durable(durable);
         loop {
             let next = {
                 let mut w = slot.waiters.borrow_mut();
@@ -557,6 +571,51 @@ impl Exec {
                 .filter(|s| s.pending_entries.get() > 0)
                 .map(|s| self.commit_slot(s));
             futures_util::future::join_all(commits).await;
+        }
+    }
+
+    // ----- retention -----
+
+    /// Periodically hands every sink's consumed position to the log, deletes segments past
+    /// retention that every consumer has passed, and warns while a sink's backlog is over budget.
+    async fn retention_loop(self: Rc<Self>) {
+        let cfg = &self.shared.cfg;
+        let mut warned = vec![false; self.stores.len()];
+        loop {
+            rt::timeout(RETENTION_CHECK_INTERVAL, self.stop_signal.wait()).await;
+            if self.stopping() {
+                return;
+            }
+            for (i, slot) in self.stores.iter().enumerate() {
+                let feed = &self.shared.feeds[slot.shard.0 as usize];
+                let mut store = slot.store.borrow_mut();
+                if !cfg.sinks.is_empty() {
+                    let consumed = feed.consumed().min(store.durable());
+                    if let Err(e) = store.set_consumed(crate::flusher::CONSUMER_NAME, consumed) {
+                        tracing::warn!(shard = %slot.shard, error = %e, "could not record the sinks' position");
+                    }
+                }
+                if let Some(retention) = cfg.retention {
+                    match store.delete_expired(std::time::SystemTime::now(), retention) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(shard = %slot.shard, segments = n, "retention deleted segments")
+                        }
+                        Err(e) => {
+                            tracing::warn!(shard = %slot.shard, error = %e, "retention failed")
+                        }
+                    }
+                }
+                if let Some(warn) = cfg.sink_backlog_warn_bytes {
+                    let backlog = feed.backlog_bytes();
+                    if backlog > warn && !warned[i] {
+                        tracing::warn!(shard = %slot.shard, backlog_bytes = backlog, warn_bytes = warn, max_bytes = ?cfg.sink_backlog_max_bytes, "sink backlog over its warning budget: a sink is slow or down; past the maximum, new heartbeats are refused");
+                    } else if backlog <= warn && warned[i] {
+                        tracing::info!(shard = %slot.shard, backlog_bytes = backlog, "sink backlog back under its warning budget");
+                    }
+                    warned[i] = backlog > warn;
+                }
+            }
         }
     }
 
@@ -704,6 +763,14 @@ pub async fn executor_main(
             }
         };
         tracing::info!(shard = %shard, executor = index, elapsed_ms = started.elapsed().as_millis() as u64, report = ?report, "shard recovered");
+        let mut store = store;
+        if !shared.cfg.sinks.is_empty() {
+            if let Err(e) = store.register_consumer(crate::flusher::CONSUMER_NAME) {
+                open_error = Some(std::io::Error::other(format!("shard {shard}: {e}")));
+                break;
+            }
+        }
+        shared.feeds[k].publish_durable(store.durable());
         stores.push(StoreSlot {
             shard,
             store: RefCell::new(store),
@@ -758,6 +825,7 @@ pub async fn executor_main(
         rt::spawn(exec.clone().reply_send_loop(peer));
     }
     let commit = rt::spawn_joinable(exec.clone().commit_loop());
+    rt::spawn(exec.clone().retention_loop());
 
     let listener = rt::bind(
         *shared

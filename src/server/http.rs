@@ -180,6 +180,27 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -
             }
             Response::json(200, OPENAPI_JSON.to_owned())
         }
+        "/v1/sinks" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            if let Err(r) = require_reader(exec, req, None) {
+                return r;
+            }
+            let rows = exec
+                .shared
+                .sinks
+                .as_ref()
+                .map(|s| s.status())
+                .unwrap_or_default();
+            Response::json(
+                200,
+                format!(
+                    r#"{{"sinks":{}}}"#,
+                    serde_json::to_string(&rows).expect("serializable")
+                ),
+            )
+        }
         "/v1/stats" => {
             if method != "GET" {
                 return Response::error(405, "method not allowed");
@@ -398,7 +419,16 @@ fn process_info(exec: &Exec) -> ProcessInfo {
         connections_total: shared
             .connections_open
             .load(std::sync::atomic::Ordering::Relaxed),
-        sink_backlog: Vec::new(),
+        sink_backlog: shared
+            .sinks
+            .as_ref()
+            .map(|s| {
+                s.status()
+                    .into_iter()
+                    .map(|r| (r.name, r.shard, r.lag_bytes))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
