@@ -186,6 +186,7 @@ pub(crate) fn run(
                     let msg = e.to_string();
                     board.with_status(index, lane_index, |s| {
                         s.failures = failures;
+                        s.errors_total += 1;
                         s.last_error = Some(msg);
                         s.last_error_ms = Some(now_ms());
                         s.durable = lane.feed.durable().0;

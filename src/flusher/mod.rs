@@ -165,6 +165,8 @@ pub struct SinkStatus {
     pub skipped_bytes: u64,
     /// Consecutive failed attempts (0 when the last one worked).
     pub failures: u32,
+    /// Failed attempts since the flusher started (a counter, for metrics).
+    pub errors_total: u64,
     /// The last error, if the last attempt failed (or a gap was skipped).
     pub last_error: Option<String>,
     /// When the last error happened, ms since the Unix epoch.
@@ -332,6 +334,7 @@ pub fn start(
                 rows_total: 0,
                 skipped_bytes: 0,
                 failures: 0,
+                errors_total: 0,
                 last_error: None,
                 last_error_ms: None,
                 last_ok_ms: None,
