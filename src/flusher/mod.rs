@@ -63,7 +63,8 @@ pub struct ShardFeed {
 
 impl ShardFeed {
     /// A feed for `shard` whose log is durable up to `durable` (after `ShardStore::open`,
-    /// `store.durable()`).
+    /// `store.durable()`; `LogPos(0)` means "not known yet": sinks wait for the first
+    /// `publish_durable`).
     pub fn new(shard: ShardId, dir: impl Into<PathBuf>, durable: LogPos) -> ShardFeed {
         ShardFeed {
             shard,
