@@ -186,6 +186,7 @@ pub(crate) fn run(
                     let msg = e.to_string();
                     board.with_status(index, lane_index, |s| {
                         s.failures = failures;
+                        s.errors_total += 1;
                         s.last_error = Some(msg);
                         s.last_error_ms = Some(now_ms());
                         s.durable = lane.feed.durable().0;
@@ -241,6 +242,11 @@ fn step(
         lane.needs_resume = false;
     }
     let bound = lane.feed.durable();
+    if bound.0 == 0 {
+        // Not published yet (the shard is still recovering): an open log is never durable
+        // below its first segment header.
+        return Ok(Step::Idle);
+    }
     if lane.cursor.pos > bound.0 {
         // The log's durable end is before the cursor: either the durable position was not
         // published yet, or recovery cut the log (damage quarantined) and will reuse positions

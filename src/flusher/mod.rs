@@ -63,7 +63,8 @@ pub struct ShardFeed {
 
 impl ShardFeed {
     /// A feed for `shard` whose log is durable up to `durable` (after `ShardStore::open`,
-    /// `store.durable()`).
+    /// `store.durable()`; `LogPos(0)` means "not known yet": sinks wait for the first
+    /// `publish_durable`).
     pub fn new(shard: ShardId, dir: impl Into<PathBuf>, durable: LogPos) -> ShardFeed {
         ShardFeed {
             shard,
@@ -165,6 +166,8 @@ pub struct SinkStatus {
     pub skipped_bytes: u64,
     /// Consecutive failed attempts (0 when the last one worked).
     pub failures: u32,
+    /// Failed attempts since the flusher started (a counter, for metrics).
+    pub errors_total: u64,
     /// The last error, if the last attempt failed (or a gap was skipped).
     pub last_error: Option<String>,
     /// When the last error happened, ms since the Unix epoch.
@@ -332,6 +335,7 @@ pub fn start(
                 rows_total: 0,
                 skipped_bytes: 0,
                 failures: 0,
+                errors_total: 0,
                 last_error: None,
                 last_error_ms: None,
                 last_ok_ms: None,

@@ -872,8 +872,9 @@ pub async fn executor_main(
         .store(shared.executors, Ordering::Release);
     commit.await;
     for slot in &exec.stores {
-        if let Err(e) = slot.store.borrow_mut().sync_blocking() {
-            tracing::error!(shard = %slot.shard, error = %e, "final sync failed");
+        match slot.store.borrow_mut().sync_blocking() {
+            Ok(durable) => shared.feeds[slot.shard.0 as usize].publish_durable(durable),
+            Err(e) => tracing::error!(shard = %slot.shard, error = %e, "final sync failed"),
         }
     }
     Ok(())

@@ -30,22 +30,28 @@ pub struct Server {
     pub args: Vec<String>,
 }
 
+/// `geobeat serve` arguments for a free port and `dir` (2 shards unless `extra` says otherwise).
+fn serve_args(dir: &Path, extra: &[&str]) -> (SocketAddr, Vec<String>) {
+    let addr = free_addr();
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--listen".into(),
+        addr.to_string(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+    ];
+    if !extra.contains(&"--shards") {
+        args.extend(["--shards".into(), "2".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    (addr, args)
+}
+
 impl Server {
     /// Starts `geobeat serve` on a free port with `dir` as its data directory, waits for
     /// `/healthz` to answer 200.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
-        let addr = free_addr();
-        let mut args: Vec<String> = vec![
-            "serve".into(),
-            "--listen".into(),
-            addr.to_string(),
-            "--data-dir".into(),
-            dir.display().to_string(),
-        ];
-        if !extra.contains(&"--shards") {
-            args.extend(["--shards".into(), "2".into()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let (addr, args) = serve_args(dir, extra);
         let child = Command::new(bin())
             .args(&args)
             .env(
@@ -292,18 +298,7 @@ impl Server {
     /// Like [`Server::start`], but the server's log (at `info` unless `GB_TEST_LOG` says
     /// otherwise) goes to the file `log` instead of the test's terminal.
     pub fn start_logged(dir: &Path, extra: &[&str], log: &Path) -> Server {
-        let addr = free_addr();
-        let mut args: Vec<String> = vec![
-            "serve".into(),
-            "--listen".into(),
-            addr.to_string(),
-            "--data-dir".into(),
-            dir.display().to_string(),
-        ];
-        if !extra.contains(&"--shards") {
-            args.extend(["--shards".into(), "2".into()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let (addr, args) = serve_args(dir, extra);
         let child = spawn_logged(&args, log);
         let mut s = Server {
             child,
