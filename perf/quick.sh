@@ -37,7 +37,7 @@ fi
 echo "quick.sh: geobeat-null on $addr"
 
 common=(--url "ws://$addr/v1/ingest" --gateway-token quick --devices 100 --threads 1
-    --warmup 1 --duration 3 --drain 2 --fail-on-errors)
+    --warmup 1 --duration 3 --drain 5 --fail-on-errors)
 
 echo "quick.sh: closed loop, JSON, window 8"
 timeout 60 "$bin/geobeat-load" "${common[@]}" --mode closed --window 8 --format json

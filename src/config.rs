@@ -1,11 +1,13 @@
-//! Command line and configuration: the clap `Cli` (`serve`, `token`, `demo`) and the resolution
-//! of every `serve` setting from its sources into a [`ServeConfig`] of concrete types. It does not
-//! act on settings (the server does) and does not read the secret (see `auth`).
+//! Command line and configuration: the clap `Cli` (`serve`, `token`, `demo`, `sinks`) and the
+//! resolution of every `serve` setting from its sources into a [`ServeConfig`] of concrete types,
+//! including the storage sinks (`[[sinks]]` tables of the TOML file, see [`SinkConfig`]). It does
+//! not act on settings (the server and the flusher do) and does not read the secret (see `auth`).
 //!
 //! Precedence, highest first: command-line flag, `GEOBEAT_*` environment variable, TOML file
 //! (`--config`/`GEOBEAT_CONFIG`; flat, keys are the flag names with `_` for `-`), built-in
 //! default. An empty environment variable counts as unset. Every source goes through the same
-//! parser per setting, so a value means the same wherever it is given.
+//! parser per setting, so a value means the same wherever it is given. Sinks come only from the
+//! file (each is a table with several keys; a URL may carry a password).
 //!
 //! Invariant: a `ServeConfig` only exists with every value inside its bounds (the `limits`
 //! constants, the open-file limit for `connections_max`); each error names the setting, the bad
@@ -20,7 +22,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::auth::{parse_ttl, resolve_secret, Secret, SecretError, SECRET_ENV};
 use crate::limits::{
     FRAME_BYTES_MAX, FRAME_BYTES_MIN, FRAME_HEARTBEATS_MAX, MESH_CAPACITY_MAX, OPEN_FILES_RESERVE,
-    PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SHARDS_MAX,
+    PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SHARDS_MAX, SINKS_MAX,
+    SINK_BATCH_ROWS_MAX, SINK_NAME_BYTES_MAX,
 };
 
 /// Default listen address.
@@ -57,6 +60,21 @@ pub const DEMO_DEVICES_DEFAULT: u32 = 1000;
 pub const DEMO_DEVICES_MAX: u32 = 1_000_000;
 /// Most heartbeats per second per simulated device for `demo`.
 pub const DEMO_RATE_HZ_MAX: f64 = 100.0;
+/// Default unconsumed log bytes per shard (durable minus the slowest sink's cursor) above which
+/// the server warns.
+pub const SINK_BACKLOG_WARN_BYTES_DEFAULT: u64 = 1 << 30;
+/// Default heartbeats per sink batch (one transaction, or one fsync of an audit file).
+pub const SINK_BATCH_ROWS_DEFAULT: usize = 10_000;
+/// Default pause of a sink that is caught up before it looks for new durable entries, ms.
+pub const SINK_POLL_INTERVAL_MS_DEFAULT: u64 = 100;
+/// Bounds of a sink's poll interval, ms.
+pub const SINK_POLL_INTERVAL_MS_RANGE: (u64, u64) = (1, 10_000);
+/// Default zstd level of compressed audit files.
+pub const ZSTD_LEVEL_DEFAULT: i32 = 3;
+/// Bounds of the zstd level.
+pub const ZSTD_LEVEL_RANGE: (i32, i32) = (1, 19);
+/// Default PostgreSQL schema of the sink tables.
+pub const PG_SCHEMA_DEFAULT: &str = "public";
 
 /// geobeat: durable location-heartbeat ingest for very large IoT fleets.
 #[derive(Parser, Debug, Clone)]
@@ -76,6 +94,23 @@ pub enum Command {
     Token(TokenArgs),
     /// Run the server together with simulated devices (a self-contained demonstration).
     Demo(DemoArgs),
+    /// Print each storage sink's cursor and lag per shard (from the cursor files and the logs).
+    Sinks(SinksArgs),
+}
+
+/// `sinks` settings.
+#[derive(Args, Debug, Clone)]
+pub struct SinksArgs {
+    /// Data directory to inspect [env: GEOBEAT_DATA_DIR] [default: ./shards]
+    #[arg(long, value_name = "DIR", value_parser = parse_path)]
+    pub data_dir: Option<PathBuf>,
+    /// TOML file whose `[[sinks]]` are listed even where they have no cursor yet
+    /// [env: GEOBEAT_CONFIG]
+    #[arg(long, value_name = "FILE", value_parser = parse_path)]
+    pub config: Option<PathBuf>,
+    /// Print JSON (one object with a `sinks` array) instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `serve` settings. Every one may also come from a `GEOBEAT_*` environment variable or the TOML
@@ -160,6 +195,15 @@ pub struct ServeArgs {
     /// `info,geobeat=debug` [env: GEOBEAT_LOG_LEVEL] [default: info]
     #[arg(long, value_name = "FILTER", value_parser = parse_log_level)]
     pub log_level: Option<String>,
+    /// Warn when a shard's log holds more than this many bytes not yet consumed by every sink:
+    /// bytes or KiB/MiB/GiB, or `off` [env: GEOBEAT_SINK_BACKLOG_WARN_BYTES] [default: 1GiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_byte_limit)]
+    pub sink_backlog_warn_bytes: Option<ByteLimit>,
+    /// Stop acknowledging heartbeats of a shard whose log holds more than this many bytes not yet
+    /// consumed by every sink: bytes or KiB/MiB/GiB, or `off`
+    /// [env: GEOBEAT_SINK_BACKLOG_MAX_BYTES] [default: off]
+    #[arg(long, value_name = "SIZE", value_parser = parse_byte_limit)]
+    pub sink_backlog_max_bytes: Option<ByteLimit>,
 }
 
 /// `demo` settings: everything `serve` takes, plus the simulated fleet.
@@ -244,6 +288,128 @@ pub enum Retention {
     Forever,
 }
 
+/// A byte budget that may be switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteLimit {
+    /// This many bytes.
+    Bytes(u64),
+    /// No limit.
+    Off,
+}
+
+impl ByteLimit {
+    fn bytes(self) -> Option<u64> {
+        match self {
+            ByteLimit::Bytes(b) => Some(b),
+            ByteLimit::Off => None,
+        }
+    }
+}
+
+/// One storage sink: where the flusher copies every durable heartbeat, at least once.
+#[derive(Clone, PartialEq)]
+pub struct SinkConfig {
+    /// Unique name (1..=32 of `a-z 0-9 _ -`): names the cursor files and the status rows.
+    pub name: String,
+    /// What kind of sink and its own settings.
+    pub kind: SinkKind,
+    /// Most heartbeats per batch (one transaction, or one fsync of an audit file).
+    pub batch_rows: usize,
+    /// Pause when caught up before looking for new durable entries.
+    pub poll_interval: Duration,
+}
+
+/// The kinds of sinks.
+#[derive(Clone, PartialEq)]
+pub enum SinkKind {
+    /// Hourly newline-delimited JSON files per shard under `dir`.
+    Audit {
+        /// Root directory of the audit files.
+        dir: PathBuf,
+        /// Whether files are zstd-compressed.
+        compress: Compression,
+    },
+    /// A PostgreSQL database (`history` and `last_location` tables).
+    Postgres {
+        /// Connection string (URL or `key=value` form, as the `postgres` crate accepts).
+        url: String,
+        /// Schema holding the tables (created if absent).
+        schema: String,
+    },
+}
+
+/// Compression of audit files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain text (`.ndjson`).
+    None,
+    /// zstd frames (`.ndjson.zst`).
+    Zstd {
+        /// Compression level.
+        level: i32,
+    },
+}
+
+impl SinkKind {
+    /// The kind's name as written in the file (`audit`, `postgres`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            SinkKind::Audit { .. } => "audit",
+            SinkKind::Postgres { .. } => "postgres",
+        }
+    }
+}
+
+/// `url` with any password replaced by `***` (URL userinfo or a `password=` pair), for logs.
+pub fn redact_url(url: &str) -> String {
+    if let Some(at) = url.find("://").map(|i| i + 3) {
+        let rest = &url[at..];
+        let host_start = rest.find('@');
+        let slash = rest.find('/').unwrap_or(rest.len());
+        if let Some(h) = host_start.filter(|&h| h < slash) {
+            if let Some(colon) = rest[..h].find(':') {
+                return format!("{}{}:***{}", &url[..at], &rest[..colon], &rest[h..]);
+            }
+        }
+        return url.to_string();
+    }
+    url.split(' ')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.trim() == "password" => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl std::fmt::Debug for SinkKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SinkKind::Audit { dir, compress } => f
+                .debug_struct("Audit")
+                .field("dir", dir)
+                .field("compress", compress)
+                .finish(),
+            SinkKind::Postgres { url, schema } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_url(url))
+                .field("schema", schema)
+                .finish(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("batch_rows", &self.batch_rows)
+            .field("poll_interval", &self.poll_interval)
+            .finish()
+    }
+}
+
 /// Whether and where to serve metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricsListen {
@@ -294,6 +460,12 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Log filter directives (validated).
     pub log_level: String,
+    /// Storage sinks (`[[sinks]]` in the TOML file), in file order.
+    pub sinks: Vec<SinkConfig>,
+    /// Unconsumed bytes per shard above which to warn; `None`: never.
+    pub sink_backlog_warn_bytes: Option<u64>,
+    /// Unconsumed bytes per shard above which to stop acknowledging; `None`: never.
+    pub sink_backlog_max_bytes: Option<u64>,
 }
 
 impl ServeConfig {
@@ -344,6 +516,18 @@ pub enum ConfigError {
         path: PathBuf,
         /// The parser's message.
         message: String,
+    },
+    /// A `[[sinks]]` table is wrong.
+    #[error("config file {}: [[sinks]] #{index}{}: {reason}", path.display(), name.as_deref().map(|n| format!(" ({n:?})")).unwrap_or_default())]
+    Sink {
+        /// The file.
+        path: PathBuf,
+        /// 1-based position of the table among the `[[sinks]]`.
+        index: usize,
+        /// The sink's name, when it has a readable one.
+        name: Option<String>,
+        /// What is wrong.
+        reason: String,
     },
     /// The TOML file cannot be read.
     #[error("config file {}: cannot read: {source}", path.display())]
@@ -410,14 +594,17 @@ settings! {
     MESH_CAPACITY => "--mesh-capacity", "GEOBEAT_MESH_CAPACITY", Some("mesh_capacity");
     METRICS_LISTEN => "--metrics-listen", "GEOBEAT_METRICS_LISTEN", Some("metrics_listen");
     LOG_LEVEL => "--log-level", "GEOBEAT_LOG_LEVEL", Some("log_level");
+    SINK_BACKLOG_WARN_BYTES => "--sink-backlog-warn-bytes", "GEOBEAT_SINK_BACKLOG_WARN_BYTES", Some("sink_backlog_warn_bytes");
+    SINK_BACKLOG_MAX_BYTES => "--sink-backlog-max-bytes", "GEOBEAT_SINK_BACKLOG_MAX_BYTES", Some("sink_backlog_max_bytes");
 }
 
+/// The TOML key of the sink tables (an array of tables, not a flat setting).
+pub const SINKS_KEY: &str = "sinks";
+
 fn known_keys() -> String {
-    SETTINGS
-        .iter()
-        .filter_map(|s| s.key)
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut keys = SETTINGS.iter().filter_map(|s| s.key).collect::<Vec<_>>();
+    keys.push("[[sinks]]");
+    keys.join(", ")
 }
 
 /// The inputs besides the flags, passed in so resolution is a pure function (tests pass maps).
@@ -451,20 +638,25 @@ impl std::fmt::Display for Origin<'_> {
     }
 }
 
-/// The parsed TOML file as setting key -> value text.
+/// The parsed TOML file as setting key -> value text, plus the sink tables.
 struct FileValues<'a> {
     path: &'a Path,
     table: toml::Table,
+    sinks: Vec<SinkConfig>,
 }
 
 impl<'a> FileValues<'a> {
     fn parse(path: &'a Path, text: &str) -> Result<FileValues<'a>, ConfigError> {
-        let table: toml::Table =
+        let mut table: toml::Table =
             text.parse()
                 .map_err(|e: toml::de::Error| ConfigError::FileSyntax {
                     path: path.to_owned(),
                     message: e.to_string(),
                 })?;
+        let sinks = match table.remove(SINKS_KEY) {
+            Some(value) => parse_sinks(path, value)?,
+            None => Vec::new(),
+        };
         if let Some(key) = table
             .keys()
             .find(|k| !SETTINGS.iter().any(|s| s.key == Some(k.as_str())))
@@ -474,7 +666,7 @@ impl<'a> FileValues<'a> {
                 key: key.clone(),
             });
         }
-        Ok(FileValues { path, table })
+        Ok(FileValues { path, table, sinks })
     }
 
     /// The value of `key` as text (strings as is, numbers and booleans printed).
@@ -594,6 +786,33 @@ impl ServeArgs {
             parse_metrics_listen,
             MetricsListen::Off,
         )?;
+        let backlog_warn = r
+            .get(
+                &SINK_BACKLOG_WARN_BYTES,
+                &self.sink_backlog_warn_bytes,
+                parse_byte_limit,
+                ByteLimit::Bytes(SINK_BACKLOG_WARN_BYTES_DEFAULT),
+            )?
+            .bytes();
+        let backlog_max = r.pick(
+            &SINK_BACKLOG_MAX_BYTES,
+            &self.sink_backlog_max_bytes,
+            parse_byte_limit,
+        )?;
+        if let (Some(warn), Some((ByteLimit::Bytes(max), origin))) = (backlog_warn, &backlog_max) {
+            if *max < warn {
+                return Err(ConfigError::Invalid {
+                    setting: SINK_BACKLOG_MAX_BYTES.flag,
+                    value: max.to_string(),
+                    origin: origin.to_string(),
+                    reason: format!(
+                        "must be at least --sink-backlog-warn-bytes ({warn} bytes), or `off`"
+                    ),
+                });
+            }
+        }
+        let backlog_max = backlog_max.and_then(|(limit, _)| limit.bytes());
+        let sinks = r.file.as_ref().map(|f| f.sinks.clone()).unwrap_or_default();
         Ok(ServeConfig {
             listen: r.get(
                 &LISTEN,
@@ -692,6 +911,9 @@ impl ServeArgs {
                 parse_log_level,
                 LOG_LEVEL_DEFAULT.to_owned(),
             )?,
+            sinks,
+            sink_backlog_warn_bytes: backlog_warn,
+            sink_backlog_max_bytes: backlog_max,
         })
     }
 
@@ -900,6 +1122,184 @@ fn parse_log_level(text: &str) -> Result<String, String> {
         .map_err(|e| format!("not a log filter ({e})"))
 }
 
+fn parse_byte_limit(text: &str) -> Result<ByteLimit, String> {
+    if text.trim() == "off" {
+        return Ok(ByteLimit::Off);
+    }
+    match parse_size(text) {
+        Ok(0) => Err("must be at least 1 byte, or `off`".into()),
+        Ok(b) => Ok(ByteLimit::Bytes(b)),
+        Err(e) => Err(format!("{e}, or `off`")),
+    }
+}
+
+/// Reads only the `[[sinks]]` tables of a TOML configuration file (for `geobeat sinks`).
+pub fn load_sinks(path: &Path) -> Result<Vec<SinkConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::FileRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(FileValues::parse(path, &text)?.sinks)
+}
+
+/// Whether `name` may name a sink: 1..=32 bytes of `a-z`, `0-9`, `_`, `-` (it becomes a file name).
+pub fn valid_sink_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= SINK_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn valid_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_lowercase() || b == b'_')
+        && name.len() <= 63
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Parses the `sinks` value: an array of tables, each one sink.
+fn parse_sinks(path: &Path, value: toml::Value) -> Result<Vec<SinkConfig>, ConfigError> {
+    let bad = |index: usize, name: Option<&str>, reason: String| ConfigError::Sink {
+        path: path.to_path_buf(),
+        index,
+        name: name.map(str::to_owned),
+        reason,
+    };
+    let toml::Value::Array(items) = value else {
+        return Err(bad(
+            0,
+            None,
+            "`sinks` must be an array of tables ([[sinks]])".into(),
+        ));
+    };
+    if items.len() > SINKS_MAX {
+        return Err(bad(
+            items.len(),
+            None,
+            format!("at most {SINKS_MAX} sinks may be configured"),
+        ));
+    }
+    let mut out: Vec<SinkConfig> = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let index = i + 1;
+        let toml::Value::Table(mut t) = item else {
+            return Err(bad(index, None, "each sink must be a table".into()));
+        };
+        let take_str = |t: &mut toml::Table, key: &str| -> Result<Option<String>, String> {
+            match t.remove(key) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) => Ok(Some(s)),
+                Some(other) => Err(format!("`{key}` must be a string, not {other}")),
+            }
+        };
+        let name = take_str(&mut t, "name").map_err(|r| bad(index, None, r))?;
+        let Some(name) = name else {
+            return Err(bad(index, None, "`name` is required".into()));
+        };
+        let err = |reason: String| bad(index, Some(&name), reason);
+        if !valid_sink_name(&name) {
+            return Err(err(format!(
+                "`name` must be 1..={SINK_NAME_BYTES_MAX} characters of a-z, 0-9, `_`, `-`"
+            )));
+        }
+        if out.iter().any(|s| s.name == name) {
+            return Err(err("two sinks have this name".into()));
+        }
+        let kind = take_str(&mut t, "kind").map_err(&err)?;
+        let take_int = |t: &mut toml::Table, key: &str, min: i64, max: i64| match t.remove(key) {
+            None => Ok(None),
+            Some(toml::Value::Integer(v)) if (min..=max).contains(&v) => Ok(Some(v)),
+            Some(other) => Err(err(format!(
+                "`{key}` must be a whole number in {min}..={max}, not {other}"
+            ))),
+        };
+        let batch_rows = take_int(&mut t, "batch_rows", 1, SINK_BATCH_ROWS_MAX as i64)?
+            .map_or(SINK_BATCH_ROWS_DEFAULT, |v| v as usize);
+        let poll_ms = take_int(
+            &mut t,
+            "poll_interval_ms",
+            SINK_POLL_INTERVAL_MS_RANGE.0 as i64,
+            SINK_POLL_INTERVAL_MS_RANGE.1 as i64,
+        )?
+        .map_or(SINK_POLL_INTERVAL_MS_DEFAULT, |v| v as u64);
+        let kind = match kind.as_deref() {
+            Some("audit") => {
+                let dir = take_str(&mut t, "dir").map_err(&err)?;
+                let Some(dir) = dir.filter(|d| !d.is_empty()) else {
+                    return Err(err("an audit sink needs `dir`".into()));
+                };
+                let level = take_int(
+                    &mut t,
+                    "zstd_level",
+                    ZSTD_LEVEL_RANGE.0 as i64,
+                    ZSTD_LEVEL_RANGE.1 as i64,
+                )?
+                .map_or(ZSTD_LEVEL_DEFAULT, |v| v as i32);
+                let compress = match take_str(&mut t, "compress").map_err(&err)?.as_deref() {
+                    None | Some("none") => Compression::None,
+                    Some("zstd") => Compression::Zstd { level },
+                    Some(other) => {
+                        return Err(err(format!(
+                            "`compress` must be \"none\" or \"zstd\", not {other:?}"
+                        )))
+                    }
+                };
+                let dir = PathBuf::from(dir);
+                if out
+                    .iter()
+                    .any(|s| matches!(&s.kind, SinkKind::Audit { dir: d, .. } if *d == dir))
+                {
+                    return Err(err("two audit sinks share this `dir`".into()));
+                }
+                SinkKind::Audit { dir, compress }
+            }
+            Some("postgres") => {
+                let url = take_str(&mut t, "url").map_err(&err)?;
+                let Some(url) = url.filter(|u| !u.is_empty()) else {
+                    return Err(err("a postgres sink needs `url`".into()));
+                };
+                if let Err(e) = url.parse::<postgres::Config>() {
+                    return Err(err(format!("`url` does not parse: {e}")));
+                }
+                let schema = take_str(&mut t, "schema")
+                    .map_err(&err)?
+                    .unwrap_or_else(|| PG_SCHEMA_DEFAULT.to_owned());
+                if !valid_identifier(&schema) {
+                    return Err(err(
+                        "`schema` must be a lower-case SQL identifier (a-z, 0-9, `_`)".into(),
+                    ));
+                }
+                SinkKind::Postgres { url, schema }
+            }
+            Some(other) => {
+                return Err(err(format!(
+                    "`kind` must be \"audit\" or \"postgres\", not {other:?}"
+                )))
+            }
+            None => return Err(err("`kind` is required (\"audit\" or \"postgres\")".into())),
+        };
+        if let Some(key) = t.keys().next() {
+            let known = match kind {
+                SinkKind::Audit { .. } => {
+                    "name, kind, dir, compress, zstd_level, batch_rows, poll_interval_ms"
+                }
+                SinkKind::Postgres { .. } => {
+                    "name, kind, url, schema, batch_rows, poll_interval_ms"
+                }
+            };
+            return Err(err(format!("unknown key `{key}` (known keys: {known})")));
+        }
+        out.push(SinkConfig {
+            name,
+            kind,
+            batch_rows,
+            poll_interval: Duration::from_millis(poll_ms),
+        });
+    }
+    Ok(out)
+}
+
 fn parse_demo_devices(text: &str) -> Result<u32, String> {
     parse_int(text, 1, DEMO_DEVICES_MAX)
 }
@@ -1105,6 +1505,182 @@ mod tests {
             assert!(help.contains(s.flag), "{} missing from help", s.flag);
             assert!(help.contains(s.env), "{} missing from help", s.env);
         }
+    }
+
+    #[test]
+    fn sink_tables_parse_with_defaults() {
+        // Two `[[sinks]]` tables: every key read, defaults filled in, file order kept, and the
+        // database password never shown by Debug.
+        let file = r#"
+shards = 2
+[[sinks]]
+name = "archive"
+kind = "audit"
+dir = "/var/lib/geobeat/audit"
+compress = "zstd"
+zstd_level = 9
+
+[[sinks]]
+name = "pg-main"
+kind = "postgres"
+url = "postgres://geo:s3cret@db.example:5432/geo"
+schema = "geobeat"
+batch_rows = 5000
+poll_interval_ms = 250
+"#;
+        let c = resolve(&serve_args(&[]), &[], Some(file)).unwrap();
+        assert_eq!(c.shards, 2);
+        assert_eq!(
+            c.sinks[0],
+            SinkConfig {
+                name: "archive".into(),
+                kind: SinkKind::Audit {
+                    dir: PathBuf::from("/var/lib/geobeat/audit"),
+                    compress: Compression::Zstd { level: 9 },
+                },
+                batch_rows: SINK_BATCH_ROWS_DEFAULT,
+                poll_interval: Duration::from_millis(SINK_POLL_INTERVAL_MS_DEFAULT),
+            }
+        );
+        assert_eq!(c.sinks[1].name, "pg-main");
+        assert_eq!(
+            (c.sinks[1].batch_rows, c.sinks[1].poll_interval),
+            (5000, Duration::from_millis(250))
+        );
+        assert!(
+            matches!(&c.sinks[1].kind, SinkKind::Postgres { schema, .. } if schema == "geobeat")
+        );
+        let shown = format!("{:?}", c.sinks);
+        assert!(
+            !shown.contains("s3cret") && shown.contains("geo:***@db.example"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_url("host=db user=geo password=x"),
+            "host=db user=geo password=***"
+        );
+        assert!(resolve(&serve_args(&[]), &[], None)
+            .unwrap()
+            .sinks
+            .is_empty());
+    }
+
+    #[test]
+    fn bad_sink_tables_name_the_sink_and_the_problem() {
+        // Each malformed table is refused with its position, its name when known, and the fault.
+        let audit = "kind = \"audit\"\ndir = \"/a\"\n";
+        for (table, expect) in [
+            ("kind = \"audit\"\ndir = \"/a\"", "`name` is required"),
+            ("name = \"x\"\ndir = \"/a\"", "`kind` is required"),
+            ("name = \"X Y\"\nkind = \"audit\"\ndir = \"/a\"", "a-z"),
+            ("name = \"x\"\nkind = \"kafka\"", "\"kafka\""),
+            ("name = \"x\"\nkind = \"audit\"", "needs `dir`"),
+            ("name = \"x\"\nkind = \"postgres\"", "needs `url`"),
+            (
+                "name = \"x\"\nkind = \"postgres\"\nurl = \"postgres://h/db\"\nschema = \"A;drop\"",
+                "identifier",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\ncompress = \"lz4\"",
+                "`compress`",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\nbatch_rows = 0",
+                "`batch_rows`",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\nurl = \"u\"",
+                "unknown key `url`",
+            ),
+        ] {
+            let file = format!("[[sinks]]\n{table}\n");
+            let err = resolve(&serve_args(&[]), &[], Some(&file)).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, ConfigError::Sink { index: 1, .. }), "{msg}");
+            assert!(msg.contains(expect), "{table:?}: {msg}");
+        }
+        let twice = format!("[[sinks]]\nname = \"a\"\n{audit}[[sinks]]\nname = \"a\"\nkind = \"audit\"\ndir = \"/b\"\n");
+        let msg = resolve(&serve_args(&[]), &[], Some(&twice))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("#2") && msg.contains("two sinks have this name"),
+            "{msg}"
+        );
+        let same_dir = format!("[[sinks]]\nname = \"a\"\n{audit}[[sinks]]\nname = \"b\"\n{audit}");
+        let msg = resolve(&serve_args(&[]), &[], Some(&same_dir))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("share this `dir`"), "{msg}");
+        let msg = resolve(&serve_args(&[]), &[], Some("sinks = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("array of tables"), "{msg}");
+        let many: String = (0..=SINKS_MAX)
+            .map(|i| format!("[[sinks]]\nname = \"s{i}\"\nkind = \"audit\"\ndir = \"/d{i}\"\n"))
+            .collect();
+        assert!(resolve(&serve_args(&[]), &[], Some(&many)).is_err());
+    }
+
+    #[test]
+    fn sink_backlog_limits_resolve() {
+        // Defaults: warn at 1 GiB, no hard limit; sizes and `off` from every source; a hard limit
+        // below the warning is refused naming the flag.
+        let c = resolve(&serve_args(&[]), &[], None).unwrap();
+        assert_eq!(
+            (c.sink_backlog_warn_bytes, c.sink_backlog_max_bytes),
+            (Some(1 << 30), None)
+        );
+        let c = resolve(
+            &serve_args(&["--sink-backlog-max-bytes", "8GiB"]),
+            &[("GEOBEAT_SINK_BACKLOG_WARN_BYTES", "2GiB")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.sink_backlog_warn_bytes, c.sink_backlog_max_bytes),
+            (Some(2 << 30), Some(8 << 30))
+        );
+        let c = resolve(
+            &serve_args(&[]),
+            &[],
+            Some("sink_backlog_warn_bytes = \"off\"\nsink_backlog_max_bytes = 4096\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.sink_backlog_warn_bytes, c.sink_backlog_max_bytes),
+            (None, Some(4096))
+        );
+        let err = resolve(
+            &serve_args(&["--sink-backlog-max-bytes", "1MiB"]),
+            &[],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--sink-backlog-max-bytes") && err.contains("at least"),
+            "{err}"
+        );
+        assert!(resolve(
+            &serve_args(&[]),
+            &[("GEOBEAT_SINK_BACKLOG_MAX_BYTES", "0")],
+            None
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn sinks_command_parses() {
+        // `geobeat sinks` takes --data-dir, --config and --json.
+        let cli = Cli::try_parse_from(["geobeat", "sinks", "--data-dir", "/d", "--json"]).unwrap();
+        let Command::Sinks(a) = cli.command else {
+            panic!("sinks expected")
+        };
+        assert_eq!(
+            (a.data_dir, a.config, a.json),
+            (Some(PathBuf::from("/d")), None, true)
+        );
     }
 
     #[test]

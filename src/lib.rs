@@ -8,12 +8,15 @@
 //! - [`log`]: the durable per-shard log (segments, commit, recovery, retention).
 //! - [`table`]: the per-shard last-location table.
 //! - [`store`]: one shard's log plus table behind a small facade.
+//! - [`flusher`]: drains durable log entries to storage sinks (audit files, PostgreSQL).
 //! - [`proto`]: the device ingest protocol (frame decoding, verdicts, acks, abuse guards).
 //! - [`auth`]: access tokens (HMAC-signed scopes) and the server secret.
 //! - [`config`]: command line and configuration resolution.
 //! - [`http`]: pure HTTP request-head parsing and WebSocket upgrade helpers.
+//! - [`metrics`]: per-executor probes and the Prometheus exposition.
 //! - [`rt`]: the runtime seam (glommio behind a thin layer).
 //! - [`server`]: `geobeat serve`: executors, ingest connections, HTTP endpoints.
+//! - [`spatial`]: bounding boxes, great-circle distance, the per-shard grid index.
 //! - [`demo`]: `geobeat demo`'s simulated fleet.
 #![deny(missing_docs)]
 
@@ -21,13 +24,16 @@ pub mod auth;
 pub mod config;
 pub mod datadir;
 pub mod demo;
+pub mod flusher;
 pub mod http;
 pub mod limits;
 pub mod log;
+pub mod metrics;
 pub mod proto;
 pub mod record;
 pub mod route;
 pub mod rt;
 pub mod server;
+pub mod spatial;
 pub mod store;
 pub mod table;

@@ -65,10 +65,12 @@ pub const GROUP_ENTRIES_MAX: usize = 100_000;
 /// Largest log position the last-location table stores (positions are packed into 48 bits; at
 /// 1 GB/s of log per shard that is nearly 9 years).
 pub const TABLE_POS_MAX: u64 = (1 << 48) - 1;
-/// Most devices one shard's last-location table holds (row indices are u32).
+/// Most devices one shard's last-location table holds.
 pub const TABLE_DEVICES_MAX: usize = 1 << 31;
-/// Largest id arena of one shard's table (offsets are u32; each id is stored with a 1-byte length).
-pub const TABLE_ID_ARENA_BYTES_MAX: usize = u32::MAX as usize;
+/// Size of one chunk of the table's record arena (records never straddle chunks).
+pub const TABLE_CHUNK_BYTES: usize = 1 << 20;
+/// Most record-arena chunks per table (16 GiB: a record reference is chunk << 18 | offset / 4, a u32).
+pub const TABLE_CHUNKS_MAX: usize = 1 << 14;
 
 const _: () = assert!(ENTRY_HEADER_BYTES % ENTRY_ALIGN_BYTES == 0);
 const _: () = assert!(SEGMENT_HEADER_BYTES as u64 % PAGE_BYTES == 0);
@@ -84,6 +86,9 @@ const _: () = assert!(SEGMENT_HEADER_BYTES % CACHE_LINE_BYTES == 0);
 const _: () = assert!(GROUP_INTERVAL_US_MIN <= GROUP_INTERVAL_US_DEFAULT);
 const _: () = assert!(GROUP_INTERVAL_US_DEFAULT <= GROUP_INTERVAL_US_MAX);
 const _: () = assert!(GROUP_ENTRIES_DEFAULT <= GROUP_ENTRIES_MAX);
+const _: () = assert!(TABLE_CHUNK_BYTES / 4 <= 1 << 18);
+const _: () = assert!((TABLE_CHUNKS_MAX as u64) << 18 <= 1 << 32);
+const _: () = assert!(TABLE_CHUNK_BYTES >= 64 * (48 + DEVICE_ID_BYTES_MAX));
 
 /// Largest heartbeat sequence number: 2^53 - 1, the largest integer every JSON implementation
 /// (JavaScript's `Number` included) represents exactly, so a client can never send a seq it
@@ -126,3 +131,18 @@ pub const QUERY_LIMIT_DEFAULT: usize = 1000;
 /// Largest `limit` a history or area query accepts (a larger one is a 400).
 pub const QUERY_LIMIT_MAX: usize = 10_000;
 const _: () = assert!(QUERY_LIMIT_DEFAULT <= QUERY_LIMIT_MAX);
+
+/// Most storage sinks (`[[sinks]]`) one server drains its shard logs to.
+pub const SINKS_MAX: usize = 8;
+/// Longest sink name, in bytes (it names cursor files).
+pub const SINK_NAME_BYTES_MAX: usize = 32;
+/// Most heartbeats in one sink batch (one database transaction or one audit-file fsync).
+pub const SINK_BATCH_ROWS_MAX: usize = 100_000;
+/// Most encoded bytes one sink batch may buffer before it is committed, whatever its row count.
+pub const SINK_BATCH_BYTES_MAX: usize = 32 << 20;
+/// Largest cursor file read (they are a few hundred bytes).
+pub const SINK_CURSOR_BYTES_MAX: u64 = 4096;
+
+const _: () = assert!(SINKS_MAX <= LOG_CONSUMERS_MAX);
+const _: () = assert!(SINK_NAME_BYTES_MAX <= LOG_CONSUMER_NAME_BYTES_MAX);
+const _: () = assert!(SINK_BATCH_BYTES_MAX >= 64 * ENTRY_PAYLOAD_BYTES_MAX);

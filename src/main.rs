@@ -1,5 +1,5 @@
-//! The `geobeat` binary: parses the command line, sets up logging, runs `serve`, `token` or
-//! `demo`, and maps failures to exit codes (1: runtime failure, 2: bad configuration or usage).
+//! The `geobeat` binary: parses the command line, sets up logging, runs `serve`, `token`,
+//! `demo` or `sinks`, and maps failures to exit codes (1: runtime failure, 2: bad configuration or usage).
 //! Everything else lives in the library.
 
 use std::process::ExitCode;
@@ -47,6 +47,16 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("geobeat token: {e}");
                 ExitCode::from(2)
+            }
+        },
+        Command::Sinks(args) => match geobeat::flusher::report::run_sinks_command(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("geobeat sinks: {e}");
+                ExitCode::from(1)
             }
         },
         Command::Demo(args) => {

@@ -15,6 +15,7 @@ use crate::log::{
 };
 use crate::record::Heartbeat;
 use crate::route::ShardId;
+use crate::spatial::Grid;
 use crate::table::{LastLocation, LastLocationTable, Observation, TableError};
 
 /// Where and how to open one shard's store.
@@ -63,6 +64,8 @@ pub enum Error {
 pub struct ShardStore {
     log: Log,
     table: LastLocationTable,
+    /// Spatial index over the table's last locations (keys are table slots).
+    grid: Grid,
 }
 
 impl ShardStore {
@@ -92,7 +95,11 @@ impl ShardStore {
                 source,
             });
         }
-        Ok((ShardStore { log, table }, report))
+        let mut grid = Grid::new();
+        for (slot, _, loc) in table.iter_slots() {
+            grid.update(slot.raw(), loc.lat, loc.lon);
+        }
+        Ok((ShardStore { log, table, grid }, report))
     }
 
     /// Appends a heartbeat, linking it to the device's previous entry, and updates the table.
@@ -118,10 +125,14 @@ impl ShardStore {
         let pos = self.log.append(hb, prev)?;
         let obs = Observation::of(hb, pos);
         let res = match slot {
-            Some(s) => self.table.observe_at(s, &obs),
-            None => self.table.observe(&hb.device_id, &obs).map(|_| ()),
+            Some(s) => self.table.observe_at(s, &obs).map(|()| s),
+            None => self.table.observe(&hb.device_id, &obs),
         };
-        res.expect("table room and position were checked before appending");
+        let slot = res.expect("table room and position were checked before appending");
+        // Only a heartbeat that became the last location moves the device in the grid.
+        if self.table.get_at(slot).pos == pos {
+            self.grid.update(slot.raw(), hb.lat, hb.lon);
+        }
         Ok(pos)
     }
 
@@ -143,6 +154,17 @@ impl ShardStore {
             // A position that is never an entry: the chain is empty.
             None => self.log.chain(LogPos(u64::MAX)),
         }
+    }
+
+    /// The spatial index over last locations (keys: table slots, see [`ShardStore::slot_location`]).
+    pub fn grid(&self) -> &Grid {
+        &self.grid
+    }
+
+    /// The id and last location behind a grid key.
+    pub fn slot_location(&self, key: u32) -> (&str, LastLocation) {
+        let slot = crate::table::Slot::from_raw(key);
+        (self.table.id_at(slot), self.table.get_at(slot))
     }
 
     /// See [`Log::commit_begin`].
@@ -205,3 +227,9 @@ impl ShardStore {
         &self.table
     }
 }
+
+// The server may build stores on one thread and move them to their executor's thread.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<ShardStore>();
+};

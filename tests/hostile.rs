@@ -660,7 +660,6 @@ fn reset_connections_release_their_slots() {
 }
 
 #[test]
-#[ignore = "server bug: a connection whose client stops reading is never reclaimed (the ack writer's flush waits forever; no write timeout)"]
 fn a_client_that_stops_reading_is_closed_and_its_slot_released() {
     // A client with a tiny receive window (small SO_RCVBUF and MSS, so the server's send buffer
     // stays small too) never reads: it streams heartbeats (each earns an ack) and pings (each
@@ -704,11 +703,9 @@ fn a_client_that_stops_reading_is_closed_and_its_slot_released() {
         started.elapsed()
     );
     by.check();
-    assert_eq!(
-        http(server.addr, "GET", "/healthz", None).unwrap().0,
-        503,
-        "the deaf client holds the second slot"
-    );
+    // The server may already have given up on the stalled writes (they time out after the idle
+    // timeout, and the client has been deaf for about that long); either way the slot must be
+    // free again within a few seconds of the client falling silent.
     // Silent from now on, socket open, never reading. Keep the bystander alive meanwhile.
     let silent = Instant::now();
     loop {

@@ -111,3 +111,94 @@ fn query_errors_are_json_with_the_right_status() {
         405
     );
 }
+
+#[test]
+fn area_queries_by_bbox_and_radius_across_shards() {
+    // Devices on both sides of the antimeridian and near a pole, spread over both shards:
+    // a crossing bbox finds exactly the ones inside (sorted by id), a near query returns them
+    // sorted by great-circle distance with distance_m, and bad parameters are 400s naming them.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let gw = server.token(&["gateway", "a-"]);
+    let ops = server.token(&["ops"]);
+    let mut ws = ws_connect(&server, &gw).unwrap();
+    let t = now_ms();
+    let fleet = [
+        ("a-east", 0.0, 179.5),
+        ("a-west", 0.5, -179.5),
+        ("a-zero", 0.0, 0.0),
+        ("a-pole", 89.9, 45.0),
+        ("a-pole2", 89.9, -135.0),
+    ];
+    for (i, (id, lat, lon)) in fleet.iter().enumerate() {
+        let f = format!(
+            r#"{{"seq":{},"id":"{id}","lat":{lat},"lon":{lon},"ts":{t}}}"#,
+            i + 1
+        );
+        ws.send(Message::text(f)).unwrap();
+    }
+    assert!(wait_ack(&mut ws, fleet.len() as u64).is_empty());
+    let ids = |body: &str| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (st, body) = server.get("/v1/devices?bbox=179,-1,-179,1", Some(&ops));
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(ids(&body), vec!["a-east", "a-west"]);
+    let (_, body) = server.get("/v1/devices?near=0,180&radius=200000", Some(&ops));
+    assert_eq!(ids(&body), vec!["a-east", "a-west"]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        (v[0]["distance_m"].as_f64().unwrap() - 55_597.0).abs() < 50.0,
+        "{body}"
+    );
+    // Around the pole: both polar devices are ~22 km apart, 180° of longitude between them.
+    let (_, body) = server.get("/v1/devices?near=90,0&radius=20000", Some(&ops));
+    assert_eq!(ids(&body), vec!["a-pole", "a-pole2"]);
+    let (_, body) = server.get("/v1/devices?bbox=-180,-90,180,90&limit=2", Some(&ops));
+    assert_eq!(ids(&body), vec!["a-east", "a-pole"]);
+    for (q, param) in [
+        ("bbox=1,2,3", "bbox"),
+        ("bbox=0,10,1,5", "bbox"),
+        ("near=0,0", "radius"),
+        ("near=95,0&radius=10", "near"),
+        ("near=0,0&radius=-1", "radius"),
+        ("", "bbox"),
+        ("bbox=0,0,1,1&limit=0", "limit"),
+    ] {
+        let (st, body) = server.get(&format!("/v1/devices?{q}"), Some(&ops));
+        assert_eq!(st, 400, "{q}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["param"], param, "{q}");
+    }
+    assert_eq!(server.get("/v1/devices?bbox=0,0,1,1", None).0, 401);
+}
+
+#[test]
+fn oversized_requests_get_the_matching_4xx() {
+    // A URI over the limit is 414, a head over the limit 431, a declared body over the limit
+    // 413 — each with a JSON body — and the server keeps serving.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let long_uri = format!(
+        "GET /v1/devices/{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(5000)
+    );
+    let (st, body) = raw_http(server.addr, long_uri.as_bytes()).unwrap();
+    assert_eq!(st, 414, "{body}");
+    assert!(body.contains("\"error\""));
+    let big_head = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: {}\r\n\r\n",
+        "b".repeat(9000)
+    );
+    assert_eq!(raw_http(server.addr, big_head.as_bytes()).unwrap().0, 431);
+    let big_body = "POST /v1/devices HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n";
+    assert_eq!(raw_http(server.addr, big_body.as_bytes()).unwrap().0, 413);
+    let smuggle = "POST /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+    assert_eq!(raw_http(server.addr, smuggle.as_bytes()).unwrap().0, 400);
+    assert_eq!(server.get("/healthz", None).0, 200);
+}

@@ -51,6 +51,8 @@ pub struct Request<'b> {
     pub sec_websocket_key: Option<&'b str>,
     /// `Sec-WebSocket-Version`.
     pub sec_websocket_version: Option<&'b str>,
+    /// `Accept` (first one; content negotiation for `/metrics`).
+    pub accept: Option<&'b str>,
     /// `Content-Length`, parsed.
     pub content_length: Option<u64>,
     /// `Transfer-Encoding: chunked` was given.
@@ -166,6 +168,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed<'_>, HeadError> {
         connection_has_close: false,
         sec_websocket_key: None,
         sec_websocket_version: None,
+        accept: None,
         content_length: None,
         chunked: false,
     };
@@ -198,6 +201,9 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed<'_>, HeadError> {
                 value()?,
                 "duplicate Sec-WebSocket-Version",
             )?;
+        } else if name.eq_ignore_ascii_case("accept") {
+            let v = value()?;
+            r.accept.get_or_insert(v);
         } else if name.eq_ignore_ascii_case("content-length") {
             if r.content_length.is_some() {
                 return Err(HeadError::Smuggling("more than one Content-Length"));

@@ -4,7 +4,8 @@
 //! so a runtime can fdatasync asynchronously while appends go on), reads, per-device back-pointer
 //! chains, ordered scans, recovery at open and retention. It does not decide when to acknowledge
 //! (see [`Durability`], a caller policy), does not know the last location of devices (`table`),
-//! and never spawns threads: one log belongs to one shard on one thread.
+//! and never spawns threads: one log belongs to one shard on one thread. Other threads may read
+//! its durable entries through [`tail::Tail`], a read-only reader of the segment files.
 //!
 //! Invariants: positions are contiguous across segments (a segment's base is its predecessor's
 //! base plus its size) and data once written never moves; sequence numbers are contiguous; an
@@ -19,6 +20,7 @@ pub mod policy;
 pub mod recovery;
 mod segment;
 pub mod sync;
+pub mod tail;
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -131,6 +133,33 @@ impl Entry<'_> {
     pub fn end(&self) -> LogPos {
         LogPos(self.pos.0 + u64::from(self.len_bytes))
     }
+}
+
+/// Why [`decode_entry`] found no entry at an offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecodeFault {
+    /// The framing refused it, or the segment's data ends there (see [`format::EntryFault`]).
+    Frame(format::EntryFault),
+    /// The framing was fine but the payload failed rkyv validation or the record rules.
+    Record,
+}
+
+/// Decodes and validates the entry at offset `off` of a mapped segment `data` whose first byte is
+/// global position `base`: the framing (length, CRC) first, then the rkyv payload and the record
+/// rules. Shared by the log and its read-only tail reader (`tail`), so both accept exactly the
+/// same entries.
+#[inline]
+pub(crate) fn decode_entry(data: &[u8], base: u64, off: u64) -> Result<Entry<'_>, DecodeFault> {
+    let raw = parse_entry(data, off as usize).map_err(DecodeFault::Frame)?;
+    let hb = record::access(raw.payload).ok_or(DecodeFault::Record)?;
+    Ok(Entry {
+        pos: LogPos(base + off),
+        seq: raw.seq,
+        prev: (raw.prev_pos != POS_NONE).then_some(LogPos(raw.prev_pos)),
+        hb,
+        device_hash_low: raw.device_hash_low,
+        len_bytes: raw.total_bytes as u32,
+    })
 }
 
 /// Where a [`Scan`] stops.
@@ -570,16 +599,7 @@ impl Log {
     }
 
     fn entry_in(seg: &Segment, off: u64) -> Option<Entry<'_>> {
-        let raw = parse_entry(seg.data(), off as usize).ok()?;
-        let hb = record::access(raw.payload)?;
-        Some(Entry {
-            pos: LogPos(seg.base + off),
-            seq: raw.seq,
-            prev: (raw.prev_pos != POS_NONE).then_some(LogPos(raw.prev_pos)),
-            hb,
-            device_hash_low: raw.device_hash_low,
-            len_bytes: raw.total_bytes as u32,
-        })
+        decode_entry(seg.data(), seg.base, off).ok()
     }
 
     /// The entry at `pos`, validated (CRC, then rkyv + record rules); `None` if `pos` is not an
@@ -718,11 +738,11 @@ impl Log {
             std::fs::remove_file(&path)
                 .map_err(|e| io_err(self.shard, "delete segment", &path, e))?;
             self.segments.pop_front();
+            // Sync after each deletion: if a crash made a later deletion durable but not an
+            // earlier one, recovery would see a gap between segments and treat it as damage.
+            segment::sync_dir(self.shard, &self.dir)?;
             deleted += 1;
             tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
-        }
-        if deleted > 0 {
-            segment::sync_dir(self.shard, &self.dir)?;
         }
         Ok(deleted)
     }

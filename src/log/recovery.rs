@@ -87,6 +87,18 @@ fn nonzero_end(b: &[u8]) -> usize {
     0
 }
 
+/// Asks the kernel to start reading a whole file into the page cache (advisory; errors ignored).
+fn readahead_file(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = std::fs::File::open(path) {
+        // SAFETY: plain syscall on a valid descriptor; the advice outlives the descriptor because
+        // it applies to the file's page cache.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+}
+
 /// The first offset in `(from, to)` (entry-aligned) holding a fully valid entry, if any.
 fn find_valid_entry(data: &[u8], from: usize, to: usize) -> Option<usize> {
     let mut off = from + ENTRY_ALIGN_BYTES;
@@ -289,6 +301,11 @@ where
         }
 
         seg.prefetch();
+        if let Some((_, next_path)) = files.get(i + 1) {
+            // Start reading the next segment while this one is scanned (cold starts overlap I/O
+            // with CRC and validation work).
+            readahead_file(next_path);
+        }
         let scan = scan_segment(&seg, seg.first_seq, &mut on_entry);
         seg.data_end = scan.end as u64;
         seg.flushed = seg.data_end;

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 
 use crate::datadir::DataDir;
 use crate::log::{Commit, LogPos};
+use crate::metrics::{ExecProbe, ExecSnapshot, ShardSnapshot, StoreProbe};
 use crate::record::Heartbeat;
 use crate::route::ShardId;
 use crate::rt::{self, mesh, Signal, SyncFile};
+use crate::server::listen::Role;
 use crate::server::msg::{Batch, ConnKey, ToOwner, ToSource};
 use crate::server::Shared;
 use crate::store::{ShardStore, StoreConfig};
@@ -35,6 +37,8 @@ const SYNC_FILES_MAX: usize = 4;
 /// Longest a graceful shutdown waits for connections to drain before exiting anyway (whatever
 /// is not yet durable then was never acked, so nothing acked is lost).
 const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
+/// How often consumed positions, retention and sink backlogs are looked at.
+const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How often executors look at the process-wide stop flag.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -87,11 +91,15 @@ pub struct StoreSlot {
     pending_entries: Cell<usize>,
     /// When the first of those was appended.
     pending_since: Cell<Option<Instant>>,
+    /// Commit counters.
+    pub probe: StoreProbe,
 }
 
 /// A frame waiting for its groups to become durable.
 struct FrameWait {
     frame: u64,
+    /// When the frame was read (ack latency starts here).
+    received: Instant,
     /// Highest accepted seq in the frame (0 if none).
     seq_max: u64,
     /// Groups not yet durable.
@@ -143,6 +151,8 @@ pub struct Exec {
     pub stop_signal: Rc<Signal>,
     /// Connections open on this executor.
     pub conns_open: Cell<usize>,
+    /// This executor's counters.
+    pub probe: ExecProbe,
 }
 
 fn now_ms() -> i64 {
@@ -237,13 +247,14 @@ impl Exec {
 
     /// Starts a frame with `groups` destination groups; returns its number. A frame with zero
     /// groups (everything rejected) completes at once.
-    pub fn frame_begin(&self, key: ConnKey, seq_max: u64, groups: u32) -> u64 {
+    pub fn frame_begin(&self, key: ConnKey, seq_max: u64, groups: u32, received: Instant) -> u64 {
         let frame = self
             .with_conn(key, |c| {
                 let frame = c.next_frame;
                 c.next_frame += 1;
                 c.frames.push_back(FrameWait {
                     frame,
+                    received,
                     seq_max,
                     groups,
                 });
@@ -276,11 +287,17 @@ impl Exec {
 
     /// Pops the completed prefix of frames and wakes the writer if the ack moved.
     fn settle(&self, key: ConnKey) {
+        let probe = &self.probe;
         self.with_conn(key, |c| {
             let before = (c.ack_ready, c.errors.len());
+            let mut now = None;
             while c.frames.front().is_some_and(|f| f.groups == 0) {
                 let f = c.frames.pop_front().expect("front exists");
                 c.ack_ready = c.ack_ready.max(f.seq_max);
+                let now = *now.get_or_insert_with(Instant::now);
+                probe
+                    .ack_latency
+                    .observe(now.duration_since(f.received).as_secs_f64());
             }
             if (c.ack_ready, c.errors.len()) != before {
                 c.signal.notify();
@@ -313,6 +330,17 @@ impl Exec {
         failed: &mut Vec<(u64, &'static str)>,
     ) -> Option<LogPos> {
         let mut last = None;
+        if let Some(max) = self.shared.cfg.sink_backlog_max_bytes {
+            let backlog = self.shared.feeds[slot.shard.0 as usize].backlog_bytes();
+            if backlog > max {
+                // Past the hard budget of unconsumed log: refuse (devices see it and retry
+                // later) rather than delete anything a sink has not consumed.
+                for (seq, _) in items {
+                    failed.push((seq, "sink_backlog_full"));
+                }
+                return None;
+            }
+        }
         let mut store = slot.store.borrow_mut();
         let mut appended = 0usize;
         for (seq, hb) in items {
@@ -429,6 +457,10 @@ impl Exec {
 
     /// Commits one shard: makes everything appended so far durable, then completes waiters.
     async fn commit_slot(&self, slot: &StoreSlot) {
+        let started = Instant::now();
+        slot.probe
+            .group_entries
+            .observe(slot.pending_entries.get() as f64);
         slot.pending_entries.set(0);
         slot.pending_since.set(None);
         let begun = slot.store.borrow_mut().commit_begin();
@@ -473,6 +505,10 @@ impl Exec {
                 }
             }
         };
+        slot.probe
+            .commit_latency
+            .observe(started.elapsed().as_secs_f64());
+        self.shared.feeds[slot.shard.0 as usize].publish_durable(durable);
         loop {
             let next = {
                 let mut w = slot.waiters.borrow_mut();
@@ -538,13 +574,60 @@ impl Exec {
         }
     }
 
+    // ----- retention -----
+
+    /// Periodically hands every sink's consumed position to the log, deletes segments past
+    /// retention that every consumer has passed, and warns while a sink's backlog is over budget.
+    async fn retention_loop(self: Rc<Self>) {
+        let cfg = &self.shared.cfg;
+        let mut warned = vec![false; self.stores.len()];
+        loop {
+            rt::timeout(RETENTION_CHECK_INTERVAL, self.stop_signal.wait()).await;
+            if self.stopping() {
+                return;
+            }
+            for (i, slot) in self.stores.iter().enumerate() {
+                let feed = &self.shared.feeds[slot.shard.0 as usize];
+                let mut store = slot.store.borrow_mut();
+                if !cfg.sinks.is_empty() {
+                    let consumed = feed.consumed().min(store.durable());
+                    if let Err(e) = store.set_consumed(crate::flusher::CONSUMER_NAME, consumed) {
+                        tracing::warn!(shard = %slot.shard, error = %e, "could not record the sinks' position");
+                    }
+                }
+                if let Some(retention) = cfg.retention {
+                    match store.delete_expired(std::time::SystemTime::now(), retention) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(shard = %slot.shard, segments = n, "retention deleted segments")
+                        }
+                        Err(e) => {
+                            tracing::warn!(shard = %slot.shard, error = %e, "retention failed")
+                        }
+                    }
+                }
+                if let Some(warn) = cfg.sink_backlog_warn_bytes {
+                    let backlog = feed.backlog_bytes();
+                    if backlog > warn && !warned[i] {
+                        tracing::warn!(shard = %slot.shard, backlog_bytes = backlog, warn_bytes = warn, max_bytes = ?cfg.sink_backlog_max_bytes, "sink backlog over its warning budget: a sink is slow or down; past the maximum, new heartbeats are refused");
+                    } else if backlog <= warn && warned[i] {
+                        tracing::info!(shard = %slot.shard, backlog_bytes = backlog, "sink backlog back under its warning budget");
+                    }
+                    warned[i] = backlog > warn;
+                }
+            }
+        }
+    }
+
     // ----- mesh tasks -----
 
     async fn request_loop(self: Rc<Self>, rx: Rc<mesh::Receivers<ToOwner>>, peer: usize) {
         while let Ok(Some(msg)) = rx.recv_from(peer).await {
+            ExecProbe::add(&self.probe.received_from[peer], 1);
             match msg {
                 ToOwner::Append { shard, batch } => self.append_remote(peer, shard, batch),
                 ToOwner::Query { shard, job } => job(&self.slot(shard).store.borrow()),
+                ToOwner::Run(job) => job(&self),
                 ToOwner::Adopt(adopt) => crate::server::listen::adopt(self.clone(), *adopt),
             }
         }
@@ -584,11 +667,65 @@ impl Exec {
         let job: crate::server::msg::StoreJob = Box::new(move |store| {
             let _ = tx.send(job(store));
         });
-        self.requests
-            .send_to(owner, ToOwner::Query { shard, job })
-            .await
-            .ok()?;
+        self.send(owner, ToOwner::Query { shard, job }).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Sends a request to another executor (waiting for room: backpressure), counting it.
+    pub async fn send(&self, to: usize, msg: ToOwner) -> Result<(), ()> {
+        ExecProbe::add(&self.probe.sent_to[to], 1);
+        self.requests.send_to(to, msg).await.map_err(|_| ())
+    }
+
+    /// Runs `job` on every executor (here directly, elsewhere over the mesh) and collects the
+    /// answers in executor order; executors that cannot answer are left out.
+    pub async fn on_all<T: Send + 'static>(
+        &self,
+        job: impl Fn(&Exec) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.shared.executors);
+        for i in 0..self.shared.executors {
+            if i == self.index {
+                out.push(job(self));
+                continue;
+            }
+            let (tx, rx) = futures_channel::oneshot::channel();
+            let job = job.clone();
+            let run: crate::server::msg::ExecJob = Box::new(move |exec: &Exec| {
+                let _ = tx.send(job(exec));
+            });
+            if self.send(i, ToOwner::Run(run)).await.is_ok() {
+                if let Ok(v) = rx.await {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// This executor's metrics snapshot.
+    pub fn snapshot(&self) -> ExecSnapshot {
+        let mut snap = self.probe.snapshot(self.index, self.conns_open.get());
+        for slot in &self.stores {
+            let store = slot.store.borrow();
+            let stats = store.stats();
+            snap.shards.push(ShardSnapshot {
+                shard: slot.shard.0,
+                executor: self.index,
+                log_bytes: stats.bytes,
+                segments: stats.segments,
+                entries: stats.entries,
+                written: stats.written.0,
+                durable: stats.durable.0,
+                devices: store.table().len(),
+                table_bytes: store.table().heap_bytes(),
+                sync_mode: stats.sync_mode.to_string(),
+                group_entries: slot.probe.group_entries.snapshot(),
+                commit_latency: slot.probe.commit_latency.snapshot(),
+                waiters: slot.waiters.borrow().len(),
+            });
+        }
+        snap
     }
 }
 
@@ -612,14 +749,28 @@ pub async fn executor_main(
     stop_flag: Arc<AtomicBool>,
 ) -> Result<(), std::io::Error> {
     let mut stores = Vec::new();
+    let mut open_error = None;
     for k in (index..shared.shard_count as usize).step_by(shared.executors) {
         let shard = ShardId(k as u32);
         let mut cfg = StoreConfig::new(datadir.shard_dir(shard), shard);
         cfg.segment_bytes = shared.cfg.segment_bytes;
         let started = Instant::now();
-        let (store, report) = ShardStore::open(&cfg)
-            .map_err(|e| std::io::Error::other(format!("opening shard {shard}: {e}")))?;
+        let (store, report) = match ShardStore::open(&cfg) {
+            Ok(opened) => opened,
+            Err(e) => {
+                open_error = Some(std::io::Error::other(format!("opening shard {shard}: {e}")));
+                break;
+            }
+        };
         tracing::info!(shard = %shard, executor = index, elapsed_ms = started.elapsed().as_millis() as u64, report = ?report, "shard recovered");
+        let mut store = store;
+        if !shared.cfg.sinks.is_empty() {
+            if let Err(e) = store.register_consumer(crate::flusher::CONSUMER_NAME) {
+                open_error = Some(std::io::Error::other(format!("shard {shard}: {e}")));
+                break;
+            }
+        }
+        shared.feeds[k].publish_durable(store.durable());
         stores.push(StoreSlot {
             shard,
             store: RefCell::new(store),
@@ -627,6 +778,7 @@ pub async fn executor_main(
             sync_files: RefCell::new(Vec::new()),
             pending_entries: Cell::new(0),
             pending_since: Cell::new(None),
+            probe: StoreProbe::default(),
         });
     }
     let (requests, request_rx) = meshes
@@ -639,6 +791,14 @@ pub async fn executor_main(
         .join()
         .await
         .map_err(|_| std::io::Error::other("joining reply mesh"))?;
+    if let Some(e) = open_error {
+        // The meshes are joined (peers would wait for us forever otherwise); now stop everyone.
+        tracing::error!(executor = index, error = %e, "a shard could not be opened; stopping");
+        stop_flag.store(true, Ordering::Release);
+        shared.stopping.store(true, Ordering::Release);
+        shared.executors_drained.fetch_add(1, Ordering::AcqRel);
+        return Err(e);
+    }
     let peers = shared.executors;
     let exec = Rc::new(Exec {
         index,
@@ -655,6 +815,7 @@ pub async fn executor_main(
         decoder: RefCell::new(crate::proto::Decoder::new()),
         stop_signal: Signal::new(),
         conns_open: Cell::new(0),
+        probe: ExecProbe::new(peers),
     });
     let request_rx = Rc::new(request_rx);
     let reply_rx = Rc::new(reply_rx);
@@ -664,6 +825,7 @@ pub async fn executor_main(
         rt::spawn(exec.clone().reply_send_loop(peer));
     }
     let commit = rt::spawn_joinable(exec.clone().commit_loop());
+    rt::spawn(exec.clone().retention_loop());
 
     let listener = rt::bind(
         *shared
@@ -672,7 +834,20 @@ pub async fn executor_main(
             .expect("address resolved before executors start"),
     )?;
     shared.executors_ready.fetch_add(1, Ordering::AcqRel);
-    rt::spawn(crate::server::listen::accept_loop(exec.clone(), listener));
+    rt::spawn(crate::server::listen::accept_loop(
+        exec.clone(),
+        listener,
+        Role::Main,
+    ));
+    if let (0, Some(addr)) = (index, shared.cfg.metrics_listen) {
+        let metrics = rt::bind(addr)?;
+        tracing::info!(%addr, "serving /metrics on its own listener");
+        rt::spawn(crate::server::listen::accept_loop(
+            exec.clone(),
+            metrics,
+            Role::Metrics,
+        ));
+    }
 
     // Watch for shutdown.
     while !stop_flag.load(Ordering::Acquire) {
@@ -697,8 +872,9 @@ pub async fn executor_main(
         .store(shared.executors, Ordering::Release);
     commit.await;
     for slot in &exec.stores {
-        if let Err(e) = slot.store.borrow_mut().sync_blocking() {
-            tracing::error!(shard = %slot.shard, error = %e, "final sync failed");
+        match slot.store.borrow_mut().sync_blocking() {
+            Ok(durable) => shared.feeds[slot.shard.0 as usize].publish_durable(durable),
+            Err(e) => tracing::error!(shard = %slot.shard, error = %e, "final sync failed"),
         }
     }
     Ok(())

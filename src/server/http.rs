@@ -7,11 +7,17 @@
 use serde::Serialize;
 
 use crate::auth::Scope;
+use crate::config::Durability;
 use crate::http::parse::{self, Request};
 use crate::limits::{QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX};
+use crate::metrics::{ExecSnapshot, ProcessInfo};
 use crate::route::shard_of;
 use crate::server::exec::now_s;
 use crate::server::exec::Exec;
+use crate::server::listen::Role;
+
+/// The OpenAPI 3 document of the HTTP API (kept true by tests/openapi.rs).
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
 
 /// A complete response.
 pub struct Response {
@@ -148,10 +154,62 @@ fn require_reader(exec: &Exec, req: &Request<'_>, device: Option<&str>) -> Resul
 }
 
 /// Answers one HTTP request.
-pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8]) -> Response {
+pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -> Response {
     let path = req.path;
     let method = req.method;
+    let metrics_here = match role {
+        Role::Metrics => true,
+        Role::Main => exec.shared.cfg.metrics_listen.is_none(),
+    };
+    if role == Role::Metrics && path != "/metrics" {
+        return Response::error(404, "this listener serves only /metrics");
+    }
     match path {
+        "/metrics" if metrics_here => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            let openmetrics = req
+                .accept
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            metrics(exec, openmetrics).await
+        }
+        "/openapi.json" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            Response::json(200, OPENAPI_JSON.to_owned())
+        }
+        "/v1/sinks" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            if let Err(r) = require_reader(exec, req, None) {
+                return r;
+            }
+            let rows = exec
+                .shared
+                .sinks
+                .as_ref()
+                .map(|s| s.status())
+                .unwrap_or_default();
+            Response::json(
+                200,
+                format!(
+                    r#"{{"sinks":{}}}"#,
+                    serde_json::to_string(&rows).expect("serializable")
+                ),
+            )
+        }
+        "/v1/stats" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            if let Err(r) = require_reader(exec, req, None) {
+                return r;
+            }
+            stats(exec).await
+        }
         "/healthz" | "/readyz" => {
             if method != "GET" {
                 return Response::error(405, "method not allowed");
@@ -161,6 +219,15 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8]) -> Response {
             } else {
                 Response::json(503, r#"{"status":"starting"}"#.into())
             }
+        }
+        "/v1/devices" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            if let Err(r) = require_reader(exec, req, None) {
+                return r;
+            }
+            area(exec, req).await
         }
         _ if path.starts_with("/v1/devices/") => {
             let rest = &path["/v1/devices/".len()..];
@@ -185,7 +252,7 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8]) -> Response {
                 Some(_) => history(exec, req, id).await,
             }
         }
-        "/v1/ingest" => Response::error(400, "use a WebSocket upgrade for /v1/ingest"),
+        "/v1/ingest" => Response::error(426, "use a WebSocket upgrade for /v1/ingest"),
         _ => Response::error(404, "no such endpoint"),
     }
 }
@@ -213,6 +280,102 @@ fn limit_param(req: &Request<'_>) -> Result<usize, Response> {
             "limit",
         )),
     }
+}
+
+/// A parameter made of comma-separated numbers; `Err` is the 400 to answer with.
+fn floats_param<const N: usize>(
+    req: &Request<'_>,
+    name: &str,
+    what: &str,
+) -> Result<Option<[f64; N]>, Response> {
+    let mut buf = Vec::new();
+    let raw = match parse::query_param(req.query, name, &mut buf) {
+        Ok(None) => return Ok(None),
+        Ok(Some(v)) => v,
+        Err(_) => return Err(Response::param_error("bad percent-encoding", name)),
+    };
+    let bad = || Response::param_error(&format!("{name} must be {what}"), name);
+    let mut out = [0.0; N];
+    let mut parts = raw.split(',');
+    for slot in out.iter_mut() {
+        *slot = parts
+            .next()
+            .and_then(|p| p.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .ok_or_else(bad)?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(Some(out))
+}
+
+/// Largest `radius` of a near query: half the Earth's circumference (covers everything).
+const RADIUS_M_MAX: f64 = 20_037_509.0;
+
+fn area_params(req: &Request<'_>) -> Result<(crate::server::query::Area, usize), Response> {
+    use crate::server::query::Area;
+    let limit = limit_param(req)?;
+    let bbox = floats_param::<4>(req, "bbox", "minLon,minLat,maxLon,maxLat")?;
+    let near = floats_param::<2>(req, "near", "lat,lon")?;
+    let radius = floats_param::<1>(req, "radius", "a number of metres")?;
+    match (bbox, near) {
+        (Some([min_lon, min_lat, max_lon, max_lat]), None) => {
+            let b = crate::spatial::BBox::new(min_lon, min_lat, max_lon, max_lat)
+                .map_err(|e| Response::param_error(e, "bbox"))?;
+            Ok((Area::BBox(b), limit))
+        }
+        (None, Some([lat, lon])) => {
+            if !((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)) {
+                return Err(Response::param_error(
+                    "near must be lat,lon within range",
+                    "near",
+                ));
+            }
+            let radius_m = match radius {
+                Some([r]) if r > 0.0 && r <= RADIUS_M_MAX => r,
+                Some(_) => {
+                    return Err(Response::param_error(
+                        &format!("radius must be > 0 and <= {RADIUS_M_MAX} metres"),
+                        "radius",
+                    ))
+                }
+                None => {
+                    return Err(Response::param_error(
+                        "near needs radius (metres)",
+                        "radius",
+                    ))
+                }
+            };
+            Ok((Area::Near { lat, lon, radius_m }, limit))
+        }
+        (Some(_), Some(_)) => Err(Response::param_error(
+            "give either bbox or near, not both",
+            "bbox",
+        )),
+        (None, None) => Err(Response::param_error(
+            "give bbox=minLon,minLat,maxLon,maxLat or near=lat,lon&radius=m",
+            "bbox",
+        )),
+    }
+}
+
+async fn area(exec: &Exec, req: &Request<'_>) -> Response {
+    let (area, limit) = match area_params(req) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let shards = (0..exec.shared.shard_count).map(|k| {
+        exec.query(crate::route::ShardId(k), move |store| {
+            crate::server::query::area(store, &area, limit)
+        })
+    });
+    let parts = futures_util::future::join_all(shards).await;
+    if parts.iter().any(Option::is_none) {
+        return Response::error(503, "shard unavailable");
+    }
+    let hits = crate::server::query::merge_area(parts.into_iter().flatten().collect(), limit);
+    Response::json(200, serde_json::to_string(&hits).expect("serializable"))
 }
 
 async fn history(exec: &Exec, req: &Request<'_>, id: String) -> Response {
@@ -243,6 +406,70 @@ async fn history(exec: &Exec, req: &Request<'_>, id: String) -> Response {
         Some(None) => Response::json(404, r#"{"error":"unknown device","param":"id"}"#.into()),
         None => Response::error(503, "shard unavailable"),
     }
+}
+
+fn process_info(exec: &Exec) -> ProcessInfo {
+    let shared = &exec.shared;
+    ProcessInfo {
+        uptime_s: shared.started.elapsed().as_secs_f64(),
+        durability: match shared.cfg.durability {
+            Durability::Strict => "strict",
+            Durability::Relaxed => "relaxed",
+        },
+        connections_total: shared
+            .connections_open
+            .load(std::sync::atomic::Ordering::Relaxed),
+        sink_backlog: shared
+            .sinks
+            .as_ref()
+            .map(|s| {
+                s.status()
+                    .into_iter()
+                    .map(|r| (r.name, r.shard, r.lag_bytes))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus does), else the classic
+/// Prometheus text format.
+async fn metrics(exec: &Exec, openmetrics: bool) -> Response {
+    let snaps = exec.on_all(|e: &Exec| e.snapshot()).await;
+    let text = crate::metrics::render(snaps, process_info(exec));
+    if openmetrics {
+        Response {
+            status: 200,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body: text,
+        }
+    } else {
+        Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: crate::metrics::to_classic(&text),
+        }
+    }
+}
+
+async fn stats(exec: &Exec) -> Response {
+    #[derive(Serialize)]
+    struct Stats {
+        uptime_s: f64,
+        durability: &'static str,
+        connections_total: usize,
+        shard_count: u32,
+        executors: Vec<ExecSnapshot>,
+    }
+    let info = process_info(exec);
+    let body = Stats {
+        uptime_s: info.uptime_s,
+        durability: info.durability,
+        connections_total: info.connections_total,
+        shard_count: exec.shared.shard_count,
+        executors: exec.on_all(|e: &Exec| e.snapshot()).await,
+    };
+    Response::json(200, serde_json::to_string(&body).expect("serializable"))
 }
 
 async fn last_location(exec: &Exec, id: String) -> Response {

@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -20,6 +20,7 @@ use futures_lite::AsyncWriteExt;
 use futures_util::{SinkExt, StreamExt};
 
 use crate::limits::{CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS};
+use crate::metrics::ExecProbe;
 use crate::proto::{self, close, Ingest, IngestScope, Outcome};
 use crate::record::Heartbeat;
 use crate::route::{shard_of, ShardId};
@@ -31,10 +32,14 @@ use crate::server::listen::{ConnSlot, Upgrade};
 use crate::server::msg::{Batch, ConnKey, ToOwner};
 
 /// tungstenite's read buffer per connection. Its default (128 KiB) alone would blow the 8 KiB
-/// per idle connection budget; frames larger than this are still read, in several steps.
-const WS_READ_BUFFER_BYTES: usize = 4 << 10;
-/// Write buffer: acks and error frames are small.
-const WS_WRITE_BUFFER_BYTES: usize = 0;
+/// per idle connection budget, and an idle connection also pins an io_uring receive buffer of
+/// the same size in glommio; frames larger than this are still read (the buffer grows for the
+/// frame). 1 KiB holds the 8 frames a closed-loop device keeps in flight. Measured: 4 KiB gave
+/// 10.6 KB of user memory per idle connection, 2 KiB 8.3 KB (perf/RESULTS.md).
+const WS_READ_BUFFER_BYTES: usize = 1 << 10;
+/// Frames queued before tungstenite writes to the socket: the writer feeds every pending error
+/// frame and ack, then flushes once, so one syscall carries them all.
+const WS_WRITE_BUFFER_BYTES: usize = 8 << 10;
 /// Most bytes queued for a slow reader of our acks before writes wait.
 const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
 
@@ -50,6 +55,11 @@ struct Ctl {
     close: Cell<Option<(u16, &'static str)>>,
     /// Send a ping (idle check).
     ping: Cell<bool>,
+    /// Set when the writer has ended (socket error, or a write stalled past the idle timeout):
+    /// the reader stops too.
+    writer_gone: Cell<bool>,
+    /// Fired when `writer_gone` is set.
+    gone: rt::Signal,
 }
 
 fn ws_config(frame_bytes_max: usize) -> WebSocketConfig {
@@ -116,6 +126,7 @@ enum Next {
     Msg(Option<Result<Message, WsError>>),
     Idle,
     Stop,
+    WriterGone,
 }
 
 async fn read_loop(
@@ -143,6 +154,9 @@ async fn read_loop(
             }) else {
                 return;
             };
+            if ctl.writer_gone.get() {
+                return;
+            }
             if frames < CONN_FRAMES_IN_FLIGHT_MAX && errors < CONN_ERRORS_QUEUED_MAX {
                 break;
             }
@@ -160,13 +174,22 @@ async fn read_loop(
                     None => Next::Idle,
                 }
             },
-            async {
-                exec.stop_signal.wait().await;
-                Next::Stop
-            },
+            futures_lite::future::or(
+                async {
+                    exec.stop_signal.wait().await;
+                    Next::Stop
+                },
+                async {
+                    if !ctl.writer_gone.get() {
+                        ctl.gone.wait().await;
+                    }
+                    Next::WriterGone
+                },
+            ),
         )
         .await;
         let msg = match next {
+            Next::WriterGone => return,
             Next::Stop => {
                 ctl.close
                     .set(Some((close::GOING_AWAY, "server shutting down")));
@@ -226,8 +249,7 @@ async fn read_loop(
                     };
                     // Waits for room in the owner's channel: a slow owner slows this reader.
                     if exec
-                        .requests
-                        .send_to(owner, ToOwner::Append { shard, batch })
+                        .send(owner, ToOwner::Append { shard, batch })
                         .await
                         .is_err()
                     {
@@ -271,6 +293,16 @@ fn process_frame(
     forwards: &mut Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
 ) -> Step {
     let cfg = &exec.shared.cfg;
+    let received = Instant::now();
+    let probe = &exec.probe;
+    ExecProbe::add(&probe.frames_in, 1);
+    ExecProbe::add(
+        &probe.bytes_in,
+        match payload {
+            Payload::Text(t) => t.len(),
+            Payload::Binary(b) => b.len(),
+        } as u64,
+    );
     let mut ingest = Ingest::new(scope, received_now_ms());
     ingest.heartbeats_max = cfg.frame_heartbeats_max;
     let mut decoder = exec.decoder.borrow_mut();
@@ -284,6 +316,7 @@ fn process_frame(
             if let Some(code) = e.close_code() {
                 return Step::Close(code, e.reason());
             }
+            probe.reject(e.reason());
             exec.with_conn(key, |c| {
                 c.errors.push_back((None, e.reason()));
                 c.signal.notify();
@@ -302,6 +335,7 @@ fn process_frame(
     let mut one_shard = true;
     let mut abuse = None;
     let mut rejected = 0usize;
+    let mut accepted = 0u64;
     exec.with_conn(key, |c| {
         for slot in slots.iter() {
             if let Some(seq) = slot.seq() {
@@ -313,6 +347,7 @@ fn process_frame(
             match slot.outcome() {
                 Outcome::Accepted { seq, heartbeat } => {
                     seq_max = seq.0;
+                    accepted += 1;
                     let shard = shard_of(&heartbeat.device_id, shards);
                     match first_shard {
                         None => first_shard = Some(shard),
@@ -322,6 +357,7 @@ fn process_frame(
                 }
                 Outcome::Rejected { seq, reason } => {
                     rejected += 1;
+                    probe.reject(reason.reason());
                     c.errors.push_back((seq.map(|s| s.0), reason.reason()));
                 }
             }
@@ -330,6 +366,7 @@ fn process_frame(
             c.signal.notify();
         }
     });
+    ExecProbe::add(&probe.accepted, accepted);
     if let Some(a) = abuse {
         return Step::Close(a.close_code(), a.reason());
     }
@@ -345,7 +382,7 @@ fn process_frame(
     if one_shard && owner == exec.index {
         // The common case on a device connection that lives on its owner: append straight from
         // the decoder's slots, no copy.
-        let frame = exec.frame_begin(key, seq_max, 1);
+        let frame = exec.frame_begin(key, seq_max, 1, received);
         exec.append_local(
             first_shard,
             key,
@@ -372,7 +409,7 @@ fn process_frame(
         forwards[idx].1.push((seq.0, std::mem::take(hb)));
     }
     drop(decoder);
-    let frame = exec.frame_begin(key, seq_max, forwards.len() as u32);
+    let frame = exec.frame_begin(key, seq_max, forwards.len() as u32, received);
     let mut i = 0;
     while i < forwards.len() {
         if exec.shared.owner(forwards[i].0).0 == exec.index {
@@ -401,13 +438,25 @@ fn now_ms_u64() -> u64 {
     received_now_ms().max(0) as u64
 }
 
+/// Runs the writer, then tells the reader it is gone (whatever ended it).
 async fn write_loop(
     exec: Rc<Exec>,
     key: ConnKey,
-    mut sink: Sink,
+    sink: Sink,
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
 ) {
+    write_frames(&exec, key, sink, &ctl, &signal).await;
+    ctl.writer_gone.set(true);
+    ctl.gone.notify();
+    signal.notify();
+}
+
+/// Writes error frames, coalesced acks, pings and the close frame. Every write must finish within
+/// the idle timeout: a client that stops reading (or vanished without FIN) would otherwise hold
+/// the connection, its slot and its buffers forever.
+async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, signal: &rt::Signal) {
+    let stall = exec.shared.cfg.idle_timeout;
     let mut acked = 0u64;
     let mut text = String::with_capacity(64);
     loop {
@@ -421,26 +470,36 @@ async fn write_loop(
         let mut wrote = false;
         for (seq, reason) in errors {
             proto::ack::write_error(&mut text, seq.map(proto::Seq), reason);
-            if sink.feed(Message::text(text.as_str())).await.is_err() {
+            if !matches!(
+                rt::timeout(stall, sink.feed(Message::text(text.as_str()))).await,
+                Some(Ok(()))
+            ) {
                 return;
             }
             wrote = true;
         }
         if ack_ready > acked {
             proto::ack::write_ack(&mut text, proto::Seq(ack_ready));
-            if sink.feed(Message::text(text.as_str())).await.is_err() {
+            if !matches!(
+                rt::timeout(stall, sink.feed(Message::text(text.as_str()))).await,
+                Some(Ok(()))
+            ) {
                 return;
             }
             acked = ack_ready;
             wrote = true;
         }
         if ctl.ping.replace(false) {
-            if sink.feed(Message::Ping(Default::default())).await.is_err() {
+            if !matches!(
+                rt::timeout(stall, sink.feed(Message::Ping(Default::default()))).await,
+                Some(Ok(()))
+            ) {
                 return;
             }
             wrote = true;
         }
-        if wrote && sink.flush().await.is_err() {
+        if wrote && !matches!(rt::timeout(stall, sink.flush()).await, Some(Ok(()))) {
+            tracing::debug!("a connection's writes stalled or failed; closing it");
             return;
         }
         if let Some((code, reason)) = ctl.close.get() {

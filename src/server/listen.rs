@@ -28,6 +28,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// Connections over the cap that are still answered with a 503 (beyond that they are closed
 /// at once, so a flood cannot exhaust descriptors).
 const REFUSALS_IN_FLIGHT_MAX: usize = 256;
+/// Most bytes read and dropped from a client after its final answer.
+const DRAIN_BYTES_MAX: usize = 1 << 20;
 /// How long a refused connection is read from and written to.
 const REFUSAL_READ_MAX: Duration = Duration::from_millis(500);
 /// Most HTTP requests served on one keep-alive connection.
@@ -52,8 +54,17 @@ impl Drop for ConnSlot {
     }
 }
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Devices and the HTTP API (and `/metrics` unless it has its own listener).
+    Main,
+    /// Only `/metrics` (`--metrics-listen`).
+    Metrics,
+}
+
 /// Accepts until shutdown.
-pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener) {
+pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
     let max = exec.shared.cfg.connections_max;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -89,7 +100,7 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener) {
             continue;
         }
         let _ = stream.set_nodelay(true);
-        rt::spawn(handle(exec.clone(), stream, slot));
+        rt::spawn(handle(exec.clone(), stream, slot, role));
     }
 }
 
@@ -99,14 +110,25 @@ async fn refuse_over_cap(mut stream: TcpStream, _slot: ConnSlot) {
     let mut buf = Vec::with_capacity(512);
     let _ = read_head(&mut stream, &mut buf, REFUSAL_READ_MAX).await;
     let body = r#"{"error":"too many connections"}"#;
-    let _ = rt::timeout(
-        REFUSAL_READ_MAX,
-        write_response(&mut stream, 503, body, true),
-    )
-    .await;
+    answer_and_close(&mut stream, 503, body).await;
+}
+
+/// Sends a final answer and closes gracefully: our side is shut down first and what the client
+/// still sends is read and dropped for a moment, because closing a socket with unread input makes
+/// the kernel send a reset that can destroy the answer before the client reads it.
+async fn answer_and_close(stream: &mut TcpStream, status: u16, body: &str) {
+    let _ = rt::timeout(REFUSAL_READ_MAX, write_response(stream, status, body, true)).await;
     let _ = stream.shutdown(std::net::Shutdown::Write).await;
-    let mut sink = [0u8; 512];
-    let drain = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let mut sink = [0u8; 2048];
+    let mut left = DRAIN_BYTES_MAX;
+    let drain = async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    };
     let _ = rt::timeout(REFUSAL_READ_MAX, drain).await;
 }
 
@@ -128,11 +150,14 @@ pub async fn write_response_typed(
     body: &str,
     close: bool,
 ) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}\r\n",
+    let head =
+        format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}{}\r\n",
         parse::status_text(status),
         body.len(),
-        if close { "connection: close\r\n" } else { "" }
+        if close { "connection: close\r\n" } else { "" },
+        // RFC 6455 4.4: say which WebSocket version we speak.
+        if status == 426 { "sec-websocket-version: 13\r\n" } else { "" }
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
@@ -168,14 +193,14 @@ async fn read_head(
     }
 }
 
-async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot) {
+async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Role) {
     let mut buf = Vec::with_capacity(1024);
     let handshake_timeout = exec.shared.cfg.handshake_timeout;
-    for _ in 0..HTTP_REQUESTS_PER_CONN_MAX {
+    for served in 1..=HTTP_REQUESTS_PER_CONN_MAX {
         if let Err(status) = read_head(&mut stream, &mut buf, handshake_timeout).await {
             if let Some(status) = status {
                 let (_, body) = parse::json_error(status, parse::status_text(status), None);
-                let _ = write_response(&mut stream, status, &body, true).await;
+                answer_and_close(&mut stream, status, &body).await;
             }
             return;
         }
@@ -184,25 +209,31 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot) {
             _ => unreachable!("read_head returned a complete head"),
         };
         let head_len = req.head_bytes;
-        if req.path == "/v1/ingest" && (req.upgrade.is_some() || req.method != "GET") {
+        if role == Role::Main
+            && req.path == "/v1/ingest"
+            && (req.upgrade.is_some() || req.method != "GET")
+        {
             let upgrade = match authorize_upgrade(&exec, &req) {
                 Ok(u) => u,
                 Err((status, body)) => {
-                    let _ = write_response(&mut stream, status, &body, true).await;
+                    answer_and_close(&mut stream, status, &body).await;
                     return;
                 }
             };
             let leftover = buf[head_len..].to_vec();
+            // The head buffer is not needed for the connection's life (idle memory budget).
+            drop(buf);
             return place_ingest(exec, stream, leftover, upgrade, slot).await;
         }
         // Plain HTTP. Bodies are bounded (the parser refused larger ones) and read in full
         // before answering, so pipelined requests stay in step.
         let body_len = req.content_length.unwrap_or(0) as usize;
-        let keep_alive = req.keep_alive();
+        // The last request a connection may make is answered with `connection: close`.
+        let keep_alive = req.keep_alive() && served < HTTP_REQUESTS_PER_CONN_MAX;
         if req.chunked {
             let (st, body) =
                 parse::json_error(411, "chunked request bodies are not supported", None);
-            let _ = write_response(&mut stream, st, &body, true).await;
+            answer_and_close(&mut stream, st, &body).await;
             return;
         }
         while buf.len() < head_len + body_len {
@@ -217,7 +248,8 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot) {
             _ => unreachable!("the head was complete before"),
         };
         let resp =
-            crate::server::http::respond(&exec, &req, &buf[head_len..head_len + body_len]).await;
+            crate::server::http::respond(&exec, &req, &buf[head_len..head_len + body_len], role)
+                .await;
         if write_response_typed(
             &mut stream,
             resp.status,
@@ -286,8 +318,7 @@ async fn place_ingest(
                 std::mem::forget(slot); // the adopting executor counts it from now on
                 drop(stream);
                 if exec
-                    .requests
-                    .send_to(owner, ToOwner::Adopt(Box::new(adopt)))
+                    .send(owner, ToOwner::Adopt(Box::new(adopt)))
                     .await
                     .is_err()
                 {

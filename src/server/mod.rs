@@ -44,6 +44,13 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// Executors whose connections have all closed during shutdown.
     pub executors_drained: AtomicUsize,
+    /// When the server started.
+    pub started: std::time::Instant,
+    /// Per logical shard: the durable position executors publish and the position every sink
+    /// has consumed, shared with the storage flusher.
+    pub feeds: Vec<crate::flusher::ShardFeed>,
+    /// The storage flusher's progress, when sinks are configured.
+    pub sinks: Option<crate::flusher::StatusReader>,
     /// The address actually bound (differs from the configured one when the port was 0).
     pub local_addr: std::sync::OnceLock<SocketAddr>,
 }
@@ -76,6 +83,9 @@ pub enum ServeError {
     /// The token secret could not be loaded or created.
     #[error("secret: {0}")]
     Secret(String),
+    /// The storage sinks could not be started.
+    #[error("sinks: {0}")]
+    Sinks(String),
     /// A listener could not be bound, an executor failed to start, or a shard failed to open.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -94,7 +104,28 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         .load_secret()
         .map_err(|e| ServeError::Secret(e.to_string()))?;
     let executors = cfg.shards.max(1);
+    let feeds: Vec<crate::flusher::ShardFeed> = (0..datadir.shard_count())
+        .map(|k| {
+            crate::flusher::ShardFeed::new(
+                ShardId(k),
+                datadir.shard_dir(ShardId(k)),
+                crate::log::LogPos(0),
+            )
+        })
+        .collect();
+    let flusher_stop = Arc::new(AtomicBool::new(false));
+    let flusher = if cfg.sinks.is_empty() {
+        None
+    } else {
+        let handle = crate::flusher::start(cfg.sinks.clone(), feeds.clone(), flusher_stop.clone())
+            .map_err(|e| ServeError::Sinks(e.to_string()))?;
+        tracing::info!(sinks = cfg.sinks.len(), "storage flusher started");
+        Some(handle)
+    };
+    let sinks = flusher.as_ref().map(|f| f.status_reader());
     let shared = Arc::new(Shared {
+        feeds,
+        sinks,
         shard_count: datadir.shard_count(),
         executors,
         secret,
@@ -103,6 +134,7 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         stopping: AtomicBool::new(false),
         executors_drained: AtomicUsize::new(0),
         local_addr: std::sync::OnceLock::new(),
+        started: std::time::Instant::now(),
         cfg,
     });
     tracing::info!(
@@ -140,6 +172,14 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
             )
         }
     })?;
+    // The flusher drains what became durable up to the end, then stops; its cursors make the
+    // next start resume exactly there.
+    flusher_stop.store(true, Ordering::Release);
+    if let Some(f) = flusher {
+        if let Err(e) = f.join() {
+            tracing::error!(error = %e, "storage flusher stopped with an error");
+        }
+    }
     for r in results {
         r?;
     }

@@ -38,6 +38,10 @@ pub struct Batch {
 /// its own answer back (e.g. through a oneshot channel).
 pub type StoreJob = Box<dyn FnOnce(&ShardStore) + Send>;
 
+/// A job run on another executor with access to its state (metrics snapshots, stats). The
+/// closure sends its own answer back.
+pub type ExecJob = Box<dyn FnOnce(&crate::server::exec::Exec) + Send>;
+
 /// A connection handed to the executor that owns its device's shard, so its heartbeats never
 /// cross cores again.
 pub struct Adopt {
@@ -65,6 +69,8 @@ pub enum ToOwner {
         /// The job.
         job: StoreJob,
     },
+    /// Run a job against the executor's state.
+    Run(ExecJob),
     /// Take over a device connection.
     Adopt(Box<Adopt>),
 }

@@ -1,17 +1,18 @@
 //! The last-location table of one shard: device id → the newest heartbeat by DEVICE time (a late
 //! heartbeat never moves "last" backwards, though it is still in the log's history) plus the
 //! device's chain head (its most recently APPENDED entry, which back-pointers start from). It is
-//! built for a million devices per shard: 48-byte fixed rows in one slab, a `hashbrown::HashTable`
-//! of u32 row indices, and every id's bytes in one arena (no per-device allocation). It does not
-//! read the log or decide what is valid: callers feed it observations in append order.
+//! built for a million devices per shard: each device is one compact record (48-bit positions, the
+//! id inline) in a chunked arena, found through a `hashbrown::HashTable<u32>` of record references;
+//! no per-device allocation, and a lookup touches the index and one record (no separate id arena).
+//! It does not read the log or decide what is valid: callers feed it observations in append order.
 //!
 //! Invariant: for every device, `last` is the observation with the greatest `ts_ms` (ties go to the
-//! later append) and `head` is the position of the latest observation; rows are never removed, so
-//! a [`Slot`] stays valid for the life of the table.
+//! later append) and `head` is the position of the latest observation; records never move or get
+//! removed, so a [`Slot`] stays valid for the life of the table.
 
 use hashbrown::HashTable;
 
-use crate::limits::{TABLE_DEVICES_MAX, TABLE_ID_ARENA_BYTES_MAX, TABLE_POS_MAX};
+use crate::limits::{TABLE_CHUNKS_MAX, TABLE_CHUNK_BYTES, TABLE_DEVICES_MAX, TABLE_POS_MAX};
 use crate::log::LogPos;
 use crate::record::{ArchivedHeartbeat, Heartbeat};
 
@@ -75,7 +76,7 @@ impl Observation {
 /// Why the table refused a new device or position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TableError {
-    /// `limits::TABLE_DEVICES_MAX` devices already, or the id arena is full.
+    /// `limits::TABLE_DEVICES_MAX` devices already, or the record arena is full.
     #[error("last-location table full ({devices} devices)")]
     Full {
         /// Devices in the table.
@@ -89,67 +90,138 @@ pub enum TableError {
     IdTooLong(usize),
 }
 
-/// Handle to one device's row (valid for the life of the table).
+/// Handle to one device's record (valid for the life of the table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot(u32);
 
-/// 48 bytes: four 8-byte fields, two 48-bit positions packed into 12 bytes, and the id's arena
-/// offset. The id's length is the arena byte in front of it.
-#[derive(Debug, Clone, Copy)]
-#[repr(C)]
-struct Row {
-    lat: f64,
-    lon: f64,
-    ts_ms: i64,
-    received_ms: i64,
-    /// last_pos (bits 0..48) then head_pos (bits 48..96), little-endian across the three words.
-    pos: [u32; 3],
-    id_off: u32,
+impl Slot {
+    /// The slot as a plain key, for side indexes such as the spatial grid.
+    pub(crate) fn raw(self) -> u32 {
+        self.0
+    }
+
+    /// A slot back from [`Slot::raw`]; only keys this table handed out are valid.
+    pub(crate) fn from_raw(raw: u32) -> Slot {
+        Slot(raw)
+    }
 }
 
-const _: () = assert!(std::mem::size_of::<Row>() == 48);
+// Record layout (little-endian, 4-byte aligned, never straddling a chunk):
+//   0..8 lat f64 | 8..16 lon f64 | 16..24 ts_ms i64 | 24..32 received_ms i64
+//   32..38 last_pos u48 | 38..44 head_pos u48 | 44 id_len u8 | 45.. id bytes | zero pad to 4
+const REC_LAT: usize = 0;
+const REC_LON: usize = 8;
+const REC_TS: usize = 16;
+const REC_RECEIVED: usize = 24;
+const REC_LAST: usize = 32;
+const REC_HEAD: usize = 38;
+const REC_ID_LEN: usize = 44;
+const REC_ID: usize = 45;
+const REC_ALIGN: usize = 4;
+const POS_MASK: u64 = (1 << 48) - 1;
+/// A record reference is `chunk << REF_CHUNK_SHIFT | byte_offset / REC_ALIGN`.
+const REF_CHUNK_SHIFT: u32 = 18;
 
-impl Row {
-    fn last_pos(&self) -> u64 {
-        u64::from(self.pos[0]) | (u64::from(self.pos[1] & 0xFFFF) << 32)
+/// Bytes of the record of an id of `id_len` bytes (at least 48, so 8-byte reads of the head
+/// position stay inside the record).
+const fn record_bytes(id_len: usize) -> usize {
+    let b = (REC_ID + id_len + REC_ALIGN - 1) & !(REC_ALIGN - 1);
+    if b < 48 {
+        48
+    } else {
+        b
     }
+}
 
-    fn head_pos(&self) -> u64 {
-        u64::from(self.pos[1] >> 16) | (u64::from(self.pos[2]) << 16)
+#[inline]
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+#[inline]
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[inline]
+fn put_u48(b: &mut [u8], at: usize, v: u64) {
+    debug_assert!(v <= POS_MASK);
+    b[at..at + 6].copy_from_slice(&v.to_le_bytes()[..6]);
+}
+
+#[inline]
+fn rec_id(rec: &[u8]) -> &[u8] {
+    let len = rec[REC_ID_LEN] as usize;
+    &rec[REC_ID..REC_ID + len]
+}
+
+fn rec_location(rec: &[u8]) -> LastLocation {
+    LastLocation {
+        lat: f64::from_bits(u64_at(rec, REC_LAT)),
+        lon: f64::from_bits(u64_at(rec, REC_LON)),
+        ts_ms: u64_at(rec, REC_TS) as i64,
+        received_ms: u64_at(rec, REC_RECEIVED) as i64,
+        pos: LogPos(u64_at(rec, REC_LAST) & POS_MASK),
+        head: LogPos(u64_at(rec, REC_HEAD) & POS_MASK),
     }
+}
 
-    fn set_positions(&mut self, last: u64, head: u64) {
-        debug_assert!(last <= TABLE_POS_MAX && head <= TABLE_POS_MAX);
-        self.pos[0] = last as u32;
-        self.pos[1] = ((last >> 32) as u32 & 0xFFFF) | ((head as u32 & 0xFFFF) << 16);
-        self.pos[2] = (head >> 16) as u32;
-    }
+fn rec_str(rec: &[u8]) -> &str {
+    std::str::from_utf8(rec_id(rec)).expect("ids are stored from &str")
+}
 
-    fn location(&self) -> LastLocation {
-        LastLocation {
-            lat: self.lat,
-            lon: self.lon,
-            ts_ms: self.ts_ms,
-            received_ms: self.received_ms,
-            pos: LogPos(self.last_pos()),
-            head: LogPos(self.head_pos()),
+/// One arena chunk: records back to back from offset 0 to `used`.
+struct Chunk {
+    bytes: Box<[u8]>,
+    used: usize,
+}
+
+impl Chunk {
+    fn new() -> Chunk {
+        Chunk {
+            // Zeroed allocation: fresh pages from the OS, touched only as records are written.
+            bytes: vec![0u8; TABLE_CHUNK_BYTES].into_boxed_slice(),
+            used: 0,
         }
     }
+
+    fn records(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut off = 0;
+        std::iter::from_fn(move || {
+            if off >= self.used {
+                return None;
+            }
+            let rec = &self.bytes[off..];
+            off += record_bytes(rec[REC_ID_LEN] as usize);
+            Some(rec)
+        })
+    }
+}
+
+#[inline]
+fn rec_at(chunks: &[Chunk], r: u32) -> &[u8] {
+    let chunk = &chunks[(r >> REF_CHUNK_SHIFT) as usize];
+    &chunk.bytes[(r & ((1 << REF_CHUNK_SHIFT) - 1)) as usize * REC_ALIGN..]
+}
+
+#[inline]
+fn rec_at_mut(chunks: &mut [Chunk], r: u32) -> &mut [u8] {
+    let chunk = &mut chunks[(r >> REF_CHUNK_SHIFT) as usize];
+    &mut chunk.bytes[(r & ((1 << REF_CHUNK_SHIFT) - 1)) as usize * REC_ALIGN..]
 }
 
 /// Device id → last location, for one shard.
 pub struct LastLocationTable {
     index: HashTable<u32>,
-    rows: Vec<Row>,
-    /// Every id as `[len: u8][bytes]`, back to back.
-    ids: Vec<u8>,
+    chunks: Vec<Chunk>,
+    devices: usize,
     hasher: ahash::RandomState,
 }
 
 impl std::fmt::Debug for LastLocationTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LastLocationTable")
-            .field("devices", &self.rows.len())
+            .field("devices", &self.devices)
             .field("heap_bytes", &self.heap_bytes())
             .finish()
     }
@@ -161,24 +233,19 @@ impl Default for LastLocationTable {
     }
 }
 
-fn id_at(ids: &[u8], off: u32) -> &[u8] {
-    let off = off as usize;
-    let len = ids[off] as usize;
-    &ids[off + 1..off + 1 + len]
-}
-
 impl LastLocationTable {
     /// An empty table.
     pub fn new() -> Self {
         Self::with_capacity(0, 0)
     }
 
-    /// An empty table with room for `devices` devices whose ids average `id_bytes` bytes.
+    /// An empty table with index room for `devices` devices whose ids average `id_bytes` bytes.
     pub fn with_capacity(devices: usize, id_bytes: usize) -> Self {
+        let arena = devices.saturating_mul(record_bytes(id_bytes));
         LastLocationTable {
             index: HashTable::with_capacity(devices),
-            rows: Vec::with_capacity(devices),
-            ids: Vec::with_capacity(devices * (id_bytes + 1)),
+            chunks: Vec::with_capacity(arena.div_ceil(TABLE_CHUNK_BYTES).min(TABLE_CHUNKS_MAX)),
+            devices: 0,
             // A per-table random hasher, independent of the routing hash: all ids of one shard share
             // the routing hash's top bits, which would starve hashbrown's control bytes.
             hasher: ahash::RandomState::new(),
@@ -187,18 +254,18 @@ impl LastLocationTable {
 
     /// Number of devices.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.devices
     }
 
     /// Whether the table has no device.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.devices == 0
     }
 
-    /// Heap bytes held (row slab, id arena and hash index, by capacity).
+    /// Heap bytes held (arena chunks, chunk list and hash index, by capacity).
     pub fn heap_bytes(&self) -> usize {
-        self.rows.capacity() * std::mem::size_of::<Row>()
-            + self.ids.capacity()
+        self.chunks.len() * TABLE_CHUNK_BYTES
+            + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + self.index.allocation_size()
     }
 
@@ -211,12 +278,10 @@ impl LastLocationTable {
     #[inline]
     pub fn find(&self, device_id: &str) -> Option<Slot> {
         let id = device_id.as_bytes();
-        let (rows, ids) = (&self.rows, &self.ids);
+        let chunks = &self.chunks;
         self.index
-            .find(self.hash(id), |&i| {
-                id_at(ids, rows[i as usize].id_off) == id
-            })
-            .map(|&i| Slot(i))
+            .find(self.hash(id), |&r| rec_id(rec_at(chunks, r)) == id)
+            .map(|&r| Slot(r))
     }
 
     /// The last location of `device_id`.
@@ -226,7 +291,7 @@ impl LastLocationTable {
 
     /// The last location in `slot`.
     pub fn get_at(&self, slot: Slot) -> LastLocation {
-        self.rows[slot.0 as usize].location()
+        rec_location(rec_at(&self.chunks, slot.0))
     }
 
     /// The chain head (most recently appended entry) of `device_id`.
@@ -236,13 +301,12 @@ impl LastLocationTable {
 
     /// The chain head in `slot`.
     pub fn head_at(&self, slot: Slot) -> LogPos {
-        LogPos(self.rows[slot.0 as usize].head_pos())
+        LogPos(u64_at(rec_at(&self.chunks, slot.0), REC_HEAD) & POS_MASK)
     }
 
     /// The device id in `slot`.
     pub fn id_at(&self, slot: Slot) -> &str {
-        let bytes = id_at(&self.ids, self.rows[slot.0 as usize].id_off);
-        std::str::from_utf8(bytes).expect("ids are stored from &str")
+        rec_str(rec_at(&self.chunks, slot.0))
     }
 
     /// Checks that a NEW device with this id could be inserted (so a caller can refuse before
@@ -251,11 +315,15 @@ impl LastLocationTable {
         if device_id.len() > u8::MAX as usize {
             return Err(TableError::IdTooLong(device_id.len()));
         }
-        if self.rows.len() >= TABLE_DEVICES_MAX
-            || self.ids.len() + 1 + device_id.len() > TABLE_ID_ARENA_BYTES_MAX
+        let fits_in_last = self
+            .chunks
+            .last()
+            .is_some_and(|c| c.used + record_bytes(device_id.len()) <= TABLE_CHUNK_BYTES);
+        if self.devices >= TABLE_DEVICES_MAX
+            || (!fits_in_last && self.chunks.len() >= TABLE_CHUNKS_MAX)
         {
             return Err(TableError::Full {
-                devices: self.rows.len(),
+                devices: self.devices,
             });
         }
         Ok(())
@@ -272,17 +340,15 @@ impl LastLocationTable {
     /// moves only if its device time is not older.
     pub fn observe_at(&mut self, slot: Slot, obs: &Observation) -> Result<(), TableError> {
         Self::check_pos(obs.pos)?;
-        let row = &mut self.rows[slot.0 as usize];
-        let last = if obs.ts_ms >= row.ts_ms {
-            row.lat = obs.lat;
-            row.lon = obs.lon;
-            row.ts_ms = obs.ts_ms;
-            row.received_ms = obs.received_ms;
-            obs.pos.0
-        } else {
-            row.last_pos()
-        };
-        row.set_positions(last, obs.pos.0);
+        let rec = rec_at_mut(&mut self.chunks, slot.0);
+        if obs.ts_ms >= u64_at(rec, REC_TS) as i64 {
+            put_u64(rec, REC_LAT, obs.lat.to_bits());
+            put_u64(rec, REC_LON, obs.lon.to_bits());
+            put_u64(rec, REC_TS, obs.ts_ms as u64);
+            put_u64(rec, REC_RECEIVED, obs.received_ms as u64);
+            put_u48(rec, REC_LAST, obs.pos.0);
+        }
+        put_u48(rec, REC_HEAD, obs.pos.0);
         Ok(())
     }
 
@@ -291,49 +357,70 @@ impl LastLocationTable {
         Self::check_pos(obs.pos)?;
         let id = device_id.as_bytes();
         let hash = self.hash(id);
-        let (rows, ids) = (&self.rows, &self.ids);
-        if let Some(&i) = self
-            .index
-            .find(hash, |&i| id_at(ids, rows[i as usize].id_off) == id)
-        {
-            self.observe_at(Slot(i), obs)?;
-            return Ok(Slot(i));
+        let chunks = &self.chunks;
+        if let Some(&r) = self.index.find(hash, |&r| rec_id(rec_at(chunks, r)) == id) {
+            self.observe_at(Slot(r), obs)?;
+            return Ok(Slot(r));
         }
         self.check_room(device_id)?;
-        let id_off = self.ids.len() as u32;
-        self.ids.push(id.len() as u8);
-        self.ids.extend_from_slice(id);
-        let mut row = Row {
-            lat: obs.lat,
-            lon: obs.lon,
-            ts_ms: obs.ts_ms,
-            received_ms: obs.received_ms,
-            pos: [0; 3],
-            id_off,
-        };
-        row.set_positions(obs.pos.0, obs.pos.0);
-        let index = self.rows.len() as u32;
-        self.rows.push(row);
-        let (rows, ids, hasher) = (&self.rows, &self.ids, &self.hasher);
-        self.index.insert_unique(hash, index, |&i| {
-            hasher.hash_one(id_at(ids, rows[i as usize].id_off))
-        });
-        Ok(Slot(index))
+        let size = record_bytes(id.len());
+        if self
+            .chunks
+            .last()
+            .is_none_or(|c| c.used + size > TABLE_CHUNK_BYTES)
+        {
+            self.chunks.push(Chunk::new());
+        }
+        let chunk_index = self.chunks.len() - 1;
+        let chunk = self.chunks.last_mut().expect("a chunk was just ensured");
+        let off = chunk.used;
+        let rec = &mut chunk.bytes[off..off + size];
+        put_u64(rec, REC_LAT, obs.lat.to_bits());
+        put_u64(rec, REC_LON, obs.lon.to_bits());
+        put_u64(rec, REC_TS, obs.ts_ms as u64);
+        put_u64(rec, REC_RECEIVED, obs.received_ms as u64);
+        put_u48(rec, REC_LAST, obs.pos.0);
+        put_u48(rec, REC_HEAD, obs.pos.0);
+        rec[REC_ID_LEN] = id.len() as u8;
+        rec[REC_ID..REC_ID + id.len()].copy_from_slice(id);
+        chunk.used += size;
+        let r = ((chunk_index as u32) << REF_CHUNK_SHIFT) | (off / REC_ALIGN) as u32;
+        self.devices += 1;
+        let (chunks, hasher) = (&self.chunks, &self.hasher);
+        self.index
+            .insert_unique(hash, r, |&r| hasher.hash_one(rec_id(rec_at(chunks, r))));
+        Ok(Slot(r))
     }
 
     /// Calls `f` for every device (in insertion order).
     pub fn for_each(&self, mut f: impl FnMut(&str, &LastLocation)) {
-        for row in &self.rows {
-            let id = std::str::from_utf8(id_at(&self.ids, row.id_off)).expect("ids are &str");
-            f(id, &row.location());
+        for rec in self.chunks.iter().flat_map(Chunk::records) {
+            f(rec_str(rec), &rec_location(rec));
         }
     }
 
     /// Iterates every device (in insertion order).
     pub fn iter(&self) -> impl Iterator<Item = (&str, LastLocation)> + '_ {
-        self.rows.iter().map(|row| {
-            let id = std::str::from_utf8(id_at(&self.ids, row.id_off)).expect("ids are &str");
-            (id, row.location())
+        self.chunks
+            .iter()
+            .flat_map(Chunk::records)
+            .map(|rec| (rec_str(rec), rec_location(rec)))
+    }
+
+    /// Iterates every device with its slot (in insertion order), e.g. to build side indexes keyed
+    /// by slot without a lookup per device.
+    pub fn iter_slots(&self) -> impl Iterator<Item = (Slot, &str, LastLocation)> + '_ {
+        self.chunks.iter().enumerate().flat_map(|(ci, chunk)| {
+            let mut off = 0;
+            std::iter::from_fn(move || {
+                if off >= chunk.used {
+                    return None;
+                }
+                let rec = &chunk.bytes[off..];
+                let slot = Slot(((ci as u32) << REF_CHUNK_SHIFT) | (off / REC_ALIGN) as u32);
+                off += record_bytes(rec[REC_ID_LEN] as usize);
+                Some((slot, rec_str(rec), rec_location(rec)))
+            })
         })
     }
 }
@@ -426,8 +513,44 @@ mod tests {
     }
 
     #[test]
+    fn long_ids_fill_several_chunks_without_straddling() {
+        // 10k devices with ids of 200..=255 bytes need several 1 MiB chunks: every record stays
+        // findable with its exact id and values, and iteration (with and without slots) visits
+        // each once, in order, handing out the slots lookups return.
+        let mut t = LastLocationTable::new();
+        let id = |i: usize| format!("{i:08}{}", "z".repeat(192 + i % 56));
+        for i in 0..10_000usize {
+            t.observe(&id(i), &obs(i as i64, 4096 + i as u64)).unwrap();
+        }
+        assert!(t.chunks.len() >= 2);
+        assert!(t.chunks.iter().all(|c| c.used <= TABLE_CHUNK_BYTES));
+        for i in (0..10_000usize).step_by(7) {
+            let s = t.find(&id(i)).unwrap();
+            assert_eq!(t.id_at(s), id(i));
+            assert_eq!(t.get_at(s).pos, LogPos(4096 + i as u64));
+        }
+        let mut n = 0usize;
+        for (got, l) in t.iter() {
+            assert_eq!(got, id(n));
+            assert_eq!(l.ts_ms, n as i64);
+            n += 1;
+        }
+        assert_eq!(n, 10_000);
+        // iter_slots hands out the same slots lookups do.
+        for (k, (slot, got, l)) in t.iter_slots().enumerate() {
+            assert_eq!(got, id(k));
+            assert_eq!(Some(slot), t.find(got));
+            assert_eq!(t.get_at(slot), l);
+        }
+        assert_eq!(t.iter_slots().count(), 10_000);
+        assert_eq!(record_bytes(1), 48);
+        assert_eq!(record_bytes(20), 68);
+        assert_eq!(record_bytes(255), 300);
+    }
+
+    #[test]
     fn refuses_ids_the_arena_cannot_hold() {
-        // The arena's length prefix is one byte: longer ids are refused, not truncated.
+        // A record's id length is one byte: longer ids are refused, not truncated.
         let t = LastLocationTable::new();
         assert_eq!(
             t.check_room(&"x".repeat(256)),

@@ -30,22 +30,28 @@ pub struct Server {
     pub args: Vec<String>,
 }
 
+/// `geobeat serve` arguments for a free port and `dir` (2 shards unless `extra` says otherwise).
+fn serve_args(dir: &Path, extra: &[&str]) -> (SocketAddr, Vec<String>) {
+    let addr = free_addr();
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--listen".into(),
+        addr.to_string(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+    ];
+    if !extra.contains(&"--shards") {
+        args.extend(["--shards".into(), "2".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    (addr, args)
+}
+
 impl Server {
     /// Starts `geobeat serve` on a free port with `dir` as its data directory, waits for
     /// `/healthz` to answer 200.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
-        let addr = free_addr();
-        let mut args: Vec<String> = vec![
-            "serve".into(),
-            "--listen".into(),
-            addr.to_string(),
-            "--data-dir".into(),
-            dir.display().to_string(),
-        ];
-        if !extra.contains(&"--shards") {
-            args.extend(["--shards".into(), "2".into()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let (addr, args) = serve_args(dir, extra);
         let child = Command::new(bin())
             .args(&args)
             .env(
@@ -296,18 +302,10 @@ impl Server {
     /// ephemeral port P connects to itself and then holds the port, and the restart fails with
     /// "Address already in use").
     pub fn start_logged(dir: &Path, extra: &[&str], log: &Path) -> Server {
+        let (_, mut args) = serve_args(dir, extra);
         let addr = free_addr_outside_ephemeral();
-        let mut args: Vec<String> = vec![
-            "serve".into(),
-            "--listen".into(),
-            addr.to_string(),
-            "--data-dir".into(),
-            dir.display().to_string(),
-        ];
-        if !extra.contains(&"--shards") {
-            args.extend(["--shards".into(), "2".into()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let listen = args.iter().position(|a| a == "--listen").expect("--listen") + 1;
+        args[listen] = addr.to_string();
         let child = spawn_logged(&args, log);
         let mut s = Server {
             child,

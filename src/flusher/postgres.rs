@@ -1,0 +1,332 @@
+//! The PostgreSQL sink: every heartbeat as one row of `history` (primary key `(shard, pos)`), and
+//! each device's newest heartbeat by device time in `last_location`. A batch is one transaction:
+//! rows the table may already hold (a replay after a crash or a failed commit: positions up to the
+//! shard's largest `pos` in `history`, looked up once per (re)start of the shard) go through a
+//! session-local staging table and `INSERT ... ON CONFLICT (shard, pos) DO NOTHING`; the rest
+//! (normally the whole batch) are `COPY`ed straight into `history`. Then the batch's position
+//! range is read back from `history` to upsert each device's newest row into `last_location`.
+//! It owns the schema (created if absent, under an advisory lock), the SQL and the connection
+//! (dropped on any error and opened again on the next attempt; the driver backs off).
+//!
+//! Invariants: replaying a batch changes nothing (history rows are keyed by their log position;
+//! the upsert only replaces a row by a strictly newer `(ts, pos)`, which a replay never is), so
+//! at-least-once delivery yields exactly-once content. Only positions above the largest one known
+//! to be in `history` for the shard are copied without a conflict check; after any failure that
+//! knowledge is dropped and looked up again. `last_location` follows the same rule as the server's
+//! in-memory table: the newest device time wins, ties go to the later append.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::log::Entry;
+use crate::route::ShardId;
+
+use super::cursor::Cursor;
+use super::driver::{Push, Sink};
+use super::encode::{write_copy_row, COPY_COLUMNS};
+use super::FlushError;
+
+/// Connect timeout used when the connection string gives none.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP user timeout used when the connection string gives none: a silent server (network
+/// partition, stopped host) fails a batch after this long instead of hanging the sink.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Advisory lock key serialising schema creation between concurrent sinks.
+const SCHEMA_LOCK_KEY: i64 = 0x0067_656f_6265_6174; // "geobeat" in ASCII
+
+/// The SQL statements of one schema.
+#[derive(Debug)]
+struct Sql {
+    ddl: String,
+    stage: String,
+    copy_stage: String,
+    copy_direct: String,
+    max_pos: String,
+    insert_staged: String,
+    upsert_last: String,
+}
+
+impl Sql {
+    fn new(schema: &str) -> Sql {
+        let create_schema = if schema == "public" {
+            String::new()
+        } else {
+            format!("CREATE SCHEMA IF NOT EXISTS {schema};\n")
+        };
+        let ddl = format!(
+            "{create_schema}\
+             CREATE TABLE IF NOT EXISTS {schema}.history (\n\
+               shard integer NOT NULL,\n\
+               pos bigint NOT NULL,\n\
+               seq bigint NOT NULL,\n\
+               id text NOT NULL,\n\
+               lat double precision NOT NULL,\n\
+               lon double precision NOT NULL,\n\
+               ts bigint NOT NULL,\n\
+               received_at bigint NOT NULL,\n\
+               alt real,\n\
+               speed real,\n\
+               heading real,\n\
+               acc real,\n\
+               attrs jsonb,\n\
+               PRIMARY KEY (shard, pos)\n\
+             );\n\
+             CREATE TABLE IF NOT EXISTS {schema}.last_location (\n\
+               id text PRIMARY KEY,\n\
+               lat double precision NOT NULL,\n\
+               lon double precision NOT NULL,\n\
+               ts bigint NOT NULL,\n\
+               received_at bigint NOT NULL,\n\
+               alt real,\n\
+               speed real,\n\
+               heading real,\n\
+               acc real,\n\
+               attrs jsonb,\n\
+               shard integer NOT NULL,\n\
+               pos bigint NOT NULL\n\
+             );"
+        );
+        let stage = format!(
+            "CREATE TEMP TABLE IF NOT EXISTS geobeat_stage (LIKE {schema}.history) \
+             ON COMMIT DELETE ROWS"
+        );
+        let copy_stage = format!("COPY pg_temp.geobeat_stage ({COPY_COLUMNS}) FROM STDIN");
+        let copy_direct = format!("COPY {schema}.history ({COPY_COLUMNS}) FROM STDIN");
+        let max_pos = format!("SELECT max(pos) FROM {schema}.history WHERE shard = $1");
+        let last_cols =
+            "id, lat, lon, ts, received_at, alt, speed, heading, acc, attrs, shard, pos";
+        let insert_staged = format!(
+            "INSERT INTO {schema}.history ({COPY_COLUMNS})\n\
+               SELECT {COPY_COLUMNS} FROM pg_temp.geobeat_stage\n\
+               ON CONFLICT (shard, pos) DO NOTHING"
+        );
+        let upsert_last = format!(
+            "INSERT INTO {schema}.last_location AS l ({last_cols})\n\
+               SELECT DISTINCT ON (id) {last_cols} FROM {schema}.history\n\
+               WHERE shard = $1 AND pos BETWEEN $2 AND $3\n\
+               ORDER BY id, ts DESC, pos DESC\n\
+               ON CONFLICT (id) DO UPDATE SET\n\
+                 lat = EXCLUDED.lat, lon = EXCLUDED.lon, ts = EXCLUDED.ts,\n\
+                 received_at = EXCLUDED.received_at, alt = EXCLUDED.alt,\n\
+                 speed = EXCLUDED.speed, heading = EXCLUDED.heading, acc = EXCLUDED.acc,\n\
+                 attrs = EXCLUDED.attrs, shard = EXCLUDED.shard, pos = EXCLUDED.pos\n\
+               WHERE (l.ts, l.pos) < (EXCLUDED.ts, EXCLUDED.pos)"
+        );
+        Sql {
+            ddl,
+            stage,
+            copy_stage,
+            copy_direct,
+            max_pos,
+            insert_staged,
+            upsert_last,
+        }
+    }
+}
+
+/// Writes batches into PostgreSQL (see the module docs).
+pub struct PgSink {
+    name: String,
+    config: postgres::Config,
+    sql: Sql,
+    client: Option<postgres::Client>,
+    /// COPY text of the batch in hand.
+    pending: Vec<u8>,
+    /// Reused attrs buffer.
+    scratch: Vec<u8>,
+    /// Shard of the batch in hand.
+    pending_shard: Option<ShardId>,
+    /// Position and end offset in `pending` of each row of the batch in hand (reused).
+    rows: Vec<(u64, usize)>,
+    /// Per shard: the largest `pos` known to be in `history` (`None`: none), once looked up.
+    /// Dropped when the shard resumes (after a start or a failure).
+    known_max: std::collections::HashMap<u32, Option<u64>>,
+}
+
+impl std::fmt::Debug for PgSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSink")
+            .field("name", &self.name)
+            .field("connected", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl PgSink {
+    /// A sink for the database at `url` (not connected until the first batch), tables in
+    /// `schema` (a validated identifier).
+    pub fn new(name: &str, url: &str, schema: &str) -> Result<PgSink, FlushError> {
+        let mut config: postgres::Config = url.parse().map_err(|e| FlushError::Postgres {
+            sink: name.to_owned(),
+            op: "parse url",
+            source: e,
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("geobeat");
+        }
+        Ok(PgSink {
+            name: name.to_owned(),
+            config,
+            sql: Sql::new(schema),
+            client: None,
+            pending: Vec::new(),
+            scratch: Vec::new(),
+            pending_shard: None,
+            rows: Vec::new(),
+            known_max: std::collections::HashMap::new(),
+        })
+    }
+
+    fn err(&self, op: &'static str) -> impl Fn(postgres::Error) -> FlushError + '_ {
+        move |source| FlushError::Postgres {
+            sink: self.name.clone(),
+            op,
+            source,
+        }
+    }
+
+    /// Connects and prepares the schema and the staging table.
+    fn connect(&self) -> Result<postgres::Client, FlushError> {
+        let mut client = self
+            .config
+            .connect(postgres::NoTls)
+            .map_err(self.err("connect"))?;
+        let mut tx = client.transaction().map_err(self.err("begin"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+            .map_err(self.err("lock schema"))?;
+        tx.batch_execute(&self.sql.ddl)
+            .map_err(self.err("create tables"))?;
+        tx.commit().map_err(self.err("commit schema"))?;
+        client
+            .batch_execute(&self.sql.stage)
+            .map_err(self.err("create staging table"))?;
+        tracing::info!(sink = %self.name, "connected to postgres");
+        Ok(client)
+    }
+
+    /// Copies `data` (COPY text rows) with the statement `sql` inside `tx`.
+    fn copy(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        sql: &str,
+        data: &[u8],
+    ) -> Result<(), FlushError> {
+        let mut w = tx.copy_in(sql).map_err(self.err("copy"))?;
+        // The writer's io::Error wraps the client's; `finish` reports the cause when it can.
+        let wrote = w.write_all(data);
+        let finished = w.finish().map_err(self.err("copy"));
+        if let Err(e) = wrote {
+            finished?;
+            return Err(FlushError::Io {
+                op: "copy to postgres",
+                path: std::path::PathBuf::new(),
+                source: e,
+            });
+        }
+        finished.map(|_| ())
+    }
+
+    /// Writes the batch in hand of `shard` in one transaction; returns the largest position now
+    /// known to be in `history` for the shard.
+    fn write_batch(
+        &self,
+        client: &mut postgres::Client,
+        shard: ShardId,
+    ) -> Result<u64, FlushError> {
+        let (first, last) = match (self.rows.first(), self.rows.last()) {
+            (Some(f), Some(l)) => (f.0, l.0),
+            _ => unreachable!("a batch has rows"),
+        };
+        let shard_sql = shard.0 as i32;
+        let mut tx = client.transaction().map_err(self.err("begin"))?;
+        let known = match self.known_max.get(&shard.0) {
+            Some(k) => *k,
+            None => tx
+                .query_one(&self.sql.max_pos, &[&shard_sql])
+                .map_err(self.err("look up largest position"))?
+                .get::<_, Option<i64>>(0)
+                .map(|p| p as u64),
+        };
+        // Rows at or below `known` may be in the table already (a replay): stage them and insert
+        // without conflicts; copy the rest straight in.
+        let replayed = known.map_or(0, |k| self.rows.partition_point(|r| r.0 <= k));
+        let split = if replayed == 0 {
+            0
+        } else {
+            self.rows[replayed - 1].1
+        };
+        if split > 0 {
+            self.copy(&mut tx, &self.sql.copy_stage, &self.pending[..split])?;
+            tx.execute(&self.sql.insert_staged, &[])
+                .map_err(self.err("insert replayed rows"))?;
+        }
+        if split < self.pending.len() {
+            self.copy(&mut tx, &self.sql.copy_direct, &self.pending[split..])?;
+        }
+        tx.execute(
+            &self.sql.upsert_last,
+            &[&shard_sql, &(first as i64), &(last as i64)],
+        )
+        .map_err(self.err("upsert last_location"))?;
+        tx.commit().map_err(self.err("commit"))?;
+        Ok(known.map_or(last, |k| k.max(last)))
+    }
+}
+
+impl Sink for PgSink {
+    fn resume(&mut self, shard: ShardId, _cursor: &Cursor) -> Result<(), FlushError> {
+        self.discard();
+        // Whatever a failed or interrupted commit left behind is unknown: look it up again.
+        self.known_max.remove(&shard.0);
+        Ok(())
+    }
+
+    fn push(&mut self, shard: ShardId, e: &Entry<'_>) -> Result<Push, FlushError> {
+        match self.pending_shard {
+            Some(s) => assert_eq!(s, shard, "one shard per batch"),
+            None => self.pending_shard = Some(shard),
+        }
+        write_copy_row(&mut self.pending, &mut self.scratch, shard, e);
+        self.rows.push((e.pos.0, self.pending.len()));
+        Ok(Push::Taken)
+    }
+
+    fn discard(&mut self) {
+        self.pending.clear();
+        self.rows.clear();
+        self.pending_shard = None;
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn commit(&mut self, shard: ShardId, _next: &mut Cursor) -> Result<(), FlushError> {
+        assert_eq!(
+            self.pending_shard,
+            Some(shard),
+            "commit of the shard pushed"
+        );
+        let mut client = match self.client.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => self.connect()?,
+        };
+        // On error the connection is dropped: its state (an aborted transaction, a half-done
+        // COPY) is unknown, and a fresh one costs little next to the backoff.
+        let known = self.write_batch(&mut client, shard)?;
+        self.known_max.insert(shard.0, Some(known));
+        self.client = Some(client);
+        self.discard();
+        Ok(())
+    }
+
+    fn idle(&mut self, _shard: ShardId, _now_ms: i64) -> Result<(), FlushError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,313 @@
+//! The flusher against a real PostgreSQL (custom harness: `cargo test --test flusher_postgres`;
+//! needs PostgreSQL's server binaries, e.g. `apt-get install -y postgresql`). Each run starts a
+//! throwaway cluster (initdb in a temp dir, free 127.0.0.1 port, as user `postgres` when run as
+//! root) and stops it at the end. The heartbeats are written through the real `ShardStore`; the
+//! flusher runs either in a child process that is SIGKILLed mid-drain, or in this process while a
+//! writer thread appends and PostgreSQL is stopped and started again. After each scenario
+//! `history` must hold every durable heartbeat exactly once (by `(shard, pos)`) with the right
+//! content, and `last_location` each device's newest heartbeat by device time (ties: later
+//! append), which must also equal the server's own last-location table.
+
+mod flusher_support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use flusher_support::*;
+use geobeat::flusher;
+use geobeat::flusher::cursor::{cursor_path, read_cursor};
+
+static PG: OnceLock<Pg> = OnceLock::new();
+
+fn pg() -> &'static Pg {
+    PG.get_or_init(Pg::start)
+}
+
+/// Checks `history` and `last_location` against the data directory's logs and tables.
+fn verify(pg: &Pg, root: &std::path::Path) {
+    let want = expected(root);
+    assert!(!want.is_empty());
+    assert_exactly_once("history", &pg.history_keys(), &want);
+    // Content of every row.
+    let rows = pg
+        .client()
+        .query(
+            "SELECT shard, pos, seq, id, ts, received_at, lat, lon FROM history ORDER BY shard, pos",
+            &[],
+        )
+        .unwrap();
+    for (r, e) in rows.iter().zip(&want) {
+        let got = Expected {
+            shard: r.get::<_, i32>(0) as u32,
+            pos: r.get::<_, i64>(1) as u64,
+            seq: r.get::<_, i64>(2) as u64,
+            id: r.get(3),
+            ts: r.get(4),
+            received_at: r.get(5),
+            lat: r.get(6),
+            lon: r.get(7),
+        };
+        assert_eq!(&got, e);
+    }
+    let attrs: i64 = pg
+        .client()
+        .query_one(
+            "SELECT count(*) FROM history WHERE attrs->>'s' = 'a\\b' AND (attrs->>'n')::bigint >= 0",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(attrs > 0, "attrs arrive as jsonb");
+    let last = pg.last_locations();
+    assert_eq!(last, expected_last(&want));
+    // The server's own table agrees (same rule: newest device time, ties to the later append).
+    let stores = open_stores(root, 1);
+    for (id, (ts, shard, pos)) in &last {
+        let l = stores[*shard as usize].last(id).expect("device in table");
+        assert_eq!((l.ts_ms, l.pos.0), (*ts, *pos), "{id}");
+    }
+}
+
+/// Every row below each cursor is in `history` (a cursor never runs ahead of the database).
+fn cursors_covered(pg: &Pg, root: &std::path::Path, sink: &str) {
+    let want = expected(root);
+    let have = pg.history_keys();
+    let dd = geobeat::datadir::DataDir::open_or_create(root, 1).unwrap();
+    for k in 0..dd.shard_count() {
+        let dir = dd.shard_dir(geobeat::route::ShardId(k));
+        let Some(c) = read_cursor(&cursor_path(&dir, sink)).unwrap() else {
+            continue;
+        };
+        for e in want.iter().filter(|e| e.shard == k && e.pos < c.pos) {
+            assert!(
+                have.contains_key(&(e.shard, e.pos)),
+                "cursor {} of shard {k} passes ({}, {}) which is not in history",
+                c.pos,
+                e.shard,
+                e.pos
+            );
+        }
+    }
+}
+
+fn sigkill_mid_drain_then_restart() {
+    // 120,000 heartbeats in 2 shards (1 MiB segments, so ~30 segments are crossed) are drained by
+    // a child process that is SIGKILLed three times at different fill levels of `history`, each
+    // time after checking that no cursor is ahead of the database; a final in-process flusher
+    // finishes. History must then hold each durable heartbeat exactly once, and last_location the
+    // newest per device.
+    let pg = pg();
+    pg.reset();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let total = 120_000;
+    {
+        let mut stores = open_stores(&root, 2);
+        append(&mut stores, 0..total, total, 3);
+        for s in &mut stores {
+            s.sync_blocking().unwrap();
+        }
+    }
+    let sinks = vec![pg_sink("pg", &pg.url)];
+    for round in 1..=3i64 {
+        let child = spawn_child(&root, &sinks);
+        let target = round * total as i64 / 4;
+        wait_for("rows to arrive", Duration::from_secs(40), || {
+            pg.history_count() >= target
+        });
+        kill(child);
+        cursors_covered(pg, &root, "pg");
+    }
+    let status = drain_in_process(&root, sinks);
+    assert!(status
+        .iter()
+        .all(|s| s.kind == "postgres" && s.lag_bytes == 0));
+    verify(pg, &root);
+}
+
+fn postgres_down_during_ingest() {
+    // A writer thread appends 60,000 heartbeats in commits of 500, publishing each durable
+    // position, while the flusher drains to PostgreSQL. PostgreSQL is stopped (immediate, like a
+    // crash) for about two seconds in the middle: meanwhile the status shows the error and a
+    // growing lag, the cursors do not move, and ingest goes on. After it is started again the
+    // flusher catches up and the database holds everything exactly once.
+    let pg = pg();
+    pg.reset();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let total = 60_000u64;
+    let mut stores = open_stores(&root, 2);
+    let feeds = feeds(&root, &stores);
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = flusher::start(vec![pg_sink("pg", &pg.url)], feeds.clone(), stop.clone()).unwrap();
+    let appended = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let feeds = feeds.clone();
+        let appended = appended.clone();
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while i < total {
+                let next = (i + 500).min(total);
+                append(&mut stores, i..next, total, 2);
+                for (s, f) in stores.iter_mut().zip(&feeds) {
+                    f.publish_durable(s.sync_blocking().unwrap());
+                }
+                i = next;
+                appended.store(i, Ordering::Release);
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            stores
+        })
+    };
+    wait_for("a third of the ingest", Duration::from_secs(30), || {
+        appended.load(Ordering::Acquire) >= total / 3
+    });
+    pg.stop();
+    let stopped_at = Instant::now();
+    // Let the batch in flight fail, then watch the cursors stand still while ingest goes on.
+    wait_for("the failure to show", Duration::from_secs(10), || {
+        handle.status().iter().any(|s| s.last_error.is_some())
+    });
+    let cursors =
+        |h: &flusher::FlusherHandle| h.status().iter().map(|s| s.cursor).collect::<Vec<_>>();
+    let before = cursors(&handle);
+    let lag_before: u64 = handle.status().iter().map(|s| s.lag_bytes).sum();
+    std::thread::sleep(
+        Duration::from_secs(2)
+            .saturating_sub(stopped_at.elapsed())
+            .max(Duration::from_millis(800)),
+    );
+    let during = handle.status();
+    assert_eq!(
+        cursors(&handle),
+        before,
+        "cursors moved while PostgreSQL was down"
+    );
+    assert!(
+        during.iter().any(|s| s.failures > 0
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("postgres"))),
+        "{during:?}"
+    );
+    let lag_during: u64 = during.iter().map(|s| s.lag_bytes).sum();
+    assert!(
+        lag_during > lag_before,
+        "lag grows while down: {lag_before} -> {lag_during}"
+    );
+    for f in &feeds {
+        assert!(f.backlog_bytes() > 0);
+    }
+    pg.start_again();
+    let stores = writer.join().unwrap();
+    wait_until_drained(&handle, Duration::from_secs(40));
+    stop.store(true, Ordering::Release);
+    handle.join().unwrap();
+    for f in &feeds {
+        assert_eq!(f.consumed(), f.durable());
+    }
+    drop(stores);
+    verify(pg, &root);
+}
+
+fn both_sinks_and_sinks_command() {
+    // A PostgreSQL and a zstd audit sink drain the same 20,000 heartbeats at once; `consumed` is
+    // the minimum of their cursors; `geobeat sinks` then reports both with zero lag.
+    let pg = pg();
+    pg.reset();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let audit = dir.path().join("audit");
+    let total = 20_000;
+    {
+        let mut stores = open_stores(&root, 2);
+        append(&mut stores, 0..total, total, 1);
+        for s in &mut stores {
+            s.sync_blocking().unwrap();
+        }
+    }
+    let status = drain_in_process(
+        &root,
+        vec![pg_sink("pg", &pg.url), audit_sink("files", &audit, true)],
+    );
+    assert_eq!(status.len(), 4);
+    assert_eq!(status.iter().map(|s| s.rows_total).sum::<u64>(), 2 * total);
+    verify(pg, &root);
+    let rows = geobeat::flusher::report::collect(&root, &["pg".into()]).unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(
+        rows.iter()
+            .all(|r| r.lag_bytes == Some(0) && r.cursor.is_some()),
+        "{rows:?}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_geobeat"))
+        .args(["sinks", "--data-dir"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("files") && text.contains("pg") && text.contains("LAG_BYTES"),
+        "{text}"
+    );
+}
+
+fn replay_after_lost_cursor_updates_is_idempotent() {
+    // After a full drain, every shard's cursor file is set back to an entry a third of the way
+    // in (as if the cursor updates after the database commits had been lost in a crash). A new
+    // flusher replays from there: the replayed rows must take the conflict-checked path (never a
+    // failed attempt), history must still hold everything exactly once, and last_location must
+    // not move backwards.
+    let pg = pg();
+    pg.reset();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let total = 12_000;
+    {
+        let mut stores = open_stores(&root, 2);
+        append(&mut stores, 0..total, total, 1);
+        for s in &mut stores {
+            s.sync_blocking().unwrap();
+        }
+    }
+    drain_in_process(&root, vec![pg_sink("pg", &pg.url)]);
+    let want = expected(&root);
+    let dd = geobeat::datadir::DataDir::open_or_create(&root, 1).unwrap();
+    for k in 0..dd.shard_count() {
+        let mine: Vec<&Expected> = want.iter().filter(|e| e.shard == k).collect();
+        let back = mine[mine.len() / 3];
+        let path = cursor_path(&dd.shard_dir(geobeat::route::ShardId(k)), "pg");
+        let mut c = read_cursor(&path).unwrap().unwrap();
+        c.pos = back.pos;
+        c.seq = Some(back.seq);
+        geobeat::flusher::cursor::write_cursor(&path, &c).unwrap();
+    }
+    let status = drain_in_process(&root, vec![pg_sink("pg", &pg.url)]);
+    let replayed: u64 = status.iter().map(|s| s.rows_total).sum();
+    assert!(replayed as f64 > total as f64 * 0.6, "{status:?}");
+    assert!(status.iter().all(|s| s.errors_total == 0), "{status:?}");
+    verify(pg, &root);
+}
+
+fn main() {
+    if child_main() {
+        return;
+    }
+    run_tests(&[
+        (
+            "sigkill_mid_drain_then_restart",
+            sigkill_mid_drain_then_restart,
+        ),
+        ("postgres_down_during_ingest", postgres_down_during_ingest),
+        ("both_sinks_and_sinks_command", both_sinks_and_sinks_command),
+        (
+            "replay_after_lost_cursor_updates_is_idempotent",
+            replay_after_lost_cursor_updates_is_idempotent,
+        ),
+    ]);
+    if let Some(pg) = PG.get() {
+        pg.stop();
+    }
+}
