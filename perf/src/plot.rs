@@ -22,6 +22,9 @@ const NINES_MAX: f64 = 4.0;
 /// Points per latency curve.
 const CURVE_POINTS: usize = 200;
 
+/// One latency curve: colour index, system, (nines, milliseconds) points.
+type Curve = (usize, System, Vec<(f64, f64)>);
+
 /// Why a plot could not be drawn.
 pub type PlotError = Box<dyn std::error::Error>;
 
@@ -122,7 +125,10 @@ fn throughput_plot(
             c.mix(0.75).filled(),
         )))?;
         chart.draw_series(std::iter::once(PathElement::new(
-            vec![(SegmentValue::CenterOf(i), *min), (SegmentValue::CenterOf(i), *max)],
+            vec![
+                (SegmentValue::CenterOf(i), *min),
+                (SegmentValue::CenterOf(i), *max),
+            ],
             BLACK.stroke_width(2),
         )))?;
         chart.draw_series(std::iter::once(Text::new(
@@ -165,7 +171,7 @@ fn latency_plot(
     workload: &Workload,
     systems: &[System],
 ) -> Result<bool, PlotError> {
-    let curves: Vec<(usize, System, Vec<(f64, f64)>)> = systems
+    let curves: Vec<Curve> = systems
         .iter()
         .enumerate()
         .filter_map(|(i, &s)| {
@@ -184,7 +190,9 @@ fn latency_plot(
         return Ok(false);
     }
     let all = curves.iter().flat_map(|c| c.2.iter().map(|p| p.1));
-    let (lo, hi) = all.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = all.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
     let root = SVGBackend::new(path, PLOT_SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -195,7 +203,10 @@ fn latency_plot(
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(80)
-        .build_cartesian_2d(0.0..NINES_MAX, ((lo * 0.8).max(0.001)..hi * 1.25).log_scale())?;
+        .build_cartesian_2d(
+            0.0..NINES_MAX,
+            ((lo * 0.8).max(0.001)..hi * 1.25).log_scale(),
+        )?;
     chart
         .configure_mesh()
         .x_desc("percentile")

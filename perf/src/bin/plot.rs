@@ -16,7 +16,10 @@ fn main() -> ExitCode {
     let dir = PathBuf::from(dir);
     let read = |name: &str| std::fs::read_to_string(dir.join(name));
     let (Ok(raw), Ok(info)) = (read("raw.jsonl"), read("info.json")) else {
-        eprintln!("geobeat-plot: cannot read raw.jsonl and info.json in {}", dir.display());
+        eprintln!(
+            "geobeat-plot: cannot read raw.jsonl and info.json in {}",
+            dir.display()
+        );
         return ExitCode::from(1);
     };
     let info: RunInfo = match serde_json::from_str(&info) {
@@ -27,7 +30,11 @@ fn main() -> ExitCode {
         }
     };
     let mut rows = Vec::new();
-    for (n, line) in raw.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in raw
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         match serde_json::from_str::<Row>(line) {
             Ok(row) => rows.push(row),
             Err(e) => {
@@ -36,7 +43,11 @@ fn main() -> ExitCode {
             }
         }
     }
-    let systems: Vec<System> = info.systems.iter().filter_map(|s| System::from_name(s)).collect();
+    let systems: Vec<System> = info
+        .systems
+        .iter()
+        .filter_map(|s| System::from_name(s))
+        .collect();
     match geobeat_perf::plot::draw_all(&dir, &rows, &info.workloads, &systems) {
         Ok(written) => {
             for path in written {

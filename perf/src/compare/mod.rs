@@ -408,10 +408,9 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
     };
     let programs = Programs { bin_dir };
     let load_bin = programs.ours("geobeat-load")?;
-    let work_dir = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("/var/tmp/geobeat-compare-{}", std::process::id())));
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("/var/tmp/geobeat-compare-{}", std::process::id()))
+    });
     fs::create_dir_all(&work_dir).map_err(io_err(format!("create {}", work_dir.display())))?;
 
     let mut info = RunInfo {
@@ -439,11 +438,11 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
     let out_dir = match &args.out {
         Some(dir) => dir.clone(),
         None if quick => work_dir.join("results"),
-        None => unique_dir(
-            &repo
-                .join("perf/runs")
-                .join(format!("{}-{}", shell(&["date", "-u", "+%Y-%m-%d"]), info.host)),
-        ),
+        None => unique_dir(&repo.join("perf/runs").join(format!(
+            "{}-{}",
+            shell(&["date", "-u", "+%Y-%m-%d"]),
+            info.host
+        ))),
     };
     fs::create_dir_all(out_dir.join("logs"))
         .map_err(io_err(format!("create {}", out_dir.display())))?;
@@ -608,11 +607,17 @@ fn select_workloads(quick: bool, names: &[String]) -> Result<Vec<Workload>, Comp
         if !all.iter().any(|w| &w.name == name) {
             return Err(CompareError::Invalid(format!(
                 "unknown workload {name:?}; this mode has {}",
-                all.iter().map(|w| w.name.as_str()).collect::<Vec<_>>().join(", ")
+                all.iter()
+                    .map(|w| w.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
     }
-    Ok(all.into_iter().filter(|w| names.contains(&w.name)).collect())
+    Ok(all
+        .into_iter()
+        .filter(|w| names.contains(&w.name))
+        .collect())
 }
 
 struct RunSpec<'a> {
@@ -738,8 +743,10 @@ fn run_one(spec: RunSpec<'_>) -> Row {
     row.loadavg_after = procfs::loadavg().map_or(0.0, |l| l[0]);
     row.ok = status.is_some_and(|s| s.success());
     if let Some(status) = status.filter(|s| !s.success()) {
-        row.problems
-            .push(format!("geobeat-load exited with {status}; see {}", log_path.display()));
+        row.problems.push(format!(
+            "geobeat-load exited with {status}; see {}",
+            log_path.display()
+        ));
     }
     let summary = fs::read_to_string(&json_path)
         .ok()
@@ -794,8 +801,8 @@ fn machine_description() -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_gib = procfs::parse_status_kib(&meminfo, "MemTotal:").unwrap_or(0) as f64
-        / (1024.0 * 1024.0);
+    let mem_gib =
+        procfs::parse_status_kib(&meminfo, "MemTotal:").unwrap_or(0) as f64 / (1024.0 * 1024.0);
     let disk = shell(&["df", "-h", "--output=source,fstype,size", "/var/tmp"])
         .lines()
         .nth(1)
@@ -823,8 +830,8 @@ fn commit_id(repo: &Path) -> String {
     let Some(commit) = git(&["rev-parse", "--short", "HEAD"]) else {
         return "unknown".into();
     };
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     if dirty {
         format!("{commit}-dirty")
     } else {
@@ -855,7 +862,13 @@ mod tests {
         let names: Vec<&str> = full.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(
             names,
-            ["sat-1k-json", "ref-10k-json", "sat-10k-json", "sat-1k-bin", "sat-10k-bin"]
+            [
+                "sat-1k-json",
+                "ref-10k-json",
+                "sat-10k-json",
+                "sat-1k-bin",
+                "sat-10k-bin"
+            ]
         );
         let reference = &full[1];
         assert_eq!(reference.rate_per_s, Some(33_334.0));
@@ -878,11 +891,19 @@ mod tests {
             settle_s: 1.0,
             connect_rate: 4000.0,
         };
-        let open = load_args(&full_workloads()[1], &timing, &["--target".into(), "ws".into()]);
+        let open = load_args(
+            &full_workloads()[1],
+            &timing,
+            &["--target".into(), "ws".into()],
+        );
         let text = open.join(" ");
-        assert!(text.starts_with("--target ws --devices 10000 --format json --mode open --rate 33334"));
+        assert!(
+            text.starts_with("--target ws --devices 10000 --format json --mode open --rate 33334")
+        );
         let closed = load_args(&full_workloads()[3], &timing, &[]);
-        assert!(closed.join(" ").contains("--format binary --mode closed --window 8"));
+        assert!(closed
+            .join(" ")
+            .contains("--format binary --mode closed --window 8"));
     }
 
     #[test]

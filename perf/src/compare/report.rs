@@ -102,7 +102,8 @@ impl Summary {
                 if runs.is_empty() {
                     continue;
                 }
-                let pick = |f: fn(&Row) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+                let pick =
+                    |f: fn(&Row) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
                 let throughputs: Vec<f64> = runs.iter().map(|r| r.throughput_per_s).collect();
                 let loads: Vec<f64> = runs.iter().map(|r| r.loadavg_before).collect();
                 let mut problems: Vec<String> = Vec::new();
@@ -125,14 +126,24 @@ impl Summary {
                     p999_us: pick(|r| r.p999_us as f64),
                     server_cpu_per_million: pick(|r| r.server_cpu_s_per_million),
                     client_cpu_per_million: pick(|r| r.client_cpu_s_per_million),
-                    rss_peak_bytes: runs.iter().map(|r| r.server_rss_peak_bytes).max().unwrap_or(0),
+                    rss_peak_bytes: runs
+                        .iter()
+                        .map(|r| r.server_rss_peak_bytes)
+                        .max()
+                        .unwrap_or(0),
                     loadavg: (
                         loads.iter().copied().fold(f64::INFINITY, f64::min),
                         loads.iter().copied().fold(0.0, f64::max),
                     ),
                     acked_share_min: runs
                         .iter()
-                        .map(|r| if r.sent > 0 { r.acked as f64 / r.sent as f64 } else { 0.0 })
+                        .map(|r| {
+                            if r.sent > 0 {
+                                r.acked as f64 / r.sent as f64
+                            } else {
+                                0.0
+                            }
+                        })
                         .fold(1.0, f64::min),
                     problems,
                 });
@@ -203,8 +214,16 @@ fn targets(rows: &[Row], workloads: &[Workload]) -> Vec<Target> {
     };
     for (peer, factor, label) in [
         (System::RedisAlways, 10.0, "Redis (appendfsync always)"),
-        (System::PostgresBatch, 20.0, "PostgreSQL (batched transactions)"),
-        (System::PostgresTx1, 20.0, "PostgreSQL (one heartbeat per transaction)"),
+        (
+            System::PostgresBatch,
+            20.0,
+            "PostgreSQL (batched transactions)",
+        ),
+        (
+            System::PostgresTx1,
+            20.0,
+            "PostgreSQL (one heartbeat per transaction)",
+        ),
     ] {
         let r = paired_ratio(rows, &sat.name, System::Geobeat, peer, throughput);
         out.push(ratio_target(
@@ -237,7 +256,11 @@ fn targets(rows: &[Row], workloads: &[Workload]) -> Vec<Target> {
         let cpu = |r: &Row| r.server_cpu_s_per_million;
         let mut worst: Option<(f64, System)> = None;
         let mut measured = false;
-        for peer in [System::RedisAlways, System::PostgresTx1, System::PostgresBatch] {
+        for peer in [
+            System::RedisAlways,
+            System::PostgresTx1,
+            System::PostgresBatch,
+        ] {
             if let Some(r) = paired_ratio(rows, &w.name, System::Geobeat, peer, cpu) {
                 measured = true;
                 if worst.is_none_or(|(x, _)| r > x) {
@@ -414,7 +437,12 @@ fn plot_links(plots: &[PathBuf], prefix: &Path) -> String {
 }
 
 /// The section that replaces "## Comparison" in `perf/RESULTS.md`.
-pub fn results_section(info: &RunInfo, summary: &Summary, run_dir: &Path, plots: &[PathBuf]) -> String {
+pub fn results_section(
+    info: &RunInfo,
+    summary: &Summary,
+    run_dir: &Path,
+    plots: &[PathBuf],
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{SECTION_HEADING}\n");
     let _ = writeln!(
@@ -440,9 +468,18 @@ pub fn results_section(info: &RunInfo, summary: &Summary, run_dir: &Path, plots:
          round, but absolute numbers are noisy and depressed by the client's own CPU use.\n"
     );
     for w in summary.workloads.iter().filter(|w| w.peers) {
-        let _ = writeln!(out, "### {}\n\n{}", capitalize(&w.title), workload_table(summary, w));
+        let _ = writeln!(
+            out,
+            "### {}\n\n{}",
+            capitalize(&w.title),
+            workload_table(summary, w)
+        );
     }
-    let _ = writeln!(out, "### Targets (issue 7), ratios within rounds, median\n\n{}", targets_table(summary));
+    let _ = writeln!(
+        out,
+        "### Targets (issue 7), ratios within rounds, median\n\n{}",
+        targets_table(summary)
+    );
     let _ = writeln!(
         out,
         "### geobeat ingest figures (issue 3), with the ceiling from the same rounds\n\n{}",
@@ -469,20 +506,35 @@ pub fn readme(info: &RunInfo, summary: &Summary, rows: &[Row], plots: &[PathBuf]
             t.connect_rate, t.warmup_s, t.duration_s, t.drain_s, t.settle_s
         );
     }
-    let _ = writeln!(out, "- rounds: {} (mode: {})", info.rounds, if info.quick { "quick" } else { "full" });
+    let _ = writeln!(
+        out,
+        "- rounds: {} (mode: {})",
+        info.rounds,
+        if info.quick { "quick" } else { "full" }
+    );
     for (tool, version) in &info.tools {
         let _ = writeln!(out, "- {tool}: {version}");
     }
     let _ = writeln!(out, "\n## Servers\n");
     for (name, server) in &info.servers {
-        let _ = writeln!(out, "- **{name}** ({}): `{}`", server.version, server.command);
+        let _ = writeln!(
+            out,
+            "- **{name}** ({}): `{}`",
+            server.version, server.command
+        );
         if !server.settings.is_empty() {
             let _ = writeln!(out, "  settings: {}", server.settings.join("; "));
         }
     }
     let _ = writeln!(out, "\n## Results (medians over rounds)\n");
     for w in &summary.workloads {
-        let _ = writeln!(out, "### {} (`{}`)\n\n{}", capitalize(&w.title), w.name, workload_table(summary, w));
+        let _ = writeln!(
+            out,
+            "### {} (`{}`)\n\n{}",
+            capitalize(&w.title),
+            w.name,
+            workload_table(summary, w)
+        );
     }
     let _ = writeln!(out, "## Targets\n\n{}", targets_table(summary));
     let _ = writeln!(out, "## geobeat vs ceiling\n\n{}", ingest_table(summary));
@@ -490,7 +542,11 @@ pub fn readme(info: &RunInfo, summary: &Summary, rows: &[Row], plots: &[PathBuf]
     let _ = writeln!(out, "## Plots\n\n{}", plot_links(plots, Path::new(".")));
     let _ = writeln!(out, "## Exact load commands (round 1)\n");
     for row in rows.iter().filter(|r| r.round == 1) {
-        let _ = writeln!(out, "- `{}` / `{}`:\n  `{}`", row.workload, row.system, row.command);
+        let _ = writeln!(
+            out,
+            "- `{}` / `{}`:\n  `{}`",
+            row.workload, row.system, row.command
+        );
     }
     let _ = writeln!(
         out,
@@ -560,7 +616,9 @@ pub fn replace_section(old: &str, section: &str) -> String {
         }
         Some(start) => {
             let after = start + SECTION_HEADING.len();
-            let end = old[after..].find("\n## ").map_or(old.len(), |i| after + i + 1);
+            let end = old[after..]
+                .find("\n## ")
+                .map_or(old.len(), |i| after + i + 1);
             let mut out = old[..start].to_owned();
             out.push_str(&section);
             if end < old.len() {
@@ -605,10 +663,22 @@ mod tests {
             row(2, System::Null, 62.5, 8),
             row(3, System::Geobeat, 90.0, 10),
         ];
-        let r = paired_ratio(&rows, "sat-1k-json", System::Geobeat, System::Null, throughput);
+        let r = paired_ratio(
+            &rows,
+            "sat-1k-json",
+            System::Geobeat,
+            System::Null,
+            throughput,
+        );
         assert_eq!(r, Some(0.8));
         assert_eq!(
-            paired_ratio(&rows, "sat-1k-json", System::Geobeat, System::Mosquitto, throughput),
+            paired_ratio(
+                &rows,
+                "sat-1k-json",
+                System::Geobeat,
+                System::Mosquitto,
+                throughput
+            ),
             None
         );
     }
@@ -650,6 +720,9 @@ mod tests {
         );
         let appended = replace_section("# R\n\n## Shard log\nA\n", "## Comparison\nnew\n");
         assert_eq!(appended, "# R\n\n## Shard log\nA\n\n## Comparison\nnew\n");
-        assert_eq!(replace_section(&appended, "## Comparison\nx\n"), "# R\n\n## Shard log\nA\n\n## Comparison\nx\n");
+        assert_eq!(
+            replace_section(&appended, "## Comparison\nx\n"),
+            "# R\n\n## Shard log\nA\n\n## Comparison\nx\n"
+        );
     }
 }

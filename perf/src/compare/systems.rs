@@ -264,7 +264,11 @@ impl Programs {
 }
 
 /// A program from the machine's packages: first match in `PATH` or the given directories.
-pub fn system_program(name: &str, extra_dirs: &[&str], package: &str) -> Result<PathBuf, ServerError> {
+pub fn system_program(
+    name: &str,
+    extra_dirs: &[&str],
+    package: &str,
+) -> Result<PathBuf, ServerError> {
     let path_var = std::env::var("PATH").unwrap_or_default();
     let dirs = path_var
         .split(':')
@@ -287,7 +291,10 @@ pub fn postgres_bin_dir() -> Result<PathBuf, ServerError> {
     let mut best: Option<(u32, PathBuf)> = None;
     if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
         for entry in entries.flatten() {
-            let Some(version) = entry.file_name().to_str().and_then(|v| v.parse::<u32>().ok())
+            let Some(version) = entry
+                .file_name()
+                .to_str()
+                .and_then(|v| v.parse::<u32>().ok())
             else {
                 continue;
             };
@@ -377,7 +384,11 @@ impl Drop for Server {
 }
 
 /// Starts the server of `kind` with its data under `work_dir`.
-pub fn start(kind: ServerKind, work_dir: &Path, programs: &Programs) -> Result<Server, ServerError> {
+pub fn start(
+    kind: ServerKind,
+    work_dir: &Path,
+    programs: &Programs,
+) -> Result<Server, ServerError> {
     let port = free_port()?;
     let data_dir = work_dir.join(kind.name());
     fs::create_dir_all(&data_dir).map_err(io_err(format!("create {}", data_dir.display())))?;
@@ -643,7 +654,14 @@ fn probe(server: &Server, addr: SocketAddr) -> Result<(), String> {
 fn postgres_accepts(server: &Server) -> Result<(), String> {
     let bin = postgres_bin_dir().map_err(|e| e.to_string())?;
     let status = Command::new(bin.join("pg_isready"))
-        .args(["-h", "127.0.0.1", "-p", &server.port.to_string(), "-U", "postgres"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.port.to_string(),
+            "-U",
+            "postgres",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

@@ -363,8 +363,7 @@ impl Plan {
         let target = args.target;
         let addr = resolve(&args.url, target)?;
         if target.is_pooled() {
-            if args.backend_connections == 0 || args.backend_connections > BACKEND_CONNECTIONS_MAX
-            {
+            if args.backend_connections == 0 || args.backend_connections > BACKEND_CONNECTIONS_MAX {
                 return Err(invalid(format!(
                     "--backend-connections must be 1..={BACKEND_CONNECTIONS_MAX}"
                 )));
@@ -459,7 +458,10 @@ fn resolve(url: &str, target: Target) -> Result<SocketAddr, ConfigError> {
     };
     let uri: tungstenite::http::Uri = url.parse().map_err(|_| err("not a URI"))?;
     let (schemes, default_port) = target.schemes();
-    if !uri.scheme_str().is_some_and(|scheme| schemes.contains(&scheme)) {
+    if !uri
+        .scheme_str()
+        .is_some_and(|scheme| schemes.contains(&scheme))
+    {
         return Err(err(&format!(
             "--target {} needs a {}:// URL",
             target

@@ -56,7 +56,7 @@ pub struct LinkClosed;
 #[derive(Debug)]
 pub enum Link {
     /// geobeat or the null server: one WebSocket per device.
-    Ws(WsLink),
+    Ws(Box<WsLink>),
     /// An MQTT broker: one MQTT connection per device, QoS 1 PUBLISH per frame.
     Mqtt(Box<MqttLink>),
     /// Redis or PostgreSQL: frames go to a shared pool connection that pipelines them.
@@ -72,7 +72,9 @@ impl Link {
         device_id: &Arc<str>,
     ) -> Result<Link, LoadError> {
         match shared.plan.target {
-            Target::Ws => Ok(Link::Ws(WsLink::connect(shared, credential).await?)),
+            Target::Ws => Ok(Link::Ws(Box::new(
+                WsLink::connect(shared, credential).await?,
+            ))),
             Target::Mqtt => Ok(Link::Mqtt(Box::new(
                 MqttLink::connect(shared.plan.addr, device_id).await?,
             ))),

@@ -67,9 +67,7 @@ pub struct MqttLink {
 impl MqttLink {
     /// Connects to the broker at `addr` as client `device_id` and waits for the CONNACK.
     pub async fn connect(addr: SocketAddr, device_id: &str) -> Result<Self, LoadError> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(LoadError::Connect)?;
+        let stream = TcpStream::connect(addr).await.map_err(LoadError::Connect)?;
         stream.set_nodelay(true).map_err(LoadError::Connect)?;
         let mut link = Self {
             stream,
@@ -90,11 +88,10 @@ impl MqttLink {
             .await
             .map_err(|_| LoadError::Mqtt("connection closed while sending CONNECT".into()))?;
         match tokio::time::timeout(CONNACK_TIMEOUT, link.read_packet()).await {
-            Ok(Ok(Packet::ConnAck(ConnAck { code, .. })))
-                if code == v4::ConnectReturnCode::Success =>
-            {
-                Ok(link)
-            }
+            Ok(Ok(Packet::ConnAck(ConnAck {
+                code: v4::ConnectReturnCode::Success,
+                ..
+            }))) => Ok(link),
             Ok(Ok(other)) => Err(LoadError::Mqtt(format!(
                 "expected a successful CONNACK, got {other:?}"
             ))),

@@ -41,7 +41,7 @@ pub const REASON_BACKEND_ERROR: &str = "backend_error";
 /// Rejection reason a device sees when its pool connection never connected.
 pub const REASON_BACKEND_UNAVAILABLE: &str = "backend_unavailable";
 /// Advisory lock key that serializes schema creation among concurrent load processes.
-const SCHEMA_LOCK_KEY: i64 = 0x6765_6f62_6561_74;
+const SCHEMA_LOCK_KEY: i64 = 0x0067_656f_6265_6174;
 
 /// One frame handed to a pool connection.
 #[derive(Debug)]
