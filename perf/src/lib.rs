@@ -11,12 +11,18 @@
 //! - [`sys`]: RLIMIT_NOFILE and getrusage.
 //! - [`load`]: the fleet simulator behind `geobeat-load`.
 //! - [`null`]: the ceiling server behind `geobeat-null` (glommio, same stack as geobeat).
+//! - [`procfs`]: CPU time and peak memory of other processes' trees, load average.
+//! - [`compare`]: the comparison runner behind `geobeat-compare` (geobeat vs ceiling vs peers).
+//! - [`plot`]: SVG plots of a comparison run.
 #![deny(missing_docs)]
 
+pub mod compare;
 pub mod frame;
 pub mod inflight;
 pub mod load;
 pub mod null;
+pub mod plot;
+pub mod procfs;
 pub mod reply;
 pub mod scan;
 pub mod stats;

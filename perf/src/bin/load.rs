@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     };
     let child = plan.args.child;
     let json_out = plan.args.json_out.clone();
+    let json_histograms = plan.args.json_histograms;
     let fail_on_errors = plan.args.fail_on_errors;
     if !child {
         eprintln!("{}", report::describe(&plan));
@@ -41,8 +42,10 @@ fn main() -> ExitCode {
     println!("{}", report::render(&summary));
     if let Some(path) = json_out {
         let mut public = summary.clone();
-        public.histogram_v2_base64 = None;
-        public.send_lag_v2_base64 = None;
+        if !json_histograms {
+            public.histogram_v2_base64 = None;
+            public.send_lag_v2_base64 = None;
+        }
         let json = serde_json::to_string_pretty(&public).expect("summaries always serialize");
         if let Err(e) = std::fs::write(&path, json + "\n") {
             eprintln!("geobeat-load: cannot write {}: {e}", path.display());

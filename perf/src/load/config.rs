@@ -36,6 +36,59 @@ pub enum Mode {
     Open,
 }
 
+/// What the devices send to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// geobeat or the null server: one WebSocket per device (`ws://host:port/v1/ingest`).
+    Ws,
+    /// An MQTT 3.1.1 broker: one connection per device, QoS 1 PUBLISH per frame on
+    /// `hb/<id>`, PUBACK as the ack (`mqtt://host:port`).
+    Mqtt,
+    /// Redis: GEOADD (last location) + XADD (history) per heartbeat, pipelined over a pool of
+    /// `--backend-connections` connections (`redis://host:port`).
+    Redis,
+    /// PostgreSQL: history insert + last-location upsert, over a pool of
+    /// `--backend-connections` connections (`postgres://user@host:port/db`).
+    Postgres,
+}
+
+impl Target {
+    /// URL schemes this target accepts, and its default port.
+    fn schemes(self) -> (&'static [&'static str], u16) {
+        match self {
+            Target::Ws => (&["ws"], 80),
+            Target::Mqtt => (&["mqtt", "tcp"], 1883),
+            Target::Redis => (&["redis"], 6379),
+            Target::Postgres => (&["postgres", "postgresql"], 5432),
+        }
+    }
+
+    /// Whether devices share a pool of database connections instead of one connection each.
+    pub fn is_pooled(self) -> bool {
+        matches!(self, Target::Redis | Target::Postgres)
+    }
+}
+
+/// How PostgreSQL transactions are cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PgCommit {
+    /// One transaction per heartbeat (statements pipelined on each connection).
+    Heartbeat,
+    /// One transaction per batch of everything queued on a connection (up to --pipeline-max).
+    Batch,
+}
+
+/// Default pool size for Redis and PostgreSQL targets.
+pub const BACKEND_CONNECTIONS_DEFAULT: usize = 16;
+/// Most pool connections per process.
+pub const BACKEND_CONNECTIONS_MAX: usize = 1024;
+/// Default for `--pipeline-max`.
+pub const PIPELINE_MAX_DEFAULT: usize = 1000;
+/// Largest allowed `--pipeline-max`.
+pub const PIPELINE_MAX_MAX: usize = 100_000;
+
 /// How device tasks are scheduled onto threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -49,11 +102,25 @@ pub enum RuntimeKind {
 /// `geobeat-load`: simulate a fleet of devices sending heartbeats over WebSockets.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "geobeat-load", version, args_override_self = true)]
-#[command(group(ArgGroup::new("credentials").required(true).args(["gateway_token", "tokens_file", "secret_file"])))]
+#[command(group(ArgGroup::new("credentials").args(["gateway_token", "tokens_file", "secret_file"])))]
 pub struct LoadArgs {
-    /// WebSocket ingest URL (ws:// only).
+    /// What to send to: geobeat/null (ws), an MQTT broker, Redis or PostgreSQL.
+    #[arg(long, value_enum, default_value_t = Target::Ws)]
+    pub target: Target,
+    /// Endpoint: ws://host:port/v1/ingest, mqtt://host:port, redis://host:port or
+    /// postgres://user@host:port/db, matching --target.
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ingest")]
     pub url: String,
+    /// Redis/PostgreSQL: pool connections per process (devices are pinned to one each).
+    #[arg(long, default_value_t = BACKEND_CONNECTIONS_DEFAULT)]
+    pub backend_connections: usize,
+    /// Redis/PostgreSQL: most heartbeats per pipeline or batch transaction (and most
+    /// one-heartbeat transactions in flight per connection with --pg-commit heartbeat).
+    #[arg(long, default_value_t = PIPELINE_MAX_DEFAULT)]
+    pub pipeline_max: usize,
+    /// PostgreSQL: one transaction per heartbeat, or per batch of queued heartbeats.
+    #[arg(long, value_enum, default_value_t = PgCommit::Batch)]
+    pub pg_commit: PgCommit,
     /// Number of simulated devices, each on its own connection.
     #[arg(long, default_value_t = 100)]
     pub devices: usize,
@@ -132,6 +199,9 @@ pub struct LoadArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// Keep the HDR histograms (V2, base64) in the --json-out file, for plots and merging.
+    #[arg(long)]
+    pub json_histograms: bool,
     /// Exit with status 3 unless the run acked heartbeats and saw no rejection, protocol error,
     /// connection failure, disconnect or unacked heartbeat (for scripts and CI).
     #[arg(long)]
@@ -178,6 +248,8 @@ fn invalid(message: impl Into<String>) -> ConfigError {
 pub struct Plan {
     /// The parsed flags.
     pub args: LoadArgs,
+    /// What the devices send to.
+    pub target: Target,
     /// Server address the URL resolves to.
     pub addr: SocketAddr,
     /// Devices this process runs.
@@ -288,7 +360,25 @@ impl Plan {
         let duration = seconds("duration", args.duration, false)?;
         let drain = seconds("drain", args.drain, true)?;
         let connect_timeout = seconds("connect-timeout", args.connect_timeout, false)?;
-        let addr = resolve(&args.url)?;
+        let target = args.target;
+        let addr = resolve(&args.url, target)?;
+        if target.is_pooled() {
+            if args.backend_connections == 0 || args.backend_connections > BACKEND_CONNECTIONS_MAX {
+                return Err(invalid(format!(
+                    "--backend-connections must be 1..={BACKEND_CONNECTIONS_MAX}"
+                )));
+            }
+            if args.pipeline_max == 0 || args.pipeline_max > PIPELINE_MAX_MAX {
+                return Err(invalid(format!(
+                    "--pipeline-max must be 1..={PIPELINE_MAX_MAX}"
+                )));
+            }
+        }
+        if target != Target::Ws && args.format == Format::Binary {
+            return Err(invalid(
+                "--format binary is geobeat's own layout; other targets get JSON",
+            ));
+        }
 
         let credentials = credentials(&args)?;
         let last_device = args.device_offset + args.devices;
@@ -300,6 +390,7 @@ impl Plan {
             None => Duration::from_secs_f64(args.devices as f64 / args.connect_rate),
         };
         Ok(Plan {
+            target,
             devices: args.devices,
             device_offset: args.device_offset,
             inflight_max,
@@ -360,18 +451,28 @@ pub fn split(total: usize, parts: usize, index: usize) -> (usize, usize) {
     (start, len)
 }
 
-fn resolve(url: &str) -> Result<SocketAddr, ConfigError> {
+fn resolve(url: &str, target: Target) -> Result<SocketAddr, ConfigError> {
     let err = |reason: &str| ConfigError::Url {
         url: url.to_owned(),
         reason: reason.to_owned(),
     };
     let uri: tungstenite::http::Uri = url.parse().map_err(|_| err("not a URI"))?;
-    if uri.scheme_str() != Some("ws") {
-        return Err(err("only ws:// is supported"));
+    let (schemes, default_port) = target.schemes();
+    if !uri
+        .scheme_str()
+        .is_some_and(|scheme| schemes.contains(&scheme))
+    {
+        return Err(err(&format!(
+            "--target {} needs a {}:// URL",
+            target
+                .to_possible_value()
+                .map_or_else(String::new, |v| v.get_name().to_owned()),
+            schemes[0]
+        )));
     }
     let host = uri.host().ok_or_else(|| err("no host"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(default_port);
     (host, port)
         .to_socket_addrs()
         .map_err(|e| err(&e.to_string()))?
@@ -405,6 +506,13 @@ fn credentials(args: &LoadArgs) -> Result<Credentials, ConfigError> {
                 path.display()
             )));
         }
+    }
+    if args.target != Target::Ws {
+        // Brokers and databases take no geobeat token; devices are named `<id-prefix><n>`.
+        return Ok(Credentials::Gateway {
+            token: String::new(),
+            id_prefix: args.id_prefix.clone(),
+        });
     }
     Err(invalid(
         "one of --gateway-token, --tokens-file, --secret-file is required",

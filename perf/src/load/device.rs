@@ -10,22 +10,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_tungstenite::tokio::TokioAdapter;
-use async_tungstenite::WebSocketStream;
-use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use rand::{Rng as _, SeedableRng as _};
-use tokio::net::TcpStream;
-use tungstenite::client::IntoClientRequest as _;
-use tungstenite::http::header::AUTHORIZATION;
-use tungstenite::http::HeaderValue;
+use tokio::sync::mpsc;
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::{Message, Utf8Bytes};
 
 use super::config::{Mode, Plan};
+use super::link::{Incoming, Link, LinkClosed};
+use super::pool::PoolRequest;
 use super::LoadError;
-use crate::frame::{self, Common, Format, Sample};
+use crate::frame::{Common, Sample};
 use crate::inflight::{InFlight, OpenSchedule};
-use crate::reply::{parse_reply, Reply};
+use crate::reply::Reply;
 use crate::stats::{Counters, ShardedStats, LATENCY_US_MAX};
 use crate::tokens::DeviceCredential;
 use crate::track::Track;
@@ -44,9 +39,6 @@ const REPLIES_PER_TURN_MAX: usize = 256;
 const CONNECT_BACKOFF: Duration = Duration::from_millis(250);
 /// How long closing a connection at the end may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The WebSocket stream type of a device connection.
-pub type DeviceStream = WebSocketStream<TokioAdapter<TcpStream>>;
 
 /// Run-wide state every device task reads.
 #[derive(Debug)]
@@ -69,6 +61,9 @@ pub struct Shared {
     pub ws_config: WebSocketConfig,
     /// Whether a connection error has been reported on stderr already (report once per process).
     pub connect_error_reported: AtomicBool,
+    /// Pooled targets (Redis, PostgreSQL): the queue of each pool connection. Dropping the
+    /// last `Shared` closes them, which lets the pool workers finish.
+    pub pool: Option<Vec<mpsc::Sender<PoolRequest>>>,
 }
 
 impl Shared {
@@ -114,21 +109,26 @@ pub async fn run_device(shared: Arc<Shared>, local: usize) {
             return;
         }
     };
-    let Some(mut ws) = connect(&shared, &credential, &mut counters).await else {
+    let device_id: Arc<str> = match &credential.frame_id {
+        Some(id) => Arc::from(id.as_str()),
+        None => Arc::from(format!("{}{global}", shared.plan.args.id_prefix)),
+    };
+    let Some(mut link) = connect(&shared, global, &credential, &device_id, &mut counters).await
+    else {
         shared.stats.with(global, |s| s.counters.add(&counters));
         return;
     };
     counters.connected = 1;
     let mut device = Device::new(&shared, global, credential.frame_id, counters);
     let mut flow = match shared.plan.args.mode {
-        Mode::Closed => device.closed_loop(&mut ws).await,
-        Mode::Open => device.open_loop(&mut ws).await,
+        Mode::Closed => device.closed_loop(&mut link).await,
+        Mode::Open => device.open_loop(&mut link).await,
     };
     if flow == Flow::Continue {
-        flow = device.drain(&mut ws).await;
+        flow = device.drain(&mut link).await;
     }
     if flow == Flow::Continue {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+        link.close(CLOSE_TIMEOUT).await;
     } else {
         device.counters.disconnects += 1;
     }
@@ -145,9 +145,11 @@ fn report_once(shared: &Shared, message: &str) {
 
 async fn connect(
     shared: &Shared,
+    global: usize,
     credential: &DeviceCredential,
+    device_id: &Arc<str>,
     counters: &mut Counters,
-) -> Option<DeviceStream> {
+) -> Option<Link> {
     let attempts = shared.plan.args.connect_attempts;
     for attempt in 1..=attempts {
         if Instant::now() >= shared.measure_end {
@@ -155,12 +157,12 @@ async fn connect(
         }
         let result = tokio::time::timeout(
             shared.plan.connect_timeout,
-            connect_once(shared, credential),
+            Link::connect(shared, global, credential, device_id),
         )
         .await
         .unwrap_or(Err(LoadError::ConnectTimeout));
         match result {
-            Ok(ws) => return Some(ws),
+            Ok(link) => return Some(link),
             Err(e) => {
                 counters.connect_failures += 1;
                 report_once(shared, &format!("connect to {}: {e}", shared.plan.addr));
@@ -171,55 +173,6 @@ async fn connect(
         }
     }
     None
-}
-
-async fn connect_once(
-    shared: &Shared,
-    credential: &DeviceCredential,
-) -> Result<DeviceStream, LoadError> {
-    let tcp = TcpStream::connect(shared.plan.addr)
-        .await
-        .map_err(LoadError::Connect)?;
-    tcp.set_nodelay(true).map_err(LoadError::Connect)?;
-    let args = &shared.plan.args;
-    let mut request = if args.token_in_query {
-        let separator = if args.url.contains('?') { '&' } else { '?' };
-        let url = format!(
-            "{}{separator}token={}",
-            args.url,
-            query_escape(&credential.token)
-        );
-        url.into_client_request()
-    } else {
-        args.url.as_str().into_client_request()
-    }
-    .map_err(|e| LoadError::Upgrade(Box::new(e)))?;
-    if !args.token_in_query {
-        let value = HeaderValue::from_str(&format!("Bearer {}", credential.token))
-            .map_err(|_| LoadError::TokenHeader)?;
-        request.headers_mut().insert(AUTHORIZATION, value);
-    }
-    let (ws, _response) = async_tungstenite::client_async_with_config(
-        request,
-        TokioAdapter::new(tcp),
-        Some(shared.ws_config),
-    )
-    .await
-    .map_err(|e| LoadError::Upgrade(Box::new(e)))?;
-    Ok(ws)
-}
-
-/// Percent-escapes everything but unreserved URI characters.
-fn query_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 /// A connected device's sending and accounting state.
@@ -234,8 +187,6 @@ struct Device<'a> {
     window: InFlight,
     /// Samples of the frame being built (capacity = batch).
     samples: Vec<Sample>,
-    /// Encoded size of the previous frame, to size the next frame's buffer in one allocation.
-    frame_bytes_hint: usize,
     /// Id carried in frames (gateway mode).
     frame_id: Option<String>,
     /// Seconds of simulated movement per heartbeat.
@@ -262,7 +213,6 @@ impl<'a> Device<'a> {
             track: Track::new(seed),
             window: InFlight::new(shared.plan.inflight_max),
             samples: Vec::with_capacity(batch),
-            frame_bytes_hint: 64 * batch,
             frame_id,
             step_s,
             counters,
@@ -270,7 +220,7 @@ impl<'a> Device<'a> {
     }
 
     /// Encodes and queues (without flushing) one frame intended at `intended`.
-    async fn feed_frame(&mut self, ws: &mut DeviceStream, intended: Instant) -> Flow {
+    async fn feed_frame(&mut self, link: &mut Link, intended: Instant) -> Flow {
         let args = &self.shared.plan.args;
         let batch = args.batch;
         let first_seq = self.window.last_seq() + 1;
@@ -294,19 +244,6 @@ impl<'a> Device<'a> {
             id: self.frame_id.as_deref(),
             attrs_json: args.attrs.as_deref(),
         };
-        let mut bytes = Vec::with_capacity(self.frame_bytes_hint);
-        if let Err(e) = frame::encode(args.format, &self.samples, &common, &mut bytes) {
-            // Plan::new encoded a worst-case frame with these settings; this cannot happen.
-            unreachable!("frame encoding failed after validation: {e}");
-        }
-        self.frame_bytes_hint = bytes.len();
-        let message = match args.format {
-            Format::Json => match Utf8Bytes::try_from(bytes) {
-                Ok(text) => Message::Text(text),
-                Err(_) => unreachable!("the JSON encoder writes UTF-8 only"),
-            },
-            Format::Binary => Message::Binary(bytes.into()),
-        };
         let count = batch as u32;
         let measured = self.shared.in_window(intended);
         self.window.push(first_seq, count, intended, measured);
@@ -326,64 +263,58 @@ impl<'a> Device<'a> {
                 });
             }
         }
-        match ws.feed(message).await {
+        match link.feed(&self.samples, &common, args.format).await {
             Ok(()) => Flow::Continue,
-            Err(_) => Flow::Ended,
+            Err(LinkClosed) => Flow::Ended,
         }
     }
 
-    /// Accounts for one reply (or the end of the stream).
-    fn on_message(&mut self, message: Option<Result<Message, tungstenite::Error>>) -> Flow {
+    /// Accounts for one event from the link.
+    fn on_message(&mut self, incoming: Incoming) -> Flow {
         let now = Instant::now();
-        match message {
-            Some(Ok(Message::Text(text))) => match parse_reply(text.as_bytes()) {
-                Reply::Ack(ack) => {
-                    if ack > self.window.last_seq() {
-                        self.counters.protocol_errors += 1;
-                    }
-                    let in_window = self.shared.in_window(now);
-                    let window = &mut self.window;
-                    let counters = &mut self.counters;
-                    self.shared.stats.with(self.global, |stats| {
-                        let acked = window.ack(ack, now, |a| {
-                            if a.measured {
-                                counters.acked += u64::from(a.count);
-                                let latency_us = a.latency_us.min(LATENCY_US_MAX);
-                                let _ = stats.latency_us.record_n(latency_us, u64::from(a.count));
-                            }
-                        });
-                        counters.acked_total += acked as u64;
-                        if in_window {
-                            counters.acked_in_window += acked as u64;
+        match incoming {
+            Incoming::Reply(Reply::Ack(ack)) => {
+                if ack > self.window.last_seq() {
+                    self.counters.protocol_errors += 1;
+                }
+                let in_window = self.shared.in_window(now);
+                let window = &mut self.window;
+                let counters = &mut self.counters;
+                self.shared.stats.with(self.global, |stats| {
+                    let acked = window.ack(ack, now, |a| {
+                        if a.measured {
+                            counters.acked += u64::from(a.count);
+                            let latency_us = a.latency_us.min(LATENCY_US_MAX);
+                            let _ = stats.latency_us.record_n(latency_us, u64::from(a.count));
                         }
                     });
-                    Flow::Continue
-                }
-                Reply::Rejected { seq, reason } => {
-                    match seq {
-                        Some(seq) => {
-                            self.counters.rejected += 1;
-                            let _ = self.window.reject(seq);
-                        }
-                        None => self.counters.frame_rejections += 1,
+                    counters.acked_total += acked as u64;
+                    if in_window {
+                        counters.acked_in_window += acked as u64;
                     }
-                    self.shared
-                        .stats
-                        .with(self.global, |s| s.count_reason(&reason));
-                    Flow::Continue
+                });
+                Flow::Continue
+            }
+            Incoming::Reply(Reply::Rejected { seq, reason }) => {
+                match seq {
+                    Some(seq) => {
+                        self.counters.rejected += 1;
+                        let _ = self.window.reject(seq);
+                    }
+                    None => self.counters.frame_rejections += 1,
                 }
-                Reply::Unrecognized => {
-                    self.counters.protocol_errors += 1;
-                    Flow::Continue
-                }
-            },
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Flow::Continue,
-            Some(Ok(Message::Binary(_) | Message::Frame(_))) => {
+                self.shared
+                    .stats
+                    .with(self.global, |s| s.count_reason(&reason));
+                Flow::Continue
+            }
+            Incoming::Reply(Reply::Unrecognized) | Incoming::Unexpected => {
                 self.counters.protocol_errors += 1;
                 Flow::Continue
             }
-            Some(Ok(Message::Close(_))) | None => Flow::Ended,
-            Some(Err(_)) => {
+            Incoming::Ignored => Flow::Continue,
+            Incoming::Closed => Flow::Ended,
+            Incoming::Failed => {
                 self.counters.protocol_errors += 1;
                 Flow::Ended
             }
@@ -392,12 +323,12 @@ impl<'a> Device<'a> {
 
     /// Handles replies that have already arrived, without waiting, so that a burst of acks
     /// frees the window once and the refill goes out in one write instead of one per ack.
-    fn on_ready_messages(&mut self, ws: &mut DeviceStream) -> Flow {
+    fn on_ready_messages(&mut self, link: &mut Link) -> Flow {
         for _ in 0..REPLIES_PER_TURN_MAX {
-            match ws.next().now_or_never() {
+            match link.next_ready() {
                 None => break,
-                Some(message) => {
-                    if self.on_message(message) == Flow::Ended {
+                Some(incoming) => {
+                    if self.on_message(incoming) == Flow::Ended {
                         return Flow::Ended;
                     }
                 }
@@ -407,7 +338,7 @@ impl<'a> Device<'a> {
     }
 
     /// Saturation: keep the window full until the measured window ends.
-    async fn closed_loop(&mut self, ws: &mut DeviceStream) -> Flow {
+    async fn closed_loop(&mut self, link: &mut Link) -> Flow {
         let batch = self.shared.plan.args.batch;
         let end = tokio::time::sleep_until(self.shared.measure_end.into());
         tokio::pin!(end);
@@ -418,18 +349,18 @@ impl<'a> Device<'a> {
             }
             let mut fed = false;
             while self.window.has_room(batch) {
-                if self.feed_frame(ws, now).await == Flow::Ended {
+                if self.feed_frame(link, now).await == Flow::Ended {
                     return Flow::Ended;
                 }
                 fed = true;
             }
-            if fed && ws.flush().await.is_err() {
+            if fed && link.flush().await.is_err() {
                 return Flow::Ended;
             }
             tokio::select! {
-                message = ws.next() => {
+                message = link.next() => {
                     if self.on_message(message) == Flow::Ended
-                        || self.on_ready_messages(ws) == Flow::Ended
+                        || self.on_ready_messages(link) == Flow::Ended
                     {
                         return Flow::Ended;
                     }
@@ -441,7 +372,7 @@ impl<'a> Device<'a> {
 
     /// Fixed rate: send each frame at its intended time (or immediately, if late) until the
     /// measured window ends.
-    async fn open_loop(&mut self, ws: &mut DeviceStream) -> Flow {
+    async fn open_loop(&mut self, link: &mut Link) -> Flow {
         let batch = self.shared.plan.args.batch;
         let period = self.shared.open_period.expect("open loop has a period");
         let mut rng = rand::rngs::SmallRng::seed_from_u64(self.global as u64 ^ 0x5EED);
@@ -456,9 +387,9 @@ impl<'a> Device<'a> {
         loop {
             tokio::select! {
                 biased;
-                message = ws.next() => {
+                message = link.next() => {
                     if self.on_message(message) == Flow::Ended
-                        || self.on_ready_messages(ws) == Flow::Ended
+                        || self.on_ready_messages(link) == Flow::Ended
                     {
                         return Flow::Ended;
                     }
@@ -472,11 +403,11 @@ impl<'a> Device<'a> {
                         && self.window.has_room(batch)
                     {
                         let intended = schedule.take();
-                        if self.feed_frame(ws, intended).await == Flow::Ended {
+                        if self.feed_frame(link, intended).await == Flow::Ended {
                             return Flow::Ended;
                         }
                     }
-                    if ws.flush().await.is_err() {
+                    if link.flush().await.is_err() {
                         return Flow::Ended;
                     }
                     if schedule.next_intended() >= measure_end {
@@ -491,12 +422,12 @@ impl<'a> Device<'a> {
     }
 
     /// After the window: wait for outstanding acks until the drain deadline.
-    async fn drain(&mut self, ws: &mut DeviceStream) -> Flow {
+    async fn drain(&mut self, link: &mut Link) -> Flow {
         let end = tokio::time::sleep_until(self.shared.drain_end.into());
         tokio::pin!(end);
         while self.window.heartbeats() > 0 {
             tokio::select! {
-                message = ws.next() => {
+                message = link.next() => {
                     if self.on_message(message) == Flow::Ended {
                         return Flow::Ended;
                     }
@@ -505,17 +436,5 @@ impl<'a> Device<'a> {
             }
         }
         Flow::Continue
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_escape_keeps_unreserved_and_escapes_the_rest() {
-        // Checks that token characters that are special in URLs are percent-encoded.
-        assert_eq!(query_escape("aZ09-._~"), "aZ09-._~");
-        assert_eq!(query_escape("a+b/c=&"), "a%2Bb%2Fc%3D%26");
     }
 }

@@ -1,13 +1,17 @@
-//! The fleet simulator (`geobeat-load`): many devices, each on its own WebSocket connection,
-//! sending heartbeats in closed loop (saturation) or open loop (fixed rate, latency from intended
-//! send times). This module owns running a [`Plan`] on tokio runtimes inside one process
-//! ([`run`]) and splitting a run over child processes and merging their summaries
-//! ([`run_processes`]); flags live in [`config`], the per-device loop in [`device`]. Invariant:
-//! every process of a run shares one start time, ramp and measured window, so merged counters
-//! and histograms describe one interval.
+//! The fleet simulator (`geobeat-load`): many devices sending heartbeats in closed loop
+//! (saturation) or open loop (fixed rate, latency from intended send times) to geobeat or the
+//! null server (one WebSocket each) or to the systems people use instead (an MQTT broker, Redis,
+//! PostgreSQL; see [`link`]). This module owns running a [`Plan`] on tokio runtimes inside one
+//! process ([`run`]) and splitting a run over child processes and merging their summaries
+//! ([`run_processes`]); flags live in [`config`], the per-device loop in [`device`], transports
+//! in [`link`], [`mqtt`] and [`pool`]. Invariant: every process of a run shares one start time,
+//! ramp and measured window, so merged counters and histograms describe one interval.
 
 pub mod config;
 pub mod device;
+pub mod link;
+pub mod mqtt;
+pub mod pool;
 pub mod report;
 
 use std::io::{BufRead as _, BufReader};
@@ -17,12 +21,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::inflight::open_period;
 use crate::stats::{ShardedStats, Summary, SummaryError};
 use crate::sys::{cpu_times, Who};
-pub use config::{LoadArgs, Mode, Plan, RuntimeKind};
+pub use config::{LoadArgs, Mode, PgCommit, Plan, RuntimeKind, Target};
+use pool::{PoolSettings, POOL_QUEUE_REQUESTS_MAX};
 
 /// Time children get to start before the shared run start.
 const CHILD_START_MS: u64 = 1000;
@@ -39,6 +45,12 @@ pub enum LoadError {
     /// Connect plus upgrade took longer than `--connect-timeout`.
     #[error("connect timed out")]
     ConnectTimeout,
+    /// The MQTT broker refused or broke the connection handshake.
+    #[error("mqtt: {0}")]
+    Mqtt(String),
+    /// The Redis/PostgreSQL pool could not be prepared (e.g. the schema could not be created).
+    #[error("backend: {0}")]
+    Backend(String),
     /// The token contains characters not allowed in an HTTP header.
     #[error("token is not a valid HTTP header value")]
     TokenHeader,
@@ -88,6 +100,7 @@ pub fn run(plan: Plan) -> Result<Summary, LoadError> {
     let runtime_kind = plan.args.runtime;
     let devices = plan.devices;
     let measured_s = plan.duration.as_secs_f64();
+    let (pool_runtime, pool_workers, pool) = start_pool(&plan)?;
     let shared = Arc::new(device::Shared {
         stats: ShardedStats::new(threads),
         t0,
@@ -97,6 +110,7 @@ pub fn run(plan: Plan) -> Result<Summary, LoadError> {
         open_period,
         ws_config: device::client_ws_config(),
         connect_error_reported: AtomicBool::new(false),
+        pool,
         plan,
     });
     match runtime_kind {
@@ -146,8 +160,57 @@ pub fn run(plan: Plan) -> Result<Summary, LoadError> {
         }
     }
     let stats = shared.stats.merged();
+    // Every device task is done: dropping the last `Shared` closes the pool queues, so the
+    // workers finish what is queued and end.
+    drop(shared);
+    if let Some(runtime) = pool_runtime {
+        runtime.block_on(async {
+            for worker in pool_workers {
+                let _ = worker.await;
+            }
+        });
+    }
     let cpu = cpu_times(Who::SelfProcess).minus(&cpu_before);
     Ok(Summary::from_stats(&stats, measured_s, cpu))
+}
+
+/// Pool runtime, its worker tasks and the queues devices send into.
+type PoolParts = (
+    Option<tokio::runtime::Runtime>,
+    Vec<tokio::task::JoinHandle<()>>,
+    Option<Vec<mpsc::Sender<pool::PoolRequest>>>,
+);
+
+/// For Redis and PostgreSQL: prepares the schema and starts one worker per pool connection on a
+/// runtime of their own (so they outlive whichever device thread finishes first).
+fn start_pool(plan: &Plan) -> Result<PoolParts, LoadError> {
+    if !plan.target.is_pooled() {
+        return Ok((None, Vec::new(), None));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(plan.threads)
+        .thread_name("load-pool")
+        .enable_all()
+        .build()
+        .map_err(LoadError::Runtime)?;
+    let settings = Arc::new(PoolSettings {
+        target: plan.target,
+        url: plan.args.url.clone(),
+        pipeline_max: plan.args.pipeline_max,
+        pg_commit: plan.args.pg_commit,
+        error_reported: AtomicBool::new(false),
+    });
+    runtime
+        .block_on(pool::prepare(&settings))
+        .map_err(LoadError::Backend)?;
+    let mut workers = Vec::with_capacity(plan.args.backend_connections);
+    let mut senders = Vec::with_capacity(plan.args.backend_connections);
+    for _ in 0..plan.args.backend_connections {
+        let (tx, rx) = mpsc::channel(POOL_QUEUE_REQUESTS_MAX);
+        workers.push(runtime.spawn(pool::run_worker(Arc::clone(&settings), rx)));
+        senders.push(tx);
+    }
+    Ok((Some(runtime), workers, Some(senders)))
 }
 
 /// Runs `plan` over `--processes` child copies of the current executable (started with
