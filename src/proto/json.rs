@@ -179,6 +179,8 @@ fn parse_field(p: &mut Parser<'_>, f: Field, slot: &mut super::Slot) -> Result<b
                 slot.reject(Reject::Invalid(Invalid::AttrsTooLarge));
             } else if walk.depth_max > JSON_DEPTH_MAX {
                 slot.reject(Reject::AttrsTooDeep);
+            } else if walk.huge_number {
+                slot.reject(Reject::BadType(Field::Attrs));
             }
             return Ok(true);
         }
@@ -226,6 +228,9 @@ pub(super) fn compact_attrs(text: &str, out: &mut Vec<u8>) -> Result<(), Reject>
     }
     if walk.depth_max > JSON_DEPTH_MAX {
         return Err(Reject::AttrsTooDeep);
+    }
+    if walk.huge_number {
+        return Err(Reject::BadType(Field::Attrs));
     }
     Ok(())
 }
@@ -305,6 +310,9 @@ impl Num<'_> {
 struct Walk {
     /// Deepest container nesting inside the value (a scalar is 0, `{}` is 1).
     depth_max: usize,
+    /// A kept number (one written to a sink) is beyond `f64` (`1e999`): valid JSON grammar, but
+    /// strict JSON readers refuse a document holding it, so it must not be stored.
+    huge_number: bool,
 }
 
 /// Where a walked value's compact text goes, capped; once the cap would be crossed nothing more
@@ -621,29 +629,31 @@ impl<'a> Parser<'a> {
     /// copied in one piece; others are walked a second time, emitting token by token.
     fn walk_value(&mut self, sink: &mut Sink<'_>) -> Result<Walk, FrameError> {
         if sink.out.is_none() {
-            return self.walk_tokens(sink);
+            return self.walk_tokens(sink, false);
         }
         self.skip_ws();
         let start = self.pos;
         self.ws_skipped = false;
-        let walk = self.walk_tokens(&mut Sink::discard())?;
+        let walk = self.walk_tokens(&mut Sink::discard(), true)?;
         if !self.ws_skipped {
             sink.put(&self.b[start..self.pos]);
             return Ok(walk);
         }
         let end = self.pos;
         self.pos = start;
-        let walk = self.walk_tokens(sink)?;
+        let walk = self.walk_tokens(sink, true)?;
         debug_assert_eq!(self.pos, end, "both walks cover the same value");
         Ok(walk)
     }
 
     /// The walk itself. Iterative: bit `d` of `stack` says whether the container at depth `d` is
     /// an object.
-    fn walk_tokens(&mut self, sink: &mut Sink<'_>) -> Result<Walk, FrameError> {
+    /// `kept`: the value is being stored, so numbers are checked to fit an `f64`.
+    fn walk_tokens(&mut self, sink: &mut Sink<'_>, kept: bool) -> Result<Walk, FrameError> {
         let mut stack: u64 = 0;
         let mut depth: usize = 0;
         let mut depth_max: usize = 0;
+        let mut huge_number = false;
         'value: loop {
             self.skip_ws();
             let start = self.pos;
@@ -680,7 +690,10 @@ impl<'a> Parser<'a> {
                     sink.put(&self.b[start..self.pos]);
                 }
                 Some(b'-' | b'0'..=b'9') => {
-                    self.number()?;
+                    let num = self.number()?;
+                    if kept && num.text.parse::<f64>().map_or(true, |v| !v.is_finite()) {
+                        huge_number = true;
+                    }
                     sink.put(&self.b[start..self.pos]);
                 }
                 Some(b't') => {
@@ -700,7 +713,10 @@ impl<'a> Parser<'a> {
             // After a complete value: close containers or move to the next member.
             loop {
                 if depth == 0 {
-                    return Ok(Walk { depth_max });
+                    return Ok(Walk {
+                        depth_max,
+                        huge_number,
+                    });
                 }
                 self.skip_ws();
                 let top_is_obj = (stack >> (depth - 1)) & 1 == 1;
