@@ -337,6 +337,7 @@ impl Exec {
                 // later) rather than delete anything a sink has not consumed.
                 for (seq, _) in items {
                     failed.push((seq, "sink_backlog_full"));
+                    self.probe.reject("sink_backlog_full");
                 }
                 return None;
             }
@@ -352,6 +353,8 @@ impl Exec {
                 Err(e) => {
                     tracing::warn!(shard = %slot.shard, error = %e, "append refused");
                     failed.push((seq, storage_reason(&e)));
+                    // Disk full and friends show in metrics as rejections with their reason.
+                    self.probe.reject(storage_reason(&e));
                 }
             }
         }
