@@ -30,6 +30,13 @@ use systems::{Programs, Server, ServerError, ServerKind, System, ALL_SYSTEMS};
 
 /// Extra seconds a load run may take beyond its own timeline before it is killed.
 const LOAD_TIMEOUT_SLACK_S: f64 = 90.0;
+/// Before a run, the servers together must use less than this share of one core...
+const QUIESCE_CPU_SHARE_MAX: f64 = 0.10;
+/// ...over one interval of this length...
+const QUIESCE_INTERVAL: Duration = Duration::from_millis(500);
+/// ...or this much time must have passed (a server busy on its own, e.g. PostgreSQL's
+/// autovacuum, must not hold the comparison up for ever).
+const QUIESCE_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// `geobeat-compare`: geobeat vs its ceiling vs Redis, PostgreSQL and Mosquitto, one machine.
 #[derive(Debug, Clone, Parser)]
@@ -284,6 +291,13 @@ pub struct Row {
     pub loadavg_after: f64,
     /// Start of the run, Unix seconds.
     pub started_unix_s: u64,
+    /// Seconds waited before the run for every server to go idle (see [`quiesce`]).
+    pub quiesce_s: f64,
+    /// Open loop: median delay between a frame's intended and actual send, µs (the client's
+    /// own lag; large values mean the load generator was starved and latency is inflated).
+    pub send_lag_p50_us: u64,
+    /// Open loop: 99th percentile of the send delay, µs.
+    pub send_lag_p99_us: u64,
     /// Wall seconds the load generator took.
     pub wall_s: f64,
     /// The exact load command.
@@ -298,12 +312,12 @@ impl Row {
     pub const CSV_HEADER: &'static str = "round,workload,system,durable,ok,throughput_per_s,sent,\
         acked,unacked,acked_total,p50_us,p90_us,p99_us,p999_us,max_us,server_cpu_s,client_cpu_s,\
         server_cpu_s_per_million,client_cpu_s_per_million,server_rss_peak_bytes,loadavg_before,\
-        loadavg_after,started_unix_s,wall_s,problems";
+        loadavg_after,started_unix_s,quiesce_s,send_lag_p50_us,send_lag_p99_us,wall_s,problems";
 
     /// One raw.csv line (problems joined with `;`, quoted).
     pub fn csv_line(&self) -> String {
         format!(
-            "{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{:.2},{:.2},{},{:.2},\"{}\"",
+            "{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{:.2},{:.2},{},{:.2},{},{},{:.2},\"{}\"",
             self.round,
             self.workload,
             self.system,
@@ -327,6 +341,9 @@ impl Row {
             self.loadavg_before,
             self.loadavg_after,
             self.started_unix_s,
+            self.quiesce_s,
+            self.send_lag_p50_us,
+            self.send_lag_p99_us,
             self.wall_s,
             self.problems.join("; ").replace('"', "'")
         )
@@ -392,7 +409,7 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
         warmup_s: if quick { 0.5 } else { 2.0 },
         drain_s: if quick { 5.0 } else { 10.0 },
         settle_s: if quick { 0.2 } else { 2.0 },
-        connect_rate: if quick { 2000.0 } else { 4000.0 },
+        connect_rate: 2000.0,
     };
     let systems = select_systems(&args.systems)?;
     let workloads = select_workloads(quick, &args.workloads)?;
@@ -497,7 +514,8 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
                         target_args.push("ignored-by-null".into());
                     }
                 }
-                let row = run_one(RunSpec {
+                let quiesce_s = quiesce(&servers);
+                let mut row = run_one(RunSpec {
                     round,
                     workload,
                     system,
@@ -507,6 +525,7 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
                     load_bin: &load_bin,
                     log_dir: &out_dir.join("logs"),
                 });
+                row.quiesce_s = quiesce_s;
                 eprintln!(
                     "geobeat-compare: round {round} {:<13} {:<15} {:>9.0} hb/s  p50 {:>8} us  p99 {:>8} us  \
                      server {:>6.2} cpu-s/M  load {:.1}{}",
@@ -575,6 +594,30 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
         }
     }
     Ok(rows.iter().all(Row::clean))
+}
+
+/// Waits until the servers together use less than [`QUIESCE_CPU_SHARE_MAX`] of a core over
+/// [`QUIESCE_INTERVAL`] (at most [`QUIESCE_WAIT_MAX`]), so that no server's leftover work (a
+/// database's backlog, a checkpoint, autovacuum) lands in the next system's run. Returns the
+/// seconds waited.
+fn quiesce(servers: &BTreeMap<ServerKind, Server>) -> f64 {
+    let start = Instant::now();
+    let total = || -> f64 {
+        servers
+            .values()
+            .map(|s| procfs::tree_cpu_seconds(s.pid))
+            .sum()
+    };
+    let mut before = total();
+    while start.elapsed() < QUIESCE_WAIT_MAX {
+        std::thread::sleep(QUIESCE_INTERVAL);
+        let now = total();
+        if now - before < QUIESCE_CPU_SHARE_MAX * QUIESCE_INTERVAL.as_secs_f64() {
+            break;
+        }
+        before = now;
+    }
+    start.elapsed().as_secs_f64()
 }
 
 fn select_systems(names: &[String]) -> Result<Vec<System>, CompareError> {
@@ -765,6 +808,8 @@ fn run_one(spec: RunSpec<'_>) -> Row {
             row.p999_us = summary.latency.p999_us;
             row.max_us = summary.latency.max_us;
             row.client_cpu_s = summary.client_cpu.total_s();
+            row.send_lag_p50_us = summary.send_lag.p50_us;
+            row.send_lag_p99_us = summary.send_lag.p99_us;
             if c.acked_total > 0 {
                 let millions = c.acked_total as f64 / 1e6;
                 row.server_cpu_s_per_million = row.server_cpu_s / millions;

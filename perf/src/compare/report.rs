@@ -50,6 +50,10 @@ pub struct Cell {
     pub acked_share_min: f64,
     /// Distinct problems seen (first few).
     pub problems: Vec<String>,
+    /// Open loop: median of the runs' client send-lag p50, µs.
+    pub send_lag_p50_us: f64,
+    /// Open loop: median of the runs' client send-lag p99, µs.
+    pub send_lag_p99_us: f64,
 }
 
 /// One checked target.
@@ -146,6 +150,8 @@ impl Summary {
                         })
                         .fold(1.0, f64::min),
                     problems,
+                    send_lag_p50_us: pick(|r| r.send_lag_p50_us as f64),
+                    send_lag_p99_us: pick(|r| r.send_lag_p99_us as f64),
                 });
             }
         }
@@ -308,16 +314,49 @@ fn per_s(v: f64) -> String {
     }
 }
 
+/// Whether the system reaches its server through the load generator's connection pool (so the
+/// cost of terminating device connections is not on its server).
+fn pooled(system: System) -> bool {
+    matches!(
+        system,
+        System::RedisAlways | System::RedisEverysec | System::PostgresTx1 | System::PostgresBatch
+    )
+}
+
 /// The results table of one workload.
 pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
+    let open = workload.mode == Mode::Open;
+    let null_cpu = summary
+        .cell(&workload.name, System::Null)
+        .map(|c| c.server_cpu_per_million);
     let mut out = String::new();
     let _ = writeln!(
         out,
         "| system | what an ack means | heartbeats/s, median [min–max] | p50 ms | p99 ms | p99.9 ms | \
-         server CPU s / M hb | client CPU s / M hb | server peak RSS MiB | load avg before | clean runs |"
+         server CPU s / M hb | same + device connections¹ | client CPU s / M hb | server peak RSS MiB | \
+         load avg before |{} clean runs |",
+        if open { " client send lag p50 / p99 ms² |" } else { "" }
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|{}---|",
+        if open { "---|" } else { "" }
+    );
     for cell in summary.cells.iter().filter(|c| c.workload == workload.name) {
+        let with_connections = match (pooled(cell.system), null_cpu) {
+            (true, Some(null)) => format!("≈ {:.2}", cell.server_cpu_per_million + null),
+            (true, None) => "–".to_owned(),
+            (false, _) => format!("{:.2}", cell.server_cpu_per_million),
+        };
+        let lag = if open {
+            format!(
+                " {} / {} |",
+                ms(cell.send_lag_p50_us),
+                ms(cell.send_lag_p99_us)
+            )
+        } else {
+            String::new()
+        };
         let mut clean = format!("{}/{}", cell.clean_runs, cell.runs);
         if cell.clean_runs < cell.runs {
             let _ = write!(
@@ -329,7 +368,7 @@ pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
         }
         let _ = writeln!(
             out,
-            "| {} | {} | {} [{}–{}] | {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1}–{:.1} | {} |",
+            "| {} | {} | {} [{}–{}] | {} | {} | {} | {:.2} | {} | {:.2} | {:.0} | {:.1}–{:.1} |{lag} {} |",
             cell.system.name(),
             cell.system.ack_meaning(),
             per_s(cell.throughput_median),
@@ -339,11 +378,27 @@ pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
             ms(cell.p99_us),
             ms(cell.p999_us),
             cell.server_cpu_per_million,
+            with_connections,
             cell.client_cpu_per_million,
             cell.rss_peak_bytes as f64 / (1024.0 * 1024.0),
             cell.loadavg.0,
             cell.loadavg.1,
             clean,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n¹ Redis and PostgreSQL are fed through the load generator's pool, so terminating the \
+         devices' connections costs their server nothing; this column adds the null server's CPU \
+         per heartbeat on the same workload (the cost of exactly that on geobeat's own stack) as \
+         an estimate of a gateway in front of them. For the other systems it is their own figure."
+    );
+    if open {
+        let _ = writeln!(
+            out,
+            "\n² How late the load generator itself sent (already inside the latency): hundreds of \
+             ms mean the client was starved of CPU, and the latencies of that system say more \
+             about the machine than about the server."
         );
     }
     out
