@@ -83,6 +83,10 @@ pub struct CompareArgs {
     /// Exit with status 3 if any run failed or was unclean (default in quick mode).
     #[arg(long)]
     pub fail_on_errors: bool,
+    /// Run nothing: rebuild the README, plots and RESULTS.md section of an existing results
+    /// directory from its info.json and raw.jsonl.
+    #[arg(long, value_name = "DIR")]
+    pub rereport: Option<PathBuf>,
 }
 
 /// Why a comparison could not run.
@@ -285,6 +289,10 @@ pub struct Row {
     pub client_cpu_s_per_million: f64,
     /// Peak resident memory of the server's process tree so far (VmHWM), bytes.
     pub server_rss_peak_bytes: u64,
+    /// Anonymous resident memory of the server's process tree at the end of the run (RssAnon,
+    /// without file-backed pages such as geobeat's mapped log), bytes.
+    #[serde(default)]
+    pub server_rss_anon_bytes: u64,
     /// 1-minute load average before the run.
     pub loadavg_before: f64,
     /// 1-minute load average after the run.
@@ -311,13 +319,13 @@ impl Row {
     /// Header of raw.csv.
     pub const CSV_HEADER: &'static str = "round,workload,system,durable,ok,throughput_per_s,sent,\
         acked,unacked,acked_total,p50_us,p90_us,p99_us,p999_us,max_us,server_cpu_s,client_cpu_s,\
-        server_cpu_s_per_million,client_cpu_s_per_million,server_rss_peak_bytes,loadavg_before,\
+        server_cpu_s_per_million,client_cpu_s_per_million,server_rss_peak_bytes,server_rss_anon_bytes,loadavg_before,\
         loadavg_after,started_unix_s,quiesce_s,send_lag_p50_us,send_lag_p99_us,wall_s,problems";
 
     /// One raw.csv line (problems joined with `;`, quoted).
     pub fn csv_line(&self) -> String {
         format!(
-            "{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{:.2},{:.2},{},{:.2},{},{},{:.2},\"{}\"",
+            "{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{:.2},{:.2},{},{:.2},{},{},{:.2},\"{}\"",
             self.round,
             self.workload,
             self.system,
@@ -338,6 +346,7 @@ impl Row {
             self.server_cpu_s_per_million,
             self.client_cpu_s_per_million,
             self.server_rss_peak_bytes,
+            self.server_rss_anon_bytes,
             self.loadavg_before,
             self.loadavg_after,
             self.started_unix_s,
@@ -399,6 +408,9 @@ pub struct ServerInfo {
 
 /// Runs the comparison described by `args`; returns whether every run was clean.
 pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
+    if let Some(dir) = &args.rereport {
+        return rereport(args, dir);
+    }
     let quick = args.quick;
     let rounds = args.rounds.unwrap_or(if quick { 1 } else { 3 });
     if rounds == 0 {
@@ -554,35 +566,7 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
 
     let info_json = serde_json::to_string_pretty(&info).expect("info serializes");
     fs::write(out_dir.join("info.json"), info_json + "\n").map_err(io_err("write info.json"))?;
-    let summary = report::Summary::of(&rows, &workloads, &systems);
-    let plots = match crate::plot::draw_all(&out_dir, &rows, &workloads, &systems) {
-        Ok(plots) => plots,
-        Err(e) => {
-            eprintln!("geobeat-compare: plots failed: {e}");
-            Vec::new()
-        }
-    };
-    let readme = report::readme(&info, &summary, &rows, &plots);
-    fs::write(out_dir.join("README.md"), readme).map_err(io_err("write README.md"))?;
-    let results_md = if args.no_results_md {
-        None
-    } else {
-        args.results_md
-            .clone()
-            .or_else(|| (!quick).then(|| repo.join("perf/RESULTS.md")))
-    };
-    if let Some(path) = results_md {
-        let rel = out_dir
-            .strip_prefix(repo.join("perf"))
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|_| out_dir.clone());
-        let section = report::results_section(&info, &summary, &rel, &plots);
-        let old = fs::read_to_string(&path).unwrap_or_default();
-        fs::write(&path, report::replace_section(&old, &section))
-            .map_err(io_err(format!("write {}", path.display())))?;
-        eprintln!("geobeat-compare: updated {}", path.display());
-    }
-    print!("{}", report::console(&summary));
+    publish(args, &info, &rows, &out_dir)?;
     if !args.keep_data && args.work_dir.is_none() {
         if quick && args.out.is_none() {
             // The results live inside the work dir in quick mode; keep them, drop server data.
@@ -593,6 +577,79 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
             let _ = fs::remove_dir_all(&work_dir);
         }
     }
+    Ok(rows.iter().all(Row::clean))
+}
+
+/// Writes plots, the results README and (unless disabled, or in quick mode without
+/// `--results-md`) the "## Comparison" section of RESULTS.md, and prints the summary.
+fn publish(
+    args: &CompareArgs,
+    info: &RunInfo,
+    rows: &[Row],
+    out_dir: &Path,
+) -> Result<(), CompareError> {
+    let systems: Vec<System> = info
+        .systems
+        .iter()
+        .filter_map(|s| System::from_name(s))
+        .collect();
+    let summary = report::Summary::of(rows, &info.workloads, &systems);
+    let plots = match crate::plot::draw_all(out_dir, rows, &info.workloads, &systems) {
+        Ok(plots) => plots,
+        Err(e) => {
+            eprintln!("geobeat-compare: plots failed: {e}");
+            Vec::new()
+        }
+    };
+    let readme = report::readme(info, &summary, rows, &plots);
+    fs::write(out_dir.join("README.md"), readme).map_err(io_err("write README.md"))?;
+    let results_md = if args.no_results_md {
+        None
+    } else {
+        args.results_md
+            .clone()
+            .or_else(|| (!info.quick).then(|| args.repo.join("perf/RESULTS.md")))
+    };
+    if let Some(path) = results_md {
+        let perf_dir = args.repo.join("perf");
+        let rel = out_dir
+            .strip_prefix(&perf_dir)
+            .or_else(|_| {
+                // `--rereport perf/runs/x` and `--repo .` name the same place differently.
+                out_dir.strip_prefix(perf_dir.strip_prefix("./").unwrap_or(&perf_dir))
+            })
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| out_dir.to_path_buf());
+        let section = report::results_section(info, &summary, &rel, &plots);
+        let old = fs::read_to_string(&path).unwrap_or_default();
+        fs::write(&path, report::replace_section(&old, &section))
+            .map_err(io_err(format!("write {}", path.display())))?;
+        eprintln!("geobeat-compare: updated {}", path.display());
+    }
+    print!("{}", report::console(&summary));
+    Ok(())
+}
+
+/// `--rereport DIR`: rebuilds a results directory's README, plots and the RESULTS.md section
+/// from its `info.json` and `raw.jsonl`, without running anything.
+pub fn rereport(args: &CompareArgs, dir: &Path) -> Result<bool, CompareError> {
+    let read = |name: &str| {
+        fs::read_to_string(dir.join(name))
+            .map_err(io_err(format!("read {}", dir.join(name).display())))
+    };
+    let info: RunInfo = serde_json::from_str(&read("info.json")?)
+        .map_err(|e| CompareError::Invalid(format!("info.json: {e}")))?;
+    let mut rows = Vec::new();
+    for (n, line) in read("raw.jsonl")?.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        rows.push(
+            serde_json::from_str::<Row>(line)
+                .map_err(|e| CompareError::Invalid(format!("raw.jsonl line {}: {e}", n + 1)))?,
+        );
+    }
+    publish(args, &info, &rows, dir)?;
     Ok(rows.iter().all(Row::clean))
 }
 
@@ -783,6 +840,7 @@ fn run_one(spec: RunSpec<'_>) -> Row {
     row.wall_s = start.elapsed().as_secs_f64();
     row.server_cpu_s = (procfs::tree_cpu_seconds(server.pid) - cpu_before).max(0.0);
     row.server_rss_peak_bytes = procfs::tree_vm_hwm_bytes(server.pid);
+    row.server_rss_anon_bytes = procfs::tree_rss_anon_bytes(server.pid);
     row.loadavg_after = procfs::loadavg().map_or(0.0, |l| l[0]);
     row.ok = status.is_some_and(|s| s.success());
     if let Some(status) = status.filter(|s| !s.success()) {

@@ -44,6 +44,8 @@ pub struct Cell {
     pub client_cpu_per_million: f64,
     /// Highest peak RSS seen, bytes.
     pub rss_peak_bytes: u64,
+    /// Highest anonymous RSS seen at the end of a run, bytes (0: not recorded).
+    pub rss_anon_bytes: u64,
     /// Lowest and highest 1-minute load average before a run.
     pub loadavg: (f64, f64),
     /// Lowest share of measured heartbeats acked in a run.
@@ -108,6 +110,17 @@ impl Summary {
                 }
                 let pick =
                     |f: fn(&Row) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+                // A run whose measured heartbeats were never acked has no latency at all (not a
+                // latency of zero): leave it out of the latency medians.
+                let pick_latency = |f: fn(&Row) -> f64| {
+                    median(
+                        &runs
+                            .iter()
+                            .filter(|r| r.acked > 0)
+                            .map(|r| f(r))
+                            .collect::<Vec<_>>(),
+                    )
+                };
                 let throughputs: Vec<f64> = runs.iter().map(|r| r.throughput_per_s).collect();
                 let loads: Vec<f64> = runs.iter().map(|r| r.loadavg_before).collect();
                 let mut problems: Vec<String> = Vec::new();
@@ -125,14 +138,19 @@ impl Summary {
                     throughput_median: median(&throughputs),
                     throughput_min: throughputs.iter().copied().fold(f64::INFINITY, f64::min),
                     throughput_max: throughputs.iter().copied().fold(0.0, f64::max),
-                    p50_us: pick(|r| r.p50_us as f64),
-                    p99_us: pick(|r| r.p99_us as f64),
-                    p999_us: pick(|r| r.p999_us as f64),
+                    p50_us: pick_latency(|r| r.p50_us as f64),
+                    p99_us: pick_latency(|r| r.p99_us as f64),
+                    p999_us: pick_latency(|r| r.p999_us as f64),
                     server_cpu_per_million: pick(|r| r.server_cpu_s_per_million),
                     client_cpu_per_million: pick(|r| r.client_cpu_s_per_million),
                     rss_peak_bytes: runs
                         .iter()
                         .map(|r| r.server_rss_peak_bytes)
+                        .max()
+                        .unwrap_or(0),
+                    rss_anon_bytes: runs
+                        .iter()
+                        .map(|r| r.server_rss_anon_bytes)
                         .max()
                         .unwrap_or(0),
                     loadavg: (
@@ -172,6 +190,8 @@ impl Summary {
 }
 
 /// Per-round ratios `f(a) / f(b)` on `workload`, then their median; `None` if no round has both.
+/// A run that acked none of its measured heartbeats has no latency and is not comparable, so its
+/// round is left out.
 pub fn paired_ratio(
     rows: &[Row],
     workload: &str,
@@ -187,6 +207,9 @@ pub fn paired_ratio(
     let ratios: Vec<f64> = (1..=rounds)
         .filter_map(|round| {
             let (x, y) = (find(round, a)?, find(round, b)?);
+            if x.acked == 0 || y.acked == 0 {
+                return None;
+            }
             let (x, y) = (f(x), f(y));
             (y > 0.0 && x.is_finite()).then(|| x / y)
         })
@@ -333,7 +356,7 @@ pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
     let _ = writeln!(
         out,
         "| system | what an ack means | heartbeats/s, median [min–max] | p50 ms | p99 ms | p99.9 ms | \
-         server CPU s / M hb | same + device connections¹ | client CPU s / M hb | server peak RSS MiB | \
+         server CPU s / M hb | same + device connections¹ | client CPU s / M hb | server peak RSS MiB (anonymous at end)³ | \
          load avg before |{} clean runs |",
         if open { " client send lag p50 / p99 ms² |" } else { "" }
     );
@@ -347,6 +370,16 @@ pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
             (true, Some(null)) => format!("≈ {:.2}", cell.server_cpu_per_million + null),
             (true, None) => "–".to_owned(),
             (false, _) => format!("{:.2}", cell.server_cpu_per_million),
+        };
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let rss = if cell.rss_anon_bytes > 0 {
+            format!(
+                "{:.0} ({:.0})",
+                mib(cell.rss_peak_bytes),
+                mib(cell.rss_anon_bytes)
+            )
+        } else {
+            format!("{:.0}", mib(cell.rss_peak_bytes))
         };
         let lag = if open {
             format!(
@@ -368,7 +401,7 @@ pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
         }
         let _ = writeln!(
             out,
-            "| {} | {} | {} [{}–{}] | {} | {} | {} | {:.2} | {} | {:.2} | {:.0} | {:.1}–{:.1} |{lag} {} |",
+            "| {} | {} | {} [{}–{}] | {} | {} | {} | {:.2} | {} | {:.2} | {} | {:.1}–{:.1} |{lag} {} |",
             cell.system.name(),
             cell.system.ack_meaning(),
             per_s(cell.throughput_median),
@@ -380,7 +413,7 @@ pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
             cell.server_cpu_per_million,
             with_connections,
             cell.client_cpu_per_million,
-            cell.rss_peak_bytes as f64 / (1024.0 * 1024.0),
+            rss,
             cell.loadavg.0,
             cell.loadavg.1,
             clean,
@@ -392,6 +425,13 @@ pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
          devices' connections costs their server nothing; this column adds the null server's CPU \
          per heartbeat on the same workload (the cost of exactly that on geobeat's own stack) as \
          an estimate of a gateway in front of them. For the other systems it is their own figure."
+    );
+    let _ = writeln!(
+        out,
+        "\n³ Peak `VmHWM` over the comparison so far. It counts file-backed pages too: geobeat's \
+         log is memory-mapped, so every heartbeat it has stored since it started (all rounds) \
+         shows up there as page cache the kernel may drop; the anonymous figure in brackets \
+         (`RssAnon` at the end of the run, when recorded) leaves those out."
     );
     if open {
         let _ = writeln!(
