@@ -58,7 +58,8 @@ pub struct CompareArgs {
     /// Comma-separated workload names to run (default all of the mode).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Results directory (default: perf/runs/<date>-<host>, quick: inside the work dir).
+    /// Results directory (default: perf/runs/<date>-<host>; quick: inside the work dir, removed
+    /// at the end unless --keep-data).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Markdown file whose "## Comparison" section is replaced with the summary (default:
@@ -568,14 +569,9 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
     fs::write(out_dir.join("info.json"), info_json + "\n").map_err(io_err("write info.json"))?;
     publish(args, &info, &rows, &out_dir)?;
     if !args.keep_data && args.work_dir.is_none() {
-        if quick && args.out.is_none() {
-            // The results live inside the work dir in quick mode; keep them, drop server data.
-            for kind in info.servers.keys() {
-                let _ = fs::remove_dir_all(work_dir.join(kind));
-            }
-        } else {
-            let _ = fs::remove_dir_all(&work_dir);
-        }
+        // Quick mode's results (inside the work dir unless --out was given) go too: CI reads
+        // the summary printed above and the exit code, and repeated runs must not fill /var/tmp.
+        let _ = fs::remove_dir_all(&work_dir);
     }
     Ok(rows.iter().all(Row::clean))
 }
