@@ -11,6 +11,8 @@
 #   bash flamegraphs/profile.sh                 # both workloads
 #   bash flamegraphs/profile.sh sat-1k-json     # one: sat-1k-json | ref-10k-json | sat-1k-bin
 #
+# GEOBEAT_PROFILE_KEEP=DIR keeps the folded stacks (folded-<workload>.txt) in DIR for analysis.
+#
 # Needs root (perf on another process) and installs linux-perf (apt) and inferno (cargo
 # install) when missing. Each workload takes about half a minute plus perf's post-processing.
 set -euo pipefail
@@ -57,7 +59,7 @@ free_port() {
 
 wait_ready() { # port
     for _ in $(seq 300); do
-        if exec 3<>"/dev/tcp/127.0.0.1/$1" 2>/dev/null; then
+        if { exec 3<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null; then
             printf 'GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3
             if head -c 12 <&3 | grep -q 'HTTP/1.1 200'; then exec 3<&-; return 0; fi
             exec 3<&-
@@ -117,14 +119,23 @@ for workload in "${workloads[@]}"; do
     perf script -i "$perf_data" 2>/dev/null | inferno-collapse-perf >"$work/folded-$workload.txt"
     inferno-flamegraph --title "geobeat serve, $workload, commit $commit" \
         <"$work/folded-$workload.txt" >"$svg"
+    if [ -n "${GEOBEAT_PROFILE_KEEP:-}" ]; then
+        mkdir -p "$GEOBEAT_PROFILE_KEEP"
+        cp "$work/folded-$workload.txt" "$GEOBEAT_PROFILE_KEEP/"
+    fi
     {
-        echo "# geobeat serve, $workload, commit $commit: functions by self time (perf report --no-children)"
-        perf report -i "$perf_data" --no-children --sort symbol --stdio -g none --percent-limit 0.7 2>/dev/null |
-            grep -v '^#' | grep -v '^$'
+        echo "# geobeat serve, $workload, commit $commit"
         echo
-        echo "# by thread (comm)"
+        echo "## Share of all samples by concern (inclusive: a sample counts for every concern on its stack)"
+        python3 flamegraphs/concerns.py <"$work/folded-$workload.txt"
+        echo
+        echo "## Functions by self time (perf report --no-children --sort symbol)"
+        perf report -i "$perf_data" --no-children --sort symbol --stdio -g none --percent-limit 0.7 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+$//; s/[[:space:]]+-[[:space:]]+-$//'
+        echo
+        echo "## By thread"
         perf report -i "$perf_data" --no-children --sort comm --stdio -g none 2>/dev/null |
-            grep -v '^#' | grep -v '^$'
+            grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+$//'
     } >"$top"
     summary="$(grep -E '^(throughput|ack latency|client cpu)' "$work/load-$workload.txt" | sed 's/^/    /')"
     {

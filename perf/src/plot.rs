@@ -103,7 +103,11 @@ fn throughput_plot(
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(90)
-        .build_cartesian_2d((0..stats.len()).into_segmented(), 0.0..top)?;
+        // A segmented range a..b has b - a + 1 segments: one per system.
+        .build_cartesian_2d(
+            (0..stats.len().saturating_sub(1)).into_segmented(),
+            0.0..top,
+        )?;
     let labels: Vec<&str> = stats.iter().map(|s| s.0.name()).collect();
     chart
         .configure_mesh()
@@ -117,13 +121,15 @@ fn throughput_plot(
         .draw()?;
     for (i, (_, med, min, max)) in stats.iter().enumerate() {
         let c = color(i);
-        chart.draw_series(std::iter::once(Rectangle::new(
+        let mut bar = Rectangle::new(
             [
                 (SegmentValue::Exact(i), 0.0),
                 (SegmentValue::Exact(i + 1), *med),
             ],
             c.mix(0.75).filled(),
-        )))?;
+        );
+        bar.set_margin(0, 0, 12, 12);
+        chart.draw_series(std::iter::once(bar))?;
         chart.draw_series(std::iter::once(PathElement::new(
             vec![
                 (SegmentValue::CenterOf(i), *min),

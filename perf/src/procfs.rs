@@ -120,6 +120,19 @@ pub fn tree_vm_hwm_bytes(root: u32) -> u64 {
         .sum()
 }
 
+/// Sum of `RssAnon` (anonymous resident memory, now) over the live tree rooted at `root`, bytes.
+/// Unlike `VmHWM` it leaves out file-backed pages such as a memory-mapped log, which are page
+/// cache the kernel can write back and drop.
+pub fn tree_rss_anon_bytes(root: u32) -> u64 {
+    tree(&all_stats(), root)
+        .iter()
+        .filter_map(|s| {
+            let text = fs::read_to_string(format!("/proc/{}/status", s.pid)).ok()?;
+            parse_status_kib(&text, "RssAnon:").map(|kib| kib * 1024)
+        })
+        .sum()
+}
+
 /// The 1-, 5- and 15-minute load averages.
 pub fn loadavg() -> Option<[f64; 3]> {
     let text = fs::read_to_string("/proc/loadavg").ok()?;
@@ -190,6 +203,7 @@ mod tests {
         assert!(tree_cpu_seconds(me) > 0.0);
         assert!(vm_hwm_bytes(me).unwrap() > 0);
         assert!(tree_vm_hwm_bytes(me) >= vm_hwm_bytes(me).unwrap());
+        assert!(tree_rss_anon_bytes(me) > 0);
         assert!(loadavg().is_some());
         assert_eq!(
             parse_status_kib("VmHWM:\t  1234 kB\nVmRSS: 1 kB\n", "VmHWM:"),

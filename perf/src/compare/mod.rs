@@ -30,6 +30,13 @@ use systems::{Programs, Server, ServerError, ServerKind, System, ALL_SYSTEMS};
 
 /// Extra seconds a load run may take beyond its own timeline before it is killed.
 const LOAD_TIMEOUT_SLACK_S: f64 = 90.0;
+/// Before a run, the servers together must use less than this share of one core...
+const QUIESCE_CPU_SHARE_MAX: f64 = 0.10;
+/// ...over one interval of this length...
+const QUIESCE_INTERVAL: Duration = Duration::from_millis(500);
+/// ...or this much time must have passed (a server busy on its own, e.g. PostgreSQL's
+/// autovacuum, must not hold the comparison up for ever).
+const QUIESCE_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// `geobeat-compare`: geobeat vs its ceiling vs Redis, PostgreSQL and Mosquitto, one machine.
 #[derive(Debug, Clone, Parser)]
@@ -51,7 +58,8 @@ pub struct CompareArgs {
     /// Comma-separated workload names to run (default all of the mode).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Results directory (default: perf/runs/<date>-<host>, quick: inside the work dir).
+    /// Results directory (default: perf/runs/<date>-<host>; quick: inside the work dir, removed
+    /// at the end unless --keep-data).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Markdown file whose "## Comparison" section is replaced with the summary (default:
@@ -76,6 +84,10 @@ pub struct CompareArgs {
     /// Exit with status 3 if any run failed or was unclean (default in quick mode).
     #[arg(long)]
     pub fail_on_errors: bool,
+    /// Run nothing: rebuild the README, plots and RESULTS.md section of an existing results
+    /// directory from its info.json and raw.jsonl.
+    #[arg(long, value_name = "DIR")]
+    pub rereport: Option<PathBuf>,
 }
 
 /// Why a comparison could not run.
@@ -278,12 +290,23 @@ pub struct Row {
     pub client_cpu_s_per_million: f64,
     /// Peak resident memory of the server's process tree so far (VmHWM), bytes.
     pub server_rss_peak_bytes: u64,
+    /// Anonymous resident memory of the server's process tree at the end of the run (RssAnon,
+    /// without file-backed pages such as geobeat's mapped log), bytes.
+    #[serde(default)]
+    pub server_rss_anon_bytes: u64,
     /// 1-minute load average before the run.
     pub loadavg_before: f64,
     /// 1-minute load average after the run.
     pub loadavg_after: f64,
     /// Start of the run, Unix seconds.
     pub started_unix_s: u64,
+    /// Seconds waited before the run for every server to go idle (see [`quiesce`]).
+    pub quiesce_s: f64,
+    /// Open loop: median delay between a frame's intended and actual send, µs (the client's
+    /// own lag; large values mean the load generator was starved and latency is inflated).
+    pub send_lag_p50_us: u64,
+    /// Open loop: 99th percentile of the send delay, µs.
+    pub send_lag_p99_us: u64,
     /// Wall seconds the load generator took.
     pub wall_s: f64,
     /// The exact load command.
@@ -297,13 +320,13 @@ impl Row {
     /// Header of raw.csv.
     pub const CSV_HEADER: &'static str = "round,workload,system,durable,ok,throughput_per_s,sent,\
         acked,unacked,acked_total,p50_us,p90_us,p99_us,p999_us,max_us,server_cpu_s,client_cpu_s,\
-        server_cpu_s_per_million,client_cpu_s_per_million,server_rss_peak_bytes,loadavg_before,\
-        loadavg_after,started_unix_s,wall_s,problems";
+        server_cpu_s_per_million,client_cpu_s_per_million,server_rss_peak_bytes,server_rss_anon_bytes,loadavg_before,\
+        loadavg_after,started_unix_s,quiesce_s,send_lag_p50_us,send_lag_p99_us,wall_s,problems";
 
     /// One raw.csv line (problems joined with `;`, quoted).
     pub fn csv_line(&self) -> String {
         format!(
-            "{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{:.2},{:.2},{},{:.2},\"{}\"",
+            "{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{:.2},{:.2},{},{:.2},{},{},{:.2},\"{}\"",
             self.round,
             self.workload,
             self.system,
@@ -324,9 +347,13 @@ impl Row {
             self.server_cpu_s_per_million,
             self.client_cpu_s_per_million,
             self.server_rss_peak_bytes,
+            self.server_rss_anon_bytes,
             self.loadavg_before,
             self.loadavg_after,
             self.started_unix_s,
+            self.quiesce_s,
+            self.send_lag_p50_us,
+            self.send_lag_p99_us,
             self.wall_s,
             self.problems.join("; ").replace('"', "'")
         )
@@ -382,6 +409,9 @@ pub struct ServerInfo {
 
 /// Runs the comparison described by `args`; returns whether every run was clean.
 pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
+    if let Some(dir) = &args.rereport {
+        return rereport(args, dir);
+    }
     let quick = args.quick;
     let rounds = args.rounds.unwrap_or(if quick { 1 } else { 3 });
     if rounds == 0 {
@@ -392,7 +422,7 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
         warmup_s: if quick { 0.5 } else { 2.0 },
         drain_s: if quick { 5.0 } else { 10.0 },
         settle_s: if quick { 0.2 } else { 2.0 },
-        connect_rate: if quick { 2000.0 } else { 4000.0 },
+        connect_rate: 2000.0,
     };
     let systems = select_systems(&args.systems)?;
     let workloads = select_workloads(quick, &args.workloads)?;
@@ -497,7 +527,8 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
                         target_args.push("ignored-by-null".into());
                     }
                 }
-                let row = run_one(RunSpec {
+                let quiesce_s = quiesce(&servers);
+                let mut row = run_one(RunSpec {
                     round,
                     workload,
                     system,
@@ -507,6 +538,7 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
                     load_bin: &load_bin,
                     log_dir: &out_dir.join("logs"),
                 });
+                row.quiesce_s = quiesce_s;
                 eprintln!(
                     "geobeat-compare: round {round} {:<13} {:<15} {:>9.0} hb/s  p50 {:>8} us  p99 {:>8} us  \
                      server {:>6.2} cpu-s/M  load {:.1}{}",
@@ -535,46 +567,110 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
 
     let info_json = serde_json::to_string_pretty(&info).expect("info serializes");
     fs::write(out_dir.join("info.json"), info_json + "\n").map_err(io_err("write info.json"))?;
-    let summary = report::Summary::of(&rows, &workloads, &systems);
-    let plots = match crate::plot::draw_all(&out_dir, &rows, &workloads, &systems) {
+    publish(args, &info, &rows, &out_dir)?;
+    if !args.keep_data && args.work_dir.is_none() {
+        // Quick mode's results (inside the work dir unless --out was given) go too: CI reads
+        // the summary printed above and the exit code, and repeated runs must not fill /var/tmp.
+        let _ = fs::remove_dir_all(&work_dir);
+    }
+    Ok(rows.iter().all(Row::clean))
+}
+
+/// Writes plots, the results README and (unless disabled, or in quick mode without
+/// `--results-md`) the "## Comparison" section of RESULTS.md, and prints the summary.
+fn publish(
+    args: &CompareArgs,
+    info: &RunInfo,
+    rows: &[Row],
+    out_dir: &Path,
+) -> Result<(), CompareError> {
+    let systems: Vec<System> = info
+        .systems
+        .iter()
+        .filter_map(|s| System::from_name(s))
+        .collect();
+    let summary = report::Summary::of(rows, &info.workloads, &systems);
+    let plots = match crate::plot::draw_all(out_dir, rows, &info.workloads, &systems) {
         Ok(plots) => plots,
         Err(e) => {
             eprintln!("geobeat-compare: plots failed: {e}");
             Vec::new()
         }
     };
-    let readme = report::readme(&info, &summary, &rows, &plots);
+    let readme = report::readme(info, &summary, rows, &plots);
     fs::write(out_dir.join("README.md"), readme).map_err(io_err("write README.md"))?;
     let results_md = if args.no_results_md {
         None
     } else {
         args.results_md
             .clone()
-            .or_else(|| (!quick).then(|| repo.join("perf/RESULTS.md")))
+            .or_else(|| (!info.quick).then(|| args.repo.join("perf/RESULTS.md")))
     };
     if let Some(path) = results_md {
+        let perf_dir = args.repo.join("perf");
         let rel = out_dir
-            .strip_prefix(repo.join("perf"))
+            .strip_prefix(&perf_dir)
+            .or_else(|_| {
+                // `--rereport perf/runs/x` and `--repo .` name the same place differently.
+                out_dir.strip_prefix(perf_dir.strip_prefix("./").unwrap_or(&perf_dir))
+            })
             .map(Path::to_path_buf)
-            .unwrap_or_else(|_| out_dir.clone());
-        let section = report::results_section(&info, &summary, &rel, &plots);
+            .unwrap_or_else(|_| out_dir.to_path_buf());
+        let section = report::results_section(info, &summary, &rel, &plots);
         let old = fs::read_to_string(&path).unwrap_or_default();
         fs::write(&path, report::replace_section(&old, &section))
             .map_err(io_err(format!("write {}", path.display())))?;
         eprintln!("geobeat-compare: updated {}", path.display());
     }
     print!("{}", report::console(&summary));
-    if !args.keep_data && args.work_dir.is_none() {
-        if quick && args.out.is_none() {
-            // The results live inside the work dir in quick mode; keep them, drop server data.
-            for kind in info.servers.keys() {
-                let _ = fs::remove_dir_all(work_dir.join(kind));
-            }
-        } else {
-            let _ = fs::remove_dir_all(&work_dir);
+    Ok(())
+}
+
+/// `--rereport DIR`: rebuilds a results directory's README, plots and the RESULTS.md section
+/// from its `info.json` and `raw.jsonl`, without running anything.
+pub fn rereport(args: &CompareArgs, dir: &Path) -> Result<bool, CompareError> {
+    let read = |name: &str| {
+        fs::read_to_string(dir.join(name))
+            .map_err(io_err(format!("read {}", dir.join(name).display())))
+    };
+    let info: RunInfo = serde_json::from_str(&read("info.json")?)
+        .map_err(|e| CompareError::Invalid(format!("info.json: {e}")))?;
+    let mut rows = Vec::new();
+    for (n, line) in read("raw.jsonl")?.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
         }
+        rows.push(
+            serde_json::from_str::<Row>(line)
+                .map_err(|e| CompareError::Invalid(format!("raw.jsonl line {}: {e}", n + 1)))?,
+        );
     }
+    publish(args, &info, &rows, dir)?;
     Ok(rows.iter().all(Row::clean))
+}
+
+/// Waits until the servers together use less than [`QUIESCE_CPU_SHARE_MAX`] of a core over
+/// [`QUIESCE_INTERVAL`] (at most [`QUIESCE_WAIT_MAX`]), so that no server's leftover work (a
+/// database's backlog, a checkpoint, autovacuum) lands in the next system's run. Returns the
+/// seconds waited.
+fn quiesce(servers: &BTreeMap<ServerKind, Server>) -> f64 {
+    let start = Instant::now();
+    let total = || -> f64 {
+        servers
+            .values()
+            .map(|s| procfs::tree_cpu_seconds(s.pid))
+            .sum()
+    };
+    let mut before = total();
+    while start.elapsed() < QUIESCE_WAIT_MAX {
+        std::thread::sleep(QUIESCE_INTERVAL);
+        let now = total();
+        if now - before < QUIESCE_CPU_SHARE_MAX * QUIESCE_INTERVAL.as_secs_f64() {
+            break;
+        }
+        before = now;
+    }
+    start.elapsed().as_secs_f64()
 }
 
 fn select_systems(names: &[String]) -> Result<Vec<System>, CompareError> {
@@ -740,6 +836,7 @@ fn run_one(spec: RunSpec<'_>) -> Row {
     row.wall_s = start.elapsed().as_secs_f64();
     row.server_cpu_s = (procfs::tree_cpu_seconds(server.pid) - cpu_before).max(0.0);
     row.server_rss_peak_bytes = procfs::tree_vm_hwm_bytes(server.pid);
+    row.server_rss_anon_bytes = procfs::tree_rss_anon_bytes(server.pid);
     row.loadavg_after = procfs::loadavg().map_or(0.0, |l| l[0]);
     row.ok = status.is_some_and(|s| s.success());
     if let Some(status) = status.filter(|s| !s.success()) {
@@ -765,6 +862,8 @@ fn run_one(spec: RunSpec<'_>) -> Row {
             row.p999_us = summary.latency.p999_us;
             row.max_us = summary.latency.max_us;
             row.client_cpu_s = summary.client_cpu.total_s();
+            row.send_lag_p50_us = summary.send_lag.p50_us;
+            row.send_lag_p99_us = summary.send_lag.p99_us;
             if c.acked_total > 0 {
                 let millions = c.acked_total as f64 / 1e6;
                 row.server_cpu_s_per_million = row.server_cpu_s / millions;

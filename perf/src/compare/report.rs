@@ -44,12 +44,18 @@ pub struct Cell {
     pub client_cpu_per_million: f64,
     /// Highest peak RSS seen, bytes.
     pub rss_peak_bytes: u64,
+    /// Highest anonymous RSS seen at the end of a run, bytes (0: not recorded).
+    pub rss_anon_bytes: u64,
     /// Lowest and highest 1-minute load average before a run.
     pub loadavg: (f64, f64),
     /// Lowest share of measured heartbeats acked in a run.
     pub acked_share_min: f64,
     /// Distinct problems seen (first few).
     pub problems: Vec<String>,
+    /// Open loop: median of the runs' client send-lag p50, µs.
+    pub send_lag_p50_us: f64,
+    /// Open loop: median of the runs' client send-lag p99, µs.
+    pub send_lag_p99_us: f64,
 }
 
 /// One checked target.
@@ -104,6 +110,17 @@ impl Summary {
                 }
                 let pick =
                     |f: fn(&Row) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+                // A run whose measured heartbeats were never acked has no latency at all (not a
+                // latency of zero): leave it out of the latency medians.
+                let pick_latency = |f: fn(&Row) -> f64| {
+                    median(
+                        &runs
+                            .iter()
+                            .filter(|r| r.acked > 0)
+                            .map(|r| f(r))
+                            .collect::<Vec<_>>(),
+                    )
+                };
                 let throughputs: Vec<f64> = runs.iter().map(|r| r.throughput_per_s).collect();
                 let loads: Vec<f64> = runs.iter().map(|r| r.loadavg_before).collect();
                 let mut problems: Vec<String> = Vec::new();
@@ -121,14 +138,19 @@ impl Summary {
                     throughput_median: median(&throughputs),
                     throughput_min: throughputs.iter().copied().fold(f64::INFINITY, f64::min),
                     throughput_max: throughputs.iter().copied().fold(0.0, f64::max),
-                    p50_us: pick(|r| r.p50_us as f64),
-                    p99_us: pick(|r| r.p99_us as f64),
-                    p999_us: pick(|r| r.p999_us as f64),
+                    p50_us: pick_latency(|r| r.p50_us as f64),
+                    p99_us: pick_latency(|r| r.p99_us as f64),
+                    p999_us: pick_latency(|r| r.p999_us as f64),
                     server_cpu_per_million: pick(|r| r.server_cpu_s_per_million),
                     client_cpu_per_million: pick(|r| r.client_cpu_s_per_million),
                     rss_peak_bytes: runs
                         .iter()
                         .map(|r| r.server_rss_peak_bytes)
+                        .max()
+                        .unwrap_or(0),
+                    rss_anon_bytes: runs
+                        .iter()
+                        .map(|r| r.server_rss_anon_bytes)
                         .max()
                         .unwrap_or(0),
                     loadavg: (
@@ -146,6 +168,8 @@ impl Summary {
                         })
                         .fold(1.0, f64::min),
                     problems,
+                    send_lag_p50_us: pick(|r| r.send_lag_p50_us as f64),
+                    send_lag_p99_us: pick(|r| r.send_lag_p99_us as f64),
                 });
             }
         }
@@ -166,6 +190,8 @@ impl Summary {
 }
 
 /// Per-round ratios `f(a) / f(b)` on `workload`, then their median; `None` if no round has both.
+/// A run that acked none of its measured heartbeats has no latency and is not comparable, so its
+/// round is left out.
 pub fn paired_ratio(
     rows: &[Row],
     workload: &str,
@@ -181,6 +207,9 @@ pub fn paired_ratio(
     let ratios: Vec<f64> = (1..=rounds)
         .filter_map(|round| {
             let (x, y) = (find(round, a)?, find(round, b)?);
+            if x.acked == 0 || y.acked == 0 {
+                return None;
+            }
             let (x, y) = (f(x), f(y));
             (y > 0.0 && x.is_finite()).then(|| x / y)
         })
@@ -308,16 +337,59 @@ fn per_s(v: f64) -> String {
     }
 }
 
+/// Whether the system reaches its server through the load generator's connection pool (so the
+/// cost of terminating device connections is not on its server).
+fn pooled(system: System) -> bool {
+    matches!(
+        system,
+        System::RedisAlways | System::RedisEverysec | System::PostgresTx1 | System::PostgresBatch
+    )
+}
+
 /// The results table of one workload.
 pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
+    let open = workload.mode == Mode::Open;
+    let null_cpu = summary
+        .cell(&workload.name, System::Null)
+        .map(|c| c.server_cpu_per_million);
     let mut out = String::new();
     let _ = writeln!(
         out,
         "| system | what an ack means | heartbeats/s, median [min–max] | p50 ms | p99 ms | p99.9 ms | \
-         server CPU s / M hb | client CPU s / M hb | server peak RSS MiB | load avg before | clean runs |"
+         server CPU s / M hb | same + device connections¹ | client CPU s / M hb | server peak RSS MiB (anonymous at end)³ | \
+         load avg before |{} clean runs |",
+        if open { " client send lag p50 / p99 ms² |" } else { "" }
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|{}---|",
+        if open { "---|" } else { "" }
+    );
     for cell in summary.cells.iter().filter(|c| c.workload == workload.name) {
+        let with_connections = match (pooled(cell.system), null_cpu) {
+            (true, Some(null)) => format!("≈ {:.2}", cell.server_cpu_per_million + null),
+            (true, None) => "–".to_owned(),
+            (false, _) => format!("{:.2}", cell.server_cpu_per_million),
+        };
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let rss = if cell.rss_anon_bytes > 0 {
+            format!(
+                "{:.0} ({:.0})",
+                mib(cell.rss_peak_bytes),
+                mib(cell.rss_anon_bytes)
+            )
+        } else {
+            format!("{:.0}", mib(cell.rss_peak_bytes))
+        };
+        let lag = if open {
+            format!(
+                " {} / {} |",
+                ms(cell.send_lag_p50_us),
+                ms(cell.send_lag_p99_us)
+            )
+        } else {
+            String::new()
+        };
         let mut clean = format!("{}/{}", cell.clean_runs, cell.runs);
         if cell.clean_runs < cell.runs {
             let _ = write!(
@@ -329,7 +401,7 @@ pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
         }
         let _ = writeln!(
             out,
-            "| {} | {} | {} [{}–{}] | {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1}–{:.1} | {} |",
+            "| {} | {} | {} [{}–{}] | {} | {} | {} | {:.2} | {} | {:.2} | {} | {:.1}–{:.1} |{lag} {} |",
             cell.system.name(),
             cell.system.ack_meaning(),
             per_s(cell.throughput_median),
@@ -339,11 +411,34 @@ pub fn workload_table(summary: &Summary, workload: &Workload) -> String {
             ms(cell.p99_us),
             ms(cell.p999_us),
             cell.server_cpu_per_million,
+            with_connections,
             cell.client_cpu_per_million,
-            cell.rss_peak_bytes as f64 / (1024.0 * 1024.0),
+            rss,
             cell.loadavg.0,
             cell.loadavg.1,
             clean,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n¹ Redis and PostgreSQL are fed through the load generator's pool, so terminating the \
+         devices' connections costs their server nothing; this column adds the null server's CPU \
+         per heartbeat on the same workload (the cost of exactly that on geobeat's own stack) as \
+         an estimate of a gateway in front of them. For the other systems it is their own figure."
+    );
+    let _ = writeln!(
+        out,
+        "\n³ Peak `VmHWM` over the comparison so far. It counts file-backed pages too: geobeat's \
+         log is memory-mapped, so every heartbeat it has stored since it started (all rounds) \
+         shows up there as page cache the kernel may drop; the anonymous figure in brackets \
+         (`RssAnon` at the end of the run, when recorded) leaves those out."
+    );
+    if open {
+        let _ = writeln!(
+            out,
+            "\n² How late the load generator itself sent (already inside the latency): hundreds of \
+             ms mean the client was starved of CPU, and the latencies of that system say more \
+             about the machine than about the server."
         );
     }
     out

@@ -513,6 +513,17 @@ pub fn start(
         }
     };
     let command_text = format!("{command:?}");
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which
+    // is async-signal-safe. If the runner dies (killed, crashed) the server gets SIGTERM
+    // instead of running on unattended; std runs this after the uid/gid change, so it survives it.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     command
         .stdin(Stdio::null())
         .stdout(log_file()?)

@@ -28,7 +28,7 @@ use crate::inflight::open_period;
 use crate::stats::{ShardedStats, Summary, SummaryError};
 use crate::sys::{cpu_times, Who};
 pub use config::{LoadArgs, Mode, PgCommit, Plan, RuntimeKind, Target};
-use pool::{PoolSettings, POOL_QUEUE_REQUESTS_MAX};
+use pool::{PoolSettings, POOL_QUEUE_REQUESTS_MAX, POOL_SHUTDOWN_GRACE};
 
 /// Time children get to start before the shared run start.
 const CHILD_START_MS: u64 = 1000;
@@ -161,14 +161,19 @@ pub fn run(plan: Plan) -> Result<Summary, LoadError> {
     }
     let stats = shared.stats.merged();
     // Every device task is done: dropping the last `Shared` closes the pool queues, so the
-    // workers finish what is queued and end.
+    // workers finish what is queued and end; an overloaded database may still have a backlog
+    // that no device waits for any more, so they get a short grace period and are then dropped.
     drop(shared);
     if let Some(runtime) = pool_runtime {
         runtime.block_on(async {
-            for worker in pool_workers {
-                let _ = worker.await;
-            }
+            let _ = tokio::time::timeout(POOL_SHUTDOWN_GRACE, async {
+                for worker in pool_workers {
+                    let _ = worker.await;
+                }
+            })
+            .await;
         });
+        runtime.shutdown_timeout(POOL_SHUTDOWN_GRACE);
     }
     let cpu = cpu_times(Who::SelfProcess).minus(&cpu_before);
     Ok(Summary::from_stats(&stats, measured_s, cpu))
@@ -206,7 +211,11 @@ fn start_pool(plan: &Plan) -> Result<PoolParts, LoadError> {
     let mut workers = Vec::with_capacity(plan.args.backend_connections);
     let mut senders = Vec::with_capacity(plan.args.backend_connections);
     for _ in 0..plan.args.backend_connections {
-        let (tx, rx) = mpsc::channel(POOL_QUEUE_REQUESTS_MAX);
+        let frames_per_device = plan.inflight_max.div_ceil(plan.args.batch);
+        let devices_per_connection = plan.devices.div_ceil(plan.args.backend_connections);
+        let capacity =
+            (devices_per_connection * frames_per_device).clamp(1, POOL_QUEUE_REQUESTS_MAX);
+        let (tx, rx) = mpsc::channel(capacity);
         workers.push(runtime.spawn(pool::run_worker(Arc::clone(&settings), rx)));
         senders.push(tx);
     }

@@ -32,8 +32,14 @@ use super::config::{PgCommit, Target};
 use crate::frame::Sample;
 use crate::reply::Reply;
 
-/// Requests one pool connection's queue holds before devices wait to hand over more.
-pub const POOL_QUEUE_REQUESTS_MAX: usize = 4096;
+/// Most requests one pool connection's queue may hold. The queue is sized so that handing over
+/// a frame never waits (devices on a connection × frames each may have in flight), like a
+/// WebSocket whose socket buffer never fills before the in-flight window does: the device's
+/// in-flight cap is what pauses a device, and the pause shows up as latency.
+pub const POOL_QUEUE_REQUESTS_MAX: usize = 10_000_000;
+/// How long pool workers may go on after the last device has finished before they are dropped
+/// (the run is over; what is still queued is counted as unacked by the devices).
+pub const POOL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How long a pool connection waits for the database's answer before it gives up on a request.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Rejection reason a device sees when the database refused or failed a request.
