@@ -9,7 +9,8 @@
 //! - after a restart every acked heartbeat is there, nothing refused is, and recovery finds no
 //!   damage.
 //!
-//! Metrics for this condition (e.g. a storage-full counter) are not built yet; see RELIABILITY.md.
+//! A second test asks that `/metrics` counts the `storage_full` refusals (ignored until the server
+//! counts storage refusals; see RELIABILITY.md).
 
 mod common;
 use common::*;
