@@ -9,7 +9,8 @@
 //! - after a restart every acked heartbeat is there, nothing refused is, and recovery finds no
 //!   damage.
 //!
-//! Metrics for this condition (e.g. a storage-full counter) are not built yet; see RELIABILITY.md.
+//! A second test asks that `/metrics` counts the `storage_full` refusals under
+//! `geobeat_heartbeats_rejected_total{reason="storage_full"}`.
 
 mod common;
 use common::*;
@@ -132,25 +133,35 @@ impl Gw {
     }
 }
 
-#[test]
-fn a_full_disk_refuses_with_storage_full_keeps_serving_and_resumes_when_space_returns() {
-    // See the file comment. Fails if a device is disconnected for the server's full disk, if a
-    // refusal is not `storage_full`, if queries stop working, if appends do not resume after space
-    // returns, or if anything acked is missing (or anything refused present) after a restart.
+/// A server whose data directory is full, and what it took to fill it. Fields drop in order: the
+/// server is killed before the tmpfs is unmounted.
+struct Filled {
+    server: Server,
+    gw: Gw,
+    ids: Vec<String>,
+    filler: PathBuf,
+    log: PathBuf,
+    acked_total: usize,
+    refused_total: usize,
+    _mount: Mount,
+    _work: tempfile::TempDir,
+}
+
+/// Mounts the tmpfs, starts the server on it, leaves less than a segment free with a filler file
+/// and ingests until both shards refuse. `None` (after printing why) when mounting is impossible.
+fn fill_up() -> Option<Filled> {
     let work = tempfile::tempdir().unwrap();
     let mnt = work.path().join("mnt");
-    let _mount = match mount_tmpfs(&mnt) {
+    let mount = match mount_tmpfs(&mnt) {
         Ok(m) => m,
         Err(why) => {
             eprintln!("SKIPPED disk_full: cannot mount a tmpfs here ({why}); run as root");
-            return;
+            return None;
         }
     };
     let data = mnt.join("data");
     let log = work.path().join("server.log");
-    let mut server =
-        Server::start_logged(&data, &["--shards", "2", "--segment-bytes", "1MiB"], &log);
-    let ops = server.token(&["ops"]);
+    let server = Server::start_logged(&data, &["--shards", "2", "--segment-bytes", "1MiB"], &log);
     // Two devices per shard.
     let mut ids: Vec<String> = Vec::new();
     let mut per_shard = [0; 2];
@@ -171,7 +182,6 @@ fn a_full_disk_refuses_with_storage_full_keeps_serving_and_resumes_when_space_re
             .collect()
     };
     let (shard0, shard1) = (on_shard(0), on_shard(1));
-    let all: Vec<usize> = (0..ids.len()).collect();
 
     let filler = mnt.join("filler");
     let fill = free_bytes(&mnt) - FREE_AFTER_FILLER;
@@ -192,9 +202,6 @@ fn a_full_disk_refuses_with_storage_full_keeps_serving_and_resumes_when_space_re
         ids: ids.clone(),
         reasons: Vec::new(),
     };
-    let mut bystander = ws_connect(&server, &server.token(&["device", "bystander"])).unwrap();
-    let mut by_seq = 0;
-
     // Fill: until a whole frame to each shard is refused.
     let started = Instant::now();
     let (mut acked_total, mut refused_total) = (0, 0);
@@ -223,6 +230,42 @@ fn a_full_disk_refuses_with_storage_full_keeps_serving_and_resumes_when_space_re
         "refusals say storage_full: {:?}",
         gw.reasons.iter().find(|r| *r != "storage_full")
     );
+    Some(Filled {
+        server,
+        gw,
+        ids,
+        filler,
+        log,
+        acked_total,
+        refused_total,
+        _mount: mount,
+        _work: work,
+    })
+}
+
+#[test]
+fn a_full_disk_refuses_with_storage_full_keeps_serving_and_resumes_when_space_returns() {
+    // See the file comment. Fails if a device is disconnected for the server's full disk, if a
+    // refusal is not `storage_full`, if queries stop working, if appends do not resume after space
+    // returns, or if anything acked is missing (or anything refused present) after a restart.
+    let Some(Filled {
+        mut server,
+        mut gw,
+        ids,
+        filler,
+        log,
+        mut acked_total,
+        mut refused_total,
+        _mount,
+        _work,
+    }) = fill_up()
+    else {
+        return;
+    };
+    let ops = server.token(&["ops"]);
+    let all: Vec<usize> = (0..ids.len()).collect();
+    let mut bystander = ws_connect(&server, &server.token(&["device", "bystander"])).unwrap();
+    let mut by_seq = 0;
 
     // While full: more frames are refused per heartbeat (not disconnected), the bystander
     // device is refused the same way, and queries answer.
@@ -331,4 +374,34 @@ fn a_full_disk_refuses_with_storage_full_keeps_serving_and_resumes_when_space_re
         );
     }
     server.kill9();
+}
+
+#[test]
+fn a_full_disk_shows_in_the_metrics() {
+    // Operators must see a full disk without reading logs: while the shards refuse, /metrics
+    // counts the refusals under reason="storage_full" (at least as many as the devices were
+    // told about).
+    let Some(f) = fill_up() else {
+        return;
+    };
+    let (st, text) = f.server.get("/metrics", None);
+    assert_eq!(st, 200, "{text}");
+    assert!(
+        text.contains("geobeat_log_bytes"),
+        "the metrics endpoint: {text}"
+    );
+    let counted: f64 = 0.0
+        + text
+            .lines()
+            .filter(|l| {
+                l.starts_with("geobeat_heartbeats_rejected_total{")
+                    && l.contains("reason=\"storage_full\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    assert!(
+        counted >= f.refused_total as f64,
+        "metrics count {counted} storage_full refusals, devices were sent {}",
+        f.refused_total
+    );
 }

@@ -44,8 +44,13 @@ fn header(base: u64, first_seq: u64) -> Vec<u8> {
     h
 }
 
-/// Entries (device id, ts, lat) read back from an opened store in log order.
-fn entries(store: &ShardStore) -> Vec<(String, i64, u64)> {
+/// One entry as compared: device id, device time, latitude bits.
+type Rec = (String, i64, u64);
+/// Segment files to write: (base position, bytes).
+type Files = Vec<(u64, Vec<u8>)>;
+
+/// Entries read back from an opened store, in log order.
+fn entries(store: &ShardStore) -> Vec<Rec> {
     let log = store.log();
     let mut out = Vec::new();
     for e in log.scan_from(log.first_pos(), ScanEnd::Written) {
@@ -73,11 +78,11 @@ fn check_table(store: &ShardStore) {
 }
 
 /// Writes heartbeats described by `ops` as valid entries; returns the files and what was written.
-fn structured(ops: &[u8]) -> (Vec<(u64, Vec<u8>)>, Vec<(String, i64, u64)>, &[u8]) {
+fn structured(ops: &[u8]) -> (Files, Vec<Rec>, &[u8]) {
     // The op list ends at a 0xFF byte; what follows are damage edits.
     let split = ops.iter().position(|&b| b == 0xFF).unwrap_or(ops.len());
     let (ops, damage) = (&ops[..split], ops.get(split + 1..).unwrap_or(&[]));
-    let mut files: Vec<(u64, Vec<u8>)> = vec![(0, header(0, 1))];
+    let mut files: Files = vec![(0, header(0, 1))];
     let mut written = Vec::new();
     let mut off = SEGMENT_HEADER_BYTES;
     let mut seq = 1u64;
@@ -147,7 +152,7 @@ fuzz_target!(|data: &[u8]| {
     std::fs::create_dir_all(&dir).unwrap();
     let max = SEGMENT_BYTES as usize;
     // What was written as valid entries, and whether any damage edit was applied.
-    let mut expected: Option<(Vec<(String, i64, u64)>, bool)> = None;
+    let mut expected: Option<(Vec<Rec>, bool)> = None;
     match mode % 3 {
         0 => {
             let file = &rest[..rest.len().min(max)];

@@ -41,6 +41,9 @@ const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
 const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How often executors look at the process-wide stop flag.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// At most one "append refused" warning per shard per this interval; the others are counted
+/// in the next line (and every refusal is in the metrics).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The two meshes, cloned into every executor before it starts.
 #[derive(Clone)]
@@ -91,6 +94,10 @@ pub struct StoreSlot {
     pending_entries: Cell<usize>,
     /// When the first of those was appended.
     pending_since: Cell<Option<Instant>>,
+    /// Rate limit of the "append refused" warning: when it was last logged and how many
+    /// refusals were not logged since (a full disk refuses every heartbeat; one line per
+    /// heartbeat would flood the log at fleet scale).
+    refusal_log: Cell<(Option<Instant>, u64)>,
     /// Commit counters.
     pub probe: StoreProbe,
 }
@@ -351,7 +358,14 @@ impl Exec {
                     appended += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(shard = %slot.shard, error = %e, "append refused");
+                    let (last_logged, suppressed) = slot.refusal_log.get();
+                    let now = Instant::now();
+                    if last_logged.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
+                        tracing::warn!(shard = %slot.shard, error = %e, suppressed_since_last = suppressed, "append refused");
+                        slot.refusal_log.set((Some(now), 0));
+                    } else {
+                        slot.refusal_log.set((last_logged, suppressed + 1));
+                    }
                     failed.push((seq, storage_reason(&e)));
                     // Disk full and friends show in metrics as rejections with their reason.
                     self.probe.reject(storage_reason(&e));
@@ -781,6 +795,7 @@ pub async fn executor_main(
             sync_files: RefCell::new(Vec::new()),
             pending_entries: Cell::new(0),
             pending_since: Cell::new(None),
+            refusal_log: Cell::new((None, 0)),
             probe: StoreProbe::default(),
         });
     }
