@@ -13,7 +13,7 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use glommio::net::{TcpListener, TcpStream};
 
@@ -194,11 +194,16 @@ pub mod mesh {
 }
 
 /// A single-threaded broadcast signal: tasks wait for "something changed" and a notifier wakes all
-/// of them. No atomics, no allocation per notify (the waiter list is reused).
+/// of them. No atomics, no allocation per notify (the waiter slots are reused), and constant-time
+/// waits: each [`SignalWait`] owns one slot, so thousands of connections waiting on one signal
+/// (the executor's stop signal) cost nothing per poll, and a dropped wait frees its slot.
 #[derive(Default)]
 pub struct Signal {
     generation: Cell<u64>,
-    waiters: RefCell<Vec<Waker>>,
+    /// Waiter slots of the current generation; `None` = free.
+    waiters: RefCell<Vec<Option<Waker>>>,
+    /// Free slots of `waiters`.
+    free: RefCell<Vec<usize>>,
 }
 
 impl Signal {
@@ -210,9 +215,11 @@ impl Signal {
     /// Wakes every waiting task.
     pub fn notify(&self) {
         self.generation.set(self.generation.get().wrapping_add(1));
-        for w in self.waiters.borrow_mut().drain(..) {
+        // Waking only schedules the tasks (nothing runs inline), so holding the borrow is safe.
+        for w in self.waiters.borrow_mut().drain(..).flatten() {
             w.wake();
         }
+        self.free.borrow_mut().clear();
     }
 
     /// Waits until the next [`Signal::notify`] after this call.
@@ -220,27 +227,133 @@ impl Signal {
         SignalWait {
             signal: self,
             seen: self.generation.get(),
+            slot: None,
         }
+    }
+
+    /// Tasks currently registered (for tests).
+    #[cfg(test)]
+    fn registered(&self) -> usize {
+        self.waiters.borrow().iter().flatten().count()
     }
 }
 
-/// The future returned by [`Signal::wait`].
+/// The future returned by [`Signal::wait`]. It may be polled many times (kept across the
+/// iterations of a loop); it registers once and then only refreshes its own slot.
 pub struct SignalWait<'a> {
     signal: &'a Signal,
     seen: u64,
+    /// This wait's slot in `signal.waiters`, valid while the generation is still `seen`.
+    slot: Option<usize>,
 }
 
 impl Future for SignalWait<'_> {
     type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if self.signal.generation.get() != self.seen {
+            self.slot = None;
             return Poll::Ready(());
         }
         let mut waiters = self.signal.waiters.borrow_mut();
-        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-            waiters.push(cx.waker().clone());
+        match self.slot {
+            Some(i) => match &mut waiters[i] {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                w => *w = Some(cx.waker().clone()),
+            },
+            None => {
+                let waker = Some(cx.waker().clone());
+                let i = match self.signal.free.borrow_mut().pop() {
+                    Some(i) => {
+                        waiters[i] = waker;
+                        i
+                    }
+                    None => {
+                        waiters.push(waker);
+                        waiters.len() - 1
+                    }
+                };
+                drop(waiters);
+                self.slot = Some(i);
+            }
         }
         Poll::Pending
+    }
+}
+
+impl Drop for SignalWait<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            if self.signal.generation.get() == self.seen {
+                self.signal.waiters.borrow_mut()[i] = None;
+                self.signal.free.borrow_mut().push(i);
+            }
+        }
+    }
+}
+
+/// A per-task watchdog timer for "has `d` passed since `since`?" checks on hot paths. Checking is
+/// a clock read; the underlying timer is armed only when no armed deadline covers the question,
+/// so a connection that reads a message every few milliseconds re-arms it about once per idle
+/// period instead of creating and cancelling a timer per message. An early wake-up is harmless:
+/// the caller just asks again.
+pub struct Watchdog {
+    timer: glommio::timer::Timer,
+    /// Deadline the timer is armed for, if armed.
+    armed_until: Option<Instant>,
+}
+
+impl Watchdog {
+    /// A disarmed watchdog (must be created on an executor).
+    pub fn new() -> Watchdog {
+        Watchdog {
+            timer: glommio::timer::Timer::new(Duration::from_secs(3600)),
+            armed_until: None,
+        }
+    }
+
+    /// `true` once `d` has passed since `since`; otherwise makes sure the polling task is woken
+    /// no later than `since + d`.
+    pub fn poll_elapsed(&mut self, cx: &mut Context<'_>, since: Instant, d: Duration) -> bool {
+        let now = Instant::now();
+        let due = since + d;
+        if now >= due {
+            return true;
+        }
+        match self.armed_until {
+            Some(t) if t > now && t <= due => {}
+            _ => {
+                self.timer.reset(due - now);
+                // Registers the task's waker with the reactor (pending: `due` is in the future).
+                let _ = Pin::new(&mut self.timer).poll(cx);
+                self.armed_until = Some(due);
+            }
+        }
+        false
+    }
+
+    /// Runs `fut`, giving up (`None`, the future dropped) once it has been pending for `d`. A
+    /// future that is ready at once touches no timer.
+    pub async fn within<T>(&mut self, d: Duration, fut: impl Future<Output = T>) -> Option<T> {
+        let mut fut = std::pin::pin!(fut);
+        let mut start = None;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            let since = *start.get_or_insert_with(Instant::now);
+            if self.poll_elapsed(cx, since, d) {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+impl Default for Watchdog {
+    fn default() -> Self {
+        Watchdog::new()
     }
 }
 
@@ -275,5 +388,77 @@ mod tests {
         })
         .unwrap();
         assert_eq!(got, vec![49, 0]);
+    }
+
+    #[test]
+    fn signal_waits_register_once_and_free_their_slot() {
+        // A wait polled many times holds one slot; a dropped wait frees it for reuse; notify
+        // completes every wait made before it and none made after.
+        let got = run_executors(1, |_| async {
+            let sig = Signal::new();
+            let woken = Rc::new(Cell::new(0u32));
+            let mut tasks = Vec::new();
+            for _ in 0..3 {
+                let (s, w) = (sig.clone(), woken.clone());
+                tasks.push(spawn_joinable(async move {
+                    let mut wait = std::pin::pin!(s.wait());
+                    // Poll the same wait repeatedly, as a reader loop does.
+                    for _ in 0..5 {
+                        let _ = futures_lite::future::poll_once(wait.as_mut()).await;
+                    }
+                    wait.await;
+                    w.set(w.get() + 1);
+                }));
+            }
+            sleep(Duration::from_millis(5)).await;
+            assert_eq!(sig.registered(), 3);
+            {
+                let mut dropped = std::pin::pin!(sig.wait());
+                let _ = futures_lite::future::poll_once(dropped.as_mut()).await;
+                assert_eq!(sig.registered(), 4);
+            }
+            assert_eq!(sig.registered(), 3);
+            sig.notify();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let late = sig.wait();
+            assert!(futures_lite::future::poll_once(late).await.is_none());
+            woken.get()
+        })
+        .unwrap();
+        assert_eq!(got, vec![3]);
+    }
+
+    #[test]
+    fn watchdog_fires_after_the_deadline_not_before() {
+        // `within` gives up on a future pending for longer than the limit, returns a ready value
+        // at once, and a watchdog reused for many short waits still fires on a long one.
+        let got = run_executors(1, |_| async {
+            let mut wd = Watchdog::new();
+            assert_eq!(
+                wd.within(Duration::from_millis(20), async { 5 }).await,
+                Some(5)
+            );
+            for _ in 0..10 {
+                let r = wd
+                    .within(Duration::from_millis(50), sleep(Duration::from_millis(1)))
+                    .await;
+                assert!(r.is_some());
+            }
+            let t0 = Instant::now();
+            let r = wd
+                .within(
+                    Duration::from_millis(30),
+                    futures_lite::future::pending::<()>(),
+                )
+                .await;
+            let waited = t0.elapsed();
+            assert!(r.is_none());
+            assert!(waited >= Duration::from_millis(30), "{waited:?}");
+            waited < Duration::from_secs(2)
+        })
+        .unwrap();
+        assert_eq!(got, vec![true]);
     }
 }

@@ -9,7 +9,9 @@
 //! received to become durable, sends the final ack and closes with 1001.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -146,6 +148,10 @@ async fn read_loop(
     let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
     let mut idle_strikes = 0u32;
     let ping_after = exec.shared.cfg.ping_interval();
+    let mut stop = std::pin::pin!(exec.stop_signal.wait());
+    let mut gone = std::pin::pin!(ctl.gone.wait());
+    let mut idle = rt::Watchdog::new();
+    let mut last_msg = Instant::now();
     loop {
         // Backpressure: stop reading while this connection has too much in flight.
         loop {
@@ -167,26 +173,23 @@ async fn read_loop(
                 .set(Some((close::GOING_AWAY, "server shutting down")));
             return;
         }
-        let next = futures_lite::future::or(
-            async {
-                match rt::timeout(ping_after, source.next()).await {
-                    Some(m) => Next::Msg(m),
-                    None => Next::Idle,
-                }
-            },
-            futures_lite::future::or(
-                async {
-                    exec.stop_signal.wait().await;
-                    Next::Stop
-                },
-                async {
-                    if !ctl.writer_gone.get() {
-                        ctl.gone.wait().await;
-                    }
-                    Next::WriterGone
-                },
-            ),
-        )
+        // One poll of the socket per message; the stop signal, the writer's end and the idle
+        // watchdog stay registered across messages (no per-message timer or waiter churn).
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(m) = source.poll_next_unpin(cx) {
+                return Poll::Ready(Next::Msg(m));
+            }
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Next::Stop);
+            }
+            if ctl.writer_gone.get() || gone.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Next::WriterGone);
+            }
+            if idle.poll_elapsed(cx, last_msg, ping_after) {
+                return Poll::Ready(Next::Idle);
+            }
+            Poll::Pending
+        })
         .await;
         let msg = match next {
             Next::WriterGone => return,
@@ -203,6 +206,8 @@ async fn read_loop(
                 }
                 ctl.ping.set(true);
                 exec.with_conn(key, |c| c.signal.notify());
+                // The next strike comes one more idle period later.
+                last_msg = Instant::now();
                 continue;
             }
             Next::Msg(None) => return,
@@ -218,6 +223,7 @@ async fn read_loop(
             Next::Msg(Some(Ok(m))) => m,
         };
         idle_strikes = 0;
+        last_msg = Instant::now();
         let payload = match &msg {
             Message::Text(t) => Payload::Text(t.as_str()),
             Message::Binary(b) => Payload::Binary(b),
@@ -457,6 +463,7 @@ async fn write_loop(
 /// the connection, its slot and its buffers forever.
 async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, signal: &rt::Signal) {
     let stall = exec.shared.cfg.idle_timeout;
+    let mut wd = rt::Watchdog::new();
     let mut acked = 0u64;
     let mut text = String::with_capacity(64);
     loop {
@@ -471,7 +478,8 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
         for (seq, reason) in errors {
             proto::ack::write_error(&mut text, seq.map(proto::Seq), reason);
             if !matches!(
-                rt::timeout(stall, sink.feed(Message::text(text.as_str()))).await,
+                wd.within(stall, sink.feed(Message::text(text.as_str())))
+                    .await,
                 Some(Ok(()))
             ) {
                 return;
@@ -481,7 +489,8 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
         if ack_ready > acked {
             proto::ack::write_ack(&mut text, proto::Seq(ack_ready));
             if !matches!(
-                rt::timeout(stall, sink.feed(Message::text(text.as_str()))).await,
+                wd.within(stall, sink.feed(Message::text(text.as_str())))
+                    .await,
                 Some(Ok(()))
             ) {
                 return;
@@ -491,14 +500,15 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
         }
         if ctl.ping.replace(false) {
             if !matches!(
-                rt::timeout(stall, sink.feed(Message::Ping(Default::default()))).await,
+                wd.within(stall, sink.feed(Message::Ping(Default::default())))
+                    .await,
                 Some(Ok(()))
             ) {
                 return;
             }
             wrote = true;
         }
-        if wrote && !matches!(rt::timeout(stall, sink.flush()).await, Some(Ok(()))) {
+        if wrote && !matches!(wd.within(stall, sink.flush()).await, Some(Ok(()))) {
             tracing::debug!("a connection's writes stalled or failed; closing it");
             return;
         }
