@@ -16,9 +16,12 @@
 //!   way every time). Winding order is not checked (RFC 7946 §3.1.6 asks parsers not to reject
 //!   on it) and rings are not checked for self-intersection: the even-odd rule defines the inside
 //!   of any ring.
-//! * A circle contains a point whose great-circle (haversine) distance from its centre is at most
-//!   `radius_m`, and which lies in the circle's (slightly padded) bounding box; the box test only
-//!   matters at the last bits of rounding and makes the index exact by construction.
+//! * A circle contains a point whose great-circle distance from its centre is at most `radius_m`,
+//!   and which lies in the circle's (slightly padded) bounding box; the box test only matters at
+//!   the last bits of rounding and makes the index exact by construction. The distance test is
+//!   done as "chord between the unit vectors <= chord of `radius_m`", which is the same test as
+//!   haversine distance <= radius (the chord is monotone in the arc) without trigonometry per
+//!   fence: the index precomputes each centre's vector and the point's once per lookup.
 //! * Points that are not finite or lie outside [-90, 90] × [-180, 180] are in no fence.
 //!
 //! # Body format
@@ -47,7 +50,7 @@ use serde_json::Value;
 use crate::limits::{
     FENCES_MAX, FENCE_BODY_BYTES_MAX, FENCE_NAME_BYTES_MAX, FENCE_RADIUS_M_MAX, FENCE_VERTICES_MAX,
 };
-use crate::spatial::{circle_bbox, haversine_m, BBox};
+use crate::spatial::{circle_bbox, BBox, EARTH_RADIUS_M};
 
 /// A fence's position in one [`FenceSet`] snapshot. Ids are per snapshot: a new snapshot may
 /// renumber (they follow name order), so anything kept across snapshots keys by name.
@@ -472,17 +475,14 @@ impl Shape {
     /// The exact test for a valid point already known to lie in [`Shape::bbox`].
     pub(crate) fn contains_in_bbox(&self, lat: f64, lon: f64) -> bool {
         match self {
-            Shape::Polygon { rings } => {
-                locate(&rings[0], lon, lat) != Loc::Outside
-                    && rings[1..]
-                        .iter()
-                        .all(|h| locate(h, lon, lat) != Loc::Inside)
-            }
+            Shape::Polygon { rings } => polygon_contains(rings.iter().map(Vec::as_slice), lon, lat),
             Shape::Circle {
                 lon: clon,
                 lat: clat,
                 radius_m,
-            } => haversine_m(*clat, *clon, lat, lon) <= *radius_m,
+            } => {
+                chord2(&unit_vector(*clat, *clon), &unit_vector(lat, lon)) <= chord2_of_m(*radius_m)
+            }
         }
     }
 
@@ -503,12 +503,30 @@ enum Loc {
     Outside,
 }
 
+/// Whether the polygon of `rings` (exterior first, then holes) contains `(x, y)`: inside or on
+/// the exterior, and strictly inside no hole.
+#[inline]
+pub(crate) fn polygon_contains<'a>(
+    mut rings: impl Iterator<Item = &'a [(f64, f64)]>,
+    x: f64,
+    y: f64,
+) -> bool {
+    rings
+        .next()
+        .is_some_and(|ext| locate(ext, x, y) != Loc::Outside)
+        && rings.all(|h| locate(h, x, y) != Loc::Inside)
+}
+
 /// Even-odd ray casting (a ray towards +x) over a closed ring, with an exact on-edge test first.
 fn locate(ring: &[(f64, f64)], x: f64, y: f64) -> Loc {
     let mut inside = false;
     for w in ring.windows(2) {
         let ((ax, ay), (bx, by)) = (w[0], w[1]);
-        if y >= ay.min(by) && y <= ay.max(by) && x >= ax.min(bx) && x <= ax.max(bx) {
+        // An edge wholly above or below the point matters to neither test (most edges).
+        if (y < ay && y < by) || (y > ay && y > by) {
+            continue;
+        }
+        if x >= ax.min(bx) && x <= ax.max(bx) {
             let cross = (bx - ax) * (y - ay) - (by - ay) * (x - ax);
             if cross == 0.0 {
                 return Loc::Boundary;
@@ -527,6 +545,27 @@ fn locate(ring: &[(f64, f64)], x: f64, y: f64) -> Loc {
     } else {
         Loc::Outside
     }
+}
+
+/// The point on the unit sphere at `(lat, lon)` degrees.
+pub(crate) fn unit_vector(lat: f64, lon: f64) -> [f64; 3] {
+    let (sp, cp) = lat.to_radians().sin_cos();
+    let (sl, cl) = lon.to_radians().sin_cos();
+    [cp * cl, cp * sl, sp]
+}
+
+/// The squared chord between two unit vectors (a difference of nearby vectors keeps its relative
+/// precision, so this resolves nanometres, unlike a dot product near 1).
+#[inline]
+pub(crate) fn chord2(a: &[f64; 3], b: &[f64; 3]) -> f64 {
+    let (x, y, z) = (a[0] - b[0], a[1] - b[1], a[2] - b[2]);
+    x * x + y * y + z * z
+}
+
+/// The squared chord of a great-circle arc of `m` metres (monotone for arcs up to half the globe).
+pub(crate) fn chord2_of_m(m: f64) -> f64 {
+    let s = (m / (2.0 * EARTH_RADIUS_M)).sin();
+    4.0 * s * s
 }
 
 /// Whether `(lat, lon)` is a finite point on the globe.

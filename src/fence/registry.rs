@@ -347,6 +347,7 @@ mod tests {
         // Concurrent puts from several threads all land, each version exactly once.
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<FenceRegistry>();
+        assert_send_sync::<FenceSet>();
         let dir = tempfile::tempdir().unwrap();
         let reg = FenceRegistry::open(dir.path()).unwrap();
         std::thread::scope(|s| {
