@@ -253,6 +253,7 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -
             }
         }
         "/v1/ingest" => Response::error(426, "use a WebSocket upgrade for /v1/ingest"),
+        "/v1/subscribe" => Response::error(426, "use a WebSocket upgrade for /v1/subscribe"),
         _ => Response::error(404, "no such endpoint"),
     }
 }

@@ -2,18 +2,21 @@
 //! data directory, starts one pinned executor per core (each accepting on the same port through
 //! SO_REUSEPORT), wires the cross-executor channel meshes, and turns SIGTERM/SIGINT into an
 //! orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
-//! [`ingest`], HTTP endpoints in [`http`], and accepting/dispatching sockets in [`listen`].
+//! [`ingest`], HTTP endpoints in [`http`], accepting/dispatching sockets in [`listen`], and
+//! real-time subscriptions in [`subscribe`] (connections) and [`fanout`] (matching, delivery).
 //!
 //! Ownership: logical shard `k` (fixed for the data directory) lives on executor `k % executors`.
 //! A data directory created with 4 shards opens fine on a 2-core machine (two shards per
 //! executor) or a 16-core one (some executors own none and only accept and forward).
 
 pub mod exec;
+pub mod fanout;
 pub mod http;
 pub mod ingest;
 pub mod listen;
 pub mod msg;
 pub mod query;
+pub mod subscribe;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -40,6 +43,11 @@ pub struct Shared {
     pub executors_ready: AtomicUsize,
     /// Open client connections across all executors (bounded by `connections_max`).
     pub connections_open: AtomicUsize,
+    /// Open subscriber connections (bounded by `limits::SUBSCRIBERS_MAX`).
+    pub subscribers_open: AtomicUsize,
+    /// Device ids named by all `devices` subscriptions (bounded by
+    /// `limits::SUB_DEVICES_TOTAL_MAX`; changes per subscribe, never per heartbeat).
+    pub sub_devices_total: AtomicUsize,
     /// Set once SIGTERM/SIGINT arrived: stop accepting, drain, exit.
     pub stopping: AtomicBool,
     /// Executors whose connections have all closed during shutdown.
@@ -131,6 +139,8 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         secret,
         executors_ready: AtomicUsize::new(0),
         connections_open: AtomicUsize::new(0),
+        subscribers_open: AtomicUsize::new(0),
+        sub_devices_total: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
         executors_drained: AtomicUsize::new(0),
         local_addr: std::sync::OnceLock::new(),
