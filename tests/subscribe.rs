@@ -1,0 +1,504 @@
+//! Real-time subscriptions end to end, against the real binary with real WebSocket clients: a
+//! gateway ingests heartbeats for devices spread over 4 shards while subscribers follow device
+//! lists, bboxes and geofences over `/v1/subscribe`. Checks exact delivery and per-device order,
+//! subscriber-token confinement, every error reason and close code, the slow-subscriber policy
+//! (ingest keeps its pace; `{"missed":N}` accounts for every dropped event), and shutdown.
+
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const SHARDS: u32 = 4;
+
+fn setup() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--shards", "4"]);
+    (dir, server)
+}
+
+/// `per_shard` device ids with `prefix` on every shard, shard by shard.
+fn ids_on_every_shard(prefix: &str, per_shard: usize) -> Vec<String> {
+    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); SHARDS as usize];
+    for i in 0.. {
+        let id = format!("{prefix}{i}");
+        let s = geobeat::route::shard_of(&id, SHARDS).0 as usize;
+        if by_shard[s].len() < per_shard {
+            by_shard[s].push(id);
+        }
+        if by_shard.iter().all(|v| v.len() == per_shard) {
+            break;
+        }
+    }
+    by_shard.concat()
+}
+
+type SubWs = tungstenite::WebSocket<TcpStream>;
+
+/// Opens `/v1/subscribe` with a bearer token (or `?token=` when `query`), on a socket whose
+/// receive buffer is `rcvbuf` bytes when given (so a stalled reader fills up quickly).
+fn sub_open(server: &Server, token: &str, query: bool, rcvbuf: Option<i32>) -> SubWs {
+    use tungstenite::client::IntoClientRequest;
+    let stream = TcpStream::connect(server.addr).unwrap();
+    if let Some(bytes) = rcvbuf {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setsockopt on our own connected socket with a correctly sized int.
+        let r = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &bytes as *const i32 as *const libc::c_void,
+                4,
+            )
+        };
+        assert_eq!(r, 0);
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let url = if query {
+        format!("ws://{}/v1/subscribe?token={token}", server.addr)
+    } else {
+        format!("ws://{}/v1/subscribe", server.addr)
+    };
+    let mut req = url.into_client_request().unwrap();
+    if !query {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    match tungstenite::client(req, stream) {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("subscribe handshake: {e}"),
+    }
+}
+
+fn read_json(ws: &mut SubWs) -> Value {
+    loop {
+        match ws.read().expect("read frame") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Sends an op and returns the next frame (the answer: the tests only send ops while no events
+/// can arrive, or read answers through [`collect`]).
+fn op(ws: &mut SubWs, op: Value) -> Value {
+    ws.send(Message::text(op.to_string())).unwrap();
+    read_json(ws)
+}
+
+fn subscribe(ws: &mut SubWs, sub: &str, what: Value) {
+    let mut o = json!({"op": "subscribe", "sub": sub});
+    for (k, v) in what.as_object().unwrap() {
+        o[k] = v.clone();
+    }
+    let answer = op(ws, o);
+    assert_eq!(answer, json!({"ok": "subscribe", "sub": sub}));
+}
+
+/// Reads frames until `done` says so (or panics after `limit`); returns them all.
+fn collect(ws: &mut SubWs, limit: Duration, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    while !done(&got) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out with {} frames: {:?}",
+            got.len(),
+            got.iter().rev().take(3).collect::<Vec<_>>()
+        );
+        got.push(read_json(ws));
+    }
+    got
+}
+
+/// Asserts that nothing arrives for a while.
+fn assert_quiet(ws: &mut SubWs, wait: Duration) {
+    ws.get_mut().set_read_timeout(Some(wait)).unwrap();
+    match ws.read() {
+        Ok(Message::Text(t)) => panic!("unexpected frame {t}"),
+        Ok(other) => panic!("unexpected frame {other:?}"),
+        Err(tungstenite::Error::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        Err(e) => panic!("connection failed: {e}"),
+    }
+    ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+}
+
+/// A gateway connection that sends heartbeats as arrays and waits for their acks.
+struct Gateway {
+    ws: Ws,
+    seq: u64,
+}
+
+impl Gateway {
+    fn open(server: &Server) -> Gateway {
+        let tok = server.token_fast(geobeat::auth::Scope::Gateway(String::new()));
+        Gateway {
+            ws: ws_connect(server, &tok).unwrap(),
+            seq: 0,
+        }
+    }
+
+    /// Sends `(id, lat, lon, ts)` heartbeats in one frame and waits until they are durable.
+    fn send(&mut self, hbs: &[(&str, f64, f64, i64)]) {
+        let items: Vec<String> = hbs
+            .iter()
+            .map(|(id, lat, lon, ts)| {
+                self.seq += 1;
+                format!(
+                    r#"{{"seq":{},"id":"{id}","lat":{lat},"lon":{lon},"ts":{ts},"speed":1.5}}"#,
+                    self.seq
+                )
+            })
+            .collect();
+        self.ws
+            .send(Message::text(format!("[{}]", items.join(","))))
+            .unwrap();
+        let errors = wait_ack(&mut self.ws, self.seq);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+}
+
+/// `(id, ts)` of the events of subscription `sub`, grouped by device in arrival order.
+fn by_device(frames: &[Value], sub: &str) -> BTreeMap<String, Vec<i64>> {
+    let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for f in frames.iter().filter(|f| f["sub"] == sub) {
+        out.entry(f["id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(f["ts"].as_i64().unwrap());
+    }
+    out
+}
+
+#[test]
+fn device_and_bbox_subscriptions_get_exactly_the_matching_heartbeats_in_order() {
+    // Eight devices on four shards each send 12 heartbeats alternating inside and outside a box
+    // (mixed into shared gateway frames, so most cross executors). One subscriber follows four
+    // of the devices (one per shard) and the box; it must receive exactly those heartbeats, each
+    // device's in its send order, with the fields of GET /v1/devices/{id}, and nothing more.
+    // Then replacing and removing subscriptions takes effect.
+    let (_d, server) = setup();
+    let ids = ids_on_every_shard("t-", 2);
+    let followed: Vec<&str> = ids.iter().step_by(2).map(String::as_str).collect();
+    let ops = server.token(&["ops"]);
+    let mut ws = sub_open(&server, &ops, true, None);
+    subscribe(&mut ws, "ids", json!({"devices": followed}));
+    subscribe(&mut ws, "box", json!({"bbox": [13.0, 52.0, 14.0, 53.0]}));
+    let mut gw = Gateway::open(&server);
+    let t0 = now_ms() - 60_000;
+    let mut want_ids: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut want_box: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for round in 0..12i64 {
+        let inside = round % 2 == 0;
+        let (lat, lon) = if inside { (52.5, 13.5) } else { (48.1, 11.6) };
+        let frame: Vec<(&str, f64, f64, i64)> = ids
+            .iter()
+            .map(|id| (id.as_str(), lat, lon, t0 + round * 1000))
+            .collect();
+        gw.send(&frame);
+        for id in &ids {
+            if followed.contains(&id.as_str()) {
+                want_ids
+                    .entry(id.clone())
+                    .or_default()
+                    .push(t0 + round * 1000);
+            }
+            if inside {
+                want_box
+                    .entry(id.clone())
+                    .or_default()
+                    .push(t0 + round * 1000);
+            }
+        }
+    }
+    let total: usize = want_ids.values().map(Vec::len).sum::<usize>()
+        + want_box.values().map(Vec::len).sum::<usize>();
+    let frames = collect(&mut ws, Duration::from_secs(20), |g| g.len() >= total);
+    assert_quiet(&mut ws, Duration::from_millis(500));
+    assert_eq!(by_device(&frames, "ids"), want_ids);
+    assert_eq!(by_device(&frames, "box"), want_box);
+    let sample = frames.iter().find(|f| f["sub"] == "box").unwrap();
+    let keys: Vec<&str> = sample
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut keys_sorted = keys.clone();
+    keys_sorted.sort();
+    assert_eq!(
+        keys_sorted,
+        ["id", "lat", "lon", "received_at", "speed", "sub", "ts"]
+    );
+    assert_eq!(
+        (sample["lat"].as_f64(), sample["lon"].as_f64()),
+        (Some(52.5), Some(13.5))
+    );
+    assert_eq!(sample["speed"], 1.5);
+
+    // Replace "ids" by a single device, drop "box": only that device's heartbeats arrive.
+    subscribe(&mut ws, "ids", json!({"devices": [ids[1]]}));
+    assert_eq!(
+        op(&mut ws, json!({"op": "unsubscribe", "sub": "box"})),
+        json!({"ok": "unsubscribe", "sub": "box"})
+    );
+    let frame: Vec<(&str, f64, f64, i64)> = ids
+        .iter()
+        .map(|id| (id.as_str(), 52.5, 13.5, t0 + 20_000))
+        .collect();
+    gw.send(&frame);
+    let frames = collect(&mut ws, Duration::from_secs(10), |g| !g.is_empty());
+    assert_eq!(frames[0]["sub"], "ids");
+    assert_eq!(frames[0]["id"], ids[1].as_str());
+    assert_quiet(&mut ws, Duration::from_millis(500));
+}
+
+#[test]
+fn subscriber_tokens_see_only_their_prefix_and_other_tokens_are_refused() {
+    // A subscriber token for "a-" may not name b- devices (forbidden) and its world bbox only
+    // delivers a- devices; device, gateway, forged and missing tokens get 401 JSON before the
+    // upgrade; a plain GET is 426.
+    let (_d, server) = setup();
+    let sub_tok = server.token(&["subscriber", "a-"]);
+    let mut ws = sub_open(&server, &sub_tok, false, None);
+    let e = op(
+        &mut ws,
+        json!({"op": "subscribe", "sub": "s", "devices": ["a-1", "b-1"]}),
+    );
+    assert_eq!(e["error"], "forbidden");
+    assert_eq!(e["sub"], "s");
+    subscribe(&mut ws, "all", json!({"bbox": [-180, -90, 180, 90]}));
+    subscribe(&mut ws, "mine", json!({"devices": ["a-1"]}));
+    let mut gw = Gateway::open(&server);
+    let t = now_ms();
+    gw.send(&[
+        ("b-1", 1.0, 1.0, t),
+        ("a-1", 2.0, 2.0, t),
+        ("b-2", 3.0, 3.0, t),
+    ]);
+    let frames = collect(&mut ws, Duration::from_secs(10), |g| g.len() >= 2);
+    assert_quiet(&mut ws, Duration::from_millis(500));
+    let mut subs: Vec<(&str, &str)> = frames
+        .iter()
+        .map(|f| (f["sub"].as_str().unwrap(), f["id"].as_str().unwrap()))
+        .collect();
+    subs.sort();
+    assert_eq!(subs, [("all", "a-1"), ("mine", "a-1")]);
+
+    let upgrade = |auth: &str| {
+        let req = format!(
+            "GET /v1/subscribe HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+             sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth}\r\n"
+        );
+        raw_http(server.addr, req.as_bytes()).unwrap()
+    };
+    let device = server.token(&["device", "a-1"]);
+    let gateway = server.token(&["gateway", "a-"]);
+    for auth in [
+        String::new(),
+        format!("authorization: Bearer {device}\r\n"),
+        format!("authorization: Bearer {gateway}\r\n"),
+        "authorization: Bearer gb1.o..9999999999.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n"
+            .to_string(),
+    ] {
+        let (st, body) = upgrade(&auth);
+        assert_eq!(st, 401, "{auth}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(v["error"].is_string(), "{body}");
+    }
+    assert_eq!(server.get("/v1/subscribe", Some(&sub_tok)).0, 426);
+}
+
+#[test]
+fn every_error_reason_and_close_code() {
+    // Each malformed or refused op is answered with its documented reason (and the connection
+    // stays usable); binary frames, oversized frames and invalid UTF-8 close with 1008, 1009 and
+    // 1007; an expired token closes with 1008; SIGTERM closes with 1001.
+    let (_d, mut server) = setup();
+    let ops = server.token(&["ops"]);
+    let mut ws = sub_open(&server, &ops, false, None);
+    let cases: Vec<(String, &str)> = vec![
+        ("{nope".into(), "bad_json"),
+        ("[1,2]".into(), "bad_json"),
+        (json!({"op": "watch", "sub": "s"}).to_string(), "bad_op"),
+        (json!({"sub": "s", "bbox": [0, 0, 1, 1]}).to_string(), "bad_op"),
+        (json!({"op": "subscribe", "sub": "s"}).to_string(), "bad_op"),
+        (json!({"op": "subscribe", "sub": "s", "bbox": [0, 0, 1, 1], "devices": ["a"]}).to_string(), "bad_op"),
+        (json!({"op": "subscribe", "sub": "s", "bbox": [0, 0, 1, 1], "extra": 1}).to_string(), "bad_op"),
+        (json!({"op": "subscribe", "sub": "s p", "bbox": [0, 0, 1, 1]}).to_string(), "bad_sub"),
+        (json!({"op": "subscribe", "sub": "", "bbox": [0, 0, 1, 1]}).to_string(), "bad_sub"),
+        (json!({"op": "subscribe", "sub": "x".repeat(65), "bbox": [0, 0, 1, 1]}).to_string(), "bad_sub"),
+        (json!({"op": "subscribe", "sub": "s", "devices": []}).to_string(), "bad_devices"),
+        (json!({"op": "subscribe", "sub": "s", "devices": [7]}).to_string(), "bad_devices"),
+        (json!({"op": "subscribe", "sub": "s", "devices": ["x".repeat(65)]}).to_string(), "bad_devices"),
+        (json!({"op": "subscribe", "sub": "s", "bbox": [0, 0, 1]}).to_string(), "bad_bbox"),
+        (json!({"op": "subscribe", "sub": "s", "bbox": [0, 5, 1, 1]}).to_string(), "bad_bbox"),
+        (json!({"op": "subscribe", "sub": "s", "bbox": [0, 0, 200, 1]}).to_string(), "bad_bbox"),
+        (json!({"op": "subscribe", "sub": "s", "fence": "no-such-fence"}).to_string(), "unknown_fence"),
+        (json!({"op": "unsubscribe", "sub": "never"}).to_string(), "unknown_sub"),
+        (
+            json!({"op": "subscribe", "sub": "s", "devices": (0..1001).map(|i| format!("d{i}")).collect::<Vec<_>>()}).to_string(),
+            "too_many_devices",
+        ),
+    ];
+    for (text, reason) in &cases {
+        ws.send(Message::text(text.as_str())).unwrap();
+        let v = read_json(&mut ws);
+        assert_eq!(v["error"], *reason, "{text}: {v}");
+        assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()), "{v}");
+        if text.contains(r#""sub":"s""#) {
+            assert_eq!(v["sub"], "s", "{text}: {v}");
+        }
+    }
+    for i in 0..geobeat::limits::SUBS_PER_CONN_MAX {
+        subscribe(&mut ws, &format!("s{i}"), json!({"bbox": [0, 0, 1, 1]}));
+    }
+    let v = op(
+        &mut ws,
+        json!({"op": "subscribe", "sub": "one-more", "bbox": [0, 0, 1, 1]}),
+    );
+    assert_eq!(v["error"], "too_many_subs");
+    assert_eq!(v["sub"], "one-more");
+    // Replacing an existing name is not a new subscription.
+    subscribe(&mut ws, "s0", json!({"devices": ["d-1"]}));
+
+    ws.send(Message::binary(vec![1u8, 2, 3])).unwrap();
+    assert_eq!(wait_close_sub(&mut ws).0, 1008);
+
+    let mut ws = sub_open(&server, &ops, false, None);
+    ws.send(Message::text("x".repeat(70 << 10))).unwrap();
+    assert_eq!(wait_close_sub(&mut ws).0, 1009);
+
+    {
+        use std::io::Write;
+        let mut ws = sub_open(&server, &ops, false, None);
+        ws.get_mut()
+            .write_all(&raw_ws_frame(0x81, &[0xff, 0xfe]))
+            .unwrap();
+        assert_eq!(wait_close_sub(&mut ws).0, 1007);
+    }
+
+    let short = server.token(&["subscriber", "", "--ttl", "1s"]);
+    let mut ws = sub_open(&server, &short, false, None);
+    subscribe(&mut ws, "s", json!({"bbox": [0, 0, 1, 1]}));
+    let (code, reason) = wait_close_sub(&mut ws);
+    assert_eq!((code, reason.as_str()), (1008, "token expired"));
+
+    let mut ws = sub_open(&server, &ops, false, None);
+    subscribe(&mut ws, "s", json!({"bbox": [0, 0, 1, 1]}));
+    assert!(server.sigterm().success());
+    assert_eq!(wait_close_sub(&mut ws).0, 1001);
+}
+
+fn wait_close_sub(ws: &mut SubWs) -> (u16, String) {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
+            Ok(Message::Close(None)) => return (1005, String::new()),
+            Ok(_) => continue,
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_stalled_subscriber_does_not_slow_ingest_and_is_told_what_it_missed() {
+    // A subscriber follows the whole world on a socket with a small receive buffer and then
+    // stops reading. A gateway ingests 30,000 heartbeats (12 devices on 4 shards) in frames of
+    // 500: every frame is acked promptly, whatever the subscriber does. When the subscriber
+    // reads again it gets events (each device's in order) plus {"missed":N} notices, and
+    // received + missed equals produced exactly, with some missed.
+    let (_d, server) = setup();
+    let ops = server.token(&["ops"]);
+    let mut sub = sub_open(&server, &ops, false, Some(16 << 10));
+    subscribe(&mut sub, "world", json!({"bbox": [-180, -90, 180, 90]}));
+    let ids = ids_on_every_shard("s-", 3);
+    let mut gw = Gateway::open(&server);
+    let t0 = now_ms() - 120_000;
+    const FRAMES: usize = 60;
+    const PER_FRAME: usize = 500;
+    let mut slowest = Duration::ZERO;
+    let started = Instant::now();
+    for f in 0..FRAMES {
+        let frame: Vec<(&str, f64, f64, i64)> = (0..PER_FRAME)
+            .map(|i| {
+                let n = f * PER_FRAME + i;
+                let id = ids[n % ids.len()].as_str();
+                (id, 10.0, 20.0, t0 + n as i64)
+            })
+            .collect();
+        let t = Instant::now();
+        gw.send(&frame);
+        slowest = slowest.max(t.elapsed());
+    }
+    let produced = (FRAMES * PER_FRAME) as u64;
+    // A frame waiting on the stalled subscriber would never be acked; these bounds are far
+    // above what a debug build needs on 2 busy cores.
+    assert!(
+        slowest < Duration::from_secs(5),
+        "slowest frame ack {slowest:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "ingest took {:?}",
+        started.elapsed()
+    );
+
+    let mut received = 0u64;
+    let mut missed = 0u64;
+    let mut last_ts: BTreeMap<String, i64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received + missed < produced {
+        assert!(
+            Instant::now() < deadline,
+            "received {received} + missed {missed} < {produced}"
+        );
+        let v = read_json(&mut sub);
+        if let Some(n) = v.get("missed") {
+            missed += n.as_u64().unwrap();
+            continue;
+        }
+        assert_eq!(v["sub"], "world");
+        let ts = v["ts"].as_i64().unwrap();
+        let prev = last_ts.insert(v["id"].as_str().unwrap().to_string(), ts);
+        assert!(prev.is_none_or(|p| p < ts), "out of order: {v}");
+        received += 1;
+    }
+    eprintln!(
+        "stalled subscriber: {received} received + {missed} missed of {produced}; slowest ack {slowest:?}, ingest {:?}",
+        started.elapsed()
+    );
+    assert_eq!(received + missed, produced);
+    assert!(missed > 0, "the stalled subscriber missed nothing");
+    assert!(received > 0);
+    assert_quiet(&mut sub, Duration::from_millis(500));
+
+    // The metrics count both.
+    let (st, text) = server.get("/metrics", Some(&ops));
+    assert_eq!(st, 200);
+    let sum = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    assert_eq!(sum("geobeat_subscription_events_missed_total{"), missed);
+    assert_eq!(
+        sum("geobeat_subscription_events_delivered_total{"),
+        received
+    );
+    assert_eq!(sum("geobeat_subscribers_connected{"), 1);
+}
