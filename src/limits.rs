@@ -183,3 +183,23 @@ const _: () = assert!(SUB_DEVICES_MAX <= SUB_DEVICES_TOTAL_MAX);
 const _: () = assert!(SUB_QUEUE_BYTES_MAX >= 4 * ENTRY_PAYLOAD_BYTES_MAX);
 const _: () = assert!(FANOUT_MESH_CAPACITY <= MESH_CAPACITY_MAX);
 const _: () = assert!(FANOUT_BATCH_EVENTS_MAX <= FANOUT_PENDING_EVENTS_MAX);
+
+/// Most geofences one server holds (fence ids are `u32`; the registry refuses more).
+pub const FENCES_MAX: usize = 100_000;
+/// Most positions one fence polygon may have, over all its rings (closing positions included).
+pub const FENCE_VERTICES_MAX: usize = 10_000;
+/// Largest fence body (`PUT /v1/geofences/{name}`) accepted; larger is refused before parsing.
+pub const FENCE_BODY_BYTES_MAX: usize = 1 << 20;
+/// Longest fence name, in bytes (names are 1..=64 bytes of `[A-Za-z0-9._-]`).
+pub const FENCE_NAME_BYTES_MAX: usize = 64;
+/// Largest circle fence radius, in metres (20,000 km: about half the Earth's circumference, so a
+/// circle never wraps past the antipode of its centre).
+pub const FENCE_RADIUS_M_MAX: f64 = 20_000_000.0;
+
+const _: () = assert!(FENCES_MAX <= u32::MAX as usize);
+const _: () = assert!(FENCE_VERTICES_MAX >= 4 && FENCE_VERTICES_MAX <= u32::MAX as usize);
+// A polygon with the most vertices, written with full f64 precision (~45 bytes a position), fits.
+const _: () = assert!(FENCE_BODY_BYTES_MAX >= 64 * FENCE_VERTICES_MAX);
+const _: () = assert!(FENCE_BODY_BYTES_MAX >= HTTP_BODY_BYTES_MAX);
+const _: () = assert!(FENCE_NAME_BYTES_MAX <= DEVICE_ID_BYTES_MAX);
+const _: () = assert!(FENCE_RADIUS_M_MAX > 0.0 && FENCE_RADIUS_M_MAX < 20_015_000.0);
