@@ -502,3 +502,363 @@ fn a_stalled_subscriber_does_not_slow_ingest_and_is_told_what_it_missed() {
     );
     assert_eq!(sum("geobeat_subscribers_connected{"), 1);
 }
+
+/// One HTTP request with a body (`connection: close`); returns status and body.
+fn http_body(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    raw_http(server.addr, req.as_bytes()).unwrap()
+}
+
+fn put_fence(server: &Server, ops: &str, name: &str, shape: Value) -> Value {
+    let (st, body) = http_body(
+        server,
+        "PUT",
+        &format!("/v1/geofences/{name}"),
+        Some(ops),
+        &shape.to_string(),
+    );
+    assert_eq!(st, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The square lon 13..14, lat 52..53.
+fn depot() -> Value {
+    json!({"type": "Polygon", "coordinates": [[[13.0, 52.0], [14.0, 52.0], [14.0, 53.0], [13.0, 53.0], [13.0, 52.0]]]})
+}
+
+#[test]
+fn fence_subscriptions_get_enter_and_exit_in_order_and_only_on_moves() {
+    // Two fences (a polygon "depot" and a 5 km circle "yard" at its centre); eight devices on
+    // four shards move together: centre (enter both), a corner of the depot (exit yard), a late
+    // heartbeat far away (no transition: not the last location), outside (exit depot), centre
+    // again (enter both). An ops subscriber of both fences gets exactly these transitions per
+    // device in order; a subscriber token for "a-" gets only a- devices; creating and deleting
+    // fences emits nothing.
+    let (_d, server) = setup();
+    let ops = server.token(&["ops"]);
+    assert_eq!(put_fence(&server, &ops, "depot", depot())["created"], true);
+    put_fence(
+        &server,
+        &ops,
+        "yard",
+        json!({"center": [13.5, 52.5], "radius_m": 5000}),
+    );
+    let mut ws = sub_open(&server, &ops, false, None);
+    subscribe(&mut ws, "f1", json!({"fence": "depot"}));
+    subscribe(&mut ws, "f2", json!({"fence": "yard"}));
+    let a_tok = server.token(&["subscriber", "a-"]);
+    let mut wa = sub_open(&server, &a_tok, true, None);
+    subscribe(&mut wa, "mine", json!({"fence": "depot"}));
+
+    let mut ids = ids_on_every_shard("a-", 1);
+    ids.extend(ids_on_every_shard("b-", 1));
+    let mut gw = Gateway::open(&server);
+    let t0 = now_ms() - 60_000;
+    let steps: [(f64, f64, i64); 5] = [
+        (52.5, 13.5, t0 + 10_000),
+        (52.9, 13.9, t0 + 20_000),
+        (48.0, 11.0, t0 + 15_000), // late: older than the last location
+        (48.0, 11.0, t0 + 30_000),
+        (52.5, 13.5, t0 + 40_000),
+    ];
+    for (lat, lon, ts) in steps {
+        let frame: Vec<(&str, f64, f64, i64)> =
+            ids.iter().map(|id| (id.as_str(), lat, lon, ts)).collect();
+        gw.send(&frame);
+    }
+    let per_device = 6;
+    let frames = collect(&mut ws, Duration::from_secs(20), |g| {
+        g.len() >= per_device * ids.len()
+    });
+    assert_quiet(&mut ws, Duration::from_millis(500));
+    for id in &ids {
+        let mine: Vec<(String, String, i64)> = frames
+            .iter()
+            .filter(|f| f["id"] == id.as_str())
+            .map(|f| {
+                let keys: Vec<&String> = f.as_object().unwrap().keys().collect();
+                assert_eq!(keys.len(), 5, "{f}");
+                (
+                    format!(
+                        "{}/{}",
+                        f["sub"].as_str().unwrap(),
+                        f["fence"].as_str().unwrap()
+                    ),
+                    f["event"].as_str().unwrap().to_string(),
+                    f["ts"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let of = |sub: &str| -> Vec<(&str, i64)> {
+            mine.iter()
+                .filter(|m| m.0 == sub)
+                .map(|m| (m.1.as_str(), m.2 - t0))
+                .collect()
+        };
+        assert_eq!(
+            of("f1/depot"),
+            [("enter", 10_000), ("exit", 30_000), ("enter", 40_000)],
+            "{id}"
+        );
+        assert_eq!(
+            of("f2/yard"),
+            [("enter", 10_000), ("exit", 20_000), ("enter", 40_000)],
+            "{id}"
+        );
+    }
+    let frames = collect(&mut wa, Duration::from_secs(10), |g| g.len() >= 3 * 4);
+    assert_quiet(&mut wa, Duration::from_millis(300));
+    assert!(frames
+        .iter()
+        .all(|f| f["sub"] == "mine" && f["id"].as_str().unwrap().starts_with("a-")));
+
+    // Creating a fence around the devices, or deleting one they are in, emits nothing.
+    put_fence(
+        &server,
+        &ops,
+        "around",
+        json!({"center": [13.5, 52.5], "radius_m": 100000}),
+    );
+    subscribe(&mut ws, "f3", json!({"fence": "around"}));
+    let (st, _) = http_body(&server, "DELETE", "/v1/geofences/depot", Some(&ops), "");
+    assert_eq!(st, 200);
+    assert_quiet(&mut ws, Duration::from_millis(500));
+    // The next move out of "around" is an exit (the device was inside it before).
+    let frame: Vec<(&str, f64, f64, i64)> = ids
+        .iter()
+        .map(|id| (id.as_str(), 40.0, 10.0, t0 + 50_000))
+        .collect();
+    gw.send(&frame);
+    let frames = collect(&mut ws, Duration::from_secs(10), |g| {
+        g.len() >= 2 * ids.len()
+    });
+    let mut got: Vec<(&str, &str)> = frames
+        .iter()
+        .map(|f| (f["sub"].as_str().unwrap(), f["event"].as_str().unwrap()))
+        .collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(got, [("f2", "exit"), ("f3", "exit")]);
+}
+
+#[test]
+fn geofence_http_endpoints_and_persistence_across_restart() {
+    // PUT creates and replaces (created true/false), GET returns the stored shape, the list is
+    // sorted by name, DELETE removes (404 after); bad names and bodies are 400 with a reason,
+    // bodies beyond 1 MiB are 413 before being read, a body larger than the general 64 KiB
+    // limit is accepted on this route, tokens are checked (401; subscriber tokens may read).
+    // After a restart the fences are still there and still emit events.
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--shards", "4"]);
+    let ops = server.token(&["ops"]);
+    let reader = server.token(&["subscriber", "x-"]);
+    let device = server.token(&["device", "x-1"]);
+    let holed = json!({"type": "Polygon", "coordinates": [
+        [[0.0, 0.0], [10.0, 0.0], [10.0, 10.0], [0.0, 10.0], [0.0, 0.0]],
+        [[4.0, 4.0], [6.0, 4.0], [6.0, 6.0], [4.0, 6.0], [4.0, 4.0]]]});
+    assert_eq!(
+        put_fence(&server, &ops, "zeta", holed.clone()),
+        json!({"name": "zeta", "created": true})
+    );
+    assert_eq!(
+        put_fence(&server, &ops, "alpha", depot()),
+        json!({"name": "alpha", "created": true})
+    );
+    assert_eq!(
+        put_fence(
+            &server,
+            &ops,
+            "alpha",
+            json!({"center": [1, 2], "radius_m": 300})
+        ),
+        json!({"name": "alpha", "created": false})
+    );
+    // A polygon of 3,000 vertices (about 100 KB: above the general body limit).
+    let ring: Vec<Value> = (0..3000)
+        .map(|i| {
+            let a = i as f64 / 3000.0 * std::f64::consts::TAU;
+            json!([
+                20.0 + 1.234567891234 * a.cos(),
+                30.0 + 1.234567891234 * a.sin()
+            ])
+        })
+        .chain(std::iter::once(json!([21.234567891234, 30.0])))
+        .collect();
+    let big = json!({"type": "Polygon", "coordinates": [ring]}).to_string();
+    assert!(
+        big.len() > geobeat::limits::HTTP_BODY_BYTES_MAX,
+        "{}",
+        big.len()
+    );
+    let (st, body) = http_body(&server, "PUT", "/v1/geofences/big", Some(&ops), &big);
+    assert_eq!(st, 200, "{body}");
+
+    let (st, body) = server.get("/v1/geofences", Some(&reader));
+    assert_eq!(st, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"fences": [{"name": "alpha"}, {"name": "big"}, {"name": "zeta"}]})
+    );
+    let (st, body) = server.get("/v1/geofences/zeta", Some(&ops));
+    assert_eq!(st, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["name"], "zeta");
+    assert_eq!(v["shape"]["type"], "Polygon");
+    assert_eq!(v["shape"]["coordinates"], holed["coordinates"]);
+    let (st, body) = server.get("/v1/geofences/alpha", Some(&reader));
+    assert_eq!(st, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["shape"]["radius_m"], 300.0);
+
+    // Errors.
+    let err = |st_body: (u16, String), status: u16| -> Value {
+        assert_eq!(st_body.0, status, "{}", st_body.1);
+        serde_json::from_str(&st_body.1).unwrap()
+    };
+    assert_eq!(
+        err(server.get("/v1/geofences/nope", Some(&ops)), 404)["error"],
+        "unknown geofence"
+    );
+    assert_eq!(
+        err(
+            http_body(&server, "DELETE", "/v1/geofences/nope", Some(&ops), ""),
+            404
+        )["param"],
+        "name"
+    );
+    let v = err(
+        http_body(
+            &server,
+            "PUT",
+            "/v1/geofences/a%20b",
+            Some(&ops),
+            &depot().to_string(),
+        ),
+        400,
+    );
+    assert_eq!(v["reason"], "bad_name");
+    let v = err(
+        http_body(
+            &server,
+            "PUT",
+            "/v1/geofences/x",
+            Some(&ops),
+            r#"{"type":"Point","coordinates":[1,2]}"#,
+        ),
+        400,
+    );
+    assert_eq!(v["reason"], "bad_geojson");
+    let v = err(
+        http_body(
+            &server,
+            "PUT",
+            "/v1/geofences/x",
+            Some(&ops),
+            r#"{"center":[1,2],"radius_m":-1}"#,
+        ),
+        400,
+    );
+    assert_eq!(v["reason"], "bad_radius");
+    let v = err(
+        http_body(&server, "PUT", "/v1/geofences/x", Some(&ops), "not json"),
+        400,
+    );
+    assert!(v["error"].is_string());
+    // Declared bodies beyond 1 MiB are refused from the head alone.
+    let head = format!(
+        "PUT /v1/geofences/x HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ops}\r\ncontent-length: {}\r\n\r\n",
+        geobeat::limits::FENCE_BODY_BYTES_MAX + 1
+    );
+    assert_eq!(raw_http(server.addr, head.as_bytes()).unwrap().0, 413);
+    // Other routes keep the 64 KiB limit.
+    let head = format!(
+        "POST /v1/devices HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        geobeat::limits::HTTP_BODY_BYTES_MAX + 1
+    );
+    assert_eq!(raw_http(server.addr, head.as_bytes()).unwrap().0, 413);
+    // A large body without an ops token is refused before it is read.
+    let head = "PUT /v1/geofences/x HTTP/1.1\r\nhost: x\r\ncontent-length: 500000\r\n\r\n";
+    assert_eq!(raw_http(server.addr, head.as_bytes()).unwrap().0, 401);
+    assert_eq!(
+        http_body(
+            &server,
+            "PUT",
+            "/v1/geofences/x",
+            None,
+            &depot().to_string()
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        http_body(
+            &server,
+            "PUT",
+            "/v1/geofences/x",
+            Some(&reader),
+            &depot().to_string()
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        http_body(&server, "DELETE", "/v1/geofences/zeta", Some(&reader), "").0,
+        401
+    );
+    assert_eq!(server.get("/v1/geofences", None).0, 401);
+    assert_eq!(server.get("/v1/geofences", Some(&device)).0, 401);
+    assert_eq!(server.get("/v1/geofences/zeta", Some(&device)).0, 401);
+    assert_eq!(
+        http_body(&server, "POST", "/v1/geofences/zeta", Some(&ops), "").0,
+        405
+    );
+    assert_eq!(
+        http_body(&server, "POST", "/v1/geofences", Some(&ops), "").0,
+        405
+    );
+
+    assert_eq!(
+        err(
+            http_body(&server, "DELETE", "/v1/geofences/big", Some(&ops), ""),
+            200
+        ),
+        json!({"name": "big", "deleted": true})
+    );
+    assert_eq!(server.get("/v1/geofences/big", Some(&ops)).0, 404);
+
+    // Restart: the fences are reloaded from the data directory and work.
+    assert!(server.sigterm().success());
+    server.restart();
+    let (st, body) = server.get("/v1/geofences", Some(&ops));
+    assert_eq!(st, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"fences": [{"name": "alpha"}, {"name": "zeta"}]})
+    );
+    let mut ws = sub_open(&server, &ops, false, None);
+    subscribe(&mut ws, "z", json!({"fence": "zeta"}));
+    let mut gw = Gateway::open(&server);
+    let t = now_ms();
+    // Inside the polygon, then into its hole (exit), then back out of the hole (enter).
+    gw.send(&[("x-1", 2.0, 2.0, t)]);
+    gw.send(&[("x-1", 5.0, 5.0, t + 1)]);
+    gw.send(&[("x-1", 8.0, 8.0, t + 2)]);
+    let frames = collect(&mut ws, Duration::from_secs(10), |g| g.len() >= 3);
+    let events: Vec<&str> = frames
+        .iter()
+        .map(|f| f["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["enter", "exit", "enter"]);
+}

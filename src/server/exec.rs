@@ -362,6 +362,9 @@ impl Exec {
             .fanout
             .active()
             .then(|| self.shared.owner(slot.shard).1);
+        if fanout.is_some() {
+            self.fanout.poll_fences();
+        }
         for (seq, hb) in items {
             let result = match fanout {
                 None => store.append(hb),
@@ -742,8 +745,8 @@ impl Exec {
     }
 
     /// Whether a geofence named `name` exists (checked when a client subscribes to it).
-    pub fn fence_exists(&self, _name: &str) -> bool {
-        false
+    pub fn fence_exists(&self, name: &str) -> bool {
+        self.shared.fences.snapshot().1.id(name).is_some()
     }
 
     /// This executor's metrics snapshot.
@@ -852,7 +855,7 @@ pub async fn executor_main(
         return Err(e);
     }
     let peers = shared.executors;
-    let fanout = Fanout::new(index, peers, stores.len(), events_tx);
+    let fanout = Fanout::new(index, peers, stores.len(), events_tx, shared.fences.clone());
     let exec = Rc::new(Exec {
         index,
         shared: shared.clone(),

@@ -21,6 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::fence::{FenceRegistry, FenceSet, Scratch, Transition};
 use crate::limits::{
     FANOUT_BATCH_EVENTS_MAX, FANOUT_PENDING_EVENTS_MAX, SUB_QUEUE_BYTES_MAX, SUB_QUEUE_EVENTS_MAX,
 };
@@ -336,6 +337,12 @@ pub struct Fanout {
     free_slots: RefCell<Vec<u32>>,
     conns_open: Cell<usize>,
     scratch: RefCell<Vec<SubKey>>,
+    /// The server's geofences and this executor's current snapshot of them (swapped when the
+    /// registry's version moves; polled once per appended group while fence subscriptions exist).
+    registry: Arc<FenceRegistry>,
+    fences: RefCell<Arc<FenceSet>>,
+    fences_version: Cell<u64>,
+    fence_scratch: RefCell<Scratch>,
     /// Events written to subscriber sockets by this executor.
     pub delivered: Cell<u64>,
     /// Events dropped for subscribers held by this executor.
@@ -347,6 +354,13 @@ pub struct Fanout {
 pub fn render_heartbeat(hb: &Heartbeat) -> String {
     serde_json::to_string(&crate::server::http::LastLocationBody::from_heartbeat(hb))
         .expect("serializable")
+}
+
+/// The JSON object of a fence event without `"sub"`:
+/// `{"fence":..,"id":..,"event":"enter"|"exit","ts":<device ts ms>}`.
+pub fn render_fence_event(fence: &str, device_id: &str, t: Transition, ts_ms: i64) -> String {
+    serde_json::json!({"fence": fence, "id": device_id, "event": t.as_str(), "ts": ts_ms})
+        .to_string()
 }
 
 /// Writes the frame text of an event: `{"sub":"<sub>",` + the rest of `text`.
@@ -368,8 +382,14 @@ impl Fanout {
         executors: usize,
         stores: usize,
         events_tx: mesh::Senders<EventBatch>,
+        registry: Arc<FenceRegistry>,
     ) -> Fanout {
+        let (version, fences) = registry.snapshot();
         Fanout {
+            registry,
+            fences: RefCell::new(fences),
+            fences_version: Cell::new(version),
+            fence_scratch: RefCell::new(Scratch::new()),
             index,
             interest: RefCell::new(Interest::default()),
             active: Cell::new(false),
@@ -408,29 +428,75 @@ impl Fanout {
 
     // ----- owner side -----
 
+    /// Picks up a new geofence snapshot if the registry changed (one atomic load). Called once
+    /// per appended group while fence subscriptions exist, so a heartbeat appended after a
+    /// `PUT /v1/geofences/{name}` answered is checked against that fence.
+    pub fn poll_fences(&self) {
+        if self.interest.borrow().by_fence.is_empty() {
+            return;
+        }
+        if self.registry.version() != self.fences_version.get() {
+            let (version, set) = self.registry.snapshot();
+            self.fences_version.set(version);
+            *self.fences.borrow_mut() = set;
+        }
+    }
+
     /// Matches a heartbeat just appended to local store `local` and keeps its events until the
-    /// heartbeat is durable. Call only when [`Fanout::active`].
+    /// heartbeat is durable: one event per matching device/bbox subscription, then one per
+    /// fence transition per subscription of that fence. Call only when [`Fanout::active`].
     pub fn on_append(&self, local: usize, hb: &Heartbeat, appended: &Appended) {
         let interest = self.interest.borrow();
         let mut keys = self.scratch.borrow_mut();
         keys.clear();
         interest.matching(hb, &mut keys);
-        if keys.is_empty() {
+        if !keys.is_empty() {
+            let text: Arc<str> = render_heartbeat(hb).into();
+            for &key in keys.iter() {
+                self.push_pending(local, appended.pos, key, &text);
+            }
+        }
+        // Transitions happen only when the last location moves (a late heartbeat makes none).
+        if interest.by_fence.is_empty() || !appended.became_last {
             return;
         }
-        let text: Arc<str> = render_heartbeat(hb).into();
+        let fences = self.fences.borrow();
+        let mut scratch = self.fence_scratch.borrow_mut();
+        fences.transitions(
+            appended.prev_last,
+            (hb.lat, hb.lon),
+            &mut scratch,
+            |id, transition| {
+                let name = fences.get(id).name.as_str();
+                let Some(subs) = interest.by_fence.get(name) else {
+                    return;
+                };
+                let mut text: Option<Arc<str>> = None;
+                for (key, filter) in subs {
+                    if !filter.admits(&hb.device_id) {
+                        continue;
+                    }
+                    let text = text.get_or_insert_with(|| {
+                        render_fence_event(name, &hb.device_id, transition, hb.ts_ms).into()
+                    });
+                    self.push_pending(local, appended.pos, *key, text);
+                }
+            },
+        );
+    }
+
+    fn push_pending(&self, local: usize, pos: LogPos, key: SubKey, text: &Arc<str>) {
         let mut pending = self.pending[local].borrow_mut();
-        for &key in keys.iter() {
-            if pending.len() >= FANOUT_PENDING_EVENTS_MAX {
-                self.dropped(key, 1);
-                continue;
-            }
-            pending.push_back(Pending {
-                pos: appended.pos,
-                key,
-                text: text.clone(),
-            });
+        if pending.len() >= FANOUT_PENDING_EVENTS_MAX {
+            drop(pending);
+            self.dropped(key, 1);
+            return;
         }
+        pending.push_back(Pending {
+            pos,
+            key,
+            text: text.clone(),
+        });
     }
 
     /// Counts `n` events dropped for `key`'s connection.

@@ -255,6 +255,13 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             answer_and_close(&mut stream, st, &body).await;
             return;
         }
+        if body_len > crate::limits::HTTP_BODY_BYTES_MAX {
+            // Only ops may make the server buffer a large body (PUT /v1/geofences/{name}).
+            if let Err(resp) = crate::server::http::require_ops(&exec, &req) {
+                answer_and_close(&mut stream, resp.status, &resp.body).await;
+                return;
+            }
+        }
         while buf.len() < head_len + body_len {
             let mut chunk = [0u8; 4096];
             match rt::timeout(handshake_timeout, stream.read(&mut chunk)).await {
@@ -283,6 +290,10 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             return;
         }
         buf.drain(..head_len + body_len);
+        if buf.capacity() > 2 * crate::limits::HTTP_BODY_BYTES_MAX {
+            // After a large fence body: do not keep a megabyte per idle keep-alive connection.
+            buf.shrink_to(HTTP_HEAD_BYTES_MAX);
+        }
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Shared {
     pub feeds: Vec<crate::flusher::ShardFeed>,
     /// The storage flusher's progress, when sinks are configured.
     pub sinks: Option<crate::flusher::StatusReader>,
+    /// The geofences (persisted in the data directory), shared by every executor.
+    pub fences: Arc<crate::fence::FenceRegistry>,
     /// The address actually bound (differs from the configured one when the port was 0).
     pub local_addr: std::sync::OnceLock<SocketAddr>,
 }
@@ -91,6 +93,9 @@ pub enum ServeError {
     /// The token secret could not be loaded or created.
     #[error("secret: {0}")]
     Secret(String),
+    /// The geofences file could not be read.
+    #[error("geofences: {0}")]
+    Fences(crate::fence::FenceError),
     /// The storage sinks could not be started.
     #[error("sinks: {0}")]
     Sinks(String),
@@ -108,6 +113,8 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
             source,
         }
     })?;
+    let fences =
+        Arc::new(crate::fence::FenceRegistry::open(&cfg.data_dir).map_err(ServeError::Fences)?);
     let secret = cfg
         .load_secret()
         .map_err(|e| ServeError::Secret(e.to_string()))?;
@@ -133,6 +140,7 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     let sinks = flusher.as_ref().map(|f| f.status_reader());
     let shared = Arc::new(Shared {
         feeds,
+        fences,
         sinks,
         shard_count: datadir.shard_count(),
         executors,
