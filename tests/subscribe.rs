@@ -862,3 +862,47 @@ fn geofence_http_endpoints_and_persistence_across_restart() {
         .collect();
     assert_eq!(events, ["enter", "exit", "enter"]);
 }
+
+#[test]
+fn the_ops_in_the_protocol_document_are_accepted() {
+    // The client-message and websocat examples of docs/PROTOCOL.md ("Subscriptions and
+    // geofences"), sent line by line as written, each get {"ok":..} (after creating the fence
+    // with the document's curl body), so the document stays true.
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
+    let section = &doc[doc.find("## Subscriptions and geofences").unwrap()..];
+    let json_blocks: Vec<&str> = section
+        .split("```json\n")
+        .skip(1)
+        .map(|b| &b[..b.find("```").unwrap()])
+        .collect();
+    let client = json_blocks[0];
+    let websocat = json_blocks
+        .iter()
+        .find(|b| b.contains("demo-00000"))
+        .expect("websocat example");
+    let curl_body = {
+        let at = section.find("depot-north \\\n  -d '").unwrap() + "depot-north \\\n  -d '".len();
+        &section[at..at + section[at..].find('\'').unwrap()]
+    };
+    let (_d, server) = setup();
+    let ops = server.token(&["ops"]);
+    let (st, body) = http_body(
+        &server,
+        "PUT",
+        "/v1/geofences/depot-north",
+        Some(&ops),
+        curl_body,
+    );
+    assert_eq!(st, 200, "{body}");
+    let sub = server.token(&["subscriber", "demo-"]);
+    for (token, block) in [(&ops, client), (&sub, *websocat)] {
+        let mut ws = sub_open(&server, token, true, None);
+        for line in block.lines().filter(|l| !l.trim().is_empty()) {
+            let sent: Value = serde_json::from_str(line).unwrap();
+            let answer = op(&mut ws, sent.clone());
+            assert_eq!(answer["ok"], sent["op"], "{line}: {answer}");
+            assert_eq!(answer["sub"], sent["sub"], "{line}: {answer}");
+        }
+    }
+}
