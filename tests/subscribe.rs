@@ -421,7 +421,7 @@ fn a_stalled_subscriber_does_not_slow_ingest_and_is_told_what_it_missed() {
     // 500: every frame is acked promptly, whatever the subscriber does. When the subscriber
     // reads again it gets events (each device's in order) plus {"missed":N} notices, and
     // received + missed equals produced exactly, with some missed.
-    let (_d, server) = setup();
+    let (_d, mut server) = setup();
     let ops = server.token(&["ops"]);
     let mut sub = sub_open(&server, &ops, false, Some(16 << 10));
     subscribe(&mut sub, "world", json!({"bbox": [-180, -90, 180, 90]}));
@@ -501,6 +501,32 @@ fn a_stalled_subscriber_does_not_slow_ingest_and_is_told_what_it_missed() {
         received
     );
     assert_eq!(sum("geobeat_subscribers_connected{"), 1);
+
+    // A subscriber that stalls for good does not hold up a graceful shutdown (without a bound
+    // its writer would wait for the idle timeout, and the drain for its 10 s maximum).
+    let mut stuck = sub_open(&server, &ops, false, Some(16 << 10));
+    subscribe(&mut stuck, "world", json!({"bbox": [-180, -90, 180, 90]}));
+    for f in 0..10 {
+        let frame: Vec<(&str, f64, f64, i64)> = (0..PER_FRAME)
+            .map(|i| {
+                (
+                    ids[i % ids.len()].as_str(),
+                    10.0,
+                    20.0,
+                    t0 + 100_000 + (f * PER_FRAME + i) as i64,
+                )
+            })
+            .collect();
+        gw.send(&frame);
+    }
+    drop(gw);
+    let t = Instant::now();
+    assert!(server.sigterm().success());
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
 }
 
 /// One HTTP request with a body (`connection: close`); returns status and body.

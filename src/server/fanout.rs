@@ -109,13 +109,14 @@ pub enum InterestOp {
 struct Interest {
     subs: HashMap<SubKey, Arc<Filter>>,
     by_conn: HashMap<(u32, ConnKey), Vec<SubKey>>,
-    by_device: HashMap<Box<str>, Vec<SubKey>>,
+    /// Looked up per heartbeat while any subscription exists: ahash, not SipHash.
+    by_device: HashMap<Box<str>, Vec<SubKey>, ahash::RandomState>,
     /// Coarse cells (allocated with the first bbox), each listing the boxes overlapping it.
     cells: Vec<Vec<(SubKey, Arc<Filter>)>>,
     /// Boxes too large for the cells.
     wide: Vec<(SubKey, Arc<Filter>)>,
     boxes: usize,
-    by_fence: HashMap<Box<str>, Vec<(SubKey, Arc<Filter>)>>,
+    by_fence: HashMap<Box<str>, Vec<(SubKey, Arc<Filter>)>, ahash::RandomState>,
 }
 
 fn grid_col(lon: f64) -> usize {

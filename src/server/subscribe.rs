@@ -48,6 +48,9 @@ const WS_WRITE_BUFFER_BYTES: usize = 16 << 10;
 const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
 /// Queue items the writer takes per round (one flush per round).
 const WRITE_BATCH_MAX: usize = 64;
+/// How long writes may still take once shutdown began (the 1001 close frame to a stalled client
+/// must not hold up the drain).
+const STOP_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
 /// Close code for a protocol error (RFC 6455).
@@ -622,7 +625,7 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
     let mut text = String::with_capacity(256);
     macro_rules! feed {
         ($msg:expr) => {
-            if !matches!(rt::timeout(stall, sink.feed($msg)).await, Some(Ok(()))) {
+            if !matches!(bounded(exec, stall, sink.feed($msg)).await, Some(Ok(()))) {
                 return;
             }
         };
@@ -677,7 +680,7 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
             feed!(Message::Ping(Default::default()));
             wrote = true;
         }
-        if wrote && !matches!(rt::timeout(stall, sink.flush()).await, Some(Ok(()))) {
+        if wrote && !matches!(bounded(exec, stall, sink.flush()).await, Some(Ok(()))) {
             tracing::debug!("a subscriber's writes stalled or failed; closing it");
             return;
         }
@@ -692,6 +695,23 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
         }
         wait.await;
     }
+}
+
+/// Runs a write for at most `stall`, or at most [`STOP_WRITE_GRACE`] once shutdown began.
+async fn bounded<T>(
+    exec: &Exec,
+    stall: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    if exec.stopping() {
+        return rt::timeout(STOP_WRITE_GRACE, fut).await;
+    }
+    futures_lite::future::or(rt::timeout(stall, fut), async {
+        exec.stop_signal.wait().await;
+        rt::sleep(STOP_WRITE_GRACE).await;
+        None
+    })
+    .await
 }
 
 #[cfg(test)]
