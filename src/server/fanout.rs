@@ -104,6 +104,9 @@ pub enum InterestOp {
     },
 }
 
+/// A subscription with its filter, as listed in the bbox cells and the fence index.
+type Listed = (SubKey, Arc<Filter>);
+
 /// One executor's replica of the server-wide interest.
 #[derive(Default)]
 struct Interest {
@@ -112,11 +115,11 @@ struct Interest {
     /// Looked up per heartbeat while any subscription exists: ahash, not SipHash.
     by_device: HashMap<Box<str>, Vec<SubKey>, ahash::RandomState>,
     /// Coarse cells (allocated with the first bbox), each listing the boxes overlapping it.
-    cells: Vec<Vec<(SubKey, Arc<Filter>)>>,
+    cells: Vec<Vec<Listed>>,
     /// Boxes too large for the cells.
-    wide: Vec<(SubKey, Arc<Filter>)>,
+    wide: Vec<Listed>,
     boxes: usize,
-    by_fence: HashMap<Box<str>, Vec<(SubKey, Arc<Filter>)>, ahash::RandomState>,
+    by_fence: HashMap<Box<str>, Vec<Listed>, ahash::RandomState>,
 }
 
 fn grid_col(lon: f64) -> usize {
@@ -266,7 +269,7 @@ impl Interest {
         if self.boxes == 0 {
             return;
         }
-        let hit = |(k, f): &(SubKey, Arc<Filter>)| match &f.target {
+        let hit = |(k, f): &Listed| match &f.target {
             Target::BBox(b) if b.contains(hb.lat, hb.lon) && f.admits(&hb.device_id) => Some(*k),
             _ => None,
         };
