@@ -175,17 +175,28 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         signal_hook::flag::register(sig, stop_flag.clone())?;
     }
 
+    // glommio's MeshBuilder shares an `Rc` between threads (behind an `unsafe impl Send`), so
+    // its clones must all be made here, before any executor runs: clones made on executor
+    // threads (or here while executors already run) race on the non-atomic count, which freed
+    // the builder under a peer and hung startup in mesh joins. Each executor takes its own.
     let meshes = exec::Meshes::new(executors, shared.cfg.mesh_capacity);
+    let per_executor: Vec<Option<exec::Meshes>> =
+        (0..executors).map(|_| Some(meshes.clone())).collect();
+    drop(meshes);
+    let per_executor = Arc::new(std::sync::Mutex::new(per_executor));
     let datadir = Arc::new(datadir);
     let results = rt::run_executors(executors, {
         let shared = shared.clone();
         let stop_flag = stop_flag.clone();
         move |index| {
+            let meshes = per_executor.lock().unwrap_or_else(|p| p.into_inner())[index]
+                .take()
+                .expect("each executor starts once");
             exec::executor_main(
                 index,
                 shared.clone(),
                 datadir.clone(),
-                meshes.clone(),
+                meshes,
                 stop_flag.clone(),
             )
         }
