@@ -88,6 +88,41 @@ pub async fn timeout<T>(d: Duration, fut: impl Future<Output = T>) -> Option<T> 
     .await
 }
 
+/// How often [`Nudge`] wakes its executor.
+const NUDGE_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Keeps the current executor from sleeping for longer than [`NUDGE_INTERVAL`] while alive.
+///
+/// Why: glommio 0.9 can lose the cross-executor wake-up that completes a channel-mesh join (the
+/// notification lands while the peer is going to sleep; upstream #261/#555 describe the class).
+/// The sleeping executor then never connects its side of the mesh, and its peers spin in
+/// `join()` forever — seen here as a server that recovered its shards but never listened, mostly
+/// when several servers start at once. Each wake-up makes the reactor re-check its shared
+/// channels, which recovers a lost notification. Hold one across the mesh joins; drop it after.
+pub struct Nudge {
+    stop: Rc<Cell<bool>>,
+}
+
+impl Nudge {
+    /// Starts nudging the current executor.
+    pub fn start() -> Nudge {
+        let stop = Rc::new(Cell::new(false));
+        let flag = stop.clone();
+        spawn(async move {
+            while !flag.get() {
+                sleep(NUDGE_INTERVAL).await;
+            }
+        });
+        Nudge { stop }
+    }
+}
+
+impl Drop for Nudge {
+    fn drop(&mut self) {
+        self.stop.set(true);
+    }
+}
+
 /// Lets other tasks run if this one has used up its time slice.
 pub async fn yield_if_needed() {
     glommio::yield_if_needed().await;

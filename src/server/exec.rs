@@ -831,6 +831,8 @@ pub async fn executor_main(
             probe: StoreProbe::default(),
         });
     }
+    // glommio can lose the wake-up that completes a mesh join; keep this executor awake.
+    let nudge = rt::Nudge::start();
     let (requests, request_rx) = meshes
         .requests
         .join()
@@ -846,6 +848,7 @@ pub async fn executor_main(
         .join()
         .await
         .map_err(|_| std::io::Error::other("joining event mesh"))?;
+    drop(nudge);
     if let Some(e) = open_error {
         // The meshes are joined (peers would wait for us forever otherwise); now stop everyone.
         tracing::error!(executor = index, error = %e, "a shard could not be opened; stopping");
