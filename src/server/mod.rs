@@ -12,6 +12,7 @@ pub mod exec;
 pub mod http;
 pub mod ingest;
 pub mod listen;
+pub mod live;
 pub mod msg;
 pub mod query;
 
