@@ -17,6 +17,7 @@
 //! - [`rt`]: the runtime seam (glommio behind a thin layer).
 //! - [`server`]: `geobeat serve`: executors, ingest connections, HTTP endpoints.
 //! - [`spatial`]: bounding boxes, great-circle distance, the per-shard grid index.
+//! - [`fence`]: geofences (polygons, circles), their spatial index and persistence.
 //! - [`demo`]: `geobeat demo`'s simulated fleet.
 #![deny(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod config;
 pub mod datadir;
 pub mod demo;
+pub mod fence;
 pub mod flusher;
 pub mod http;
 pub mod limits;

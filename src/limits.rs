@@ -146,3 +146,60 @@ pub const SINK_CURSOR_BYTES_MAX: u64 = 4096;
 const _: () = assert!(SINKS_MAX <= LOG_CONSUMERS_MAX);
 const _: () = assert!(SINK_NAME_BYTES_MAX <= LOG_CONSUMER_NAME_BYTES_MAX);
 const _: () = assert!(SINK_BATCH_BYTES_MAX >= 64 * ENTRY_PAYLOAD_BYTES_MAX);
+
+/// Most subscriber WebSocket connections (`/v1/subscribe`) one server holds; beyond it the
+/// upgrade is answered 503.
+pub const SUBSCRIBERS_MAX: usize = 4096;
+/// Most subscriptions one subscriber connection may hold at once (`too_many_subs`).
+pub const SUBS_PER_CONN_MAX: usize = 32;
+/// Most device ids one `devices` subscription may name (`too_many_devices`).
+pub const SUB_DEVICES_MAX: usize = 1000;
+/// Most device ids all `devices` subscriptions of the server name together (every executor holds
+/// a replica of the interest index, so this bounds its memory; `too_many_devices`).
+pub const SUB_DEVICES_TOTAL_MAX: usize = 1_000_000;
+/// Longest subscription name, in bytes (names are 1..=64 bytes of `[A-Za-z0-9._-]`).
+pub const SUB_NAME_BYTES_MAX: usize = 64;
+/// Most events queued for one subscriber connection; beyond it events are counted as missed.
+pub const SUB_QUEUE_EVENTS_MAX: usize = 2048;
+/// Most event bytes queued for one subscriber connection; beyond it events are counted as missed.
+pub const SUB_QUEUE_BYTES_MAX: usize = 256 << 10;
+/// Kernel send buffer requested for a subscriber socket (the kernel doubles it): what a stalled
+/// subscriber can pin in the kernel beside its queue.
+pub const SUB_SOCKET_SEND_BYTES: usize = 128 << 10;
+/// Answers (`ok`/`error`) queued for one subscriber connection before its reader pauses.
+pub const SUB_CONTROL_QUEUED_MAX: usize = 64;
+/// Capacity, in batches, of one channel of the event mesh (owner executor to subscriber
+/// executor). A full channel drops the batch; its events are counted as missed.
+pub const FANOUT_MESH_CAPACITY: usize = 64;
+/// Most events in one batch on the event mesh.
+pub const FANOUT_BATCH_EVENTS_MAX: usize = 1024;
+/// Most matched events one shard keeps while their heartbeats are not yet durable; beyond it
+/// events are counted as missed. Pending events are released by the commit group that makes
+/// their heartbeats durable, so the queue holds at most the matches of the groups in flight.
+pub const FANOUT_PENDING_EVENTS_MAX: usize = 65_536;
+
+const _: () = assert!(SUB_NAME_BYTES_MAX <= DEVICE_ID_BYTES_MAX);
+const _: () = assert!(SUB_DEVICES_MAX <= SUB_DEVICES_TOTAL_MAX);
+const _: () = assert!(SUB_QUEUE_BYTES_MAX >= 4 * ENTRY_PAYLOAD_BYTES_MAX);
+const _: () = assert!(FANOUT_MESH_CAPACITY <= MESH_CAPACITY_MAX);
+const _: () = assert!(FANOUT_BATCH_EVENTS_MAX <= FANOUT_PENDING_EVENTS_MAX);
+
+/// Most geofences one server holds (fence ids are `u32`; the registry refuses more).
+pub const FENCES_MAX: usize = 100_000;
+/// Most positions one fence polygon may have, over all its rings (closing positions included).
+pub const FENCE_VERTICES_MAX: usize = 10_000;
+/// Largest fence body (`PUT /v1/geofences/{name}`) accepted; larger is refused before parsing.
+pub const FENCE_BODY_BYTES_MAX: usize = 1 << 20;
+/// Longest fence name, in bytes (names are 1..=64 bytes of `[A-Za-z0-9._-]`).
+pub const FENCE_NAME_BYTES_MAX: usize = 64;
+/// Largest circle fence radius, in metres (20,000 km: about half the Earth's circumference, so a
+/// circle never wraps past the antipode of its centre).
+pub const FENCE_RADIUS_M_MAX: f64 = 20_000_000.0;
+
+const _: () = assert!(FENCES_MAX <= u32::MAX as usize);
+const _: () = assert!(FENCE_VERTICES_MAX >= 4 && FENCE_VERTICES_MAX <= u32::MAX as usize);
+// A polygon with the most vertices, written with full f64 precision (~45 bytes a position), fits.
+const _: () = assert!(FENCE_BODY_BYTES_MAX >= 64 * FENCE_VERTICES_MAX);
+const _: () = assert!(FENCE_BODY_BYTES_MAX >= HTTP_BODY_BYTES_MAX);
+const _: () = assert!(FENCE_NAME_BYTES_MAX <= DEVICE_ID_BYTES_MAX);
+const _: () = assert!(FENCE_RADIUS_M_MAX > 0.0 && FENCE_RADIUS_M_MAX < 20_015_000.0);

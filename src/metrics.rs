@@ -215,6 +215,12 @@ pub struct ExecSnapshot {
     pub ack_latency: HistSnap,
     /// Owned shards.
     pub shards: Vec<ShardSnapshot>,
+    /// Subscriber WebSocket connections held.
+    pub subscribers_open: usize,
+    /// Subscription events written to subscribers held here.
+    pub events_delivered: u64,
+    /// Subscription events dropped for subscribers held here (full queues or channels).
+    pub events_missed: u64,
 }
 
 impl ExecProbe {
@@ -236,6 +242,9 @@ impl ExecProbe {
             received_from: self.received_from.iter().map(Cell::get).collect(),
             ack_latency: self.ack_latency.snapshot(),
             shards: Vec::new(),
+            subscribers_open: 0,
+            events_delivered: 0,
+            events_missed: 0,
         }
     }
 }
@@ -375,6 +384,29 @@ impl prometheus_client::collector::Collector for Exposition {
                 .into_iter()
                 .map(|(l, v)| (l, v as i64))
                 .collect::<Vec<_>>(),
+        )?;
+        self.gauge(
+            e,
+            "geobeat_subscribers_connected",
+            "Subscriber WebSocket connections held by the executor (label: executor index)",
+            &per_exec(&|x| x.subscribers_open as u64)
+                .into_iter()
+                .map(|(l, v)| (l, v as i64))
+                .collect::<Vec<_>>(),
+        )?;
+        self.counter(
+            e,
+            "geobeat_subscription_events_delivered",
+            "Subscription events written to subscribers (label: executor holding the subscriber)",
+            None,
+            &per_exec(&|x| x.events_delivered),
+        )?;
+        self.counter(
+            e,
+            "geobeat_subscription_events_missed",
+            "Subscription events dropped because a subscriber's queue or channel was full (each reported to it as {\"missed\":N})",
+            None,
+            &per_exec(&|x| x.events_missed),
         )?;
         self.gauge(
             e,

@@ -191,6 +191,19 @@ pub mod mesh {
     pub fn full<T: Send + 'static>(peers: usize, capacity: usize) -> MeshBuilder<T, Full> {
         MeshBuilder::full(peers, capacity)
     }
+
+    /// Sends without waiting: `Err` hands the message back when the channel to `peer` is full
+    /// or closed.
+    pub fn try_send_to<T: Send>(senders: &Senders<T>, peer: usize, msg: T) -> Result<(), T> {
+        use glommio::{GlommioError, ResourceType};
+        match senders.try_send_to(peer, msg) {
+            Ok(()) => Ok(()),
+            Err(GlommioError::WouldBlock(ResourceType::Channel(m)))
+            | Err(GlommioError::Closed(ResourceType::Channel(m))) => Err(m),
+            // Any other error (an invalid peer index) is a programming error.
+            Err(e) => panic!("try_send_to peer {peer}: {e}"),
+        }
+    }
 }
 
 /// A single-threaded broadcast signal: tasks wait for "something changed" and a notifier wakes all

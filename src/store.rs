@@ -59,6 +59,17 @@ pub enum Error {
     },
 }
 
+/// What one append did, beyond its position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Appended {
+    /// The entry's position.
+    pub pos: LogPos,
+    /// The device's last location `(lat, lon)` before this append (`None`: never seen).
+    pub prev_last: Option<(f64, f64)>,
+    /// Whether this heartbeat became the device's last location (false for a late one).
+    pub became_last: bool,
+}
+
 /// One shard's log and last-location table.
 #[derive(Debug)]
 pub struct ShardStore {
@@ -105,9 +116,20 @@ impl ShardStore {
     /// Appends a heartbeat, linking it to the device's previous entry, and updates the table.
     /// Returns its position; it is durable once `durable()` passes it.
     pub fn append(&mut self, hb: &Heartbeat) -> Result<LogPos, Error> {
+        self.append_tracked(hb).map(|a| a.pos)
+    }
+
+    /// Like [`ShardStore::append`], and also says where the device was before (its previous last
+    /// location) and whether this heartbeat became its last location (a late one does not):
+    /// what geofence transitions are computed from.
+    pub fn append_tracked(&mut self, hb: &Heartbeat) -> Result<Appended, Error> {
         let shard = self.log.shard();
         let slot = self.table.find(&hb.device_id);
         let prev = slot.map(|s| self.table.head_at(s));
+        let prev_last = slot.map(|s| {
+            let l = self.table.get_at(s);
+            (l.lat, l.lon)
+        });
         if slot.is_none() {
             self.table
                 .check_room(&hb.device_id)
@@ -130,10 +152,15 @@ impl ShardStore {
         };
         let slot = res.expect("table room and position were checked before appending");
         // Only a heartbeat that became the last location moves the device in the grid.
-        if self.table.get_at(slot).pos == pos {
+        let became_last = self.table.get_at(slot).pos == pos;
+        if became_last {
             self.grid.update(slot.raw(), hb.lat, hb.lon);
         }
-        Ok(pos)
+        Ok(Appended {
+            pos,
+            prev_last,
+            became_last,
+        })
     }
 
     /// The last location (newest by device time) of `device_id`.

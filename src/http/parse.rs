@@ -7,14 +7,16 @@
 //! Invariants: a [`Request`] only exists for a head within `HTTP_HEAD_BYTES_MAX`, a URI within
 //! `HTTP_URI_BYTES_MAX`, at most `HTTP_HEADERS_MAX` headers, unambiguous body framing (at most one
 //! `Content-Length`, never together with `Transfer-Encoding`, which may only be exactly
-//! `chunked`) and a declared body within `HTTP_BODY_BYTES_MAX`. Any [`HeadError`] means: answer
+//! `chunked`) and a declared body within [`body_bytes_max`] (`HTTP_BODY_BYTES_MAX`, except
+//! `FENCE_BODY_BYTES_MAX` for `PUT /v1/geofences/{name}`). Any [`HeadError`] means: answer
 //! with [`HeadError::status`] and close the connection (the next request's start is unknown).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
 use crate::limits::{
-    HTTP_BODY_BYTES_MAX, HTTP_HEADERS_MAX, HTTP_HEAD_BYTES_MAX, HTTP_URI_BYTES_MAX,
+    FENCE_BODY_BYTES_MAX, HTTP_BODY_BYTES_MAX, HTTP_HEADERS_MAX, HTTP_HEAD_BYTES_MAX,
+    HTTP_URI_BYTES_MAX,
 };
 use crate::proto::ack::write_json_string;
 
@@ -91,7 +93,7 @@ pub enum HeadError {
     /// Not a well-formed HTTP/1.x request head.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
-    /// Declared body larger than `HTTP_BODY_BYTES_MAX`.
+    /// Declared body larger than [`body_bytes_max`] allows.
     #[error("request body too large")]
     BodyTooLarge,
     /// Ambiguous body framing (request smuggling risk).
@@ -239,11 +241,22 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed<'_>, HeadError> {
         return Err(HeadError::Malformed("missing Host"));
     }
     if r.content_length
-        .is_some_and(|n| n > HTTP_BODY_BYTES_MAX as u64)
+        .is_some_and(|n| n > body_bytes_max(method, path) as u64)
     {
         return Err(HeadError::BodyTooLarge);
     }
     Ok(Parsed::Complete(r))
+}
+
+/// The largest request body accepted for `method` on `path`: `HTTP_BODY_BYTES_MAX`, except
+/// `FENCE_BODY_BYTES_MAX` for `PUT /v1/geofences/{name}` (a polygon of many vertices), the one
+/// route that needs more. Checked before any body byte is read.
+pub fn body_bytes_max(method: &str, path: &str) -> usize {
+    if method == "PUT" && path.starts_with("/v1/geofences/") {
+        FENCE_BODY_BYTES_MAX
+    } else {
+        HTTP_BODY_BYTES_MAX
+    }
 }
 
 /// A header value as trimmed UTF-8.

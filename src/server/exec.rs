@@ -21,8 +21,9 @@ use crate::metrics::{ExecProbe, ExecSnapshot, ShardSnapshot, StoreProbe};
 use crate::record::Heartbeat;
 use crate::route::ShardId;
 use crate::rt::{self, mesh, Signal, SyncFile};
+use crate::server::fanout::Fanout;
 use crate::server::listen::Role;
-use crate::server::msg::{Batch, ConnKey, ToOwner, ToSource};
+use crate::server::msg::{Batch, ConnKey, EventBatch, ToOwner, ToSource};
 use crate::server::Shared;
 use crate::store::{ShardStore, StoreConfig};
 
@@ -50,6 +51,8 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 pub struct Meshes {
     requests: mesh::MeshBuilder<ToOwner, mesh::Full>,
     replies: mesh::MeshBuilder<ToSource, mesh::Full>,
+    /// Subscription events, owner → executor holding the subscriber (`try_send` only).
+    events: mesh::MeshBuilder<EventBatch, mesh::Full>,
 }
 
 impl Meshes {
@@ -58,6 +61,7 @@ impl Meshes {
         Meshes {
             requests: rt::mesh::full(executors, capacity),
             replies: rt::mesh::full(executors, capacity),
+            events: rt::mesh::full(executors, crate::limits::FANOUT_MESH_CAPACITY),
         }
     }
 }
@@ -160,6 +164,8 @@ pub struct Exec {
     pub conns_open: Cell<usize>,
     /// This executor's counters.
     pub probe: ExecProbe,
+    /// Subscription fan-out: interest replica, pending events, subscriber connections.
+    pub fanout: Fanout,
 }
 
 fn now_ms() -> i64 {
@@ -351,8 +357,23 @@ impl Exec {
         }
         let mut store = slot.store.borrow_mut();
         let mut appended = 0usize;
+        // One cheap check per group: with no subscription anywhere nothing else happens.
+        let fanout = self
+            .fanout
+            .active()
+            .then(|| self.shared.owner(slot.shard).1);
+        if fanout.is_some() {
+            self.fanout.poll_fences();
+        }
         for (seq, hb) in items {
-            match store.append(hb) {
+            let result = match fanout {
+                None => store.append(hb),
+                Some(local) => store.append_tracked(hb).map(|a| {
+                    self.fanout.on_append(local, hb, &a);
+                    a.pos
+                }),
+            };
+            match result {
                 Ok(pos) => {
                     last = Some(pos);
                     appended += 1;
@@ -526,6 +547,9 @@ impl Exec {
             .commit_latency
             .observe(started.elapsed().as_secs_f64());
         self.shared.feeds[slot.shard.0 as usize].publish_durable(durable);
+        // Subscription events of this group go out now that it is durable.
+        self.fanout
+            .durable(self.shared.owner(slot.shard).1, durable);
         loop {
             let next = {
                 let mut w = slot.waiters.borrow_mut();
@@ -720,9 +744,17 @@ impl Exec {
         out
     }
 
+    /// Whether a geofence named `name` exists (checked when a client subscribes to it).
+    pub fn fence_exists(&self, name: &str) -> bool {
+        self.shared.fences.snapshot().1.id(name).is_some()
+    }
+
     /// This executor's metrics snapshot.
     pub fn snapshot(&self) -> ExecSnapshot {
         let mut snap = self.probe.snapshot(self.index, self.conns_open.get());
+        snap.subscribers_open = self.fanout.conns_open();
+        snap.events_delivered = self.fanout.delivered.get();
+        snap.events_missed = self.fanout.missed.get();
         for slot in &self.stores {
             let store = slot.store.borrow();
             let stats = store.stats();
@@ -809,6 +841,11 @@ pub async fn executor_main(
         .join()
         .await
         .map_err(|_| std::io::Error::other("joining reply mesh"))?;
+    let (events_tx, events_rx) = meshes
+        .events
+        .join()
+        .await
+        .map_err(|_| std::io::Error::other("joining event mesh"))?;
     if let Some(e) = open_error {
         // The meshes are joined (peers would wait for us forever otherwise); now stop everyone.
         tracing::error!(executor = index, error = %e, "a shard could not be opened; stopping");
@@ -818,6 +855,7 @@ pub async fn executor_main(
         return Err(e);
     }
     let peers = shared.executors;
+    let fanout = Fanout::new(index, peers, stores.len(), events_tx, shared.fences.clone());
     let exec = Rc::new(Exec {
         index,
         shared: shared.clone(),
@@ -834,10 +872,18 @@ pub async fn executor_main(
         stop_signal: Signal::new(),
         conns_open: Cell::new(0),
         probe: ExecProbe::new(peers),
+        fanout,
     });
     let request_rx = Rc::new(request_rx);
     let reply_rx = Rc::new(reply_rx);
+    let events_rx = Rc::new(events_rx);
+    rt::spawn(crate::server::fanout::flush_loop(exec.clone()));
     for peer in (0..peers).filter(|&p| p != index) {
+        rt::spawn(crate::server::fanout::recv_loop(
+            exec.clone(),
+            events_rx.clone(),
+            peer,
+        ));
         rt::spawn(exec.clone().request_loop(request_rx.clone(), peer));
         rt::spawn(exec.clone().reply_recv_loop(reply_rx.clone(), peer));
         rt::spawn(exec.clone().reply_send_loop(peer));
@@ -875,7 +921,9 @@ pub async fn executor_main(
     exec.stop_signal.notify();
     tracing::info!(executor = index, "draining");
     let drain_deadline = Instant::now() + SHUTDOWN_DRAIN_MAX;
-    while exec.conns_open.get() > 0 && Instant::now() < drain_deadline {
+    while (exec.conns_open.get() > 0 || exec.fanout.conns_open() > 0)
+        && Instant::now() < drain_deadline
+    {
         rt::sleep(Duration::from_millis(5)).await;
     }
     shared.executors_drained.fetch_add(1, Ordering::AcqRel);

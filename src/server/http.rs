@@ -154,8 +154,31 @@ fn require_reader(exec: &Exec, req: &Request<'_>, device: Option<&str>) -> Resul
     }
 }
 
+/// Checks for an ops token (writes: geofences; large bodies).
+pub fn require_ops(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
+    require_reader(exec, req, None)
+}
+
+/// Checks for an ops or subscriber token (reads that are not about one device: geofences).
+fn require_ops_or_subscriber(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
+    let mut scratch = Vec::new();
+    let token = match parse::bearer_token(req, &mut scratch) {
+        Ok(Some(t)) => t,
+        _ => return Err(Response::error(401, "missing ops or subscriber token")),
+    };
+    let claims = crate::auth::verify(&exec.shared.secret, token, now_s())
+        .map_err(|e| Response::error(401, &e.to_string()))?;
+    match claims.scope {
+        Scope::Ops | Scope::Subscriber(_) => Ok(()),
+        _ => Err(Response::error(
+            401,
+            "token scope does not allow this query",
+        )),
+    }
+}
+
 /// Answers one HTTP request.
-pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -> Response {
+pub async fn respond(exec: &Exec, req: &Request<'_>, body: &[u8], role: Role) -> Response {
     let path = req.path;
     let method = req.method;
     let metrics_here = match role {
@@ -263,7 +286,41 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, _body: &[u8], role: Role) -
                 Some(_) => history(exec, req, id).await,
             }
         }
+        "/v1/geofences" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            if let Err(r) = require_ops_or_subscriber(exec, req) {
+                return r;
+            }
+            fence_list(exec)
+        }
+        _ if path.starts_with("/v1/geofences/") => {
+            let raw = &path["/v1/geofences/".len()..];
+            let mut buf = Vec::new();
+            let name = match parse::percent_decode(raw, &mut buf) {
+                Ok(n) => n.to_owned(),
+                Err(_) => return Response::param_error("bad percent-encoding", "name"),
+            };
+            let auth = match method {
+                "GET" => require_ops_or_subscriber(exec, req),
+                "PUT" | "DELETE" => require_ops(exec, req),
+                _ => return Response::error(405, "method not allowed"),
+            };
+            if let Err(r) = auth {
+                return r;
+            }
+            if let Err(e) = crate::fence::validate_name(&name) {
+                return fence_error(400, &e, "name");
+            }
+            match method {
+                "GET" => fence_get(exec, &name),
+                "PUT" => fence_put(exec, &name, body).await,
+                _ => fence_delete(exec, name).await,
+            }
+        }
         "/v1/ingest" => Response::error(426, "use a WebSocket upgrade for /v1/ingest"),
+        "/v1/subscribe" => Response::error(426, "use a WebSocket upgrade for /v1/subscribe"),
         _ => Response::error(404, "no such endpoint"),
     }
 }
@@ -498,5 +555,95 @@ async fn last_location(exec: &Exec, id: String) -> Response {
         }
         Some(None) => Response::json(404, r#"{"error":"unknown device","param":"id"}"#.into()),
         None => Response::error(503, "shard unavailable"),
+    }
+}
+
+// ----- geofences -----
+
+/// A fence error as JSON: `{"error": <what is wrong>, "reason": <stable reason>, "param": ..}`.
+fn fence_error(status: u16, e: &crate::fence::FenceError, param: &str) -> Response {
+    Response::json(
+        status,
+        serde_json::json!({"error": e.to_string(), "reason": e.reason(), "param": param})
+            .to_string(),
+    )
+}
+
+fn unknown_fence() -> Response {
+    Response::json(404, r#"{"error":"unknown geofence","param":"name"}"#.into())
+}
+
+/// Runs a registry write (file write, fsync, rename) on its own thread, so the executor keeps
+/// serving meanwhile; geofence writes are rare operator actions.
+async fn off_executor<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = futures_channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("geobeat-fences".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .ok()?;
+    rx.await.ok()
+}
+
+fn fence_list(exec: &Exec) -> Response {
+    let (_, set) = exec.shared.fences.snapshot();
+    let mut names: Vec<&str> = set.names().collect();
+    names.sort_unstable();
+    let fences: Vec<serde_json::Value> = names
+        .into_iter()
+        .map(|n| serde_json::json!({ "name": n }))
+        .collect();
+    Response::json(200, serde_json::json!({ "fences": fences }).to_string())
+}
+
+fn fence_get(exec: &Exec, name: &str) -> Response {
+    let (_, set) = exec.shared.fences.snapshot();
+    let Some(fence) = set.by_name(name) else {
+        return unknown_fence();
+    };
+    let mut body = String::with_capacity(64);
+    body.push_str(r#"{"name":"#);
+    body.push_str(&serde_json::to_string(name).expect("serializable"));
+    body.push_str(r#","shape":"#);
+    body.push_str(&fence.to_json());
+    body.push('}');
+    Response::json(200, body)
+}
+
+async fn fence_put(exec: &Exec, name: &str, body: &[u8]) -> Response {
+    let fence = match crate::fence::Fence::parse(name, body) {
+        Ok(f) => f,
+        Err(e) => return fence_error(400, &e, "body"),
+    };
+    let registry = exec.shared.fences.clone();
+    match off_executor(move || registry.put(fence)).await {
+        Some(Ok(created)) => Response::json(
+            200,
+            serde_json::json!({"name": name, "created": created}).to_string(),
+        ),
+        Some(Err(e @ crate::fence::FenceError::TooManyFences)) => fence_error(400, &e, "name"),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "could not store a geofence");
+            fence_error(500, &e, "name")
+        }
+        None => Response::error(500, "geofence write did not complete"),
+    }
+}
+
+async fn fence_delete(exec: &Exec, name: String) -> Response {
+    let registry = exec.shared.fences.clone();
+    let n = name.clone();
+    match off_executor(move || registry.delete(&n)).await {
+        Some(Ok(true)) => Response::json(
+            200,
+            serde_json::json!({"name": name, "deleted": true}).to_string(),
+        ),
+        Some(Ok(false)) => unknown_fence(),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "could not delete a geofence");
+            fence_error(500, &e, "name")
+        }
+        None => Response::error(500, "geofence write did not complete"),
     }
 }

@@ -225,6 +225,25 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             drop(buf);
             return place_ingest(exec, stream, leftover, upgrade, slot).await;
         }
+        if role == Role::Main
+            && req.path == "/v1/subscribe"
+            && (req.upgrade.is_some() || req.method != "GET")
+        {
+            let (upgrade, sub_slot) = match authorize_subscribe(&exec, &req) {
+                Ok(u) => u,
+                Err((status, body)) => {
+                    answer_and_close(&mut stream, status, &body).await;
+                    return;
+                }
+            };
+            let leftover = buf[head_len..].to_vec();
+            drop(buf);
+            // Subscribers stay on the executor that accepted them; events come to them.
+            return crate::server::subscribe::serve(
+                exec, stream, leftover, upgrade, slot, sub_slot,
+            )
+            .await;
+        }
         // Plain HTTP. Bodies are bounded (the parser refused larger ones) and read in full
         // before answering, so pipelined requests stay in step.
         let body_len = req.content_length.unwrap_or(0) as usize;
@@ -235,6 +254,13 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
                 parse::json_error(411, "chunked request bodies are not supported", None);
             answer_and_close(&mut stream, st, &body).await;
             return;
+        }
+        if body_len > crate::limits::HTTP_BODY_BYTES_MAX {
+            // Only ops may make the server buffer a large body (PUT /v1/geofences/{name}).
+            if let Err(resp) = crate::server::http::require_ops(&exec, &req) {
+                answer_and_close(&mut stream, resp.status, &resp.body).await;
+                return;
+            }
         }
         while buf.len() < head_len + body_len {
             let mut chunk = [0u8; 4096];
@@ -264,6 +290,10 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             return;
         }
         buf.drain(..head_len + body_len);
+        if buf.capacity() > 2 * crate::limits::HTTP_BODY_BYTES_MAX {
+            // After a large fence body: do not keep a megabyte per idle keep-alive connection.
+            buf.shrink_to(HTTP_HEAD_BYTES_MAX);
+        }
     }
 }
 
@@ -291,6 +321,52 @@ fn authorize_upgrade(exec: &Exec, req: &Request<'_>) -> Result<Upgrade, (u16, St
             Some("token"),
         )),
     }
+}
+
+/// Checks a `/v1/subscribe` upgrade: the upgrade headers, then an ops or subscriber token (401
+/// otherwise), then the subscriber cap (503).
+fn authorize_subscribe(
+    exec: &Exec,
+    req: &Request<'_>,
+) -> Result<
+    (
+        crate::server::subscribe::SubUpgrade,
+        crate::server::subscribe::SubscriberSlot,
+    ),
+    (u16, String),
+> {
+    let accept_key = parse::websocket_accept(req)
+        .map_err(|e| parse::json_error(e.status(), &e.to_string(), None))?;
+    let mut scratch = Vec::new();
+    let token = match parse::bearer_token(req, &mut scratch) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Err(parse::json_error(401, "missing token", Some("token"))),
+        Err(_) => return Err(parse::json_error(401, "malformed token", Some("token"))),
+    };
+    let claims = crate::auth::verify(&exec.shared.secret, token, now_s())
+        .map_err(|e| parse::json_error(401, &e.to_string(), Some("token")))?;
+    let prefix = match claims.scope {
+        Scope::Ops => None,
+        Scope::Subscriber(p) => Some(p),
+        _ => {
+            return Err(parse::json_error(
+                401,
+                "token scope does not allow subscribing (use an ops or subscriber token)",
+                Some("token"),
+            ))
+        }
+    };
+    let Some(sub_slot) = crate::server::subscribe::SubscriberSlot::acquire(&exec.shared) else {
+        return Err(parse::json_error(503, "too many subscribers", None));
+    };
+    Ok((
+        crate::server::subscribe::SubUpgrade {
+            accept_key,
+            prefix,
+            expires_at_s: claims.expires_at_s,
+        },
+        sub_slot,
+    ))
 }
 
 /// Serves a device connection on the executor that owns its shard (handing the socket over if

@@ -2,19 +2,22 @@
 //! data directory, starts one pinned executor per core (each accepting on the same port through
 //! SO_REUSEPORT), wires the cross-executor channel meshes, and turns SIGTERM/SIGINT into an
 //! orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
-//! [`ingest`], HTTP endpoints in [`http`], and accepting/dispatching sockets in [`listen`].
+//! [`ingest`], HTTP endpoints in [`http`], accepting/dispatching sockets in [`listen`], and
+//! real-time subscriptions in [`subscribe`] (connections) and [`fanout`] (matching, delivery).
 //!
 //! Ownership: logical shard `k` (fixed for the data directory) lives on executor `k % executors`.
 //! A data directory created with 4 shards opens fine on a 2-core machine (two shards per
 //! executor) or a 16-core one (some executors own none and only accept and forward).
 
 pub mod exec;
+pub mod fanout;
 pub mod http;
 pub mod ingest;
 pub mod listen;
 pub mod live;
 pub mod msg;
 pub mod query;
+pub mod subscribe;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -41,6 +44,11 @@ pub struct Shared {
     pub executors_ready: AtomicUsize,
     /// Open client connections across all executors (bounded by `connections_max`).
     pub connections_open: AtomicUsize,
+    /// Open subscriber connections (bounded by `limits::SUBSCRIBERS_MAX`).
+    pub subscribers_open: AtomicUsize,
+    /// Device ids named by all `devices` subscriptions (bounded by
+    /// `limits::SUB_DEVICES_TOTAL_MAX`; changes per subscribe, never per heartbeat).
+    pub sub_devices_total: AtomicUsize,
     /// Set once SIGTERM/SIGINT arrived: stop accepting, drain, exit.
     pub stopping: AtomicBool,
     /// Executors whose connections have all closed during shutdown.
@@ -52,6 +60,8 @@ pub struct Shared {
     pub feeds: Vec<crate::flusher::ShardFeed>,
     /// The storage flusher's progress, when sinks are configured.
     pub sinks: Option<crate::flusher::StatusReader>,
+    /// The geofences (persisted in the data directory), shared by every executor.
+    pub fences: Arc<crate::fence::FenceRegistry>,
     /// The address actually bound (differs from the configured one when the port was 0).
     pub local_addr: std::sync::OnceLock<SocketAddr>,
 }
@@ -84,6 +94,9 @@ pub enum ServeError {
     /// The token secret could not be loaded or created.
     #[error("secret: {0}")]
     Secret(String),
+    /// The geofences file could not be read.
+    #[error("geofences: {0}")]
+    Fences(crate::fence::FenceError),
     /// The storage sinks could not be started.
     #[error("sinks: {0}")]
     Sinks(String),
@@ -101,6 +114,8 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
             source,
         }
     })?;
+    let fences =
+        Arc::new(crate::fence::FenceRegistry::open(&cfg.data_dir).map_err(ServeError::Fences)?);
     let secret = cfg
         .load_secret()
         .map_err(|e| ServeError::Secret(e.to_string()))?;
@@ -126,12 +141,15 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     let sinks = flusher.as_ref().map(|f| f.status_reader());
     let shared = Arc::new(Shared {
         feeds,
+        fences,
         sinks,
         shard_count: datadir.shard_count(),
         executors,
         secret,
         executors_ready: AtomicUsize::new(0),
         connections_open: AtomicUsize::new(0),
+        subscribers_open: AtomicUsize::new(0),
+        sub_devices_total: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
         executors_drained: AtomicUsize::new(0),
         local_addr: std::sync::OnceLock::new(),
@@ -158,17 +176,28 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         signal_hook::flag::register(sig, stop_flag.clone())?;
     }
 
+    // glommio's MeshBuilder shares an `Rc` between threads (behind an `unsafe impl Send`), so
+    // its clones must all be made here, before any executor runs: clones made on executor
+    // threads (or here while executors already run) race on the non-atomic count, which freed
+    // the builder under a peer and hung startup in mesh joins. Each executor takes its own.
     let meshes = exec::Meshes::new(executors, shared.cfg.mesh_capacity);
+    let per_executor: Vec<Option<exec::Meshes>> =
+        (0..executors).map(|_| Some(meshes.clone())).collect();
+    drop(meshes);
+    let per_executor = Arc::new(std::sync::Mutex::new(per_executor));
     let datadir = Arc::new(datadir);
     let results = rt::run_executors(executors, {
         let shared = shared.clone();
         let stop_flag = stop_flag.clone();
         move |index| {
+            let meshes = per_executor.lock().unwrap_or_else(|p| p.into_inner())[index]
+                .take()
+                .expect("each executor starts once");
             exec::executor_main(
                 index,
                 shared.clone(),
                 datadir.clone(),
-                meshes.clone(),
+                meshes,
                 stop_flag.clone(),
             )
         }

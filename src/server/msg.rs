@@ -14,7 +14,7 @@ use crate::store::ShardStore;
 
 /// Identifies one connection on its executor: slab index plus a generation, so a completion for a
 /// connection that has since closed (and whose slot was reused) is recognised and dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnKey {
     /// Slot in the executor's connection slab.
     pub slot: u32,
@@ -79,4 +79,27 @@ pub enum ToOwner {
 pub enum ToSource {
     /// The batch is durable (except the seqs listed in `failed`), buffer returned for reuse.
     Done(Batch),
+}
+
+/// One subscription event on its way to the executor holding the subscriber connection.
+pub struct EventItem {
+    /// The subscriber connection (on the destination executor).
+    pub conn: ConnKey,
+    /// The subscription's id on that connection (events of a replaced or removed subscription
+    /// are dropped on arrival).
+    pub sub: u32,
+    /// The event as a JSON object without its `"sub"` member, rendered once per heartbeat (or
+    /// fence transition) and shared by every subscription it matches.
+    pub text: std::sync::Arc<str>,
+}
+
+/// Owner → subscriber executor, on the event mesh (sent with `try_send`: ingest never waits).
+#[derive(Default)]
+pub struct EventBatch {
+    /// Events, in the owner's log order.
+    pub events: Vec<EventItem>,
+    /// Events the owner dropped for these connections since its last batch that got through
+    /// (channel full, or its pending queue full): the destination adds them to the
+    /// connections' missed counts.
+    pub missed: Vec<(ConnKey, u64)>,
 }

@@ -1,0 +1,911 @@
+//! Geofences: named areas (GeoJSON polygons with holes, or circles) that devices enter and exit.
+//! This module owns a fence's shape, its parsing and validation from the HTTP body, its canonical
+//! JSON form, and the point-in-fence test. [`FenceSet`] (an immutable, spatially indexed snapshot)
+//! lives in `index`, [`FenceRegistry`] (persistence and publication of snapshots) in `registry`.
+//! It does not know devices, subscriptions or the wire protocol of events.
+//!
+//! # Semantics (decided here; the index must agree exactly, see the proptests)
+//! * Polygon edges are straight lines in planar longitude/latitude, as GeoJSON (RFC 7946 §3.1.1)
+//!   says; there is no great-circle interpolation. A ring's longitude span may not exceed 180°:
+//!   polygons crossing the antimeridian must be split into pieces (RFC 7946 §3.1.9), one fence
+//!   each.
+//! * A polygon contains a point when the point lies inside its exterior ring (even-odd rule) or on
+//!   it, and strictly inside none of its holes. So a polygon is a closed set: points on the
+//!   exterior ring and on hole rings are contained. "On" is decided exactly in `f64` (vertices and
+//!   points on horizontal/vertical edges are exact; on slanted edges rounding decides, the same
+//!   way every time). Winding order is not checked (RFC 7946 §3.1.6 asks parsers not to reject
+//!   on it) and rings are not checked for self-intersection: the even-odd rule defines the inside
+//!   of any ring.
+//! * A circle contains a point whose great-circle (haversine) distance from its centre is at most
+//!   `radius_m`, and which lies in the circle's (slightly padded) bounding box; the box test only
+//!   matters at the last bits of rounding and makes the index exact by construction.
+//! * Points that are not finite or lie outside [-90, 90] × [-180, 180] are in no fence.
+//!
+//! # Body format
+//! Either a GeoJSON Polygon geometry `{"type":"Polygon","coordinates":[exterior, hole...]}`
+//! (positions `[lon, lat]` or `[lon, lat, alt]`, the altitude ignored; each ring closed, at least 4
+//! positions; an RFC 7946 `"bbox"` member is accepted and ignored), or a circle
+//! `{"center":[lon, lat],"radius_m":R}` with `0 < R <= 20,000 km`. Any other member is refused
+//! (`bad_geojson`) rather than silently ignored: a client sending `"properties"` or `"radius"`
+//! (no unit) would otherwise believe it had been applied.
+//!
+//! Invariant: every [`Fence`] value in the program passed [`Fence::parse`] validation (or was
+//! built from a shape that did, see [`Fence::new`]), and [`Fence::to_json`] re-parses to an equal
+//! shape.
+
+mod index;
+mod registry;
+
+pub use index::{FenceSet, Scratch};
+pub use registry::{FenceRegistry, FENCES_FILE};
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::limits::{
+    FENCES_MAX, FENCE_BODY_BYTES_MAX, FENCE_NAME_BYTES_MAX, FENCE_RADIUS_M_MAX, FENCE_VERTICES_MAX,
+};
+use crate::spatial::{circle_bbox, haversine_m, BBox};
+
+/// A fence's position in one [`FenceSet`] snapshot. Ids are per snapshot: a new snapshot may
+/// renumber (they follow name order), so anything kept across snapshots keys by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FenceId(pub u32);
+
+/// A fence's area.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    /// A polygon: `rings[0]` is the exterior ring, the others are holes. Positions are
+    /// `(lon, lat)` in degrees; every ring is closed (first == last) and has at least 4 positions.
+    Polygon {
+        /// Exterior ring, then holes.
+        rings: Vec<Vec<(f64, f64)>>,
+    },
+    /// A circle on the sphere.
+    Circle {
+        /// Centre longitude, degrees.
+        lon: f64,
+        /// Centre latitude, degrees.
+        lat: f64,
+        /// Radius (great-circle distance), metres.
+        radius_m: f64,
+    },
+}
+
+/// A named fence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fence {
+    /// Its name: 1..=64 bytes of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Its area.
+    pub shape: Shape,
+}
+
+/// A device crossing a fence's boundary between two locations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transition {
+    /// Outside (or never seen) before, inside now.
+    Enter,
+    /// Inside before, outside now.
+    Exit,
+}
+
+impl Transition {
+    /// The wire name: `"enter"` or `"exit"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::Enter => "enter",
+            Transition::Exit => "exit",
+        }
+    }
+}
+
+/// Errors of fence parsing, validation and persistence.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// The fence name is empty, too long or has a character outside `[A-Za-z0-9._-]`.
+    #[error("bad fence name: {0}")]
+    BadName(String),
+    /// The body is not JSON, or not a Polygon geometry or circle of the accepted form.
+    #[error("{0}")]
+    BadGeojson(String),
+    /// The polygon has more positions than [`FENCE_VERTICES_MAX`].
+    #[error("the polygon has more than {max} positions (over all rings)", max = FENCE_VERTICES_MAX)]
+    TooManyVertices,
+    /// The circle's radius is not a finite number in (0, 20,000 km].
+    #[error("{0}")]
+    BadRadius(String),
+    /// A coordinate is not finite, out of range, or a ring spans more than 180° of longitude.
+    #[error("{0}")]
+    BadCoordinates(String),
+    /// The body is larger than [`FENCE_BODY_BYTES_MAX`].
+    #[error("fence body of {0} bytes exceeds {max} bytes", max = FENCE_BODY_BYTES_MAX)]
+    TooBig(usize),
+    /// Creating the fence would exceed [`FENCES_MAX`].
+    #[error("too many fences: at most {max} may exist", max = FENCES_MAX)]
+    TooManyFences,
+    /// A file-system operation on the fences file failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The fences file exists but cannot be read back.
+    #[error("{}: corrupt fences file: {detail}", path.display())]
+    Corrupt {
+        /// The fences file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl FenceError {
+    /// A stable machine-readable reason (API: extend, never rename).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FenceError::BadName(_) => "bad_name",
+            FenceError::BadGeojson(_) => "bad_geojson",
+            FenceError::TooManyVertices => "too_many_vertices",
+            FenceError::BadRadius(_) => "bad_radius",
+            FenceError::BadCoordinates(_) => "bad_coordinates",
+            FenceError::TooBig(_) => "too_big",
+            FenceError::TooManyFences => "too_many_fences",
+            FenceError::Io { .. } => "io",
+            FenceError::Corrupt { .. } => "corrupt",
+        }
+    }
+}
+
+/// Checks a fence name: 1..=64 bytes of `[A-Za-z0-9._-]`.
+pub fn validate_name(name: &str) -> Result<(), FenceError> {
+    if name.is_empty() {
+        return Err(FenceError::BadName("the name is empty".into()));
+    }
+    if name.len() > FENCE_NAME_BYTES_MAX {
+        return Err(FenceError::BadName(format!(
+            "the name is {} bytes, at most {FENCE_NAME_BYTES_MAX} allowed",
+            name.len()
+        )));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(FenceError::BadName(format!(
+            "character {c:?} is not allowed (only A-Z a-z 0-9 . _ -)"
+        )));
+    }
+    Ok(())
+}
+
+fn geojson(msg: impl Into<String>) -> FenceError {
+    FenceError::BadGeojson(msg.into())
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Reads one position `[lon, lat]` or `[lon, lat, alt]`; `what` names it in errors.
+fn position(v: &Value, what: &dyn Fn() -> String) -> Result<(f64, f64), FenceError> {
+    let a = v.as_array().ok_or_else(|| {
+        geojson(format!(
+            "{} must be an array [lon, lat], got {}",
+            what(),
+            kind_of(v)
+        ))
+    })?;
+    if a.len() < 2 || a.len() > 3 {
+        return Err(geojson(format!(
+            "{} must have 2 or 3 elements ([lon, lat] or [lon, lat, alt]), got {}",
+            what(),
+            a.len()
+        )));
+    }
+    let num = |i: usize, axis: &str| -> Result<f64, FenceError> {
+        let n = a[i].as_f64().ok_or_else(|| {
+            geojson(format!(
+                "{} {axis} must be a number, got {}",
+                what(),
+                kind_of(&a[i])
+            ))
+        })?;
+        if !n.is_finite() {
+            return Err(FenceError::BadCoordinates(format!(
+                "{} {axis} is not finite",
+                what()
+            )));
+        }
+        Ok(n)
+    };
+    let lon = num(0, "longitude")?;
+    let lat = num(1, "latitude")?;
+    if a.len() == 3 {
+        // The altitude is ignored, but it must still be a number (RFC 7946 §3.1.1).
+        num(2, "altitude")?;
+    }
+    if !(-180.0..=180.0).contains(&lon) {
+        return Err(FenceError::BadCoordinates(format!(
+            "{} longitude {lon} is outside [-180, 180]",
+            what()
+        )));
+    }
+    if !(-90.0..=90.0).contains(&lat) {
+        return Err(FenceError::BadCoordinates(format!(
+            "{} latitude {lat} is outside [-90, 90]",
+            what()
+        )));
+    }
+    Ok((lon, lat))
+}
+
+fn parse_polygon(obj: &serde_json::Map<String, Value>) -> Result<Shape, FenceError> {
+    for (k, v) in obj {
+        match k.as_str() {
+            "type" | "coordinates" => {}
+            // RFC 7946 §5: a geometry may carry a bounding box; it is redundant, so it is checked
+            // for form only and dropped.
+            "bbox" => {
+                let ok = v
+                    .as_array()
+                    .is_some_and(|a| (a.len() == 4 || a.len() == 6) && a.iter().all(Value::is_number));
+                if !ok {
+                    return Err(geojson("\"bbox\" must be an array of 4 or 6 numbers"));
+                }
+            }
+            other => {
+                return Err(geojson(format!(
+                    "unknown member {other:?} in a Polygon (allowed: \"type\", \"coordinates\", \"bbox\")"
+                )))
+            }
+        }
+    }
+    let coords = obj
+        .get("coordinates")
+        .ok_or_else(|| geojson("a Polygon needs \"coordinates\""))?;
+    let rings_v = coords.as_array().ok_or_else(|| {
+        geojson(format!(
+            "\"coordinates\" must be an array of rings, got {}",
+            kind_of(coords)
+        ))
+    })?;
+    if rings_v.is_empty() {
+        return Err(geojson(
+            "\"coordinates\" must hold at least the exterior ring",
+        ));
+    }
+    let mut total = 0usize;
+    let mut rings = Vec::with_capacity(rings_v.len());
+    for (ri, ring_v) in rings_v.iter().enumerate() {
+        let pos_v = ring_v.as_array().ok_or_else(|| {
+            geojson(format!(
+                "ring {ri} must be an array of positions, got {}",
+                kind_of(ring_v)
+            ))
+        })?;
+        total += pos_v.len();
+        if total > FENCE_VERTICES_MAX {
+            return Err(FenceError::TooManyVertices);
+        }
+        if pos_v.len() < 4 {
+            return Err(geojson(format!(
+                "ring {ri} has {} positions; a closed ring needs at least 4",
+                pos_v.len()
+            )));
+        }
+        let mut ring = Vec::with_capacity(pos_v.len());
+        for (pi, p) in pos_v.iter().enumerate() {
+            ring.push(position(p, &|| format!("ring {ri} position {pi}"))?);
+        }
+        if ring.first() != ring.last() {
+            return Err(geojson(format!(
+                "ring {ri} is not closed (its first and last positions differ)"
+            )));
+        }
+        let (lo, hi) = ring
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(x, _)| {
+                (lo.min(x), hi.max(x))
+            });
+        if hi - lo > 180.0 {
+            return Err(FenceError::BadCoordinates(format!(
+                "ring {ri} spans {} degrees of longitude (more than 180); a polygon crossing the \
+                 antimeridian must be split into pieces that do not cross it (RFC 7946 §3.1.9), \
+                 one fence each",
+                hi - lo
+            )));
+        }
+        rings.push(ring);
+    }
+    Ok(Shape::Polygon { rings })
+}
+
+fn parse_circle(obj: &serde_json::Map<String, Value>) -> Result<Shape, FenceError> {
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "center" | "radius_m"))
+    {
+        return Err(geojson(format!(
+            "unknown member {k:?} in a circle (allowed: \"center\", \"radius_m\")"
+        )));
+    }
+    let center = obj
+        .get("center")
+        .ok_or_else(|| geojson("a circle needs \"center\": [lon, lat]"))?;
+    let (lon, lat) = position(center, &|| "\"center\"".to_string())?;
+    let r = obj
+        .get("radius_m")
+        .ok_or_else(|| FenceError::BadRadius("a circle needs \"radius_m\" (metres)".into()))?;
+    let radius_m = r.as_f64().ok_or_else(|| {
+        FenceError::BadRadius(format!("\"radius_m\" must be a number, got {}", kind_of(r)))
+    })?;
+    if !(radius_m.is_finite() && radius_m > 0.0 && radius_m <= FENCE_RADIUS_M_MAX) {
+        return Err(FenceError::BadRadius(format!(
+            "\"radius_m\" {radius_m} must be greater than 0 and at most {FENCE_RADIUS_M_MAX} (20,000 km)"
+        )));
+    }
+    Ok(Shape::Circle { lon, lat, radius_m })
+}
+
+impl Shape {
+    /// Parses and validates a shape body (see the module docs for the accepted forms).
+    pub fn parse(body: &[u8]) -> Result<Shape, FenceError> {
+        if body.len() > FENCE_BODY_BYTES_MAX {
+            return Err(FenceError::TooBig(body.len()));
+        }
+        // serde_json bounds nesting (128 levels), so arbitrary input cannot overflow the stack.
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| geojson(format!("the body is not valid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| {
+            geojson(format!(
+                "the body must be a JSON object (a GeoJSON Polygon or a circle), got {}",
+                kind_of(&v)
+            ))
+        })?;
+        match obj.get("type") {
+            Some(Value::String(t)) if t == "Polygon" => parse_polygon(obj),
+            Some(Value::String(t)) => Err(geojson(format!(
+                "\"type\" must be \"Polygon\", got {t:?} (a MultiPolygon or Feature must be sent \
+                 as one Polygon geometry per fence)"
+            ))),
+            Some(other) => Err(geojson(format!(
+                "\"type\" must be the string \"Polygon\", got {}",
+                kind_of(other)
+            ))),
+            None if obj.contains_key("center") || obj.contains_key("radius_m") => parse_circle(obj),
+            None => Err(geojson(
+                "expected a GeoJSON Polygon {\"type\":\"Polygon\",\"coordinates\":[...]} or a circle \
+                 {\"center\":[lon,lat],\"radius_m\":R}",
+            )),
+        }
+    }
+
+    /// The canonical JSON text of the shape (altitudes and `bbox` dropped; numbers in shortest
+    /// round-trip form, so [`Shape::parse`] of it gives back an equal shape).
+    pub fn to_json(&self) -> String {
+        let mut s = String::new();
+        let num = |s: &mut String, v: f64| {
+            // Finite by validation; serde_json prints the shortest text that parses back exactly.
+            s.push_str(
+                &serde_json::Number::from_f64(v)
+                    .expect("validated finite")
+                    .to_string(),
+            );
+        };
+        match self {
+            Shape::Polygon { rings } => {
+                s.push_str("{\"type\":\"Polygon\",\"coordinates\":[");
+                for (ri, ring) in rings.iter().enumerate() {
+                    if ri > 0 {
+                        s.push(',');
+                    }
+                    s.push('[');
+                    for (pi, &(lon, lat)) in ring.iter().enumerate() {
+                        if pi > 0 {
+                            s.push(',');
+                        }
+                        s.push('[');
+                        num(&mut s, lon);
+                        s.push(',');
+                        num(&mut s, lat);
+                        s.push(']');
+                    }
+                    s.push(']');
+                }
+                s.push_str("]}");
+            }
+            Shape::Circle { lon, lat, radius_m } => {
+                s.push_str("{\"center\":[");
+                num(&mut s, *lon);
+                s.push(',');
+                num(&mut s, *lat);
+                s.push_str("],\"radius_m\":");
+                num(&mut s, *radius_m);
+                s.push('}');
+            }
+        }
+        s
+    }
+
+    /// The shape's bounding box: the exterior ring's vertex extent, or the circle's box (padded
+    /// by 1e-9° in latitude against rounding). Every point the shape contains lies in it.
+    pub fn bbox(&self) -> BBox {
+        match self {
+            Shape::Polygon { rings } => {
+                let mut b = BBox {
+                    min_lon: f64::INFINITY,
+                    min_lat: f64::INFINITY,
+                    max_lon: f64::NEG_INFINITY,
+                    max_lat: f64::NEG_INFINITY,
+                };
+                for &(x, y) in &rings[0] {
+                    b.min_lon = b.min_lon.min(x);
+                    b.max_lon = b.max_lon.max(x);
+                    b.min_lat = b.min_lat.min(y);
+                    b.max_lat = b.max_lat.max(y);
+                }
+                b
+            }
+            Shape::Circle { lon, lat, radius_m } => {
+                let mut b = circle_bbox(*lat, *lon, *radius_m);
+                b.min_lat = (b.min_lat - 1e-9).max(-90.0);
+                b.max_lat = (b.max_lat + 1e-9).min(90.0);
+                b
+            }
+        }
+    }
+
+    /// The exact test for a valid point already known to lie in [`Shape::bbox`].
+    pub(crate) fn contains_in_bbox(&self, lat: f64, lon: f64) -> bool {
+        match self {
+            Shape::Polygon { rings } => {
+                locate(&rings[0], lon, lat) != Loc::Outside
+                    && rings[1..]
+                        .iter()
+                        .all(|h| locate(h, lon, lat) != Loc::Inside)
+            }
+            Shape::Circle {
+                lon: clon,
+                lat: clat,
+                radius_m,
+            } => haversine_m(*clat, *clon, lat, lon) <= *radius_m,
+        }
+    }
+
+    /// Positions over all rings (0 for a circle).
+    pub fn vertices(&self) -> usize {
+        match self {
+            Shape::Polygon { rings } => rings.iter().map(Vec::len).sum(),
+            Shape::Circle { .. } => 0,
+        }
+    }
+}
+
+/// Where a point lies relative to one ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loc {
+    Inside,
+    Boundary,
+    Outside,
+}
+
+/// Even-odd ray casting (a ray towards +x) over a closed ring, with an exact on-edge test first.
+fn locate(ring: &[(f64, f64)], x: f64, y: f64) -> Loc {
+    let mut inside = false;
+    for w in ring.windows(2) {
+        let ((ax, ay), (bx, by)) = (w[0], w[1]);
+        if y >= ay.min(by) && y <= ay.max(by) && x >= ax.min(bx) && x <= ax.max(bx) {
+            let cross = (bx - ax) * (y - ay) - (by - ay) * (x - ax);
+            if cross == 0.0 {
+                return Loc::Boundary;
+            }
+        }
+        // Half-open in y, so a ray through a vertex counts the two edges meeting there once.
+        if (ay > y) != (by > y) {
+            let xi = ax + (y - ay) * (bx - ax) / (by - ay);
+            if x < xi {
+                inside = !inside;
+            }
+        }
+    }
+    if inside {
+        Loc::Inside
+    } else {
+        Loc::Outside
+    }
+}
+
+/// Whether `(lat, lon)` is a finite point on the globe.
+pub(crate) fn valid_point(lat: f64, lon: f64) -> bool {
+    (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)
+}
+
+impl Fence {
+    /// Builds a fence from a name and an already valid shape (e.g. one from [`Shape::parse`]);
+    /// validates the name only.
+    pub fn new(name: &str, shape: Shape) -> Result<Fence, FenceError> {
+        validate_name(name)?;
+        Ok(Fence {
+            name: name.to_string(),
+            shape,
+        })
+    }
+
+    /// Validates `name` and parses `body` (a GeoJSON Polygon or a circle; see the module docs).
+    pub fn parse(name: &str, body: &[u8]) -> Result<Fence, FenceError> {
+        validate_name(name)?;
+        Ok(Fence {
+            name: name.to_string(),
+            shape: Shape::parse(body)?,
+        })
+    }
+
+    /// The canonical JSON of the shape (the `"shape"` value of `GET /v1/geofences/{name}`).
+    pub fn to_json(&self) -> String {
+        self.shape.to_json()
+    }
+
+    /// Whether the fence contains the point (see the module docs for the exact semantics).
+    pub fn contains(&self, lat: f64, lon: f64) -> bool {
+        valid_point(lat, lon)
+            && self.shape.bbox().contains(lat, lon)
+            && self.shape.contains_in_bbox(lat, lon)
+    }
+}
+
+/// Appends `s` to `out` as a JSON string literal.
+pub(crate) fn push_json_str(out: &mut String, s: &str) {
+    let _ = write!(out, "{}", Value::String(s.to_string()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn err(body: &str) -> FenceError {
+        Fence::parse("f", body.as_bytes()).expect_err(body)
+    }
+
+    /// Asserts `body` is refused with `reason` and a message containing `needle`.
+    fn refused(body: &str, reason: &str, needle: &str) {
+        let e = err(body);
+        assert_eq!(e.reason(), reason, "{body}: {e}");
+        assert!(
+            e.to_string().contains(needle),
+            "{body}: {e:?} lacks {needle:?}"
+        );
+    }
+
+    const SQUARE: &str =
+        r#"{"type":"Polygon","coordinates":[[[0,0],[10,0],[10,10],[0,10],[0,0]]]}"#;
+
+    #[test]
+    fn parses_polygons_and_circles() {
+        // Valid bodies parse to the expected shapes: altitude dropped, bbox accepted, holes kept.
+        let f = Fence::parse("depot-1.a_b", SQUARE.as_bytes()).unwrap();
+        assert_eq!(f.name, "depot-1.a_b");
+        let Shape::Polygon { rings } = &f.shape else {
+            panic!("not a polygon")
+        };
+        assert_eq!(rings.len(), 1);
+        assert_eq!(rings[0][2], (10.0, 10.0));
+        let alt = r#"{"type":"Polygon","bbox":[0,0,1,1],"coordinates":[[[0,0,5],[1,0,5],[1,1,5],[0,0,5]],
+            [[0.1,0.1],[0.2,0.1],[0.2,0.2],[0.1,0.1]]]}"#;
+        let f = Fence::parse("x", alt.as_bytes()).unwrap();
+        assert_eq!(f.shape.vertices(), 8);
+        let c = Fence::parse("c", br#"{"center":[13.4,52.5],"radius_m":250.5}"#).unwrap();
+        assert_eq!(
+            c.shape,
+            Shape::Circle {
+                lon: 13.4,
+                lat: 52.5,
+                radius_m: 250.5
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_every_bad_name() {
+        // Empty, too long and bad-character names are refused with bad_name.
+        for name in ["", &"a".repeat(65), "a b", "a/b", "é", "a\0"] {
+            let e = Fence::parse(name, SQUARE.as_bytes()).unwrap_err();
+            assert_eq!(e.reason(), "bad_name", "{name:?}");
+        }
+        assert!(Fence::parse(&"a".repeat(64), SQUARE.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn refuses_every_bad_body() {
+        // Each malformed body is refused with its reason and a message naming the problem.
+        refused("", "bad_geojson", "not valid JSON");
+        refused("[1]", "bad_geojson", "must be a JSON object");
+        refused("{}", "bad_geojson", "expected a GeoJSON Polygon");
+        refused(
+            r#"{"type":"Point","coordinates":[0,0]}"#,
+            "bad_geojson",
+            "\"Point\"",
+        );
+        refused(r#"{"type":7}"#, "bad_geojson", "must be the string");
+        refused(
+            r#"{"type":"Polygon"}"#,
+            "bad_geojson",
+            "needs \"coordinates\"",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":{}}"#,
+            "bad_geojson",
+            "array of rings",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[]}"#,
+            "bad_geojson",
+            "exterior ring",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[5]}"#,
+            "bad_geojson",
+            "ring 0 must be an array",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[0,0]]]}"#,
+            "bad_geojson",
+            "ring 0 has 3 positions",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,0]],[[0,0],[1,0],[1,1],[0,1]]]}"#,
+            "bad_geojson",
+            "ring 1 is not closed",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],"x",[0,0]]]}"#,
+            "bad_geojson",
+            "ring 0 position 2 must be an array",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0],[1,0],[1,1],[0,0]]]}"#,
+            "bad_geojson",
+            "2 or 3 elements",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0,0,0,0],[1,0],[1,1],[0,0]]]}"#,
+            "bad_geojson",
+            "2 or 3 elements",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0,"0"],[1,0],[1,1],[0,0]]]}"#,
+            "bad_geojson",
+            "latitude must be a number",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0,0,null],[1,0],[1,1],[0,0]]]}"#,
+            "bad_geojson",
+            "altitude must be a number",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0,0],[181,0],[1,1],[0,0]]]}"#,
+            "bad_coordinates",
+            "ring 0 position 1 longitude 181",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0,0],[1,-90.5],[1,1],[0,0]]]}"#,
+            "bad_coordinates",
+            "latitude -90.5",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,0]]],"properties":{}}"#,
+            "bad_geojson",
+            "unknown member \"properties\"",
+        );
+        refused(
+            r#"{"type":"Polygon","bbox":[1,2],"coordinates":[[[0,0],[1,0],[1,1],[0,0]]]}"#,
+            "bad_geojson",
+            "\"bbox\"",
+        );
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[170,0],[-170,0],[-170,5],[170,0]]]}"#,
+            "bad_coordinates",
+            "antimeridian",
+        );
+        // Non-finite numbers cannot be written in JSON; a number too big for f64 is not JSON.
+        refused(
+            r#"{"type":"Polygon","coordinates":[[[1e999,0],[1,0],[1,1],[0,0]]]}"#,
+            "bad_geojson",
+            "not valid JSON",
+        );
+        refused(r#"{"center":[0,0]}"#, "bad_radius", "needs \"radius_m\"");
+        refused(r#"{"radius_m":5}"#, "bad_geojson", "needs \"center\"");
+        refused(
+            r#"{"center":[0,0],"radius_m":"5"}"#,
+            "bad_radius",
+            "must be a number",
+        );
+        refused(
+            r#"{"center":[0,0],"radius_m":0}"#,
+            "bad_radius",
+            "greater than 0",
+        );
+        refused(
+            r#"{"center":[0,0],"radius_m":-1}"#,
+            "bad_radius",
+            "greater than 0",
+        );
+        refused(
+            r#"{"center":[0,0],"radius_m":20000001}"#,
+            "bad_radius",
+            "20,000 km",
+        );
+        refused(
+            r#"{"center":[0,91],"radius_m":5}"#,
+            "bad_coordinates",
+            "\"center\" latitude 91",
+        );
+        refused(
+            r#"{"center":0,"radius_m":5}"#,
+            "bad_geojson",
+            "\"center\" must be an array",
+        );
+        refused(
+            r#"{"center":[0,0],"radius_m":5,"radius":5}"#,
+            "bad_geojson",
+            "unknown member \"radius\"",
+        );
+        let big = vec![b' '; FENCE_BODY_BYTES_MAX + 1];
+        let e = Fence::parse("f", &big).unwrap_err();
+        assert_eq!(e.reason(), "too_big");
+        assert!(Fence::parse("f", br#"{"center":[0,0],"radius_m":20000000}"#).is_ok());
+    }
+
+    #[test]
+    fn refuses_too_many_vertices() {
+        // A ring of FENCE_VERTICES_MAX positions parses; one more position over all rings is refused.
+        let ring = |n: usize, dx: f64| {
+            let mut pts: Vec<String> = (0..n - 1)
+                .map(|i| {
+                    let a = i as f64 / (n - 1) as f64 * std::f64::consts::TAU;
+                    format!("[{},{}]", dx + a.cos(), a.sin())
+                })
+                .collect();
+            pts.push(pts[0].clone());
+            format!("[{}]", pts.join(","))
+        };
+        let ok = format!(
+            r#"{{"type":"Polygon","coordinates":[{}]}}"#,
+            ring(FENCE_VERTICES_MAX, 0.0)
+        );
+        assert_eq!(
+            Fence::parse("f", ok.as_bytes()).unwrap().shape.vertices(),
+            FENCE_VERTICES_MAX
+        );
+        let over = format!(
+            r#"{{"type":"Polygon","coordinates":[{},{}]}}"#,
+            ring(FENCE_VERTICES_MAX - 3, 0.0),
+            ring(4, 0.0)
+        );
+        assert_eq!(err(&over).reason(), "too_many_vertices");
+    }
+
+    #[test]
+    fn polygon_contains_with_holes_and_boundaries() {
+        // The square with a hole contains its interior, its edges and vertices, the hole's edge,
+        // but not the hole's inside nor the outside.
+        let body = r#"{"type":"Polygon","coordinates":[[[0,0],[10,0],[10,10],[0,10],[0,0]],
+            [[4,4],[6,4],[6,6],[4,6],[4,4]]]}"#;
+        let f = Fence::parse("h", body.as_bytes()).unwrap();
+        // contains(lat, lon)
+        assert!(f.contains(1.0, 1.0));
+        assert!(f.contains(9.9, 0.1));
+        assert!(!f.contains(5.0, 5.0), "inside the hole");
+        assert!(f.contains(4.0, 5.0), "on the hole's edge");
+        assert!(f.contains(0.0, 5.0) && f.contains(10.0, 10.0) && f.contains(5.0, 10.0));
+        assert!(!f.contains(-0.1, 5.0) && !f.contains(5.0, 10.1) && !f.contains(11.0, 11.0));
+        // A concave (L-shaped) polygon, clockwise: the notch is outside.
+        let l =
+            r#"{"type":"Polygon","coordinates":[[[0,0],[0,10],[5,10],[5,5],[10,5],[10,0],[0,0]]]}"#;
+        let f = Fence::parse("l", l.as_bytes()).unwrap();
+        assert!(f.contains(2.0, 2.0) && f.contains(8.0, 2.0) && f.contains(2.0, 8.0));
+        assert!(!f.contains(8.0, 8.0));
+        // Out-of-range and non-finite points are in no fence.
+        assert!(!f.contains(f64::NAN, 1.0) && !f.contains(1.0, f64::INFINITY));
+    }
+
+    #[test]
+    fn circles_contain_by_great_circle_distance_across_the_antimeridian_and_poles() {
+        // A 100 km circle centred on the antimeridian contains points on both sides of it; a
+        // circle around the north pole contains every longitude near the pole.
+        let c = Fence::parse("am", br#"{"center":[180,0],"radius_m":100000}"#).unwrap();
+        assert!(c.contains(0.0, 179.5) && c.contains(0.0, -179.5) && c.contains(0.5, -180.0));
+        assert!(!c.contains(0.0, 179.0) && !c.contains(0.0, -179.0) && !c.contains(0.0, 0.0));
+        let c = Fence::parse("w", br#"{"center":[-179.9,10],"radius_m":50000}"#).unwrap();
+        assert!(c.contains(10.0, 179.9) && !c.contains(10.0, 179.0));
+        let p = Fence::parse("np", br#"{"center":[0,89.5],"radius_m":200000}"#).unwrap();
+        assert!(p.contains(89.9, 180.0) && p.contains(89.9, -90.0) && p.contains(90.0, 0.0));
+        assert!(!p.contains(87.0, 180.0) && p.contains(88.0, 0.0));
+        // 1 km circle: 0.99 km north is in, 1.01 km is out.
+        let k = Fence::parse("k", br#"{"center":[10,50],"radius_m":1000}"#).unwrap();
+        let dlat = |m: f64| (m / crate::spatial::EARTH_RADIUS_M).to_degrees();
+        assert!(k.contains(50.0 + dlat(990.0), 10.0) && !k.contains(50.0 + dlat(1010.0), 10.0));
+    }
+
+    #[test]
+    fn canonical_json_round_trips() {
+        // to_json of parsed bodies parses back to an equal shape and drops altitude and bbox.
+        for body in [
+            SQUARE,
+            r#"{"type":"Polygon","bbox":[0,0,1,1],"coordinates":[[[0.1,0.2,3],[1e-7,0],[1,1],[0.1,0.2]]]}"#,
+            r#"{"center":[-179.99999999999997,-89.1],"radius_m":0.001}"#,
+        ] {
+            let f = Fence::parse("r", body.as_bytes()).unwrap();
+            let j = f.to_json();
+            assert!(!j.contains("bbox"), "{j}");
+            assert_eq!(Fence::parse("r", j.as_bytes()).unwrap(), f, "{j}");
+        }
+        assert_eq!(Transition::Enter.as_str(), "enter");
+        assert_eq!(Transition::Exit.as_str(), "exit");
+    }
+
+    fn json_ish() -> impl Strategy<Value = String> {
+        // Fragments of fence bodies in random order: mostly near-miss JSON.
+        let frag = prop::sample::select(vec![
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"type\"",
+            "\"Polygon\"",
+            "\"coordinates\"",
+            "\"center\"",
+            "\"radius_m\"",
+            "\"bbox\"",
+            "0",
+            "1",
+            "-181",
+            "90.0000001",
+            "1e308",
+            "-0",
+            "null",
+            "true",
+            "\"x\"",
+            "[0,0]",
+            "[1,0,2]",
+            "[[0,0],[1,0],[1,1],[0,0]]",
+        ]);
+        prop::collection::vec(frag, 0..40).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn parse_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            // Arbitrary bytes give a fence or an error with a reason, never a panic.
+            if let Err(e) = Fence::parse("f", &bytes) {
+                prop_assert!(!e.reason().is_empty());
+            }
+        }
+
+        #[test]
+        fn parse_never_panics_on_json_like_text(s in json_ish()) {
+            // Near-miss JSON built from fence-body fragments never panics; what parses round-trips.
+            if let Ok(f) = Fence::parse("f", s.as_bytes()) {
+                prop_assert_eq!(Fence::parse("f", f.to_json().as_bytes()).unwrap(), f);
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! [`FenceRegistry`]: the server's fences, persisted in `<data-dir>/geofences.json` and published
+//! as immutable [`FenceSet`] snapshots. It owns the file format and its atomic replacement (temp
+//! file, fsync, rename, fsync of the directory). It does not know HTTP or subscriptions.
+//!
+//! Concurrency: one mutex serialises writers (put/delete hold it across the file write, so two
+//! writers never interleave file contents and publication order); a second one guards only the
+//! current `(version, Arc<FenceSet>)` pair and is held for a pointer copy, so readers never wait
+//! for an fsync. [`FenceRegistry::version`] is a lone atomic load, cheap enough to poll per commit
+//! group; a reader that sees a new version then calls [`FenceRegistry::snapshot`].
+//!
+//! Invariant: a change is published only after the file holding it is durable; the published
+//! snapshot always equals the file's content as of the last successful write. If a write fails
+//! (the error is returned and nothing is published), the file holds either the old or the new
+//! content (rename is atomic); the next successful write rewrites it from the published state.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+
+use super::{push_json_str, Fence, FenceError, FenceSet};
+use crate::limits::FENCES_MAX;
+
+/// Name of the fences file in the data directory.
+pub const FENCES_FILE: &str = "geofences.json";
+/// Format version written in the fences file.
+const FORMAT_VERSION: u32 = 1;
+
+fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> FenceError {
+    FenceError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    name: String,
+    shape: Box<serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBody {
+    format_version: u32,
+    fences: Vec<FileEntry>,
+}
+
+/// The server's fences: persistence plus the current snapshot. `Send + Sync`.
+#[derive(Debug)]
+pub struct FenceRegistry {
+    dir: PathBuf,
+    path: PathBuf,
+    tmp: PathBuf,
+    /// Serialises put/delete (held across the file write).
+    write: Mutex<()>,
+    /// The published snapshot and its version (held only to copy or swap the pair).
+    current: Mutex<(u64, Arc<FenceSet>)>,
+    /// Mirror of `current.0` for cheap polling.
+    version: AtomicU64,
+}
+
+impl FenceRegistry {
+    /// Opens the fences of the data directory `data_dir`: reads `geofences.json` (a missing file
+    /// means no fences; a corrupt one is an error naming the file) and removes a temp file left
+    /// by a crash during a write. The first snapshot has version 1.
+    pub fn open(data_dir: &Path) -> Result<FenceRegistry, FenceError> {
+        let path = data_dir.join(FENCES_FILE);
+        let tmp = data_dir.join(format!("{FENCES_FILE}.tmp"));
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove stale temp file", &tmp, e)),
+        }
+        let fences = match std::fs::read(&path) {
+            Ok(bytes) => load(&path, &bytes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_err("read fences file", &path, e)),
+        };
+        Ok(FenceRegistry {
+            dir: data_dir.to_path_buf(),
+            path,
+            tmp,
+            write: Mutex::new(()),
+            current: Mutex::new((1, Arc::new(FenceSet::new(fences)))),
+            version: AtomicU64::new(1),
+        })
+    }
+
+    /// The fences file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates or replaces the fence named `fence.name`; `Ok(true)` when it is new. Persists,
+    /// then publishes a new snapshot. Refuses a new fence beyond [`FENCES_MAX`].
+    pub fn put(&self, fence: Fence) -> Result<bool, FenceError> {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, cur) = self.snapshot();
+        let existing = cur.id(&fence.name);
+        if existing.is_none() && cur.len() >= FENCES_MAX {
+            return Err(FenceError::TooManyFences);
+        }
+        let mut fences: Vec<Fence> = Vec::with_capacity(cur.len() + 1);
+        fences.extend(
+            cur.iter()
+                .filter(|(_, f)| f.name != fence.name)
+                .map(|(_, f)| f.clone()),
+        );
+        fences.push(fence);
+        self.commit(fences)?;
+        Ok(existing.is_none())
+    }
+
+    /// Deletes the fence called `name`; `Ok(false)` when there is none (nothing is written).
+    pub fn delete(&self, name: &str) -> Result<bool, FenceError> {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, cur) = self.snapshot();
+        if cur.id(name).is_none() {
+            return Ok(false);
+        }
+        let fences: Vec<Fence> = cur
+            .iter()
+            .filter(|(_, f)| f.name != name)
+            .map(|(_, f)| f.clone())
+            .collect();
+        self.commit(fences)?;
+        Ok(true)
+    }
+
+    /// The current snapshot's version (one atomic load). It grows by one per published change.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The current snapshot and its version.
+    pub fn snapshot(&self) -> (u64, Arc<FenceSet>) {
+        let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        (cur.0, Arc::clone(&cur.1))
+    }
+
+    /// Writes `fences` durably, then publishes them. Caller holds `self.write`.
+    fn commit(&self, fences: Vec<Fence>) -> Result<(), FenceError> {
+        let set = FenceSet::new(fences);
+        self.write_file(&render(&set))?;
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let v = cur.0 + 1;
+        *cur = (v, Arc::new(set));
+        self.version.store(v, Ordering::Release);
+        Ok(())
+    }
+
+    /// Replaces the fences file atomically and durably; removes the temp file on failure.
+    fn write_file(&self, text: &str) -> Result<(), FenceError> {
+        let r = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&self.tmp)
+                .map_err(|e| io_err("create fences temp file", &self.tmp, e))?;
+            f.write_all(text.as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| io_err("write fences temp file", &self.tmp, e))?;
+            drop(f);
+            std::fs::rename(&self.tmp, &self.path)
+                .map_err(|e| io_err("rename fences file", &self.tmp, e))
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        r?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("fsync directory", &self.dir, e))
+    }
+}
+
+/// The file text of `set`: `{"format_version":1,"fences":[{"name":..,"shape":..},..]}`, one fence
+/// per line, in name order.
+fn render(set: &FenceSet) -> String {
+    let mut s = format!("{{\"format_version\":{FORMAT_VERSION},\"fences\":[");
+    for (i, (_, f)) in set.iter().enumerate() {
+        s.push_str(if i == 0 { "\n" } else { ",\n" });
+        s.push_str("{\"name\":");
+        push_json_str(&mut s, &f.name);
+        s.push_str(",\"shape\":");
+        s.push_str(&f.to_json());
+        s.push('}');
+    }
+    s.push_str("\n]}\n");
+    s
+}
+
+/// Parses and validates the fences file's content.
+fn load(path: &Path, bytes: &[u8]) -> Result<Vec<Fence>, FenceError> {
+    let corrupt = |detail: String| FenceError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let body: FileBody =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not a fences file: {e}")))?;
+    if body.format_version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+            body.format_version
+        )));
+    }
+    if body.fences.len() > FENCES_MAX {
+        return Err(corrupt(format!(
+            "{} fences, at most {FENCES_MAX} allowed",
+            body.fences.len()
+        )));
+    }
+    let mut fences = Vec::with_capacity(body.fences.len());
+    let mut seen = std::collections::HashSet::with_capacity(body.fences.len());
+    for (i, e) in body.fences.iter().enumerate() {
+        let f = Fence::parse(&e.name, e.shape.get().as_bytes())
+            .map_err(|err| corrupt(format!("fence {i} ({:?}): {err}", e.name)))?;
+        if !seen.insert(e.name.clone()) {
+            return Err(corrupt(format!("fence name {:?} appears twice", e.name)));
+        }
+        fences.push(f);
+    }
+    Ok(fences)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fence(name: &str, body: &str) -> Fence {
+        Fence::parse(name, body.as_bytes()).unwrap()
+    }
+
+    const CIRCLE: &str = r#"{"center":[13.4,52.5],"radius_m":500}"#;
+    const SQUARE: &str = r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,1],[0,0]]]}"#;
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn put_delete_persist_and_reopen() {
+        // Puts and deletes bump the version, publish snapshots and survive a reopen; no temp
+        // file is left behind; a missing file means no fences.
+        let dir = tempfile::tempdir().unwrap();
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        assert_eq!(reg.version(), 1);
+        assert!(reg.snapshot().1.is_empty());
+        assert!(reg.put(fence("depot", CIRCLE)).unwrap());
+        assert!(reg.put(fence("area", SQUARE)).unwrap());
+        assert!(
+            !reg.put(fence("depot", SQUARE)).unwrap(),
+            "replacing is not creating"
+        );
+        assert_eq!(reg.version(), 4);
+        let (v, set) = reg.snapshot();
+        assert_eq!(v, 4);
+        assert_eq!(set.names().collect::<Vec<_>>(), ["area", "depot"]);
+        assert_eq!(
+            set.by_name("depot").unwrap().shape,
+            fence("x", SQUARE).shape
+        );
+        assert!(!reg.delete("nope").unwrap());
+        assert_eq!(reg.version(), 4, "a no-op delete publishes nothing");
+        assert!(reg.put(fence("gone", CIRCLE)).unwrap());
+        assert!(reg.delete("gone").unwrap());
+        assert_eq!(files(dir.path()), [FENCES_FILE]);
+        drop(reg);
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        let (v, set) = reg.snapshot();
+        assert_eq!(v, 1);
+        assert_eq!(set.names().collect::<Vec<_>>(), ["area", "depot"]);
+        assert_eq!(set.by_name("area").unwrap(), &fence("area", SQUARE));
+        assert_eq!(set.by_name("depot").unwrap(), &fence("depot", SQUARE));
+        // An old snapshot stays valid after later changes.
+        assert!(reg.delete("area").unwrap());
+        assert_eq!(set.len(), 2);
+        assert_eq!(reg.snapshot().1.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_files_are_refused_naming_the_file() {
+        // Garbage, a wrong format version, an invalid shape and a duplicate name are each an
+        // error naming the fences file; a stale temp file is removed at open.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FENCES_FILE);
+        for (text, needle) in [
+            ("{not json", "not a fences file"),
+            (r#"{"format_version":2,"fences":[]}"#, "format_version 2"),
+            (
+                r#"{"format_version":1,"fences":[{"name":"a","shape":{"center":[0,0],"radius_m":-1}}]}"#,
+                "fence 0 (\"a\")",
+            ),
+            (
+                r#"{"format_version":1,"fences":[{"name":"a","shape":{"center":[0,0],"radius_m":1}},
+                   {"name":"a","shape":{"center":[0,0],"radius_m":1}}]}"#,
+                "appears twice",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = FenceRegistry::open(dir.path()).unwrap_err();
+            assert_eq!(e.reason(), "corrupt");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains(needle),
+                "{msg}"
+            );
+        }
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(dir.path().join(format!("{FENCES_FILE}.tmp")), "half a fi").unwrap();
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        assert!(reg.snapshot().1.is_empty());
+        assert!(files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn failed_write_publishes_nothing_and_leaves_no_temp_file() {
+        // When the fences file cannot be replaced (a directory sits at its path), put fails with
+        // an io error, the version and snapshot stay, and the temp file is removed.
+        let dir = tempfile::tempdir().unwrap();
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        assert!(reg.put(fence("a", CIRCLE)).unwrap());
+        std::fs::remove_file(reg.path()).unwrap();
+        std::fs::create_dir(reg.path()).unwrap();
+        std::fs::write(reg.path().join("x"), "keep the directory non-empty").unwrap();
+        let e = reg.put(fence("b", CIRCLE)).unwrap_err();
+        assert_eq!(e.reason(), "io", "{e}");
+        assert_eq!(reg.version(), 2);
+        assert_eq!(reg.snapshot().1.names().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(files(dir.path()), [FENCES_FILE]);
+    }
+
+    #[test]
+    fn registry_is_send_and_sync_and_serialises_writers() {
+        // Concurrent puts from several threads all land, each version exactly once.
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<FenceRegistry>();
+        let dir = tempfile::tempdir().unwrap();
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let reg = &reg;
+                s.spawn(move || {
+                    for i in 0..5 {
+                        assert!(reg.put(fence(&format!("t{t}-{i}"), CIRCLE)).unwrap());
+                    }
+                });
+            }
+        });
+        assert_eq!(reg.version(), 21);
+        drop(reg);
+        assert_eq!(
+            FenceRegistry::open(dir.path()).unwrap().snapshot().1.len(),
+            20
+        );
+    }
+}

@@ -1,0 +1,837 @@
+//! The subscriber side of `GET /v1/subscribe`: one WebSocket connection from the 101 response to
+//! the close frame. It owns the client ops (`subscribe` / `unsubscribe`, their validation and
+//! every error reason of docs/PROTOCOL.md "Subscriptions and geofences"), the connection's
+//! subscriptions and their broadcast to every executor's interest replica, and the writer that
+//! drains the connection's bounded queue (answers, events, `{"missed":N}` notices, pings, close).
+//! Matching and queueing events is `fanout`'s.
+//!
+//! Invariants: an `ok` is queued only once every executor applied the change, so every heartbeat
+//! appended after the client read `ok` is matched; a subscriber token only ever receives devices
+//! under its prefix; the reader pauses while answers pile up unread, and events never wait: a
+//! full queue counts them as missed.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::WebSocketStream;
+use futures_lite::AsyncWriteExt;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+
+use crate::limits::{
+    CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS, FRAME_BYTES_MAX, SUBS_PER_CONN_MAX,
+    SUB_CONTROL_QUEUED_MAX, SUB_DEVICES_MAX, SUB_DEVICES_TOTAL_MAX, SUB_NAME_BYTES_MAX,
+    SUB_SOCKET_SEND_BYTES,
+};
+use crate::proto::{self, close};
+use crate::rt::{self, TcpStream};
+use crate::server::exec::{now_s, received_now_ms, Exec};
+use crate::server::fanout::{write_event, Filter, InterestOp, Out, SubKey, Target};
+use crate::server::listen::ConnSlot;
+use crate::server::msg::ConnKey;
+use crate::server::Shared;
+use crate::spatial::BBox;
+
+/// tungstenite's read buffer per subscriber connection (clients send few, small frames).
+const WS_READ_BUFFER_BYTES: usize = 1 << 10;
+/// Bytes tungstenite gathers before writing to the socket.
+const WS_WRITE_BUFFER_BYTES: usize = 16 << 10;
+/// Hard cap of tungstenite's write buffer (never reached: the writer flushes as it goes).
+const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
+/// Queue items the writer takes per round (one flush per round).
+const WRITE_BATCH_MAX: usize = 64;
+/// How long writes may still take once shutdown began (the 1001 close frame to a stalled client
+/// must not hold up the drain).
+const STOP_WRITE_GRACE: Duration = Duration::from_secs(1);
+/// Close code for a normal closure (RFC 6455).
+const CLOSE_NORMAL: u16 = 1000;
+/// Close code for a protocol error (RFC 6455).
+const CLOSE_PROTOCOL: u16 = 1002;
+
+/// A verified WebSocket upgrade of `/v1/subscribe`.
+#[derive(Debug, Clone)]
+pub struct SubUpgrade {
+    /// `Sec-WebSocket-Accept` value for the 101 response.
+    pub accept_key: String,
+    /// A subscriber token's device-id prefix (`None`: an ops token, every device).
+    pub prefix: Option<String>,
+    /// When the token expires (Unix seconds): the connection is closed with 1008 then.
+    pub expires_at_s: u64,
+}
+
+/// Counts a subscriber connection in `Shared::subscribers_open` and releases it on drop.
+pub struct SubscriberSlot(Arc<Shared>);
+
+impl SubscriberSlot {
+    /// Takes a subscriber slot, or `None` when [`crate::limits::SUBSCRIBERS_MAX`] are open.
+    pub fn acquire(shared: &Arc<Shared>) -> Option<SubscriberSlot> {
+        let open = shared.subscribers_open.fetch_add(1, Ordering::AcqRel) + 1;
+        let slot = SubscriberSlot(shared.clone());
+        (open <= crate::limits::SUBSCRIBERS_MAX).then_some(slot)
+    }
+}
+
+impl Drop for SubscriberSlot {
+    fn drop(&mut self) {
+        self.0.subscribers_open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Control flags from the reader to the writer.
+#[derive(Default)]
+struct Ctl {
+    close: Cell<Option<(u16, &'static str)>>,
+    ping: Cell<bool>,
+    writer_gone: Cell<bool>,
+    gone: rt::Signal,
+}
+
+fn ws_config() -> WebSocketConfig {
+    let mut c = WebSocketConfig::default();
+    c.read_buffer_size = WS_READ_BUFFER_BYTES;
+    c.write_buffer_size = WS_WRITE_BUFFER_BYTES;
+    c.max_write_buffer_size = WS_WRITE_BUFFER_BYTES_MAX;
+    c.max_message_size = Some(FRAME_BYTES_MAX);
+    c.max_frame_size = Some(FRAME_BYTES_MAX);
+    c
+}
+
+/// Bounds what a stalled subscriber pins in the kernel.
+fn limit_send_buffer(stream: &TcpStream) {
+    let bytes = SUB_SOCKET_SEND_BYTES as libc::c_int;
+    // SAFETY: setsockopt on a socket this connection owns, with a correctly sized int option.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// This connection's subscriptions, as the reader knows them.
+struct Subs {
+    /// name -> (id, device ids it holds in the server-wide count).
+    by_name: HashMap<String, (u32, usize)>,
+    next_id: u32,
+}
+
+/// Serves one upgraded subscriber connection to its end.
+pub async fn serve(
+    exec: Rc<Exec>,
+    mut stream: TcpStream,
+    leftover: Vec<u8>,
+    upgrade: SubUpgrade,
+    slot: ConnSlot,
+    sub_slot: SubscriberSlot,
+) {
+    let _slot = slot;
+    let _sub_slot = sub_slot;
+    limit_send_buffer(&stream);
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
+        upgrade.accept_key
+    );
+    if stream.write_all(response.as_bytes()).await.is_err() {
+        return;
+    }
+    let ws =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config()))
+            .await;
+    let (sink, source) = ws.split();
+    let key = exec.fanout.conn_open();
+    let signal = exec.fanout.signal(key).expect("just opened");
+    let ctl = Rc::new(Ctl::default());
+    let writer = rt::spawn_joinable(write_loop(
+        exec.clone(),
+        key,
+        sink,
+        ctl.clone(),
+        signal.clone(),
+    ));
+    let mut subs = Subs {
+        by_name: HashMap::new(),
+        next_id: 1,
+    };
+    read_loop(&exec, key, source, &ctl, &upgrade, &mut subs).await;
+    if ctl.close.get().is_none() {
+        ctl.close.set(Some((CLOSE_NORMAL, "")));
+    }
+    signal.notify();
+    let _ = writer.await;
+    exec.fanout.conn_close(key);
+    let devices: usize = subs.by_name.values().map(|(_, n)| n).sum();
+    exec.shared
+        .sub_devices_total
+        .fetch_sub(devices, Ordering::AcqRel);
+    if !subs.by_name.is_empty() && !exec.stopping() {
+        broadcast(
+            &exec,
+            InterestOp::RemoveConn {
+                exec: exec.index as u32,
+                conn: key,
+            },
+        )
+        .await;
+    }
+}
+
+/// Applies an interest change on every executor (here directly, elsewhere over the request mesh)
+/// and returns once all have.
+async fn broadcast(exec: &Exec, op: InterestOp) {
+    let op = Arc::new(op);
+    exec.on_all(move |e: &Exec| e.fanout.apply(&op)).await;
+}
+
+type Source = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
+type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+
+enum Next {
+    Msg(Option<Result<Message, WsError>>),
+    Idle,
+    Stop,
+    Expired,
+    WriterGone,
+}
+
+async fn read_loop(
+    exec: &Rc<Exec>,
+    key: ConnKey,
+    mut source: Source,
+    ctl: &Ctl,
+    upgrade: &SubUpgrade,
+    subs: &mut Subs,
+) {
+    let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
+    let mut idle_strikes = 0u32;
+    let ping_after = exec.shared.cfg.ping_interval();
+    loop {
+        // Backpressure: a client that sends ops but never reads the answers is paused.
+        loop {
+            let Some(queued) = exec.fanout.controls_queued(key) else {
+                return;
+            };
+            if ctl.writer_gone.get() {
+                return;
+            }
+            if queued < SUB_CONTROL_QUEUED_MAX {
+                break;
+            }
+            let Some(signal) = exec.fanout.signal(key) else {
+                return;
+            };
+            signal.wait().await;
+        }
+        if exec.stopping() {
+            ctl.close
+                .set(Some((close::GOING_AWAY, "server shutting down")));
+            return;
+        }
+        let expires_in = Duration::from_secs(upgrade.expires_at_s.saturating_sub(now_s()));
+        let next = futures_lite::future::or(
+            async {
+                match rt::timeout(ping_after, source.next()).await {
+                    Some(m) => Next::Msg(m),
+                    None => Next::Idle,
+                }
+            },
+            futures_lite::future::or(
+                async {
+                    exec.stop_signal.wait().await;
+                    Next::Stop
+                },
+                futures_lite::future::or(
+                    async {
+                        rt::sleep(expires_in).await;
+                        Next::Expired
+                    },
+                    async {
+                        if !ctl.writer_gone.get() {
+                            ctl.gone.wait().await;
+                        }
+                        Next::WriterGone
+                    },
+                ),
+            ),
+        )
+        .await;
+        let msg = match next {
+            Next::WriterGone => return,
+            Next::Stop => {
+                ctl.close
+                    .set(Some((close::GOING_AWAY, "server shutting down")));
+                return;
+            }
+            Next::Expired => {
+                ctl.close.set(Some((close::POLICY, "token expired")));
+                return;
+            }
+            Next::Idle => {
+                idle_strikes += 1;
+                if idle_strikes >= 2 {
+                    ctl.close.set(Some((close::GOING_AWAY, "idle timeout")));
+                    return;
+                }
+                ctl.ping.set(true);
+                if let Some(s) = exec.fanout.signal(key) {
+                    s.notify();
+                }
+                continue;
+            }
+            Next::Msg(None) => return,
+            Next::Msg(Some(Err(e))) => {
+                ctl.close.set(match e {
+                    WsError::Capacity(_) => Some((close::TOO_BIG, "frame too large")),
+                    WsError::Utf8 => Some((close::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
+                    WsError::Protocol(_) => Some((CLOSE_PROTOCOL, "protocol error")),
+                    _ => None,
+                });
+                return;
+            }
+            Next::Msg(Some(Ok(m))) => m,
+        };
+        idle_strikes = 0;
+        let text = match &msg {
+            Message::Text(t) => t.as_str(),
+            Message::Binary(_) => {
+                ctl.close
+                    .set(Some((close::POLICY, "binary frames are not accepted here")));
+                return;
+            }
+            Message::Close(_) => return,
+            _ => continue,
+        };
+        let answer = match parse_op(text, upgrade.prefix.as_deref()) {
+            Ok(op) => apply_op(exec, key, subs, op).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = answer {
+            exec.fanout.push_control(key, e.to_json());
+            let now = received_now_ms().max(0) as u64;
+            if let Err(a) = budget.charge(now) {
+                ctl.close.set(Some((a.close_code(), a.reason())));
+                return;
+            }
+        }
+    }
+}
+
+/// A refused client op: `{"error":reason,"sub":..,"detail":..}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpError {
+    /// Stable reason (docs/PROTOCOL.md).
+    pub reason: &'static str,
+    /// The subscription name, when the op named a valid one.
+    pub sub: Option<String>,
+    /// Human-readable explanation.
+    pub detail: String,
+}
+
+impl OpError {
+    fn new(reason: &'static str, sub: Option<&str>, detail: impl Into<String>) -> OpError {
+        OpError {
+            reason,
+            sub: sub.map(Into::into),
+            detail: detail.into(),
+        }
+    }
+
+    /// The error frame's JSON text.
+    pub fn to_json(&self) -> String {
+        let mut m = serde_json::Map::new();
+        m.insert("error".into(), Value::from(self.reason));
+        if let Some(s) = &self.sub {
+            m.insert("sub".into(), Value::from(s.as_str()));
+        }
+        m.insert("detail".into(), Value::from(self.detail.as_str()));
+        Value::Object(m).to_string()
+    }
+}
+
+/// A parsed, validated client op.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Add or replace subscription `sub`.
+    Subscribe {
+        /// The name.
+        sub: String,
+        /// The filter (with the token's prefix).
+        filter: Filter,
+    },
+    /// Remove subscription `sub`.
+    Unsubscribe {
+        /// The name.
+        sub: String,
+    },
+}
+
+/// Whether `name` is a valid subscription name: 1..=64 bytes of `[A-Za-z0-9._-]`.
+pub fn valid_sub_name(name: &str) -> bool {
+    (1..=SUB_NAME_BYTES_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Parses and validates one client op (everything that does not need server state).
+pub fn parse_op(text: &str, prefix: Option<&str>) -> Result<Op, OpError> {
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| OpError::new("bad_json", None, format!("not JSON: {e}")))?;
+    let Value::Object(obj) = v else {
+        return Err(OpError::new("bad_json", None, "expected a JSON object"));
+    };
+    let sub = match obj.get("sub") {
+        Some(Value::String(s)) if valid_sub_name(s) => Some(s.as_str()),
+        _ => None,
+    };
+    let op = match obj.get("op") {
+        Some(Value::String(op)) if op == "subscribe" || op == "unsubscribe" => op.as_str(),
+        Some(_) => {
+            return Err(OpError::new(
+                "bad_op",
+                sub,
+                r#""op" must be "subscribe" or "unsubscribe""#,
+            ))
+        }
+        None => return Err(OpError::new("bad_op", sub, r#"missing "op""#)),
+    };
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "op" | "sub" | "devices" | "bbox" | "fence"))
+    {
+        return Err(OpError::new("bad_op", sub, format!("unknown member {k:?}")));
+    }
+    let Some(sub) = sub else {
+        return Err(OpError::new(
+            "bad_sub",
+            None,
+            r#""sub" must be 1..=64 bytes of [A-Za-z0-9._-]"#,
+        ));
+    };
+    let targets = ["devices", "bbox", "fence"]
+        .iter()
+        .filter(|k| obj.contains_key(**k))
+        .count();
+    if op == "unsubscribe" {
+        if targets > 0 {
+            return Err(OpError::new(
+                "bad_op",
+                Some(sub),
+                r#"unsubscribe takes only "sub""#,
+            ));
+        }
+        return Ok(Op::Unsubscribe { sub: sub.into() });
+    }
+    if targets != 1 {
+        return Err(OpError::new(
+            "bad_op",
+            Some(sub),
+            r#"subscribe needs exactly one of "devices", "bbox", "fence""#,
+        ));
+    }
+    let target = if let Some(d) = obj.get("devices") {
+        Target::Devices(parse_devices(d, sub, prefix)?)
+    } else if let Some(b) = obj.get("bbox") {
+        Target::BBox(parse_bbox(b, sub)?)
+    } else {
+        match obj.get("fence") {
+            Some(Value::String(f)) if valid_sub_name(f) => Target::Fence(f.as_str().into()),
+            _ => {
+                return Err(OpError::new(
+                    "unknown_fence",
+                    Some(sub),
+                    r#""fence" must name a geofence (1..=64 bytes of [A-Za-z0-9._-])"#,
+                ))
+            }
+        }
+    };
+    Ok(Op::Subscribe {
+        sub: sub.into(),
+        filter: Filter {
+            target,
+            prefix: prefix.map(Into::into),
+        },
+    })
+}
+
+fn parse_devices(v: &Value, sub: &str, prefix: Option<&str>) -> Result<Vec<Box<str>>, OpError> {
+    let bad = |detail: &str| OpError::new("bad_devices", Some(sub), detail);
+    let Value::Array(items) = v else {
+        return Err(bad(r#""devices" must be an array of device ids"#));
+    };
+    if items.is_empty() {
+        return Err(bad(r#""devices" must not be empty"#));
+    }
+    if items.len() > SUB_DEVICES_MAX {
+        return Err(OpError::new(
+            "too_many_devices",
+            Some(sub),
+            format!("at most {SUB_DEVICES_MAX} devices per subscription"),
+        ));
+    }
+    let mut ids: Vec<Box<str>> = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::String(id) = item else {
+            return Err(bad(r#""devices" must be an array of device ids"#));
+        };
+        if let Err(e) = crate::record::validate_device_id(id) {
+            return Err(bad(&format!("invalid device id {id:?}: {}", e.reason())));
+        }
+        if let Some(p) = prefix {
+            if !id.starts_with(p) {
+                return Err(OpError::new(
+                    "forbidden",
+                    Some(sub),
+                    format!("device {id:?} is outside this token's prefix {p:?}"),
+                ));
+            }
+        }
+        ids.push(id.as_str().into());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+fn parse_bbox(v: &Value, sub: &str) -> Result<BBox, OpError> {
+    let bad = |detail: &str| OpError::new("bad_bbox", Some(sub), detail);
+    let shape = r#""bbox" must be [minLon,minLat,maxLon,maxLat]"#;
+    let Value::Array(items) = v else {
+        return Err(bad(shape));
+    };
+    let nums: Vec<f64> = items.iter().filter_map(Value::as_f64).collect();
+    if items.len() != 4 || nums.len() != 4 {
+        return Err(bad(shape));
+    }
+    BBox::new(nums[0], nums[1], nums[2], nums[3]).map_err(bad)
+}
+
+/// Applies a valid op against this connection and the server: `Ok` once its `ok` is queued.
+async fn apply_op(exec: &Exec, key: ConnKey, subs: &mut Subs, op: Op) -> Result<(), OpError> {
+    match op {
+        Op::Unsubscribe { sub } => {
+            let Some((id, devices)) = subs.by_name.remove(&sub) else {
+                return Err(OpError::new(
+                    "unknown_sub",
+                    Some(&sub),
+                    "no subscription of that name on this connection",
+                ));
+            };
+            exec.shared
+                .sub_devices_total
+                .fetch_sub(devices, Ordering::AcqRel);
+            // No event for it is queued from here on; then every replica forgets it.
+            exec.fanout.unconfirm(key, id, ok_json("unsubscribe", &sub));
+            broadcast(exec, InterestOp::Remove(sub_key(exec, key, id))).await;
+            Ok(())
+        }
+        Op::Subscribe { sub, filter } => {
+            let old = subs.by_name.get(&sub).copied();
+            if old.is_none() && subs.by_name.len() >= SUBS_PER_CONN_MAX {
+                return Err(OpError::new(
+                    "too_many_subs",
+                    Some(&sub),
+                    format!("at most {SUBS_PER_CONN_MAX} subscriptions per connection"),
+                ));
+            }
+            if let Target::Fence(name) = &filter.target {
+                if !exec.fence_exists(name) {
+                    return Err(OpError::new(
+                        "unknown_fence",
+                        Some(&sub),
+                        format!("no geofence named {name:?}"),
+                    ));
+                }
+            }
+            let devices = match &filter.target {
+                Target::Devices(ids) => ids.len(),
+                _ => 0,
+            };
+            let total = &exec.shared.sub_devices_total;
+            let before = total.fetch_add(devices, Ordering::AcqRel);
+            let released = old.map_or(0, |(_, n)| n);
+            if devices > 0 && before + devices > SUB_DEVICES_TOTAL_MAX + released {
+                total.fetch_sub(devices, Ordering::AcqRel);
+                return Err(OpError::new(
+                    "too_many_devices",
+                    Some(&sub),
+                    format!(
+                        "the server holds at most {SUB_DEVICES_TOTAL_MAX} subscribed device ids"
+                    ),
+                ));
+            }
+            total.fetch_sub(released, Ordering::AcqRel);
+            let id = subs.next_id;
+            subs.next_id += 1;
+            subs.by_name.insert(sub.clone(), (id, devices));
+            broadcast(
+                exec,
+                InterestOp::Put {
+                    key: sub_key(exec, key, id),
+                    filter: Arc::new(filter),
+                    replaces: old.map(|(old_id, _)| sub_key(exec, key, old_id)),
+                },
+            )
+            .await;
+            exec.fanout
+                .confirm(key, id, &sub, old.map(|o| o.0), ok_json("subscribe", &sub));
+            Ok(())
+        }
+    }
+}
+
+fn sub_key(exec: &Exec, conn: ConnKey, id: u32) -> SubKey {
+    SubKey {
+        exec: exec.index as u32,
+        conn,
+        id,
+    }
+}
+
+fn ok_json(op: &str, sub: &str) -> String {
+    serde_json::json!({"ok": op, "sub": sub}).to_string()
+}
+
+/// Runs the writer, then tells the reader it is gone.
+async fn write_loop(
+    exec: Rc<Exec>,
+    key: ConnKey,
+    sink: Sink,
+    ctl: Rc<Ctl>,
+    signal: Rc<rt::Signal>,
+) {
+    write_frames(&exec, key, sink, &ctl, &signal).await;
+    ctl.writer_gone.set(true);
+    ctl.gone.notify();
+    signal.notify();
+}
+
+/// Writes answers, `{"missed":N}` notices, events, pings and the close frame. Every write must
+/// finish within the idle timeout: a client that stops reading for that long is closed (until
+/// then its queue overflows into the missed count).
+async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, signal: &rt::Signal) {
+    let stall = exec.shared.cfg.idle_timeout;
+    let mut items = Vec::with_capacity(WRITE_BATCH_MAX);
+    let mut text = String::with_capacity(256);
+    macro_rules! feed {
+        ($msg:expr) => {
+            if !matches!(bounded(exec, stall, sink.feed($msg)).await, Some(Ok(()))) {
+                return;
+            }
+        };
+    }
+    loop {
+        let wait = signal.wait();
+        if let Some((code, reason)) = ctl.close.get() {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ = rt::timeout(
+                Duration::from_secs(1),
+                sink.send(Message::Close(Some(frame))),
+            )
+            .await;
+            let _ = rt::timeout(Duration::from_secs(1), sink.close()).await;
+            return;
+        }
+        items.clear();
+        let Some(mut missed) = exec.fanout.take(key, WRITE_BATCH_MAX, &mut items) else {
+            return;
+        };
+        let took = items.len();
+        let mut wrote = false;
+        let mut controls = false;
+        let mut delivered = 0u64;
+        for item in items.drain(..) {
+            match item {
+                Out::Control(t) => {
+                    controls = true;
+                    feed!(Message::text(t));
+                }
+                Out::Event { sub, text: ev } => {
+                    if missed > 0 {
+                        feed!(Message::text(format!(r#"{{"missed":{missed}}}"#)));
+                        missed = 0;
+                    }
+                    write_event(&mut text, &sub, &ev);
+                    feed!(Message::text(text.as_str()));
+                    delivered += 1;
+                }
+            }
+            wrote = true;
+        }
+        if missed > 0 {
+            // Nothing to deliver right now: say it at once rather than at the next event.
+            feed!(Message::text(format!(r#"{{"missed":{missed}}}"#)));
+            wrote = true;
+        }
+        if ctl.ping.replace(false) {
+            feed!(Message::Ping(Default::default()));
+            wrote = true;
+        }
+        if wrote && !matches!(bounded(exec, stall, sink.flush()).await, Some(Ok(()))) {
+            tracing::debug!("a subscriber's writes stalled or failed; closing it");
+            return;
+        }
+        let d = &exec.fanout.delivered;
+        d.set(d.get() + delivered);
+        if controls {
+            // The reader may be paused on unread answers.
+            signal.notify();
+        }
+        if took == WRITE_BATCH_MAX {
+            continue;
+        }
+        wait.await;
+    }
+}
+
+/// Runs a write for at most `stall`, or at most [`STOP_WRITE_GRACE`] once shutdown began.
+async fn bounded<T>(
+    exec: &Exec,
+    stall: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    if exec.stopping() {
+        return rt::timeout(STOP_WRITE_GRACE, fut).await;
+    }
+    futures_lite::future::or(rt::timeout(stall, fut), async {
+        exec.stop_signal.wait().await;
+        rt::sleep(STOP_WRITE_GRACE).await;
+        None
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(text: &str, prefix: Option<&str>) -> &'static str {
+        parse_op(text, prefix).unwrap_err().reason
+    }
+
+    #[test]
+    fn parse_op_names_every_reason() {
+        // Each malformed op gets its documented reason; valid ops parse to the right filter.
+        assert_eq!(reason("nope", None), "bad_json");
+        assert_eq!(reason("[1]", None), "bad_json");
+        assert_eq!(reason(r#"{"sub":"s"}"#, None), "bad_op");
+        assert_eq!(reason(r#"{"op":"x","sub":"s"}"#, None), "bad_op");
+        assert_eq!(
+            reason(
+                r#"{"op":"subscribe","sub":"s","bbox":[0,0,1,1],"x":1}"#,
+                None
+            ),
+            "bad_op"
+        );
+        assert_eq!(reason(r#"{"op":"subscribe","sub":"s"}"#, None), "bad_op");
+        assert_eq!(
+            reason(
+                r#"{"op":"subscribe","sub":"s","bbox":[0,0,1,1],"fence":"f"}"#,
+                None
+            ),
+            "bad_op"
+        );
+        assert_eq!(
+            reason(r#"{"op":"unsubscribe","sub":"s","fence":"f"}"#, None),
+            "bad_op"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"a b","bbox":[0,0,1,1]}"#, None),
+            "bad_sub"
+        );
+        assert_eq!(reason(r#"{"op":"unsubscribe"}"#, None), "bad_sub");
+        let long = "x".repeat(65);
+        assert_eq!(
+            reason(&format!(r#"{{"op":"unsubscribe","sub":"{long}"}}"#), None),
+            "bad_sub"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"s","devices":[]}"#, None),
+            "bad_devices"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"s","devices":"a"}"#, None),
+            "bad_devices"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"s","devices":[1]}"#, None),
+            "bad_devices"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"s","devices":[""]}"#, None),
+            "bad_devices"
+        );
+        let many: Vec<String> = (0..=SUB_DEVICES_MAX).map(|i| format!("\"d{i}\"")).collect();
+        assert_eq!(
+            reason(
+                &format!(
+                    r#"{{"op":"subscribe","sub":"s","devices":[{}]}}"#,
+                    many.join(",")
+                ),
+                None
+            ),
+            "too_many_devices"
+        );
+        assert_eq!(
+            reason(
+                r#"{"op":"subscribe","sub":"s","devices":["b-1"]}"#,
+                Some("a-")
+            ),
+            "forbidden"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"s","bbox":[0,0,1]}"#, None),
+            "bad_bbox"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"s","bbox":[0,2,1,1]}"#, None),
+            "bad_bbox"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"s","bbox":[0,0,1,"x"]}"#, None),
+            "bad_bbox"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"s","bbox":[0,0,181,1]}"#, None),
+            "bad_bbox"
+        );
+        assert_eq!(
+            reason(r#"{"op":"subscribe","sub":"s","fence":7}"#, None),
+            "unknown_fence"
+        );
+        match parse_op(
+            r#"{"op":"subscribe","sub":"s.1","devices":["a-2","a-1","a-2"]}"#,
+            Some("a-"),
+        )
+        .unwrap()
+        {
+            Op::Subscribe { sub, filter } => {
+                assert_eq!(sub, "s.1");
+                assert_eq!(filter.prefix.as_deref(), Some("a-"));
+                match filter.target {
+                    Target::Devices(ids) => assert_eq!(ids, vec!["a-1".into(), "a-2".into()]),
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse_op(r#"{"op":"subscribe","sub":"s1","bbox":[0,0]}"#, None).unwrap_err();
+        let v: Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["error"], "bad_bbox");
+        assert_eq!(v["sub"], "s1");
+        assert!(v["detail"].as_str().unwrap().contains("bbox"));
+    }
+}
