@@ -21,6 +21,10 @@
 # Usage: bash perf/subscribe.sh [run ...]     (default: base subs-world subs-ids fences)
 # Settings (environment): DURATION (s, default 10; each run takes about DURATION + 8 s),
 # DEVICES (1000), WINDOW (8), SUBS (1000), IDS (10), FENCES (10000), PORT (18240), KEEP.
+# Creating 10,000 fences one PUT at a time takes minutes (every PUT persists the whole set:
+# about 9 ms each at first, 35 ms near 10,000, release build): FENCES_FILE=path saves the
+# created set there, and a later run with the same FENCES_FILE starts the server on a copy
+# instead (the server loads <data-dir>/geofences.json at start).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -68,8 +72,10 @@ for i in range(n):
     else:
         r = math.exp(rng.uniform(math.log(0.001), math.log(0.5)))
         k = rng.randint(4, 12)
-        ring = [[lon + r * math.cos(2 * math.pi * j / k) / max(0.2, math.cos(math.radians(lat))),
-                 lat + r * math.sin(2 * math.pi * j / k)] for j in range(k)]
+        r_lon = r / max(0.2, math.cos(math.radians(lat)))
+        lon = max(-180 + r_lon, min(180 - r_lon, lon))  # polygons may not cross the antimeridian
+        ring = [[lon + r_lon * math.cos(2 * math.pi * j / k), lat + r * math.sin(2 * math.pi * j / k)]
+                for j in range(k)]
         ring.append(ring[0])
         body = {"type": "Polygon", "coordinates": [ring]}
     for attempt in range(3):
@@ -91,6 +97,14 @@ print("created %d fences in %.1f s (%.0f/s)" % (n, elapsed, n / elapsed), file=s
 EOF
 }
 
+# Starts the server on the data directory $1/data, logging to $1/server.log; waits until healthy.
+start_server() {
+  "$bin/geobeat" serve --data-dir "$1/data" --listen "127.0.0.1:$port" --log-level warn >>"$1/server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.05; done
+  curl -sf "http://127.0.0.1:$port/healthz" >/dev/null || { echo "subscribe.sh: server did not start" >&2; cat "$1/server.log" >&2; exit 1; }
+}
+
 run() {
   local name=$1 subs=0 fences=0 sub_args=()
   case $name in
@@ -102,12 +116,23 @@ run() {
   esac
   local d="$work/$name"
   mkdir -p "$d"
-  "$bin/geobeat" serve --data-dir "$d/data" --listen "127.0.0.1:$port" --log-level warn >"$d/server.log" 2>&1 &
-  server_pid=$!
-  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.05; done
-  curl -sf "http://127.0.0.1:$port/healthz" >/dev/null || { echo "subscribe.sh: server did not start" >&2; cat "$d/server.log" >&2; exit 1; }
+  start_server "$d"
   local ops; ops=$("$bin/geobeat" token ops --data-dir "$d/data")
-  if [ "$fences" -gt 0 ]; then create_fences "$ops" "$fences"; fi
+  if [ "$fences" -gt 0 ]; then
+    if [ -n "${FENCES_FILE:-}" ] && [ -s "$FENCES_FILE" ]; then
+      # A previous run's fences: the server loads <data-dir>/geofences.json at start.
+      kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
+      cp "$FENCES_FILE" "$d/data/geofences.json"
+      start_server "$d"
+      local loaded; loaded=$(curl -sf -H "Authorization: Bearer $ops" "http://127.0.0.1:$port/v1/geofences" \
+        | python3 -c "import json,sys; print(len(json.load(sys.stdin)['fences']))")
+      [ "$loaded" -eq "$fences" ] || { echo "subscribe.sh: $FENCES_FILE holds $loaded fences, not $fences" >&2; exit 1; }
+      echo "loaded $loaded fences from $FENCES_FILE" >&2
+    else
+      create_fences "$ops" "$fences"
+      if [ -n "${FENCES_FILE:-}" ]; then cp "$d/data/geofences.json" "$FENCES_FILE"; echo "saved the fences to $FENCES_FILE" >&2; fi
+    fi
+  fi
   if [ "$subs" -gt 0 ]; then
     # Its window starts 3.5 s in and ends 1 s before the load's (which starts ~1 s in, after
     # a 0.2 s ramp and 2 s of warmup), so it measures saturated ingest only.
