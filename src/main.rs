@@ -112,6 +112,7 @@ fn demo(cfg: ServeConfig, devices: usize, rate_hz: f64) -> Result<(), Box<dyn st
         "geobeat demo: {devices} simulated devices ({rate_hz} heartbeat/s each) sending to ws://{addr}/v1/ingest\n\
          data directory: {}\n\n\
          Try:\n  \
+         http://{addr}/live?token={ops}   # the live map: open it in a browser\n  \
          curl -H 'Authorization: Bearer {ops}' http://{addr}/v1/devices/{}00042\n  \
          cargo run --release -- token device my-device --data-dir {}   # a device token of your own\n  \
          curl http://{addr}/healthz\n\n\

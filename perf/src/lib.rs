@@ -14,6 +14,7 @@
 //! - [`procfs`]: CPU time and peak memory of other processes' trees, load average.
 //! - [`compare`]: the comparison runner behind `geobeat-compare` (geobeat vs ceiling vs peers).
 //! - [`plot`]: SVG plots of a comparison run.
+//! - [`subload`]: many subscribers on `/v1/subscribe` counting delivered events (`geobeat-subload`).
 #![deny(missing_docs)]
 
 pub mod compare;
@@ -26,6 +27,7 @@ pub mod procfs;
 pub mod reply;
 pub mod scan;
 pub mod stats;
+pub mod subload;
 pub mod sys;
 pub mod tokens;
 pub mod track;

@@ -23,7 +23,8 @@ pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
 pub struct Response {
     /// HTTP status code.
     pub status: u16,
-    /// Content type of `body`.
+    /// Content type of `body` (may be followed by further fixed header lines, CRLF-separated:
+    /// see `live::content_type_and_headers`).
     pub content_type: &'static str,
     /// The body.
     pub body: String,
@@ -202,6 +203,16 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, body: &[u8], role: Role) ->
                 return Response::error(405, "method not allowed");
             }
             Response::json(200, OPENAPI_JSON.to_owned())
+        }
+        "/live" => {
+            if method != "GET" {
+                return Response::error(405, "method not allowed");
+            }
+            Response {
+                status: 200,
+                content_type: crate::server::live::content_type_and_headers(),
+                body: crate::server::live::PAGE_HTML.to_owned(),
+            }
         }
         "/v1/sinks" => {
             if method != "GET" {

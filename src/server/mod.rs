@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod http;
 pub mod ingest;
 pub mod listen;
+pub mod live;
 pub mod msg;
 pub mod query;
 pub mod subscribe;

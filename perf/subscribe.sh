@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Issue 6 figures: what subscriptions and geofences cost ingest. Each run starts a fresh release
+# server, optionally creates geofences over the HTTP API and opens subscribers (geobeat-subload),
+# then drives ingest at saturation (geobeat-load, closed loop) and prints one table row:
+#
+#   base        no subscribers, no fences
+#   subs-world  SUBS subscribers, each subscribed to the whole world (every heartbeat goes to
+#               every subscriber: the fan-out ceiling; the bounded queues drop what a subscriber
+#               cannot take, reported as missed)
+#   subs-ids    SUBS subscribers, each following IDS random device ids of the fleet
+#   fences      FENCES geofences (random circles and polygons in the band the fleet moves in),
+#               no subscribers: the ingest cost of computing enter/exit per heartbeat
+#
+# Columns: heartbeats/s acked (geobeat-load's window), events/s delivered and missed/s summed
+# over subscribers (geobeat-subload's window, which lies inside the load's), event lag p50/p99
+# (server receive -> subscriber), and server CPU per acked heartbeat (utime+stime of the server
+# over the whole load run, connect ramp and drain included, divided by every acked heartbeat;
+# subscriber fan-out is part of it). Client CPU shares the machine: see each tool's report in
+# the work directory (kept with KEEP=1).
+#
+# Usage: bash perf/subscribe.sh [run ...]     (default: base subs-world subs-ids fences)
+# Settings (environment): DURATION (s, default 10; each run takes about DURATION + 8 s),
+# DEVICES (1000), WINDOW (8), SUBS (1000), IDS (10), FENCES (10000), PORT (18240), KEEP.
+# Creating 10,000 fences one PUT at a time takes minutes (every PUT persists the whole set:
+# about 9 ms each at first, 35 ms near 10,000, release build): FENCES_FILE=path saves the
+# created set there, and a later run with the same FENCES_FILE starts the server on a copy
+# instead (the server loads <data-dir>/geofences.json at start).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+DURATION=${DURATION:-10}
+DEVICES=${DEVICES:-1000}
+WINDOW=${WINDOW:-8}
+SUBS=${SUBS:-1000}
+IDS=${IDS:-10}
+FENCES=${FENCES:-10000}
+port=${PORT:-18240}
+runs=("$@")
+[ ${#runs[@]} -gt 0 ] || runs=(base subs-world subs-ids fences)
+
+cargo build --release -q -p geobeat --bin geobeat
+cargo build --release -q -p geobeat-perf --features mint --bin geobeat-load --bin geobeat-subload
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
+
+work=$(mktemp -d /var/tmp/geobeat-subscribe-XXXXXX)
+server_pid=""
+sub_pid=""
+cleanup() {
+  [ -n "$sub_pid" ] && kill "$sub_pid" 2>/dev/null || true
+  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  if [ -n "${KEEP:-}" ]; then echo "subscribe.sh: kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, d))" "$1" "$2"; }
+
+# Creates $2 fences on the server at 127.0.0.1:$port with ops token $1 over one keep-alive
+# connection; prints the rate.
+create_fences() {
+  python3 - "$port" "$1" "$2" <<'EOF'
+import http.client, json, math, random, sys, time
+port, token, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+rng = random.Random(6)
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+started = time.time()
+for i in range(n):
+    # Same band as geobeat-load's tracks; sizes log-uniform from a yard to a city.
+    lat, lon = rng.uniform(-60, 70), rng.uniform(-180, 180)
+    if i % 2 == 0:
+        body = {"center": [lon, lat], "radius_m": math.exp(rng.uniform(math.log(100), math.log(50000)))}
+    else:
+        r = math.exp(rng.uniform(math.log(0.001), math.log(0.5)))
+        k = rng.randint(4, 12)
+        r_lon = r / max(0.2, math.cos(math.radians(lat)))
+        lon = max(-180 + r_lon, min(180 - r_lon, lon))  # polygons may not cross the antimeridian
+        ring = [[lon + r_lon * math.cos(2 * math.pi * j / k), lat + r * math.sin(2 * math.pi * j / k)]
+                for j in range(k)]
+        ring.append(ring[0])
+        body = {"type": "Polygon", "coordinates": [ring]}
+    for attempt in range(3):
+        try:
+            conn.request("PUT", "/v1/geofences/f%05d" % i, json.dumps(body),
+                         {"authorization": "Bearer " + token, "content-type": "application/json"})
+            resp = conn.getresponse()
+            text = resp.read()
+            break
+        except (http.client.HTTPException, ConnectionError):
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    else:
+        sys.exit("subscribe.sh: PUT f%05d failed three times" % i)
+    if resp.status != 200:
+        sys.exit("subscribe.sh: PUT f%05d: %d %s" % (i, resp.status, text[:200]))
+elapsed = time.time() - started
+print("created %d fences in %.1f s (%.0f/s)" % (n, elapsed, n / elapsed), file=sys.stderr)
+EOF
+}
+
+# Starts the server on the data directory $1/data, logging to $1/server.log; waits until healthy.
+start_server() {
+  "$bin/geobeat" serve --data-dir "$1/data" --listen "127.0.0.1:$port" --log-level warn >>"$1/server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.05; done
+  curl -sf "http://127.0.0.1:$port/healthz" >/dev/null || { echo "subscribe.sh: server did not start" >&2; cat "$1/server.log" >&2; exit 1; }
+}
+
+run() {
+  local name=$1 subs=0 fences=0 sub_args=()
+  case $name in
+    base) ;;
+    subs-world) subs=$SUBS; sub_args=(--bbox=-180,-90,180,90) ;;
+    subs-ids) subs=$SUBS; sub_args=(--device-ids "$IDS" --id-prefix sim- --id-space "$DEVICES") ;;
+    fences) fences=$FENCES ;;
+    *) echo "subscribe.sh: unknown run $name" >&2; exit 2 ;;
+  esac
+  local d="$work/$name"
+  mkdir -p "$d"
+  start_server "$d"
+  local ops; ops=$("$bin/geobeat" token ops --data-dir "$d/data")
+  if [ "$fences" -gt 0 ]; then
+    if [ -n "${FENCES_FILE:-}" ] && [ -s "$FENCES_FILE" ]; then
+      # A previous run's fences: the server loads <data-dir>/geofences.json at start.
+      kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
+      cp "$FENCES_FILE" "$d/data/geofences.json"
+      start_server "$d"
+      local loaded; loaded=$(curl -sf -H "Authorization: Bearer $ops" "http://127.0.0.1:$port/v1/geofences" \
+        | python3 -c "import json,sys; print(len(json.load(sys.stdin)['fences']))")
+      [ "$loaded" -eq "$fences" ] || { echo "subscribe.sh: $FENCES_FILE holds $loaded fences, not $fences" >&2; exit 1; }
+      echo "loaded $loaded fences from $FENCES_FILE" >&2
+    else
+      create_fences "$ops" "$fences"
+      if [ -n "${FENCES_FILE:-}" ]; then cp "$d/data/geofences.json" "$FENCES_FILE"; echo "saved the fences to $FENCES_FILE" >&2; fi
+    fi
+  fi
+  if [ "$subs" -gt 0 ]; then
+    # Its window starts 3.5 s in and ends 1 s before the load's (which starts ~1 s in, after
+    # a 0.2 s ramp and 2 s of warmup), so it measures saturated ingest only.
+    GEOBEAT_TOKEN=$ops "$bin/geobeat-subload" --url "ws://127.0.0.1:$port/v1/subscribe" \
+      --subscribers "$subs" "${sub_args[@]}" --warmup 3.5 --duration "$((DURATION - 1))" \
+      --json-out "$d/sub.json" >"$d/sub.out" 2>&1 &
+    sub_pid=$!
+  fi
+  sleep 1
+  local t0; t0=$(ticks "$server_pid")
+  "$bin/geobeat-load" --url "ws://127.0.0.1:$port/v1/ingest" --secret-file "$d/data/secret" \
+    --devices "$DEVICES" --mode closed --window "$WINDOW" --duration "$DURATION" --warmup 2 \
+    --connect-rate 5000 --json-out "$d/load.json" >"$d/load.out" 2>&1
+  local t1; t1=$(ticks "$server_pid")
+  local hb acked cpu
+  hb=$(json "$d/load.json" "round(throughput_acked_per_s)")
+  acked=$(json "$d/load.json" "counters['acked_total']")
+  cpu=$(python3 -c "print(round(($t1-$t0)/$(getconf CLK_TCK)*1e6/max(1,$acked), 2))")
+  local ev="-" missed="-" lag="-"
+  if [ -n "$sub_pid" ]; then
+    wait "$sub_pid" || { echo "subscribe.sh: geobeat-subload failed:" >&2; cat "$d/sub.out" >&2; exit 1; }
+    sub_pid=""
+    ev=$(json "$d/sub.json" "round(events_per_s)")
+    missed=$(json "$d/sub.json" "round(missed_per_s)")
+    lag=$(json "$d/sub.json" "'%.1f/%.1f' % (lag['p50_us']/1000, lag['p99_us']/1000)")
+    local subscribed; subscribed=$(json "$d/sub.json" "subscribed")
+    [ "$subscribed" -eq "$subs" ] || echo "subscribe.sh: warning: only $subscribed of $subs subscribed ($d/sub.out)" >&2
+  fi
+  kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
+  printf '%-11s %6s %7s %13s %13s %11s %15s %14s\n' "$name" "$subs" "$fences" "$hb" "$ev" "$missed" "$lag" "$cpu"
+}
+
+echo "subscribe.sh: $DEVICES devices closed loop window $WINDOW, ${DURATION} s windows; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-11s %6s %7s %13s %13s %11s %15s %14s\n' run subs fences heartbeats/s events/s missed/s "lag p50/p99 ms" "server us/hb"
+for r in "${runs[@]}"; do run "$r"; done
+echo "subscribe.sh: load average after $(cut -d' ' -f1-3 /proc/loadavg)"
