@@ -9,7 +9,9 @@
 #               cannot take, reported as missed)
 #   subs-ids    SUBS subscribers, each following IDS random device ids of the fleet
 #   fences      FENCES geofences (random circles and polygons in the band the fleet moves in),
-#               no subscribers: the ingest cost of computing enter/exit per heartbeat
+#               no subscribers: the server skips enter/exit work while nobody subscribes a fence
+#   fences-sub  the same fences and one subscriber to one fence: enter/exit against every fence
+#               for every heartbeat, the ingest cost of the fences
 #
 # Columns: heartbeats/s acked (geobeat-load's window), events/s delivered and missed/s summed
 # over subscribers (geobeat-subload's window, which lies inside the load's), event lag p50/p99
@@ -18,7 +20,7 @@
 # subscriber fan-out is part of it). Client CPU shares the machine: see each tool's report in
 # the work directory (kept with KEEP=1).
 #
-# Usage: bash perf/subscribe.sh [run ...]     (default: base subs-world subs-ids fences)
+# Usage: bash perf/subscribe.sh [run ...]     (default: base subs-world subs-ids fences fences-sub)
 # Settings (environment): DURATION (s, default 10; each run takes about DURATION + 8 s),
 # DEVICES (1000), WINDOW (8), SUBS (1000), IDS (10), FENCES (10000), PORT (18240), KEEP.
 # Creating 10,000 fences one PUT at a time takes minutes (every PUT persists the whole set:
@@ -36,7 +38,7 @@ IDS=${IDS:-10}
 FENCES=${FENCES:-10000}
 port=${PORT:-18240}
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(base subs-world subs-ids fences)
+[ ${#runs[@]} -gt 0 ] || runs=(base subs-world subs-ids fences fences-sub)
 
 cargo build --release -q -p geobeat --bin geobeat
 cargo build --release -q -p geobeat-perf --features mint --bin geobeat-load --bin geobeat-subload
@@ -112,6 +114,10 @@ run() {
     subs-world) subs=$SUBS; sub_args=(--bbox=-180,-90,180,90) ;;
     subs-ids) subs=$SUBS; sub_args=(--device-ids "$IDS" --id-prefix sim- --id-space "$DEVICES") ;;
     fences) fences=$FENCES ;;
+    # The fences with one subscriber to one of them: enter/exit is computed against every fence
+    # for every heartbeat only while some fence subscription exists (without one, the server
+    # skips the work), so this is the ingest cost of the fences themselves.
+    fences-sub) fences=$FENCES; subs=1; sub_args=(--fence f00000) ;;
     *) echo "subscribe.sh: unknown run $name" >&2; exit 2 ;;
   esac
   local d="$work/$name"
