@@ -37,6 +37,16 @@ const DOT_TOLERANCE: u8 = 8;
 /// Viewport of the screenshots.
 const VIEWPORT: (u32, u32) = (1000, 700);
 
+/// Servers of this file start one at a time (several geobeat processes starting at the same
+/// instant on a busy 2-core machine have been seen to hang while joining their executors'
+/// channel meshes, see tests/subscribe.rs; not what these tests are about).
+static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn start(dir: &Path) -> Server {
+    let _one = STARTING.lock().unwrap_or_else(|p| p.into_inner());
+    Server::start(dir, &[])
+}
+
 /// The response head (status line and headers, lower-cased) and body of one plain request.
 fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -58,7 +68,7 @@ fn live_page_is_public_self_contained_and_locked_down() {
     // a CSP that forbids everything but the page's own inline code and same-origin
     // connections, other methods are 405, and the page asks for no external resource.
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[]);
+    let server = start(dir.path());
     let (head, body) = request(server.addr, "GET", "/live");
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(
@@ -422,7 +432,7 @@ fn live_page_draws_moving_devices_in_headless_chromium() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[]);
+    let mut server = start(dir.path());
     let ops = server.token(&["ops"]);
     let gateway = server.token(&["gateway", "live-"]);
     let stop = Arc::new(AtomicBool::new(false));
