@@ -15,7 +15,7 @@ run() {
   "$bin/geobeat-load" --url ws://127.0.0.1:$port/v1/ingest --secret-file "$d/secret" "$@" --json-out "$d/out.json" \
     2>&1 | grep -E "throughput|ack latency"
   local ticks; ticks=$(awk '{print $14+$15}' /proc/$pid/stat)
-  local acked; acked=$(python3 -c "import json;print(json.load(open('$d/out.json'))['acked_total'])")
+  local acked; acked=$(python3 -c "import json;print(json.load(open('$d/out.json'))['counters']['acked_total'])")
   echo "$routing: server CPU $(python3 -c "print(round($ticks*10000/$acked, 2))") us per acked heartbeat ($acked acked)"
   kill $pid; wait $pid 2>/dev/null || true; rm -rf "$d"
 }
