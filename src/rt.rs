@@ -79,8 +79,13 @@ pub async fn sleep(d: Duration) {
     glommio::timer::sleep(d).await;
 }
 
-/// Runs `fut` for at most `d`; `None` on timeout (the future is dropped).
+/// Runs `fut` for at most `d`; `None` on timeout (the future is dropped). A future that is
+/// ready at its first poll (a buffered WebSocket write, say) never creates a timer.
 pub async fn timeout<T>(d: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    let mut fut = std::pin::pin!(fut);
+    if let Some(v) = futures_lite::future::poll_once(fut.as_mut()).await {
+        return Some(v);
+    }
     futures_lite::future::or(async { Some(fut.await) }, async {
         sleep(d).await;
         None
