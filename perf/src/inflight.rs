@@ -2,7 +2,9 @@
 //! the queue of frames sent but not yet acknowledged. It owns the rule that latency is measured
 //! from the INTENDED send time, not the actual one, so a device that falls behind its schedule (a
 //! stalled server, a slow client) reports the lag as latency instead of hiding it (no coordinated
-//! omission). It does not own sockets, clocks or histograms: callers pass `now` and receive
+//! omission). Beside it, each ack also yields the service time (from the ACTUAL send to the ack):
+//! the part of the latency the server and the network spent, without the client's own pacing
+//! delay. It does not own sockets, clocks or histograms: callers pass `now` and receive
 //! [`Acked`] records. Invariants: queued frames have strictly increasing, non-overlapping seq
 //! ranges; the queue never holds more than its heartbeat capacity.
 
@@ -18,6 +20,8 @@ struct Pending {
     last_seq: u64,
     /// When the frame was meant to be sent (closed loop: when it was sent).
     intended: Instant,
+    /// When the frame was actually handed to the connection (never before `intended`).
+    sent: Instant,
     /// Heartbeats of the frame still unacknowledged (rejections reduce it).
     count: u32,
     /// Whether the frame was meant to be sent inside the measured window.
@@ -29,6 +33,8 @@ struct Pending {
 pub struct Acked {
     /// Time from the intended send to the ack, in microseconds.
     pub latency_us: u64,
+    /// Time from the actual send to the ack, in microseconds (at most `latency_us`).
+    pub service_us: u64,
     /// Number of heartbeats this record covers.
     pub count: u32,
     /// Whether they were meant to be sent inside the measured window.
@@ -87,8 +93,16 @@ impl InFlight {
         self.heartbeats + count <= self.heartbeats_max
     }
 
-    /// Records a frame of `count` heartbeats with seqs `first_seq..first_seq + count`.
-    pub fn push(&mut self, first_seq: u64, count: u32, intended: Instant, measured: bool) {
+    /// Records a frame of `count` heartbeats with seqs `first_seq..first_seq + count`, meant to
+    /// leave at `intended` and actually sent at `sent`.
+    pub fn push(
+        &mut self,
+        first_seq: u64,
+        count: u32,
+        intended: Instant,
+        sent: Instant,
+        measured: bool,
+    ) {
         assert!(count > 0, "a frame carries at least one heartbeat");
         assert!(
             first_seq > self.last_seq,
@@ -101,6 +115,7 @@ impl InFlight {
             first_seq,
             last_seq,
             intended,
+            sent: sent.max(intended),
             count,
             measured,
         });
@@ -116,14 +131,15 @@ impl InFlight {
             if front.first_seq > ack_seq {
                 break;
             }
-            let latency_us = now.saturating_duration_since(front.intended).as_micros();
-            let latency_us = u64::try_from(latency_us).unwrap_or(u64::MAX);
+            let latency_us = micros(now.saturating_duration_since(front.intended));
+            let service_us = micros(now.saturating_duration_since(front.sent));
             if front.last_seq <= ack_seq {
                 let done = *front;
                 self.frames.pop_front();
                 if done.count > 0 {
                     on_acked(Acked {
                         latency_us,
+                        service_us,
                         count: done.count,
                         measured: done.measured,
                     });
@@ -139,6 +155,7 @@ impl InFlight {
                 if count > 0 {
                     on_acked(Acked {
                         latency_us,
+                        service_us,
                         count,
                         measured: front.measured,
                     });
@@ -170,6 +187,11 @@ impl InFlight {
         }
         Some(measured)
     }
+}
+
+/// `d` in whole microseconds, saturating.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// An open-loop send schedule: frame k is intended at `origin + k * period`, whatever happened
@@ -234,9 +256,9 @@ mod tests {
         // from its own intended time, and that later acks below the window are no-ops.
         let t0 = Instant::now();
         let mut window = InFlight::new(100);
-        window.push(1, 1, t0, true);
-        window.push(2, 1, t0 + ms(10), true);
-        window.push(3, 1, t0 + ms(20), false);
+        window.push(1, 1, t0, t0, true);
+        window.push(2, 1, t0 + ms(10), t0 + ms(10), true);
+        window.push(3, 1, t0 + ms(20), t0 + ms(20), false);
         let mut seen = Vec::new();
         let acked = window.ack(2, t0 + ms(25), |a| seen.push(a));
         assert_eq!(acked, 2);
@@ -245,11 +267,13 @@ mod tests {
             vec![
                 Acked {
                     latency_us: 25_000,
+                    service_us: 25_000,
                     count: 1,
                     measured: true
                 },
                 Acked {
                     latency_us: 15_000,
+                    service_us: 15_000,
                     count: 1,
                     measured: true
                 },
@@ -266,6 +290,7 @@ mod tests {
             seen,
             vec![Acked {
                 latency_us: 10_000,
+                service_us: 10_000,
                 count: 1,
                 measured: false
             }]
@@ -277,7 +302,8 @@ mod tests {
     fn late_sender_reports_its_lag_as_latency() {
         // Checks the no-coordinated-omission rule: a device that could only send at t=1s the
         // frames intended at 0, 100 and 200 ms reports latencies counted from those intended
-        // times, not from the moment it actually sent.
+        // times, not from the moment it actually sent; the service time is counted from the
+        // actual send.
         let t0 = Instant::now();
         let mut schedule = OpenSchedule::new(t0, ms(0), ms(100));
         let mut window = InFlight::new(10);
@@ -285,11 +311,17 @@ mod tests {
         let actual_send = t0 + ms(1000);
         while schedule.next_intended() <= t0 + ms(200) {
             seq += 1;
-            window.push(seq, 1, schedule.take(), true);
+            window.push(seq, 1, schedule.take(), actual_send, true);
         }
         let mut latencies = Vec::new();
-        window.ack(seq, actual_send + ms(5), |a| latencies.push(a.latency_us));
+        let mut service = Vec::new();
+        window.ack(seq, actual_send + ms(5), |a| {
+            latencies.push(a.latency_us);
+            service.push(a.service_us);
+        });
         assert_eq!(latencies, vec![1_005_000, 905_000, 805_000]);
+        // The service time excludes the client's lag: 5 ms for each, from the actual send.
+        assert_eq!(service, vec![5_000, 5_000, 5_000]);
         // The schedule did not shift because of the lag.
         assert_eq!(schedule.next_intended(), t0 + ms(300));
     }
@@ -300,14 +332,15 @@ mod tests {
         // one heartbeat from the window without a latency sample.
         let t0 = Instant::now();
         let mut window = InFlight::new(20);
-        window.push(1, 10, t0, true);
-        window.push(11, 5, t0 + ms(1), true);
+        window.push(1, 10, t0, t0, true);
+        window.push(11, 5, t0 + ms(1), t0 + ms(1), true);
         let mut seen = Vec::new();
         assert_eq!(window.ack(4, t0 + ms(2), |a| seen.push(a)), 4);
         assert_eq!(
             seen,
             vec![Acked {
                 latency_us: 2_000,
+                service_us: 2_000,
                 count: 4,
                 measured: true
             }]
@@ -323,11 +356,13 @@ mod tests {
             vec![
                 Acked {
                     latency_us: 3_000,
+                    service_us: 3_000,
                     count: 6,
                     measured: true
                 },
                 Acked {
                     latency_us: 2_000,
+                    service_us: 2_000,
                     count: 4,
                     measured: true
                 },
@@ -342,7 +377,7 @@ mod tests {
         let t0 = Instant::now();
         let mut window = InFlight::new(4);
         assert!(window.has_room(4));
-        window.push(1, 3, t0, false);
+        window.push(1, 3, t0, t0, false);
         assert!(!window.has_room(2));
         assert!(window.has_room(1));
         window.ack(3, t0, |_| {});

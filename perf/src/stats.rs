@@ -113,6 +113,9 @@ pub struct Stats {
     /// Open loop: how late each measured frame left relative to its intended time, in
     /// microseconds (the client's own scheduling delay, already included in `latency_us`).
     pub send_lag_us: Histogram<u64>,
+    /// Service time of measured heartbeats, microseconds from the ACTUAL send to the ack: the
+    /// server's and the network's share of `latency_us`, without the client's pacing delay.
+    pub service_us: Histogram<u64>,
     /// Rejections by reason (bounded by [`REJECTION_REASONS_MAX`]).
     pub rejection_reasons: BTreeMap<String, u64>,
 }
@@ -123,6 +126,7 @@ impl Default for Stats {
             counters: Counters::default(),
             latency_us: new_histogram(),
             send_lag_us: new_histogram(),
+            service_us: new_histogram(),
             rejection_reasons: BTreeMap::new(),
         }
     }
@@ -142,6 +146,9 @@ impl Stats {
             .expect("histograms share bounds");
         self.latency_us
             .add(&other.latency_us)
+            .expect("histograms share bounds");
+        self.service_us
+            .add(&other.service_us)
             .expect("histograms share bounds");
         for (reason, count) in &other.rejection_reasons {
             count_reason_into(&mut self.rejection_reasons, reason, *count);
@@ -282,6 +289,12 @@ pub struct Summary {
     /// The send-lag histogram, V2-serialized and base64-encoded (for merging across processes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_lag_v2_base64: Option<String>,
+    /// Service time percentiles (actual send to ack; the server's and network's share).
+    #[serde(default)]
+    pub service: LatencySummary,
+    /// The service-time histogram, V2-serialized and base64-encoded (for merging).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_v2_base64: Option<String>,
 }
 
 impl Summary {
@@ -302,6 +315,8 @@ impl Summary {
             histogram_v2_base64: Some(encode_histogram(&stats.latency_us)),
             send_lag: LatencySummary::of(&stats.send_lag_us),
             send_lag_v2_base64: Some(encode_histogram(&stats.send_lag_us)),
+            service: LatencySummary::of(&stats.service_us),
+            service_v2_base64: Some(encode_histogram(&stats.service_us)),
         }
     }
 
@@ -356,6 +371,10 @@ impl Summary {
                 latency_us: decode_histogram(encoded)?,
                 send_lag_us: match part.send_lag_v2_base64.as_deref() {
                     Some(lag) => decode_histogram(lag)?,
+                    None => new_histogram(),
+                },
+                service_us: match part.service_v2_base64.as_deref() {
+                    Some(service) => decode_histogram(service)?,
                     None => new_histogram(),
                 },
                 rejection_reasons: part.rejection_reasons.clone(),

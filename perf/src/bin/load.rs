@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         if !json_histograms {
             public.histogram_v2_base64 = None;
             public.send_lag_v2_base64 = None;
+            public.service_v2_base64 = None;
         }
         let json = serde_json::to_string_pretty(&public).expect("summaries always serialize");
         if let Err(e) = std::fs::write(&path, json + "\n") {

@@ -246,13 +246,14 @@ impl<'a> Device<'a> {
         };
         let count = batch as u32;
         let measured = self.shared.in_window(intended);
-        self.window.push(first_seq, count, intended, measured);
+        let sent = Instant::now();
+        self.window.push(first_seq, count, intended, sent, measured);
         self.counters.frames_sent_total += 1;
         self.counters.sent_total += u64::from(count);
         if measured {
             self.counters.sent += u64::from(count);
             if args.mode == Mode::Open {
-                let lag_us = Instant::now()
+                let lag_us = sent
                     .saturating_duration_since(intended)
                     .as_micros();
                 let lag_us = u64::try_from(lag_us)
@@ -286,6 +287,8 @@ impl<'a> Device<'a> {
                             counters.acked += u64::from(a.count);
                             let latency_us = a.latency_us.min(LATENCY_US_MAX);
                             let _ = stats.latency_us.record_n(latency_us, u64::from(a.count));
+                            let service_us = a.service_us.min(LATENCY_US_MAX);
+                            let _ = stats.service_us.record_n(service_us, u64::from(a.count));
                         }
                     });
                     counters.acked_total += acked as u64;

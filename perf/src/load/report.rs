@@ -76,6 +76,15 @@ pub fn render(summary: &Summary) -> String {
          ({} samples)",
         l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.mean_us, l.count
     );
+    if summary.service.count > 0 {
+        let g = &summary.service;
+        let _ = writeln!(
+            out,
+            "service:     p50 {} us, p90 {} us, p99 {} us, p99.9 {} us (actual send to ack: \
+             the latency above without the client's own pacing delay)",
+            g.p50_us, g.p90_us, g.p99_us, g.p999_us
+        );
+    }
     if summary.send_lag.count > 0 {
         let g = &summary.send_lag;
         let _ = writeln!(
