@@ -342,6 +342,97 @@ mod tests {
         assert_eq!(files(dir.path()), [FENCES_FILE]);
     }
 
+    /// The text of a fences file in the format [`render`] writes (`format_version` 1, one
+    /// `{"name":..,"shape":..}` per line) holding `n` small circles named `f000000`, `f000001`, ...
+    /// spread over a 400 x 250 grid of distinct centres. Written by hand rather than by `render`,
+    /// so loading it checks the reader against the documented format.
+    fn fences_file_text(n: usize) -> String {
+        let mut s = String::with_capacity(n * 80);
+        s.push_str("{\"format_version\":1,\"fences\":[");
+        for i in 0..n {
+            s.push_str(if i == 0 { "\n" } else { ",\n" });
+            let lon = -170.0 + (i % 400) as f64 * 0.85;
+            let lat = -80.0 + (i / 400 % 250) as f64 * 0.64;
+            s.push_str(&format!(
+                "{{\"name\":\"f{i:06}\",\"shape\":{{\"center\":[{lon},{lat}],\"radius_m\":50}}}}"
+            ));
+        }
+        s.push_str("\n]}\n");
+        s
+    }
+
+    #[test]
+    fn at_fences_max_a_new_name_is_refused_and_a_replacement_is_not() {
+        // Writes a fences file with exactly FENCES_MAX circles, opens the registry from it (all
+        // load), then: a PUT of a new name fails with TooManyFences and changes neither the
+        // snapshot, the version nor the file; a PUT replacing an existing name succeeds (still
+        // FENCES_MAX fences, the new shape published and persisted); after one delete, a new
+        // name fits again. The last reopen checks the rewritten file loads at the limit.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FENCES_FILE);
+        std::fs::write(&path, fences_file_text(FENCES_MAX)).unwrap();
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        assert_eq!(reg.snapshot().1.len(), FENCES_MAX);
+        let before = std::fs::read(&path).unwrap();
+
+        let e = reg.put(fence("one-more", CIRCLE)).unwrap_err();
+        assert!(matches!(e, FenceError::TooManyFences), "{e}");
+        assert_eq!(e.reason(), "too_many_fences");
+        assert!(e.to_string().contains(&FENCES_MAX.to_string()), "{e}");
+        assert_eq!(reg.version(), 1, "a refused put publishes nothing");
+        assert_eq!(reg.snapshot().1.len(), FENCES_MAX);
+        assert!(reg.snapshot().1.id("one-more").is_none());
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "a refused put writes nothing"
+        );
+
+        assert!(
+            !reg.put(fence("f000000", SQUARE)).unwrap(),
+            "replacing is not creating"
+        );
+        assert_eq!(reg.version(), 2);
+        let (_, set) = reg.snapshot();
+        assert_eq!(set.len(), FENCES_MAX);
+        assert_eq!(set.by_name("f000000").unwrap(), &fence("f000000", SQUARE));
+
+        let last = format!("f{:06}", FENCES_MAX - 1);
+        assert!(reg.delete(&last).unwrap());
+        assert!(
+            reg.put(fence("one-more", CIRCLE)).unwrap(),
+            "below the limit again"
+        );
+        assert!(matches!(
+            reg.put(fence("two-more", CIRCLE)),
+            Err(FenceError::TooManyFences)
+        ));
+        drop(reg);
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        let (_, set) = reg.snapshot();
+        assert_eq!(set.len(), FENCES_MAX);
+        assert_eq!(set.by_name("f000000").unwrap(), &fence("f000000", SQUARE));
+        assert!(set.id("one-more").is_some() && set.id(&last).is_none());
+    }
+
+    #[test]
+    fn a_file_with_more_than_fences_max_is_refused() {
+        // A fences file holding FENCES_MAX + 1 valid, distinctly named circles (the same
+        // generator as the at-limit test, one more entry) is refused at open with a corrupt
+        // error naming the file, the count found and the limit.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FENCES_FILE);
+        std::fs::write(&path, fences_file_text(FENCES_MAX + 1)).unwrap();
+        let e = FenceRegistry::open(dir.path()).unwrap_err();
+        assert_eq!(e.reason(), "corrupt", "{e}");
+        let msg = e.to_string();
+        let needle = format!("{} fences, at most {FENCES_MAX} allowed", FENCES_MAX + 1);
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains(&needle),
+            "{msg}"
+        );
+    }
+
     #[test]
     fn registry_is_send_and_sync_and_serialises_writers() {
         // Concurrent puts from several threads all land, each version exactly once.

@@ -34,6 +34,41 @@ pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Advisory lock key serialising schema creation between concurrent sinks.
 const SCHEMA_LOCK_KEY: i64 = 0x0067_656f_6265_6174; // "geobeat" in ASCII
 
+/// The heartbeat columns both `history` and `last_location` hold, with their types, in table
+/// order; each table adds its own key columns around them (see [`Sql::new`]).
+const FIX_COLUMNS: [(&str, &str); 9] = [
+    ("lat", "double precision NOT NULL"),
+    ("lon", "double precision NOT NULL"),
+    ("ts", "bigint NOT NULL"),
+    ("received_at", "bigint NOT NULL"),
+    ("alt", "real"),
+    ("speed", "real"),
+    ("heading", "real"),
+    ("acc", "real"),
+    ("attrs", "jsonb"),
+];
+
+/// The names of [`FIX_COLUMNS`].
+fn fix_column_names() -> Vec<&'static str> {
+    FIX_COLUMNS.iter().map(|(name, _)| *name).collect()
+}
+
+/// `CREATE TABLE IF NOT EXISTS {table}` with the definitions `before`, then [`FIX_COLUMNS`], then
+/// `after` (columns or constraints), one per line.
+fn create_table(table: &str, before: &[&str], after: &[&str]) -> String {
+    let fix = FIX_COLUMNS.iter().map(|(name, ty)| format!("{name} {ty}"));
+    let defs: Vec<String> = before
+        .iter()
+        .map(|d| d.to_string())
+        .chain(fix)
+        .chain(after.iter().map(|d| d.to_string()))
+        .collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (\n{}\n);",
+        defs.join(",\n")
+    )
+}
+
 /// The SQL statements of one schema.
 #[derive(Debug)]
 struct Sql {
@@ -54,37 +89,22 @@ impl Sql {
             format!("CREATE SCHEMA IF NOT EXISTS {schema};\n")
         };
         let ddl = format!(
-            "{create_schema}\
-             CREATE TABLE IF NOT EXISTS {schema}.history (\n\
-               shard integer NOT NULL,\n\
-               pos bigint NOT NULL,\n\
-               seq bigint NOT NULL,\n\
-               id text NOT NULL,\n\
-               lat double precision NOT NULL,\n\
-               lon double precision NOT NULL,\n\
-               ts bigint NOT NULL,\n\
-               received_at bigint NOT NULL,\n\
-               alt real,\n\
-               speed real,\n\
-               heading real,\n\
-               acc real,\n\
-               attrs jsonb,\n\
-               PRIMARY KEY (shard, pos)\n\
-             );\n\
-             CREATE TABLE IF NOT EXISTS {schema}.last_location (\n\
-               id text PRIMARY KEY,\n\
-               lat double precision NOT NULL,\n\
-               lon double precision NOT NULL,\n\
-               ts bigint NOT NULL,\n\
-               received_at bigint NOT NULL,\n\
-               alt real,\n\
-               speed real,\n\
-               heading real,\n\
-               acc real,\n\
-               attrs jsonb,\n\
-               shard integer NOT NULL,\n\
-               pos bigint NOT NULL\n\
-             );"
+            "{create_schema}{}\n{}",
+            create_table(
+                &format!("{schema}.history"),
+                &[
+                    "shard integer NOT NULL",
+                    "pos bigint NOT NULL",
+                    "seq bigint NOT NULL",
+                    "id text NOT NULL",
+                ],
+                &["PRIMARY KEY (shard, pos)"],
+            ),
+            create_table(
+                &format!("{schema}.last_location"),
+                &["id text PRIMARY KEY"],
+                &["shard integer NOT NULL", "pos bigint NOT NULL"],
+            ),
         );
         let stage = format!(
             "CREATE TEMP TABLE IF NOT EXISTS geobeat_stage (LIKE {schema}.history) \
@@ -93,8 +113,7 @@ impl Sql {
         let copy_stage = format!("COPY pg_temp.geobeat_stage ({COPY_COLUMNS}) FROM STDIN");
         let copy_direct = format!("COPY {schema}.history ({COPY_COLUMNS}) FROM STDIN");
         let max_pos = format!("SELECT max(pos) FROM {schema}.history WHERE shard = $1");
-        let last_cols =
-            "id, lat, lon, ts, received_at, alt, speed, heading, acc, attrs, shard, pos";
+        let last_cols = format!("id, {}, shard, pos", fix_column_names().join(", "));
         let insert_staged = format!(
             "INSERT INTO {schema}.history ({COPY_COLUMNS})\n\
                SELECT {COPY_COLUMNS} FROM pg_temp.geobeat_stage\n\
@@ -328,5 +347,67 @@ impl Sink for PgSink {
 
     fn idle(&mut self, _shard: ShardId, _now_ms: i64) -> Result<(), FlushError> {
         Ok(())
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Column names of the `CREATE TABLE` of `table` in `ddl` (constraint lines skipped).
+    fn table_columns<'a>(ddl: &'a str, table: &str) -> Vec<&'a str> {
+        let head = format!("CREATE TABLE IF NOT EXISTS {table} (\n");
+        let start = ddl
+            .find(&head)
+            .unwrap_or_else(|| panic!("no {table} in {ddl}"))
+            + head.len();
+        let body = &ddl[start..start + ddl[start..].find("\n);").unwrap()];
+        body.split(",\n")
+            .filter(|d| !d.starts_with("PRIMARY KEY"))
+            .map(|d| d.split(' ').next().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_ddl_matches_the_statements_that_use_it() {
+        // Parses the generated DDL (for the default and a named schema) and checks it against
+        // the other statements: `history` has exactly the COPY columns in COPY order (the
+        // staging table is `LIKE history`), `last_location` exactly the columns the upsert
+        // inserts, the shared columns have one type in both tables, the upsert updates every
+        // non-key column, and the keys are the documented ones.
+        for (schema, prefix) in [
+            ("public", ""),
+            ("geo", "CREATE SCHEMA IF NOT EXISTS geo;\n"),
+        ] {
+            let sql = Sql::new(schema);
+            assert!(
+                sql.ddl.starts_with(&format!("{prefix}CREATE TABLE")),
+                "{}",
+                sql.ddl
+            );
+            let history = table_columns(&sql.ddl, &format!("{schema}.history"));
+            let copy: Vec<&str> = COPY_COLUMNS.split(", ").collect();
+            assert_eq!(history, copy);
+            assert!(sql
+                .ddl
+                .contains("attrs jsonb,\nPRIMARY KEY (shard, pos)\n);"));
+            let last = table_columns(&sql.ddl, &format!("{schema}.last_location"));
+            let upsert_head = format!("INSERT INTO {schema}.last_location AS l (");
+            let cols = sql.upsert_last.strip_prefix(&upsert_head).unwrap();
+            let inserted: Vec<&str> = cols[..cols.find(')').unwrap()].split(", ").collect();
+            assert_eq!(last, inserted);
+            assert!(sql.ddl.contains("last_location (\nid text PRIMARY KEY,\n"));
+            for (name, ty) in FIX_COLUMNS {
+                let def = format!("\n{name} {ty},\n");
+                assert_eq!(sql.ddl.matches(&def).count(), 2, "{def:?} in {}", sql.ddl);
+            }
+            for c in last.iter().filter(|c| **c != "id") {
+                let set = format!("{c} = EXCLUDED.{c}");
+                assert!(
+                    sql.upsert_last.contains(&set),
+                    "{set} in {}",
+                    sql.upsert_last
+                );
+            }
+        }
     }
 }

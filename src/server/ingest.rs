@@ -12,14 +12,13 @@ use std::cell::Cell;
 use std::future::Future;
 use std::rc::Rc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 
 use crate::limits::{CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS};
 use crate::metrics::ExecProbe;
@@ -32,6 +31,7 @@ use crate::server::exec::{
 };
 use crate::server::listen::{ConnSlot, Upgrade};
 use crate::server::msg::{Batch, ConnKey, ToOwner};
+use crate::server::ws_write::{Sink, WriteError, WsWriter};
 
 /// tungstenite's read buffer per connection. Its default (128 KiB) alone would blow the 8 KiB
 /// per idle connection budget, and an idle connection also pins an io_uring receive buffer of
@@ -121,7 +121,6 @@ pub async fn serve(
 }
 
 type Source = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
-type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
 
 /// What ended a wait for the next frame.
 enum Next {
@@ -452,7 +451,9 @@ async fn write_loop(
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
 ) {
-    write_frames(&exec, key, sink, &ctl, &signal).await;
+    if let Err(e) = write_frames(&exec, key, sink, &ctl, &signal).await {
+        tracing::debug!(error = %e, "a connection's writes stalled or failed; closing it");
+    }
     ctl.writer_gone.set(true);
     ctl.gone.notify();
     signal.notify();
@@ -461,9 +462,14 @@ async fn write_loop(
 /// Writes error frames, coalesced acks, pings and the close frame. Every write must finish within
 /// the idle timeout: a client that stops reading (or vanished without FIN) would otherwise hold
 /// the connection, its slot and its buffers forever.
-async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, signal: &rt::Signal) {
-    let stall = exec.shared.cfg.idle_timeout;
-    let mut wd = rt::Watchdog::new();
+async fn write_frames(
+    exec: &Exec,
+    key: ConnKey,
+    sink: Sink,
+    ctl: &Ctl,
+    signal: &rt::Signal,
+) -> Result<(), WriteError> {
+    let mut out = WsWriter::new(sink, exec.shared.cfg.idle_timeout);
     let mut acked = 0u64;
     let mut text = String::with_capacity(64);
     loop {
@@ -472,45 +478,26 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
             let errors: Vec<_> = c.errors.drain(..).collect();
             (errors, c.ack_ready, c.frames_in_flight())
         }) else {
-            return;
+            return Ok(());
         };
         let mut wrote = false;
         for (seq, reason) in errors {
             proto::ack::write_error(&mut text, seq.map(proto::Seq), reason);
-            if !matches!(
-                wd.within(stall, sink.feed(Message::text(text.as_str())))
-                    .await,
-                Some(Ok(()))
-            ) {
-                return;
-            }
+            out.feed(Message::text(text.as_str())).await?;
             wrote = true;
         }
         if ack_ready > acked {
             proto::ack::write_ack(&mut text, proto::Seq(ack_ready));
-            if !matches!(
-                wd.within(stall, sink.feed(Message::text(text.as_str())))
-                    .await,
-                Some(Ok(()))
-            ) {
-                return;
-            }
+            out.feed(Message::text(text.as_str())).await?;
             acked = ack_ready;
             wrote = true;
         }
         if ctl.ping.replace(false) {
-            if !matches!(
-                wd.within(stall, sink.feed(Message::Ping(Default::default())))
-                    .await,
-                Some(Ok(()))
-            ) {
-                return;
-            }
+            out.feed(Message::Ping(Default::default())).await?;
             wrote = true;
         }
-        if wrote && !matches!(wd.within(stall, sink.flush()).await, Some(Ok(()))) {
-            tracing::debug!("a connection's writes stalled or failed; closing it");
-            return;
+        if wrote {
+            out.flush().await?;
         }
         if let Some((code, reason)) = ctl.close.get() {
             // A graceful close (shutdown, idle, client close) first waits until everything
@@ -518,17 +505,8 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
             // abuse and protocol errors close at once.
             let graceful = code == close::GOING_AWAY || code == CLOSE_NORMAL;
             if !graceful || in_flight == 0 {
-                let frame = CloseFrame {
-                    code: CloseCode::from(code),
-                    reason: reason.into(),
-                };
-                let _ = rt::timeout(
-                    Duration::from_secs(1),
-                    sink.send(Message::Close(Some(frame))),
-                )
-                .await;
-                let _ = rt::timeout(Duration::from_secs(1), sink.close()).await;
-                return;
+                out.close(code, reason).await;
+                return Ok(());
             }
         }
         wait.await;

@@ -3,7 +3,8 @@
 //! SO_REUSEPORT), wires the cross-executor channel meshes, and turns SIGTERM/SIGINT into an
 //! orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
 //! [`ingest`], HTTP endpoints in [`http`], accepting/dispatching sockets in [`listen`], and
-//! real-time subscriptions in [`subscribe`] (connections) and [`fanout`] (matching, delivery).
+//! real-time subscriptions in [`subscribe`] (connections) and [`fanout`] (matching, delivery);
+//! both WebSocket writers send through [`ws_write`].
 //!
 //! Ownership: logical shard `k` (fixed for the data directory) lives on executor `k % executors`.
 //! A data directory created with 4 shards opens fine on a 2-core machine (two shards per
@@ -18,6 +19,7 @@ pub mod live;
 pub mod msg;
 pub mod query;
 pub mod subscribe;
+pub mod ws_write;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

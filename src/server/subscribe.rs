@@ -18,12 +18,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::limits::{
@@ -37,6 +36,7 @@ use crate::server::exec::{now_s, received_now_ms, Exec};
 use crate::server::fanout::{write_event, Filter, InterestOp, Out, SubKey, Target};
 use crate::server::listen::ConnSlot;
 use crate::server::msg::ConnKey;
+use crate::server::ws_write::{Sink, WriteError, WsWriter};
 use crate::server::Shared;
 use crate::spatial::BBox;
 
@@ -194,7 +194,6 @@ async fn broadcast(exec: &Exec, op: InterestOp) {
 }
 
 type Source = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
-type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
 
 enum Next {
     Msg(Option<Result<Message, WsError>>),
@@ -610,7 +609,9 @@ async fn write_loop(
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
 ) {
-    write_frames(&exec, key, sink, &ctl, &signal).await;
+    if let Err(e) = write_frames(&exec, key, sink, &ctl, &signal).await {
+        tracing::debug!(error = %e, "a subscriber's writes stalled or failed; closing it");
+    }
     ctl.writer_gone.set(true);
     ctl.gone.notify();
     signal.notify();
@@ -618,36 +619,28 @@ async fn write_loop(
 
 /// Writes answers, `{"missed":N}` notices, events, pings and the close frame. Every write must
 /// finish within the idle timeout: a client that stops reading for that long is closed (until
-/// then its queue overflows into the missed count).
-async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, signal: &rt::Signal) {
-    let stall = exec.shared.cfg.idle_timeout;
+/// then its queue overflows into the missed count). Once shutdown began, writes get at most
+/// [`STOP_WRITE_GRACE`].
+async fn write_frames(
+    exec: &Exec,
+    key: ConnKey,
+    sink: Sink,
+    ctl: &Ctl,
+    signal: &rt::Signal,
+) -> Result<(), WriteError> {
+    let mut out =
+        WsWriter::new(sink, exec.shared.cfg.idle_timeout).stop_bounded(exec, STOP_WRITE_GRACE);
     let mut items = Vec::with_capacity(WRITE_BATCH_MAX);
     let mut text = String::with_capacity(256);
-    macro_rules! feed {
-        ($msg:expr) => {
-            if !matches!(bounded(exec, stall, sink.feed($msg)).await, Some(Ok(()))) {
-                return;
-            }
-        };
-    }
     loop {
         let wait = signal.wait();
         if let Some((code, reason)) = ctl.close.get() {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
-            let _ = rt::timeout(
-                Duration::from_secs(1),
-                sink.send(Message::Close(Some(frame))),
-            )
-            .await;
-            let _ = rt::timeout(Duration::from_secs(1), sink.close()).await;
-            return;
+            out.close(code, reason).await;
+            return Ok(());
         }
         items.clear();
         let Some(mut missed) = exec.fanout.take(key, WRITE_BATCH_MAX, &mut items) else {
-            return;
+            return Ok(());
         };
         let took = items.len();
         let mut wrote = false;
@@ -657,15 +650,16 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
             match item {
                 Out::Control(t) => {
                     controls = true;
-                    feed!(Message::text(t));
+                    out.feed(Message::text(t)).await?;
                 }
                 Out::Event { sub, text: ev } => {
                     if missed > 0 {
-                        feed!(Message::text(format!(r#"{{"missed":{missed}}}"#)));
+                        out.feed(Message::text(format!(r#"{{"missed":{missed}}}"#)))
+                            .await?;
                         missed = 0;
                     }
                     write_event(&mut text, &sub, &ev);
-                    feed!(Message::text(text.as_str()));
+                    out.feed(Message::text(text.as_str())).await?;
                     delivered += 1;
                 }
             }
@@ -673,16 +667,16 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
         }
         if missed > 0 {
             // Nothing to deliver right now: say it at once rather than at the next event.
-            feed!(Message::text(format!(r#"{{"missed":{missed}}}"#)));
+            out.feed(Message::text(format!(r#"{{"missed":{missed}}}"#)))
+                .await?;
             wrote = true;
         }
         if ctl.ping.replace(false) {
-            feed!(Message::Ping(Default::default()));
+            out.feed(Message::Ping(Default::default())).await?;
             wrote = true;
         }
-        if wrote && !matches!(bounded(exec, stall, sink.flush()).await, Some(Ok(()))) {
-            tracing::debug!("a subscriber's writes stalled or failed; closing it");
-            return;
+        if wrote {
+            out.flush().await?;
         }
         let d = &exec.fanout.delivered;
         d.set(d.get() + delivered);
@@ -695,23 +689,6 @@ async fn write_frames(exec: &Exec, key: ConnKey, mut sink: Sink, ctl: &Ctl, sign
         }
         wait.await;
     }
-}
-
-/// Runs a write for at most `stall`, or at most [`STOP_WRITE_GRACE`] once shutdown began.
-async fn bounded<T>(
-    exec: &Exec,
-    stall: Duration,
-    fut: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    if exec.stopping() {
-        return rt::timeout(STOP_WRITE_GRACE, fut).await;
-    }
-    futures_lite::future::or(rt::timeout(stall, fut), async {
-        exec.stop_signal.wait().await;
-        rt::sleep(STOP_WRITE_GRACE).await;
-        None
-    })
-    .await
 }
 
 #[cfg(test)]

@@ -1,0 +1,240 @@
+//! [`WsWriter`]: the write half of a server WebSocket (ingest and subscribe connections) with its
+//! deadlines. It owns the bounds on every write (a feed or flush must finish within the stall
+//! bound, the idle timeout; optionally, once the executor stops, within a shorter grace) and the
+//! close sequence (close frame, then closing the socket, each bounded). It does not know what the
+//! frames mean or when to send them; that is the connection's writer's.
+//!
+//! Invariant: one [`rt::Watchdog`] per connection keeps every deadline, so a write that is ready
+//! at once touches no timer and a stalled one re-arms the same timer; no timer or stop-signal
+//! waiter is created per write.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::CloseFrame;
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::WebSocketStream;
+use futures_util::SinkExt;
+
+use crate::rt::{self, TcpStream};
+use crate::server::exec::Exec;
+
+/// The write half of a server WebSocket.
+pub type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+
+/// How long each step of the close sequence (close frame, socket close) may take.
+const CLOSE_STEP_BOUND: Duration = Duration::from_secs(1);
+
+/// Why a write did not complete; the connection's writer ends either way.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The write was still pending when its deadline passed (the client stopped reading).
+    #[error("write stalled for {0:?}")]
+    Stalled(Duration),
+    /// The socket or the WebSocket layer failed.
+    #[error("write failed: {0}")]
+    Socket(#[from] WsError),
+}
+
+/// Shutdown bound of a writer whose writes must not hold up the executor's drain.
+struct StopBound<'a> {
+    /// The process's "shutdown began" flag (set before the stop signal fires).
+    stopping: &'a AtomicBool,
+    /// Fires at the executor's stop signal; kept across writes (a ready wait stays ready).
+    wait: rt::SignalWait<'a>,
+    grace: Duration,
+}
+
+/// A WebSocket sink whose writes are bounded by one per-connection watchdog.
+pub struct WsWriter<'a> {
+    sink: Sink,
+    wd: rt::Watchdog,
+    stall: Duration,
+    stop: Option<StopBound<'a>>,
+}
+
+impl<'a> WsWriter<'a> {
+    /// Wraps `sink`; every feed and flush must finish within `stall`. Create it on the
+    /// connection's executor.
+    pub fn new(sink: Sink, stall: Duration) -> WsWriter<'a> {
+        WsWriter {
+            sink,
+            wd: rt::Watchdog::new(),
+            stall,
+            stop: None,
+        }
+    }
+
+    /// Also bounds writes by `exec`'s shutdown: a write begun once the executor is stopping gets
+    /// at most `grace`; one pending when it begins stopping ends at most `grace` later.
+    pub fn stop_bounded(mut self, exec: &'a Exec, grace: Duration) -> WsWriter<'a> {
+        self.stop = Some(StopBound {
+            stopping: &exec.shared.stopping,
+            wait: exec.stop_signal.wait(),
+            grace,
+        });
+        self
+    }
+
+    /// Queues `msg` (tungstenite writes to the socket once its write buffer fills).
+    pub async fn feed(&mut self, msg: Message) -> Result<(), WriteError> {
+        let WsWriter {
+            sink,
+            wd,
+            stall,
+            stop,
+        } = self;
+        bounded(wd, *stall, stop.as_mut(), sink.feed(msg))
+            .await?
+            .map_err(WriteError::from)
+    }
+
+    /// Writes everything queued to the socket.
+    pub async fn flush(&mut self) -> Result<(), WriteError> {
+        let WsWriter {
+            sink,
+            wd,
+            stall,
+            stop,
+        } = self;
+        bounded(wd, *stall, stop.as_mut(), sink.flush())
+            .await?
+            .map_err(WriteError::from)
+    }
+
+    /// Sends a close frame with `code` and `reason`, then closes the socket; each step may take
+    /// [`CLOSE_STEP_BOUND`] (not the stall or shutdown bounds); failures are ignored, as the
+    /// connection ends anyway.
+    pub async fn close(mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let _ = self
+            .wd
+            .within(
+                CLOSE_STEP_BOUND,
+                self.sink.send(Message::Close(Some(frame))),
+            )
+            .await;
+        let _ = self.wd.within(CLOSE_STEP_BOUND, self.sink.close()).await;
+    }
+}
+
+/// Runs `fut` until it completes or its deadline passes: `stall` after it first waits, or with
+/// a stop bound, `grace` after it first waits when the executor was already stopping, else the
+/// earlier of that and `grace` after the stop signal fired during the write.
+async fn bounded<T>(
+    wd: &mut rt::Watchdog,
+    stall: Duration,
+    mut stop: Option<&mut StopBound<'_>>,
+    fut: impl Future<Output = T>,
+) -> Result<T, WriteError> {
+    let mut fut = std::pin::pin!(fut);
+    // A write begun during shutdown gets only the grace.
+    let stopping = stop
+        .as_ref()
+        .is_some_and(|s| s.stopping.load(Ordering::Acquire));
+    let limit = match &stop {
+        Some(s) if stopping => s.grace,
+        _ => stall,
+    };
+    let mut start = None;
+    let mut stopped_at = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        let (mut since, mut d) = (*start.get_or_insert_with(Instant::now), limit);
+        if let (Some(s), false) = (stop.as_deref_mut(), stopping) {
+            if stopped_at.is_none() && Pin::new(&mut s.wait).poll(cx).is_ready() {
+                stopped_at = Some(Instant::now());
+            }
+            if let Some(t) = stopped_at {
+                if t + s.grace < since + stall {
+                    (since, d) = (t, s.grace);
+                }
+            }
+        }
+        if wd.poll_elapsed(cx, since, d) {
+            Poll::Ready(Err(WriteError::Stalled(d)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    #[test]
+    fn writes_end_at_the_stall_bound_or_the_shutdown_grace() {
+        // Drives `bounded` on one executor with futures that never complete, through one
+        // watchdog: without a stop bound the write fails after `stall`; with one, a write begun
+        // while stopping fails after `grace`, and one pending when the stop signal fires fails
+        // `grace` after it (the stall is 30 s, so the returned bound shows which deadline fired).
+        // Ready and quickly completing writes pass. Lower time bounds only (timers fire late on a
+        // busy machine, never early).
+        let got = rt::run_executors(1, |_| async {
+            let mut wd = rt::Watchdog::new();
+            let pending = futures_lite::future::pending::<()>;
+            let short = Duration::from_millis(60);
+            let long = Duration::from_secs(30);
+            let grace = Duration::from_millis(40);
+
+            assert_eq!(bounded(&mut wd, short, None, async { 7 }).await.unwrap(), 7);
+            let quick = bounded(&mut wd, long, None, rt::sleep(Duration::from_millis(5)));
+            assert!(quick.await.is_ok());
+            let t0 = Instant::now();
+            let e = bounded(&mut wd, short, None, pending()).await.unwrap_err();
+            assert!(matches!(e, WriteError::Stalled(d) if d == short), "{e}");
+            assert!(t0.elapsed() >= short);
+
+            let stopping = AtomicBool::new(false);
+            let signal = rt::Signal::new();
+            let mut stop = StopBound {
+                stopping: &stopping,
+                wait: signal.wait(),
+                grace,
+            };
+            let quick = bounded(&mut wd, long, Some(&mut stop), async { 1 });
+            assert_eq!(quick.await.unwrap(), 1);
+            let (s2, fire_after) = (Rc::clone(&signal), Duration::from_millis(50));
+            let stopper = rt::spawn_joinable(async move {
+                rt::sleep(fire_after).await;
+                s2.notify();
+            });
+            let t0 = Instant::now();
+            let e = bounded(&mut wd, long, Some(&mut stop), pending())
+                .await
+                .unwrap_err();
+            assert!(matches!(e, WriteError::Stalled(d) if d == grace), "{e}");
+            assert!(t0.elapsed() >= fire_after + grace, "{:?}", t0.elapsed());
+            stopper.await.unwrap();
+
+            // A write begun once shutdown began (the flag is set; the signal fired earlier).
+            stopping.store(true, Ordering::Release);
+            let mut stop = StopBound {
+                stopping: &stopping,
+                wait: signal.wait(),
+                grace,
+            };
+            let t0 = Instant::now();
+            let e = bounded(&mut wd, long, Some(&mut stop), pending())
+                .await
+                .unwrap_err();
+            assert!(matches!(e, WriteError::Stalled(d) if d == grace), "{e}");
+            assert!(t0.elapsed() >= grace);
+            true
+        })
+        .unwrap();
+        assert_eq!(got, vec![true]);
+    }
+}
