@@ -253,9 +253,7 @@ impl<'a> Device<'a> {
         if measured {
             self.counters.sent += u64::from(count);
             if args.mode == Mode::Open {
-                let lag_us = sent
-                    .saturating_duration_since(intended)
-                    .as_micros();
+                let lag_us = sent.saturating_duration_since(intended).as_micros();
                 let lag_us = u64::try_from(lag_us)
                     .unwrap_or(u64::MAX)
                     .min(LATENCY_US_MAX);
