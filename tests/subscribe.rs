@@ -948,3 +948,111 @@ fn the_ops_in_the_protocol_document_are_accepted() {
         }
     }
 }
+
+#[test]
+fn silent_subscribers_are_pinged_then_closed_at_the_idle_timeout() {
+    // With the minimum idle timeout (2 s) the server pings a subscriber after 1 s of silence and
+    // closes it after 2 s. A raw-socket subscriber that never answers gets exactly a ping and
+    // then a close frame 1001 "idle timeout", no sooner than 2 s after it connected (its bytes
+    // are parsed by hand, so nothing answers the ping). A tungstenite subscriber that only
+    // answers pings (it replies while reading) is pinged no sooner than 1 s in, is still open
+    // well past the timeout, and its op is then answered.
+    let dir = tempfile::tempdir().unwrap();
+    let server = {
+        let _one = STARTING.lock().unwrap_or_else(|p| p.into_inner());
+        Server::start(dir.path(), &["--shards", "4", "--idle-timeout-s", "2"])
+    };
+    let ops = server.token(&["ops"]);
+
+    let (addr, tok) = (server.addr, ops.clone());
+    let silent = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let started = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        let req = format!(
+            "GET /v1/subscribe?token={tok} HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+             sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        // (opcode, payload, when it was complete) of each server frame, until EOF.
+        let mut bytes = Vec::new();
+        let mut frames: Vec<(u8, Vec<u8>, Duration)> = Vec::new();
+        let mut at = None;
+        let mut buf = [0u8; 512];
+        loop {
+            let n = s
+                .read(&mut buf)
+                .expect("the server closes within the read timeout");
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+            let start = match at {
+                Some(a) => a,
+                None => match bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+                    Some(p) => {
+                        assert!(bytes.starts_with(b"HTTP/1.1 101"), "{bytes:?}");
+                        *at.insert(p + 4)
+                    }
+                    None => continue,
+                },
+            };
+            // Server frames are unmasked and these are short (7-bit lengths).
+            let mut i = start;
+            while bytes.len() >= i + 2 && bytes.len() >= i + 2 + (bytes[i + 1] & 0x7f) as usize {
+                let len = bytes[i + 1] as usize;
+                assert!(len < 126, "unexpected long frame");
+                frames.push((
+                    bytes[i],
+                    bytes[i + 2..i + 2 + len].to_vec(),
+                    started.elapsed(),
+                ));
+                i += 2 + len;
+            }
+            at = Some(i);
+        }
+        frames
+    });
+
+    let started = Instant::now();
+    let mut live = sub_open(&server, &ops, false, None);
+    live.get_mut()
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut first_ping = None;
+    while started.elapsed() < Duration::from_millis(3500) {
+        match live.read() {
+            Ok(Message::Ping(_)) => {
+                first_ping.get_or_insert(started.elapsed());
+                live.flush().unwrap(); // sends the pong
+            }
+            Ok(other) => panic!("unexpected frame {other:?}"),
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("the answering subscriber was closed: {e}"),
+        }
+    }
+    let first_ping = first_ping.expect("the answering subscriber was pinged");
+    assert!(first_ping >= Duration::from_secs(1), "{first_ping:?}");
+    live.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    subscribe(&mut live, "still-here", json!({"bbox": [0, 0, 1, 1]}));
+
+    let frames = silent.join().unwrap();
+    let kinds: Vec<u8> = frames.iter().map(|f| f.0).collect();
+    assert_eq!(kinds, [0x89, 0x88], "ping, then close: {frames:?}");
+    let (_, close, when) = &frames[1];
+    assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1001);
+    assert_eq!(&close[2..], b"idle timeout");
+    assert!(*when >= Duration::from_secs(2), "closed after {when:?}");
+    assert!(
+        frames[0].2 >= Duration::from_secs(1),
+        "pinged after {:?}",
+        frames[0].2
+    );
+}

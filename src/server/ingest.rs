@@ -8,14 +8,11 @@
 //! devices instead of buffering; on shutdown the connection stops reading, waits for what it
 //! received to become durable, sends the final ack and closes with 1001.
 
-use std::cell::Cell;
-use std::future::Future;
 use std::rc::Rc;
-use std::task::Poll;
 use std::time::Instant;
 
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::tungstenite::Message;
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
 use futures_util::StreamExt;
@@ -31,6 +28,7 @@ use crate::server::exec::{
 };
 use crate::server::listen::{ConnSlot, Upgrade};
 use crate::server::msg::{Batch, ConnKey, ToOwner};
+use crate::server::ws_read::{Ctl, Data, Source, WsReader};
 use crate::server::ws_write::{Sink, WriteError, WsWriter};
 
 /// tungstenite's read buffer per connection. Its default (128 KiB) alone would blow the 8 KiB
@@ -47,22 +45,6 @@ const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
 
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
-/// Close code for a protocol error (RFC 6455).
-const CLOSE_PROTOCOL: u16 = 1002;
-
-/// Control flags from the reader to the writer.
-#[derive(Default)]
-struct Ctl {
-    /// Close with this code and reason once allowed (1001 waits for pending acks).
-    close: Cell<Option<(u16, &'static str)>>,
-    /// Send a ping (idle check).
-    ping: Cell<bool>,
-    /// Set when the writer has ended (socket error, or a write stalled past the idle timeout):
-    /// the reader stops too.
-    writer_gone: Cell<bool>,
-    /// Fired when `writer_gone` is set.
-    gone: rt::Signal,
-}
 
 fn ws_config(frame_bytes_max: usize) -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
@@ -111,7 +93,7 @@ pub async fn serve(
         ctl.clone(),
         signal.clone(),
     ));
-    read_loop(&exec, key, source, &ctl, &upgrade).await;
+    read_loop(&exec, key, source, &ctl, &signal, &upgrade).await;
     if ctl.close.get().is_none() {
         ctl.close.set(Some((CLOSE_NORMAL, "")));
     }
@@ -120,21 +102,12 @@ pub async fn serve(
     exec.conn_close(key);
 }
 
-type Source = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
-
-/// What ended a wait for the next frame.
-enum Next {
-    Msg(Option<Result<Message, WsError>>),
-    Idle,
-    Stop,
-    WriterGone,
-}
-
 async fn read_loop(
     exec: &Rc<Exec>,
     key: ConnKey,
-    mut source: Source,
+    source: Source,
     ctl: &Ctl,
+    writer: &rt::Signal,
     upgrade: &Upgrade,
 ) {
     let Some(scope) = IngestScope::from_scope(&upgrade.scope) else {
@@ -145,12 +118,7 @@ async fn read_loop(
     let mut seqs = proto::SeqTracker::new();
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
     let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
-    let mut idle_strikes = 0u32;
-    let ping_after = exec.shared.cfg.ping_interval();
-    let mut stop = std::pin::pin!(exec.stop_signal.wait());
-    let mut gone = std::pin::pin!(ctl.gone.wait());
-    let mut idle = rt::Watchdog::new();
-    let mut last_msg = Instant::now();
+    let mut reader = WsReader::new(exec, source, ctl, writer);
     loop {
         // Backpressure: stop reading while this connection has too much in flight.
         loop {
@@ -167,67 +135,12 @@ async fn read_loop(
             }
             signal.wait().await;
         }
-        if exec.stopping() {
-            ctl.close
-                .set(Some((close::GOING_AWAY, "server shutting down")));
+        let Some(data) = reader.next().await else {
             return;
-        }
-        // One poll of the socket per message; the stop signal, the writer's end and the idle
-        // watchdog stay registered across messages (no per-message timer or waiter churn).
-        let next = std::future::poll_fn(|cx| {
-            if let Poll::Ready(m) = source.poll_next_unpin(cx) {
-                return Poll::Ready(Next::Msg(m));
-            }
-            if stop.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Next::Stop);
-            }
-            if ctl.writer_gone.get() || gone.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Next::WriterGone);
-            }
-            if idle.poll_elapsed(cx, last_msg, ping_after) {
-                return Poll::Ready(Next::Idle);
-            }
-            Poll::Pending
-        })
-        .await;
-        let msg = match next {
-            Next::WriterGone => return,
-            Next::Stop => {
-                ctl.close
-                    .set(Some((close::GOING_AWAY, "server shutting down")));
-                return;
-            }
-            Next::Idle => {
-                idle_strikes += 1;
-                if idle_strikes >= 2 {
-                    ctl.close.set(Some((close::GOING_AWAY, "idle timeout")));
-                    return;
-                }
-                ctl.ping.set(true);
-                exec.with_conn(key, |c| c.signal.notify());
-                // The next strike comes one more idle period later.
-                last_msg = Instant::now();
-                continue;
-            }
-            Next::Msg(None) => return,
-            Next::Msg(Some(Err(e))) => {
-                ctl.close.set(match e {
-                    WsError::Capacity(_) => Some((close::TOO_BIG, "frame too large")),
-                    WsError::Utf8 => Some((close::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
-                    WsError::Protocol(_) => Some((CLOSE_PROTOCOL, "protocol error")),
-                    _ => None,
-                });
-                return;
-            }
-            Next::Msg(Some(Ok(m))) => m,
         };
-        idle_strikes = 0;
-        last_msg = Instant::now();
-        let payload = match &msg {
-            Message::Text(t) => Payload::Text(t.as_str()),
-            Message::Binary(b) => Payload::Binary(b),
-            Message::Close(_) => return,
-            _ => continue,
+        let payload = match &data {
+            Data::Text(t) => Payload::Text(t.as_str()),
+            Data::Binary(b) => Payload::Binary(b),
         };
         match process_frame(
             exec,

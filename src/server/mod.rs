@@ -4,7 +4,7 @@
 //! orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
 //! [`ingest`], HTTP endpoints in [`http`], accepting/dispatching sockets in [`listen`], and
 //! real-time subscriptions in [`subscribe`] (connections) and [`fanout`] (matching, delivery);
-//! both WebSocket writers send through [`ws_write`].
+//! both WebSocket connections read through [`ws_read`] and write through [`ws_write`].
 //!
 //! Ownership: logical shard `k` (fixed for the data directory) lives on executor `k % executors`.
 //! A data directory created with 4 shards opens fine on a 2-core machine (two shards per
@@ -19,6 +19,7 @@ pub mod live;
 pub mod msg;
 pub mod query;
 pub mod subscribe;
+pub mod ws_read;
 pub mod ws_write;
 
 use std::net::SocketAddr;

@@ -10,16 +10,15 @@
 //! under its prefix; the reader pauses while answers pile up unread, and events never wait: a
 //! full queue counts them as missed.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::tungstenite::Message;
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
 use futures_util::StreamExt;
@@ -36,6 +35,7 @@ use crate::server::exec::{now_s, received_now_ms, Exec};
 use crate::server::fanout::{write_event, Filter, InterestOp, Out, SubKey, Target};
 use crate::server::listen::ConnSlot;
 use crate::server::msg::ConnKey;
+use crate::server::ws_read::{Ctl, Data, Source, WsReader};
 use crate::server::ws_write::{Sink, WriteError, WsWriter};
 use crate::server::Shared;
 use crate::spatial::BBox;
@@ -53,8 +53,9 @@ const WRITE_BATCH_MAX: usize = 64;
 const STOP_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
-/// Close code for a protocol error (RFC 6455).
-const CLOSE_PROTOCOL: u16 = 1002;
+/// Longest token expiry a connection arms a deadline for (about 100 years): a later expiry
+/// cannot come while the connection lives.
+const TOKEN_EXPIRY_WAIT_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A verified WebSocket upgrade of `/v1/subscribe`.
 #[derive(Debug, Clone)]
@@ -83,15 +84,6 @@ impl Drop for SubscriberSlot {
     fn drop(&mut self) {
         self.0.subscribers_open.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// Control flags from the reader to the writer.
-#[derive(Default)]
-struct Ctl {
-    close: Cell<Option<(u16, &'static str)>>,
-    ping: Cell<bool>,
-    writer_gone: Cell<bool>,
-    gone: rt::Signal,
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -163,7 +155,7 @@ pub async fn serve(
         by_name: HashMap::new(),
         next_id: 1,
     };
-    read_loop(&exec, key, source, &ctl, &upgrade, &mut subs).await;
+    read_loop(&exec, key, source, &ctl, &signal, &upgrade, &mut subs).await;
     if ctl.close.get().is_none() {
         ctl.close.set(Some((CLOSE_NORMAL, "")));
     }
@@ -193,27 +185,23 @@ async fn broadcast(exec: &Exec, op: InterestOp) {
     exec.on_all(move |e: &Exec| e.fanout.apply(&op)).await;
 }
 
-type Source = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
-
-enum Next {
-    Msg(Option<Result<Message, WsError>>),
-    Idle,
-    Stop,
-    Expired,
-    WriterGone,
-}
-
 async fn read_loop(
     exec: &Rc<Exec>,
     key: ConnKey,
-    mut source: Source,
+    source: Source,
     ctl: &Ctl,
+    writer: &rt::Signal,
     upgrade: &SubUpgrade,
     subs: &mut Subs,
 ) {
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
-    let mut idle_strikes = 0u32;
-    let ping_after = exec.shared.cfg.ping_interval();
+    let mut reader = WsReader::new(exec, source, ctl, writer);
+    let expires_in = Duration::from_secs(upgrade.expires_at_s.saturating_sub(now_s()));
+    // A token that outlives any connection needs no deadline (and a far-future instant would
+    // overflow).
+    if expires_in <= TOKEN_EXPIRY_WAIT_MAX {
+        reader = reader.end_at(Instant::now() + expires_in, close::POLICY, "token expired");
+    }
     loop {
         // Backpressure: a client that sends ops but never reads the answers is paused.
         loop {
@@ -226,91 +214,18 @@ async fn read_loop(
             if queued < SUB_CONTROL_QUEUED_MAX {
                 break;
             }
-            let Some(signal) = exec.fanout.signal(key) else {
-                return;
-            };
-            signal.wait().await;
+            writer.wait().await;
         }
-        if exec.stopping() {
-            ctl.close
-                .set(Some((close::GOING_AWAY, "server shutting down")));
-            return;
-        }
-        let expires_in = Duration::from_secs(upgrade.expires_at_s.saturating_sub(now_s()));
-        let next = futures_lite::future::or(
-            async {
-                match rt::timeout(ping_after, source.next()).await {
-                    Some(m) => Next::Msg(m),
-                    None => Next::Idle,
-                }
-            },
-            futures_lite::future::or(
-                async {
-                    exec.stop_signal.wait().await;
-                    Next::Stop
-                },
-                futures_lite::future::or(
-                    async {
-                        rt::sleep(expires_in).await;
-                        Next::Expired
-                    },
-                    async {
-                        if !ctl.writer_gone.get() {
-                            ctl.gone.wait().await;
-                        }
-                        Next::WriterGone
-                    },
-                ),
-            ),
-        )
-        .await;
-        let msg = match next {
-            Next::WriterGone => return,
-            Next::Stop => {
-                ctl.close
-                    .set(Some((close::GOING_AWAY, "server shutting down")));
-                return;
-            }
-            Next::Expired => {
-                ctl.close.set(Some((close::POLICY, "token expired")));
-                return;
-            }
-            Next::Idle => {
-                idle_strikes += 1;
-                if idle_strikes >= 2 {
-                    ctl.close.set(Some((close::GOING_AWAY, "idle timeout")));
-                    return;
-                }
-                ctl.ping.set(true);
-                if let Some(s) = exec.fanout.signal(key) {
-                    s.notify();
-                }
-                continue;
-            }
-            Next::Msg(None) => return,
-            Next::Msg(Some(Err(e))) => {
-                ctl.close.set(match e {
-                    WsError::Capacity(_) => Some((close::TOO_BIG, "frame too large")),
-                    WsError::Utf8 => Some((close::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
-                    WsError::Protocol(_) => Some((CLOSE_PROTOCOL, "protocol error")),
-                    _ => None,
-                });
-                return;
-            }
-            Next::Msg(Some(Ok(m))) => m,
-        };
-        idle_strikes = 0;
-        let text = match &msg {
-            Message::Text(t) => t.as_str(),
-            Message::Binary(_) => {
+        let text = match reader.next().await {
+            None => return,
+            Some(Data::Binary(_)) => {
                 ctl.close
                     .set(Some((close::POLICY, "binary frames are not accepted here")));
                 return;
             }
-            Message::Close(_) => return,
-            _ => continue,
+            Some(Data::Text(t)) => t,
         };
-        let answer = match parse_op(text, upgrade.prefix.as_deref()) {
+        let answer = match parse_op(text.as_str(), upgrade.prefix.as_deref()) {
             Ok(op) => apply_op(exec, key, subs, op).await,
             Err(e) => Err(e),
         };
