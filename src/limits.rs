@@ -203,3 +203,15 @@ const _: () = assert!(FENCE_BODY_BYTES_MAX >= 64 * FENCE_VERTICES_MAX);
 const _: () = assert!(FENCE_BODY_BYTES_MAX >= HTTP_BODY_BYTES_MAX);
 const _: () = assert!(FENCE_NAME_BYTES_MAX <= DEVICE_ID_BYTES_MAX);
 const _: () = assert!(FENCE_RADIUS_M_MAX > 0.0 && FENCE_RADIUS_M_MAX < 20_015_000.0);
+
+/// Largest body of a bulk fence import (`POST /v1/geofences`); larger is refused (413) from the
+/// request head, before any body byte is read, and only ops tokens may send more than
+/// [`HTTP_BODY_BYTES_MAX`]. 64 MiB holds 10,000 polygons of about 6 KiB each, or any number of
+/// circles up to [`FENCE_BULK_ENTRIES_MAX`].
+pub const FENCE_BULK_BODY_BYTES_MAX: usize = 64 << 20;
+/// Most fences one bulk import may carry (`too_many_entries` beyond).
+pub const FENCE_BULK_ENTRIES_MAX: usize = 10_000;
+
+const _: () = assert!(FENCE_BULK_BODY_BYTES_MAX >= FENCE_BODY_BYTES_MAX);
+const _: () = assert!(FENCE_BULK_BODY_BYTES_MAX <= 1 << 30);
+const _: () = assert!(FENCE_BULK_ENTRIES_MAX >= 1 && FENCE_BULK_ENTRIES_MAX <= FENCES_MAX);

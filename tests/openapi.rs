@@ -96,6 +96,14 @@ fn every_documented_operation_answers_as_documented() {
             }
             let (st, body) = if upper == "PUT" {
                 put_fence(&target)
+            } else if upper == "POST" {
+                // The one POST is the bulk fence import: a valid one-entry batch.
+                let batch = format!(r#"{{"fences":[{{"name":"oa-bulk","shape":{fence_body}}}]}}"#);
+                let req = format!(
+                    "POST {target} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ops}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{batch}",
+                    batch.len()
+                );
+                raw_http(server.addr, req.as_bytes()).unwrap()
             } else {
                 http(
                     server.addr,

@@ -866,8 +866,9 @@ fn geofence_http_endpoints_and_persistence_across_restart() {
         http_body(&server, "POST", "/v1/geofences/zeta", Some(&ops), "").0,
         405
     );
+    // (POST /v1/geofences is the bulk import: tests/fence_bulk.rs.)
     assert_eq!(
-        http_body(&server, "POST", "/v1/geofences", Some(&ops), "").0,
+        http_body(&server, "PATCH", "/v1/geofences", Some(&ops), "").0,
         405
     );
 

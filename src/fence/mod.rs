@@ -36,9 +36,11 @@
 //! built from a shape that did, see [`Fence::new`]), and [`Fence::to_json`] re-parses to an equal
 //! shape.
 
+mod batch;
 mod index;
 mod registry;
 
+pub use batch::{parse_batch, BatchError};
 pub use index::{FenceSet, Scratch};
 pub use registry::{FenceRegistry, FENCES_FILE};
 
@@ -48,7 +50,8 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::limits::{
-    FENCES_MAX, FENCE_BODY_BYTES_MAX, FENCE_NAME_BYTES_MAX, FENCE_RADIUS_M_MAX, FENCE_VERTICES_MAX,
+    FENCES_MAX, FENCE_BODY_BYTES_MAX, FENCE_BULK_ENTRIES_MAX, FENCE_NAME_BYTES_MAX,
+    FENCE_RADIUS_M_MAX, FENCE_VERTICES_MAX,
 };
 use crate::spatial::{circle_bbox, BBox, EARTH_RADIUS_M};
 
@@ -129,6 +132,16 @@ pub enum FenceError {
     /// Creating the fence would exceed [`FENCES_MAX`].
     #[error("too many fences: at most {max} may exist", max = FENCES_MAX)]
     TooManyFences,
+    /// A bulk import names the same fence twice.
+    #[error("fence name {0:?} appears more than once in the batch")]
+    DuplicateName(String),
+    /// A bulk import carries more than [`FENCE_BULK_ENTRIES_MAX`] fences.
+    #[error("the batch has {0} fences, at most {max} allowed per request", max = FENCE_BULK_ENTRIES_MAX)]
+    TooManyEntries(usize),
+    /// A bulk import body, or one of its entries, is not of the form
+    /// `{"fences":[{"name":..,"shape":..},..]}`.
+    #[error("{0}")]
+    BadBatch(String),
     /// A file-system operation on the fences file failed.
     #[error("{op} {}: {source}", path.display())]
     Io {
@@ -160,6 +173,9 @@ impl FenceError {
             FenceError::BadCoordinates(_) => "bad_coordinates",
             FenceError::TooBig(_) => "too_big",
             FenceError::TooManyFences => "too_many_fences",
+            FenceError::DuplicateName(_) => "duplicate_name",
+            FenceError::TooManyEntries(_) => "too_many_entries",
+            FenceError::BadBatch(_) => "bad_batch",
             FenceError::Io { .. } => "io",
             FenceError::Corrupt { .. } => "corrupt",
         }

@@ -2,7 +2,7 @@
 //! as immutable [`FenceSet`] snapshots. It owns the file format and its atomic replacement (temp
 //! file, fsync, rename, fsync of the directory). It does not know HTTP or subscriptions.
 //!
-//! Concurrency: one mutex serialises writers (put/delete hold it across the file write, so two
+//! Concurrency: one mutex serialises writers (put/put_many/delete hold it across the file write, so two
 //! writers never interleave file contents and publication order); a second one guards only the
 //! current `(version, Arc<FenceSet>)` pair and is held for a pointer copy, so readers never wait
 //! for an fsync. [`FenceRegistry::version`] is a lone atomic load, cheap enough to poll per commit
@@ -57,7 +57,7 @@ pub struct FenceRegistry {
     dir: PathBuf,
     path: PathBuf,
     tmp: PathBuf,
-    /// Serialises put/delete (held across the file write).
+    /// Serialises put/put_many/delete (held across the file write).
     write: Mutex<()>,
     /// The published snapshot and its version (held only to copy or swap the pair).
     current: Mutex<(u64, Arc<FenceSet>)>,
@@ -115,6 +115,38 @@ impl FenceRegistry {
         fences.push(fence);
         self.commit(fences)?;
         Ok(existing.is_none())
+    }
+
+    /// Creates or replaces every fence of `batch` at once, all or nothing: one file write, one
+    /// published snapshot (none for an empty batch). Returns `(created, replaced)`: how many
+    /// names were new and how many replaced a fence. Refuses, changing nothing, a batch that
+    /// names a fence twice ([`FenceError::DuplicateName`]) or that would take the registry
+    /// beyond [`FENCES_MAX`] fences.
+    pub fn put_many(&self, batch: Vec<Fence>) -> Result<(usize, usize), FenceError> {
+        let mut names = std::collections::HashSet::with_capacity(batch.len());
+        if let Some(dup) = batch.iter().find(|f| !names.insert(f.name.as_str())) {
+            return Err(FenceError::DuplicateName(dup.name.clone()));
+        }
+        if batch.is_empty() {
+            return Ok((0, 0));
+        }
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, cur) = self.snapshot();
+        let replaced = batch.iter().filter(|f| cur.id(&f.name).is_some()).count();
+        let created = batch.len() - replaced;
+        if cur.len() + created > FENCES_MAX {
+            return Err(FenceError::TooManyFences);
+        }
+        let mut fences: Vec<Fence> = Vec::with_capacity(cur.len() + created);
+        fences.extend(
+            cur.iter()
+                .filter(|(_, f)| !names.contains(f.name.as_str()))
+                .map(|(_, f)| f.clone()),
+        );
+        drop(names);
+        fences.extend(batch);
+        self.commit(fences)?;
+        Ok((created, replaced))
     }
 
     /// Deletes the fence called `name`; `Ok(false)` when there is none (nothing is written).
@@ -431,6 +463,100 @@ mod tests {
             msg.contains(&path.display().to_string()) && msg.contains(&needle),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn put_many_is_one_write_one_snapshot_and_counts_replacements() {
+        // A batch of three (one replacing an existing fence) publishes exactly one new version
+        // with the union, reports (created 2, replaced 1), and survives a reopen; the result
+        // equals what the same fences put one by one give. An empty batch publishes nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        assert!(reg.put(fence("depot", CIRCLE)).unwrap());
+        assert!(reg.put(fence("keep", CIRCLE)).unwrap());
+        let batch = vec![
+            fence("a", SQUARE),
+            fence("depot", SQUARE),
+            fence("z", CIRCLE),
+        ];
+        assert_eq!(reg.put_many(batch.clone()).unwrap(), (2, 1));
+        assert_eq!(reg.version(), 4, "one snapshot for the whole batch");
+        assert_eq!(reg.put_many(Vec::new()).unwrap(), (0, 0));
+        assert_eq!(reg.version(), 4, "an empty batch publishes nothing");
+        let (_, set) = reg.snapshot();
+        assert_eq!(set.names().collect::<Vec<_>>(), ["a", "depot", "keep", "z"]);
+        assert_eq!(set.by_name("depot").unwrap(), &fence("depot", SQUARE));
+
+        let one_by_one = tempfile::tempdir().unwrap();
+        let reg2 = FenceRegistry::open(one_by_one.path()).unwrap();
+        for f in [fence("depot", CIRCLE), fence("keep", CIRCLE)]
+            .into_iter()
+            .chain(batch)
+        {
+            reg2.put(f).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(reg.path()).unwrap(),
+            std::fs::read(reg2.path()).unwrap(),
+            "the same file as the equivalent PUTs"
+        );
+        drop(reg);
+        let (_, set2) = FenceRegistry::open(dir.path()).unwrap().snapshot();
+        let names: Vec<&str> = set2.names().collect();
+        assert_eq!(names, ["a", "depot", "keep", "z"]);
+        assert_eq!(set2.by_name("depot").unwrap(), &fence("depot", SQUARE));
+    }
+
+    #[test]
+    fn a_refused_batch_changes_nothing() {
+        // A batch with a duplicate name, and a batch that would exceed FENCES_MAX (registry
+        // loaded at FENCES_MAX - 1; two new names, one replacement), are refused with
+        // duplicate_name / too_many_fences; version, snapshot and file bytes stay as they
+        // were. A batch reaching exactly FENCES_MAX (one new name plus a replacement) is taken.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FENCES_FILE);
+        std::fs::write(&path, fences_file_text(FENCES_MAX - 1)).unwrap();
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let e = reg
+            .put_many(vec![
+                fence("n1", CIRCLE),
+                fence("n2", SQUARE),
+                fence("n1", SQUARE),
+            ])
+            .unwrap_err();
+        assert!(
+            matches!(&e, FenceError::DuplicateName(n) if n == "n1"),
+            "{e}"
+        );
+        assert_eq!(e.reason(), "duplicate_name");
+        let e = reg
+            .put_many(vec![
+                fence("f000000", SQUARE),
+                fence("n1", CIRCLE),
+                fence("n2", CIRCLE),
+            ])
+            .unwrap_err();
+        assert_eq!(e.reason(), "too_many_fences", "{e}");
+        assert_eq!(reg.version(), 1);
+        let (_, set) = reg.snapshot();
+        assert_eq!(set.len(), FENCES_MAX - 1);
+        assert!(set.id("n1").is_none());
+        assert_eq!(
+            set.by_name("f000000").unwrap().to_json(),
+            r#"{"center":[-170.0,-80.0],"radius_m":50.0}"#,
+            "not replaced"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+        assert_eq!(files(dir.path()), [FENCES_FILE]);
+
+        assert_eq!(
+            reg.put_many(vec![fence("f000000", SQUARE), fence("n1", CIRCLE)])
+                .unwrap(),
+            (1, 1)
+        );
+        assert_eq!(reg.version(), 2);
+        assert_eq!(reg.snapshot().1.len(), FENCES_MAX);
     }
 
     #[test]

@@ -8,15 +8,16 @@
 //! `HTTP_URI_BYTES_MAX`, at most `HTTP_HEADERS_MAX` headers, unambiguous body framing (at most one
 //! `Content-Length`, never together with `Transfer-Encoding`, which may only be exactly
 //! `chunked`) and a declared body within [`body_bytes_max`] (`HTTP_BODY_BYTES_MAX`, except
-//! `FENCE_BODY_BYTES_MAX` for `PUT /v1/geofences/{name}`). Any [`HeadError`] means: answer
-//! with [`HeadError::status`] and close the connection (the next request's start is unknown).
+//! `FENCE_BODY_BYTES_MAX` for `PUT /v1/geofences/{name}`, `FENCE_BULK_BODY_BYTES_MAX` for
+//! `POST /v1/geofences`). Any [`HeadError`] means: answer with [`HeadError::status`] and close
+//! the connection (the next request's start is unknown).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
 use crate::limits::{
-    FENCE_BODY_BYTES_MAX, HTTP_BODY_BYTES_MAX, HTTP_HEADERS_MAX, HTTP_HEAD_BYTES_MAX,
-    HTTP_URI_BYTES_MAX,
+    FENCE_BODY_BYTES_MAX, FENCE_BULK_BODY_BYTES_MAX, HTTP_BODY_BYTES_MAX, HTTP_HEADERS_MAX,
+    HTTP_HEAD_BYTES_MAX, HTTP_URI_BYTES_MAX,
 };
 use crate::proto::ack::write_json_string;
 
@@ -249,11 +250,14 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed<'_>, HeadError> {
 }
 
 /// The largest request body accepted for `method` on `path`: `HTTP_BODY_BYTES_MAX`, except
-/// `FENCE_BODY_BYTES_MAX` for `PUT /v1/geofences/{name}` (a polygon of many vertices), the one
-/// route that needs more. Checked before any body byte is read.
+/// `FENCE_BODY_BYTES_MAX` for `PUT /v1/geofences/{name}` (a polygon of many vertices) and
+/// `FENCE_BULK_BODY_BYTES_MAX` for `POST /v1/geofences` (a bulk import), the routes that need
+/// more. Checked before any body byte is read.
 pub fn body_bytes_max(method: &str, path: &str) -> usize {
     if method == "PUT" && path.starts_with("/v1/geofences/") {
         FENCE_BODY_BYTES_MAX
+    } else if method == "POST" && path == "/v1/geofences" {
+        FENCE_BULK_BODY_BYTES_MAX
     } else {
         HTTP_BODY_BYTES_MAX
     }

@@ -287,13 +287,18 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, body: &[u8], role: Role) ->
             }
         }
         "/v1/geofences" => {
-            if method != "GET" {
-                return Response::error(405, "method not allowed");
-            }
-            if let Err(r) = require_ops_or_subscriber(exec, req) {
+            let auth = match method {
+                "GET" => require_ops_or_subscriber(exec, req),
+                "POST" => require_ops(exec, req),
+                _ => return Response::error(405, "method not allowed"),
+            };
+            if let Err(r) = auth {
                 return r;
             }
-            fence_list(exec)
+            match method {
+                "GET" => fence_list(exec),
+                _ => fence_bulk(exec, body).await,
+            }
         }
         _ if path.starts_with("/v1/geofences/") => {
             let raw = &path["/v1/geofences/".len()..];
@@ -626,6 +631,47 @@ async fn fence_put(exec: &Exec, name: &str, body: &[u8]) -> Response {
         Some(Err(e)) => {
             tracing::error!(error = %e, "could not store a geofence");
             fence_error(500, &e, "name")
+        }
+        None => Response::error(500, "geofence write did not complete"),
+    }
+}
+
+/// `POST /v1/geofences`: validates the whole batch (with the PUT route's rules), then stores it
+/// with one file write and one snapshot, or changes nothing. Parsing runs beside the registry
+/// write on the fence thread: a 64 MiB body must not stall the executor's heartbeats.
+async fn fence_bulk(exec: &Exec, body: &[u8]) -> Response {
+    use crate::fence::{BatchError, FenceError};
+    let registry = exec.shared.fences.clone();
+    let body = body.to_vec();
+    let done = off_executor(move || {
+        let batch = crate::fence::parse_batch(&body)?;
+        drop(body);
+        registry.put_many(batch).map_err(|error| BatchError {
+            index: None,
+            param: "fences",
+            error,
+        })
+    })
+    .await;
+    match done {
+        Some(Ok((created, replaced))) => Response::json(
+            200,
+            serde_json::json!({"created": created, "replaced": replaced}).to_string(),
+        ),
+        Some(Err(e)) if matches!(e.error, FenceError::Io { .. } | FenceError::Corrupt { .. }) => {
+            tracing::error!(error = %e.error, "could not store a geofence batch");
+            fence_error(500, &e.error, e.param)
+        }
+        Some(Err(e)) => {
+            let mut v = serde_json::json!({
+                "error": e.error.to_string(),
+                "reason": e.error.reason(),
+                "param": e.param,
+            });
+            if let Some(i) = e.index {
+                v["index"] = i.into();
+            }
+            Response::json(400, v.to_string())
         }
         None => Response::error(500, "geofence write did not complete"),
     }

@@ -256,11 +256,14 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             return;
         }
         if body_len > crate::limits::HTTP_BODY_BYTES_MAX {
-            // Only ops may make the server buffer a large body (PUT /v1/geofences/{name}).
+            // Only ops may make the server buffer a large body (PUT /v1/geofences/{name},
+            // POST /v1/geofences).
             if let Err(resp) = crate::server::http::require_ops(&exec, &req) {
                 answer_and_close(&mut stream, resp.status, &resp.body).await;
                 return;
             }
+            // One allocation for a large body (up to 64 MiB) rather than repeated doubling.
+            buf.reserve((head_len + body_len).saturating_sub(buf.len()));
         }
         while buf.len() < head_len + body_len {
             let mut chunk = [0u8; 4096];
