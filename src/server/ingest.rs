@@ -367,9 +367,7 @@ async fn write_loop(
     if let Err(e) = write_frames(&exec, key, sink, &ctl, &signal).await {
         tracing::debug!(error = %e, "a connection's writes stalled or failed; closing it");
     }
-    ctl.writer_gone.set(true);
-    ctl.gone.notify();
-    signal.notify();
+    ctl.writer_ended(&signal);
 }
 
 /// Writes error frames, coalesced acks, pings and the close frame. Every write must finish within

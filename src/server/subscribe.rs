@@ -527,9 +527,7 @@ async fn write_loop(
     if let Err(e) = write_frames(&exec, key, sink, &ctl, &signal).await {
         tracing::debug!(error = %e, "a subscriber's writes stalled or failed; closing it");
     }
-    ctl.writer_gone.set(true);
-    ctl.gone.notify();
-    signal.notify();
+    ctl.writer_ended(&signal);
 }
 
 /// Writes answers, `{"missed":N}` notices, events, pings and the close frame. Every write must

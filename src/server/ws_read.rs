@@ -48,6 +48,16 @@ pub struct Ctl {
     pub gone: rt::Signal,
 }
 
+impl Ctl {
+    /// Marks the writer as ended and wakes whoever waits on it: the reader (`gone`) and the
+    /// connection's signal (a reader paused on backpressure).
+    pub fn writer_ended(&self, signal: &rt::Signal) {
+        self.writer_gone.set(true);
+        self.gone.notify();
+        signal.notify();
+    }
+}
+
 /// A data frame from the client.
 pub enum Data {
     /// A text frame (valid UTF-8).
