@@ -12,24 +12,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// One HTTP request with a body (`connection: close`); returns status and body.
-fn http_body(
-    server: &Server,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    let auth = token
-        .map(|t| format!("authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    raw_http(server.addr, req.as_bytes()).unwrap()
-}
-
 fn post(server: &Server, token: Option<&str>, body: &Value) -> (u16, Value) {
     let (st, text) = http_body(server, "POST", "/v1/geofences", token, &body.to_string());
     let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{st} {text:?}: {e}"));

@@ -545,24 +545,6 @@ fn a_stalled_subscriber_does_not_slow_ingest_and_is_told_what_it_missed() {
     );
 }
 
-/// One HTTP request with a body (`connection: close`); returns status and body.
-fn http_body(
-    server: &Server,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    let auth = token
-        .map(|t| format!("authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    raw_http(server.addr, req.as_bytes()).unwrap()
-}
-
 fn put_fence(server: &Server, ops: &str, name: &str, shape: Value) -> Value {
     let (st, body) = http_body(
         server,

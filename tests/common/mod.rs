@@ -179,6 +179,24 @@ pub fn http(
     )
 }
 
+/// One HTTP/1.1 request with a JSON body (`connection: close`); returns status and body.
+pub fn http_body(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    raw_http(server.addr, req.as_bytes()).unwrap()
+}
+
 /// Sends raw bytes, reads the whole response; returns status and body.
 pub fn raw_http(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
