@@ -3,39 +3,14 @@
 //! allocation once warm, and that recovering a log allocates the same amount whether it holds 1k
 //! or 5k entries (nothing per entry).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod counting_alloc;
+use counting_alloc::allocations_during;
 
 use geobeat::limits::SEGMENT_BYTES_MIN;
 use geobeat::log::{Log, LogConfig};
 use geobeat::record::Heartbeat;
 use geobeat::route::ShardId;
 use geobeat::store::{ShardStore, StoreConfig};
-
-struct Counting;
-
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged, only counting calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
 
 fn hbs(devices: usize) -> Vec<Heartbeat> {
     (0..devices)
@@ -49,12 +24,6 @@ fn hbs(devices: usize) -> Vec<Heartbeat> {
             ..Heartbeat::default()
         })
         .collect()
-}
-
-fn allocations_during(f: impl FnOnce()) -> usize {
-    let before = ALLOCS.load(Ordering::Relaxed);
-    f();
-    ALLOCS.load(Ordering::Relaxed) - before
 }
 
 #[test]
