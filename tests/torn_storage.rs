@@ -41,6 +41,9 @@ struct Rec {
     offset: usize,
     /// Bytes covered by the CRC end here (header + payload, padding excluded).
     covered_end: usize,
+    /// One past the entry's last non-zero byte. A truncation at or after it leaves the entry
+    /// intact: recovery extends a short file with zeros, which restores exactly these bytes.
+    nonzero_end: usize,
     device: String,
     ts: i64,
     lat: f64,
@@ -97,10 +100,17 @@ fn parse_shard(dir: &Path) -> ShardFiles {
             let mut aligned = rkyv::util::AlignedVec::<16>::new();
             aligned.extend_from_slice(&bytes[off + ENTRY_HEADER..covered_end]);
             let hb = geobeat::record::access(&aligned).expect("pristine record");
+            let nonzero_end = off
+                + 1
+                + bytes[off..covered_end]
+                    .iter()
+                    .rposition(|&b| b != 0)
+                    .expect("an entry header is never all zero");
             recs.push(Rec {
                 segment: i,
                 offset: off,
                 covered_end,
+                nonzero_end,
                 device: hb.device_id.as_str().to_string(),
                 ts: hb.ts_ms.to_native(),
                 lat: hb.lat.to_native(),
@@ -248,7 +258,7 @@ fn survivors(cuts: &[Option<Cut>], first_kept: &[usize]) -> HashMap<String, BTre
             let keep = match cuts[s] {
                 None => true,
                 Some(c) => {
-                    r.segment < c.segment || (r.segment == c.segment && r.covered_end <= c.offset)
+                    r.segment < c.segment || (r.segment == c.segment && r.nonzero_end <= c.offset)
                 }
             };
             if keep {
@@ -495,7 +505,9 @@ fn damage_in_a_sealed_segment_quarantines_the_later_segments() {
     // Strictly inside an entry, so the damage is found in this segment (a cut at an entry
     // boundary is found at the next segment instead, whose first seq then does not follow).
     let victim1 = s1[rng.gen_range(1..s1.len())];
-    let cut1 = rng.gen_range(victim1.offset + 1..victim1.covered_end);
+    // Before its last non-zero byte, so the cut really damages it (zeros after it would be
+    // restored by the zero extension and leave the entry intact).
+    let cut1 = rng.gen_range(victim1.offset + 1..victim1.nonzero_end);
     truncate(&seg_in(&data, 1, 0), cut1);
     eprintln!("shard 0: bit flipped at {at} of segment 1; shard 1: segment 0 cut at {cut1}");
     let cuts = [
@@ -648,14 +660,15 @@ fn random_damage_rounds() {
             .filter(|r| match cuts[s] {
                 None => true,
                 Some(c) => {
-                    r.segment < c.segment || (r.segment == c.segment && r.covered_end <= c.offset)
+                    r.segment < c.segment || (r.segment == c.segment && r.nonzero_end <= c.offset)
                 }
             })
             .collect();
         assert!(intact.len() > 100, "the prefix shrinks slowly enough");
         let victim = intact[rng.gen_range(intact.len() / 2..intact.len())];
         let path = seg_in(&data, s, victim.segment);
-        let at = rng.gen_range(victim.offset..victim.covered_end);
+        // Before the victim's last non-zero byte, so that a truncation really damages it.
+        let at = rng.gen_range(victim.offset..victim.nonzero_end);
         let kind = ["truncate", "flip", "overwrite"][rng.gen_range(0..3)];
         match kind {
             "truncate" => truncate(&path, at),
