@@ -214,6 +214,9 @@ pub struct Log {
     consumers: Vec<Consumer>,
     /// Holds the shard directory's flock for the life of the log.
     _lock: File,
+    /// `(st_dev, st_ino)` of the lock file this log holds: if `<dir>/LOCK` stops naming this file,
+    /// the directory was removed or replaced under us (checked at every commit).
+    lock_identity: (u64, u64),
 }
 
 impl std::fmt::Debug for Log {
@@ -262,6 +265,13 @@ fn io_err(shard: ShardId, op: &'static str, path: &Path, source: std::io::Error)
 /// Name of the lock file inside a shard directory.
 pub const LOCK_FILE: &str = "LOCK";
 
+/// `(st_dev, st_ino)` of an open file.
+fn file_identity(file: &File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    Ok((meta.dev(), meta.ino()))
+}
+
 fn lock_dir(shard: ShardId, dir: &Path) -> Result<File, Error> {
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
@@ -303,6 +313,8 @@ impl Log {
             }
         }
         let lock = lock_dir(shard, &dir)?;
+        let lock_identity = file_identity(&lock)
+            .map_err(|e| io_err(shard, "stat lock file", &dir.join(LOCK_FILE), e))?;
         let recovered = recovery::recover(shard, &dir, on_entry)?;
         let mut segments = recovered.segments;
         let report = recovered.report;
@@ -355,6 +367,7 @@ impl Log {
             arena: Arena::new(),
             consumers: Vec::new(),
             _lock: lock,
+            lock_identity,
         };
         Ok((log, report))
     }
@@ -534,6 +547,7 @@ impl Log {
             }
         }
         if files.is_empty() {
+            self.check_directory()?;
             self.durable = self.written;
             return Ok(Commit::Done(LogPos(self.durable)));
         }
@@ -572,8 +586,32 @@ impl Log {
                 source,
             });
         }
+        self.check_directory()?;
         self.durable = self.durable.max(job.target.0);
         Ok(LogPos(self.durable))
+    }
+
+    /// Checks that the shard directory is still the one this log opened (its `LOCK` file is the
+    /// one this process holds). A synced file in a removed directory is durable nowhere a restart
+    /// would look, so if the directory was removed or replaced the log is poisoned and nothing
+    /// more is reported durable: one `stat` per commit.
+    /// See: issue 20 §1 (`rm -rf` of the data directory while serving).
+    fn check_directory(&mut self) -> Result<(), Error> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.join(LOCK_FILE);
+        let same = match std::fs::metadata(&path) {
+            Ok(m) => (m.dev(), m.ino()) == self.lock_identity,
+            Err(_) => false,
+        };
+        if same {
+            return Ok(());
+        }
+        self.poisoned = true;
+        tracing::error!(shard = self.shard.0, dir = %self.dir.display(), "shard directory removed or replaced while in use; log poisoned, no more acknowledgements");
+        Err(Error::DirectoryGone {
+            shard: self.shard,
+            path: self.dir.clone(),
+        })
     }
 
     /// Commits synchronously on this thread (`commit_begin`, `fdatasync`, `commit_end`): for tests
