@@ -217,6 +217,64 @@ pub struct Log {
     /// `(st_dev, st_ino)` of the lock file this log holds: if `<dir>/LOCK` stops naming this file,
     /// the directory was removed or replaced under us (checked at every commit).
     lock_identity: (u64, u64),
+    /// The next segment, being zero-filled on a helper thread while the active one fills up.
+    spare: Option<Spare>,
+}
+
+/// A segment file prepared ahead of its rollover by a helper thread (`segment::prepare_spare`).
+struct Spare {
+    /// Base position the file is prepared for (the active segment's end when it was started).
+    base: u64,
+    /// Its size.
+    bytes: u64,
+    /// The preparing thread; its result says whether `<base>.seg.tmp` is ready.
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // A spare still being written belongs to this directory: let it finish (a leftover
+        // `.seg.tmp` is deleted at the next open anyway).
+        if let Some(spare) = self.spare.take() {
+            let _ = spare.thread.join();
+        }
+    }
+}
+
+/// Starts zero-filling `<dir>/<base>.seg.tmp` on a helper thread. The thread may run on any core
+/// (the shard's executor is pinned to one; the copy of zeros should not compete with it there).
+fn spawn_spare(shard: ShardId, dir: &Path, base: u64, bytes: u64) -> Option<Spare> {
+    let dir = dir.to_path_buf();
+    let thread = std::thread::Builder::new()
+        .name(format!("geobeat-spare-{}", shard.0))
+        .spawn(move || {
+            unpin_current_thread();
+            segment::prepare_spare(&dir, base, bytes)
+        });
+    match thread {
+        Ok(thread) => Some(Spare {
+            base,
+            bytes,
+            thread,
+        }),
+        Err(e) => {
+            // No thread: the next rollover zero-fills inline instead.
+            tracing::warn!(shard = shard.0, error = %e, "could not start the spare segment thread");
+            None
+        }
+    }
+}
+
+/// Lets the calling thread run on every CPU (threads inherit their creator's affinity).
+fn unpin_current_thread() {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: `cpu` is below CPU_SETSIZE and `set` is a valid cpu_set_t.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: a valid set for the calling thread (pid 0); failure just leaves the affinity as is.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
 }
 
 impl std::fmt::Debug for Log {
@@ -327,6 +385,7 @@ impl Log {
                 cfg.segment_bytes,
                 next_seq,
                 now_ms(),
+                false,
             )?);
         }
         let last_index = segments.len() - 1;
@@ -368,7 +427,10 @@ impl Log {
             consumers: Vec::new(),
             _lock: lock,
             lock_identity,
+            spare: None,
         };
+        let mut log = log;
+        log.spare = spawn_spare(shard, &log.dir, log.active().end(), log.segment_bytes);
         Ok((log, report))
     }
 
@@ -500,6 +562,7 @@ impl Log {
             self.durable = self.durable.max(old.base + old.data_end);
         }
         let base = old.end();
+        let prepared = self.take_spare(base)?;
         let new = Segment::create(
             &self.dir,
             shard,
@@ -507,6 +570,7 @@ impl Log {
             self.segment_bytes,
             self.next_seq,
             now_ms(),
+            prepared,
         )?;
         tracing::debug!(shard = shard.0, base, mode = %new.mode(), "new log segment");
         let old = self
@@ -515,7 +579,33 @@ impl Log {
             .expect("a log always has a segment");
         old.file = None;
         self.segments.push_back(new);
+        self.spare = spawn_spare(shard, &self.dir, self.active().end(), self.segment_bytes);
         Ok(())
+    }
+
+    /// Waits for the spare segment (normally long finished: it had a whole segment's worth of
+    /// appends to get ready) and says whether `<base>.seg.tmp` is prepared for this rollover.
+    /// A spare that ran out of space is [`Error::NoSpace`], like an inline preallocation.
+    fn take_spare(&mut self, base: u64) -> Result<bool, Error> {
+        let Some(spare) = self.spare.take() else {
+            return Ok(false);
+        };
+        let fits = spare.base == base && spare.bytes == self.segment_bytes;
+        match spare.thread.join() {
+            Ok(Ok(())) if fits => Ok(true),
+            Ok(Ok(())) => Ok(false),
+            Ok(Err(source)) if source.raw_os_error() == Some(libc::ENOSPC) => Err(Error::NoSpace {
+                shard: self.shard,
+                path: self.dir.join(format::segment_file_name(spare.base)),
+                bytes: spare.bytes,
+                source,
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(shard = self.shard.0, error = %e, "preparing the spare segment failed; zero-filling inline");
+                Ok(false)
+            }
+            Err(_) => Ok(false),
+        }
     }
 
     /// Starts a commit of everything written so far. DAX segments are flushed inline; for the
