@@ -248,6 +248,11 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, body: &[u8], role: Role) ->
             if method != "GET" {
                 return Response::error(405, "method not allowed");
             }
+            if path == "/readyz" {
+                if let Some(body) = storage_faults_body(&exec.shared) {
+                    return Response::json(503, body);
+                }
+            }
             if exec.shared.ready() {
                 Response::json(200, r#"{"status":"ok"}"#.into())
             } else {
@@ -692,4 +697,20 @@ async fn fence_delete(exec: &Exec, name: String) -> Response {
         }
         None => Response::error(500, "geofence write did not complete"),
     }
+}
+
+/// `/readyz`'s body while some shard's log refuses writes (failed sync, directory removed):
+/// `{"status":"storage_unavailable","shards":[{"shard":N,"error":"..."}]}`; `None` when all
+/// shards accept. Liveness (`/healthz`) is not affected: the process still serves reads.
+fn storage_faults_body(shared: &crate::server::Shared) -> Option<String> {
+    let faults: Vec<serde_json::Value> = shared
+        .storage_faults
+        .iter()
+        .enumerate()
+        .filter_map(|(k, f)| f.get().map(|e| serde_json::json!({"shard": k, "error": e})))
+        .collect();
+    if faults.is_empty() {
+        return None;
+    }
+    Some(serde_json::json!({"status": "storage_unavailable", "shards": faults}).to_string())
 }
