@@ -202,3 +202,42 @@ fn oversized_requests_get_the_matching_4xx() {
     assert_eq!(raw_http(server.addr, smuggle.as_bytes()).unwrap().0, 400);
     assert_eq!(server.get("/healthz", None).0, 200);
 }
+
+#[test]
+fn area_results_carry_the_fields_of_the_device_endpoint() {
+    // An area row is the device's `GET /v1/devices/{id}` body (received_at and the optional
+    // fields it was sent with) plus distance_m for near queries, across both shards.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let gw = server.token(&["gateway", "f-"]);
+    let ops = server.token(&["ops"]);
+    let mut ws = ws_connect(&server, &gw).unwrap();
+    let t = now_ms();
+    let frame = format!(
+        r#"[{{"seq":1,"id":"f-full","lat":10.0,"lon":20.0,"ts":{t},"alt":34.5,"speed":3.5,"heading":271,"acc":4,"attrs":{{"fuel":0.5}}}},
+            {{"seq":2,"id":"f-bare","lat":10.001,"lon":20.001,"ts":{t}}},
+            {{"seq":3,"id":"f-two","lat":10.002,"lon":20.002,"ts":{t},"speed":1}}]"#
+    );
+    ws.send(Message::text(frame)).unwrap();
+    assert!(wait_ack(&mut ws, 3).is_empty());
+    for query in ["bbox=19,9,21,11", "near=10,20&radius=5000"] {
+        let (st, body) = server.get(&format!("/v1/devices?{query}"), Some(&ops));
+        assert_eq!(st, 200, "{body}");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        assert_eq!(rows.len(), 3, "{body}");
+        for mut row in rows {
+            let id = row["id"].as_str().unwrap().to_string();
+            let near = query.starts_with("near");
+            let distance = row.as_object_mut().unwrap().remove("distance_m");
+            assert_eq!(distance.is_some(), near, "{query}: {body}");
+            let single = last_location(&server, &id, &ops).expect("the device endpoint knows it");
+            assert_eq!(row, single, "{query}: area row of {id} differs from its device body");
+        }
+    }
+    let (_, body) = server.get("/v1/devices?bbox=19,9,21,11", Some(&ops));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(rows[1]["id"], "f-full", "{body}");
+    assert_eq!(rows[1]["received_at"].as_i64().map(|r| r >= t), Some(true));
+    assert_eq!(rows[1]["heading"], 271.0);
+    assert_eq!(rows[1]["attrs"]["fuel"], 0.5);
+}
