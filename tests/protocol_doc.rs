@@ -193,7 +193,10 @@ fn every_heartbeat_example_is_acked_or_refused_for_the_reason_the_document_gives
             ws.send(Message::text(serde_json::to_string(&moved).unwrap()))
                 .unwrap();
             let errors = wait_ack(&mut ws, last_seq);
-            assert!(errors.is_empty(), "{rel}: {example} at the current time: {errors:?}");
+            assert!(
+                errors.is_empty(),
+                "{rel}: {example} at the current time: {errors:?}"
+            );
             checked += 1;
         }
     }

@@ -231,7 +231,10 @@ fn area_results_carry_the_fields_of_the_device_endpoint() {
             let distance = row.as_object_mut().unwrap().remove("distance_m");
             assert_eq!(distance.is_some(), near, "{query}: {body}");
             let single = last_location(&server, &id, &ops).expect("the device endpoint knows it");
-            assert_eq!(row, single, "{query}: area row of {id} differs from its device body");
+            assert_eq!(
+                row, single,
+                "{query}: area row of {id} differs from its device body"
+            );
         }
     }
     let (_, body) = server.get("/v1/devices?bbox=19,9,21,11", Some(&ops));

@@ -962,11 +962,17 @@ mod tests {
             (Some(3), "ts_in_seconds")
         );
         assert_eq!(
-            reason_of(&format!(r#"{{"seq":3,"lat":1,"lon":1,"ts":{}}}"#, secs - 40 * 86_400)),
+            reason_of(&format!(
+                r#"{{"seq":3,"lat":1,"lon":1,"ts":{}}}"#,
+                secs - 40 * 86_400
+            )),
             (Some(3), "ts_out_of_range")
         );
         assert_eq!(
-            reason_of(&format!(r#"{{"seq":3,"lat":1,"lon":1,"ts":{}}}"#, NOW * 1000)),
+            reason_of(&format!(
+                r#"{{"seq":3,"lat":1,"lon":1,"ts":{}}}"#,
+                NOW * 1000
+            )),
             (Some(3), "ts_out_of_range")
         );
     }
