@@ -545,16 +545,12 @@ fn process_info(exec: &Exec) -> ProcessInfo {
         connections_total: shared
             .connections_open
             .load(std::sync::atomic::Ordering::Relaxed),
-        sink_backlog: shared
+        sinks: shared
             .sinks
             .as_ref()
-            .map(|s| {
-                s.status()
-                    .into_iter()
-                    .map(|r| (r.name, r.shard, r.lag_bytes))
-                    .collect()
-            })
+            .map(|s| s.status())
             .unwrap_or_default(),
+        os: crate::metrics::ProcStats::read(),
     }
 }
 
