@@ -224,3 +224,68 @@ fn settle(ws: &mut Ws, seqs: &[u64]) -> Vec<serde_json::Value> {
         }
     }
 }
+
+#[test]
+fn the_subscription_websocat_example_answers_each_op_and_streams_events() {
+    // The block as written (`geobeat` is the binary under test, GEOBEAT_LISTEN moves the demo
+    // to a free port, and the ops are typed after it), with the demo fleet in a fresh directory.
+    if !websocat_present("subscription websocat") {
+        return;
+    }
+    let doc = read_doc("docs/PROTOCOL.md");
+    let at = doc
+        .find("### websocat example\n")
+        .expect("the subscription websocat section");
+    let (script, _) = blocks(&doc[at..], "sh")[0];
+    let (ops, _) = blocks(&doc[at..], "json")[0];
+    let addr = free_addr();
+    let script = format!(
+        "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n{}",
+        script
+            .replace("127.0.0.1:8080", &addr.to_string())
+            .replace("geobeat ", &format!("{} ", bin()))
+    );
+    let base = tempfile::tempdir().unwrap();
+    let mut child = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(base.path())
+        .env("GEOBEAT_LISTEN", addr.to_string())
+        .env("RUST_LOG", "geobeat=warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bash");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(ops.as_bytes()).unwrap();
+        // Typing done; the events of two demo devices (1 heartbeat/s each) arrive meanwhile.
+        std::thread::sleep(std::time::Duration::from_secs(4));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // (The demo in the background prints its hints to the same terminal.)
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(lines.len() >= 4, "too few answers: {stdout}{stderr}");
+    assert_eq!(lines[0], serde_json::json!({"ok":"subscribe","sub":"two"}));
+    assert_eq!(
+        lines[1],
+        serde_json::json!({"ok":"subscribe","sub":"world"})
+    );
+    assert_eq!(
+        lines[2],
+        serde_json::json!({"ok":"unsubscribe","sub":"world"})
+    );
+    assert!(
+        lines[3..]
+            .iter()
+            .any(|e| e["sub"] == "two" && e["id"] == "demo-00000"),
+        "no event for demo-00000: {stdout}"
+    );
+}
