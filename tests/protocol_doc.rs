@@ -289,3 +289,46 @@ fn the_subscription_websocat_example_answers_each_op_and_streams_events() {
         "no event for demo-00000: {stdout}"
     );
 }
+
+#[test]
+fn the_binary_example_is_refused_only_for_its_fixed_ts() {
+    // The byte-by-byte binary example, sent as written: refused with the reason the text after
+    // it gives; with the current time in its ts bytes: acked.
+    let doc = read_doc("docs/PROTOCOL.md");
+    let at = doc
+        .find("Example: one heartbeat")
+        .expect("the binary example");
+    let start = at + doc[at..].find("```\n").expect("a dump") + 4;
+    let end = start + doc[start..].find("```").expect("closed dump") + 3;
+    let dump = &doc[start..end - 3];
+    let mut bytes = Vec::new();
+    let mut ts_at = None;
+    for line in dump.lines() {
+        let (hex, what) = line.split_once("  ").unwrap_or((line, ""));
+        if what.trim().starts_with("ts ") {
+            ts_at = Some(bytes.len());
+        }
+        for b in hex.split_whitespace() {
+            bytes.push(u8::from_str_radix(b, 16).unwrap_or_else(|e| panic!("{e}: {line}")));
+        }
+    }
+    let ts_at = ts_at.expect("the dump names its ts bytes");
+    let after = &doc[end..];
+    let after = &after[..after.find("\n#").unwrap_or(after.len())];
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let tok = server.token(&["device", "bin-1"]);
+    let mut ws = ws_connect(&server, &tok).unwrap();
+    ws.send(Message::binary(bytes.clone())).unwrap();
+    let errors = settle(&mut ws, &[1]);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let reason = errors[0]["error"].as_str().unwrap();
+    assert!(
+        after.contains(&format!("`{reason}`")),
+        "binary example refused with {reason}, which the text after it does not say"
+    );
+    bytes[ts_at..ts_at + 8].copy_from_slice(&now_ms().to_le_bytes());
+    let mut ws = ws_connect(&server, &tok).unwrap();
+    ws.send(Message::binary(bytes)).unwrap();
+    assert!(wait_ack(&mut ws, 1).is_empty());
+}
