@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use crate::auth::{mint, Scope, Secret};
+use crate::limits::DEMO_DRAIN_TIMEOUT_MS;
 use crate::proto::Seq;
 use crate::record::Heartbeat;
 
@@ -150,13 +151,10 @@ impl std::fmt::Display for Tally {
     }
 }
 
-/// How long the fleet waits, when stopping, for the answers to what it sent.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// Runs the fleet against a server listening on `addr` until `stop` is set. `devices` devices each
 /// send one heartbeat every `1 / rate_hz` seconds. Returns what the server answered; acks and
 /// refusals are counted as they arrive (each new refusal reason is logged at once) and, after
-/// `stop`, for up to [`DRAIN_TIMEOUT`] until every heartbeat sent is answered.
+/// `stop`, for up to [`DEMO_DRAIN_TIMEOUT_MS`] until every heartbeat sent is answered.
 pub fn run_fleet(
     addr: SocketAddr,
     secret: &Secret,
@@ -255,7 +253,7 @@ pub fn run_fleet(
         }
     }
     // The server is shutting down too: it sends each connection its final ack, then closes.
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let deadline = Instant::now() + Duration::from_millis(DEMO_DRAIN_TIMEOUT_MS);
     while open.contains(&true)
         && tally.acked + tally.refused_total() < tally.sent
         && Instant::now() < deadline
