@@ -4,8 +4,9 @@
 //! real ways devices reach geobeat — and it prints what to try next and what the server answered.
 //!
 //! Invariant: every heartbeat the fleet sends passes the server's rules (it is built as a
-//! [`Heartbeat`], checked with the same `validate` the server applies, and written by the protocol
-//! encoder), so a refusal counted in [`Tally`] is a server problem worth showing, never noise.
+//! [`Heartbeat`] within the protocol's ranges and written by the protocol encoder; debug builds
+//! check each with the `validate` the server applies, and the tests run it through the server's
+//! decoder), so a refusal counted in [`Tally`] is a server problem worth showing, never noise.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
