@@ -218,3 +218,8 @@ pub const FENCE_BULK_ENTRIES_MAX: usize = 10_000;
 const _: () = assert!(FENCE_BULK_BODY_BYTES_MAX >= FENCE_BODY_BYTES_MAX);
 const _: () = assert!(FENCE_BULK_BODY_BYTES_MAX <= 1 << 30);
 const _: () = assert!(FENCE_BULK_ENTRIES_MAX >= 1 && FENCE_BULK_ENTRIES_MAX <= FENCES_MAX);
+
+/// How long `geobeat demo`, when stopping, waits for the answers (acks, error frames) to the
+/// heartbeats its fleet sent before it prints its tally; the server's shutdown sends each
+/// connection its final ack well within it.
+pub const DEMO_DRAIN_TIMEOUT_MS: u64 = 2_000;
