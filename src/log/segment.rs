@@ -10,6 +10,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
@@ -183,6 +184,7 @@ impl Segment {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(crate::datadir::FILE_MODE)
             .open(tmp)
             .map_err(|e| io_err(shard, "create segment", tmp, e))?;
         if let Err(source) = preallocate(&file, bytes) {
