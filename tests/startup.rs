@@ -515,3 +515,35 @@ fn accept_failures_under_emfile_are_rate_limited() {
     );
     drop(clients);
 }
+
+#[test]
+fn policy_and_size_closes_are_logged_at_info_rate_limited() {
+    // Devices closed with 1009 (a message over --frame-bytes-max) are logged at info with the
+    // code, one line per executor per interval (the rest counted), never with the token.
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("server.log");
+    let server = Server::start_logged(
+        &tmp.path().join("data"),
+        &["--frame-bytes-max", "1KiB", "--shards", "1"],
+        &log,
+    );
+    let tok = server.token_fast(Scope::Device("big".into()));
+    for _ in 0..5 {
+        let mut ws = ws_connect(&server, &tok).unwrap();
+        ws.send(Message::text("x".repeat(2048))).unwrap();
+        assert_eq!(wait_close(&mut ws).0, 1009);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("connection closed for bad input"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line per interval:\n{text}");
+    assert!(
+        lines[0].contains("INFO") && lines[0].contains("1009"),
+        "{}",
+        lines[0]
+    );
+    assert!(!text.contains(&tok), "token in log");
+}
