@@ -191,6 +191,11 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     if let Some(metrics) = cfg.metrics_listen {
         probe_bind(metrics)?;
     }
+    // Whatever this process creates from here on (segments, meta, fences, cursors, audit files,
+    // and files added later) is private even where a create call names no mode; the start-up
+    // check below refuses anything looser. See: issue 20 §3.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let datadir = DataDir::open_or_create(&cfg.data_dir, cfg.shards as u32).map_err(|source| {
         ServeError::DataDir {
             path: cfg.data_dir.clone(),
