@@ -1,7 +1,8 @@
-//! `geobeat serve`: the thread-per-core server. This module owns startup and shutdown: it opens the
-//! data directory, starts one pinned executor per core (each accepting on the same port through
-//! SO_REUSEPORT), wires the cross-executor channel meshes, and turns SIGTERM/SIGINT into an
-//! orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
+//! `geobeat serve`: the thread-per-core server. This module owns startup and shutdown: it checks
+//! the platform ([`crate::preflight`]) and the listen addresses before touching anything, opens
+//! the data directory (refusing one open to others), starts one pinned executor per core (each
+//! accepting on the same port through SO_REUSEPORT), wires the cross-executor channel meshes,
+//! and turns SIGTERM/SIGINT into an orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
 //! [`ingest`], HTTP endpoints in [`http`], accepting/dispatching sockets in [`listen`], and
 //! real-time subscriptions in [`subscribe`] (connections) and [`fanout`] (matching, delivery);
 //! both WebSocket connections read through [`ws_read`] and write through [`ws_write`].
@@ -146,8 +147,10 @@ pub fn announce_listening(shared: &Shared) {
 ///
 /// SO_REUSEPORT lets a second process of the same user bind an address a live geobeat listens
 /// on (and silently take half its connections), so a configured port is first tried with a
-/// connection: an answer means the address is in use. A crashed predecessor's connections
-/// (TIME_WAIT, FIN_WAIT) answer nothing and do not stop an immediate restart.
+/// connection: an answer that persists for `LISTEN_PROBE_WAIT_MS` means the address is in use.
+/// A predecessor killed a moment ago answers only briefly (its listening socket outlives the
+/// process by a few ms), and its connections (TIME_WAIT, FIN_WAIT) answer nothing, so a
+/// supervisor's immediate restart binds. See: issue 13 §7a.
 fn probe_bind(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
     let listen = |source| ServeError::Listen { addr, source };
     if addr.port() != 0 {
