@@ -195,6 +195,11 @@ pub struct ServeArgs {
     /// `info,geobeat=debug` [env: GEOBEAT_LOG_LEVEL] [default: info]
     #[arg(long, value_name = "FILTER", value_parser = parse_log_level)]
     pub log_level: Option<String>,
+    /// Log line format on stderr: `text` (colours only when stderr is a terminal and NO_COLOR is
+    /// unset) or `json` (one object per line, for log shippers) [env: GEOBEAT_LOG_FORMAT]
+    /// [default: text]
+    #[arg(long, value_name = "FORMAT", value_parser = parse_log_format)]
+    pub log_format: Option<LogFormat>,
     /// Warn when a shard's log holds more than this many bytes not yet consumed by every sink:
     /// bytes or KiB/MiB/GiB, or `off` [env: GEOBEAT_SINK_BACKLOG_WARN_BYTES] [default: 1GiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_byte_limit)]
@@ -268,6 +273,15 @@ pub enum Durability {
     Strict,
     /// Ack once written to the mapped log (survives a process crash, not a power loss).
     Relaxed,
+}
+
+/// How log lines are written (see `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Where device connections live (see `--routing`).
@@ -460,6 +474,8 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Log filter directives (validated).
     pub log_level: String,
+    /// Log line format.
+    pub log_format: LogFormat,
     /// Storage sinks (`[[sinks]]` in the TOML file), in file order.
     pub sinks: Vec<SinkConfig>,
     /// Unconsumed bytes per shard above which to warn; `None`: never.
@@ -594,6 +610,7 @@ settings! {
     MESH_CAPACITY => "--mesh-capacity", "GEOBEAT_MESH_CAPACITY", Some("mesh_capacity");
     METRICS_LISTEN => "--metrics-listen", "GEOBEAT_METRICS_LISTEN", Some("metrics_listen");
     LOG_LEVEL => "--log-level", "GEOBEAT_LOG_LEVEL", Some("log_level");
+    LOG_FORMAT => "--log-format", "GEOBEAT_LOG_FORMAT", Some("log_format");
     SINK_BACKLOG_WARN_BYTES => "--sink-backlog-warn-bytes", "GEOBEAT_SINK_BACKLOG_WARN_BYTES", Some("sink_backlog_warn_bytes");
     SINK_BACKLOG_MAX_BYTES => "--sink-backlog-max-bytes", "GEOBEAT_SINK_BACKLOG_MAX_BYTES", Some("sink_backlog_max_bytes");
 }
@@ -911,6 +928,12 @@ impl ServeArgs {
                 parse_log_level,
                 LOG_LEVEL_DEFAULT.to_owned(),
             )?,
+            log_format: r.get(
+                &LOG_FORMAT,
+                &self.log_format,
+                parse_log_format,
+                LogFormat::Text,
+            )?,
             sinks,
             sink_backlog_warn_bytes: backlog_warn,
             sink_backlog_max_bytes: backlog_max,
@@ -1114,6 +1137,14 @@ fn parse_metrics_listen(text: &str) -> Result<MetricsListen, String> {
     parse_socket_addr(text)
         .map(MetricsListen::On)
         .map_err(|e| format!("{e}, or `off`"))
+}
+
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text.trim() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected `text` or `json`".into()),
+    }
 }
 
 fn parse_log_level(text: &str) -> Result<String, String> {
@@ -1470,6 +1501,33 @@ mod tests {
         assert!(Cli::try_parse_from(&argv).is_err());
         argv[3] = "4";
         assert!(Cli::try_parse_from(&argv).is_ok());
+    }
+
+    #[test]
+    fn log_format_from_flag_env_and_file() {
+        // `text` by default; `json` from the file, the environment or the flag (which wins);
+        // anything else is an error naming the setting.
+        assert_eq!(
+            resolve(&serve_args(&[]), &[], None).unwrap().log_format,
+            LogFormat::Text
+        );
+        let file = Some("log_format = \"json\"\n");
+        assert_eq!(
+            resolve(&serve_args(&[]), &[], file).unwrap().log_format,
+            LogFormat::Json
+        );
+        let env = [("GEOBEAT_LOG_FORMAT", "json")];
+        assert_eq!(
+            resolve(&serve_args(&[]), &env, None).unwrap().log_format,
+            LogFormat::Json
+        );
+        let flag = serve_args(&["--log-format", "text"]);
+        assert_eq!(
+            resolve(&flag, &env, file).unwrap().log_format,
+            LogFormat::Text
+        );
+        let err = resolve(&serve_args(&[]), &[("GEOBEAT_LOG_FORMAT", "xml")], None).unwrap_err();
+        assert!(err.to_string().contains("GEOBEAT_LOG_FORMAT"), "{err}");
     }
 
     #[test]

@@ -223,3 +223,19 @@ const _: () = assert!(FENCE_BULK_ENTRIES_MAX >= 1 && FENCE_BULK_ENTRIES_MAX <= F
 /// heartbeats its fleet sent before it prints its tally; the server's shutdown sends each
 /// connection its final ack well within it.
 pub const DEMO_DRAIN_TIMEOUT_MS: u64 = 2_000;
+
+/// Least time between two log lines of one repeating event per executor (a failing `accept`
+/// under EMFILE, refused tokens, protocol closes); the next line carries the number suppressed.
+pub const REPEAT_LOG_INTERVAL_MS: u64 = 10_000;
+
+const _: () = assert!(REPEAT_LOG_INTERVAL_MS >= 1000);
+
+/// How long the start-up check waits for a connection to the configured listen address: a
+/// listener that answers means another process serves that address (SO_REUSEPORT would
+/// otherwise let a second geobeat of the same user share the port silently).
+pub const LISTEN_PROBE_CONNECT_TIMEOUT_MS: u64 = 200;
+/// How long the start-up check keeps trying while a listener answers before it calls the address
+/// in use: the listening socket of a geobeat killed a moment ago lives on until the kernel has
+/// torn down its io_uring rings (their pending accepts hold it), which takes a moment after the
+/// process is gone.
+pub const LISTEN_PROBE_WAIT_MS: u64 = 3000;

@@ -43,7 +43,14 @@ impl Drop for Mount {
 fn mount_tmpfs(at: &Path) -> Result<Mount, String> {
     std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
     let out = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={TMPFS_BYTES}"), "tmpfs"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            // mode=0700: a data directory open to group or others is refused at start.
+            &format!("size={TMPFS_BYTES},mode=0700"),
+            "tmpfs",
+        ])
         .arg(at)
         .output()
         .map_err(|e| format!("running mount: {e}"))?;

@@ -25,6 +25,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::config::Compression;
@@ -317,6 +318,7 @@ impl Sink for AuditSink {
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(crate::datadir::FILE_MODE)
                 .open(&tmp)
                 .map_err(|e| io_err("create audit file", &tmp, e))?;
             sync_dir(&st.dir)?;

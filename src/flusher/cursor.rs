@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -105,7 +106,10 @@ pub(crate) fn create_dir_durable(dir: &Path) -> Result<(), FlushError> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         create_dir_durable(parent)?;
     }
-    match std::fs::create_dir(dir) {
+    match std::fs::DirBuilder::new()
+        .mode(crate::datadir::DIR_MODE)
+        .create(dir)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(io_err("create directory", dir, e)),
@@ -165,6 +169,7 @@ pub fn write_cursor(path: &Path, cursor: &Cursor) -> Result<(), FlushError> {
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(crate::datadir::FILE_MODE)
         .open(&tmp)
         .map_err(|e| io_err("create cursor", &tmp, e))?;
     f.write_all(text.as_bytes())

@@ -101,7 +101,7 @@ pub struct StoreSlot {
     /// Rate limit of the "append refused" warning: when it was last logged and how many
     /// refusals were not logged since (a full disk refuses every heartbeat; one line per
     /// heartbeat would flood the log at fleet scale).
-    refusal_log: Cell<(Option<Instant>, u64)>,
+    refusal_log: crate::ratelog::LogEvery,
     /// Commit counters.
     pub probe: StoreProbe,
 }
@@ -384,13 +384,8 @@ impl Exec {
                     appended += 1;
                 }
                 Err(e) => {
-                    let (last_logged, suppressed) = slot.refusal_log.get();
-                    let now = Instant::now();
-                    if last_logged.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
+                    if let Some(suppressed) = slot.refusal_log.check() {
                         tracing::warn!(shard = %slot.shard, error = %e, suppressed_since_last = suppressed, "append refused");
-                        slot.refusal_log.set((Some(now), 0));
-                    } else {
-                        slot.refusal_log.set((last_logged, suppressed + 1));
                     }
                     failed.push((seq, storage_reason(&e)));
                     // Disk full and friends show in metrics as rejections with their reason.
@@ -839,7 +834,7 @@ pub async fn executor_main(
             sync_files: RefCell::new(Vec::new()),
             pending_entries: Cell::new(0),
             pending_since: Cell::new(None),
-            refusal_log: Cell::new((None, 0)),
+            refusal_log: crate::ratelog::LogEvery::new(REFUSAL_LOG_EVERY),
             probe: StoreProbe::default(),
         });
     }
@@ -912,7 +907,9 @@ pub async fn executor_main(
             .get()
             .expect("address resolved before executors start"),
     )?;
-    shared.executors_ready.fetch_add(1, Ordering::AcqRel);
+    if shared.executors_ready.fetch_add(1, Ordering::AcqRel) + 1 == shared.executors {
+        crate::server::announce_listening(&shared);
+    }
     rt::spawn(crate::server::listen::accept_loop(
         exec.clone(),
         listener,

@@ -16,7 +16,8 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::Scope;
 use crate::http::parse::{self, Parsed, Request};
-use crate::limits::HTTP_HEAD_BYTES_MAX;
+use crate::limits::{HTTP_HEAD_BYTES_MAX, REPEAT_LOG_INTERVAL_MS};
+use crate::ratelog::LogEvery;
 use crate::route::shard_of;
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::exec::now_s;
@@ -66,6 +67,7 @@ pub enum Role {
 /// Accepts until shutdown.
 pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
     let max = exec.shared.cfg.connections_max;
+    let accept_log = LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS));
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             exec.stop_signal.wait().await;
@@ -77,8 +79,11 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
             Some(Ok(s)) => s,
             Some(Err(e)) => {
                 let e = std::io::Error::from(e);
-                // EMFILE/ENFILE/ENOMEM/ECONNABORTED: back off, never spin, never exit.
-                tracing::warn!(error = %e, "accept failed; backing off");
+                // EMFILE/ENFILE/ENOMEM/ECONNABORTED: back off, never spin, never exit; and log
+                // one line per interval, not one per attempt (176 lines/s under EMFILE).
+                if let Some(suppressed) = accept_log.check() {
+                    tracing::warn!(error = %e, suppressed_since_last = suppressed, "accept failed; backing off");
+                }
                 rt::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
@@ -216,6 +221,7 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             let upgrade = match authorize_upgrade(&exec, &req) {
                 Ok(u) => u,
                 Err((status, body)) => {
+                    log_refused(&stream, req.path, status, &body);
                     answer_and_close(&mut stream, status, &body).await;
                     return;
                 }
@@ -232,6 +238,7 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             let (upgrade, sub_slot) = match authorize_subscribe(&exec, &req) {
                 Ok(u) => u,
                 Err((status, body)) => {
+                    log_refused(&stream, req.path, status, &body);
                     answer_and_close(&mut stream, status, &body).await;
                     return;
                 }
@@ -259,6 +266,7 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             // Only ops may make the server buffer a large body (PUT /v1/geofences/{name},
             // POST /v1/geofences).
             if let Err(resp) = crate::server::http::require_ops(&exec, &req) {
+                log_refused(&stream, req.path, resp.status, &resp.body);
                 answer_and_close(&mut stream, resp.status, &resp.body).await;
                 return;
             }
@@ -279,6 +287,7 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
         let resp =
             crate::server::http::respond(&exec, &req, &buf[head_len..head_len + body_len], role)
                 .await;
+        log_refused(&stream, req.path, resp.status, &resp.body);
         if write_response_typed(
             &mut stream,
             resp.status,
@@ -298,6 +307,36 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             buf.shrink_to(HTTP_HEAD_BYTES_MAX);
         }
     }
+}
+
+thread_local! {
+    /// Rate limit of the "request refused" info line, per executor thread.
+    static REFUSED_LOG: LogEvery =
+        const { LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS)) };
+}
+
+/// Logs a refused token (a 401) at info, one line per interval per executor with the number
+/// suppressed. The line names the peer, the path and the answer sent (which never echoes the
+/// token; the path carries no query string), never the token itself. See: issue 13 §4.
+fn log_refused(stream: &TcpStream, path: &str, status: u16, answer: &str) {
+    if status != 401 {
+        return;
+    }
+    REFUSED_LOG.with(|every| {
+        if let Some(suppressed) = every.check() {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(
+                peer,
+                path,
+                answer,
+                suppressed_since_last = suppressed,
+                "request refused: 401"
+            );
+        }
+    });
 }
 
 /// Checks the upgrade headers and the token: 4xx for a bad upgrade, 401 for a missing, bad,
