@@ -146,7 +146,15 @@ pub const SINK_BATCH_BYTES_MAX: usize = 32 << 20;
 /// Largest cursor file read (they are a few hundred bytes).
 pub const SINK_CURSOR_BYTES_MAX: u64 = 4096;
 
+/// Bounds of an audit sink's rotation window (`rotate`), seconds: at least a second (file names
+/// have one-second resolution), at most an hour (the longest window before windows existed).
+pub const AUDIT_ROTATE_SECS_RANGE: (u64, u64) = (1, 3600);
+/// Bounds of an audit sink's rotation size (`rotate_bytes`): at least 1 MiB (smaller files only
+/// multiply fsyncs and directory entries), at most 16 GiB.
+pub const AUDIT_ROTATE_BYTES_RANGE: (u64, u64) = (1 << 20, 16 << 30);
+
 const _: () = assert!(SINKS_MAX <= LOG_CONSUMERS_MAX);
+const _: () = assert!(AUDIT_ROTATE_SECS_RANGE.0 >= 1 && AUDIT_ROTATE_SECS_RANGE.1 <= 3600);
 const _: () = assert!(SINK_NAME_BYTES_MAX <= LOG_CONSUMER_NAME_BYTES_MAX);
 const _: () = assert!(SINK_BATCH_BYTES_MAX >= 64 * ENTRY_PAYLOAD_BYTES_MAX);
 
