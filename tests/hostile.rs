@@ -819,6 +819,10 @@ fn request_smuggling_attempts_get_400_and_close() {
         format!("POST /healthz HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{body}");
     let (status, text) = raw_all(server.addr, req.as_bytes());
     assert_eq!(status, 411, "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 411 Length Required\r\n"),
+        "the status line has its reason phrase: {text}"
+    );
     assert_eq!(text.matches("HTTP/1.").count(), 1, "closed after 411");
     by.check();
 }

@@ -286,6 +286,10 @@ impl Exec {
             for &(seq, reason) in failed {
                 c.errors.push_back((Some(seq), reason));
             }
+            if !failed.is_empty() {
+                // Errors of a frame behind an unfinished one go out now, not with its ack.
+                c.signal.notify();
+            }
             let Some(front) = c.frames.front() else {
                 return;
             };
@@ -298,11 +302,12 @@ impl Exec {
         self.settle(key);
     }
 
-    /// Pops the completed prefix of frames and wakes the writer if the ack moved.
+    /// Pops the completed prefix of frames and wakes the writer (and a paused reader) if anything
+    /// changed.
     fn settle(&self, key: ConnKey) {
         let probe = &self.probe;
         self.with_conn(key, |c| {
-            let before = (c.ack_ready, c.errors.len());
+            let before = (c.ack_ready, c.errors.len(), c.frames.len());
             let mut now = None;
             while c.frames.front().is_some_and(|f| f.groups == 0) {
                 let f = c.frames.pop_front().expect("front exists");
@@ -312,7 +317,9 @@ impl Exec {
                     .ack_latency
                     .observe(now.duration_since(f.received).as_secs_f64());
             }
-            if (c.ack_ready, c.errors.len()) != before {
+            // Any change wakes the writer and a reader paused on backpressure (popped frames
+            // make room even when the ack does not move, e.g. a frame refused whole).
+            if (c.ack_ready, c.errors.len(), c.frames.len()) != before {
                 c.signal.notify();
             }
         });

@@ -42,6 +42,8 @@ pub struct Upgrade {
     pub accept_key: String,
     /// What the connection's token allows.
     pub scope: Scope,
+    /// When the token expires (Unix seconds): the connection is closed then.
+    pub expires_at_s: u64,
 }
 
 /// Counts a connection in `connections_open` and releases it on drop.
@@ -317,6 +319,7 @@ fn authorize_upgrade(exec: &Exec, req: &Request<'_>) -> Result<Upgrade, (u16, St
         Scope::Device(_) | Scope::Gateway(_) => Ok(Upgrade {
             accept_key,
             scope: claims.scope,
+            expires_at_s: claims.expires_at_s,
         }),
         _ => Err(parse::json_error(
             401,

@@ -2,7 +2,7 @@
 //! deadlines, and [`Ctl`], the flags its reader and writer share. It owns waiting for the next
 //! data frame against the executor's shutdown, the writer's end, the idle policy (a ping after
 //! one ping interval of silence, close 1001 "idle timeout" after the second) and an optional
-//! fixed end (a token's expiry), and it turns read errors into close codes (1009, 1007, 1002).
+//! fixed end (a token's expiry: ingest and subscribe close with 1008 then), and it turns read errors into close codes (1009, 1007, 1002).
 //! It does not interpret frames and does not decide when to pause reading (backpressure is the
 //! connection's).
 //!
@@ -22,13 +22,16 @@ use futures_util::StreamExt;
 
 use crate::proto::close;
 use crate::rt::{self, TcpStream};
-use crate::server::exec::Exec;
+use crate::server::exec::{now_s, Exec};
 
 /// The read half of a server WebSocket.
 pub type Source = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
 
 /// Close code for a protocol error (RFC 6455).
 const CLOSE_PROTOCOL: u16 = 1002;
+/// Longest token expiry a connection arms a deadline for (about 100 years): a later expiry
+/// cannot come while the connection lives (and a far-future instant would overflow).
+const TOKEN_EXPIRY_WAIT_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Idle intervals without a frame from the client after which it is closed (the first one earns
 /// a ping, which a live client answers).
 const IDLE_STRIKES_MAX: u32 = 2;
@@ -120,6 +123,16 @@ impl<'a> WsReader<'a> {
     pub fn end_at(mut self, at: Instant, code: u16, reason: &'static str) -> WsReader<'a> {
         self.end = Some((at, (code, reason)));
         self
+    }
+
+    /// Also ends reading when a token valid until `expires_at_s` (Unix seconds) expires,
+    /// closing with 1008 and `reason`.
+    pub fn end_at_expiry(self, expires_at_s: u64, reason: &'static str) -> WsReader<'a> {
+        let expires_in = Duration::from_secs(expires_at_s.saturating_sub(now_s()));
+        if expires_in > TOKEN_EXPIRY_WAIT_MAX {
+            return self;
+        }
+        self.end_at(Instant::now() + expires_in, close::POLICY, reason)
     }
 
     /// The next data frame. Pings and pongs only count as activity. `None` once reading is over
