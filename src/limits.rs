@@ -38,6 +38,17 @@ pub const HTTP_URI_BYTES_MAX: usize = 2048;
 pub const HTTP_BODY_BYTES_MAX: usize = 64 << 10;
 /// Most headers in one HTTP request.
 pub const HTTP_HEADERS_MAX: usize = 64;
+/// Slowest body upload a request is given time for: the whole request (head and body) must
+/// arrive within the handshake timeout plus `content-length / HTTP_BODY_BYTES_PER_S_MIN` seconds
+/// (64 KiB/s: a 64 KiB body gets 1 s more, a 64 MiB geofence import 17 minutes). See: issue 13 §7.
+pub const HTTP_BODY_BYTES_PER_S_MIN: u64 = 64 << 10;
+/// Share of `--connections-max` (1/N) kept for sockets that authenticate at once: once the
+/// other sockets (plain HTTP, heads not yet read) fill the rest, a new socket must send an
+/// authenticated WebSocket upgrade within [`CONN_RESERVED_HEAD_MS`] or get 503, so slow clients
+/// cannot lock devices out. With a cap under 8 nothing is reserved. See: issue 13 §7.
+pub const CONN_RESERVED_SHARE_DIVISOR: usize = 8;
+/// How long a socket admitted into the reserved share has to send its upgrade request head.
+pub const CONN_RESERVED_HEAD_MS: u64 = 1000;
 /// Deepest JSON nesting accepted inside `attrs`.
 pub const JSON_DEPTH_MAX: usize = 8;
 

@@ -893,3 +893,142 @@ fn attrs_with_numbers_beyond_f64_do_not_break_readers() {
         .unwrap_or_else(|e| panic!("history unreadable by a strict reader ({e}): {body}"));
     by.check();
 }
+
+/// A client that sends `prefix` at once, then `rest` one byte per `every` until the server
+/// answers or closes (or `rest` runs out); returns how long it took and what it read.
+fn drip(
+    addr: SocketAddr,
+    prefix: String,
+    rest: usize,
+    every: Duration,
+) -> std::thread::JoinHandle<(Duration, String)> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            return (started.elapsed(), String::new());
+        };
+        s.set_read_timeout(Some(every)).unwrap();
+        let mut got = Vec::new();
+        if s.write_all(prefix.as_bytes()).is_ok() {
+            for _ in 0..rest {
+                let mut buf = [0u8; 512];
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        break;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break,
+                }
+                if s.write_all(b"x").is_err() {
+                    break;
+                }
+            }
+        }
+        (started.elapsed(), String::from_utf8_lossy(&got).to_string())
+    })
+}
+
+#[test]
+fn slow_bodies_are_refused_or_cut_by_the_request_deadline() {
+    // Issue 13 §7: an unauthenticated `POST /healthz` with `content-length: 60000` dripping a
+    // byte every few seconds was neither answered nor closed. A body on an endpoint that takes
+    // none is refused at once (413), one without an ops token is refused before it is read
+    // (401), and an ops body is bounded with its head by one deadline (handshake timeout plus
+    // time at 64 KiB/s: 1 s + 0.9 s here), then 408.
+    let (_d, server) = setup(&["--handshake-timeout-ms", "1000"]);
+    let mut by = Bystander::new(&server);
+    let ops = server.token(&["ops"]);
+    let every = Duration::from_millis(300);
+    let cases = [
+        (
+            "POST /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 60000\r\n\r\n".to_string(),
+            "HTTP/1.1 413 ",
+            Duration::from_secs(1),
+        ),
+        (
+            "PUT /v1/geofences/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 60000\r\n\r\n{".into(),
+            "HTTP/1.1 401 ",
+            Duration::from_secs(1),
+        ),
+        (
+            format!(
+                "PUT /v1/geofences/slow HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ops}\r\n\
+                 content-length: 60000\r\n\r\n{{"
+            ),
+            "HTTP/1.1 408 ",
+            Duration::from_secs(4),
+        ),
+    ];
+    for (req, want, within) in cases {
+        let (elapsed, got) = drip(server.addr, req.clone(), 100, every).join().unwrap();
+        assert!(got.starts_with(want), "{req:?}: {got:?}");
+        assert!(elapsed < within, "{req:?}: answered after {elapsed:?}");
+        by.check();
+    }
+    // Bodies the endpoints take still work.
+    let body = r#"{"type":"Polygon","coordinates":[[[13,52],[14,52],[14,53],[13,53],[13,52]]]}"#;
+    let (st, text) = http_body(&server, "PUT", "/v1/geofences/ok", Some(&ops), body);
+    assert!(st == 200 || st == 201, "{st} {text}");
+    by.check();
+}
+
+#[test]
+fn slow_clients_at_the_connection_cap_do_not_lock_devices_out() {
+    // Issue 13 §7: with `--connections-max N`, N slow sockets locked everyone out for as long as
+    // they dripped. Plain HTTP sockets may hold 7/8 of the cap; the rest is kept for sockets that
+    // send an authenticated upgrade at once. The handshake timeout is 20 s here, so only that
+    // (and refusing bodies) can let a device in within a few seconds: first against N slow-body
+    // requests, then against N slow heads.
+    let (_d, server) = setup(&["--connections-max", "16", "--handshake-timeout-ms", "20000"]);
+    let mut by = Bystander::new(&server);
+    let tok = server.token(&["device", "late"]);
+    let mut seq = 0;
+    let attacks = [
+        "POST /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 60000\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: ",
+    ];
+    for attack in attacks {
+        let drippers: Vec<_> = (0..16)
+            .map(|_| drip(server.addr, attack.to_string(), 30, Duration::from_secs(1)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let mut ws = loop {
+            match ws_connect(&server, &tok) {
+                Ok(ws) => break ws,
+                Err(e) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(5),
+                        "{attack:?}: a device could not connect for {:?}: {e}",
+                        started.elapsed()
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        eprintln!("{attack:?}: device connected after {:?}", started.elapsed());
+        seq += 1;
+        ws.send(Message::text(hb_json(seq, 1.0, 1.0, now_ms())))
+            .unwrap();
+        assert!(wait_ack(&mut ws, seq).is_empty());
+        by.check();
+        drop(ws);
+        // Slow bodies are refused at once, so their drippers are done; slow heads would drip on
+        // until the 20 s deadline (they end when the server is killed).
+        if attack.contains("content-length") {
+            for d in drippers {
+                let (_, got) = d.join().unwrap();
+                assert!(
+                    got.starts_with("HTTP/1.1 413 ") || got.starts_with("HTTP/1.1 503 "),
+                    "{got:?}"
+                );
+            }
+        }
+    }
+}

@@ -289,7 +289,9 @@ fn an_ingest_connection_closes_with_1008_token_expired_when_its_token_expires() 
                     let a = v["ack"].as_u64().unwrap_or_else(|| panic!("{v}"));
                     acked = acked.max(a);
                 }
-                Ok(Message::Close(Some(f))) => break 'run (u16::from(f.code), f.reason.to_string()),
+                Ok(Message::Close(Some(f))) => {
+                    break 'run (u16::from(f.code), f.reason.to_string())
+                }
                 Ok(Message::Close(None)) => panic!("closed without a code"),
                 Ok(_) => {}
                 Err(tungstenite::Error::Io(e))
@@ -310,7 +312,10 @@ fn an_ingest_connection_closes_with_1008_token_expired_when_its_token_expires() 
         now_ms() / 1000 >= expires_at_s,
         "closed before the expiry ({expires_at_s})"
     );
-    assert!(acked > 10, "heartbeats were acked before the expiry: {acked}");
+    assert!(
+        acked > 10,
+        "heartbeats were acked before the expiry: {acked}"
+    );
     let ops = server.token(&["ops"]);
     let stored: Vec<u64> = history_all(&server, "expiring", &ops)
         .unwrap()

@@ -192,8 +192,8 @@ async fn read_loop(
     subs: &mut Subs,
 ) {
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
-    let mut reader =
-        WsReader::new(exec, source, ctl, writer).end_at_expiry(upgrade.expires_at_s, "token expired");
+    let mut reader = WsReader::new(exec, source, ctl, writer)
+        .end_at_expiry(upgrade.expires_at_s, "token expired");
     loop {
         // Backpressure: a client that sends ops but never reads the answers is paused.
         loop {
