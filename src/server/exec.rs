@@ -166,6 +166,8 @@ pub struct Exec {
     pub probe: ExecProbe,
     /// Subscription fan-out: interest replica, pending events, subscriber connections.
     pub fanout: Fanout,
+    /// Bytes of partial WebSocket frames held by this executor's connections (bounded).
+    pub partial_frames: Rc<crate::server::ws_read::PartialFrames>,
 }
 
 fn now_ms() -> i64 {
@@ -883,6 +885,7 @@ pub async fn executor_main(
         conns_open: Cell::new(0),
         probe: ExecProbe::new(peers),
         fanout,
+        partial_frames: crate::server::ws_read::PartialFrames::new(),
     });
     let request_rx = Rc::new(request_rx);
     let reply_rx = Rc::new(reply_rx);

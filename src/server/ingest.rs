@@ -16,7 +16,6 @@ use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::tungstenite::Message;
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
-use futures_util::StreamExt;
 
 use crate::limits::{CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS};
 use crate::metrics::ExecProbe;
@@ -29,7 +28,7 @@ use crate::server::exec::{
 };
 use crate::server::listen::{ConnSlot, Upgrade};
 use crate::server::msg::{Batch, ConnKey, ToOwner};
-use crate::server::ws_read::{Ctl, Data, Source, WsReader};
+use crate::server::ws_read::{self, Ctl, Data, Metered, Source, WsReader};
 use crate::server::ws_write::{Sink, WriteError, WsWriter};
 
 /// tungstenite's read buffer per connection. Its default (128 KiB) alone would blow the 8 KiB
@@ -76,14 +75,15 @@ pub async fn serve(
         return;
     }
     let cfg = &exec.shared.cfg;
-    let ws = WebSocketStream::from_partially_read(
+    let (stream, meter) = Metered::new(stream, leftover, &exec.partial_frames);
+    // The bytes past the head go through the meter too (see `ws_read`).
+    let ws = WebSocketStream::from_raw_socket(
         stream,
-        leftover,
         Role::Server,
         Some(ws_config(cfg.frame_bytes_max)),
     )
     .await;
-    let (sink, source) = ws.split();
+    let (sink, source) = ws_read::split(ws, meter);
     let key = exec.conn_open();
     let signal = exec
         .with_conn(key, |c| c.signal.clone())

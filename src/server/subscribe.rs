@@ -21,7 +21,6 @@ use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::tungstenite::Message;
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
-use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::limits::{
@@ -35,7 +34,7 @@ use crate::server::exec::{received_now_ms, Exec};
 use crate::server::fanout::{write_event, Filter, InterestOp, Out, SubKey, Target};
 use crate::server::listen::ConnSlot;
 use crate::server::msg::ConnKey;
-use crate::server::ws_read::{Ctl, Data, Source, WsReader};
+use crate::server::ws_read::{self, Ctl, Data, Metered, Source, WsReader};
 use crate::server::ws_write::{Sink, WriteError, WsWriter};
 use crate::server::Shared;
 use crate::spatial::BBox;
@@ -134,10 +133,9 @@ pub async fn serve(
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
     }
-    let ws =
-        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config()))
-            .await;
-    let (sink, source) = ws.split();
+    let (stream, meter) = Metered::new(stream, leftover, &exec.partial_frames);
+    let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config())).await;
+    let (sink, source) = ws_read::split(ws, meter);
     let key = exec.fanout.conn_open();
     let signal = exec.fanout.signal(key).expect("just opened");
     let ctl = Rc::new(Ctl::default());
