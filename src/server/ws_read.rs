@@ -508,3 +508,100 @@ impl<'a> WsReader<'a> {
         self.ctl.close.set(Some((code, reason)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client frame header (masked, zero key) for a payload of `len` bytes, and the payload.
+    fn frame(len: usize) -> Vec<u8> {
+        let mut f = vec![0x82];
+        match len {
+            0..=125 => f.push(0x80 | len as u8),
+            126..=0xffff => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[0; 4]);
+        f.extend(std::iter::repeat_n(7u8, len));
+        f
+    }
+
+    fn meter(pool: &Rc<PartialFrames>) -> Rc<ReadMeter> {
+        Rc::new(ReadMeter {
+            pool: pool.clone(),
+            charged: Cell::new(0),
+            paused: Cell::new(false),
+            waker: RefCell::new(None),
+        })
+    }
+
+    fn scan() -> Scan {
+        Scan {
+            header: [0; 14],
+            have: 0,
+            payload_left: 0,
+        }
+    }
+
+    #[test]
+    fn the_scan_follows_frame_boundaries_and_holds_back_large_headers_over_the_bound() {
+        // Frames of every header form, passed whole, in 1-byte and in 7-byte pieces: every byte
+        // passes and only the large ones (2 KiB ..= 64 KiB) are charged. With the account full, a
+        // large frame's header passes all but its last byte; once charges return, the rest goes.
+        let cx = Context::from_waker(Waker::noop());
+        let sizes = [
+            0,
+            5,
+            125,
+            126,
+            2047,
+            2048,
+            60 << 10,
+            64 << 10,
+            (64 << 10) + 1,
+        ];
+        let stream: Vec<u8> = sizes.iter().flat_map(|&n| frame(n)).collect();
+        let charged: usize = 2048 + (60 << 10) + (64 << 10);
+        for piece in [stream.len(), 1, 7] {
+            let pool = PartialFrames::new();
+            let m = meter(&pool);
+            let mut s = scan();
+            for chunk in stream.chunks(piece) {
+                assert_eq!(s.advance(chunk, &m, &cx), chunk.len());
+            }
+            assert_eq!((s.have, s.payload_left), (0, 0));
+            assert_eq!((pool.held(), m.charged.get()), (charged, charged));
+            m.message_done();
+            assert_eq!(pool.held(), 0);
+        }
+
+        let pool = PartialFrames::new();
+        let hog = meter(&pool);
+        let mut other = scan();
+        assert_eq!(other.advance(&frame(1 << 20)[..14], &hog, &cx), 14); // over the frame limit: free
+        assert!(hog.admit(PARTIAL_FRAME_BYTES_EXEC_MAX - 100, &cx));
+        let m = meter(&pool);
+        let mut s = scan();
+        let small = frame(300);
+        assert_eq!(s.advance(&small, &m, &cx), small.len(), "small frames pass");
+        let big = frame(4096);
+        // A 4 KiB frame has an 8-byte header (2, a 16-bit length, the mask key).
+        assert_eq!(
+            s.advance(&big, &m, &cx),
+            7,
+            "all but the header's last byte"
+        );
+        assert_eq!(s.advance(&big[7..], &m, &cx), 0, "still no room");
+        assert!(m.paused.get() && m.waker.borrow().is_some());
+        hog.message_done();
+        assert!(!m.paused.get(), "woken once the charges returned");
+        assert_eq!(s.advance(&big[7..], &m, &cx), big.len() - 7);
+        assert_eq!(pool.held(), 4096);
+    }
+}
