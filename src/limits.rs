@@ -41,6 +41,35 @@ pub const HTTP_URI_BYTES_MAX: usize = 2048;
 pub const HTTP_BODY_BYTES_MAX: usize = 64 << 10;
 /// Most headers in one HTTP request.
 pub const HTTP_HEADERS_MAX: usize = 64;
+/// Bytes of partial WebSocket frames (read, not yet a complete message) one executor holds
+/// before it stops reading the connections holding [`PARTIAL_FRAME_SMALL_BYTES`] or more; they
+/// resume once the total is under 7/8 of this. 16 MiB is 256 frames of 64 KiB in flight per
+/// core. See: issue 20 §7 and the memory budget below.
+pub const PARTIAL_FRAME_BYTES_EXEC_MAX: usize = 16 << 20;
+/// A connection holding less than this of a partial frame is read even while the executor is
+/// over [`PARTIAL_FRAME_BYTES_EXEC_MAX`]: an ordinary heartbeat frame (at most about 600 bytes)
+/// always completes, so devices are not stalled by the holders of large frames.
+pub const PARTIAL_FRAME_SMALL_BYTES: usize = 2 << 10;
+/// Measured resident bytes per byte held in a partial frame (tungstenite's read buffer grows by
+/// doubling; perf/RESULTS.md, "Partial frames"): 2.4, rounded up.
+pub const PARTIAL_FRAME_RSS_FACTOR: usize = 3;
+/// Memory budget of partial frames per executor, worst case: the bound, plus what each of
+/// `connections` may hold below the small mark, times the measured overhead.
+pub const fn partial_frame_rss_bytes_max(connections: usize) -> usize {
+    (PARTIAL_FRAME_BYTES_EXEC_MAX + connections * PARTIAL_FRAME_SMALL_BYTES)
+        * PARTIAL_FRAME_RSS_FACTOR
+}
+/// Slowest body upload a request is given time for: the whole request (head and body) must
+/// arrive within the handshake timeout plus `content-length / HTTP_BODY_BYTES_PER_S_MIN` seconds
+/// (64 KiB/s: a 64 KiB body gets 1 s more, a 64 MiB geofence import 17 minutes). See: issue 13 §7.
+pub const HTTP_BODY_BYTES_PER_S_MIN: u64 = 64 << 10;
+/// Share of `--connections-max` (1/N) kept for sockets that authenticate at once: once the
+/// other sockets (plain HTTP, heads not yet read) fill the rest, a new socket must send an
+/// authenticated WebSocket upgrade within [`CONN_RESERVED_HEAD_MS`] or get 503, so slow clients
+/// cannot lock devices out. With a cap under 8 nothing is reserved. See: issue 13 §7.
+pub const CONN_RESERVED_SHARE_DIVISOR: usize = 8;
+/// How long a socket admitted into the reserved share has to send its upgrade request head.
+pub const CONN_RESERVED_HEAD_MS: u64 = 1000;
 /// Deepest JSON nesting accepted inside `attrs`.
 pub const JSON_DEPTH_MAX: usize = 8;
 
@@ -125,6 +154,10 @@ pub const FRAME_BYTES_MIN: usize = 1024;
 const _: () = assert!(JSON_DEPTH_MAX < FRAME_JSON_DEPTH_MAX && FRAME_JSON_DEPTH_MAX <= 64);
 const _: () = assert!(TS_PAST_MS_MAX > 0 && TS_FUTURE_MS_MAX > 0);
 const _: () = assert!(FRAME_BYTES_MIN <= FRAME_BYTES_MAX);
+// A complete heartbeat frame (id, attrs and the fields) always fits under the small mark, and
+// the bound holds many of the largest frames.
+const _: () = assert!(PARTIAL_FRAME_SMALL_BYTES >= DEVICE_ID_BYTES_MAX + ATTRS_BYTES_MAX + 256);
+const _: () = assert!(PARTIAL_FRAME_BYTES_EXEC_MAX >= 64 * FRAME_BYTES_MAX);
 const _: () = assert!(FRAME_HEARTBEATS_MAX <= u16::MAX as usize);
 const _: () =
     assert!(DEVICE_ID_BYTES_MAX <= u8::MAX as usize && ATTRS_BYTES_MAX <= u16::MAX as usize);

@@ -159,6 +159,16 @@ pub fn require_ops(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
     require_reader(exec, req, None)
 }
 
+/// Whether `method` on `path` takes a request body (the geofence writes; every other request
+/// with a body is refused before the body is read).
+pub fn takes_body(method: &str, path: &str) -> bool {
+    match method {
+        "POST" => path == "/v1/geofences",
+        "PUT" => path.starts_with("/v1/geofences/"),
+        _ => false,
+    }
+}
+
 /// Checks for an ops or subscriber token (reads that are not about one device: geofences).
 fn require_ops_or_subscriber(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
     let mut scratch = Vec::new();

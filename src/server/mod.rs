@@ -48,6 +48,10 @@ pub struct Shared {
     pub executors_ready: AtomicUsize,
     /// Open client connections across all executors (bounded by `connections_max`).
     pub connections_open: AtomicUsize,
+    /// Of those, the sockets that are not an authenticated WebSocket connection (yet): plain
+    /// HTTP and heads still being read. Bounded by `connections_max` minus the reserved share
+    /// (`limits::CONN_RESERVED_SHARE_DIVISOR`).
+    pub connections_http: AtomicUsize,
     /// Open subscriber connections (bounded by `limits::SUBSCRIBERS_MAX`).
     pub subscribers_open: AtomicUsize,
     /// Device ids named by all `devices` subscriptions (bounded by
@@ -249,6 +253,7 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         secret,
         executors_ready: AtomicUsize::new(0),
         connections_open: AtomicUsize::new(0),
+        connections_http: AtomicUsize::new(0),
         subscribers_open: AtomicUsize::new(0),
         sub_devices_total: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),

@@ -20,11 +20,12 @@ use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_util::SinkExt;
 
-use crate::rt::{self, TcpStream};
+use crate::rt;
 use crate::server::exec::Exec;
 
 /// The write half of a server WebSocket.
-pub type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+pub type Sink =
+    futures_util::stream::SplitSink<WebSocketStream<crate::server::ws_read::Metered>, Message>;
 
 /// How long each step of the close sequence (close frame, socket close) may take.
 const CLOSE_STEP_BOUND: Duration = Duration::from_secs(1);
