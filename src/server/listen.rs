@@ -192,17 +192,17 @@ pub async fn write_response_typed(
     body: &str,
     close: bool,
 ) -> std::io::Result<()> {
-    let head =
-        format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}{}\r\n",
+    // Head and body in one buffer, one write: a client that reads the head (e.g. a refused
+    // WebSocket upgrade) finds the body with it, and small answers cost one send.
+    let response = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}{}\r\n{body}",
         parse::status_text(status),
         body.len(),
         if close { "connection: close\r\n" } else { "" },
         // RFC 6455 4.4: say which WebSocket version we speak.
         if status == 426 { "sec-websocket-version: 13\r\n" } else { "" }
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    stream.write_all(response.as_bytes()).await?;
     stream.flush().await
 }
 
