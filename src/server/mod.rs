@@ -41,6 +41,8 @@ pub struct Shared {
     pub secret: Secret,
     /// Logical shard count of the data directory.
     pub shard_count: u32,
+    /// The data directory's routing table (device → virtual shard → shard).
+    pub router: crate::route::Router,
     /// Number of executors.
     pub executors: usize,
     /// Executors that finished recovery and accept connections.
@@ -111,7 +113,7 @@ pub enum ServeError {
 /// Runs the server until SIGTERM/SIGINT (or until `stop` is set) and returns after an orderly
 /// drain: every heartbeat already received is made durable and acked before connections close.
 pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeError> {
-    let datadir = DataDir::open_or_create(&cfg.data_dir, cfg.shards as u32).map_err(|source| {
+    let datadir = DataDir::open_for_serve(&cfg.data_dir, cfg.shards as u32).map_err(|source| {
         ServeError::DataDir {
             path: cfg.data_dir.clone(),
             source,
@@ -147,6 +149,7 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         fences,
         sinks,
         shard_count: datadir.shard_count(),
+        router: datadir.router().clone(),
         executors,
         secret,
         executors_ready: AtomicUsize::new(0),
