@@ -212,7 +212,12 @@ pub fn run(req: &Request) -> Result<Outcome, Error> {
             "--shards {to_shards}: {e}; pass a count in that range"
         ))
     })?;
-    if layout.router.as_ref() == Some(&router) {
+    // migrate: any format-2 directory is done; reshard: done if it has the default table for N.
+    let done = match req.shards {
+        None => layout.router.is_some(),
+        Some(_) => layout.router.as_ref() == Some(&router),
+    };
+    if done {
         return Ok(Outcome::Unchanged(match req.shards {
             Some(n) => format!("{shown} already has {n} shards; nothing to do"),
             None => format!("{shown} is already format 2; nothing to do"),
@@ -672,6 +677,27 @@ mod tests {
             .unwrap();
         assert_eq!(c.audit, Some(audit(2)));
         assert!(!root.join(RETIRED_CURSORS_DIR).exists());
+    }
+
+    #[test]
+    fn migrate_leaves_any_format_2_directory_alone() {
+        // migrate on a format-2 directory changes nothing, even one whose table is not the
+        // default (only reshard replaces a table).
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fill(root, 2, 4, 1);
+        let table = Router::from_ranges(2, &[(0, 1), (7, 0)]).unwrap();
+        datadir::write_meta(root, &table, 3).unwrap();
+        let meta = std::fs::read(root.join(META_FILE)).unwrap();
+        let req = Request {
+            root: root.to_path_buf(),
+            shards: None,
+            segment_bytes: None,
+        };
+        assert!(
+            matches!(run(&req).unwrap(), Outcome::Unchanged(m) if m.contains("already format 2"))
+        );
+        assert_eq!(std::fs::read(root.join(META_FILE)).unwrap(), meta);
     }
 
     #[test]
