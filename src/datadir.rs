@@ -224,6 +224,18 @@ fn is_empty_dir(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())
 }
 
+/// An empty directory made for geobeat (`mkdir data`, a test's temporary directory, usually
+/// 0755) becomes private before geobeat writes its first file into it; a non-empty one is left
+/// to [`check_private`], which refuses it if it is open.
+fn make_private_if_new(root: &Path) -> Result<(), DataDirError> {
+    if is_empty_dir(root) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(DIR_MODE))
+            .map_err(|e| io_err("chmod data dir", root, e))?;
+    }
+    Ok(())
+}
+
 /// fsyncs a directory so creations, renames and removals in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), DataDirError> {
     File::open(dir)
@@ -553,6 +565,8 @@ impl DataDir {
                 sync_dir(parent)?;
             }
         }
+        // Before the lock file makes it non-empty.
+        make_private_if_new(&root)?;
         let lock_path = root.join(LOCK_FILE);
         let file = match lock(&root, LockMode::Exclusive)? {
             Some(file) => {
@@ -601,13 +615,7 @@ impl DataDir {
             Router::contiguous(shard_count).map_err(|_| DataDirError::ShardCount(shard_count))?;
         let existed = root.is_dir();
         create_dir_private(&root).map_err(|e| io_err("create data dir", &root, e))?;
-        if existed && is_empty_dir(&root) {
-            // An empty directory made for geobeat (`mkdir data`, usually 0755) becomes private
-            // with its first meta file; a non-empty one is left to `check_private`.
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(DIR_MODE))
-                .map_err(|e| io_err("chmod data dir", &root, e))?;
-        }
+        make_private_if_new(&root)?;
         if !existed {
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
                 sync_dir(parent)?;

@@ -34,9 +34,13 @@ fn the_demo_names_devices_that_exist_and_reports_every_heartbeat_acked() {
     });
     let mut printed = Vec::new();
     let hinted = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no hint from the demo: {printed:?}"));
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
+            let _ = demo.kill();
+            let mut err = String::new();
+            use std::io::Read as _;
+            let _ = demo.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("no hint from the demo: {printed:?}\nstderr: {err}");
+        };
         printed.push(line.clone());
         if let Some(at) = line.find("/v1/devices/") {
             break line[at + "/v1/devices/".len()..].trim().to_string();

@@ -110,10 +110,19 @@ pub(crate) fn sync_dir(shard: ShardId, dir: &Path) -> Result<(), Error> {
 /// fdatasync'ed, so no extent stays "unwritten". ext4 converts unwritten extents to written ones at
 /// sync time, and a device error during that conversion was seen to lose data acknowledged by an
 /// fdatasync that had returned success; written extents leave the later syncs of this file only
-/// data to write. `ftruncate` is never used: it makes a sparse file.
-fn preallocate(file: &File, len: u64) -> io::Result<()> {
+/// data to write. `ftruncate` is never used: it makes a sparse file. Only `from..len` is touched:
+/// bytes before `from` (a short file's existing entries) are kept.
+fn preallocate(file: &File, from: u64, len: u64) -> io::Result<()> {
+    assert!(from <= len, "preallocate {from}..{len}");
     // SAFETY: plain syscall on a valid fd.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            0,
+            from as libc::off_t,
+            (len - from) as libc::off_t,
+        )
+    };
     if rc != 0 {
         let err = io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
@@ -122,7 +131,7 @@ fn preallocate(file: &File, len: u64) -> io::Result<()> {
     }
     use std::os::unix::fs::FileExt;
     let zeros = vec![0u8; SEGMENT_ZERO_FILL_CHUNK_BYTES];
-    let mut at = 0u64;
+    let mut at = from;
     while at < len {
         let n = (len - at).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], at)?;
@@ -144,7 +153,7 @@ pub(crate) fn prepare_spare(dir: &Path, base: u64, bytes: u64) -> io::Result<()>
         .truncate(true)
         .mode(crate::datadir::FILE_MODE)
         .open(&tmp)
-        .and_then(|file| preallocate(&file, bytes));
+        .and_then(|file| preallocate(&file, 0, bytes));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -235,7 +244,7 @@ impl Segment {
         }
         if ready {
             // Zero-filled and synced ahead of time by `prepare_spare`.
-        } else if let Err(source) = preallocate(&file, bytes) {
+        } else if let Err(source) = preallocate(&file, 0, bytes) {
             return Err(if source.raw_os_error() == Some(libc::ENOSPC) {
                 Error::NoSpace {
                     shard,
@@ -330,7 +339,7 @@ impl Segment {
                 segment_bytes = header.segment_bytes,
                 "segment file shorter than its header says; extending with zeros"
             );
-            preallocate(&file, header.segment_bytes)
+            preallocate(&file, file_len, header.segment_bytes)
                 .map_err(|e| io_err(shard, "extend short segment", path, e))?;
         }
         let map = Mapping::map(&file, header.segment_bytes as usize)
