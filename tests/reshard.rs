@@ -26,15 +26,21 @@ fn geobeat(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Copies a fixture data directory, private (0700 / 0600) as `serve` requires: an operator
+/// upgrading a directory written before file modes were checked runs the `chmod -R go-rwx` that
+/// serve's refusal names.
 fn copy_dir(from: &Path, to: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(to).unwrap();
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
         let target = to.join(e.file_name());
         if e.file_type().unwrap().is_dir() {
             copy_dir(&e.path(), &target);
         } else {
-            std::fs::copy(e.path(), target).unwrap();
+            std::fs::copy(e.path(), &target).unwrap();
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
     }
 }
