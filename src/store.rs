@@ -4,10 +4,20 @@
 //! thread may own several stores. It does not decide when to commit or acknowledge (the server's
 //! commit loop drives `commit_begin`/`commit_end` with a `GroupPolicy` and a `Durability`).
 //!
-//! Invariant: the table always equals a replay of the log (every appended entry is in the table,
-//! nothing else is): a heartbeat the table could not take is refused before the log is written.
+//! Retention never loses a last location: before segments below a position B are deleted, the
+//! last entry of every device that lies below B is written to the shard's last-location
+//! checkpoint (`checkpoint`), and reads of a last record fall back to it. Opening loads the
+//! checkpoint into the table, then replays only the log at and after B.
+//!
+//! Invariant: the table always equals the checkpoint's records followed by a replay of the log
+//! from the checkpoint's covered position B (every appended entry is in the table, nothing else
+//! is): a heartbeat the table could not take is refused before the log is written. No segment
+//! below a durable checkpoint's B is ever needed, and none at or above it is ever deleted.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::checkpoint::{self, Builder, Checkpoint, Record};
 
 use crate::limits::{SEGMENT_BYTES_DEFAULT, TABLE_POS_MAX};
 use crate::log::{
@@ -49,6 +59,22 @@ pub enum Error {
     /// The log failed or refused.
     #[error(transparent)]
     Log(#[from] log::Error),
+    /// The last-location checkpoint could not be written, or was refused at open.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
+    /// The checkpoint covers log positions the shard's segments do not reach: segment files
+    /// were removed by something else than retention.
+    #[error("shard {shard}: last-location checkpoint {} covers the log up to {covered}, but the log's segments {what}; segment files were removed by hand: restore them", path.display())]
+    CheckpointGap {
+        /// Shard concerned.
+        shard: ShardId,
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Its covered position.
+        covered: LogPos,
+        /// What is wrong with the segments.
+        what: String,
+    },
     /// The table refused a new device (nothing was written).
     #[error("shard {shard}: {source}")]
     Table {
@@ -77,12 +103,85 @@ pub struct ShardStore {
     table: LastLocationTable,
     /// Spatial index over the table's last locations (keys are table slots).
     grid: Grid,
+    /// The last-location checkpoint: last entries of devices below its covered position, which
+    /// retention may have deleted from the log (`None`: retention never deleted anything).
+    ckpt: Option<Checkpoint>,
+}
+
+/// A last-location checkpoint built in memory, to be written (on any thread, see
+/// [`CheckpointJob::write`]) before retention deletes the segments below its covered position.
+#[derive(Debug)]
+pub struct CheckpointJob {
+    shard: ShardId,
+    dir: PathBuf,
+    covered: LogPos,
+    records: usize,
+    bytes: Vec<u8>,
+    /// Time spent building it (on the caller's thread).
+    pub build_time: Duration,
+}
+
+impl CheckpointJob {
+    /// Writes the file atomically and durably (tmp, fsync, rename, directory fsync). Blocking.
+    pub fn write(&self) -> Result<(), checkpoint::Error> {
+        checkpoint::write_durable(self.shard, &self.dir, &self.bytes)
+    }
+
+    /// The log position the checkpoint covers (segments wholly below it may go once written).
+    pub fn covered(&self) -> LogPos {
+        self.covered
+    }
+
+    /// Records in the checkpoint.
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    /// Bytes of the file.
+    pub fn file_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// What retention has to do next for one store (see [`ShardStore::retention_begin`]).
+#[derive(Debug)]
+pub enum RetentionStep {
+    /// Nothing is expired.
+    Nothing,
+    /// The checkpoint already covers the expired segments: delete below this position
+    /// ([`ShardStore::delete_below`]).
+    Delete(LogPos),
+    /// Write this checkpoint, then hand it to [`ShardStore::retention_end`], which deletes.
+    Checkpoint(CheckpointJob),
 }
 
 impl ShardStore {
     /// Opens the shard, recovering the log and rebuilding the table from it.
     pub fn open(cfg: &StoreConfig) -> Result<(ShardStore, RecoveryReport), Error> {
         let mut table = LastLocationTable::with_capacity(cfg.expected_devices, 24);
+        let table_err_of = |source| Error::Table {
+            shard: cfg.shard,
+            source,
+        };
+        // The checkpoint first: the log replay after it may move devices on.
+        let ckpt = Checkpoint::open(cfg.shard, &cfg.dir, true)?;
+        if let Some(c) = &ckpt {
+            let started = Instant::now();
+            for rec in c.iter() {
+                let hb = rec.entry.hb;
+                let slot = table
+                    .observe(
+                        hb.device_id.as_str(),
+                        &Observation::of_archived(hb, rec.entry.pos),
+                    )
+                    .map_err(table_err_of)?;
+                if rec.head > rec.entry.pos {
+                    table.set_head_at(slot, rec.head).map_err(table_err_of)?;
+                }
+            }
+            tracing::info!(shard = cfg.shard.0, path = %c.path().display(), records = c.len(), covered = c.covered().0, elapsed_ms = started.elapsed().as_millis() as u64, "last-location checkpoint loaded");
+        }
+        let covered = ckpt.as_ref().map_or(LogPos(0), Checkpoint::covered);
         let mut table_err = None;
         let log_cfg = LogConfig {
             dir: cfg.dir.clone(),
@@ -90,7 +189,8 @@ impl ShardStore {
             segment_bytes: cfg.segment_bytes,
         };
         let (log, report) = Log::open(&log_cfg, |pos, e: &Entry<'_>| {
-            if table_err.is_some() {
+            // Below the covered position the checkpoint holds what is still last.
+            if table_err.is_some() || pos < covered {
                 return;
             }
             if let Err(err) = table.observe(
@@ -101,16 +201,39 @@ impl ShardStore {
             }
         })?;
         if let Some(source) = table_err {
-            return Err(Error::Table {
-                shard: cfg.shard,
-                source,
-            });
+            return Err(table_err_of(source));
+        }
+        if let Some(c) = &ckpt {
+            let start = log.first_pos().0 - crate::limits::SEGMENT_HEADER_BYTES as u64;
+            let what = if start > covered.0 {
+                Some(format!("start at {start}"))
+            } else if log.written() < covered {
+                Some(format!("end at {}", log.written()))
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(Error::CheckpointGap {
+                    shard: cfg.shard,
+                    path: c.path().to_path_buf(),
+                    covered,
+                    what,
+                });
+            }
         }
         let mut grid = Grid::new();
         for (slot, _, loc) in table.iter_slots() {
             grid.update(slot.raw(), loc.lat, loc.lon);
         }
-        Ok((ShardStore { log, table, grid }, report))
+        Ok((
+            ShardStore {
+                log,
+                table,
+                grid,
+                ckpt,
+            },
+            report,
+        ))
     }
 
     /// Appends a heartbeat, linking it to the device's previous entry, and updates the table.
@@ -168,10 +291,37 @@ impl ShardStore {
         self.table.get(device_id)
     }
 
-    /// The full record of `device_id`'s last location, from the log (`None` if unknown or its
-    /// segment was deleted by retention).
+    /// The full record of `device_id`'s last location (`None` if unknown): from the log, or from
+    /// the last-location checkpoint once retention deleted its segment.
     pub fn last_record(&self, device_id: &str) -> Option<Entry<'_>> {
-        self.log.read(self.table.get(device_id)?.pos)
+        let pos = self.table.get(device_id)?.pos;
+        self.log
+            .read(pos)
+            .or_else(|| Some(self.ckpt.as_ref()?.get(pos)?.entry))
+    }
+
+    /// The last-location checkpoint, if retention ever wrote one.
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.ckpt.as_ref()
+    }
+
+    /// Calls `f` with every record held only by the last-location checkpoint: the last entries
+    /// (still last: no newer heartbeat superseded them) of devices whose entry the log no longer
+    /// has, in log-position order. A tool that rewrites the log (reshard, migrate) must carry
+    /// these as well as the log's entries, or those devices lose their last location. Each
+    /// record's `entry` is validated; `entry_bytes` are the entry's bytes as the log stored them.
+    pub fn for_each_checkpoint_record(&self, mut f: impl FnMut(&Record<'_>)) {
+        let Some(c) = &self.ckpt else { return };
+        let log_start = self.log.first_pos();
+        for rec in c.iter() {
+            let still_last = self
+                .table
+                .get(rec.entry.hb.device_id.as_str())
+                .is_some_and(|l| l.pos == rec.entry.pos);
+            if still_last && (rec.entry.pos < log_start || self.log.read(rec.entry.pos).is_none()) {
+                f(&rec);
+            }
+        }
     }
 
     /// `device_id`'s entries, most recently appended first (empty if unknown).
@@ -239,14 +389,124 @@ impl ShardStore {
         Ok(self.log.set_consumed(name, upto)?)
     }
 
-    /// See [`Log::delete_expired`]. The table keeps devices whose entries were deleted (their
-    /// `last` stays; `last_record` and older chain links return nothing).
-    pub fn delete_expired(
+    /// Runs retention synchronously on this thread: [`ShardStore::retention_begin`], writing the
+    /// checkpoint if one is needed, then deleting. Returns the number of segments deleted. The
+    /// table keeps every device; last records stay readable (from the checkpoint), older chain
+    /// links in deleted segments are gone.
+    pub fn delete_expired(&mut self, now: SystemTime, retention: Duration) -> Result<usize, Error> {
+        match self.retention_begin(now, retention) {
+            RetentionStep::Nothing => Ok(0),
+            RetentionStep::Delete(end) => self.delete_below(end),
+            RetentionStep::Checkpoint(job) => {
+                let res = job.write();
+                self.retention_end(job, res)
+            }
+        }
+    }
+
+    /// The first step of retention at `now`: what has to happen before expired segments may be
+    /// deleted. Building a checkpoint job copies the last entries below the new log start (from
+    /// the log and the current checkpoint) into memory on this thread; writing it may happen on
+    /// any thread while this store goes on (appends meanwhile only add entries above it, and a
+    /// record they supersede is harmless: the log replay after it wins at open).
+    pub fn retention_begin(&self, now: SystemTime, retention: Duration) -> RetentionStep {
+        let Some(end) = self.log.expired_end(now, retention) else {
+            return RetentionStep::Nothing;
+        };
+        if self.ckpt.as_ref().is_some_and(|c| c.covered() >= end) {
+            return RetentionStep::Delete(end);
+        }
+        RetentionStep::Checkpoint(self.checkpoint_job(end))
+    }
+
+    /// Builds the checkpoint covering positions below `covered`: for every device whose last
+    /// entry lies below it, that entry (from the log, or from the current checkpoint for entries
+    /// already deleted), its position and chain head, sorted by position.
+    pub fn checkpoint_job(&self, covered: LogPos) -> CheckpointJob {
+        let started = Instant::now();
+        let shard = self.log.shard();
+        let mut below: Vec<(u64, u64)> = Vec::new();
+        for (_, loc) in self.table.iter() {
+            if loc.pos < covered {
+                below.push((loc.pos.0, loc.head.0));
+            }
+        }
+        below.sort_unstable();
+        let mut b = Builder::new(shard, covered, below.len(), 128);
+        let old = self.ckpt.as_ref();
+        let old_covered = old.map_or(LogPos(0), Checkpoint::covered);
+        let mut cursor = 0;
+        let mut missing = 0usize;
+        for (pos, head) in below {
+            let pos = LogPos(pos);
+            let bytes = match old {
+                Some(c) if pos < old_covered => c.next_at(&mut cursor, pos),
+                _ => None,
+            }
+            .or_else(|| self.log.read_raw(pos).map(|(_, raw)| raw));
+            match bytes {
+                Some(bytes) => b.push(pos, LogPos(head), bytes),
+                None => missing += 1,
+            }
+        }
+        if missing > 0 {
+            // Only possible for devices whose entry was lost before this store opened (it never
+            // keeps a device it cannot read): they cannot be saved, say so.
+            tracing::warn!(
+                shard = shard.0,
+                devices = missing,
+                "last entries neither in the log nor in the checkpoint; not checkpointed"
+            );
+        }
+        let records = b.len();
+        let bytes = b.finish();
+        CheckpointJob {
+            shard,
+            dir: self.log.dir().to_path_buf(),
+            covered,
+            records,
+            bytes,
+            build_time: started.elapsed(),
+        }
+    }
+
+    /// The last step of retention, once `job` was written with outcome `res`: maps the new
+    /// checkpoint and deletes the segments below its covered position. On a failed write nothing
+    /// is deleted (the error is returned; the next retention run builds a new job).
+    pub fn retention_end(
         &mut self,
-        now: std::time::SystemTime,
-        retention: std::time::Duration,
+        job: CheckpointJob,
+        res: Result<(), checkpoint::Error>,
     ) -> Result<usize, Error> {
-        Ok(self.log.delete_expired(now, retention)?)
+        res?;
+        let shard = self.log.shard();
+        let ckpt =
+            Checkpoint::open(shard, &job.dir, false)?.ok_or_else(|| checkpoint::Error::Io {
+                shard,
+                op: "reopen",
+                path: job.dir.join(checkpoint::CHECKPOINT_FILE),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+        assert_eq!(ckpt.covered(), job.covered, "the checkpoint just written");
+        tracing::info!(
+            shard = shard.0,
+            records = job.records,
+            bytes = job.bytes.len(),
+            covered = job.covered.0,
+            build_ms = job.build_time.as_millis() as u64,
+            "last-location checkpoint written"
+        );
+        self.ckpt = Some(ckpt);
+        self.delete_below(job.covered)
+    }
+
+    /// Deletes the segments wholly below `end`, which the checkpoint must cover.
+    pub fn delete_below(&mut self, end: LogPos) -> Result<usize, Error> {
+        assert!(
+            self.ckpt.as_ref().is_some_and(|c| c.covered() >= end),
+            "segments below {end} deleted without a checkpoint covering them"
+        );
+        Ok(self.log.delete_below(end)?)
     }
 
     /// The last-location table.

@@ -616,6 +616,15 @@ impl Log {
         Self::entry_in(seg, off)
     }
 
+    /// Like [`Log::read`], also returning the entry's bytes exactly as stored (header, payload,
+    /// padding), e.g. to copy them into the last-location checkpoint.
+    pub fn read_raw(&self, pos: LogPos) -> Option<(Entry<'_>, &[u8])> {
+        let e = self.read(pos)?;
+        let seg = &self.segments[self.segment_index(pos.0)?];
+        let off = (pos.0 - seg.base) as usize;
+        Some((e, &seg.data()[off..off + e.len_bytes as usize]))
+    }
+
     /// Walks one device's entries newest first, starting at `head` and following back-pointers
     /// across segments. Stops cleanly at a deleted segment, a damaged entry, or an entry of another
     /// device.
@@ -717,24 +726,42 @@ impl Log {
     /// Deletes sealed segments, oldest first, that were sealed more than `retention` before `now`
     /// (a segment counts as sealed when its successor was created) and that every registered
     /// consumer has consumed completely. Returns the number deleted. The active segment is never
-    /// deleted.
+    /// deleted. (`expired_end` then `delete_below`.)
     pub fn delete_expired(&mut self, now: SystemTime, retention: Duration) -> Result<usize, Error> {
+        match self.expired_end(now, retention) {
+            Some(end) => self.delete_below(end),
+            None => Ok(0),
+        }
+    }
+
+    /// Where the log would start after retention at `now`: the base of the oldest segment
+    /// `delete_expired` would keep, or `None` if it would delete nothing. Deletes nothing.
+    pub fn expired_end(&self, now: SystemTime, retention: Duration) -> Option<LogPos> {
         let now_ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let retention_ms = retention.as_millis().min(i64::MAX as u128) as i64;
-        let mut deleted = 0;
-        while self.segments.len() > 1 {
-            let (old, next) = (&self.segments[0], &self.segments[1]);
-            let sealed_ms = next.created_ms;
-            if now_ms.saturating_sub(sealed_ms) < retention_ms {
+        let mut keep = 0;
+        while keep + 1 < self.segments.len() {
+            let (old, next) = (&self.segments[keep], &self.segments[keep + 1]);
+            if now_ms.saturating_sub(next.created_ms) < retention_ms {
                 break;
             }
             let data_end = LogPos(old.base + old.data_end);
             if self.consumers.iter().any(|c| c.upto < data_end) {
                 break;
             }
-            let path = old.path.clone();
+            keep += 1;
+        }
+        (keep > 0).then(|| LogPos(self.segments[keep].base))
+    }
+
+    /// Deletes the sealed segments that lie wholly below `end` (a segment base), oldest first;
+    /// returns the number deleted. The active segment is never deleted.
+    pub fn delete_below(&mut self, end: LogPos) -> Result<usize, Error> {
+        let mut deleted = 0;
+        while self.segments.len() > 1 && self.segments[0].end() <= end.0 {
+            let path = self.segments[0].path.clone();
             std::fs::remove_file(&path)
                 .map_err(|e| io_err(self.shard, "delete segment", &path, e))?;
             self.segments.pop_front();

@@ -1,0 +1,377 @@
+//! Issue 13 §1: a device's last location outlives retention. Store-level tests (1 MiB segments,
+//! retention of zero, a quiet device while other devices roll segments) check the full record
+//! after retention and after reopening, a crash between the checkpoint write and the deletion, a
+//! late heartbeat arriving after its device's last entry was checkpointed, and that a damaged or
+//! truncated checkpoint is refused naming the file. An end-to-end test reproduces the issue with
+//! the real binary (`--shards 1 --segment-bytes 1MiB --retention 1s`).
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use geobeat::checkpoint::CHECKPOINT_FILE;
+use geobeat::record::Heartbeat;
+use geobeat::route::ShardId;
+use geobeat::server::query::{area, Area};
+use geobeat::store::{RetentionStep, ShardStore, StoreConfig};
+
+const BASE_MS: i64 = 1_800_000_000_000;
+
+fn open(dir: &Path) -> ShardStore {
+    let mut cfg = StoreConfig::new(dir, ShardId(0));
+    cfg.segment_bytes = 1 << 20;
+    ShardStore::open(&cfg).unwrap().0
+}
+
+/// The quiet device's heartbeat, with every optional field.
+fn parked(ts: i64) -> Heartbeat {
+    Heartbeat {
+        device_id: "parked-truck".into(),
+        lat: 48.8566,
+        lon: 2.3522,
+        ts_ms: ts,
+        received_ms: ts + 7,
+        alt_m: Some(35.5),
+        speed_mps: Some(0.25),
+        heading_deg: Some(271.0),
+        acc_m: Some(4.5),
+        attrs: br#"{"fuel":0.42,"door":"locked"}"#.to_vec(),
+    }
+}
+
+fn other(i: u64) -> Heartbeat {
+    Heartbeat {
+        device_id: format!("busy-{}", i % 500),
+        lat: 10.0 + (i % 100) as f64 / 100.0,
+        lon: 20.0,
+        ts_ms: BASE_MS + i as i64,
+        received_ms: BASE_MS + i as i64,
+        attrs: b"{\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}".to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Appends other devices' heartbeats until `segments` more segments were created.
+fn roll(store: &mut ShardStore, from: &mut u64, segments: usize) {
+    let target = store.stats().segments + segments;
+    while store.stats().segments < target {
+        store.append(&other(*from)).unwrap();
+        *from += 1;
+    }
+    store.sync_blocking().unwrap();
+}
+
+fn last_hb(store: &ShardStore, id: &str) -> Option<Heartbeat> {
+    store.last_record(id).map(|e| e.hb.to_owned_heartbeat())
+}
+
+fn near_ids(store: &ShardStore, lat: f64, lon: f64) -> Vec<String> {
+    let q = Area::Near {
+        lat,
+        lon,
+        radius_m: 1000.0,
+    };
+    area(store, &q, 100).into_iter().map(|h| h.id).collect()
+}
+
+#[test]
+fn quiet_device_keeps_its_full_last_location_through_retention_and_reopen() {
+    // parked-truck reports once (every optional field set) and a "mover" twice; other devices
+    // fill several segments; retention of zero deletes every sealed segment. The full record
+    // stays readable, in area queries too, across a second retention run (records carried over
+    // from the previous checkpoint) and after reopening; the mover's newer entry wins over its
+    // checkpointed one.
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let want = parked(BASE_MS);
+    let pos = store.append(&want).unwrap();
+    let mover = |ts: i64, lat: f64| Heartbeat {
+        device_id: "mover".into(),
+        lat,
+        lon: 5.0,
+        ts_ms: ts,
+        received_ms: ts,
+        ..Default::default()
+    };
+    store.append(&mover(BASE_MS, 1.0)).unwrap();
+    let mut n = 0;
+    roll(&mut store, &mut n, 3);
+    let deleted = store
+        .delete_expired(SystemTime::now(), Duration::ZERO)
+        .unwrap();
+    assert!(deleted >= 3, "deleted {deleted}");
+    assert!(store.log().read(pos).is_none(), "the segment is gone");
+    assert_eq!(last_hb(&store, "parked-truck"), Some(want.clone()));
+    assert_eq!(near_ids(&store, 48.8566, 2.3522), vec!["parked-truck"]);
+    let mut only_ckpt = Vec::new();
+    store.for_each_checkpoint_record(|r| only_ckpt.push(r.entry.hb.device_id.to_string()));
+    assert!(only_ckpt.contains(&"parked-truck".to_string()));
+    assert!(only_ckpt.contains(&"mover".to_string()));
+
+    // The mover moves; more segments, a second retention run (carries parked-truck over).
+    store.append(&mover(BASE_MS + 10_000_000, 2.0)).unwrap();
+    roll(&mut store, &mut n, 3);
+    assert!(
+        store
+            .delete_expired(SystemTime::now(), Duration::ZERO)
+            .unwrap()
+            >= 3
+    );
+    assert_eq!(last_hb(&store, "parked-truck"), Some(want.clone()));
+    assert_eq!(last_hb(&store, "mover").unwrap().lat, 2.0);
+    let ckpt = store.checkpoint().unwrap();
+    assert!(ckpt.get(pos).is_some());
+    drop(store);
+
+    let store = open(dir.path());
+    assert_eq!(last_hb(&store, "parked-truck"), Some(want.clone()));
+    assert_eq!(store.last("parked-truck").unwrap().pos, pos);
+    assert_eq!(last_hb(&store, "mover").unwrap().lat, 2.0);
+    assert_eq!(near_ids(&store, 48.8566, 2.3522), vec!["parked-truck"]);
+    assert!(near_ids(&store, 1.0, 5.0).is_empty(), "mover left");
+    assert_eq!(last_hb(&store, "busy-7").unwrap().device_id, "busy-7");
+    assert_eq!(store.table().len(), 502);
+}
+
+#[test]
+fn crash_between_checkpoint_write_and_deletion_recovers_correctly() {
+    // The checkpoint is written but the process dies before deleting segments (the job is never
+    // handed back). Reopening loads the checkpoint and replays only the log after its covered
+    // position: devices moved after the checkpoint keep their newer location, the quiet one its
+    // full record; the next retention run deletes without writing another checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let want = parked(BASE_MS);
+    let mut n = 0;
+    {
+        let mut store = open(dir.path());
+        store.append(&want).unwrap();
+        roll(&mut store, &mut n, 3);
+        let RetentionStep::Checkpoint(job) =
+            store.retention_begin(SystemTime::now(), Duration::ZERO)
+        else {
+            panic!("a checkpoint is due");
+        };
+        job.write().unwrap();
+        // After the checkpoint, busy-3 reports again (newer).
+        store
+            .append(&Heartbeat {
+                lat: -33.0,
+                ts_ms: BASE_MS + 50_000_000,
+                ..other(3)
+            })
+            .unwrap();
+        store.sync_blocking().unwrap();
+        // Crash: the job is dropped, nothing deleted.
+    }
+    let segs_before = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("seg".as_ref()))
+        .count();
+    let mut store = open(dir.path());
+    assert_eq!(store.stats().segments, segs_before);
+    assert_eq!(last_hb(&store, "parked-truck"), Some(want.clone()));
+    assert_eq!(last_hb(&store, "busy-3").unwrap().lat, -33.0);
+    assert_eq!(store.table().len(), 501);
+    match store.retention_begin(SystemTime::now(), Duration::ZERO) {
+        RetentionStep::Delete(end) => assert!(store.delete_below(end).unwrap() >= 3),
+        other => panic!("expected a plain deletion, got {other:?}"),
+    }
+    assert_eq!(last_hb(&store, "parked-truck"), Some(want.clone()));
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(last_hb(&store, "parked-truck"), Some(want));
+    assert_eq!(last_hb(&store, "busy-3").unwrap().lat, -33.0);
+}
+
+#[test]
+fn late_heartbeat_after_the_checkpoint_does_not_move_last() {
+    // parked-truck's last entry (t=1000 s) is checkpointed and its segment deleted; then a late
+    // heartbeat (t=500 s) arrives: it goes to the log and the history, but the last location stays
+    // the checkpointed one, before and after reopening (the replay after the checkpoint applies
+    // the same device-time rule).
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let want = parked(BASE_MS + 1_000_000);
+    store.append(&want).unwrap();
+    let mut n = 0;
+    roll(&mut store, &mut n, 2);
+    assert!(
+        store
+            .delete_expired(SystemTime::now(), Duration::ZERO)
+            .unwrap()
+            >= 2
+    );
+    let late = Heartbeat {
+        lat: 1.0,
+        ts_ms: BASE_MS + 500_000,
+        received_ms: BASE_MS + 2_000_000,
+        ..parked(0)
+    };
+    let late_pos = store.append(&late).unwrap();
+    store.sync_blocking().unwrap();
+    assert_eq!(last_hb(&store, "parked-truck"), Some(want.clone()));
+    assert_eq!(store.last("parked-truck").unwrap().head, late_pos);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(last_hb(&store, "parked-truck"), Some(want));
+    let l = store.last("parked-truck").unwrap();
+    assert_eq!(l.head, late_pos);
+    let hist = geobeat::server::query::history(&store, "parked-truck", i64::MIN, i64::MAX, 10);
+    assert_eq!(hist.unwrap(), vec![late]);
+}
+
+#[test]
+fn damaged_or_truncated_checkpoint_is_refused_naming_the_file() {
+    // A flipped byte anywhere (header, a record, the index) or a truncation makes opening fail
+    // with an error naming the checkpoint file; nothing opens with devices silently missing.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut store = open(dir.path());
+        store.append(&parked(BASE_MS)).unwrap();
+        let mut n = 0;
+        roll(&mut store, &mut n, 2);
+        store
+            .delete_expired(SystemTime::now(), Duration::ZERO)
+            .unwrap();
+    }
+    let path = dir.path().join(CHECKPOINT_FILE);
+    let good = std::fs::read(&path).unwrap();
+    assert!(good.len() > 200);
+    let cases: Vec<(String, Vec<u8>)> = vec![
+        ("header byte".into(), flip(&good, 20)),
+        ("record byte".into(), flip(&good, 64 + 40)),
+        ("index byte".into(), flip(&good, good.len() - 3)),
+        ("truncated".into(), good[..good.len() - 100].to_vec()),
+        ("header only".into(), good[..30].to_vec()),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let mut cfg = StoreConfig::new(dir.path(), ShardId(0));
+        cfg.segment_bytes = 1 << 20;
+        let err = ShardStore::open(&cfg).expect_err(&what).to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("damaged"),
+            "{what}: {err}"
+        );
+    }
+    std::fs::write(&path, &good).unwrap();
+    let store = open(dir.path());
+    assert_eq!(last_hb(&store, "parked-truck"), Some(parked(BASE_MS)));
+}
+
+fn flip(b: &[u8], at: usize) -> Vec<u8> {
+    let mut v = b.to_vec();
+    v[at] ^= 0x40;
+    v
+}
+
+#[test]
+fn server_keeps_the_last_location_of_a_quiet_device_through_retention_and_restart() {
+    // The issue's reproduction against the real binary: one heartbeat (all optional fields) for
+    // parked-truck, then a few MB of heartbeats from other devices so 1 MiB segments roll and the
+    // 1 s retention deletes them (the retention check runs every 5 s). GET answers the full
+    // record, near= finds it, and both still hold after a restart.
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        dir.path(),
+        &[
+            "--shards",
+            "1",
+            "--segment-bytes",
+            "1MiB",
+            "--retention",
+            "1s",
+        ],
+    );
+    let ops = server.token(&["ops"]);
+    let gw = server.token(&["gateway", ""]);
+    let mut ws = ws_connect(&server, &gw).unwrap();
+    let ts = now_ms() - 60_000;
+    ws.send(Message::text(format!(
+        r#"{{"seq":1,"id":"parked-truck","lat":48.8566,"lon":2.3522,"ts":{ts},"alt":35.5,"speed":0.25,"heading":271,"acc":4.5,"attrs":{{"fuel":0.42,"door":"locked"}}}}"#
+    )))
+    .unwrap();
+    assert!(wait_ack(&mut ws, 1).is_empty());
+    let want = last_location(&server, "parked-truck", &ops).expect("stored");
+    assert_eq!(want["alt"], 35.5);
+    assert_eq!(want["attrs"]["door"], "locked");
+    let seg_count = |dir: &Path| {
+        walk(dir)
+            .iter()
+            .filter(|p| p.extension() == Some("seg".as_ref()))
+            .count()
+    };
+    let mut seq = 1u64;
+    let pad = "x".repeat(200);
+    // About 4 MB of other devices' heartbeats.
+    for batch in 0..40 {
+        for i in 0..400u64 {
+            seq += 1;
+            ws.send(Message::text(format!(
+                r#"{{"seq":{seq},"id":"busy-{}","lat":10.5,"lon":20.5,"ts":{},"attrs":{{"pad":"{pad}"}}}}"#,
+                i % 300,
+                ts + batch * 1000 + i as i64
+            )))
+            .unwrap();
+        }
+        assert!(wait_ack(&mut ws, seq).is_empty());
+    }
+    let near = |server: &Server| {
+        let (st, body) = server.get("/v1/devices?near=48.8566,2.3522&radius=500", Some(&ops));
+        assert_eq!(st, 200, "{body}");
+        body
+    };
+    // Wait for retention to delete the first segment (where parked-truck's entry is).
+    let data_dir = dir.path();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let ckpt_exists = || {
+        walk(data_dir)
+            .iter()
+            .any(|p| p.file_name().unwrap() == CHECKPOINT_FILE)
+    };
+    while !ckpt_exists() || first_segment_base(data_dir) == Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not run ({} segments)",
+            seg_count(data_dir)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        last_location(&server, "parked-truck", &ops),
+        Some(want.clone())
+    );
+    assert!(near(&server).contains("parked-truck"));
+    server.sigterm();
+    server.restart();
+    assert_eq!(last_location(&server, "parked-truck", &ops), Some(want));
+    assert!(near(&server).contains("parked-truck"));
+    server.kill9();
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The base position of the oldest segment file in the data directory (names are the base).
+fn first_segment_base(dir: &Path) -> Option<u64> {
+    walk(dir)
+        .iter()
+        .filter(|p| p.extension() == Some("seg".as_ref()))
+        .filter_map(|p| p.file_stem()?.to_str()?.parse::<u64>().ok())
+        .min()
+}
