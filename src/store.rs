@@ -15,6 +15,7 @@
 //! below a durable checkpoint's B is ever needed, and none at or above it is ever deleted.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::checkpoint::{self, Builder, Checkpoint, Record};
@@ -105,26 +106,151 @@ pub struct ShardStore {
     grid: Grid,
     /// The last-location checkpoint: last entries of devices below its covered position, which
     /// retention may have deleted from the log (`None`: retention never deleted anything).
-    ckpt: Option<Checkpoint>,
+    ckpt: Option<Arc<Checkpoint>>,
 }
 
-/// A last-location checkpoint built in memory, to be written (on any thread, see
-/// [`CheckpointJob::write`]) before retention deletes the segments below its covered position.
+/// A last-location checkpoint in the making (see [`ShardStore::retention_begin`]): the positions
+/// of the last entries below its covered position are collected from the table on the store's
+/// thread in slices ([`CheckpointJob::collect_slice`]); the file is then built from the sealed
+/// segments and the previous checkpoint, written and reopened on any thread
+/// ([`CheckpointJob::write`]), and handed back to [`ShardStore::retention_end`].
 #[derive(Debug)]
 pub struct CheckpointJob {
     shard: ShardId,
     dir: PathBuf,
     covered: LogPos,
+    /// The checkpoint this one replaces (records below its covered position come from it).
+    old: Option<Arc<Checkpoint>>,
+    /// Sealed segments holding positions from the old covered position up to `covered`.
+    segments: Vec<(LogPos, PathBuf)>,
+    /// `(last position, chain head)` of every device whose last entry lies below `covered`.
+    below: Vec<(u64, u64)>,
+    /// Next table chunk to collect.
+    next_chunk: usize,
+    /// The written file, reopened (set by `write`).
+    written: Option<Checkpoint>,
     records: usize,
-    bytes: Vec<u8>,
-    /// Time spent building it (on the caller's thread).
+    file_bytes: usize,
+    /// Time spent collecting on the store's thread, over all slices.
+    pub collect_time: Duration,
+    /// Longest single collection slice (what the store's thread is held for at most).
+    pub collect_slice_max: Duration,
+    /// Time spent building the file's bytes (on the writing thread).
     pub build_time: Duration,
+    /// Time spent writing, syncing and reopening the file (on the writing thread).
+    pub write_time: Duration,
 }
 
 impl CheckpointJob {
-    /// Writes the file atomically and durably (tmp, fsync, rename, directory fsync). Blocking.
-    pub fn write(&self) -> Result<(), checkpoint::Error> {
-        checkpoint::write_durable(self.shard, &self.dir, &self.bytes)
+    /// Collects the next slice of the table (one arena chunk, about 1 MiB of records); returns
+    /// true once the whole table was seen. Between slices the store may take appends: they only
+    /// add entries above `covered`, so a device collected before moving on is merely a stale
+    /// record (the log replay after the checkpoint supersedes it at open, and the next
+    /// checkpoint drops it), and a device not yet collected is collected as it is then.
+    pub fn collect_slice(&mut self, store: &ShardStore) -> bool {
+        let started = Instant::now();
+        let table = &store.table;
+        if self.next_chunk < table.chunk_count() {
+            let covered = self.covered;
+            self.below.extend(
+                table
+                    .iter_chunk(self.next_chunk)
+                    .filter(|(_, l)| l.pos < covered)
+                    .map(|(_, l)| (l.pos.0, l.head.0)),
+            );
+            self.next_chunk += 1;
+        }
+        let took = started.elapsed();
+        self.collect_time += took;
+        self.collect_slice_max = self.collect_slice_max.max(took);
+        self.next_chunk >= table.chunk_count()
+    }
+
+    /// Builds the file (records sorted by position, entry bytes copied from the previous
+    /// checkpoint or the sealed segments), writes it atomically and durably (tmp, fsync, rename,
+    /// directory fsync) and reopens it. Blocking; meant for a helper thread.
+    pub fn write(&mut self) -> Result<(), checkpoint::Error> {
+        let started = Instant::now();
+        let bytes = self.build()?;
+        self.build_time = started.elapsed();
+        let started = Instant::now();
+        checkpoint::write_durable(self.shard, &self.dir, &bytes)?;
+        self.file_bytes = bytes.len();
+        drop(bytes);
+        let ckpt = Checkpoint::open(self.shard, &self.dir, false)?.ok_or_else(|| {
+            checkpoint::Error::Io {
+                shard: self.shard,
+                op: "reopen",
+                path: self.dir.join(checkpoint::CHECKPOINT_FILE),
+                source: std::io::ErrorKind::NotFound.into(),
+            }
+        })?;
+        self.written = Some(ckpt);
+        self.write_time = started.elapsed();
+        Ok(())
+    }
+
+    fn build(&mut self) -> Result<Vec<u8>, checkpoint::Error> {
+        self.below.sort_unstable();
+        let mut b = Builder::new(self.shard, self.covered, self.below.len(), 128);
+        let old_covered = self.old.as_ref().map_or(LogPos(0), |c| c.covered());
+        let mut cursor = 0;
+        let mut seg_index = 0;
+        let mut map: Option<memmap2::Mmap> = None;
+        let mut missing = 0usize;
+        for &(pos, head) in &self.below {
+            if let Some(old) = self.old.as_ref().filter(|_| pos < old_covered.0) {
+                if let Some(bytes) = old.next_at(&mut cursor, LogPos(pos)) {
+                    b.push(LogPos(pos), LogPos(head), bytes);
+                    continue;
+                }
+            }
+            while seg_index + 1 < self.segments.len() && self.segments[seg_index + 1].0 .0 <= pos {
+                seg_index += 1;
+                map = None;
+            }
+            let Some((base, path)) = self.segments.get(seg_index).filter(|(b, _)| b.0 <= pos)
+            else {
+                missing += 1;
+                continue;
+            };
+            if map.is_none() {
+                let io = |op| {
+                    let path = path.clone();
+                    let shard = self.shard;
+                    move |source| checkpoint::Error::Io {
+                        shard,
+                        op,
+                        path,
+                        source,
+                    }
+                };
+                let file = std::fs::File::open(path).map_err(io("open sealed segment"))?;
+                // SAFETY: a sealed segment is never written again, and retention deletes it only
+                // after this job is done.
+                map = Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io("mmap"))?);
+            }
+            let data: &[u8] = map.as_ref().expect("mapped above");
+            let off = (pos - base.0) as usize;
+            let entry = (off < data.len() && off % crate::limits::ENTRY_ALIGN_BYTES == 0)
+                .then(|| log::format::parse_entry(data, off).ok())
+                .flatten();
+            match entry {
+                Some(e) => b.push(LogPos(pos), LogPos(head), &data[off..off + e.total_bytes]),
+                None => missing += 1,
+            }
+        }
+        if missing > 0 {
+            // Only possible for devices whose entry was lost before this store opened (it never
+            // keeps a device it cannot read): they cannot be saved, say so.
+            tracing::warn!(
+                shard = self.shard.0,
+                devices = missing,
+                "last entries neither in the log nor in the checkpoint; not checkpointed"
+            );
+        }
+        self.records = b.len();
+        Ok(b.finish())
     }
 
     /// The log position the checkpoint covers (segments wholly below it may go once written).
@@ -132,14 +258,14 @@ impl CheckpointJob {
         self.covered
     }
 
-    /// Records in the checkpoint.
+    /// Records in the checkpoint (once built).
     pub fn records(&self) -> usize {
         self.records
     }
 
-    /// Bytes of the file.
+    /// Bytes of the file (once written).
     pub fn file_bytes(&self) -> usize {
-        self.bytes.len()
+        self.file_bytes
     }
 }
 
@@ -151,7 +277,7 @@ pub enum RetentionStep {
     /// The checkpoint already covers the expired segments: delete below this position
     /// ([`ShardStore::delete_below`]).
     Delete(LogPos),
-    /// Write this checkpoint, then hand it to [`ShardStore::retention_end`], which deletes.
+    /// Collect, write, then hand this checkpoint to [`ShardStore::retention_end`], which deletes.
     Checkpoint(CheckpointJob),
 }
 
@@ -164,7 +290,7 @@ impl ShardStore {
             source,
         };
         // The checkpoint first: the log replay after it may move devices on.
-        let ckpt = Checkpoint::open(cfg.shard, &cfg.dir, true)?;
+        let ckpt = Checkpoint::open(cfg.shard, &cfg.dir, true)?.map(Arc::new);
         if let Some(c) = &ckpt {
             let started = Instant::now();
             for rec in c.iter() {
@@ -181,7 +307,7 @@ impl ShardStore {
             }
             tracing::info!(shard = cfg.shard.0, path = %c.path().display(), records = c.len(), covered = c.covered().0, elapsed_ms = started.elapsed().as_millis() as u64, "last-location checkpoint loaded");
         }
-        let covered = ckpt.as_ref().map_or(LogPos(0), Checkpoint::covered);
+        let covered = ckpt.as_ref().map_or(LogPos(0), |c| c.covered());
         let mut table_err = None;
         let log_cfg = LogConfig {
             dir: cfg.dir.clone(),
@@ -302,7 +428,7 @@ impl ShardStore {
 
     /// The last-location checkpoint, if retention ever wrote one.
     pub fn checkpoint(&self) -> Option<&Checkpoint> {
-        self.ckpt.as_ref()
+        self.ckpt.as_deref()
     }
 
     /// Calls `f` with every record held only by the last-location checkpoint: the last entries
@@ -397,7 +523,8 @@ impl ShardStore {
         match self.retention_begin(now, retention) {
             RetentionStep::Nothing => Ok(0),
             RetentionStep::Delete(end) => self.delete_below(end),
-            RetentionStep::Checkpoint(job) => {
+            RetentionStep::Checkpoint(mut job) => {
+                while !job.collect_slice(self) {}
                 let res = job.write();
                 self.retention_end(job, res)
             }
@@ -405,10 +532,10 @@ impl ShardStore {
     }
 
     /// The first step of retention at `now`: what has to happen before expired segments may be
-    /// deleted. Building a checkpoint job copies the last entries below the new log start (from
-    /// the log and the current checkpoint) into memory on this thread; writing it may happen on
-    /// any thread while this store goes on (appends meanwhile only add entries above it, and a
-    /// record they supersede is harmless: the log replay after it wins at open).
+    /// deleted. A checkpoint job is returned empty: call [`CheckpointJob::collect_slice`] with
+    /// this store until it returns true (the store may take appends between slices), then
+    /// [`CheckpointJob::write`] (any thread), then [`ShardStore::retention_end`]. Only one job
+    /// at a time per store.
     pub fn retention_begin(&self, now: SystemTime, retention: Duration) -> RetentionStep {
         let Some(end) = self.log.expired_end(now, retention) else {
             return RetentionStep::Nothing;
@@ -419,84 +546,55 @@ impl ShardStore {
         RetentionStep::Checkpoint(self.checkpoint_job(end))
     }
 
-    /// Builds the checkpoint covering positions below `covered`: for every device whose last
-    /// entry lies below it, that entry (from the log, or from the current checkpoint for entries
-    /// already deleted), its position and chain head, sorted by position.
+    /// A job for the checkpoint covering positions below `covered` (a segment base at or below
+    /// the log's end): every device whose last entry lies below it, that entry (from the log, or
+    /// from the current checkpoint for entries already deleted), its position and chain head.
     pub fn checkpoint_job(&self, covered: LogPos) -> CheckpointJob {
-        let started = Instant::now();
-        let shard = self.log.shard();
-        let mut below: Vec<(u64, u64)> = Vec::new();
-        for (_, loc) in self.table.iter() {
-            if loc.pos < covered {
-                below.push((loc.pos.0, loc.head.0));
-            }
-        }
-        below.sort_unstable();
-        let mut b = Builder::new(shard, covered, below.len(), 128);
-        let old = self.ckpt.as_ref();
-        let old_covered = old.map_or(LogPos(0), Checkpoint::covered);
-        let mut cursor = 0;
-        let mut missing = 0usize;
-        for (pos, head) in below {
-            let pos = LogPos(pos);
-            let bytes = match old {
-                Some(c) if pos < old_covered => c.next_at(&mut cursor, pos),
-                _ => None,
-            }
-            .or_else(|| self.log.read_raw(pos).map(|(_, raw)| raw));
-            match bytes {
-                Some(bytes) => b.push(pos, LogPos(head), bytes),
-                None => missing += 1,
-            }
-        }
-        if missing > 0 {
-            // Only possible for devices whose entry was lost before this store opened (it never
-            // keeps a device it cannot read): they cannot be saved, say so.
-            tracing::warn!(
-                shard = shard.0,
-                devices = missing,
-                "last entries neither in the log nor in the checkpoint; not checkpointed"
-            );
-        }
-        let records = b.len();
-        let bytes = b.finish();
+        let old_covered = self.ckpt.as_ref().map_or(LogPos(0), |c| c.covered());
         CheckpointJob {
-            shard,
+            shard: self.log.shard(),
             dir: self.log.dir().to_path_buf(),
             covered,
-            records,
-            bytes,
-            build_time: started.elapsed(),
+            old: self.ckpt.clone(),
+            segments: self.log.sealed_files(old_covered, covered),
+            below: Vec::new(),
+            next_chunk: 0,
+            written: None,
+            records: 0,
+            file_bytes: 0,
+            collect_time: Duration::ZERO,
+            collect_slice_max: Duration::ZERO,
+            build_time: Duration::ZERO,
+            write_time: Duration::ZERO,
         }
     }
 
-    /// The last step of retention, once `job` was written with outcome `res`: maps the new
+    /// The last step of retention, once `job` was written with outcome `res`: takes the new
     /// checkpoint and deletes the segments below its covered position. On a failed write nothing
-    /// is deleted (the error is returned; the next retention run builds a new job).
+    /// is deleted (the error is returned; the next retention run starts a new job).
     pub fn retention_end(
         &mut self,
-        job: CheckpointJob,
+        mut job: CheckpointJob,
         res: Result<(), checkpoint::Error>,
     ) -> Result<usize, Error> {
         res?;
-        let shard = self.log.shard();
-        let ckpt =
-            Checkpoint::open(shard, &job.dir, false)?.ok_or_else(|| checkpoint::Error::Io {
-                shard,
-                op: "reopen",
-                path: job.dir.join(checkpoint::CHECKPOINT_FILE),
-                source: std::io::ErrorKind::NotFound.into(),
-            })?;
+        let ckpt = job
+            .written
+            .take()
+            .expect("a job written without error holds its file");
         assert_eq!(ckpt.covered(), job.covered, "the checkpoint just written");
         tracing::info!(
-            shard = shard.0,
+            shard = job.shard.0,
             records = job.records,
-            bytes = job.bytes.len(),
+            bytes = job.file_bytes,
             covered = job.covered.0,
+            collect_ms = job.collect_time.as_millis() as u64,
+            collect_slice_max_us = job.collect_slice_max.as_micros() as u64,
             build_ms = job.build_time.as_millis() as u64,
+            write_ms = job.write_time.as_millis() as u64,
             "last-location checkpoint written"
         );
-        self.ckpt = Some(ckpt);
+        self.ckpt = Some(Arc::new(ckpt));
         self.delete_below(job.covered)
     }
 

@@ -148,11 +148,12 @@ fn crash_between_checkpoint_write_and_deletion_recovers_correctly() {
         let mut store = open(dir.path());
         store.append(&want).unwrap();
         roll(&mut store, &mut n, 3);
-        let RetentionStep::Checkpoint(job) =
+        let RetentionStep::Checkpoint(mut job) =
             store.retention_begin(SystemTime::now(), Duration::ZERO)
         else {
             panic!("a checkpoint is due");
         };
+        while !job.collect_slice(&store) {}
         job.write().unwrap();
         // After the checkpoint, busy-3 reports again (newer).
         store
@@ -348,7 +349,26 @@ fn server_keeps_the_last_location_of_a_quiet_device_through_retention_and_restar
     server.restart();
     assert_eq!(last_location(&server, "parked-truck", &ops), Some(want));
     assert!(near(&server).contains("parked-truck"));
-    server.kill9();
+    server.sigterm();
+
+    // A damaged checkpoint: the server refuses to start, naming the file, and exits non-zero.
+    let ckpt = walk(data_dir)
+        .into_iter()
+        .find(|p| p.file_name().unwrap() == CHECKPOINT_FILE)
+        .unwrap();
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&ckpt, &bytes).unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let args: Vec<&str> = server.args.iter().map(String::as_str).collect();
+    let (status, out) = serve_until_exit(&args, log.path());
+    let status = status.expect("exits on its own");
+    assert!(!status.success());
+    assert!(
+        out.contains(&ckpt.display().to_string()) && out.contains("damaged"),
+        "{out}"
+    );
 }
 
 /// Every file under `dir`.
@@ -374,4 +394,90 @@ fn first_segment_base(dir: &Path) -> Option<u64> {
         .filter(|p| p.extension() == Some("seg".as_ref()))
         .filter_map(|p| p.file_stem()?.to_str()?.parse::<u64>().ok())
         .min()
+}
+
+#[test]
+#[ignore = "benchmark: run in release, see perf/RESULTS.md (Last-location checkpoint)"]
+fn bench_checkpoint_of_a_million_quiet_devices() {
+    // 1M devices, one heartbeat each (a few optional fields, ~40 bytes of attrs), then retention
+    // deletes every sealed segment: prints the time to open the shard from the log alone, the
+    // checkpoint build (on the executor) and write (off it) times, and the time to open the shard
+    // again from the checkpoint plus the short log after it. Every device is checked afterwards.
+    let devices: u64 = std::env::var("CKPT_BENCH_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir =
+        tempfile::tempdir_in(std::env::var("CKPT_BENCH_DIR").unwrap_or("/tmp".into())).unwrap();
+    let cfg = StoreConfig::new(dir.path(), ShardId(0));
+    let hb = |i: u64| Heartbeat {
+        device_id: format!("device-{i:09}"),
+        lat: (i % 180) as f64 - 89.5,
+        lon: (i % 360) as f64 - 179.5,
+        ts_ms: BASE_MS + i as i64,
+        received_ms: BASE_MS + i as i64,
+        speed_mps: Some(3.5),
+        acc_m: Some(5.0),
+        attrs: br#"{"fuel":0.42,"door":"locked","v":17}"#.to_vec(),
+        ..Default::default()
+    };
+    {
+        let (mut store, _) = ShardStore::open(&cfg).unwrap();
+        for i in 0..devices {
+            store.append(&hb(i)).unwrap();
+        }
+        store.sync_blocking().unwrap();
+    }
+    let t = std::time::Instant::now();
+    let (mut store, _) = ShardStore::open(&cfg).unwrap();
+    let open_from_log = t.elapsed();
+    let log_bytes = store.stats().bytes;
+    // Roll once more so every device's entry lies in a sealed segment.
+    let mut n = 0;
+    roll(&mut store, &mut n, 1);
+    let RetentionStep::Checkpoint(mut job) =
+        store.retention_begin(SystemTime::now(), Duration::ZERO)
+    else {
+        panic!("a checkpoint is due");
+    };
+    let mut slices = 0;
+    loop {
+        slices += 1;
+        if job.collect_slice(&store) {
+            break;
+        }
+    }
+    let res = job.write();
+    let (collect, slice_max, build, write) = (
+        job.collect_time,
+        job.collect_slice_max,
+        job.build_time,
+        job.write_time,
+    );
+    let t = std::time::Instant::now();
+    let deleted = store.retention_end(job, res).unwrap();
+    let end = t.elapsed();
+    let (records, file_bytes) = {
+        let c = store.checkpoint().unwrap();
+        (c.len(), c.file_bytes())
+    };
+    drop(store);
+    let t = std::time::Instant::now();
+    let (store, _) = ShardStore::open(&cfg).unwrap();
+    let open_from_ckpt = t.elapsed();
+    assert!(deleted >= 1);
+    assert_eq!(store.table().len() as u64, devices + 500);
+    for i in (0..devices).step_by(9973) {
+        assert_eq!(last_hb(&store, &format!("device-{i:09}")), Some(hb(i)));
+    }
+    println!(
+        "devices={devices} log_bytes={log_bytes} open_from_log_ms={} checkpoint_records={records} checkpoint_bytes={file_bytes} collect_ms={} collect_slices={slices} collect_slice_max_us={} build_ms={} write_fsync_reopen_ms={} end_ms={} segments_deleted={deleted} open_from_checkpoint_ms={}",
+        open_from_log.as_millis(),
+        collect.as_millis(),
+        slice_max.as_micros(),
+        build.as_millis(),
+        write.as_millis(),
+        end.as_millis(),
+        open_from_ckpt.as_millis()
+    );
 }

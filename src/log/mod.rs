@@ -756,6 +756,19 @@ impl Log {
         (keep > 0).then(|| LogPos(self.segments[keep].base))
     }
 
+    /// The files of the sealed segments holding positions in `from..end`: `(base, path)`, oldest
+    /// first. Sealed segments never change, so another thread may map and read them until they
+    /// are deleted.
+    pub fn sealed_files(&self, from: LogPos, end: LogPos) -> Vec<(LogPos, PathBuf)> {
+        let sealed = self.segments.len() - 1;
+        self.segments
+            .iter()
+            .take(sealed)
+            .filter(|s| s.end() > from.0 && s.base < end.0)
+            .map(|s| (LogPos(s.base), s.path.clone()))
+            .collect()
+    }
+
     /// Deletes the sealed segments that lie wholly below `end` (a segment base), oldest first;
     /// returns the number deleted. The active segment is never deleted.
     pub fn delete_below(&mut self, end: LogPos) -> Result<usize, Error> {

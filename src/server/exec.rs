@@ -662,8 +662,9 @@ impl Exec {
     }
 
     /// One retention run for one shard: checkpoints the last locations below the new log start
-    /// (built here, written and fsynced on a helper thread so the executor keeps serving), then
-    /// deletes the expired segments. The store is not borrowed across the wait.
+    /// (positions collected here in slices of one table chunk; the file built, written and
+    /// fsynced on a helper thread so the executor keeps serving), then deletes the expired
+    /// segments. The store is not borrowed across an await.
     async fn retention_step(
         &self,
         slot: &StoreSlot,
@@ -676,7 +677,11 @@ impl Exec {
         match step {
             RetentionStep::Nothing => Ok(0),
             RetentionStep::Delete(end) => slot.store.borrow_mut().delete_below(end),
-            RetentionStep::Checkpoint(job) => {
+            RetentionStep::Checkpoint(mut job) => {
+                // Collect in slices of one table chunk, letting other tasks run in between.
+                while !job.collect_slice(&slot.store.borrow()) {
+                    rt::yield_if_needed().await;
+                }
                 let (tx, rx) = futures_channel::oneshot::channel();
                 let spawned = std::thread::Builder::new()
                     .name("geobeat-ckpt".into())

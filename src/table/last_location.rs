@@ -415,6 +415,19 @@ impl LastLocationTable {
             .map(|rec| (rec_str(rec), rec_location(rec)))
     }
 
+    /// Number of arena chunks (see [`LastLocationTable::iter_chunk`]).
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Iterates the devices of arena chunk `index` (about 1 MiB of records): lets a caller walk
+    /// the table in slices, yielding between them. Devices inserted later land in later chunks.
+    pub fn iter_chunk(&self, index: usize) -> impl Iterator<Item = (&str, LastLocation)> + '_ {
+        self.chunks[index]
+            .records()
+            .map(|rec| (rec_str(rec), rec_location(rec)))
+    }
+
     /// Iterates every device with its slot (in insertion order), e.g. to build side indexes keyed
     /// by slot without a lookup per device.
     pub fn iter_slots(&self) -> impl Iterator<Item = (Slot, &str, LastLocation)> + '_ {
