@@ -114,14 +114,11 @@ impl std::fmt::Debug for Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens `dir`'s checkpoint, if there is one. With `check_records`, every record's entry is
-    /// validated too (CRC, rkyv, record rules); without, only the header and the file CRC are (for
-    /// a file this process has just written from validated entries).
-    pub fn open(
-        shard: ShardId,
-        dir: &Path,
-        check_records: bool,
-    ) -> Result<Option<Checkpoint>, Error> {
+    /// Opens `dir`'s checkpoint, if there is one, checking the header, the CRC over the records
+    /// and index, and the index's order and offsets. Each record's entry is validated (entry CRC,
+    /// rkyv, record rules) when read: [`Checkpoint::iter_checked`] at load refuses the file on the
+    /// first bad one.
+    pub fn open(shard: ShardId, dir: &Path) -> Result<Option<Checkpoint>, Error> {
         let path = dir.join(CHECKPOINT_FILE);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -143,16 +140,11 @@ impl Checkpoint {
             path: path.clone(),
             source,
         })?;
-        let ckpt = Checkpoint::validate(shard, path, map, check_records)?;
+        let ckpt = Checkpoint::validate(shard, path, map)?;
         Ok(Some(ckpt))
     }
 
-    fn validate(
-        shard: ShardId,
-        path: PathBuf,
-        map: Mmap,
-        check_records: bool,
-    ) -> Result<Checkpoint, Error> {
+    fn validate(shard: ShardId, path: PathBuf, map: Mmap) -> Result<Checkpoint, Error> {
         let bad = |reason: String| Error::Corrupt {
             shard,
             path: path.clone(),
@@ -220,11 +212,6 @@ impl Checkpoint {
             prev = Some(pos);
             if u64_at(&ckpt.map, off as usize) != pos {
                 return Err(bad(format!("record {i}: position differs from the index")));
-            }
-            if check_records && ckpt.record_at(off as usize).is_none() {
-                return Err(bad(format!(
-                    "record {i} (log position {pos}): entry fails validation"
-                )));
             }
         }
         Ok(ckpt)
@@ -316,7 +303,22 @@ impl Checkpoint {
         self.map.get(at..(at + total).min(self.index_at))
     }
 
-    /// Iterates the records in position order.
+    /// Iterates the records in position order, validating each entry: a record that fails is
+    /// an error naming the file (and ends the iteration's usefulness: the caller refuses the
+    /// file).
+    pub fn iter_checked(&self) -> impl Iterator<Item = Result<Record<'_>, Error>> + '_ {
+        (0..self.count).map(move |i| {
+            let (pos, off) = self.slot(i);
+            self.record_at(off as usize).ok_or_else(|| Error::Corrupt {
+                shard: self.shard,
+                path: self.path.clone(),
+                reason: format!("record {i} (log position {pos}): entry fails validation"),
+            })
+        })
+    }
+
+    /// Iterates the records in position order (a record failing validation is skipped; see
+    /// [`Checkpoint::iter_checked`]).
     pub fn iter(&self) -> impl Iterator<Item = Record<'_>> + '_ {
         (0..self.count).filter_map(move |i| self.record_at(self.slot(i).1 as usize))
     }

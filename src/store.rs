@@ -123,6 +123,9 @@ pub struct CheckpointJob {
     old: Option<Arc<Checkpoint>>,
     /// Sealed segments holding positions from the old covered position up to `covered`.
     segments: Vec<(LogPos, PathBuf)>,
+    /// Sealed segment files wholly below `covered`: deleted by `write` once the checkpoint is
+    /// durable (the store unmaps them in `retention_end`).
+    delete: Vec<PathBuf>,
     /// `(last position, chain head)` of every device whose last entry lies below `covered`.
     below: Vec<(u64, u64)>,
     /// Next table chunk to collect.
@@ -139,6 +142,8 @@ pub struct CheckpointJob {
     pub build_time: Duration,
     /// Time spent writing, syncing and reopening the file (on the writing thread).
     pub write_time: Duration,
+    /// Time spent deleting the covered segment files (on the writing thread).
+    pub delete_time: Duration,
 }
 
 impl CheckpointJob {
@@ -150,6 +155,10 @@ impl CheckpointJob {
     pub fn collect_slice(&mut self, store: &ShardStore) -> bool {
         let started = Instant::now();
         let table = &store.table;
+        if self.next_chunk == 0 {
+            // At most one record per device: no reallocation (and copy) in a later slice.
+            self.below.reserve(table.len());
+        }
         if self.next_chunk < table.chunk_count() {
             let covered = self.covered;
             self.below.extend(
@@ -177,7 +186,7 @@ impl CheckpointJob {
         checkpoint::write_durable(self.shard, &self.dir, &bytes)?;
         self.file_bytes = bytes.len();
         drop(bytes);
-        let ckpt = Checkpoint::open(self.shard, &self.dir, false)?.ok_or_else(|| {
+        let ckpt = Checkpoint::open(self.shard, &self.dir)?.ok_or_else(|| {
             checkpoint::Error::Io {
                 shard: self.shard,
                 op: "reopen",
@@ -187,6 +196,26 @@ impl CheckpointJob {
         })?;
         self.written = Some(ckpt);
         self.write_time = started.elapsed();
+        // The checkpoint is durable: the segments it covers may go. Oldest first, the directory
+        // synced after each (a gap at recovery would be damage).
+        let started = Instant::now();
+        for path in &self.delete {
+            let io = |op| {
+                let path = path.clone();
+                let shard = self.shard;
+                move |source| checkpoint::Error::Io {
+                    shard,
+                    op,
+                    path,
+                    source,
+                }
+            };
+            std::fs::remove_file(path).map_err(io("delete segment"))?;
+            std::fs::File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("fsync directory after deleting"))?;
+        }
+        self.delete_time = started.elapsed();
         Ok(())
     }
 
@@ -290,10 +319,11 @@ impl ShardStore {
             source,
         };
         // The checkpoint first: the log replay after it may move devices on.
-        let ckpt = Checkpoint::open(cfg.shard, &cfg.dir, true)?.map(Arc::new);
+        let ckpt = Checkpoint::open(cfg.shard, &cfg.dir)?.map(Arc::new);
         if let Some(c) = &ckpt {
             let started = Instant::now();
-            for rec in c.iter() {
+            for rec in c.iter_checked() {
+                let rec = rec?;
                 let hb = rec.entry.hb;
                 let slot = table
                     .observe(
@@ -557,6 +587,13 @@ impl ShardStore {
             covered,
             old: self.ckpt.clone(),
             segments: self.log.sealed_files(old_covered, covered),
+            delete: self
+                .log
+                .sealed_files(LogPos(0), covered)
+                .into_iter()
+                .filter(|(base, _)| self.log.segment_end(*base).is_some_and(|e| e <= covered))
+                .map(|(_, path)| path)
+                .collect(),
             below: Vec::new(),
             next_chunk: 0,
             written: None,
@@ -566,22 +603,28 @@ impl ShardStore {
             collect_slice_max: Duration::ZERO,
             build_time: Duration::ZERO,
             write_time: Duration::ZERO,
+            delete_time: Duration::ZERO,
         }
     }
 
     /// The last step of retention, once `job` was written with outcome `res`: takes the new
-    /// checkpoint and deletes the segments below its covered position. On a failed write nothing
-    /// is deleted (the error is returned; the next retention run starts a new job).
+    /// checkpoint and drops the segments below its covered position (their files were deleted
+    /// by `write`; any left are deleted here). On a failed checkpoint write nothing is deleted
+    /// (the error is returned; the next retention run starts a new job).
     pub fn retention_end(
         &mut self,
         mut job: CheckpointJob,
         res: Result<(), checkpoint::Error>,
     ) -> Result<usize, Error> {
-        res?;
-        let ckpt = job
-            .written
-            .take()
-            .expect("a job written without error holds its file");
+        let Some(ckpt) = job.written.take() else {
+            res?;
+            unreachable!("a job written without error holds its file");
+        };
+        if let Err(e) = res {
+            // The checkpoint is durable but deleting its segments failed: the store deletes what
+            // is left below (and says so if that fails too).
+            tracing::warn!(shard = job.shard.0, error = %e, "deleting covered segments on the checkpoint thread failed");
+        }
         assert_eq!(ckpt.covered(), job.covered, "the checkpoint just written");
         tracing::info!(
             shard = job.shard.0,
@@ -592,6 +635,7 @@ impl ShardStore {
             collect_slice_max_us = job.collect_slice_max.as_micros() as u64,
             build_ms = job.build_time.as_millis() as u64,
             write_ms = job.write_time.as_millis() as u64,
+            delete_ms = job.delete_time.as_millis() as u64,
             "last-location checkpoint written"
         );
         self.ckpt = Some(Arc::new(ckpt));

@@ -769,18 +769,31 @@ impl Log {
             .collect()
     }
 
-    /// Deletes the sealed segments that lie wholly below `end` (a segment base), oldest first;
-    /// returns the number deleted. The active segment is never deleted.
+    /// End position of the segment whose base is `base`, if retained.
+    pub fn segment_end(&self, base: LogPos) -> Option<LogPos> {
+        let s = &self.segments[self.segment_index(base.0)?];
+        (s.base == base.0).then(|| LogPos(s.end()))
+    }
+
+    /// Deletes the sealed segments that lie wholly below `end` (a segment base), oldest first,
+    /// and unmaps them; returns the number dropped. The active segment is never deleted. A file
+    /// already gone was deleted (and its directory synced) by another thread that owned the
+    /// deletion, e.g. the last-location checkpoint writer: it is only unmapped.
     pub fn delete_below(&mut self, end: LogPos) -> Result<usize, Error> {
         let mut deleted = 0;
         while self.segments.len() > 1 && self.segments[0].end() <= end.0 {
             let path = self.segments[0].path.clone();
-            std::fs::remove_file(&path)
-                .map_err(|e| io_err(self.shard, "delete segment", &path, e))?;
+            let removed = match std::fs::remove_file(&path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(io_err(self.shard, "delete segment", &path, e)),
+            };
             self.segments.pop_front();
             // Sync after each deletion: if a crash made a later deletion durable but not an
             // earlier one, recovery would see a gap between segments and treat it as damage.
-            segment::sync_dir(self.shard, &self.dir)?;
+            if removed {
+                segment::sync_dir(self.shard, &self.dir)?;
+            }
             deleted += 1;
             tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
         }
