@@ -186,14 +186,13 @@ impl CheckpointJob {
         checkpoint::write_durable(self.shard, &self.dir, &bytes)?;
         self.file_bytes = bytes.len();
         drop(bytes);
-        let ckpt = Checkpoint::open(self.shard, &self.dir)?.ok_or_else(|| {
-            checkpoint::Error::Io {
+        let ckpt =
+            Checkpoint::open(self.shard, &self.dir)?.ok_or_else(|| checkpoint::Error::Io {
                 shard: self.shard,
                 op: "reopen",
                 path: self.dir.join(checkpoint::CHECKPOINT_FILE),
                 source: std::io::ErrorKind::NotFound.into(),
-            }
-        })?;
+            })?;
         self.written = Some(ckpt);
         self.write_time = started.elapsed();
         // The checkpoint is durable: the segments it covers may go. Oldest first, the directory
@@ -298,6 +297,27 @@ impl CheckpointJob {
     }
 }
 
+/// What one retention run replaced: the deleted segments and the previous checkpoint, still
+/// mapped. Dropping it unmaps them (tens of milliseconds for big resident files: the server drops
+/// it on a helper thread).
+#[derive(Debug)]
+pub struct Retired {
+    segments: log::Retired,
+    checkpoint: Option<Arc<Checkpoint>>,
+}
+
+impl Retired {
+    /// Number of segments deleted.
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether a previous checkpoint was replaced.
+    pub fn replaced_checkpoint(&self) -> bool {
+        self.checkpoint.is_some()
+    }
+}
+
 /// What retention has to do next for one store (see [`ShardStore::retention_begin`]).
 #[derive(Debug)]
 pub enum RetentionStep {
@@ -307,7 +327,7 @@ pub enum RetentionStep {
     /// ([`ShardStore::delete_below`]).
     Delete(LogPos),
     /// Collect, write, then hand this checkpoint to [`ShardStore::retention_end`], which deletes.
-    Checkpoint(CheckpointJob),
+    Checkpoint(Box<CheckpointJob>),
 }
 
 impl ShardStore {
@@ -556,7 +576,7 @@ impl ShardStore {
             RetentionStep::Checkpoint(mut job) => {
                 while !job.collect_slice(self) {}
                 let res = job.write();
-                self.retention_end(job, res)
+                Ok(self.retention_end(job, res)?.segments())
             }
         }
     }
@@ -573,7 +593,7 @@ impl ShardStore {
         if self.ckpt.as_ref().is_some_and(|c| c.covered() >= end) {
             return RetentionStep::Delete(end);
         }
-        RetentionStep::Checkpoint(self.checkpoint_job(end))
+        RetentionStep::Checkpoint(Box::new(self.checkpoint_job(end)))
     }
 
     /// A job for the checkpoint covering positions below `covered` (a segment base at or below
@@ -608,14 +628,15 @@ impl ShardStore {
     }
 
     /// The last step of retention, once `job` was written with outcome `res`: takes the new
-    /// checkpoint and drops the segments below its covered position (their files were deleted
-    /// by `write`; any left are deleted here). On a failed checkpoint write nothing is deleted
-    /// (the error is returned; the next retention run starts a new job).
+    /// checkpoint and takes the segments below its covered position out of the log (their
+    /// files were deleted by `write`; any left are deleted here). What was replaced is returned
+    /// still mapped: drop it where unmapping may take a while. On a failed checkpoint write
+    /// nothing is deleted (the error is returned; the next retention run starts a new job).
     pub fn retention_end(
         &mut self,
-        mut job: CheckpointJob,
+        mut job: Box<CheckpointJob>,
         res: Result<(), checkpoint::Error>,
-    ) -> Result<usize, Error> {
+    ) -> Result<Retired, Error> {
         let Some(ckpt) = job.written.take() else {
             res?;
             unreachable!("a job written without error holds its file");
@@ -638,8 +659,11 @@ impl ShardStore {
             delete_ms = job.delete_time.as_millis() as u64,
             "last-location checkpoint written"
         );
-        self.ckpt = Some(Arc::new(ckpt));
-        self.delete_below(job.covered)
+        let old = self.ckpt.replace(Arc::new(ckpt));
+        Ok(Retired {
+            segments: self.log.retire_below(job.covered)?,
+            checkpoint: old,
+        })
     }
 
     /// Deletes the segments wholly below `end`, which the checkpoint must cover.

@@ -262,7 +262,10 @@ fn damaged_or_truncated_checkpoint_is_refused_naming_the_file() {
         ("truncated".into(), good[..good.len() - 100].to_vec()),
         ("header only".into(), good[..30].to_vec()),
         // A damaged entry whose file CRCs were recomputed: the entry's own CRC catches it.
-        ("entry byte, file CRCs redone".into(), recrc(flip(&good, 64 + 16 + 40))),
+        (
+            "entry byte, file CRCs redone".into(),
+            recrc(flip(&good, 64 + 16 + 40)),
+        ),
     ];
     for (what, bytes) in cases {
         std::fs::write(&path, &bytes).unwrap();
@@ -466,6 +469,17 @@ fn bench_checkpoint_of_a_million_quiet_devices() {
     roll(&mut store, &mut n, 1);
     let second = bench_retention(&mut store);
     drop(store);
+    // Reading the checkpoint alone: open (header, file CRC, index) and validate every record.
+    let t = std::time::Instant::now();
+    let c = geobeat::checkpoint::Checkpoint::open(ShardId(0), dir.path())
+        .unwrap()
+        .unwrap();
+    let ckpt_open = t.elapsed();
+    let t = std::time::Instant::now();
+    let valid = c.iter_checked().filter(|r| r.is_ok()).count();
+    let ckpt_validate = t.elapsed();
+    assert_eq!(valid, c.len());
+    drop(c);
     let t = std::time::Instant::now();
     let (store, _) = ShardStore::open(&cfg).unwrap();
     let open_from_ckpt = t.elapsed();
@@ -474,8 +488,10 @@ fn bench_checkpoint_of_a_million_quiet_devices() {
         assert_eq!(last_hb(&store, &format!("device-{i:09}")), Some(hb(i)));
     }
     println!(
-        "devices={devices} log_bytes={log_bytes} open_from_log_ms={}\nfirst: {first}\nsecond (carried over): {second}\nopen_from_checkpoint_ms={}",
+        "devices={devices} log_bytes={log_bytes} open_from_log_ms={}\nfirst: {first}\nsecond (carried over): {second}\ncheckpoint_open_crc_index_ms={} checkpoint_validate_records_ms={} open_from_checkpoint_ms={}",
         open_from_log.as_millis(),
+        ckpt_open.as_millis(),
+        ckpt_validate.as_millis(),
         open_from_ckpt.as_millis()
     );
 }
@@ -487,13 +503,21 @@ fn bench_retention(store: &mut ShardStore) -> String {
     else {
         panic!("a checkpoint is due");
     };
-    let mut slices = 0;
+    let mut slice_times = Vec::new();
     loop {
-        slices += 1;
-        if job.collect_slice(store) {
+        let t = std::time::Instant::now();
+        let done = job.collect_slice(store);
+        slice_times.push(t.elapsed());
+        if done {
             break;
         }
     }
+    let slowest = (0..slice_times.len())
+        .max_by_key(|&i| slice_times[i])
+        .unwrap_or(0);
+    slice_times.sort();
+    let slices = slice_times.len();
+    let slice_p50 = slice_times[slices / 2];
     let res = job.write();
     let (collect, slice_max, build, write, delete) = (
         job.collect_time,
@@ -503,19 +527,25 @@ fn bench_retention(store: &mut ShardStore) -> String {
         job.delete_time,
     );
     let t = std::time::Instant::now();
-    let deleted = store.retention_end(job, res).unwrap();
+    let retired = store.retention_end(job, res).unwrap();
     let end = t.elapsed();
+    let deleted = retired.segments();
+    let t = std::time::Instant::now();
+    drop(retired);
+    let unmap = t.elapsed();
     assert!(deleted >= 1);
     let c = store.checkpoint().unwrap();
     format!(
-        "records={} bytes={} executor: collect_ms={} slices={slices} slice_max_us={} end_us={}; thread: build_ms={} write_fsync_reopen_ms={} delete_ms={} segments_deleted={deleted}",
+        "records={} bytes={} executor: collect_ms={} slices={slices} slowest_slice={slowest} slice_p50_us={} slice_max_us={} end_us={}; threads: build_ms={} write_fsync_reopen_ms={} delete_ms={} unmap_ms={} segments_deleted={deleted}",
         c.len(),
         c.file_bytes(),
         collect.as_millis(),
+        slice_p50.as_micros(),
         slice_max.as_micros(),
         end.as_micros(),
         build.as_millis(),
         write.as_millis(),
         delete.as_millis(),
+        unmap.as_millis(),
     )
 }

@@ -776,11 +776,21 @@ impl Log {
     }
 
     /// Deletes the sealed segments that lie wholly below `end` (a segment base), oldest first,
-    /// and unmaps them; returns the number dropped. The active segment is never deleted. A file
-    /// already gone was deleted (and its directory synced) by another thread that owned the
-    /// deletion, e.g. the last-location checkpoint writer: it is only unmapped.
+    /// and unmaps them; returns the number deleted. See [`Log::retire_below`].
     pub fn delete_below(&mut self, end: LogPos) -> Result<usize, Error> {
-        let mut deleted = 0;
+        Ok(self.retire_below(end)?.len())
+    }
+
+    /// Deletes the files of the sealed segments that lie wholly below `end` (a segment base),
+    /// oldest first, and takes them out of the log; they stay mapped until the returned
+    /// [`Retired`] is dropped (unmapping a big resident segment takes milliseconds: a caller
+    /// may drop it on another thread). The active segment is never deleted. A file already gone
+    /// was deleted (and its directory synced) by another thread that owned the deletion, e.g.
+    /// the last-location checkpoint writer: it is only taken out.
+    pub fn retire_below(&mut self, end: LogPos) -> Result<Retired, Error> {
+        let mut retired = Retired {
+            segments: Vec::new(),
+        };
         while self.segments.len() > 1 && self.segments[0].end() <= end.0 {
             let path = self.segments[0].path.clone();
             let removed = match std::fs::remove_file(&path) {
@@ -788,16 +798,17 @@ impl Log {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                 Err(e) => return Err(io_err(self.shard, "delete segment", &path, e)),
             };
-            self.segments.pop_front();
+            retired
+                .segments
+                .push(self.segments.pop_front().expect("checked above"));
             // Sync after each deletion: if a crash made a later deletion durable but not an
             // earlier one, recovery would see a gap between segments and treat it as damage.
             if removed {
                 segment::sync_dir(self.shard, &self.dir)?;
             }
-            deleted += 1;
             tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
         }
-        Ok(deleted)
+        Ok(retired)
     }
 
     /// Current counters.
@@ -821,6 +832,32 @@ impl Log {
                 seg.force_dax_for_test();
             }
         }
+    }
+}
+
+/// Segments retention took out of a log, still mapped (see [`Log::retire_below`]); dropping this
+/// unmaps them.
+pub struct Retired {
+    segments: Vec<Segment>,
+}
+
+impl Retired {
+    /// Number of segments.
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Retired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retired")
+            .field("segments", &self.segments.len())
+            .finish()
     }
 }
 

@@ -707,7 +707,16 @@ impl Exec {
                         "writer thread ended without an answer",
                     ));
                 };
-                slot.store.borrow_mut().retention_end(job, res)
+                let retired = slot.store.borrow_mut().retention_end(job, res)?;
+                let n = retired.segments();
+                // Unmapping the replaced files can take tens of milliseconds: not here.
+                let dropper = std::thread::Builder::new()
+                    .name("geobeat-unmap".into())
+                    .spawn(move || drop(retired));
+                if let Err(e) = dropper {
+                    tracing::warn!(shard = %slot.shard, error = %e, "could not unmap retired files on a helper thread; unmapped here");
+                }
+                Ok(n)
             }
         }
     }
