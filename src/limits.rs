@@ -15,6 +15,9 @@ pub const ENTRY_ALIGN_BYTES: usize = 8;
 pub const ENTRY_HEADER_BYTES: usize = 32;
 /// Size of the fixed header at the start of every segment file.
 pub const SEGMENT_HEADER_BYTES: usize = 4096;
+/// Bytes of zeros written per `pwrite` when a new segment is zero-filled (one buffer of this size
+/// per preparation, freed after it).
+pub const SEGMENT_ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
 /// Smallest and largest segment file size accepted by configuration.
 pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
 /// See [`SEGMENT_BYTES_MIN`].
@@ -217,3 +220,8 @@ pub const FENCE_BULK_ENTRIES_MAX: usize = 10_000;
 const _: () = assert!(FENCE_BULK_BODY_BYTES_MAX >= FENCE_BODY_BYTES_MAX);
 const _: () = assert!(FENCE_BULK_BODY_BYTES_MAX <= 1 << 30);
 const _: () = assert!(FENCE_BULK_ENTRIES_MAX >= 1 && FENCE_BULK_ENTRIES_MAX <= FENCES_MAX);
+
+/// How long `geobeat demo`, when stopping, waits for the answers (acks, error frames) to the
+/// heartbeats its fleet sent before it prints its tally; the server's shutdown sends each
+/// connection its final ack well within it.
+pub const DEMO_DRAIN_TIMEOUT_MS: u64 = 2_000;

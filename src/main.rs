@@ -80,7 +80,9 @@ fn main() -> ExitCode {
 }
 
 /// Runs the server in the background, waits until it is healthy, prints what to try, then runs
-/// the simulated fleet until SIGINT/SIGTERM.
+/// the simulated fleet until SIGINT/SIGTERM, and prints what the server answered it (the server's
+/// shutdown sends each connection its final ack). Fails (exit 1) if the server refused any demo
+/// heartbeat.
 fn demo(cfg: ServeConfig, devices: usize, rate_hz: f64) -> Result<(), Box<dyn std::error::Error>> {
     let secret = cfg.load_secret()?;
     let addr = cfg.listen;
@@ -113,18 +115,26 @@ fn demo(cfg: ServeConfig, devices: usize, rate_hz: f64) -> Result<(), Box<dyn st
          data directory: {}\n\n\
          Try:\n  \
          http://{addr}/live?token={ops}   # the live map: open it in a browser\n  \
-         curl -H 'Authorization: Bearer {ops}' http://{addr}/v1/devices/{}00042\n  \
+         curl -H 'Authorization: Bearer {ops}' http://{addr}/v1/devices/{}\n  \
          cargo run --release -- token device my-device --data-dir {}   # a device token of your own\n  \
          curl http://{addr}/healthz\n\n\
          Stop with Ctrl-C.",
         data_dir.display(),
-        geobeat::demo::DEMO_PREFIX,
+        geobeat::demo::hint_device(devices),
         data_dir.display()
     );
     let fleet = geobeat::demo::run_fleet(addr, &secret, devices, rate_hz, &stop);
     stop.store(true, Ordering::Release);
     let served = server.join().map_err(|_| "server thread panicked")?;
-    fleet?;
+    let tally = fleet?;
+    println!("geobeat demo: {tally}");
     served?;
+    if tally.refused_total() > 0 {
+        return Err(format!(
+            "the server refused {} demo heartbeats",
+            tally.refused_total()
+        )
+        .into());
+    }
     Ok(())
 }

@@ -1,7 +1,14 @@
 //! Metrics: per-executor probes the hot path bumps with plain `Cell`s (no atomics, nothing
-//! shared), snapshots that executors hand over on request, and the Prometheus/OpenMetrics text
-//! rendered from those snapshots with prometheus-client at scrape time. It owns metric names,
-//! help texts, labels and histogram bounds; it does not decide when things happen.
+//! shared), snapshots that executors hand over on request, the process's own figures read from
+//! `/proc` at scrape time, and the Prometheus/OpenMetrics text rendered from all of them with
+//! prometheus-client. It owns metric names, help texts, labels and histogram bounds; it does not
+//! decide when things happen, and it does not own the sinks' status rows (the flusher does; a
+//! scrape renders a copy).
+//!
+//! Labels: a series counted by an executor (connections, frames, heartbeats, mesh traffic, ack
+//! latency) carries `executor` (the executor index); a series about a logical shard (its log,
+//! commits, last-location table, sink progress) carries `shard` (the shard number). Executors and
+//! shards are different things: shard `k` lives on executor `k % executors`.
 //!
 //! Invariant: the hot path never touches memory another thread writes. A scrape asks every
 //! executor for a snapshot over the channel mesh (like any query), so collecting metrics costs
@@ -258,8 +265,85 @@ pub struct ProcessInfo {
     pub durability: &'static str,
     /// Client connections open (all kinds, all executors).
     pub connections_total: usize,
-    /// Per sink and shard: unconsumed bytes (filled once sinks exist).
-    pub sink_backlog: Vec<(String, u32, u64)>,
+    /// The sinks' status rows, one per sink and shard (empty without sinks).
+    pub sinks: Vec<crate::flusher::SinkStatus>,
+    /// The process's CPU, memory and file descriptors (`None` where `/proc` is unreadable).
+    pub os: Option<ProcStats>,
+}
+
+/// The standard Prometheus process figures, read from `/proc/self` when scraped.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcStats {
+    /// User plus system CPU time, seconds.
+    pub cpu_s: f64,
+    /// Resident set size, bytes.
+    pub resident_bytes: u64,
+    /// Virtual memory size, bytes.
+    pub virtual_bytes: u64,
+    /// Open file descriptors.
+    pub open_fds: u64,
+    /// The soft limit on open file descriptors.
+    pub max_fds: u64,
+    /// Process start time, seconds since the Unix epoch.
+    pub start_time_s: f64,
+}
+
+impl ProcStats {
+    /// Reads the figures of this process (a few small procfs reads; called once per scrape).
+    pub fn read() -> Option<ProcStats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        // SAFETY: sysconf and getrlimit only read process parameters; `lim` is a valid out
+        // pointer for the duration of the call.
+        let (tick, page, max_fds) = unsafe {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur
+            } else {
+                0
+            };
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+                max,
+            )
+        };
+        let mut s = Self::parse(&stat, &boot, tick, page)?;
+        s.open_fds = open_fds.saturating_sub(1); // read_dir's own descriptor
+        s.max_fds = max_fds;
+        Some(s)
+    }
+
+    /// Parses `/proc/self/stat` and the `btime` line of `/proc/stat` (`tick`: clock ticks per
+    /// second, `page`: page size in bytes); the descriptor figures are left 0.
+    fn parse(stat: &str, proc_stat: &str, tick: i64, page: i64) -> Option<ProcStats> {
+        // Fields after the command name, which is in parentheses and may itself contain spaces
+        // or parentheses: split after its last ')'. `rest[0]` is field 3 (state).
+        let rest: Vec<&str> = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect();
+        let field = |n: usize| -> Option<u64> { rest.get(n - 3)?.parse().ok() };
+        let (tick, page) = (u64::try_from(tick).ok()?, u64::try_from(page).ok()?);
+        if tick == 0 {
+            return None;
+        }
+        let btime: u64 = proc_stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(ProcStats {
+            cpu_s: (field(14)? + field(15)?) as f64 / tick as f64,
+            start_time_s: btime as f64 + field(22)? as f64 / tick as f64,
+            virtual_bytes: field(23)?,
+            resident_bytes: field(24)? * page,
+            open_fds: 0,
+            max_fds: 0,
+        })
+    }
 }
 
 /// The whole exposition, rendered from snapshots.
@@ -273,6 +357,14 @@ type Labels = Vec<(&'static str, String)>;
 
 fn shard_label(n: impl ToString) -> Labels {
     vec![("shard", n.to_string())]
+}
+
+fn executor_label(n: impl ToString) -> Labels {
+    vec![("executor", n.to_string())]
+}
+
+fn sink_labels(row: &crate::flusher::SinkStatus) -> Labels {
+    vec![("sink", row.name.clone()), ("shard", row.shard.to_string())]
 }
 
 impl Exposition {
@@ -289,6 +381,29 @@ impl Exposition {
             ConstCounter::new(*v).encode(me.encode_family(labels)?)?;
         }
         Ok(())
+    }
+
+    fn counter_f64(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        unit: Option<&Unit>,
+        v: f64,
+    ) -> fmt::Result {
+        let me = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
+        ConstCounter::new(v).encode(me)
+    }
+
+    fn gauge_f64(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        v: f64,
+    ) -> fmt::Result {
+        let me = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        ConstGauge::new(v).encode(me)
     }
 
     fn gauge(
@@ -340,7 +455,7 @@ impl prometheus_client::collector::Collector for Exposition {
         let per_exec = |f: &dyn Fn(&ExecSnapshot) -> u64| -> Vec<(Labels, u64)> {
             self.execs
                 .iter()
-                .map(|x| (shard_label(x.executor), f(x)))
+                .map(|x| (executor_label(x.executor), f(x)))
                 .collect()
         };
         let per_shard = |f: &dyn Fn(&ShardSnapshot) -> i64| -> Vec<(Labels, i64)> {
@@ -441,7 +556,7 @@ impl prometheus_client::collector::Collector for Exposition {
             .flat_map(|x| {
                 x.rejected.iter().map(move |(r, n)| {
                     (
-                        vec![("shard", x.executor.to_string()), ("reason", r.clone())],
+                        vec![("executor", x.executor.to_string()), ("reason", r.clone())],
                         *n,
                     )
                 })
@@ -464,7 +579,7 @@ impl prometheus_client::collector::Collector for Exposition {
                     .filter(move |(to, _)| *to != x.executor)
                     .map(move |(to, n)| {
                         (
-                            vec![("shard", x.executor.to_string()), ("to", to.to_string())],
+                            vec![("executor", x.executor.to_string()), ("to", to.to_string())],
                             *n,
                         )
                     })
@@ -493,7 +608,10 @@ impl prometheus_client::collector::Collector for Exposition {
                             .copied()
                             .unwrap_or(0);
                         (
-                            vec![("shard", to.to_string()), ("from", x.executor.to_string())],
+                            vec![
+                                ("executor", to.to_string()),
+                                ("from", x.executor.to_string()),
+                            ],
                             sent.saturating_sub(got) as i64,
                         )
                     })
@@ -502,7 +620,7 @@ impl prometheus_client::collector::Collector for Exposition {
         self.gauge(
             e,
             "geobeat_queue_depth",
-            "Messages waiting in the channel from executor `from` to executor `shard` (occupancy)",
+            "Messages waiting in the channel from executor `from` to executor `executor` (occupancy)",
             &depth,
         )?;
         self.gauge(
@@ -572,7 +690,7 @@ impl prometheus_client::collector::Collector for Exposition {
         let acks: Vec<(Labels, &HistSnap)> = self
             .execs
             .iter()
-            .map(|x| (shard_label(x.executor), &x.ack_latency))
+            .map(|x| (executor_label(x.executor), &x.ack_latency))
             .collect();
         self.histogram(
             e,
@@ -581,23 +699,97 @@ impl prometheus_client::collector::Collector for Exposition {
             Some(&Unit::Seconds),
             &acks,
         )?;
-        let backlog: Vec<(Labels, i64)> = self
-            .process
-            .sink_backlog
-            .iter()
-            .map(|(sink, shard, b)| {
-                (
-                    vec![("sink", sink.clone()), ("shard", shard.to_string())],
-                    *b as i64,
-                )
-            })
-            .collect();
+        let sinks = &self.process.sinks;
+        let per_sink_gauge =
+            |f: &dyn Fn(&crate::flusher::SinkStatus) -> i64| -> Vec<(Labels, i64)> {
+                sinks.iter().map(|r| (sink_labels(r), f(r))).collect()
+            };
+        let per_sink_counter =
+            |f: &dyn Fn(&crate::flusher::SinkStatus) -> u64| -> Vec<(Labels, u64)> {
+                sinks.iter().map(|r| (sink_labels(r), f(r))).collect()
+            };
         self.gauge(
             e,
             "geobeat_sink_backlog_bytes",
-            "Durable log bytes a downstream sink has not consumed yet",
-            &backlog,
+            "Durable log bytes a downstream sink has not consumed yet (its lag)",
+            &per_sink_gauge(&|r| r.lag_bytes as i64),
         )?;
+        self.counter(
+            e,
+            "geobeat_sink_failures",
+            "Failed sink attempts (connection, write or confirmation errors) since the server started",
+            None,
+            &per_sink_counter(&|r| r.errors_total),
+        )?;
+        self.gauge(
+            e,
+            "geobeat_sink_consecutive_failures",
+            "Failed sink attempts since the last one that worked (0: the sink is healthy)",
+            &per_sink_gauge(&|r| i64::from(r.failures)),
+        )?;
+        self.counter(
+            e,
+            "geobeat_sink_rows",
+            "Heartbeats the sink confirmed since the server started",
+            None,
+            &per_sink_counter(&|r| r.rows_total),
+        )?;
+        self.counter(
+            e,
+            "geobeat_sink_skipped",
+            "Log bytes a sink skipped because retention deleted them before it read them",
+            Some(&Unit::Bytes),
+            &per_sink_counter(&|r| r.skipped_bytes),
+        )?;
+        let last_ok: Vec<(Labels, i64)> = sinks
+            .iter()
+            .filter_map(|r| Some((sink_labels(r), r.last_ok_ms? / 1000)))
+            .collect();
+        self.gauge(
+            e,
+            "geobeat_sink_last_success_timestamp_seconds",
+            "When the sink last confirmed a batch or found nothing to do, seconds since the Unix epoch",
+            &last_ok,
+        )?;
+        if let Some(os) = &self.process.os {
+            self.counter_f64(
+                e,
+                "process_cpu",
+                "Total user and system CPU time spent in seconds",
+                Some(&Unit::Seconds),
+                os.cpu_s,
+            )?;
+            self.gauge_f64(
+                e,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                os.resident_bytes as f64,
+            )?;
+            self.gauge_f64(
+                e,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                os.virtual_bytes as f64,
+            )?;
+            self.gauge_f64(
+                e,
+                "process_open_fds",
+                "Number of open file descriptors",
+                os.open_fds as f64,
+            )?;
+            self.gauge_f64(
+                e,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                os.max_fds as f64,
+            )?;
+            self.gauge_f64(
+                e,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                os.start_time_s,
+            )?;
+        }
         Ok(())
     }
 }
@@ -665,20 +857,20 @@ mod tests {
         assert_eq!(s.quantile(1.0), Some(f64::MAX));
     }
 
-    #[test]
-    fn renders_every_family_with_shard_labels() {
-        // A rendered exposition has the promised families, a shard label, and ends with # EOF.
+    fn sample_exposition(sinks: Vec<crate::flusher::SinkStatus>, os: Option<ProcStats>) -> String {
         let probe = ExecProbe::new(2);
         probe.reject("lat_out_of_range");
-        ExecProbe::add(&probe.sent_to[1], 3);
+        ExecProbe::add(&probe.sent_to[0], 3);
+        ExecProbe::add(&probe.accepted, 7);
         probe.ack_latency.observe(0.001);
-        let mut snap = probe.snapshot(0, 5);
+        // Executor 1 owns shard 3 (of 4 on 2 executors): labels must not mix them up.
+        let mut snap = probe.snapshot(1, 5);
         let store = StoreProbe::default();
         store.commit_latency.observe(0.0004);
         store.group_entries.observe(10.0);
         snap.shards.push(ShardSnapshot {
-            shard: 0,
-            executor: 0,
+            shard: 3,
+            executor: 1,
             log_bytes: 1 << 20,
             segments: 1,
             entries: 10,
@@ -691,25 +883,121 @@ mod tests {
             commit_latency: store.commit_latency.snapshot(),
             waiters: 0,
         });
-        let text = render(
-            vec![snap],
+        let mut other = ExecProbe::new(2).snapshot(0, 0);
+        other.received_from = vec![0, 0];
+        render(
+            vec![other, snap],
             ProcessInfo {
                 uptime_s: 3.0,
                 durability: "strict",
                 connections_total: 5,
-                sink_backlog: vec![],
+                sinks,
+                os,
             },
-        );
+        )
+    }
+
+    #[test]
+    fn executor_series_carry_executor_and_shard_series_carry_shard() {
+        // A rendered exposition has the promised families, ends with # EOF, and labels each
+        // series with what it counts: executor 1's counters say executor="1", shard 3's
+        // figures say shard="3" (before, executor counters were labelled shard=<executor>).
+        let text = sample_exposition(vec![], None);
         for family in [
             "geobeat_build_info{version=",
-            "geobeat_heartbeats_rejected_total{shard=\"0\",reason=\"lat_out_of_range\"} 1",
-            "geobeat_commit_latency_seconds_bucket{le=\"0.0005\",shard=\"0\"} 1",
-            "geobeat_queue_depth{shard=\"1\",from=\"0\"} 3",
-            "geobeat_durability_mode{shard=\"0\",sync=\"fdatasync\",ack=\"strict\"} 1",
-            "geobeat_ack_latency_seconds_count{shard=\"0\"} 1",
+            "geobeat_heartbeats_accepted_total{executor=\"1\"} 7",
+            "geobeat_heartbeats_rejected_total{executor=\"1\",reason=\"lat_out_of_range\"} 1",
+            "geobeat_commit_latency_seconds_bucket{le=\"0.0005\",shard=\"3\"} 1",
+            "geobeat_queue_depth{executor=\"0\",from=\"1\"} 3",
+            "geobeat_cross_shard_messages_total{executor=\"1\",to=\"0\"} 3",
+            "geobeat_durability_mode{shard=\"3\",sync=\"fdatasync\",ack=\"strict\"} 1",
+            "geobeat_ack_latency_seconds_count{executor=\"1\"} 1",
+            "geobeat_connections_open{executor=\"1\"} 5",
+            "geobeat_log_bytes{shard=\"3\"} 1048576",
         ] {
             assert!(text.contains(family), "missing {family} in\n{text}");
         }
+        let executor_families = [
+            "geobeat_connections_open",
+            "geobeat_subscribers_connected",
+            "geobeat_subscription_events",
+            "geobeat_frames_in",
+            "geobeat_received",
+            "geobeat_heartbeats_",
+            "geobeat_cross_shard_messages",
+            "geobeat_queue_depth",
+            "geobeat_ack_latency",
+        ];
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            if executor_families.iter().any(|f| line.starts_with(f)) {
+                assert!(
+                    !line.contains("shard="),
+                    "executor series with a shard label: {line}"
+                );
+            }
+        }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn sink_status_and_process_figures_are_exposed() {
+        let row = crate::flusher::SinkStatus {
+            name: "pg".into(),
+            kind: "postgres",
+            shard: 3,
+            cursor: 10,
+            durable: 50,
+            lag_bytes: 40,
+            rows_total: 12,
+            skipped_bytes: 0,
+            failures: 2,
+            errors_total: 5,
+            last_error: Some("connection refused".into()),
+            last_error_ms: Some(1_700_000_001_000),
+            last_ok_ms: Some(1_700_000_000_000),
+        };
+        let os = ProcStats {
+            cpu_s: 1.5,
+            resident_bytes: 4096,
+            virtual_bytes: 8192,
+            open_fds: 9,
+            max_fds: 1024,
+            start_time_s: 1_700_000_000.25,
+        };
+        let text = sample_exposition(vec![row], Some(os));
+        for series in [
+            "geobeat_sink_failures_total{sink=\"pg\",shard=\"3\"} 5",
+            "geobeat_sink_consecutive_failures{sink=\"pg\",shard=\"3\"} 2",
+            "geobeat_sink_rows_total{sink=\"pg\",shard=\"3\"} 12",
+            "geobeat_sink_backlog_bytes{sink=\"pg\",shard=\"3\"} 40",
+            "geobeat_sink_skipped_bytes_total{sink=\"pg\",shard=\"3\"} 0",
+            "geobeat_sink_last_success_timestamp_seconds{sink=\"pg\",shard=\"3\"} 1700000000",
+            "process_cpu_seconds_total 1.5",
+            "process_resident_memory_bytes 4096",
+            "process_open_fds 9",
+            "process_max_fds 1024",
+            "process_start_time_seconds 1700000000.25",
+        ] {
+            assert!(text.contains(series), "missing {series} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn proc_stat_parses_with_a_hostile_command_name() {
+        // The command name may hold spaces and ')': fields are counted after the last ')'.
+        let stat = "4242 (geo) beat x) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 150 0 0 20 0 3 0 \
+                    1000 123456789 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        let proc_stat = "cpu  1 2 3\nbtime 1700000000\nprocesses 9\n";
+        let s = ProcStats::parse(stat, proc_stat, 100, 4096).unwrap();
+        assert_eq!(s.cpu_s, 4.0);
+        assert_eq!(s.start_time_s, 1_700_000_010.0);
+        assert_eq!(s.virtual_bytes, 123_456_789);
+        assert_eq!(s.resident_bytes, 300 * 4096);
+        let live = ProcStats::read().expect("/proc is readable on Linux");
+        assert!(
+            live.open_fds >= 3 && live.max_fds >= live.open_fds,
+            "{live:?}"
+        );
+        assert!(live.resident_bytes > 0 && live.start_time_s > 1_600_000_000.0);
     }
 }

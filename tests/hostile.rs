@@ -272,8 +272,10 @@ fn seq_overflow_is_refused_without_naming_a_seq() {
 #[test]
 fn timestamps_outside_the_window_are_refused() {
     // Policy (docs/PROTOCOL.md): ts within [received - 30 days, received + 10 minutes]. Just
-    // outside either bound, i64::MIN/MAX, a number past i64 and a fraction are refused; just
-    // inside both bounds is accepted. Binary frames follow the same rule.
+    // outside either bound, i64::MIN/MAX, a number past i64 and a fraction are refused; seconds
+    // instead of milliseconds are refused with their own reason; just inside both bounds, and a
+    // whole millisecond written with a zero fraction, are accepted. Binary frames follow the
+    // same rule.
     let (_d, server) = setup(&[]);
     let mut by = Bystander::new(&server);
     let tok = server.token(&["device", "ts"]);
@@ -288,6 +290,8 @@ fn timestamps_outside_the_window_are_refused() {
         ("9223372036854775808".into(), "ts_out_of_range"),
         ("0".into(), "ts_out_of_range"),
         (format!("{now}.5"), "bad_type:ts"),
+        ((now / 1000).to_string(), "ts_in_seconds"),
+        (format!("{now}.0"), ""),
         ((now + 9 * 60_000).to_string(), ""),
         ((now - 29 * day).to_string(), ""),
     ];

@@ -1,6 +1,7 @@
-//! `/metrics` of the real binary: the exposition passes `promtool check metrics`, and a real
+//! `/metrics` of the real binary: the exposition passes `promtool check metrics`, a real
 //! Prometheus server (Debian's `prometheus`, installed by .ci/run) scrapes it and sees the
-//! heartbeats counted per shard.
+//! heartbeats counted, executor series are labelled `executor` and shard series `shard`, and the
+//! process figures and sink failure counters are there.
 
 mod common;
 use common::*;
@@ -31,8 +32,8 @@ fn metrics_pass_promtool_and_count_per_shard() {
     let (st, body) = server.get("/metrics", None);
     assert_eq!(st, 200);
     for family in [
-        "geobeat_heartbeats_accepted_total{shard=",
-        "geobeat_heartbeats_rejected_total{shard=",
+        "geobeat_heartbeats_accepted_total{executor=",
+        "geobeat_heartbeats_rejected_total{executor=",
         "geobeat_ack_latency_seconds_bucket{",
         "geobeat_commit_latency_seconds_bucket{",
         "geobeat_commit_group_entries_bucket{",
@@ -42,7 +43,12 @@ fn metrics_pass_promtool_and_count_per_shard() {
         "geobeat_durability_mode{",
         "geobeat_build_info{",
         "geobeat_uptime_seconds",
-        "geobeat_connections_open{shard=",
+        "geobeat_connections_open{executor=",
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_start_time_seconds ",
     ] {
         assert!(body.contains(family), "missing {family}");
     }
@@ -52,6 +58,10 @@ fn metrics_pass_promtool_and_count_per_shard() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(accepted, 20.0);
+    promtool_check(&body);
+}
+
+fn promtool_check(body: &str) {
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -136,4 +146,99 @@ fn a_real_prometheus_scrapes_geobeat() {
     let _ = prom.kill();
     let _ = prom.wait();
     result.unwrap();
+}
+
+/// The label values of `label` over the samples of `family` in `body`.
+fn label_values(body: &str, family: &str, label: &str) -> std::collections::BTreeSet<String> {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter_map(|l| {
+            let at = l.find(&format!("{label}=\""))? + label.len() + 2;
+            Some(l[at..at + l[at..].find('"')?].to_string())
+        })
+        .collect()
+}
+
+/// The sum of the samples of `family` (exact name, any labels).
+fn sum_of(body: &str, family: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn executor_and_shard_labels_process_figures_and_sink_failures() {
+    // A data directory of 4 shards served by 2 executors: executor series are labelled by
+    // executor index 0..=1, shard series by shard 0..=3. A postgres sink with nothing listening
+    // fails, and the failures show per sink and shard.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("geobeat.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[sinks]]\nname = \"pg\"\nkind = \"postgres\"\nurl = \"postgres://geobeat@{}/geobeat\"\n",
+            free_addr()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    // The shard count is fixed when the directory is created; --shards later sets executors.
+    drop(Server::start(&data, &["--shards", "4"]));
+    let server = Server::start(
+        &data,
+        &["--shards", "2", "--config", &config.display().to_string()],
+    );
+    let gw = server.token(&["gateway", "mx-"]);
+    let mut ws = ws_connect(&server, &gw).unwrap();
+    let t = now_ms();
+    let batch: Vec<String> = (1..=40u64)
+        .map(|i| format!(r#"{{"seq":{i},"id":"mx-{i}","lat":1,"lon":2,"ts":{t}}}"#))
+        .collect();
+    ws.send(Message::text(format!("[{}]", batch.join(","))))
+        .unwrap();
+    assert!(wait_ack(&mut ws, 40).is_empty());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (st, body) = server.get("/metrics", None);
+        assert_eq!(st, 200);
+        if sum_of(&body, "geobeat_sink_failures_total") > 0.0 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no sink failure counted:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let executors = label_values(&body, "geobeat_heartbeats_accepted_total", "executor");
+    let shards = label_values(&body, "geobeat_log_entries", "shard");
+    assert_eq!(shards, ["0", "1", "2", "3"].map(String::from).into());
+    assert_eq!(executors, ["0", "1"].map(String::from).into());
+    assert_eq!(sum_of(&body, "geobeat_heartbeats_accepted_total"), 40.0);
+    assert_eq!(sum_of(&body, "geobeat_log_entries"), 40.0);
+    for family in [
+        "geobeat_heartbeats_accepted_total",
+        "geobeat_connections_open",
+        "geobeat_ack_latency_seconds_count",
+        "geobeat_frames_in_total",
+    ] {
+        assert!(
+            label_values(&body, family, "shard").is_empty(),
+            "{family} is an executor series: no shard label"
+        );
+    }
+    assert_eq!(
+        label_values(&body, "geobeat_sink_failures_total", "shard"),
+        shards,
+        "one failure series per sink and shard"
+    );
+    assert!(sum_of(&body, "geobeat_sink_consecutive_failures") > 0.0);
+    assert_eq!(sum_of(&body, "geobeat_sink_rows_total"), 0.0);
+    assert!(sum_of(&body, "process_cpu_seconds_total") > 0.0);
+    assert!(sum_of(&body, "process_open_fds") >= 3.0);
+    let start = sum_of(&body, "process_start_time_seconds");
+    let now_s = now_ms() as f64 / 1000.0;
+    assert!(start <= now_s && start > now_s - 3600.0, "start {start}");
+    promtool_check(&body);
 }

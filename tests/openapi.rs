@@ -158,3 +158,32 @@ fn every_documented_operation_answers_as_documented() {
         );
     }
 }
+
+#[test]
+fn area_rows_are_documented_with_the_device_fields() {
+    // The AreaHit schema lists every property of the Heartbeat schema (the device endpoint's
+    // body) as the same property, with the same required ones; a real area row carries the
+    // optional field the device sent, as the device endpoint does.
+    let doc: Value = serde_json::from_str(geobeat::server::http::OPENAPI_JSON).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let (hb, area) = (&schemas["Heartbeat"], &schemas["AreaHit"]);
+    assert_eq!(hb["required"], area["required"]);
+    for (name, prop) in hb["properties"].as_object().unwrap() {
+        assert_eq!(&area["properties"][name], prop, "AreaHit.{name}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let ops = server.token(&["ops"]);
+    let mut ws = ws_connect(&server, &server.token(&["device", "oa-2"])).unwrap();
+    ws.send(Message::text(
+        r#"{"seq":1,"lat":52.5,"lon":13.4,"ts":TS,"speed":3.5}"#
+            .replace("TS", &now_ms().to_string()),
+    ))
+    .unwrap();
+    assert!(wait_ack(&mut ws, 1).is_empty());
+    let (st, body) = server.get("/v1/devices?bbox=13,52,14,53", Some(&ops));
+    assert_eq!(st, 200);
+    let rows: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(rows[0]["speed"], 3.5, "{body}");
+    assert!(rows[0]["received_at"].is_i64(), "{body}");
+}

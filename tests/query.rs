@@ -202,3 +202,123 @@ fn oversized_requests_get_the_matching_4xx() {
     assert_eq!(raw_http(server.addr, smuggle.as_bytes()).unwrap().0, 400);
     assert_eq!(server.get("/healthz", None).0, 200);
 }
+
+#[test]
+fn area_results_carry_the_fields_of_the_device_endpoint() {
+    // An area row is the device's `GET /v1/devices/{id}` body (received_at and the optional
+    // fields it was sent with) plus distance_m for near queries, across both shards.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let gw = server.token(&["gateway", "f-"]);
+    let ops = server.token(&["ops"]);
+    let mut ws = ws_connect(&server, &gw).unwrap();
+    let t = now_ms();
+    let frame = format!(
+        r#"[{{"seq":1,"id":"f-full","lat":10.0,"lon":20.0,"ts":{t},"alt":34.5,"speed":3.5,"heading":271,"acc":4,"attrs":{{"fuel":0.5}}}},
+            {{"seq":2,"id":"f-bare","lat":10.001,"lon":20.001,"ts":{t}}},
+            {{"seq":3,"id":"f-two","lat":10.002,"lon":20.002,"ts":{t},"speed":1}}]"#
+    );
+    ws.send(Message::text(frame)).unwrap();
+    assert!(wait_ack(&mut ws, 3).is_empty());
+    for query in ["bbox=19,9,21,11", "near=10,20&radius=5000"] {
+        let (st, body) = server.get(&format!("/v1/devices?{query}"), Some(&ops));
+        assert_eq!(st, 200, "{body}");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        assert_eq!(rows.len(), 3, "{body}");
+        for mut row in rows {
+            let id = row["id"].as_str().unwrap().to_string();
+            let near = query.starts_with("near");
+            let distance = row.as_object_mut().unwrap().remove("distance_m");
+            assert_eq!(distance.is_some(), near, "{query}: {body}");
+            let single = last_location(&server, &id, &ops).expect("the device endpoint knows it");
+            assert_eq!(
+                row, single,
+                "{query}: area row of {id} differs from its device body"
+            );
+        }
+    }
+    let (_, body) = server.get("/v1/devices?bbox=19,9,21,11", Some(&ops));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(rows[1]["id"], "f-full", "{body}");
+    assert_eq!(rows[1]["received_at"].as_i64().map(|r| r >= t), Some(true));
+    assert_eq!(rows[1]["heading"], 271.0);
+    assert_eq!(rows[1]["attrs"]["fuel"], 0.5);
+}
+
+#[test]
+fn an_area_row_whose_record_retention_deleted_keeps_every_field() {
+    // Device `r-old` sends once (with speed), then other devices fill the 1 MiB segment so it
+    // is sealed, and the 1 s retention deletes it. The area answer still lists `r-old` with every
+    // field it sent, read from the last-location checkpoint (issue 13 §1), and agrees with the
+    // device endpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--shards",
+            "1",
+            "--segment-bytes",
+            "1MiB",
+            "--retention",
+            "1s",
+        ],
+    );
+    let gw = server.token(&["gateway", "r-"]);
+    let ops = server.token(&["ops"]);
+    let mut ws = ws_connect(&server, &gw).unwrap();
+    let t = now_ms();
+    ws.send(Message::text(format!(
+        r#"{{"seq":1,"id":"r-old","lat":30.0,"lon":30.0,"ts":{t},"speed":2.5}}"#
+    )))
+    .unwrap();
+    let mut seq = 1u64;
+    // 8,000 entries of ~200 bytes: past one 1 MiB segment, in frames under the 64 KiB limit.
+    for _ in 0..40 {
+        let batch: Vec<String> = (0..200)
+            .map(|i| {
+                seq += 1;
+                format!(
+                    r#"{{"seq":{seq},"id":"r-fill-{i}","lat":-30.0,"lon":-30.0,"ts":{t},"attrs":{{"pad":"{}"}}}}"#,
+                    "x".repeat(100)
+                )
+            })
+            .collect();
+        ws.send(Message::text(format!("[{}]", batch.join(","))))
+            .unwrap();
+    }
+    assert!(wait_ack(&mut ws, seq).is_empty());
+    // Retention deleted the first segment once the oldest segment file no longer starts at 0.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    fn has_first_segment(dir: &std::path::Path) -> bool {
+        std::fs::read_dir(dir).unwrap().flatten().any(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                has_first_segment(&p)
+            } else {
+                e.file_name() == "00000000000000000000.seg"
+            }
+        })
+    }
+    while has_first_segment(dir.path()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention never deleted r-old's segment"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let (st, body) = server.get("/v1/devices?bbox=29,29,31,31", Some(&ops));
+    assert_eq!(st, 200, "{body}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(rows.len(), 1, "{body}");
+    let row = rows[0].clone();
+    assert_eq!(row["id"], "r-old");
+    assert_eq!(
+        (row["lat"].as_f64(), row["lon"].as_f64()),
+        (Some(30.0), Some(30.0))
+    );
+    assert_eq!(row["ts"].as_i64(), Some(t));
+    assert!(row["received_at"].as_i64().is_some_and(|r| r >= t), "{row}");
+    assert_eq!(row["speed"].as_f64(), Some(2.5), "{row}");
+    let single = last_location(&server, "r-old", &ops).expect("r-old still answers");
+    assert_eq!(row, single, "area row and device body disagree");
+}

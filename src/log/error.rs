@@ -51,8 +51,19 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
-    /// An earlier sync failed; the log refuses all appends and commits until reopened.
-    #[error("shard {shard}: log poisoned by an earlier failed sync; reopen the shard to recover")]
+    /// The shard directory was removed or replaced while the log was open (its `LOCK` file is no
+    /// longer the one this process holds): new data would go to files nobody can find after a
+    /// restart. The log is now poisoned, like after a failed sync.
+    #[error("shard {shard}: shard directory {} was removed or replaced while in use; log poisoned (restore the data directory and restart)", path.display())]
+    DirectoryGone {
+        /// Shard whose directory vanished.
+        shard: ShardId,
+        /// The shard directory.
+        path: PathBuf,
+    },
+    /// An earlier sync failed (or the directory vanished); the log refuses all appends and commits
+    /// until reopened.
+    #[error("shard {shard}: log poisoned by an earlier failure (failed sync or shard directory removed); reopen the shard to recover")]
     Poisoned {
         /// Shard whose log is poisoned.
         shard: ShardId,

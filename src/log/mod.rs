@@ -214,6 +214,67 @@ pub struct Log {
     consumers: Vec<Consumer>,
     /// Holds the shard directory's flock for the life of the log.
     _lock: File,
+    /// `(st_dev, st_ino)` of the lock file this log holds: if `<dir>/LOCK` stops naming this file,
+    /// the directory was removed or replaced under us (checked at every commit).
+    lock_identity: (u64, u64),
+    /// The next segment, being zero-filled on a helper thread while the active one fills up.
+    spare: Option<Spare>,
+}
+
+/// A segment file prepared ahead of its rollover by a helper thread (`segment::prepare_spare`).
+struct Spare {
+    /// Base position the file is prepared for (the active segment's end when it was started).
+    base: u64,
+    /// Its size.
+    bytes: u64,
+    /// The preparing thread; its result says whether `<base>.seg.tmp` is ready.
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // A spare still being written belongs to this directory: let it finish (a leftover
+        // `.seg.tmp` is deleted at the next open anyway).
+        if let Some(spare) = self.spare.take() {
+            let _ = spare.thread.join();
+        }
+    }
+}
+
+/// Starts zero-filling `<dir>/<base>.seg.tmp` on a helper thread. The thread may run on any core
+/// (the shard's executor is pinned to one; the copy of zeros should not compete with it there).
+fn spawn_spare(shard: ShardId, dir: &Path, base: u64, bytes: u64) -> Option<Spare> {
+    let dir = dir.to_path_buf();
+    let thread = std::thread::Builder::new()
+        .name(format!("geobeat-spare-{}", shard.0))
+        .spawn(move || {
+            unpin_current_thread();
+            segment::prepare_spare(&dir, base, bytes)
+        });
+    match thread {
+        Ok(thread) => Some(Spare {
+            base,
+            bytes,
+            thread,
+        }),
+        Err(e) => {
+            // No thread: the next rollover zero-fills inline instead.
+            tracing::warn!(shard = shard.0, error = %e, "could not start the spare segment thread");
+            None
+        }
+    }
+}
+
+/// Lets the calling thread run on every CPU (threads inherit their creator's affinity).
+fn unpin_current_thread() {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: `cpu` is below CPU_SETSIZE and `set` is a valid cpu_set_t.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: a valid set for the calling thread (pid 0); failure just leaves the affinity as is.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
 }
 
 impl std::fmt::Debug for Log {
@@ -262,6 +323,13 @@ fn io_err(shard: ShardId, op: &'static str, path: &Path, source: std::io::Error)
 /// Name of the lock file inside a shard directory.
 pub const LOCK_FILE: &str = "LOCK";
 
+/// `(st_dev, st_ino)` of an open file.
+fn file_identity(file: &File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    Ok((meta.dev(), meta.ino()))
+}
+
 fn lock_dir(shard: ShardId, dir: &Path) -> Result<File, Error> {
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
@@ -303,6 +371,8 @@ impl Log {
             }
         }
         let lock = lock_dir(shard, &dir)?;
+        let lock_identity = file_identity(&lock)
+            .map_err(|e| io_err(shard, "stat lock file", &dir.join(LOCK_FILE), e))?;
         let recovered = recovery::recover(shard, &dir, on_entry)?;
         let mut segments = recovered.segments;
         let report = recovered.report;
@@ -315,6 +385,7 @@ impl Log {
                 cfg.segment_bytes,
                 next_seq,
                 now_ms(),
+                false,
             )?);
         }
         let last_index = segments.len() - 1;
@@ -355,7 +426,11 @@ impl Log {
             arena: Arena::new(),
             consumers: Vec::new(),
             _lock: lock,
+            lock_identity,
+            spare: None,
         };
+        let mut log = log;
+        log.spare = spawn_spare(shard, &log.dir, log.active().end(), log.segment_bytes);
         Ok((log, report))
     }
 
@@ -487,6 +562,7 @@ impl Log {
             self.durable = self.durable.max(old.base + old.data_end);
         }
         let base = old.end();
+        let prepared = self.take_spare(base)?;
         let new = Segment::create(
             &self.dir,
             shard,
@@ -494,6 +570,7 @@ impl Log {
             self.segment_bytes,
             self.next_seq,
             now_ms(),
+            prepared,
         )?;
         tracing::debug!(shard = shard.0, base, mode = %new.mode(), "new log segment");
         let old = self
@@ -502,7 +579,33 @@ impl Log {
             .expect("a log always has a segment");
         old.file = None;
         self.segments.push_back(new);
+        self.spare = spawn_spare(shard, &self.dir, self.active().end(), self.segment_bytes);
         Ok(())
+    }
+
+    /// Waits for the spare segment (normally long finished: it had a whole segment's worth of
+    /// appends to get ready) and says whether `<base>.seg.tmp` is prepared for this rollover.
+    /// A spare that ran out of space is [`Error::NoSpace`], like an inline preallocation.
+    fn take_spare(&mut self, base: u64) -> Result<bool, Error> {
+        let Some(spare) = self.spare.take() else {
+            return Ok(false);
+        };
+        let fits = spare.base == base && spare.bytes == self.segment_bytes;
+        match spare.thread.join() {
+            Ok(Ok(())) if fits => Ok(true),
+            Ok(Ok(())) => Ok(false),
+            Ok(Err(source)) if source.raw_os_error() == Some(libc::ENOSPC) => Err(Error::NoSpace {
+                shard: self.shard,
+                path: self.dir.join(format::segment_file_name(spare.base)),
+                bytes: spare.bytes,
+                source,
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(shard = self.shard.0, error = %e, "preparing the spare segment failed; zero-filling inline");
+                Ok(false)
+            }
+            Err(_) => Ok(false),
+        }
     }
 
     /// Starts a commit of everything written so far. DAX segments are flushed inline; for the
@@ -534,6 +637,7 @@ impl Log {
             }
         }
         if files.is_empty() {
+            self.check_directory()?;
             self.durable = self.written;
             return Ok(Commit::Done(LogPos(self.durable)));
         }
@@ -572,8 +676,32 @@ impl Log {
                 source,
             });
         }
+        self.check_directory()?;
         self.durable = self.durable.max(job.target.0);
         Ok(LogPos(self.durable))
+    }
+
+    /// Checks that the shard directory is still the one this log opened (its `LOCK` file is the
+    /// one this process holds). A synced file in a removed directory is durable nowhere a restart
+    /// would look, so if the directory was removed or replaced the log is poisoned and nothing
+    /// more is reported durable: one `stat` per commit.
+    /// See: issue 20 §1 (`rm -rf` of the data directory while serving).
+    fn check_directory(&mut self) -> Result<(), Error> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.join(LOCK_FILE);
+        let same = match std::fs::metadata(&path) {
+            Ok(m) => (m.dev(), m.ino()) == self.lock_identity,
+            Err(_) => false,
+        };
+        if same {
+            return Ok(());
+        }
+        self.poisoned = true;
+        tracing::error!(shard = self.shard.0, dir = %self.dir.display(), "shard directory removed or replaced while in use; log poisoned, no more acknowledgements");
+        Err(Error::DirectoryGone {
+            shard: self.shard,
+            path: self.dir.clone(),
+        })
     }
 
     /// Commits synchronously on this thread (`commit_begin`, `fdatasync`, `commit_end`): for tests

@@ -1,11 +1,14 @@
-//! One segment file of a shard log: creating it (preallocated with `fallocate`, header written and
-//! synced, then atomically renamed into place), opening an existing one, its shared mapping (DAX or
-//! ordinary), and making byte ranges of it durable. It does not decide where entries go, roll over,
-//! or judge damage: that is `Log` and `recovery`.
+//! One segment file of a shard log: preparing it (preallocated with `fallocate`, then every byte
+//! written with zeros and synced, possibly ahead of time on a helper thread), creating it (header
+//! written and synced, then atomically renamed into place), opening an existing one, its shared
+//! mapping (DAX or ordinary), and making byte ranges of it durable. It does not decide where
+//! entries go, roll over, or judge damage: that is `Log` and `recovery`.
 //!
 //! Invariant: a file named `<base>.seg` always has a complete, synced header and is fully
-//! allocated, so writing through the mapping can never fault for lack of space (a sparse file
-//! would SIGBUS on ENOSPC); a segment being created lives under a `.seg.tmp` name until then.
+//! allocated *and written* (no unwritten extents), so writing through the mapping can never fault
+//! for lack of space (a sparse file would SIGBUS on ENOSPC) and an fdatasync of it never depends on
+//! converting unwritten extents (which ext4 may fail after reporting success, losing acknowledged
+//! data; see issue 20 §2); a segment being created lives under a `.seg.tmp` name until then.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -20,7 +23,7 @@ use super::format::{
     segment_file_name, HeaderFault, SegmentHeader, SEGMENT_SUFFIX, SEGMENT_TMP_SUFFIX,
 };
 use super::SyncMode;
-use crate::limits::SEGMENT_HEADER_BYTES;
+use crate::limits::{SEGMENT_HEADER_BYTES, SEGMENT_ZERO_FILL_CHUNK_BYTES};
 use crate::route::ShardId;
 
 /// The mapping of a segment: DAX (flush with cache-line write-backs) or ordinary (fdatasync).
@@ -100,34 +103,68 @@ pub(crate) fn sync_dir(shard: ShardId, dir: &Path) -> Result<(), Error> {
         .map_err(|e| io_err(shard, "fsync directory", dir, e))
 }
 
-/// Allocates `len` bytes of `file` for real. `fallocate` (mode 0) reserves blocks so later writes
-/// through the mapping cannot hit ENOSPC; where the file system has no fallocate, zeros are written
-/// instead (same guarantee, slower). `ftruncate` is never used: it makes a sparse file.
+/// Allocates `len` bytes of `file` for real and writes them: `fallocate` (mode 0) reserves the
+/// blocks first (fails fast with ENOSPC, and gives the file system the whole extent at once; where
+/// it has no fallocate this step is skipped), then every byte is written with zeros and the file is
+/// fdatasync'ed, so no extent stays "unwritten". ext4 converts unwritten extents to written ones at
+/// sync time, and a device error during that conversion was seen to lose data acknowledged by an
+/// fdatasync that had returned success; written extents leave the later syncs of this file only
+/// data to write. `ftruncate` is never used: it makes a sparse file.
 fn preallocate(file: &File, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(err);
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(err);
+        }
     }
     use std::os::unix::fs::FileExt;
-    let zeros = vec![0u8; 1 << 20];
+    let zeros = vec![0u8; SEGMENT_ZERO_FILL_CHUNK_BYTES];
     let mut at = 0u64;
     while at < len {
         let n = (len - at).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], at)?;
         at += n as u64;
     }
-    Ok(())
+    file.sync_data()
+}
+
+/// Prepares `<dir>/<base>.seg.tmp` ahead of use: created, preallocated, zero-filled and synced
+/// (see [`preallocate`]), without a header. Meant for a helper thread, so the shard's executor
+/// never writes a whole segment of zeros on the ack path; [`Segment::create`] with
+/// `prepared = true` then only writes the header and renames. On failure the file is removed.
+pub(crate) fn prepare_spare(dir: &Path, base: u64, bytes: u64) -> io::Result<()> {
+    let tmp = tmp_path(dir, base);
+    let result = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .and_then(|file| preallocate(&file, bytes));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `<dir>/<base>.seg.tmp`: where a segment lives until its header is synced.
+pub(crate) fn tmp_path(dir: &Path, base: u64) -> PathBuf {
+    let name = segment_file_name(base);
+    let stem = name
+        .strip_suffix(SEGMENT_SUFFIX)
+        .expect("segment names end in .seg");
+    dir.join(format!("{stem}{SEGMENT_TMP_SUFFIX}"))
 }
 
 impl Segment {
-    /// Creates `<dir>/<base>.seg`: a `.seg.tmp` file is preallocated, mapped, given its header and
-    /// synced, then renamed into place and the directory synced. On any failure the temporary file
-    /// is removed and nothing else changed; ENOSPC is reported as [`Error::NoSpace`].
+    /// Creates `<dir>/<base>.seg`: a `.seg.tmp` file is preallocated and zero-filled (unless
+    /// `prepared`: [`prepare_spare`] already did that for this base and size), mapped, given its
+    /// header and synced, then renamed into place and the directory synced. On any failure the
+    /// temporary file is removed and nothing else changed; ENOSPC is reported as
+    /// [`Error::NoSpace`].
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         dir: &Path,
         shard: ShardId,
@@ -135,17 +172,13 @@ impl Segment {
         bytes: u64,
         first_seq: u64,
         created_ms: i64,
+        prepared: bool,
     ) -> Result<Segment, Error> {
         let path = dir.join(segment_file_name(base));
-        let tmp = dir.join(format!(
-            "{}{}",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
-                .expect("segment names end in .seg"),
-            SEGMENT_TMP_SUFFIX
-        ));
-        let result = Self::create_at(&tmp, &path, dir, shard, base, bytes, first_seq, created_ms);
+        let tmp = tmp_path(dir, base);
+        let result = Self::create_at(
+            &tmp, &path, dir, shard, base, bytes, first_seq, created_ms, prepared,
+        );
         match result {
             Ok(seg) => Ok(seg),
             Err(err) => {
@@ -177,15 +210,29 @@ impl Segment {
         bytes: u64,
         first_seq: u64,
         created_ms: i64,
+        prepared: bool,
     ) -> Result<Segment, Error> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(!prepared)
             .open(tmp)
             .map_err(|e| io_err(shard, "create segment", tmp, e))?;
-        if let Err(source) = preallocate(&file, bytes) {
+        let ready = prepared
+            && file
+                .metadata()
+                .map_err(|e| io_err(shard, "stat prepared segment", tmp, e))?
+                .len()
+                == bytes;
+        if !ready {
+            // Not prepared, or not as prepared (something else touched it): start over.
+            file.set_len(0)
+                .map_err(|e| io_err(shard, "truncate segment", tmp, e))?;
+        }
+        if ready {
+            // Zero-filled and synced ahead of time by `prepare_spare`.
+        } else if let Err(source) = preallocate(&file, bytes) {
             return Err(if source.raw_os_error() == Some(libc::ENOSPC) {
                 Error::NoSpace {
                     shard,

@@ -144,10 +144,15 @@ fn parse_field(p: &mut Parser<'_>, f: Field, slot: &mut super::Slot) -> Result<b
                     None if num.neg => slot.reject_seq(Reject::SeqNotPositive),
                     None => slot.reject_seq(Reject::SeqOutOfRange),
                 },
+                // `1732200000123.0` or `1.732200000123e12` (what a float-typed clock prints) is
+                // the same millisecond as the integer: accepted. A fraction of a ms is refused.
                 Field::Ts => match num.as_i64() {
-                    _ if !num.int => slot.reject(Reject::BadType(Field::Ts)),
                     Some(v) => hb.ts_ms = v,
-                    None => slot.reject(Reject::TsOutOfRange),
+                    None if num.int => slot.reject(Reject::TsOutOfRange),
+                    None => match num.integral_i64() {
+                        Some(v) => hb.ts_ms = v,
+                        None => slot.reject(Reject::BadType(Field::Ts)),
+                    },
                 },
                 Field::Lat => match num.to_f64() {
                     Some(v) => hb.lat = v,
@@ -271,6 +276,21 @@ impl Num<'_> {
     fn as_i64(&self) -> Option<i64> {
         let m = i128::from(self.magnitude()?);
         i64::try_from(if self.neg { -m } else { m }).ok()
+    }
+
+    /// The value of a token with a fraction or exponent (`12.0`, `1.2e1`) that denotes an
+    /// integer in `i64` range; `None` if it has a non-zero fraction, is out of range, or has
+    /// more than 19 significant digits.
+    fn integral_i64(&self) -> Option<i64> {
+        let m = self.mantissa?;
+        let p = 10u64.checked_pow(self.exp10.unsigned_abs())?;
+        let v = if self.exp10 < 0 {
+            (m % p == 0).then_some(m / p)?
+        } else {
+            m.checked_mul(p)?
+        };
+        let v = i128::from(v);
+        i64::try_from(if self.neg { -v } else { v }).ok()
     }
 
     /// The correctly rounded `f64`. Fast path (Clinger): a mantissa below 2^53 and |exp10| <= 22
@@ -904,6 +924,57 @@ mod tests {
         assert_eq!(hb.heading_deg, Some(359.5));
         assert_eq!(hb.acc_m, None);
         assert_eq!(hb.attrs, br#"{"fuel":0.5,"tags":["a b",true]}"#);
+    }
+
+    #[test]
+    fn ts_as_an_integral_float_is_accepted_and_a_fraction_is_not() {
+        // A float-typed clock prints whole milliseconds as `123.0` or `1.23e2`: the same
+        // millisecond, accepted. A fraction of a millisecond is not an integer: `bad_type:ts`.
+        for ts in [
+            "1732200000123.0",
+            "1732200000123.000",
+            "1.732200000123e12",
+            "17322000001230e-1",
+        ] {
+            let out = decode(&format!(r#"{{"seq":1,"lat":1,"lon":1,"ts":{ts}}}"#), true).unwrap();
+            assert_eq!(
+                out[0].1.as_ref().map(|hb| hb.ts_ms),
+                Ok(1732200000123),
+                "{ts}"
+            );
+        }
+        for ts in ["1732200000123.5", "1.7322000001235e12"] {
+            assert_eq!(
+                reason_of(&format!(r#"{{"seq":3,"lat":1,"lon":1,"ts":{ts}}}"#)),
+                (Some(3), "bad_type:ts"),
+                "{ts}"
+            );
+        }
+    }
+
+    #[test]
+    fn ts_in_seconds_gets_a_reason_that_says_so() {
+        // Ten digits (seconds since the epoch) read as milliseconds lie in 1970: refused with
+        // a reason that names the mistake. Other out-of-window values keep `ts_out_of_range`.
+        let secs = NOW / 1000;
+        assert_eq!(
+            reason_of(&format!(r#"{{"seq":3,"lat":1,"lon":1,"ts":{secs}}}"#)),
+            (Some(3), "ts_in_seconds")
+        );
+        assert_eq!(
+            reason_of(&format!(
+                r#"{{"seq":3,"lat":1,"lon":1,"ts":{}}}"#,
+                secs - 40 * 86_400
+            )),
+            (Some(3), "ts_out_of_range")
+        );
+        assert_eq!(
+            reason_of(&format!(
+                r#"{{"seq":3,"lat":1,"lon":1,"ts":{}}}"#,
+                NOW * 1000
+            )),
+            (Some(3), "ts_out_of_range")
+        );
     }
 
     #[test]

@@ -163,6 +163,9 @@ pub enum Reject {
     SeqOutOfRange,
     /// `ts` outside the accepted window around the receive time: `ts_out_of_range`.
     TsOutOfRange,
+    /// `ts` outside the window, but inside it when read as seconds (a device sending
+    /// seconds, not milliseconds, since the epoch): `ts_in_seconds`.
+    TsInSeconds,
     /// A device token's connection sent a heartbeat naming another device: `id_mismatch`.
     IdMismatch,
     /// A gateway token's connection sent an id outside its prefix: `id_outside_prefix`.
@@ -184,6 +187,7 @@ impl Reject {
             Reject::SeqNotPositive => "seq_not_positive",
             Reject::SeqOutOfRange => "seq_out_of_range",
             Reject::TsOutOfRange => "ts_out_of_range",
+            Reject::TsInSeconds => "ts_in_seconds",
             Reject::IdMismatch => "id_mismatch",
             Reject::IdOutsidePrefix => "id_outside_prefix",
             Reject::NotAnObject => "not_an_object",
@@ -672,11 +676,18 @@ impl Decoder {
             slot.verdict = Some(r);
             return;
         }
-        if !ingest
-            .ts_window
-            .contains(slot.heartbeat.ts_ms, ingest.received_ms)
-        {
-            slot.verdict = Some(Reject::TsOutOfRange);
+        let (ts_ms, window) = (slot.heartbeat.ts_ms, &ingest.ts_window);
+        if !window.contains(ts_ms, ingest.received_ms) {
+            // A 10-digit `ts` that is now when read as seconds is the commonest device bug
+            // (`time()` instead of milliseconds): its reason says so.
+            let seconds = ts_ms
+                .checked_mul(1000)
+                .is_some_and(|ms| window.contains(ms, ingest.received_ms));
+            slot.verdict = Some(if seconds {
+                Reject::TsInSeconds
+            } else {
+                Reject::TsOutOfRange
+            });
             return;
         }
         slot.heartbeat.received_ms = ingest.received_ms;

@@ -286,6 +286,11 @@ impl Exec {
             for &(seq, reason) in failed {
                 c.errors.push_back((Some(seq), reason));
             }
+            if !failed.is_empty() {
+                // Error frames do not wait for earlier frames' durability: wake the writer now
+                // (settle below only notices a moved ack).
+                c.signal.notify();
+            }
             let Some(front) = c.frames.front() else {
                 return;
             };
@@ -493,6 +498,11 @@ impl Exec {
         Ok(f)
     }
 
+    /// Records why `shard`'s log stopped accepting, for `/readyz` (the first reason stays).
+    fn storage_fault(&self, shard: ShardId, e: &crate::store::Error) {
+        let _ = self.shared.storage_faults[shard.0 as usize].set(e.to_string());
+    }
+
     /// Commits one shard: makes everything appended so far durable, then completes waiters.
     async fn commit_slot(&self, slot: &StoreSlot) {
         let started = Instant::now();
@@ -505,6 +515,7 @@ impl Exec {
         let durable = match begun {
             Err(e) => {
                 tracing::error!(shard = %slot.shard, error = %e, "commit refused; shard log poisoned");
+                self.storage_fault(slot.shard, &e);
                 return;
             }
             Ok(Commit::Idle) => slot.store.borrow().durable(),
@@ -538,6 +549,7 @@ impl Exec {
                         // The log is poisoned: nothing more becomes durable. Waiters stay
                         // un-acked; devices see no ack and resend elsewhere after restart.
                         tracing::error!(shard = %slot.shard, error = %e, "commit failed; shard log poisoned");
+                        self.storage_fault(slot.shard, &e);
                         return;
                     }
                 }

@@ -248,6 +248,11 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, body: &[u8], role: Role) ->
             if method != "GET" {
                 return Response::error(405, "method not allowed");
             }
+            if path == "/readyz" {
+                if let Some(body) = storage_faults_body(&exec.shared) {
+                    return Response::json(503, body);
+                }
+            }
             if exec.shared.ready() {
                 Response::json(200, r#"{"status":"ok"}"#.into())
             } else {
@@ -438,17 +443,71 @@ async fn area(exec: &Exec, req: &Request<'_>) -> Response {
         Ok(p) => p,
         Err(r) => return r,
     };
+    // Each shard renders its hits' records where the records live (the same reader and renderer
+    // as `GET /v1/devices/{id}`), so a row carries every field that endpoint returns.
     let shards = (0..exec.shared.shard_count).map(|k| {
         exec.query(crate::route::ShardId(k), move |store| {
             crate::server::query::area(store, &area, limit)
+                .into_iter()
+                .map(|hit| {
+                    let device = device_body(store, &hit.id)
+                        .or_else(|| table_body(store, &hit.id))
+                        .expect("an area hit is a device in this shard's table");
+                    (hit, device)
+                })
+                .collect::<Vec<_>>()
         })
     });
     let parts = futures_util::future::join_all(shards).await;
     if parts.iter().any(Option::is_none) {
         return Response::error(503, "shard unavailable");
     }
-    let hits = crate::server::query::merge_area(parts.into_iter().flatten().collect(), limit);
-    Response::json(200, serde_json::to_string(&hits).expect("serializable"))
+    let rows: Vec<AreaRow> =
+        crate::server::query::merge_area_by(parts.into_iter().flatten().collect(), limit, |r| &r.0)
+            .into_iter()
+            .map(|(hit, device)| AreaRow {
+                device,
+                distance_m: hit.distance_m,
+            })
+            .collect();
+    Response::json(200, serde_json::to_string(&rows).expect("serializable"))
+}
+
+/// One device of an area answer: its `GET /v1/devices/{id}` body plus, for near queries, its
+/// distance from the query point.
+#[derive(Serialize)]
+struct AreaRow {
+    #[serde(flatten)]
+    device: LastLocationBody,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    distance_m: Option<f64>,
+}
+
+/// The body of `GET /v1/devices/{id}` for a device of `store`'s shard: its last location's full
+/// record, read from the log or, once retention deleted its segment, from the last-location
+/// checkpoint (`None` if unknown or unreadable). Area answers use it too.
+fn device_body(store: &crate::store::ShardStore, id: &str) -> Option<LastLocationBody> {
+    store
+        .last_record(id)
+        .map(|e| LastLocationBody::from_heartbeat(&e.hb.to_owned_heartbeat()))
+}
+
+/// What the last-location table alone knows of a device (position, device and receive time),
+/// for an area hit whose record [`device_body`] could not read: the optional fields are absent.
+fn table_body(store: &crate::store::ShardStore, id: &str) -> Option<LastLocationBody> {
+    let loc = store.last(id)?;
+    Some(LastLocationBody {
+        id: id.to_owned(),
+        lat: loc.lat,
+        lon: loc.lon,
+        ts: loc.ts_ms,
+        received_at: loc.received_ms,
+        alt: None,
+        speed: None,
+        heading: None,
+        acc: None,
+        attrs: None,
+    })
 }
 
 async fn history(exec: &Exec, req: &Request<'_>, id: String) -> Response {
@@ -492,16 +551,12 @@ fn process_info(exec: &Exec) -> ProcessInfo {
         connections_total: shared
             .connections_open
             .load(std::sync::atomic::Ordering::Relaxed),
-        sink_backlog: shared
+        sinks: shared
             .sinks
             .as_ref()
-            .map(|s| {
-                s.status()
-                    .into_iter()
-                    .map(|r| (r.name, r.shard, r.lag_bytes))
-                    .collect()
-            })
+            .map(|s| s.status())
             .unwrap_or_default(),
+        os: crate::metrics::ProcStats::read(),
     }
 }
 
@@ -548,11 +603,7 @@ async fn stats(exec: &Exec) -> Response {
 async fn last_location(exec: &Exec, id: String) -> Response {
     let shard = shard_of(&id, exec.shared.shard_count);
     let found = exec
-        .query(shard, move |store| {
-            store
-                .last_record(&id)
-                .map(|e| LastLocationBody::from_heartbeat(&e.hb.to_owned_heartbeat()))
-        })
+        .query(shard, move |store| device_body(store, &id))
         .await;
     match found {
         Some(Some(body)) => {
@@ -692,4 +743,20 @@ async fn fence_delete(exec: &Exec, name: String) -> Response {
         }
         None => Response::error(500, "geofence write did not complete"),
     }
+}
+
+/// `/readyz`'s body while some shard's log refuses writes (failed sync, directory removed):
+/// `{"status":"storage_unavailable","shards":[{"shard":N,"error":"..."}]}`; `None` when all
+/// shards accept. Liveness (`/healthz`) is not affected: the process still serves reads.
+fn storage_faults_body(shared: &crate::server::Shared) -> Option<String> {
+    let faults: Vec<serde_json::Value> = shared
+        .storage_faults
+        .iter()
+        .enumerate()
+        .filter_map(|(k, f)| f.get().map(|e| serde_json::json!({"shard": k, "error": e})))
+        .collect();
+    if faults.is_empty() {
+        return None;
+    }
+    Some(serde_json::json!({"status": "storage_unavailable", "shards": faults}).to_string())
 }

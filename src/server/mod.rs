@@ -67,6 +67,10 @@ pub struct Shared {
     pub fences: Arc<crate::fence::FenceRegistry>,
     /// The address actually bound (differs from the configured one when the port was 0).
     pub local_addr: std::sync::OnceLock<SocketAddr>,
+    /// Per logical shard: why its log stopped accepting (a failed sync, its directory removed),
+    /// set once by the owning executor; a poisoned log stays so until the process restarts.
+    /// `/readyz` reports these.
+    pub storage_faults: Vec<std::sync::OnceLock<String>>,
 }
 
 impl Shared {
@@ -156,6 +160,9 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         stopping: AtomicBool::new(false),
         executors_drained: AtomicUsize::new(0),
         local_addr: std::sync::OnceLock::new(),
+        storage_faults: (0..datadir.shard_count())
+            .map(|_| std::sync::OnceLock::new())
+            .collect(),
         started: std::time::Instant::now(),
         cfg,
     });

@@ -228,8 +228,14 @@ pub fn area(store: &ShardStore, area: &Area, limit: usize) -> Vec<AreaHit> {
 
 /// Merges per-shard answers (each already in API order and truncated) into the final answer.
 pub fn merge_area(parts: Vec<Vec<AreaHit>>, limit: usize) -> Vec<AreaHit> {
-    let mut all: Vec<AreaHit> = parts.into_iter().flatten().collect();
-    all.sort_unstable_by(hit_order);
+    merge_area_by(parts, limit, |h| h)
+}
+
+/// [`merge_area`] for per-shard rows that carry more than the hit (the HTTP layer's rendered
+/// records); `hit` gives each row's hit, which decides the order.
+pub fn merge_area_by<T>(parts: Vec<Vec<T>>, limit: usize, hit: impl Fn(&T) -> &AreaHit) -> Vec<T> {
+    let mut all: Vec<T> = parts.into_iter().flatten().collect();
+    all.sort_unstable_by(|a, b| hit_order(hit(a), hit(b)));
     all.truncate(limit);
     all
 }
