@@ -415,10 +415,17 @@ pub fn write_durable(shard: ShardId, dir: &Path, bytes: &[u8]) -> Result<(), Err
             source,
         }
     };
-    let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    drop(f);
+    let written = File::create(&tmp)
+        .map_err(io("create", &tmp))
+        .and_then(|mut f| {
+            f.write_all(bytes).map_err(io("write", &tmp))?;
+            f.sync_all().map_err(io("fsync", &tmp))
+        });
+    if let Err(e) = written {
+        // Do not leave a partial file taking the space (a full disk is the likely cause).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, &path).map_err(io("rename into place", &path))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
