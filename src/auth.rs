@@ -90,6 +90,18 @@ pub enum SecretError {
         /// Its permission bits.
         mode: u32,
     },
+    /// `geobeat token` found no secret anywhere it looked (it never creates one: a secret only
+    /// `token` knows signs tokens no server accepts).
+    #[error(
+        "no secret found; looked at: {}. The server creates <data-dir>/secret on its first start: \
+         pass its data directory with --data-dir DIR (or GEOBEAT_DATA_DIR), its secret file with \
+         --secret-file FILE (or GEOBEAT_SECRET_FILE), or the secret itself in GEOBEAT_SECRET",
+        looked.join("; ")
+    )]
+    NotFound {
+        /// Every place consulted, each with what was found there.
+        looked: Vec<String>,
+    },
     /// The secret text is not 64 hex digits nor base64 of 32 bytes.
     #[error("secret from {origin} is malformed: {detail}")]
     Format {
@@ -248,7 +260,8 @@ impl Secret {
 }
 
 /// Where a secret comes from, in order: `secret_file` if given, else the `GEOBEAT_SECRET` value
-/// if given, else `<data_dir>/secret` (created if missing). Shared by `serve` and `token`.
+/// if given, else `<data_dir>/secret` (created if missing). `serve` uses this; `token` uses the
+/// same order without creating anything (see [`run_token_command_with`]).
 pub fn resolve_secret(
     secret_file: Option<&Path>,
     env_secret: Option<&str>,
@@ -341,8 +354,12 @@ pub enum TokenError {
     /// Not a token of this format (or too long).
     #[error("malformed token: {0}")]
     Malformed(&'static str),
-    /// The MAC does not match (forged, tampered, or another server's secret).
-    #[error("bad token signature")]
+    /// The MAC does not match (forged, tampered, or another server's secret). The text says so,
+    /// because a token minted against the wrong data directory is the usual cause.
+    #[error(
+        "bad token signature: the token was not signed by this server's secret (mint it with \
+         `geobeat token` using the server's --data-dir, --secret-file or GEOBEAT_SECRET)"
+    )]
     BadSignature,
     /// Authentic but expired.
     #[error("token expired at {expires_at_s} (unix seconds)")]
@@ -518,7 +535,7 @@ pub fn parse_ttl(text: &str) -> Result<Duration, TtlError> {
 /// Why `geobeat token` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenCommandError {
-    /// No secret could be loaded or created.
+    /// No secret could be loaded.
     #[error(transparent)]
     Secret(#[from] SecretError),
     /// Bad `--ttl`.
@@ -543,8 +560,8 @@ pub fn run_token_command(args: &TokenArgs) -> Result<String, TokenCommandError> 
 
 /// [`run_token_command`] with the environment and clock passed in (for tests). Secret source
 /// order: `--secret-file`, `GEOBEAT_SECRET_FILE`, `GEOBEAT_SECRET`, then `<data-dir>/secret`
-/// (created if missing) where the data directory is `--data-dir`, `GEOBEAT_DATA_DIR` or
-/// `./shards`.
+/// where the data directory is `--data-dir`, `GEOBEAT_DATA_DIR` or `./shards`. Nothing is ever
+/// created: with no secret anywhere the error names every place looked and how to fix it.
 pub fn run_token_command_with(
     args: &TokenArgs,
     env: &dyn Fn(&str) -> Option<String>,
@@ -573,17 +590,39 @@ pub fn run_token_command_with(
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     });
-    let data_dir = args
-        .data_dir
-        .clone()
-        .or_else(|| {
-            env(DATA_DIR_ENV)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT));
-    let env_secret = env(SECRET_ENV);
-    let secret = resolve_secret(secret_file.as_deref(), env_secret.as_deref(), &data_dir)?;
+    let (data_dir, data_dir_from) = match (&args.data_dir, env(DATA_DIR_ENV)) {
+        (Some(d), _) => (d.clone(), "--data-dir"),
+        (None, Some(d)) if !d.is_empty() => (PathBuf::from(d), DATA_DIR_ENV),
+        _ => (
+            PathBuf::from(DATA_DIR_DEFAULT),
+            "the default data directory",
+        ),
+    };
+    let env_secret = env(SECRET_ENV).filter(|v| !v.is_empty());
+    let secret = match (&secret_file, &env_secret) {
+        (Some(path), _) => Secret::load(path)?,
+        (None, Some(value)) => Secret::from_env_value(value)?,
+        (None, None) => {
+            // Never create the secret here: a secret only `token` knows signs tokens that no
+            // server accepts. See: issue 13 §3.
+            let path = data_dir.join(SECRET_FILE_NAME);
+            match Secret::load(&path) {
+                Err(SecretError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    let shown = std::path::absolute(&path).unwrap_or(path);
+                    return Err(SecretError::NotFound {
+                        looked: vec![
+                            "--secret-file (not given)".into(),
+                            format!("{SECRET_FILE_ENV} (unset)"),
+                            format!("{SECRET_ENV} (unset)"),
+                            format!("{} (no such file; from {data_dir_from})", shown.display()),
+                        ],
+                    }
+                    .into());
+                }
+                other => other?,
+            }
+        }
+    };
     let expires_at_s = now_s
         .checked_add(ttl.as_secs())
         .ok_or(TokenCommandError::Clock("expiry overflows"))?;

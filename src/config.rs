@@ -20,6 +20,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{parse_ttl, resolve_secret, Secret, SecretError, SECRET_ENV};
+pub use crate::limits::{AUDIT_ROTATE_BYTES_RANGE, AUDIT_ROTATE_SECS_RANGE};
 use crate::limits::{
     FRAME_BYTES_MAX, FRAME_BYTES_MIN, FRAME_HEARTBEATS_MAX, MESH_CAPACITY_MAX, OPEN_FILES_RESERVE,
     PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SHARDS_MAX, SINKS_MAX,
@@ -75,6 +76,13 @@ pub const ZSTD_LEVEL_DEFAULT: i32 = 3;
 pub const ZSTD_LEVEL_RANGE: (i32, i32) = (1, 19);
 /// Default PostgreSQL schema of the sink tables.
 pub const PG_SCHEMA_DEFAULT: &str = "public";
+/// Default rotation window of an audit sink, seconds: a consumer sees a sealed file about a
+/// minute after its first heartbeat (Event Hubs Capture's window is 1..15 minutes, default 5).
+pub const AUDIT_ROTATE_SECS_DEFAULT: u64 = 60;
+/// Default rotation size of an audit sink: 128 MiB keeps the time window in charge up to about
+/// 2 MiB/s (some 8,000 heartbeats/s) per shard, and caps files at a size that is still quick to
+/// read, upload or reprocess whole when a shard ingests far more.
+pub const AUDIT_ROTATE_BYTES_DEFAULT: u64 = 128 << 20;
 
 /// geobeat: durable location-heartbeat ingest for very large IoT fleets.
 #[derive(Parser, Debug, Clone)]
@@ -195,6 +203,11 @@ pub struct ServeArgs {
     /// `info,geobeat=debug` [env: GEOBEAT_LOG_LEVEL] [default: info]
     #[arg(long, value_name = "FILTER", value_parser = parse_log_level)]
     pub log_level: Option<String>,
+    /// Log line format on stderr: `text` (colours only when stderr is a terminal and NO_COLOR is
+    /// unset) or `json` (one object per line, for log shippers) [env: GEOBEAT_LOG_FORMAT]
+    /// [default: text]
+    #[arg(long, value_name = "FORMAT", value_parser = parse_log_format)]
+    pub log_format: Option<LogFormat>,
     /// Warn when a shard's log holds more than this many bytes not yet consumed by every sink:
     /// bytes or KiB/MiB/GiB, or `off` [env: GEOBEAT_SINK_BACKLOG_WARN_BYTES] [default: 1GiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_byte_limit)]
@@ -270,6 +283,15 @@ pub enum Durability {
     Relaxed,
 }
 
+/// How log lines are written (see `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Where device connections live (see `--routing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routing {
@@ -322,12 +344,14 @@ pub struct SinkConfig {
 /// The kinds of sinks.
 #[derive(Clone, PartialEq)]
 pub enum SinkKind {
-    /// Hourly newline-delimited JSON files per shard under `dir`.
+    /// Newline-delimited JSON files per shard under `dir`, one per rotation window.
     Audit {
         /// Root directory of the audit files.
         dir: PathBuf,
         /// Whether files are zstd-compressed.
         compress: Compression,
+        /// When a new file starts.
+        rotate: Rotation,
     },
     /// A PostgreSQL database (`history` and `last_location` tables).
     Postgres {
@@ -336,6 +360,46 @@ pub enum SinkKind {
         /// Schema holding the tables (created if absent).
         schema: String,
     },
+}
+
+/// When an audit sink starts a new file (see `flusher::audit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// Length of the time windows (aligned to the Unix epoch) of `received_at`, seconds.
+    pub window_secs: u64,
+    /// A file that holds this many bytes (on disk, compressed if so) takes no more batches.
+    pub bytes: u64,
+}
+
+impl Default for Rotation {
+    fn default() -> Rotation {
+        Rotation {
+            window_secs: AUDIT_ROTATE_SECS_DEFAULT,
+            bytes: AUDIT_ROTATE_BYTES_DEFAULT,
+        }
+    }
+}
+
+/// Parses an audit rotation window: a whole number of seconds, optionally with the unit `s`, `m`
+/// or `h` (`"60s"`, `"5m"`, `"1h"`), within [`AUDIT_ROTATE_SECS_RANGE`].
+pub fn parse_rotate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let expected = "expected a duration such as \"60s\", \"5m\" or \"1h\"";
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(expected.into()),
+    };
+    let n: u64 = digits.parse().map_err(|_| expected.to_string())?;
+    let secs = n.saturating_mul(mult);
+    let (min, max) = AUDIT_ROTATE_SECS_RANGE;
+    if !(min..=max).contains(&secs) {
+        return Err(format!("must be {min}s..={max}s"));
+    }
+    Ok(secs)
 }
 
 /// Compression of audit files.
@@ -385,10 +449,15 @@ pub fn redact_url(url: &str) -> String {
 impl std::fmt::Debug for SinkKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SinkKind::Audit { dir, compress } => f
+            SinkKind::Audit {
+                dir,
+                compress,
+                rotate,
+            } => f
                 .debug_struct("Audit")
                 .field("dir", dir)
                 .field("compress", compress)
+                .field("rotate", rotate)
                 .finish(),
             SinkKind::Postgres { url, schema } => f
                 .debug_struct("Postgres")
@@ -460,6 +529,8 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Log filter directives (validated).
     pub log_level: String,
+    /// Log line format.
+    pub log_format: LogFormat,
     /// Storage sinks (`[[sinks]]` in the TOML file), in file order.
     pub sinks: Vec<SinkConfig>,
     /// Unconsumed bytes per shard above which to warn; `None`: never.
@@ -594,6 +665,7 @@ settings! {
     MESH_CAPACITY => "--mesh-capacity", "GEOBEAT_MESH_CAPACITY", Some("mesh_capacity");
     METRICS_LISTEN => "--metrics-listen", "GEOBEAT_METRICS_LISTEN", Some("metrics_listen");
     LOG_LEVEL => "--log-level", "GEOBEAT_LOG_LEVEL", Some("log_level");
+    LOG_FORMAT => "--log-format", "GEOBEAT_LOG_FORMAT", Some("log_format");
     SINK_BACKLOG_WARN_BYTES => "--sink-backlog-warn-bytes", "GEOBEAT_SINK_BACKLOG_WARN_BYTES", Some("sink_backlog_warn_bytes");
     SINK_BACKLOG_MAX_BYTES => "--sink-backlog-max-bytes", "GEOBEAT_SINK_BACKLOG_MAX_BYTES", Some("sink_backlog_max_bytes");
 }
@@ -911,6 +983,12 @@ impl ServeArgs {
                 parse_log_level,
                 LOG_LEVEL_DEFAULT.to_owned(),
             )?,
+            log_format: r.get(
+                &LOG_FORMAT,
+                &self.log_format,
+                parse_log_format,
+                LogFormat::Text,
+            )?,
             sinks,
             sink_backlog_warn_bytes: backlog_warn,
             sink_backlog_max_bytes: backlog_max,
@@ -1116,6 +1194,14 @@ fn parse_metrics_listen(text: &str) -> Result<MetricsListen, String> {
         .map_err(|e| format!("{e}, or `off`"))
 }
 
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text.trim() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected `text` or `json`".into()),
+    }
+}
+
 fn parse_log_level(text: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(text)
         .map(|_| text.to_owned())
@@ -1245,6 +1331,40 @@ fn parse_sinks(path: &Path, value: toml::Value) -> Result<Vec<SinkConfig>, Confi
                         )))
                     }
                 };
+                let mut rotate = Rotation::default();
+                match t.remove("rotate") {
+                    None => {}
+                    Some(toml::Value::String(v)) => {
+                        rotate.window_secs =
+                            parse_rotate(&v).map_err(|e| err(format!("`rotate` {v:?}: {e}")))?;
+                    }
+                    Some(toml::Value::Integer(v)) => {
+                        rotate.window_secs = parse_rotate(&v.to_string())
+                            .map_err(|e| err(format!("`rotate` {v}: {e}")))?;
+                    }
+                    Some(other) => {
+                        return Err(err(format!(
+                            "`rotate` must be a duration such as \"60s\", not {other}"
+                        )))
+                    }
+                }
+                let (bmin, bmax) = AUDIT_ROTATE_BYTES_RANGE;
+                if let Some(v) = t.remove("rotate_bytes") {
+                    let parsed = match &v {
+                        toml::Value::String(text) => parse_size(text),
+                        toml::Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+                        _ => Err("expected a size".into()),
+                    };
+                    rotate.bytes = parsed
+                        .ok()
+                        .filter(|b| (bmin..=bmax).contains(b))
+                        .ok_or_else(|| {
+                            err(format!(
+                                "`rotate_bytes` must be a size in 1MiB..=16GiB (bytes, or with \
+                                 KiB/MiB/GiB), not {v}"
+                            ))
+                        })?;
+                }
                 let dir = PathBuf::from(dir);
                 if out
                     .iter()
@@ -1252,7 +1372,11 @@ fn parse_sinks(path: &Path, value: toml::Value) -> Result<Vec<SinkConfig>, Confi
                 {
                     return Err(err("two audit sinks share this `dir`".into()));
                 }
-                SinkKind::Audit { dir, compress }
+                SinkKind::Audit {
+                    dir,
+                    compress,
+                    rotate,
+                }
             }
             Some("postgres") => {
                 let url = take_str(&mut t, "url").map_err(&err)?;
@@ -1282,7 +1406,8 @@ fn parse_sinks(path: &Path, value: toml::Value) -> Result<Vec<SinkConfig>, Confi
         if let Some(key) = t.keys().next() {
             let known = match kind {
                 SinkKind::Audit { .. } => {
-                    "name, kind, dir, compress, zstd_level, batch_rows, poll_interval_ms"
+                    "name, kind, dir, compress, zstd_level, rotate, rotate_bytes, batch_rows, \
+                     poll_interval_ms"
                 }
                 SinkKind::Postgres { .. } => {
                     "name, kind, url, schema, batch_rows, poll_interval_ms"
@@ -1473,6 +1598,33 @@ mod tests {
     }
 
     #[test]
+    fn log_format_from_flag_env_and_file() {
+        // `text` by default; `json` from the file, the environment or the flag (which wins);
+        // anything else is an error naming the setting.
+        assert_eq!(
+            resolve(&serve_args(&[]), &[], None).unwrap().log_format,
+            LogFormat::Text
+        );
+        let file = Some("log_format = \"json\"\n");
+        assert_eq!(
+            resolve(&serve_args(&[]), &[], file).unwrap().log_format,
+            LogFormat::Json
+        );
+        let env = [("GEOBEAT_LOG_FORMAT", "json")];
+        assert_eq!(
+            resolve(&serve_args(&[]), &env, None).unwrap().log_format,
+            LogFormat::Json
+        );
+        let flag = serve_args(&["--log-format", "text"]);
+        assert_eq!(
+            resolve(&flag, &env, file).unwrap().log_format,
+            LogFormat::Text
+        );
+        let err = resolve(&serve_args(&[]), &[("GEOBEAT_LOG_FORMAT", "xml")], None).unwrap_err();
+        assert!(err.to_string().contains("GEOBEAT_LOG_FORMAT"), "{err}");
+    }
+
+    #[test]
     fn unknown_toml_key_is_named() {
         // A typo in the file is an error naming the key, not silently ignored.
         let err = resolve(&serve_args(&[]), &[], Some("shard = 4\n")).unwrap_err();
@@ -1537,6 +1689,10 @@ poll_interval_ms = 250
                 kind: SinkKind::Audit {
                     dir: PathBuf::from("/var/lib/geobeat/audit"),
                     compress: Compression::Zstd { level: 9 },
+                    rotate: Rotation {
+                        window_secs: 60,
+                        bytes: 128 << 20,
+                    },
                 },
                 batch_rows: SINK_BATCH_ROWS_DEFAULT,
                 poll_interval: Duration::from_millis(SINK_POLL_INTERVAL_MS_DEFAULT),
@@ -1563,6 +1719,23 @@ poll_interval_ms = 250
             .unwrap()
             .sinks
             .is_empty());
+        // The rotation window and size, in each accepted spelling.
+        for (rotate, rotate_bytes, want) in [
+            ("\"90s\"", "\"64MiB\"", (90, 64 << 20)),
+            ("\"5m\"", "2097152", (300, 2 << 20)),
+            ("\"1h\"", "\"1GiB\"", (3600, 1 << 30)),
+            ("30", "\"1M\"", (30, 1 << 20)),
+        ] {
+            let file = format!(
+                "[[sinks]]\nname = \"a\"\nkind = \"audit\"\ndir = \"/a\"\nrotate = {rotate}\n\
+                 rotate_bytes = {rotate_bytes}\n"
+            );
+            let c = resolve(&serve_args(&[]), &[], Some(&file)).unwrap();
+            let SinkKind::Audit { rotate, .. } = c.sinks[0].kind else {
+                panic!("an audit sink")
+            };
+            assert_eq!((rotate.window_secs, rotate.bytes), want, "{file}");
+        }
     }
 
     #[test]
@@ -1591,6 +1764,22 @@ poll_interval_ms = 250
             (
                 "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\nurl = \"u\"",
                 "unknown key `url`",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\nrotate = \"2h\"",
+                "`rotate` \"2h\": must be 1s..=3600s",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\nrotate = \"1.5m\"",
+                "expected a duration",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\nrotate = 0",
+                "`rotate` 0",
+            ),
+            (
+                "name = \"x\"\nkind = \"audit\"\ndir = \"/a\"\nrotate_bytes = \"10KiB\"",
+                "`rotate_bytes` must be a size in 1MiB..=16GiB",
             ),
         ] {
             let file = format!("[[sinks]]\n{table}\n");

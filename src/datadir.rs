@@ -10,6 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -63,6 +64,76 @@ pub enum DataDirError {
     /// A new data directory was asked for an impossible shard count.
     #[error("shard count {0} outside 1..={SHARDS_MAX}")]
     ShardCount(u32),
+    /// A file or directory in the data directory is open to group or others.
+    #[error(
+        "{} has mode {mode:04o}, which lets group or others read location history; run \
+         `chmod -R go-rwx {}` (geobeat creates files 0600 and directories 0700)",
+        path.display(),
+        root.display()
+    )]
+    Permissions {
+        /// The data directory.
+        root: PathBuf,
+        /// The first file or directory found open.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Permission bits of every file geobeat creates in a data directory (segments, meta, fences,
+/// cursors, audit files, locks): location history is readable by the server's user only.
+pub const FILE_MODE: u32 = 0o600;
+/// Permission bits of every directory geobeat creates (data directory, shards, quarantine,
+/// sinks).
+pub const DIR_MODE: u32 = 0o700;
+/// Deepest level below the data directory [`check_private`] looks at (the deepest geobeat
+/// creates is `shard-NNNN/quarantine/<file>`, or a sink's cursor directory).
+const PRIVATE_CHECK_DEPTH_MAX: usize = 6;
+
+/// Creates `dir` and its missing parents with mode [`DIR_MODE`] (existing ones are left alone).
+pub fn create_dir_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
+/// Refuses a data directory in which anything (the directory itself included) grants group or
+/// others any access: the first such path is named with its mode and the `chmod` that fixes it.
+/// Symbolic links are not followed. Checked at every start, like the secret file's mode.
+/// See: issue 20 §3.
+pub fn check_private(root: &Path) -> Result<(), DataDirError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut stack = vec![(root.to_path_buf(), 0usize)];
+    while let Some((path, depth)) = stack.pop() {
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            // Removed meanwhile (a temp file renamed into place): nothing to check.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err("stat", &path, e)),
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(DataDirError::Permissions {
+                root: root.to_path_buf(),
+                path,
+                mode,
+            });
+        }
+        if meta.is_dir() && depth < PRIVATE_CHECK_DEPTH_MAX {
+            let entries = std::fs::read_dir(&path).map_err(|e| io_err("list", &path, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| io_err("list", &path, e))?;
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -89,6 +160,10 @@ fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> DataDirError
         path: path.to_path_buf(),
         source,
     }
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), DataDirError> {
@@ -174,7 +249,14 @@ impl DataDir {
             return Err(DataDirError::ShardCount(shard_count));
         }
         let existed = root.is_dir();
-        std::fs::create_dir_all(&root).map_err(|e| io_err("create data dir", &root, e))?;
+        create_dir_private(&root).map_err(|e| io_err("create data dir", &root, e))?;
+        if existed && is_empty_dir(&root) {
+            // An empty directory made for geobeat (`mkdir data`, usually 0755) becomes private
+            // with its first meta file; a non-empty one is left to `check_private`.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(DIR_MODE))
+                .map_err(|e| io_err("chmod data dir", &root, e))?;
+        }
         if !existed {
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
                 sync_dir(parent)?;
@@ -196,6 +278,7 @@ impl DataDir {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(FILE_MODE)
             .open(&tmp)
             .map_err(|e| io_err("create meta file", &tmp, e))?;
         f.write_all(text.as_bytes())

@@ -20,6 +20,9 @@
 //! - [`spatial`]: bounding boxes, great-circle distance, the per-shard grid index.
 //! - [`fence`]: geofences (polygons, circles), their spatial index and persistence.
 //! - [`demo`]: `geobeat demo`'s simulated fleet.
+//! - [`logging`]: log output on stderr (text without colours unless a terminal, or JSON lines).
+//! - [`preflight`]: start-up checks of the platform (io_uring allowed, locked-memory limit).
+//! - [`ratelog`]: rate-limited log lines for events that repeat (refusals, accept failures).
 #![deny(missing_docs)]
 
 pub mod auth;
@@ -32,8 +35,11 @@ pub mod flusher;
 pub mod http;
 pub mod limits;
 pub mod log;
+pub mod logging;
 pub mod metrics;
+pub mod preflight;
 pub mod proto;
+pub mod ratelog;
 pub mod record;
 pub mod route;
 pub mod rt;

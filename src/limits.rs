@@ -41,6 +41,35 @@ pub const HTTP_URI_BYTES_MAX: usize = 2048;
 pub const HTTP_BODY_BYTES_MAX: usize = 64 << 10;
 /// Most headers in one HTTP request.
 pub const HTTP_HEADERS_MAX: usize = 64;
+/// Bytes of partial WebSocket frames (read, not yet a complete message) one executor holds
+/// before it stops reading the connections holding [`PARTIAL_FRAME_SMALL_BYTES`] or more; they
+/// resume once the total is under 7/8 of this. 16 MiB is 256 frames of 64 KiB in flight per
+/// core. See: issue 20 §7 and the memory budget below.
+pub const PARTIAL_FRAME_BYTES_EXEC_MAX: usize = 16 << 20;
+/// A connection holding less than this of a partial frame is read even while the executor is
+/// over [`PARTIAL_FRAME_BYTES_EXEC_MAX`]: an ordinary heartbeat frame (at most about 600 bytes)
+/// always completes, so devices are not stalled by the holders of large frames.
+pub const PARTIAL_FRAME_SMALL_BYTES: usize = 2 << 10;
+/// Measured resident bytes per byte held in a partial frame (tungstenite's read buffer grows by
+/// doubling; perf/RESULTS.md, "Partial frames"): 2.4, rounded up.
+pub const PARTIAL_FRAME_RSS_FACTOR: usize = 3;
+/// Memory budget of partial frames per executor, worst case: the bound, plus what each of
+/// `connections` may hold below the small mark, times the measured overhead.
+pub const fn partial_frame_rss_bytes_max(connections: usize) -> usize {
+    (PARTIAL_FRAME_BYTES_EXEC_MAX + connections * PARTIAL_FRAME_SMALL_BYTES)
+        * PARTIAL_FRAME_RSS_FACTOR
+}
+/// Slowest body upload a request is given time for: the whole request (head and body) must
+/// arrive within the handshake timeout plus `content-length / HTTP_BODY_BYTES_PER_S_MIN` seconds
+/// (64 KiB/s: a 64 KiB body gets 1 s more, a 64 MiB geofence import 17 minutes). See: issue 13 §7.
+pub const HTTP_BODY_BYTES_PER_S_MIN: u64 = 64 << 10;
+/// Share of `--connections-max` (1/N) kept for sockets that authenticate at once: once the
+/// other sockets (plain HTTP, heads not yet read) fill the rest, a new socket must send an
+/// authenticated WebSocket upgrade within [`CONN_RESERVED_HEAD_MS`] or get 503, so slow clients
+/// cannot lock devices out. With a cap under 8 nothing is reserved. See: issue 13 §7.
+pub const CONN_RESERVED_SHARE_DIVISOR: usize = 8;
+/// How long a socket admitted into the reserved share has to send its upgrade request head.
+pub const CONN_RESERVED_HEAD_MS: u64 = 1000;
 /// Deepest JSON nesting accepted inside `attrs`.
 pub const JSON_DEPTH_MAX: usize = 8;
 
@@ -127,6 +156,10 @@ pub const FRAME_BYTES_MIN: usize = 1024;
 const _: () = assert!(JSON_DEPTH_MAX < FRAME_JSON_DEPTH_MAX && FRAME_JSON_DEPTH_MAX <= 64);
 const _: () = assert!(TS_PAST_MS_MAX > 0 && TS_FUTURE_MS_MAX > 0);
 const _: () = assert!(FRAME_BYTES_MIN <= FRAME_BYTES_MAX);
+// A complete heartbeat frame (id, attrs and the fields) always fits under the small mark, and
+// the bound holds many of the largest frames.
+const _: () = assert!(PARTIAL_FRAME_SMALL_BYTES >= DEVICE_ID_BYTES_MAX + ATTRS_BYTES_MAX + 256);
+const _: () = assert!(PARTIAL_FRAME_BYTES_EXEC_MAX >= 64 * FRAME_BYTES_MAX);
 const _: () = assert!(FRAME_HEARTBEATS_MAX <= u16::MAX as usize);
 const _: () =
     assert!(DEVICE_ID_BYTES_MAX <= u8::MAX as usize && ATTRS_BYTES_MAX <= u16::MAX as usize);
@@ -148,7 +181,15 @@ pub const SINK_BATCH_BYTES_MAX: usize = 32 << 20;
 /// Largest cursor file read (they are a few hundred bytes).
 pub const SINK_CURSOR_BYTES_MAX: u64 = 4096;
 
+/// Bounds of an audit sink's rotation window (`rotate`), seconds: at least a second (file names
+/// have one-second resolution), at most an hour (the longest window before windows existed).
+pub const AUDIT_ROTATE_SECS_RANGE: (u64, u64) = (1, 3600);
+/// Bounds of an audit sink's rotation size (`rotate_bytes`): at least 1 MiB (smaller files only
+/// multiply fsyncs and directory entries), at most 16 GiB.
+pub const AUDIT_ROTATE_BYTES_RANGE: (u64, u64) = (1 << 20, 16 << 30);
+
 const _: () = assert!(SINKS_MAX <= LOG_CONSUMERS_MAX);
+const _: () = assert!(AUDIT_ROTATE_SECS_RANGE.0 >= 1 && AUDIT_ROTATE_SECS_RANGE.1 <= 3600);
 const _: () = assert!(SINK_NAME_BYTES_MAX <= LOG_CONSUMER_NAME_BYTES_MAX);
 const _: () = assert!(SINK_BATCH_BYTES_MAX >= 64 * ENTRY_PAYLOAD_BYTES_MAX);
 
@@ -225,3 +266,19 @@ const _: () = assert!(FENCE_BULK_ENTRIES_MAX >= 1 && FENCE_BULK_ENTRIES_MAX <= F
 /// heartbeats its fleet sent before it prints its tally; the server's shutdown sends each
 /// connection its final ack well within it.
 pub const DEMO_DRAIN_TIMEOUT_MS: u64 = 2_000;
+
+/// Least time between two log lines of one repeating event per executor (a failing `accept`
+/// under EMFILE, refused tokens, protocol closes); the next line carries the number suppressed.
+pub const REPEAT_LOG_INTERVAL_MS: u64 = 10_000;
+
+const _: () = assert!(REPEAT_LOG_INTERVAL_MS >= 1000);
+
+/// How long the start-up check waits for a connection to the configured listen address: a
+/// listener that answers means another process serves that address (SO_REUSEPORT would
+/// otherwise let a second geobeat of the same user share the port silently).
+pub const LISTEN_PROBE_CONNECT_TIMEOUT_MS: u64 = 200;
+/// How long the start-up check keeps trying while a listener answers before it calls the address
+/// in use: the listening socket of a geobeat killed a moment ago lives on until the kernel has
+/// torn down its io_uring rings (their pending accepts hold it), which takes a moment after the
+/// process is gone.
+pub const LISTEN_PROBE_WAIT_MS: u64 = 3000;

@@ -10,15 +10,6 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use geobeat::config::{Cli, Command, ServeConfig};
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -30,7 +21,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(&cfg.log_level);
+            geobeat::logging::init(&cfg.log_level, cfg.log_format);
             match geobeat::server::run(cfg, None) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -67,7 +58,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(&cfg.log_level);
+            geobeat::logging::init(&cfg.log_level, cfg.log_format);
             match demo(cfg, args.devices as usize, args.rate_hz) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -84,13 +75,14 @@ fn main() -> ExitCode {
 /// shutdown sends each connection its final ack). Fails (exit 1) if the server refused any demo
 /// heartbeat.
 fn demo(cfg: ServeConfig, devices: usize, rate_hz: f64) -> Result<(), Box<dyn std::error::Error>> {
-    let secret = cfg.load_secret()?;
     let addr = cfg.listen;
     let data_dir = cfg.data_dir.clone();
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
+    // The server creates the secret (after binding its listener); the fleet reads it then.
+    let secret_cfg = cfg.clone();
     let server = std::thread::spawn({
         let stop = stop.clone();
         move || geobeat::server::run(cfg, Some(stop))
@@ -105,6 +97,7 @@ fn demo(cfg: ServeConfig, devices: usize, rate_hz: f64) -> Result<(), Box<dyn st
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let secret = secret_cfg.load_secret()?;
     let ops = geobeat::auth::mint(
         &secret,
         &geobeat::auth::Scope::Ops,

@@ -20,6 +20,17 @@ pub use glommio::net::{TcpListener, TcpStream};
 /// io_uring registered-buffer memory per executor. geobeat does no DMA file I/O, so the minimum
 /// that glommio accepts is plenty; it counts against the 8 MiB locked-memory limit.
 const IO_MEMORY_BYTES: usize = 512 << 10;
+/// Locked memory (`RLIMIT_MEMLOCK`, bytes) the executors need: glommio refuses to start an
+/// executor below 512 KiB (`MemLockLimit`), and the registered buffers are `IO_MEMORY_BYTES`.
+/// Checked at start by [`crate::preflight`], with a message that says how to raise it.
+pub const MEMLOCK_BYTES_MIN: u64 = {
+    const GLOMMIO_MEMLOCK_BYTES_MIN: u64 = 512 << 10;
+    if (IO_MEMORY_BYTES as u64) > GLOMMIO_MEMLOCK_BYTES_MIN {
+        IO_MEMORY_BYTES as u64
+    } else {
+        GLOMMIO_MEMLOCK_BYTES_MIN
+    }
+};
 /// Submission queue depth per ring. Sockets and fdatasyncs are the only users.
 const RING_DEPTH: usize = 512;
 
@@ -138,12 +149,17 @@ const LISTEN_BACKLOG: i32 = 4096;
 
 /// Binds a listening socket with SO_REUSEPORT (every executor binds the same address; the kernel
 /// spreads connections) and SO_REUSEADDR (a restart must not fail on the previous life's
-/// TIME_WAIT connections).
+/// connections: TIME_WAIT, or FIN_WAIT when devices keep their end open after a kill -9).
 pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let listener = bind_std(addr)?;
+    // SAFETY: a listening TCP socket that only this call owns.
+    Ok(unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(listener)) })
+}
+
+/// [`bind`] as a plain `std` listener, usable outside an executor (the start-up probe that
+/// resolves port 0 and names an address in use before anything else happens). Non-blocking.
+pub fn bind_std(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
     use std::os::fd::{FromRawFd, OwnedFd};
-    let std::net::SocketAddr::V4(v4) = addr else {
-        return TcpListener::bind(addr).map_err(io::Error::from);
-    };
     let check = |r: libc::c_int| {
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -151,11 +167,15 @@ pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
             Ok(r)
         }
     };
+    let family = match addr {
+        std::net::SocketAddr::V4(_) => libc::AF_INET,
+        std::net::SocketAddr::V6(_) => libc::AF_INET6,
+    };
     // SAFETY: plain socket syscalls on a descriptor this function owns (via OwnedFd on every
-    // path); the sockaddr is fully initialised and its size passed exactly.
+    // path); each sockaddr is fully initialised and its size passed exactly.
     unsafe {
         let fd = check(libc::socket(
-            libc::AF_INET,
+            family,
             libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
             0,
         ))?;
@@ -170,23 +190,41 @@ pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             ))?;
         }
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(v4.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        check(libc::bind(
-            fd,
-            &sin as *const libc::sockaddr_in as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        ))?;
+        match addr {
+            std::net::SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                check(libc::bind(
+                    fd,
+                    &sin as *const libc::sockaddr_in as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                ))?;
+            }
+            std::net::SocketAddr::V6(v6) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: v6.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
+                    sin6_scope_id: v6.scope_id(),
+                };
+                check(libc::bind(
+                    fd,
+                    &sin6 as *const libc::sockaddr_in6 as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                ))?;
+            }
+        }
         check(libc::listen(fd, LISTEN_BACKLOG))?;
-        Ok(TcpListener::from_raw_fd(
-            std::os::fd::IntoRawFd::into_raw_fd(owned),
-        ))
+        Ok(std::net::TcpListener::from(owned))
     }
 }
 

@@ -202,17 +202,32 @@ fn dir_arg(dir: &Path) -> String {
 }
 
 #[test]
-fn token_command_creates_data_dir_secret_and_signs_with_it() {
-    // With only --data-dir, <dir>/secret is created and the token verifies under it.
+fn token_command_never_creates_a_secret() {
+    // Issue 13 §3: with only --data-dir and no secret there, `geobeat token` fails, creates
+    // nothing (neither the secret nor the directory), and its message names every place it
+    // looked and every way to fix it. Once the server's secret exists (serve creates it with
+    // load_or_create), the token signs with it.
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("shards");
     let d = dir_arg(&data);
+    let err = run(&["device", "truck-1", "--data-dir", &d], &[]).unwrap_err();
+    let msg = err.to_string();
+    assert!(!data.exists(), "token created {}", data.display());
+    for needle in [
+        "--secret-file",
+        "GEOBEAT_SECRET_FILE",
+        "GEOBEAT_SECRET ",
+        "--data-dir",
+        data.join(SECRET_FILE_NAME).to_str().unwrap(),
+    ] {
+        assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
+    }
+    let secret = Secret::load_or_create(&data.join(SECRET_FILE_NAME)).unwrap();
     let token = run(&["device", "truck-1", "--data-dir", &d], &[]).unwrap();
     assert!(
         !token.contains(char::is_whitespace),
         "only the token: {token:?}"
     );
-    let secret = Secret::load(&data.join(SECRET_FILE_NAME)).unwrap();
     let claims = verify(&secret, &token, NOW).unwrap();
     assert_eq!(claims.scope, Scope::Device("truck-1".into()));
     assert_eq!(
@@ -220,10 +235,23 @@ fn token_command_creates_data_dir_secret_and_signs_with_it() {
         NOW + 365 * 86_400,
         "default device TTL"
     );
-    // A second run reuses the same secret.
     let ops = run(&["--data-dir", &d, "ops"], &[]).unwrap();
     let claims = verify(&secret, &ops, NOW).unwrap();
     assert_eq!(claims.expires_at_s, NOW + 30 * 86_400, "default ops TTL");
+}
+
+#[test]
+fn bad_signature_says_whose_secret() {
+    // A token signed under another secret is refused with a message that says it was not signed
+    // by this server's secret (the server puts this text in its 401 JSON).
+    let other = mint(&secret(1), &Scope::Ops, NOW + 60);
+    let err = verify(&secret(2), &other, NOW).unwrap_err();
+    assert_eq!(err, TokenError::BadSignature);
+    assert!(
+        err.to_string()
+            .contains("not signed by this server's secret"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -256,8 +284,13 @@ fn token_command_secret_source_order() {
         !data.exists(),
         "no data-dir secret created when GEOBEAT_SECRET is set"
     );
+    assert!(
+        run(&["ops"], &env[1..]).is_err(),
+        "token never creates GEOBEAT_DATA_DIR/secret"
+    );
+    assert!(!data.exists());
+    let data_secret = Secret::load_or_create(&data.join(SECRET_FILE_NAME)).unwrap();
     let t = run(&["ops"], &env[1..]).unwrap();
-    let data_secret = Secret::load(&data.join(SECRET_FILE_NAME)).unwrap();
     assert!(verify(&data_secret, &t, NOW).is_ok());
 }
 

@@ -43,7 +43,14 @@ impl Drop for Mount {
 fn mount_tmpfs(at: &Path) -> Result<Mount, String> {
     std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
     let out = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={TMPFS_BYTES}"), "tmpfs"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            // mode=0700: a data directory open to group or others is refused at start.
+            &format!("size={TMPFS_BYTES},mode=0700"),
+            "tmpfs",
+        ])
         .arg(at)
         .output()
         .map_err(|e| format!("running mount: {e}"))?;
@@ -130,6 +137,75 @@ impl Gw {
                 panic!("unexpected frame {v}");
             }
         }
+    }
+}
+
+impl Gw {
+    /// Sends `frames` frames of `count` heartbeats each without reading in between (a pipelining
+    /// device), then reads until every heartbeat was acked or refused; each read may wait
+    /// `patience`. Returns (acked, refused) counts, or the answers counted so far when a read
+    /// timed out (the connection stopped answering).
+    fn pipeline(
+        &mut self,
+        frames: usize,
+        count: usize,
+        patience: Duration,
+    ) -> Result<(usize, usize), (usize, usize)> {
+        let all: Vec<usize> = (0..self.ids.len()).collect();
+        let first = self.seq + 1;
+        for _ in 0..frames {
+            let mut text = String::from("[");
+            for k in 0..count {
+                self.seq += 1;
+                let d = all[k % all.len()];
+                let ts = self.next_ts;
+                self.next_ts += 1;
+                if k > 0 {
+                    text.push(',');
+                }
+                text.push_str(&format!(
+                    r#"{{"seq":{},"id":"{}","lat":{},"lon":2.5,"ts":{ts},"attrs":{ATTRS}}}"#,
+                    self.seq,
+                    self.ids[d],
+                    lat_of(ts)
+                ));
+                self.sent[d].insert(ts, (lat_of(ts), None));
+                self.pending.insert(self.seq, (d, ts));
+            }
+            text.push(']');
+            self.ws.send(Message::text(text)).unwrap();
+        }
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            s.set_read_timeout(Some(patience)).unwrap();
+        }
+        let (mut acked, mut refused) = (0, 0);
+        while self.pending.range(first..).next().is_some() {
+            let v = match self.ws.read() {
+                Ok(Message::Text(t)) => serde_json::from_str::<serde_json::Value>(&t).unwrap(),
+                Ok(_) => continue,
+                Err(e) => {
+                    eprintln!("pipelined read failed: {e}");
+                    return Err((acked, refused));
+                }
+            };
+            if let Some(seq) = v["seq"].as_u64() {
+                let reason = v["error"].as_str().expect("error frame").to_string();
+                let (d, ts) = self.pending.remove(&seq).expect("error for a pending seq");
+                self.sent[d].get_mut(&ts).unwrap().1 = Some(false);
+                self.reasons.push(reason);
+                refused += 1;
+            } else if let Some(a) = v["ack"].as_u64() {
+                let done: Vec<u64> = self.pending.range(..=a).map(|(s, _)| *s).collect();
+                for s in done {
+                    let (d, ts) = self.pending.remove(&s).unwrap();
+                    self.sent[d].get_mut(&ts).unwrap().1 = Some(true);
+                    acked += 1;
+                }
+            } else {
+                panic!("unexpected frame {v}");
+            }
+        }
+        Ok((acked, refused))
     }
 }
 
@@ -404,4 +480,58 @@ fn a_full_disk_shows_in_the_metrics() {
         "metrics count {counted} storage_full refusals, devices were sent {}",
         f.refused_total
     );
+}
+
+#[test]
+fn pipelined_frames_refused_for_a_full_disk_do_not_wedge_the_connection() {
+    // Issue 13 §7: a device pipelining several frames of 50 heartbeats while the disk is full got
+    // its `storage_full` refusals and then was never read again (no ack, no error, no close), even
+    // after space was freed. The refusals fill the connection's error queue, its reader pauses,
+    // and the writer drained the queue without waking it. Every refusal and the final ack must
+    // arrive while full, and after space returns the same connection must be acked again, with
+    // several frames in flight each time.
+    let Some(f) = fill_up() else {
+        return;
+    };
+    // A device connection lives on its shard's executor, so its refusals complete each frame
+    // before the next one is read: nothing is left in flight to wake its reader.
+    let id = f.ids[0].clone();
+    let mut dev = Gw {
+        ws: ws_connect(&f.server, &f.server.token(&["device", &id])).unwrap(),
+        seq: 0,
+        next_ts: f.gw.next_ts,
+        pending: BTreeMap::new(),
+        sent: vec![Sent::new()],
+        ids: vec![id],
+        reasons: Vec::new(),
+    };
+    let patience = Duration::from_secs(5);
+    for round in 0..3 {
+        let got = dev.pipeline(12, 50, patience);
+        assert_eq!(
+            got,
+            Ok((0, 600)),
+            "round {round} while full: (acked, refused) of 12 pipelined frames of 50"
+        );
+    }
+    assert!(dev.reasons.iter().all(|r| r == "storage_full"));
+    std::fs::remove_file(&f.filler).unwrap();
+    let resumed = Instant::now();
+    loop {
+        let (a, r) = dev
+            .pipeline(12, 50, patience)
+            .unwrap_or_else(|got| panic!("the connection stopped answering: {got:?}"));
+        if r == 0 {
+            assert_eq!(a, 600);
+            break;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(10),
+            "appends did not resume on the pipelining connection"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..3 {
+        assert_eq!(dev.pipeline(12, 50, patience), Ok((600, 0)));
+    }
 }

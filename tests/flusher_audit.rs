@@ -2,8 +2,10 @@
 //! Heartbeats are written through the real `ShardStore`; a child process running the real
 //! flusher with a plain and a zstd audit sink is SIGKILLed mid-drain several times, then a final
 //! flusher finishes in this process. Every line of every file must parse, carry the right fields,
-//! and every durable heartbeat must appear exactly once per sink, in hourly files named for the
-//! hour of `received_at` (or later, for stragglers). A second test checks retention: `consumed`
+//! and every durable heartbeat must appear exactly once per sink, in files named for the rotation
+//! window of `received_at` (or later, for stragglers); a second crash test kills it many times
+//! while files end by time and by size, and checks `geobeat sinks --json` against the files
+//! on disk. Another test checks retention: `consumed`
 //! holds segments back until every sink has read them, a new sink starts at the oldest retained
 //! entry, and a sink whose data was deleted reports the gap and carries on.
 
@@ -16,8 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flusher_support::*;
+use geobeat::config::Rotation;
 use geobeat::datadir::DataDir;
-use geobeat::flusher::cursor::{cursor_path, parse_hour_name, read_cursor, write_cursor, Cursor};
+use geobeat::flusher::cursor::{
+    cursor_path, parse_file_start, read_cursor, write_cursor, Cursor, FileStart,
+};
 use geobeat::flusher::{self, CONSUMER_NAME};
 use geobeat::route::ShardId;
 
@@ -47,8 +52,9 @@ fn read_audit(root: &Path) -> Vec<(String, String, serde_json::Value)> {
     out
 }
 
-/// Checks one sink's files against the logs: exactly once, right content, right files.
-fn verify_audit(root: &Path, data: &Path) {
+/// Checks one sink's files against the logs: exactly once, right content, right files (for a
+/// rotation window of `window_ms`).
+fn verify_audit(root: &Path, data: &Path, window_ms: i64) {
     let want = expected(data);
     let lines = read_audit(root);
     let got = multiplicity(lines.iter().map(|(_, _, v)| {
@@ -75,9 +81,14 @@ fn verify_audit(root: &Path, data: &Path) {
         for k in ["alt", "speed", "heading", "acc", "attrs"] {
             assert!(v.get(k).is_some(), "field {k} present");
         }
-        // Named for the hour of received_at, or a later one (a straggler).
-        let hour = parse_hour_name(&file[..13]).expect("hour-named file");
-        assert!(e.received_at.div_euclid(3_600_000) <= hour, "{file}: {v}");
+        // Received before the end of the window the file is named in (a straggler may be from
+        // before the name).
+        let stem = &file[..file.find('.').unwrap()];
+        let end = match parse_file_start(stem).expect("time-named file") {
+            FileStart::Second(s) => ((s * 1000).div_euclid(window_ms) + 1) * window_ms,
+            FileStart::Hour(h) => (h + 1) * 3_600_000,
+        };
+        assert!(e.received_at < end, "{file}: {v}");
     }
     // Within a shard, lines are in log order across files.
     let mut last: HashMap<String, u64> = HashMap::new();
@@ -102,9 +113,9 @@ fn cursor_sum(data: &Path, sink: &str) -> u64 {
 
 fn sigkill_mid_drain_exactly_once() {
     // 100,000 heartbeats over 5 hours of receive time in 2 shards; a child with a plain and a
-    // zstd audit sink (batches of 700 lines, one fsync each) is killed at 20%, 45% and 70% of the
-    // log drained; then the flusher finishes in this process. Both sinks' files hold every
-    // heartbeat exactly once, in log order, in the right hourly files.
+    // zstd audit sink (batches of 700 lines, one fsync each; default one-minute windows) is
+    // killed at 20%, 45% and 70% of the log drained; then the flusher finishes in this process.
+    // Both sinks' files hold every heartbeat exactly once, in log order, in the right files.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (plain, zst) = (dir.path().join("plain"), dir.path().join("zst"));
@@ -132,9 +143,9 @@ fn sigkill_mid_drain_exactly_once() {
     assert!(status
         .iter()
         .all(|s| s.lag_bytes == 0 && s.skipped_bytes == 0));
-    verify_audit(&plain, &data);
-    verify_audit(&zst, &data);
-    // Only the newest hour of each shard may still be open (.tmp).
+    verify_audit(&plain, &data, 60_000);
+    verify_audit(&zst, &data, 60_000);
+    // Only the newest file of each shard may still be open (.tmp).
     for root in [&plain, &zst] {
         for sd in std::fs::read_dir(root).unwrap().flatten() {
             let mut names: Vec<String> = std::fs::read_dir(sd.path())
@@ -146,9 +157,9 @@ fn sigkill_mid_drain_exactly_once() {
             let tmps: Vec<_> = names.iter().filter(|n| n.ends_with(".tmp")).collect();
             assert!(tmps.len() <= 1, "{tmps:?}");
             if let Some(t) = tmps.first() {
-                assert_eq!(*t, names.last().unwrap(), "only the newest hour is open");
+                assert_eq!(*t, names.last().unwrap(), "only the newest file is open");
             }
-            assert!(names.len() >= 5, "hourly files: {names:?}");
+            assert!(names.len() >= 5 * 60, "one file per minute: {names:?}");
         }
     }
 }
@@ -278,7 +289,107 @@ fn cursor_ahead_of_durable_waits_without_rewinding() {
     wait_until_drained(&handle, Duration::from_secs(20));
     stop.store(true, Ordering::Release);
     handle.join().unwrap();
-    verify_audit(&out, &data);
+    verify_audit(&out, &data, 60_000);
+}
+
+fn sigkill_across_rotations_exactly_once() {
+    // 40,000 heartbeats over one hour of receive time in 2 shards, drained by a plain and a zstd
+    // audit sink with one-minute windows and 32 KiB files (a minute holds ~60 KiB of plain
+    // lines, so plain files end by size and by time, compressed ones by time), killed
+    // (SIGKILL) at six fill levels, then finished in this process. Every heartbeat is in each
+    // sink exactly once and in log order, names are unique per second and sort in log order,
+    // only a shard's newest file may be open, no plain file is more than a line past 32 KiB;
+    // and `geobeat sinks --json` reports each cursor's file and byte count as they are on disk.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (plain, zst) = (dir.path().join("plain"), dir.path().join("zst"));
+    let total = 40_000;
+    let log_bytes: u64 = {
+        let mut stores = open_stores(&data, 2);
+        append(&mut stores, 0..total, total, 1);
+        stores
+            .iter_mut()
+            .map(|s| s.sync_blocking().unwrap().0)
+            .sum()
+    };
+    let rotate = Rotation {
+        window_secs: 60,
+        bytes: 32 << 10,
+    };
+    let sinks = vec![
+        audit_sink_rotating("plain", &plain, false, rotate),
+        audit_sink_rotating("zst", &zst, true, rotate),
+    ];
+    for pct in [10, 25, 40, 55, 70, 85] {
+        let child = spawn_child(&data, &sinks);
+        wait_for("the child to drain", Duration::from_secs(40), || {
+            cursor_sum(&data, "plain").min(cursor_sum(&data, "zst")) >= log_bytes * pct / 100
+        });
+        kill(child);
+    }
+    let status = drain_in_process(&data, sinks);
+    assert!(status.iter().all(|s| s.lag_bytes == 0));
+    verify_audit(&plain, &data, 60_000);
+    verify_audit(&zst, &data, 60_000);
+    let mut size_cut = 0;
+    for root in [&plain, &zst] {
+        for sd in std::fs::read_dir(root).unwrap().flatten() {
+            let mut names: Vec<String> = std::fs::read_dir(sd.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            let open: Vec<_> = names.iter().filter(|n| n.ends_with(".tmp")).collect();
+            assert!(open.len() <= 1 && open.iter().all(|t| *t == names.last().unwrap()));
+            let mut seconds = Vec::new();
+            for n in &names {
+                let Some(FileStart::Second(s)) = parse_file_start(&n[..n.find('.').unwrap()])
+                else {
+                    panic!("{n} is not named for a second")
+                };
+                seconds.push(s);
+                let size = std::fs::metadata(sd.path().join(n)).unwrap().len();
+                if root == &plain {
+                    assert!(size < (32 << 10) + 1024, "{n}: {size} bytes");
+                    // Only a file that follows a size cut is named off a window's start.
+                    if s % 60 != 0 {
+                        size_cut += 1;
+                    }
+                }
+            }
+            assert!(seconds.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+            assert!(names.len() >= 60, "{names:?}");
+        }
+    }
+    assert!(size_cut > 0, "some plain files ended by size");
+    // The JSON form of `geobeat sinks`: machine fields that match the files.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_geobeat"))
+        .args(["sinks", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["sinks"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{v}");
+    for r in rows {
+        let root = if r["sink"] == "plain" { &plain } else { &zst };
+        assert_eq!(r["kind"], "audit", "{r}");
+        assert_eq!(r["lag_bytes"], 0, "{r}");
+        assert_eq!(r["cursor"], r["log_end"], "{r}");
+        let file = r["file"].as_str().expect("file name");
+        let sd = root.join(format!("shard-{:04}", r["shard"].as_u64().unwrap()));
+        let on_disk = std::fs::metadata(sd.join(file))
+            .or_else(|_| std::fs::metadata(sd.join(format!("{file}.tmp"))))
+            .unwrap()
+            .len();
+        assert_eq!(r["file_bytes"].as_u64(), Some(on_disk), "{r}");
+    }
 }
 
 fn main() {
@@ -297,6 +408,10 @@ fn main() {
         (
             "cursor_ahead_of_durable_waits_without_rewinding",
             cursor_ahead_of_durable_waits_without_rewinding,
+        ),
+        (
+            "sigkill_across_rotations_exactly_once",
+            sigkill_across_rotations_exactly_once,
         ),
     ]);
 }

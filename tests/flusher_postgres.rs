@@ -291,6 +291,68 @@ fn replay_after_lost_cursor_updates_is_idempotent() {
     verify(pg, &root);
 }
 
+fn a_missing_database_is_reported_with_the_servers_message() {
+    // A sink whose database does not exist: the flusher starts anyway, the sink's start-up check
+    // fails on every shard with PostgreSQL's own message (SQLSTATE 3D000, `database "..." does
+    // not exist`; the client's Display alone says "db error"), `failing()` (what /readyz shows)
+    // names it, and its cursors stay put. Once the database is created the retried check
+    // succeeds, the sink drains, and it is no longer failing.
+    let pg = pg();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let total = 2_000;
+    let stores = {
+        let mut stores = open_stores(&root, 2);
+        append(&mut stores, 0..total, total, 1);
+        for s in &mut stores {
+            s.sync_blocking().unwrap();
+        }
+        stores
+    };
+    let db = "geobeat_missing";
+    let _ = pg
+        .client()
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"));
+    let url = pg.url.replace("dbname=postgres", &format!("dbname={db}"));
+    assert_ne!(url, pg.url);
+    let feeds = feeds(&root, &stores);
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = flusher::start(vec![pg_sink("pg", &url)], feeds.clone(), stop.clone()).unwrap();
+    wait_for("the check to fail", Duration::from_secs(20), || {
+        handle.status().iter().all(|s| s.failures > 0)
+    });
+    for s in handle.status() {
+        let e = s.last_error.expect("an error");
+        assert!(
+            e.contains(&format!("database \"{db}\" does not exist")) && e.contains("3D000"),
+            "{e}"
+        );
+        assert!(!e.contains("db error"), "{e}");
+        assert_eq!(s.cursor, 0);
+    }
+    let failing = handle.status_reader().failing();
+    assert_eq!(failing.len(), 1, "{failing:?}");
+    assert_eq!(
+        (failing[0].sink.as_str(), failing[0].kind),
+        ("pg", "postgres")
+    );
+    assert_eq!(failing[0].shards, vec![0, 1]);
+    pg.client()
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
+    wait_until_drained(&handle, Duration::from_secs(30));
+    assert!(handle.status_reader().failing().is_empty());
+    stop.store(true, Ordering::Release);
+    handle.join().unwrap();
+    drop(stores);
+    let rows: i64 = postgres::Client::connect(&url, postgres::NoTls)
+        .unwrap()
+        .query_one("SELECT count(*) FROM history", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, total as i64);
+}
+
 fn main() {
     if child_main() {
         return;
@@ -305,6 +367,10 @@ fn main() {
         (
             "replay_after_lost_cursor_updates_is_idempotent",
             replay_after_lost_cursor_updates_is_idempotent,
+        ),
+        (
+            "a_missing_database_is_reported_with_the_servers_message",
+            a_missing_database_is_reported_with_the_servers_message,
         ),
     ]);
     if let Some(pg) = PG.get() {

@@ -251,3 +251,82 @@ fn gateway_tokens_write_only_inside_their_prefix() {
     assert_eq!(server.get("/v1/devices/fleet-a%2F2", Some(&ops)).0, 200);
     assert_eq!(server.get("/v1/devices/fleet-b%2F1", Some(&ops)).0, 404);
 }
+
+#[test]
+fn an_ingest_connection_closes_with_1008_token_expired_when_its_token_expires() {
+    // Issue 20 §4: an ingest connection kept getting acks after its token expired. At expiry it
+    // must stop reading, ack what it read, and close with 1008 `token_expired`: the device keeps
+    // sending until the close arrives; everything stored is acked, everything acked is stored,
+    // and the close comes no earlier than the expiry.
+    use std::time::{Duration, Instant};
+    let (_d, server) = setup();
+    let token = server.token(&["device", "expiring", "--ttl", "3s"]);
+    let expires_at_s: i64 = token.split('.').nth(3).unwrap().parse().unwrap();
+    let mut ws = ws_connect(&server, &token).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    }
+    let t0 = now_ms();
+    let started = Instant::now();
+    let (mut seq, mut acked) = (0u64, 0u64);
+    let close = 'run: loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still open {:?} after the token expired (last ack {acked} of {seq})",
+            started.elapsed()
+        );
+        if seq < 1000 {
+            seq += 1;
+            let hb = hb_json(seq, 1.0, 1.0, t0 + seq as i64);
+            if ws.send(Message::text(hb)).is_err() {
+                seq -= 1;
+            }
+        }
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    let a = v["ack"].as_u64().unwrap_or_else(|| panic!("{v}"));
+                    acked = acked.max(a);
+                }
+                Ok(Message::Close(Some(f))) => {
+                    break 'run (u16::from(f.code), f.reason.to_string())
+                }
+                Ok(Message::Close(None)) => panic!("closed without a code"),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => panic!("connection ended without a close frame: {e}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    };
+    assert_eq!(close, (1008, "token_expired".to_string()));
+    assert!(
+        now_ms() / 1000 >= expires_at_s,
+        "closed before the expiry ({expires_at_s})"
+    );
+    assert!(
+        acked > 10,
+        "heartbeats were acked before the expiry: {acked}"
+    );
+    let ops = server.token(&["ops"]);
+    let stored: Vec<u64> = history_all(&server, "expiring", &ops)
+        .unwrap()
+        .iter()
+        .map(|h| (h["ts"].as_i64().unwrap() - t0) as u64)
+        .collect();
+    let mut stored = stored;
+    stored.sort_unstable();
+    assert_eq!(
+        stored,
+        (1..=acked).collect::<Vec<_>>(),
+        "stored == acked (everything read before the close was acked)"
+    );
+}

@@ -1,6 +1,7 @@
 //! The storage flusher wired into the real server: heartbeats acked over WebSocket reach an
 //! audit-file sink configured in the TOML file, `/v1/sinks` shows the cursor catching up with the
-//! durable position, and `/metrics` exposes the backlog per sink and shard.
+//! durable position, and `/metrics` exposes the backlog per sink and shard. A sink that cannot be
+//! reached is named by `/readyz` (still 200: ingest goes on) and logged with the cause.
 
 mod common;
 use common::*;
@@ -87,4 +88,99 @@ fn acked_heartbeats_reach_the_audit_sink_and_progress_is_visible() {
         "{metrics}"
     );
     assert_eq!(server.get("/v1/sinks", None).0, 401);
+}
+
+#[test]
+fn an_unreachable_sink_is_named_by_readyz_and_ingest_goes_on() {
+    // A PostgreSQL sink pointing at a port nobody listens on, next to a working audit sink: the
+    // server starts, /readyz stays 200 but names the failing sink (and only it) under
+    // `sinks_failing`, /healthz is unchanged, heartbeats are still acknowledged and reach the
+    // audit sink, and the error (in /v1/sinks and the log) carries the cause, not just the
+    // client's "error connecting to server".
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let config = dir.path().join("geobeat.toml");
+    let port = free_addr().port();
+    std::fs::write(
+        &config,
+        format!(
+            "[[sinks]]\nname = \"archive\"\nkind = \"audit\"\ndir = \"{}\"\npoll_interval_ms = 20\n\
+             [[sinks]]\nname = \"db\"\nkind = \"postgres\"\n\
+             url = \"host=127.0.0.1 port={port} user=geobeat dbname=fleet connect_timeout=2\"\n",
+            audit.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("server.log");
+    let server = Server::start_logged(
+        &dir.path().join("data"),
+        &["--config", &config.display().to_string()],
+        &log,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (st, body) = server.get("/readyz", None);
+        assert_eq!(st, 200, "{body}");
+        if body.contains("sinks_failing") {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never named the sink: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "ok", "{body}");
+    let failing = v["sinks_failing"].as_array().unwrap();
+    assert_eq!(failing.len(), 1, "{body}");
+    assert_eq!(failing[0]["sink"], "db", "{body}");
+    assert_eq!(failing[0]["kind"], "postgres", "{body}");
+    assert_eq!(failing[0]["shards"].as_array().unwrap().len(), 2, "{body}");
+    assert_eq!(
+        server.get("/healthz", None),
+        (200, r#"{"status":"ok"}"#.into())
+    );
+    // Ingest goes on and the working sink gets the heartbeats.
+    let tok = server.token(&["gateway", "u-"]);
+    let mut ws = ws_connect(&server, &tok).unwrap();
+    let t = now_ms();
+    for seq in 1..=20u64 {
+        let f = format!(
+            r#"{{"seq":{seq},"id":"u-{seq}","lat":1,"lon":2,"ts":{}}}"#,
+            t + seq as i64
+        );
+        ws.send(Message::text(f)).unwrap();
+    }
+    assert!(wait_ack(&mut ws, 20).is_empty());
+    let ops = server.token(&["ops"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = server.get("/v1/sinks", Some(&ops));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let rows = v["sinks"].as_array().unwrap();
+        let archive_done = rows
+            .iter()
+            .filter(|r| r["name"] == "archive")
+            .all(|r| r["lag_bytes"] == 0 && r["rows_total"].as_u64().is_some());
+        let db_errors: Vec<&str> = rows
+            .iter()
+            .filter(|r| r["name"] == "db")
+            .filter_map(|r| r["last_error"].as_str())
+            .collect();
+        if archive_done && db_errors.len() == 2 {
+            for e in db_errors {
+                assert!(e.contains("Connection refused"), "{e}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("sink cannot be reached") && l.contains("Connection refused")),
+        "{text}"
+    );
 }

@@ -607,7 +607,10 @@ fn a_bad_first_segment_header_refuses_to_start_naming_the_file_until_moved_aside
     let name = first.file_name().unwrap().to_string_lossy().to_string();
     assert!(stderr.contains(&name), "the message names {name}: {stderr}");
     let q = shard_dir(&data, 0).join("quarantine");
-    std::fs::create_dir_all(&q).unwrap();
+    // Private like everything in a data directory (the server refuses group/other access).
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&q)
+        .unwrap();
     std::fs::rename(&first, q.join(&name)).unwrap();
     restart_and_check(work.path(), &data, survivors(&[None, None], &[1, 0]), true);
 }

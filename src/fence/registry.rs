@@ -15,6 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -194,6 +195,7 @@ impl FenceRegistry {
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(crate::datadir::FILE_MODE)
                 .open(&self.tmp)
                 .map_err(|e| io_err("create fences temp file", &self.tmp, e))?;
             f.write_all(text.as_bytes())

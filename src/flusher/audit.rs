@@ -1,21 +1,31 @@
 //! The audit-file sink: every heartbeat as one line of JSON (see `encode::write_json_line`) in
-//! hourly files per shard, `<dir>/shard-NNNN/<YYYY-MM-DDTHH>.ndjson` (or `.ndjson.zst`, a
-//! sequence of zstd frames, one per batch). It owns the files' life cycle and the rule that makes
-//! them exact across crashes; batching and cursors are the driver's.
+//! files per shard and rotation window, `<dir>/shard-NNNN/<YYYY-MM-DDTHH-MM-SS>.ndjson` (or
+//! `.ndjson.zst`, a sequence of zstd frames, one per batch). It owns the files' life cycle and the
+//! rule that makes them exact across crashes; batching and cursors are the driver's.
 //!
 //! Life cycle of a shard's files:
-//! * The open hour's file is written as `<name>.tmp`: each batch is appended (one zstd frame per
-//!   batch when compressed) and fdatasync'ed, and only then is the cursor replaced, recording the
-//!   file's name and its byte count alongside the log position.
-//! * A file is sealed (renamed to its final name, directory fsynced) when the first heartbeat of a
-//!   later hour arrives, or when the shard is caught up and its hour ended more than
-//!   [`SEAL_GRACE_MS`] ago. A clean shutdown leaves the open file as `.tmp`; the next start goes on
+//! * The open file is written as `<name>.tmp`: each batch is appended (one zstd frame per batch
+//!   when compressed) and fdatasync'ed, and only then is the cursor replaced, recording the file's
+//!   name and its byte count alongside the log position.
+//! * Windows: `received_at` (UTC) is cut into windows of `rotate` seconds aligned to the Unix
+//!   epoch. A file is named for the second it starts: the start of its window, or, after a size
+//!   rotation, the second of its first heartbeat; a name is always later than the shard's
+//!   previous file's (bumped by a second if need be), so names are unique and sort in log order.
+//!   A file takes heartbeats received before the end of the window its name falls in.
+//! * A file is sealed (renamed to its final name, directory fsynced) when the first heartbeat of
+//!   a later window arrives, when it holds `rotate_bytes` or more (plain files end within one
+//!   line past it, compressed ones within one batch), or when the shard is caught up and the
+//!   file's window ended more than [`SEAL_GRACE_MS`] ago. Sealing only ever happens with nothing
+//!   written past the cursor (at the start of a batch or when caught up), so a sealed file is
+//!   never cut back. A clean shutdown leaves the open file as `.tmp`; the next start goes on
 //!   appending to it.
-//! * The hour of a heartbeat is that of its `received_at` (UTC). Log order is nearly but not
-//!   strictly `received_at` order (stamps are taken before appends), so a heartbeat whose hour is
-//!   earlier than the open file's goes into the open file, and one whose hour's file is already
-//!   sealed goes into the next hour's file. A file thus holds its hour's heartbeats plus, rarely,
-//!   stragglers from just before; `received_at` in each line is always the truth.
+//! * Log order is nearly but not strictly `received_at` order (stamps are taken before appends),
+//!   so a heartbeat from before the open file's window goes into the open file: a file holds its
+//!   window's heartbeats plus, rarely, stragglers from just before; `received_at` in each line is
+//!   always the truth.
+//! * Hourly files (`YYYY-MM-DDTHH`) written before rotation windows existed are read back from
+//!   their cursors: an open one takes heartbeats until its hour ends, and the next file is named
+//!   after that hour, so names still sort in log order.
 //!
 //! Invariant (exactly once): the audit output of a shard is always exactly the lines of the log
 //! entries before the cursor: the sealed files plus the first `bytes` bytes of the cursor's file.
@@ -25,23 +35,26 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
-use crate::config::Compression;
+use crate::config::{Compression, Rotation};
 use crate::log::Entry;
 use crate::route::ShardId;
 
 use super::cursor::{
-    create_dir_durable, hour_name, hour_of_ms, sync_dir, AuditFile, Cursor, HOUR_MS,
+    create_dir_durable, parse_file_start, second_name, sync_dir, AuditFile, Cursor, FileStart,
+    HOUR_MS,
 };
 use super::driver::{Push, Sink};
 use super::encode::write_json_line;
 use super::FlushError;
 
-/// How long after its hour ends an open file of a caught-up shard is sealed, ms (room for
-/// heartbeats stamped just before the hour ended but made durable just after).
-pub const SEAL_GRACE_MS: i64 = 30_000;
-/// Suffix of a file whose hour is still open.
+/// How long after its window ends an open file of a caught-up shard is sealed, ms: room for
+/// heartbeats stamped just before the window ended but made durable just after (a group commit
+/// takes milliseconds; a later one only lands in the next file, so this is about tidiness).
+pub const SEAL_GRACE_MS: i64 = 5_000;
+/// Suffix of a file that is still open.
 pub const TMP_SUFFIX: &str = ".tmp";
 
 fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> FlushError {
@@ -67,11 +80,25 @@ pub fn shard_dir(root: &Path, shard: ShardId) -> PathBuf {
 /// The file a shard's lines currently go to.
 #[derive(Debug, Clone)]
 struct Current {
-    hour: i64,
+    /// The time the file is named for, as in the cursor (`AuditFile::start`).
+    start: String,
+    /// Second the name stands for: every later file of the shard is named after it.
+    order_s: i64,
+    /// Heartbeats received at or after this (ms) go to a later file.
+    end_ms: i64,
     name: String,
     bytes: u64,
     /// Renamed to its final name: no more lines go to it.
     sealed: bool,
+}
+
+/// Where the batch in hand goes.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// Appended to the current (open) file.
+    Current,
+    /// A new file named for second `start_s`, taking heartbeats received before `end_ms`.
+    New { start_s: i64, end_ms: i64 },
 }
 
 /// One shard's audit state.
@@ -83,15 +110,16 @@ struct ShardAudit {
     file: Option<File>,
     /// Lines of the batch in hand.
     pending: Vec<u8>,
-    /// Hour of the file the batch in hand goes to.
-    pending_hour: Option<i64>,
+    /// File the batch in hand goes to.
+    target: Option<Target>,
 }
 
-/// Writes hourly NDJSON files (see the module docs).
+/// Writes NDJSON files per shard and rotation window (see the module docs).
 pub struct AuditSink {
     name: String,
     root: PathBuf,
     compress: Compression,
+    rotate: Rotation,
     shards: HashMap<u32, ShardAudit>,
     compressor: Option<zstd::bulk::Compressor<'static>>,
 }
@@ -102,17 +130,20 @@ impl std::fmt::Debug for AuditSink {
             .field("name", &self.name)
             .field("root", &self.root)
             .field("compress", &self.compress)
+            .field("rotate", &self.rotate)
             .finish()
     }
 }
 
 impl AuditSink {
     /// A sink writing under `root`.
-    pub fn new(name: &str, root: PathBuf, compress: Compression) -> AuditSink {
+    pub fn new(name: &str, root: PathBuf, compress: Compression, rotate: Rotation) -> AuditSink {
+        assert!(rotate.window_secs > 0 && rotate.bytes > 0, "{rotate:?}");
         AuditSink {
             name: name.to_owned(),
             root,
             compress,
+            rotate,
             shards: HashMap::new(),
             compressor: None,
         }
@@ -133,6 +164,11 @@ impl AuditSink {
             ..ShardAudit::default()
         })
     }
+}
+
+/// The end (ms, exclusive) of the rotation window of `window_ms` that contains `ms`.
+fn window_end(ms: i64, window_ms: i64) -> i64 {
+    (ms.div_euclid(window_ms) + 1) * window_ms
 }
 
 /// Renames the open file of `st` to its final name and fsyncs the directory.
@@ -180,11 +216,32 @@ fn cut_back(path: &Path, bytes: u64) -> Result<(), FlushError> {
     Ok(())
 }
 
+impl AuditSink {
+    /// Creates the root directory if needed and proves it writable (creates and removes a probe
+    /// file): the start-up check.
+    pub fn check(&self) -> Result<(), FlushError> {
+        create_dir_durable(&self.root)?;
+        let probe = self.root.join(format!(".{}.probe{TMP_SUFFIX}", self.name));
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .map_err(|e| io_err("create a file in the audit directory", &probe, e))?;
+        std::fs::remove_file(&probe).map_err(|e| io_err("remove probe file", &probe, e))
+    }
+}
+
 impl Sink for AuditSink {
+    fn check(&mut self) -> Result<(), FlushError> {
+        AuditSink::check(self)
+    }
+
     fn resume(&mut self, shard: ShardId, cursor: &Cursor) -> Result<(), FlushError> {
+        let window_ms = self.rotate.window_secs as i64 * 1000;
         let st = self.state(shard);
         st.pending.clear();
-        st.pending_hour = None;
+        st.target = None;
         st.file = None;
         st.cur = None;
         create_dir_durable(&st.dir)?;
@@ -193,8 +250,17 @@ impl Sink for AuditSink {
             .as_ref()
             .map(|a| format!("{}{TMP_SUFFIX}", a.name));
         if let Some(a) = &cursor.audit {
-            let hour = super::cursor::parse_hour_name(&a.hour)
-                .ok_or_else(|| audit_err(&st.dir, format!("bad hour {:?} in cursor", a.hour)))?;
+            let (order_s, end_ms) = match parse_file_start(&a.start) {
+                Some(FileStart::Second(s)) => (s, window_end(s * 1000, window_ms)),
+                // An hourly file: open until its hour ends; later files are named after it.
+                Some(FileStart::Hour(h)) => (h * 3600 + 3599, (h + 1) * HOUR_MS),
+                None => {
+                    return Err(audit_err(
+                        &st.dir,
+                        format!("bad file start {:?} in cursor", a.start),
+                    ))
+                }
+            };
             let tmp = st.dir.join(format!("{}{TMP_SUFFIX}", a.name));
             let final_path = st.dir.join(&a.name);
             let sealed = match (tmp.exists(), final_path.exists()) {
@@ -225,7 +291,9 @@ impl Sink for AuditSink {
                 }
             };
             st.cur = Some(Current {
-                hour,
+                start: a.start.clone(),
+                order_s,
+                end_ms,
                 name: a.name.clone(),
                 bytes: a.bytes,
                 sealed,
@@ -254,25 +322,55 @@ impl Sink for AuditSink {
     }
 
     fn push(&mut self, shard: ShardId, e: &Entry<'_>) -> Result<Push, FlushError> {
-        let hour = hour_of_ms(e.hb.received_ms.to_native());
+        let recv = e.hb.received_ms.to_native();
         let ext = self.extension();
+        let window_ms = self.rotate.window_secs as i64 * 1000;
+        let rotate_bytes = self.rotate.bytes;
+        // Plain files are cut within a line of `rotate_bytes`; compressed sizes are known only
+        // after a batch is compressed, so those files are cut at the batch boundary.
+        let plain = matches!(self.compress, Compression::None);
         let st = self.state(shard);
-        let target = match st.pending_hour {
-            Some(ph) if hour <= ph => ph,
-            Some(_) => return Ok(Push::CutBefore),
-            None => match &st.cur {
-                None => hour,
-                Some(c) if !c.sealed && hour <= c.hour && c.name.ends_with(ext) => c.hour,
-                Some(c) => {
-                    if !c.sealed {
+        let pending = st.pending.len() as u64;
+        match st.target {
+            Some(Target::Current) => {
+                let c = st.cur.as_ref().expect("a current file");
+                if recv >= c.end_ms || (plain && c.bytes + pending >= rotate_bytes) {
+                    return Ok(Push::CutBefore);
+                }
+            }
+            Some(Target::New { end_ms, .. }) => {
+                if recv >= end_ms || (plain && pending >= rotate_bytes) {
+                    return Ok(Push::CutBefore);
+                }
+            }
+            None => {
+                let fits = st.cur.as_ref().is_some_and(|c| {
+                    !c.sealed && recv < c.end_ms && c.bytes < rotate_bytes && c.name.ends_with(ext)
+                });
+                st.target = Some(if fits {
+                    Target::Current
+                } else {
+                    if st.cur.as_ref().is_some_and(|c| !c.sealed) {
                         seal(st)?;
                     }
-                    let c = st.cur.as_ref().expect("current file");
-                    hour.max(c.hour + 1)
-                }
-            },
-        };
-        st.pending_hour = Some(target);
+                    // A new window starts at its aligned start; a file cut within its window
+                    // (size, compression change, a straggler after sealing) at the heartbeat's
+                    // own second. Either way after the previous file's name.
+                    let natural = match &st.cur {
+                        Some(c) if recv < c.end_ms => recv.div_euclid(1000),
+                        _ => (window_end(recv, window_ms) - window_ms).div_euclid(1000),
+                    };
+                    let start_s = st
+                        .cur
+                        .as_ref()
+                        .map_or(natural, |c| natural.max(c.order_s + 1));
+                    Target::New {
+                        start_s,
+                        end_ms: window_end(start_s * 1000, window_ms),
+                    }
+                });
+            }
+        }
         write_json_line(&mut st.pending, shard, e);
         Ok(Push::Taken)
     }
@@ -280,7 +378,7 @@ impl Sink for AuditSink {
     fn discard(&mut self) {
         for st in self.shards.values_mut() {
             st.pending.clear();
-            st.pending_hour = None;
+            st.target = None;
         }
     }
 
@@ -300,10 +398,10 @@ impl Sink for AuditSink {
         }
         let ext = self.extension();
         let st = self.shards.get_mut(&shard.0).expect("pushed before commit");
-        let target = st.pending_hour.expect("a batch to commit");
-        let continuing = matches!(&st.cur, Some(c) if c.hour == target && !c.sealed);
-        if !continuing {
-            let name = format!("{}{ext}", hour_name(target));
+        let target = st.target.expect("a batch to commit");
+        if let Target::New { start_s, end_ms } = target {
+            let start = second_name(start_s);
+            let name = format!("{start}{ext}");
             let final_path = st.dir.join(&name);
             if final_path.exists() {
                 return Err(audit_err(
@@ -317,18 +415,25 @@ impl Sink for AuditSink {
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(crate::datadir::FILE_MODE)
                 .open(&tmp)
                 .map_err(|e| io_err("create audit file", &tmp, e))?;
             sync_dir(&st.dir)?;
             st.file = Some(file);
             st.cur = Some(Current {
-                hour: target,
+                start,
+                order_s: start_s,
+                end_ms,
                 name,
                 bytes: 0,
                 sealed: false,
             });
+            // From here on the batch goes to the new current file (also if it fails and is
+            // retried: `resume` rebuilds the state from the cursor first).
+            st.target = Some(Target::Current);
         }
         let cur = st.cur.as_mut().expect("current file");
+        debug_assert!(!cur.sealed);
         let tmp = st.dir.join(format!("{}{TMP_SUFFIX}", cur.name));
         if st.file.is_none() {
             let f = OpenOptions::new()
@@ -353,21 +458,22 @@ impl Sink for AuditSink {
             .map_err(|e| io_err("write audit file", &tmp, e))?;
         cur.bytes += data.len() as u64;
         next.audit = Some(AuditFile {
-            hour: hour_name(cur.hour),
+            start: cur.start.clone(),
             name: cur.name.clone(),
             bytes: cur.bytes,
         });
         st.pending.clear();
-        st.pending_hour = None;
+        st.target = None;
         Ok(())
     }
 
     fn idle(&mut self, shard: ShardId, now_ms: i64) -> Result<(), FlushError> {
+        let rotate_bytes = self.rotate.bytes;
         let Some(st) = self.shards.get_mut(&shard.0) else {
             return Ok(());
         };
         if let Some(c) = &st.cur {
-            if !c.sealed && now_ms >= (c.hour + 1) * HOUR_MS + SEAL_GRACE_MS {
+            if !c.sealed && (now_ms >= c.end_ms + SEAL_GRACE_MS || c.bytes >= rotate_bytes) {
                 seal(st)?;
             }
         }
@@ -378,10 +484,23 @@ impl Sink for AuditSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flusher::cursor::hour_of_ms;
     use crate::log::{Log, LogConfig, LogPos};
     use crate::record::Heartbeat;
 
     const H: i64 = 1_732_197_600_000; // 2024-11-21T14:00:00Z
+
+    fn rot(window_secs: u64, bytes: u64) -> Rotation {
+        Rotation { window_secs, bytes }
+    }
+
+    /// Sequence numbers per file, in file-name order.
+    fn seqs(files: &[(String, Vec<serde_json::Value>)]) -> Vec<Vec<u64>> {
+        files
+            .iter()
+            .map(|f| f.1.iter().map(|l| l["seq"].as_u64().unwrap()).collect())
+            .collect()
+    }
 
     fn hb(i: u64, received_ms: i64) -> Heartbeat {
         Heartbeat {
@@ -465,113 +584,225 @@ mod tests {
     }
 
     #[test]
-    fn hours_rotate_and_stragglers_stay_in_order() {
-        // Heartbeats spanning three hours, one straggler from hour 0 after hour 1 began, are
-        // written in small batches: hour 0 and 1 are sealed, hour 2 is still open (.tmp); every
-        // entry appears once, in log order, and the straggler sits in hour 1's file.
-        for compress in [Compression::None, Compression::Zstd { level: 3 }] {
+    fn windows_rotate_and_stragglers_stay_in_order() {
+        // Heartbeats spanning three windows (hourly, then one-minute windows), one straggler from
+        // the first window after the second began, written in small batches: the first two
+        // files are sealed, the third is still open (.tmp), each named for its window's start;
+        // every entry appears once, in log order, and the straggler sits in the second file.
+        for (window_secs, unit) in [(3600u64, HOUR_MS), (60, 60_000)] {
+            for compress in [Compression::None, Compression::Zstd { level: 3 }] {
+                let dir = tempfile::tempdir().unwrap();
+                let times = [
+                    H + 1,
+                    H + 2,
+                    H + unit + 5,
+                    H + 3,
+                    H + unit + 9,
+                    H + 2 * unit,
+                ];
+                let log = log_with(&dir.path().join("log"), &times);
+                let root = dir.path().join("audit");
+                let mut sink =
+                    AuditSink::new("a", root.clone(), compress, rot(window_secs, 1 << 30));
+                let c = drain(&mut sink, &log, Cursor::start(), 2);
+                assert_eq!(c.pos, log.durable().0);
+                let files = read_all(&shard_dir(&root, ShardId(1)));
+                let ext = sink.extension();
+                let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+                let name = |ms: i64| second_name(ms / 1000);
+                assert_eq!(
+                    names,
+                    vec![
+                        format!("{}{ext}", name(H)),
+                        format!("{}{ext}", name(H + unit)),
+                        format!("{}{ext}.tmp", name(H + 2 * unit))
+                    ]
+                );
+                assert_eq!(seqs(&files), vec![vec![1, 2], vec![3, 4, 5], vec![6]]);
+                // Before the window's end + grace an idle shard's file stays open; after, it is
+                // sealed.
+                sink.idle(ShardId(1), H + 3 * unit + SEAL_GRACE_MS - 1)
+                    .unwrap();
+                assert!(read_all(&shard_dir(&root, ShardId(1)))[2]
+                    .0
+                    .ends_with(".tmp"));
+                sink.idle(ShardId(1), H + 3 * unit + SEAL_GRACE_MS).unwrap();
+                let files = read_all(&shard_dir(&root, ShardId(1)));
+                assert_eq!(files[2].0, format!("{}{ext}", name(H + 2 * unit)));
+            }
+        }
+    }
+
+    #[test]
+    fn size_rotation_gives_unique_later_names() {
+        // 40 heartbeats received within one second and a window of a minute, with files limited
+        // to 1000 bytes (200 compressed): plain files end within one line past the limit, compressed ones after
+        // the batch that reached it (and an idle shard seals a full file at once); names are
+        // unique, increase by a second per file and sort in log order; every entry appears once.
+        for compress in [Compression::None, Compression::Zstd { level: 1 }] {
             let dir = tempfile::tempdir().unwrap();
-            let times = [
-                H + 1,
-                H + 2,
-                H + HOUR_MS + 5,
-                H + 3,
-                H + HOUR_MS + 9,
-                H + 2 * HOUR_MS,
-            ];
+            let times: Vec<i64> = (0..40).map(|i| H + 100 + i).collect();
             let log = log_with(&dir.path().join("log"), &times);
             let root = dir.path().join("audit");
-            let mut sink = AuditSink::new("a", root.clone(), compress);
-            let c = drain(&mut sink, &log, Cursor::start(), 2);
-            assert_eq!(c.pos, log.durable().0);
-            let files = read_all(&shard_dir(&root, ShardId(1)));
-            let ext = sink.extension();
-            let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
-            assert_eq!(
-                names,
-                vec![
-                    format!("2024-11-21T14{ext}"),
-                    format!("2024-11-21T15{ext}"),
-                    format!("2024-11-21T16{ext}.tmp")
-                ]
+            // Batches of 7 lines compress to about 150 bytes.
+            let limit = if compress == Compression::None {
+                1000
+            } else {
+                200
+            };
+            let mut sink = AuditSink::new("a", root.clone(), compress, rot(60, limit));
+            drain(&mut sink, &log, Cursor::start(), 7);
+            sink.idle(ShardId(1), H + 1000).unwrap();
+            let sd = shard_dir(&root, ShardId(1));
+            let files = read_all(&sd);
+            assert!(
+                files.len() >= 3,
+                "{:?}",
+                files.iter().map(|f| &f.0).collect::<Vec<_>>()
             );
-            let seqs: Vec<Vec<u64>> = files
-                .iter()
-                .map(|f| f.1.iter().map(|l| l["seq"].as_u64().unwrap()).collect())
-                .collect();
-            assert_eq!(seqs, vec![vec![1, 2], vec![3, 4, 5], vec![6]]);
-            // Past the hour + grace, an idle shard's file is sealed.
-            sink.idle(ShardId(1), H + 3 * HOUR_MS + SEAL_GRACE_MS)
-                .unwrap();
-            let files = read_all(&shard_dir(&root, ShardId(1)));
-            assert_eq!(files[2].0, format!("2024-11-21T16{ext}"));
+            let ext = sink.extension();
+            for (k, f) in files.iter().enumerate() {
+                // Full files are sealed; the last one only if it is full.
+                let name = f.0.strip_suffix(TMP_SUFFIX).unwrap_or(&f.0);
+                assert_eq!(name, format!("{}{ext}", second_name(H / 1000 + k as i64)));
+                assert!(k + 1 == files.len() || name == f.0, "{} is sealed", f.0);
+                let size = std::fs::metadata(sd.join(&f.0)).unwrap().len();
+                if k + 1 < files.len() {
+                    assert!(size >= limit, "{} has {size} bytes", f.0);
+                }
+                if compress == Compression::None {
+                    let line = size / f.1.len() as u64 + 1;
+                    assert!(size < limit + line, "{} has {size} bytes", f.0);
+                }
+            }
+            let all: Vec<u64> = seqs(&files).concat();
+            assert_eq!(all, (1..=40).collect::<Vec<_>>());
         }
     }
 
     #[test]
     fn restart_cuts_back_to_the_cursor_exactly_once() {
-        // A crash after a batch was written (possibly sealing the hour's file and starting the
-        // next hour's) but before its cursor was replaced: resuming from the previous cursor cuts
-        // the file back, removes the stale new file, and re-draining leaves every entry exactly
-        // once. Checked plain and compressed, with the crash after each batch in turn.
-        for compress in [Compression::None, Compression::Zstd { level: 1 }] {
-            for crash_after in 1..6 {
-                let dir = tempfile::tempdir().unwrap();
-                let times: Vec<i64> = (0..12).map(|i| H + i * HOUR_MS / 5 + 7).collect();
-                let log = log_with(&dir.path().join("log"), &times);
-                let root = dir.path().join("audit");
-                let mut sink = AuditSink::new("a", root.clone(), compress);
-                // Drain a prefix, keeping the cursor after `crash_after` batches of 2.
-                sink.resume(ShardId(1), &Cursor::start()).unwrap();
-                let mut cursor = Cursor::start();
-                let mut kept = None;
-                let mut batches = 0;
-                let entries: Vec<_> = log
-                    .scan_from(LogPos(0), crate::log::ScanEnd::Durable)
-                    .map(|e| (e.pos, e.end()))
-                    .collect();
-                let mut i = 0;
-                while i < entries.len() {
-                    let mut rows = 0;
-                    while i < entries.len() && rows < 2 {
-                        let e = log.read(entries[i].0).unwrap();
-                        if sink.push(ShardId(1), &e).unwrap() == Push::CutBefore {
+        // A crash after a batch was written (possibly sealing a file and starting the next one,
+        // by time or by size) but before its cursor was replaced: resuming from the previous
+        // cursor cuts the file back, removes the stale new file, and re-draining leaves every
+        // entry exactly once. Checked plain and compressed, hourly and one-minute windows and a
+        // size limit, with the crash after each batch in turn.
+        let cases = [
+            (rot(3600, 1 << 30), HOUR_MS / 5),
+            (rot(60, 1 << 30), 12_000),
+            (rot(3600, 600), 100),
+        ];
+        for (rotate, step) in cases {
+            for compress in [Compression::None, Compression::Zstd { level: 1 }] {
+                for crash_after in 1..6 {
+                    let dir = tempfile::tempdir().unwrap();
+                    let times: Vec<i64> = (0..12).map(|i| H + i * step + 7).collect();
+                    let log = log_with(&dir.path().join("log"), &times);
+                    let root = dir.path().join("audit");
+                    let mut sink = AuditSink::new("a", root.clone(), compress, rotate);
+                    // Drain a prefix, keeping the cursor after `crash_after` batches of 2.
+                    sink.resume(ShardId(1), &Cursor::start()).unwrap();
+                    let mut cursor = Cursor::start();
+                    let mut kept = None;
+                    let mut batches = 0;
+                    let entries: Vec<_> = log
+                        .scan_from(LogPos(0), crate::log::ScanEnd::Durable)
+                        .map(|e| (e.pos, e.end()))
+                        .collect();
+                    let mut i = 0;
+                    while i < entries.len() {
+                        let mut rows = 0;
+                        while i < entries.len() && rows < 2 {
+                            let e = log.read(entries[i].0).unwrap();
+                            if sink.push(ShardId(1), &e).unwrap() == Push::CutBefore {
+                                break;
+                            }
+                            rows += 1;
+                            i += 1;
+                        }
+                        let mut next = cursor.clone();
+                        next.pos = entries[i - 1].1 .0;
+                        sink.commit(ShardId(1), &mut next).unwrap();
+                        cursor = next;
+                        batches += 1;
+                        if batches == crash_after {
+                            kept = Some(cursor.clone());
+                        }
+                        // The batch after the kept cursor was written (and may have sealed a
+                        // file and started another) but its cursor never reached the disk.
+                        if batches == crash_after + 1 {
                             break;
                         }
-                        rows += 1;
-                        i += 1;
                     }
-                    let mut next = cursor.clone();
-                    next.pos = entries[i - 1].1 .0;
-                    sink.commit(ShardId(1), &mut next).unwrap();
-                    cursor = next;
-                    batches += 1;
-                    if batches == crash_after {
-                        kept = Some(cursor.clone());
-                    }
-                    // The batch after the kept cursor was written (and may have sealed a file
-                    // and started another) but its cursor never reached the disk.
-                    if batches == crash_after + 1 {
-                        break;
-                    }
+                    // "Crash": a new sink resumes from the kept cursor and drains the rest.
+                    let kept = kept.expect("enough batches");
+                    let mut again = AuditSink::new("a", root.clone(), compress, rotate);
+                    let end = drain(&mut again, &log, kept, 3);
+                    assert_eq!(end.pos, log.durable().0);
+                    let files = read_all(&shard_dir(&root, ShardId(1)));
+                    assert!(files.len() >= 2, "{rotate:?}: rotated");
+                    assert_eq!(
+                        seqs(&files).concat(),
+                        (1..=12).collect::<Vec<_>>(),
+                        "{rotate:?} {compress:?} crash after {crash_after}"
+                    );
                 }
-                // "Crash": a new sink resumes from the kept cursor and drains the rest.
-                let kept = kept.expect("enough batches");
-                let mut again = AuditSink::new("a", root.clone(), compress);
-                let end = drain(&mut again, &log, kept, 3);
-                assert_eq!(end.pos, log.durable().0);
-                let files = read_all(&shard_dir(&root, ShardId(1)));
-                let seqs: Vec<u64> = files
-                    .iter()
-                    .flat_map(|f| f.1.iter().map(|l| l["seq"].as_u64().unwrap()))
-                    .collect();
-                assert_eq!(
-                    seqs,
-                    (1..=12).collect::<Vec<_>>(),
-                    "crash after {crash_after}"
-                );
             }
         }
+    }
+
+    #[test]
+    fn an_open_hourly_file_from_before_rotation_windows_continues_then_rotates() {
+        // A shard directory as an older build left it: a sealed hourly file, an open hourly
+        // `.tmp` file with a line past the cursor, and a cursor in the old format (`hour`).
+        // After the restart the open file is cut back and takes heartbeats until its hour ends;
+        // the next file is named for the following hour's first window, so names still sort in
+        // log order; nothing is lost or doubled.
+        let dir = tempfile::tempdir().unwrap();
+        let times: Vec<i64> = vec![
+            H + 1,
+            H + 2,
+            H + 600_000,
+            H + HOUR_MS + 5,
+            H + HOUR_MS + 61_000,
+        ];
+        let log = log_with(&dir.path().join("log"), &times);
+        let root = dir.path().join("audit");
+        let sd = shard_dir(&root, ShardId(1));
+        std::fs::create_dir_all(&sd).unwrap();
+        let hour13 = crate::flusher::cursor::hour_name(hour_of_ms(H) - 1);
+        let hour14 = crate::flusher::cursor::hour_name(hour_of_ms(H));
+        std::fs::write(sd.join(format!("{hour13}.ndjson")), b"{\"old\":1}\n").unwrap();
+        // The first entry, as the old build wrote it, plus a partial line past its cursor.
+        let first = log
+            .scan_from(LogPos(0), crate::log::ScanEnd::Durable)
+            .next()
+            .unwrap();
+        let mut line = Vec::new();
+        write_json_line(&mut line, ShardId(1), &first);
+        let bytes = line.len() as u64;
+        line.extend_from_slice(b"{\"torn\":");
+        std::fs::write(sd.join(format!("{hour14}.ndjson.tmp")), &line).unwrap();
+        let text = format!(
+            r#"{{"format":1,"pos":{},"seq":2,"audit":{{"hour":"{hour14}","name":"{hour14}.ndjson","bytes":{bytes}}},"updated_ms":1}}"#,
+            first.end().0
+        );
+        let cursor: Cursor = serde_json::from_str(&text).unwrap();
+        let mut sink = AuditSink::new("a", root.clone(), Compression::None, rot(60, 1 << 30));
+        drain(&mut sink, &log, cursor, 10);
+        let files = read_all(&sd);
+        let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+        let minute = |ms: i64| second_name(ms / 1000);
+        assert_eq!(
+            names,
+            vec![
+                format!("{hour13}.ndjson"),
+                format!("{hour14}.ndjson"),
+                format!("{}.ndjson", minute(H + HOUR_MS)),
+                format!("{}.ndjson.tmp", minute(H + HOUR_MS + 60_000)),
+            ]
+        );
+        assert_eq!(seqs(&files[1..]), vec![vec![1, 2, 3], vec![4], vec![5]]);
     }
 
     #[test]
@@ -580,19 +811,38 @@ mod tests {
         // is a clear error, not a panic and not silent loss.
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("audit");
-        let mut sink = AuditSink::new("a", root.clone(), Compression::None);
+        let mut sink = AuditSink::new("a", root.clone(), Compression::None, Rotation::default());
         let mut c = Cursor::start();
         c.pos = 9999;
         c.audit = Some(AuditFile {
-            hour: "2024-11-21T14".into(),
-            name: "2024-11-21T14.ndjson".into(),
+            start: "2024-11-21T14-00-00".into(),
+            name: "2024-11-21T14-00-00.ndjson".into(),
             bytes: 10,
         });
         let err = sink.resume(ShardId(1), &c).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
         let sd = shard_dir(&root, ShardId(1));
-        std::fs::write(sd.join("2024-11-21T14.ndjson.tmp"), b"short").unwrap();
+        std::fs::write(sd.join("2024-11-21T14-00-00.ndjson.tmp"), b"short").unwrap();
         let err = sink.resume(ShardId(1), &c).unwrap_err().to_string();
         assert!(err.contains("cursor says 10"), "{err}");
+    }
+
+    #[test]
+    fn the_start_check_needs_a_writable_directory() {
+        // The check creates a missing directory and leaves nothing behind; a path below a plain
+        // file cannot be a directory and fails with the path named.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("a").join("b");
+        AuditSink::new("x", root.clone(), Compression::None, Rotation::default())
+            .check()
+            .unwrap();
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        let bad = dir.path().join("file").join("audit");
+        let err = AuditSink::new("x", bad, Compression::None, Rotation::default())
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("file/audit"), "{err}");
     }
 }

@@ -1,7 +1,8 @@
 //! Sink cursors: how far one sink has durably consumed one shard's log, persisted in
 //! `<data-dir>/shard-NNNN/cursors/<sink>.cursor` (one line of JSON). It owns the file format and
 //! the atomic replacement of a cursor file (write `<sink>.cursor.tmp`, fsync, rename, fsync the
-//! directory), and the hour names of audit files. It does not decide when a cursor may move (the
+//! directory), and the time names of audit files (`YYYY-MM-DDTHH-MM-SS`, and the hourly
+//! `YYYY-MM-DDTHH` of files written before rotation windows existed). It does not decide when a cursor may move (the
 //! driver does, only after the sink confirmed the batch).
 //!
 //! Invariant: a cursor file on disk is always complete (old or new, never torn), and a cursor
@@ -9,6 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -24,17 +26,19 @@ pub const CURSORS_DIR: &str = "cursors";
 pub const CURSOR_SUFFIX: &str = ".cursor";
 /// Format version written in every cursor file.
 pub const CURSOR_FORMAT: u32 = 1;
-/// Milliseconds in an hour (audit files are hourly).
+/// Milliseconds in an hour (old audit files are hourly).
 pub const HOUR_MS: i64 = 3_600_000;
 
 /// The state of an audit sink's current file for one shard, recorded with the cursor so that a
 /// restart can cut the file back to exactly what the cursor covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditFile {
-    /// The hour the file is named for, `YYYY-MM-DDTHH` (UTC).
-    pub hour: String,
-    /// The file's final name (`<hour>.ndjson` or `<hour>.ndjson.zst`); while the hour is open it
-    /// lives under this name plus `.tmp`.
+    /// The time the file is named for: `YYYY-MM-DDTHH-MM-SS` (UTC), or `YYYY-MM-DDTHH` for an
+    /// hourly file written before rotation windows existed (whose cursors call this `hour`).
+    #[serde(alias = "hour")]
+    pub start: String,
+    /// The file's final name (`<start>.ndjson` or `<start>.ndjson.zst`); while the file is open
+    /// it lives under this name plus `.tmp`.
     pub name: String,
     /// Bytes of the file that hold exactly the heartbeats before `pos`.
     pub bytes: u64,
@@ -105,7 +109,10 @@ pub(crate) fn create_dir_durable(dir: &Path) -> Result<(), FlushError> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         create_dir_durable(parent)?;
     }
-    match std::fs::create_dir(dir) {
+    match std::fs::DirBuilder::new()
+        .mode(crate::datadir::DIR_MODE)
+        .create(dir)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(io_err("create directory", dir, e)),
@@ -144,8 +151,8 @@ pub fn read_cursor(path: &Path) -> Result<Option<Cursor>, FlushError> {
         )));
     }
     if let Some(a) = &cursor.audit {
-        if parse_hour_name(&a.hour).is_none() || !a.name.starts_with(&a.hour) {
-            return Err(bad(format!("bad audit file {:?} / {:?}", a.hour, a.name)));
+        if parse_file_start(&a.start).is_none() || !a.name.starts_with(&a.start) {
+            return Err(bad(format!("bad audit file {:?} / {:?}", a.start, a.name)));
         }
     }
     Ok(Some(cursor))
@@ -165,6 +172,7 @@ pub fn write_cursor(path: &Path, cursor: &Cursor) -> Result<(), FlushError> {
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(crate::datadir::FILE_MODE)
         .open(&tmp)
         .map_err(|e| io_err("create cursor", &tmp, e))?;
     f.write_all(text.as_bytes())
@@ -235,6 +243,42 @@ pub fn parse_hour_name(name: &str) -> Option<i64> {
     (hour_name(hour) == name).then_some(hour)
 }
 
+/// The UTC name of a second since the epoch: `YYYY-MM-DDTHH-MM-SS` (`:` is avoided: it is not
+/// portable in file names).
+pub fn second_name(sec: i64) -> String {
+    let hour = sec.div_euclid(3600);
+    let rest = sec.rem_euclid(3600);
+    format!("{}-{:02}-{:02}", hour_name(hour), rest / 60, rest % 60)
+}
+
+/// The time an audit file is named for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileStart {
+    /// `YYYY-MM-DDTHH-MM-SS`: seconds since the epoch.
+    Second(i64),
+    /// `YYYY-MM-DDTHH` (files written before rotation windows existed): hours since the epoch.
+    Hour(i64),
+}
+
+/// Parses an audit file's start name (either form); `None` for anything else.
+pub fn parse_file_start(name: &str) -> Option<FileStart> {
+    if name.len() == 13 {
+        return parse_hour_name(name).map(FileStart::Hour);
+    }
+    let b = name.as_bytes();
+    if b.len() != 19 || b[13] != b'-' || b[16] != b'-' {
+        return None;
+    }
+    let hour = parse_hour_name(&name[..13])?;
+    let num = |s: &str| -> Option<i64> {
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    let (m, sec) = (num(&name[14..16])?, num(&name[17..19])?);
+    (m < 60 && sec < 60).then_some(FileStart::Second(hour * 3600 + m * 60 + sec))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +293,25 @@ mod tests {
         assert_eq!(hour_name(hour_of_ms(-1)), "1969-12-31T23");
         for hour in (0..400 * 366 * 24).step_by(7919) {
             assert_eq!(parse_hour_name(&hour_name(hour)), Some(hour));
+        }
+        assert_eq!(second_name(1_732_200_000), "2024-11-21T14-40-00");
+        assert_eq!(second_name(-1), "1969-12-31T23-59-59");
+        for sec in (0..400 * 366 * 86_400i64).step_by(7_919_993) {
+            assert_eq!(
+                parse_file_start(&second_name(sec)),
+                Some(FileStart::Second(sec))
+            );
+        }
+        assert_eq!(
+            parse_file_start("2024-11-21T14"),
+            Some(FileStart::Hour(hour_of_ms(1_732_200_000_000)))
+        );
+        for bad in [
+            "2024-11-21T14-60-00",
+            "2024-11-21T14-00-0x",
+            "2024-11-21T14:00:00",
+        ] {
+            assert_eq!(parse_file_start(bad), None, "{bad}");
         }
         for bad in [
             "2024-02-30T00",
@@ -278,12 +341,21 @@ mod tests {
         assert_eq!(read_cursor(&path).unwrap(), Some(c.clone()));
         c.pos = 1 << 40;
         c.audit = Some(AuditFile {
-            hour: "2026-11-22T13".into(),
-            name: "2026-11-22T13.ndjson.zst".into(),
+            start: "2026-11-22T13-05-00".into(),
+            name: "2026-11-22T13-05-00.ndjson.zst".into(),
             bytes: 77,
         });
         write_cursor(&path, &c).unwrap();
-        assert_eq!(read_cursor(&path).unwrap(), Some(c));
+        assert_eq!(read_cursor(&path).unwrap(), Some(c.clone()));
+        // A cursor written before rotation windows existed (`hour`, an hourly file) still reads.
+        std::fs::write(
+            &path,
+            br#"{"format":1,"pos":5,"seq":2,"audit":{"hour":"2026-11-22T13","name":"2026-11-22T13.ndjson","bytes":9},"updated_ms":1}"#,
+        )
+        .unwrap();
+        let old = read_cursor(&path).unwrap().unwrap();
+        assert_eq!(old.audit.unwrap().start, "2026-11-22T13");
+        write_cursor(&path, &c).unwrap();
         let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -32,6 +32,10 @@ pub(crate) enum Push {
 
 /// A destination of durable heartbeats. One instance serves every shard, on one thread.
 pub(crate) trait Sink: Send {
+    /// Connects to the sink and validates it (database: connect, create the schema; audit: the
+    /// directory is writable), within a bounded time. Called when the sink thread starts, and
+    /// again (with backoff) until it succeeds; no batch is attempted before.
+    fn check(&mut self) -> Result<(), FlushError>;
     /// Brings the sink's state for `shard` in line with `cursor`, discarding any batch in hand:
     /// called before the first batch and after every failure (audit: cut the open file back to
     /// the cursor's byte count; database: drop the pending rows).
@@ -148,12 +152,46 @@ pub(crate) fn run(
 ) {
     tracing::info!(sink = %cfg.name, kind = cfg.kind.name(), shards = lanes.len(), "sink started");
     let mut backoff = Backoff::default();
+    let mut checked = false;
     while !stop.load(Ordering::Acquire) {
         if let Some(until) = backoff.until {
             let now = Instant::now();
             if now < until {
                 nap(until - now, &stop);
                 continue;
+            }
+        }
+        if !checked {
+            match sink.check() {
+                Ok(()) => {
+                    checked = true;
+                    backoff.reset();
+                    tracing::info!(sink = %cfg.name, kind = cfg.kind.name(), "sink reachable and valid");
+                    for lane_index in 0..lanes.len() {
+                        board.with_status(index, lane_index, |s| {
+                            s.failures = 0;
+                            s.last_error = None;
+                        });
+                    }
+                }
+                Err(e) => {
+                    let failures = backoff.failures + 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::error!(sink = %cfg.name, kind = cfg.kind.name(), failures, error = %e, "sink cannot be reached; ingest goes on (the shard logs hold its backlog); retrying");
+                    }
+                    let msg = e.to_string();
+                    let now = now_ms();
+                    for lane_index in 0..lanes.len() {
+                        board.with_status(index, lane_index, |s| {
+                            s.failures = failures;
+                            s.errors_total += 1;
+                            s.last_error = Some(msg.clone());
+                            s.last_error_ms = Some(now);
+                        });
+                    }
+                    backoff.fail();
+                    continue;
+                }
             }
         }
         let mut busy = false;

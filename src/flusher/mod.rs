@@ -124,8 +124,8 @@ pub enum FlushError {
         /// What is wrong.
         reason: String,
     },
-    /// PostgreSQL refused or the connection failed.
-    #[error("postgres sink {sink}: {op}: {source}")]
+    /// PostgreSQL refused or the connection failed (shown with the server's own message).
+    #[error("postgres sink {sink}: {op}: {}", pg_error_text(source))]
     Postgres {
         /// The sink.
         sink: String,
@@ -143,6 +143,48 @@ pub enum FlushError {
     /// A sink thread panicked.
     #[error("flusher: sink {0} thread panicked")]
     Panicked(String),
+}
+
+/// A PostgreSQL client error as an operator needs it: for an error the server sent, its severity,
+/// SQLSTATE code, message, detail and hint (`FATAL 3D000: database "x" does not exist`); for
+/// anything else the client's words followed by each cause (`error connecting to server:
+/// Connection refused (os error 111)`). The client's own `Display` of a server error is only
+/// "db error".
+pub fn pg_error_text(e: &::postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" (detail: {detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!(" (hint: {hint})"));
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// A sink whose last attempt to reach it failed (for `/readyz`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailingSink {
+    /// Sink name.
+    pub sink: String,
+    /// Sink kind.
+    pub kind: &'static str,
+    /// Shards whose last attempt failed.
+    pub shards: Vec<u32>,
+    /// Most consecutive failures over those shards.
+    pub failures: u32,
 }
 
 /// One sink's progress on one shard (for `/v1/sinks` and metrics).
@@ -247,6 +289,28 @@ impl StatusReader {
     pub fn feeds(&self) -> &[ShardFeed] {
         &self.feeds
     }
+
+    /// Sinks whose last attempt failed on some shard (the start-up check, which fails every
+    /// shard, or a batch), in configuration order; empty when all are well.
+    pub fn failing(&self) -> Vec<FailingSink> {
+        let rows = self.board.status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<FailingSink> = Vec::new();
+        for r in rows.iter().filter(|r| r.failures > 0) {
+            match out.iter_mut().find(|f| f.sink == r.name) {
+                Some(f) => {
+                    f.shards.push(r.shard);
+                    f.failures = f.failures.max(r.failures);
+                }
+                None => out.push(FailingSink {
+                    sink: r.name.clone(),
+                    kind: r.kind,
+                    shards: vec![r.shard],
+                    failures: r.failures,
+                }),
+            }
+        }
+        out
+    }
 }
 
 impl std::fmt::Debug for FlusherHandle {
@@ -293,8 +357,10 @@ impl FlusherHandle {
 /// Starts the flusher: loads every sink's cursors (publishing each feed's `consumed` before
 /// returning, so retention is safe at once), then spawns one thread per sink. With no sinks no
 /// thread is started and every feed's `consumed` is `u64::MAX`. Fails on an unreadable cursor
-/// file or a duplicate sink name or shard; sink connection problems are not errors here (they
-/// are retried and reported in the status).
+/// file or a duplicate sink name or shard; sink connection problems are not errors here: each
+/// sink thread first connects and validates its sink (`Sink::check`, bounded by the connect
+/// timeout), logging the server's message and marking every status row of the sink as failing
+/// until it succeeds (see [`StatusReader::failing`]); ingest never waits for it.
 pub fn start(
     sinks: Vec<SinkConfig>,
     feeds: Vec<ShardFeed>,
@@ -362,9 +428,16 @@ pub fn start(
     let mut threads = Vec::with_capacity(sinks.len());
     for (index, (cfg, lanes)) in sinks.into_iter().zip(lanes_per_sink).enumerate() {
         let sink: Box<dyn driver::Sink> = match &cfg.kind {
-            SinkKind::Audit { dir, compress } => {
-                Box::new(audit::AuditSink::new(&cfg.name, dir.clone(), *compress))
-            }
+            SinkKind::Audit {
+                dir,
+                compress,
+                rotate,
+            } => Box::new(audit::AuditSink::new(
+                &cfg.name,
+                dir.clone(),
+                *compress,
+                *rotate,
+            )),
             SinkKind::Postgres { url, schema } => {
                 Box::new(postgres::PgSink::new(&cfg.name, url, schema)?)
             }

@@ -299,6 +299,13 @@ impl PgSink {
 }
 
 impl Sink for PgSink {
+    fn check(&mut self) -> Result<(), FlushError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(self.connect()?);
+        }
+        Ok(())
+    }
+
     fn resume(&mut self, shard: ShardId, _cursor: &Cursor) -> Result<(), FlushError> {
         self.discard();
         // Whatever a failed or interrupted commit left behind is unknown: look it up again.

@@ -1,6 +1,7 @@
 //! `geobeat sinks`: each sink's cursor and lag per shard, read from the cursor files and the shard
 //! logs of a data directory without taking any lock (it works while the server runs, showing a
-//! snapshot). It owns the command's collection and rendering; it never writes.
+//! snapshot). It owns the command's collection and rendering (an aligned table for people, or
+//! with `--json` one object per sink and shard with machine fields); it never writes.
 //!
 //! Invariant: read-only. A shard whose log cannot be read still gets its rows, with the error.
 
@@ -16,11 +17,14 @@ use crate::route::ShardId;
 use super::cursor::{cursor_path, read_cursor, CURSORS_DIR, CURSOR_SUFFIX};
 use super::{now_ms, FlushError};
 
-/// One sink on one shard.
+/// One sink on one shard (the JSON form of `geobeat sinks --json`, field for field).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CursorRow {
     /// Sink name.
     pub sink: String,
+    /// Sink kind (`audit`, `postgres`): from the configuration when given, else `audit` when the
+    /// cursor names an audit file; `None` when unknown.
+    pub kind: Option<&'static str>,
     /// Shard.
     pub shard: u32,
     /// The sink's cursor, if it has a cursor file.
@@ -31,8 +35,10 @@ pub struct CursorRow {
     pub lag_bytes: Option<u64>,
     /// When the cursor was last written, ms since the Unix epoch.
     pub updated_ms: Option<i64>,
-    /// Audit sinks: the current file and its byte count.
-    pub audit_file: Option<String>,
+    /// Audit sinks: the cursor's file (its final name; `<file>.tmp` while it is open).
+    pub file: Option<String>,
+    /// Audit sinks: bytes of `file` that hold exactly the heartbeats before the cursor.
+    pub file_bytes: Option<u64>,
     /// Why something could not be read.
     pub error: Option<String>,
 }
@@ -81,17 +87,17 @@ pub fn collect(data_dir: &Path, configured: &[String]) -> Result<Vec<CursorRow>,
                 Err(e) => (None, Some(e.to_string())),
             };
             let pos = cursor.as_ref().map(|c| c.pos);
+            let audit = cursor.as_ref().and_then(|c| c.audit.as_ref());
             rows.push(CursorRow {
                 sink: sink.clone(),
+                kind: audit.map(|_| "audit"),
                 shard: shard.0,
                 cursor: pos,
                 log_end: end,
                 lag_bytes: end.map(|e| e.saturating_sub(pos.unwrap_or(0))),
                 updated_ms: cursor.as_ref().map(|c| c.updated_ms),
-                audit_file: cursor
-                    .as_ref()
-                    .and_then(|c| c.audit.as_ref())
-                    .map(|a| format!("{} ({} bytes)", a.name, a.bytes)),
+                file: audit.map(|a| a.name.clone()),
+                file_bytes: audit.map(|a| a.bytes),
                 error,
             });
         }
@@ -122,7 +128,11 @@ pub fn render_table(rows: &[CursorRow], now_ms: i64) -> String {
         let note = r
             .error
             .clone()
-            .or_else(|| r.audit_file.clone())
+            .or_else(|| {
+                r.file
+                    .as_ref()
+                    .map(|f| format!("{f} ({} bytes)", r.file_bytes.unwrap_or(0)))
+            })
             .unwrap_or_else(|| {
                 if r.cursor.is_none() {
                     "no cursor yet".into()
@@ -177,15 +187,17 @@ pub fn run_sinks_command(args: &SinksArgs) -> Result<String, FlushError> {
         .config
         .clone()
         .or_else(|| env("GEOBEAT_CONFIG").map(PathBuf::from));
-    let configured: Vec<String> = match &config {
-        Some(path) => load_sinks(path)
-            .map_err(|e| FlushError::Config(e.to_string()))?
-            .into_iter()
-            .map(|s| s.name)
-            .collect(),
+    let configured = match &config {
+        Some(path) => load_sinks(path).map_err(|e| FlushError::Config(e.to_string()))?,
         None => Vec::new(),
     };
-    let rows = collect(&data_dir, &configured)?;
+    let names: Vec<String> = configured.iter().map(|s| s.name.clone()).collect();
+    let mut rows = collect(&data_dir, &names)?;
+    for r in &mut rows {
+        if let Some(s) = configured.iter().find(|s| s.name == r.sink) {
+            r.kind = Some(s.kind.name());
+        }
+    }
     if args.json {
         #[derive(Serialize)]
         struct Out<'a> {

@@ -26,6 +26,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -337,6 +338,7 @@ fn lock_dir(shard: ShardId, dir: &Path) -> Result<File, Error> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(crate::datadir::FILE_MODE)
         .open(&path)
         .map_err(|e| io_err(shard, "open lock file", &path, e))?;
     // SAFETY: plain syscall on a valid fd.
@@ -364,7 +366,7 @@ impl Log {
         let shard = cfg.shard;
         let dir = cfg.dir.clone();
         if !dir.is_dir() {
-            std::fs::create_dir_all(&dir)
+            crate::datadir::create_dir_private(&dir)
                 .map_err(|e| io_err(shard, "create shard dir", &dir, e))?;
             if let Some(parent) = dir.parent() {
                 segment::sync_dir(shard, parent)?;

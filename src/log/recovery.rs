@@ -182,7 +182,8 @@ fn now_ms() -> u128 {
 
 fn quarantine_dir(shard: ShardId, dir: &Path) -> Result<PathBuf, Error> {
     let q = dir.join(QUARANTINE_DIR);
-    std::fs::create_dir_all(&q).map_err(|e| io_err(shard, "create quarantine dir", &q, e))?;
+    crate::datadir::create_dir_private(&q)
+        .map_err(|e| io_err(shard, "create quarantine dir", &q, e))?;
     Ok(q)
 }
 

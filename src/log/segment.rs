@@ -13,6 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
@@ -141,6 +142,7 @@ pub(crate) fn prepare_spare(dir: &Path, base: u64, bytes: u64) -> io::Result<()>
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(crate::datadir::FILE_MODE)
         .open(&tmp)
         .and_then(|file| preallocate(&file, bytes));
     if result.is_err() {
@@ -217,6 +219,7 @@ impl Segment {
             .write(true)
             .create(true)
             .truncate(!prepared)
+            .mode(crate::datadir::FILE_MODE)
             .open(tmp)
             .map_err(|e| io_err(shard, "create segment", tmp, e))?;
         let ready = prepared

@@ -186,6 +186,8 @@ fn parse_field(p: &mut Parser<'_>, f: Field, slot: &mut super::Slot) -> Result<b
                 slot.reject(Reject::AttrsTooDeep);
             } else if walk.huge_number {
                 slot.reject(Reject::BadType(Field::Attrs));
+            } else if has_duplicate_key(&hb.attrs) {
+                slot.reject(Reject::AttrsDuplicateKey);
             }
             return Ok(true);
         }
@@ -237,7 +239,120 @@ pub(super) fn compact_attrs(text: &str, out: &mut Vec<u8>) -> Result<(), Reject>
     if walk.huge_number {
         return Err(Reject::BadType(Field::Attrs));
     }
+    if has_duplicate_key(out) {
+        return Err(Reject::AttrsDuplicateKey);
+    }
     Ok(())
+}
+
+/// Whether an object anywhere in `compact` (compact JSON text as a [`Sink`] writes it, at most
+/// `ATTRS_BYTES_MAX` bytes, nested at most `JSON_DEPTH_MAX` deep) has two members with the same
+/// key. Keys are compared as raw text when neither holds an escape, else after unescaping
+/// (`"a"` and `"\u0061"` are the same key). Stored attrs must read back the same in every JSON
+/// library, and libraries disagree on duplicates (first wins, last wins, or an error), so such
+/// attrs are refused (`attrs_duplicate_key`) rather than stored as given. Allocation-free: one
+/// pass with fixed arrays; a compact member takes at least 4 bytes (`"":0`), which bounds the
+/// keys held at once.
+fn has_duplicate_key(compact: &[u8]) -> bool {
+    const KEYS_MAX: usize = ATTRS_BYTES_MAX / 4 + 1;
+    let b = compact;
+    // Spans (quotes included) of the keys of every open object, innermost last.
+    let mut keys = [(0usize, 0usize); KEYS_MAX];
+    let mut keys_len = 0;
+    // Open containers: whether it is an object, and where its keys start in `keys`.
+    let mut open = [(false, 0usize); JSON_DEPTH_MAX + 1];
+    let mut depth = 0;
+    let mut expect_key = false;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            c @ (b'{' | b'[') => {
+                let Some(top) = open.get_mut(depth) else {
+                    return false; // deeper than allowed: refused as attrs_too_deep instead
+                };
+                *top = (c == b'{', keys_len);
+                depth += 1;
+                expect_key = c == b'{';
+                i += 1;
+            }
+            b'}' | b']' => {
+                let Some(d) = depth.checked_sub(1) else {
+                    return false;
+                };
+                depth = d;
+                keys_len = open[d].1;
+                expect_key = false;
+                i += 1;
+            }
+            b',' => {
+                expect_key = depth > 0 && open[depth - 1].0;
+                i += 1;
+            }
+            b'"' => {
+                let start = i;
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i = (i + 1).min(b.len());
+                if expect_key && depth > 0 {
+                    let key = &b[start..i];
+                    let first = open[depth - 1].1;
+                    if keys[first..keys_len]
+                        .iter()
+                        .any(|&(s, e)| same_key(&b[s..e], key))
+                    {
+                        return true;
+                    }
+                    let Some(slot) = keys.get_mut(keys_len) else {
+                        return false;
+                    };
+                    *slot = (start, i);
+                    keys_len += 1;
+                    expect_key = false;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    false
+}
+
+/// Whether two JSON string tokens (quotes included, valid JSON) name the same string.
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    if a == b {
+        return true;
+    }
+    if !a.contains(&b'\\') && !b.contains(&b'\\') {
+        return false;
+    }
+    let (mut x, mut y) = ([0u8; ATTRS_BYTES_MAX + 4], [0u8; ATTRS_BYTES_MAX + 4]);
+    unescape(a, &mut x) == unescape(b, &mut y)
+}
+
+/// The bytes a JSON string token (quotes included) stands for, written into `buf`; an unescaped
+/// string is never longer than its token. A malformed token yields what was decoded so far.
+fn unescape<'b>(token: &[u8], buf: &'b mut [u8; ATTRS_BYTES_MAX + 4]) -> &'b [u8] {
+    let Ok(text) = std::str::from_utf8(token) else {
+        return &buf[..0];
+    };
+    let mut p = Parser::new(text);
+    p.pos = 1;
+    let mut n = 0;
+    while n + 4 <= buf.len() {
+        match p.bump() {
+            None | Some(b'"') => break,
+            Some(b'\\') => match p.escape() {
+                Ok(ch) => n += ch.encode_utf8(&mut buf[n..]).len(),
+                Err(_) => break,
+            },
+            Some(c) => {
+                buf[n] = c;
+                n += 1;
+            }
+        }
+    }
+    &buf[..n]
 }
 
 /// A number token: its text, shape, and the decimal mantissa/exponent accumulated while scanning
@@ -1280,5 +1395,53 @@ mod tests {
             compact_attrs("{", &mut out),
             Err(Reject::BadType(Field::Attrs))
         );
+    }
+
+    #[test]
+    fn attrs_with_a_key_twice_in_one_object_are_refused_and_unknown_fields_twice_ignored() {
+        // Issue 20 §8: duplicate keys inside `attrs` were stored as given. Any object inside
+        // attrs with a key twice (compared after unescaping) is refused with
+        // attrs_duplicate_key, in text and binary frames; the same key in different objects,
+        // or as a string value, is fine. An unknown top-level field given twice is ignored like
+        // any unknown field.
+        let hb = |attrs: &str| format!(r#"{{"seq":3,"lat":1,"lon":1,"ts":{NOW},"attrs":{attrs}}}"#);
+        for dup in [
+            r#"{"a":1,"a":2}"#,
+            r#"{"a":1,"b":2,"a":{}}"#,
+            r#"{"x":{"k":[1],"k":null}}"#,
+            r#"{"l":[{"z":1,"y":2,"z":3}]}"#,
+            r#"{"a":1,"\u0061":2}"#,
+            r#"{"\u00e9":1,"é":2}"#,
+            r#"{"q\"":1,"q\u0022":2}"#,
+            r#"{"\ud83d\ude00":1,"😀":2}"#,
+            r#" { "a" : 1 , "a" : 1 } "#,
+        ] {
+            assert_eq!(
+                reason_of(&hb(dup)),
+                (Some(3), "attrs_duplicate_key"),
+                "{dup}"
+            );
+            let mut out = Vec::new();
+            assert_eq!(
+                compact_attrs(dup, &mut out),
+                Err(Reject::AttrsDuplicateKey),
+                "{dup}"
+            );
+        }
+        for fine in [
+            r#"{}"#,
+            r#"{"a":1,"b":{"a":2}}"#,
+            r#"{"a":{"b":1},"b":{"a":2},"c":[{"a":1},{"a":1}]}"#,
+            r#"{"k":"a","a":"k"}"#,
+            r#"{"a":1,"A":2,"a ":3,"\\a":4}"#,
+            r#"{"{\"a\":1,":1,"a":2}"#,
+        ] {
+            let out = decode(&hb(fine), true).unwrap();
+            assert!(out[0].1.is_ok(), "{fine}: {:?}", out[0].1);
+            let mut out = Vec::new();
+            assert_eq!(compact_attrs(fine, &mut out), Ok(()), "{fine}");
+        }
+        let twice = format!(r#"{{"seq":3,"lat":1,"lon":1,"ts":{NOW},"x-new":1,"x-new":2}}"#);
+        assert!(decode(&twice, true).unwrap()[0].1.is_ok());
     }
 }

@@ -174,6 +174,9 @@ pub enum Reject {
     NotAnObject,
     /// `attrs` nests deeper than `JSON_DEPTH_MAX`: `attrs_too_deep`.
     AttrsTooDeep,
+    /// An object inside `attrs` has two members with the same key (compared after unescaping):
+    /// `attrs_duplicate_key`.
+    AttrsDuplicateKey,
 }
 
 impl Reject {
@@ -192,6 +195,7 @@ impl Reject {
             Reject::IdOutsidePrefix => "id_outside_prefix",
             Reject::NotAnObject => "not_an_object",
             Reject::AttrsTooDeep => "attrs_too_deep",
+            Reject::AttrsDuplicateKey => "attrs_duplicate_key",
         }
     }
 }

@@ -101,7 +101,7 @@ pub struct StoreSlot {
     /// Rate limit of the "append refused" warning: when it was last logged and how many
     /// refusals were not logged since (a full disk refuses every heartbeat; one line per
     /// heartbeat would flood the log at fleet scale).
-    refusal_log: Cell<(Option<Instant>, u64)>,
+    refusal_log: crate::ratelog::LogEvery,
     /// Commit counters.
     pub probe: StoreProbe,
 }
@@ -166,6 +166,8 @@ pub struct Exec {
     pub probe: ExecProbe,
     /// Subscription fan-out: interest replica, pending events, subscriber connections.
     pub fanout: Fanout,
+    /// Bytes of partial WebSocket frames held by this executor's connections (bounded).
+    pub partial_frames: Rc<crate::server::ws_read::PartialFrames>,
 }
 
 fn now_ms() -> i64 {
@@ -287,8 +289,7 @@ impl Exec {
                 c.errors.push_back((Some(seq), reason));
             }
             if !failed.is_empty() {
-                // Error frames do not wait for earlier frames' durability: wake the writer now
-                // (settle below only notices a moved ack).
+                // Errors of a frame behind an unfinished one go out now, not with its ack.
                 c.signal.notify();
             }
             let Some(front) = c.frames.front() else {
@@ -303,11 +304,12 @@ impl Exec {
         self.settle(key);
     }
 
-    /// Pops the completed prefix of frames and wakes the writer if the ack moved.
+    /// Pops the completed prefix of frames and wakes the writer (and a paused reader) if anything
+    /// changed.
     fn settle(&self, key: ConnKey) {
         let probe = &self.probe;
         self.with_conn(key, |c| {
-            let before = (c.ack_ready, c.errors.len());
+            let before = (c.ack_ready, c.errors.len(), c.frames.len());
             let mut now = None;
             while c.frames.front().is_some_and(|f| f.groups == 0) {
                 let f = c.frames.pop_front().expect("front exists");
@@ -317,7 +319,9 @@ impl Exec {
                     .ack_latency
                     .observe(now.duration_since(f.received).as_secs_f64());
             }
-            if (c.ack_ready, c.errors.len()) != before {
+            // Any change wakes the writer and a reader paused on backpressure (popped frames
+            // make room even when the ack does not move, e.g. a frame refused whole).
+            if (c.ack_ready, c.errors.len(), c.frames.len()) != before {
                 c.signal.notify();
             }
         });
@@ -384,13 +388,8 @@ impl Exec {
                     appended += 1;
                 }
                 Err(e) => {
-                    let (last_logged, suppressed) = slot.refusal_log.get();
-                    let now = Instant::now();
-                    if last_logged.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
+                    if let Some(suppressed) = slot.refusal_log.check() {
                         tracing::warn!(shard = %slot.shard, error = %e, suppressed_since_last = suppressed, "append refused");
-                        slot.refusal_log.set((Some(now), 0));
-                    } else {
-                        slot.refusal_log.set((last_logged, suppressed + 1));
                     }
                     failed.push((seq, storage_reason(&e)));
                     // Disk full and friends show in metrics as rejections with their reason.
@@ -900,7 +899,7 @@ pub async fn executor_main(
             sync_files: RefCell::new(Vec::new()),
             pending_entries: Cell::new(0),
             pending_since: Cell::new(None),
-            refusal_log: Cell::new((None, 0)),
+            refusal_log: crate::ratelog::LogEvery::new(REFUSAL_LOG_EVERY),
             probe: StoreProbe::default(),
         });
     }
@@ -949,6 +948,7 @@ pub async fn executor_main(
         conns_open: Cell::new(0),
         probe: ExecProbe::new(peers),
         fanout,
+        partial_frames: crate::server::ws_read::PartialFrames::new(),
     });
     let request_rx = Rc::new(request_rx);
     let reply_rx = Rc::new(reply_rx);
@@ -973,7 +973,9 @@ pub async fn executor_main(
             .get()
             .expect("address resolved before executors start"),
     )?;
-    shared.executors_ready.fetch_add(1, Ordering::AcqRel);
+    if shared.executors_ready.fetch_add(1, Ordering::AcqRel) + 1 == shared.executors {
+        crate::server::announce_listening(&shared);
+    }
     rt::spawn(crate::server::listen::accept_loop(
         exec.clone(),
         listener,

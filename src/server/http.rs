@@ -159,6 +159,16 @@ pub fn require_ops(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
     require_reader(exec, req, None)
 }
 
+/// Whether `method` on `path` takes a request body (the geofence writes; every other request
+/// with a body is refused before the body is read).
+pub fn takes_body(method: &str, path: &str) -> bool {
+    match method {
+        "POST" => path == "/v1/geofences",
+        "PUT" => path.starts_with("/v1/geofences/"),
+        _ => false,
+    }
+}
+
 /// Checks for an ops or subscriber token (reads that are not about one device: geofences).
 fn require_ops_or_subscriber(exec: &Exec, req: &Request<'_>) -> Result<(), Response> {
     let mut scratch = Vec::new();
@@ -254,7 +264,22 @@ pub async fn respond(exec: &Exec, req: &Request<'_>, body: &[u8], role: Role) ->
                 }
             }
             if exec.shared.ready() {
-                Response::json(200, r#"{"status":"ok"}"#.into())
+                // A sink that cannot be reached does not make the server unready: ingest goes on
+                // and the shard logs hold the backlog. /readyz names it (details, with the
+                // server's message, are in the log and the authenticated /v1/sinks).
+                let failing = match (path, exec.shared.sinks.as_ref()) {
+                    ("/readyz", Some(s)) => s.failing(),
+                    _ => Vec::new(),
+                };
+                if failing.is_empty() {
+                    Response::json(200, r#"{"status":"ok"}"#.into())
+                } else {
+                    let failing = serde_json::to_string(&failing).expect("serializable");
+                    Response::json(
+                        200,
+                        format!(r#"{{"status":"ok","sinks_failing":{failing}}}"#),
+                    )
+                }
             } else {
                 Response::json(503, r#"{"status":"starting"}"#.into())
             }

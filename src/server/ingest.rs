@@ -5,8 +5,9 @@
 //!
 //! Invariants: an ack is written only for seqs whose frames are complete in `exec` (durable);
 //! the reader stops reading while too many frames await durability, so a slow shard slows its
-//! devices instead of buffering; on shutdown the connection stops reading, waits for what it
-//! received to become durable, sends the final ack and closes with 1001.
+//! devices instead of buffering; on shutdown (and when its token expires) the connection stops
+//! reading, waits for what it received to become durable, sends the final ack and closes with
+//! 1001 (1008 `token_expired`).
 
 use std::rc::Rc;
 use std::time::Instant;
@@ -15,7 +16,6 @@ use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::tungstenite::Message;
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
-use futures_util::StreamExt;
 
 use crate::limits::{CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS};
 use crate::metrics::ExecProbe;
@@ -28,7 +28,7 @@ use crate::server::exec::{
 };
 use crate::server::listen::{ConnSlot, Upgrade};
 use crate::server::msg::{Batch, ConnKey, ToOwner};
-use crate::server::ws_read::{Ctl, Data, Source, WsReader};
+use crate::server::ws_read::{self, Ctl, Data, Metered, Source, WsReader};
 use crate::server::ws_write::{Sink, WriteError, WsWriter};
 
 /// tungstenite's read buffer per connection. Its default (128 KiB) alone would blow the 8 KiB
@@ -45,6 +45,8 @@ const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
 
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
+/// Close reason (with 1008) when the connection's token expires.
+pub const TOKEN_EXPIRED: &str = "token_expired";
 
 fn ws_config(frame_bytes_max: usize) -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
@@ -73,14 +75,15 @@ pub async fn serve(
         return;
     }
     let cfg = &exec.shared.cfg;
-    let ws = WebSocketStream::from_partially_read(
+    let (stream, meter) = Metered::new(stream, leftover, &exec.partial_frames);
+    // The bytes past the head go through the meter too (see `ws_read`).
+    let ws = WebSocketStream::from_raw_socket(
         stream,
-        leftover,
         Role::Server,
         Some(ws_config(cfg.frame_bytes_max)),
     )
     .await;
-    let (sink, source) = ws.split();
+    let (sink, source) = ws_read::split(ws, meter);
     let key = exec.conn_open();
     let signal = exec
         .with_conn(key, |c| c.signal.clone())
@@ -118,7 +121,9 @@ async fn read_loop(
     let mut seqs = proto::SeqTracker::new();
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
     let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
-    let mut reader = WsReader::new(exec, source, ctl, writer);
+    // At expiry the reader stops; the writer sends the acks of what was read, then closes.
+    let mut reader =
+        WsReader::new(exec, source, ctl, writer).end_at_expiry(upgrade.expires_at_s, TOKEN_EXPIRED);
     loop {
         // Backpressure: stop reading while this connection has too much in flight.
         loop {
@@ -384,13 +389,21 @@ async fn write_frames(
     let mut acked = 0u64;
     let mut text = String::with_capacity(64);
     loop {
-        let wait = signal.wait();
         let Some((errors, ack_ready, in_flight)) = exec.with_conn(key, |c| {
             let errors: Vec<_> = c.errors.drain(..).collect();
+            if !errors.is_empty() {
+                // Draining the queue makes room: wake the reader if it paused on a full error
+                // queue (nothing else would: with every frame settled, no completion is left
+                // to wake it, and the connection would never be read again).
+                c.signal.notify();
+            }
             (errors, c.ack_ready, c.frames_in_flight())
         }) else {
             return Ok(());
         };
+        // Created after the snapshot above (nothing runs in between), so it misses no change
+        // made while the writes below wait, and is not woken by the notify above.
+        let wait = signal.wait();
         let mut wrote = false;
         for (seq, reason) in errors {
             proto::ack::write_error(&mut text, seq.map(proto::Seq), reason);
@@ -411,10 +424,12 @@ async fn write_frames(
             out.flush().await?;
         }
         if let Some((code, reason)) = ctl.close.get() {
-            // A graceful close (shutdown, idle, client close) first waits until everything
-            // received is durable and acked (the ack above covered every completed frame);
-            // abuse and protocol errors close at once.
-            let graceful = code == close::GOING_AWAY || code == CLOSE_NORMAL;
+            // A graceful close (shutdown, idle, client close, token expiry) first waits until
+            // everything received is durable and acked (the ack above covered every completed
+            // frame); abuse and protocol errors close at once.
+            let graceful = code == close::GOING_AWAY
+                || code == CLOSE_NORMAL
+                || (code, reason) == (close::POLICY, TOKEN_EXPIRED);
             if !graceful || in_flight == 0 {
                 out.close(code, reason).await;
                 return Ok(());

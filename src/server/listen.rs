@@ -4,19 +4,29 @@
 //! connection lives: on the executor that owns its device's shard (the socket is handed over
 //! once, then never crosses cores again) or, for gateways, here with per-frame forwarding.
 //!
+//! Slow clients cannot hold the cap: a request (head and body) must arrive within a deadline,
+//! bodies are read only for the endpoints that take one and only from ops, and plain HTTP
+//! sockets may hold only part of the cap: the rest is kept for sockets that send an
+//! authenticated WebSocket upgrade at once.
+//!
 //! Invariant: every accepted socket counts once in `Shared::connections_open` until it closes,
-//! whichever executor ends up holding it.
+//! whichever executor ends up holding it, and once in `Shared::connections_http` until it closes
+//! or is upgraded.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::Scope;
 use crate::http::parse::{self, Parsed, Request};
-use crate::limits::HTTP_HEAD_BYTES_MAX;
+use crate::limits::{
+    CONN_RESERVED_HEAD_MS, CONN_RESERVED_SHARE_DIVISOR, HTTP_BODY_BYTES_PER_S_MIN,
+    HTTP_HEAD_BYTES_MAX, REPEAT_LOG_INTERVAL_MS,
+};
+use crate::ratelog::LogEvery;
 use crate::route::shard_of;
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::exec::now_s;
@@ -42,6 +52,8 @@ pub struct Upgrade {
     pub accept_key: String,
     /// What the connection's token allows.
     pub scope: Scope,
+    /// When the token expires (Unix seconds): the connection is closed then.
+    pub expires_at_s: u64,
 }
 
 /// Counts a connection in `connections_open` and releases it on drop.
@@ -51,6 +63,27 @@ impl Drop for ConnSlot {
     fn drop(&mut self) {
         let open = self.0.connections_open.fetch_sub(1, Ordering::AcqRel) - 1;
         tracing::debug!(open, "connection closed");
+    }
+}
+
+/// Counts a socket in `connections_http` (not an authenticated WebSocket connection) and
+/// releases it on drop, which happens when the socket closes or is upgraded.
+pub struct HttpSlot(std::sync::Arc<crate::server::Shared>);
+
+impl HttpSlot {
+    /// Counts one more socket; also returns whether it is over the share of the cap that such
+    /// sockets may hold (`connections_max` minus the reserved share), so it may only upgrade.
+    fn acquire(shared: &std::sync::Arc<crate::server::Shared>) -> (HttpSlot, bool) {
+        let open = shared.connections_http.fetch_add(1, Ordering::AcqRel) + 1;
+        let max = shared.cfg.connections_max;
+        let share = max - max / CONN_RESERVED_SHARE_DIVISOR;
+        (HttpSlot(shared.clone()), open > share)
+    }
+}
+
+impl Drop for HttpSlot {
+    fn drop(&mut self) {
+        self.0.connections_http.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -66,6 +99,7 @@ pub enum Role {
 /// Accepts until shutdown.
 pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
     let max = exec.shared.cfg.connections_max;
+    let accept_log = LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS));
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             exec.stop_signal.wait().await;
@@ -77,8 +111,11 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
             Some(Ok(s)) => s,
             Some(Err(e)) => {
                 let e = std::io::Error::from(e);
-                // EMFILE/ENFILE/ENOMEM/ECONNABORTED: back off, never spin, never exit.
-                tracing::warn!(error = %e, "accept failed; backing off");
+                // EMFILE/ENFILE/ENOMEM/ECONNABORTED: back off, never spin, never exit; and log
+                // one line per interval, not one per attempt (176 lines/s under EMFILE).
+                if let Some(suppressed) = accept_log.check() {
+                    tracing::warn!(error = %e, suppressed_since_last = suppressed, "accept failed; backing off");
+                }
                 rt::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
@@ -99,8 +136,13 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
             rt::spawn(refuse_over_cap(stream, slot));
             continue;
         }
+        // Plain HTTP and slow heads may hold only part of the cap; a socket beyond that share
+        // must authenticate an upgrade at once (the metrics listener has no devices to keep room
+        // for).
+        let (http, over_share) = HttpSlot::acquire(&exec.shared);
+        let reserved = over_share && role == Role::Main;
         let _ = stream.set_nodelay(true);
-        rt::spawn(handle(exec.clone(), stream, slot, role));
+        rt::spawn(handle(exec.clone(), stream, slot, http, reserved, role));
     }
 }
 
@@ -108,7 +150,7 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
 /// a socket with unread input makes the kernel send a reset, which would destroy the answer.
 async fn refuse_over_cap(mut stream: TcpStream, _slot: ConnSlot) {
     let mut buf = Vec::with_capacity(512);
-    let _ = read_head(&mut stream, &mut buf, REFUSAL_READ_MAX).await;
+    let _ = read_head(&mut stream, &mut buf, Instant::now() + REFUSAL_READ_MAX).await;
     let body = r#"{"error":"too many connections"}"#;
     answer_and_close(&mut stream, 503, body).await;
 }
@@ -150,72 +192,106 @@ pub async fn write_response_typed(
     body: &str,
     close: bool,
 ) -> std::io::Result<()> {
-    let head =
-        format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}{}\r\n",
+    // Head and body in one buffer, one write: a client that reads the head (e.g. a refused
+    // WebSocket upgrade) finds the body with it, and small answers cost one send.
+    let response = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}{}\r\n{body}",
         parse::status_text(status),
         body.len(),
         if close { "connection: close\r\n" } else { "" },
         // RFC 6455 4.4: say which WebSocket version we speak.
         if status == 426 { "sec-websocket-version: 13\r\n" } else { "" }
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    stream.write_all(response.as_bytes()).await?;
     stream.flush().await
 }
 
-/// Reads until `buf` holds a complete request head, bounded in size and time. `Ok(())` when
-/// complete, `Err(Some(status))` to answer with an error, `Err(None)` to just close (EOF, or a
-/// connection that never sent a byte before the deadline).
+/// Reads until `buf` holds a complete request head, bounded in size and by `deadline`. `Ok` with
+/// the time the request's first byte was seen when complete, `Err(Some(status))` to answer with
+/// an error, `Err(None)` to just close (EOF, or a connection that never sent a byte before the
+/// deadline).
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
-    timeout: Duration,
-) -> Result<(), Option<u16>> {
-    let deadline = std::time::Instant::now() + timeout;
+    deadline: Instant,
+) -> Result<Instant, Option<u16>> {
+    let mut first_byte = (!buf.is_empty()).then(Instant::now);
     loop {
         match parse::parse_head(buf) {
-            Ok(Parsed::Complete(_)) => return Ok(()),
+            Ok(Parsed::Complete(_)) => return Ok(first_byte.unwrap_or_else(Instant::now)),
             Ok(Parsed::Partial) => {}
             Err(e) => return Err(Some(e.status())),
         }
         if buf.len() >= HTTP_HEAD_BYTES_MAX {
             return Err(Some(431));
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         let mut chunk = [0u8; 2048];
         let room = (HTTP_HEAD_BYTES_MAX - buf.len()).min(chunk.len());
         match rt::timeout(left, stream.read(&mut chunk[..room])).await {
             None => return Err(if buf.is_empty() { None } else { Some(408) }),
             Some(Ok(0)) | Some(Err(_)) => return Err(None),
-            Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Some(Ok(n)) => {
+                first_byte.get_or_insert_with(Instant::now);
+                buf.extend_from_slice(&chunk[..n]);
+            }
         }
     }
 }
 
-async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Role) {
+/// Serves one socket's HTTP requests until it is upgraded or closed. `http` counts it as a
+/// plain HTTP socket until then; a `reserved` socket (admitted beyond the share of the cap plain
+/// HTTP may hold) has [`CONN_RESERVED_HEAD_MS`] to send its head, which must be a WebSocket
+/// upgrade (503 otherwise).
+async fn handle(
+    exec: Rc<Exec>,
+    mut stream: TcpStream,
+    slot: ConnSlot,
+    http: HttpSlot,
+    reserved: bool,
+    role: Role,
+) {
     let mut buf = Vec::with_capacity(1024);
     let handshake_timeout = exec.shared.cfg.handshake_timeout;
+    let head_timeout = if reserved {
+        handshake_timeout.min(Duration::from_millis(CONN_RESERVED_HEAD_MS))
+    } else {
+        handshake_timeout
+    };
     for served in 1..=HTTP_REQUESTS_PER_CONN_MAX {
-        if let Err(status) = read_head(&mut stream, &mut buf, handshake_timeout).await {
-            if let Some(status) = status {
-                let (_, body) = parse::json_error(status, parse::status_text(status), None);
-                answer_and_close(&mut stream, status, &body).await;
+        let first_byte = match read_head(&mut stream, &mut buf, Instant::now() + head_timeout).await
+        {
+            Ok(t) => t,
+            Err(status) => {
+                if let Some(status) = status {
+                    let (_, body) = parse::json_error(status, parse::status_text(status), None);
+                    answer_and_close(&mut stream, status, &body).await;
+                }
+                return;
             }
-            return;
-        }
+        };
         let req = match parse::parse_head(&buf) {
             Ok(Parsed::Complete(r)) => r,
             _ => unreachable!("read_head returned a complete head"),
         };
         let head_len = req.head_bytes;
-        if role == Role::Main
+        let ingest_upgrade = role == Role::Main
             && req.path == "/v1/ingest"
-            && (req.upgrade.is_some() || req.method != "GET")
-        {
+            && (req.upgrade.is_some() || req.method != "GET");
+        let subscribe_upgrade = role == Role::Main
+            && req.path == "/v1/subscribe"
+            && (req.upgrade.is_some() || req.method != "GET");
+        if reserved && !ingest_upgrade && !subscribe_upgrade {
+            // The rest of the cap is kept for devices (see `HttpSlot::acquire`).
+            let (st, body) = parse::json_error(503, "too many connections", None);
+            answer_and_close(&mut stream, st, &body).await;
+            return;
+        }
+        if ingest_upgrade {
             let upgrade = match authorize_upgrade(&exec, &req) {
                 Ok(u) => u,
                 Err((status, body)) => {
+                    log_refused(&stream, req.path, status, &body);
                     answer_and_close(&mut stream, status, &body).await;
                     return;
                 }
@@ -223,29 +299,32 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             let leftover = buf[head_len..].to_vec();
             // The head buffer is not needed for the connection's life (idle memory budget).
             drop(buf);
+            drop(http);
             return place_ingest(exec, stream, leftover, upgrade, slot).await;
         }
-        if role == Role::Main
-            && req.path == "/v1/subscribe"
-            && (req.upgrade.is_some() || req.method != "GET")
-        {
+        if subscribe_upgrade {
             let (upgrade, sub_slot) = match authorize_subscribe(&exec, &req) {
                 Ok(u) => u,
                 Err((status, body)) => {
+                    log_refused(&stream, req.path, status, &body);
                     answer_and_close(&mut stream, status, &body).await;
                     return;
                 }
             };
             let leftover = buf[head_len..].to_vec();
             drop(buf);
+            drop(http);
             // Subscribers stay on the executor that accepted them; events come to them.
             return crate::server::subscribe::serve(
                 exec, stream, leftover, upgrade, slot, sub_slot,
             )
             .await;
         }
-        // Plain HTTP. Bodies are bounded (the parser refused larger ones) and read in full
-        // before answering, so pipelined requests stay in step.
+        // Plain HTTP. Bodies are bounded (the parser refused larger ones), taken only by the
+        // endpoints that need one and only from ops (checked before a byte of the body is read),
+        // and read in full before answering, so pipelined requests stay in step. The whole
+        // request, head and body, must arrive within the handshake timeout plus time for the
+        // body at the slowest rate served, counted from its first byte.
         let body_len = req.content_length.unwrap_or(0) as usize;
         // The last request a connection may make is answered with `connection: close`.
         let keep_alive = req.keep_alive() && served < HTTP_REQUESTS_PER_CONN_MAX;
@@ -255,21 +334,39 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
             answer_and_close(&mut stream, st, &body).await;
             return;
         }
-        if body_len > crate::limits::HTTP_BODY_BYTES_MAX {
-            // Only ops may make the server buffer a large body (PUT /v1/geofences/{name},
+        if body_len > 0 {
+            if role != Role::Main || !crate::server::http::takes_body(req.method, req.path) {
+                let (st, body) =
+                    parse::json_error(413, "this endpoint takes no request body", None);
+                answer_and_close(&mut stream, st, &body).await;
+                return;
+            }
+            // Only ops may make the server read and buffer a body (PUT /v1/geofences/{name},
             // POST /v1/geofences).
             if let Err(resp) = crate::server::http::require_ops(&exec, &req) {
+                log_refused(&stream, req.path, resp.status, &resp.body);
                 answer_and_close(&mut stream, resp.status, &resp.body).await;
                 return;
             }
+        }
+        if body_len > crate::limits::HTTP_BODY_BYTES_MAX {
             // One allocation for a large body (up to 64 MiB) rather than repeated doubling.
             buf.reserve((head_len + body_len).saturating_sub(buf.len()));
         }
+        let body_time = Duration::from_millis(body_len as u64 * 1000 / HTTP_BODY_BYTES_PER_S_MIN);
+        let deadline = first_byte + handshake_timeout + body_time;
         while buf.len() < head_len + body_len {
             let mut chunk = [0u8; 4096];
-            match rt::timeout(handshake_timeout, stream.read(&mut chunk)).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rt::timeout(left, stream.read(&mut chunk)).await {
                 Some(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                _ => return,
+                Some(_) => return,
+                None => {
+                    let (st, body) =
+                        parse::json_error(408, "request body not received in time", None);
+                    answer_and_close(&mut stream, st, &body).await;
+                    return;
+                }
             }
         }
         let req = match parse::parse_head(&buf) {
@@ -279,6 +376,7 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
         let resp =
             crate::server::http::respond(&exec, &req, &buf[head_len..head_len + body_len], role)
                 .await;
+        log_refused(&stream, req.path, resp.status, &resp.body);
         if write_response_typed(
             &mut stream,
             resp.status,
@@ -300,6 +398,36 @@ async fn handle(exec: Rc<Exec>, mut stream: TcpStream, slot: ConnSlot, role: Rol
     }
 }
 
+thread_local! {
+    /// Rate limit of the "request refused" info line, per executor thread.
+    static REFUSED_LOG: LogEvery =
+        const { LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS)) };
+}
+
+/// Logs a refused token (a 401) at info, one line per interval per executor with the number
+/// suppressed. The line names the peer, the path and the answer sent (which never echoes the
+/// token; the path carries no query string), never the token itself. See: issue 13 §4.
+fn log_refused(stream: &TcpStream, path: &str, status: u16, answer: &str) {
+    if status != 401 {
+        return;
+    }
+    REFUSED_LOG.with(|every| {
+        if let Some(suppressed) = every.check() {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(
+                peer,
+                path,
+                answer,
+                suppressed_since_last = suppressed,
+                "request refused: 401"
+            );
+        }
+    });
+}
+
 /// Checks the upgrade headers and the token: 4xx for a bad upgrade, 401 for a missing, bad,
 /// expired or wrong-scope token.
 fn authorize_upgrade(exec: &Exec, req: &Request<'_>) -> Result<Upgrade, (u16, String)> {
@@ -317,6 +445,7 @@ fn authorize_upgrade(exec: &Exec, req: &Request<'_>) -> Result<Upgrade, (u16, St
         Scope::Device(_) | Scope::Gateway(_) => Ok(Upgrade {
             accept_key,
             scope: claims.scope,
+            expires_at_s: claims.expires_at_s,
         }),
         _ => Err(parse::json_error(
             401,

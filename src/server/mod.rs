@@ -1,7 +1,8 @@
-//! `geobeat serve`: the thread-per-core server. This module owns startup and shutdown: it opens the
-//! data directory, starts one pinned executor per core (each accepting on the same port through
-//! SO_REUSEPORT), wires the cross-executor channel meshes, and turns SIGTERM/SIGINT into an
-//! orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
+//! `geobeat serve`: the thread-per-core server. This module owns startup and shutdown: it checks
+//! the platform ([`crate::preflight`]) and the listen addresses before touching anything, opens
+//! the data directory (refusing one open to others), starts one pinned executor per core (each
+//! accepting on the same port through SO_REUSEPORT), wires the cross-executor channel meshes,
+//! and turns SIGTERM/SIGINT into an orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
 //! [`ingest`], HTTP endpoints in [`http`], accepting/dispatching sockets in [`listen`], and
 //! real-time subscriptions in [`subscribe`] (connections) and [`fanout`] (matching, delivery);
 //! both WebSocket connections read through [`ws_read`] and write through [`ws_write`].
@@ -47,6 +48,10 @@ pub struct Shared {
     pub executors_ready: AtomicUsize,
     /// Open client connections across all executors (bounded by `connections_max`).
     pub connections_open: AtomicUsize,
+    /// Of those, the sockets that are not an authenticated WebSocket connection (yet): plain
+    /// HTTP and heads still being read. Bounded by `connections_max` minus the reserved share
+    /// (`limits::CONN_RESERVED_SHARE_DIVISOR`).
+    pub connections_http: AtomicUsize,
     /// Open subscriber connections (bounded by `limits::SUBSCRIBERS_MAX`).
     pub subscribers_open: AtomicUsize,
     /// Device ids named by all `devices` subscriptions (bounded by
@@ -107,19 +112,112 @@ pub enum ServeError {
     /// The storage sinks could not be started.
     #[error("sinks: {0}")]
     Sinks(String),
-    /// A listener could not be bound, an executor failed to start, or a shard failed to open.
+    /// A listen address could not be bound (in use, not local, not permitted).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The platform cannot run geobeat (io_uring blocked, locked-memory limit too low).
+    #[error("{0}")]
+    Platform(#[from] crate::preflight::PreflightError),
+    /// An executor failed to start, or a shard failed to open.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The one info line that says the server is up: what it listens on and where the data is.
+/// Logged by the last executor to start accepting.
+pub fn announce_listening(shared: &Shared) {
+    let addr = shared
+        .local_addr
+        .get()
+        .copied()
+        .unwrap_or(shared.cfg.listen);
+    let metrics = match shared.cfg.metrics_listen {
+        Some(m) => format!("http://{m}/metrics"),
+        None => format!("http://{addr}/metrics"),
+    };
+    tracing::info!(
+        listen = %addr,
+        metrics = %metrics,
+        data_dir = %shared.cfg.data_dir.display(),
+        "listening: devices ws://{addr}/v1/ingest, HTTP API http://{addr}, metrics {metrics}; data in {}",
+        shared.cfg.data_dir.display()
+    );
+}
+
+/// Binds `addr` with the options the executors' listeners use (SO_REUSEADDR, SO_REUSEPORT) and
+/// lets it go again: the address actually bound (a concrete port for port 0), or an error that
+/// names the address.
+///
+/// SO_REUSEPORT lets a second process of the same user bind an address a live geobeat listens
+/// on (and silently take half its connections), so a configured port is first tried with a
+/// connection: an answer that persists for `LISTEN_PROBE_WAIT_MS` means the address is in use.
+/// A predecessor killed a moment ago answers only briefly (its listening socket outlives the
+/// process by a few ms), and its connections (TIME_WAIT, FIN_WAIT) answer nothing, so a
+/// supervisor's immediate restart binds. See: issue 13 §7a.
+fn probe_bind(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
+    let listen = |source| ServeError::Listen { addr, source };
+    if addr.port() != 0 {
+        let target = match addr.ip() {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+            }
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+            }
+            _ => addr,
+        };
+        let wait = std::time::Duration::from_millis(crate::limits::LISTEN_PROBE_CONNECT_TIMEOUT_MS);
+        let deadline = std::time::Instant::now()
+            + std::time::Duration::from_millis(crate::limits::LISTEN_PROBE_WAIT_MS);
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect_timeout(&target, wait).is_ok() {
+            if std::time::Instant::now() >= deadline {
+                return Err(listen(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "address in use: another process is listening there",
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        tracing::debug!(waited_ms = started.elapsed().as_millis() as u64, %addr, "listen address free");
+    }
+    let probe = rt::bind_std(addr).map_err(listen)?;
+    probe.local_addr().map_err(listen)
 }
 
 /// Runs the server until SIGTERM/SIGINT (or until `stop` is set) and returns after an orderly
 /// drain: every heartbeat already received is made durable and acked before connections close.
 pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeError> {
+    // The platform first (io_uring allowed, locked memory), then the addresses: a server that
+    // cannot run leaves nothing behind in its data directory. See: issue 13 §4.
+    crate::preflight::check()?;
+    // Bind once up front so a port of 0 resolves to one concrete port every executor shares,
+    // and an address in use fails before any executor starts or any file is created.
+    let addr = probe_bind(cfg.listen)?;
+    if let Some(metrics) = cfg.metrics_listen {
+        probe_bind(metrics)?;
+    }
+    // Whatever this process creates from here on (segments, meta, fences, cursors, audit files,
+    // and files added later) is private even where a create call names no mode; the start-up
+    // check below refuses anything looser. See: issue 20 §3.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let datadir = DataDir::open_or_create(&cfg.data_dir, cfg.shards as u32).map_err(|source| {
         ServeError::DataDir {
             path: cfg.data_dir.clone(),
             source,
         }
+    })?;
+    // Refused like a secret file open to others (not only warned about): location history
+    // must not be readable by every local user. See: issue 20 §3.
+    crate::datadir::check_private(&cfg.data_dir).map_err(|source| ServeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
     })?;
     let fences =
         Arc::new(crate::fence::FenceRegistry::open(&cfg.data_dir).map_err(ServeError::Fences)?);
@@ -155,6 +253,7 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         secret,
         executors_ready: AtomicUsize::new(0),
         connections_open: AtomicUsize::new(0),
+        connections_http: AtomicUsize::new(0),
         subscribers_open: AtomicUsize::new(0),
         sub_devices_total: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
@@ -174,11 +273,6 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         "starting geobeat"
     );
 
-    // Bind once up front so a port of 0 resolves to one concrete port every executor shares,
-    // and a bad address fails before any executor starts.
-    let probe = std::net::TcpListener::bind(shared.cfg.listen)?;
-    let addr = probe.local_addr()?;
-    drop(probe);
     let _ = shared.local_addr.set(addr);
 
     let stop_flag = stop.unwrap_or_else(|| Arc::new(AtomicBool::new(false)));

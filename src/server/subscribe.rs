@@ -15,13 +15,12 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::tungstenite::Message;
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
-use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::limits::{
@@ -31,11 +30,11 @@ use crate::limits::{
 };
 use crate::proto::{self, close};
 use crate::rt::{self, TcpStream};
-use crate::server::exec::{now_s, received_now_ms, Exec};
+use crate::server::exec::{received_now_ms, Exec};
 use crate::server::fanout::{write_event, Filter, InterestOp, Out, SubKey, Target};
 use crate::server::listen::ConnSlot;
 use crate::server::msg::ConnKey;
-use crate::server::ws_read::{Ctl, Data, Source, WsReader};
+use crate::server::ws_read::{self, Ctl, Data, Metered, Source, WsReader};
 use crate::server::ws_write::{Sink, WriteError, WsWriter};
 use crate::server::Shared;
 use crate::spatial::BBox;
@@ -53,9 +52,6 @@ const WRITE_BATCH_MAX: usize = 64;
 const STOP_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
-/// Longest token expiry a connection arms a deadline for (about 100 years): a later expiry
-/// cannot come while the connection lives.
-const TOKEN_EXPIRY_WAIT_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A verified WebSocket upgrade of `/v1/subscribe`.
 #[derive(Debug, Clone)]
@@ -137,10 +133,9 @@ pub async fn serve(
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
     }
-    let ws =
-        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config()))
-            .await;
-    let (sink, source) = ws.split();
+    let (stream, meter) = Metered::new(stream, leftover, &exec.partial_frames);
+    let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config())).await;
+    let (sink, source) = ws_read::split(ws, meter);
     let key = exec.fanout.conn_open();
     let signal = exec.fanout.signal(key).expect("just opened");
     let ctl = Rc::new(Ctl::default());
@@ -195,13 +190,8 @@ async fn read_loop(
     subs: &mut Subs,
 ) {
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
-    let mut reader = WsReader::new(exec, source, ctl, writer);
-    let expires_in = Duration::from_secs(upgrade.expires_at_s.saturating_sub(now_s()));
-    // A token that outlives any connection needs no deadline (and a far-future instant would
-    // overflow).
-    if expires_in <= TOKEN_EXPIRY_WAIT_MAX {
-        reader = reader.end_at(Instant::now() + expires_in, close::POLICY, "token expired");
-    }
+    let mut reader = WsReader::new(exec, source, ctl, writer)
+        .end_at_expiry(upgrade.expires_at_s, "token expired");
     loop {
         // Backpressure: a client that sends ops but never reads the answers is paused.
         loop {

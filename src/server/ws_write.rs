@@ -20,11 +20,12 @@ use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_util::SinkExt;
 
-use crate::rt::{self, TcpStream};
+use crate::rt;
 use crate::server::exec::Exec;
 
 /// The write half of a server WebSocket.
-pub type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+pub type Sink =
+    futures_util::stream::SplitSink<WebSocketStream<crate::server::ws_read::Metered>, Message>;
 
 /// How long each step of the close sequence (close frame, socket close) may take.
 const CLOSE_STEP_BOUND: Duration = Duration::from_secs(1);
@@ -110,6 +111,7 @@ impl<'a> WsWriter<'a> {
     /// [`CLOSE_STEP_BOUND`] (not the stall or shutdown bounds); failures are ignored, as the
     /// connection ends anyway.
     pub async fn close(mut self, code: u16, reason: &str) {
+        log_refusal_close(code, reason);
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: reason.into(),
@@ -123,6 +125,38 @@ impl<'a> WsWriter<'a> {
             .await;
         let _ = self.wd.within(CLOSE_STEP_BOUND, self.sink.close()).await;
     }
+}
+
+thread_local! {
+    /// Rate limit of the "connection closed by policy" info line, per executor thread.
+    static CLOSE_LOG: crate::ratelog::LogEvery = const {
+        crate::ratelog::LogEvery::new(Duration::from_millis(
+            crate::limits::REPEAT_LOG_INTERVAL_MS,
+        ))
+    };
+}
+
+/// Logs a close for bad input (1007 invalid payload, 1008 policy: abuse, scope, expiry, 1009
+/// too big; also 1002 protocol error) at info, one line per interval per executor with the
+/// number suppressed. Normal and going-away closes are not logged. See: issue 13 §4.
+fn log_refusal_close(code: u16, reason: &str) {
+    use crate::proto::close;
+    if !matches!(
+        code,
+        1002 | close::INVALID_PAYLOAD | close::POLICY | close::TOO_BIG
+    ) {
+        return;
+    }
+    CLOSE_LOG.with(|every| {
+        if let Some(suppressed) = every.check() {
+            tracing::info!(
+                code,
+                reason,
+                suppressed_since_last = suppressed,
+                "connection closed for bad input"
+            );
+        }
+    });
 }
 
 /// Runs `fut` until it completes or its deadline passes: `stall` after it first waits, or with

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use geobeat::config::{Compression, SinkConfig, SinkKind};
+use geobeat::config::{Compression, Rotation, SinkConfig, SinkKind};
 use geobeat::datadir::DataDir;
 use geobeat::flusher::{self, FlusherHandle, ShardFeed};
 use geobeat::limits::SEGMENT_BYTES_MIN;
@@ -223,8 +223,13 @@ pub fn assert_exactly_once(what: &str, got: &HashMap<(u32, u64), u32>, want: &[E
 
 // ---------------------------------------------------------------- sinks and flusher
 
-/// An audit sink config.
+/// An audit sink config (default rotation).
 pub fn audit_sink(name: &str, dir: &Path, zstd: bool) -> SinkConfig {
+    audit_sink_rotating(name, dir, zstd, Rotation::default())
+}
+
+/// An audit sink config with the given rotation.
+pub fn audit_sink_rotating(name: &str, dir: &Path, zstd: bool, rotate: Rotation) -> SinkConfig {
     SinkConfig {
         name: name.into(),
         kind: SinkKind::Audit {
@@ -234,6 +239,7 @@ pub fn audit_sink(name: &str, dir: &Path, zstd: bool) -> SinkConfig {
             } else {
                 Compression::None
             },
+            rotate,
         },
         batch_rows: 700,
         poll_interval: Duration::from_millis(10),
@@ -257,11 +263,17 @@ fn sinks_to_text(sinks: &[SinkConfig]) -> String {
     sinks
         .iter()
         .map(|s| match &s.kind {
-            SinkKind::Audit { dir, compress } => format!(
-                "audit;{};{};{};{}",
+            SinkKind::Audit {
+                dir,
+                compress,
+                rotate,
+            } => format!(
+                "audit;{};{};{};{};{};{}",
                 s.name,
                 dir.display(),
                 matches!(compress, Compression::Zstd { .. }),
+                rotate.window_secs,
+                rotate.bytes,
                 s.batch_rows
             ),
             SinkKind::Postgres { url, .. } => format!("postgres;{};{url};{}", s.name, s.batch_rows),
@@ -275,7 +287,15 @@ fn sinks_from_text(text: &str) -> Vec<SinkConfig> {
         .map(|l| {
             let f: Vec<&str> = l.split(';').collect();
             let mut s = match f[0] {
-                "audit" => audit_sink(f[1], Path::new(f[2]), f[3] == "true"),
+                "audit" => audit_sink_rotating(
+                    f[1],
+                    Path::new(f[2]),
+                    f[3] == "true",
+                    Rotation {
+                        window_secs: f[4].parse().unwrap(),
+                        bytes: f[5].parse().unwrap(),
+                    },
+                ),
                 "postgres" => pg_sink(f[1], f[2]),
                 other => panic!("bad sink kind {other}"),
             };
