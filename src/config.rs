@@ -104,6 +104,49 @@ pub enum Command {
     Demo(DemoArgs),
     /// Print each storage sink's cursor and lag per shard (from the cursor files and the logs).
     Sinks(SinksArgs),
+    /// Rewrite a data directory (offline) into another number of shards, losing nothing.
+    Reshard(ReshardArgs),
+    /// Rewrite a format-1 data directory (offline) for this build's routing (format 2).
+    Migrate(MigrateArgs),
+}
+
+/// `reshard` settings.
+#[derive(Args, Debug, Clone)]
+pub struct ReshardArgs {
+    /// Data directory to rewrite (the server must be stopped) [env: GEOBEAT_DATA_DIR]
+    /// [default: ./shards]
+    #[arg(long, value_name = "DIR", value_parser = parse_path)]
+    pub data_dir: Option<PathBuf>,
+    /// The new number of shards, 1..=256
+    #[arg(long, value_name = "N", value_parser = parse_shards)]
+    pub shards: usize,
+    /// Segment file size of the new shards [default: that of the current newest segment]
+    #[arg(long, value_name = "SIZE", value_parser = parse_segment_bytes)]
+    pub segment_bytes: Option<u64>,
+}
+
+/// `migrate` settings.
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// Data directory to rewrite (the server must be stopped) [env: GEOBEAT_DATA_DIR]
+    /// [default: ./shards]
+    #[arg(long, value_name = "DIR", value_parser = parse_path)]
+    pub data_dir: Option<PathBuf>,
+    /// Segment file size of the new shards [default: that of the current newest segment]
+    #[arg(long, value_name = "SIZE", value_parser = parse_segment_bytes)]
+    pub segment_bytes: Option<u64>,
+}
+
+/// The data directory of an offline command: the flag, else `GEOBEAT_DATA_DIR`, else the default.
+pub fn offline_data_dir(flag: Option<&PathBuf>) -> PathBuf {
+    flag.cloned()
+        .or_else(|| {
+            std::env::var("GEOBEAT_DATA_DIR")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(crate::auth::DATA_DIR_DEFAULT))
 }
 
 /// `sinks` settings.

@@ -3,8 +3,9 @@
 //! # Layout
 //! - [`limits`]: every hard bound, with compile-time relationships.
 //! - [`record`]: the heartbeat record, its validation and rkyv encoding.
-//! - [`route`]: device-to-shard hashing (stable, fingerprinted).
-//! - [`datadir`]: the data directory (meta file, shard directories).
+//! - [`route`]: device routing: CRC32C → virtual shard → shard (a table in the data directory).
+//! - [`datadir`]: the data directory (meta file, lock, shard directories, layout swaps).
+//! - [`reshard`]: `geobeat reshard` / `geobeat migrate`: the offline rewrite into a new layout.
 //! - [`log`]: the durable per-shard log (segments, commit, recovery, retention).
 //! - [`table`]: the per-shard last-location table.
 //! - [`store`]: one shard's log plus table behind a small facade.
@@ -41,6 +42,7 @@ pub mod preflight;
 pub mod proto;
 pub mod ratelog;
 pub mod record;
+pub mod reshard;
 pub mod route;
 pub mod rt;
 pub mod server;

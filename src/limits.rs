@@ -28,6 +28,12 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
 pub const PAGE_BYTES: u64 = 4096;
 /// Most logical shards a data directory may be created with.
 pub const SHARDS_MAX: usize = 256;
+/// Virtual shards: a device id's stable hash picks one of these (`crc32c(id) % VSHARDS`), and the
+/// data directory's table maps each to a shard. Fixed forever: changing it re-routes every device
+/// (a data directory records it and is refused by a build with another value). A power of two,
+/// so a load balancer's `mod` and ours agree trivially, and at least `SHARDS_MAX`, so every shard
+/// can own one.
+pub const VSHARDS: usize = 4096;
 
 /// Largest WebSocket message (frame payload) a device may send.
 pub const FRAME_BYTES_MAX: usize = 64 << 10;
@@ -108,6 +114,7 @@ pub const CHECKPOINT_RECORDS_MAX: usize = TABLE_DEVICES_MAX;
 
 const _: () = assert!(ENTRY_HEADER_BYTES % ENTRY_ALIGN_BYTES == 0);
 const _: () = assert!(SEGMENT_HEADER_BYTES as u64 % PAGE_BYTES == 0);
+const _: () = assert!(VSHARDS.is_power_of_two() && VSHARDS >= SHARDS_MAX && VSHARDS <= 1 << 16);
 const _: () = assert!(SEGMENT_BYTES_MIN % PAGE_BYTES == 0);
 const _: () = assert!(SEGMENT_BYTES_DEFAULT % PAGE_BYTES == 0);
 const _: () =

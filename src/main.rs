@@ -1,5 +1,6 @@
 //! The `geobeat` binary: parses the command line, sets up logging, runs `serve`, `token`,
-//! `demo` or `sinks`, and maps failures to exit codes (1: runtime failure, 2: bad configuration or usage).
+//! `demo`, `sinks`, `reshard` or `migrate`, and maps failures to exit codes (1: runtime failure,
+//! 2: bad configuration or usage, or a data directory that must be migrated or is refused as is).
 //! Everything else lives in the library.
 
 use std::process::ExitCode;
@@ -26,9 +27,37 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("geobeat serve: {e}");
-                    ExitCode::from(1)
+                    // A format-1 directory is a configuration problem with a named fix.
+                    let usage = matches!(
+                        e,
+                        geobeat::server::ServeError::DataDir {
+                            source: geobeat::datadir::DataDirError::NeedsMigration { .. },
+                            ..
+                        }
+                    );
+                    ExitCode::from(if usage { 2 } else { 1 })
                 }
             }
+        }
+        Command::Reshard(args) => {
+            geobeat::logging::init("geobeat=warn", geobeat::config::LogFormat::Text);
+            private_files();
+            let req = geobeat::reshard::Request {
+                root: geobeat::config::offline_data_dir(args.data_dir.as_ref()),
+                shards: Some(args.shards as u32),
+                segment_bytes: args.segment_bytes,
+            };
+            rewrite("reshard", &req)
+        }
+        Command::Migrate(args) => {
+            geobeat::logging::init("geobeat=warn", geobeat::config::LogFormat::Text);
+            private_files();
+            let req = geobeat::reshard::Request {
+                root: geobeat::config::offline_data_dir(args.data_dir.as_ref()),
+                shards: None,
+                segment_bytes: args.segment_bytes,
+            };
+            rewrite("migrate", &req)
         }
         Command::Token(args) => match geobeat::auth::run_token_command(&args) {
             Ok(token) => {
@@ -66,6 +95,45 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// Runs `geobeat reshard` / `geobeat migrate` and prints one line saying what happened.
+fn rewrite(cmd: &str, req: &geobeat::reshard::Request) -> ExitCode {
+    use geobeat::reshard::{Error, Outcome};
+    match geobeat::reshard::run(req) {
+        Ok(Outcome::Unchanged(msg)) => {
+            println!("geobeat {cmd}: {msg}");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Rewritten(r)) => {
+            let secs = r.rewrite.as_secs_f64().max(1e-9);
+            println!(
+                "geobeat {cmd}: {} is now format 2 with {} shards (was format {} with {}): \
+                 {} entries ({} bytes) rewritten in {:.3} s ({:.0} entries/s), {} sink cursor(s) \
+                 moved to the new ends{}; total {:.3} s",
+                req.root.display(),
+                r.to_shards,
+                r.from_format,
+                r.from_shards,
+                r.entries,
+                r.bytes,
+                r.rewrite.as_secs_f64(),
+                r.entries as f64 / secs,
+                r.sinks.len(),
+                if r.sinks.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.sinks.join(", "))
+                },
+                r.elapsed.as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("geobeat {cmd}: {e}");
+            ExitCode::from(if matches!(e, Error::Refused(_)) { 2 } else { 1 })
         }
     }
 }
@@ -130,4 +198,11 @@ fn demo(cfg: ServeConfig, devices: usize, rate_hz: f64) -> Result<(), Box<dyn st
         .into());
     }
     Ok(())
+}
+
+/// Makes every file and directory this process creates private (0600 / 0700), as `serve` does:
+/// the data directory's start check refuses anything looser (issue 20 §3).
+fn private_files() {
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
 }

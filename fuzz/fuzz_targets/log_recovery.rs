@@ -118,7 +118,7 @@ fn structured(ops: &[u8]) -> (Files, Vec<Rec>, &[u8]) {
             &mut bytes[off..],
             seq,
             heads[d],
-            device_hash(IDS[d]) as u32,
+            device_hash(IDS[d]),
             &enc,
         );
         bytes.truncate(off + used);

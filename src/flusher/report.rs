@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::{load_sinks, SinksArgs};
-use crate::datadir::{DataDir, META_FILE};
+use crate::datadir::{shard_dir_name, META_FILE};
 use crate::log::tail::log_end;
 use crate::route::ShardId;
 
@@ -52,10 +52,11 @@ pub fn collect(data_dir: &Path, configured: &[String]) -> Result<Vec<CursorRow>,
             data_dir.display()
         )));
     }
-    let dd = DataDir::open_or_create(data_dir, 1)
+    // Any format (a format-1 directory's sinks must be drained before `geobeat migrate`).
+    let layout = crate::datadir::inspect(data_dir)
         .map_err(|e| FlushError::Config(format!("{}: {e}", data_dir.display())))?;
-    let shards: Vec<(ShardId, PathBuf)> = (0..dd.shard_count())
-        .map(|k| (ShardId(k), dd.shard_dir(ShardId(k))))
+    let shards: Vec<(ShardId, PathBuf)> = (0..layout.shard_count)
+        .map(|k| (ShardId(k), data_dir.join(shard_dir_name(ShardId(k)))))
         .collect();
     let mut names: Vec<String> = configured.to_vec();
     for (_, dir) in &shards {

@@ -153,7 +153,7 @@ pub struct RawEntry<'a> {
     pub seq: u64,
     /// Position of the same device's previous entry, or [`POS_NONE`].
     pub prev_pos: u64,
-    /// Low 32 bits of `route::device_hash(device_id)`.
+    /// `route::device_hash(device_id)` (CRC32C; format-1 data directories: low 32 bits of ahash).
     pub device_hash_low: u32,
     /// The rkyv payload (not yet validated).
     pub payload: &'a [u8],

@@ -123,7 +123,8 @@ pub struct Entry<'a> {
     pub prev: Option<LogPos>,
     /// The heartbeat (zero-copy, validated).
     pub hb: &'a ArchivedHeartbeat,
-    /// Low 32 bits of `route::device_hash` of the device id.
+    /// `route::device_hash` (CRC32C) of the device id (format-1 data directories: the low 32
+    /// bits of their ahash).
     pub device_hash_low: u32,
     /// Bytes the entry occupies (header, payload, padding).
     pub len_bytes: u32,
@@ -436,6 +437,50 @@ impl Log {
         Ok((log, report))
     }
 
+    /// Prepares an empty log in `cfg.dir` whose first entry will be at `base` + the segment header
+    /// with sequence number `first_seq`: creates the directory and the first segment file. Refuses
+    /// (`Error::Config`) if the directory already holds a segment. Used by `reshard`, which starts
+    /// each rewritten shard past every position and sequence number an earlier layout used, so
+    /// `(shard, pos)` and `(shard, seq)` stay unique in sinks across layouts. Open it with
+    /// [`Log::open`] afterwards.
+    pub fn init_at(cfg: &LogConfig, base: LogPos, first_seq: u64) -> Result<(), Error> {
+        cfg.check()?;
+        let shard = cfg.shard;
+        let dir = &cfg.dir;
+        if base.0 % PAGE_BYTES != 0 || first_seq < FIRST_SEQ {
+            return Err(Error::Config {
+                shard,
+                reason: format!("log start {base} / seq {first_seq} not page aligned / positive"),
+            });
+        }
+        crate::datadir::create_dir_private(dir)
+            .map_err(|e| io_err(shard, "create shard dir", dir, e))?;
+        if let Some(parent) = dir.parent() {
+            segment::sync_dir(shard, parent)?;
+        }
+        let listing =
+            std::fs::read_dir(dir).map_err(|e| io_err(shard, "list shard dir", dir, e))?;
+        for item in listing {
+            let item = item.map_err(|e| io_err(shard, "list shard dir", dir, e))?;
+            if item.file_name().to_string_lossy().ends_with(".seg") {
+                return Err(Error::Config {
+                    shard,
+                    reason: format!("{} already holds a log", dir.display()),
+                });
+            }
+        }
+        Segment::create(
+            dir,
+            shard,
+            base.0,
+            cfg.segment_bytes,
+            first_seq,
+            now_ms(),
+            false,
+        )?;
+        Ok(())
+    }
+
     /// The shard this log belongs to.
     pub fn shard(&self) -> ShardId {
         self.shard
@@ -517,7 +562,7 @@ impl Log {
                 self.roll_over()?;
             }
         }
-        let hash_low = route::device_hash(&hb.device_id) as u32;
+        let hash_low = route::device_hash(&hb.device_id);
         let seg = self
             .segments
             .back_mut()

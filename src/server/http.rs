@@ -11,7 +11,6 @@ use crate::config::Durability;
 use crate::http::parse::{self, Request};
 use crate::limits::{QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX};
 use crate::metrics::{ExecSnapshot, ProcessInfo};
-use crate::route::shard_of;
 use crate::server::exec::now_s;
 use crate::server::exec::Exec;
 use crate::server::listen::Role;
@@ -548,7 +547,7 @@ async fn history(exec: &Exec, req: &Request<'_>, id: String) -> Response {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let shard = shard_of(&id, exec.shared.shard_count);
+    let shard = exec.shared.router.shard_of(&id);
     let found = exec
         .query(shard, move |store| {
             crate::server::query::history(store, &id, from, to, limit).map(|hbs| {
@@ -626,7 +625,7 @@ async fn stats(exec: &Exec) -> Response {
 }
 
 async fn last_location(exec: &Exec, id: String) -> Response {
-    let shard = shard_of(&id, exec.shared.shard_count);
+    let shard = exec.shared.router.shard_of(&id);
     let found = exec
         .query(shard, move |store| device_body(store, &id))
         .await;

@@ -21,7 +21,7 @@ use crate::limits::{CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS};
 use crate::metrics::ExecProbe;
 use crate::proto::{self, close, Ingest, IngestScope, Outcome};
 use crate::record::Heartbeat;
-use crate::route::{shard_of, ShardId};
+use crate::route::ShardId;
 use crate::rt::{self, TcpStream};
 use crate::server::exec::{
     received_now_ms, ConnState, Exec, CONN_ERRORS_QUEUED_MAX, CONN_FRAMES_IN_FLIGHT_MAX,
@@ -252,7 +252,7 @@ fn process_frame(
     };
     // Seq order over the whole frame, accepted and rejected alike; rejections become error
     // frames; accepted heartbeats are grouped by owning shard.
-    let shards = exec.shared.shard_count;
+    let router = &exec.shared.router;
     let mut seq_max = 0u64;
     let mut first_shard = None;
     let mut one_shard = true;
@@ -271,7 +271,7 @@ fn process_frame(
                 Outcome::Accepted { seq, heartbeat } => {
                     seq_max = seq.0;
                     accepted += 1;
-                    let shard = shard_of(&heartbeat.device_id, shards);
+                    let shard = router.shard_of(&heartbeat.device_id);
                     match first_shard {
                         None => first_shard = Some(shard),
                         Some(f) if f != shard => one_shard = false,
@@ -321,7 +321,7 @@ fn process_frame(
         let Some(hb) = slot.accepted_mut() else {
             continue;
         };
-        let shard = shard_of(&hb.device_id, shards);
+        let shard = router.shard_of(&hb.device_id);
         let idx = match forwards.iter().position(|(s, _)| *s == shard) {
             Some(i) => i,
             None => {

@@ -27,7 +27,6 @@ use crate::limits::{
     HTTP_HEAD_BYTES_MAX, REPEAT_LOG_INTERVAL_MS,
 };
 use crate::ratelog::LogEvery;
-use crate::route::shard_of;
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::exec::now_s;
 use crate::server::exec::Exec;
@@ -511,7 +510,7 @@ async fn place_ingest(
     slot: ConnSlot,
 ) {
     if let Scope::Device(id) = &upgrade.scope {
-        let (owner, _) = exec.shared.owner(shard_of(id, exec.shared.shard_count));
+        let (owner, _) = exec.shared.owner(exec.shared.router.shard_of(id));
         if owner != exec.index && exec.shared.cfg.routing == crate::config::Routing::Migrate {
             // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
             let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };

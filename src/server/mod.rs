@@ -42,6 +42,8 @@ pub struct Shared {
     pub secret: Secret,
     /// Logical shard count of the data directory.
     pub shard_count: u32,
+    /// The data directory's routing table (device → virtual shard → shard).
+    pub router: crate::route::Router,
     /// Number of executors.
     pub executors: usize,
     /// Executors that finished recovery and accept connections.
@@ -207,7 +209,7 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     // check below refuses anything looser. See: issue 20 §3.
     // SAFETY: umask only sets the process's file-creation mask.
     unsafe { libc::umask(0o077) };
-    let datadir = DataDir::open_or_create(&cfg.data_dir, cfg.shards as u32).map_err(|source| {
+    let datadir = DataDir::open_for_serve(&cfg.data_dir, cfg.shards as u32).map_err(|source| {
         ServeError::DataDir {
             path: cfg.data_dir.clone(),
             source,
@@ -249,6 +251,7 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         fences,
         sinks,
         shard_count: datadir.shard_count(),
+        router: datadir.router().clone(),
         executors,
         secret,
         executors_ready: AtomicUsize::new(0),
