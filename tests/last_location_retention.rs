@@ -306,6 +306,11 @@ fn server_keeps_the_last_location_of_a_quiet_device_through_retention_and_restar
     // 1 s retention deletes them (the retention check runs every 5 s). GET answers the full
     // record, near= finds it, and both still hold after a restart.
     let dir = tempfile::tempdir().unwrap();
+    // A private data directory, as geobeat requires.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
     let mut server = Server::start(
         dir.path(),
         &[
