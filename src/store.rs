@@ -65,7 +65,7 @@ pub enum Error {
     Checkpoint(#[from] checkpoint::Error),
     /// The checkpoint covers log positions the shard's segments do not reach: segment files
     /// were removed by something else than retention.
-    #[error("shard {shard}: last-location checkpoint {} covers the log up to {covered}, but the log's segments {what}; segment files were removed by hand: restore them", path.display())]
+    #[error("shard {shard}: last-location checkpoint {} covers the log up to {covered}, but the log's segments {what}; segment files were removed outside retention: restore them", path.display())]
     CheckpointGap {
         /// Shard concerned.
         shard: ShardId,
@@ -116,8 +116,11 @@ pub struct ShardStore {
 /// ([`CheckpointJob::write`]), and handed back to [`ShardStore::retention_end`].
 #[derive(Debug)]
 pub struct CheckpointJob {
+    /// The store's shard.
     shard: ShardId,
+    /// The shard directory (where the file goes).
     dir: PathBuf,
+    /// The position B the checkpoint covers: the log's start once retention is done.
     covered: LogPos,
     /// The checkpoint this one replaces (records below its covered position come from it).
     old: Option<Arc<Checkpoint>>,
@@ -132,7 +135,9 @@ pub struct CheckpointJob {
     next_chunk: usize,
     /// The written file, reopened (set by `write`).
     written: Option<Checkpoint>,
+    /// Records in the file (set by `write`).
     records: usize,
+    /// Bytes of the file (set by `write`).
     file_bytes: usize,
     /// Time spent collecting on the store's thread, over all slices.
     pub collect_time: Duration,
