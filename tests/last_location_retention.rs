@@ -284,6 +284,53 @@ fn damaged_or_truncated_checkpoint_is_refused_naming_the_file() {
     assert_eq!(last_hb(&store, "parked-truck"), Some(parked(BASE_MS)));
 }
 
+#[test]
+fn segments_removed_outside_retention_are_refused_naming_the_checkpoint() {
+    // The checkpoint covers the log up to B; removing the segment that starts at B by hand
+    // leaves a gap the checkpoint cannot fill: opening refuses, naming the checkpoint and what is
+    // missing, instead of serving devices whose last entries fell in the gap as unknown.
+    let dir = tempfile::tempdir().unwrap();
+    let covered = {
+        let mut store = open(dir.path());
+        store.append(&parked(BASE_MS)).unwrap();
+        let mut n = 0;
+        roll(&mut store, &mut n, 3);
+        store
+            .delete_expired(SystemTime::now(), Duration::ZERO)
+            .unwrap();
+        store.checkpoint().unwrap().covered()
+    };
+    let first = walk(dir.path())
+        .into_iter()
+        .filter(|p| p.extension() == Some("seg".as_ref()))
+        .min()
+        .unwrap();
+    assert_eq!(
+        first
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap(),
+        covered.0
+    );
+    // Keep one later segment so the log is not empty: roll once more first.
+    {
+        let mut store = open(dir.path());
+        let mut n = 10_000_000;
+        roll(&mut store, &mut n, 1);
+    }
+    std::fs::remove_file(&first).unwrap();
+    let mut cfg = StoreConfig::new(dir.path(), ShardId(0));
+    cfg.segment_bytes = 1 << 20;
+    let err = ShardStore::open(&cfg).expect_err("a gap").to_string();
+    assert!(
+        err.contains(CHECKPOINT_FILE) && err.contains("removed outside retention"),
+        "{err}"
+    );
+}
+
 /// Recomputes a checkpoint's body CRC (header 40..44) and header CRC (44..48).
 fn recrc(mut v: Vec<u8>) -> Vec<u8> {
     let body = crc32c::crc32c(&v[64..]);
