@@ -9,6 +9,7 @@
 //! - [`log`]: the durable per-shard log (segments, commit, recovery, retention).
 //! - [`table`]: the per-shard last-location table.
 //! - [`store`]: one shard's log plus table behind a small facade.
+//! - [`checkpoint`]: the per-shard last-location checkpoint (last entries retention deleted).
 //! - [`flusher`]: drains durable log entries to storage sinks (audit files, PostgreSQL).
 //! - [`proto`]: the device ingest protocol (frame decoding, verdicts, acks, abuse guards).
 //! - [`auth`]: access tokens (HMAC-signed scopes) and the server secret.
@@ -26,6 +27,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod checkpoint;
 pub mod config;
 pub mod datadir;
 pub mod demo;

@@ -109,6 +109,8 @@ pub const TABLE_DEVICES_MAX: usize = 1 << 31;
 pub const TABLE_CHUNK_BYTES: usize = 1 << 20;
 /// Most record-arena chunks per table (16 GiB: a record reference is chunk << 18 | offset / 4, a u32).
 pub const TABLE_CHUNKS_MAX: usize = 1 << 14;
+/// Most records one last-location checkpoint file holds (one per device of the shard's table).
+pub const CHECKPOINT_RECORDS_MAX: usize = TABLE_DEVICES_MAX;
 
 const _: () = assert!(ENTRY_HEADER_BYTES % ENTRY_ALIGN_BYTES == 0);
 const _: () = assert!(SEGMENT_HEADER_BYTES as u64 % PAGE_BYTES == 0);

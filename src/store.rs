@@ -4,10 +4,21 @@
 //! thread may own several stores. It does not decide when to commit or acknowledge (the server's
 //! commit loop drives `commit_begin`/`commit_end` with a `GroupPolicy` and a `Durability`).
 //!
-//! Invariant: the table always equals a replay of the log (every appended entry is in the table,
-//! nothing else is): a heartbeat the table could not take is refused before the log is written.
+//! Retention never loses a last location: before segments below a position B are deleted, the
+//! last entry of every device that lies below B is written to the shard's last-location
+//! checkpoint (`checkpoint`), and reads of a last record fall back to it. Opening loads the
+//! checkpoint into the table, then replays only the log at and after B.
+//!
+//! Invariant: the table always equals the checkpoint's records followed by a replay of the log
+//! from the checkpoint's covered position B (every appended entry is in the table, nothing else
+//! is): a heartbeat the table could not take is refused before the log is written. No segment
+//! below a durable checkpoint's B is ever needed, and none at or above it is ever deleted.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::checkpoint::{self, Builder, Checkpoint, Record};
 
 use crate::limits::{SEGMENT_BYTES_DEFAULT, TABLE_POS_MAX};
 use crate::log::{
@@ -49,6 +60,22 @@ pub enum Error {
     /// The log failed or refused.
     #[error(transparent)]
     Log(#[from] log::Error),
+    /// The last-location checkpoint could not be written, or was refused at open.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
+    /// The checkpoint covers log positions the shard's segments do not reach: segment files
+    /// were removed by something else than retention.
+    #[error("shard {shard}: last-location checkpoint {} covers the log up to {covered}, but the log's segments {what}; segment files were removed outside retention: restore them", path.display())]
+    CheckpointGap {
+        /// Shard concerned.
+        shard: ShardId,
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Its covered position.
+        covered: LogPos,
+        /// What is wrong with the segments.
+        what: String,
+    },
     /// The table refused a new device (nothing was written).
     #[error("shard {shard}: {source}")]
     Table {
@@ -77,12 +104,265 @@ pub struct ShardStore {
     table: LastLocationTable,
     /// Spatial index over the table's last locations (keys are table slots).
     grid: Grid,
+    /// The last-location checkpoint: last entries of devices below its covered position, which
+    /// retention may have deleted from the log (`None`: retention never deleted anything).
+    ckpt: Option<Arc<Checkpoint>>,
+}
+
+/// A last-location checkpoint in the making (see [`ShardStore::retention_begin`]): the positions
+/// of the last entries below its covered position are collected from the table on the store's
+/// thread in slices ([`CheckpointJob::collect_slice`]); the file is then built from the sealed
+/// segments and the previous checkpoint, written and reopened on any thread
+/// ([`CheckpointJob::write`]), and handed back to [`ShardStore::retention_end`].
+#[derive(Debug)]
+pub struct CheckpointJob {
+    /// The store's shard.
+    shard: ShardId,
+    /// The shard directory (where the file goes).
+    dir: PathBuf,
+    /// The position B the checkpoint covers: the log's start once retention is done.
+    covered: LogPos,
+    /// The checkpoint this one replaces (records below its covered position come from it).
+    old: Option<Arc<Checkpoint>>,
+    /// Sealed segments holding positions from the old covered position up to `covered`.
+    segments: Vec<(LogPos, PathBuf)>,
+    /// Sealed segment files wholly below `covered`: deleted by `write` once the checkpoint is
+    /// durable (the store unmaps them in `retention_end`).
+    delete: Vec<PathBuf>,
+    /// `(last position, chain head)` of every device whose last entry lies below `covered`.
+    below: Vec<(u64, u64)>,
+    /// Next table chunk to collect.
+    next_chunk: usize,
+    /// The written file, reopened (set by `write`).
+    written: Option<Checkpoint>,
+    /// Records in the file (set by `write`).
+    records: usize,
+    /// Bytes of the file (set by `write`).
+    file_bytes: usize,
+    /// Time spent collecting on the store's thread, over all slices.
+    pub collect_time: Duration,
+    /// Longest single collection slice (what the store's thread is held for at most).
+    pub collect_slice_max: Duration,
+    /// Time spent building the file's bytes (on the writing thread).
+    pub build_time: Duration,
+    /// Time spent writing, syncing and reopening the file (on the writing thread).
+    pub write_time: Duration,
+    /// Time spent deleting the covered segment files (on the writing thread).
+    pub delete_time: Duration,
+}
+
+impl CheckpointJob {
+    /// Collects the next slice of the table (one arena chunk, about 1 MiB of records); returns
+    /// true once the whole table was seen. Between slices the store may take appends: they only
+    /// add entries above `covered`, so a device collected before moving on is merely a stale
+    /// record (the log replay after the checkpoint supersedes it at open, and the next
+    /// checkpoint drops it), and a device not yet collected is collected as it is then.
+    pub fn collect_slice(&mut self, store: &ShardStore) -> bool {
+        let started = Instant::now();
+        let table = &store.table;
+        if self.next_chunk == 0 {
+            // At most one record per device: no reallocation (and copy) in a later slice.
+            self.below.reserve(table.len());
+        }
+        if self.next_chunk < table.chunk_count() {
+            let covered = self.covered;
+            self.below.extend(
+                table
+                    .iter_chunk(self.next_chunk)
+                    .filter(|(_, l)| l.pos < covered)
+                    .map(|(_, l)| (l.pos.0, l.head.0)),
+            );
+            self.next_chunk += 1;
+        }
+        let took = started.elapsed();
+        self.collect_time += took;
+        self.collect_slice_max = self.collect_slice_max.max(took);
+        self.next_chunk >= table.chunk_count()
+    }
+
+    /// Builds the file (records sorted by position, entry bytes copied from the previous
+    /// checkpoint or the sealed segments), writes it atomically and durably (tmp, fsync, rename,
+    /// directory fsync) and reopens it. Blocking; meant for a helper thread.
+    pub fn write(&mut self) -> Result<(), checkpoint::Error> {
+        let started = Instant::now();
+        let bytes = self.build()?;
+        self.build_time = started.elapsed();
+        let started = Instant::now();
+        checkpoint::write_durable(self.shard, &self.dir, &bytes)?;
+        self.file_bytes = bytes.len();
+        drop(bytes);
+        let ckpt =
+            Checkpoint::open(self.shard, &self.dir)?.ok_or_else(|| checkpoint::Error::Io {
+                shard: self.shard,
+                op: "reopen",
+                path: self.dir.join(checkpoint::CHECKPOINT_FILE),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+        self.written = Some(ckpt);
+        self.write_time = started.elapsed();
+        // The checkpoint is durable: the segments it covers may go. Oldest first, the directory
+        // synced after each (a gap at recovery would be damage).
+        let started = Instant::now();
+        for path in &self.delete {
+            let io = |op| {
+                let path = path.clone();
+                let shard = self.shard;
+                move |source| checkpoint::Error::Io {
+                    shard,
+                    op,
+                    path,
+                    source,
+                }
+            };
+            std::fs::remove_file(path).map_err(io("delete segment"))?;
+            std::fs::File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("fsync directory after deleting"))?;
+        }
+        self.delete_time = started.elapsed();
+        Ok(())
+    }
+
+    fn build(&mut self) -> Result<Vec<u8>, checkpoint::Error> {
+        self.below.sort_unstable();
+        let mut b = Builder::new(self.shard, self.covered, self.below.len(), 128);
+        let old_covered = self.old.as_ref().map_or(LogPos(0), |c| c.covered());
+        let mut cursor = 0;
+        let mut seg_index = 0;
+        let mut map: Option<memmap2::Mmap> = None;
+        let mut missing = 0usize;
+        for &(pos, head) in &self.below {
+            if let Some(old) = self.old.as_ref().filter(|_| pos < old_covered.0) {
+                if let Some(bytes) = old.next_at(&mut cursor, LogPos(pos)) {
+                    b.push(LogPos(pos), LogPos(head), bytes);
+                    continue;
+                }
+            }
+            while seg_index + 1 < self.segments.len() && self.segments[seg_index + 1].0 .0 <= pos {
+                seg_index += 1;
+                map = None;
+            }
+            let Some((base, path)) = self.segments.get(seg_index).filter(|(b, _)| b.0 <= pos)
+            else {
+                missing += 1;
+                continue;
+            };
+            if map.is_none() {
+                let io = |op| {
+                    let path = path.clone();
+                    let shard = self.shard;
+                    move |source| checkpoint::Error::Io {
+                        shard,
+                        op,
+                        path,
+                        source,
+                    }
+                };
+                let file = std::fs::File::open(path).map_err(io("open sealed segment"))?;
+                // SAFETY: a sealed segment is never written again, and retention deletes it only
+                // after this job is done.
+                map = Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io("mmap"))?);
+            }
+            let data: &[u8] = map.as_ref().expect("mapped above");
+            let off = (pos - base.0) as usize;
+            let entry = (off < data.len() && off % crate::limits::ENTRY_ALIGN_BYTES == 0)
+                .then(|| log::format::parse_entry(data, off).ok())
+                .flatten();
+            match entry {
+                Some(e) => b.push(LogPos(pos), LogPos(head), &data[off..off + e.total_bytes]),
+                None => missing += 1,
+            }
+        }
+        if missing > 0 {
+            // Only possible for devices whose entry was lost before this store opened (it never
+            // keeps a device it cannot read): they cannot be saved, say so.
+            tracing::warn!(
+                shard = self.shard.0,
+                devices = missing,
+                "last entries neither in the log nor in the checkpoint; not checkpointed"
+            );
+        }
+        self.records = b.len();
+        Ok(b.finish())
+    }
+
+    /// The log position the checkpoint covers (segments wholly below it may go once written).
+    pub fn covered(&self) -> LogPos {
+        self.covered
+    }
+
+    /// Records in the checkpoint (once built).
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    /// Bytes of the file (once written).
+    pub fn file_bytes(&self) -> usize {
+        self.file_bytes
+    }
+}
+
+/// What one retention run replaced: the deleted segments and the previous checkpoint, still
+/// mapped. Dropping it unmaps them (tens of milliseconds for big resident files: the server drops
+/// it on a helper thread).
+#[derive(Debug)]
+pub struct Retired {
+    segments: log::Retired,
+    checkpoint: Option<Arc<Checkpoint>>,
+}
+
+impl Retired {
+    /// Number of segments deleted.
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether a previous checkpoint was replaced.
+    pub fn replaced_checkpoint(&self) -> bool {
+        self.checkpoint.is_some()
+    }
+}
+
+/// What retention has to do next for one store (see [`ShardStore::retention_begin`]).
+#[derive(Debug)]
+pub enum RetentionStep {
+    /// Nothing is expired.
+    Nothing,
+    /// The checkpoint already covers the expired segments: delete below this position
+    /// ([`ShardStore::delete_below`]).
+    Delete(LogPos),
+    /// Collect, write, then hand this checkpoint to [`ShardStore::retention_end`], which deletes.
+    Checkpoint(Box<CheckpointJob>),
 }
 
 impl ShardStore {
     /// Opens the shard, recovering the log and rebuilding the table from it.
     pub fn open(cfg: &StoreConfig) -> Result<(ShardStore, RecoveryReport), Error> {
         let mut table = LastLocationTable::with_capacity(cfg.expected_devices, 24);
+        let table_err_of = |source| Error::Table {
+            shard: cfg.shard,
+            source,
+        };
+        // The checkpoint first: the log replay after it may move devices on.
+        let ckpt = Checkpoint::open(cfg.shard, &cfg.dir)?.map(Arc::new);
+        if let Some(c) = &ckpt {
+            let started = Instant::now();
+            for rec in c.iter_checked() {
+                let rec = rec?;
+                let hb = rec.entry.hb;
+                let slot = table
+                    .observe(
+                        hb.device_id.as_str(),
+                        &Observation::of_archived(hb, rec.entry.pos),
+                    )
+                    .map_err(table_err_of)?;
+                if rec.head > rec.entry.pos {
+                    table.set_head_at(slot, rec.head).map_err(table_err_of)?;
+                }
+            }
+            tracing::info!(shard = cfg.shard.0, path = %c.path().display(), records = c.len(), covered = c.covered().0, elapsed_ms = started.elapsed().as_millis() as u64, "last-location checkpoint loaded");
+        }
+        let covered = ckpt.as_ref().map_or(LogPos(0), |c| c.covered());
         let mut table_err = None;
         let log_cfg = LogConfig {
             dir: cfg.dir.clone(),
@@ -90,7 +370,8 @@ impl ShardStore {
             segment_bytes: cfg.segment_bytes,
         };
         let (log, report) = Log::open(&log_cfg, |pos, e: &Entry<'_>| {
-            if table_err.is_some() {
+            // Below the covered position the checkpoint holds what is still last.
+            if table_err.is_some() || pos < covered {
                 return;
             }
             if let Err(err) = table.observe(
@@ -101,16 +382,39 @@ impl ShardStore {
             }
         })?;
         if let Some(source) = table_err {
-            return Err(Error::Table {
-                shard: cfg.shard,
-                source,
-            });
+            return Err(table_err_of(source));
+        }
+        if let Some(c) = &ckpt {
+            let start = log.first_pos().0 - crate::limits::SEGMENT_HEADER_BYTES as u64;
+            let what = if start > covered.0 {
+                Some(format!("start at {start}"))
+            } else if log.written() < covered {
+                Some(format!("end at {}", log.written()))
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(Error::CheckpointGap {
+                    shard: cfg.shard,
+                    path: c.path().to_path_buf(),
+                    covered,
+                    what,
+                });
+            }
         }
         let mut grid = Grid::new();
         for (slot, _, loc) in table.iter_slots() {
             grid.update(slot.raw(), loc.lat, loc.lon);
         }
-        Ok((ShardStore { log, table, grid }, report))
+        Ok((
+            ShardStore {
+                log,
+                table,
+                grid,
+                ckpt,
+            },
+            report,
+        ))
     }
 
     /// Appends a heartbeat, linking it to the device's previous entry, and updates the table.
@@ -168,10 +472,37 @@ impl ShardStore {
         self.table.get(device_id)
     }
 
-    /// The full record of `device_id`'s last location, from the log (`None` if unknown or its
-    /// segment was deleted by retention).
+    /// The full record of `device_id`'s last location (`None` if unknown): from the log, or from
+    /// the last-location checkpoint once retention deleted its segment.
     pub fn last_record(&self, device_id: &str) -> Option<Entry<'_>> {
-        self.log.read(self.table.get(device_id)?.pos)
+        let pos = self.table.get(device_id)?.pos;
+        self.log
+            .read(pos)
+            .or_else(|| Some(self.ckpt.as_ref()?.get(pos)?.entry))
+    }
+
+    /// The last-location checkpoint, if retention ever wrote one.
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.ckpt.as_deref()
+    }
+
+    /// Calls `f` with every record held only by the last-location checkpoint: the last entries
+    /// (still last: no newer heartbeat superseded them) of devices whose entry the log no longer
+    /// has, in log-position order. A tool that rewrites the log (reshard, migrate) must carry
+    /// these as well as the log's entries, or those devices lose their last location. Each
+    /// record's `entry` is validated; `entry_bytes` are the entry's bytes as the log stored them.
+    pub fn for_each_checkpoint_record(&self, mut f: impl FnMut(&Record<'_>)) {
+        let Some(c) = &self.ckpt else { return };
+        let log_start = self.log.first_pos();
+        for rec in c.iter() {
+            let still_last = self
+                .table
+                .get(rec.entry.hb.device_id.as_str())
+                .is_some_and(|l| l.pos == rec.entry.pos);
+            if still_last && (rec.entry.pos < log_start || self.log.read(rec.entry.pos).is_none()) {
+                f(&rec);
+            }
+        }
     }
 
     /// `device_id`'s entries, most recently appended first (empty if unknown).
@@ -239,14 +570,114 @@ impl ShardStore {
         Ok(self.log.set_consumed(name, upto)?)
     }
 
-    /// See [`Log::delete_expired`]. The table keeps devices whose entries were deleted (their
-    /// `last` stays; `last_record` and older chain links return nothing).
-    pub fn delete_expired(
+    /// Runs retention synchronously on this thread: [`ShardStore::retention_begin`], writing the
+    /// checkpoint if one is needed, then deleting. Returns the number of segments deleted. The
+    /// table keeps every device; last records stay readable (from the checkpoint), older chain
+    /// links in deleted segments are gone.
+    pub fn delete_expired(&mut self, now: SystemTime, retention: Duration) -> Result<usize, Error> {
+        match self.retention_begin(now, retention) {
+            RetentionStep::Nothing => Ok(0),
+            RetentionStep::Delete(end) => self.delete_below(end),
+            RetentionStep::Checkpoint(mut job) => {
+                while !job.collect_slice(self) {}
+                let res = job.write();
+                Ok(self.retention_end(job, res)?.segments())
+            }
+        }
+    }
+
+    /// The first step of retention at `now`: what has to happen before expired segments may be
+    /// deleted. A checkpoint job is returned empty: call [`CheckpointJob::collect_slice`] with
+    /// this store until it returns true (the store may take appends between slices), then
+    /// [`CheckpointJob::write`] (any thread), then [`ShardStore::retention_end`]. Only one job
+    /// at a time per store.
+    pub fn retention_begin(&self, now: SystemTime, retention: Duration) -> RetentionStep {
+        let Some(end) = self.log.expired_end(now, retention) else {
+            return RetentionStep::Nothing;
+        };
+        if self.ckpt.as_ref().is_some_and(|c| c.covered() >= end) {
+            return RetentionStep::Delete(end);
+        }
+        RetentionStep::Checkpoint(Box::new(self.checkpoint_job(end)))
+    }
+
+    /// A job for the checkpoint covering positions below `covered` (a segment base at or below
+    /// the log's end): every device whose last entry lies below it, that entry (from the log, or
+    /// from the current checkpoint for entries already deleted), its position and chain head.
+    pub fn checkpoint_job(&self, covered: LogPos) -> CheckpointJob {
+        let old_covered = self.ckpt.as_ref().map_or(LogPos(0), |c| c.covered());
+        CheckpointJob {
+            shard: self.log.shard(),
+            dir: self.log.dir().to_path_buf(),
+            covered,
+            old: self.ckpt.clone(),
+            segments: self.log.sealed_files(old_covered, covered),
+            delete: self
+                .log
+                .sealed_files(LogPos(0), covered)
+                .into_iter()
+                .filter(|(base, _)| self.log.segment_end(*base).is_some_and(|e| e <= covered))
+                .map(|(_, path)| path)
+                .collect(),
+            below: Vec::new(),
+            next_chunk: 0,
+            written: None,
+            records: 0,
+            file_bytes: 0,
+            collect_time: Duration::ZERO,
+            collect_slice_max: Duration::ZERO,
+            build_time: Duration::ZERO,
+            write_time: Duration::ZERO,
+            delete_time: Duration::ZERO,
+        }
+    }
+
+    /// The last step of retention, once `job` was written with outcome `res`: takes the new
+    /// checkpoint and takes the segments below its covered position out of the log (their
+    /// files were deleted by `write`; any left are deleted here). What was replaced is returned
+    /// still mapped: drop it where unmapping may take a while. On a failed checkpoint write
+    /// nothing is deleted (the error is returned; the next retention run starts a new job).
+    pub fn retention_end(
         &mut self,
-        now: std::time::SystemTime,
-        retention: std::time::Duration,
-    ) -> Result<usize, Error> {
-        Ok(self.log.delete_expired(now, retention)?)
+        mut job: Box<CheckpointJob>,
+        res: Result<(), checkpoint::Error>,
+    ) -> Result<Retired, Error> {
+        let Some(ckpt) = job.written.take() else {
+            res?;
+            unreachable!("a job written without error holds its file");
+        };
+        if let Err(e) = res {
+            // The checkpoint is durable but deleting its segments failed: the store deletes what
+            // is left below (and says so if that fails too).
+            tracing::warn!(shard = job.shard.0, error = %e, "deleting covered segments on the checkpoint thread failed");
+        }
+        assert_eq!(ckpt.covered(), job.covered, "the checkpoint just written");
+        tracing::info!(
+            shard = job.shard.0,
+            records = job.records,
+            bytes = job.file_bytes,
+            covered = job.covered.0,
+            collect_ms = job.collect_time.as_millis() as u64,
+            collect_slice_max_us = job.collect_slice_max.as_micros() as u64,
+            build_ms = job.build_time.as_millis() as u64,
+            write_ms = job.write_time.as_millis() as u64,
+            delete_ms = job.delete_time.as_millis() as u64,
+            "last-location checkpoint written"
+        );
+        let old = self.ckpt.replace(Arc::new(ckpt));
+        Ok(Retired {
+            segments: self.log.retire_below(job.covered)?,
+            checkpoint: old,
+        })
+    }
+
+    /// Deletes the segments wholly below `end`, which the checkpoint must cover.
+    pub fn delete_below(&mut self, end: LogPos) -> Result<usize, Error> {
+        assert!(
+            self.ckpt.as_ref().is_some_and(|c| c.covered() >= end),
+            "segments below {end} deleted without a checkpoint covering them"
+        );
+        Ok(self.log.delete_below(end)?)
     }
 
     /// The last-location table.

@@ -246,11 +246,11 @@ fn area_results_carry_the_fields_of_the_device_endpoint() {
 }
 
 #[test]
-fn an_area_row_whose_record_retention_deleted_still_has_the_required_fields() {
+fn an_area_row_whose_record_retention_deleted_keeps_every_field() {
     // Device `r-old` sends once (with speed), then other devices fill the 1 MiB segment so it
-    // is sealed, and the 1 s retention deletes it. The area answer still lists `r-old` with the
-    // required fields from the last-location table (id, lat, lon, ts, received_at); if the
-    // device endpoint can still answer for it, the two agree.
+    // is sealed, and the 1 s retention deletes it. The area answer still lists `r-old` with every
+    // field it sent, read from the last-location checkpoint (issue 13 §1), and agrees with the
+    // device endpoint.
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(
         dir.path(),
@@ -287,21 +287,30 @@ fn an_area_row_whose_record_retention_deleted_still_has_the_required_fields() {
             .unwrap();
     }
     assert!(wait_ack(&mut ws, seq).is_empty());
+    // Retention deleted the first segment once the oldest segment file no longer starts at 0.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let row = loop {
-        let (st, body) = server.get("/v1/devices?bbox=29,29,31,31", Some(&ops));
-        assert_eq!(st, 200, "{body}");
-        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-        assert_eq!(rows.len(), 1, "{body}");
-        if rows[0].get("speed").is_none() {
-            break rows[0].clone();
-        }
+    fn has_first_segment(dir: &std::path::Path) -> bool {
+        std::fs::read_dir(dir).unwrap().flatten().any(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                has_first_segment(&p)
+            } else {
+                e.file_name() == "00000000000000000000.seg"
+            }
+        })
+    }
+    while has_first_segment(dir.path()) {
         assert!(
             std::time::Instant::now() < deadline,
-            "retention never deleted r-old's segment: {body}"
+            "retention never deleted r-old's segment"
         );
         std::thread::sleep(std::time::Duration::from_millis(250));
-    };
+    }
+    let (st, body) = server.get("/v1/devices?bbox=29,29,31,31", Some(&ops));
+    assert_eq!(st, 200, "{body}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(rows.len(), 1, "{body}");
+    let row = rows[0].clone();
     assert_eq!(row["id"], "r-old");
     assert_eq!(
         (row["lat"].as_f64(), row["lon"].as_f64()),
@@ -309,7 +318,7 @@ fn an_area_row_whose_record_retention_deleted_still_has_the_required_fields() {
     );
     assert_eq!(row["ts"].as_i64(), Some(t));
     assert!(row["received_at"].as_i64().is_some_and(|r| r >= t), "{row}");
-    if let Some(single) = last_location(&server, "r-old", &ops) {
-        assert_eq!(row, single, "area row and device body disagree");
-    }
+    assert_eq!(row["speed"].as_f64(), Some(2.5), "{row}");
+    let single = last_location(&server, "r-old", &ops).expect("r-old still answers");
+    assert_eq!(row, single, "area row and device body disagree");
 }

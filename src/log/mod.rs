@@ -791,6 +791,15 @@ impl Log {
         Self::entry_in(seg, off)
     }
 
+    /// Like [`Log::read`], also returning the entry's bytes exactly as stored (header, payload,
+    /// padding), e.g. to copy them into the last-location checkpoint.
+    pub fn read_raw(&self, pos: LogPos) -> Option<(Entry<'_>, &[u8])> {
+        let e = self.read(pos)?;
+        let seg = &self.segments[self.segment_index(pos.0)?];
+        let off = (pos.0 - seg.base) as usize;
+        Some((e, &seg.data()[off..off + e.len_bytes as usize]))
+    }
+
     /// Walks one device's entries newest first, starting at `head` and following back-pointers
     /// across segments. Stops cleanly at a deleted segment, a damaged entry, or an entry of another
     /// device.
@@ -892,34 +901,89 @@ impl Log {
     /// Deletes sealed segments, oldest first, that were sealed more than `retention` before `now`
     /// (a segment counts as sealed when its successor was created) and that every registered
     /// consumer has consumed completely. Returns the number deleted. The active segment is never
-    /// deleted.
+    /// deleted. (`expired_end` then `delete_below`.)
     pub fn delete_expired(&mut self, now: SystemTime, retention: Duration) -> Result<usize, Error> {
+        match self.expired_end(now, retention) {
+            Some(end) => self.delete_below(end),
+            None => Ok(0),
+        }
+    }
+
+    /// Where the log would start after retention at `now`: the base of the oldest segment
+    /// `delete_expired` would keep, or `None` if it would delete nothing. Deletes nothing.
+    pub fn expired_end(&self, now: SystemTime, retention: Duration) -> Option<LogPos> {
         let now_ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let retention_ms = retention.as_millis().min(i64::MAX as u128) as i64;
-        let mut deleted = 0;
-        while self.segments.len() > 1 {
-            let (old, next) = (&self.segments[0], &self.segments[1]);
-            let sealed_ms = next.created_ms;
-            if now_ms.saturating_sub(sealed_ms) < retention_ms {
+        let mut keep = 0;
+        while keep + 1 < self.segments.len() {
+            let (old, next) = (&self.segments[keep], &self.segments[keep + 1]);
+            if now_ms.saturating_sub(next.created_ms) < retention_ms {
                 break;
             }
             let data_end = LogPos(old.base + old.data_end);
             if self.consumers.iter().any(|c| c.upto < data_end) {
                 break;
             }
-            let path = old.path.clone();
-            std::fs::remove_file(&path)
-                .map_err(|e| io_err(self.shard, "delete segment", &path, e))?;
-            self.segments.pop_front();
+            keep += 1;
+        }
+        (keep > 0).then(|| LogPos(self.segments[keep].base))
+    }
+
+    /// The files of the sealed segments holding positions in `from..end`: `(base, path)`, oldest
+    /// first. Sealed segments never change, so another thread may map and read them until they
+    /// are deleted.
+    pub fn sealed_files(&self, from: LogPos, end: LogPos) -> Vec<(LogPos, PathBuf)> {
+        let sealed = self.segments.len() - 1;
+        self.segments
+            .iter()
+            .take(sealed)
+            .filter(|s| s.end() > from.0 && s.base < end.0)
+            .map(|s| (LogPos(s.base), s.path.clone()))
+            .collect()
+    }
+
+    /// End position of the segment whose base is `base`, if retained.
+    pub fn segment_end(&self, base: LogPos) -> Option<LogPos> {
+        let s = &self.segments[self.segment_index(base.0)?];
+        (s.base == base.0).then(|| LogPos(s.end()))
+    }
+
+    /// Deletes the sealed segments that lie wholly below `end` (a segment base), oldest first,
+    /// and unmaps them; returns the number deleted. See [`Log::retire_below`].
+    pub fn delete_below(&mut self, end: LogPos) -> Result<usize, Error> {
+        Ok(self.retire_below(end)?.len())
+    }
+
+    /// Deletes the files of the sealed segments that lie wholly below `end` (a segment base),
+    /// oldest first, and takes them out of the log; they stay mapped until the returned
+    /// [`Retired`] is dropped (unmapping a big resident segment takes milliseconds: a caller
+    /// may drop it on another thread). The active segment is never deleted. A file already gone
+    /// was deleted (and its directory synced) by another thread that owned the deletion, e.g.
+    /// the last-location checkpoint writer: it is only taken out.
+    pub fn retire_below(&mut self, end: LogPos) -> Result<Retired, Error> {
+        let mut retired = Retired {
+            segments: Vec::new(),
+        };
+        while self.segments.len() > 1 && self.segments[0].end() <= end.0 {
+            let path = self.segments[0].path.clone();
+            let removed = match std::fs::remove_file(&path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(io_err(self.shard, "delete segment", &path, e)),
+            };
+            retired
+                .segments
+                .push(self.segments.pop_front().expect("checked above"));
             // Sync after each deletion: if a crash made a later deletion durable but not an
             // earlier one, recovery would see a gap between segments and treat it as damage.
-            segment::sync_dir(self.shard, &self.dir)?;
-            deleted += 1;
+            if removed {
+                segment::sync_dir(self.shard, &self.dir)?;
+            }
             tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
         }
-        Ok(deleted)
+        Ok(retired)
     }
 
     /// Current counters.
@@ -943,6 +1007,32 @@ impl Log {
                 seg.force_dax_for_test();
             }
         }
+    }
+}
+
+/// Segments retention took out of a log, still mapped (see [`Log::retire_below`]); dropping this
+/// unmaps them.
+pub struct Retired {
+    segments: Vec<Segment>,
+}
+
+impl Retired {
+    /// Number of segments.
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Retired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retired")
+            .field("segments", &self.segments.len())
+            .finish()
     }
 }
 

@@ -25,7 +25,7 @@ use crate::server::fanout::Fanout;
 use crate::server::listen::Role;
 use crate::server::msg::{Batch, ConnKey, EventBatch, ToOwner, ToSource};
 use crate::server::Shared;
-use crate::store::{ShardStore, StoreConfig};
+use crate::store::{RetentionStep, ShardStore, StoreConfig};
 
 /// Most frames one connection may have waiting for durability before its reader pauses.
 pub const CONN_FRAMES_IN_FLIGHT_MAX: usize = 64;
@@ -640,15 +640,16 @@ impl Exec {
             }
             for (i, slot) in self.stores.iter().enumerate() {
                 let feed = &self.shared.feeds[slot.shard.0 as usize];
-                let mut store = slot.store.borrow_mut();
                 if !cfg.sinks.is_empty() {
+                    let mut store = slot.store.borrow_mut();
                     let consumed = feed.consumed().min(store.durable());
                     if let Err(e) = store.set_consumed(crate::flusher::CONSUMER_NAME, consumed) {
                         tracing::warn!(shard = %slot.shard, error = %e, "could not record the sinks' position");
                     }
                 }
                 if let Some(retention) = cfg.retention {
-                    match store.delete_expired(std::time::SystemTime::now(), retention) {
+                    let res = self.retention_step(slot, retention).await;
+                    match res {
                         Ok(0) => {}
                         Ok(n) => {
                             tracing::info!(shard = %slot.shard, segments = n, "retention deleted segments")
@@ -667,6 +668,66 @@ impl Exec {
                     }
                     warned[i] = backlog > warn;
                 }
+            }
+        }
+    }
+
+    /// One retention run for one shard: checkpoints the last locations below the new log start
+    /// (positions collected here in slices of one table chunk; the file built, written and
+    /// fsynced on a helper thread so the executor keeps serving), then deletes the expired
+    /// segments. The store is not borrowed across an await.
+    async fn retention_step(
+        &self,
+        slot: &StoreSlot,
+        retention: Duration,
+    ) -> Result<usize, crate::store::Error> {
+        let step = slot
+            .store
+            .borrow()
+            .retention_begin(std::time::SystemTime::now(), retention);
+        match step {
+            RetentionStep::Nothing => Ok(0),
+            RetentionStep::Delete(end) => slot.store.borrow_mut().delete_below(end),
+            RetentionStep::Checkpoint(mut job) => {
+                // Collect in slices of one table chunk, letting other tasks run in between.
+                while !job.collect_slice(&slot.store.borrow()) {
+                    rt::yield_if_needed().await;
+                }
+                let (tx, rx) = futures_channel::oneshot::channel();
+                let spawned = std::thread::Builder::new()
+                    .name("geobeat-ckpt".into())
+                    .spawn(move || {
+                        let res = job.write();
+                        let _ = tx.send((job, res));
+                    });
+                let failed = |source| {
+                    Err(crate::checkpoint::Error::Io {
+                        shard: slot.shard,
+                        op: "write the last-location checkpoint in",
+                        path: slot.store.borrow().log().dir().to_path_buf(),
+                        source,
+                    }
+                    .into())
+                };
+                if let Err(e) = spawned {
+                    return failed(e);
+                }
+                let Ok((job, res)) = rx.await else {
+                    // The writer thread died: nothing was deleted; the next run tries again.
+                    return failed(std::io::Error::other(
+                        "writer thread ended without an answer",
+                    ));
+                };
+                let retired = slot.store.borrow_mut().retention_end(job, res)?;
+                let n = retired.segments();
+                // Unmapping the replaced files can take tens of milliseconds: not here.
+                let dropper = std::thread::Builder::new()
+                    .name("geobeat-unmap".into())
+                    .spawn(move || drop(retired));
+                if let Err(e) = dropper {
+                    tracing::warn!(shard = %slot.shard, error = %e, "could not unmap retired files on a helper thread; unmapped here");
+                }
+                Ok(n)
             }
         }
     }
@@ -796,7 +857,7 @@ fn storage_reason(e: &crate::store::Error) -> &'static str {
         S::Log(crate::log::Error::NoSpace { .. }) => "storage_full",
         S::Table { .. } => "table_full",
         S::Log(crate::log::Error::Invalid { .. } | crate::log::Error::TooLarge { .. }) => "invalid",
-        S::Log(_) => "storage_unavailable",
+        S::Log(_) | S::Checkpoint(_) | S::CheckpointGap { .. } => "storage_unavailable",
     }
 }
 

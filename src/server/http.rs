@@ -508,7 +508,8 @@ struct AreaRow {
 }
 
 /// The body of `GET /v1/devices/{id}` for a device of `store`'s shard: its last location's full
-/// record, read from the log (`None` if unknown or unreadable). Area answers use it too.
+/// record, read from the log or, once retention deleted its segment, from the last-location
+/// checkpoint (`None` if unknown or unreadable). Area answers use it too.
 fn device_body(store: &crate::store::ShardStore, id: &str) -> Option<LastLocationBody> {
     store
         .last_record(id)

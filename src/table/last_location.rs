@@ -352,6 +352,14 @@ impl LastLocationTable {
         Ok(())
     }
 
+    /// Sets the chain head in `slot` (restoring a device from the last-location checkpoint, whose
+    /// head may be a later, late-arriving entry than its last location).
+    pub fn set_head_at(&mut self, slot: Slot, head: LogPos) -> Result<(), TableError> {
+        Self::check_pos(head)?;
+        put_u48(rec_at_mut(&mut self.chunks, slot.0), REC_HEAD, head.0);
+        Ok(())
+    }
+
     /// Records an appended heartbeat of `device_id`, inserting the device if new.
     pub fn observe(&mut self, device_id: &str, obs: &Observation) -> Result<Slot, TableError> {
         Self::check_pos(obs.pos)?;
@@ -404,6 +412,19 @@ impl LastLocationTable {
         self.chunks
             .iter()
             .flat_map(Chunk::records)
+            .map(|rec| (rec_str(rec), rec_location(rec)))
+    }
+
+    /// Number of arena chunks (see [`LastLocationTable::iter_chunk`]).
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Iterates the devices of arena chunk `index` (about 1 MiB of records): lets a caller walk
+    /// the table in slices, yielding between them. Devices inserted later land in later chunks.
+    pub fn iter_chunk(&self, index: usize) -> impl Iterator<Item = (&str, LastLocation)> + '_ {
+        self.chunks[index]
+            .records()
             .map(|rec| (rec_str(rec), rec_location(rec)))
     }
 
