@@ -15,8 +15,8 @@ pub const ENTRY_ALIGN_BYTES: usize = 8;
 pub const ENTRY_HEADER_BYTES: usize = 32;
 /// Size of the fixed header at the start of every segment file.
 pub const SEGMENT_HEADER_BYTES: usize = 4096;
-/// Bytes of zeros written per `pwrite` when a new segment is zero-filled (one buffer of this size
-/// per preparation, freed after it).
+/// Bytes of zeros written per `pwrite` when a new segment is zero-filled (one static buffer of
+/// this size, shared by every preparation).
 pub const SEGMENT_ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
 /// Smallest and largest segment file size accepted by configuration.
 pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;

@@ -91,6 +91,9 @@ pub enum Error {
     /// A cursor could not be read or written.
     #[error(transparent)]
     Cursor(#[from] FlushError),
+    /// An old shard's last-location checkpoint could not be read (damaged: named in the error).
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::Error),
     /// A file-system operation failed.
     #[error("{op} {}: {source}", path.display())]
     Io {
@@ -279,6 +282,19 @@ pub fn run(req: &Request) -> Result<Outcome, Error> {
     // The one loop over old shards. Per-device order is kept: a device lives in one old shard,
     // and its entries are appended in that shard's log order.
     for old in &olds {
+        // First the last locations that only the shard's checkpoint still holds (their log
+        // entries were deleted by retention): they precede every retained entry of their
+        // device, so order is kept, and a newer log entry overrides them as it did before.
+        if let Some(ckpt) = crate::checkpoint::Checkpoint::open(old.shard, &old.dir)? {
+            let first = old.log.first_pos();
+            for r in ckpt.iter_checked() {
+                let r = r?;
+                if r.entry.pos < first {
+                    rw.append(&r.entry.hb.to_owned_heartbeat())?;
+                    bytes += u64::from(r.entry.len_bytes);
+                }
+            }
+        }
         let mut scan = old.log.scan_from(LogPos(0), ScanEnd::Written);
         for e in &mut scan {
             rw.append(&e.hb.to_owned_heartbeat())?;

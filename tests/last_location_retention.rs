@@ -726,3 +726,45 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn reshard_carries_last_locations_held_only_by_the_checkpoint() {
+    // A quiet device whose only entry retention deleted lives on in the shard's checkpoint; an
+    // offline reshard (1 -> 2 shards) rewrites the logs and must carry that record, with every
+    // optional field, into the new layout (fails if the rewrite scans only the logs).
+    let root = tempfile::tempdir().unwrap();
+    let dd = geobeat::datadir::DataDir::open_or_create(root.path(), 1).unwrap();
+    let shard_dir = dd.shard_dir(ShardId(0));
+    drop(dd);
+    let want = parked(BASE_MS);
+    {
+        let mut store = open(&shard_dir);
+        store.append(&want).unwrap();
+        let mut n = 0;
+        roll(&mut store, &mut n, 3);
+        assert!(
+            store
+                .delete_expired(SystemTime::now(), Duration::ZERO)
+                .unwrap()
+                >= 3
+        );
+        assert_eq!(last_hb(&store, "parked-truck"), Some(want.clone()));
+    }
+    let outcome = geobeat::reshard::run(&geobeat::reshard::Request {
+        root: root.path().to_path_buf(),
+        shards: Some(2),
+        segment_bytes: Some(1 << 20),
+    })
+    .unwrap();
+    assert!(
+        matches!(outcome, geobeat::reshard::Outcome::Rewritten(_)),
+        "{outcome:?}"
+    );
+    let dd = geobeat::datadir::DataDir::open_or_create(root.path(), 2).unwrap();
+    assert_eq!(dd.shard_count(), 2);
+    let owner = dd.router().shard_of("parked-truck");
+    let mut cfg = StoreConfig::new(dd.shard_dir(owner), owner);
+    cfg.segment_bytes = 1 << 20;
+    let store = ShardStore::open(&cfg).unwrap().0;
+    assert_eq!(last_hb(&store, "parked-truck"), Some(want));
+}
