@@ -220,18 +220,26 @@ fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> DataDirError
     }
 }
 
-fn is_empty_dir(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())
-}
-
-/// An empty directory made for geobeat (`mkdir data`, a test's temporary directory, usually
-/// 0755) becomes private before geobeat writes its first file into it; a non-empty one is left
-/// to [`check_private`], which refuses it if it is open.
+/// A directory about to become a data directory (no meta file yet: `mkdir data`, a test's
+/// temporary directory, the repository's `shards/` holding only its README, usually 0755 / 0644)
+/// becomes private before geobeat writes its first file into it: the directory 0700 and the
+/// plain files directly in it 0600. An existing data directory is left to [`check_private`],
+/// which refuses it if anything in it is open.
 fn make_private_if_new(root: &Path) -> Result<(), DataDirError> {
-    if is_empty_dir(root) {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(DIR_MODE))
-            .map_err(|e| io_err("chmod data dir", root, e))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    if !root.is_dir() || root.join(META_FILE).exists() {
+        return Ok(());
+    }
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(DIR_MODE))
+        .map_err(|e| io_err("chmod data dir", root, e))?;
+    let entries = std::fs::read_dir(root).map_err(|e| io_err("list", root, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err("list", root, e))?;
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(FILE_MODE))
+                .map_err(|e| io_err("chmod", &path, e))?;
+        }
     }
     Ok(())
 }

@@ -473,6 +473,23 @@ fn data_files_are_private_and_looser_modes_are_refused() {
     }
     server.restart_logged(&log);
     assert_eq!(server.get("/v1/devices/m1", Some(&ops)).0, 200);
+
+    // The repository's `shards/` (the default data directory) ships holding only its README
+    // (0755 / 0644 in a checkout): a first start adopts it, private, instead of refusing.
+    let shipped = tmp.path().join("shipped");
+    std::fs::create_dir(&shipped).unwrap();
+    std::fs::set_permissions(&shipped, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(shipped.join("README.md"), "# the on-disk format\n").unwrap();
+    std::fs::set_permissions(
+        shipped.join("README.md"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let server = Server::start(&shipped, &[]);
+    drop(server);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&shipped), 0o700);
+    assert_eq!(mode(&shipped.join("README.md")), 0o600);
 }
 
 #[test]
