@@ -631,9 +631,10 @@ struct VEdge {
 }
 
 /// Refuses rings that are not simple and apart (see the module docs): edges are swept in order
-/// of their smallest longitude, each compared with the earlier edges still overlapping it in
-/// longitude and latitude. That is O(n log n + pairs compared), at worst O(n²) for
-/// [`FENCE_VERTICES_MAX`] positions, measured in benches/fence.rs (`validate_*`). Repeated
+/// of their smallest longitude (or latitude, when the edges overlap less that way), each compared
+/// with the earlier edges still overlapping it on both axes. That is O(n log n + pairs
+/// compared), at worst O(n²) for [`FENCE_VERTICES_MAX`] positions (e.g. a square spiral, long
+/// edges both ways), measured in benches/fence.rs (`validate_rings at ...`). Repeated
 /// consecutive positions are allowed (a zero-length edge is skipped).
 pub fn validate_rings(rings: &[Vec<(f64, f64)>]) -> Result<(), FenceError> {
     let mut edges: Vec<VEdge> = Vec::new();
@@ -660,6 +661,20 @@ pub fn validate_rings(rings: &[Vec<(f64, f64)>]) -> Result<(), FenceError> {
         }
         for e in &mut edges[first..] {
             e.of = of;
+        }
+    }
+    // Sweep along the axis the edges overlap less on (teeth of a comb lying along x overlap on
+    // x, not on y): mirroring the plane across the diagonal changes no intersection.
+    let (mut wx, mut wy) = (0.0f64, 0.0f64);
+    for e in &edges {
+        wx += (e.b.0 - e.a.0).abs();
+        wy += (e.b.1 - e.a.1).abs();
+    }
+    let b = ring_bbox(&rings[0]);
+    if wx * (b.max_lat - b.min_lat) > wy * (b.max_lon - b.min_lon) {
+        for e in &mut edges {
+            e.a = (e.a.1, e.a.0);
+            e.b = (e.b.1, e.b.0);
         }
     }
     let min_x = |e: &VEdge| e.a.0.min(e.b.0);
