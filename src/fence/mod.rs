@@ -1134,7 +1134,7 @@ mod tests {
     #[test]
     fn validating_the_largest_polygon_is_fast() {
         // The sweep at FENCE_VERTICES_MAX positions: a circle-like ring (n log n) and a comb whose
-        // teeth all overlap in longitude (the sweep's worst case, every pair compared) both finish
+        // teeth all overlap in longitude (every pair compared, were it swept along x) both finish
         // well within 10 s even in a debug build (release figures: benches/fence.rs).
         let n = FENCE_VERTICES_MAX;
         let mut circle: Vec<(f64, f64)> = (0..n - 1)
