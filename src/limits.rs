@@ -192,8 +192,8 @@ pub const FENCE_VERTICES_MAX: usize = 10_000;
 /// is refused with `too_many_vertices_total`; a fences file over it stops the server at start).
 /// It bounds what every heartbeat can cost when polygons overlap, the index memory and the time
 /// to rebuild the index on every change. Measured in perf/RESULTS.md (issue 20 §5): 100 fences
-/// of 10,000 positions build in about a second on the 2-core VM, and the worst heartbeat against
-/// them (every fence overlapping, the point in a boundary cell of each) stays in microseconds.
+/// of 10,000 positions index in 0.1–0.3 s on the 2-core VM, and `containing` at the worst point
+/// (all 100 overlapping, the point in a boundary cell of each) takes 25–50 µs.
 pub const FENCE_VERTICES_TOTAL_MAX: usize = 1_000_000;
 /// Grid of one polygon fence (see `fence::index`): most positions strictly inside one row of its
 /// grid. A point in a boundary cell tests at most twice this many edges besides the cell's own.
