@@ -7,10 +7,20 @@
 //! fences at all (the cost every heartbeat pays once fences are enabled but none exist). Also
 //! measures building the 10,000-fence index (what every PUT/DELETE pays).
 //!
-//! Run: `cargo bench --bench fence -- --warm-up-time 1 --measurement-time 3` (about 30 s).
+//!
+//! Worst case the limits allow (issue 20 §5): FENCE_VERTICES_TOTAL_MAX / FENCE_VERTICES_MAX = 100
+//! polygons of FENCE_VERTICES_MAX positions all overlapping, one point at a time on their
+//! boundaries, with the polygon grids (`FenceSet::new`) and without them
+//! (`FenceSet::with_grid_min(.., usize::MAX)`: every edge tested, as before the grids): "ring",
+//! near-circles shifted by 1e-6° each, points on their edges; "comb", vertical combs whose 2,500
+//! teeth cross every row (the most edges per row the grid must split by columns), points anywhere
+//! in their box. Also the build of that set and `validate_rings` at FENCE_VERTICES_MAX.
+//!
+//! Run: `cargo bench --bench fence -- --warm-up-time 1 --measurement-time 3` (about a minute).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use geobeat::fence::{Fence, FenceId, FenceSet, Scratch, Shape};
+use geobeat::fence::{validate_rings, Fence, FenceId, FenceSet, Scratch, Shape};
+use geobeat::limits::{FENCE_VERTICES_MAX, FENCE_VERTICES_TOTAL_MAX};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -218,5 +228,143 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-criterion_group!(benches, bench);
+/// A near-circle of `n` positions (closing one included), radius 1° around (50 N, 10 E) + `d`.
+fn ring(n: usize, d: f64) -> Vec<(f64, f64)> {
+    let mut r: Vec<(f64, f64)> = (0..n - 1)
+        .map(|i| {
+            let a = i as f64 / (n - 1) as f64 * std::f64::consts::TAU;
+            (10.0 + d + a.cos(), 50.0 + d + a.sin())
+        })
+        .collect();
+    r.push(r[0]);
+    r
+}
+
+/// A comb of `n` positions over 10..12 E, 49..51 N (+ `d`): a spine along the bottom and
+/// vertical teeth 0.0004° wide reaching the top, so every tooth edge spans every row.
+fn comb(n: usize, d: f64) -> Vec<(f64, f64)> {
+    let teeth = (n - 3) / 4;
+    let w = 2.0 / teeth as f64;
+    let (x0, y0) = (10.0 + d, 49.0 + d);
+    let mut r = vec![(x0, y0 - 0.01)];
+    for k in 0..teeth {
+        let x = x0 + k as f64 * w;
+        r.extend([
+            (x, y0 + 2.0),
+            (x + w / 2.0, y0 + 2.0),
+            (x + w / 2.0, y0),
+            (x + w, y0),
+        ]);
+    }
+    r.push((x0 + 2.0, y0 - 0.01));
+    r.push(r[0]);
+    r
+}
+
+/// The worst case of issue 20 §5 (see the module docs).
+fn worst(c: &mut Criterion) {
+    let count = FENCE_VERTICES_TOTAL_MAX / FENCE_VERTICES_MAX;
+    let n = FENCE_VERTICES_MAX;
+    let t = std::time::Instant::now();
+    validate_rings(&[ring(n, 0.0)]).expect("valid ring");
+    let v_ring = t.elapsed();
+    let t = std::time::Instant::now();
+    validate_rings(&[comb(n, 0.0)]).expect("valid comb");
+    let v_comb = t.elapsed();
+    // The comb turned on its side: every tooth overlaps every other in longitude, the sweep's
+    // worst case (each edge compared with all earlier ones still active).
+    let side: Vec<(f64, f64)> = comb(n, 0.0)
+        .iter()
+        .map(|&(x, y)| (y - 39.0, x + 39.0))
+        .collect();
+    let t = std::time::Instant::now();
+    validate_rings(&[side]).expect("valid comb on its side");
+    let v_side = t.elapsed();
+    println!(
+        "validate_rings at {n} positions: ring {:.2} ms, comb {:.2} ms, comb on its side {:.2} ms",
+        v_ring.as_secs_f64() * 1e3,
+        v_comb.as_secs_f64() * 1e3,
+        v_side.as_secs_f64() * 1e3
+    );
+    let mut rng = StdRng::seed_from_u64(20);
+    let mut g = c.benchmark_group("fence_worst");
+    for (label, shape) in [("ring", ring as fn(usize, f64) -> _), ("comb", comb)] {
+        let fences: Vec<Fence> = (0..count)
+            .map(|i| Fence {
+                name: format!("w-{i:03}"),
+                shape: Shape::Polygon {
+                    rings: vec![shape(n, i as f64 * 1e-6)],
+                },
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        let set = FenceSet::new(fences.clone());
+        let built = t.elapsed();
+        let plain = FenceSet::with_grid_min(fences, usize::MAX);
+        assert!(set.vertices_total() >= FENCE_VERTICES_TOTAL_MAX - count);
+        let points: Vec<(f64, f64)> = if label == "ring" {
+            // Midpoints of fence 0's edges: a boundary cell of every fence.
+            let r = ring(n, 0.0);
+            (0..4096)
+                .map(|_| {
+                    let k = rng.gen_range(0..n - 1);
+                    ((r[k].1 + r[k + 1].1) / 2.0, (r[k].0 + r[k + 1].0) / 2.0)
+                })
+                .collect()
+        } else {
+            (0..4096)
+                .map(|_| (rng.gen_range(49.0..51.0), rng.gen_range(10.0..12.0)))
+                .collect()
+        };
+        let mut out: Vec<FenceId> = Vec::new();
+        let mut want: Vec<FenceId> = Vec::new();
+        let mut hits = 0usize;
+        for &(lat, lon) in &points {
+            set.containing(lat, lon, &mut out);
+            plain.containing(lat, lon, &mut want);
+            assert_eq!(out, want, "{label} {lat},{lon}");
+            hits += out.len();
+        }
+        let st = set.grid_stats();
+        println!(
+            "worst {label}: {count} fences x {n} positions built in {:.0} ms; {} cells, {} boundary, \
+             at most {} spanning edges per cell and {} partial edges per row; a point is in \
+             {:.1} fences",
+            built.as_secs_f64() * 1e3,
+            st.cells,
+            st.boundary_cells,
+            st.cell_edges_max,
+            st.row_partials_max,
+            hits as f64 / points.len() as f64
+        );
+        for (which, s) in [("grid", &set), ("no_grid", &plain)] {
+            let calls = if which == "grid" { 20_000 } else { 200 };
+            let t0 = thread_cpu_ns();
+            for i in 0..calls {
+                let (lat, lon) = points[i & 4095];
+                s.containing(lat, lon, &mut out);
+                black_box(out.len());
+            }
+            let ns = (thread_cpu_ns() - t0) as f64 / calls as f64;
+            println!("thread CPU time per call, worst {label} {which}: containing {ns:.0} ns");
+            let mut i = 0usize;
+            if which == "no_grid" {
+                g.sample_size(10);
+            } else {
+                g.sample_size(100);
+            }
+            g.bench_function(format!("containing_{label}_{which}"), |b| {
+                b.iter(|| {
+                    let (lat, lon) = points[i & 4095];
+                    i += 1;
+                    s.containing(black_box(lat), black_box(lon), &mut out);
+                    black_box(out.len())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, worst);
 criterion_main!(benches);

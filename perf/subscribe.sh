@@ -12,6 +12,10 @@
 #               no subscribers: the server skips enter/exit work while nobody subscribes a fence
 #   fences-sub  the same fences and one subscriber to one fence: enter/exit against every fence
 #               for every heartbeat, the ingest cost of the fences
+#   fences-worst  the worst case the fence limits allow (issue 20 §5): FENCE_VERTICES_TOTAL_MAX /
+#               FENCE_VERTICES_MAX = 100 combs of 10,000 positions (2,499 teeth each) overlapping
+#               over the western half of the fleet's band, so every heartbeat there lands in a
+#               boundary cell of all 100, and one subscriber to one of them
 #
 # Columns: heartbeats/s acked (geobeat-load's window), events/s delivered and missed/s summed
 # over subscribers (geobeat-subload's window, which lies inside the load's), event lag p50/p99
@@ -60,9 +64,9 @@ json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval
 # Creates $2 fences on the server at 127.0.0.1:$port with ops token $1, 10,000 per bulk import
 # request over one keep-alive connection; prints the rate.
 create_fences() {
-  python3 - "$port" "$1" "$2" <<'EOF'
+  python3 - "$port" "$1" "$2" "$KIND" <<'EOF'
 import http.client, json, math, random, sys, time
-port, token, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+port, token, n, kind = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 rng = random.Random(6)
 BATCH = 10000  # FENCE_BULK_ENTRIES_MAX
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -76,7 +80,23 @@ def send(batch, first):
     text = resp.read()
     if resp.status != 200:
         sys.exit("subscribe.sh: POST /v1/geofences (fences from f%05d): %d %s" % (first, resp.status, text[:300]))
+def comb(d):
+    # 10,000 positions: a spine below lat -60 and 2,499 teeth up to lat 70 over lon -179..-1.
+    teeth, x0, y0 = 2499, -179.0 + d, -60.0
+    w = 178.0 / teeth
+    ring = [[x0, y0 - 0.01]]
+    for k in range(teeth):
+        x = x0 + k * w
+        ring += [[x, 70.0], [x + w / 2, 70.0], [x + w / 2, y0], [x + w, y0]]
+    ring += [[x0 + 178.0, y0 - 0.01], ring[0]]
+    return {"type": "Polygon", "coordinates": [ring]}
 for i in range(n):
+    if kind == "comb":
+        batch.append({"name": "f%05d" % i, "shape": comb(i * 1e-6)})
+        if len(batch) == BATCH or i == n - 1:
+            send(batch, i + 1 - len(batch))
+            batch = []
+        continue
     # Same band as geobeat-load's tracks; sizes log-uniform from a yard to a city.
     lat, lon = rng.uniform(-60, 70), rng.uniform(-180, 180)
     if i % 2 == 0:
@@ -109,6 +129,7 @@ start_server() {
 
 run() {
   local name=$1 subs=0 fences=0 sub_args=()
+  KIND=random
   case $name in
     base) ;;
     subs-world) subs=$SUBS; sub_args=(--bbox=-180,-90,180,90) ;;
@@ -118,6 +139,7 @@ run() {
     # for every heartbeat only while some fence subscription exists (without one, the server
     # skips the work), so this is the ingest cost of the fences themselves.
     fences-sub) fences=$FENCES; subs=1; sub_args=(--fence f00000) ;;
+    fences-worst) fences=100; subs=1; sub_args=(--fence f00000); KIND=comb ;;
     *) echo "subscribe.sh: unknown run $name" >&2; exit 2 ;;
   esac
   local d="$work/$name"

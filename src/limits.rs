@@ -241,6 +241,30 @@ const _: () = assert!(FANOUT_BATCH_EVENTS_MAX <= FANOUT_PENDING_EVENTS_MAX);
 pub const FENCES_MAX: usize = 100_000;
 /// Most positions one fence polygon may have, over all its rings (closing positions included).
 pub const FENCE_VERTICES_MAX: usize = 10_000;
+/// Most polygon positions over all fences of one server (a PUT or bulk import that would exceed it
+/// is refused with `too_many_vertices_total`; a fences file over it stops the server at start).
+/// It bounds what every heartbeat can cost when polygons overlap, the index memory and the time
+/// to rebuild the index on every change. Measured in perf/RESULTS.md (issue 20 §5): 100 fences
+/// of 10,000 positions index in 0.1–0.3 s on the 2-core VM, and `containing` at the worst point
+/// (all 100 overlapping, the point in a boundary cell of each) takes 25–50 µs.
+pub const FENCE_VERTICES_TOTAL_MAX: usize = 1_000_000;
+/// Grid of one polygon fence (see `fence::index`): most positions strictly inside one row of its
+/// grid. A point in a boundary cell tests at most twice this many edges besides the cell's own.
+pub const FENCE_GRID_ROW_VERTICES_MAX: usize = 16;
+/// Grid of one polygon fence: fewest columns (cells) per row, so that most of a row's area is
+/// classified inside or outside and needs no edge test.
+pub const FENCE_GRID_COLUMNS_MIN: usize = 16;
+/// Grid of one polygon fence: a row gets a column per this many edges spanning it or touching its
+/// bottom (more columns when many edges cross the row, e.g. the teeth of a comb).
+pub const FENCE_GRID_CELL_EDGES_TARGET: usize = 2;
+/// Grid of one polygon fence: most columns per row.
+pub const FENCE_GRID_COLUMNS_MAX: usize = 1024;
+/// Grid of one polygon fence: most cells per polygon position over all its rows (8 bytes each):
+/// the grids of [`FENCE_VERTICES_TOTAL_MAX`] positions take at most 32 MiB of cells.
+pub const FENCE_GRID_CELLS_PER_VERTEX: usize = 4;
+/// Polygons of at most this many positions get no grid: testing all their edges costs no more
+/// than a boundary cell of a grid.
+pub const FENCE_GRID_VERTICES_MIN: usize = 2 * FENCE_GRID_ROW_VERTICES_MAX;
 /// Largest fence body (`PUT /v1/geofences/{name}`) accepted; larger is refused before parsing.
 pub const FENCE_BODY_BYTES_MAX: usize = 1 << 20;
 /// Longest fence name, in bytes (names are 1..=64 bytes of `[A-Za-z0-9._-]`).
@@ -251,6 +275,14 @@ pub const FENCE_RADIUS_M_MAX: f64 = 20_000_000.0;
 
 const _: () = assert!(FENCES_MAX <= u32::MAX as usize);
 const _: () = assert!(FENCE_VERTICES_MAX >= 4 && FENCE_VERTICES_MAX <= u32::MAX as usize);
+const _: () = assert!(FENCE_VERTICES_TOTAL_MAX >= FENCE_VERTICES_MAX);
+// Positions of all fences are indexed with u32 offsets; a cell's edge count fits a u16.
+const _: () = assert!(FENCE_VERTICES_TOTAL_MAX <= u32::MAX as usize / 2);
+const _: () = assert!(FENCE_VERTICES_MAX <= u16::MAX as usize);
+const _: () = assert!(FENCE_GRID_ROW_VERTICES_MAX >= 1 && FENCE_GRID_CELL_EDGES_TARGET >= 1);
+const _: () =
+    assert!(FENCE_GRID_COLUMNS_MIN >= 1 && FENCE_GRID_COLUMNS_MIN <= FENCE_GRID_COLUMNS_MAX);
+const _: () = assert!(FENCE_GRID_CELLS_PER_VERTEX >= 1);
 // A polygon with the most vertices, written with full f64 precision (~45 bytes a position), fits.
 const _: () = assert!(FENCE_BODY_BYTES_MAX >= 64 * FENCE_VERTICES_MAX);
 const _: () = assert!(FENCE_BODY_BYTES_MAX >= HTTP_BODY_BYTES_MAX);

@@ -1,6 +1,7 @@
 //! Fence lookups run on the ingest hot path for every heartbeat, so they must not allocate: a
 //! counting global allocator checks that `FenceSet::containing` and `FenceSet::transitions` make
-//! no heap allocation once their output buffers are warm, with thousands of fences of every size.
+//! no heap allocation once their output buffers are warm, with thousands of fences of every size
+//! (and polygons large enough to get a grid of their own).
 
 mod counting_alloc;
 use counting_alloc::allocations_during;
@@ -59,7 +60,25 @@ fn containing_and_transitions_do_not_allocate_when_warm() {
             },
         });
     }
+    // Polygons with a grid (more than FENCE_GRID_VERTICES_MIN positions): near-circles of 5,000
+    // positions over the same square, so points land in their inside, outside and boundary cells.
+    for k in 0..4u64 {
+        let n = 5_000;
+        let (cx, cy, r) = (10.5 + 0.1 * k as f64, 50.5, 0.2 + 0.05 * k as f64);
+        let mut ring: Vec<(f64, f64)> = (0..n - 1)
+            .map(|i| {
+                let a = i as f64 / (n - 1) as f64 * std::f64::consts::TAU;
+                (cx + r * a.cos(), cy + r * a.sin())
+            })
+            .collect();
+        ring.push(ring[0]);
+        fences.push(Fence {
+            name: format!("grid{k}"),
+            shape: Shape::Polygon { rings: vec![ring] },
+        });
+    }
     let set = FenceSet::new(fences);
+    assert_eq!(set.grid_stats().grids, 4);
     let points: Vec<(f64, f64)> = (0..1_000u64)
         .map(|i| (50.0 + unit(i + 100_000), 10.0 + unit(i + 200_000)))
         .collect();

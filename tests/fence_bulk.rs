@@ -301,3 +301,150 @@ fn tokens_and_body_limits_are_checked_before_the_body_is_read() {
         geobeat::limits::FENCE_BULK_ENTRIES_MAX
     );
 }
+
+/// A valid near-circle polygon of exactly `n` positions around `(lon, 0)`.
+fn many_positions(n: usize, lon: f64) -> Value {
+    let mut ring: Vec<[f64; 2]> = (0..n - 1)
+        .map(|i| {
+            let a = i as f64 / (n - 1) as f64 * std::f64::consts::TAU;
+            [lon + a.cos(), a.sin()]
+        })
+        .collect();
+    ring.push(ring[0]);
+    json!({"type": "Polygon", "coordinates": [ring]})
+}
+
+#[test]
+fn rings_that_are_not_simple_and_fences_over_the_vertex_budget_are_refused() {
+    // Issue 20 §5. PUT and the bulk import refuse a figure eight (self_intersecting), a hole
+    // outside the exterior (hole_outside) and nested holes (holes_overlap) with a 400 naming the
+    // edges. Fences filling FENCE_VERTICES_TOTAL_MAX positions are stored; one more position by
+    // PUT or bulk is 400 too_many_vertices_total naming the limit; a fences file over the budget
+    // stops the server at start with one line naming the file and the limit.
+    use geobeat::limits::{FENCE_VERTICES_MAX, FENCE_VERTICES_TOTAL_MAX};
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let ops = server.token(&["ops"]);
+    let sq = json!([[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]);
+    let cases = [
+        (
+            json!({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}),
+            "self_intersecting",
+        ),
+        (
+            json!({"type": "Polygon", "coordinates": [sq, [[20, 20], [21, 20], [21, 21], [20, 20]]]}),
+            "hole_outside",
+        ),
+        (
+            json!({"type": "Polygon", "coordinates": [sq, [[5, 5], [12, 5], [12, 6], [5, 5]]]}),
+            "hole_outside",
+        ),
+        (
+            json!({"type": "Polygon", "coordinates": [sq, [[1, 1], [5, 1], [5, 5], [1, 5], [1, 1]],
+                [[2, 2], [3, 2], [3, 3], [2, 2]]]}),
+            "holes_overlap",
+        ),
+    ];
+    for (shape, reason) in &cases {
+        let (st, text) = http_body(
+            &server,
+            "PUT",
+            "/v1/geofences/bad",
+            Some(&ops),
+            &shape.to_string(),
+        );
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (st, &v["reason"], &v["param"]),
+            (400, &json!(reason), &json!("body")),
+            "{v}"
+        );
+        assert!(v["error"].as_str().unwrap().contains("ring"), "{v}");
+        let mut fences = circles(5);
+        fences[3] = json!({"name": "bad", "shape": shape});
+        let (st, v) = post(&server, Some(&ops), &json!({ "fences": fences }));
+        assert_eq!(
+            (st, &v["reason"], &v["index"]),
+            (400, &json!(reason), &json!(3)),
+            "{v}"
+        );
+    }
+    assert!(names(&server, &ops).is_empty());
+
+    let full = FENCE_VERTICES_TOTAL_MAX / FENCE_VERTICES_MAX;
+    let fences: Vec<Value> = (0..full)
+        .map(|i| json!({"name": format!("big-{i:03}"), "shape": many_positions(FENCE_VERTICES_MAX, i as f64 * 0.001)}))
+        .collect();
+    // 40 MB of positions: a debug server takes longer than http_body's 10 s to store them.
+    let body = json!({ "fences": fences }).to_string();
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    write!(
+        s,
+        "POST /v1/geofences HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ops}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (st, text) = http_body(
+        &server,
+        "PUT",
+        "/v1/geofences/one-more",
+        Some(&ops),
+        &many_positions(4, 50.0).to_string(),
+    );
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (st, &v["reason"], &v["param"]),
+        (400, &json!("too_many_vertices_total"), &json!("body")),
+        "{v}"
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("FENCE_VERTICES_TOTAL_MAX"),
+        "{v}"
+    );
+    let (st, v) = post(
+        &server,
+        Some(&ops),
+        &json!({"fences": [{"name": "one-more", "shape": many_positions(4, 50.0)}]}),
+    );
+    assert_eq!(
+        (st, &v["reason"]),
+        (400, &json!("too_many_vertices_total")),
+        "{v}"
+    );
+    // A circle costs no positions.
+    let (st, _) = http_body(
+        &server,
+        "PUT",
+        "/v1/geofences/c",
+        Some(&ops),
+        r#"{"center":[1,2],"radius_m":5}"#,
+    );
+    assert_eq!(st, 200);
+    assert_eq!(server.sigterm().code(), Some(0));
+
+    // One fence more in the file than the budget allows: the server refuses to start.
+    let path = dir.path().join(geobeat::fence::FENCES_FILE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let extra = json!({"name": "zz", "shape": many_positions(4, 50.0)});
+    std::fs::write(&path, text.replacen("\n]}", &format!(",\n{extra}\n]}}"), 1)).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(&server.args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("geofences.json") && stderr.contains("FENCE_VERTICES_TOTAL_MAX"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -15,17 +15,52 @@
 //! back and circle centres as precomputed unit vectors. Built once per snapshot, never updated:
 //! fence changes are rare (measured in benches/fence.rs: 10,000 fences index in tens of ms).
 //!
+//! Polygons of more than [`FENCE_GRID_VERTICES_MIN`] positions also get a grid of their own over
+//! their box, built once per snapshot, so a heartbeat near a 10,000-position polygon does not test
+//! 10,000 edges (issue 20 §5: 100 overlapping such fences cut ingest twentyfold). Its rows are cut
+//! at positions' latitudes so that at most [`FENCE_GRID_ROW_VERTICES_MAX`] positions lie strictly
+//! inside a row; then an edge meeting a row either spans its whole height or ends inside it (a
+//! "partial" edge: at most twice that many per row). Each row has equal columns over the box,
+//! one per [`FENCE_GRID_CELL_EDGES_TARGET`] edges spanning the row, between
+//! [`FENCE_GRID_COLUMNS_MIN`] and [`FENCE_GRID_COLUMNS_MAX`] (and at most
+//! [`FENCE_GRID_CELLS_PER_VERTEX`] cells per position in all), so spanning edges spread evenly
+//! (the teeth of a comb) leave few per cell. A cell that no edge comes within [`MARGIN_DEG`] of is
+//! classified inside or outside at build time and answers without any edge test. A boundary cell
+//! keeps the spanning edges near it and the even-odd parity of the spanning edges to its right; a
+//! point in it tests those edges and the row's partial edges, nothing else. The answer is the same
+//! bit for bit as testing every edge (`Fence::contains`), because each edge decides its share of
+//! the even-odd count alone (`edge_test`) and an edge at least [`MARGIN_DEG`] away from the cell
+//! decides exactly, whatever the rounding, for every point of the cell (it is ~10^4 times the
+//! rounding error of the test at these magnitudes); edges nearer are tested as `Fence::contains`
+//! tests them. So a point costs a binary search over the rows, one cell, at most
+//! 2 × [`FENCE_GRID_ROW_VERTICES_MAX`] partial edges and the spanning edges within one cell. (Not
+//! bounded: many spanning edges bunched within one column's width, e.g. thousands of nearly
+//! parallel slanted edges; a point there tests those. The total position budget bounds even
+//! that.)
+//!
 //! Invariant: [`FenceSet::containing`] returns exactly the fences whose [`Fence::contains`] is
-//! true (proptested against brute force), sorted ascending, and allocates nothing once `out` has
-//! room for the result.
+//! true (proptested against brute force, with and without grids), sorted ascending, and allocates
+//! nothing once `out` has room for the result.
 
 use std::collections::HashMap;
 
 use super::{
-    chord2, chord2_of_m, polygon_contains, unit_vector, valid_point, Fence, FenceId, Shape,
-    Transition,
+    chord2, chord2_of_m, edge_test, polygon_contains, unit_vector, valid_point, Fence, FenceId,
+    Shape, Transition, CROSSES, ON_EDGE,
+};
+use crate::limits::{
+    FENCE_GRID_CELLS_PER_VERTEX, FENCE_GRID_CELL_EDGES_TARGET, FENCE_GRID_COLUMNS_MAX,
+    FENCE_GRID_COLUMNS_MIN, FENCE_GRID_ROW_VERTICES_MAX, FENCE_GRID_VERTICES_MIN,
+    FENCE_VERTICES_TOTAL_MAX,
 };
 use crate::spatial::BBox;
+
+/// How far (degrees, about 0.1 mm) an edge must stay from a grid cell for the cell to ignore it
+/// or to count it without testing: far above the rounding error of [`edge_test`] (about 1e-13°
+/// for coordinates within ±180°), so such an edge's answer is the exact one for every point of
+/// the cell. Cells are widened by twice this when deciding, to absorb the rounding of the cell
+/// arithmetic itself.
+const MARGIN_DEG: f64 = 1e-9;
 
 /// log2 of the cell size ratio between adjacent levels.
 const LEVEL_STEP_LOG2: u32 = 1;
@@ -101,8 +136,77 @@ enum Exact {
     /// A circle: its centre's unit vector and the squared chord of its radius.
     Circle { centre: [f64; 3], chord2_max: f64 },
     /// A polygon: its rings are `rings[first..first + count]` (exterior first), each a range of
-    /// `verts`, so a test reads one contiguous run of memory.
-    Polygon { first: u32, count: u32 },
+    /// `verts`, so a test reads one contiguous run of memory; `grid` indexes `grids`, or is
+    /// [`NO_GRID`] for a small polygon (every edge is tested).
+    Polygon { first: u32, count: u32, grid: u32 },
+}
+
+/// `Exact::Polygon::grid` of a polygon without a grid.
+const NO_GRID: u32 = u32::MAX;
+
+/// A grid cell with no edge near it, wholly outside the polygon.
+const OUTSIDE: u8 = 0;
+/// A grid cell with no edge near it, wholly inside the polygon.
+const INSIDE: u8 = 1;
+/// A grid cell that edges come near: its points are tested against the cell's and row's edges.
+const BOUNDARY: u8 = 2;
+
+/// One cell of a polygon's grid.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    /// The spanning edges near a boundary cell: `cell_edges[start..start + len]`.
+    start: u32,
+    /// See `start`.
+    len: u16,
+    /// [`OUTSIDE`], [`INSIDE`] or [`BOUNDARY`].
+    kind: u8,
+    /// For a boundary cell: 1 when an odd number of the row's spanning edges lie wholly to the
+    /// cell's right (each crosses the ray of every point of the cell).
+    parity: u8,
+}
+
+/// The grid of one polygon (see the module docs).
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    /// Row `r` holds latitudes `row_bounds[bounds_first + r] <= y < row_bounds[bounds_first + r + 1]`.
+    bounds_first: u32,
+    /// Number of rows; row `r` is `grid_rows[rows_first + r]`.
+    rows: u32,
+    /// See `rows`.
+    rows_first: u32,
+    /// The box's smallest longitude (column 0 of every row starts there).
+    min_lon: f64,
+}
+
+/// One row of a polygon's grid: equal columns over the polygon's box, as many as its spanning
+/// and touching edges need to keep few per cell (see [`GridParts::add`]).
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    /// The row's partial edges: `partial_edges[partial_start..partial_start + partial_len]`.
+    partial_start: u32,
+    /// See `partial_start`.
+    partial_len: u32,
+    /// Column `c` is `grid_cells[cells_first + c]`.
+    cells_first: u32,
+    /// Columns.
+    cols: u32,
+    /// Columns per degree of longitude (0 for a box of no width: one column).
+    cols_per_deg: f64,
+}
+
+/// Sizes of the polygon grids of a [`FenceSet`] (for tests, benches and RESULTS.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GridStats {
+    /// Polygons with a grid.
+    pub grids: usize,
+    /// Cells over all grids.
+    pub cells: usize,
+    /// Of which boundary cells.
+    pub boundary_cells: usize,
+    /// Most spanning edges listed by one boundary cell.
+    pub cell_edges_max: usize,
+    /// Most partial edges of one row.
+    pub row_partials_max: usize,
 }
 
 /// One index entry: a fence id with its box inline, so rejecting a candidate reads only the
@@ -138,6 +242,18 @@ pub struct FenceSet {
     verts: Vec<(f64, f64)>,
     /// Ring ranges `(start, len)` in `verts`.
     rings: Vec<(u32, u32)>,
+    /// Polygon grids (see the module docs and [`Grid`]).
+    grids: Vec<Grid>,
+    /// Row boundaries of all grids, back to back.
+    row_bounds: Vec<f64>,
+    /// Rows of all grids.
+    grid_rows: Vec<Row>,
+    /// Partial edges of all rows: an edge is the index in `verts` of its first position.
+    partial_edges: Vec<u32>,
+    /// Cells of all grids.
+    grid_cells: Vec<Cell>,
+    /// Spanning edges listed by boundary cells (as `partial_edges`).
+    cell_edges: Vec<u32>,
     /// `(level, cell)` key -> `(start, len)` in `cell_ids`.
     cells: HashMap<u64, (u32, u32), ahash::RandomState>,
     /// Entries per cell, ascending by id within a cell.
@@ -162,6 +278,12 @@ impl FenceSet {
             exact: Vec::new(),
             verts: Vec::new(),
             rings: Vec::new(),
+            grids: Vec::new(),
+            row_bounds: Vec::new(),
+            grid_rows: Vec::new(),
+            partial_edges: Vec::new(),
+            grid_cells: Vec::new(),
+            cell_edges: Vec::new(),
             cells: HashMap::default(),
             cell_ids: Vec::new(),
             huge: Vec::new(),
@@ -174,7 +296,13 @@ impl FenceSet {
     /// # Panics
     /// If two fences share a name or there are more than `u32::MAX` fences (programmer errors:
     /// the registry guarantees unique names and [`crate::limits::FENCES_MAX`]).
-    pub fn new(mut fences: Vec<Fence>) -> FenceSet {
+    pub fn new(fences: Vec<Fence>) -> FenceSet {
+        FenceSet::with_grid_min(fences, FENCE_GRID_VERTICES_MIN)
+    }
+
+    /// [`FenceSet::new`], giving a grid to polygons of more than `grid_min` positions (tests use
+    /// 0 to put every polygon on the grid path, benches `usize::MAX` to measure without grids).
+    pub fn with_grid_min(mut fences: Vec<Fence>, grid_min: usize) -> FenceSet {
         assert!(u32::try_from(fences.len()).is_ok(), "too many fences");
         fences.sort_by(|a, b| a.name.cmp(&b.name));
         for w in fences.windows(2) {
@@ -186,6 +314,7 @@ impl FenceSet {
         }
         let bboxes: Vec<BBox> = fences.iter().map(|f| f.shape.bbox()).collect();
         let (mut verts, mut rings) = (Vec::new(), Vec::new());
+        let mut grids = GridParts::default();
         let exact: Vec<Exact> = fences
             .iter()
             .map(|f| match &f.shape {
@@ -199,15 +328,23 @@ impl FenceSet {
                         rings.push((verts.len() as u32, r.len() as u32));
                         verts.extend_from_slice(r);
                     }
+                    let grid = if f.shape.vertices() > grid_min {
+                        grids.add(&verts, &rings[first as usize..], &f.shape.bbox())
+                    } else {
+                        NO_GRID
+                    };
                     Exact::Polygon {
                         first,
                         count: rs.len() as u32,
+                        grid,
                     }
                 }
             })
             .collect();
-        // FENCES_MAX * FENCE_VERTICES_MAX positions fit in u32 offsets.
+        // The registry keeps positions within FENCE_VERTICES_TOTAL_MAX, so u32 offsets suffice; a
+        // set built directly (tests, benches) may exceed the budget but not u32.
         assert!(u32::try_from(verts.len()).is_ok(), "too many positions");
+        const _: () = assert!(FENCE_VERTICES_TOTAL_MAX < u32::MAX as usize);
         let mut pairs: Vec<(u64, FenceId)> = Vec::new();
         let mut huge = Vec::new();
         let mut levels_used = 0u32;
@@ -237,6 +374,12 @@ impl FenceSet {
             exact,
             verts,
             rings,
+            grids: grids.grids,
+            row_bounds: grids.row_bounds,
+            grid_rows: grids.rows,
+            partial_edges: grids.partial_edges,
+            grid_cells: grids.cells,
+            cell_edges: grids.cell_edges,
             cells,
             cell_ids,
             huge,
@@ -288,6 +431,70 @@ impl FenceSet {
             .map(|(i, f)| (FenceId(i as u32), f))
     }
 
+    /// Polygon positions over all fences (what [`FENCE_VERTICES_TOTAL_MAX`] bounds).
+    pub fn vertices_total(&self) -> usize {
+        self.verts.len()
+    }
+
+    /// Sizes of the polygon grids.
+    pub fn grid_stats(&self) -> GridStats {
+        GridStats {
+            grids: self.grids.len(),
+            cells: self.grid_cells.len(),
+            boundary_cells: self
+                .grid_cells
+                .iter()
+                .filter(|c| c.kind == BOUNDARY)
+                .count(),
+            cell_edges_max: self
+                .grid_cells
+                .iter()
+                .map(|c| usize::from(c.len))
+                .max()
+                .unwrap_or(0),
+            row_partials_max: self
+                .grid_rows
+                .iter()
+                .map(|r| r.partial_len as usize)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// Whether the polygon with grid `g` contains `(x, y)` = `(lon, lat)`, a point within its
+    /// box: the same answer as [`polygon_contains`] over all its rings (see the module docs).
+    #[inline]
+    fn grid_contains(&self, g: u32, x: f64, y: f64) -> bool {
+        let g = &self.grids[g as usize];
+        let first = g.bounds_first as usize;
+        let bounds = &self.row_bounds[first..first + g.rows as usize + 1];
+        let r = bounds
+            .partition_point(|&b| b <= y)
+            .saturating_sub(1)
+            .min(g.rows as usize - 1);
+        let row = &self.grid_rows[g.rows_first as usize + r];
+        let c = (((x - g.min_lon) * row.cols_per_deg) as usize).min(row.cols as usize - 1);
+        let cell = self.grid_cells[row.cells_first as usize + c];
+        match cell.kind {
+            INSIDE => return true,
+            OUTSIDE => return false,
+            _ => {}
+        }
+        let mut inside = cell.parity != 0;
+        let (ps, pn) = (row.partial_start, row.partial_len);
+        let listed = &self.cell_edges[cell.start as usize..cell.start as usize + cell.len as usize];
+        let partial = &self.partial_edges[ps as usize..(ps + pn) as usize];
+        for &e in listed.iter().chain(partial) {
+            let e = e as usize;
+            match edge_test(self.verts[e], self.verts[e + 1], x, y) {
+                ON_EDGE => return true,
+                CROSSES => inside = !inside,
+                _ => {}
+            }
+        }
+        inside
+    }
+
     /// Index entries (fence-cell pairs) plus always-checked fences: a size figure for tests and
     /// benches.
     pub fn index_entries(&self) -> usize {
@@ -313,7 +520,8 @@ impl FenceSet {
                 let p = pv.get_or_insert_with(|| unit_vector(lat, lon));
                 chord2(&centre, p) <= chord2_max
             }
-            Exact::Polygon { first, count } => polygon_contains(
+            Exact::Polygon { grid, .. } if grid != NO_GRID => self.grid_contains(grid, lon, lat),
+            Exact::Polygon { first, count, .. } => polygon_contains(
                 self.rings[first as usize..(first + count) as usize]
                     .iter()
                     .map(|&(s, n)| &self.verts[s as usize..(s + n) as usize]),
@@ -398,6 +606,258 @@ impl FenceSet {
                 (None, None) => unreachable!("loop condition"),
             }
         }
+    }
+}
+
+/// The grids of a set under construction (moved into the [`FenceSet`] when done).
+#[derive(Default)]
+struct GridParts {
+    grids: Vec<Grid>,
+    row_bounds: Vec<f64>,
+    rows: Vec<Row>,
+    partial_edges: Vec<u32>,
+    cells: Vec<Cell>,
+    cell_edges: Vec<u32>,
+}
+
+/// Whether the segment `a`-`b` meets the box `[x0, x1] × [y0, y1]` (Liang-Barsky clipping).
+fn segment_meets_box(a: (f64, f64), b: (f64, f64), x0: f64, x1: f64, y0: f64, y1: f64) -> bool {
+    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+    let (mut t0, mut t1) = (0.0f64, 1.0f64);
+    for (p, q) in [
+        (-dx, a.0 - x0),
+        (dx, x1 - a.0),
+        (-dy, a.1 - y0),
+        (dy, y1 - a.1),
+    ] {
+        if p == 0.0 {
+            if q < 0.0 {
+                return false;
+            }
+        } else {
+            let r = q / p;
+            if p < 0.0 {
+                if r > t1 {
+                    return false;
+                }
+                t0 = t0.max(r);
+            } else {
+                if r < t0 {
+                    return false;
+                }
+                t1 = t1.min(r);
+            }
+        }
+    }
+    true
+}
+
+/// The longitude range of the part of `a`-`b` with latitude in `[y0, y1]` (the segment is known
+/// to reach that band).
+fn x_range_in_band(a: (f64, f64), b: (f64, f64), y0: f64, y1: f64) -> (f64, f64) {
+    if a.1 == b.1 {
+        return (a.0.min(b.0), a.0.max(b.0));
+    }
+    let at = |y: f64| {
+        let t = ((y - a.1) / (b.1 - a.1)).clamp(0.0, 1.0);
+        a.0 + t * (b.0 - a.0)
+    };
+    let (p, q) = (at(y0), at(y1));
+    (p.min(q), p.max(q))
+}
+
+impl GridParts {
+    /// Builds the grid of the polygon whose rings are `rings` (ranges of `verts`) and whose box
+    /// is `bbox`; returns its index.
+    fn add(&mut self, verts: &[(f64, f64)], rings: &[(u32, u32)], bbox: &BBox) -> u32 {
+        let edges: Vec<u32> = rings.iter().flat_map(|&(s, n)| s..s + n - 1).collect();
+        // Rows: cut at positions' latitudes, at most FENCE_GRID_ROW_VERTICES_MAX strictly inside
+        // a row. The last row, [max, max + 1), only ever sees points at the top latitude.
+        let mut ys: Vec<f64> = rings
+            .iter()
+            .flat_map(|&(s, n)| verts[s as usize..(s + n) as usize].iter().map(|p| p.1))
+            .collect();
+        ys.sort_unstable_by(f64::total_cmp);
+        let (lo, hi) = (ys[0], ys[ys.len() - 1]);
+        let mut bounds = vec![lo];
+        let mut inside = 0usize;
+        for run in ys.chunk_by(|a, b| a == b) {
+            let y = run[0];
+            if y <= lo || y >= hi {
+                continue;
+            }
+            if inside + run.len() > FENCE_GRID_ROW_VERTICES_MAX {
+                bounds.push(y);
+                inside = 0;
+            } else {
+                inside += run.len();
+            }
+        }
+        if hi > lo {
+            bounds.push(hi);
+        }
+        bounds.push(hi + 1.0);
+        let rows = bounds.len() - 1;
+        let row_of = |y: f64| {
+            bounds
+                .partition_point(|&b| b <= y)
+                .saturating_sub(1)
+                .min(rows - 1)
+        };
+        let width = bbox.max_lon - bbox.min_lon;
+        // Edges by row.
+        let mut by_row: Vec<Vec<u32>> = vec![Vec::new(); rows];
+        for &e in &edges {
+            let (a, b) = (verts[e as usize], verts[e as usize + 1]);
+            for row in &mut by_row[row_of(a.1.min(b.1))..=row_of(a.1.max(b.1))] {
+                row.push(e);
+            }
+        }
+        // Columns per row: enough for about FENCE_GRID_CELL_EDGES_TARGET listed edges per cell
+        // if they were spread evenly, at least FENCE_GRID_COLUMNS_MIN (so most of a row's
+        // area is classified), at most FENCE_GRID_COLUMNS_MAX, and all rows together at most
+        // FENCE_GRID_CELLS_PER_VERTEX cells per position (scaled down evenly beyond).
+        let mut cols: Vec<usize> = by_row
+            .iter()
+            .enumerate()
+            .map(|(r, es)| {
+                if width <= 0.0 {
+                    return 1;
+                }
+                let (y0, y1) = (bounds[r], bounds[r + 1]);
+                // Edges a cell may list: all but the row's partial ones (spanning, and touching
+                // the row's bottom latitude, like the teeth of a comb ending there).
+                let listed = es
+                    .iter()
+                    .filter(|&&e| {
+                        let (a, b) = (verts[e as usize], verts[e as usize + 1]);
+                        let (lo, hi) = (a.1.min(b.1), a.1.max(b.1));
+                        !((lo > y0 && lo < y1) || (hi > y0 && hi < y1))
+                    })
+                    .count();
+                listed
+                    .div_ceil(FENCE_GRID_CELL_EDGES_TARGET)
+                    .clamp(FENCE_GRID_COLUMNS_MIN, FENCE_GRID_COLUMNS_MAX)
+            })
+            .collect();
+        let positions: usize = rings.iter().map(|&(_, n)| n as usize).sum();
+        let budget = FENCE_GRID_CELLS_PER_VERTEX * positions;
+        let total: usize = cols.iter().sum();
+        if total > budget {
+            for c in &mut cols {
+                *c = (*c * budget / total).max(1);
+            }
+        }
+        let grid = Grid {
+            bounds_first: self.row_bounds.len() as u32,
+            rows: rows as u32,
+            rows_first: self.rows.len() as u32,
+            min_lon: bbox.min_lon,
+        };
+        let m = MARGIN_DEG;
+        let mut local: Vec<Vec<u32>> = Vec::new();
+        let mut near = Vec::new();
+        let mut toggle = Vec::new();
+        for (r, row_edges) in by_row.iter().enumerate() {
+            let (y0, y1) = (bounds[r], bounds[r + 1]);
+            let cols = cols[r];
+            let cols_per_deg = if width > 0.0 {
+                cols as f64 / width
+            } else {
+                0.0
+            };
+            let col_of = |x: f64| (((x - bbox.min_lon) * cols_per_deg) as usize).min(cols - 1);
+            let col_x = |c: usize| bbox.min_lon + width * c as f64 / cols as f64;
+            let partial_start = self.partial_edges.len();
+            local.iter_mut().for_each(Vec::clear);
+            local.resize_with(cols, Vec::new);
+            near.clear();
+            near.resize(cols, false);
+            toggle.clear();
+            toggle.resize(cols + 1, 0u8);
+            for &e in row_edges {
+                let (a, b) = (verts[e as usize], verts[e as usize + 1]);
+                let (emin, emax) = (a.1.min(b.1), a.1.max(b.1));
+                let partial = (emin > y0 && emin < y1) || (emax > y0 && emax < y1);
+                let spanner = !partial && emin <= y0 && emax >= y1;
+                if partial {
+                    self.partial_edges.push(e);
+                }
+                let (xl, xh) = x_range_in_band(a, b, y0 - 2.0 * m, y1 + 2.0 * m);
+                let (c_lo, c_hi) = (col_of(xl - 4.0 * m), col_of(xh + 4.0 * m));
+                if spanner {
+                    // Every column left of c_lo has this edge wholly to its right.
+                    toggle[0] ^= 1;
+                    toggle[c_lo] ^= 1;
+                }
+                for c in c_lo..=c_hi {
+                    let (x0, x1) = (col_x(c), col_x(c + 1));
+                    if segment_meets_box(
+                        a,
+                        b,
+                        x0 - 2.0 * m,
+                        x1 + 2.0 * m,
+                        y0 - 2.0 * m,
+                        y1 + 2.0 * m,
+                    ) {
+                        near[c] = true;
+                        if !partial {
+                            local[c].push(e);
+                        }
+                    } else if spanner {
+                        // Wholly left or right of the cell within the row: which, at mid-row.
+                        let ym = (y0 + y1) / 2.0;
+                        let xm = a.0 + (ym - a.1) * (b.0 - a.0) / (b.1 - a.1);
+                        if xm > x1 {
+                            toggle[c] ^= 1;
+                            toggle[c + 1] ^= 1;
+                        }
+                    }
+                }
+            }
+            let partials = &self.partial_edges[partial_start..];
+            self.rows.push(Row {
+                partial_start: partial_start as u32,
+                partial_len: partials.len() as u32,
+                cells_first: self.cells.len() as u32,
+                cols: cols as u32,
+                cols_per_deg,
+            });
+            let mut parity = 0u8;
+            for c in 0..cols {
+                parity ^= toggle[c];
+                if near[c] {
+                    let len = u16::try_from(local[c].len()).expect("edges per cell fit u16");
+                    self.cells.push(Cell {
+                        start: self.cell_edges.len() as u32,
+                        len,
+                        kind: BOUNDARY,
+                        parity,
+                    });
+                    self.cell_edges.extend_from_slice(&local[c]);
+                } else {
+                    // No edge near: every point of the cell has the answer of its centre, which
+                    // the row's far edges decide exactly.
+                    let (xc, yc) = ((col_x(c) + col_x(c + 1)) / 2.0, (y0 + y1) / 2.0);
+                    let mut inside = parity != 0;
+                    for &e in partials {
+                        let t = edge_test(verts[e as usize], verts[e as usize + 1], xc, yc);
+                        debug_assert!(t != ON_EDGE, "a far edge is not on the centre");
+                        inside ^= t == CROSSES;
+                    }
+                    self.cells.push(Cell {
+                        start: 0,
+                        len: 0,
+                        kind: if inside { INSIDE } else { OUTSIDE },
+                        parity: 0,
+                    });
+                }
+            }
+        }
+        self.row_bounds.extend_from_slice(&bounds);
+        let id = self.grids.len() as u32;
+        self.grids.push(grid);
+        id
     }
 }
 
@@ -587,15 +1047,23 @@ mod tests {
                 .prop_map(|(c, radii, s, hole)| {
                     let mut rings = vec![ring(c, radii, s)];
                     if let Some(h) = hole {
-                        rings.push(ring(c, h, s));
+                        // Well inside the exterior: its radii are below half the smallest
+                        // exterior radius, and star rings of >= 3 points keep half of theirs.
+                        rings.push(ring(c, h.iter().map(|r| r * 0.09).collect(), s));
                     }
                     Shape::Polygon { rings }
+                })
+                // Clamping at the poles and the 180° span can fold a ring onto itself.
+                .prop_filter("valid rings", |sh| match sh {
+                    Shape::Polygon { rings } => crate::fence::validate_rings(rings).is_ok(),
+                    Shape::Circle { .. } => true,
                 }),
-            // Self-intersecting rings of random vertices in a small box: even-odd still decides.
+            // Rings of random vertices in a small box, kept when valid (simple): concave shapes
+            // with vertices at arbitrary places.
             (
                 point(),
                 prop::collection::vec((0.0f64..1.0, 0.0f64..1.0), 3..10),
-                scale
+                scale.clone()
             )
                 .prop_map(|(c, pts, s)| {
                     let mut r: Vec<(f64, f64)> = pts
@@ -609,6 +1077,29 @@ mod tests {
                         .collect();
                     r.push(r[0]);
                     Shape::Polygon { rings: vec![r] }
+                })
+                .prop_filter("a simple ring", |sh| match sh {
+                    Shape::Polygon { rings } => crate::fence::validate_rings(rings).is_ok(),
+                    Shape::Circle { .. } => true,
+                }),
+            // Many-vertex rings (grids with many rows) with small holes.
+            (
+                point(),
+                prop::collection::vec(0.5f64..1.0, 40..300),
+                scale,
+                0usize..4,
+            )
+                .prop_map(|(c, radii, s, holes)| {
+                    let mut rings = vec![ring(c, radii, s)];
+                    for h in 0..holes {
+                        let hc = (c.0 + s * 0.2 * (h as f64 - 1.5), c.1);
+                        rings.push(ring(hc, vec![0.04, 0.05, 0.03, 0.05, 0.045], s));
+                    }
+                    Shape::Polygon { rings }
+                })
+                .prop_filter("valid rings", |sh| match sh {
+                    Shape::Polygon { rings } => crate::fence::validate_rings(rings).is_ok(),
+                    Shape::Circle { .. } => true,
                 }),
         ]
     }
@@ -650,12 +1141,32 @@ mod tests {
             for f in &fences {
                 // Every fence is valid as parsed from its canonical JSON.
                 prop_assert_eq!(&Fence::parse(&f.name, f.to_json().as_bytes()).unwrap(), f);
+                // Probes on and next to every edge of polygons: boundary cells of the grids.
+                if let Shape::Polygon { rings } = &f.shape {
+                    for r in rings {
+                        for w in r.windows(2).step_by(1 + r.len() / 16) {
+                            let (a, b) = (w[0], w[1]);
+                            let mid = ((a.1 + b.1) / 2.0, (a.0 + b.0) / 2.0);
+                            probes.push(mid);
+                            probes.push((mid.0 + 1e-12, mid.1));
+                            probes.push((mid.0, mid.1 - 1e-9));
+                            probes.push((a.1, a.0));
+                        }
+                    }
+                }
             }
+            // The same answers with the default grids and with a grid for every polygon.
+            let gridded = FenceSet::with_grid_min(fences.clone(), 0);
             let set = FenceSet::new(fences);
+            let polygons = gridded.iter().filter(|(_, f)| f.shape.vertices() > 0).count();
+            prop_assert_eq!(gridded.grid_stats().grids, polygons);
             let mut out = Vec::new();
             for &(lat, lon) in &probes {
                 set.containing(lat, lon, &mut out);
-                prop_assert_eq!(&out, &brute(&set, lat, lon), "point {},{}", lat, lon);
+                let want = brute(&set, lat, lon);
+                prop_assert_eq!(&out, &want, "point {},{}", lat, lon);
+                gridded.containing(lat, lon, &mut out);
+                prop_assert_eq!(&out, &want, "gridded, point {},{}", lat, lon);
             }
         }
 

@@ -9,13 +9,19 @@
 //!   says; there is no great-circle interpolation. A ring's longitude span may not exceed 180°:
 //!   polygons crossing the antimeridian must be split into pieces (RFC 7946 §3.1.9), one fence
 //!   each.
-//! * A polygon contains a point when the point lies inside its exterior ring (even-odd rule) or on
-//!   it, and strictly inside none of its holes. So a polygon is a closed set: points on the
-//!   exterior ring and on hole rings are contained. "On" is decided exactly in `f64` (vertices and
-//!   points on horizontal/vertical edges are exact; on slanted edges rounding decides, the same
-//!   way every time). Winding order is not checked (RFC 7946 §3.1.6 asks parsers not to reject
-//!   on it) and rings are not checked for self-intersection: the even-odd rule defines the inside
-//!   of any ring.
+//! * A polygon's rings must be simple and apart: no two edges of its rings cross or touch (except
+//!   neighbours in one ring at their shared position), every hole lies inside the exterior ring,
+//!   and no hole lies inside another (refused as `self_intersecting`, `hole_outside` and
+//!   `holes_overlap`; see [`validate_rings`]). Winding order is not checked (RFC 7946 §3.1.6 asks
+//!   parsers not to reject on it).
+//! * A polygon contains a point when the point lies on an edge of any of its rings, or when a ray
+//!   from the point crosses the edges of all its rings together an odd number of times. For valid
+//!   rings this is "inside or on the exterior ring and strictly inside none of the holes"; it is
+//!   written as one even-odd count over all edges because every edge then decides its share of
+//!   the answer alone, which is what lets the index (`index`) skip edges far from the point and
+//!   still give bit for bit the same answer. So a polygon is a closed set. "On" is decided exactly
+//!   in `f64` (vertices and points on horizontal/vertical edges are exact; on slanted edges
+//!   rounding decides, the same way every time).
 //! * A circle contains a point whose great-circle distance from its centre is at most `radius_m`,
 //!   and which lies in the circle's (slightly padded) bounding box; the box test only matters at
 //!   the last bits of rounding and makes the index exact by construction. The distance test is
@@ -41,7 +47,7 @@ mod index;
 mod registry;
 
 pub use batch::{parse_batch, BatchError};
-pub use index::{FenceSet, Scratch};
+pub use index::{FenceSet, GridStats, Scratch};
 pub use registry::{FenceRegistry, FENCES_FILE};
 
 use std::fmt::Write as _;
@@ -51,7 +57,7 @@ use serde_json::Value;
 
 use crate::limits::{
     FENCES_MAX, FENCE_BODY_BYTES_MAX, FENCE_BULK_ENTRIES_MAX, FENCE_NAME_BYTES_MAX,
-    FENCE_RADIUS_M_MAX, FENCE_VERTICES_MAX,
+    FENCE_RADIUS_M_MAX, FENCE_VERTICES_MAX, FENCE_VERTICES_TOTAL_MAX,
 };
 use crate::spatial::{circle_bbox, BBox, EARTH_RADIUS_M};
 
@@ -120,6 +126,23 @@ pub enum FenceError {
     /// The polygon has more positions than [`FENCE_VERTICES_MAX`].
     #[error("the polygon has more than {max} positions (over all rings)", max = FENCE_VERTICES_MAX)]
     TooManyVertices,
+    /// The change would take the polygon positions of all fences beyond
+    /// [`FENCE_VERTICES_TOTAL_MAX`].
+    #[error(
+        "the fences would hold {0} polygon positions in all, more than the limit of {max} \
+         (FENCE_VERTICES_TOTAL_MAX); delete or simplify fences first",
+        max = FENCE_VERTICES_TOTAL_MAX
+    )]
+    TooManyVerticesTotal(usize),
+    /// Two edges of one ring cross or touch (other than neighbours at their shared position).
+    #[error("{0}")]
+    SelfIntersecting(String),
+    /// A hole crosses or touches the exterior ring, or lies outside it.
+    #[error("{0}")]
+    HoleOutside(String),
+    /// Two holes cross or touch, or one lies inside the other.
+    #[error("{0}")]
+    HolesOverlap(String),
     /// The circle's radius is not a finite number in (0, 20,000 km].
     #[error("{0}")]
     BadRadius(String),
@@ -152,6 +175,15 @@ pub enum FenceError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The fences file holds more than a limit of this build allows (e.g. it was written by a
+    /// build with a larger [`FENCE_VERTICES_TOTAL_MAX`]).
+    #[error("{}: the fences file is over a limit of this build: {detail}", path.display())]
+    OverBudget {
+        /// The fences file.
+        path: PathBuf,
+        /// Which limit, and by how much.
+        detail: String,
+    },
     /// The fences file exists but cannot be read back.
     #[error("{}: corrupt fences file: {detail}", path.display())]
     Corrupt {
@@ -169,6 +201,10 @@ impl FenceError {
             FenceError::BadName(_) => "bad_name",
             FenceError::BadGeojson(_) => "bad_geojson",
             FenceError::TooManyVertices => "too_many_vertices",
+            FenceError::TooManyVerticesTotal(_) => "too_many_vertices_total",
+            FenceError::SelfIntersecting(_) => "self_intersecting",
+            FenceError::HoleOutside(_) => "hole_outside",
+            FenceError::HolesOverlap(_) => "holes_overlap",
             FenceError::BadRadius(_) => "bad_radius",
             FenceError::BadCoordinates(_) => "bad_coordinates",
             FenceError::TooBig(_) => "too_big",
@@ -178,6 +214,7 @@ impl FenceError {
             FenceError::BadBatch(_) => "bad_batch",
             FenceError::Io { .. } => "io",
             FenceError::Corrupt { .. } => "corrupt",
+            FenceError::OverBudget { .. } => "over_budget",
         }
     }
 }
@@ -350,6 +387,7 @@ fn parse_polygon(obj: &serde_json::Map<String, Value>) -> Result<Shape, FenceErr
         }
         rings.push(ring);
     }
+    validate_rings(&rings)?;
     Ok(Shape::Polygon { rings })
 }
 
@@ -464,21 +502,7 @@ impl Shape {
     /// by 1e-9° in latitude against rounding). Every point the shape contains lies in it.
     pub fn bbox(&self) -> BBox {
         match self {
-            Shape::Polygon { rings } => {
-                let mut b = BBox {
-                    min_lon: f64::INFINITY,
-                    min_lat: f64::INFINITY,
-                    max_lon: f64::NEG_INFINITY,
-                    max_lat: f64::NEG_INFINITY,
-                };
-                for &(x, y) in &rings[0] {
-                    b.min_lon = b.min_lon.min(x);
-                    b.max_lon = b.max_lon.max(x);
-                    b.min_lat = b.min_lat.min(y);
-                    b.max_lat = b.max_lat.max(y);
-                }
-                b
-            }
+            Shape::Polygon { rings } => ring_bbox(&rings[0]),
             Shape::Circle { lon, lat, radius_m } => {
                 let mut b = circle_bbox(*lat, *lon, *radius_m);
                 b.min_lat = (b.min_lat - 1e-9).max(-90.0);
@@ -511,56 +535,246 @@ impl Shape {
     }
 }
 
-/// Where a point lies relative to one ring.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Loc {
-    Inside,
-    Boundary,
-    Outside,
+/// What one edge says about a point: it lies on the edge ([`ON_EDGE`]), a ray from it towards +x
+/// crosses the edge ([`CROSSES`]), or neither (0).
+pub(crate) const CROSSES: u8 = 1;
+/// See [`CROSSES`].
+pub(crate) const ON_EDGE: u8 = 2;
+
+/// The even-odd ray test of one edge `a`-`b` against the point `(x, y)`, with an exact on-edge
+/// test first. Each edge's answer depends on that edge alone, so any subset of edges can be
+/// tested in any order and combined (the index relies on it).
+#[inline]
+pub(crate) fn edge_test(a: (f64, f64), b: (f64, f64), x: f64, y: f64) -> u8 {
+    let ((ax, ay), (bx, by)) = (a, b);
+    // An edge wholly above or below the point matters to neither test (most edges).
+    if (y < ay && y < by) || (y > ay && y > by) {
+        return 0;
+    }
+    if x >= ax.min(bx) && x <= ax.max(bx) {
+        let cross = (bx - ax) * (y - ay) - (by - ay) * (x - ax);
+        if cross == 0.0 {
+            return ON_EDGE;
+        }
+    }
+    // Half-open in y, so a ray through a vertex counts the two edges meeting there once.
+    if (ay > y) != (by > y) {
+        let xi = ax + (y - ay) * (bx - ax) / (by - ay);
+        if x < xi {
+            return CROSSES;
+        }
+    }
+    0
 }
 
-/// Whether the polygon of `rings` (exterior first, then holes) contains `(x, y)`: inside or on
-/// the exterior, and strictly inside no hole.
+/// Whether the polygon of `rings` (exterior first, then holes) contains `(x, y)`: on an edge of
+/// any ring, or an odd number of ray crossings over the edges of all rings (see the module docs).
 #[inline]
 pub(crate) fn polygon_contains<'a>(
-    mut rings: impl Iterator<Item = &'a [(f64, f64)]>,
+    rings: impl Iterator<Item = &'a [(f64, f64)]>,
     x: f64,
     y: f64,
 ) -> bool {
-    rings
-        .next()
-        .is_some_and(|ext| locate(ext, x, y) != Loc::Outside)
-        && rings.all(|h| locate(h, x, y) != Loc::Inside)
+    let mut inside = false;
+    for ring in rings {
+        for w in ring.windows(2) {
+            match edge_test(w[0], w[1], x, y) {
+                ON_EDGE => return true,
+                CROSSES => inside = !inside,
+                _ => {}
+            }
+        }
+    }
+    inside
 }
 
-/// Even-odd ray casting (a ray towards +x) over a closed ring, with an exact on-edge test first.
-fn locate(ring: &[(f64, f64)], x: f64, y: f64) -> Loc {
-    let mut inside = false;
-    for w in ring.windows(2) {
-        let ((ax, ay), (bx, by)) = (w[0], w[1]);
-        // An edge wholly above or below the point matters to neither test (most edges).
-        if (y < ay && y < by) || (y > ay && y > by) {
-            continue;
-        }
-        if x >= ax.min(bx) && x <= ax.max(bx) {
-            let cross = (bx - ax) * (y - ay) - (by - ay) * (x - ax);
-            if cross == 0.0 {
-                return Loc::Boundary;
+/// Even-odd test of one ring alone (validation: is a ring's position inside another ring).
+fn ring_contains(ring: &[(f64, f64)], p: (f64, f64)) -> bool {
+    polygon_contains(std::iter::once(ring), p.0, p.1)
+}
+
+/// The sign of the turn `a` -> `b` -> `c` (positive counter-clockwise, 0 collinear).
+fn orient(a: (f64, f64), b: (f64, f64), c: (f64, f64)) -> f64 {
+    (b.0 - a.0) * (c.1 - a.1) - (b.1 - a.1) * (c.0 - a.0)
+}
+
+/// Whether `p`, known collinear with `a`-`b`, lies within the segment's box.
+fn within(a: (f64, f64), b: (f64, f64), p: (f64, f64)) -> bool {
+    p.0 >= a.0.min(b.0) && p.0 <= a.0.max(b.0) && p.1 >= a.1.min(b.1) && p.1 <= a.1.max(b.1)
+}
+
+/// Whether the closed segments `p1`-`p2` and `q1`-`q2` share a point.
+fn segments_meet(p1: (f64, f64), p2: (f64, f64), q1: (f64, f64), q2: (f64, f64)) -> bool {
+    let (o1, o2) = (orient(p1, p2, q1), orient(p1, p2, q2));
+    let (o3, o4) = (orient(q1, q2, p1), orient(q1, q2, p2));
+    if ((o1 > 0.0 && o2 < 0.0) || (o1 < 0.0 && o2 > 0.0))
+        && ((o3 > 0.0 && o4 < 0.0) || (o3 < 0.0 && o4 > 0.0))
+    {
+        return true;
+    }
+    (o1 == 0.0 && within(p1, p2, q1))
+        || (o2 == 0.0 && within(p1, p2, q2))
+        || (o3 == 0.0 && within(q1, q2, p1))
+        || (o4 == 0.0 && within(q1, q2, p2))
+}
+
+/// One edge of a ring, for validation: positions `i`, `i + 1` of ring `ring`, and its sequence
+/// number among the ring's edges of non-zero length (`seq`) out of `of`.
+#[derive(Clone, Copy)]
+struct VEdge {
+    a: (f64, f64),
+    b: (f64, f64),
+    ring: usize,
+    i: usize,
+    seq: usize,
+    of: usize,
+}
+
+/// Refuses rings that are not simple and apart (see the module docs): edges are swept in order
+/// of their smallest longitude (or latitude, when the edges overlap less that way), each compared
+/// with the earlier edges still overlapping it on both axes. That is O(n log n + pairs
+/// compared), at worst O(n²) for [`FENCE_VERTICES_MAX`] positions (e.g. a square spiral, long
+/// edges both ways), measured in benches/fence.rs (`validate_rings at ...`). Repeated
+/// consecutive positions are allowed (a zero-length edge is skipped).
+pub fn validate_rings(rings: &[Vec<(f64, f64)>]) -> Result<(), FenceError> {
+    let mut edges: Vec<VEdge> = Vec::new();
+    for (ri, ring) in rings.iter().enumerate() {
+        let first = edges.len();
+        for (i, w) in ring.windows(2).enumerate() {
+            if w[0] != w[1] {
+                let seq = edges.len() - first;
+                edges.push(VEdge {
+                    a: w[0],
+                    b: w[1],
+                    ring: ri,
+                    i,
+                    seq,
+                    of: 0,
+                });
             }
         }
-        // Half-open in y, so a ray through a vertex counts the two edges meeting there once.
-        if (ay > y) != (by > y) {
-            let xi = ax + (y - ay) * (bx - ax) / (by - ay);
-            if x < xi {
-                inside = !inside;
+        let of = edges.len() - first;
+        if of < 3 {
+            return Err(FenceError::SelfIntersecting(format!(
+                "ring {ri} has fewer than 3 distinct positions, so it encloses no area"
+            )));
+        }
+        for e in &mut edges[first..] {
+            e.of = of;
+        }
+    }
+    // Sweep along the axis the edges overlap less on (teeth of a comb lying along x overlap on
+    // x, not on y): mirroring the plane across the diagonal changes no intersection.
+    let (mut wx, mut wy) = (0.0f64, 0.0f64);
+    for e in &edges {
+        wx += (e.b.0 - e.a.0).abs();
+        wy += (e.b.1 - e.a.1).abs();
+    }
+    let b = ring_bbox(&rings[0]);
+    if wx * (b.max_lat - b.min_lat) > wy * (b.max_lon - b.min_lon) {
+        for e in &mut edges {
+            e.a = (e.a.1, e.a.0);
+            e.b = (e.b.1, e.b.0);
+        }
+    }
+    let min_x = |e: &VEdge| e.a.0.min(e.b.0);
+    let mut order: Vec<usize> = (0..edges.len()).collect();
+    order.sort_unstable_by(|&p, &q| min_x(&edges[p]).total_cmp(&min_x(&edges[q])));
+    let mut active: Vec<usize> = Vec::new();
+    for &k in &order {
+        let e = edges[k];
+        let x0 = min_x(&e);
+        active.retain(|&j| edges[j].a.0.max(edges[j].b.0) >= x0);
+        let (y0, y1) = (e.a.1.min(e.b.1), e.a.1.max(e.b.1));
+        for &j in &active {
+            let f = edges[j];
+            if f.a.1.max(f.b.1) < y0 || f.a.1.min(f.b.1) > y1 {
+                continue;
+            }
+            let adjacent = e.ring == f.ring
+                && (e.seq.abs_diff(f.seq) == 1 || e.seq.abs_diff(f.seq) == e.of - 1);
+            let bad = if adjacent {
+                // Neighbours share one position; they may not fold back along each other.
+                let (shared, p, q) = if e.a == f.b {
+                    (e.a, e.b, f.a)
+                } else {
+                    (e.b, e.a, f.b)
+                };
+                orient(shared, p, q) == 0.0
+                    && (p.0 - shared.0) * (q.0 - shared.0) + (p.1 - shared.1) * (q.1 - shared.1)
+                        > 0.0
+            } else {
+                segments_meet(e.a, e.b, f.a, f.b)
+            };
+            if bad {
+                let (e, f) = if (e.ring, e.i) < (f.ring, f.i) {
+                    (e, f)
+                } else {
+                    (f, e)
+                };
+                let what = format!(
+                    "the edge from position {} to {} of ring {} and the edge from position {} \
+                     to {} of ring {} cross or touch",
+                    e.i,
+                    e.i + 1,
+                    e.ring,
+                    f.i,
+                    f.i + 1,
+                    f.ring
+                );
+                return Err(if e.ring == f.ring {
+                    FenceError::SelfIntersecting(format!(
+                        "{what} (a ring must be simple: split a figure eight into two fences)"
+                    ))
+                } else if e.ring == 0 {
+                    FenceError::HoleOutside(format!(
+                        "{what} (a hole must lie strictly inside the exterior ring)"
+                    ))
+                } else {
+                    FenceError::HolesOverlap(format!(
+                        "{what} (holes may not cross or touch: merge them into one)"
+                    ))
+                });
+            }
+        }
+        active.push(k);
+    }
+    // No two rings meet, so each hole is wholly inside or outside every other ring: one
+    // position of it decides.
+    let boxes: Vec<BBox> = rings.iter().map(|r| ring_bbox(r)).collect();
+    for (hi, hole) in rings.iter().enumerate().skip(1) {
+        let p = hole[0];
+        if !ring_contains(&rings[0], p) {
+            return Err(FenceError::HoleOutside(format!(
+                "ring {hi} (a hole) lies outside the exterior ring"
+            )));
+        }
+        for (oi, other) in rings.iter().enumerate().skip(1) {
+            if oi != hi && boxes[oi].contains(p.1, p.0) && ring_contains(other, p) {
+                return Err(FenceError::HolesOverlap(format!(
+                    "ring {hi} (a hole) lies inside ring {oi} (another hole)"
+                )));
             }
         }
     }
-    if inside {
-        Loc::Inside
-    } else {
-        Loc::Outside
+    Ok(())
+}
+
+/// The box of one ring's positions.
+fn ring_bbox(ring: &[(f64, f64)]) -> BBox {
+    let mut b = BBox {
+        min_lon: f64::INFINITY,
+        min_lat: f64::INFINITY,
+        max_lon: f64::NEG_INFINITY,
+        max_lat: f64::NEG_INFINITY,
+    };
+    for &(x, y) in ring {
+        b.min_lon = b.min_lon.min(x);
+        b.max_lon = b.max_lon.max(x);
+        b.min_lat = b.min_lat.min(y);
+        b.max_lat = b.max_lat.max(y);
     }
+    b
 }
 
 /// The point on the unit sphere at `(lat, lon)` degrees.
@@ -660,7 +874,7 @@ mod tests {
         assert_eq!(rings.len(), 1);
         assert_eq!(rings[0][2], (10.0, 10.0));
         let alt = r#"{"type":"Polygon","bbox":[0,0,1,1],"coordinates":[[[0,0,5],[1,0,5],[1,1,5],[0,0,5]],
-            [[0.1,0.1],[0.2,0.1],[0.2,0.2],[0.1,0.1]]]}"#;
+            [[0.5,0.1],[0.6,0.1],[0.6,0.2],[0.5,0.1]]]}"#;
         let f = Fence::parse("x", alt.as_bytes()).unwrap();
         assert_eq!(f.shape.vertices(), 8);
         let c = Fence::parse("c", br#"{"center":[13.4,52.5],"radius_m":250.5}"#).unwrap();
@@ -852,6 +1066,103 @@ mod tests {
             ring(4, 0.0)
         );
         assert_eq!(err(&over).reason(), "too_many_vertices");
+    }
+
+    #[test]
+    fn refuses_rings_that_are_not_simple_and_apart() {
+        // A figure eight, a ring touching itself at a vertex, a spike folding back, a ring of
+        // two distinct positions, a hole crossing, touching or outside the exterior, holes
+        // crossing or nested: each refused with its reason and the edges it found.
+        let poly = |rings: &str| format!(r#"{{"type":"Polygon","coordinates":[{rings}]}}"#);
+        let sq = "[[0,0],[10,0],[10,10],[0,10],[0,0]]";
+        refused(
+            &poly("[[0,0],[1,1],[1,0],[0,1],[0,0]]"),
+            "self_intersecting",
+            "position 0 to 1 of ring 0 and the edge from position 2 to 3 of ring 0 cross",
+        );
+        refused(
+            &poly("[[0,0],[2,0],[1,1],[2,2],[0,2],[1,1],[0,0]]"),
+            "self_intersecting",
+            "ring 0",
+        );
+        refused(
+            &poly("[[0,0],[2,0],[1,0],[1,1],[0,0]]"),
+            "self_intersecting",
+            "cross or touch",
+        );
+        refused(
+            &poly("[[0,0],[1,0],[0,0],[0,0]]"),
+            "self_intersecting",
+            "fewer than 3 distinct positions",
+        );
+        refused(
+            &poly(&format!("{sq},[[5,5],[12,5],[12,6],[5,5]]")),
+            "hole_outside",
+            "of ring 1 cross or touch",
+        );
+        refused(
+            &poly(&format!("{sq},[[0,5],[5,5],[5,6],[0,5]]")),
+            "hole_outside",
+            "strictly inside the exterior ring",
+        );
+        refused(
+            &poly(&format!("{sq},[[20,20],[21,20],[21,21],[20,20]]")),
+            "hole_outside",
+            "ring 1 (a hole) lies outside the exterior ring",
+        );
+        refused(
+            &poly(&format!(
+                "{sq},[[1,1],[5,1],[5,5],[1,5],[1,1]],[[4,4],[6,4],[6,6],[4,4]]"
+            )),
+            "holes_overlap",
+            "ring 1 and the edge",
+        );
+        refused(
+            &poly(&format!(
+                "{sq},[[1,1],[5,1],[5,5],[1,5],[1,1]],[[2,2],[3,2],[3,3],[2,2]]"
+            )),
+            "holes_overlap",
+            "ring 2 (a hole) lies inside ring 1",
+        );
+        // Repeated positions, collinear runs and separate holes are fine.
+        let ok = poly(
+            "[[0,0],[5,0],[5,0],[10,0],[10,10],[0,10],[0,0]],[[1,1],[2,1],[2,2],[1,1]],[[3,3],[4,3],[4,4],[3,3]]",
+        );
+        assert!(Fence::parse("ok", ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn validating_the_largest_polygon_is_fast() {
+        // The sweep at FENCE_VERTICES_MAX positions: a circle-like ring (n log n) and a comb whose
+        // teeth all overlap in longitude (every pair compared, were it swept along x) both finish
+        // well within 10 s even in a debug build (release figures: benches/fence.rs).
+        let n = FENCE_VERTICES_MAX;
+        let mut circle: Vec<(f64, f64)> = (0..n - 1)
+            .map(|i| {
+                let a = i as f64 / (n - 1) as f64 * std::f64::consts::TAU;
+                (a.cos(), a.sin())
+            })
+            .collect();
+        circle.push(circle[0]);
+        let t = std::time::Instant::now();
+        validate_rings(&[circle]).unwrap();
+        // Horizontal teeth stacked in latitude, all spanning the same longitudes.
+        let teeth = (n - 3) / 4;
+        let mut comb = vec![(0.0, 0.0)];
+        for k in 0..teeth {
+            let y = k as f64 * 0.01;
+            comb.extend([
+                (10.0, y),
+                (10.0, y + 0.005),
+                (1.0, y + 0.005),
+                (1.0, y + 0.01),
+            ]);
+        }
+        comb.push((0.0, teeth as f64 * 0.01));
+        comb.push((0.0, 0.0));
+        assert!(comb.len() <= n);
+        validate_rings(&[comb]).unwrap();
+        assert!(t.elapsed().as_secs_f64() < 10.0, "{:?}", t.elapsed());
     }
 
     #[test]

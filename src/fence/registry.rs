@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use super::{push_json_str, Fence, FenceError, FenceSet};
-use crate::limits::FENCES_MAX;
+use crate::limits::{FENCES_MAX, FENCE_VERTICES_TOTAL_MAX};
 
 /// Name of the fences file in the data directory.
 pub const FENCES_FILE: &str = "geofences.json";
@@ -99,13 +99,19 @@ impl FenceRegistry {
     }
 
     /// Creates or replaces the fence named `fence.name`; `Ok(true)` when it is new. Persists,
-    /// then publishes a new snapshot. Refuses a new fence beyond [`FENCES_MAX`].
+    /// then publishes a new snapshot. Refuses a new fence beyond [`FENCES_MAX`], and a fence that
+    /// would take all fences beyond [`FENCE_VERTICES_TOTAL_MAX`] polygon positions.
     pub fn put(&self, fence: Fence) -> Result<bool, FenceError> {
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let (_, cur) = self.snapshot();
         let existing = cur.id(&fence.name);
         if existing.is_none() && cur.len() >= FENCES_MAX {
             return Err(FenceError::TooManyFences);
+        }
+        let total = cur.vertices_total() + fence.shape.vertices()
+            - existing.map_or(0, |id| cur.get(id).shape.vertices());
+        if total > FENCE_VERTICES_TOTAL_MAX {
+            return Err(FenceError::TooManyVerticesTotal(total));
         }
         let mut fences: Vec<Fence> = Vec::with_capacity(cur.len() + 1);
         fences.extend(
@@ -122,7 +128,7 @@ impl FenceRegistry {
     /// published snapshot (none for an empty batch). Returns `(created, replaced)`: how many
     /// names were new and how many replaced a fence. Refuses, changing nothing, a batch that
     /// names a fence twice ([`FenceError::DuplicateName`]) or that would take the registry
-    /// beyond [`FENCES_MAX`] fences.
+    /// beyond [`FENCES_MAX`] fences or [`FENCE_VERTICES_TOTAL_MAX`] polygon positions.
     pub fn put_many(&self, batch: Vec<Fence>) -> Result<(usize, usize), FenceError> {
         let mut names = std::collections::HashSet::with_capacity(batch.len());
         if let Some(dup) = batch.iter().find(|f| !names.insert(f.name.as_str())) {
@@ -137,6 +143,15 @@ impl FenceRegistry {
         let created = batch.len() - replaced;
         if cur.len() + created > FENCES_MAX {
             return Err(FenceError::TooManyFences);
+        }
+        let total = cur.vertices_total() + batch.iter().map(|f| f.shape.vertices()).sum::<usize>()
+            - batch
+                .iter()
+                .filter_map(|f| cur.by_name(&f.name))
+                .map(|f| f.shape.vertices())
+                .sum::<usize>();
+        if total > FENCE_VERTICES_TOTAL_MAX {
+            return Err(FenceError::TooManyVerticesTotal(total));
         }
         let mut fences: Vec<Fence> = Vec::with_capacity(cur.len() + created);
         fences.extend(
@@ -253,13 +268,25 @@ fn load(path: &Path, bytes: &[u8]) -> Result<Vec<Fence>, FenceError> {
     }
     let mut fences = Vec::with_capacity(body.fences.len());
     let mut seen = std::collections::HashSet::with_capacity(body.fences.len());
+    let mut total = 0usize;
     for (i, e) in body.fences.iter().enumerate() {
         let f = Fence::parse(&e.name, e.shape.get().as_bytes())
             .map_err(|err| corrupt(format!("fence {i} ({:?}): {err}", e.name)))?;
         if !seen.insert(e.name.clone()) {
             return Err(corrupt(format!("fence name {:?} appears twice", e.name)));
         }
+        total += f.shape.vertices();
         fences.push(f);
+    }
+    if total > FENCE_VERTICES_TOTAL_MAX {
+        return Err(FenceError::OverBudget {
+            path: path.to_path_buf(),
+            detail: format!(
+                "its fences hold {total} polygon positions in all, more than \
+                 FENCE_VERTICES_TOTAL_MAX = {FENCE_VERTICES_TOTAL_MAX}; start a build with a \
+                 larger limit and delete or simplify fences, or edit the file"
+            ),
+        });
     }
     Ok(fences)
 }
@@ -322,6 +349,71 @@ mod tests {
         assert!(reg.delete("area").unwrap());
         assert_eq!(set.len(), 2);
         assert_eq!(reg.snapshot().1.len(), 1);
+    }
+
+    /// A valid polygon of exactly `n` positions (a ring of `n - 1` points around `(lon, 0)`).
+    fn polygon(name: &str, n: usize, lon: f64) -> Fence {
+        let mut ring: Vec<(f64, f64)> = (0..n - 1)
+            .map(|i| {
+                let a = i as f64 / (n - 1) as f64 * std::f64::consts::TAU;
+                (lon + a.cos(), a.sin())
+            })
+            .collect();
+        ring.push(ring[0]);
+        Fence::new(name, super::super::Shape::Polygon { rings: vec![ring] }).unwrap()
+    }
+
+    #[test]
+    fn the_total_vertex_budget_is_enforced_by_put_put_many_and_open() {
+        // Fences up to FENCE_VERTICES_TOTAL_MAX positions are stored; one more position, by PUT
+        // or bulk import, is refused with too_many_vertices_total and changes nothing; replacing
+        // a fence counts its new size only; a file over the budget fails to open, naming the
+        // file and the limit.
+        use crate::limits::FENCE_VERTICES_MAX;
+        let dir = tempfile::tempdir().unwrap();
+        let reg = FenceRegistry::open(dir.path()).unwrap();
+        let full = FENCE_VERTICES_TOTAL_MAX / FENCE_VERTICES_MAX;
+        let batch: Vec<Fence> = (0..full)
+            .map(|i| polygon(&format!("p{i:03}"), FENCE_VERTICES_MAX, i as f64 * 0.001))
+            .collect();
+        assert_eq!(reg.put_many(batch).unwrap(), (full, 0));
+        assert_eq!(reg.snapshot().1.vertices_total(), FENCE_VERTICES_TOTAL_MAX);
+        let v = reg.version();
+        let e = reg.put(polygon("one-more", 4, 50.0)).unwrap_err();
+        assert_eq!(e.reason(), "too_many_vertices_total");
+        assert!(e.to_string().contains("FENCE_VERTICES_TOTAL_MAX"), "{e}");
+        let e = reg
+            .put_many(vec![
+                polygon("p000", FENCE_VERTICES_MAX, 0.0),
+                polygon("x", 4, 9.0),
+            ])
+            .unwrap_err();
+        assert_eq!(e.reason(), "too_many_vertices_total", "{e}");
+        assert_eq!(reg.version(), v, "nothing published");
+        // Circles cost no positions; a smaller replacement makes room.
+        assert!(reg.put(fence("c", CIRCLE)).unwrap());
+        assert!(!reg.put(polygon("p000", 4, 0.0)).unwrap());
+        assert!(reg.put(polygon("new", 5, 9.0)).unwrap());
+        drop(reg);
+        // The same file with one position over the budget: open refuses it with a clear error.
+        let path = dir.path().join(FENCES_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let over = text.replacen(
+            "\n]}",
+            &format!(
+                ",\n{{\"name\":\"zz\",\"shape\":{}}}\n]}}",
+                polygon("zz", FENCE_VERTICES_MAX - 4, 20.0).to_json()
+            ),
+            1,
+        );
+        std::fs::write(&path, over).unwrap();
+        let e = FenceRegistry::open(dir.path()).unwrap_err();
+        assert_eq!(e.reason(), "over_budget");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(FENCES_FILE) && msg.contains("FENCE_VERTICES_TOTAL_MAX"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -692,20 +692,37 @@ fn fence_get(exec: &Exec, name: &str) -> Response {
 }
 
 async fn fence_put(exec: &Exec, name: &str, body: &[u8]) -> Response {
-    let fence = match crate::fence::Fence::parse(name, body) {
-        Ok(f) => f,
-        Err(e) => return fence_error(400, &e, "body"),
-    };
+    use crate::fence::FenceError;
     let registry = exec.shared.fences.clone();
-    match off_executor(move || registry.put(fence)).await {
+    // Parsing runs on the fence thread with the write: validating a 10,000-position polygon
+    // (the self-intersection sweep) must not stall the executor's heartbeats.
+    let (n, body) = (name.to_string(), body.to_vec());
+    let done = off_executor(move || {
+        let fence = crate::fence::Fence::parse(&n, &body).map_err(|e| (e, "body"))?;
+        drop(body);
+        registry.put(fence).map_err(|e| {
+            let param = if matches!(e, FenceError::TooManyVerticesTotal(_)) {
+                "body"
+            } else {
+                "name"
+            };
+            (e, param)
+        })
+    })
+    .await;
+    match done {
         Some(Ok(created)) => Response::json(
             200,
             serde_json::json!({"name": name, "created": created}).to_string(),
         ),
-        Some(Err(e @ crate::fence::FenceError::TooManyFences)) => fence_error(400, &e, "name"),
-        Some(Err(e)) => {
+        Some(Err((e, param)))
+            if !matches!(e, FenceError::Io { .. } | FenceError::Corrupt { .. }) =>
+        {
+            fence_error(400, &e, param)
+        }
+        Some(Err((e, param))) => {
             tracing::error!(error = %e, "could not store a geofence");
-            fence_error(500, &e, "name")
+            fence_error(500, &e, param)
         }
         None => Response::error(500, "geofence write did not complete"),
     }
