@@ -260,6 +260,12 @@ pub struct ServeArgs {
     /// [env: GEOBEAT_SINK_BACKLOG_MAX_BYTES] [default: off]
     #[arg(long, value_name = "SIZE", value_parser = parse_byte_limit)]
     pub sink_backlog_max_bytes: Option<ByteLimit>,
+    /// Create a new data directory (and its secret) if DIR has no `geobeat.meta`. Without it a
+    /// missing data directory, or a secret missing from an existing one, is an error: a removed
+    /// or unmounted directory never silently becomes an empty one. Idempotent, but meant for the
+    /// first start only (a flag, never read from the environment or the file)
+    #[arg(long)]
+    pub init: bool,
 }
 
 /// `demo` settings: everything `serve` takes, plus the simulated fleet.
@@ -574,6 +580,8 @@ pub struct ServeConfig {
     pub log_level: String,
     /// Log line format.
     pub log_format: LogFormat,
+    /// `--init`: this start may create the data directory and its secret.
+    pub init: bool,
     /// Storage sinks (`[[sinks]]` in the TOML file), in file order.
     pub sinks: Vec<SinkConfig>,
     /// Unconsumed bytes per shard above which to warn; `None`: never.
@@ -929,6 +937,7 @@ impl ServeArgs {
         let backlog_max = backlog_max.and_then(|(limit, _)| limit.bytes());
         let sinks = r.file.as_ref().map(|f| f.sinks.clone()).unwrap_or_default();
         Ok(ServeConfig {
+            init: self.init,
             listen: r.get(
                 &LISTEN,
                 &self.listen,

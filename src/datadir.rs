@@ -220,6 +220,18 @@ fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> DataDirError
     }
 }
 
+/// Whether `dir` is the repository's shipped data directory, untouched: it exists and holds
+/// nothing but its `README.md` (the on-disk format). `geobeat serve` may initialise such a
+/// directory without `--init` (the README's first command on a fresh clone); an absent or empty
+/// directory needs `--init`, since that is also what a removed data directory looks like.
+pub fn is_shipped_empty(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let mut names = entries.filter_map(|e| e.ok().map(|e| e.file_name()));
+    matches!((names.next(), names.next()), (Some(n), None) if n == "README.md")
+}
+
 /// A directory about to become a data directory (no meta file yet: `mkdir data`, a test's
 /// temporary directory, the repository's `shards/` holding only its README, usually 0755 / 0644)
 /// becomes private before geobeat writes its first file into it: the directory 0700 and the

@@ -81,7 +81,8 @@ fn main() -> ExitCode {
         },
         Command::Demo(args) => {
             let cfg = match args.serve.load() {
-                Ok(c) => c,
+                // A demo makes its data directory as needed (`--init` implied).
+                Ok(c) => ServeConfig { init: true, ..c },
                 Err(e) => {
                     eprintln!("geobeat demo: {e}");
                     return ExitCode::from(2);

@@ -48,11 +48,17 @@ fn run_to_exit(mut cmd: Command, log: &Path) -> (Option<ExitStatus>, String) {
 /// `geobeat serve` on `addr` with data directory `data`.
 fn serve_cmd(addr: std::net::SocketAddr, data: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin());
-    cmd.args(["serve", "--listen", &addr.to_string(), "--data-dir"])
-        .arg(data)
-        .args(["--shards", "2"])
-        .args(extra)
-        .env("RUST_LOG", "geobeat=info");
+    cmd.args([
+        "serve",
+        "--init",
+        "--listen",
+        &addr.to_string(),
+        "--data-dir",
+    ])
+    .arg(data)
+    .args(["--shards", "2"])
+    .args(extra)
+    .env("RUST_LOG", "geobeat=info");
     cmd
 }
 
@@ -563,4 +569,97 @@ fn policy_and_size_closes_are_logged_at_info_rate_limited() {
         lines[0]
     );
     assert!(!text.contains(&tok), "token in log");
+}
+
+#[test]
+fn a_missing_data_directory_or_secret_is_never_silently_recreated() {
+    // Issue 20 §1: after `rm -rf` of the data directory (or with a volume not mounted) a restart
+    // must not create an empty directory and a new secret that kills every token. Without
+    // --init: an absent or empty directory is refused (one line naming --init and restore, exit
+    // non-zero, nothing created); an existing directory whose secret is gone is refused naming
+    // the file. With --init both start. The repository's shipped `shards/` (only its README)
+    // starts without --init.
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("out.log");
+    let data = tmp.path().join("data");
+    let no_init = |data: &Path| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--listen", &free_addr().to_string(), "--data-dir"])
+            .arg(data)
+            .args(["--shards", "1"])
+            .env("RUST_LOG", "geobeat=info");
+        cmd
+    };
+    // Absent: refused, nothing created.
+    let (st, out) = run_to_exit(no_init(&data), &log);
+    assert_refused(
+        st,
+        &out,
+        &["no geobeat.meta", "--init", "restore it"],
+        &data,
+    );
+
+    // First start with --init, a heartbeat stored; then the directory is removed.
+    let mut server = Server::start(&data, &["--shards", "1"]);
+    let tok = server.token_fast(Scope::Device("d1".into()));
+    let mut ws = ws_connect(&server, &tok).unwrap();
+    ws.send(Message::text(hb_json(1, 1.0, 2.0, now_ms())))
+        .unwrap();
+    wait_ack(&mut ws, 1);
+    drop(ws);
+    server.sigterm();
+    std::fs::remove_dir_all(&data).unwrap();
+    let (st, out) = run_to_exit(no_init(&data), &log);
+    assert_refused(st, &out, &["no geobeat.meta", "--init"], &data);
+    // An empty directory (a volume mounted but empty) is refused as well.
+    std::fs::create_dir(&data).unwrap();
+    let (st, out) = run_to_exit(no_init(&data), &log);
+    assert!(st.is_some_and(|s| !s.success()), "{out}");
+    assert!(out.contains("--init"), "{out}");
+    assert_eq!(
+        std::fs::read_dir(&data).unwrap().count(),
+        0,
+        "nothing created"
+    );
+
+    // An existing data directory without its secret: refused naming the file; --init makes one.
+    let server = Server::start(&data, &["--shards", "1"]);
+    drop(server);
+    std::fs::remove_file(data.join("secret")).unwrap();
+    let (st, out) = run_to_exit(no_init(&data), &log);
+    assert!(st.is_some_and(|s| !s.success()), "{out}");
+    assert!(
+        out.contains("secret") && out.contains("missing") && out.contains("--init"),
+        "{out}"
+    );
+    assert!(
+        !data.join("secret").exists(),
+        "no new secret without --init"
+    );
+    let server = Server::start(&data, &["--shards", "1"]);
+    assert!(data.join("secret").exists());
+    drop(server);
+
+    // The shipped shards/ (README only) starts without --init.
+    let shipped = tmp.path().join("shards");
+    std::fs::create_dir(&shipped).unwrap();
+    std::fs::write(shipped.join("README.md"), "# format\n").unwrap();
+    let addr = free_addr();
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(&shipped)
+        .args(["--shards", "1"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(http(addr, "GET", "/healthz", None), Ok((200, _))) {
+        assert!(child.try_wait().unwrap().is_none(), "exited");
+        assert!(Instant::now() < deadline, "not healthy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(shipped.join("geobeat.meta").exists());
 }

@@ -105,6 +105,14 @@ pub enum ServeError {
         /// The cause.
         source: crate::datadir::DataDirError,
     },
+    /// The data directory has no meta file and `--init` was not given.
+    #[error(
+        "data directory {}: no geobeat.meta there; if this is the first start, add --init \
+         (creates the directory and a new secret); if it held data (removed, or a volume not \
+         mounted), restore it: geobeat does not silently start over",
+        .0.display()
+    )]
+    NotInitialized(std::path::PathBuf),
     /// The token secret could not be loaded or created.
     #[error("secret: {0}")]
     Secret(String),
@@ -209,6 +217,25 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     // check below refuses anything looser. See: issue 20 §3.
     // SAFETY: umask only sets the process's file-creation mask.
     unsafe { libc::umask(0o077) };
+    // A data directory (and its secret) is created only where that is clearly meant: with
+    // `--init`, or in the repository's shipped `shards/` (nothing but its README). A directory
+    // that was removed, or a volume that is not mounted, must not silently become an empty one
+    // with a new secret that invalidates every token. See: issue 20 §1.
+    let fresh = !cfg.data_dir.join(crate::datadir::META_FILE).exists();
+    if fresh && !cfg.init && !crate::datadir::is_shipped_empty(&cfg.data_dir) {
+        return Err(ServeError::NotInitialized(cfg.data_dir.clone()));
+    }
+    let own_secret = cfg.data_dir.join(crate::auth::SECRET_FILE_NAME);
+    let external_secret = cfg.secret_file.is_some()
+        || std::env::var(crate::auth::SECRET_ENV).is_ok_and(|v| !v.is_empty());
+    if !fresh && !cfg.init && !external_secret && !own_secret.exists() {
+        return Err(ServeError::Secret(format!(
+            "{} is missing from an existing data directory: a new secret would refuse every \
+             token issued so far; restore the file (or pass --secret-file / GEOBEAT_SECRET), or \
+             start once with --init to make a new one on purpose",
+            own_secret.display()
+        )));
+    }
     let datadir = DataDir::open_for_serve(&cfg.data_dir, cfg.shards as u32).map_err(|source| {
         ServeError::DataDir {
             path: cfg.data_dir.clone(),

@@ -35,6 +35,8 @@ fn serve_args(dir: &Path, extra: &[&str]) -> (SocketAddr, Vec<String>) {
     let addr = free_addr();
     let mut args: Vec<String> = vec![
         "serve".into(),
+        // Every test directory starts empty; restarts keep the flag (it is idempotent).
+        "--init".into(),
         "--listen".into(),
         addr.to_string(),
         "--data-dir".into(),

@@ -413,6 +413,7 @@ pub fn start(
             if kind == ServerKind::Geobeat {
                 command
                     .arg("serve")
+                    .arg("--init")
                     .arg("--listen")
                     .arg(format!("127.0.0.1:{port}"))
                     .arg("--data-dir")
