@@ -225,17 +225,6 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     if fresh && !cfg.init && !crate::datadir::is_shipped_empty(&cfg.data_dir) {
         return Err(ServeError::NotInitialized(cfg.data_dir.clone()));
     }
-    let own_secret = cfg.data_dir.join(crate::auth::SECRET_FILE_NAME);
-    let external_secret = cfg.secret_file.is_some()
-        || std::env::var(crate::auth::SECRET_ENV).is_ok_and(|v| !v.is_empty());
-    if !fresh && !cfg.init && !external_secret && !own_secret.exists() {
-        return Err(ServeError::Secret(format!(
-            "{} is missing from an existing data directory: a new secret would refuse every \
-             token issued so far; restore the file (or pass --secret-file / GEOBEAT_SECRET), or \
-             start once with --init to make a new one on purpose",
-            own_secret.display()
-        )));
-    }
     let datadir = DataDir::open_for_serve(&cfg.data_dir, cfg.shards as u32).map_err(|source| {
         ServeError::DataDir {
             path: cfg.data_dir.clone(),
@@ -248,6 +237,18 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         path: cfg.data_dir.clone(),
         source,
     })?;
+    // After the directory's own checks (a format-1 directory is told to migrate first).
+    let own_secret = cfg.data_dir.join(crate::auth::SECRET_FILE_NAME);
+    let external_secret = cfg.secret_file.is_some()
+        || std::env::var(crate::auth::SECRET_ENV).is_ok_and(|v| !v.is_empty());
+    if !fresh && !cfg.init && !external_secret && !own_secret.exists() {
+        return Err(ServeError::Secret(format!(
+            "{} is missing from an existing data directory: a new secret would refuse every \
+             token issued so far; restore the file (or pass --secret-file / GEOBEAT_SECRET), or \
+             start once with --init to make a new one on purpose",
+            own_secret.display()
+        )));
+    }
     let fences =
         Arc::new(crate::fence::FenceRegistry::open(&cfg.data_dir).map_err(ServeError::Fences)?);
     let secret = cfg
