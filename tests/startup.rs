@@ -24,24 +24,13 @@ use geobeat::auth::Scope;
 /// returns `None`); returns the status and the log text.
 fn run_to_exit(mut cmd: Command, log: &Path) -> (Option<ExitStatus>, String) {
     let file = std::fs::File::create(log).unwrap();
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .spawn()
         .expect("spawn geobeat");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(child, Duration::from_secs(30));
     (status, std::fs::read_to_string(log).unwrap_or_default())
 }
 

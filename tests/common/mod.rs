@@ -514,18 +514,22 @@ pub fn try_next_json<S: Read + Write>(
 /// returns its status (`None` if it was still running and had to be killed) and its stderr.
 pub fn serve_until_exit(args: &[&str], log: &Path) -> (Option<ExitStatus>, String) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let mut child = spawn_logged(&args, log);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
+    let status = wait_exit(spawn_logged(&args, log), Duration::from_secs(20));
+    (status, std::fs::read_to_string(log).unwrap_or_default())
+}
+
+/// Waits up to `limit` for `child` to exit on its own; `None` if it had to be killed.
+pub fn wait_exit(mut child: Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
         if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
+            return Some(st);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            break None;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, std::fs::read_to_string(log).unwrap_or_default())
+    }
 }
