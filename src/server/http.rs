@@ -56,10 +56,7 @@ pub fn error_body(message: &str) -> String {
     struct E<'a> {
         error: &'a str,
     }
-    serde_json::to_string(&E {
-        error: message,
-    })
-    .expect("serializing a string cannot fail")
+    serde_json::to_string(&E { error: message }).expect("serializing a string cannot fail")
 }
 
 /// The last location of a device as returned by `GET /v1/devices/{id}`.
