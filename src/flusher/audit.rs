@@ -57,14 +57,6 @@ pub const SEAL_GRACE_MS: i64 = 5_000;
 /// Suffix of a file that is still open.
 pub const TMP_SUFFIX: &str = ".tmp";
 
-fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> FlushError {
-    FlushError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn audit_err(path: &Path, reason: String) -> FlushError {
     FlushError::Audit {
         path: path.to_path_buf(),
@@ -184,7 +176,7 @@ fn seal(st: &mut ShardAudit) -> Result<(), FlushError> {
             "exists already; refusing to overwrite a sealed audit file".into(),
         ));
     }
-    std::fs::rename(&tmp, &final_path).map_err(|e| io_err("seal audit file", &tmp, e))?;
+    std::fs::rename(&tmp, &final_path).map_err(|e| FlushError::io("seal audit file", &tmp, e))?;
     sync_dir(&st.dir)?;
     cur.sealed = true;
     tracing::debug!(path = %final_path.display(), bytes = cur.bytes, "audit file sealed");
@@ -196,10 +188,10 @@ fn cut_back(path: &Path, bytes: u64) -> Result<(), FlushError> {
     let f = OpenOptions::new()
         .write(true)
         .open(path)
-        .map_err(|e| io_err("open audit file", path, e))?;
+        .map_err(|e| FlushError::io("open audit file", path, e))?;
     let len = f
         .metadata()
-        .map_err(|e| io_err("stat audit file", path, e))?
+        .map_err(|e| FlushError::io("stat audit file", path, e))?
         .len();
     if len < bytes {
         return Err(audit_err(
@@ -211,7 +203,7 @@ fn cut_back(path: &Path, bytes: u64) -> Result<(), FlushError> {
         tracing::info!(path = %path.display(), from = len, to = bytes, "cutting audit file back to its cursor");
         f.set_len(bytes)
             .and_then(|_| f.sync_all())
-            .map_err(|e| io_err("truncate audit file", path, e))?;
+            .map_err(|e| FlushError::io("truncate audit file", path, e))?;
     }
     Ok(())
 }
@@ -227,8 +219,8 @@ impl AuditSink {
             .create(true)
             .truncate(true)
             .open(&probe)
-            .map_err(|e| io_err("create a file in the audit directory", &probe, e))?;
-        std::fs::remove_file(&probe).map_err(|e| io_err("remove probe file", &probe, e))
+            .map_err(|e| FlushError::io("create a file in the audit directory", &probe, e))?;
+        std::fs::remove_file(&probe).map_err(|e| FlushError::io("remove probe file", &probe, e))
     }
 }
 
@@ -302,16 +294,16 @@ impl Sink for AuditSink {
         // Temporary files other than the cursor's hold only lines past the cursor.
         let mut removed = false;
         let listing =
-            std::fs::read_dir(&st.dir).map_err(|e| io_err("list audit dir", &st.dir, e))?;
+            std::fs::read_dir(&st.dir).map_err(|e| FlushError::io("list audit dir", &st.dir, e))?;
         for item in listing {
-            let item = item.map_err(|e| io_err("list audit dir", &st.dir, e))?;
+            let item = item.map_err(|e| FlushError::io("list audit dir", &st.dir, e))?;
             let name = item.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.ends_with(TMP_SUFFIX) && Some(name) != keep_tmp.as_deref() {
                 let path = item.path();
                 tracing::info!(path = %path.display(), "removing audit file written past the cursor");
                 std::fs::remove_file(&path)
-                    .map_err(|e| io_err("remove stale audit file", &path, e))?;
+                    .map_err(|e| FlushError::io("remove stale audit file", &path, e))?;
                 removed = true;
             }
         }
@@ -393,7 +385,7 @@ impl Sink for AuditSink {
         };
         if let (Some(level), None) = (level, &self.compressor) {
             let c = zstd::bulk::Compressor::new(level)
-                .map_err(|e| io_err("create zstd compressor", &self.root, e))?;
+                .map_err(|e| FlushError::io("create zstd compressor", &self.root, e))?;
             self.compressor = Some(c);
         }
         let ext = self.extension();
@@ -417,7 +409,7 @@ impl Sink for AuditSink {
                 .create_new(true)
                 .mode(crate::datadir::FILE_MODE)
                 .open(&tmp)
-                .map_err(|e| io_err("create audit file", &tmp, e))?;
+                .map_err(|e| FlushError::io("create audit file", &tmp, e))?;
             sync_dir(&st.dir)?;
             st.file = Some(file);
             st.cur = Some(Current {
@@ -439,7 +431,7 @@ impl Sink for AuditSink {
             let f = OpenOptions::new()
                 .append(true)
                 .open(&tmp)
-                .map_err(|e| io_err("open audit file", &tmp, e))?;
+                .map_err(|e| FlushError::io("open audit file", &tmp, e))?;
             st.file = Some(f);
         }
         let file = st.file.as_mut().expect("opened");
@@ -448,14 +440,14 @@ impl Sink for AuditSink {
             Some(c) if level.is_some() => {
                 compressed = c
                     .compress(&st.pending)
-                    .map_err(|e| io_err("zstd compress", &tmp, e))?;
+                    .map_err(|e| FlushError::io("zstd compress", &tmp, e))?;
                 &compressed
             }
             _ => &st.pending,
         };
         file.write_all(data)
             .and_then(|_| file.sync_data())
-            .map_err(|e| io_err("write audit file", &tmp, e))?;
+            .map_err(|e| FlushError::io("write audit file", &tmp, e))?;
         cur.bytes += data.len() as u64;
         next.audit = Some(AuditFile {
             start: cur.start.clone(),

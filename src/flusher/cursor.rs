@@ -85,19 +85,11 @@ pub fn cursor_path(shard_dir: &Path, sink: &str) -> PathBuf {
         .join(format!("{sink}{CURSOR_SUFFIX}"))
 }
 
-fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> FlushError {
-    FlushError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// fsyncs a directory so creations, renames and removals in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), FlushError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("fsync directory", dir, e))
+        .map_err(|e| FlushError::io("fsync directory", dir, e))
 }
 
 /// Creates `dir` (and missing parents) durably: each directory created is followed by an fsync
@@ -115,7 +107,7 @@ pub(crate) fn create_dir_durable(dir: &Path) -> Result<(), FlushError> {
     {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(io_err("create directory", dir, e)),
+        Err(e) => return Err(FlushError::io("create directory", dir, e)),
     }
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         sync_dir(parent)?;
@@ -128,11 +120,11 @@ pub fn read_cursor(path: &Path) -> Result<Option<Cursor>, FlushError> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("open cursor", path, e)),
+        Err(e) => return Err(FlushError::io("open cursor", path, e)),
     };
     let len = file
         .metadata()
-        .map_err(|e| io_err("stat cursor", path, e))?
+        .map_err(|e| FlushError::io("stat cursor", path, e))?
         .len();
     let bad = |reason: String| FlushError::Cursor {
         path: path.to_path_buf(),
@@ -141,7 +133,7 @@ pub fn read_cursor(path: &Path) -> Result<Option<Cursor>, FlushError> {
     if len > SINK_CURSOR_BYTES_MAX {
         return Err(bad(format!("{len} bytes, larger than any cursor file")));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| io_err("read cursor", path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| FlushError::io("read cursor", path, e))?;
     let cursor: Cursor =
         serde_json::from_str(&text).map_err(|e| bad(format!("not a cursor: {e}")))?;
     if cursor.format != CURSOR_FORMAT {
@@ -174,12 +166,12 @@ pub fn write_cursor(path: &Path, cursor: &Cursor) -> Result<(), FlushError> {
         .truncate(true)
         .mode(crate::datadir::FILE_MODE)
         .open(&tmp)
-        .map_err(|e| io_err("create cursor", &tmp, e))?;
+        .map_err(|e| FlushError::io("create cursor", &tmp, e))?;
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_data())
-        .map_err(|e| io_err("write cursor", &tmp, e))?;
+        .map_err(|e| FlushError::io("write cursor", &tmp, e))?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| io_err("rename cursor", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| FlushError::io("rename cursor", &tmp, e))?;
     sync_dir(dir)
 }
 

@@ -24,7 +24,7 @@ pub mod encode;
 pub mod postgres;
 pub mod report;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -143,6 +143,17 @@ pub enum FlushError {
     /// A sink thread panicked.
     #[error("flusher: sink {0} thread panicked")]
     Panicked(String),
+}
+
+impl FlushError {
+    /// A [`FlushError::Io`]: `op` on `path` failed with `source`.
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> FlushError {
+        FlushError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// A PostgreSQL client error as an operator needs it: for an error the server sent, its severity,

@@ -7,7 +7,7 @@
 //! operation, so a log line alone says what failed where.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::record::Invalid;
 use crate::route::ShardId;
@@ -136,4 +136,16 @@ pub enum Error {
         /// Why it was refused.
         reason: &'static str,
     },
+}
+
+impl Error {
+    /// An [`Error::Io`]: `op` on `path` failed with `source` in `shard`'s log.
+    pub(crate) fn io(shard: ShardId, op: &'static str, path: &Path, source: io::Error) -> Error {
+        Error::Io {
+            shard,
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }

@@ -313,15 +313,6 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn io_err(shard: ShardId, op: &'static str, path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        shard,
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Name of the lock file inside a shard directory.
 pub const LOCK_FILE: &str = "LOCK";
 
@@ -341,14 +332,14 @@ fn lock_dir(shard: ShardId, dir: &Path) -> Result<File, Error> {
         .truncate(false)
         .mode(crate::datadir::FILE_MODE)
         .open(&path)
-        .map_err(|e| io_err(shard, "open lock file", &path, e))?;
+        .map_err(|e| Error::io(shard, "open lock file", &path, e))?;
     // SAFETY: plain syscall on a valid fd.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let err = std::io::Error::last_os_error();
         return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             Error::Locked { shard, path }
         } else {
-            io_err(shard, "flock", &path, err)
+            Error::io(shard, "flock", &path, err)
         });
     }
     Ok(file)
@@ -368,14 +359,14 @@ impl Log {
         let dir = cfg.dir.clone();
         if !dir.is_dir() {
             crate::datadir::create_dir_private(&dir)
-                .map_err(|e| io_err(shard, "create shard dir", &dir, e))?;
+                .map_err(|e| Error::io(shard, "create shard dir", &dir, e))?;
             if let Some(parent) = dir.parent() {
                 segment::sync_dir(shard, parent)?;
             }
         }
         let lock = lock_dir(shard, &dir)?;
         let lock_identity = file_identity(&lock)
-            .map_err(|e| io_err(shard, "stat lock file", &dir.join(LOCK_FILE), e))?;
+            .map_err(|e| Error::io(shard, "stat lock file", &dir.join(LOCK_FILE), e))?;
         let recovered = recovery::recover(shard, &dir, on_entry)?;
         let mut segments = recovered.segments;
         let report = recovered.report;
@@ -400,7 +391,7 @@ impl Log {
         // sync them so `durable()` can start at `written()`.
         let last_path = last.path.clone();
         last.sync_range(SEGMENT_HEADER_BYTES as u64, last.data_end)
-            .map_err(|e| io_err(shard, "sync recovered segment", &last_path, e))?;
+            .map_err(|e| Error::io(shard, "sync recovered segment", &last_path, e))?;
         let written = last.base + last.data_end;
         let mode = last.mode();
         tracing::info!(
@@ -454,14 +445,14 @@ impl Log {
             });
         }
         crate::datadir::create_dir_private(dir)
-            .map_err(|e| io_err(shard, "create shard dir", dir, e))?;
+            .map_err(|e| Error::io(shard, "create shard dir", dir, e))?;
         if let Some(parent) = dir.parent() {
             segment::sync_dir(shard, parent)?;
         }
         let listing =
-            std::fs::read_dir(dir).map_err(|e| io_err(shard, "list shard dir", dir, e))?;
+            std::fs::read_dir(dir).map_err(|e| Error::io(shard, "list shard dir", dir, e))?;
         for item in listing {
-            let item = item.map_err(|e| io_err(shard, "list shard dir", dir, e))?;
+            let item = item.map_err(|e| Error::io(shard, "list shard dir", dir, e))?;
             if item.file_name().to_string_lossy().ends_with(".seg") {
                 return Err(Error::Config {
                     shard,
@@ -679,7 +670,7 @@ impl Log {
                 let fd = file
                     .as_fd()
                     .try_clone_to_owned()
-                    .map_err(|e| io_err(self.shard, "dup segment fd", &seg.path, e))?;
+                    .map_err(|e| Error::io(self.shard, "dup segment fd", &seg.path, e))?;
                 files.push(sync::SyncFile::new(fd, seg.path.clone(), LogPos(seg.base)));
             }
         }
@@ -971,7 +962,7 @@ impl Log {
             let removed = match std::fs::remove_file(&path) {
                 Ok(()) => true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-                Err(e) => return Err(io_err(self.shard, "delete segment", &path, e)),
+                Err(e) => return Err(Error::io(self.shard, "delete segment", &path, e)),
             };
             retired
                 .segments

@@ -165,15 +165,6 @@ where
     }
 }
 
-fn io_err(shard: ShardId, op: &'static str, path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        shard,
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn now_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -183,7 +174,7 @@ fn now_ms() -> u128 {
 fn quarantine_dir(shard: ShardId, dir: &Path) -> Result<PathBuf, Error> {
     let q = dir.join(QUARANTINE_DIR);
     crate::datadir::create_dir_private(&q)
-        .map_err(|e| io_err(shard, "create quarantine dir", &q, e))?;
+        .map_err(|e| Error::io(shard, "create quarantine dir", &q, e))?;
     Ok(q)
 }
 
@@ -200,7 +191,7 @@ fn quarantine_name(q: &Path, path: &Path) -> PathBuf {
 fn quarantine_copy(shard: ShardId, dir: &Path, path: &Path) -> Option<PathBuf> {
     let result = quarantine_dir(shard, dir).and_then(|q| {
         let dst = quarantine_name(&q, path);
-        std::fs::copy(path, &dst).map_err(|e| io_err(shard, "copy to quarantine", path, e))?;
+        std::fs::copy(path, &dst).map_err(|e| Error::io(shard, "copy to quarantine", path, e))?;
         sync_dir(shard, &q)?;
         Ok(dst)
     });
@@ -223,7 +214,7 @@ fn quarantine_move(shard: ShardId, dir: &Path, paths: &[PathBuf]) -> Result<Vec<
     let mut moved = Vec::with_capacity(paths.len());
     for p in paths {
         let dst = quarantine_name(&q, p);
-        std::fs::rename(p, &dst).map_err(|e| io_err(shard, "move to quarantine", p, e))?;
+        std::fs::rename(p, &dst).map_err(|e| Error::io(shard, "move to quarantine", p, e))?;
         moved.push(dst);
     }
     sync_dir(shard, &q)?;
@@ -239,15 +230,15 @@ where
     let started = Instant::now();
     let mut files: Vec<(u64, PathBuf)> = Vec::new();
     let mut removed_tmp = false;
-    let listing = std::fs::read_dir(dir).map_err(|e| io_err(shard, "list shard dir", dir, e))?;
+    let listing = std::fs::read_dir(dir).map_err(|e| Error::io(shard, "list shard dir", dir, e))?;
     for item in listing {
-        let item = item.map_err(|e| io_err(shard, "list shard dir", dir, e))?;
+        let item = item.map_err(|e| Error::io(shard, "list shard dir", dir, e))?;
         let name = item.file_name();
         let Some(name) = name.to_str() else { continue };
         if name.ends_with(SEGMENT_TMP_SUFFIX) {
             // A segment whose creation never finished: it never held entries.
             std::fs::remove_file(item.path())
-                .map_err(|e| io_err(shard, "remove unfinished segment", &item.path(), e))?;
+                .map_err(|e| Error::io(shard, "remove unfinished segment", &item.path(), e))?;
             removed_tmp = true;
         } else if let Some(base) = parse_segment_file_name(name) {
             files.push((base, item.path()));
@@ -355,7 +346,7 @@ where
             // Zero the bad bytes and sync before anything is appended after them.
             seg.data_mut()[scan.end..dirty_end].fill(0);
             seg.sync_range(scan.end as u64, dirty_end as u64)
-                .map_err(|e| io_err(shard, "sync zeroed tail", path, e))?;
+                .map_err(|e| Error::io(shard, "sync zeroed tail", path, e))?;
         }
         segments.push_back(seg);
         if stop {

@@ -88,20 +88,11 @@ pub(crate) enum Opened {
     Bad(String),
 }
 
-fn io_err(shard: ShardId, op: &'static str, path: &Path, source: io::Error) -> Error {
-    Error::Io {
-        shard,
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// fsyncs a directory, making creations, renames and deletions in it durable.
 pub(crate) fn sync_dir(shard: ShardId, dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(shard, "fsync directory", dir, e))
+        .map_err(|e| Error::io(shard, "fsync directory", dir, e))
 }
 
 /// Allocates `len` bytes of `file` for real and writes them: `fallocate` (mode 0) reserves the
@@ -233,17 +224,17 @@ impl Segment {
             .truncate(!prepared)
             .mode(crate::datadir::FILE_MODE)
             .open(tmp)
-            .map_err(|e| io_err(shard, "create segment", tmp, e))?;
+            .map_err(|e| Error::io(shard, "create segment", tmp, e))?;
         let ready = prepared
             && file
                 .metadata()
-                .map_err(|e| io_err(shard, "stat prepared segment", tmp, e))?
+                .map_err(|e| Error::io(shard, "stat prepared segment", tmp, e))?
                 .len()
                 == bytes;
         if !ready {
             // Not prepared, or not as prepared (something else touched it): start over.
             file.set_len(0)
-                .map_err(|e| io_err(shard, "truncate segment", tmp, e))?;
+                .map_err(|e| Error::io(shard, "truncate segment", tmp, e))?;
         }
         if ready {
             // Zero-filled and synced ahead of time by `prepare_spare`.
@@ -256,11 +247,11 @@ impl Segment {
                     source,
                 }
             } else {
-                io_err(shard, "fallocate segment", tmp, source)
+                Error::io(shard, "fallocate segment", tmp, source)
             });
         }
         let mut map = Mapping::map(&file, bytes as usize)
-            .map_err(|e| io_err(shard, "mmap segment", tmp, e))?;
+            .map_err(|e| Error::io(shard, "mmap segment", tmp, e))?;
         let header = SegmentHeader {
             shard: shard.0,
             base,
@@ -284,8 +275,8 @@ impl Segment {
             flushed: SEGMENT_HEADER_BYTES as u64,
         };
         seg.sync_range(0, SEGMENT_HEADER_BYTES as u64)
-            .map_err(|e| io_err(shard, "sync segment header", tmp, e))?;
-        std::fs::rename(tmp, path).map_err(|e| io_err(shard, "rename segment", tmp, e))?;
+            .map_err(|e| Error::io(shard, "sync segment header", tmp, e))?;
+        std::fs::rename(tmp, path).map_err(|e| Error::io(shard, "rename segment", tmp, e))?;
         sync_dir(shard, dir)?;
         Ok(seg)
     }
@@ -298,10 +289,10 @@ impl Segment {
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|e| io_err(shard, "open segment", path, e))?;
+            .map_err(|e| Error::io(shard, "open segment", path, e))?;
         let file_len = file
             .metadata()
-            .map_err(|e| io_err(shard, "stat segment", path, e))?
+            .map_err(|e| Error::io(shard, "stat segment", path, e))?
             .len();
         let mut head = vec![0u8; SEGMENT_HEADER_BYTES];
         {
@@ -310,7 +301,7 @@ impl Segment {
                 return Ok(Opened::Bad(HeaderFault::Short.to_string()));
             }
             file.read_exact_at(&mut head, 0)
-                .map_err(|e| io_err(shard, "read segment header", path, e))?;
+                .map_err(|e| Error::io(shard, "read segment header", path, e))?;
         }
         let header = match SegmentHeader::decode(&head) {
             Ok(h) => h,
@@ -343,10 +334,10 @@ impl Segment {
                 "segment file shorter than its header says; extending with zeros"
             );
             preallocate(&file, file_len, header.segment_bytes)
-                .map_err(|e| io_err(shard, "extend short segment", path, e))?;
+                .map_err(|e| Error::io(shard, "extend short segment", path, e))?;
         }
         let map = Mapping::map(&file, header.segment_bytes as usize)
-            .map_err(|e| io_err(shard, "mmap segment", path, e))?;
+            .map_err(|e| Error::io(shard, "mmap segment", path, e))?;
         Ok(Opened::Ok(Segment {
             base,
             bytes: header.segment_bytes,

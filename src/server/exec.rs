@@ -46,7 +46,8 @@ const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// in the next line (and every refusal is in the metrics).
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// The two meshes, cloned into every executor before it starts.
+/// The three meshes (requests, replies, subscription events), cloned into every executor before
+/// it starts.
 #[derive(Clone)]
 pub struct Meshes {
     requests: mesh::MeshBuilder<ToOwner, mesh::Full>,

@@ -39,7 +39,7 @@ impl Response {
     }
 
     fn error(status: u16, message: &str) -> Response {
-        Response::json(status, error_body(status, Some(message)))
+        Response::json(status, error_body(message))
     }
 
     /// A 400 naming the parameter at fault.
@@ -49,35 +49,14 @@ impl Response {
     }
 }
 
-/// The standard reason phrase of the statuses geobeat uses.
-pub fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        101 => "Switching Protocols",
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Payload Too Large",
-        414 => "URI Too Long",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    }
-}
-
-/// A JSON error body: `{"error": message}` (the reason phrase when no message is given).
-pub fn error_body(status: u16, message: Option<&str>) -> String {
+/// A JSON error body: `{"error": message}` (the status line's reason phrase is
+/// [`parse::status_text`], the one table).
+pub fn error_body(message: &str) -> String {
     #[derive(Serialize)]
     struct E<'a> {
         error: &'a str,
     }
-    serde_json::to_string(&E {
-        error: message.unwrap_or(reason_phrase(status)),
-    })
-    .expect("serializing a string cannot fail")
+    serde_json::to_string(&E { error: message }).expect("serializing a string cannot fail")
 }
 
 /// The last location of a device as returned by `GET /v1/devices/{id}`.

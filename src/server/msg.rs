@@ -1,7 +1,9 @@
 //! Messages that cross executors over the channel meshes. It owns their shapes only; who sends and
-//! handles them is `exec`. Two meshes keep the flow acyclic: requests go source → owner on the
-//! request mesh, completions come back owner → source on the reply mesh, and the reply receivers
-//! never wait on anything, so bounded channels cannot deadlock.
+//! handles them is `exec`. Three meshes (`exec::Meshes`) keep the flow acyclic: requests go
+//! source → owner on the request mesh, completions come back owner → source on the reply mesh,
+//! and the reply receivers never wait on anything, so bounded channels cannot deadlock;
+//! subscription events go owner → subscriber's executor on the event mesh, sent with `try_send`
+//! only, so ingest never waits on it.
 //!
 //! Buffers travel both ways: a forwarded batch's `Vec` comes back inside its completion and is
 //! reused, so steady-state forwarding allocates nothing per heartbeat.

@@ -645,10 +645,12 @@ pub fn readme(info: &RunInfo, summary: &Summary, rows: &[Row], plots: &[PathBuf]
     }
     let _ = writeln!(
         out,
-        "\n## Files\n\n- `raw.csv`: one line per run (all rounds).\n- `raw.jsonl`: the same rows \
-         with the load generator's full summary, HDR histograms included (base64 V2).\n- \
-         `info.json`: machine, versions, settings.\n- `logs/`: each run's load-generator output \
-         and summary.\n- redraw the plots: `target/release/geobeat-plot <this directory>`."
+        "\n## Files\n\n- `raw.csv`: one line per run (all rounds).\n- `raw.jsonl` (not \
+         committed: written by the run, `bash perf/compare.sh`): the same rows with the load \
+         generator's full summary, HDR histograms included (base64 V2).\n- `info.json`: machine, \
+         versions, settings.\n- `logs/` (not committed: written by the run): each run's \
+         load-generator output and summary.\n- redraw the plots: `target/release/geobeat-plot \
+         <this directory>` (needs the run's `raw.jsonl`)."
     );
     out
 }
