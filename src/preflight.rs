@@ -61,7 +61,7 @@ pub enum PreflightError {
 /// Runs every check: the locked-memory limit first (raising the soft limit to what is needed
 /// when the hard limit allows), then an io_uring ring set up and torn down.
 pub fn check() -> Result<(), PreflightError> {
-    check_memlock(crate::rt::MEMLOCK_BYTES_MIN)?;
+    check_memlock(crate::limits::MEMLOCK_BYTES_MIN)?;
     check_io_uring()
 }
 
@@ -138,7 +138,7 @@ fn classify_setup_error(e: io::Error) -> PreflightError {
         }
         // Older kernels charge ring memory to RLIMIT_MEMLOCK.
         Some(libc::ENOMEM) => {
-            let needed = crate::rt::MEMLOCK_BYTES_MIN;
+            let needed = crate::limits::MEMLOCK_BYTES_MIN;
             PreflightError::MemLock {
                 limit: memlock_limit(),
                 needed,
