@@ -65,6 +65,33 @@ pub const AUDIT_ROTATE_SECS_DEFAULT: u64 = 60;
 /// read, upload or reprocess whole when a shard ingests far more.
 pub const AUDIT_ROTATE_BYTES_DEFAULT: u64 = 128 << 20;
 
+// Every default lies within the bounds `limits` sets for it.
+const _: () = assert!(
+    HANDSHAKE_TIMEOUT_MS_RANGE.0 <= HANDSHAKE_TIMEOUT_MS_DEFAULT
+        && HANDSHAKE_TIMEOUT_MS_DEFAULT <= HANDSHAKE_TIMEOUT_MS_RANGE.1
+);
+const _: () = assert!(
+    IDLE_TIMEOUT_S_RANGE.0 <= IDLE_TIMEOUT_S_DEFAULT
+        && IDLE_TIMEOUT_S_DEFAULT <= IDLE_TIMEOUT_S_RANGE.1
+);
+const _: () = assert!(
+    SINK_POLL_INTERVAL_MS_RANGE.0 <= SINK_POLL_INTERVAL_MS_DEFAULT
+        && SINK_POLL_INTERVAL_MS_DEFAULT <= SINK_POLL_INTERVAL_MS_RANGE.1
+);
+const _: () =
+    assert!(ZSTD_LEVEL_RANGE.0 <= ZSTD_LEVEL_DEFAULT && ZSTD_LEVEL_DEFAULT <= ZSTD_LEVEL_RANGE.1);
+const _: () = assert!(DEMO_DEVICES_DEFAULT <= DEMO_DEVICES_MAX);
+const _: () = assert!(MESH_CAPACITY_DEFAULT <= MESH_CAPACITY_MAX);
+const _: () = assert!(SINK_BATCH_ROWS_DEFAULT <= SINK_BATCH_ROWS_MAX);
+const _: () = assert!(
+    AUDIT_ROTATE_SECS_RANGE.0 <= AUDIT_ROTATE_SECS_DEFAULT
+        && AUDIT_ROTATE_SECS_DEFAULT <= AUDIT_ROTATE_SECS_RANGE.1
+);
+const _: () = assert!(
+    AUDIT_ROTATE_BYTES_RANGE.0 <= AUDIT_ROTATE_BYTES_DEFAULT
+        && AUDIT_ROTATE_BYTES_DEFAULT <= AUDIT_ROTATE_BYTES_RANGE.1
+);
+
 /// geobeat: durable location-heartbeat ingest for very large IoT fleets.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "geobeat", version, about, long_about = None)]

@@ -484,3 +484,22 @@ pub const DEMO_RATE_HZ_MAX: f64 = 100.0;
 pub const SINK_POLL_INTERVAL_MS_RANGE: (u64, u64) = (1, 10_000);
 /// Bounds of the zstd level.
 pub const ZSTD_LEVEL_RANGE: (i32, i32) = (1, 19);
+
+// Relationships between the bounds above.
+const _: () = assert!(SHUTDOWN_DRAIN_MAX.as_millis() > STOP_POLL_INTERVAL.as_millis());
+const _: () = assert!(REFUSAL_READ_MAX.as_millis() < SHUTDOWN_DRAIN_MAX.as_millis());
+// tungstenite wants its write-buffer cap above the buffer it gathers (by at least one message).
+const _: () = assert!(WS_WRITE_BUFFER_BYTES_MAX > INGEST_WS_WRITE_BUFFER_BYTES);
+const _: () = assert!(WS_WRITE_BUFFER_BYTES_MAX > SUB_WS_WRITE_BUFFER_BYTES);
+const _: () = assert!(WS_READ_BUFFER_BYTES <= FRAME_BYTES_MAX);
+const _: () = assert!(SUB_WRITE_BATCH_MAX <= SUB_QUEUE_EVENTS_MAX);
+const _: () = assert!(MEMLOCK_BYTES_MIN >= IO_MEMORY_BYTES as u64);
+const _: () = assert!(SINK_BACKOFF_MIN_MS >= 1 && SINK_BACKOFF_MIN_MS <= SINK_BACKOFF_MAX_MS);
+// The meta file holds the vshard table: a generous 32 bytes per range fits.
+const _: () = assert!(META_BYTES_MAX >= 32 * VSHARDS as u64);
+const _: () = assert!(HANDSHAKE_TIMEOUT_MS_RANGE.0 <= HANDSHAKE_TIMEOUT_MS_RANGE.1);
+const _: () =
+    assert!(IDLE_TIMEOUT_S_RANGE.0 >= 1 && IDLE_TIMEOUT_S_RANGE.0 <= IDLE_TIMEOUT_S_RANGE.1);
+const _: () = assert!(SINK_POLL_INTERVAL_MS_RANGE.0 >= 1);
+const _: () = assert!(SINK_POLL_INTERVAL_MS_RANGE.0 <= SINK_POLL_INTERVAL_MS_RANGE.1);
+const _: () = assert!(ZSTD_LEVEL_RANGE.0 >= 1 && ZSTD_LEVEL_RANGE.1 <= 22);
