@@ -321,7 +321,8 @@ const _: () = assert!(FENCE_BULK_ENTRIES_MAX >= 1 && FENCE_BULK_ENTRIES_MAX <= F
 pub const DEMO_DRAIN_TIMEOUT_MS: u64 = 2_000;
 
 /// Least time between two log lines of one repeating event per executor (a failing `accept`
-/// under EMFILE, refused tokens, protocol closes); the next line carries the number suppressed.
+/// under EMFILE, refused tokens, protocol closes) or per shard (appends refused); the next line
+/// carries the number suppressed.
 pub const REPEAT_LOG_INTERVAL_MS: u64 = 10_000;
 
 const _: () = assert!(REPEAT_LOG_INTERVAL_MS >= 1000);
@@ -362,6 +363,13 @@ pub const DRAIN_BYTES_MAX: usize = 1 << 20;
 pub const REFUSAL_READ_MAX: Duration = Duration::from_millis(500);
 /// Most HTTP requests served on one keep-alive connection.
 pub const HTTP_REQUESTS_PER_CONN_MAX: usize = 1000;
+/// How long the accept loop backs off after EMFILE/ENFILE before trying again.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// How long each step of the close sequence (close frame, socket close) may take.
+pub const CLOSE_STEP_BOUND: Duration = Duration::from_secs(1);
+/// How long a subscriber's writes may still take once shutdown began (the 1001 close frame to a
+/// stalled client must not hold up the drain).
+pub const STOP_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// Longest token expiry a connection arms a deadline for (about 100 years): a later expiry
 /// cannot come while the connection lives (and a far-future instant would overflow).
 pub const TOKEN_EXPIRY_WAIT_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -434,6 +442,10 @@ pub const MEMLOCK_BYTES_MIN: u64 = {
 };
 /// How often [`crate::rt::Nudge`] wakes its executor.
 pub const NUDGE_INTERVAL: Duration = Duration::from_millis(2);
+/// Submission queue depth per executor ring. Sockets and fdatasyncs are the only users.
+pub const IO_RING_DEPTH: usize = 512;
+/// Entries of the io_uring probe ring `preflight` opens at start (the smallest useful ring).
+pub const PROBE_RING_ENTRIES: u32 = 4;
 
 // Storage sinks (`flusher`).
 
@@ -488,6 +500,10 @@ pub const ZSTD_LEVEL_RANGE: (i32, i32) = (1, 19);
 // Relationships between the bounds above.
 const _: () = assert!(SHUTDOWN_DRAIN_MAX.as_millis() > STOP_POLL_INTERVAL.as_millis());
 const _: () = assert!(REFUSAL_READ_MAX.as_millis() < SHUTDOWN_DRAIN_MAX.as_millis());
+// A stalled client's close steps and last writes end well within the shutdown drain.
+const _: () = assert!(2 * CLOSE_STEP_BOUND.as_millis() < SHUTDOWN_DRAIN_MAX.as_millis());
+const _: () = assert!(STOP_WRITE_GRACE.as_millis() < SHUTDOWN_DRAIN_MAX.as_millis());
+const _: () = assert!(PROBE_RING_ENTRIES as usize <= IO_RING_DEPTH);
 // tungstenite wants its write-buffer cap above the buffer it gathers (by at least one message).
 const _: () = assert!(WS_WRITE_BUFFER_BYTES_MAX > INGEST_WS_WRITE_BUFFER_BYTES);
 const _: () = assert!(WS_WRITE_BUFFER_BYTES_MAX > SUB_WS_WRITE_BUFFER_BYTES);

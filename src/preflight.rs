@@ -9,6 +9,7 @@
 //! Invariant: every refusal is one line that says what is blocked and the exact fix.
 //! See: issue 13 §4.
 
+use crate::limits::PROBE_RING_ENTRIES;
 use std::io;
 
 /// Why the platform cannot run geobeat.
@@ -117,9 +118,6 @@ pub fn check_io_uring() -> Result<(), PreflightError> {
     }
     Ok(())
 }
-
-/// Entries of the probe ring (the smallest useful ring).
-const PROBE_RING_ENTRIES: u32 = 4;
 
 fn classify_setup_error(e: io::Error) -> PreflightError {
     match e.raw_os_error() {

@@ -6,7 +6,7 @@
 //!
 //! Invariant: nothing outside this module names `glommio`.
 
-use crate::limits::{IO_MEMORY_BYTES, NUDGE_INTERVAL};
+use crate::limits::{IO_MEMORY_BYTES, IO_RING_DEPTH, NUDGE_INTERVAL};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
@@ -17,9 +17,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 pub use glommio::net::{TcpListener, TcpStream};
-
-/// Submission queue depth per ring. Sockets and fdatasyncs are the only users.
-const RING_DEPTH: usize = 512;
 
 /// Starts `count` executors, executor `i` pinned to CPU `i % online CPUs`, each running `main(i)`;
 /// blocks until every one has returned, and returns their results in order.
@@ -44,7 +41,7 @@ where
         let handle = glommio::LocalExecutorBuilder::new(placement)
             .name(&format!("geobeat-{index}"))
             .io_memory(IO_MEMORY_BYTES)
-            .ring_depth(RING_DEPTH)
+            .ring_depth(IO_RING_DEPTH)
             .spin_before_park(Duration::from_micros(0))
             .spawn(move || main(index))
             .map_err(|e| io::Error::other(format!("starting executor {index}: {e}")))?;

@@ -9,8 +9,8 @@
 //! held across an `.await`.
 
 use crate::limits::{
-    BATCH_POOL_MAX, RETENTION_CHECK_INTERVAL, SHUTDOWN_DRAIN_MAX, STOP_POLL_INTERVAL,
-    SYNC_FILES_MAX,
+    BATCH_POOL_MAX, REPEAT_LOG_INTERVAL_MS, RETENTION_CHECK_INTERVAL, SHUTDOWN_DRAIN_MAX,
+    STOP_POLL_INTERVAL, SYNC_FILES_MAX,
 };
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -30,10 +30,6 @@ use crate::server::listen::Role;
 use crate::server::msg::{Batch, ConnKey, EventBatch, ToOwner, ToSource};
 use crate::server::Shared;
 use crate::store::{RetentionStep, ShardStore, StoreConfig};
-
-/// At most one "append refused" warning per shard per this interval; the others are counted
-/// in the next line (and every refusal is in the metrics).
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The two meshes, cloned into every executor before it starts.
 #[derive(Clone)]
@@ -888,7 +884,9 @@ pub async fn executor_main(
             sync_files: RefCell::new(Vec::new()),
             pending_entries: Cell::new(0),
             pending_since: Cell::new(None),
-            refusal_log: crate::ratelog::LogEvery::new(REFUSAL_LOG_EVERY),
+            refusal_log: crate::ratelog::LogEvery::new(Duration::from_millis(
+                REPEAT_LOG_INTERVAL_MS,
+            )),
             probe: StoreProbe::default(),
         });
     }

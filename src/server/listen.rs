@@ -23,18 +23,15 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use crate::auth::Scope;
 use crate::http::parse::{self, Parsed, Request};
 use crate::limits::{
-    CONN_RESERVED_HEAD_MS, CONN_RESERVED_SHARE_DIVISOR, DRAIN_BYTES_MAX, HTTP_BODY_BYTES_PER_S_MIN,
-    HTTP_HEAD_BYTES_MAX, HTTP_REQUESTS_PER_CONN_MAX, REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX,
-    REPEAT_LOG_INTERVAL_MS,
+    ACCEPT_BACKOFF, CONN_RESERVED_HEAD_MS, CONN_RESERVED_SHARE_DIVISOR, DRAIN_BYTES_MAX,
+    HTTP_BODY_BYTES_PER_S_MIN, HTTP_HEAD_BYTES_MAX, HTTP_REQUESTS_PER_CONN_MAX,
+    REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX, REPEAT_LOG_INTERVAL_MS,
 };
 use crate::ratelog::LogEvery;
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::exec::now_s;
 use crate::server::exec::Exec;
 use crate::server::msg::{Adopt, ToOwner};
-
-/// How long the accept loop backs off after EMFILE/ENFILE before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// A verified WebSocket upgrade of `/v1/ingest`.
 #[derive(Debug, Clone)]

@@ -15,7 +15,6 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::tungstenite::Message;
@@ -24,10 +23,10 @@ use futures_lite::AsyncWriteExt;
 use serde_json::Value;
 
 use crate::limits::{
-    CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS, FRAME_BYTES_MAX, SUBS_PER_CONN_MAX,
-    SUB_CONTROL_QUEUED_MAX, SUB_DEVICES_MAX, SUB_DEVICES_TOTAL_MAX, SUB_NAME_BYTES_MAX,
-    SUB_SOCKET_SEND_BYTES, SUB_WRITE_BATCH_MAX, SUB_WS_WRITE_BUFFER_BYTES, WS_READ_BUFFER_BYTES,
-    WS_WRITE_BUFFER_BYTES_MAX,
+    CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS, FRAME_BYTES_MAX, STOP_WRITE_GRACE,
+    SUBS_PER_CONN_MAX, SUB_CONTROL_QUEUED_MAX, SUB_DEVICES_MAX, SUB_DEVICES_TOTAL_MAX,
+    SUB_NAME_BYTES_MAX, SUB_SOCKET_SEND_BYTES, SUB_WRITE_BATCH_MAX, SUB_WS_WRITE_BUFFER_BYTES,
+    WS_READ_BUFFER_BYTES, WS_WRITE_BUFFER_BYTES_MAX,
 };
 use crate::proto::{self, close};
 use crate::rt::{self, TcpStream};
@@ -40,9 +39,6 @@ use crate::server::ws_write::{Sink, WriteError, WsWriter};
 use crate::server::Shared;
 use crate::spatial::BBox;
 
-/// How long writes may still take once shutdown began (the 1001 close frame to a stalled client
-/// must not hold up the drain).
-const STOP_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
 
