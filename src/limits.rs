@@ -337,7 +337,7 @@ pub const LISTEN_PROBE_CONNECT_TIMEOUT_MS: u64 = 200;
 /// process is gone.
 pub const LISTEN_PROBE_WAIT_MS: u64 = 3000;
 
-// Connections and executors (see `server::exec`, `server::listen`, `server::ws_read`).
+// Connections and executors (`server::exec`, `listen`, `ws_read`, `ws_write`, `subscribe`).
 
 /// Most frames one connection may have waiting for durability before its reader pauses.
 pub const CONN_FRAMES_IN_FLIGHT_MAX: usize = 64;
@@ -424,7 +424,7 @@ const _: () = assert!(FENCE_RADIUS_M_MAX <= QUERY_RADIUS_M_MAX);
 /// Most cells a fence may occupy on its level (else it goes one level coarser).
 pub const FENCE_CELLS_MAX: u64 = 16;
 
-// Runtime (`rt`).
+// Runtime (`rt`) and its start-up probe (`preflight`).
 
 /// io_uring registered-buffer memory per executor. geobeat does no DMA file I/O, so the minimum
 /// that glommio accepts is plenty; it counts against the 8 MiB locked-memory limit.
