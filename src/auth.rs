@@ -25,7 +25,7 @@ use rand::RngCore as _;
 use sha2::Sha256;
 
 use crate::config::{TokenArgs, TokenKind};
-use crate::limits::{DEVICE_ID_BYTES_MAX, TOKEN_BYTES_MAX};
+use crate::limits::{DEVICE_ID_BYTES_MAX, SECRET_FILE_BYTES_MAX, TOKEN_BYTES_MAX, TOKEN_TTL_MAX};
 use crate::record::validate_device_id;
 
 /// Bytes of server secret.
@@ -47,10 +47,6 @@ pub const DATA_DIR_DEFAULT: &str = "./shards";
 pub const TTL_DEFAULT_LONG: Duration = Duration::from_secs(365 * 86_400);
 /// Default lifetime of ops tokens: 30 days (they read every device's location).
 pub const TTL_DEFAULT_OPS: Duration = Duration::from_secs(30 * 86_400);
-/// Longest TTL `parse_ttl` accepts: 10 years.
-pub const TTL_MAX: Duration = Duration::from_secs(10 * 366 * 86_400);
-/// Largest secret file read (a hex secret is 65 bytes; anything much larger is not a secret file).
-const SECRET_FILE_BYTES_MAX: u64 = 1024;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -501,7 +497,7 @@ pub struct TtlError {
     pub reason: &'static str,
 }
 
-/// Parses a duration such as `90s`, `15m`, `12h`, `30d` (positive, at most [`TTL_MAX`]).
+/// Parses a duration such as `90s`, `15m`, `12h`, `30d` (positive, at most [`TOKEN_TTL_MAX`]).
 /// Also used for other day-scale durations in configuration (e.g. retention).
 pub fn parse_ttl(text: &str) -> Result<Duration, TtlError> {
     let err = |reason| TtlError {
@@ -526,7 +522,7 @@ pub fn parse_ttl(text: &str) -> Result<Duration, TtlError> {
     }
     let secs = n.checked_mul(unit_s).ok_or_else(|| err("too long"))?;
     let ttl = Duration::from_secs(secs);
-    if ttl > TTL_MAX {
+    if ttl > TOKEN_TTL_MAX {
         return Err(err("longer than 10 years"));
     }
     Ok(ttl)

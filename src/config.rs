@@ -22,45 +22,30 @@ use clap::{Args, Parser, Subcommand};
 use crate::auth::{parse_ttl, resolve_secret, Secret, SecretError, SECRET_ENV};
 pub use crate::limits::{AUDIT_ROTATE_BYTES_RANGE, AUDIT_ROTATE_SECS_RANGE};
 use crate::limits::{
-    FRAME_BYTES_MAX, FRAME_BYTES_MIN, FRAME_HEARTBEATS_MAX, MESH_CAPACITY_MAX, OPEN_FILES_RESERVE,
-    PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SHARDS_MAX, SINKS_MAX,
-    SINK_BATCH_ROWS_MAX, SINK_NAME_BYTES_MAX,
+    COMMIT_ENTRIES_MAX_DEFAULT, COMMIT_INTERVAL_MS_DEFAULT, COMMIT_INTERVAL_MS_MAX,
+    COMMIT_INTERVAL_MS_MIN, DEMO_DEVICES_MAX, DEMO_RATE_HZ_MAX, FRAME_BYTES_MAX, FRAME_BYTES_MIN,
+    FRAME_HEARTBEATS_MAX, GROUP_ENTRIES_MAX, HANDSHAKE_TIMEOUT_MS_RANGE, IDLE_TIMEOUT_S_RANGE,
+    MESH_CAPACITY_MAX, OPEN_FILES_RESERVE, PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX,
+    SEGMENT_BYTES_MIN, SHARDS_MAX, SINKS_MAX, SINK_BATCH_ROWS_MAX, SINK_NAME_BYTES_MAX,
+    SINK_POLL_INTERVAL_MS_RANGE, ZSTD_LEVEL_RANGE,
 };
 
 /// Default listen address.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
-/// Bounds of the group-commit interval, ms (the log's own group-commit bounds must admit them).
-pub const COMMIT_INTERVAL_MS_MIN: u64 = 1;
-/// See [`COMMIT_INTERVAL_MS_MIN`].
-pub const COMMIT_INTERVAL_MS_MAX: u64 = 5;
-/// Most entries one group commit may gather (configuration bound).
-pub const COMMIT_ENTRIES_MAX: usize = 100_000;
-/// Default group-commit interval, ms.
-pub const COMMIT_INTERVAL_MS_DEFAULT: u64 = 2;
-/// Default most entries per group commit.
-pub const COMMIT_ENTRIES_MAX_DEFAULT: usize = 1000;
 /// Default retention of log data.
 pub const RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 86_400);
 /// Default most concurrent client connections.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 16_000;
 /// Default time allowed from TCP accept to a completed WebSocket upgrade, ms.
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 5000;
-/// Bounds of the handshake timeout, ms.
-pub const HANDSHAKE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 60_000);
 /// Default idle timeout, s.
 pub const IDLE_TIMEOUT_S_DEFAULT: u64 = 60;
-/// Bounds of the idle timeout, s.
-pub const IDLE_TIMEOUT_S_RANGE: (u64, u64) = (2, 3600);
 /// Default capacity of each cross-executor channel.
 pub const MESH_CAPACITY_DEFAULT: usize = 1024;
 /// Default log filter.
 pub const LOG_LEVEL_DEFAULT: &str = "info";
 /// Default simulated devices for `demo`.
 pub const DEMO_DEVICES_DEFAULT: u32 = 1000;
-/// Most simulated devices for `demo`.
-pub const DEMO_DEVICES_MAX: u32 = 1_000_000;
-/// Most heartbeats per second per simulated device for `demo`.
-pub const DEMO_RATE_HZ_MAX: f64 = 100.0;
 /// Default unconsumed log bytes per shard (durable minus the slowest sink's cursor) above which
 /// the server warns.
 pub const SINK_BACKLOG_WARN_BYTES_DEFAULT: u64 = 1 << 30;
@@ -68,12 +53,8 @@ pub const SINK_BACKLOG_WARN_BYTES_DEFAULT: u64 = 1 << 30;
 pub const SINK_BATCH_ROWS_DEFAULT: usize = 10_000;
 /// Default pause of a sink that is caught up before it looks for new durable entries, ms.
 pub const SINK_POLL_INTERVAL_MS_DEFAULT: u64 = 100;
-/// Bounds of a sink's poll interval, ms.
-pub const SINK_POLL_INTERVAL_MS_RANGE: (u64, u64) = (1, 10_000);
 /// Default zstd level of compressed audit files.
 pub const ZSTD_LEVEL_DEFAULT: i32 = 3;
-/// Bounds of the zstd level.
-pub const ZSTD_LEVEL_RANGE: (i32, i32) = (1, 19);
 /// Default PostgreSQL schema of the sink tables.
 pub const PG_SCHEMA_DEFAULT: &str = "public";
 /// Default rotation window of an audit sink, seconds: a consumer sees a sealed file about a
@@ -83,6 +64,33 @@ pub const AUDIT_ROTATE_SECS_DEFAULT: u64 = 60;
 /// 2 MiB/s (some 8,000 heartbeats/s) per shard, and caps files at a size that is still quick to
 /// read, upload or reprocess whole when a shard ingests far more.
 pub const AUDIT_ROTATE_BYTES_DEFAULT: u64 = 128 << 20;
+
+// Every default lies within the bounds `limits` sets for it.
+const _: () = assert!(
+    HANDSHAKE_TIMEOUT_MS_RANGE.0 <= HANDSHAKE_TIMEOUT_MS_DEFAULT
+        && HANDSHAKE_TIMEOUT_MS_DEFAULT <= HANDSHAKE_TIMEOUT_MS_RANGE.1
+);
+const _: () = assert!(
+    IDLE_TIMEOUT_S_RANGE.0 <= IDLE_TIMEOUT_S_DEFAULT
+        && IDLE_TIMEOUT_S_DEFAULT <= IDLE_TIMEOUT_S_RANGE.1
+);
+const _: () = assert!(
+    SINK_POLL_INTERVAL_MS_RANGE.0 <= SINK_POLL_INTERVAL_MS_DEFAULT
+        && SINK_POLL_INTERVAL_MS_DEFAULT <= SINK_POLL_INTERVAL_MS_RANGE.1
+);
+const _: () =
+    assert!(ZSTD_LEVEL_RANGE.0 <= ZSTD_LEVEL_DEFAULT && ZSTD_LEVEL_DEFAULT <= ZSTD_LEVEL_RANGE.1);
+const _: () = assert!(DEMO_DEVICES_DEFAULT <= DEMO_DEVICES_MAX);
+const _: () = assert!(MESH_CAPACITY_DEFAULT <= MESH_CAPACITY_MAX);
+const _: () = assert!(SINK_BATCH_ROWS_DEFAULT <= SINK_BATCH_ROWS_MAX);
+const _: () = assert!(
+    AUDIT_ROTATE_SECS_RANGE.0 <= AUDIT_ROTATE_SECS_DEFAULT
+        && AUDIT_ROTATE_SECS_DEFAULT <= AUDIT_ROTATE_SECS_RANGE.1
+);
+const _: () = assert!(
+    AUDIT_ROTATE_BYTES_RANGE.0 <= AUDIT_ROTATE_BYTES_DEFAULT
+        && AUDIT_ROTATE_BYTES_DEFAULT <= AUDIT_ROTATE_BYTES_RANGE.1
+);
 
 /// geobeat: durable location-heartbeat ingest for very large IoT fleets.
 #[derive(Parser, Debug, Clone)]
@@ -1171,7 +1179,7 @@ fn parse_commit_interval_ms(text: &str) -> Result<u64, String> {
 }
 
 fn parse_commit_entries_max(text: &str) -> Result<usize, String> {
-    parse_int(text, 1, COMMIT_ENTRIES_MAX)
+    parse_int(text, 1, GROUP_ENTRIES_MAX)
 }
 
 fn parse_commit_linger_us(text: &str) -> Result<u64, String> {

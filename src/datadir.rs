@@ -23,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-use crate::limits::{SHARDS_MAX, VSHARDS};
+use crate::limits::{META_BYTES_MAX, PRIVATE_CHECK_DEPTH_MAX, SHARDS_MAX, VSHARDS};
 use crate::route::{self, Router, ShardId};
 
 /// Name of the meta file at the root of a data directory.
@@ -47,8 +47,6 @@ pub const LAYOUT_FILE: &str = "LAYOUT";
 pub const RETIRED_CURSORS_DIR: &str = "retired-cursors";
 /// Where the swap keeps old shards' `quarantine` directories (forensic copies).
 pub const QUARANTINE_DIR: &str = "quarantine";
-/// Largest meta file read (a table of 4096 ranges is about 50 KiB).
-const META_BYTES_MAX: u64 = 256 << 10;
 
 /// Errors opening a data directory.
 #[derive(Debug, thiserror::Error)]
@@ -117,9 +115,6 @@ pub const FILE_MODE: u32 = 0o600;
 /// Permission bits of every directory geobeat creates (data directory, shards, quarantine,
 /// sinks).
 pub const DIR_MODE: u32 = 0o700;
-/// Deepest level below the data directory [`check_private`] looks at (the deepest geobeat
-/// creates is `shard-NNNN/quarantine/<file>`, or a sink's cursor directory).
-const PRIVATE_CHECK_DEPTH_MAX: usize = 6;
 
 /// Creates `dir` and its missing parents with mode [`DIR_MODE`] (existing ones are left alone).
 pub fn create_dir_private(dir: &Path) -> std::io::Result<()> {

@@ -2,6 +2,8 @@
 //! compile time. Nothing here is tunable at run time: configuration may pick smaller values (see
 //! `config`), never larger ones. Units and qualifiers come last in every name.
 
+use std::time::Duration;
+
 /// Longest device id, in UTF-8 bytes (ids are 1..=64 bytes).
 pub const DEVICE_ID_BYTES_MAX: usize = 64;
 /// Largest opaque attribute blob stored with one heartbeat (the compact JSON text of `attrs`).
@@ -98,8 +100,17 @@ pub const GROUP_INTERVAL_US_MAX: u64 = 5_000;
 pub const GROUP_INTERVAL_US_DEFAULT: u64 = 2_000;
 /// Default number of pending entries that makes a group commit due regardless of the interval.
 pub const GROUP_ENTRIES_DEFAULT: usize = 1_000;
-/// Largest group size accepted by configuration.
+/// Largest group size accepted by configuration (`--commit-entries-max`, 1..=this).
 pub const GROUP_ENTRIES_MAX: usize = 100_000;
+/// Bounds of the group-commit interval as configured (`--commit-interval-ms`), ms: the log's own
+/// [`GROUP_INTERVAL_US_MIN`]..=[`GROUP_INTERVAL_US_MAX`] in whole milliseconds.
+pub const COMMIT_INTERVAL_MS_MIN: u64 = GROUP_INTERVAL_US_MIN / 1000;
+/// See [`COMMIT_INTERVAL_MS_MIN`].
+pub const COMMIT_INTERVAL_MS_MAX: u64 = GROUP_INTERVAL_US_MAX / 1000;
+/// Default `--commit-interval-ms`: the log's [`GROUP_INTERVAL_US_DEFAULT`].
+pub const COMMIT_INTERVAL_MS_DEFAULT: u64 = GROUP_INTERVAL_US_DEFAULT / 1000;
+/// Default `--commit-entries-max`: the log's [`GROUP_ENTRIES_DEFAULT`].
+pub const COMMIT_ENTRIES_MAX_DEFAULT: usize = GROUP_ENTRIES_DEFAULT;
 /// Largest log position the last-location table stores (positions are packed into 48 bits; at
 /// 1 GB/s of log per shard that is nearly 9 years).
 pub const TABLE_POS_MAX: u64 = (1 << 48) - 1;
@@ -127,6 +138,9 @@ const _: () = assert!(SEGMENT_HEADER_BYTES % CACHE_LINE_BYTES == 0);
 const _: () = assert!(GROUP_INTERVAL_US_MIN <= GROUP_INTERVAL_US_DEFAULT);
 const _: () = assert!(GROUP_INTERVAL_US_DEFAULT <= GROUP_INTERVAL_US_MAX);
 const _: () = assert!(GROUP_ENTRIES_DEFAULT <= GROUP_ENTRIES_MAX);
+// The configured interval is whole milliseconds: each log bound is one exactly.
+const _: () = assert!(GROUP_INTERVAL_US_MIN % 1000 == 0 && GROUP_INTERVAL_US_MAX % 1000 == 0);
+const _: () = assert!(GROUP_INTERVAL_US_DEFAULT % 1000 == 0 && COMMIT_INTERVAL_MS_MIN >= 1);
 const _: () = assert!(TABLE_CHUNK_BYTES / 4 <= 1 << 18);
 const _: () = assert!((TABLE_CHUNKS_MAX as u64) << 18 <= 1 << 32);
 const _: () = assert!(TABLE_CHUNK_BYTES >= 64 * (48 + DEVICE_ID_BYTES_MAX));
@@ -307,7 +321,8 @@ const _: () = assert!(FENCE_BULK_ENTRIES_MAX >= 1 && FENCE_BULK_ENTRIES_MAX <= F
 pub const DEMO_DRAIN_TIMEOUT_MS: u64 = 2_000;
 
 /// Least time between two log lines of one repeating event per executor (a failing `accept`
-/// under EMFILE, refused tokens, protocol closes); the next line carries the number suppressed.
+/// under EMFILE, refused tokens, protocol closes) or per shard (appends refused); the next line
+/// carries the number suppressed.
 pub const REPEAT_LOG_INTERVAL_MS: u64 = 10_000;
 
 const _: () = assert!(REPEAT_LOG_INTERVAL_MS >= 1000);
@@ -321,3 +336,186 @@ pub const LISTEN_PROBE_CONNECT_TIMEOUT_MS: u64 = 200;
 /// torn down its io_uring rings (their pending accepts hold it), which takes a moment after the
 /// process is gone.
 pub const LISTEN_PROBE_WAIT_MS: u64 = 3000;
+
+// Connections and executors (`server::exec`, `listen`, `ws_read`, `ws_write`, `subscribe`).
+
+/// Most frames one connection may have waiting for durability before its reader pauses.
+pub const CONN_FRAMES_IN_FLIGHT_MAX: usize = 64;
+/// Most error frames queued for one connection before its reader pauses.
+pub const CONN_ERRORS_QUEUED_MAX: usize = 256;
+/// Recycled forwarding buffers kept per executor.
+pub const BATCH_POOL_MAX: usize = 256;
+/// Segment files kept open for io_uring fdatasync per shard (older ones are reopened on demand).
+pub const SYNC_FILES_MAX: usize = 4;
+/// Longest a graceful shutdown waits for connections to drain before exiting anyway (whatever
+/// is not yet durable then was never acked, so nothing acked is lost).
+pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
+/// How often consumed positions, retention and sink backlogs are looked at.
+pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How often executors look at the process-wide stop flag.
+pub const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Connections over the cap that are still answered with a 503 (beyond that they are closed
+/// at once, so a flood cannot exhaust descriptors).
+pub const REFUSALS_IN_FLIGHT_MAX: usize = 256;
+/// Most bytes read and dropped from a client after its final answer.
+pub const DRAIN_BYTES_MAX: usize = 1 << 20;
+/// How long a refused connection is read from and written to.
+pub const REFUSAL_READ_MAX: Duration = Duration::from_millis(500);
+/// Most HTTP requests served on one keep-alive connection.
+pub const HTTP_REQUESTS_PER_CONN_MAX: usize = 1000;
+/// How long the accept loop backs off after EMFILE/ENFILE before trying again.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// How long each step of the close sequence (close frame, socket close) may take.
+pub const CLOSE_STEP_BOUND: Duration = Duration::from_secs(1);
+/// How long a subscriber's writes may still take once shutdown began (the 1001 close frame to a
+/// stalled client must not hold up the drain).
+pub const STOP_WRITE_GRACE: Duration = Duration::from_secs(1);
+/// Longest token expiry a connection arms a deadline for (about 100 years): a later expiry
+/// cannot come while the connection lives (and a far-future instant would overflow).
+pub const TOKEN_EXPIRY_WAIT_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Idle intervals without a frame from the client after which it is closed (the first one earns
+/// a ping, which a live client answers).
+pub const IDLE_STRIKES_MAX: u32 = 2;
+
+// WebSocket buffers of device (`server::ingest`) and subscriber (`server::subscribe`) connections.
+
+/// tungstenite's read buffer per device and subscriber connection (subscribers send few, small
+/// frames). Its default (128 KiB) alone would blow the 8 KiB
+/// per idle connection budget, and an idle connection also pins an io_uring receive buffer of
+/// the same size in glommio; frames larger than this are still read (the buffer grows for the
+/// frame). 1 KiB holds the 8 frames a closed-loop device keeps in flight. Measured: 4 KiB gave
+/// 10.6 KB of user memory per idle connection, 2 KiB 8.3 KB (perf/RESULTS.md).
+pub const WS_READ_BUFFER_BYTES: usize = 1 << 10;
+/// Frames queued before tungstenite writes to the socket: the writer feeds every pending error
+/// frame and ack, then flushes once, so one syscall carries them all.
+pub const INGEST_WS_WRITE_BUFFER_BYTES: usize = 8 << 10;
+/// Hard cap of tungstenite's write buffer, device and subscriber connections alike: most bytes
+/// queued for a slow reader of our acks before writes wait (subscriber writers flush as they go,
+/// so they never reach it).
+pub const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
+/// Bytes tungstenite gathers before writing to a subscriber's socket.
+pub const SUB_WS_WRITE_BUFFER_BYTES: usize = 16 << 10;
+/// Queue items the writer takes per round (one flush per round).
+pub const SUB_WRITE_BATCH_MAX: usize = 64;
+
+// Event fan-out (`server::fanout`) and queries (`server::query`, `server::http`).
+
+/// A bbox covering more cells than this is kept in the short "wide" list instead (a world-wide
+/// box would otherwise sit in every cell).
+pub const FANOUT_GRID_CELLS_PER_BOX_MAX: usize = 36;
+/// How often unreported drop counts are retried when no commit sends them.
+pub const FANOUT_MISSED_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Slack for wall-clock steps backwards between two receive stamps of one device.
+pub const CLOCK_STEP_SLACK_MS: i64 = 60_000;
+/// Largest `radius` of a near query (`GET /v1/devices/near`), in metres: half the equatorial
+/// circumference of the WGS 84 ellipsoid (pi * 6,378,137 m, rounded up), so one query can cover
+/// the whole Earth. Not [`FENCE_RADIUS_M_MAX`]: a query circle is only a filter, while a fence
+/// circle is stored and must stay short of its centre's antipode (20,000 km is below the half
+/// circumference on every meridian). Both values are public (docs/openapi.json,
+/// docs/PROTOCOL.md), hence two constants.
+pub const QUERY_RADIUS_M_MAX: f64 = 20_037_509.0;
+
+const _: () = assert!(QUERY_RADIUS_M_MAX >= 20_037_508.35 && QUERY_RADIUS_M_MAX < 20_037_510.0);
+// Every fence circle is also a valid query circle.
+const _: () = assert!(FENCE_RADIUS_M_MAX <= QUERY_RADIUS_M_MAX);
+
+// Fence index (`fence::index`).
+
+/// Most cells a fence may occupy on its level (else it goes one level coarser).
+pub const FENCE_CELLS_MAX: u64 = 16;
+
+// Runtime (`rt`) and its start-up probe (`preflight`).
+
+/// io_uring registered-buffer memory per executor. geobeat does no DMA file I/O, so the minimum
+/// that glommio accepts is plenty; it counts against the 8 MiB locked-memory limit.
+pub const IO_MEMORY_BYTES: usize = 512 << 10;
+/// Locked memory (`RLIMIT_MEMLOCK`, bytes) the executors need: glommio refuses to start an
+/// executor below 512 KiB (`MemLockLimit`), and the registered buffers are `IO_MEMORY_BYTES`.
+/// Checked at start by [`crate::preflight`], with a message that says how to raise it.
+pub const MEMLOCK_BYTES_MIN: u64 = {
+    const GLOMMIO_MEMLOCK_BYTES_MIN: u64 = 512 << 10;
+    if (IO_MEMORY_BYTES as u64) > GLOMMIO_MEMLOCK_BYTES_MIN {
+        IO_MEMORY_BYTES as u64
+    } else {
+        GLOMMIO_MEMLOCK_BYTES_MIN
+    }
+};
+/// How often [`crate::rt::Nudge`] wakes its executor.
+pub const NUDGE_INTERVAL: Duration = Duration::from_millis(2);
+/// Submission queue depth per executor ring. Sockets and fdatasyncs are the only users.
+pub const IO_RING_DEPTH: usize = 512;
+/// Entries of the io_uring probe ring `preflight` opens at start (the smallest useful ring).
+pub const PROBE_RING_ENTRIES: u32 = 4;
+
+// Storage sinks (`flusher`).
+
+/// Shortest pause after a failed batch; doubles per consecutive failure.
+pub const SINK_BACKOFF_MIN_MS: u64 = 100;
+/// Longest pause after failed batches.
+pub const SINK_BACKOFF_MAX_MS: u64 = 5_000;
+/// Longest a sink thread sleeps before looking at the stop flag again, ms.
+pub const SINK_STOP_POLL_MS: u64 = 20;
+/// How long after its window ends an open file of a caught-up shard is sealed, ms: room for
+/// heartbeats stamped just before the window ended but made durable just after (a group commit
+/// takes milliseconds; a later one only lands in the next file, so this is about tidiness).
+pub const AUDIT_SEAL_GRACE_MS: i64 = 5_000;
+/// Connect timeout used when the connection string gives none.
+pub const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP user timeout used when the connection string gives none: a silent server (network
+/// partition, stopped host) fails a batch after this long instead of hanging the sink.
+pub const PG_TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+// Device frame decoding (`proto::json`).
+
+/// Longest object key decoded when it contains escapes; longer keys are unknown anyway.
+pub const JSON_KEY_BYTES_MAX: usize = 16;
+
+// Tokens and secrets (`auth`), data directory files (`datadir`).
+
+/// Longest TTL `parse_ttl` accepts: 10 years.
+pub const TOKEN_TTL_MAX: Duration = Duration::from_secs(10 * 366 * 86_400);
+/// Largest secret file read (a hex secret is 65 bytes; anything much larger is not a secret file).
+pub const SECRET_FILE_BYTES_MAX: u64 = 1024;
+/// Largest meta file read (a table of 4096 ranges is about 50 KiB).
+pub const META_BYTES_MAX: u64 = 256 << 10;
+/// Deepest level below the data directory [`crate::datadir::check_private`] looks at (the
+/// deepest geobeat creates is `shard-NNNN/quarantine/<file>`, or a sink's cursor directory).
+pub const PRIVATE_CHECK_DEPTH_MAX: usize = 6;
+
+// Configuration bounds (`config`): a flag or setting outside them is refused at start.
+
+/// Bounds of the handshake timeout, ms.
+pub const HANDSHAKE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 60_000);
+/// Bounds of the idle timeout, s.
+pub const IDLE_TIMEOUT_S_RANGE: (u64, u64) = (2, 3600);
+/// Most simulated devices for `demo`.
+pub const DEMO_DEVICES_MAX: u32 = 1_000_000;
+/// Most heartbeats per second per simulated device for `demo`.
+pub const DEMO_RATE_HZ_MAX: f64 = 100.0;
+/// Bounds of a sink's poll interval, ms.
+pub const SINK_POLL_INTERVAL_MS_RANGE: (u64, u64) = (1, 10_000);
+/// Bounds of the zstd level.
+pub const ZSTD_LEVEL_RANGE: (i32, i32) = (1, 19);
+
+// Relationships between the bounds above.
+const _: () = assert!(SHUTDOWN_DRAIN_MAX.as_millis() > STOP_POLL_INTERVAL.as_millis());
+const _: () = assert!(REFUSAL_READ_MAX.as_millis() < SHUTDOWN_DRAIN_MAX.as_millis());
+// A stalled client's close steps and last writes end well within the shutdown drain.
+const _: () = assert!(2 * CLOSE_STEP_BOUND.as_millis() < SHUTDOWN_DRAIN_MAX.as_millis());
+const _: () = assert!(STOP_WRITE_GRACE.as_millis() < SHUTDOWN_DRAIN_MAX.as_millis());
+const _: () = assert!(PROBE_RING_ENTRIES as usize <= IO_RING_DEPTH);
+// tungstenite wants its write-buffer cap above the buffer it gathers (by at least one message).
+const _: () = assert!(WS_WRITE_BUFFER_BYTES_MAX > INGEST_WS_WRITE_BUFFER_BYTES);
+const _: () = assert!(WS_WRITE_BUFFER_BYTES_MAX > SUB_WS_WRITE_BUFFER_BYTES);
+const _: () = assert!(WS_READ_BUFFER_BYTES <= FRAME_BYTES_MAX);
+const _: () = assert!(SUB_WRITE_BATCH_MAX <= SUB_QUEUE_EVENTS_MAX);
+const _: () = assert!(MEMLOCK_BYTES_MIN >= IO_MEMORY_BYTES as u64);
+const _: () = assert!(SINK_BACKOFF_MIN_MS >= 1 && SINK_BACKOFF_MIN_MS <= SINK_BACKOFF_MAX_MS);
+// The meta file holds the vshard table: a generous 32 bytes per range fits.
+const _: () = assert!(META_BYTES_MAX >= 32 * VSHARDS as u64);
+const _: () = assert!(HANDSHAKE_TIMEOUT_MS_RANGE.0 <= HANDSHAKE_TIMEOUT_MS_RANGE.1);
+const _: () =
+    assert!(IDLE_TIMEOUT_S_RANGE.0 >= 1 && IDLE_TIMEOUT_S_RANGE.0 <= IDLE_TIMEOUT_S_RANGE.1);
+const _: () = assert!(SINK_POLL_INTERVAL_MS_RANGE.0 >= 1);
+const _: () = assert!(SINK_POLL_INTERVAL_MS_RANGE.0 <= SINK_POLL_INTERVAL_MS_RANGE.1);
+const _: () = assert!(ZSTD_LEVEL_RANGE.0 >= 1 && ZSTD_LEVEL_RANGE.1 <= 22);

@@ -9,6 +9,7 @@
 //! Invariant: every refusal is one line that says what is blocked and the exact fix.
 //! See: issue 13 §4.
 
+use crate::limits::PROBE_RING_ENTRIES;
 use std::io;
 
 /// Why the platform cannot run geobeat.
@@ -61,7 +62,7 @@ pub enum PreflightError {
 /// Runs every check: the locked-memory limit first (raising the soft limit to what is needed
 /// when the hard limit allows), then an io_uring ring set up and torn down.
 pub fn check() -> Result<(), PreflightError> {
-    check_memlock(crate::rt::MEMLOCK_BYTES_MIN)?;
+    check_memlock(crate::limits::MEMLOCK_BYTES_MIN)?;
     check_io_uring()
 }
 
@@ -118,9 +119,6 @@ pub fn check_io_uring() -> Result<(), PreflightError> {
     Ok(())
 }
 
-/// Entries of the probe ring (the smallest useful ring).
-const PROBE_RING_ENTRIES: u32 = 4;
-
 fn classify_setup_error(e: io::Error) -> PreflightError {
     match e.raw_os_error() {
         Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EACCES) => {
@@ -138,7 +136,7 @@ fn classify_setup_error(e: io::Error) -> PreflightError {
         }
         // Older kernels charge ring memory to RLIMIT_MEMLOCK.
         Some(libc::ENOMEM) => {
-            let needed = crate::rt::MEMLOCK_BYTES_MIN;
+            let needed = crate::limits::MEMLOCK_BYTES_MIN;
             PreflightError::MemLock {
                 limit: memlock_limit(),
                 needed,

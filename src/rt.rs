@@ -6,6 +6,7 @@
 //!
 //! Invariant: nothing outside this module names `glommio`.
 
+use crate::limits::{IO_MEMORY_BYTES, IO_RING_DEPTH, NUDGE_INTERVAL};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
@@ -16,23 +17,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 pub use glommio::net::{TcpListener, TcpStream};
-
-/// io_uring registered-buffer memory per executor. geobeat does no DMA file I/O, so the minimum
-/// that glommio accepts is plenty; it counts against the 8 MiB locked-memory limit.
-const IO_MEMORY_BYTES: usize = 512 << 10;
-/// Locked memory (`RLIMIT_MEMLOCK`, bytes) the executors need: glommio refuses to start an
-/// executor below 512 KiB (`MemLockLimit`), and the registered buffers are `IO_MEMORY_BYTES`.
-/// Checked at start by [`crate::preflight`], with a message that says how to raise it.
-pub const MEMLOCK_BYTES_MIN: u64 = {
-    const GLOMMIO_MEMLOCK_BYTES_MIN: u64 = 512 << 10;
-    if (IO_MEMORY_BYTES as u64) > GLOMMIO_MEMLOCK_BYTES_MIN {
-        IO_MEMORY_BYTES as u64
-    } else {
-        GLOMMIO_MEMLOCK_BYTES_MIN
-    }
-};
-/// Submission queue depth per ring. Sockets and fdatasyncs are the only users.
-const RING_DEPTH: usize = 512;
 
 /// Starts `count` executors, executor `i` pinned to CPU `i % online CPUs`, each running `main(i)`;
 /// blocks until every one has returned, and returns their results in order.
@@ -57,7 +41,7 @@ where
         let handle = glommio::LocalExecutorBuilder::new(placement)
             .name(&format!("geobeat-{index}"))
             .io_memory(IO_MEMORY_BYTES)
-            .ring_depth(RING_DEPTH)
+            .ring_depth(IO_RING_DEPTH)
             .spin_before_park(Duration::from_micros(0))
             .spawn(move || main(index))
             .map_err(|e| io::Error::other(format!("starting executor {index}: {e}")))?;
@@ -103,9 +87,6 @@ pub async fn timeout<T>(d: Duration, fut: impl Future<Output = T>) -> Option<T> 
     })
     .await
 }
-
-/// How often [`Nudge`] wakes its executor.
-const NUDGE_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Keeps the current executor from sleeping for longer than [`NUDGE_INTERVAL`] while alive.
 ///

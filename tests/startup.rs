@@ -251,7 +251,7 @@ fn locked_memory_limit_too_low_is_one_clear_line() {
         });
     }
     let (status, out) = run_to_exit(cmd, &tmp.path().join("out.log"));
-    let need = geobeat::rt::MEMLOCK_BYTES_MIN.to_string();
+    let need = geobeat::limits::MEMLOCK_BYTES_MIN.to_string();
     assert_refused(
         status,
         &out,

@@ -49,9 +49,9 @@ use super::{
     Shape, Transition, CROSSES, ON_EDGE,
 };
 use crate::limits::{
-    FENCE_GRID_CELLS_PER_VERTEX, FENCE_GRID_CELL_EDGES_TARGET, FENCE_GRID_COLUMNS_MAX,
-    FENCE_GRID_COLUMNS_MIN, FENCE_GRID_ROW_VERTICES_MAX, FENCE_GRID_VERTICES_MIN,
-    FENCE_VERTICES_TOTAL_MAX,
+    FENCE_CELLS_MAX, FENCE_GRID_CELLS_PER_VERTEX, FENCE_GRID_CELL_EDGES_TARGET,
+    FENCE_GRID_COLUMNS_MAX, FENCE_GRID_COLUMNS_MIN, FENCE_GRID_ROW_VERTICES_MAX,
+    FENCE_GRID_VERTICES_MIN, FENCE_VERTICES_TOTAL_MAX,
 };
 use crate::spatial::BBox;
 
@@ -66,8 +66,6 @@ const MARGIN_DEG: f64 = 1e-9;
 const LEVEL_STEP_LOG2: u32 = 1;
 /// Grid levels; level `L` has cells of `2^(L * LEVEL_STEP_LOG2) / 256` degrees, up to 64°.
 const LEVELS: u32 = 14 / LEVEL_STEP_LOG2 + 1;
-/// Most cells a fence may occupy on its level (else it goes one level coarser).
-pub const FENCE_CELLS_MAX: u64 = 16;
 
 /// Cells per degree at `level` (a power of two, so scaling is exact).
 fn cells_per_deg(level: u32) -> f64 {

@@ -15,10 +15,10 @@
 //! * A file is sealed (renamed to its final name, directory fsynced) when the first heartbeat of
 //!   a later window arrives, when it holds `rotate_bytes` or more (plain files end within one
 //!   line past it, compressed ones within one batch), or when the shard is caught up and the
-//!   file's window ended more than [`SEAL_GRACE_MS`] ago. Sealing only ever happens with nothing
-//!   written past the cursor (at the start of a batch or when caught up), so a sealed file is
-//!   never cut back. A clean shutdown leaves the open file as `.tmp`; the next start goes on
-//!   appending to it.
+//!   file's window ended more than [`AUDIT_SEAL_GRACE_MS`] ago. Sealing only ever happens with
+//!   nothing written past the cursor (at the start of a batch or when caught up), so a sealed
+//!   file is never cut back. A clean shutdown leaves the open file as `.tmp`; the next start goes
+//!   on appending to it.
 //! * Log order is nearly but not strictly `received_at` order (stamps are taken before appends),
 //!   so a heartbeat from before the open file's window goes into the open file: a file holds its
 //!   window's heartbeats plus, rarely, stragglers from just before; `received_at` in each line is
@@ -32,6 +32,7 @@
 //! At every (re)start the cursor's file is cut back to `bytes` and any other `.tmp` file (written
 //! after the last cursor) is deleted, so lines past the cursor vanish and are written again, once.
 
+use crate::limits::AUDIT_SEAL_GRACE_MS;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -50,10 +51,6 @@ use super::driver::{Push, Sink};
 use super::encode::write_json_line;
 use super::FlushError;
 
-/// How long after its window ends an open file of a caught-up shard is sealed, ms: room for
-/// heartbeats stamped just before the window ended but made durable just after (a group commit
-/// takes milliseconds; a later one only lands in the next file, so this is about tidiness).
-pub const SEAL_GRACE_MS: i64 = 5_000;
 /// Suffix of a file that is still open.
 pub const TMP_SUFFIX: &str = ".tmp";
 
@@ -465,7 +462,7 @@ impl Sink for AuditSink {
             return Ok(());
         };
         if let Some(c) = &st.cur {
-            if !c.sealed && (now_ms >= c.end_ms + SEAL_GRACE_MS || c.bytes >= rotate_bytes) {
+            if !c.sealed && (now_ms >= c.end_ms + AUDIT_SEAL_GRACE_MS || c.bytes >= rotate_bytes) {
                 seal(st)?;
             }
         }
@@ -613,12 +610,13 @@ mod tests {
                 assert_eq!(seqs(&files), vec![vec![1, 2], vec![3, 4, 5], vec![6]]);
                 // Before the window's end + grace an idle shard's file stays open; after, it is
                 // sealed.
-                sink.idle(ShardId(1), H + 3 * unit + SEAL_GRACE_MS - 1)
+                sink.idle(ShardId(1), H + 3 * unit + AUDIT_SEAL_GRACE_MS - 1)
                     .unwrap();
                 assert!(read_all(&shard_dir(&root, ShardId(1)))[2]
                     .0
                     .ends_with(".tmp"));
-                sink.idle(ShardId(1), H + 3 * unit + SEAL_GRACE_MS).unwrap();
+                sink.idle(ShardId(1), H + 3 * unit + AUDIT_SEAL_GRACE_MS)
+                    .unwrap();
                 let files = read_all(&shard_dir(&root, ShardId(1)));
                 assert_eq!(files[2].0, format!("{}{ext}", name(H + 2 * unit)));
             }

@@ -12,13 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::SinkConfig;
-use crate::limits::SINK_BATCH_BYTES_MAX;
 use crate::log::tail::{Tail, TailError};
 use crate::log::{Entry, LogPos};
 use crate::route::ShardId;
 
 use super::cursor::{cursor_path, read_cursor, write_cursor, Cursor};
-use super::{now_ms, Board, FlushError, ShardFeed, BACKOFF_MAX_MS, BACKOFF_MIN_MS, STOP_POLL_MS};
+use super::{now_ms, Board, FlushError, ShardFeed};
+use crate::limits::{
+    SINK_BACKOFF_MAX_MS, SINK_BACKOFF_MIN_MS, SINK_BATCH_BYTES_MAX, SINK_STOP_POLL_MS,
+};
 
 /// What a sink did with an entry offered to its batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,9 +109,9 @@ pub(crate) struct Backoff {
 impl Backoff {
     fn fail(&mut self) {
         self.failures = self.failures.saturating_add(1);
-        let ms = BACKOFF_MIN_MS
+        let ms = SINK_BACKOFF_MIN_MS
             .saturating_mul(1 << (self.failures - 1).min(16))
-            .min(BACKOFF_MAX_MS);
+            .min(SINK_BACKOFF_MAX_MS);
         self.until = Some(Instant::now() + Duration::from_millis(ms));
     }
 
@@ -127,7 +129,7 @@ fn nap(d: Duration, stop: &AtomicBool) {
         if now >= end || stop.load(Ordering::Acquire) {
             return;
         }
-        std::thread::sleep((end - now).min(Duration::from_millis(STOP_POLL_MS)));
+        std::thread::sleep((end - now).min(Duration::from_millis(SINK_STOP_POLL_MS)));
     }
 }
 

@@ -38,12 +38,6 @@ use crate::route::ShardId;
 
 /// Name under which the flusher registers as a log consumer (`Log::register_consumer`).
 pub const CONSUMER_NAME: &str = "flusher";
-/// Shortest pause after a failed batch; doubles per consecutive failure.
-pub const BACKOFF_MIN_MS: u64 = 100;
-/// Longest pause after failed batches.
-pub const BACKOFF_MAX_MS: u64 = 5_000;
-/// Longest a sink thread sleeps before looking at the stop flag again, ms.
-pub const STOP_POLL_MS: u64 = 20;
 
 /// One shard as the flusher sees it: where its log lives and two positions shared with the
 /// executor that owns it. Cheap to clone (the positions are shared).

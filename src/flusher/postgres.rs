@@ -15,8 +15,8 @@
 //! knowledge is dropped and looked up again. `last_location` follows the same rule as the server's
 //! in-memory table: the newest device time wins, ties go to the later append.
 
+use crate::limits::{PG_CONNECT_TIMEOUT, PG_TCP_USER_TIMEOUT};
 use std::io::Write;
-use std::time::Duration;
 
 use crate::log::Entry;
 use crate::route::ShardId;
@@ -26,11 +26,6 @@ use super::driver::{Push, Sink};
 use super::encode::{write_copy_row, COPY_COLUMNS};
 use super::FlushError;
 
-/// Connect timeout used when the connection string gives none.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// TCP user timeout used when the connection string gives none: a silent server (network
-/// partition, stopped host) fails a batch after this long instead of hanging the sink.
-pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Advisory lock key serialising schema creation between concurrent sinks.
 const SCHEMA_LOCK_KEY: i64 = 0x0067_656f_6265_6174; // "geobeat" in ASCII
 
@@ -181,10 +176,10 @@ impl PgSink {
             source: e,
         })?;
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
+            config.connect_timeout(PG_CONNECT_TIMEOUT);
         }
         if config.get_tcp_user_timeout().is_none() {
-            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+            config.tcp_user_timeout(PG_TCP_USER_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("geobeat");

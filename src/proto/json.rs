@@ -19,11 +19,9 @@ use std::fmt::Write as _;
 use super::{ack::write_json_string, Decoder, EncodeError, Field, FrameError, Ingest, Reject, Seq};
 use crate::limits::{
     ATTRS_BYTES_MAX, DEVICE_ID_BYTES_MAX, FRAME_BYTES_MAX, FRAME_JSON_DEPTH_MAX, JSON_DEPTH_MAX,
+    JSON_KEY_BYTES_MAX,
 };
 use crate::record::{Heartbeat, Invalid};
-
-/// Longest object key decoded when it contains escapes; longer keys are unknown anyway.
-const KEY_BYTES_MAX: usize = 16;
 
 /// Decodes one text frame into `dec`'s slots.
 pub(super) fn decode_frame(
@@ -751,7 +749,7 @@ impl<'a> Parser<'a> {
             }
             end += 1;
         }
-        let overflow = self.string(Some(scratch), KEY_BYTES_MAX)?;
+        let overflow = self.string(Some(scratch), JSON_KEY_BYTES_MAX)?;
         Ok(if overflow {
             None
         } else {

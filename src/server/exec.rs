@@ -8,6 +8,10 @@
 //! is touched by this executor's thread only (`RefCell`, `Cell`, `Rc`), and no `RefCell` borrow is
 //! held across an `.await`.
 
+use crate::limits::{
+    BATCH_POOL_MAX, REPEAT_LOG_INTERVAL_MS, RETENTION_CHECK_INTERVAL, SHUTDOWN_DRAIN_MAX,
+    STOP_POLL_INTERVAL, SYNC_FILES_MAX,
+};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -26,25 +30,6 @@ use crate::server::listen::Role;
 use crate::server::msg::{Batch, ConnKey, EventBatch, ToOwner, ToSource};
 use crate::server::Shared;
 use crate::store::{RetentionStep, ShardStore, StoreConfig};
-
-/// Most frames one connection may have waiting for durability before its reader pauses.
-pub const CONN_FRAMES_IN_FLIGHT_MAX: usize = 64;
-/// Most error frames queued for one connection before its reader pauses.
-pub const CONN_ERRORS_QUEUED_MAX: usize = 256;
-/// Recycled forwarding buffers kept per executor.
-const BATCH_POOL_MAX: usize = 256;
-/// Segment files kept open for io_uring fdatasync per shard (older ones are reopened on demand).
-const SYNC_FILES_MAX: usize = 4;
-/// Longest a graceful shutdown waits for connections to drain before exiting anyway (whatever
-/// is not yet durable then was never acked, so nothing acked is lost).
-const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
-/// How often consumed positions, retention and sink backlogs are looked at.
-const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// How often executors look at the process-wide stop flag.
-const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// At most one "append refused" warning per shard per this interval; the others are counted
-/// in the next line (and every refusal is in the metrics).
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The three meshes (requests, replies, subscription events), cloned into every executor before
 /// it starts.
@@ -900,7 +885,9 @@ pub async fn executor_main(
             sync_files: RefCell::new(Vec::new()),
             pending_entries: Cell::new(0),
             pending_since: Cell::new(None),
-            refusal_log: crate::ratelog::LogEvery::new(REFUSAL_LOG_EVERY),
+            refusal_log: crate::ratelog::LogEvery::new(Duration::from_millis(
+                REPEAT_LOG_INTERVAL_MS,
+            )),
             probe: StoreProbe::default(),
         });
     }

@@ -23,7 +23,8 @@ use std::sync::Arc;
 
 use crate::fence::{FenceRegistry, FenceSet, Scratch, Transition};
 use crate::limits::{
-    FANOUT_BATCH_EVENTS_MAX, FANOUT_PENDING_EVENTS_MAX, SUB_QUEUE_BYTES_MAX, SUB_QUEUE_EVENTS_MAX,
+    FANOUT_BATCH_EVENTS_MAX, FANOUT_GRID_CELLS_PER_BOX_MAX, FANOUT_MISSED_FLUSH_INTERVAL,
+    FANOUT_PENDING_EVENTS_MAX, SUB_QUEUE_BYTES_MAX, SUB_QUEUE_EVENTS_MAX,
 };
 use crate::log::LogPos;
 use crate::record::Heartbeat;
@@ -36,9 +37,6 @@ use crate::store::Appended;
 const GRID_CELL_DEG: f64 = 10.0;
 const GRID_COLS: usize = (360.0 / GRID_CELL_DEG) as usize;
 const GRID_ROWS: usize = (180.0 / GRID_CELL_DEG) as usize;
-/// A bbox covering more cells than this is kept in the short "wide" list instead (a world-wide
-/// box would otherwise sit in every cell).
-const GRID_CELLS_PER_BOX_MAX: usize = 36;
 
 /// One subscription, server-wide: the executor holding its connection, the connection, and the
 /// subscription's id on that connection.
@@ -130,7 +128,7 @@ fn grid_row(lat: f64) -> usize {
     (((lat + 90.0) / GRID_CELL_DEG).floor().max(0.0) as usize).min(GRID_ROWS - 1)
 }
 
-/// The cells a box overlaps (`None` when more than [`GRID_CELLS_PER_BOX_MAX`]).
+/// The cells a box overlaps (`None` when more than [`FANOUT_GRID_CELLS_PER_BOX_MAX`]).
 fn box_cells(b: &BBox) -> Option<Vec<usize>> {
     let ranges: &[(f64, f64)] = if b.min_lon <= b.max_lon {
         &[(b.min_lon, b.max_lon)]
@@ -141,7 +139,7 @@ fn box_cells(b: &BBox) -> Option<Vec<usize>> {
     let mut out = Vec::new();
     for &(lo, hi) in ranges {
         let (c0, c1) = (grid_col(lo), grid_col(hi));
-        if out.len() + (c1 - c0 + 1) * (r1 - r0 + 1) > GRID_CELLS_PER_BOX_MAX {
+        if out.len() + (c1 - c0 + 1) * (r1 - r0 + 1) > FANOUT_GRID_CELLS_PER_BOX_MAX {
             return None;
         }
         for r in r0..=r1 {
@@ -764,13 +762,10 @@ pub async fn recv_loop(
     }
 }
 
-/// How often unreported drop counts are retried when no commit sends them.
-const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// Retries unreported drop counts periodically until shutdown.
 pub async fn flush_loop(exec: Rc<crate::server::exec::Exec>) {
     loop {
-        rt::timeout(FLUSH_INTERVAL, exec.stop_signal.wait()).await;
+        rt::timeout(FANOUT_MISSED_FLUSH_INTERVAL, exec.stop_signal.wait()).await;
         if exec.stopping() {
             return;
         }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::auth::Scope;
 use crate::config::Durability;
 use crate::http::parse::{self, Request};
-use crate::limits::{QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX};
+use crate::limits::{QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX, QUERY_RADIUS_M_MAX};
 use crate::metrics::{ExecSnapshot, ProcessInfo};
 use crate::server::exec::now_s;
 use crate::server::exec::Exec;
@@ -391,9 +391,6 @@ fn floats_param<const N: usize>(
     Ok(Some(out))
 }
 
-/// Largest `radius` of a near query: half the Earth's circumference (covers everything).
-const RADIUS_M_MAX: f64 = 20_037_509.0;
-
 fn area_params(req: &Request<'_>) -> Result<(crate::server::query::Area, usize), Response> {
     use crate::server::query::Area;
     let limit = limit_param(req)?;
@@ -414,10 +411,10 @@ fn area_params(req: &Request<'_>) -> Result<(crate::server::query::Area, usize),
                 ));
             }
             let radius_m = match radius {
-                Some([r]) if r > 0.0 && r <= RADIUS_M_MAX => r,
+                Some([r]) if r > 0.0 && r <= QUERY_RADIUS_M_MAX => r,
                 Some(_) => {
                     return Err(Response::param_error(
-                        &format!("radius must be > 0 and <= {RADIUS_M_MAX} metres"),
+                        &format!("radius must be > 0 and <= {QUERY_RADIUS_M_MAX} metres"),
                         "radius",
                     ))
                 }

@@ -17,31 +17,21 @@ use async_tungstenite::tungstenite::Message;
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
 
-use crate::limits::{CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS};
+use crate::limits::{
+    CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_QUEUED_MAX, CONN_ERRORS_WINDOW_MS,
+    CONN_FRAMES_IN_FLIGHT_MAX, INGEST_WS_WRITE_BUFFER_BYTES, WS_READ_BUFFER_BYTES,
+    WS_WRITE_BUFFER_BYTES_MAX,
+};
 use crate::metrics::ExecProbe;
 use crate::proto::{self, close, Ingest, IngestScope, Outcome};
 use crate::record::Heartbeat;
 use crate::route::ShardId;
 use crate::rt::{self, TcpStream};
-use crate::server::exec::{
-    received_now_ms, ConnState, Exec, CONN_ERRORS_QUEUED_MAX, CONN_FRAMES_IN_FLIGHT_MAX,
-};
+use crate::server::exec::{received_now_ms, ConnState, Exec};
 use crate::server::listen::{ConnSlot, Upgrade};
 use crate::server::msg::{Batch, ConnKey, ToOwner};
 use crate::server::ws_read::{self, Ctl, Data, Metered, Source, WsReader};
 use crate::server::ws_write::{Sink, WriteError, WsWriter};
-
-/// tungstenite's read buffer per connection. Its default (128 KiB) alone would blow the 8 KiB
-/// per idle connection budget, and an idle connection also pins an io_uring receive buffer of
-/// the same size in glommio; frames larger than this are still read (the buffer grows for the
-/// frame). 1 KiB holds the 8 frames a closed-loop device keeps in flight. Measured: 4 KiB gave
-/// 10.6 KB of user memory per idle connection, 2 KiB 8.3 KB (perf/RESULTS.md).
-const WS_READ_BUFFER_BYTES: usize = 1 << 10;
-/// Frames queued before tungstenite writes to the socket: the writer feeds every pending error
-/// frame and ack, then flushes once, so one syscall carries them all.
-const WS_WRITE_BUFFER_BYTES: usize = 8 << 10;
-/// Most bytes queued for a slow reader of our acks before writes wait.
-const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
 
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
@@ -51,7 +41,7 @@ pub const TOKEN_EXPIRED: &str = "token_expired";
 fn ws_config(frame_bytes_max: usize) -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
     c.read_buffer_size = WS_READ_BUFFER_BYTES;
-    c.write_buffer_size = WS_WRITE_BUFFER_BYTES;
+    c.write_buffer_size = INGEST_WS_WRITE_BUFFER_BYTES;
     c.max_write_buffer_size = WS_WRITE_BUFFER_BYTES_MAX;
     c.max_message_size = Some(frame_bytes_max);
     c.max_frame_size = Some(frame_bytes_max);

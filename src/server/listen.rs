@@ -23,26 +23,15 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use crate::auth::Scope;
 use crate::http::parse::{self, Parsed, Request};
 use crate::limits::{
-    CONN_RESERVED_HEAD_MS, CONN_RESERVED_SHARE_DIVISOR, HTTP_BODY_BYTES_PER_S_MIN,
-    HTTP_HEAD_BYTES_MAX, REPEAT_LOG_INTERVAL_MS,
+    ACCEPT_BACKOFF, CONN_RESERVED_HEAD_MS, CONN_RESERVED_SHARE_DIVISOR, DRAIN_BYTES_MAX,
+    HTTP_BODY_BYTES_PER_S_MIN, HTTP_HEAD_BYTES_MAX, HTTP_REQUESTS_PER_CONN_MAX,
+    REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX, REPEAT_LOG_INTERVAL_MS,
 };
 use crate::ratelog::LogEvery;
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::exec::now_s;
 use crate::server::exec::Exec;
 use crate::server::msg::{Adopt, ToOwner};
-
-/// How long the accept loop backs off after EMFILE/ENFILE before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
-/// Connections over the cap that are still answered with a 503 (beyond that they are closed
-/// at once, so a flood cannot exhaust descriptors).
-const REFUSALS_IN_FLIGHT_MAX: usize = 256;
-/// Most bytes read and dropped from a client after its final answer.
-const DRAIN_BYTES_MAX: usize = 1 << 20;
-/// How long a refused connection is read from and written to.
-const REFUSAL_READ_MAX: Duration = Duration::from_millis(500);
-/// Most HTTP requests served on one keep-alive connection.
-const HTTP_REQUESTS_PER_CONN_MAX: usize = 1000;
 
 /// A verified WebSocket upgrade of `/v1/ingest`.
 #[derive(Debug, Clone)]

@@ -10,13 +10,10 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use crate::limits::TS_FUTURE_MS_MAX;
+use crate::limits::{CLOCK_STEP_SLACK_MS, TS_FUTURE_MS_MAX};
 use crate::log::LogPos;
 use crate::record::Heartbeat;
 use crate::store::ShardStore;
-
-/// Slack for wall-clock steps backwards between two receive stamps of one device.
-const CLOCK_STEP_SLACK_MS: i64 = 60_000;
 
 /// Up to `limit` heartbeats of `device_id` with device time in `[from, to]`, newest first by
 /// device time (ties: newest arrival first). `None` for a device this shard has never stored.

@@ -15,7 +15,6 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::tungstenite::Message;
@@ -24,9 +23,10 @@ use futures_lite::AsyncWriteExt;
 use serde_json::Value;
 
 use crate::limits::{
-    CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS, FRAME_BYTES_MAX, SUBS_PER_CONN_MAX,
-    SUB_CONTROL_QUEUED_MAX, SUB_DEVICES_MAX, SUB_DEVICES_TOTAL_MAX, SUB_NAME_BYTES_MAX,
-    SUB_SOCKET_SEND_BYTES,
+    CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS, FRAME_BYTES_MAX, STOP_WRITE_GRACE,
+    SUBS_PER_CONN_MAX, SUB_CONTROL_QUEUED_MAX, SUB_DEVICES_MAX, SUB_DEVICES_TOTAL_MAX,
+    SUB_NAME_BYTES_MAX, SUB_SOCKET_SEND_BYTES, SUB_WRITE_BATCH_MAX, SUB_WS_WRITE_BUFFER_BYTES,
+    WS_READ_BUFFER_BYTES, WS_WRITE_BUFFER_BYTES_MAX,
 };
 use crate::proto::{self, close};
 use crate::rt::{self, TcpStream};
@@ -39,17 +39,6 @@ use crate::server::ws_write::{Sink, WriteError, WsWriter};
 use crate::server::Shared;
 use crate::spatial::BBox;
 
-/// tungstenite's read buffer per subscriber connection (clients send few, small frames).
-const WS_READ_BUFFER_BYTES: usize = 1 << 10;
-/// Bytes tungstenite gathers before writing to the socket.
-const WS_WRITE_BUFFER_BYTES: usize = 16 << 10;
-/// Hard cap of tungstenite's write buffer (never reached: the writer flushes as it goes).
-const WS_WRITE_BUFFER_BYTES_MAX: usize = 256 << 10;
-/// Queue items the writer takes per round (one flush per round).
-const WRITE_BATCH_MAX: usize = 64;
-/// How long writes may still take once shutdown began (the 1001 close frame to a stalled client
-/// must not hold up the drain).
-const STOP_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
 
@@ -85,7 +74,7 @@ impl Drop for SubscriberSlot {
 fn ws_config() -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
     c.read_buffer_size = WS_READ_BUFFER_BYTES;
-    c.write_buffer_size = WS_WRITE_BUFFER_BYTES;
+    c.write_buffer_size = SUB_WS_WRITE_BUFFER_BYTES;
     c.max_write_buffer_size = WS_WRITE_BUFFER_BYTES_MAX;
     c.max_message_size = Some(FRAME_BYTES_MAX);
     c.max_frame_size = Some(FRAME_BYTES_MAX);
@@ -533,7 +522,7 @@ async fn write_frames(
 ) -> Result<(), WriteError> {
     let mut out =
         WsWriter::new(sink, exec.shared.cfg.idle_timeout).stop_bounded(exec, STOP_WRITE_GRACE);
-    let mut items = Vec::with_capacity(WRITE_BATCH_MAX);
+    let mut items = Vec::with_capacity(SUB_WRITE_BATCH_MAX);
     let mut text = String::with_capacity(256);
     loop {
         let wait = signal.wait();
@@ -542,7 +531,7 @@ async fn write_frames(
             return Ok(());
         }
         items.clear();
-        let Some(mut missed) = exec.fanout.take(key, WRITE_BATCH_MAX, &mut items) else {
+        let Some(mut missed) = exec.fanout.take(key, SUB_WRITE_BATCH_MAX, &mut items) else {
             return Ok(());
         };
         let took = items.len();
@@ -587,7 +576,7 @@ async fn write_frames(
             // The reader may be paused on unread answers.
             signal.notify();
         }
-        if took == WRITE_BATCH_MAX {
+        if took == SUB_WRITE_BATCH_MAX {
             continue;
         }
         wait.await;

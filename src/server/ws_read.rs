@@ -34,7 +34,10 @@ use async_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_util::StreamExt;
 
-use crate::limits::{FRAME_BYTES_MAX, PARTIAL_FRAME_BYTES_EXEC_MAX, PARTIAL_FRAME_SMALL_BYTES};
+use crate::limits::{
+    FRAME_BYTES_MAX, IDLE_STRIKES_MAX, PARTIAL_FRAME_BYTES_EXEC_MAX, PARTIAL_FRAME_SMALL_BYTES,
+    TOKEN_EXPIRY_WAIT_MAX,
+};
 use crate::proto::close;
 use crate::rt::{self, TcpStream};
 use crate::server::exec::{now_s, Exec};
@@ -305,12 +308,6 @@ impl futures_lite::AsyncWrite for Metered {
 
 /// Close code for a protocol error (RFC 6455).
 const CLOSE_PROTOCOL: u16 = 1002;
-/// Longest token expiry a connection arms a deadline for (about 100 years): a later expiry
-/// cannot come while the connection lives (and a far-future instant would overflow).
-const TOKEN_EXPIRY_WAIT_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-/// Idle intervals without a frame from the client after which it is closed (the first one earns
-/// a ping, which a live client answers).
-const IDLE_STRIKES_MAX: u32 = 2;
 
 /// Control flags from a connection's reader to its writer (and back: `writer_gone`).
 #[derive(Default)]

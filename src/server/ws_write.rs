@@ -8,6 +8,7 @@
 //! at once touches no timer and a stalled one re-arms the same timer; no timer or stop-signal
 //! waiter is created per write.
 
+use crate::limits::CLOSE_STEP_BOUND;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,9 +27,6 @@ use crate::server::exec::Exec;
 /// The write half of a server WebSocket.
 pub type Sink =
     futures_util::stream::SplitSink<WebSocketStream<crate::server::ws_read::Metered>, Message>;
-
-/// How long each step of the close sequence (close frame, socket close) may take.
-const CLOSE_STEP_BOUND: Duration = Duration::from_secs(1);
 
 /// Why a write did not complete; the connection's writer ends either way.
 #[derive(Debug, thiserror::Error)]
