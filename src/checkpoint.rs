@@ -70,6 +70,23 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// A mapper from an OS error to [`Error::Io`] for `op` on `path` (for `map_err`).
+    pub fn io(
+        shard: ShardId,
+        op: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.to_path_buf();
+        move |source| Error::Io {
+            shard,
+            op,
+            path,
+            source,
+        }
+    }
+}
+
 #[inline]
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))

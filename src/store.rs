@@ -204,16 +204,7 @@ impl CheckpointJob {
         // synced after each (a gap at recovery would be damage).
         let started = Instant::now();
         for path in &self.delete {
-            let io = |op| {
-                let path = path.clone();
-                let shard = self.shard;
-                move |source| checkpoint::Error::Io {
-                    shard,
-                    op,
-                    path,
-                    source,
-                }
-            };
+            let io = |op| checkpoint::Error::io(self.shard, op, path);
             std::fs::remove_file(path).map_err(io("delete segment"))?;
             std::fs::File::open(&self.dir)
                 .and_then(|d| d.sync_all())
@@ -248,16 +239,7 @@ impl CheckpointJob {
                 continue;
             };
             if map.is_none() {
-                let io = |op| {
-                    let path = path.clone();
-                    let shard = self.shard;
-                    move |source| checkpoint::Error::Io {
-                        shard,
-                        op,
-                        path,
-                        source,
-                    }
-                };
+                let io = |op| checkpoint::Error::io(self.shard, op, path);
                 let file = std::fs::File::open(path).map_err(io("open sealed segment"))?;
                 // SAFETY: a sealed segment is never written again, and retention deletes it only
                 // after this job is done.
