@@ -4,8 +4,10 @@
 //! so a runtime can fdatasync asynchronously while appends go on), reads, per-device back-pointer
 //! chains, ordered scans, recovery at open and retention. It does not decide when to acknowledge
 //! (see [`Durability`], a caller policy), does not know the last location of devices (`table`),
-//! and never spawns threads: one log belongs to one shard on one thread. Other threads may read
-//! its durable entries through [`tail::Tail`], a read-only reader of the segment files.
+//! and is used from one thread: one log belongs to one shard. Its only helper is a short-lived
+//! thread per rollover that zero-fills the next segment file ahead of time (`spawn_spare`; it
+//! touches no state of the log, only a `.seg.tmp` file). Other threads may read its durable
+//! entries through [`tail::Tail`], a read-only reader of the segment files.
 //!
 //! Invariants: positions are contiguous across segments (a segment's base is its predecessor's
 //! base plus its size) and data once written never moves; sequence numbers are contiguous; an
