@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use geobeat::query::{area, merge_area, Area};
 use geobeat::record::Heartbeat;
 use geobeat::route::ShardId;
-use geobeat::server::query::{area, merge_area, Area};
 use geobeat::spatial::BBox;
 use geobeat::store::{ShardStore, StoreConfig};
 use rand::{Rng, SeedableRng};

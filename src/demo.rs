@@ -181,7 +181,7 @@ pub fn run_fleet(
         })
         .collect();
     let gateways = devices.div_ceil(DEVICES_PER_GATEWAY);
-    let expires = crate::server::exec::now_s() + 86_400;
+    let expires = crate::rt::now_s() + 86_400;
     let token = mint(secret, &Scope::Gateway(DEMO_PREFIX.to_string()), expires);
     let url = format!("ws://{addr}/v1/ingest?token={token}");
     let mut sockets = Vec::with_capacity(gateways);
@@ -203,7 +203,7 @@ pub fn run_fleet(
     let mut rounds = 0u64;
     let mut open = vec![true; gateways];
     while !stop.load(Ordering::Acquire) {
-        let now_ms = crate::server::exec::received_now_ms();
+        let now_ms = crate::rt::now_ms();
         for d in fleet.iter_mut() {
             d.step(&mut rng, period.as_secs_f64());
             let g = d.seq_owner;

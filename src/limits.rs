@@ -170,6 +170,15 @@ pub const TOKEN_BYTES_MAX: usize = 512;
 pub const OPEN_FILES_RESERVE: u64 = 512;
 /// Largest capacity of one cross-executor mesh channel.
 pub const MESH_CAPACITY_MAX: usize = 65_536;
+/// Capacity of one channel of the control mesh (store queries, jobs on a peer's core: metrics
+/// snapshots, subscription broadcasts). Apart from the data mesh (`mesh_capacity`), so control
+/// never waits behind appends; a full channel makes the sender wait (backpressure).
+pub const CONTROL_MESH_CAPACITY: usize = 256;
+/// Capacity of one channel of the hand-off mesh (device sockets moved to the executor that owns
+/// their shard); a full channel makes the accepting executor wait.
+pub const HANDOFF_MESH_CAPACITY: usize = 256;
+const _: () = assert!(CONTROL_MESH_CAPACITY <= MESH_CAPACITY_MAX);
+const _: () = assert!(HANDOFF_MESH_CAPACITY <= MESH_CAPACITY_MAX);
 /// Smallest frame size limit configuration may choose (a heartbeat with the longest id and
 /// attribute blob must always fit).
 pub const FRAME_BYTES_MIN: usize = 1024;
@@ -337,7 +346,7 @@ pub const LISTEN_PROBE_CONNECT_TIMEOUT_MS: u64 = 200;
 /// process is gone.
 pub const LISTEN_PROBE_WAIT_MS: u64 = 3000;
 
-// Connections and executors (`server::exec`, `listen`, `ws_read`, `ws_write`, `subscribe`).
+// Connections and executors (`shard`, `net::router`, `net::ws`, `net::subscribe`).
 
 /// Most frames one connection may have waiting for durability before its reader pauses.
 pub const CONN_FRAMES_IN_FLIGHT_MAX: usize = 64;
@@ -377,7 +386,7 @@ pub const TOKEN_EXPIRY_WAIT_MAX: Duration = Duration::from_secs(100 * 365 * 24 *
 /// a ping, which a live client answers).
 pub const IDLE_STRIKES_MAX: u32 = 2;
 
-// WebSocket buffers of device (`server::ingest`) and subscriber (`server::subscribe`) connections.
+// WebSocket buffers of device (`net::ingest`) and subscriber (`net::subscribe`) connections.
 
 /// tungstenite's read buffer per device and subscriber connection (subscribers send few, small
 /// frames). Its default (128 KiB) alone would blow the 8 KiB
@@ -398,7 +407,7 @@ pub const SUB_WS_WRITE_BUFFER_BYTES: usize = 16 << 10;
 /// Queue items the writer takes per round (one flush per round).
 pub const SUB_WRITE_BATCH_MAX: usize = 64;
 
-// Event fan-out (`server::fanout`) and queries (`server::query`, `server::http`).
+// Event fan-out (`subscribe::fanout`) and queries (`query`, `net::http`).
 
 /// A bbox covering more cells than this is kept in the short "wide" list instead (a world-wide
 /// box would otherwise sit in every cell).

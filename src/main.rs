@@ -170,7 +170,7 @@ fn demo(cfg: ServeConfig, devices: usize, rate_hz: f64) -> Result<(), Box<dyn st
     let ops = geobeat::auth::mint(
         &secret,
         &geobeat::auth::Scope::Ops,
-        geobeat::server::exec::now_s() + 86_400,
+        geobeat::rt::now_s() + 86_400,
     );
     println!(
         "geobeat demo: {devices} simulated devices ({rate_hz} heartbeat/s each) sending to ws://{addr}/v1/ingest\n\

@@ -1,8 +1,9 @@
 //! The runtime seam: everything geobeat needs from its async runtime (glommio today), behind a
 //! thin layer so a later move to another io_uring runtime stays small. It owns executor startup
 //! (one pinned executor per core, explicit `io_memory` and `ring_depth`), local task spawning,
-//! timers, the cross-executor channel mesh, an io_uring `fdatasync`, and a tiny single-threaded
-//! notification primitive. It owns no geobeat logic.
+//! timers, the cross-executor channel mesh, an io_uring `fdatasync`, a tiny single-threaded
+//! notification primitive, an executor's stop handle ([`Stop`]) and the wall clock ([`now_ms`],
+//! [`now_s`]: the one "now" every layer reads). It owns no geobeat logic.
 //!
 //! Invariant: nothing outside this module names `glommio`.
 
@@ -55,6 +56,55 @@ where
                 .map_err(|e| io::Error::other(format!("executor {i} failed: {e}")))
         })
         .collect()
+}
+
+/// Wall-clock milliseconds since the Unix epoch (receive times, expiry checks, file stamps); 0 if
+/// the clock is before 1970.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Wall-clock seconds since the Unix epoch (token expiry).
+pub fn now_s() -> u64 {
+    (now_ms() / 1000).max(0) as u64
+}
+
+/// One executor's view of shutdown: the process-wide "stopping" flag (shared by every executor)
+/// and this executor's own signal that fires when it is set. Connections hold a `&Stop` (not the
+/// executor) to end their reads and bound their writes.
+pub struct Stop {
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    signal: Signal,
+}
+
+impl Stop {
+    /// A stop handle on the process-wide `flag`, with a signal of this executor's.
+    pub fn new(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Stop {
+        Stop {
+            flag,
+            signal: Signal::default(),
+        }
+    }
+
+    /// True once shutdown has begun (on any executor).
+    pub fn stopping(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Begins shutdown: sets the process-wide flag and wakes this executor's waiters.
+    pub fn begin(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::Release);
+        self.signal.notify();
+    }
+
+    /// Waits for the next [`Stop::begin`] on this executor; a wait that fired stays ready (check
+    /// [`Stop::stopping`] before creating one).
+    pub fn wait(&self) -> SignalWait<'_> {
+        self.signal.wait()
+    }
 }
 
 /// Spawns a task on the current executor and lets it run on its own.

@@ -30,7 +30,7 @@ fn ten_thousand_connections_all_acked_and_readable() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--connections-max", "12000"]);
     let secret = geobeat::auth::Secret::load(&dir.path().join("secret")).unwrap();
-    let expires = geobeat::server::exec::now_s() + 3600;
+    let expires = geobeat::rt::now_s() + 3600;
     let tokens: Vec<String> = (0..CONNECTIONS)
         .map(|i| {
             geobeat::auth::mint(

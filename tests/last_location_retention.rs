@@ -14,9 +14,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use geobeat::checkpoint::CHECKPOINT_FILE;
+use geobeat::query::{area, Area};
 use geobeat::record::Heartbeat;
 use geobeat::route::ShardId;
-use geobeat::server::query::{area, Area};
 use geobeat::store::{RetentionStep, ShardStore, StoreConfig};
 
 const BASE_MS: i64 = 1_800_000_000_000;
@@ -236,7 +236,7 @@ fn late_heartbeat_after_the_checkpoint_does_not_move_last() {
     assert_eq!(last_hb(&store, "parked-truck"), Some(want));
     let l = store.last("parked-truck").unwrap();
     assert_eq!(l.head, late_pos);
-    let hist = geobeat::server::query::history(&store, "parked-truck", i64::MIN, i64::MAX, 10);
+    let hist = geobeat::query::history(&store, "parked-truck", i64::MIN, i64::MAX, 10);
     assert_eq!(hist.unwrap(), vec![late]);
 }
 

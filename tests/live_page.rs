@@ -94,7 +94,7 @@ fn live_page_is_public_self_contained_and_locked_down() {
         "{head}"
     );
     assert!(head.contains("\r\nreferrer-policy: no-referrer"), "{head}");
-    assert_eq!(body, geobeat::server::live::PAGE_HTML);
+    assert_eq!(body, geobeat::net::http::live::PAGE_HTML);
     assert!(body.contains("/v1/subscribe?token="));
     let (head, _) = request(server.addr, "POST", "/live");
     assert!(head.starts_with("http/1.1 405"), "{head}");

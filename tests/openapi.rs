@@ -164,7 +164,7 @@ fn area_rows_are_documented_with_the_device_fields() {
     // The AreaHit schema lists every property of the Heartbeat schema (the device endpoint's
     // body) as the same property, with the same required ones; a real area row carries the
     // optional field the device sent, as the device endpoint does.
-    let doc: Value = serde_json::from_str(geobeat::server::http::OPENAPI_JSON).unwrap();
+    let doc: Value = serde_json::from_str(geobeat::net::http::OPENAPI_JSON).unwrap();
     let schemas = &doc["components"]["schemas"];
     let (hb, area) = (&schemas["Heartbeat"], &schemas["AreaHit"]);
     assert_eq!(hb["required"], area["required"]);

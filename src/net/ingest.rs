@@ -3,12 +3,17 @@
 //! accepted heartbeats by owning shard, appending locally or forwarding, and backpressure), and
 //! the writer (error frames, coalesced `{"ack":N}` frames, pings, the close frame).
 //!
-//! Invariants: an ack is written only for seqs whose frames are complete in `exec` (durable);
+//! It is a connection [`Kind`]: admitted with a device or gateway token; a device connection
+//! accepted on an executor that does not own its shard is handed to the one that does.
+//!
+//! Invariants: an ack is written only for seqs whose frames are complete in the executor's
+//! [`crate::shard::acks::AckLedger`] (durable);
 //! the reader stops reading while too many frames await durability, so a slow shard slows its
 //! devices instead of buffering; on shutdown (and when its token expires) the connection stops
 //! reading, waits for what it received to become durable, sends the final ack and closes with
 //! 1001 (1008 `token_expired`).
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -17,21 +22,25 @@ use async_tungstenite::tungstenite::Message;
 use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
 
+use crate::auth::Scope;
+use crate::http::parse::{self, Request};
 use crate::limits::{
     CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_QUEUED_MAX, CONN_ERRORS_WINDOW_MS,
     CONN_FRAMES_IN_FLIGHT_MAX, INGEST_WS_WRITE_BUFFER_BYTES, WS_READ_BUFFER_BYTES,
     WS_WRITE_BUFFER_BYTES_MAX,
 };
 use crate::metrics::ExecProbe;
+use crate::net::auth::{self, Need, Refusal};
+use crate::net::edge::{DeviceGrant, Edge, Handoff, Kind};
+use crate::net::slots::ConnSlot;
+use crate::net::ws::{self, Ctl, Data, Metered, Sink, Source, WriteError, WsReader, WsWriter};
+use crate::node::ExecutorId;
 use crate::proto::{self, close, Ingest, IngestScope, Outcome};
 use crate::record::Heartbeat;
 use crate::route::ShardId;
 use crate::rt::{self, TcpStream};
-use crate::server::exec::{received_now_ms, ConnState, Exec};
-use crate::server::listen::{ConnSlot, Upgrade};
-use crate::server::msg::{Batch, ConnKey, ToOwner};
-use crate::server::ws_read::{self, Ctl, Data, Metered, Source, WsReader};
-use crate::server::ws_write::{Sink, WriteError, WsWriter};
+use crate::shard::acks::{ConnAcks, ConnKey};
+use crate::shard::mesh::Batch;
 
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
@@ -48,62 +57,136 @@ fn ws_config(frame_bytes_max: usize) -> WebSocketConfig {
     c
 }
 
+/// What an admitted ingest upgrade grants.
+pub type Grant = DeviceGrant;
+
+/// The device ingest connection kind (`/v1/ingest`).
+pub struct IngestKind;
+
+impl Kind for IngestKind {
+    type Grant = Grant;
+
+    /// Checks the upgrade headers and the token: 4xx for a bad upgrade, 401 for a missing, bad,
+    /// expired or wrong-scope token.
+    fn admit(edge: &Edge, req: &Request<'_>) -> Result<Grant, Refusal> {
+        let accept_key = parse::websocket_accept(req).map_err(|e| {
+            let (status, body) = parse::json_error(e.status(), &e.to_string(), None);
+            Refusal { status, body }
+        })?;
+        let claims = auth::check(&edge.core.shared, req, Need::Ingest)?;
+        Ok(Grant {
+            accept_key,
+            scope: claims.scope,
+            expires_at_s: claims.expires_at_s,
+        })
+    }
+
+    /// Serves a device connection on the executor that owns its shard (handing the socket over
+    /// if that is another executor); gateways stay here.
+    async fn serve(
+        edge: Rc<Edge>,
+        stream: TcpStream,
+        leftover: Vec<u8>,
+        grant: Grant,
+        slot: ConnSlot,
+    ) {
+        let core = &edge.core;
+        if let Scope::Device(id) = &grant.scope {
+            let owner = core.owner(core.shared.router.shard_of(id));
+            if owner != core.index && core.shared.cfg.routing == crate::config::Routing::Migrate {
+                // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
+                let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+                if dup >= 0 {
+                    // SAFETY: `dup` is a fresh descriptor nothing else owns.
+                    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+                    let msg = Handoff {
+                        fd,
+                        leftover,
+                        grant,
+                    };
+                    slot.hand_over(); // the adopting executor counts it from now on
+                    drop(stream);
+                    if edge.hand_off(owner, msg).await.is_err() {
+                        tracing::warn!("could not hand a connection over; closing it");
+                        drop(ConnSlot::take_over(&core.shared));
+                    }
+                    return;
+                }
+            }
+        }
+        serve(edge, stream, leftover, grant, slot).await;
+    }
+}
+
+/// Takes over a connection handed over by executor `from` (from the hand-off mesh).
+pub fn adopt(edge: Rc<Edge>, from: ExecutorId, msg: Handoff) {
+    use std::os::fd::IntoRawFd;
+    ExecProbe::add(&edge.core.probe.received_from[from.0], 1);
+    let slot = ConnSlot::take_over(&edge.core.shared);
+    // SAFETY: the descriptor is a connected TCP socket whose ownership travels in `Handoff`.
+    let stream = unsafe { rt::stream_from_fd(msg.fd.into_raw_fd()) };
+    rt::spawn(serve(edge, stream, msg.leftover, msg.grant, slot));
+}
+
 /// Serves one upgraded ingest connection to its end.
-pub async fn serve(
-    exec: Rc<Exec>,
+async fn serve(
+    edge: Rc<Edge>,
     mut stream: TcpStream,
     leftover: Vec<u8>,
-    upgrade: Upgrade,
+    grant: Grant,
     slot: ConnSlot,
 ) {
     let _slot = slot;
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
-        upgrade.accept_key
+        grant.accept_key
     );
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
     }
-    let cfg = &exec.shared.cfg;
-    let (stream, meter) = Metered::new(stream, leftover, &exec.partial_frames);
-    // The bytes past the head go through the meter too (see `ws_read`).
+    let core = &edge.core;
+    let cfg = &core.shared.cfg;
+    let (stream, meter) = Metered::new(stream, leftover, &edge.partial_frames);
+    // The bytes past the head go through the meter too (see `ws::read`).
     let ws = WebSocketStream::from_raw_socket(
         stream,
         Role::Server,
         Some(ws_config(cfg.frame_bytes_max)),
     )
     .await;
-    let (sink, source) = ws_read::split(ws, meter);
-    let key = exec.conn_open();
-    let signal = exec
-        .with_conn(key, |c| c.signal.clone())
+    let (sink, source) = ws::split(ws, meter);
+    let key = core.acks.open();
+    let signal = core
+        .acks
+        .with(key, |c| c.signal.clone())
         .expect("just opened");
     let ctl = Rc::new(Ctl::default());
     let writer = rt::spawn_joinable(write_loop(
-        exec.clone(),
+        edge.clone(),
         key,
         sink,
         ctl.clone(),
         signal.clone(),
     ));
-    read_loop(&exec, key, source, &ctl, &signal, &upgrade).await;
+    read_loop(&edge, key, source, &ctl, &signal, &grant).await;
     if ctl.close.get().is_none() {
         ctl.close.set(Some((CLOSE_NORMAL, "")));
     }
     signal.notify();
     let _ = writer.await;
-    exec.conn_close(key);
+    core.acks.close(key);
 }
 
 async fn read_loop(
-    exec: &Rc<Exec>,
+    edge: &Edge,
     key: ConnKey,
     source: Source,
     ctl: &Ctl,
     writer: &rt::Signal,
-    upgrade: &Upgrade,
+    grant: &Grant,
 ) {
-    let Some(scope) = IngestScope::from_scope(&upgrade.scope) else {
+    let core = &edge.core;
+    let Some(scope) = IngestScope::from_scope(&grant.scope) else {
         ctl.close
             .set(Some((close::POLICY, "token scope does not allow ingest")));
         return;
@@ -112,12 +195,18 @@ async fn read_loop(
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
     let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
     // At expiry the reader stops; the writer sends the acks of what was read, then closes.
-    let mut reader =
-        WsReader::new(exec, source, ctl, writer).end_at_expiry(upgrade.expires_at_s, TOKEN_EXPIRED);
+    let mut reader = WsReader::new(
+        &core.stop,
+        core.shared.cfg.ping_interval(),
+        source,
+        ctl,
+        writer,
+    )
+    .end_at_expiry(grant.expires_at_s, TOKEN_EXPIRED);
     loop {
         // Backpressure: stop reading while this connection has too much in flight.
         loop {
-            let Some((frames, errors, signal)) = exec.with_conn(key, |c: &mut ConnState| {
+            let Some((frames, errors, signal)) = core.acks.with(key, |c: &mut ConnAcks| {
                 (c.frames_in_flight(), c.errors.len(), c.signal.clone())
             }) else {
                 return;
@@ -138,7 +227,7 @@ async fn read_loop(
             Data::Binary(b) => Payload::Binary(b),
         };
         match process_frame(
-            exec,
+            edge,
             key,
             payload,
             scope,
@@ -153,7 +242,6 @@ async fn read_loop(
             }
             Step::Forward(frame) => {
                 for (shard, items) in forwards.drain(..) {
-                    let (owner, _) = exec.shared.owner(shard);
                     let batch = Batch {
                         conn: key,
                         frame,
@@ -161,14 +249,10 @@ async fn read_loop(
                         failed: Vec::new(),
                     };
                     // Waits for room in the owner's channel: a slow owner slows this reader.
-                    if exec
-                        .send(owner, ToOwner::Append { shard, batch })
-                        .await
-                        .is_err()
-                    {
+                    if core.forward(shard, batch).await.is_err() {
                         tracing::error!(
-                            owner,
-                            "request mesh closed; heartbeats not stored and not acked"
+                            owner = %core.owner(shard),
+                            "data mesh closed; heartbeats not stored and not acked"
                         );
                     }
                 }
@@ -197,7 +281,7 @@ enum Step {
 /// frames, and appends every group owned by this executor. Groups owned elsewhere are left in
 /// `forwards`. Synchronous: the decoder's borrow never spans an await.
 fn process_frame(
-    exec: &Exec,
+    edge: &Edge,
     key: ConnKey,
     payload: Payload<'_>,
     scope: IngestScope<'_>,
@@ -205,9 +289,10 @@ fn process_frame(
     budget: &mut proto::ErrorBudget,
     forwards: &mut Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
 ) -> Step {
-    let cfg = &exec.shared.cfg;
+    let core = &edge.core;
+    let cfg = &core.shared.cfg;
     let received = Instant::now();
-    let probe = &exec.probe;
+    let probe = &core.probe;
     ExecProbe::add(&probe.frames_in, 1);
     ExecProbe::add(
         &probe.bytes_in,
@@ -216,9 +301,9 @@ fn process_frame(
             Payload::Binary(b) => b.len(),
         } as u64,
     );
-    let mut ingest = Ingest::new(scope, received_now_ms());
+    let mut ingest = Ingest::new(scope, rt::now_ms());
     ingest.heartbeats_max = cfg.frame_heartbeats_max;
-    let mut decoder = exec.decoder.borrow_mut();
+    let mut decoder = edge.decoder.borrow_mut();
     let decoded = match payload {
         Payload::Text(t) => decoder.decode_text(t, &ingest),
         Payload::Binary(b) => decoder.decode_binary(b, &ingest),
@@ -230,7 +315,7 @@ fn process_frame(
                 return Step::Close(code, e.reason());
             }
             probe.reject(e.reason());
-            exec.with_conn(key, |c| {
+            core.acks.with(key, |c| {
                 c.errors.push_back((None, e.reason()));
                 c.signal.notify();
             });
@@ -242,14 +327,14 @@ fn process_frame(
     };
     // Seq order over the whole frame, accepted and rejected alike; rejections become error
     // frames; accepted heartbeats are grouped by owning shard.
-    let router = &exec.shared.router;
+    let router = &core.shared.router;
     let mut seq_max = 0u64;
     let mut first_shard = None;
     let mut one_shard = true;
     let mut abuse = None;
     let mut rejected = 0usize;
     let mut accepted = 0u64;
-    exec.with_conn(key, |c| {
+    core.acks.with(key, |c| {
         for slot in slots.iter() {
             if let Some(seq) = slot.seq() {
                 if let Err(a) = seqs.check(seq) {
@@ -291,12 +376,12 @@ fn process_frame(
     let Some(first_shard) = first_shard else {
         return Step::Done;
     };
-    let (owner, _) = exec.shared.owner(first_shard);
-    if one_shard && owner == exec.index {
+    let latency = &probe.ack_latency;
+    if one_shard && core.owner(first_shard) == core.index {
         // The common case on a device connection that lives on its owner: append straight from
         // the decoder's slots, no copy.
-        let frame = exec.frame_begin(key, seq_max, 1, received);
-        exec.append_local(
+        let frame = core.acks.frame_begin(key, seq_max, 1, received, latency);
+        core.append_local(
             first_shard,
             key,
             frame,
@@ -315,20 +400,22 @@ fn process_frame(
         let idx = match forwards.iter().position(|(s, _)| *s == shard) {
             Some(i) => i,
             None => {
-                forwards.push((shard, exec.take_batch_vec()));
+                forwards.push((shard, core.take_batch_vec()));
                 forwards.len() - 1
             }
         };
         forwards[idx].1.push((seq.0, std::mem::take(hb)));
     }
     drop(decoder);
-    let frame = exec.frame_begin(key, seq_max, forwards.len() as u32, received);
+    let frame = core
+        .acks
+        .frame_begin(key, seq_max, forwards.len() as u32, received, latency);
     let mut i = 0;
     while i < forwards.len() {
-        if exec.shared.owner(forwards[i].0).0 == exec.index {
+        if core.owner(forwards[i].0) == core.index {
             let (shard, items) = forwards.swap_remove(i);
-            exec.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
-            exec.recycle(items);
+            core.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
+            core.recycle(items);
         } else {
             i += 1;
         }
@@ -348,18 +435,18 @@ fn accepted_pair(slot: &proto::Slot) -> Option<(u64, &Heartbeat)> {
 }
 
 fn now_ms_u64() -> u64 {
-    received_now_ms().max(0) as u64
+    rt::now_ms().max(0) as u64
 }
 
 /// Runs the writer, then tells the reader it is gone (whatever ended it).
 async fn write_loop(
-    exec: Rc<Exec>,
+    edge: Rc<Edge>,
     key: ConnKey,
     sink: Sink,
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
 ) {
-    if let Err(e) = write_frames(&exec, key, sink, &ctl, &signal).await {
+    if let Err(e) = write_frames(&edge, key, sink, &ctl, &signal).await {
         tracing::debug!(error = %e, "a connection's writes stalled or failed; closing it");
     }
     ctl.writer_ended(&signal);
@@ -369,17 +456,18 @@ async fn write_loop(
 /// the idle timeout: a client that stops reading (or vanished without FIN) would otherwise hold
 /// the connection, its slot and its buffers forever.
 async fn write_frames(
-    exec: &Exec,
+    edge: &Edge,
     key: ConnKey,
     sink: Sink,
     ctl: &Ctl,
     signal: &rt::Signal,
 ) -> Result<(), WriteError> {
-    let mut out = WsWriter::new(sink, exec.shared.cfg.idle_timeout);
+    let core = &edge.core;
+    let mut out = WsWriter::new(sink, core.shared.cfg.idle_timeout);
     let mut acked = 0u64;
     let mut text = String::with_capacity(64);
     loop {
-        let Some((errors, ack_ready, in_flight)) = exec.with_conn(key, |c| {
+        let Some((errors, ack_ready, in_flight)) = core.acks.with(key, |c| {
             let errors: Vec<_> = c.errors.drain(..).collect();
             if !errors.is_empty() {
                 // Draining the queue makes room: wake the reader if it paused on a full error

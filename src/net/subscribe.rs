@@ -3,7 +3,8 @@
 //! every error reason of docs/PROTOCOL.md "Subscriptions and geofences"), the connection's
 //! subscriptions and their broadcast to every executor's interest replica, and the writer that
 //! drains the connection's bounded queue (answers, events, `{"missed":N}` notices, pings, close).
-//! Matching and queueing events is `fanout`'s.
+//! Matching and queueing events is `subscribe::fanout`'s. It is a connection [`Kind`]: admitted
+//! with an ops or subscriber token while the subscriber cap has room.
 //!
 //! Invariants: an `ok` is queued only once every executor applied the change, so every heartbeat
 //! appended after the client read `ok` is matched; a subscriber token only ever receives devices
@@ -22,52 +23,81 @@ use async_tungstenite::WebSocketStream;
 use futures_lite::AsyncWriteExt;
 use serde_json::Value;
 
+use crate::auth::Scope;
+use crate::http::parse::{self, Request};
 use crate::limits::{
     CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS, FRAME_BYTES_MAX, STOP_WRITE_GRACE,
     SUBS_PER_CONN_MAX, SUB_CONTROL_QUEUED_MAX, SUB_DEVICES_MAX, SUB_DEVICES_TOTAL_MAX,
     SUB_NAME_BYTES_MAX, SUB_SOCKET_SEND_BYTES, SUB_WRITE_BATCH_MAX, SUB_WS_WRITE_BUFFER_BYTES,
     WS_READ_BUFFER_BYTES, WS_WRITE_BUFFER_BYTES_MAX,
 };
+use crate::net::auth::{self, Need, Refusal};
+use crate::net::edge::{Edge, Kind};
+use crate::net::slots::{ConnSlot, SubscriberSlot};
+use crate::net::ws::{self, Ctl, Data, Metered, Sink, Source, WriteError, WsReader, WsWriter};
 use crate::proto::{self, close};
 use crate::rt::{self, TcpStream};
-use crate::server::exec::{received_now_ms, Exec};
-use crate::server::fanout::{write_event, Filter, InterestOp, Out, SubKey, Target};
-use crate::server::listen::ConnSlot;
-use crate::server::msg::ConnKey;
-use crate::server::ws_read::{self, Ctl, Data, Metered, Source, WsReader};
-use crate::server::ws_write::{Sink, WriteError, WsWriter};
-use crate::server::Shared;
+use crate::shard::core::Core;
+use crate::slab::Key as ConnKey;
 use crate::spatial::BBox;
+use crate::subscribe::render::write_event;
+use crate::subscribe::{Filter, InterestOp, Out, SubKey, Target};
 
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
 
-/// A verified WebSocket upgrade of `/v1/subscribe`.
-#[derive(Debug, Clone)]
-pub struct SubUpgrade {
+/// A verified WebSocket upgrade of `/v1/subscribe`, holding its subscriber slot.
+pub struct Grant {
     /// `Sec-WebSocket-Accept` value for the 101 response.
     pub accept_key: String,
     /// A subscriber token's device-id prefix (`None`: an ops token, every device).
     pub prefix: Option<String>,
     /// When the token expires (Unix seconds): the connection is closed with 1008 then.
     pub expires_at_s: u64,
+    /// The connection's place under the subscriber cap.
+    pub slot: SubscriberSlot,
 }
 
-/// Counts a subscriber connection in `Shared::subscribers_open` and releases it on drop.
-pub struct SubscriberSlot(Arc<Shared>);
+/// The subscriber connection kind (`/v1/subscribe`).
+pub struct SubscribeKind;
 
-impl SubscriberSlot {
-    /// Takes a subscriber slot, or `None` when [`crate::limits::SUBSCRIBERS_MAX`] are open.
-    pub fn acquire(shared: &Arc<Shared>) -> Option<SubscriberSlot> {
-        let open = shared.subscribers_open.fetch_add(1, Ordering::AcqRel) + 1;
-        let slot = SubscriberSlot(shared.clone());
-        (open <= crate::limits::SUBSCRIBERS_MAX).then_some(slot)
+impl Kind for SubscribeKind {
+    type Grant = Grant;
+
+    /// Checks the upgrade headers, then an ops or subscriber token (401 otherwise), then the
+    /// subscriber cap (503).
+    fn admit(edge: &Edge, req: &Request<'_>) -> Result<Grant, Refusal> {
+        let refuse = |status: u16, message: &str| {
+            let (status, body) = parse::json_error(status, message, None);
+            Refusal { status, body }
+        };
+        let accept_key =
+            parse::websocket_accept(req).map_err(|e| refuse(e.status(), &e.to_string()))?;
+        let shared = &edge.core.shared;
+        let claims = auth::check(shared, req, Need::Subscribe)?;
+        let prefix = match claims.scope {
+            Scope::Subscriber(p) => Some(p),
+            _ => None,
+        };
+        let slot =
+            SubscriberSlot::acquire(shared).ok_or_else(|| refuse(503, "too many subscribers"))?;
+        Ok(Grant {
+            accept_key,
+            prefix,
+            expires_at_s: claims.expires_at_s,
+            slot,
+        })
     }
-}
 
-impl Drop for SubscriberSlot {
-    fn drop(&mut self) {
-        self.0.subscribers_open.fetch_sub(1, Ordering::AcqRel);
+    async fn serve(
+        edge: Rc<Edge>,
+        stream: TcpStream,
+        leftover: Vec<u8>,
+        grant: Grant,
+        slot: ConnSlot,
+    ) {
+        // Subscribers stay on the executor that accepted them; events come to them.
+        serve(edge, stream, leftover, grant, slot).await
     }
 }
 
@@ -104,16 +134,15 @@ struct Subs {
 }
 
 /// Serves one upgraded subscriber connection to its end.
-pub async fn serve(
-    exec: Rc<Exec>,
+async fn serve(
+    edge: Rc<Edge>,
     mut stream: TcpStream,
     leftover: Vec<u8>,
-    upgrade: SubUpgrade,
+    upgrade: Grant,
     slot: ConnSlot,
-    sub_slot: SubscriberSlot,
 ) {
     let _slot = slot;
-    let _sub_slot = sub_slot;
+    let core = &edge.core;
     limit_send_buffer(&stream);
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
@@ -122,14 +151,14 @@ pub async fn serve(
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
     }
-    let (stream, meter) = Metered::new(stream, leftover, &exec.partial_frames);
+    let (stream, meter) = Metered::new(stream, leftover, &edge.partial_frames);
     let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config())).await;
-    let (sink, source) = ws_read::split(ws, meter);
-    let key = exec.fanout.conn_open();
-    let signal = exec.fanout.signal(key).expect("just opened");
+    let (sink, source) = ws::split(ws, meter);
+    let key = core.fanout.conn_open();
+    let signal = core.fanout.signal(key).expect("just opened");
     let ctl = Rc::new(Ctl::default());
     let writer = rt::spawn_joinable(write_loop(
-        exec.clone(),
+        core.clone(),
         key,
         sink,
         ctl.clone(),
@@ -139,22 +168,22 @@ pub async fn serve(
         by_name: HashMap::new(),
         next_id: 1,
     };
-    read_loop(&exec, key, source, &ctl, &signal, &upgrade, &mut subs).await;
+    read_loop(core, key, source, &ctl, &signal, &upgrade, &mut subs).await;
     if ctl.close.get().is_none() {
         ctl.close.set(Some((CLOSE_NORMAL, "")));
     }
     signal.notify();
     let _ = writer.await;
-    exec.fanout.conn_close(key);
+    core.fanout.conn_close(key);
     let devices: usize = subs.by_name.values().map(|(_, n)| n).sum();
-    exec.shared
+    core.shared
         .sub_devices_total
         .fetch_sub(devices, Ordering::AcqRel);
-    if !subs.by_name.is_empty() && !exec.stopping() {
+    if !subs.by_name.is_empty() && !core.stopping() {
         broadcast(
-            &exec,
+            core,
             InterestOp::RemoveConn {
-                exec: exec.index as u32,
+                exec: core.index.0 as u32,
                 conn: key,
             },
         )
@@ -162,29 +191,35 @@ pub async fn serve(
     }
 }
 
-/// Applies an interest change on every executor (here directly, elsewhere over the request mesh)
-/// and returns once all have.
-async fn broadcast(exec: &Exec, op: InterestOp) {
+/// Applies an interest change on every executor (here directly, elsewhere over the control
+/// mesh) and returns once all have.
+async fn broadcast(core: &Core, op: InterestOp) {
     let op = Arc::new(op);
-    exec.on_all(move |e: &Exec| e.fanout.apply(&op)).await;
+    core.on_all(move |c: &Core| c.fanout.apply(&op)).await;
 }
 
 async fn read_loop(
-    exec: &Rc<Exec>,
+    core: &Core,
     key: ConnKey,
     source: Source,
     ctl: &Ctl,
     writer: &rt::Signal,
-    upgrade: &SubUpgrade,
+    upgrade: &Grant,
     subs: &mut Subs,
 ) {
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
-    let mut reader = WsReader::new(exec, source, ctl, writer)
-        .end_at_expiry(upgrade.expires_at_s, "token expired");
+    let mut reader = WsReader::new(
+        &core.stop,
+        core.shared.cfg.ping_interval(),
+        source,
+        ctl,
+        writer,
+    )
+    .end_at_expiry(upgrade.expires_at_s, "token expired");
     loop {
         // Backpressure: a client that sends ops but never reads the answers is paused.
         loop {
-            let Some(queued) = exec.fanout.controls_queued(key) else {
+            let Some(queued) = core.fanout.controls_queued(key) else {
                 return;
             };
             if ctl.writer_gone.get() {
@@ -205,12 +240,12 @@ async fn read_loop(
             Some(Data::Text(t)) => t,
         };
         let answer = match parse_op(text.as_str(), upgrade.prefix.as_deref()) {
-            Ok(op) => apply_op(exec, key, subs, op).await,
+            Ok(op) => apply_op(core, key, subs, op).await,
             Err(e) => Err(e),
         };
         if let Err(e) = answer {
-            exec.fanout.push_control(key, e.to_json());
-            let now = received_now_ms().max(0) as u64;
+            core.fanout.push_control(key, e.to_json());
+            let now = rt::now_ms().max(0) as u64;
             if let Err(a) = budget.charge(now) {
                 ctl.close.set(Some((a.close_code(), a.reason())));
                 return;
@@ -410,7 +445,7 @@ fn parse_bbox(v: &Value, sub: &str) -> Result<BBox, OpError> {
 }
 
 /// Applies a valid op against this connection and the server: `Ok` once its `ok` is queued.
-async fn apply_op(exec: &Exec, key: ConnKey, subs: &mut Subs, op: Op) -> Result<(), OpError> {
+async fn apply_op(core: &Core, key: ConnKey, subs: &mut Subs, op: Op) -> Result<(), OpError> {
     match op {
         Op::Unsubscribe { sub } => {
             let Some((id, devices)) = subs.by_name.remove(&sub) else {
@@ -420,12 +455,12 @@ async fn apply_op(exec: &Exec, key: ConnKey, subs: &mut Subs, op: Op) -> Result<
                     "no subscription of that name on this connection",
                 ));
             };
-            exec.shared
+            core.shared
                 .sub_devices_total
                 .fetch_sub(devices, Ordering::AcqRel);
             // No event for it is queued from here on; then every replica forgets it.
-            exec.fanout.unconfirm(key, id, ok_json("unsubscribe", &sub));
-            broadcast(exec, InterestOp::Remove(sub_key(exec, key, id))).await;
+            core.fanout.unconfirm(key, id, ok_json("unsubscribe", &sub));
+            broadcast(core, InterestOp::Remove(sub_key(core, key, id))).await;
             Ok(())
         }
         Op::Subscribe { sub, filter } => {
@@ -438,7 +473,7 @@ async fn apply_op(exec: &Exec, key: ConnKey, subs: &mut Subs, op: Op) -> Result<
                 ));
             }
             if let Target::Fence(name) = &filter.target {
-                if !exec.fence_exists(name) {
+                if core.shared.fences.snapshot().1.id(name).is_none() {
                     return Err(OpError::new(
                         "unknown_fence",
                         Some(&sub),
@@ -450,7 +485,7 @@ async fn apply_op(exec: &Exec, key: ConnKey, subs: &mut Subs, op: Op) -> Result<
                 Target::Devices(ids) => ids.len(),
                 _ => 0,
             };
-            let total = &exec.shared.sub_devices_total;
+            let total = &core.shared.sub_devices_total;
             let before = total.fetch_add(devices, Ordering::AcqRel);
             let released = old.map_or(0, |(_, n)| n);
             if devices > 0 && before + devices > SUB_DEVICES_TOTAL_MAX + released {
@@ -468,24 +503,24 @@ async fn apply_op(exec: &Exec, key: ConnKey, subs: &mut Subs, op: Op) -> Result<
             subs.next_id += 1;
             subs.by_name.insert(sub.clone(), (id, devices));
             broadcast(
-                exec,
+                core,
                 InterestOp::Put {
-                    key: sub_key(exec, key, id),
+                    key: sub_key(core, key, id),
                     filter: Arc::new(filter),
-                    replaces: old.map(|(old_id, _)| sub_key(exec, key, old_id)),
+                    replaces: old.map(|(old_id, _)| sub_key(core, key, old_id)),
                 },
             )
             .await;
-            exec.fanout
+            core.fanout
                 .confirm(key, id, &sub, old.map(|o| o.0), ok_json("subscribe", &sub));
             Ok(())
         }
     }
 }
 
-fn sub_key(exec: &Exec, conn: ConnKey, id: u32) -> SubKey {
+fn sub_key(core: &Core, conn: ConnKey, id: u32) -> SubKey {
     SubKey {
-        exec: exec.index as u32,
+        exec: core.index.0 as u32,
         conn,
         id,
     }
@@ -497,13 +532,13 @@ fn ok_json(op: &str, sub: &str) -> String {
 
 /// Runs the writer, then tells the reader it is gone.
 async fn write_loop(
-    exec: Rc<Exec>,
+    core: Rc<Core>,
     key: ConnKey,
     sink: Sink,
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
 ) {
-    if let Err(e) = write_frames(&exec, key, sink, &ctl, &signal).await {
+    if let Err(e) = write_frames(&core, key, sink, &ctl, &signal).await {
         tracing::debug!(error = %e, "a subscriber's writes stalled or failed; closing it");
     }
     ctl.writer_ended(&signal);
@@ -514,14 +549,14 @@ async fn write_loop(
 /// then its queue overflows into the missed count). Once shutdown began, writes get at most
 /// [`STOP_WRITE_GRACE`].
 async fn write_frames(
-    exec: &Exec,
+    core: &Core,
     key: ConnKey,
     sink: Sink,
     ctl: &Ctl,
     signal: &rt::Signal,
 ) -> Result<(), WriteError> {
-    let mut out =
-        WsWriter::new(sink, exec.shared.cfg.idle_timeout).stop_bounded(exec, STOP_WRITE_GRACE);
+    let mut out = WsWriter::new(sink, core.shared.cfg.idle_timeout)
+        .stop_bounded(&core.stop, STOP_WRITE_GRACE);
     let mut items = Vec::with_capacity(SUB_WRITE_BATCH_MAX);
     let mut text = String::with_capacity(256);
     loop {
@@ -531,7 +566,7 @@ async fn write_frames(
             return Ok(());
         }
         items.clear();
-        let Some(mut missed) = exec.fanout.take(key, SUB_WRITE_BATCH_MAX, &mut items) else {
+        let Some(mut missed) = core.fanout.take(key, SUB_WRITE_BATCH_MAX, &mut items) else {
             return Ok(());
         };
         let took = items.len();
@@ -570,7 +605,7 @@ async fn write_frames(
         if wrote {
             out.flush().await?;
         }
-        let d = &exec.fanout.delivered;
+        let d = &core.fanout.delivered;
         d.set(d.get() + delivered);
         if controls {
             // The reader may be paused on unread answers.

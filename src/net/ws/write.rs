@@ -11,7 +11,6 @@
 use crate::limits::CLOSE_STEP_BOUND;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -22,11 +21,9 @@ use async_tungstenite::WebSocketStream;
 use futures_util::SinkExt;
 
 use crate::rt;
-use crate::server::exec::Exec;
 
 /// The write half of a server WebSocket.
-pub type Sink =
-    futures_util::stream::SplitSink<WebSocketStream<crate::server::ws_read::Metered>, Message>;
+pub type Sink = futures_util::stream::SplitSink<WebSocketStream<super::read::Metered>, Message>;
 
 /// Why a write did not complete; the connection's writer ends either way.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +38,8 @@ pub enum WriteError {
 
 /// Shutdown bound of a writer whose writes must not hold up the executor's drain.
 struct StopBound<'a> {
-    /// The process's "shutdown began" flag (set before the stop signal fires).
-    stopping: &'a AtomicBool,
+    /// The executor's stop handle (its flag is set before its signal fires).
+    stopping: &'a rt::Stop,
     /// Fires at the executor's stop signal; kept across writes (a ready wait stays ready).
     wait: rt::SignalWait<'a>,
     grace: Duration,
@@ -68,12 +65,13 @@ impl<'a> WsWriter<'a> {
         }
     }
 
-    /// Also bounds writes by `exec`'s shutdown: a write begun once the executor is stopping gets
-    /// at most `grace`; one pending when it begins stopping ends at most `grace` later.
-    pub fn stop_bounded(mut self, exec: &'a Exec, grace: Duration) -> WsWriter<'a> {
+    /// Also bounds writes by the executor's shutdown (`stop`): a write begun once the executor
+    /// is stopping gets at most `grace`; one pending when it begins stopping ends at most `grace`
+    /// later.
+    pub fn stop_bounded(mut self, stop: &'a rt::Stop, grace: Duration) -> WsWriter<'a> {
         self.stop = Some(StopBound {
-            stopping: &exec.shared.stopping,
-            wait: exec.stop_signal.wait(),
+            stopping: stop,
+            wait: stop.wait(),
             grace,
         });
         self
@@ -168,9 +166,7 @@ async fn bounded<T>(
 ) -> Result<T, WriteError> {
     let mut fut = std::pin::pin!(fut);
     // A write begun during shutdown gets only the grace.
-    let stopping = stop
-        .as_ref()
-        .is_some_and(|s| s.stopping.load(Ordering::Acquire));
+    let stopping = stop.as_ref().is_some_and(|s| s.stopping.stopping());
     let limit = match &stop {
         Some(s) if stopping => s.grace,
         _ => stall,
@@ -205,6 +201,8 @@ async fn bounded<T>(
 mod tests {
     use super::*;
     use std::rc::Rc;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
 
     #[test]
     fn writes_end_at_the_stall_bound_or_the_shutdown_grace() {
@@ -229,19 +227,18 @@ mod tests {
             assert!(matches!(e, WriteError::Stalled(d) if d == short), "{e}");
             assert!(t0.elapsed() >= short);
 
-            let stopping = AtomicBool::new(false);
-            let signal = rt::Signal::new();
+            let handle = Rc::new(rt::Stop::new(Arc::new(AtomicBool::new(false))));
             let mut stop = StopBound {
-                stopping: &stopping,
-                wait: signal.wait(),
+                stopping: &handle,
+                wait: handle.wait(),
                 grace,
             };
             let quick = bounded(&mut wd, long, Some(&mut stop), async { 1 });
             assert_eq!(quick.await.unwrap(), 1);
-            let (s2, fire_after) = (Rc::clone(&signal), Duration::from_millis(50));
+            let (s2, fire_after) = (Rc::clone(&handle), Duration::from_millis(50));
             let stopper = rt::spawn_joinable(async move {
                 rt::sleep(fire_after).await;
-                s2.notify();
+                s2.begin();
             });
             let t0 = Instant::now();
             let e = bounded(&mut wd, long, Some(&mut stop), pending())
@@ -252,10 +249,10 @@ mod tests {
             stopper.await.unwrap();
 
             // A write begun once shutdown began (the flag is set; the signal fired earlier).
-            stopping.store(true, Ordering::Release);
+            assert!(handle.stopping());
             let mut stop = StopBound {
-                stopping: &stopping,
-                wait: signal.wait(),
+                stopping: &handle,
+                wait: handle.wait(),
                 grace,
             };
             let t0 = Instant::now();

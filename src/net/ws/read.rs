@@ -40,21 +40,12 @@ use crate::limits::{
 };
 use crate::proto::close;
 use crate::rt::{self, TcpStream};
-use crate::server::exec::{now_s, Exec};
+use crate::rt::{now_s, Stop};
 
 /// The read half of a server WebSocket, with its connection's partial-frame meter.
 pub struct Source {
-    stream: futures_util::stream::SplitStream<WebSocketStream<Metered>>,
-    meter: Rc<ReadMeter>,
-}
-
-/// Splits a server WebSocket read through `Metered` (whose meter is `meter`) into its halves.
-pub fn split(
-    ws: WebSocketStream<Metered>,
-    meter: Rc<ReadMeter>,
-) -> (crate::server::ws_write::Sink, Source) {
-    let (sink, stream) = ws.split();
-    (sink, Source { stream, meter })
+    pub(super) stream: futures_util::stream::SplitStream<WebSocketStream<Metered>>,
+    pub(super) meter: Rc<ReadMeter>,
 }
 
 /// One executor's account of the memory its WebSocket connections have committed to large
@@ -354,7 +345,7 @@ enum Next {
 /// A WebSocket source read under the connection's idle, shutdown and writer-gone rules.
 pub struct WsReader<'a> {
     source: Source,
-    exec: &'a Exec,
+    stop_handle: &'a Stop,
     ctl: &'a Ctl,
     /// The writer's wake-up signal (told when a ping is due).
     writer: &'a rt::Signal,
@@ -370,23 +361,25 @@ pub struct WsReader<'a> {
 }
 
 impl<'a> WsReader<'a> {
-    /// Wraps `source` of a connection on `exec` whose writer watches `ctl` and wakes on
-    /// `writer`. Create it on the connection's executor.
+    /// Wraps `source` of a connection whose executor stops with `stop`, whose writer watches
+    /// `ctl` and wakes on `writer`, and which is pinged after `ping_after` of silence. Create it
+    /// on the connection's executor.
     pub fn new(
-        exec: &'a Exec,
+        stop: &'a Stop,
+        ping_after: Duration,
         source: Source,
         ctl: &'a Ctl,
         writer: &'a rt::Signal,
     ) -> WsReader<'a> {
         WsReader {
             source,
-            exec,
+            stop_handle: stop,
             ctl,
             writer,
-            stop: exec.stop_signal.wait(),
+            stop: stop.wait(),
             gone: ctl.gone.wait(),
             wd: rt::Watchdog::new(),
-            ping_after: exec.shared.cfg.ping_interval(),
+            ping_after,
             idle_strikes: 0,
             end: None,
         }
@@ -413,7 +406,7 @@ impl<'a> WsReader<'a> {
     /// or a read error), with the close code and reason, if any, set in `ctl.close`.
     pub async fn next(&mut self) -> Option<Data> {
         loop {
-            if self.exec.stopping() {
+            if self.stop_handle.stopping() {
                 self.close(close::GOING_AWAY, "server shutting down");
                 return None;
             }

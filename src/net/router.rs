@@ -1,8 +1,8 @@
 //! Accepting and dispatching sockets. It owns the accept loop (connection cap, EMFILE backoff),
-//! reading one bounded HTTP request head under the handshake timeout, authenticating WebSocket
-//! upgrades before answering them (401 JSON otherwise), and the choice of where a device
-//! connection lives: on the executor that owns its device's shard (the socket is handed over
-//! once, then never crosses cores again) or, for gateways, here with per-frame forwarding.
+//! reading one bounded HTTP request head under the handshake timeout, handing WebSocket upgrades
+//! to their connection [`Kind`] (admitted before anything is answered; the refusal, a 4xx JSON,
+//! is sent here), and reading and answering plain HTTP requests ([`crate::net::http`]). Where a
+//! connection then lives is its kind's business.
 //!
 //! Slow clients cannot hold the cap: a request (head and body) must arrive within a deadline,
 //! bodies are read only for the endpoints that take one and only from ops, and plain HTTP
@@ -13,67 +13,23 @@
 //! whichever executor ends up holding it, and once in `Shared::connections_http` until it closes
 //! or is upgraded.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
-use crate::auth::Scope;
-use crate::http::parse::{self, Parsed, Request};
+use crate::http::parse::{self, Parsed};
 use crate::limits::{
-    ACCEPT_BACKOFF, CONN_RESERVED_HEAD_MS, CONN_RESERVED_SHARE_DIVISOR, DRAIN_BYTES_MAX,
-    HTTP_BODY_BYTES_PER_S_MIN, HTTP_HEAD_BYTES_MAX, HTTP_REQUESTS_PER_CONN_MAX,
-    REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX, REPEAT_LOG_INTERVAL_MS,
+    ACCEPT_BACKOFF, CONN_RESERVED_HEAD_MS, DRAIN_BYTES_MAX, HTTP_BODY_BYTES_PER_S_MIN,
+    HTTP_HEAD_BYTES_MAX, HTTP_REQUESTS_PER_CONN_MAX, REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX,
+    REPEAT_LOG_INTERVAL_MS,
 };
+use crate::net::edge::{Edge, Kind};
+use crate::net::ingest::IngestKind;
+use crate::net::slots::{ConnSlot, HttpSlot};
+use crate::net::subscribe::SubscribeKind;
 use crate::ratelog::LogEvery;
 use crate::rt::{self, TcpListener, TcpStream};
-use crate::server::exec::now_s;
-use crate::server::exec::Exec;
-use crate::server::msg::{Adopt, ToOwner};
-
-/// A verified WebSocket upgrade of `/v1/ingest`.
-#[derive(Debug, Clone)]
-pub struct Upgrade {
-    /// `Sec-WebSocket-Accept` value for the 101 response.
-    pub accept_key: String,
-    /// What the connection's token allows.
-    pub scope: Scope,
-    /// When the token expires (Unix seconds): the connection is closed then.
-    pub expires_at_s: u64,
-}
-
-/// Counts a connection in `connections_open` and releases it on drop.
-pub struct ConnSlot(std::sync::Arc<crate::server::Shared>);
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        let open = self.0.connections_open.fetch_sub(1, Ordering::AcqRel) - 1;
-        tracing::debug!(open, "connection closed");
-    }
-}
-
-/// Counts a socket in `connections_http` (not an authenticated WebSocket connection) and
-/// releases it on drop, which happens when the socket closes or is upgraded.
-pub struct HttpSlot(std::sync::Arc<crate::server::Shared>);
-
-impl HttpSlot {
-    /// Counts one more socket; also returns whether it is over the share of the cap that such
-    /// sockets may hold (`connections_max` minus the reserved share), so it may only upgrade.
-    fn acquire(shared: &std::sync::Arc<crate::server::Shared>) -> (HttpSlot, bool) {
-        let open = shared.connections_http.fetch_add(1, Ordering::AcqRel) + 1;
-        let max = shared.cfg.connections_max;
-        let share = max - max / CONN_RESERVED_SHARE_DIVISOR;
-        (HttpSlot(shared.clone()), open > share)
-    }
-}
-
-impl Drop for HttpSlot {
-    fn drop(&mut self) {
-        self.0.connections_http.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,12 +41,13 @@ pub enum Role {
 }
 
 /// Accepts until shutdown.
-pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
-    let max = exec.shared.cfg.connections_max;
+pub async fn accept_loop(edge: Rc<Edge>, listener: TcpListener, role: Role) {
+    let core = &edge.core;
+    let max = core.shared.cfg.connections_max;
     let accept_log = LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS));
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            exec.stop_signal.wait().await;
+            core.stop.wait().await;
             None
         })
         .await;
@@ -108,12 +65,11 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
                 continue;
             }
         };
-        if exec.stopping() {
+        if core.stopping() {
             return;
         }
-        let open = exec.shared.connections_open.fetch_add(1, Ordering::AcqRel) + 1;
-        tracing::debug!(open, executor = exec.index, "accepted");
-        let slot = ConnSlot(exec.shared.clone());
+        let (slot, open) = ConnSlot::open(&core.shared);
+        tracing::debug!(open, executor = core.index.0, "accepted");
         if open > max + REFUSALS_IN_FLIGHT_MAX {
             // A flood: close at once rather than hold more descriptors.
             drop(stream);
@@ -127,10 +83,10 @@ pub async fn accept_loop(exec: Rc<Exec>, listener: TcpListener, role: Role) {
         // Plain HTTP and slow heads may hold only part of the cap; a socket beyond that share
         // must authenticate an upgrade at once (the metrics listener has no devices to keep room
         // for).
-        let (http, over_share) = HttpSlot::acquire(&exec.shared);
+        let (http, over_share) = HttpSlot::acquire(&core.shared);
         let reserved = over_share && role == Role::Main;
         let _ = stream.set_nodelay(true);
-        rt::spawn(handle(exec.clone(), stream, slot, http, reserved, role));
+        rt::spawn(handle(edge.clone(), stream, slot, http, reserved, role));
     }
 }
 
@@ -232,7 +188,7 @@ async fn read_head(
 /// HTTP may hold) has [`CONN_RESERVED_HEAD_MS`] to send its head, which must be a WebSocket
 /// upgrade (503 otherwise).
 async fn handle(
-    exec: Rc<Exec>,
+    edge: Rc<Edge>,
     mut stream: TcpStream,
     slot: ConnSlot,
     http: HttpSlot,
@@ -240,7 +196,7 @@ async fn handle(
     role: Role,
 ) {
     let mut buf = Vec::with_capacity(1024);
-    let handshake_timeout = exec.shared.cfg.handshake_timeout;
+    let handshake_timeout = edge.core.shared.cfg.handshake_timeout;
     let head_timeout = if reserved {
         handshake_timeout.min(Duration::from_millis(CONN_RESERVED_HEAD_MS))
     } else {
@@ -263,50 +219,23 @@ async fn handle(
             _ => unreachable!("read_head returned a complete head"),
         };
         let head_len = req.head_bytes;
-        let ingest_upgrade = role == Role::Main
-            && req.path == "/v1/ingest"
-            && (req.upgrade.is_some() || req.method != "GET");
-        let subscribe_upgrade = role == Role::Main
-            && req.path == "/v1/subscribe"
-            && (req.upgrade.is_some() || req.method != "GET");
-        if reserved && !ingest_upgrade && !subscribe_upgrade {
+        // A WebSocket upgrade (or a non-GET, which the kind refuses properly) goes to its
+        // connection kind. A new kind is one line here.
+        let upgrading = role == Role::Main && (req.upgrade.is_some() || req.method != "GET");
+        match req.path {
+            "/v1/ingest" if upgrading => {
+                return open::<IngestKind>(edge, stream, buf, slot, http).await
+            }
+            "/v1/subscribe" if upgrading => {
+                return open::<SubscribeKind>(edge, stream, buf, slot, http).await
+            }
+            _ => {}
+        }
+        if reserved {
             // The rest of the cap is kept for devices (see `HttpSlot::acquire`).
             let (st, body) = parse::json_error(503, "too many connections", None);
             answer_and_close(&mut stream, st, &body).await;
             return;
-        }
-        if ingest_upgrade {
-            let upgrade = match authorize_upgrade(&exec, &req) {
-                Ok(u) => u,
-                Err((status, body)) => {
-                    log_refused(&stream, req.path, status, &body);
-                    answer_and_close(&mut stream, status, &body).await;
-                    return;
-                }
-            };
-            let leftover = buf[head_len..].to_vec();
-            // The head buffer is not needed for the connection's life (idle memory budget).
-            drop(buf);
-            drop(http);
-            return place_ingest(exec, stream, leftover, upgrade, slot).await;
-        }
-        if subscribe_upgrade {
-            let (upgrade, sub_slot) = match authorize_subscribe(&exec, &req) {
-                Ok(u) => u,
-                Err((status, body)) => {
-                    log_refused(&stream, req.path, status, &body);
-                    answer_and_close(&mut stream, status, &body).await;
-                    return;
-                }
-            };
-            let leftover = buf[head_len..].to_vec();
-            drop(buf);
-            drop(http);
-            // Subscribers stay on the executor that accepted them; events come to them.
-            return crate::server::subscribe::serve(
-                exec, stream, leftover, upgrade, slot, sub_slot,
-            )
-            .await;
         }
         // Plain HTTP. Bodies are bounded (the parser refused larger ones), taken only by the
         // endpoints that need one and only from ops (checked before a byte of the body is read),
@@ -323,7 +252,7 @@ async fn handle(
             return;
         }
         if body_len > 0 {
-            if role != Role::Main || !crate::server::http::takes_body(req.method, req.path) {
+            if role != Role::Main || !crate::net::http::takes_body(req.method, req.path) {
                 let (st, body) =
                     parse::json_error(413, "this endpoint takes no request body", None);
                 answer_and_close(&mut stream, st, &body).await;
@@ -331,9 +260,10 @@ async fn handle(
             }
             // Only ops may make the server read and buffer a body (PUT /v1/geofences/{name},
             // POST /v1/geofences).
-            if let Err(resp) = crate::server::http::require_ops(&exec, &req) {
-                log_refused(&stream, req.path, resp.status, &resp.body);
-                answer_and_close(&mut stream, resp.status, &resp.body).await;
+            let ops = crate::net::auth::Need::Read(None);
+            if let Err(r) = crate::net::auth::check(&edge.core.shared, &req, ops) {
+                log_refused(&stream, req.path, r.status, &r.body);
+                answer_and_close(&mut stream, r.status, &r.body).await;
                 return;
             }
         }
@@ -362,8 +292,7 @@ async fn handle(
             _ => unreachable!("the head was complete before"),
         };
         let resp =
-            crate::server::http::respond(&exec, &req, &buf[head_len..head_len + body_len], role)
-                .await;
+            crate::net::http::respond(&edge, &req, &buf[head_len..head_len + body_len], role).await;
         log_refused(&stream, req.path, resp.status, &resp.body);
         if write_response_typed(
             &mut stream,
@@ -416,129 +345,32 @@ fn log_refused(stream: &TcpStream, path: &str, status: u16, answer: &str) {
     });
 }
 
-/// Checks the upgrade headers and the token: 4xx for a bad upgrade, 401 for a missing, bad,
-/// expired or wrong-scope token.
-fn authorize_upgrade(exec: &Exec, req: &Request<'_>) -> Result<Upgrade, (u16, String)> {
-    let accept_key = parse::websocket_accept(req)
-        .map_err(|e| parse::json_error(e.status(), &e.to_string(), None))?;
-    let mut scratch = Vec::new();
-    let token = match parse::bearer_token(req, &mut scratch) {
-        Ok(Some(t)) => t,
-        Ok(None) => return Err(parse::json_error(401, "missing token", Some("token"))),
-        Err(_) => return Err(parse::json_error(401, "malformed token", Some("token"))),
-    };
-    let claims = crate::auth::verify(&exec.shared.secret, token, now_s())
-        .map_err(|e| parse::json_error(401, &e.to_string(), Some("token")))?;
-    match claims.scope {
-        Scope::Device(_) | Scope::Gateway(_) => Ok(Upgrade {
-            accept_key,
-            scope: claims.scope,
-            expires_at_s: claims.expires_at_s,
-        }),
-        _ => Err(parse::json_error(
-            401,
-            "token scope does not allow ingest",
-            Some("token"),
-        )),
-    }
-}
-
-/// Checks a `/v1/subscribe` upgrade: the upgrade headers, then an ops or subscriber token (401
-/// otherwise), then the subscriber cap (503).
-fn authorize_subscribe(
-    exec: &Exec,
-    req: &Request<'_>,
-) -> Result<
-    (
-        crate::server::subscribe::SubUpgrade,
-        crate::server::subscribe::SubscriberSlot,
-    ),
-    (u16, String),
-> {
-    let accept_key = parse::websocket_accept(req)
-        .map_err(|e| parse::json_error(e.status(), &e.to_string(), None))?;
-    let mut scratch = Vec::new();
-    let token = match parse::bearer_token(req, &mut scratch) {
-        Ok(Some(t)) => t,
-        Ok(None) => return Err(parse::json_error(401, "missing token", Some("token"))),
-        Err(_) => return Err(parse::json_error(401, "malformed token", Some("token"))),
-    };
-    let claims = crate::auth::verify(&exec.shared.secret, token, now_s())
-        .map_err(|e| parse::json_error(401, &e.to_string(), Some("token")))?;
-    let prefix = match claims.scope {
-        Scope::Ops => None,
-        Scope::Subscriber(p) => Some(p),
-        _ => {
-            return Err(parse::json_error(
-                401,
-                "token scope does not allow subscribing (use an ops or subscriber token)",
-                Some("token"),
-            ))
-        }
-    };
-    let Some(sub_slot) = crate::server::subscribe::SubscriberSlot::acquire(&exec.shared) else {
-        return Err(parse::json_error(503, "too many subscribers", None));
-    };
-    Ok((
-        crate::server::subscribe::SubUpgrade {
-            accept_key,
-            prefix,
-            expires_at_s: claims.expires_at_s,
-        },
-        sub_slot,
-    ))
-}
-
-/// Serves a device connection on the executor that owns its shard (handing the socket over if
-/// that is another executor); gateways stay here.
-async fn place_ingest(
-    exec: Rc<Exec>,
-    stream: TcpStream,
-    leftover: Vec<u8>,
-    upgrade: Upgrade,
+/// Hands an upgrade request (the complete head in `buf`) to connection kind `K`: admitted, the
+/// head buffer is freed (idle memory budget) and the connection served; refused, the refusal is
+/// answered and the socket closed.
+async fn open<K: Kind>(
+    edge: Rc<Edge>,
+    mut stream: TcpStream,
+    buf: Vec<u8>,
     slot: ConnSlot,
+    http: HttpSlot,
 ) {
-    if let Scope::Device(id) = &upgrade.scope {
-        let (owner, _) = exec.shared.owner(exec.shared.router.shard_of(id));
-        if owner != exec.index && exec.shared.cfg.routing == crate::config::Routing::Migrate {
-            // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
-            let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-            if dup >= 0 {
-                // SAFETY: `dup` is a fresh descriptor nothing else owns.
-                let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-                let adopt = Adopt {
-                    fd,
-                    leftover,
-                    upgrade,
-                };
-                std::mem::forget(slot); // the adopting executor counts it from now on
-                drop(stream);
-                if exec
-                    .send(owner, ToOwner::Adopt(Box::new(adopt)))
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("could not hand a connection over; closing it");
-                    exec.shared.connections_open.fetch_sub(1, Ordering::AcqRel);
-                }
-                return;
-            }
+    let admitted = match parse::parse_head(&buf) {
+        Ok(Parsed::Complete(req)) => match K::admit(&edge, &req) {
+            Ok(grant) => Ok((grant, buf[req.head_bytes..].to_vec())),
+            Err(r) => Err((req.path.to_owned(), r)),
+        },
+        _ => unreachable!("the router read a complete head"),
+    };
+    drop(buf);
+    match admitted {
+        Ok((grant, leftover)) => {
+            drop(http);
+            K::serve(edge, stream, leftover, grant, slot).await
+        }
+        Err((path, r)) => {
+            log_refused(&stream, &path, r.status, &r.body);
+            answer_and_close(&mut stream, r.status, &r.body).await;
         }
     }
-    crate::server::ingest::serve(exec, stream, leftover, upgrade, slot).await;
-}
-
-/// Takes over a connection handed over by another executor.
-pub fn adopt(exec: Rc<Exec>, adopt: Adopt) {
-    use std::os::fd::IntoRawFd;
-    let slot = ConnSlot(exec.shared.clone());
-    // SAFETY: the descriptor is a connected TCP socket whose ownership travels in `Adopt`.
-    let stream = unsafe { rt::stream_from_fd(adopt.fd.into_raw_fd()) };
-    rt::spawn(crate::server::ingest::serve(
-        exec,
-        stream,
-        adopt.leftover,
-        adopt.upgrade,
-        slot,
-    ));
 }

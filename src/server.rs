@@ -1,98 +1,33 @@
-//! `geobeat serve`: the thread-per-core server. This module owns startup and shutdown: it checks
-//! the platform ([`crate::preflight`]) and the listen addresses before touching anything, opens
-//! the data directory (refusing one open to others), starts one pinned executor per core (each
-//! accepting on the same port through SO_REUSEPORT), wires the cross-executor channel meshes,
-//! and turns SIGTERM/SIGINT into an orderly drain. The per-executor machinery is in [`exec`], the device WebSocket protocol in
-//! [`ingest`], HTTP endpoints in [`http`], accepting/dispatching sockets in [`listen`], and
-//! real-time subscriptions in [`subscribe`] (connections) and [`fanout`] (matching, delivery);
-//! both WebSocket connections read through [`ws_read`] and write through [`ws_write`].
+//! `geobeat serve`: the thread-per-core server, top to bottom in one file. It owns startup and
+//! shutdown: it checks the platform ([`crate::preflight`]) and the listen addresses before
+//! touching anything, opens the data directory (refusing one open to others), starts one pinned
+//! executor per core (each accepting on the same port through SO_REUSEPORT), builds the
+//! cross-executor meshes, spawns every long-lived task of an executor (the commit and retention
+//! loops, the mesh receive loops that dispatch messages to the shard core and the network edge,
+//! the listeners), and turns SIGTERM/SIGINT into an orderly drain. What an executor does is
+//! below it: the shard core ([`crate::shard`]) and the network edge ([`crate::net`]); only
+//! connections spawn their own tasks (a connection's writer).
 //!
 //! Ownership: logical shard `k` (fixed for the data directory) lives on executor `k % executors`.
 //! A data directory created with 4 shards opens fine on a 2-core machine (two shards per
 //! executor) or a 16-core one (some executors own none and only accept and forward).
 
-pub mod exec;
-pub mod fanout;
-pub mod http;
-pub mod ingest;
-pub mod listen;
-pub mod live;
-pub mod msg;
-pub mod query;
-pub mod subscribe;
-pub mod ws_read;
-pub mod ws_write;
-
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::auth::Secret;
 use crate::config::ServeConfig;
 use crate::datadir::DataDir;
+use crate::limits::{FANOUT_MISSED_FLUSH_INTERVAL, SHUTDOWN_DRAIN_MAX, STOP_POLL_INTERVAL};
+use crate::net::edge::{Edge, Handoff};
+use crate::net::router::Role;
+use crate::node::{ExecutorId, Shared};
 use crate::route::ShardId;
 use crate::rt;
-
-/// Everything executors share read-only (plus a few process-wide counters that change per
-/// connection, never per heartbeat).
-pub struct Shared {
-    /// The resolved configuration.
-    pub cfg: ServeConfig,
-    /// The token secret.
-    pub secret: Secret,
-    /// Logical shard count of the data directory.
-    pub shard_count: u32,
-    /// The data directory's routing table (device → virtual shard → shard).
-    pub router: crate::route::Router,
-    /// Number of executors.
-    pub executors: usize,
-    /// Executors that finished recovery and accept connections.
-    pub executors_ready: AtomicUsize,
-    /// Open client connections across all executors (bounded by `connections_max`).
-    pub connections_open: AtomicUsize,
-    /// Of those, the sockets that are not an authenticated WebSocket connection (yet): plain
-    /// HTTP and heads still being read. Bounded by `connections_max` minus the reserved share
-    /// (`limits::CONN_RESERVED_SHARE_DIVISOR`).
-    pub connections_http: AtomicUsize,
-    /// Open subscriber connections (bounded by `limits::SUBSCRIBERS_MAX`).
-    pub subscribers_open: AtomicUsize,
-    /// Device ids named by all `devices` subscriptions (bounded by
-    /// `limits::SUB_DEVICES_TOTAL_MAX`; changes per subscribe, never per heartbeat).
-    pub sub_devices_total: AtomicUsize,
-    /// Set once SIGTERM/SIGINT arrived: stop accepting, drain, exit.
-    pub stopping: AtomicBool,
-    /// Executors whose connections have all closed during shutdown.
-    pub executors_drained: AtomicUsize,
-    /// When the server started.
-    pub started: std::time::Instant,
-    /// Per logical shard: the durable position executors publish and the position every sink
-    /// has consumed, shared with the storage flusher.
-    pub feeds: Vec<crate::flusher::ShardFeed>,
-    /// The storage flusher's progress, when sinks are configured.
-    pub sinks: Option<crate::flusher::StatusReader>,
-    /// The geofences (persisted in the data directory), shared by every executor.
-    pub fences: Arc<crate::fence::FenceRegistry>,
-    /// The address actually bound (differs from the configured one when the port was 0).
-    pub local_addr: std::sync::OnceLock<SocketAddr>,
-    /// Per logical shard: why its log stopped accepting (a failed sync, its directory removed),
-    /// set once by the owning executor; a poisoned log stays so until the process restarts.
-    /// `/readyz` reports these.
-    pub storage_faults: Vec<std::sync::OnceLock<String>>,
-}
-
-impl Shared {
-    /// The executor that owns logical shard `shard`, and the shard's index among that executor's.
-    pub fn owner(&self, shard: ShardId) -> (usize, usize) {
-        let k = shard.0 as usize;
-        (k % self.executors, k / self.executors)
-    }
-
-    /// True once every executor has recovered its shards and is accepting.
-    pub fn ready(&self) -> bool {
-        self.executors_ready.load(Ordering::Acquire) == self.executors
-            && !self.stopping.load(Ordering::Acquire)
-    }
-}
+use crate::shard::core::Core;
+use crate::shard::mesh::Meshes;
 
 /// Why `serve` could not run.
 #[derive(Debug, thiserror::Error)]
@@ -287,7 +222,7 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
         connections_http: AtomicUsize::new(0),
         subscribers_open: AtomicUsize::new(0),
         sub_devices_total: AtomicUsize::new(0),
-        stopping: AtomicBool::new(false),
+        stopping: Arc::new(AtomicBool::new(false)),
         executors_drained: AtomicUsize::new(0),
         local_addr: std::sync::OnceLock::new(),
         storage_faults: (0..datadir.shard_count())
@@ -315,24 +250,27 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     // its clones must all be made here, before any executor runs: clones made on executor
     // threads (or here while executors already run) race on the non-atomic count, which freed
     // the builder under a peer and hung startup in mesh joins. Each executor takes its own.
-    let meshes = exec::Meshes::new(executors, shared.cfg.mesh_capacity);
-    let per_executor: Vec<Option<exec::Meshes>> =
-        (0..executors).map(|_| Some(meshes.clone())).collect();
-    drop(meshes);
+    let meshes = Meshes::<Core>::new(executors, shared.cfg.mesh_capacity);
+    let handoff = rt::mesh::full::<Handoff>(executors, crate::limits::HANDOFF_MESH_CAPACITY);
+    let per_executor: Vec<Option<(Meshes<Core>, HandoffMesh)>> = (0..executors)
+        .map(|_| Some((meshes.clone(), handoff.clone())))
+        .collect();
+    drop((meshes, handoff));
     let per_executor = Arc::new(std::sync::Mutex::new(per_executor));
     let datadir = Arc::new(datadir);
     let results = rt::run_executors(executors, {
         let shared = shared.clone();
         let stop_flag = stop_flag.clone();
         move |index| {
-            let meshes = per_executor.lock().unwrap_or_else(|p| p.into_inner())[index]
+            let (meshes, handoff) = per_executor.lock().unwrap_or_else(|p| p.into_inner())[index]
                 .take()
                 .expect("each executor starts once");
-            exec::executor_main(
-                index,
+            executor_main(
+                ExecutorId(index),
                 shared.clone(),
                 datadir.clone(),
                 meshes,
+                handoff,
                 stop_flag.clone(),
             )
         }
@@ -350,4 +288,163 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     }
     tracing::info!("geobeat stopped cleanly");
     Ok(())
+}
+
+type HandoffMesh = rt::mesh::MeshBuilder<Handoff, rt::mesh::Full>;
+
+/// The body of one executor: recover its shards, join the meshes, spawn its tasks, serve until
+/// shutdown, drain.
+async fn executor_main(
+    index: ExecutorId,
+    shared: Arc<Shared>,
+    datadir: Arc<DataDir>,
+    meshes: Meshes<Core>,
+    handoff: HandoffMesh,
+    stop_flag: Arc<AtomicBool>,
+) -> Result<(), std::io::Error> {
+    let stores = crate::shard::core::open_stores(index, &shared, &datadir);
+    // glommio can lose the wake-up that completes a mesh join; keep this executor awake.
+    let nudge = rt::Nudge::start();
+    let (tx, rx) = meshes.join().await?;
+    let (handoff_tx, handoff_rx) = handoff
+        .join()
+        .await
+        .map_err(|_| std::io::Error::other("joining the hand-off mesh"))?;
+    drop(nudge);
+    let stores = match stores {
+        Ok(stores) => stores,
+        Err(e) => {
+            // The meshes are joined (peers would wait for us forever otherwise); now stop
+            // everyone.
+            tracing::error!(executor = index.0, error = %e, "a shard could not be opened; stopping");
+            stop_flag.store(true, Ordering::Release);
+            shared.stopping.store(true, Ordering::Release);
+            shared.executors_drained.fetch_add(1, Ordering::AcqRel);
+            return Err(e);
+        }
+    };
+    let core = Rc::new(Core::new(index, shared.clone(), stores, tx));
+    let edge = Rc::new(Edge::new(core.clone(), handoff_tx));
+    spawn_mesh_loops(&edge, rx, handoff_rx);
+    rt::spawn(fanout_flush_loop(core.clone()));
+    let commit = rt::spawn_joinable(core.clone().commit_loop());
+    rt::spawn(core.clone().retention_loop());
+
+    let listener = rt::bind(
+        *shared
+            .local_addr
+            .get()
+            .expect("address resolved before executors start"),
+    )?;
+    if shared.executors_ready.fetch_add(1, Ordering::AcqRel) + 1 == shared.executors {
+        announce_listening(&shared);
+    }
+    rt::spawn(crate::net::router::accept_loop(
+        edge.clone(),
+        listener,
+        Role::Main,
+    ));
+    if let (0, Some(addr)) = (index.0, shared.cfg.metrics_listen) {
+        let metrics = rt::bind(addr)?;
+        tracing::info!(%addr, "serving /metrics on its own listener");
+        rt::spawn(crate::net::router::accept_loop(
+            edge.clone(),
+            metrics,
+            Role::Metrics,
+        ));
+    }
+
+    // Watch for shutdown.
+    while !stop_flag.load(Ordering::Acquire) {
+        rt::sleep(STOP_POLL_INTERVAL).await;
+    }
+    core.stop.begin();
+    tracing::info!(executor = index.0, "draining");
+    let drain_deadline = Instant::now() + SHUTDOWN_DRAIN_MAX;
+    while (core.acks.open_count() > 0 || core.fanout.conns_open() > 0)
+        && Instant::now() < drain_deadline
+    {
+        rt::sleep(Duration::from_millis(5)).await;
+    }
+    shared.executors_drained.fetch_add(1, Ordering::AcqRel);
+    // Keep committing for peers until every executor drained.
+    while shared.executors_drained.load(Ordering::Acquire) < shared.executors
+        && Instant::now() < drain_deadline
+    {
+        rt::sleep(Duration::from_millis(5)).await;
+    }
+    shared
+        .executors_drained
+        .store(shared.executors, Ordering::Release);
+    commit.await;
+    for slot in &core.stores {
+        match slot.store.borrow_mut().sync_blocking() {
+            Ok(durable) => shared.feeds[slot.shard.0 as usize].publish_durable(durable),
+            Err(e) => tracing::error!(shard = %slot.shard, error = %e, "final sync failed"),
+        }
+    }
+    Ok(())
+}
+
+/// Spawns, per peer, the loops that receive from the meshes and dispatch each message to the
+/// shard core or the network edge. The reply and event receivers never wait on anything but
+/// their channel, so bounded channels cannot deadlock (see `shard::mesh`).
+fn spawn_mesh_loops(
+    edge: &Rc<Edge>,
+    rx: crate::shard::mesh::Rx<Core>,
+    handoff_rx: rt::mesh::Receivers<Handoff>,
+) {
+    let core = &edge.core;
+    let data = Rc::new(rx.data);
+    let control = Rc::new(rx.control);
+    let replies = Rc::new(rx.replies);
+    let events = Rc::new(rx.events);
+    let handoff = Rc::new(handoff_rx);
+    for peer in (0..core.shared.executors).map(ExecutorId) {
+        if peer == core.index {
+            continue;
+        }
+        let (c, d) = (core.clone(), data.clone());
+        rt::spawn(async move {
+            while let Ok(Some(msg)) = d.recv_from(peer.0).await {
+                c.append_remote(peer, msg);
+            }
+        });
+        let (c, r) = (core.clone(), control.clone());
+        rt::spawn(async move {
+            while let Ok(Some(msg)) = r.recv_from(peer.0).await {
+                c.on_control(peer, msg);
+            }
+        });
+        let (c, r) = (core.clone(), replies.clone());
+        rt::spawn(async move {
+            while let Ok(Some(msg)) = r.recv_from(peer.0).await {
+                c.on_done(msg);
+            }
+        });
+        rt::spawn(core.clone().reply_send_loop(peer));
+        let (c, r) = (core.clone(), events.clone());
+        rt::spawn(async move {
+            while let Ok(Some(batch)) = r.recv_from(peer.0).await {
+                c.fanout.on_batch(batch);
+            }
+        });
+        let (e, h) = (edge.clone(), handoff.clone());
+        rt::spawn(async move {
+            while let Ok(Some(msg)) = h.recv_from(peer.0).await {
+                crate::net::ingest::adopt(e.clone(), peer, msg);
+            }
+        });
+    }
+}
+
+/// Retries the fan-out's unreported drop counts periodically until shutdown.
+async fn fanout_flush_loop(core: Rc<Core>) {
+    loop {
+        rt::timeout(FANOUT_MISSED_FLUSH_INTERVAL, core.stop.wait()).await;
+        if core.stopping() {
+            return;
+        }
+        core.fanout.flush();
+    }
 }

@@ -1,0 +1,130 @@
+//! The one auth guard of the network edge: every request that needs a token (WebSocket
+//! upgrades, HTTP reads and writes) goes through [`check`] with what it needs ([`Need`]). It owns
+//! finding the bearer token, verifying it against the server's secret and clock, the scope rules
+//! of each need, and the exact refusal each gets (docs/PROTOCOL.md, docs/openapi.json); it does
+//! not answer the request (the caller sends the [`Refusal`]).
+//!
+//! Invariant: every refusal is a 401 whose body never echoes the token; WebSocket upgrades name
+//! the parameter at fault (`"param":"token"`), HTTP endpoints do not (their documented bodies).
+
+use crate::auth::{Claims, Scope};
+use crate::http::parse::{self, Request};
+use crate::node::Shared;
+
+/// What a request needs its token to allow.
+#[derive(Debug, Clone, Copy)]
+pub enum Need<'a> {
+    /// `/v1/ingest`: a device or gateway token.
+    Ingest,
+    /// `/v1/subscribe`: an ops or subscriber token.
+    Subscribe,
+    /// A read about one device (an ops token, or a subscriber token whose prefix the id
+    /// starts with), or with `None` a read or write that only ops may make.
+    Read(Option<&'a str>),
+    /// A read that is not about one device but open to subscribers too (geofences).
+    OpsOrSubscriber,
+}
+
+/// A refused request: the status (401) and the JSON body to answer with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body.
+    pub body: String,
+}
+
+impl Need<'_> {
+    /// The answer when no token (or, for HTTP, an undecodable one) was given.
+    fn missing(&self) -> &'static str {
+        match self {
+            Need::Ingest | Need::Subscribe => "missing token",
+            Need::Read(_) => "missing ops token",
+            Need::OpsOrSubscriber => "missing ops or subscriber token",
+        }
+    }
+
+    /// The parameter named in refusals (WebSocket upgrades only).
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Need::Ingest | Need::Subscribe => Some("token"),
+            Need::Read(_) | Need::OpsOrSubscriber => None,
+        }
+    }
+
+    /// Whether `scope` may do what this need names; `Err` is the refusal message.
+    fn allows(&self, scope: &Scope) -> Result<(), &'static str> {
+        let ok = match (self, scope) {
+            (Need::Ingest, Scope::Device(_) | Scope::Gateway(_)) => true,
+            (Need::Ingest, _) => return Err("token scope does not allow ingest"),
+            (Need::Subscribe, Scope::Ops | Scope::Subscriber(_)) => true,
+            (Need::Subscribe, _) => {
+                return Err(
+                    "token scope does not allow subscribing (use an ops or subscriber token)",
+                )
+            }
+            (Need::Read(_), Scope::Ops) => true,
+            (Need::Read(Some(id)), Scope::Subscriber(prefix)) => id.starts_with(prefix.as_str()),
+            (Need::OpsOrSubscriber, Scope::Ops | Scope::Subscriber(_)) => true,
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err("token scope does not allow this query")
+        }
+    }
+}
+
+/// Checks `req`'s token for `need`: the verified claims, or the 401 to answer with.
+pub fn check(shared: &Shared, req: &Request<'_>, need: Need<'_>) -> Result<Claims, Refusal> {
+    let refuse = |message: &str| {
+        let (status, body) = parse::json_error(401, message, need.param());
+        Refusal { status, body }
+    };
+    let mut scratch = Vec::new();
+    let token = match parse::bearer_token(req, &mut scratch) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Err(refuse(need.missing())),
+        Err(_) if need.param().is_some() => return Err(refuse("malformed token")),
+        Err(_) => return Err(refuse(need.missing())),
+    };
+    let claims = crate::auth::verify(&shared.secret, token, crate::rt::now_s())
+        .map_err(|e| refuse(&e.to_string()))?;
+    need.allows(&claims.scope).map_err(refuse)?;
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_need_admits_exactly_its_scopes() {
+        // The scope table of docs/PROTOCOL.md, and the refusal each need gives.
+        let dev = Scope::Device("a-1".into());
+        let gw = Scope::Gateway("a-".into());
+        let sub = Scope::Subscriber("a-".into());
+        let ops = Scope::Ops;
+        for (need, admitted) in [
+            (Need::Ingest, [true, true, false, false]),
+            (Need::Subscribe, [false, false, true, true]),
+            (Need::Read(None), [false, false, false, true]),
+            (Need::Read(Some("a-7")), [false, false, true, true]),
+            (Need::Read(Some("b-7")), [false, false, false, true]),
+            (Need::OpsOrSubscriber, [false, false, true, true]),
+        ] {
+            for (scope, want) in [&dev, &gw, &sub, &ops].into_iter().zip(admitted) {
+                assert_eq!(need.allows(scope).is_ok(), want, "{need:?} {scope:?}");
+            }
+        }
+        assert_eq!(
+            Need::Ingest.allows(&ops),
+            Err("token scope does not allow ingest")
+        );
+        assert_eq!(
+            Need::Read(None).allows(&sub),
+            Err("token scope does not allow this query")
+        );
+    }
+}

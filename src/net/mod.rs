@@ -1,0 +1,22 @@
+//! The network edge of one executor: sockets, protocols and HTTP, above the shard core. Its
+//! state is an [`edge::Edge`]. The [`router`] accepts, reads one bounded request head, and hands the socket to a connection kind
+//! ([`ingest`], [`subscribe`]: an [`edge::Kind`] each) or answers plain HTTP ([`http`], one file per
+//! resource); WebSocket connections read and write through [`ws`]; every token is checked by
+//! [`auth`]; [`slots`] counts connections against the caps. It does not store, commit or route
+//! heartbeats (`shard`), and does not spawn the executor's long-lived tasks (`server`).
+//!
+//! Adding a connection kind is one new file implementing [`edge::Kind`] plus one line in the
+//! router.
+//!
+//! Invariant: a connection lives on one executor; the only socket that crosses executors is a
+//! device connection handed once to the executor that owns its shard ([`edge::Handoff`], on a mesh of
+//! its own, so a hand-off never waits behind appends or queries).
+
+pub mod auth;
+pub mod edge;
+pub mod http;
+pub mod ingest;
+pub mod router;
+pub mod slots;
+pub mod subscribe;
+pub mod ws;

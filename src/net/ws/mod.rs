@@ -1,0 +1,24 @@
+//! The WebSocket halves every server WebSocket connection (ingest and subscribe) uses: [`read`]
+//! (the next data frame under the idle, shutdown, writer-gone and expiry rules; the partial-frame
+//! bound) and [`mod@write`] (bounded writes and the close sequence). They take a connection's small
+//! handles (the executor's [`crate::rt::Stop`], its partial-frame account, the timeouts), never
+//! the executor; what the frames mean is the connection kind's.
+
+pub mod read;
+pub mod write;
+
+use std::rc::Rc;
+
+use read::ReadMeter;
+
+pub use read::{Ctl, Data, Metered, Source, WsReader};
+pub use write::{Sink, WriteError, WsWriter};
+
+/// Splits a server WebSocket read through `Metered` (whose meter is `meter`) into its halves.
+pub fn split(
+    ws: async_tungstenite::WebSocketStream<Metered>,
+    meter: Rc<ReadMeter>,
+) -> (Sink, Source) {
+    let (sink, stream) = futures_util::StreamExt::split(ws);
+    (sink, Source { stream, meter })
+}

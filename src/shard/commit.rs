@@ -1,0 +1,174 @@
+//! The group commit of one executor's shards: waits for appends (optionally lingering to grow
+//! the group), makes each shard's log durable with an io_uring `fdatasync` (or a DAX flush)
+//! while the executor keeps serving, then completes the groups waiting on it and releases their
+//! subscription events. It owns the commit policy (Strict: start at once, or after the linger;
+//! Relaxed: on the interval) and marking a shard whose log failed a sync (`/readyz`). It does
+//! not append (`shard`) and does not write acks (`net`).
+//!
+//! Invariant: waiters complete only for positions below the durable position the log reported
+//! after its sync; a poisoned log completes nothing more.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::limits::{STOP_POLL_INTERVAL, SYNC_FILES_MAX};
+use crate::log::Commit;
+use crate::route::ShardId;
+use crate::rt::{self, SyncFile};
+use crate::shard::core::{Core, StoreSlot};
+
+impl Core {
+    fn any_pending(&self) -> bool {
+        self.stores.iter().any(|s| s.pending_entries.get() > 0)
+    }
+
+    async fn sync_file(
+        &self,
+        slot: &StoreSlot,
+        base: u64,
+        fd: std::os::fd::RawFd,
+    ) -> std::io::Result<Rc<SyncFile>> {
+        if let Some((_, f)) = slot.sync_files.borrow().iter().find(|(b, _)| *b == base) {
+            return Ok(f.clone());
+        }
+        let f = Rc::new(SyncFile::from_fd(fd)?);
+        let mut files = slot.sync_files.borrow_mut();
+        if files.len() >= SYNC_FILES_MAX {
+            files.remove(0);
+        }
+        files.push((base, f.clone()));
+        Ok(f)
+    }
+
+    /// Records why `shard`'s log stopped accepting, for `/readyz` (the first reason stays).
+    fn storage_fault(&self, shard: ShardId, e: &crate::store::Error) {
+        let _ = self.shared.storage_faults[shard.0 as usize].set(e.to_string());
+    }
+
+    /// Commits one shard: makes everything appended so far durable, then completes waiters.
+    async fn commit_slot(&self, slot: &StoreSlot) {
+        let started = Instant::now();
+        slot.probe
+            .group_entries
+            .observe(slot.pending_entries.get() as f64);
+        slot.pending_entries.set(0);
+        slot.pending_since.set(None);
+        let begun = slot.store.borrow_mut().commit_begin();
+        let durable = match begun {
+            Err(e) => {
+                tracing::error!(shard = %slot.shard, error = %e, "commit refused; shard log poisoned");
+                self.storage_fault(slot.shard, &e);
+                return;
+            }
+            Ok(Commit::Idle) => slot.store.borrow().durable(),
+            Ok(Commit::Done(p)) => p,
+            Ok(Commit::Sync(job)) => {
+                let mut result = Ok(());
+                let targets: Vec<(u64, Option<std::os::fd::RawFd>)> = job
+                    .files()
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.base().0,
+                            f.fd().map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd)),
+                        )
+                    })
+                    .collect();
+                for (base, fd) in targets {
+                    let Some(fd) = fd else { continue };
+                    let r = match self.sync_file(slot, base, fd).await {
+                        Ok(f) => f.fdatasync().await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                match slot.store.borrow_mut().commit_end(job, result) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // The log is poisoned: nothing more becomes durable. Waiters stay
+                        // un-acked; devices see no ack and resend elsewhere after restart.
+                        tracing::error!(shard = %slot.shard, error = %e, "commit failed; shard log poisoned");
+                        self.storage_fault(slot.shard, &e);
+                        return;
+                    }
+                }
+            }
+        };
+        slot.probe
+            .commit_latency
+            .observe(started.elapsed().as_secs_f64());
+        self.shared.feeds[slot.shard.0 as usize].publish_durable(durable);
+        // Subscription events of this group go out now that it is durable.
+        self.fanout
+            .durable(self.shared.owner(slot.shard).1, durable);
+        loop {
+            let next = {
+                let mut w = slot.waiters.borrow_mut();
+                match w.front() {
+                    Some(front) if front.pos < durable => w.pop_front(),
+                    _ => None,
+                }
+            };
+            match next {
+                Some(w) => self.complete(w.target),
+                None => break,
+            }
+        }
+    }
+
+    /// Commits every shard with pending appends, group by group, until shutdown has drained
+    /// every executor. Spawned once per executor by `server`.
+    pub async fn commit_loop(self: Rc<Self>) {
+        let policy = &self.shared.cfg;
+        let relaxed = policy.durability == crate::config::Durability::Relaxed;
+        let linger = if relaxed {
+            policy.commit_interval
+        } else {
+            policy.commit_linger.min(policy.commit_interval)
+        };
+        loop {
+            if !self.any_pending() {
+                if self.stopping()
+                    && self.shared.executors_drained.load(Ordering::Acquire)
+                        == self.shared.executors
+                {
+                    return;
+                }
+                // Wake on the next append, or periodically while stopping to notice the drain.
+                rt::timeout(STOP_POLL_INTERVAL, self.commit_signal.wait()).await;
+                continue;
+            }
+            // Group: in Strict mode start at once when idle (the group grows while the previous
+            // fdatasync is in flight) unless a linger is configured; Relaxed mode syncs on the
+            // interval, since nobody waits for it.
+            let wait = if relaxed {
+                linger.max(Duration::from_millis(1))
+            } else {
+                linger
+            };
+            if !wait.is_zero() {
+                let due = |s: &StoreSlot| {
+                    s.pending_entries.get() >= policy.commit_entries_max
+                        || s.pending_since.get().is_some_and(|t| t.elapsed() >= wait)
+                };
+                while !self.stores.iter().any(due) {
+                    rt::timeout(
+                        wait / 4 + Duration::from_micros(50),
+                        self.commit_signal.wait(),
+                    )
+                    .await;
+                }
+            }
+            let commits = self
+                .stores
+                .iter()
+                .filter(|s| s.pending_entries.get() > 0)
+                .map(|s| self.commit_slot(s));
+            futures_util::future::join_all(commits).await;
+        }
+    }
+}
