@@ -1,29 +1,41 @@
 //! geobeat: durable location-heartbeat ingest for very large IoT fleets.
 //!
 //! # Layout
-//! - [`limits`]: every hard bound, with compile-time relationships.
-//! - [`record`]: the heartbeat record, its validation and rkyv encoding.
-//! - [`route`]: device routing: CRC32C → virtual shard → shard (a table in the data directory).
-//! - [`datadir`]: the data directory (meta file, lock, shard directories, layout swaps).
+//! The modules from the top floor down: each uses only modules listed after it (tests/layers.rs
+//! keeps this true, and keeps the files of the server layers' directories free of circles).
+//! - [`server`]: `geobeat serve`: startup, the executors' long-lived tasks and mesh receive
+//!   loops, shutdown (the only place that spawns them).
+//! - [`net`]: the network edge: accept and route requests, the connection kinds (ingest,
+//!   subscribe), WebSocket halves, HTTP resources, the one auth guard.
+//! - [`shard`]: one executor's shard core: stores, appends, group commit, retention, the ack
+//!   ledger, the meshes. Knows nothing of sockets.
+//! - [`subscribe`]: subscription interest, event fan-out and delivery queues, JSON rendering.
+//! - [`query`]: history and area queries over one shard store.
 //! - [`reshard`]: `geobeat reshard` / `geobeat migrate`: the offline rewrite into a new layout.
-//! - [`log`]: the durable per-shard log (segments, commit, recovery, retention).
-//! - [`table`]: the per-shard last-location table.
+//! - [`demo`]: `geobeat demo`'s simulated fleet.
+//! - [`node`]: process-wide server state (configuration, secret, routing, counters, feeds).
+//! - [`metrics`]: per-executor probes and the Prometheus exposition.
+//! - [`flusher`]: drains durable log entries to storage sinks (audit files, PostgreSQL).
 //! - [`store`]: one shard's log plus table behind a small facade.
 //! - [`checkpoint`]: the per-shard last-location checkpoint (last entries retention deleted).
-//! - [`flusher`]: drains durable log entries to storage sinks (audit files, PostgreSQL).
-//! - [`proto`]: the device ingest protocol (frame decoding, verdicts, acks, abuse guards).
-//! - [`auth`]: access tokens (HMAC-signed scopes) and the server secret.
-//! - [`config`]: command line and configuration resolution.
+//! - [`table`]: the per-shard last-location table.
+//! - [`log`]: the durable per-shard log (segments, commit, recovery, retention).
 //! - [`http`]: pure HTTP request-head parsing and WebSocket upgrade helpers.
-//! - [`metrics`]: per-executor probes and the Prometheus exposition.
-//! - [`rt`]: the runtime seam (glommio behind a thin layer).
-//! - [`server`]: `geobeat serve`: executors, ingest connections, HTTP endpoints.
-//! - [`spatial`]: bounding boxes, great-circle distance, the per-shard grid index.
+//! - [`proto`]: the device ingest protocol (frame decoding, verdicts, acks, abuse guards).
 //! - [`fence`]: geofences (polygons, circles), their spatial index and persistence.
-//! - [`demo`]: `geobeat demo`'s simulated fleet.
+//! - [`tokens`]: `geobeat token`: minting from the command line.
 //! - [`logging`]: log output on stderr (text without colours unless a terminal, or JSON lines).
+//! - [`config`]: command line and configuration resolution.
+//! - [`datadir`]: the data directory (meta file, lock, shard directories, layout swaps).
+//! - [`auth`]: access tokens (HMAC-signed scopes) and the server secret.
+//! - [`route`]: device routing: CRC32C → virtual shard → shard (a table in the data directory).
+//! - [`record`]: the heartbeat record, its validation and rkyv encoding.
 //! - [`preflight`]: start-up checks of the platform (io_uring allowed, locked-memory limit).
+//! - [`rt`]: the runtime seam (glommio behind a thin layer), the wall clock, stop handles.
+//! - [`spatial`]: bounding boxes, great-circle distance, the per-shard grid index.
+//! - [`slab`]: the generational slab behind every connection table.
 //! - [`ratelog`]: rate-limited log lines for events that repeat (refusals, accept failures).
+//! - [`limits`]: every hard bound, with compile-time relationships.
 #![deny(missing_docs)]
 
 pub mod auth;
@@ -55,3 +67,4 @@ pub mod spatial;
 pub mod store;
 pub mod subscribe;
 pub mod table;
+pub mod tokens;

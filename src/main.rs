@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             };
             rewrite("migrate", &req)
         }
-        Command::Token(args) => match geobeat::auth::run_token_command(&args) {
+        Command::Token(args) => match geobeat::tokens::run_token_command(&args) {
             Ok(token) => {
                 println!("{token}");
                 ExitCode::SUCCESS

@@ -8,11 +8,9 @@ use std::path::Path;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use clap::Parser as _;
-use geobeat::auth::{
-    mint, run_token_command_with, verify, Claims, Scope, Secret, TokenCommandError, TokenError,
-    SECRET_FILE_NAME,
-};
+use geobeat::auth::{mint, verify, Claims, Scope, Secret, TokenError, SECRET_FILE_NAME};
 use geobeat::config::{Cli, Command, TokenArgs};
+use geobeat::tokens::{run_token_command_with, TokenCommandError};
 use proptest::prelude::*;
 
 const NOW: u64 = 1_732_200_000;

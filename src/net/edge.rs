@@ -55,6 +55,15 @@ impl Edge {
     }
 }
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Devices and the HTTP API (and `/metrics` unless it has its own listener).
+    Main,
+    /// Only `/metrics` (`--metrics-listen`).
+    Metrics,
+}
+
 /// A device connection handed to the executor that owns its device's shard, so its heartbeats
 /// never cross cores again.
 pub struct Handoff {

@@ -24,21 +24,12 @@ use crate::limits::{
     HTTP_HEAD_BYTES_MAX, HTTP_REQUESTS_PER_CONN_MAX, REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX,
     REPEAT_LOG_INTERVAL_MS,
 };
-use crate::net::edge::{Edge, Kind};
+use crate::net::edge::{Edge, Kind, Role};
 use crate::net::ingest::IngestKind;
 use crate::net::slots::{ConnSlot, HttpSlot};
 use crate::net::subscribe::SubscribeKind;
 use crate::ratelog::LogEvery;
 use crate::rt::{self, TcpListener, TcpStream};
-
-/// What a listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Devices and the HTTP API (and `/metrics` unless it has its own listener).
-    Main,
-    /// Only `/metrics` (`--metrics-listen`).
-    Metrics,
-}
 
 /// Accepts until shutdown.
 pub async fn accept_loop(edge: Rc<Edge>, listener: TcpListener, role: Role) {

@@ -21,8 +21,7 @@ pub use ops::OPENAPI_JSON;
 pub use response::Response;
 
 use crate::http::parse::Request;
-use crate::net::edge::Edge;
-use crate::net::router::Role;
+use crate::net::edge::{Edge, Role};
 
 use devices::Devices;
 use fences::Fences;
