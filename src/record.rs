@@ -75,6 +75,43 @@ impl Invalid {
     }
 }
 
+/// A device id that passed [`validate_device_id`]: what crosses module boundaries once an id
+/// came from a URL, a subscription or a token (the stored record keeps a plain `String`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(Box<str>);
+
+impl DeviceId {
+    /// Validates `id`.
+    pub fn parse(id: &str) -> Result<DeviceId, Invalid> {
+        validate_device_id(id)?;
+        Ok(DeviceId(id.into()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for DeviceId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for DeviceId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Checks a device id (also used for ids from tokens and URLs).
 pub fn validate_device_id(id: &str) -> Result<(), Invalid> {
     if id.is_empty() {

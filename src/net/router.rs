@@ -141,31 +141,41 @@ pub async fn write_response_typed(
     stream.flush().await
 }
 
-/// Reads until `buf` holds a complete request head, bounded in size and by `deadline`. `Ok` with
-/// the time the request's first byte was seen when complete, `Err(Some(status))` to answer with
-/// an error, `Err(None)` to just close (EOF, or a connection that never sent a byte before the
-/// deadline).
+/// Why no complete request head was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadError {
+    /// The client went away (EOF, a read error), or never sent a byte before the deadline:
+    /// close without answering.
+    Gone,
+    /// The head is malformed (400, 405, ...), too large (431) or incomplete at the deadline
+    /// (408): answer with this status, then close.
+    Refuse(u16),
+}
+
+/// Reads until `buf` holds a complete request head, bounded in size and by `deadline`: the time
+/// the request's first byte was seen, or why there is no head.
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     deadline: Instant,
-) -> Result<Instant, Option<u16>> {
+) -> Result<Instant, HeadError> {
     let mut first_byte = (!buf.is_empty()).then(Instant::now);
     loop {
         match parse::parse_head(buf) {
             Ok(Parsed::Complete(_)) => return Ok(first_byte.unwrap_or_else(Instant::now)),
             Ok(Parsed::Partial) => {}
-            Err(e) => return Err(Some(e.status())),
+            Err(e) => return Err(HeadError::Refuse(e.status())),
         }
         if buf.len() >= HTTP_HEAD_BYTES_MAX {
-            return Err(Some(431));
+            return Err(HeadError::Refuse(431));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let mut chunk = [0u8; 2048];
         let room = (HTTP_HEAD_BYTES_MAX - buf.len()).min(chunk.len());
         match rt::timeout(left, stream.read(&mut chunk[..room])).await {
-            None => return Err(if buf.is_empty() { None } else { Some(408) }),
-            Some(Ok(0)) | Some(Err(_)) => return Err(None),
+            None if buf.is_empty() => return Err(HeadError::Gone),
+            None => return Err(HeadError::Refuse(408)),
+            Some(Ok(0)) | Some(Err(_)) => return Err(HeadError::Gone),
             Some(Ok(n)) => {
                 first_byte.get_or_insert_with(Instant::now);
                 buf.extend_from_slice(&chunk[..n]);
@@ -197,11 +207,10 @@ async fn handle(
         let first_byte = match read_head(&mut stream, &mut buf, Instant::now() + head_timeout).await
         {
             Ok(t) => t,
-            Err(status) => {
-                if let Some(status) = status {
-                    let (_, body) = parse::json_error(status, parse::status_text(status), None);
-                    answer_and_close(&mut stream, status, &body).await;
-                }
+            Err(HeadError::Gone) => return,
+            Err(HeadError::Refuse(status)) => {
+                let (_, body) = parse::json_error(status, parse::status_text(status), None);
+                answer_and_close(&mut stream, status, &body).await;
                 return;
             }
         };

@@ -36,6 +36,7 @@ use crate::net::edge::{Edge, Kind};
 use crate::net::slots::{ConnSlot, SubscriberSlot};
 use crate::net::ws::{self, Ctl, Data, Metered, Sink, Source, WriteError, WsReader, WsWriter};
 use crate::proto::{self, close};
+use crate::record::DeviceId;
 use crate::rt::{self, TcpStream};
 use crate::shard::core::Core;
 use crate::slab::Key as ConnKey;
@@ -392,7 +393,7 @@ pub fn parse_op(text: &str, prefix: Option<&str>) -> Result<Op, OpError> {
     })
 }
 
-fn parse_devices(v: &Value, sub: &str, prefix: Option<&str>) -> Result<Vec<Box<str>>, OpError> {
+fn parse_devices(v: &Value, sub: &str, prefix: Option<&str>) -> Result<Vec<DeviceId>, OpError> {
     let bad = |detail: &str| OpError::new("bad_devices", Some(sub), detail);
     let Value::Array(items) = v else {
         return Err(bad(r#""devices" must be an array of device ids"#));
@@ -407,14 +408,15 @@ fn parse_devices(v: &Value, sub: &str, prefix: Option<&str>) -> Result<Vec<Box<s
             format!("at most {SUB_DEVICES_MAX} devices per subscription"),
         ));
     }
-    let mut ids: Vec<Box<str>> = Vec::with_capacity(items.len());
+    let mut ids: Vec<DeviceId> = Vec::with_capacity(items.len());
     for item in items {
         let Value::String(id) = item else {
             return Err(bad(r#""devices" must be an array of device ids"#));
         };
-        if let Err(e) = crate::record::validate_device_id(id) {
-            return Err(bad(&format!("invalid device id {id:?}: {}", e.reason())));
-        }
+        let device = match DeviceId::parse(id) {
+            Ok(d) => d,
+            Err(e) => return Err(bad(&format!("invalid device id {id:?}: {}", e.reason()))),
+        };
         if let Some(p) = prefix {
             if !id.starts_with(p) {
                 return Err(OpError::new(
@@ -424,7 +426,7 @@ fn parse_devices(v: &Value, sub: &str, prefix: Option<&str>) -> Result<Vec<Box<s
                 ));
             }
         }
-        ids.push(id.as_str().into());
+        ids.push(device);
     }
     ids.sort_unstable();
     ids.dedup();
@@ -726,7 +728,13 @@ mod tests {
                 assert_eq!(sub, "s.1");
                 assert_eq!(filter.prefix.as_deref(), Some("a-"));
                 match filter.target {
-                    Target::Devices(ids) => assert_eq!(ids, vec!["a-1".into(), "a-2".into()]),
+                    Target::Devices(ids) => assert_eq!(
+                        ids,
+                        vec![
+                            DeviceId::parse("a-1").unwrap(),
+                            DeviceId::parse("a-2").unwrap()
+                        ]
+                    ),
                     other => panic!("{other:?}"),
                 }
             }

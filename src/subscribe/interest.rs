@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::limits::FANOUT_GRID_CELLS_PER_BOX_MAX;
-use crate::record::Heartbeat;
+use crate::record::{DeviceId, Heartbeat};
 use crate::slab::Key as ConnKey;
 use crate::spatial::BBox;
 
@@ -36,7 +36,7 @@ pub struct SubKey {
 #[derive(Debug, Clone)]
 pub enum Target {
     /// Heartbeats of these devices (sorted, no duplicates).
-    Devices(Vec<Box<str>>),
+    Devices(Vec<DeviceId>),
     /// Heartbeats located in this box.
     BBox(BBox),
     /// Enter/exit transitions of this fence (by name: fence ids change between snapshots).
@@ -93,7 +93,7 @@ pub(super) struct Interest {
     pub(super) subs: HashMap<SubKey, Arc<Filter>>,
     pub(super) by_conn: HashMap<(u32, ConnKey), Vec<SubKey>>,
     /// Looked up per heartbeat while any subscription exists: ahash, not SipHash.
-    pub(super) by_device: HashMap<Box<str>, Vec<SubKey>, ahash::RandomState>,
+    pub(super) by_device: HashMap<DeviceId, Vec<SubKey>, ahash::RandomState>,
     /// Coarse cells (allocated with the first bbox), each listing the boxes overlapping it.
     pub(super) cells: Vec<Vec<Listed>>,
     /// Boxes too large for the cells.
@@ -299,7 +299,10 @@ mod tests {
         // connection leaves an empty index.
         let mut i = Interest::default();
         let devices = Arc::new(Filter {
-            target: Target::Devices(vec!["a".into(), "b".into()]),
+            target: Target::Devices(vec![
+                DeviceId::parse("a").unwrap(),
+                DeviceId::parse("b").unwrap(),
+            ]),
             prefix: None,
         });
         let put = |i: &mut Interest, k, f: &Arc<Filter>| {

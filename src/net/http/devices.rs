@@ -13,6 +13,7 @@ use crate::net::auth::{self, Need};
 use crate::net::http::response::Response;
 use crate::node::Shared;
 use crate::query::Area;
+use crate::record::DeviceId;
 use crate::shard::core::Core;
 use crate::subscribe::render::LastLocationBody;
 
@@ -28,12 +29,12 @@ pub enum Devices {
     /// `GET /v1/devices/{id}`.
     Last {
         /// The device.
-        id: String,
+        id: DeviceId,
     },
     /// `GET /v1/devices/{id}/history?from=..&to=..&limit=..`.
     History {
         /// The device.
-        id: String,
+        id: DeviceId,
         /// Device time range, ms, inclusive.
         from: i64,
         /// See `from`.
@@ -65,8 +66,8 @@ impl Devices {
             return Err(Response::error(405, "method not allowed"));
         }
         let mut buf = Vec::new();
-        let id = match parse::percent_decode(raw_id, &mut buf) {
-            Ok(id) if crate::record::validate_device_id(id).is_ok() => id.to_owned(),
+        let id = match parse::percent_decode(raw_id, &mut buf).map(DeviceId::parse) {
+            Ok(Ok(id)) => id,
             _ => return Err(Response::param_error("invalid device id", "id")),
         };
         auth::check(shared, req, Need::Read(Some(&id)))?;
@@ -269,7 +270,7 @@ fn table_body(store: &crate::store::ShardStore, id: &str) -> Option<LastLocation
     })
 }
 
-async fn history(core: &Core, id: String, from: i64, to: i64, limit: usize) -> Response {
+async fn history(core: &Core, id: DeviceId, from: i64, to: i64, limit: usize) -> Response {
     let shard = core.shared.router.shard_of(&id);
     let found = core
         .query(shard, move |store| {
@@ -287,7 +288,7 @@ async fn history(core: &Core, id: String, from: i64, to: i64, limit: usize) -> R
     }
 }
 
-async fn last_location(core: &Core, id: String) -> Response {
+async fn last_location(core: &Core, id: DeviceId) -> Response {
     let shard = core.shared.router.shard_of(&id);
     let found = core
         .query(shard, move |store| device_body(store, &id))
