@@ -30,6 +30,7 @@ use crate::limits::{PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MIN};
 use crate::log::{self, Log, LogConfig, LogPos, ScanEnd};
 use crate::record::Heartbeat;
 use crate::route::{Router, ShardId};
+use crate::rt::now_ms;
 use crate::store::{self, ShardStore, StoreConfig};
 
 /// What to do.
@@ -112,12 +113,6 @@ fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> Error {
         path: path.to_path_buf(),
         source,
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The cursor files (`<sink>.cursor`) in a directory, by sink name.

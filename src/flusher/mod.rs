@@ -466,9 +466,5 @@ pub fn start(
     })
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+/// Milliseconds since the Unix epoch (the one wall clock, `rt`'s).
+pub(crate) use crate::rt::now_ms;
