@@ -116,6 +116,9 @@ pub enum Command {
     Reshard(ReshardArgs),
     /// Rewrite a format-1 data directory (offline) for this build's routing (format 2).
     Migrate(MigrateArgs),
+    /// Ask a running server: a device's last location or history, devices in an area,
+    /// geofences, live events, stats.
+    Query(crate::client::QueryArgs),
 }
 
 /// `reshard` settings.

@@ -34,12 +34,14 @@
 //! - [`rt`]: the runtime seam (glommio behind a thin layer), the wall clock, stop handles.
 //! - [`spatial`]: bounding boxes, great-circle distance, the per-shard grid index.
 //! - [`slab`]: the generational slab behind every connection table.
+//! - [`client`]: `geobeat query`: a command-line client of a running server (HTTP API, events).
 //! - [`ratelog`]: rate-limited log lines for events that repeat (refusals, accept failures).
 //! - [`limits`]: every hard bound, with compile-time relationships.
 #![deny(missing_docs)]
 
 pub mod auth;
 pub mod checkpoint;
+pub mod client;
 pub mod config;
 pub mod datadir;
 pub mod demo;

@@ -1,5 +1,5 @@
 //! The `geobeat` binary: parses the command line, sets up logging, runs `serve`, `token`,
-//! `demo`, `sinks`, `reshard` or `migrate`, and maps failures to exit codes (1: runtime failure,
+//! `demo`, `sinks`, `reshard`, `migrate` or `query`, and maps failures to exit codes (1: runtime failure,
 //! 2: bad configuration or usage, or a data directory that must be migrated or is refused as is).
 //! Everything else lives in the library.
 
@@ -58,6 +58,16 @@ fn main() -> ExitCode {
                 segment_bytes: args.segment_bytes,
             };
             rewrite("migrate", &req)
+        }
+        Command::Query(args) => {
+            let mut out = std::io::stdout().lock();
+            match geobeat::client::run(&args, &mut out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("geobeat query: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
         }
         Command::Token(args) => match geobeat::tokens::run_token_command(&args) {
             Ok(token) => {
