@@ -54,6 +54,7 @@ impl Core {
             .observe(slot.pending_entries.get() as f64);
         slot.pending_entries.set(0);
         slot.pending_since.set(None);
+        let durable_before = slot.store.borrow().durable();
         let begun = slot.store.borrow_mut().commit_begin();
         let durable = match begun {
             Err(e) => {
@@ -98,6 +99,9 @@ impl Core {
                 }
             }
         };
+        // The durable position only moves forward, and never past what was written.
+        assert!(durable >= durable_before, "durable position went back");
+        debug_assert!(durable <= slot.store.borrow().stats().written);
         slot.probe
             .commit_latency
             .observe(started.elapsed().as_secs_f64());
@@ -114,7 +118,11 @@ impl Core {
                 }
             };
             match next {
-                Some(w) => self.complete(w.target),
+                Some(w) => {
+                    // The precondition of every ack: the group's last entry is durable.
+                    debug_assert!(w.pos < durable);
+                    self.complete(w.target)
+                }
                 None => break,
             }
         }
