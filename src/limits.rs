@@ -414,6 +414,12 @@ pub const SUB_WRITE_BATCH_MAX: usize = 64;
 pub const FANOUT_GRID_CELLS_PER_BOX_MAX: usize = 36;
 /// How often unreported drop counts are retried when no commit sends them.
 pub const FANOUT_MISSED_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// How long opening a shard directory waits for its lock (`LOCK`) before answering that another
+/// process holds it: a just-released lock can stay held for a moment by a child process forked
+/// from another thread that has not yet exec'd (close-on-exec drops it there). Short, because a
+/// real conflict (a second server on the same data directory) should be reported at once.
+pub const DIR_LOCK_WAIT_MS: u64 = 500;
+
 /// Slack for wall-clock steps backwards between two receive stamps of one device.
 pub const CLOCK_STEP_SLACK_MS: i64 = 60_000;
 /// Largest `radius` of a near query (`GET /v1/devices/near`), in metres: half the equatorial

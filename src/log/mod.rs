@@ -335,16 +335,25 @@ fn lock_dir(shard: ShardId, dir: &Path) -> Result<File, Error> {
         .mode(crate::datadir::FILE_MODE)
         .open(&path)
         .map_err(|e| Error::io(shard, "open lock file", &path, e))?;
-    // SAFETY: plain syscall on a valid fd.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // A conflict is retried for a bounded moment: a process that just released the directory
+    // (a server stopping, a log dropped in this process) may still have its lock held by a child
+    // forked from another thread that has not yet reached exec (where close-on-exec drops it).
+    let deadline =
+        std::time::Instant::now() + Duration::from_millis(crate::limits::DIR_LOCK_WAIT_MS);
+    loop {
+        // SAFETY: plain syscall on a valid fd.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
         let err = std::io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Error::Locked { shard, path }
-        } else {
-            Error::io(shard, "flock", &path, err)
-        });
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::io(shard, "flock", &path, err));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Locked { shard, path });
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(file)
 }
 
 impl Log {
