@@ -21,12 +21,13 @@ pub mod format;
 pub mod policy;
 pub mod recovery;
 mod segment;
+pub mod sim;
+pub mod storage;
 pub mod sync;
 pub mod tail;
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ use rkyv::util::AlignedVec;
 pub use error::Error;
 pub use policy::{Durability, GroupPolicy};
 pub use recovery::{Damage, RecoveryReport};
+pub use storage::Disk;
 pub use sync::{Commit, SyncFile, SyncJob, UringSyncer};
 
 use format::{entry_bytes, parse_entry, write_entry, FIRST_SEQ, POS_NONE};
@@ -216,11 +218,14 @@ pub struct Log {
     /// no thread-locals).
     arena: Arena,
     consumers: Vec<Consumer>,
-    /// Holds the shard directory's flock for the life of the log.
-    _lock: File,
+    /// Where the segment files live (the real file system, or a simulated disk in crash tests).
+    disk: Disk,
+    /// Holds the shard directory's flock for the life of the log (none on a simulated disk).
+    _lock: Option<File>,
     /// `(st_dev, st_ino)` of the lock file this log holds: if `<dir>/LOCK` stops naming this file,
-    /// the directory was removed or replaced under us (checked at every commit).
-    lock_identity: (u64, u64),
+    /// the directory was removed or replaced under us (checked at every commit; none on a
+    /// simulated disk).
+    lock_identity: Option<(u64, u64)>,
     /// The next segment, being zero-filled on a helper thread while the active one fills up.
     spare: Option<Spare>,
 }
@@ -231,8 +236,25 @@ struct Spare {
     base: u64,
     /// Its size.
     bytes: u64,
-    /// The preparing thread; its result says whether `<base>.seg.tmp` is ready.
-    thread: std::thread::JoinHandle<std::io::Result<()>>,
+    /// The preparation; its result says whether `<base>.seg.tmp` is ready.
+    thread: SpareWork,
+}
+
+/// Who prepares a spare: a helper thread on the real disk; on a simulated disk it is prepared
+/// inline (the simulation is single-threaded and must be deterministic per seed).
+enum SpareWork {
+    Thread(std::thread::JoinHandle<std::io::Result<()>>),
+    Done(std::io::Result<()>),
+}
+
+impl SpareWork {
+    /// The preparation's outcome (`Err(())`: the thread panicked).
+    fn join(self) -> Result<std::io::Result<()>, ()> {
+        match self {
+            SpareWork::Thread(t) => t.join().map_err(|_| ()),
+            SpareWork::Done(r) => Ok(r),
+        }
+    }
 }
 
 impl Drop for Log {
@@ -247,19 +269,26 @@ impl Drop for Log {
 
 /// Starts zero-filling `<dir>/<base>.seg.tmp` on a helper thread. The thread may run on any core
 /// (the shard's executor is pinned to one; the copy of zeros should not compete with it there).
-fn spawn_spare(shard: ShardId, dir: &Path, base: u64, bytes: u64) -> Option<Spare> {
+fn spawn_spare(disk: &Disk, shard: ShardId, dir: &Path, base: u64, bytes: u64) -> Option<Spare> {
+    if let Disk::Sim(_) = disk {
+        return Some(Spare {
+            base,
+            bytes,
+            thread: SpareWork::Done(segment::prepare_spare(disk, dir, base, bytes)),
+        });
+    }
     let dir = dir.to_path_buf();
     let thread = std::thread::Builder::new()
         .name(format!("geobeat-spare-{}", shard.0))
         .spawn(move || {
             unpin_current_thread();
-            segment::prepare_spare(&dir, base, bytes)
+            segment::prepare_spare(&Disk::Real, &dir, base, bytes)
         });
     match thread {
         Ok(thread) => Some(Spare {
             base,
             bytes,
-            thread,
+            thread: SpareWork::Thread(thread),
         }),
         Err(e) => {
             // No thread: the next rollover zero-fills inline instead.
@@ -356,25 +385,45 @@ impl Log {
     where
         F: FnMut(LogPos, &Entry<'_>),
     {
+        Log::open_on(cfg, Disk::Real, on_entry)
+    }
+
+    /// [`Log::open`] on a given disk: the real file system, or a simulated one (crash tests; no
+    /// directory lock is taken there).
+    pub fn open_on<F>(
+        cfg: &LogConfig,
+        disk: Disk,
+        on_entry: F,
+    ) -> Result<(Log, RecoveryReport), Error>
+    where
+        F: FnMut(LogPos, &Entry<'_>),
+    {
         cfg.check()?;
         let shard = cfg.shard;
         let dir = cfg.dir.clone();
-        if !dir.is_dir() {
-            crate::datadir::create_dir_private(&dir)
+        if !disk.is_dir(&dir) {
+            disk.create_dir(&dir)
                 .map_err(|e| Error::io(shard, "create shard dir", &dir, e))?;
             if let Some(parent) = dir.parent() {
-                segment::sync_dir(shard, parent)?;
+                segment::sync_dir(&disk, shard, parent)?;
             }
         }
-        let lock = lock_dir(shard, &dir)?;
-        let lock_identity = file_identity(&lock)
-            .map_err(|e| Error::io(shard, "stat lock file", &dir.join(LOCK_FILE), e))?;
-        let recovered = recovery::recover(shard, &dir, on_entry)?;
+        let (lock, lock_identity) = match disk {
+            Disk::Real => {
+                let lock = lock_dir(shard, &dir)?;
+                let identity = file_identity(&lock)
+                    .map_err(|e| Error::io(shard, "stat lock file", &dir.join(LOCK_FILE), e))?;
+                (Some(lock), Some(identity))
+            }
+            Disk::Sim(_) => (None, None),
+        };
+        let recovered = recovery::recover(&disk, shard, &dir, on_entry)?;
         let mut segments = recovered.segments;
         let report = recovered.report;
         let next_seq = recovered.next_seq.unwrap_or(FIRST_SEQ);
         if segments.is_empty() {
             segments.push_back(Segment::create(
+                &disk,
                 &dir,
                 shard,
                 0,
@@ -421,12 +470,19 @@ impl Log {
             scratch: AlignedVec::with_capacity(ENTRY_PAYLOAD_BYTES_MAX),
             arena: Arena::new(),
             consumers: Vec::new(),
+            disk,
             _lock: lock,
             lock_identity,
             spare: None,
         };
         let mut log = log;
-        log.spare = spawn_spare(shard, &log.dir, log.active().end(), log.segment_bytes);
+        log.spare = spawn_spare(
+            &log.disk,
+            shard,
+            &log.dir,
+            log.active().end(),
+            log.segment_bytes,
+        );
         Ok((log, report))
     }
 
@@ -449,7 +505,7 @@ impl Log {
         crate::datadir::create_dir_private(dir)
             .map_err(|e| Error::io(shard, "create shard dir", dir, e))?;
         if let Some(parent) = dir.parent() {
-            segment::sync_dir(shard, parent)?;
+            segment::sync_dir(&Disk::Real, shard, parent)?;
         }
         let listing =
             std::fs::read_dir(dir).map_err(|e| Error::io(shard, "list shard dir", dir, e))?;
@@ -463,6 +519,7 @@ impl Log {
             }
         }
         Segment::create(
+            &Disk::Real,
             dir,
             shard,
             base.0,
@@ -604,6 +661,7 @@ impl Log {
         let base = old.end();
         let prepared = self.take_spare(base)?;
         let new = Segment::create(
+            &self.disk,
             &self.dir,
             shard,
             base,
@@ -619,7 +677,13 @@ impl Log {
             .expect("a log always has a segment");
         old.file = None;
         self.segments.push_back(new);
-        self.spare = spawn_spare(shard, &self.dir, self.active().end(), self.segment_bytes);
+        self.spare = spawn_spare(
+            &self.disk,
+            shard,
+            &self.dir,
+            self.active().end(),
+            self.segment_bytes,
+        );
         Ok(())
     }
 
@@ -669,11 +733,10 @@ impl Log {
                     .file
                     .as_ref()
                     .expect("a segment with unsynced bytes keeps its file open");
-                let fd = file
-                    .as_fd()
-                    .try_clone_to_owned()
+                let sync_file = file
+                    .sync_file(&seg.path, LogPos(seg.base))
                     .map_err(|e| Error::io(self.shard, "dup segment fd", &seg.path, e))?;
-                files.push(sync::SyncFile::new(fd, seg.path.clone(), LogPos(seg.base)));
+                files.push(sync_file);
             }
         }
         if files.is_empty() {
@@ -728,9 +791,13 @@ impl Log {
     /// See: issue 20 §1 (`rm -rf` of the data directory while serving).
     fn check_directory(&mut self) -> Result<(), Error> {
         use std::os::unix::fs::MetadataExt;
+        let Some(identity) = self.lock_identity else {
+            // A simulated disk: no lock file, nothing can remove the directory.
+            return Ok(());
+        };
         let path = self.dir.join(LOCK_FILE);
         let same = match std::fs::metadata(&path) {
-            Ok(m) => (m.dev(), m.ino()) == self.lock_identity,
+            Ok(m) => (m.dev(), m.ino()) == identity,
             Err(_) => false,
         };
         if same {
@@ -961,7 +1028,7 @@ impl Log {
         };
         while self.segments.len() > 1 && self.segments[0].end() <= end.0 {
             let path = self.segments[0].path.clone();
-            let removed = match std::fs::remove_file(&path) {
+            let removed = match self.disk.remove(&path) {
                 Ok(()) => true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                 Err(e) => return Err(Error::io(self.shard, "delete segment", &path, e)),
@@ -972,7 +1039,7 @@ impl Log {
             // Sync after each deletion: if a crash made a later deletion durable but not an
             // earlier one, recovery would see a gap between segments and treat it as damage.
             if removed {
-                segment::sync_dir(self.shard, &self.dir)?;
+                segment::sync_dir(&self.disk, self.shard, &self.dir)?;
             }
             tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
         }
