@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use geobeat::log::sim::SimDisk;
-use geobeat::log::{Commit, Disk, Log, LogConfig, LogPos, ScanEnd};
+use geobeat::log::{Commit, Disk, Log, LogConfig, LogPos, ScanEnd, SyncJob};
 use geobeat::record::Heartbeat;
 use geobeat::route::ShardId;
 use rand::rngs::StdRng;
@@ -66,10 +66,22 @@ fn heartbeat(rng: &mut StdRng, i: u64, attrs_max: usize) -> (usize, Heartbeat) {
         lon: rng.gen_range(-180.0..=180.0),
         ts_ms: i as i64,
         received_ms: i as i64,
-        attrs: (0..attrs_len).map(|_| rng.gen()).collect(),
+        // One random word spread over the bytes (drawing each byte is slow in debug builds).
+        attrs: {
+            let x: u64 = rng.gen();
+            (0..attrs_len).map(|k| (x >> (k % 8 * 8)) as u8 ^ k as u8).collect()
+        },
         ..Heartbeat::default()
     };
     (device, hb)
+}
+
+/// A two-phase commit in flight.
+enum Job {
+    /// `commit_begin` returned it; its files are not synced yet.
+    Begun(SyncJob),
+    /// Its files were synced with this outcome; `commit_end` not called yet.
+    Ran(SyncJob, std::io::Result<()>),
 }
 
 /// Runs the workload until the disk crashes (or the workload ends, then it crashes there). Every
@@ -119,15 +131,20 @@ fn workload(seed: u64, rng: &mut StdRng, disk: &SimDisk, model: &mut Model) -> R
         });
         i += 1;
         let roll = rng.gen_range(0..100u32);
-        let outcome = if let Some(j) = job.take() {
-            // A two-phase commit is in flight: finish it now or after more appends.
-            if roll < 30 {
-                let j: geobeat::log::SyncJob = j;
-                let res = j.run_blocking();
-                log.commit_end(j, res).map(Some)
-            } else {
-                job = Some(j);
-                Ok(None)
+        let outcome = if let Some(state) = job.take() {
+            // A two-phase commit is in flight: its fdatasync runs at one point, the appends go
+            // on, and `commit_end` comes later (as with an asynchronous syncer).
+            match state {
+                Job::Begun(j) if roll < 30 => {
+                    let res = j.run_blocking();
+                    job = Some(Job::Ran(j, res));
+                    Ok(None)
+                }
+                Job::Ran(j, res) if roll < 30 => log.commit_end(j, res).map(Some),
+                other => {
+                    job = Some(other);
+                    Ok(None)
+                }
             }
         } else if roll < 3 {
             log.sync_blocking().map(Some)
@@ -137,7 +154,7 @@ fn workload(seed: u64, rng: &mut StdRng, disk: &SimDisk, model: &mut Model) -> R
                     if j.target() != log.written() {
                         return Err("job target is not the written position".into());
                     }
-                    job = Some(j);
+                    job = Some(Job::Begun(j));
                     Ok(None)
                 }
                 Ok(Commit::Idle) => Ok(None),
@@ -174,8 +191,14 @@ fn workload(seed: u64, rng: &mut StdRng, disk: &SimDisk, model: &mut Model) -> R
             return Ok(());
         }
     }
-    if let Some(j) = job {
-        let res = j.run_blocking();
+    if let Some(state) = job {
+        let (j, res) = match state {
+            Job::Begun(j) => {
+                let res = j.run_blocking();
+                (j, res)
+            }
+            Job::Ran(j, res) => (j, res),
+        };
         match log.commit_end(j, res) {
             Ok(d) => model.acked = d,
             Err(e) => return crash_err("final commit", e),
@@ -287,6 +310,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
     }
     let durable = log.sync_blocking().map_err(|e| format!("sync after recovery: {e}"))?;
     let raw = log.read_raw(pos).ok_or("new entry unreadable")?.1.to_vec();
+    let written = log.written();
     drop(log);
     disk.crash_now();
     let disk = disk.reboot(seed ^ 0xc0ffee, None);
@@ -294,6 +318,15 @@ fn run_seed(seed: u64) -> Result<(), String> {
         .map_err(|e| format!("second recovery failed: {e}"))?;
     if log.written() < durable || log.read_raw(pos).map(|(_, r)| r.to_vec()) != Some(raw) {
         return Err("an entry synced after recovery was lost by the next crash".into());
+    }
+    // Nothing past it: bytes torn by the first crash must not come back after new appends.
+    if log.written() != written || log.next_seq() != seq + 1 {
+        return Err(format!(
+            "second recovery ends at {} (seq {}), the log ended at {written} (seq {})",
+            log.written(),
+            log.next_seq(),
+            seq + 1
+        ));
     }
     Ok(())
 }
