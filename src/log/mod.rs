@@ -421,6 +421,15 @@ impl Log {
         let mut segments = recovered.segments;
         let report = recovered.report;
         let next_seq = recovered.next_seq.unwrap_or(FIRST_SEQ);
+        assert!(next_seq >= FIRST_SEQ, "sequence numbers start at {FIRST_SEQ}");
+        // Paired with recovery's checks of the chain of bases: what it kept is contiguous.
+        debug_assert!(
+            segments
+                .iter()
+                .zip(segments.iter().skip(1))
+                .all(|(a, b)| a.end() == b.base && a.data_end <= a.bytes),
+            "recovered segments are contiguous"
+        );
         if segments.is_empty() {
             segments.push_back(Segment::create(
                 &disk,
@@ -583,6 +592,12 @@ impl Log {
     /// returns the new entry's position. The heartbeat is validated first; nothing is written on
     /// any error. Not durable until a commit covers it.
     pub fn append(&mut self, hb: &Heartbeat, prev: Option<LogPos>) -> Result<LogPos, Error> {
+        debug_assert!(self.durable <= self.written, "durable past written");
+        debug_assert_eq!(
+            self.written,
+            self.active().base + self.active().data_end,
+            "written is the active segment's data end"
+        );
         if self.poisoned {
             return Err(self.poisoned_err());
         }
@@ -618,6 +633,10 @@ impl Log {
             .back_mut()
             .expect("a log always has a segment");
         let off = seg.data_end;
+        // Paired with `parse_entry`'s bound check at recovery: an entry never crosses its
+        // segment's end (the rollover above made room).
+        assert!(off + total <= seg.bytes, "entry {off}+{total} past segment end");
+        debug_assert_eq!(off % crate::limits::ENTRY_ALIGN_BYTES as u64, 0);
         write_entry(
             &mut seg.data_mut()[off as usize..],
             self.next_seq,
@@ -675,6 +694,14 @@ impl Log {
             .segments
             .back_mut()
             .expect("a log always has a segment");
+        // The log's invariants: positions are contiguous across segments, and a segment that
+        // gets a successor is complete and durable.
+        assert_eq!(new.base, old.end(), "segments are contiguous");
+        assert!(
+            self.durable >= old.base + old.data_end,
+            "a sealed segment is durable"
+        );
+        assert_eq!(new.first_seq, self.next_seq, "sequence numbers are contiguous");
         old.file = None;
         self.segments.push_back(new);
         self.spare = spawn_spare(
@@ -717,6 +744,7 @@ impl Log {
     /// [`Log::commit_end`]. Appends may continue meanwhile. Panics if a job is already in flight.
     pub fn commit_begin(&mut self) -> Result<Commit, Error> {
         assert!(!self.job_in_flight, "only one sync job may be in flight");
+        debug_assert!(self.durable <= self.written, "durable past written");
         if self.poisoned {
             return Err(self.poisoned_err());
         }
@@ -781,6 +809,7 @@ impl Log {
         }
         self.check_directory()?;
         self.durable = self.durable.max(job.target.0);
+        debug_assert!(self.durable <= self.written, "durable past written");
         Ok(LogPos(self.durable))
     }
 
@@ -1043,6 +1072,7 @@ impl Log {
             }
             tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
         }
+        assert!(!self.segments.is_empty(), "the active segment is never retired");
         Ok(retired)
     }
 

@@ -114,6 +114,8 @@ fn scan_segment<F>(seg: &Segment, first_seq: u64, on_entry: &mut F) -> SegmentSc
 where
     F: FnMut(LogPos, &Entry<'_>),
 {
+    debug_assert!(first_seq >= super::format::FIRST_SEQ);
+    debug_assert_eq!(seg.data_end, SEGMENT_HEADER_BYTES as u64, "a segment is scanned once");
     let data = seg.data();
     let mut off = SEGMENT_HEADER_BYTES;
     let mut seq = first_seq;
@@ -300,6 +302,8 @@ where
             disk.readahead(next_path);
         }
         let scan = scan_segment(&seg, seg.first_seq, &mut on_entry);
+        // Paired with `parse_entry`'s bound check: the valid prefix ends inside the segment.
+        assert!(scan.end as u64 <= seg.bytes && scan.end >= SEGMENT_HEADER_BYTES);
         seg.data_end = scan.end as u64;
         seg.flushed = seg.data_end;
         report.entries += scan.entries;

@@ -393,6 +393,7 @@ impl Segment {
     /// Makes bytes `[start, end)` durable: a cache-line flush in DAX mode, else an fdatasync of the
     /// whole file (the kernel writes back the mapping's dirty pages).
     pub fn sync_range(&mut self, start: u64, end: u64) -> io::Result<()> {
+        debug_assert!(start <= end && end <= self.bytes, "sync of {start}..{end}");
         match &self.map {
             Mapping::Dax(d) => {
                 d.flush(start as usize, end as usize);
