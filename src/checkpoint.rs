@@ -305,7 +305,12 @@ impl Checkpoint {
     /// lookup). The entry's framing and CRC are checked; its payload was validated when the file
     /// was loaded or built.
     pub fn next_at(&self, cursor: &mut usize, pos: LogPos) -> Option<&[u8]> {
-        assert!(*cursor <= self.count, "cursor {} past {} records", *cursor, self.count);
+        assert!(
+            *cursor <= self.count,
+            "cursor {} past {} records",
+            *cursor,
+            self.count
+        );
         debug_assert!(
             *cursor == 0 || self.slot(*cursor - 1).0 < pos.0,
             "next_at positions must increase"
@@ -403,7 +408,9 @@ impl Builder {
     /// The file's bytes.
     pub fn finish(mut self) -> Vec<u8> {
         debug_assert!(
-            self.index.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1),
+            self.index
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1),
             "records in increasing position and file order"
         );
         for &(pos, off) in &self.index {

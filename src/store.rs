@@ -432,7 +432,10 @@ impl ShardStore {
         }
         let pos = self.log.append(hb, prev)?;
         // Chains point backwards: the table's head for this device is an earlier entry.
-        debug_assert!(prev.is_none_or(|p| p < pos), "chain head {prev:?} not before {pos}");
+        debug_assert!(
+            prev.is_none_or(|p| p < pos),
+            "chain head {prev:?} not before {pos}"
+        );
         let obs = Observation::of(hb, pos);
         let res = match slot {
             Some(s) => self.table.observe_at(s, &obs).map(|()| s),

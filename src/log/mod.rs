@@ -421,7 +421,10 @@ impl Log {
         let mut segments = recovered.segments;
         let report = recovered.report;
         let next_seq = recovered.next_seq.unwrap_or(FIRST_SEQ);
-        assert!(next_seq >= FIRST_SEQ, "sequence numbers start at {FIRST_SEQ}");
+        assert!(
+            next_seq >= FIRST_SEQ,
+            "sequence numbers start at {FIRST_SEQ}"
+        );
         // Paired with recovery's checks of the chain of bases: what it kept is contiguous.
         debug_assert!(
             segments
@@ -635,7 +638,10 @@ impl Log {
         let off = seg.data_end;
         // Paired with `parse_entry`'s bound check at recovery: an entry never crosses its
         // segment's end (the rollover above made room).
-        assert!(off + total <= seg.bytes, "entry {off}+{total} past segment end");
+        assert!(
+            off + total <= seg.bytes,
+            "entry {off}+{total} past segment end"
+        );
         debug_assert_eq!(off % crate::limits::ENTRY_ALIGN_BYTES as u64, 0);
         write_entry(
             &mut seg.data_mut()[off as usize..],
@@ -701,7 +707,10 @@ impl Log {
             self.durable >= old.base + old.data_end,
             "a sealed segment is durable"
         );
-        assert_eq!(new.first_seq, self.next_seq, "sequence numbers are contiguous");
+        assert_eq!(
+            new.first_seq, self.next_seq,
+            "sequence numbers are contiguous"
+        );
         old.file = None;
         self.segments.push_back(new);
         self.spare = spawn_spare(
@@ -1072,7 +1081,10 @@ impl Log {
             }
             tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
         }
-        assert!(!self.segments.is_empty(), "the active segment is never retired");
+        assert!(
+            !self.segments.is_empty(),
+            "the active segment is never retired"
+        );
         Ok(retired)
     }
 

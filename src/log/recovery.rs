@@ -115,7 +115,10 @@ where
     F: FnMut(LogPos, &Entry<'_>),
 {
     debug_assert!(first_seq >= super::format::FIRST_SEQ);
-    debug_assert_eq!(seg.data_end, SEGMENT_HEADER_BYTES as u64, "a segment is scanned once");
+    debug_assert_eq!(
+        seg.data_end, SEGMENT_HEADER_BYTES as u64,
+        "a segment is scanned once"
+    );
     let data = seg.data();
     let mut off = SEGMENT_HEADER_BYTES;
     let mut seq = first_seq;

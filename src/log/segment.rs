@@ -18,11 +18,11 @@ use memmap2::MmapMut;
 
 use super::dax::DaxMap;
 use super::error::Error;
-use super::sim::SimMap;
-use super::storage::{Disk, SegFile};
 use super::format::{
     segment_file_name, HeaderFault, SegmentHeader, SEGMENT_SUFFIX, SEGMENT_TMP_SUFFIX,
 };
+use super::sim::SimMap;
+use super::storage::{Disk, SegFile};
 use super::SyncMode;
 use crate::limits::{SEGMENT_HEADER_BYTES, SEGMENT_ZERO_FILL_CHUNK_BYTES};
 use crate::route::ShardId;

@@ -24,11 +24,56 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::ThreadId;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore};
 
 /// Bytes a simulated device writes atomically (the tearing unit).
 pub const SIM_SECTOR_BYTES: usize = 512;
+
+/// SplitMix64: a small seeded generator (ChaCha is slow in the debug builds tests run in).
+struct SplitMix(u64);
+
+impl RngCore for SplitMix {
+    fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        for chunk in dest.chunks_mut(8) {
+            let x = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&x[..chunk.len()]);
+        }
+    }
+
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+/// Index just past the last non-zero byte of `b` (0 if all zero), comparing 4 KiB blocks.
+fn nonzero_end(b: &[u8]) -> usize {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    let mut end = b.len();
+    for block in b.rchunks(ZEROS.len()) {
+        if block != &ZEROS[..block.len()] {
+            let k = block
+                .iter()
+                .rposition(|&x| x != 0)
+                .expect("a non-zero byte");
+            return end - block.len() + k + 1;
+        }
+        end -= block.len();
+    }
+    0
+}
 
 /// The bytes of one simulated file as the log sees them (page cache). Fixed size while mapped.
 struct SimMem {
@@ -69,6 +114,8 @@ impl SimMem {
 struct Inode {
     mem: Arc<SimMem>,
     durable: Vec<u8>,
+    /// `nonzero_end(durable)` (a sync only copies up to what is non-zero in either).
+    durable_nonzero: usize,
 }
 
 /// A namespace operation not yet made durable by a directory sync.
@@ -94,7 +141,7 @@ type Image = BTreeMap<PathBuf, Vec<u8>>;
 
 struct State {
     thread: ThreadId,
-    rng: StdRng,
+    rng: SplitMix,
     inodes: Vec<Inode>,
     /// Path to inode, as the running process sees it.
     live: BTreeMap<PathBuf, usize>,
@@ -148,7 +195,7 @@ impl SimDisk {
         SimDisk {
             state: Arc::new(Mutex::new(State {
                 thread: std::thread::current().id(),
-                rng: StdRng::seed_from_u64(seed),
+                rng: SplitMix(seed),
                 inodes: Vec::new(),
                 live: BTreeMap::new(),
                 durable_ns: BTreeMap::new(),
@@ -213,7 +260,10 @@ impl SimDisk {
     /// `seed`). Panics if the disk has not crashed.
     pub fn reboot(&self, seed: u64, crash_at: Option<u64>) -> SimDisk {
         let s = self.lock();
-        let image = s.image.as_ref().expect("reboot of a disk that did not crash");
+        let image = s
+            .image
+            .as_ref()
+            .expect("reboot of a disk that did not crash");
         let disk = SimDisk::new(seed, crash_at);
         {
             let mut n = disk.lock();
@@ -226,6 +276,7 @@ impl SimDisk {
                 n.inodes.push(Inode {
                     mem,
                     durable: bytes.clone(),
+                    durable_nonzero: nonzero_end(bytes),
                 });
                 n.live.insert(path.clone(), ino);
             }
@@ -291,6 +342,7 @@ impl SimDisk {
                 s.inodes.push(Inode {
                     mem: SimMem::new(0),
                     durable: Vec::new(),
+                    durable_nonzero: 0,
                 });
                 s.live.insert(path.to_path_buf(), ino);
                 s.journal.push(NsOp::Link(path.to_path_buf(), ino));
@@ -338,6 +390,7 @@ impl SimDisk {
         s.inodes.push(Inode {
             mem,
             durable: Vec::new(),
+            durable_nonzero: 0,
         });
         s.live.insert(to.to_path_buf(), ino);
         s.journal.push(NsOp::Link(to.to_path_buf(), ino));
@@ -470,8 +523,16 @@ impl SimFile {
         let inode = &mut s.inodes[self.ino];
         // SAFETY: single thread; no mapping write in progress during a sync call.
         let mem = unsafe { inode.mem.get() };
-        inode.durable.clear();
-        inode.durable.extend_from_slice(mem);
+        let nonzero = nonzero_end(mem);
+        if inode.durable.len() != mem.len() {
+            inode.durable.clear();
+            inode.durable.extend_from_slice(mem);
+        } else {
+            // Same size: past both non-zero ends the bytes are zero in both already.
+            let end = nonzero.max(inode.durable_nonzero);
+            inode.durable[..end].copy_from_slice(&mem[..end]);
+        }
+        inode.durable_nonzero = nonzero;
         Ok(())
     }
 
