@@ -7,7 +7,9 @@
 //! and is used from one thread: one log belongs to one shard. Its only helper is a short-lived
 //! thread per rollover that zero-fills the next segment file ahead of time (`spawn_spare`; it
 //! touches no state of the log, only a `.seg.tmp` file). Other threads may read its durable
-//! entries through [`tail::Tail`], a read-only reader of the segment files.
+//! entries through [`tail::Tail`], a read-only reader of the segment files. Every file-system
+//! operation goes through [`storage::Disk`]: the real file system, or the simulated disk of the
+//! crash tests ([`sim`]; then the spare segment is prepared inline, not on a thread).
 //!
 //! Invariants: positions are contiguous across segments (a segment's base is its predecessor's
 //! base plus its size) and data once written never moves; sequence numbers are contiguous; an
