@@ -123,6 +123,8 @@ struct Inode {
 enum NsOp {
     Link(PathBuf, usize),
     Unlink(PathBuf),
+    /// Atomic, as in a journaling file system: both names change or neither.
+    Rename(PathBuf, PathBuf, usize),
 }
 
 fn apply(ns: &mut BTreeMap<PathBuf, usize>, op: &NsOp) {
@@ -132,6 +134,10 @@ fn apply(ns: &mut BTreeMap<PathBuf, usize>, op: &NsOp) {
         }
         NsOp::Unlink(p) => {
             ns.remove(p);
+        }
+        NsOp::Rename(from, to, ino) => {
+            ns.remove(from);
+            ns.insert(to.clone(), *ino);
         }
     }
 }
@@ -372,8 +378,8 @@ impl SimDisk {
         let mut s = self.op()?;
         let ino = s.live.remove(from).ok_or_else(|| not_found(from))?;
         s.live.insert(to.to_path_buf(), ino);
-        s.journal.push(NsOp::Link(to.to_path_buf(), ino));
-        s.journal.push(NsOp::Unlink(from.to_path_buf()));
+        s.journal
+            .push(NsOp::Rename(from.to_path_buf(), to.to_path_buf(), ino));
         Ok(())
     }
 
