@@ -110,12 +110,29 @@ impl SimMem {
     }
 }
 
+/// The bytes of a file with its trailing zeros left out (segment files are mostly zeros: this
+/// keeps syncs, crashes and reboots from copying megabytes of them).
+#[derive(Clone, Default)]
+struct Trimmed {
+    /// File size.
+    len: usize,
+    /// The first bytes; every byte from `bytes.len()` to `len` is zero.
+    bytes: Vec<u8>,
+}
+
+impl Trimmed {
+    /// Sets it to a copy of `b`.
+    fn set(&mut self, b: &[u8]) {
+        self.len = b.len();
+        self.bytes.clear();
+        self.bytes.extend_from_slice(&b[..nonzero_end(b)]);
+    }
+}
+
 /// One simulated file (an inode): what the log wrote and what is durable.
 struct Inode {
     mem: Arc<SimMem>,
-    durable: Vec<u8>,
-    /// `nonzero_end(durable)` (a sync only copies up to what is non-zero in either).
-    durable_nonzero: usize,
+    durable: Trimmed,
 }
 
 /// A namespace operation not yet made durable by a directory sync.
@@ -143,7 +160,7 @@ fn apply(ns: &mut BTreeMap<PathBuf, usize>, op: &NsOp) {
 }
 
 /// The files of a crashed disk: path to bytes.
-type Image = BTreeMap<PathBuf, Vec<u8>>;
+type Image = BTreeMap<PathBuf, Trimmed>;
 
 struct State {
     thread: ThreadId,
@@ -274,15 +291,15 @@ impl SimDisk {
         {
             let mut n = disk.lock();
             n.dirs = s.dirs.clone();
-            for (path, bytes) in image {
+            for (path, file) in image {
                 let ino = n.inodes.len();
-                let mem = SimMem::new(bytes.len());
+                let mem = SimMem::new(file.len);
                 // SAFETY: just created, nothing else refers to it.
-                unsafe { mem.get_mut() }.copy_from_slice(bytes);
+                let dst = unsafe { mem.get_mut() };
+                dst[..file.bytes.len()].copy_from_slice(&file.bytes);
                 n.inodes.push(Inode {
                     mem,
-                    durable: bytes.clone(),
-                    durable_nonzero: nonzero_end(bytes),
+                    durable: file.clone(),
                 });
                 n.live.insert(path.clone(), ino);
             }
@@ -347,8 +364,7 @@ impl SimDisk {
                 let ino = s.inodes.len();
                 s.inodes.push(Inode {
                     mem: SimMem::new(0),
-                    durable: Vec::new(),
-                    durable_nonzero: 0,
+                    durable: Trimmed::default(),
                 });
                 s.live.insert(path.to_path_buf(), ino);
                 s.journal.push(NsOp::Link(path.to_path_buf(), ino));
@@ -395,8 +411,7 @@ impl SimDisk {
         unsafe { mem.get_mut() }.copy_from_slice(&bytes);
         s.inodes.push(Inode {
             mem,
-            durable: Vec::new(),
-            durable_nonzero: 0,
+            durable: Trimmed::default(),
         });
         s.live.insert(to.to_path_buf(), ino);
         s.journal.push(NsOp::Link(to.to_path_buf(), ino));
@@ -438,17 +453,20 @@ impl State {
             let mem = unsafe { inode.mem.get() };
             let old = &inode.durable;
             // An unsynced size change may or may not have reached the disk.
-            let len = if old.len() == mem.len() || self.rng.gen_bool(0.5) {
+            let len = if old.len == mem.len() || self.rng.gen_bool(0.5) {
                 mem.len()
             } else {
-                old.len()
+                old.len
             };
-            let mut out = vec![0u8; len];
-            let keep = old.len().min(len);
-            out[..keep].copy_from_slice(&old[..keep]);
+            // Past both non-zero ends old and new bytes are zeros: nothing to tear there.
+            let out_len = len.min(nonzero_end(mem).max(old.bytes.len()));
+            let mut out = vec![0u8; out_len];
+            let keep = old.bytes.len().min(out_len);
+            out[..keep].copy_from_slice(&old.bytes[..keep]);
+            let torn_end = out_len.min(mem.len());
             let mut at = 0;
-            while at < len.min(mem.len()) {
-                let end = (at + SIM_SECTOR_BYTES).min(len.min(mem.len()));
+            while at < torn_end {
+                let end = (at + SIM_SECTOR_BYTES).min(torn_end);
                 if out[at..end] != mem[at..end] {
                     match self.rng.gen_range(0..4u32) {
                         // Kept old (or zero, if never written before).
@@ -464,7 +482,8 @@ impl State {
                 }
                 at = end;
             }
-            image.insert(path.clone(), out);
+            out.truncate(nonzero_end(&out));
+            image.insert(path.clone(), Trimmed { len, bytes: out });
         }
         self.image = Some(image);
     }
@@ -504,10 +523,14 @@ impl SimFile {
         if cur < len {
             s.resize(self.ino, len as usize);
         }
-        // SAFETY: single thread; a mapped file is never preallocated again (resize asserts the
-        // growth case; the log never zero-fills a mapped range).
-        let mem = unsafe { s.inodes[self.ino].mem.get_mut() };
-        mem[from as usize..len as usize].fill(0);
+        // Bytes past the old size are zero already (and left untouched: no page is dirtied).
+        let upto = cur.min(len);
+        if from < upto {
+            // SAFETY: single thread; a mapped file is never preallocated again (resize asserts
+            // the growth case; the log never zero-fills a mapped range).
+            let mem = unsafe { s.inodes[self.ino].mem.get_mut() };
+            mem[from as usize..upto as usize].fill(0);
+        }
         Ok(())
     }
 
@@ -529,16 +552,7 @@ impl SimFile {
         let inode = &mut s.inodes[self.ino];
         // SAFETY: single thread; no mapping write in progress during a sync call.
         let mem = unsafe { inode.mem.get() };
-        let nonzero = nonzero_end(mem);
-        if inode.durable.len() != mem.len() {
-            inode.durable.clear();
-            inode.durable.extend_from_slice(mem);
-        } else {
-            // Same size: past both non-zero ends the bytes are zero in both already.
-            let end = nonzero.max(inode.durable_nonzero);
-            inode.durable[..end].copy_from_slice(&mem[..end]);
-        }
-        inode.durable_nonzero = nonzero;
+        inode.durable.set(mem);
         Ok(())
     }
 
