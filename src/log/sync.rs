@@ -174,6 +174,7 @@ impl UringSyncer {
 
     /// Submits one `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC` per file of `job`. The job must
     /// stay alive (its descriptors open) until `poll` or `wait` returns its outcome.
+    /// Jobs of a simulated disk have no descriptors (run them with `SyncJob::run_blocking`).
     pub fn submit(&mut self, job: &SyncJob) -> io::Result<()> {
         assert!(!self.busy, "UringSyncer runs one job at a time");
         self.result = Ok(());
