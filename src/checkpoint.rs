@@ -305,6 +305,16 @@ impl Checkpoint {
     /// lookup). The entry's framing and CRC are checked; its payload was validated when the file
     /// was loaded or built.
     pub fn next_at(&self, cursor: &mut usize, pos: LogPos) -> Option<&[u8]> {
+        assert!(
+            *cursor <= self.count,
+            "cursor {} past {} records",
+            *cursor,
+            self.count
+        );
+        debug_assert!(
+            *cursor == 0 || self.slot(*cursor - 1).0 < pos.0,
+            "next_at positions must increase"
+        );
         while *cursor < self.count && self.slot(*cursor).0 < pos.0 {
             *cursor += 1;
         }
@@ -397,6 +407,12 @@ impl Builder {
 
     /// The file's bytes.
     pub fn finish(mut self) -> Vec<u8> {
+        debug_assert!(
+            self.index
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1),
+            "records in increasing position and file order"
+        );
         for &(pos, off) in &self.index {
             self.buf.extend_from_slice(&pos.to_le_bytes());
             self.buf.extend_from_slice(&off.to_le_bytes());

@@ -431,6 +431,11 @@ impl ShardStore {
             });
         }
         let pos = self.log.append(hb, prev)?;
+        // Chains point backwards: the table's head for this device is an earlier entry.
+        debug_assert!(
+            prev.is_none_or(|p| p < pos),
+            "chain head {prev:?} not before {pos}"
+        );
         let obs = Observation::of(hb, pos);
         let res = match slot {
             Some(s) => self.table.observe_at(s, &obs).map(|()| s),
@@ -587,6 +592,10 @@ impl ShardStore {
     /// the log's end): every device whose last entry lies below it, that entry (from the log, or
     /// from the current checkpoint for entries already deleted), its position and chain head.
     pub fn checkpoint_job(&self, covered: LogPos) -> CheckpointJob {
+        assert!(
+            covered <= self.log.written(),
+            "checkpoint covering {covered} past the log's end"
+        );
         let old_covered = self.ckpt.as_ref().map_or(LogPos(0), |c| c.covered());
         CheckpointJob {
             shard: self.log.shard(),

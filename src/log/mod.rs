@@ -7,7 +7,9 @@
 //! and is used from one thread: one log belongs to one shard. Its only helper is a short-lived
 //! thread per rollover that zero-fills the next segment file ahead of time (`spawn_spare`; it
 //! touches no state of the log, only a `.seg.tmp` file). Other threads may read its durable
-//! entries through [`tail::Tail`], a read-only reader of the segment files.
+//! entries through [`tail::Tail`], a read-only reader of the segment files. Every file-system
+//! operation goes through [`storage::Disk`]: the real file system, or the simulated disk of the
+//! crash tests ([`sim`]; then the spare segment is prepared inline, not on a thread).
 //!
 //! Invariants: positions are contiguous across segments (a segment's base is its predecessor's
 //! base plus its size) and data once written never moves; sequence numbers are contiguous; an
@@ -21,12 +23,13 @@ pub mod format;
 pub mod policy;
 pub mod recovery;
 mod segment;
+pub mod sim;
+pub mod storage;
 pub mod sync;
 pub mod tail;
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
@@ -38,6 +41,7 @@ use rkyv::util::AlignedVec;
 pub use error::Error;
 pub use policy::{Durability, GroupPolicy};
 pub use recovery::{Damage, RecoveryReport};
+pub use storage::Disk;
 pub use sync::{Commit, SyncFile, SyncJob, UringSyncer};
 
 use format::{entry_bytes, parse_entry, write_entry, FIRST_SEQ, POS_NONE};
@@ -216,11 +220,14 @@ pub struct Log {
     /// no thread-locals).
     arena: Arena,
     consumers: Vec<Consumer>,
-    /// Holds the shard directory's flock for the life of the log.
-    _lock: File,
+    /// Where the segment files live (the real file system, or a simulated disk in crash tests).
+    disk: Disk,
+    /// Holds the shard directory's flock for the life of the log (none on a simulated disk).
+    _lock: Option<File>,
     /// `(st_dev, st_ino)` of the lock file this log holds: if `<dir>/LOCK` stops naming this file,
-    /// the directory was removed or replaced under us (checked at every commit).
-    lock_identity: (u64, u64),
+    /// the directory was removed or replaced under us (checked at every commit; none on a
+    /// simulated disk).
+    lock_identity: Option<(u64, u64)>,
     /// The next segment, being zero-filled on a helper thread while the active one fills up.
     spare: Option<Spare>,
 }
@@ -231,8 +238,25 @@ struct Spare {
     base: u64,
     /// Its size.
     bytes: u64,
-    /// The preparing thread; its result says whether `<base>.seg.tmp` is ready.
-    thread: std::thread::JoinHandle<std::io::Result<()>>,
+    /// The preparation; its result says whether `<base>.seg.tmp` is ready.
+    thread: SpareWork,
+}
+
+/// Who prepares a spare: a helper thread on the real disk; on a simulated disk it is prepared
+/// inline (the simulation is single-threaded and must be deterministic per seed).
+enum SpareWork {
+    Thread(std::thread::JoinHandle<std::io::Result<()>>),
+    Done(std::io::Result<()>),
+}
+
+impl SpareWork {
+    /// The preparation's outcome (`Err(())`: the thread panicked).
+    fn join(self) -> Result<std::io::Result<()>, ()> {
+        match self {
+            SpareWork::Thread(t) => t.join().map_err(|_| ()),
+            SpareWork::Done(r) => Ok(r),
+        }
+    }
 }
 
 impl Drop for Log {
@@ -247,19 +271,26 @@ impl Drop for Log {
 
 /// Starts zero-filling `<dir>/<base>.seg.tmp` on a helper thread. The thread may run on any core
 /// (the shard's executor is pinned to one; the copy of zeros should not compete with it there).
-fn spawn_spare(shard: ShardId, dir: &Path, base: u64, bytes: u64) -> Option<Spare> {
+fn spawn_spare(disk: &Disk, shard: ShardId, dir: &Path, base: u64, bytes: u64) -> Option<Spare> {
+    if let Disk::Sim(_) = disk {
+        return Some(Spare {
+            base,
+            bytes,
+            thread: SpareWork::Done(segment::prepare_spare(disk, dir, base, bytes)),
+        });
+    }
     let dir = dir.to_path_buf();
     let thread = std::thread::Builder::new()
         .name(format!("geobeat-spare-{}", shard.0))
         .spawn(move || {
             unpin_current_thread();
-            segment::prepare_spare(&dir, base, bytes)
+            segment::prepare_spare(&Disk::Real, &dir, base, bytes)
         });
     match thread {
         Ok(thread) => Some(Spare {
             base,
             bytes,
-            thread,
+            thread: SpareWork::Thread(thread),
         }),
         Err(e) => {
             // No thread: the next rollover zero-fills inline instead.
@@ -365,25 +396,57 @@ impl Log {
     where
         F: FnMut(LogPos, &Entry<'_>),
     {
+        Log::open_on(cfg, Disk::Real, on_entry)
+    }
+
+    /// [`Log::open`] on a given disk: the real file system, or a simulated one (crash tests; no
+    /// directory lock is taken there).
+    pub fn open_on<F>(
+        cfg: &LogConfig,
+        disk: Disk,
+        on_entry: F,
+    ) -> Result<(Log, RecoveryReport), Error>
+    where
+        F: FnMut(LogPos, &Entry<'_>),
+    {
         cfg.check()?;
         let shard = cfg.shard;
         let dir = cfg.dir.clone();
-        if !dir.is_dir() {
-            crate::datadir::create_dir_private(&dir)
+        if !disk.is_dir(&dir) {
+            disk.create_dir(&dir)
                 .map_err(|e| Error::io(shard, "create shard dir", &dir, e))?;
             if let Some(parent) = dir.parent() {
-                segment::sync_dir(shard, parent)?;
+                segment::sync_dir(&disk, shard, parent)?;
             }
         }
-        let lock = lock_dir(shard, &dir)?;
-        let lock_identity = file_identity(&lock)
-            .map_err(|e| Error::io(shard, "stat lock file", &dir.join(LOCK_FILE), e))?;
-        let recovered = recovery::recover(shard, &dir, on_entry)?;
+        let (lock, lock_identity) = match disk {
+            Disk::Real => {
+                let lock = lock_dir(shard, &dir)?;
+                let identity = file_identity(&lock)
+                    .map_err(|e| Error::io(shard, "stat lock file", &dir.join(LOCK_FILE), e))?;
+                (Some(lock), Some(identity))
+            }
+            Disk::Sim(_) => (None, None),
+        };
+        let recovered = recovery::recover(&disk, shard, &dir, on_entry)?;
         let mut segments = recovered.segments;
         let report = recovered.report;
         let next_seq = recovered.next_seq.unwrap_or(FIRST_SEQ);
+        assert!(
+            next_seq >= FIRST_SEQ,
+            "sequence numbers start at {FIRST_SEQ}"
+        );
+        // Paired with recovery's checks of the chain of bases: what it kept is contiguous.
+        debug_assert!(
+            segments
+                .iter()
+                .zip(segments.iter().skip(1))
+                .all(|(a, b)| a.end() == b.base && a.data_end <= a.bytes),
+            "recovered segments are contiguous"
+        );
         if segments.is_empty() {
             segments.push_back(Segment::create(
+                &disk,
                 &dir,
                 shard,
                 0,
@@ -430,12 +493,19 @@ impl Log {
             scratch: AlignedVec::with_capacity(ENTRY_PAYLOAD_BYTES_MAX),
             arena: Arena::new(),
             consumers: Vec::new(),
+            disk,
             _lock: lock,
             lock_identity,
             spare: None,
         };
         let mut log = log;
-        log.spare = spawn_spare(shard, &log.dir, log.active().end(), log.segment_bytes);
+        log.spare = spawn_spare(
+            &log.disk,
+            shard,
+            &log.dir,
+            log.active().end(),
+            log.segment_bytes,
+        );
         Ok((log, report))
     }
 
@@ -458,7 +528,7 @@ impl Log {
         crate::datadir::create_dir_private(dir)
             .map_err(|e| Error::io(shard, "create shard dir", dir, e))?;
         if let Some(parent) = dir.parent() {
-            segment::sync_dir(shard, parent)?;
+            segment::sync_dir(&Disk::Real, shard, parent)?;
         }
         let listing =
             std::fs::read_dir(dir).map_err(|e| Error::io(shard, "list shard dir", dir, e))?;
@@ -472,6 +542,7 @@ impl Log {
             }
         }
         Segment::create(
+            &Disk::Real,
             dir,
             shard,
             base.0,
@@ -535,6 +606,12 @@ impl Log {
     /// returns the new entry's position. The heartbeat is validated first; nothing is written on
     /// any error. Not durable until a commit covers it.
     pub fn append(&mut self, hb: &Heartbeat, prev: Option<LogPos>) -> Result<LogPos, Error> {
+        debug_assert!(self.durable <= self.written, "durable past written");
+        debug_assert_eq!(
+            self.written,
+            self.active().base + self.active().data_end,
+            "written is the active segment's data end"
+        );
         if self.poisoned {
             return Err(self.poisoned_err());
         }
@@ -570,6 +647,13 @@ impl Log {
             .back_mut()
             .expect("a log always has a segment");
         let off = seg.data_end;
+        // Paired with `parse_entry`'s bound check at recovery: an entry never crosses its
+        // segment's end (the rollover above made room).
+        assert!(
+            off + total <= seg.bytes,
+            "entry {off}+{total} past segment end"
+        );
+        debug_assert_eq!(off % crate::limits::ENTRY_ALIGN_BYTES as u64, 0);
         write_entry(
             &mut seg.data_mut()[off as usize..],
             self.next_seq,
@@ -613,6 +697,7 @@ impl Log {
         let base = old.end();
         let prepared = self.take_spare(base)?;
         let new = Segment::create(
+            &self.disk,
             &self.dir,
             shard,
             base,
@@ -626,9 +711,26 @@ impl Log {
             .segments
             .back_mut()
             .expect("a log always has a segment");
+        // The log's invariants: positions are contiguous across segments, and a segment that
+        // gets a successor is complete and durable.
+        assert_eq!(new.base, old.end(), "segments are contiguous");
+        assert!(
+            self.durable >= old.base + old.data_end,
+            "a sealed segment is durable"
+        );
+        assert_eq!(
+            new.first_seq, self.next_seq,
+            "sequence numbers are contiguous"
+        );
         old.file = None;
         self.segments.push_back(new);
-        self.spare = spawn_spare(shard, &self.dir, self.active().end(), self.segment_bytes);
+        self.spare = spawn_spare(
+            &self.disk,
+            shard,
+            &self.dir,
+            self.active().end(),
+            self.segment_bytes,
+        );
         Ok(())
     }
 
@@ -662,6 +764,7 @@ impl Log {
     /// [`Log::commit_end`]. Appends may continue meanwhile. Panics if a job is already in flight.
     pub fn commit_begin(&mut self) -> Result<Commit, Error> {
         assert!(!self.job_in_flight, "only one sync job may be in flight");
+        debug_assert!(self.durable <= self.written, "durable past written");
         if self.poisoned {
             return Err(self.poisoned_err());
         }
@@ -678,11 +781,10 @@ impl Log {
                     .file
                     .as_ref()
                     .expect("a segment with unsynced bytes keeps its file open");
-                let fd = file
-                    .as_fd()
-                    .try_clone_to_owned()
+                let sync_file = file
+                    .sync_file(&seg.path, LogPos(seg.base))
                     .map_err(|e| Error::io(self.shard, "dup segment fd", &seg.path, e))?;
-                files.push(sync::SyncFile::new(fd, seg.path.clone(), LogPos(seg.base)));
+                files.push(sync_file);
             }
         }
         if files.is_empty() {
@@ -727,6 +829,7 @@ impl Log {
         }
         self.check_directory()?;
         self.durable = self.durable.max(job.target.0);
+        debug_assert!(self.durable <= self.written, "durable past written");
         Ok(LogPos(self.durable))
     }
 
@@ -737,9 +840,13 @@ impl Log {
     /// See: issue 20 §1 (`rm -rf` of the data directory while serving).
     fn check_directory(&mut self) -> Result<(), Error> {
         use std::os::unix::fs::MetadataExt;
+        let Some(identity) = self.lock_identity else {
+            // A simulated disk: no lock file, nothing can remove the directory.
+            return Ok(());
+        };
         let path = self.dir.join(LOCK_FILE);
         let same = match std::fs::metadata(&path) {
-            Ok(m) => (m.dev(), m.ino()) == self.lock_identity,
+            Ok(m) => (m.dev(), m.ino()) == identity,
             Err(_) => false,
         };
         if same {
@@ -970,7 +1077,7 @@ impl Log {
         };
         while self.segments.len() > 1 && self.segments[0].end() <= end.0 {
             let path = self.segments[0].path.clone();
-            let removed = match std::fs::remove_file(&path) {
+            let removed = match self.disk.remove(&path) {
                 Ok(()) => true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                 Err(e) => return Err(Error::io(self.shard, "delete segment", &path, e)),
@@ -981,10 +1088,14 @@ impl Log {
             // Sync after each deletion: if a crash made a later deletion durable but not an
             // earlier one, recovery would see a gap between segments and treat it as damage.
             if removed {
-                segment::sync_dir(self.shard, &self.dir)?;
+                segment::sync_dir(&self.disk, self.shard, &self.dir)?;
             }
             tracing::info!(shard = self.shard.0, path = %path.display(), "deleted expired log segment");
         }
+        assert!(
+            !self.segments.is_empty(),
+            "the active segment is never retired"
+        );
         Ok(retired)
     }
 

@@ -18,6 +18,7 @@ use super::format::{
     parse_entry, parse_segment_file_name, EntryFault, POS_NONE, SEGMENT_TMP_SUFFIX,
 };
 use super::segment::{sync_dir, Opened, Segment};
+use super::storage::Disk;
 use super::{Entry, LogPos};
 use crate::limits::{ENTRY_ALIGN_BYTES, SEGMENT_HEADER_BYTES};
 use crate::record;
@@ -87,18 +88,6 @@ fn nonzero_end(b: &[u8]) -> usize {
     0
 }
 
-/// Asks the kernel to start reading a whole file into the page cache (advisory; errors ignored).
-fn readahead_file(path: &Path) {
-    use std::os::fd::AsRawFd;
-    if let Ok(f) = std::fs::File::open(path) {
-        // SAFETY: plain syscall on a valid descriptor; the advice outlives the descriptor because
-        // it applies to the file's page cache.
-        unsafe {
-            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
-        }
-    }
-}
-
 /// The first offset in `(from, to)` (entry-aligned) holding a fully valid entry, if any.
 fn find_valid_entry(data: &[u8], from: usize, to: usize) -> Option<usize> {
     let mut off = from + ENTRY_ALIGN_BYTES;
@@ -125,6 +114,11 @@ fn scan_segment<F>(seg: &Segment, first_seq: u64, on_entry: &mut F) -> SegmentSc
 where
     F: FnMut(LogPos, &Entry<'_>),
 {
+    debug_assert!(first_seq >= super::format::FIRST_SEQ);
+    debug_assert_eq!(
+        seg.data_end, SEGMENT_HEADER_BYTES as u64,
+        "a segment is scanned once"
+    );
     let data = seg.data();
     let mut off = SEGMENT_HEADER_BYTES;
     let mut seq = first_seq;
@@ -171,9 +165,9 @@ fn now_ms() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
-fn quarantine_dir(shard: ShardId, dir: &Path) -> Result<PathBuf, Error> {
+fn quarantine_dir(disk: &Disk, shard: ShardId, dir: &Path) -> Result<PathBuf, Error> {
     let q = dir.join(QUARANTINE_DIR);
-    crate::datadir::create_dir_private(&q)
+    disk.create_dir(&q)
         .map_err(|e| Error::io(shard, "create quarantine dir", &q, e))?;
     Ok(q)
 }
@@ -188,11 +182,12 @@ fn quarantine_name(q: &Path, path: &Path) -> PathBuf {
 
 /// Copies a damaged segment into quarantine (best effort: a failed copy is logged, recovery goes
 /// on, since refusing to start would not protect the data any better).
-fn quarantine_copy(shard: ShardId, dir: &Path, path: &Path) -> Option<PathBuf> {
-    let result = quarantine_dir(shard, dir).and_then(|q| {
+fn quarantine_copy(disk: &Disk, shard: ShardId, dir: &Path, path: &Path) -> Option<PathBuf> {
+    let result = quarantine_dir(disk, shard, dir).and_then(|q| {
         let dst = quarantine_name(&q, path);
-        std::fs::copy(path, &dst).map_err(|e| Error::io(shard, "copy to quarantine", path, e))?;
-        sync_dir(shard, &q)?;
+        disk.copy(path, &dst)
+            .map_err(|e| Error::io(shard, "copy to quarantine", path, e))?;
+        sync_dir(disk, shard, &q)?;
         Ok(dst)
     });
     match result {
@@ -206,46 +201,57 @@ fn quarantine_copy(shard: ShardId, dir: &Path, path: &Path) -> Option<PathBuf> {
 
 /// Moves segment files that follow damage into quarantine (they must leave the shard directory so
 /// new segments can take their positions).
-fn quarantine_move(shard: ShardId, dir: &Path, paths: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
+fn quarantine_move(
+    disk: &Disk,
+    shard: ShardId,
+    dir: &Path,
+    paths: &[PathBuf],
+) -> Result<Vec<PathBuf>, Error> {
     if paths.is_empty() {
         return Ok(Vec::new());
     }
-    let q = quarantine_dir(shard, dir)?;
+    let q = quarantine_dir(disk, shard, dir)?;
     let mut moved = Vec::with_capacity(paths.len());
     for p in paths {
         let dst = quarantine_name(&q, p);
-        std::fs::rename(p, &dst).map_err(|e| Error::io(shard, "move to quarantine", p, e))?;
+        disk.rename(p, &dst)
+            .map_err(|e| Error::io(shard, "move to quarantine", p, e))?;
         moved.push(dst);
     }
-    sync_dir(shard, &q)?;
-    sync_dir(shard, dir)?;
+    sync_dir(disk, shard, &q)?;
+    sync_dir(disk, shard, dir)?;
     Ok(moved)
 }
 
 /// Recovers the log in `dir` (which exists and is locked by the caller).
-pub(crate) fn recover<F>(shard: ShardId, dir: &Path, mut on_entry: F) -> Result<Recovered, Error>
+pub(crate) fn recover<F>(
+    disk: &Disk,
+    shard: ShardId,
+    dir: &Path,
+    mut on_entry: F,
+) -> Result<Recovered, Error>
 where
     F: FnMut(LogPos, &Entry<'_>),
 {
     let started = Instant::now();
     let mut files: Vec<(u64, PathBuf)> = Vec::new();
     let mut removed_tmp = false;
-    let listing = std::fs::read_dir(dir).map_err(|e| Error::io(shard, "list shard dir", dir, e))?;
-    for item in listing {
-        let item = item.map_err(|e| Error::io(shard, "list shard dir", dir, e))?;
-        let name = item.file_name();
-        let Some(name) = name.to_str() else { continue };
+    let listing = disk
+        .list(dir)
+        .map_err(|e| Error::io(shard, "list shard dir", dir, e))?;
+    for name in listing {
+        let path = dir.join(&name);
         if name.ends_with(SEGMENT_TMP_SUFFIX) {
             // A segment whose creation never finished: it never held entries.
-            std::fs::remove_file(item.path())
-                .map_err(|e| Error::io(shard, "remove unfinished segment", &item.path(), e))?;
+            disk.remove(&path)
+                .map_err(|e| Error::io(shard, "remove unfinished segment", &path, e))?;
             removed_tmp = true;
-        } else if let Some(base) = parse_segment_file_name(name) {
-            files.push((base, item.path()));
+        } else if let Some(base) = parse_segment_file_name(&name) {
+            files.push((base, path));
         }
     }
     if removed_tmp {
-        sync_dir(shard, dir)?;
+        sync_dir(disk, shard, dir)?;
     }
     files.sort();
 
@@ -256,7 +262,7 @@ where
     while i < files.len() {
         let (base, path) = &files[i];
         let is_last_file = i + 1 == files.len();
-        let mut seg = match Segment::open(path, shard, *base)? {
+        let mut seg = match Segment::open(disk, path, shard, *base)? {
             Opened::Ok(seg) => seg,
             Opened::Bad(reason) => {
                 if segments.is_empty() {
@@ -266,9 +272,9 @@ where
                         reason,
                     });
                 }
-                let copy = quarantine_copy(shard, dir, path);
+                let copy = quarantine_copy(disk, shard, dir, path);
                 let rest: Vec<PathBuf> = files[i..].iter().map(|(_, p)| p.clone()).collect();
-                let moved = quarantine_move(shard, dir, &rest)?;
+                let moved = quarantine_move(disk, shard, dir, &rest)?;
                 record_damage(&mut report, shard, path, 0, *base, reason, copy, moved);
                 break;
             }
@@ -287,7 +293,7 @@ where
         if let Some(reason) = mismatch {
             let rest: Vec<PathBuf> = files[i..].iter().map(|(_, p)| p.clone()).collect();
             drop(seg);
-            let moved = quarantine_move(shard, dir, &rest)?;
+            let moved = quarantine_move(disk, shard, dir, &rest)?;
             record_damage(&mut report, shard, path, 0, *base, reason, None, moved);
             break;
         }
@@ -296,9 +302,11 @@ where
         if let Some((_, next_path)) = files.get(i + 1) {
             // Start reading the next segment while this one is scanned (cold starts overlap I/O
             // with CRC and validation work).
-            readahead_file(next_path);
+            disk.readahead(next_path);
         }
         let scan = scan_segment(&seg, seg.first_seq, &mut on_entry);
+        // Paired with `parse_entry`'s bound check: the valid prefix ends inside the segment.
+        assert!(scan.end as u64 <= seg.bytes && scan.end >= SEGMENT_HEADER_BYTES);
         seg.data_end = scan.end as u64;
         seg.flushed = seg.data_end;
         report.entries += scan.entries;
@@ -318,9 +326,9 @@ where
                     Some(off) => format!("{reason}; a valid entry follows at offset {off}"),
                     None => format!("{reason} in a sealed segment"),
                 };
-                let copy = quarantine_copy(shard, dir, path);
+                let copy = quarantine_copy(disk, shard, dir, path);
                 let rest: Vec<PathBuf> = files[i + 1..].iter().map(|(_, p)| p.clone()).collect();
-                let moved = quarantine_move(shard, dir, &rest)?;
+                let moved = quarantine_move(disk, shard, dir, &rest)?;
                 record_damage(
                     &mut report,
                     shard,

@@ -10,10 +10,8 @@
 //! converting unwritten extents (which ext4 may fail after reporting success, losing acknowledged
 //! data; see issue 20 §2); a segment being created lives under a `.seg.tmp` name until then.
 
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
@@ -23,6 +21,8 @@ use super::error::Error;
 use super::format::{
     segment_file_name, HeaderFault, SegmentHeader, SEGMENT_SUFFIX, SEGMENT_TMP_SUFFIX,
 };
+use super::sim::SimMap;
+use super::storage::{Disk, SegFile};
 use super::SyncMode;
 use crate::limits::{SEGMENT_HEADER_BYTES, SEGMENT_ZERO_FILL_CHUNK_BYTES};
 use crate::route::ShardId;
@@ -34,11 +34,17 @@ pub(crate) enum Mapping {
     Plain(MmapMut),
     /// MAP_SYNC mapping on a DAX file system.
     Dax(DaxMap),
+    /// A file of a simulated disk (crash tests), made durable by its simulated fdatasync.
+    Sim(SimMap),
 }
 
 impl Mapping {
     /// Maps the whole file, DAX if the file system allows it.
-    fn map(file: &File, len: usize) -> io::Result<Mapping> {
+    fn map(file: &SegFile, len: usize) -> io::Result<Mapping> {
+        let file = match file {
+            SegFile::Real(f) => f,
+            SegFile::Sim(f) => return f.map(len).map(Mapping::Sim),
+        };
         if let Some(dax) = DaxMap::try_map(file, len)? {
             return Ok(Mapping::Dax(dax));
         }
@@ -51,7 +57,7 @@ impl Mapping {
 
     fn mode(&self) -> SyncMode {
         match self {
-            Mapping::Plain(_) => SyncMode::Fdatasync,
+            Mapping::Plain(_) | Mapping::Sim(_) => SyncMode::Fdatasync,
             Mapping::Dax(_) => SyncMode::Dax,
         }
     }
@@ -68,7 +74,7 @@ pub(crate) struct Segment {
     pub path: PathBuf,
     /// Open file, kept while the segment may still need an fdatasync (the active segment); sealed
     /// segments drop it so a long log does not hold thousands of descriptors.
-    pub file: Option<File>,
+    pub file: Option<SegFile>,
     map: Mapping,
     /// Sequence number of the first entry in this segment.
     pub first_seq: u64,
@@ -89,9 +95,8 @@ pub(crate) enum Opened {
 }
 
 /// fsyncs a directory, making creations, renames and deletions in it durable.
-pub(crate) fn sync_dir(shard: ShardId, dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+pub(crate) fn sync_dir(disk: &Disk, shard: ShardId, dir: &Path) -> Result<(), Error> {
+    disk.sync_dir(dir)
         .map_err(|e| Error::io(shard, "fsync directory", dir, e))
 }
 
@@ -103,8 +108,15 @@ pub(crate) fn sync_dir(shard: ShardId, dir: &Path) -> Result<(), Error> {
 /// fdatasync that had returned success; written extents leave the later syncs of this file only
 /// data to write. `ftruncate` is never used: it makes a sparse file. Only `from..len` is touched:
 /// bytes before `from` (a short file's existing entries) are kept.
-fn preallocate(file: &File, from: u64, len: u64) -> io::Result<()> {
+fn preallocate(file: &SegFile, from: u64, len: u64) -> io::Result<()> {
     assert!(from <= len, "preallocate {from}..{len}");
+    let file = match file {
+        SegFile::Real(f) => f,
+        SegFile::Sim(f) => {
+            f.write_zeros(from, len)?;
+            return f.sync_data();
+        }
+    };
     // SAFETY: plain syscall on a valid fd.
     let rc = unsafe {
         libc::fallocate(
@@ -138,18 +150,13 @@ fn preallocate(file: &File, from: u64, len: u64) -> io::Result<()> {
 /// (see [`preallocate`]), without a header. Meant for a helper thread, so the shard's executor
 /// never writes a whole segment of zeros on the ack path; [`Segment::create`] with
 /// `prepared = true` then only writes the header and renames. On failure the file is removed.
-pub(crate) fn prepare_spare(dir: &Path, base: u64, bytes: u64) -> io::Result<()> {
+pub(crate) fn prepare_spare(disk: &Disk, dir: &Path, base: u64, bytes: u64) -> io::Result<()> {
     let tmp = tmp_path(dir, base);
-    let result = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(crate::datadir::FILE_MODE)
-        .open(&tmp)
+    let result = disk
+        .open(&tmp, true, true)
         .and_then(|file| preallocate(&file, 0, bytes));
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = disk.remove(&tmp);
     }
     result
 }
@@ -171,6 +178,7 @@ impl Segment {
     /// [`Error::NoSpace`].
     #[allow(clippy::too_many_arguments)]
     pub fn create(
+        disk: &Disk,
         dir: &Path,
         shard: ShardId,
         base: u64,
@@ -182,12 +190,12 @@ impl Segment {
         let path = dir.join(segment_file_name(base));
         let tmp = tmp_path(dir, base);
         let result = Self::create_at(
-            &tmp, &path, dir, shard, base, bytes, first_seq, created_ms, prepared,
+            disk, &tmp, &path, dir, shard, base, bytes, first_seq, created_ms, prepared,
         );
         match result {
             Ok(seg) => Ok(seg),
             Err(err) => {
-                let _ = std::fs::remove_file(&tmp);
+                let _ = disk.remove(&tmp);
                 // Running out of space anywhere in creation (e.g. a new directory block for the
                 // rename) is the same operating condition as failing to preallocate.
                 Err(match err {
@@ -207,6 +215,7 @@ impl Segment {
 
     #[allow(clippy::too_many_arguments)]
     fn create_at(
+        disk: &Disk,
         tmp: &Path,
         path: &Path,
         dir: &Path,
@@ -217,19 +226,13 @@ impl Segment {
         created_ms: i64,
         prepared: bool,
     ) -> Result<Segment, Error> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(!prepared)
-            .mode(crate::datadir::FILE_MODE)
-            .open(tmp)
+        let file = disk
+            .open(tmp, true, !prepared)
             .map_err(|e| Error::io(shard, "create segment", tmp, e))?;
         let ready = prepared
             && file
-                .metadata()
-                .map_err(|e| Error::io(shard, "stat prepared segment", tmp, e))?
                 .len()
+                .map_err(|e| Error::io(shard, "stat prepared segment", tmp, e))?
                 == bytes;
         if !ready {
             // Not prepared, or not as prepared (something else touched it): start over.
@@ -262,6 +265,7 @@ impl Segment {
         match &mut map {
             Mapping::Plain(m) => header.encode(&mut m[..]),
             Mapping::Dax(d) => header.encode(d.as_mut_slice()),
+            Mapping::Sim(m) => header.encode(m.as_mut_slice()),
         }
         let mut seg = Segment {
             base,
@@ -276,27 +280,24 @@ impl Segment {
         };
         seg.sync_range(0, SEGMENT_HEADER_BYTES as u64)
             .map_err(|e| Error::io(shard, "sync segment header", tmp, e))?;
-        std::fs::rename(tmp, path).map_err(|e| Error::io(shard, "rename segment", tmp, e))?;
-        sync_dir(shard, dir)?;
+        disk.rename(tmp, path)
+            .map_err(|e| Error::io(shard, "rename segment", tmp, e))?;
+        sync_dir(disk, shard, dir)?;
         Ok(seg)
     }
 
     /// Opens and maps an existing segment whose name says it starts at `base`. A short file (which
     /// only outside interference can produce) is extended with zeros to its recorded size so the
     /// mapping never reaches past the end of the file.
-    pub fn open(path: &Path, shard: ShardId, base: u64) -> Result<Opened, Error> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
+    pub fn open(disk: &Disk, path: &Path, shard: ShardId, base: u64) -> Result<Opened, Error> {
+        let file = disk
+            .open(path, false, false)
             .map_err(|e| Error::io(shard, "open segment", path, e))?;
         let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(shard, "stat segment", path, e))?
-            .len();
+            .len()
+            .map_err(|e| Error::io(shard, "stat segment", path, e))?;
         let mut head = vec![0u8; SEGMENT_HEADER_BYTES];
         {
-            use std::os::unix::fs::FileExt;
             if file_len < SEGMENT_HEADER_BYTES as u64 {
                 return Ok(Opened::Bad(HeaderFault::Short.to_string()));
             }
@@ -367,6 +368,7 @@ impl Segment {
         match &self.map {
             Mapping::Plain(m) => &m[..],
             Mapping::Dax(d) => d.as_slice(),
+            Mapping::Sim(m) => m.as_slice(),
         }
     }
 
@@ -376,6 +378,7 @@ impl Segment {
         match &mut self.map {
             Mapping::Plain(m) => &mut m[..],
             Mapping::Dax(d) => d.as_mut_slice(),
+            Mapping::Sim(m) => m.as_mut_slice(),
         }
     }
 
@@ -390,13 +393,14 @@ impl Segment {
     /// Makes bytes `[start, end)` durable: a cache-line flush in DAX mode, else an fdatasync of the
     /// whole file (the kernel writes back the mapping's dirty pages).
     pub fn sync_range(&mut self, start: u64, end: u64) -> io::Result<()> {
+        debug_assert!(start <= end && end <= self.bytes, "sync of {start}..{end}");
         match &self.map {
             Mapping::Dax(d) => {
                 d.flush(start as usize, end as usize);
                 self.flushed = self.flushed.max(end);
                 Ok(())
             }
-            Mapping::Plain(_) => {
+            Mapping::Plain(_) | Mapping::Sim(_) => {
                 let file = self
                     .file
                     .as_ref()
@@ -417,7 +421,7 @@ impl Segment {
                 }
                 true
             }
-            Mapping::Plain(_) => false,
+            Mapping::Plain(_) | Mapping::Sim(_) => false,
         }
     }
 
@@ -425,7 +429,11 @@ impl Segment {
     /// become cache-line flushes of an ordinary mapping, which run but are not durable.
     #[cfg(test)]
     pub fn force_dax_for_test(&mut self) {
-        let file = self.file.as_ref().expect("file open");
+        let file = self
+            .file
+            .as_ref()
+            .and_then(SegFile::real)
+            .expect("real file open");
         // SAFETY: see `Mapping::map`; this only runs in unit tests on private temp files.
         let len = self.bytes as usize;
         let fake = unsafe { DaxMap::fake_from_file(file, len) };

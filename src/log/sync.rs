@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types, IoUring};
 
+use super::sim::SimFile;
 use super::LogPos;
 use crate::limits::SYNC_RING_ENTRIES;
 
@@ -21,6 +22,9 @@ use crate::limits::SYNC_RING_ENTRIES;
 #[derive(Debug)]
 pub struct SyncFile {
     fd: Option<OwnedFd>,
+    /// The file on a simulated disk (crash tests), synced by [`SyncJob::run_blocking`]; such a
+    /// file has no descriptor.
+    sim: Option<SimFile>,
     path: PathBuf,
     base: LogPos,
 }
@@ -29,6 +33,16 @@ impl SyncFile {
     pub(crate) fn new(fd: OwnedFd, path: PathBuf, base: LogPos) -> SyncFile {
         SyncFile {
             fd: Some(fd),
+            sim: None,
+            path,
+            base,
+        }
+    }
+
+    pub(crate) fn sim(file: SimFile, path: PathBuf, base: LogPos) -> SyncFile {
+        SyncFile {
+            fd: None,
+            sim: Some(file),
             path,
             base,
         }
@@ -84,10 +98,17 @@ impl SyncJob {
         &mut self.files
     }
 
-    /// Runs the job on the calling thread with `fdatasync(2)`, returning the first error.
+    /// Runs the job on the calling thread with `fdatasync(2)` (the simulated fdatasync for files
+    /// of a simulated disk), returning the first error.
     pub fn run_blocking(&self) -> io::Result<()> {
         let mut result = Ok(());
         for f in &self.files {
+            if let Some(sim) = &f.sim {
+                if let Err(e) = sim.sync_data() {
+                    result = result.and(Err(e));
+                }
+                continue;
+            }
             let fd = f.fd.as_ref().ok_or_else(taken_fd_error)?;
             // SAFETY: plain syscall on a descriptor owned by the job.
             if unsafe { libc::fdatasync(fd.as_raw_fd()) } != 0 && result.is_ok() {
@@ -153,6 +174,7 @@ impl UringSyncer {
 
     /// Submits one `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC` per file of `job`. The job must
     /// stay alive (its descriptors open) until `poll` or `wait` returns its outcome.
+    /// Jobs of a simulated disk have no descriptors (run them with `SyncJob::run_blocking`).
     pub fn submit(&mut self, job: &SyncJob) -> io::Result<()> {
         assert!(!self.busy, "UringSyncer runs one job at a time");
         self.result = Ok(());

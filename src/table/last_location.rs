@@ -340,7 +340,12 @@ impl LastLocationTable {
     /// moves only if its device time is not older.
     pub fn observe_at(&mut self, slot: Slot, obs: &Observation) -> Result<(), TableError> {
         Self::check_pos(obs.pos)?;
+        debug_assert!(
+            ((slot.0 >> REF_CHUNK_SHIFT) as usize) < self.chunks.len(),
+            "slot of another table"
+        );
         let rec = rec_at_mut(&mut self.chunks, slot.0);
+        debug_assert!(rec[REC_ID_LEN] > 0, "slot is not a record start");
         if obs.ts_ms >= u64_at(rec, REC_TS) as i64 {
             put_u64(rec, REC_LAT, obs.lat.to_bits());
             put_u64(rec, REC_LON, obs.lon.to_bits());
