@@ -25,6 +25,7 @@ mod sinks;
 #[cfg(test)]
 mod tests;
 
+pub use crate::limits::{AUDIT_ROTATE_BYTES_RANGE, AUDIT_ROTATE_SECS_RANGE};
 pub use cli::{
     offline_data_dir, Cli, Command, DemoArgs, MigrateArgs, ReshardArgs, SinksArgs, TokenArgs,
     TokenKind,
@@ -32,13 +33,12 @@ pub use cli::{
 pub use resolve::{raise_open_files_limit, ConfigError, ServeConfig, Sources};
 pub use settings::{
     parse_size, ByteLimit, DefaultValue, Durability, LogFormat, MetricsListen, Retention, Routing,
-    ServeArgs, Setting, CONNECTIONS_MAX_DEFAULT, DEMO_DEVICES_DEFAULT, HANDSHAKE_TIMEOUT_MS_DEFAULT,
-    IDLE_TIMEOUT_S_DEFAULT, LISTEN_DEFAULT, LOG_LEVEL_DEFAULT, MESH_CAPACITY_DEFAULT,
-    RETENTION_DEFAULT, SETTINGS, SINKS_KEY, SINK_BACKLOG_WARN_BYTES_DEFAULT,
+    ServeArgs, Setting, CONNECTIONS_MAX_DEFAULT, DEMO_DEVICES_DEFAULT,
+    HANDSHAKE_TIMEOUT_MS_DEFAULT, IDLE_TIMEOUT_S_DEFAULT, LISTEN_DEFAULT, LOG_LEVEL_DEFAULT,
+    MESH_CAPACITY_DEFAULT, RETENTION_DEFAULT, SETTINGS, SINKS_KEY, SINK_BACKLOG_WARN_BYTES_DEFAULT,
 };
 pub use sinks::{
     load_sinks, parse_rotate, redact_url, valid_sink_name, Compression, Rotation, SinkConfig,
     SinkKind, AUDIT_ROTATE_BYTES_DEFAULT, AUDIT_ROTATE_SECS_DEFAULT, PG_SCHEMA_DEFAULT,
     SINK_BATCH_ROWS_DEFAULT, SINK_POLL_INTERVAL_MS_DEFAULT, ZSTD_LEVEL_DEFAULT,
 };
-pub use crate::limits::{AUDIT_ROTATE_BYTES_RANGE, AUDIT_ROTATE_SECS_RANGE};

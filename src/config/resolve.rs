@@ -16,8 +16,8 @@ use super::settings::{
     Setting, Typed, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
     CONNECTIONS_MAX, DATA_DIR, DURABILITY, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
     HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY,
-    METRICS_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES, SETTINGS, SHARDS,
-    SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
+    METRICS_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY,
+    SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -361,7 +361,9 @@ impl ServeArgs {
         // No source: the row's default (`off`).
         let backlog_max = match backlog_max {
             Some((limit, _)) => limit.bytes(),
-            None => SINK_BACKLOG_MAX_BYTES.fixed_default().and_then(ByteLimit::bytes),
+            None => SINK_BACKLOG_MAX_BYTES
+                .fixed_default()
+                .and_then(ByteLimit::bytes),
         };
         let sinks = r.file.as_ref().map(|f| f.sinks.clone()).unwrap_or_default();
         Ok(ServeConfig {
@@ -378,9 +380,7 @@ impl ServeArgs {
                 r.get(&COMMIT_INTERVAL_MS, &self.commit_interval_ms)?,
             ),
             commit_entries_max: r.get(&COMMIT_ENTRIES_MAX_S, &self.commit_entries_max)?,
-            commit_linger: Duration::from_micros(
-                r.get(&COMMIT_LINGER_US, &self.commit_linger_us)?,
-            ),
+            commit_linger: Duration::from_micros(r.get(&COMMIT_LINGER_US, &self.commit_linger_us)?),
             routing: r.get(&ROUTING, &self.routing)?,
             durability: r.get(&DURABILITY, &self.durability)?,
             retention: match retention {

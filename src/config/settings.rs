@@ -212,9 +212,16 @@ macro_rules! settings {
             }
         }
 
-        /// The switch's flag, for the table test.
+        /// The switch's flag and help, for the table test.
         #[cfg(test)]
-        pub(super) const SWITCH_FLAG: &str = $sw_flag;
+        const SWITCH: (&str, &str) = ($sw_flag, $sw_help);
+
+        /// Reads every fixed default with its row's parser (panics naming the first that does
+        /// not parse); returns how many rows have one.
+        #[cfg(test)]
+        fn fixed_defaults_parsed() -> usize {
+            0 $(+ usize::from($id.fixed_default().is_some()))*
+        }
     };
 }
 
@@ -695,5 +702,145 @@ fn parse_byte_limit(text: &str) -> Result<ByteLimit, String> {
         Ok(0) => Err("must be at least 1 byte, or `off`".into()),
         Ok(b) => Ok(ByteLimit::Bytes(b)),
         Err(e) => Err(format!("{e}, or `off`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use clap::CommandFactory as _;
+
+    use super::*;
+    use crate::config::Cli;
+    use crate::limits::{
+        COMMIT_ENTRIES_MAX_DEFAULT, COMMIT_INTERVAL_MS_DEFAULT, SEGMENT_BYTES_DEFAULT,
+    };
+
+    #[test]
+    fn table_rows_follow_the_naming_rules_and_never_collide() {
+        // Each row's flag, variable and key are its name spelled per source, and no two rows
+        // (nor the switch, nor the sinks key) share one: a typo in a row fails here.
+        let mut flags = HashSet::from([SWITCH.0]);
+        let mut envs = HashSet::new();
+        let mut keys = HashSet::from([SINKS_KEY]);
+        for s in SETTINGS {
+            assert_eq!(s.flag, format!("--{}", s.name.replace('_', "-")), "{s:?}");
+            assert_eq!(s.env, format!("GEOBEAT_{}", s.name.to_uppercase()), "{s:?}");
+            assert!(s.key.is_none_or(|k| k == s.name), "{s:?}");
+            assert!(flags.insert(s.flag), "two settings use {}", s.flag);
+            assert!(envs.insert(s.env), "two settings use {}", s.env);
+            if let Some(k) = s.key {
+                assert!(keys.insert(k), "two settings use key {k}");
+            }
+            assert!(
+                !s.help.contains("[env:") && !s.help.contains("[default:"),
+                "{s:?}"
+            );
+        }
+        // Only `--config` is not a file key (the file cannot name itself).
+        let keyless: Vec<_> = SETTINGS
+            .iter()
+            .filter(|s| s.key.is_none())
+            .map(|s| s.flag)
+            .collect();
+        assert_eq!(keyless, ["--config"]);
+    }
+
+    #[test]
+    fn clap_exposes_each_row_as_defined() {
+        // `serve` and `demo` (which flattens the same arguments) show each row's flag, value
+        // name and help line (prose, variable, default) and nothing else besides --init, --help
+        // and demo's own two flags.
+        let cli = Cli::command();
+        for (sub, extra) in [("serve", 0), ("demo", 2)] {
+            let cmd = cli.find_subcommand(sub).unwrap();
+            for s in SETTINGS {
+                let arg = cmd
+                    .get_arguments()
+                    .find(|a| a.get_id() == s.name)
+                    .unwrap_or_else(|| panic!("{sub}: no argument {}", s.name));
+                assert_eq!(
+                    arg.get_long().map(|l| format!("--{l}")).as_deref(),
+                    Some(s.flag)
+                );
+                let names: Vec<_> = arg
+                    .get_value_names()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect();
+                assert_eq!(names, [s.value_name], "{sub} {}", s.flag);
+                let help = arg.get_help().unwrap().to_string();
+                assert_eq!(help, s.help_line(), "{sub} {}", s.flag);
+                assert!(help.contains(&format!("[env: {}]", s.env)), "{help}");
+                match s.default {
+                    DefaultValue::Text(d) | DefaultValue::Computed(d) => {
+                        assert!(help.ends_with(&format!("[default: {d}]")), "{help}")
+                    }
+                    DefaultValue::Unset => assert!(!help.contains("[default:"), "{help}"),
+                }
+            }
+            let init = cmd.get_arguments().find(|a| a.get_id() == "init").unwrap();
+            assert_eq!(
+                init.get_long().map(|l| format!("--{l}")).as_deref(),
+                Some(SWITCH.0)
+            );
+            assert_eq!(init.get_help().unwrap().to_string(), SWITCH.1);
+            let shown = cmd.get_arguments().filter(|a| a.get_id() != "help").count();
+            assert_eq!(shown, SETTINGS.len() + 1 + extra, "{sub}");
+        }
+    }
+
+    #[test]
+    fn fixed_defaults_parse_and_match_the_constants() {
+        // Every fixed default is text its own parser accepts, and where a constant names the
+        // default too, both agree (so the help's `[default: ..]` is the value that applies).
+        let fixed = SETTINGS
+            .iter()
+            .filter(|s| matches!(s.default, DefaultValue::Text(_)));
+        assert_eq!(fixed_defaults_parsed(), fixed.count());
+        assert_eq!(LISTEN.fixed_default(), LISTEN_DEFAULT.parse().ok());
+        assert_eq!(
+            DATA_DIR.fixed_default(),
+            Some(PathBuf::from(crate::auth::DATA_DIR_DEFAULT))
+        );
+        assert_eq!(SEGMENT_BYTES.fixed_default(), Some(SEGMENT_BYTES_DEFAULT));
+        assert_eq!(
+            COMMIT_INTERVAL_MS.fixed_default(),
+            Some(COMMIT_INTERVAL_MS_DEFAULT)
+        );
+        assert_eq!(
+            COMMIT_ENTRIES_MAX_S.fixed_default(),
+            Some(COMMIT_ENTRIES_MAX_DEFAULT)
+        );
+        assert_eq!(
+            RETENTION.fixed_default(),
+            Some(Retention::For(RETENTION_DEFAULT))
+        );
+        assert_eq!(
+            CONNECTIONS_MAX.fixed_default(),
+            Some(CONNECTIONS_MAX_DEFAULT)
+        );
+        assert_eq!(
+            HANDSHAKE_TIMEOUT_MS.fixed_default(),
+            Some(HANDSHAKE_TIMEOUT_MS_DEFAULT)
+        );
+        assert_eq!(IDLE_TIMEOUT_S.fixed_default(), Some(IDLE_TIMEOUT_S_DEFAULT));
+        assert_eq!(FRAME_BYTES_MAX_S.fixed_default(), Some(FRAME_BYTES_MAX));
+        assert_eq!(
+            FRAME_HEARTBEATS_MAX_S.fixed_default(),
+            Some(FRAME_HEARTBEATS_MAX)
+        );
+        assert_eq!(MESH_CAPACITY.fixed_default(), Some(MESH_CAPACITY_DEFAULT));
+        assert_eq!(
+            LOG_LEVEL.fixed_default().as_deref(),
+            Some(LOG_LEVEL_DEFAULT)
+        );
+        assert_eq!(
+            SINK_BACKLOG_WARN_BYTES.fixed_default(),
+            Some(ByteLimit::Bytes(SINK_BACKLOG_WARN_BYTES_DEFAULT))
+        );
+        assert_eq!(SHARDS.fixed_default(), None);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use clap::CommandFactory as _;
+use clap::{CommandFactory as _, Parser as _};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -268,9 +268,7 @@ poll_interval_ms = 250
         (c.sinks[1].batch_rows, c.sinks[1].poll_interval),
         (5000, Duration::from_millis(250))
     );
-    assert!(
-        matches!(&c.sinks[1].kind, SinkKind::Postgres { schema, .. } if schema == "geobeat")
-    );
+    assert!(matches!(&c.sinks[1].kind, SinkKind::Postgres { schema, .. } if schema == "geobeat"));
     let shown = format!("{:?}", c.sinks);
     assert!(
         !shown.contains("s3cret") && shown.contains("geo:***@db.example"),
@@ -353,7 +351,9 @@ fn bad_sink_tables_name_the_sink_and_the_problem() {
         assert!(matches!(err, ConfigError::Sink { index: 1, .. }), "{msg}");
         assert!(msg.contains(expect), "{table:?}: {msg}");
     }
-    let twice = format!("[[sinks]]\nname = \"a\"\n{audit}[[sinks]]\nname = \"a\"\nkind = \"audit\"\ndir = \"/b\"\n");
+    let twice = format!(
+        "[[sinks]]\nname = \"a\"\n{audit}[[sinks]]\nname = \"a\"\nkind = \"audit\"\ndir = \"/b\"\n"
+    );
     let msg = resolve(&serve_args(&[]), &[], Some(&twice))
         .unwrap_err()
         .to_string();
@@ -458,8 +458,7 @@ fn token_and_demo_arguments_parse() {
     };
     assert_eq!(t.kind, TokenKind::Ops);
     assert_eq!(t.data_dir, Some(PathBuf::from("/tmp/x")));
-    let cli =
-        Cli::try_parse_from(["geobeat", "demo", "--devices", "50", "--shards", "2"]).unwrap();
+    let cli = Cli::try_parse_from(["geobeat", "demo", "--devices", "50", "--shards", "2"]).unwrap();
     let Command::Demo(d) = cli.command else {
         panic!("demo expected")
     };
