@@ -1,0 +1,169 @@
+//! The clap types of the command line: [`Cli`], its subcommands and their arguments, except
+//! the `serve` settings, which come from the table in `settings` ([`ServeArgs`], flattened into
+//! `demo` too). It does not resolve anything beyond clap's parsing (see `resolve`), except the
+//! data directory of the offline commands.
+//!
+//! Invariant: every value a flag takes goes through the same parser as the setting's other
+//! sources (the `settings` parsers), so clap refuses exactly what resolution would.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use super::settings::{
+    parse_int, parse_path, parse_segment_bytes, parse_shards, ServeArgs, DEMO_DEVICES_DEFAULT,
+};
+use crate::limits::{DEMO_DEVICES_MAX, DEMO_RATE_HZ_MAX};
+
+/// geobeat: durable location-heartbeat ingest for very large IoT fleets.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "geobeat", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Run the ingest server.
+    Serve(ServeArgs),
+    /// Mint an access token and print it (only the token, on one line).
+    Token(TokenArgs),
+    /// Run the server together with simulated devices (a self-contained demonstration).
+    Demo(DemoArgs),
+    /// Print each storage sink's cursor and lag per shard (from the cursor files and the logs).
+    Sinks(SinksArgs),
+    /// Rewrite a data directory (offline) into another number of shards, losing nothing.
+    Reshard(ReshardArgs),
+    /// Rewrite a format-1 data directory (offline) for this build's routing (format 2).
+    Migrate(MigrateArgs),
+    /// Ask a running server: a device's last location or history, devices in an area,
+    /// geofences, live events, stats.
+    Query(crate::client::QueryArgs),
+}
+
+/// `reshard` settings.
+#[derive(Args, Debug, Clone)]
+pub struct ReshardArgs {
+    /// Data directory to rewrite (the server must be stopped) [env: GEOBEAT_DATA_DIR]
+    /// [default: ./shards]
+    #[arg(long, value_name = "DIR", value_parser = parse_path)]
+    pub data_dir: Option<PathBuf>,
+    /// The new number of shards, 1..=256
+    #[arg(long, value_name = "N", value_parser = parse_shards)]
+    pub shards: usize,
+    /// Segment file size of the new shards [default: that of the current newest segment]
+    #[arg(long, value_name = "SIZE", value_parser = parse_segment_bytes)]
+    pub segment_bytes: Option<u64>,
+}
+
+/// `migrate` settings.
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// Data directory to rewrite (the server must be stopped) [env: GEOBEAT_DATA_DIR]
+    /// [default: ./shards]
+    #[arg(long, value_name = "DIR", value_parser = parse_path)]
+    pub data_dir: Option<PathBuf>,
+    /// Segment file size of the new shards [default: that of the current newest segment]
+    #[arg(long, value_name = "SIZE", value_parser = parse_segment_bytes)]
+    pub segment_bytes: Option<u64>,
+}
+
+/// The data directory of an offline command: the flag, else `GEOBEAT_DATA_DIR`, else the default.
+pub fn offline_data_dir(flag: Option<&PathBuf>) -> PathBuf {
+    flag.cloned()
+        .or_else(|| {
+            std::env::var("GEOBEAT_DATA_DIR")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(crate::auth::DATA_DIR_DEFAULT))
+}
+
+/// `sinks` settings.
+#[derive(Args, Debug, Clone)]
+pub struct SinksArgs {
+    /// Data directory to inspect [env: GEOBEAT_DATA_DIR] [default: ./shards]
+    #[arg(long, value_name = "DIR", value_parser = parse_path)]
+    pub data_dir: Option<PathBuf>,
+    /// TOML file whose `[[sinks]]` are listed even where they have no cursor yet
+    /// [env: GEOBEAT_CONFIG]
+    #[arg(long, value_name = "FILE", value_parser = parse_path)]
+    pub config: Option<PathBuf>,
+    /// Print JSON (one object with a `sinks` array) instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `demo` settings: everything `serve` takes, plus the simulated fleet.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Server settings.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Simulated devices, 1..=1000000
+    #[arg(long, value_name = "N", default_value_t = DEMO_DEVICES_DEFAULT, value_parser = parse_demo_devices)]
+    pub devices: u32,
+    /// Heartbeats per second sent by each simulated device, > 0 and <= 100
+    #[arg(long, value_name = "HZ", default_value_t = 1.0, value_parser = parse_demo_rate_hz)]
+    pub rate_hz: f64,
+}
+
+/// `token` settings.
+#[derive(Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// The kind of token.
+    #[command(subcommand)]
+    pub kind: TokenKind,
+    /// Lifetime: a number with unit s, m, h or d (e.g. 30d)
+    /// [default: 365d; ops: 30d]
+    #[arg(long, global = true, value_name = "TTL")]
+    pub ttl: Option<String>,
+    /// Secret file to sign with [env: GEOBEAT_SECRET_FILE]; otherwise GEOBEAT_SECRET, otherwise
+    /// <data-dir>/secret (created, mode 0600, if missing)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Data directory whose `secret` file is used [env: GEOBEAT_DATA_DIR] [default: ./shards]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Token kinds for `geobeat token`.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A device token: ingest as exactly this device
+    Device {
+        /// The device id (1..=64 bytes, no control characters)
+        id: String,
+    },
+    /// A gateway token: ingest for every device whose id starts with PREFIX
+    Gateway {
+        /// The device-id prefix (may be empty: all devices)
+        prefix: String,
+    },
+    /// An ops token: read any device's state, admin endpoints
+    Ops,
+    /// A subscriber token: read devices whose id starts with PREFIX
+    Subscriber {
+        /// The device-id prefix (may be empty: all devices)
+        prefix: String,
+    },
+}
+
+fn parse_demo_devices(text: &str) -> Result<u32, String> {
+    parse_int(text, 1, DEMO_DEVICES_MAX)
+}
+
+fn parse_demo_rate_hz(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| "expected a number of heartbeats per second".to_string())?;
+    if !(v > 0.0 && v <= DEMO_RATE_HZ_MAX) {
+        return Err(format!("must be > 0 and <= {DEMO_RATE_HZ_MAX}"));
+    }
+    Ok(v)
+}
