@@ -582,3 +582,414 @@ fn promtool_checks_and_unit_tests_the_rules() {
         );
     }
 }
+
+// ----- Item 2: compose, Kubernetes, systemd. -----
+
+/// The long flags `geobeat serve --help` documents.
+fn serve_flags() -> BTreeSet<String> {
+    let help = run(Command::new(bin()).args(["serve", "--help"]));
+    help.split_whitespace()
+        .filter_map(|w| w.strip_prefix("--"))
+        .map(|w| format!("--{}", w.trim_end_matches([',', '.', ')', '`'])))
+        .collect()
+}
+
+/// Every `--flag` among `args` (a `--flag=value` counts as `--flag`) is one `serve` knows.
+fn assert_known_flags(place: &str, args: &[String], known: &BTreeSet<String>) {
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        let flag = a.split('=').next().unwrap();
+        assert!(known.contains(flag), "{place}: unknown flag {flag}");
+    }
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("expected a list, got {v}"))
+        .iter()
+        .map(|x| x.as_str().expect("string").to_string())
+        .collect()
+}
+
+/// All documents of deploy/k8s/*.yaml, with their file names.
+fn k8s_docs() -> Vec<(String, serde_json::Value)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy("k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            let name = f.file_name().unwrap().to_string_lossy().to_string();
+            yaml_docs(f)
+                .into_iter()
+                .filter(|d| !d.is_null())
+                .map(move |d| (name.clone(), d))
+        })
+        .collect()
+}
+
+fn kubernetes_validate(files: &[PathBuf]) -> std::process::Output {
+    Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", "1.29.0"])
+        .args(files)
+        .output()
+        .expect("kubernetes-validate (python3 -m pip install kubernetes-validate; .ci/run does)")
+}
+
+#[test]
+fn kubernetes_manifests_validate_offline_and_fit_the_server() {
+    // kubernetes-validate (strict: unknown fields are errors) passes every document of
+    // deploy/k8s against the Kubernetes 1.29 schemas, and fails on a broken copy (so a pass
+    // means something: an empty file, for one, passes silently, hence the count). Then the
+    // pieces fit together and fit the server: the StatefulSet's service is the headless Service,
+    // each pod gets a claim, probes hit /healthz and /readyz, io_uring's seccomp profile is
+    // Localhost, the PDB selects the pods, the ConfigMap and Secret it names exist, and its
+    // arguments are flags `geobeat serve` knows.
+    let docs = k8s_docs();
+    let files: Vec<PathBuf> = std::fs::read_dir(deploy("k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    let out = kubernetes_validate(&files);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubernetes-validate failed:\n{text}");
+    assert_eq!(
+        text.matches(" passed for resource ").count(),
+        docs.len(),
+        "every document validated:\n{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("statefulset.yaml");
+    let sts_text = std::fs::read_to_string(deploy("k8s/statefulset.yaml")).unwrap();
+    std::fs::write(
+        &broken,
+        sts_text.replacen("  serviceName: geobeat", "  serviceNme: geobeat", 1),
+    )
+    .unwrap();
+    assert!(
+        !kubernetes_validate(&[broken]).status.success(),
+        "a misspelt field must fail validation"
+    );
+
+    let find = |kind: &str| -> &serde_json::Value {
+        &docs
+            .iter()
+            .find(|(_, d)| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} in deploy/k8s"))
+            .1
+    };
+    let sts = find("StatefulSet");
+    let svc = find("Service");
+    let pdb = find("PodDisruptionBudget");
+    let cm = find("ConfigMap");
+    let secret = find("Secret");
+    assert_eq!(svc["spec"]["clusterIP"], "None", "headless service");
+    assert_eq!(sts["spec"]["serviceName"], svc["metadata"]["name"]);
+    let pod = &sts["spec"]["template"];
+    let labels = &pod["metadata"]["labels"];
+    for selector in [
+        &sts["spec"]["selector"]["matchLabels"],
+        &pdb["spec"]["selector"]["matchLabels"],
+        &svc["spec"]["selector"],
+    ] {
+        for (k, v) in selector.as_object().expect("selector") {
+            assert_eq!(&labels[k], v, "selector {k} matches the pod");
+        }
+    }
+    let claims = sts["spec"]["volumeClaimTemplates"]
+        .as_array()
+        .expect("claims");
+    assert_eq!(claims.len(), 1, "one volume per pod");
+    let c = &pod["spec"]["containers"][0];
+    let data_mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == claims[0]["metadata"]["name"])
+        .expect("the claim is mounted");
+    assert_eq!(
+        pod["spec"]["securityContext"]["seccompProfile"]["type"],
+        "Localhost"
+    );
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let args = strings(&c["args"]);
+    assert_eq!(args[0], "serve");
+    assert_known_flags("statefulset", &args, &serve_flags());
+    // The ConfigMap is mounted where --config points, and the Secret feeds GEOBEAT_SECRET.
+    let config_arg = &args[args.iter().position(|a| a == "--config").unwrap() + 1];
+    let vol = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["configMap"]["name"] == cm["metadata"]["name"])
+        .expect("the ConfigMap is a volume");
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == vol["name"])
+        .expect("the ConfigMap volume is mounted");
+    let key = Path::new(config_arg).file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        Path::new(mount["mountPath"].as_str().unwrap()).join(key),
+        Path::new(config_arg)
+    );
+    let toml = cm["data"][key]
+        .as_str()
+        .expect("config key in the ConfigMap");
+    assert!(toml.contains(&format!(
+        "data_dir = \"{}\"",
+        data_mount["mountPath"].as_str().unwrap()
+    )));
+    let env = c["env"].as_array().unwrap();
+    let secret_env = env
+        .iter()
+        .find(|e| e["name"] == "GEOBEAT_SECRET")
+        .expect("GEOBEAT_SECRET");
+    let r = &secret_env["valueFrom"]["secretKeyRef"];
+    assert_eq!(r["name"], secret["metadata"]["name"]);
+    assert!(secret["stringData"][r["key"].as_str().unwrap()].is_string());
+}
+
+/// Starts the real server with `toml` as its settings file (listen address and data directory
+/// given as flags, which win over the file) and checks it answers /healthz and, when the file
+/// sets `metrics_listen`, that the port given on the command line serves /metrics.
+fn start_with_config(toml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("geobeat.toml");
+    std::fs::write(&config, toml).unwrap();
+    let metrics = free_addr();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--config",
+            &config.display().to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
+    );
+    assert_eq!(server.get("/healthz", None).0, 200);
+    let (st, body) = http(metrics, "GET", "/metrics", None).unwrap();
+    assert_eq!(st, 200);
+    assert!(body.contains("geobeat_build_info"), "{body}");
+}
+
+#[test]
+fn shipped_settings_files_start_the_real_server() {
+    // The ConfigMap's geobeat.toml and compose/geobeat.toml are read by the real parser (every
+    // key and value checked) and the server starts with them; the compose file's PostgreSQL
+    // sink has no database here, which must not stop ingest.
+    let docs = k8s_docs();
+    let cm = &docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "ConfigMap")
+        .unwrap()
+        .1;
+    start_with_config(cm["data"]["geobeat.toml"].as_str().unwrap());
+    start_with_config(&std::fs::read_to_string(deploy("compose/geobeat.toml")).unwrap());
+}
+
+#[test]
+fn compose_file_fits_the_server_and_its_files_exist() {
+    // deploy/compose.yaml: geobeat's command uses flags `serve` knows; the memlock limit covers
+    // what the executors lock; io_uring is allowed by a seccomp profile file that exists; every
+    // bind-mounted file exists (except the operator's own secret); Prometheus scrapes the port
+    // geobeat's metrics listener uses, and its config passes `promtool check config`.
+    let compose = &yaml_docs(&deploy("compose.yaml"))[0];
+    let services = compose["services"].as_object().expect("services");
+    for s in ["geobeat", "postgres", "prometheus", "grafana"] {
+        assert!(services.contains_key(s), "service {s}");
+    }
+    let g = &services["geobeat"];
+    let command = strings(&g["command"]);
+    assert_eq!(command[0], "serve");
+    assert_known_flags("compose", &command, &serve_flags());
+    for which in ["soft", "hard"] {
+        let memlock = g["ulimits"]["memlock"][which].as_u64().expect("memlock");
+        assert!(
+            memlock >= geobeat::limits::MEMLOCK_BYTES_MIN.max(8 << 20),
+            "memlock {which} {memlock}"
+        );
+    }
+    let seccomp = strings(&g["security_opt"])
+        .into_iter()
+        .find_map(|o| o.strip_prefix("seccomp=").map(String::from))
+        .expect("a seccomp profile");
+    assert!(
+        deploy(&seccomp).is_file(),
+        "seccomp profile {seccomp} missing"
+    );
+    for (name, svc) in services {
+        for v in svc["volumes"].as_array().into_iter().flatten() {
+            let src = v.as_str().unwrap().split(':').next().unwrap();
+            if src.starts_with("./") {
+                assert!(deploy(src).exists(), "{name}: {src} missing");
+            }
+        }
+    }
+    let toml = std::fs::read_to_string(deploy("compose/geobeat.toml")).unwrap();
+    let port = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics_listen = \""))
+        .and_then(|l| l.trim_end_matches('"').rsplit(':').next())
+        .expect("metrics_listen in compose/geobeat.toml")
+        .to_string();
+    let prom = std::fs::read_to_string(deploy("prometheus/prometheus.yml")).unwrap();
+    assert!(
+        prom.contains(&format!("\"geobeat:{port}\"")),
+        "Prometheus scrapes geobeat:{port}"
+    );
+    run(Command::new("promtool")
+        .args(["check", "config"])
+        .arg(deploy("prometheus/prometheus.yml")));
+}
+
+#[test]
+fn systemd_unit_verifies_clean() {
+    // `systemd-analyze verify` reports nothing on the unit (with ExecStart pointed at the
+    // binary under test, since verify checks that it exists), its flags are ones `serve`
+    // knows, it never passes --init (a missing mount must fail the start), and it raises
+    // the locked-memory limit and filters system calls.
+    let unit = std::fs::read_to_string(deploy("systemd/geobeat.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let args: Vec<String> = exec.split_whitespace().map(String::from).collect();
+    assert_eq!(args[1], "serve");
+    assert!(!args.contains(&"--init".to_string()));
+    assert_known_flags("geobeat.service", &args, &serve_flags());
+    for line in [
+        "LimitMEMLOCK=infinity",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "RequiresMountsFor=/var/lib/geobeat",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} missing");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("geobeat.service");
+    std::fs::write(&copy, unit.replace(&args[0], bin())).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze (Debian package systemd; .ci/run installs it)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
+    // A misplaced key is reported (so silence above means something).
+    std::fs::write(
+        &copy,
+        unit.replace(&args[0], bin())
+            .replace("[Install]", "StartLimitIntervalSec=5min\n[Install]"),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("StartLimitIntervalSec"), "{text}");
+}
+
+// ----- Item 1 (part): the seccomp profile. -----
+
+/// `geobeat serve` for a fresh directory, started through tests/support/seccomp_exec.py under
+/// deploy/seccomp-geobeat.json minus `drop`.
+fn spawn_under_profile(
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    drop: &[&str],
+) -> std::process::Child {
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/seccomp_exec.py"))
+        .arg(deploy("seccomp-geobeat.json"));
+    if !drop.is_empty() {
+        cmd.args(["--drop", &drop.join(",")]);
+    }
+    cmd.args(["--", bin(), "serve", "--init", "--shards", "2", "--listen"])
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "geobeat=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 (Debian's, with python3-seccomp; .ci/run installs it)")
+}
+
+#[test]
+fn seccomp_profile_allows_io_uring_and_its_absence_is_named() {
+    // The real binary runs under deploy/seccomp-geobeat.json (loaded by libseccomp before exec,
+    // as a container engine does): it starts, acks heartbeats on both shards (io_uring commits)
+    // and serves /metrics. The same profile without the three io_uring calls (what Docker >= 25
+    // and containerd 2 ship) is enforced: the server refuses to start and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let child = spawn_under_profile(&dir.path().join("data"), addr, &[]);
+    let mut server = Server {
+        child,
+        addr,
+        dir: dir.path().join("data"),
+        args: Vec::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(http(addr, "GET", "/healthz", None), Ok((200, _))) {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            server
+                .child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("geobeat under the profile exited ({st}): {err}");
+        }
+        assert!(Instant::now() < deadline, "not healthy under the profile");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tok = server.token(&["gateway", "s-"]);
+    let mut ws = ws_connect(&server, &tok).unwrap();
+    let t = now_ms();
+    for seq in 1..=16u64 {
+        let f = format!(
+            r#"{{"seq":{seq},"id":"s-{seq}","lat":1,"lon":2,"ts":{}}}"#,
+            t + seq as i64
+        );
+        ws.send(Message::text(f)).unwrap();
+    }
+    assert!(wait_ack(&mut ws, 16).is_empty());
+    let (st, body) = server.get("/metrics", None);
+    assert_eq!(st, 200);
+    let accepted: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("geobeat_heartbeats_accepted_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(accepted, 16.0);
+    drop(server);
+
+    let blocked = tempfile::tempdir().unwrap();
+    let child = spawn_under_profile(
+        &blocked.path().join("data"),
+        free_addr(),
+        &["io_uring_setup", "io_uring_enter", "io_uring_register"],
+    );
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without io_uring: {err}");
+    assert!(err.contains("io_uring is blocked"), "{err}");
+}
