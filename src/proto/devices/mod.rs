@@ -113,7 +113,9 @@ impl Attrs {
         if v.fract() == 0.0 && v.abs() < 1e15 {
             self.buf.push_str(itoa::Buffer::new().format(v as i64));
         } else {
-            self.buf.push_str(&serde_json::Number::from_f64(v).map_or_else(String::new, |n| n.to_string()));
+            self.buf.push_str(
+                &serde_json::Number::from_f64(v).map_or_else(String::new, |n| n.to_string()),
+            );
         }
     }
 
@@ -145,7 +147,11 @@ impl Attrs {
 }
 
 /// The last steps every parser shares: the timestamp window, the receive stamp, validation.
-pub(crate) fn finish(hb: &mut Heartbeat, received_ms: i64, window: &TsWindow) -> Result<(), DeviceError> {
+pub(crate) fn finish(
+    hb: &mut Heartbeat,
+    received_ms: i64,
+    window: &TsWindow,
+) -> Result<(), DeviceError> {
     if !window.contains(hb.ts_ms, received_ms) {
         return Err(DeviceError::TsOutOfRange);
     }
@@ -182,10 +188,15 @@ pub fn parse_timestamp(s: &str) -> Result<i64, DeviceError> {
 fn parse_datetime(b: &[u8]) -> Option<i64> {
     fn num(b: &[u8], at: usize, len: usize) -> Option<i64> {
         let d = b.get(at..at + len)?;
-        d.iter().try_fold(0i64, |acc, c| c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0')))
+        d.iter().try_fold(0i64, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
     }
     let (y, mo, d) = (num(b, 0, 4)?, num(b, 5, 2)?, num(b, 8, 2)?);
-    if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') || !matches!(b.get(10), Some(b'T' | b't' | b' ')) {
+    if b.get(4) != Some(&b'-')
+        || b.get(7) != Some(&b'-')
+        || !matches!(b.get(10), Some(b'T' | b't' | b' '))
+    {
         return None;
     }
     let (h, mi, s) = (num(b, 11, 2)?, num(b, 14, 2)?, num(b, 17, 2)?);
@@ -219,12 +230,20 @@ fn parse_datetime(b: &[u8]) -> Option<i64> {
         Some(b'Z' | b'z') if i + 1 == b.len() => 0,
         Some(&sign @ (b'+' | b'-')) => {
             let oh = num(b, i + 1, 2)?;
-            let (om, end) = if b.get(i + 3) == Some(&b':') { (num(b, i + 4, 2)?, i + 6) } else { (num(b, i + 3, 2)?, i + 5) };
+            let (om, end) = if b.get(i + 3) == Some(&b':') {
+                (num(b, i + 4, 2)?, i + 6)
+            } else {
+                (num(b, i + 3, 2)?, i + 5)
+            };
             if end != b.len() || oh > 23 || om > 59 {
                 return None;
             }
             let m = oh * 60 + om;
-            if sign == b'+' { m } else { -m }
+            if sign == b'+' {
+                m
+            } else {
+                -m
+            }
         }
         Some(_) => return None,
     };
@@ -265,8 +284,21 @@ mod tests {
         }
         assert_eq!(parse_timestamp("1714564800.5"), Ok(ms + 500));
         assert_eq!(parse_timestamp("2024-05-01T12:00:00.25Z"), Ok(ms + 250));
-        for bad in ["", "yesterday", "-5", "2024-13-01T00:00:00Z", "2024-05-01T12:00:00Zx", "2024-05-01", "NaN", "1e300"] {
-            assert_eq!(parse_timestamp(bad), Err(DeviceError::BadTimestamp), "{bad}");
+        for bad in [
+            "",
+            "yesterday",
+            "-5",
+            "2024-13-01T00:00:00Z",
+            "2024-05-01T12:00:00Zx",
+            "2024-05-01",
+            "NaN",
+            "1e300",
+        ] {
+            assert_eq!(
+                parse_timestamp(bad),
+                Err(DeviceError::BadTimestamp),
+                "{bad}"
+            );
         }
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);
@@ -277,7 +309,10 @@ mod tests {
         // Reasons compose the field name; unknown names fall back to the bare prefix.
         assert_eq!(DeviceError::Missing("lat").reason(), "missing:lat");
         assert_eq!(DeviceError::BadValue("speed").reason(), "bad_value:speed");
-        assert_eq!(DeviceError::Invalid(Invalid::Lat).reason(), "lat_out_of_range");
+        assert_eq!(
+            DeviceError::Invalid(Invalid::Lat).reason(),
+            "lat_out_of_range"
+        );
     }
 
     proptest::proptest! {

@@ -23,7 +23,12 @@ const MPS_PER_KNOT: f64 = 0.514_444;
 
 /// Parses OsmAnd parameters (`a=1&b=2`, the query string or an `application/x-www-form-urlencoded`
 /// body) into `out` (cleared first), stamped with `received_ms`.
-pub fn parse_params(params: &str, received_ms: i64, window: &TsWindow, out: &mut Heartbeat) -> Result<(), DeviceError> {
+pub fn parse_params(
+    params: &str,
+    received_ms: i64,
+    window: &TsWindow,
+    out: &mut Heartbeat,
+) -> Result<(), DeviceError> {
     if params.len() > DEVICE_PARAMS_BYTES_MAX {
         return Err(DeviceError::TooLarge);
     }
@@ -35,7 +40,11 @@ pub fn parse_params(params: &str, received_ms: i64, window: &TsWindow, out: &mut
         let k = unescape(k)?;
         let v = unescape(v)?;
         let num = |name: &'static str| -> Result<f64, DeviceError> {
-            v.trim().parse::<f64>().ok().filter(|x| x.is_finite()).ok_or(DeviceError::BadValue(name))
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or(DeviceError::BadValue(name))
         };
         match &*k {
             "id" | "deviceid" => id = Some(v.clone().into_owned()),
@@ -81,7 +90,9 @@ fn unescape(s: &str) -> Result<Cow<'_, str>, DeviceError> {
         }
         i += 1;
     }
-    String::from_utf8(out).map(Cow::Owned).map_err(|_| DeviceError::BadEncoding)
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| DeviceError::BadEncoding)
 }
 
 #[derive(Deserialize)]
@@ -135,12 +146,18 @@ struct Battery {
 
 /// Parses Traccar Client ≥ 9's JSON body (`{"location":{"timestamp":..,"coords":{..},
 /// "battery":{..}},"device_id":..}`) into `out` (cleared first).
-pub fn parse_traccar_json(body: &[u8], received_ms: i64, window: &TsWindow, out: &mut Heartbeat) -> Result<(), DeviceError> {
+pub fn parse_traccar_json(
+    body: &[u8],
+    received_ms: i64,
+    window: &TsWindow,
+    out: &mut Heartbeat,
+) -> Result<(), DeviceError> {
     if body.len() > DEVICE_PARAMS_BYTES_MAX {
         return Err(DeviceError::TooLarge);
     }
     out.clear();
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| DeviceError::InvalidJson)?;
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| DeviceError::InvalidJson)?;
     if !value.is_object() {
         return Err(DeviceError::NotAnObject);
     }
@@ -201,7 +218,10 @@ mod tests {
         assert_eq!((hb.lat, hb.lon, hb.ts_ms), (52.52, 13.405, NOW));
         assert_eq!(hb.received_ms, NOW + 5_000);
         assert_eq!(hb.alt_m, Some(34.5));
-        assert!((hb.speed_mps.unwrap() - 5.14444).abs() < 1e-4, "knots → m/s");
+        assert!(
+            (hb.speed_mps.unwrap() - 5.14444).abs() < 1e-4,
+            "knots → m/s"
+        );
         assert_eq!((hb.heading_deg, hb.acc_m), (Some(270.0), Some(8.0)));
         assert_eq!(hb.attrs, br#"{"hdop":1.5,"batt":85}"#);
     }
@@ -211,12 +231,19 @@ mod tests {
         // GPSLogger's custom URL with %LAT etc. filled in; `deviceid` alias, ISO time, `+`/%20 spaces.
         let hb = params("deviceid=my%20phone&lat=-33.8688&lon=151.2093&timestamp=2024-05-01T12:00:00Z&speed=0&altitude=-3").unwrap();
         assert_eq!(hb.device_id, "my phone");
-        assert_eq!((hb.ts_ms, hb.alt_m, hb.speed_mps), (NOW, Some(-3.0), Some(0.0)));
+        assert_eq!(
+            (hb.ts_ms, hb.alt_m, hb.speed_mps),
+            (NOW, Some(-3.0), Some(0.0))
+        );
         assert!(hb.attrs.is_empty());
         let hb = params("id=a&lat=1&lon=2&timestamp=2024-05-01+12:00:00").unwrap();
         assert_eq!(hb.ts_ms, NOW);
         let hb = params("id=a&lat=1&lon=2&timestamp=1714564800000&speed=-1&bearing=-1").unwrap();
-        assert_eq!((hb.ts_ms, hb.speed_mps, hb.heading_deg), (NOW, None, None), "-1 is unknown");
+        assert_eq!(
+            (hb.ts_ms, hb.speed_mps, hb.heading_deg),
+            (NOW, None, None),
+            "-1 is unknown"
+        );
     }
 
     #[test]
@@ -224,13 +251,34 @@ mod tests {
         // Each missing or malformed parameter is named; record rules and the window apply.
         assert_eq!(params("lat=1&lon=2").unwrap_err().reason(), "missing:id");
         assert_eq!(params("id=a&lon=2").unwrap_err().reason(), "missing:lat");
-        assert_eq!(params("id=a&lat=x&lon=2").unwrap_err().reason(), "bad_value:lat");
-        assert_eq!(params("id=a&lat=1&lon=2&timestamp=soon").unwrap_err(), DeviceError::BadTimestamp);
-        assert_eq!(params("id=a&lat=91&lon=2").unwrap_err(), DeviceError::Invalid(Invalid::Lat));
-        assert_eq!(params("id=&lat=1&lon=2").unwrap_err(), DeviceError::Invalid(Invalid::IdEmpty));
-        assert_eq!(params("id=a&lat=1&lon=2&timestamp=1000").unwrap_err(), DeviceError::TsOutOfRange);
-        assert_eq!(params("id=%zz&lat=1&lon=2").unwrap_err(), DeviceError::BadEncoding);
-        assert_eq!(params("id=%ff&lat=1&lon=2").unwrap_err(), DeviceError::BadEncoding);
+        assert_eq!(
+            params("id=a&lat=x&lon=2").unwrap_err().reason(),
+            "bad_value:lat"
+        );
+        assert_eq!(
+            params("id=a&lat=1&lon=2&timestamp=soon").unwrap_err(),
+            DeviceError::BadTimestamp
+        );
+        assert_eq!(
+            params("id=a&lat=91&lon=2").unwrap_err(),
+            DeviceError::Invalid(Invalid::Lat)
+        );
+        assert_eq!(
+            params("id=&lat=1&lon=2").unwrap_err(),
+            DeviceError::Invalid(Invalid::IdEmpty)
+        );
+        assert_eq!(
+            params("id=a&lat=1&lon=2&timestamp=1000").unwrap_err(),
+            DeviceError::TsOutOfRange
+        );
+        assert_eq!(
+            params("id=%zz&lat=1&lon=2").unwrap_err(),
+            DeviceError::BadEncoding
+        );
+        assert_eq!(
+            params("id=%ff&lat=1&lon=2").unwrap_err(),
+            DeviceError::BadEncoding
+        );
     }
 
     fn json(body: &str) -> Result<Heartbeat, DeviceError> {
@@ -243,11 +291,28 @@ mod tests {
         // The body Traccar Client 9 posts (its background-geolocation location object).
         let body = r#"{"location":{"timestamp":"2024-05-01T12:00:00.000Z","coords":{"latitude":52.52,"longitude":13.405,"accuracy":4.7,"speed":1.5,"heading":-1,"altitude":34},"is_moving":true,"odometer":1234.5,"event":"motionchange","battery":{"level":0.85,"is_charging":false},"activity":{"type":"walking"},"extras":{}},"device_id":"123456"}"#;
         let hb = json(body).unwrap();
-        assert_eq!((hb.device_id.as_str(), hb.lat, hb.lon, hb.ts_ms), ("123456", 52.52, 13.405, NOW));
-        assert_eq!((hb.acc_m, hb.speed_mps, hb.heading_deg, hb.alt_m), (Some(4.7), Some(1.5), None, Some(34.0)));
-        assert_eq!(hb.attrs, br#"{"batt":85,"charge":false,"motion":true,"odometer":1235}"#);
-        assert_eq!(json(r#"{"device_id":"a"}"#).unwrap_err().reason(), "missing:location");
-        assert_eq!(json(r#"{"location":{"coords":{"latitude":1,"longitude":2}},"device_id":"a"}"#).unwrap_err().reason(), "missing:timestamp");
+        assert_eq!(
+            (hb.device_id.as_str(), hb.lat, hb.lon, hb.ts_ms),
+            ("123456", 52.52, 13.405, NOW)
+        );
+        assert_eq!(
+            (hb.acc_m, hb.speed_mps, hb.heading_deg, hb.alt_m),
+            (Some(4.7), Some(1.5), None, Some(34.0))
+        );
+        assert_eq!(
+            hb.attrs,
+            br#"{"batt":85,"charge":false,"motion":true,"odometer":1235}"#
+        );
+        assert_eq!(
+            json(r#"{"device_id":"a"}"#).unwrap_err().reason(),
+            "missing:location"
+        );
+        assert_eq!(
+            json(r#"{"location":{"coords":{"latitude":1,"longitude":2}},"device_id":"a"}"#)
+                .unwrap_err()
+                .reason(),
+            "missing:timestamp"
+        );
         assert_eq!(json(r#"{"location":{"timestamp":1714564800000,"coords":{"latitude":1,"longitude":2}},"device_id":7}"#).unwrap().device_id, "7");
         assert_eq!(json("[1]").unwrap_err(), DeviceError::NotAnObject);
         assert_eq!(json("{").unwrap_err(), DeviceError::InvalidJson);

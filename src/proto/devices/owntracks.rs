@@ -22,7 +22,10 @@ pub enum Parsed {
 }
 
 /// Reads an optional number member; any other JSON type is `bad_value:<name>`.
-fn num(obj: &serde_json::Map<String, serde_json::Value>, name: &'static str) -> Result<Option<f64>, DeviceError> {
+fn num(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    name: &'static str,
+) -> Result<Option<f64>, DeviceError> {
     match obj.get(name) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(v) => v.as_f64().map(Some).ok_or(DeviceError::BadValue(name)),
@@ -30,7 +33,13 @@ fn num(obj: &serde_json::Map<String, serde_json::Value>, name: &'static str) -> 
 }
 
 /// Parses one OwnTracks message for device `device_id` into `out` (cleared first).
-pub fn parse(body: &[u8], device_id: &str, received_ms: i64, window: &TsWindow, out: &mut Heartbeat) -> Result<Parsed, DeviceError> {
+pub fn parse(
+    body: &[u8],
+    device_id: &str,
+    received_ms: i64,
+    window: &TsWindow,
+    out: &mut Heartbeat,
+) -> Result<Parsed, DeviceError> {
     out.clear();
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Parsed::Ignored);
@@ -38,7 +47,8 @@ pub fn parse(body: &[u8], device_id: &str, received_ms: i64, window: &TsWindow, 
     if body.len() > DEVICE_PARAMS_BYTES_MAX {
         return Err(DeviceError::TooLarge);
     }
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| DeviceError::InvalidJson)?;
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| DeviceError::InvalidJson)?;
     let Some(obj) = value.as_object() else {
         return Err(DeviceError::NotAnObject);
     };
@@ -96,21 +106,51 @@ mod tests {
         let body = r#"{"_type":"location","acc":13,"alt":271,"batt":40,"conn":"w","lat":48.856826,"lon":2.292713,"t":"u","tid":"JJ","tst":1714564800,"vac":26,"vel":36,"cog":90,"BSSID":"b0:f2:8:45:94:33","SSID":"Home"}"#;
         let (p, hb) = parse_one(body).unwrap();
         assert_eq!(p, Parsed::Location);
-        assert_eq!((hb.device_id.as_str(), hb.lat, hb.lon, hb.ts_ms), ("jane", 48.856826, 2.292713, NOW));
-        assert_eq!((hb.acc_m, hb.alt_m, hb.speed_mps, hb.heading_deg), (Some(13.0), Some(271.0), Some(10.0), Some(90.0)));
-        assert_eq!(hb.attrs, br#"{"batt":40,"vac":26,"tid":"JJ","conn":"w","t":"u"}"#);
+        assert_eq!(
+            (hb.device_id.as_str(), hb.lat, hb.lon, hb.ts_ms),
+            ("jane", 48.856826, 2.292713, NOW)
+        );
+        assert_eq!(
+            (hb.acc_m, hb.alt_m, hb.speed_mps, hb.heading_deg),
+            (Some(13.0), Some(271.0), Some(10.0), Some(90.0))
+        );
+        assert_eq!(
+            hb.attrs,
+            br#"{"batt":40,"vac":26,"tid":"JJ","conn":"w","t":"u"}"#
+        );
     }
 
     #[test]
     fn other_types_and_empty_are_ignored() {
         // transition / lwt / waypoint messages and empty (retain-clearing) payloads store nothing.
-        for body in ["", "  ", r#"{"_type":"transition","event":"enter","tst":1}"#, r#"{"_type":"lwt","tst":1}"#] {
+        for body in [
+            "",
+            "  ",
+            r#"{"_type":"transition","event":"enter","tst":1}"#,
+            r#"{"_type":"lwt","tst":1}"#,
+        ] {
             assert_eq!(parse_one(body).unwrap().0, Parsed::Ignored, "{body}");
         }
-        assert_eq!(parse_one(r#"{"lat":1}"#).unwrap_err().reason(), "missing:_type");
-        assert_eq!(parse_one(r#"{"_type":"location","lat":1,"lon":2}"#).unwrap_err().reason(), "missing:tst");
-        assert_eq!(parse_one(r#"{"_type":"location","lat":"1","lon":2,"tst":1}"#).unwrap_err().reason(), "bad_value:lat");
-        assert_eq!(parse_one(r#"{"_type":"location","lat":1,"lon":2,"tst":5}"#).unwrap_err(), DeviceError::TsOutOfRange);
+        assert_eq!(
+            parse_one(r#"{"lat":1}"#).unwrap_err().reason(),
+            "missing:_type"
+        );
+        assert_eq!(
+            parse_one(r#"{"_type":"location","lat":1,"lon":2}"#)
+                .unwrap_err()
+                .reason(),
+            "missing:tst"
+        );
+        assert_eq!(
+            parse_one(r#"{"_type":"location","lat":"1","lon":2,"tst":1}"#)
+                .unwrap_err()
+                .reason(),
+            "bad_value:lat"
+        );
+        assert_eq!(
+            parse_one(r#"{"_type":"location","lat":1,"lon":2,"tst":5}"#).unwrap_err(),
+            DeviceError::TsOutOfRange
+        );
         assert_eq!(parse_one("[]").unwrap_err(), DeviceError::NotAnObject);
         assert_eq!(parse_one("{x").unwrap_err(), DeviceError::InvalidJson);
     }

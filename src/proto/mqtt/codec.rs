@@ -480,7 +480,11 @@ fn decode_body(first: u8, body: &[u8], version: Option<Version>) -> Result<Packe
                 if sub {
                     let o = w.u8()?;
                     // Reserved bits: 3.1.1 allows only QoS bits; 5 adds NL, RAP, RH (3 invalid).
-                    let reserved = if v5 { o & 0xc0 != 0 || (o >> 4) & 3 == 3 } else { o & !3 != 0 };
+                    let reserved = if v5 {
+                        o & 0xc0 != 0 || (o >> 4) & 3 == 3
+                    } else {
+                        o & !3 != 0
+                    };
                     if reserved || o & 3 == 3 {
                         return Err(w.invalid("subscription options"));
                     }
@@ -586,8 +590,16 @@ fn decode_connect(body: &[u8]) -> Result<Connect<'_>, CodecError> {
     } else {
         None
     };
-    let username = if has_username { Some(r.string()?) } else { None };
-    let password = if has_password { Some(r.binary()?) } else { None };
+    let username = if has_username {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    let password = if has_password {
+        Some(r.binary()?)
+    } else {
+        None
+    };
     r.end()?;
     Ok(Connect {
         version,
@@ -876,7 +888,10 @@ impl PropsWriter {
 }
 
 fn put_varint(out: &mut Vec<u8>, mut n: usize) {
-    debug_assert!(n <= 268_435_455, "remaining length beyond the varint's range");
+    debug_assert!(
+        n <= 268_435_455,
+        "remaining length beyond the varint's range"
+    );
     loop {
         let mut b = (n & 0x7f) as u8;
         n >>= 7;
@@ -895,7 +910,10 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 fn put_bin(out: &mut Vec<u8>, b: &[u8]) {
-    assert!(b.len() <= usize::from(u16::MAX), "MQTT string over 65535 bytes");
+    assert!(
+        b.len() <= usize::from(u16::MAX),
+        "MQTT string over 65535 bytes"
+    );
     out.extend_from_slice(&(b.len() as u16).to_be_bytes());
     out.extend_from_slice(b);
 }
@@ -914,7 +932,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn new(buf: &'a [u8], packet: &'static str) -> Reader<'a> {
-        Reader { buf, pos: 0, packet }
+        Reader {
+            buf,
+            pos: 0,
+            packet,
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -1026,18 +1048,26 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use crate::limits::MQTT_PACKET_BYTES_MAX;
-    use proptest::prelude::*;
+    use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest, Strategy};
 
     fn roundtrip(p: &Packet<'_>, v: Version) {
         let mut out = Vec::new();
         encode(p, v, &mut out);
-        let ver = if matches!(p, Packet::Connect(_)) { None } else { Some(v) };
+        let ver = if matches!(p, Packet::Connect(_)) {
+            None
+        } else {
+            Some(v)
+        };
         let (back, used) = decode(&out, ver, MQTT_PACKET_BYTES_MAX).unwrap().unwrap();
         assert_eq!(used, out.len());
         assert_eq!(&back, p);
         // Every proper prefix needs more bytes.
         for cut in 0..out.len() {
-            assert_eq!(decode(&out[..cut], ver, MQTT_PACKET_BYTES_MAX), Ok(None), "cut {cut}");
+            assert_eq!(
+                decode(&out[..cut], ver, MQTT_PACKET_BYTES_MAX),
+                Ok(None),
+                "cut {cut}"
+            );
         }
     }
 
@@ -1048,60 +1078,127 @@ mod tests {
         let bytes = b"\x10\x19\x00\x04MQTT\x04\xc2\x00\x3c\x00\x02c1\x00\x04dev1\x00\x03tok";
         let (p, used) = decode(bytes, None, 1024).unwrap().unwrap();
         assert_eq!(used, bytes.len());
-        let Packet::Connect(c) = p else { panic!("{p:?}") };
+        let Packet::Connect(c) = p else {
+            panic!("{p:?}")
+        };
         assert_eq!(c.version, Version::V311);
         assert!(c.clean);
         assert_eq!(c.keep_alive_s, 60);
-        assert_eq!((c.client_id, c.username, c.password), ("c1", Some("dev1"), Some(&b"tok"[..])));
+        assert_eq!(
+            (c.client_id, c.username, c.password),
+            ("c1", Some("dev1"), Some(&b"tok"[..]))
+        );
     }
 
     #[test]
     fn refuses_malformed_headers_and_bodies() {
         // Each structural rule has its own error; lengths above the bound are refused early.
         let max = MQTT_PACKET_BYTES_MAX;
-        assert_eq!(decode(b"\x00\x00", None, max), Err(CodecError::BadHeader { byte: 0 }));
-        assert_eq!(decode(b"\xc1\x00", None, max), Err(CodecError::BadHeader { byte: 0xc1 }));
-        assert_eq!(decode(b"\xf0\x00", Some(Version::V311), max), Err(CodecError::BadHeader { byte: 0xf0 }));
-        assert_eq!(decode(b"\x30\xff\xff\xff\xff\x01", None, max), Err(CodecError::BadLength));
-        assert_eq!(decode(b"\x30\x80\x00", None, max), Err(CodecError::BadLength));
+        assert_eq!(
+            decode(b"\x00\x00", None, max),
+            Err(CodecError::BadHeader { byte: 0 })
+        );
+        assert_eq!(
+            decode(b"\xc1\x00", None, max),
+            Err(CodecError::BadHeader { byte: 0xc1 })
+        );
+        assert_eq!(
+            decode(b"\xf0\x00", Some(Version::V311), max),
+            Err(CodecError::BadHeader { byte: 0xf0 })
+        );
+        assert_eq!(
+            decode(b"\x30\xff\xff\xff\xff\x01", None, max),
+            Err(CodecError::BadLength)
+        );
+        assert_eq!(
+            decode(b"\x30\x80\x00", None, max),
+            Err(CodecError::BadLength)
+        );
         assert_eq!(
             decode(b"\x30\xff\x7f", None, 100),
-            Err(CodecError::TooLarge { bytes: 16_386, max: 100 })
+            Err(CodecError::TooLarge {
+                bytes: 16_386,
+                max: 100
+            })
         );
         // PUBLISH QoS 3.
-        assert!(matches!(decode(b"\x36\x03\x00\x01a", None, max), Err(CodecError::Invalid { .. })));
+        assert!(matches!(
+            decode(b"\x36\x03\x00\x01a", None, max),
+            Err(CodecError::Invalid { .. })
+        ));
         // Packet id 0.
-        assert!(matches!(decode(b"\x40\x02\x00\x00", None, max), Err(CodecError::Invalid { .. })));
+        assert!(matches!(
+            decode(b"\x40\x02\x00\x00", None, max),
+            Err(CodecError::Invalid { .. })
+        ));
         // Topic with U+0000.
-        assert!(matches!(decode(b"\x30\x03\x00\x01\x00", None, max), Err(CodecError::BadString { .. })));
-        assert_eq!(decode(b"\xc0\x01\x00", None, max), Err(CodecError::Trailing { packet: "PING" }));
+        assert!(matches!(
+            decode(b"\x30\x03\x00\x01\x00", None, max),
+            Err(CodecError::BadString { .. })
+        ));
+        assert_eq!(
+            decode(b"\xc0\x01\x00", None, max),
+            Err(CodecError::Trailing { packet: "PING" })
+        );
         assert_eq!(
             decode(b"\x10\x07\x00\x04MQTT\x03", None, max),
             Err(CodecError::BadLevel { level: 3 })
         );
-        assert_eq!(decode(b"\x10\x06\x00\x04MQIs", None, max), Err(CodecError::BadProtocolName));
+        assert_eq!(
+            decode(b"\x10\x06\x00\x04MQIs", None, max),
+            Err(CodecError::BadProtocolName)
+        );
         // SUBSCRIBE without filters.
-        assert!(matches!(decode(b"\x82\x02\x00\x01", None, max), Err(CodecError::Invalid { .. })));
+        assert!(matches!(
+            decode(b"\x82\x02\x00\x01", None, max),
+            Err(CodecError::Invalid { .. })
+        ));
         // Unknown MQTT 5 property.
         assert_eq!(
             decode(b"\x40\x05\x00\x01\x00\x01\x7f", Some(Version::V5), max),
-            Err(CodecError::BadProperty { packet: "PUBACK", id: 0x7f })
+            Err(CodecError::BadProperty {
+                packet: "PUBACK",
+                id: 0x7f
+            })
         );
     }
 
     #[test]
     fn v5_acks_have_optional_reason_and_properties() {
         // Remaining length 2 means success; a reason string round-trips.
-        let (p, _) = decode(b"\x40\x02\x00\x07", Some(Version::V5), 64).unwrap().unwrap();
-        assert_eq!(p, Packet::PubAck(Ack { packet_id: 7, code: 0, props: &[] }));
+        let (p, _) = decode(b"\x40\x02\x00\x07", Some(Version::V5), 64)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p,
+            Packet::PubAck(Ack {
+                packet_id: 7,
+                code: 0,
+                props: &[]
+            })
+        );
         let mut w = PropsWriter::default();
         w.str(prop::REASON_STRING, "ts_out_of_range", 128);
-        roundtrip(&Packet::PubAck(Ack { packet_id: 7, code: 0x99, props: &w.bytes }), Version::V5);
+        roundtrip(
+            &Packet::PubAck(Ack {
+                packet_id: 7,
+                code: 0x99,
+                props: &w.bytes,
+            }),
+            Version::V5,
+        );
         assert_eq!(
             Props(&w.bytes).get(prop::REASON_STRING),
             Some(PropValue::Str("ts_out_of_range"))
         );
-        roundtrip(&Packet::PubRec(Ack { packet_id: 9, code: 0x87, props: &[] }), Version::V5);
+        roundtrip(
+            &Packet::PubRec(Ack {
+                packet_id: 9,
+                code: 0x87,
+                props: &[],
+            }),
+            Version::V5,
+        );
     }
 
     fn arb_str() -> impl Strategy<Value = String> {
@@ -1109,16 +1206,20 @@ mod tests {
     }
 
     fn arb_props() -> impl Strategy<Value = Vec<u8>> {
-        (proptest::option::of(arb_str()), proptest::option::of(any::<u16>())).prop_map(|(s, n)| {
-            let mut w = PropsWriter::default();
-            if let Some(n) = n {
-                w.u16(prop::RECEIVE_MAXIMUM, n);
-            }
-            if let Some(s) = s {
-                w.str(prop::REASON_STRING, &s, 100);
-            }
-            w.bytes
-        })
+        (
+            proptest::option::of(arb_str()),
+            proptest::option::of(any::<u16>()),
+        )
+            .prop_map(|(s, n)| {
+                let mut w = PropsWriter::default();
+                if let Some(n) = n {
+                    w.u16(prop::RECEIVE_MAXIMUM, n);
+                }
+                if let Some(s) = s {
+                    w.str(prop::REASON_STRING, &s, 100);
+                }
+                w.bytes
+            })
     }
 
     proptest! {
