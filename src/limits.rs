@@ -534,3 +534,27 @@ const _: () =
 const _: () = assert!(SINK_POLL_INTERVAL_MS_RANGE.0 >= 1);
 const _: () = assert!(SINK_POLL_INTERVAL_MS_RANGE.0 <= SINK_POLL_INTERVAL_MS_RANGE.1);
 const _: () = assert!(ZSTD_LEVEL_RANGE.0 >= 1 && ZSTD_LEVEL_RANGE.1 <= 22);
+
+// MQTT ingest (src/proto/mqtt) and the HTTP device endpoints (src/proto/devices).
+/// Largest MQTT packet accepted (fixed header included); advertised to MQTT 5 clients as
+/// Maximum Packet Size. A JSON batch frame's bound plus room for topic and properties.
+pub const MQTT_PACKET_BYTES_MAX: usize = FRAME_BYTES_MAX + 1024;
+/// Longest PUBLISH topic or SUBSCRIBE filter, bytes (`owntracks/<user>/<device>` with 64-byte ids).
+pub const MQTT_TOPIC_BYTES_MAX: usize = 256;
+/// Longest MQTT client identifier, bytes (the spec's minimum is 23; 3.1.1 brokers commonly allow more).
+pub const MQTT_CLIENT_ID_BYTES_MAX: usize = 128;
+/// QoS 1/2 PUBLISHes one connection may have unacknowledged (waiting to be durable, or a QoS 2
+/// waiting for PUBREL); advertised to MQTT 5 clients as Receive Maximum.
+pub const MQTT_INFLIGHT_MAX: usize = 64;
+/// Most topic filters in one SUBSCRIBE or UNSUBSCRIBE.
+pub const MQTT_FILTERS_MAX: usize = 16;
+/// Longest MQTT 5 reason string the server sends, bytes.
+pub const MQTT_REASON_STRING_BYTES_MAX: usize = 128;
+/// Longest OsmAnd / Traccar query or form body the device parsers read, bytes.
+pub const DEVICE_PARAMS_BYTES_MAX: usize = HTTP_URI_BYTES_MAX + HTTP_BODY_BYTES_MAX;
+const _: () = assert!(MQTT_PACKET_BYTES_MAX > FRAME_BYTES_MAX + MQTT_TOPIC_BYTES_MAX);
+// Packet ids are u16 and 0 is reserved: the inflight bound must fit Receive Maximum's u16.
+const _: () = assert!(MQTT_INFLIGHT_MAX >= 1 && MQTT_INFLIGHT_MAX <= u16::MAX as usize);
+// Remaining Length is a 4-byte varint: at most 268,435,455 bytes.
+const _: () = assert!(MQTT_PACKET_BYTES_MAX <= 268_435_455);
+const _: () = assert!(MQTT_TOPIC_BYTES_MAX <= u16::MAX as usize);

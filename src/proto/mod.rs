@@ -14,7 +14,9 @@
 
 pub mod ack;
 pub mod binary;
+pub mod devices;
 pub mod json;
+pub mod mqtt;
 
 use crate::limits::{
     CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS, FRAME_HEARTBEATS_MAX, SEQ_MAX,
@@ -594,6 +596,9 @@ pub struct Decoder {
     len: usize,
     /// Decoded object keys that contain escapes (rare); bounded by the key cap in `json`.
     key_scratch: String,
+    /// Set for the duration of [`Decoder::decode_text_seqless`]: an element without `seq`
+    /// takes its 1-based position in the frame as its seq.
+    seqless: bool,
 }
 
 impl Decoder {
@@ -610,6 +615,25 @@ impl Decoder {
     ) -> Result<&mut [Slot], FrameError> {
         self.len = 0;
         if let Err(e) = json::decode_frame(self, text, ingest) {
+            self.len = 0;
+            return Err(e);
+        }
+        Ok(&mut self.slots[..self.len])
+    }
+
+    /// Decodes a JSON text whose heartbeats carry no `seq` (MQTT payloads, where the packet id
+    /// names the ack): an element without `seq` gets its 1-based position in the frame, so each
+    /// accepted [`Slot`] still has a seq; a `seq` that is present is checked as usual.
+    pub fn decode_text_seqless(
+        &mut self,
+        text: &str,
+        ingest: &Ingest<'_>,
+    ) -> Result<&mut [Slot], FrameError> {
+        self.len = 0;
+        self.seqless = true;
+        let r = json::decode_frame(self, text, ingest);
+        self.seqless = false;
+        if let Err(e) = r {
             self.len = 0;
             return Err(e);
         }
@@ -654,6 +678,9 @@ impl Decoder {
     /// fields (given as a presence mask), device id, timestamp window, record validation.
     fn finish_slot(&mut self, i: usize, present: u16, ingest: &Ingest<'_>) {
         let slot = &mut self.slots[i];
+        if self.seqless && present & Field::Seq.bit() == 0 {
+            slot.seq = Some(Seq(i as u64 + 1));
+        }
         if slot.seq.is_none() {
             // A seq that was present but bad has its own verdict already; the seq problem is
             // reported in preference to any other (the reply cannot name the heartbeat).
