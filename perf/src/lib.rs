@@ -11,6 +11,7 @@
 //! - [`sys`]: RLIMIT_NOFILE and getrusage.
 //! - [`load`]: the fleet simulator behind `geobeat-load`.
 //! - [`null`]: the ceiling server behind `geobeat-null` (glommio, same stack as geobeat).
+//! - [`floor`]: the floor server behind `geobeat-floor` (plain epoll, the leanest WebSocket acker).
 //! - [`procfs`]: CPU time and peak memory of other processes' trees, load average.
 //! - [`compare`]: the comparison runner behind `geobeat-compare` (geobeat vs ceiling vs peers).
 //! - [`plot`]: SVG plots of a comparison run.
@@ -18,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod compare;
+pub mod floor;
 pub mod frame;
 pub mod inflight;
 pub mod load;
