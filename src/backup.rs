@@ -1,0 +1,1085 @@
+//! `geobeat backup` and `geobeat restore`: a consistent copy of a data directory taken while a
+//! server runs on it, and its verified installation into a new directory. It owns the backup
+//! procedure (which files, in which order, cut where), the manifest (`geobeat-backup.json`, see
+//! `shards/README.md` "Backup and restore") and the checks `restore` runs before installing. It
+//! does not talk to the server, change the live directory, or decide the log format (`log`) or
+//! the checkpoint's (`checkpoint`): it reads them with their own parsers.
+//!
+//! Invariants: every file of a backup is named in its manifest with its length and CRC32C, and
+//! the manifest is written last, so a backup without one is unfinished and refused; each shard
+//! of a backup is a log the server's recovery accepts as it is (sealed segments whole, the last
+//! one cut at an entry boundary and zero past it, so no torn tail and no damage) and every entry
+//! in it was durable in the live directory when the backup finished; the checkpoint's covered
+//! position lies within the backed-up segments; cursors never point past the backed-up log end;
+//! `restore` installs nothing unless every file and every shard verifies, and never writes into
+//! a non-empty directory.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use memmap2::{Mmap, MmapMut};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{Checkpoint, CHECKPOINT_FILE};
+use crate::datadir::{
+    self, LockMode, FILE_MODE, LOCK_FILE, META_FILE, OLD_DIR, READY_DIR, STAGING_DIR,
+};
+use crate::limits::{BACKUP_ATTEMPTS_MAX, BACKUP_COPY_CHUNK_BYTES, BACKUP_MANIFEST_BYTES_MAX};
+use crate::limits::{ENTRY_ALIGN_BYTES, SEGMENT_HEADER_BYTES};
+use crate::log::format::{parse_entry, parse_segment_file_name, segment_file_name, SegmentHeader};
+use crate::record;
+use crate::route::ShardId;
+
+/// File name of a backup's manifest (written last: its presence marks a finished backup).
+pub const MANIFEST_FILE: &str = "geobeat-backup.json";
+/// Version of the manifest layout.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// Name of a shard directory's lock file (held by the server; never copied).
+const SHARD_LOCK_FILE: &str = crate::log::LOCK_FILE;
+/// The quarantine directories (forensic copies; never part of a backup).
+const QUARANTINE_DIR: &str = crate::log::recovery::QUARANTINE_DIR;
+
+/// Why a backup or restore failed.
+#[derive(Debug)]
+pub enum Error {
+    /// Bad input or a state the command will not work on; nothing was changed. The text names
+    /// the problem and the fix.
+    Refused(String),
+    /// A file operation failed.
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Refused(msg) => f.write_str(msg),
+            Error::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Error {
+    /// The process exit code: 2 when refused, 1 on an I/O failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Refused(_) => 2,
+            Error::Io { .. } => 1,
+        }
+    }
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The manifest: everything `restore` checks before it installs anything.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    /// [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// When the backup finished, ms since the Unix epoch.
+    pub created_ms: i64,
+    /// The data directory it was taken from.
+    pub source: String,
+    /// Shard count of the source's meta file.
+    pub shard_count: u32,
+    /// Every file of the backup (paths relative to the backup, `/`-separated), in copy order.
+    pub files: Vec<FileRecord>,
+    /// Per shard: the log the backup holds.
+    pub shards: Vec<ShardRecord>,
+}
+
+/// One file of a backup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileRecord {
+    /// Relative path (`shard-0000/00000000000000000000.seg`).
+    pub path: String,
+    /// Length in bytes.
+    pub bytes: u64,
+    /// CRC32C of the whole file.
+    pub crc32c: u32,
+}
+
+/// One shard's log in a backup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShardRecord {
+    /// Shard number.
+    pub shard: u32,
+    /// Segments, in base order.
+    pub segments: Vec<SegmentRecord>,
+    /// Entries in all segments.
+    pub entries: u64,
+    /// Log end: the position just past the last entry (the backup's position for this shard).
+    pub end_pos: u64,
+    /// Sequence number the next entry would get (last entry's + 1).
+    pub next_seq: u64,
+    /// The checkpoint's covered position, if the shard has a checkpoint.
+    pub checkpoint_covered: Option<u64>,
+}
+
+/// One segment file of a backup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SegmentRecord {
+    /// Base position (the file name).
+    pub base: u64,
+    /// Sequence number of its first entry.
+    pub first_seq: u64,
+    /// Entries in it.
+    pub entries: u64,
+    /// Byte range of entries within the file: `[4096, data_end)`; zero from there on.
+    pub data_end: u64,
+    /// Whether the backup holds it as a hard link to the live file (sealed segment, same file
+    /// system) rather than a copy.
+    pub linked: bool,
+}
+
+/// What a backup did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The manifest written.
+    pub manifest: Manifest,
+    /// Shard attempts repeated because retention changed the shard while it was copied.
+    pub retries: u32,
+    /// Wall time.
+    pub elapsed: std::time::Duration,
+}
+
+impl Report {
+    /// One line for the operator.
+    pub fn summary(&self, from: &Path, to: &Path) -> String {
+        let m = &self.manifest;
+        let segments: usize = m.shards.iter().map(|s| s.segments.len()).sum();
+        let linked: usize = m
+            .shards
+            .iter()
+            .map(|s| s.segments.iter().filter(|g| g.linked).count())
+            .sum();
+        let entries: u64 = m.shards.iter().map(|s| s.entries).sum();
+        let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
+        let positions: Vec<String> = m
+            .shards
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} up to seq {}",
+                    datadir::shard_dir_name(ShardId(s.shard)),
+                    s.next_seq.saturating_sub(1)
+                )
+            })
+            .collect();
+        format!(
+            "{} backed up to {}: {} shards, {entries} entries in {segments} segments ({linked} \
+             hard-linked), {} files, {bytes} bytes, in {:.3} s{}; {}",
+            from.display(),
+            to.display(),
+            m.shard_count,
+            m.files.len(),
+            self.elapsed.as_secs_f64(),
+            if self.retries > 0 {
+                format!(
+                    " ({} shard copies repeated: retention ran meanwhile)",
+                    self.retries
+                )
+            } else {
+                String::new()
+            },
+            positions.join(", ")
+        )
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Reading a segment the way recovery does.
+
+/// What a scan of one segment found.
+struct Scanned {
+    header: SegmentHeader,
+    entries: u64,
+    next_seq: u64,
+    /// Offset just past the last valid entry.
+    data_end: usize,
+    /// Whether every byte from `data_end` on is zero (a clean end).
+    clean: bool,
+}
+
+/// Scans one segment's bytes with the log's own parsers (header, then entries: length, CRC,
+/// expected sequence number, rkyv and record validation), stopping at the first entry that
+/// fails, exactly where recovery would stop. `bytes` must be page aligned (a mapping).
+fn scan_segment(bytes: &[u8], shard: ShardId, base: u64) -> Result<Scanned, String> {
+    let header = SegmentHeader::decode(bytes).map_err(|f| format!("bad segment header ({f:?})"))?;
+    if header.shard != shard.0 {
+        return Err(format!("header names shard {}", header.shard));
+    }
+    if header.base != base {
+        return Err(format!(
+            "header base {} differs from the file name",
+            header.base
+        ));
+    }
+    if header.segment_bytes != bytes.len() as u64 {
+        return Err(format!(
+            "file is {} bytes, its header says {}",
+            bytes.len(),
+            header.segment_bytes
+        ));
+    }
+    let mut off = SEGMENT_HEADER_BYTES;
+    let mut seq = header.first_seq;
+    let mut entries = 0;
+    while let Ok(raw) = parse_entry(bytes, off) {
+        if raw.seq != seq || record::access(raw.payload).is_none() {
+            break;
+        }
+        seq += 1;
+        entries += 1;
+        off += raw.total_bytes;
+        debug_assert!(off % ENTRY_ALIGN_BYTES == 0);
+    }
+    Ok(Scanned {
+        header,
+        entries,
+        next_seq: seq,
+        data_end: off,
+        clean: bytes[off..].iter().all(|&b| b == 0),
+    })
+}
+
+fn map_read(path: &Path) -> Result<Mmap, Error> {
+    let file = File::open(path).map_err(io("open", path))?;
+    // SAFETY: backup files are only written by this process before they are mapped; a hard link
+    // names a sealed segment, which the server never writes again (see `shards/README.md`).
+    unsafe { Mmap::map(&file) }.map_err(io("mmap", path))
+}
+
+fn crc_of_file(path: &Path) -> Result<(u64, u32), Error> {
+    let mut f = File::open(path).map_err(io("open", path))?;
+    let mut buf = vec![0u8; BACKUP_COPY_CHUNK_BYTES];
+    let (mut n, mut crc) = (0u64, 0u32);
+    loop {
+        let k = f.read(&mut buf).map_err(io("read", path))?;
+        if k == 0 {
+            return Ok((n, crc));
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..k]);
+        n += k as u64;
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backup.
+
+fn rel(path: &Path, root: &Path) -> String {
+    path.strip_prefix(root)
+        .expect("backup paths lie under the backup")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Copies `src` to `dst` (mode 0600, created new) with plain reads, so the bytes come from the
+/// page cache as the server wrote them (no reflink or in-kernel copy), fsyncs it, and returns
+/// its length.
+fn copy_file(src: &Path, dst: &Path) -> Result<u64, Error> {
+    let mut from = File::open(src).map_err(io("open", src))?;
+    let mut to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(dst)
+        .map_err(io("create", dst))?;
+    let mut buf = vec![0u8; BACKUP_COPY_CHUNK_BYTES];
+    let mut n = 0u64;
+    loop {
+        let k = from.read(&mut buf).map_err(io("read", src))?;
+        if k == 0 {
+            break;
+        }
+        to.write_all(&buf[..k]).map_err(io("write", dst))?;
+        n += k as u64;
+    }
+    to.sync_all().map_err(io("fsync", dst))?;
+    Ok(n)
+}
+
+fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Copies the plain files and directories under `src` into `dst` (created 0700), skipping
+/// temporary files, lock files, segments, checkpoints and quarantine (handled elsewhere or
+/// never backed up). Returns the copied files.
+fn copy_tree(src: &Path, dst: &Path, top: bool) -> Result<Vec<PathBuf>, Error> {
+    datadir::create_dir_private(dst).map_err(io("create directory", dst))?;
+    let mut names: Vec<_> = std::fs::read_dir(src)
+        .map_err(io("list", src))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io("list", src))?;
+    names.sort();
+    let mut out = Vec::new();
+    for name in names {
+        let Some(n) = name.to_str() else { continue };
+        let skip = n.ends_with(".tmp")
+            || n == QUARANTINE_DIR
+            || (top && (n == LOCK_FILE || n == STAGING_DIR || n == READY_DIR || n == OLD_DIR))
+            || n == SHARD_LOCK_FILE
+            || n == CHECKPOINT_FILE
+            || parse_segment_file_name(n).is_some()
+            || (top && n.starts_with("shard-"));
+        if skip {
+            continue;
+        }
+        let (s, d) = (src.join(&name), dst.join(&name));
+        // A file removed since the listing (an audit file rotated away, a directory emptied)
+        // is simply not part of the backup; anything replaced by a rename is copied as one
+        // whole version (the server replaces its files atomically).
+        let meta = match std::fs::symlink_metadata(&s) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            r => r.map_err(io("stat", &s))?,
+        };
+        if meta.is_dir() {
+            match copy_tree(&s, &d, false) {
+                Err(e) if is_not_found(&e) && !s.exists() => {
+                    let _ = std::fs::remove_dir_all(&d);
+                }
+                r => out.extend(r?),
+            }
+        } else if meta.is_file() {
+            match copy_file(&s, &d) {
+                Err(e) if is_not_found(&e) && !s.exists() => {
+                    let _ = std::fs::remove_file(&d);
+                }
+                r => {
+                    r?;
+                    out.push(d);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Hard-links `src` at `dst`, or copies it when they are on different file systems (or the file
+/// system has no hard links). Returns whether it linked.
+fn link_or_copy(src: &Path, dst: &Path) -> Result<bool, Error> {
+    match std::fs::hard_link(src, dst) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(io("link", src)(e)),
+        Err(_) => copy_file(src, dst).map(|_| false),
+    }
+}
+
+/// The segment files of a shard directory, in base order.
+fn list_segments(dir: &Path) -> Result<Vec<u64>, Error> {
+    let mut bases = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let e = e.map_err(io("list", dir))?;
+        if let Some(b) = e.file_name().to_str().and_then(parse_segment_file_name) {
+            bases.push(b);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, Error> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", path)(e)),
+    }
+}
+
+/// One attempt at one shard: `Ok(None)` when retention changed the shard meanwhile (the caller
+/// clears the directory and tries again).
+fn backup_shard_once(
+    shard: ShardId,
+    src: &Path,
+    dst: &Path,
+) -> Result<Option<(ShardRecord, Vec<PathBuf>)>, Error> {
+    // Retention writes the checkpoint, then deletes segments below its position: if the
+    // checkpoint is the same before and after the segments were taken, they and it agree.
+    let ckpt_path = src.join(CHECKPOINT_FILE);
+    let ckpt_before = read_optional(&ckpt_path)?;
+    let bases = list_segments(src)?;
+    let mut files = Vec::new();
+    let mut segments = Vec::new();
+    let last_index = bases.len().checked_sub(1);
+    for (i, &base) in bases.iter().enumerate() {
+        let name = segment_file_name(base);
+        let (s, d) = (src.join(&name), dst.join(&name));
+        let linked = if Some(i) == last_index {
+            // The active segment (or one sealed since the listing): copy it, then make durable
+            // everything the copy read. fdatasync writes back every dirty page of the file, so
+            // each byte copied from the page cache is on disk in the live directory when it
+            // returns: the backup holds only durable entries (also under `--durability relaxed`).
+            let r = copy_file(&s, &d).and_then(|_| {
+                File::open(&s)
+                    .and_then(|f| f.sync_data())
+                    .map_err(io("fdatasync", &s))
+            });
+            match r {
+                Err(e) if is_not_found(&e) => return Ok(None),
+                r => r?,
+            }
+            false
+        } else {
+            match link_or_copy(&s, &d) {
+                Err(e) if is_not_found(&e) => return Ok(None),
+                r => r?,
+            }
+        };
+        segments.push((base, linked));
+        files.push(d);
+    }
+    let ckpt_after = read_optional(&ckpt_path)?;
+    if ckpt_before != ckpt_after {
+        return Ok(None);
+    }
+    if let Some(bytes) = &ckpt_after {
+        let d = dst.join(CHECKPOINT_FILE);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&d)
+            .map_err(io("create", &d))?;
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(io("write", &d))?;
+        files.push(d);
+    }
+    // Cut the copied last segment at its last valid entry and check the sealed ones whole.
+    let mut records = Vec::new();
+    let mut next: Option<(u64, u64)> = None;
+    for (i, &(base, linked)) in segments.iter().enumerate() {
+        let path = dst.join(segment_file_name(base));
+        let last = Some(i) == last_index;
+        let scanned = if last {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io("open", &path))?;
+            // SAFETY: a private copy this process just wrote; nobody else maps it.
+            let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io("mmap", &path))?;
+            let s = scan_segment(&map, shard, base).map_err(|why| {
+                Error::Refused(format!(
+                    "{}: {why}; the server refuses this shard too — see shards/README.md \
+                     \"Recovery and the damage policy\"",
+                    src.join(segment_file_name(base)).display()
+                ))
+            })?;
+            // Bytes past the last valid entry: an entry being written while copied, or written
+            // after the commit the copy caught. Zero them so the copy ends cleanly.
+            map[s.data_end..].fill(0);
+            map.flush().map_err(io("msync", &path))?;
+            Scanned { clean: true, ..s }
+        } else {
+            let map = map_read(&path)?;
+            scan_segment(&map, shard, base)
+                .map_err(|why| format!("{why}"))
+                .and_then(|s| {
+                    if s.clean {
+                        Ok(s)
+                    } else {
+                        Err(format!("bad entry at offset {}", s.data_end))
+                    }
+                })
+                .map_err(|why| {
+                    Error::Refused(format!(
+                        "sealed segment {} is damaged ({why}); the server quarantines it at its \
+                         next start (see shards/README.md \"Recovery and the damage policy\"); \
+                         nothing backed up",
+                        src.join(segment_file_name(base)).display()
+                    ))
+                })?
+        };
+        if let Err(why) = continues(next, &scanned.header) {
+            return Err(Error::Refused(format!(
+                "segment {} {why}: the shard's log has a gap (a segment file removed by hand?); \
+                 nothing backed up",
+                src.join(segment_file_name(base)).display(),
+            )));
+        }
+        next = Some((scanned.header.base + scanned.header.segment_bytes, scanned.next_seq));
+        records.push(SegmentRecord {
+            base,
+            first_seq: scanned.header.first_seq,
+            entries: scanned.entries,
+            data_end: scanned.data_end as u64,
+            linked,
+        });
+    }
+    let record = shard_record(shard, records, dst)?;
+    Ok(Some((record, files)))
+}
+
+/// Whether a segment with `header` may follow the segment before it, given as (its end position,
+/// the sequence number after its last entry): positions and sequence numbers are contiguous
+/// across segments, as recovery requires.
+fn continues(prev: Option<(u64, u64)>, header: &SegmentHeader) -> Result<(), String> {
+    match prev {
+        Some((end, _)) if header.base != end => Err(format!(
+            "starts at position {}, but the segment before it ends at {end}",
+            header.base
+        )),
+        Some((_, seq)) if header.first_seq != seq => Err(format!(
+            "starts at sequence number {}, but the segment before it ends before {seq}",
+            header.first_seq
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The shard record of a backed-up shard directory, checking its checkpoint against its segments.
+fn shard_record(
+    shard: ShardId,
+    segments: Vec<SegmentRecord>,
+    dir: &Path,
+) -> Result<ShardRecord, Error> {
+    let entries = segments.iter().map(|s| s.entries).sum();
+    let (first_pos, end_pos, next_seq) = match (segments.first(), segments.last()) {
+        (Some(f), Some(l)) => (f.base, l.base + l.data_end, l.first_seq + l.entries),
+        _ => (0, 0, 1),
+    };
+    let ckpt = Checkpoint::open(shard, dir)
+        .map_err(|e| Error::Refused(format!("checkpoint of shard {}: {e}", shard.0)))?;
+    let checkpoint_covered = ckpt.map(|c| c.covered().0);
+    if let Some(b) = checkpoint_covered {
+        if !segments.is_empty() && (b < first_pos || b > end_pos) {
+            return Err(Error::Refused(format!(
+                "shard {}: the checkpoint covers up to position {b}, but the segments hold \
+                 [{first_pos}, {end_pos})",
+                shard.0
+            )));
+        }
+    }
+    Ok(ShardRecord {
+        shard: shard.0,
+        segments,
+        entries,
+        end_pos,
+        next_seq,
+        checkpoint_covered,
+    })
+}
+
+fn clear_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::remove_dir_all(dir).map_err(io("remove", dir))
+}
+
+/// Whether `dir` is absent or an empty directory.
+fn absent_or_empty(dir: &Path) -> Result<bool, Error> {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => Ok(it.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(false),
+        Err(e) => Err(io("list", dir)(e)),
+    }
+}
+
+fn write_manifest(to: &Path, manifest: &Manifest) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(manifest).expect("the manifest serialises");
+    let tmp = to.join(format!("{MANIFEST_FILE}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io("write", &tmp))?;
+    let path = to.join(MANIFEST_FILE);
+    std::fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
+    sync_dir(to)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", dir))
+}
+
+/// `path` made absolute with its symbolic links resolved, also when its last components do not
+/// exist yet (they are appended to the nearest existing ancestor).
+fn resolved(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut p = path;
+    loop {
+        if let Ok(c) = p.canonicalize() {
+            return rest.iter().rev().fold(c, |acc, name| acc.join(name));
+        }
+        match (p.parent(), p.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                p = if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                };
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// Refuses a backup directory inside the data directory (it would copy itself and be deleted
+/// with the data) or containing it.
+fn refuse_nested(root: &Path, to: &Path) -> Result<(), Error> {
+    let (r, t) = (resolved(root), resolved(to));
+    if t.starts_with(&r) || r.starts_with(&t) {
+        return Err(Error::Refused(format!(
+            "{} lies inside the data directory {} (or contains it); name a directory outside \
+             it with --to (nothing was written)",
+            to.display(),
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Backs up the data directory `root` into the new directory `to` (absent or empty), while a
+/// server may be running on `root`. See the module doc and `shards/README.md`.
+pub fn backup(root: &Path, to: &Path) -> Result<Report, Error> {
+    let started = Instant::now();
+    if !root.join(META_FILE).is_file() {
+        return Err(Error::Refused(format!(
+            "{} is not a geobeat data directory (it has no {META_FILE}); pass the directory \
+             the server runs on with --data-dir",
+            root.display()
+        )));
+    }
+    if !absent_or_empty(to)? {
+        return Err(Error::Refused(format!(
+            "{} already exists and is not an empty directory; name a new directory with --to \
+             (nothing was written)",
+            to.display()
+        )));
+    }
+    refuse_nested(root, to)?;
+    // Shared, like a server: a reshard or migrate (exclusive) cannot start while the backup runs,
+    // and a running one refuses the backup.
+    let _lock = datadir::lock(root, LockMode::Shared)
+        .map_err(|e| Error::Refused(e.to_string()))?
+        .ok_or_else(|| {
+            Error::Refused(format!(
+                "{} is being rewritten by `geobeat reshard` or `migrate` (geobeat.lock is held \
+                 exclusively); run the backup after it finishes",
+                root.display()
+            ))
+        })?;
+    if root.join(READY_DIR).exists() {
+        return Err(Error::Refused(format!(
+            "{} has an unfinished layout change ({READY_DIR}); start the server once (it finishes \
+             the change), then back up",
+            root.display()
+        )));
+    }
+    let layout = datadir::inspect(root).map_err(|e| Error::Refused(e.to_string()))?;
+    if layout.router.is_none() {
+        return Err(Error::Refused(format!(
+            "{} is format {}; migrate it first (`geobeat migrate --data-dir {}`)",
+            root.display(),
+            layout.format_version,
+            root.display()
+        )));
+    }
+    let created_here = !to.exists();
+    let result = backup_into(root, to, layout.shard_count);
+    match result {
+        Ok((manifest, retries)) => Ok(Report {
+            manifest,
+            retries,
+            elapsed: started.elapsed(),
+        }),
+        Err(e) => {
+            // Leave no half backup behind (it has no manifest, so restore would refuse it).
+            if created_here {
+                let _ = std::fs::remove_dir_all(to);
+            } else if let Ok(entries) = std::fs::read_dir(to) {
+                for e in entries.flatten() {
+                    let p = e.path();
+                    let _ = if p.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn backup_into(root: &Path, to: &Path, shard_count: u32) -> Result<(Manifest, u32), Error> {
+    // Root files first (meta, secret, geofences, retired cursors); then per shard its cursors
+    // (before its segments, so no cursor points past the backed-up log end), segments and
+    // checkpoint.
+    let mut paths = copy_tree(root, to, true)?;
+    let mut shards = Vec::new();
+    let mut retries = 0;
+    for k in 0..shard_count {
+        let shard = ShardId(k);
+        let name = datadir::shard_dir_name(shard);
+        let (src, dst) = (root.join(&name), to.join(&name));
+        if !src.is_dir() {
+            // A shard that never opened has no directory; the server creates it.
+            continue;
+        }
+        let mut attempt = 0;
+        loop {
+            let mut files = copy_tree(&src, &dst, false)?;
+            if let Some((record, more)) = backup_shard_once(shard, &src, &dst)? {
+                files.extend(more);
+                paths.extend(files);
+                shards.push(record);
+                break;
+            }
+            attempt += 1;
+            retries += 1;
+            if attempt >= BACKUP_ATTEMPTS_MAX {
+                return Err(Error::Refused(format!(
+                    "shard {k} changed under the backup {attempt} times in a row (retention \
+                     deleting segments); try again"
+                )));
+            }
+            clear_dir(&dst)?;
+        }
+        sync_dir(&dst)?;
+    }
+    sync_dir(to)?;
+    let mut files = Vec::with_capacity(paths.len());
+    for p in &paths {
+        let (bytes, crc32c) = crc_of_file(p)?;
+        files.push(FileRecord {
+            path: rel(p, to),
+            bytes,
+            crc32c,
+        });
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        created_ms: crate::rt::now_ms(),
+        source: root.display().to_string(),
+        shard_count,
+        files,
+        shards,
+    };
+    write_manifest(to, &manifest)?;
+    Ok((manifest, retries))
+}
+
+// ----------------------------------------------------------------------------------------------
+// Restore.
+
+/// Reads and checks a backup's manifest.
+fn read_manifest(from: &Path) -> Result<Manifest, Error> {
+    let path = from.join(MANIFEST_FILE);
+    let refused = |why: String| {
+        Error::Refused(format!(
+            "{} is not a usable geobeat backup: {why}",
+            from.display()
+        ))
+    };
+    let len = match std::fs::metadata(&path) {
+        Ok(m) => m.len(),
+        Err(_) if !from.is_dir() => {
+            return Err(Error::Refused(format!(
+                "{} is not a directory; name the directory `geobeat backup --to` wrote with \
+                 --from (nothing was restored)",
+                from.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(refused(format!(
+                "it has no {MANIFEST_FILE} (an unfinished backup, or not a backup); name the \
+                 directory `geobeat backup --to` wrote with --from (nothing was restored)"
+            )))
+        }
+        Err(e) => return Err(io("stat", &path)(e)),
+    };
+    if len > BACKUP_MANIFEST_BYTES_MAX {
+        return Err(refused(format!(
+            "{MANIFEST_FILE} is {len} bytes, larger than any manifest"
+        )));
+    }
+    let text = std::fs::read_to_string(&path).map_err(io("read", &path))?;
+    let m: Manifest = serde_json::from_str(&text)
+        .map_err(|e| refused(format!("{MANIFEST_FILE} is not a valid manifest: {e}")))?;
+    if m.format != MANIFEST_FORMAT {
+        return Err(refused(format!(
+            "manifest format {} (this build reads {MANIFEST_FORMAT})",
+            m.format
+        )));
+    }
+    for f in &m.files {
+        let p = Path::new(&f.path);
+        let plain = p
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain || f.path.is_empty() {
+            return Err(refused(format!("manifest names the path {:?}", f.path)));
+        }
+    }
+    Ok(m)
+}
+
+/// Checks every file (length, CRC32C) and every shard (segments scanned as recovery would,
+/// counts and positions as recorded, checkpoint valid and covered by the segments).
+fn verify(from: &Path, m: &Manifest) -> Result<(), Error> {
+    let bad = |why: String| {
+        Error::Refused(format!(
+            "backup {} failed verification: {why}; nothing restored",
+            from.display()
+        ))
+    };
+    for f in &m.files {
+        let p = from.join(&f.path);
+        let (bytes, crc) = match crc_of_file(&p) {
+            Err(e) if is_not_found(&e) => return Err(bad(format!("{} is missing", f.path))),
+            r => r?,
+        };
+        if bytes != f.bytes || crc != f.crc32c {
+            return Err(bad(format!(
+                "{} is {bytes} bytes with CRC32C {crc:08x}, the manifest says {} bytes with \
+                 {:08x}",
+                f.path, f.bytes, f.crc32c
+            )));
+        }
+    }
+    let layout = datadir::inspect(from).map_err(|e| bad(e.to_string()))?;
+    if layout.shard_count != m.shard_count {
+        return Err(bad(format!(
+            "{META_FILE} has {} shards, the manifest {}",
+            layout.shard_count, m.shard_count
+        )));
+    }
+    // Every segment file installed is one the shard checks below scan.
+    let mut shards_seen = std::collections::BTreeSet::new();
+    for s in &m.shards {
+        if s.shard >= m.shard_count || !shards_seen.insert(s.shard) {
+            return Err(bad(format!(
+                "the manifest lists shard {} twice or beyond the shard count {}",
+                s.shard, m.shard_count
+            )));
+        }
+    }
+    for f in &m.files {
+        let mut parts = f.path.split('/');
+        let (Some(dir), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some(base) = parse_segment_file_name(name) else {
+            continue;
+        };
+        let listed = m.shards.iter().any(|s| {
+            datadir::shard_dir_name(ShardId(s.shard)) == dir
+                && s.segments.iter().any(|g| g.base == base)
+        });
+        if !listed {
+            return Err(bad(format!(
+                "{} is not among the manifest's shard segments",
+                f.path
+            )));
+        }
+    }
+    for s in &m.shards {
+        let shard = ShardId(s.shard);
+        let dir = from.join(datadir::shard_dir_name(shard));
+        let mut records = Vec::new();
+        let mut next: Option<(u64, u64)> = None;
+        for g in &s.segments {
+            let name = segment_file_name(g.base);
+            let listed = format!("{}/{name}", datadir::shard_dir_name(shard));
+            if !m.files.iter().any(|f| f.path == listed) {
+                return Err(bad(format!("{listed} is not among the manifest's files")));
+            }
+            let map = map_read(&dir.join(&name))?;
+            let sc =
+                scan_segment(&map, shard, g.base).map_err(|why| bad(format!("{listed}: {why}")))?;
+            if !sc.clean {
+                return Err(bad(format!(
+                    "{listed}: bad entry at offset {}",
+                    sc.data_end
+                )));
+            }
+            continues(next, &sc.header).map_err(|why| bad(format!("{listed} {why}")))?;
+            next = Some((sc.header.base + sc.header.segment_bytes, sc.next_seq));
+            records.push(SegmentRecord {
+                base: g.base,
+                first_seq: sc.header.first_seq,
+                entries: sc.entries,
+                data_end: sc.data_end as u64,
+                linked: g.linked,
+            });
+        }
+        let found = shard_record(shard, records, &dir).map_err(|e| bad(e.to_string()))?;
+        if &found != s {
+            return Err(bad(format!(
+                "shard {} holds {} entries up to position {} (next seq {}), the manifest says {} \
+                 up to {} (next seq {})",
+                s.shard,
+                found.entries,
+                found.end_pos,
+                found.next_seq,
+                s.entries,
+                s.end_pos,
+                s.next_seq
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a restore did.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// Wall time.
+    pub elapsed: std::time::Duration,
+}
+
+impl Restored {
+    /// One line for the operator.
+    pub fn summary(&self, from: &Path, to: &Path) -> String {
+        let m = &self.manifest;
+        let entries: u64 = m.shards.iter().map(|s| s.entries).sum();
+        format!(
+            "{} verified and restored into {}: {} shards, {entries} entries, {} files, in {:.3} s \
+             (backup taken at {} ms since the epoch from {})",
+            from.display(),
+            to.display(),
+            m.shard_count,
+            m.files.len(),
+            self.elapsed.as_secs_f64(),
+            m.created_ms,
+            m.source
+        )
+    }
+}
+
+/// Verifies the backup in `from` and installs it as the data directory `to`, which must be
+/// absent or empty: copied into a sibling staging directory, made durable, then renamed into
+/// place, so `to` is either untouched or complete.
+pub fn restore(from: &Path, to: &Path) -> Result<Restored, Error> {
+    let started = Instant::now();
+    if !absent_or_empty(to)? {
+        return Err(Error::Refused(format!(
+            "{} exists and is not empty; restore only into a new or empty directory (nothing \
+             was changed)",
+            to.display()
+        )));
+    }
+    let manifest = read_manifest(from)?;
+    verify(from, &manifest)?;
+    let name = to
+        .file_name()
+        .ok_or_else(|| Error::Refused(format!("{} names no directory", to.display())))?;
+    let parent = match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let staging = parent.join(format!(".{}.restoring", name.to_string_lossy()));
+    if staging.exists() {
+        clear_dir(&staging)?;
+    }
+    datadir::create_dir_private(&staging).map_err(io("create directory", &staging))?;
+    for f in &manifest.files {
+        let (s, d) = (from.join(&f.path), staging.join(&f.path));
+        if let Some(dir) = d.parent() {
+            datadir::create_dir_private(dir).map_err(io("create directory", dir))?;
+        }
+        copy_file(&s, &d)?;
+    }
+    // Every directory of the staging tree, deepest first, then the rename.
+    let mut dirs: Vec<PathBuf> = manifest
+        .files
+        .iter()
+        .filter_map(|f| staging.join(&f.path).parent().map(Path::to_path_buf))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs.iter().rev() {
+        sync_dir(d)?;
+    }
+    sync_dir(&staging)?;
+    if to.exists() {
+        std::fs::remove_dir(to).map_err(io("remove empty directory", to))?;
+    }
+    std::fs::rename(&staging, to).map_err(io("rename", &staging))?;
+    sync_dir(&parent)?;
+    Ok(Restored {
+        manifest,
+        elapsed: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_refuses_a_header_of_another_shard_and_stops_at_a_bad_entry() {
+        use crate::log::{Log, LogConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            segment_bytes: crate::limits::SEGMENT_BYTES_MIN,
+            ..LogConfig::new(dir.path().join("s"), ShardId(0))
+        };
+        {
+            let (mut log, _) = Log::open(&cfg, |_, _| {}).unwrap();
+            for i in 0..10 {
+                let hb = crate::record::Heartbeat {
+                    device_id: format!("d{i}"),
+                    lat: 10.0,
+                    lon: 20.0,
+                    ts_ms: i as i64 + 1,
+                    received_ms: i as i64 + 2,
+                    ..crate::record::Heartbeat::default()
+                };
+                log.append(&hb, None).unwrap();
+            }
+            log.sync_blocking().unwrap();
+        }
+        let path = dir.path().join("s").join(segment_file_name(0));
+        let map = map_read(&path).unwrap();
+        let s = scan_segment(&map, ShardId(0), 0).unwrap();
+        assert_eq!((s.entries, s.next_seq, s.clean), (10, 11, true));
+        assert!(scan_segment(&map, ShardId(1), 0).is_err());
+        let end = s.data_end;
+        drop(map);
+        // Corrupt the fifth entry's CRC byte: the scan stops there, the tail is not clean.
+        let bytes = std::fs::read(&path).unwrap();
+        let mut off = SEGMENT_HEADER_BYTES;
+        for _ in 0..4 {
+            off += parse_entry(&bytes, off).unwrap().total_bytes;
+        }
+        let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start(off as u64 + 4)).unwrap();
+        f.write_all(&[bytes[off + 4] ^ 0xff]).unwrap();
+        drop(f);
+        let map = map_read(&path).unwrap();
+        let s = scan_segment(&map, ShardId(0), 0).unwrap();
+        assert_eq!((s.entries, s.data_end, s.clean), (4, off, false));
+        assert!(off < end);
+    }
+}
