@@ -517,7 +517,10 @@ fn backup_shard_once(
                 src.join(segment_file_name(base)).display(),
             )));
         }
-        next = Some((scanned.header.base + scanned.header.segment_bytes, scanned.next_seq));
+        next = Some((
+            scanned.header.base + scanned.header.segment_bytes,
+            scanned.next_seq,
+        ));
         records.push(SegmentRecord {
             base,
             first_seq: scanned.header.first_seq,
