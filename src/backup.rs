@@ -384,6 +384,26 @@ fn link_or_copy(src: &Path, dst: &Path) -> Result<bool, Error> {
     }
 }
 
+/// Extends a copied last segment shorter than its header's size with zeros, as recovery does
+/// (a crash during a stopped server's preallocation can leave one). A file too short for a
+/// header is left alone: the scan refuses it.
+fn extend_to_recorded_size(file: &File, path: &Path) -> Result<(), Error> {
+    let mut head = vec![0u8; SEGMENT_HEADER_BYTES];
+    let len = file.metadata().map_err(io("stat", path))?.len();
+    if len < SEGMENT_HEADER_BYTES as u64 {
+        return Ok(());
+    }
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut head, 0).map_err(io("read", path))?;
+    if let Ok(h) = SegmentHeader::decode(&head) {
+        if len < h.segment_bytes && h.segment_bytes <= crate::limits::SEGMENT_BYTES_MAX {
+            file.set_len(h.segment_bytes)
+                .and_then(|_| file.sync_all())
+                .map_err(io("extend", path))?;
+        }
+    }
+    Ok(())
+}
+
 /// The segment files of a shard directory, in base order.
 fn list_segments(dir: &Path) -> Result<Vec<u64>, Error> {
     let mut bases = Vec::new();
@@ -476,12 +496,14 @@ fn backup_shard_once(
                 .write(true)
                 .open(&path)
                 .map_err(io("open", &path))?;
+            extend_to_recorded_size(&file, &path)?;
             // SAFETY: a private copy this process just wrote; nobody else maps it.
             let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io("mmap", &path))?;
             let s = scan_segment(&map, shard, base).map_err(|why| {
                 Error::Refused(format!(
-                    "{}: {why}; the server refuses this shard too — see shards/README.md \
-                     \"Recovery and the damage policy\"",
+                    "{}: {why}; the server's recovery quarantines (or, as the first segment, \
+                     refuses) it at its next start, see shards/README.md \"Recovery and the \
+                     damage policy\"; start the server once, then back up; nothing backed up",
                     src.join(segment_file_name(base)).display()
                 ))
             })?;
@@ -1038,6 +1060,114 @@ pub fn restore(from: &Path, to: &Path) -> Result<Restored, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::{Log, LogConfig};
+
+    fn heartbeat(i: u64) -> crate::record::Heartbeat {
+        crate::record::Heartbeat {
+            device_id: format!("d{}", i % 7),
+            lat: 10.0,
+            lon: 20.0,
+            ts_ms: i as i64 + 1,
+            received_ms: i as i64 + 2,
+            ..crate::record::Heartbeat::default()
+        }
+    }
+
+    /// Every entry of a shard log, as (position, seq, ts), and the recovery report.
+    fn entries_of(dir: &Path) -> (Vec<(u64, u64, i64)>, crate::log::RecoveryReport) {
+        let cfg = LogConfig {
+            segment_bytes: crate::limits::SEGMENT_BYTES_MIN,
+            ..LogConfig::new(dir, ShardId(0))
+        };
+        let mut out = Vec::new();
+        let (_, report) = Log::open(&cfg, |pos, e| {
+            out.push((pos.0, e.seq, e.hb.ts_ms.to_native()))
+        })
+        .unwrap();
+        (out, report)
+    }
+
+    #[test]
+    fn an_offline_backup_cuts_a_torn_tail_and_restores_the_same_log() {
+        // A stopped shard of three segments whose last one ends in garbage (a torn write) is
+        // backed up: the sealed segments are linked, the last one copied and cut at its last
+        // valid entry; the restored log recovers exactly the original valid entries with no torn
+        // tail and no damage, and a second restore into the now non-empty directory is refused.
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        crate::datadir::DataDir::open_or_create(&root, 1).unwrap();
+        let shard_dir = root.join(datadir::shard_dir_name(ShardId(0)));
+        let cfg = LogConfig {
+            segment_bytes: crate::limits::SEGMENT_BYTES_MIN,
+            ..LogConfig::new(&shard_dir, ShardId(0))
+        };
+        {
+            let (mut log, _) = Log::open(&cfg, |_, _| {}).unwrap();
+            let mut i = 0;
+            while list_segments(&shard_dir).unwrap().len() < 3 {
+                log.append(&heartbeat(i), None).unwrap();
+                i += 1;
+            }
+            for _ in 0..10 {
+                log.append(&heartbeat(i), None).unwrap();
+                i += 1;
+            }
+            log.sync_blocking().unwrap();
+        }
+        let (original, _) = entries_of(&shard_dir);
+        let last = *list_segments(&shard_dir).unwrap().last().unwrap();
+        let last_path = shard_dir.join(segment_file_name(last));
+        let end = original.last().unwrap().0 - last;
+        let tail_off = end
+            + parse_entry(&std::fs::read(&last_path).unwrap(), end as usize)
+                .unwrap()
+                .total_bytes as u64;
+        // Garbage where the next entry would start: a torn write.
+        let f = OpenOptions::new().write(true).open(&last_path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x55; 100], tail_off).unwrap();
+        drop(f);
+
+        let to = tmp.path().join("backup");
+        let report = backup(&root, &to).unwrap();
+        let m = &report.manifest;
+        assert_eq!(m.shards.len(), 1);
+        let segs = &m.shards[0].segments;
+        assert_eq!(segs.len(), 3);
+        assert!(
+            segs[..2].iter().all(|g| g.linked) && !segs[2].linked,
+            "{segs:?}"
+        );
+        assert_eq!(m.shards[0].entries, original.len() as u64);
+        assert_eq!(m.shards[0].end_pos, last + tail_off);
+        // The live file keeps its garbage (the backup never writes the source).
+        let live = std::fs::read(&last_path).unwrap();
+        assert_eq!(live[tail_off as usize], 0x55);
+
+        let restored = tmp.path().join("restored");
+        restore(&to, &restored).unwrap();
+        let (got, rep) = entries_of(&restored.join(datadir::shard_dir_name(ShardId(0))));
+        assert_eq!(got, original);
+        assert_eq!((rep.torn_tail_bytes, rep.damaged.len()), (0, 0));
+        assert!(restored.join(META_FILE).is_file());
+        crate::datadir::check_private(&restored).unwrap();
+        let again = restore(&to, &restored).unwrap_err();
+        assert!(again.to_string().contains("not empty"), "{again}");
+        assert_eq!(again.exit_code(), 2);
+    }
+
+    #[test]
+    fn a_target_inside_the_data_directory_is_refused() {
+        // Inside, through a link, or containing the data directory: refused; a sibling is fine.
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        std::fs::create_dir(&root).unwrap();
+        assert!(refuse_nested(&root, &root.join("a/b")).is_err());
+        // Through a symbolic link to the data directory, too.
+        std::os::unix::fs::symlink(&root, tmp.path().join("link")).unwrap();
+        assert!(refuse_nested(&root, &tmp.path().join("link/snap")).is_err());
+        assert!(refuse_nested(&root, tmp.path()).is_err());
+        assert!(refuse_nested(&root, &tmp.path().join("data2")).is_ok());
+    }
 
     #[test]
     fn scan_refuses_a_header_of_another_shard_and_stops_at_a_bad_entry() {
