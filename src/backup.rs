@@ -1,9 +1,22 @@
 //! `geobeat backup` and `geobeat restore`: a consistent copy of a data directory taken while a
 //! server runs on it, and its verified installation into a new directory. It owns the backup
-//! procedure (which files, in which order, cut where), the manifest (`geobeat-backup.json`, see
-//! `shards/README.md` "Backup and restore") and the checks `restore` runs before installing. It
-//! does not talk to the server, change the live directory, or decide the log format (`log`) or
-//! the checkpoint's (`checkpoint`): it reads them with their own parsers.
+//! procedure (which files, in which order, cut where), the manifest (`geobeat-backup.json`; see
+//! README.md "Operations", "Backup and restore") and the checks `restore` runs before installing.
+//! It does not talk to the server, write the live directory's files (it only fdatasyncs the
+//! newest segment, and takes `geobeat.lock` shared as a server does, never a shard's `LOCK`), or
+//! decide the log format (`log`) or the checkpoint's (`checkpoint`): it reads them with their
+//! own parsers.
+//!
+//! Why a copy taken under a running server is consistent, per shard: cursor files are copied
+//! first (a cursor only names durable entries, so it never points past the log the backup will
+//! hold); a segment with a successor is complete, durable and never written again, so it is
+//! hard-linked (copied across file systems); the newest listed segment is copied from the page
+//! cache, then fdatasync'ed in the live directory, so every byte copied is durable there, and the
+//! copy is cut where recovery would stop (length, CRC32C, sequence number, record validation):
+//! every heartbeat acked before the backup started is in it. Retention writes the checkpoint
+//! before it deletes segments, so if the checkpoint is byte-identical before and after the
+//! segments were taken, the two agree; otherwise (or if a listed segment vanished) the shard is
+//! taken again, up to `BACKUP_ATTEMPTS_MAX` times.
 //!
 //! Invariants: every file of a backup is named in its manifest with its length and CRC32C, and
 //! the manifest is written last, so a backup without one is unfinished and refused; each shard
@@ -431,6 +444,7 @@ fn backup_shard_once(
     shard: ShardId,
     src: &Path,
     dst: &Path,
+    taken: &mut dyn FnMut(ShardId),
 ) -> Result<Option<(ShardRecord, Vec<PathBuf>)>, Error> {
     // Retention writes the checkpoint, then deletes segments below its position: if the
     // checkpoint is the same before and after the segments were taken, they and it agree.
@@ -467,6 +481,7 @@ fn backup_shard_once(
         segments.push((base, linked));
         files.push(d);
     }
+    taken(shard);
     let ckpt_after = read_optional(&ckpt_path)?;
     if ckpt_before != ckpt_after {
         return Ok(None);
@@ -515,7 +530,6 @@ fn backup_shard_once(
         } else {
             let map = map_read(&path)?;
             scan_segment(&map, shard, base)
-                .map_err(|why| format!("{why}"))
                 .and_then(|s| {
                     if s.clean {
                         Ok(s)
@@ -614,7 +628,7 @@ fn absent_or_empty(dir: &Path) -> Result<bool, Error> {
     match std::fs::read_dir(dir) {
         Ok(mut it) => Ok(it.next().is_none()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(false),
         Err(e) => Err(io("list", dir)(e)),
     }
 }
@@ -683,6 +697,16 @@ fn refuse_nested(root: &Path, to: &Path) -> Result<(), Error> {
 /// Backs up the data directory `root` into the new directory `to` (absent or empty), while a
 /// server may be running on `root`. See the module doc and `shards/README.md`.
 pub fn backup(root: &Path, to: &Path) -> Result<Report, Error> {
+    backup_observed(root, to, &mut |_| {})
+}
+
+/// [`backup`], calling `taken(shard)` each time a shard's segments have been taken, before its
+/// checkpoint is read again: the seam where a test runs retention at the worst moment.
+fn backup_observed(
+    root: &Path,
+    to: &Path,
+    taken: &mut dyn FnMut(ShardId),
+) -> Result<Report, Error> {
     let started = Instant::now();
     if !root.join(META_FILE).is_file() {
         return Err(Error::Refused(format!(
@@ -727,7 +751,7 @@ pub fn backup(root: &Path, to: &Path) -> Result<Report, Error> {
         )));
     }
     let created_here = !to.exists();
-    let result = backup_into(root, to, layout.shard_count);
+    let result = backup_into(root, to, layout.shard_count, taken);
     match result {
         Ok((manifest, retries)) => Ok(Report {
             manifest,
@@ -753,7 +777,12 @@ pub fn backup(root: &Path, to: &Path) -> Result<Report, Error> {
     }
 }
 
-fn backup_into(root: &Path, to: &Path, shard_count: u32) -> Result<(Manifest, u32), Error> {
+fn backup_into(
+    root: &Path,
+    to: &Path,
+    shard_count: u32,
+    taken: &mut dyn FnMut(ShardId),
+) -> Result<(Manifest, u32), Error> {
     // Root files first (meta, secret, geofences, retired cursors); then per shard its cursors
     // (before its segments, so no cursor points past the backed-up log end), segments and
     // checkpoint.
@@ -771,7 +800,7 @@ fn backup_into(root: &Path, to: &Path, shard_count: u32) -> Result<(Manifest, u3
         let mut attempt = 0;
         loop {
             let mut files = copy_tree(&src, &dst, false)?;
-            if let Some((record, more)) = backup_shard_once(shard, &src, &dst)? {
+            if let Some((record, more)) = backup_shard_once(shard, &src, &dst, taken)? {
                 files.extend(more);
                 paths.extend(files);
                 shards.push(record);
@@ -1153,6 +1182,63 @@ mod tests {
         let again = restore(&to, &restored).unwrap_err();
         assert!(again.to_string().contains("not empty"), "{again}");
         assert_eq!(again.exit_code(), 2);
+    }
+
+    #[test]
+    fn a_shard_is_taken_again_when_retention_replaces_its_checkpoint_meanwhile() {
+        // Retention (checkpoint written, segments below it deleted) runs right after the
+        // backup took a shard's segments and before it reads the checkpoint again: the shard is
+        // taken again, and the restored shard opens with the new checkpoint, the remaining
+        // segments and every device's last location.
+        use crate::store::{ShardStore, StoreConfig};
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        crate::datadir::DataDir::open_or_create(&root, 1).unwrap();
+        let shard_dir = root.join(datadir::shard_dir_name(ShardId(0)));
+        let cfg = StoreConfig {
+            segment_bytes: crate::limits::SEGMENT_BYTES_MIN,
+            ..StoreConfig::new(&shard_dir, ShardId(0))
+        };
+        let (mut store, _) = ShardStore::open(&cfg).unwrap();
+        let mut i = 0;
+        while list_segments(&shard_dir).unwrap().len() < 4 {
+            store.append(&heartbeat(i)).unwrap();
+            i += 1;
+        }
+        store.sync_blocking().unwrap();
+        let lasts: Vec<_> = (0..7)
+            .map(|d| store.last(&format!("d{d}")).unwrap().ts_ms)
+            .collect();
+        let to = tmp.path().join("backup");
+        let mut calls = 0;
+        let report = backup_observed(&root, &to, &mut |_| {
+            calls += 1;
+            if calls == 1 {
+                let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+                let deleted = store
+                    .delete_expired(later, std::time::Duration::from_secs(1))
+                    .unwrap();
+                assert!(deleted > 0);
+            }
+        })
+        .unwrap();
+        assert_eq!((calls, report.retries), (2, 1));
+        let shard = &report.manifest.shards[0];
+        let covered = shard.checkpoint_covered.expect("the new checkpoint");
+        assert_eq!(shard.segments[0].base, covered);
+        drop(store);
+
+        let restored = tmp.path().join("restored");
+        restore(&to, &restored).unwrap();
+        let (store, report) = ShardStore::open(&StoreConfig {
+            dir: restored.join(datadir::shard_dir_name(ShardId(0))),
+            ..cfg
+        })
+        .unwrap();
+        assert!(report.damaged.is_empty());
+        for (d, ts) in lasts.iter().enumerate() {
+            assert_eq!(store.last(&format!("d{d}")).unwrap().ts_ms, *ts, "d{d}");
+        }
     }
 
     #[test]
