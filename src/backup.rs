@@ -787,6 +787,12 @@ fn backup_into(
     // (before its segments, so no cursor points past the backed-up log end), segments and
     // checkpoint.
     let mut paths = copy_tree(root, to, true)?;
+    // An existing empty target keeps whatever mode it had: make it as private as the data.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(datadir::DIR_MODE))
+            .map_err(io("chmod", to))?;
+    }
     let mut shards = Vec::new();
     let mut retries = 0;
     for k in 0..shard_count {
@@ -831,7 +837,7 @@ fn backup_into(
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         created_ms: crate::rt::now_ms(),
-        source: root.display().to_string(),
+        source: resolved(root).display().to_string(),
         shard_count,
         files,
         shards,

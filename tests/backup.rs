@@ -31,6 +31,8 @@ const FRAME_HEARTBEATS: usize = 40;
 const WINDOW_FRAMES: usize = 4;
 /// Longest time the load may take to make every shard roll over to a second segment.
 const FILL_WAIT: Duration = Duration::from_secs(15);
+/// Longest time retention may take to write a checkpoint (it runs every 5 s).
+const RETENTION_WAIT: Duration = Duration::from_secs(20);
 
 /// The position of a device's heartbeat, deterministic from its device time (thousandths, which
 /// JSON round-trips exactly).
@@ -440,6 +442,18 @@ fn backup_and_restore_refuse_bad_input_with_one_line() {
         .contains("restoring")));
 }
 
+/// Whether a backup's manifest names a checkpoint for any shard.
+fn has_checkpoint(backup: &Path) -> bool {
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(backup.join("geobeat-backup.json")).unwrap())
+            .unwrap();
+    m["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["checkpoint_covered"].is_u64())
+}
+
 /// Starts `n` streaming device clients against `server`; returns their ids, logs and threads.
 type Clients = (
     Vec<(String, Arc<Mutex<DevLog>>)>,
@@ -475,9 +489,9 @@ fn start_clients(
 #[test]
 fn backups_taken_while_retention_deletes_segments_restore_consistently() {
     // Retention 1 s with 1 MiB segments under load: every 5 s the server writes a checkpoint
-    // and deletes the segments below it, while backups run back to back for 7 s. Every backup
-    // must verify and restore (checkpoint and segments agree, or the shard was taken again);
-    // at least one must hold a checkpoint; the last one, served, must give every device a last
+    // and deletes the segments below it, while backups run back to back until two of them hold
+    // a checkpoint. Every backup must verify and restore (checkpoint and segments agree, or the
+    // shard was taken again); the last one, served, must give every device a last
     // location at least as new as its newest heartbeat acked before that backup started, with
     // that heartbeat's position.
     let dir = tempfile::tempdir().unwrap();
@@ -497,7 +511,15 @@ fn backups_taken_while_retention_deletes_segments_restore_consistently() {
     let mut backups = Vec::new();
     let mut last_before: Vec<i64> = Vec::new();
     let mut retries = 0usize;
-    while started.elapsed() < Duration::from_secs(7) || backups.is_empty() {
+    // Back to back until two backups hold a checkpoint (retention runs every 5 s).
+    let mut with_checkpoint = 0;
+    while with_checkpoint < 2 {
+        assert!(
+            started.elapsed() < RETENTION_WAIT,
+            "no checkpoint in {} backups within {RETENTION_WAIT:?}\n{}",
+            backups.len(),
+            log_tail(&log, 20)
+        );
         assert!(threads.iter().all(|t| !t.is_finished()), "a client died");
         last_before = devs
             .iter()
@@ -515,6 +537,9 @@ fn backups_taken_while_retention_deletes_segments_restore_consistently() {
         if text(&out.stdout).contains("repeated") {
             retries += 1;
         }
+        if has_checkpoint(&to) {
+            with_checkpoint += 1;
+        }
         backups.push(to);
     }
     stop.store(true, Ordering::Release);
@@ -531,19 +556,7 @@ fn backups_taken_while_retention_deletes_segments_restore_consistently() {
         acked_total.load(Ordering::Relaxed)
     );
 
-    let mut with_checkpoint = 0;
     for (i, b) in backups.iter().enumerate() {
-        let m: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(b.join("geobeat-backup.json")).unwrap())
-                .unwrap();
-        if m["shards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["checkpoint_covered"].is_u64())
-        {
-            with_checkpoint += 1;
-        }
         let target = dir.path().join(format!("r{i}"));
         let out = run(&[
             "restore",
@@ -558,11 +571,6 @@ fn backups_taken_while_retention_deletes_segments_restore_consistently() {
             text(&out.stderr)
         );
     }
-    assert!(
-        with_checkpoint > 0,
-        "retention never ran during the backups\n{}",
-        log_tail(&log, 20)
-    );
     drop(server);
 
     let restored = dir.path().join(format!("r{}", backups.len() - 1));
