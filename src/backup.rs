@@ -309,6 +309,11 @@ fn rel(path: &Path, root: &Path) -> String {
 /// its length.
 fn copy_file(src: &Path, dst: &Path) -> Result<u64, Error> {
     let mut from = File::open(src).map_err(io("open", src))?;
+    copy_from(&mut from, src, dst)
+}
+
+/// [`copy_file`] from an open file (`src` names it in errors).
+fn copy_from(from: &mut File, src: &Path, dst: &Path) -> Result<u64, Error> {
     let mut to = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -430,11 +435,29 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, Error> {
     Ok(bases)
 }
 
-fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, Error> {
-    match std::fs::read(path) {
-        Ok(b) => Ok(Some(b)),
+/// Which version of a file replaced only by rename (the checkpoint) a name or descriptor holds:
+/// device, inode, and the inode's size and change times (an inode number freed by one rename
+/// can be reused by a later version; its times cannot go back).
+type FileVersion = (u64, u64, u64, i64, i64, i64, i64);
+
+fn version_of(meta: &std::fs::Metadata) -> FileVersion {
+    use std::os::unix::fs::MetadataExt as _;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
+}
+
+fn version_at(path: &Path) -> Result<Option<FileVersion>, Error> {
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(Some(version_of(&m))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io("read", path)(e)),
+        Err(e) => Err(io("stat", path)(e)),
     }
 }
 
@@ -446,10 +469,11 @@ fn backup_shard_once(
     dst: &Path,
     taken: &mut dyn FnMut(ShardId),
 ) -> Result<Option<(ShardRecord, Vec<PathBuf>)>, Error> {
-    // Retention writes the checkpoint, then deletes segments below its position: if the
-    // checkpoint is the same before and after the segments were taken, they and it agree.
+    // Retention writes the checkpoint (a new file renamed over the old one), then deletes
+    // segments below its position: if the checkpoint is the same version before and after the
+    // segments were taken, they and it agree.
     let ckpt_path = src.join(CHECKPOINT_FILE);
-    let ckpt_before = read_optional(&ckpt_path)?;
+    let ckpt_before = version_at(&ckpt_path)?;
     let bases = list_segments(src)?;
     let mut files = Vec::new();
     let mut segments = Vec::new();
@@ -482,22 +506,21 @@ fn backup_shard_once(
         files.push(d);
     }
     taken(shard);
-    let ckpt_after = read_optional(&ckpt_path)?;
-    if ckpt_before != ckpt_after {
-        return Ok(None);
-    }
-    if let Some(bytes) = &ckpt_after {
+    if let Some(before) = ckpt_before {
+        // Copied from the descriptor whose version is checked, so the bytes are that version's.
+        let mut from = match File::open(&ckpt_path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            r => r.map_err(io("open", &ckpt_path))?,
+        };
+        let meta = from.metadata().map_err(io("stat", &ckpt_path))?;
+        if version_of(&meta) != before {
+            return Ok(None);
+        }
         let d = dst.join(CHECKPOINT_FILE);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&d)
-            .map_err(io("create", &d))?;
-        f.write_all(bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(io("write", &d))?;
+        copy_from(&mut from, &ckpt_path, &d)?;
         files.push(d);
+    } else if version_at(&ckpt_path)?.is_some() {
+        return Ok(None);
     }
     // Cut the copied last segment at its last valid entry and check the sealed ones whole.
     let mut records = Vec::new();
