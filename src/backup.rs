@@ -954,7 +954,21 @@ fn verify(from: &Path, m: &Manifest) -> Result<(), Error> {
             layout.shard_count, m.shard_count
         )));
     }
-    // Every segment file installed is one the shard checks below scan.
+    // Every segment file installed is one the shard checks below scan (sets: a manifest can
+    // name millions of files).
+    let file_paths: std::collections::HashSet<&str> =
+        m.files.iter().map(|f| f.path.as_str()).collect();
+    let dir_names: Vec<String> = m
+        .shards
+        .iter()
+        .map(|s| datadir::shard_dir_name(ShardId(s.shard)))
+        .collect();
+    let segment_paths: std::collections::HashSet<(&str, u64)> = m
+        .shards
+        .iter()
+        .zip(&dir_names)
+        .flat_map(|(s, d)| s.segments.iter().map(move |g| (d.as_str(), g.base)))
+        .collect();
     let mut shards_seen = std::collections::BTreeSet::new();
     for s in &m.shards {
         if s.shard >= m.shard_count || !shards_seen.insert(s.shard) {
@@ -972,11 +986,7 @@ fn verify(from: &Path, m: &Manifest) -> Result<(), Error> {
         let Some(base) = parse_segment_file_name(name) else {
             continue;
         };
-        let listed = m.shards.iter().any(|s| {
-            datadir::shard_dir_name(ShardId(s.shard)) == dir
-                && s.segments.iter().any(|g| g.base == base)
-        });
-        if !listed {
+        if !segment_paths.contains(&(dir, base)) {
             return Err(bad(format!(
                 "{} is not among the manifest's shard segments",
                 f.path
@@ -991,7 +1001,7 @@ fn verify(from: &Path, m: &Manifest) -> Result<(), Error> {
         for g in &s.segments {
             let name = segment_file_name(g.base);
             let listed = format!("{}/{name}", datadir::shard_dir_name(shard));
-            if !m.files.iter().any(|f| f.path == listed) {
+            if !file_paths.contains(listed.as_str()) {
                 return Err(bad(format!("{listed} is not among the manifest's files")));
             }
             let map = map_read(&dir.join(&name))?;
