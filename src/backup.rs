@@ -926,15 +926,16 @@ fn read_manifest(from: &Path) -> Result<Manifest, Error> {
 
 /// Checks every file (length, CRC32C) and every shard (segments scanned as recovery would,
 /// counts and positions as recorded, checkpoint valid and covered by the segments).
-fn verify(from: &Path, m: &Manifest) -> Result<(), Error> {
+/// `dir` holds the files (the installed copy); `backup` names the backup in errors.
+fn verify(dir: &Path, backup: &Path, m: &Manifest) -> Result<(), Error> {
     let bad = |why: String| {
         Error::Refused(format!(
             "backup {} failed verification: {why}; nothing restored",
-            from.display()
+            backup.display()
         ))
     };
     for f in &m.files {
-        let p = from.join(&f.path);
+        let p = dir.join(&f.path);
         let (bytes, crc) = match crc_of_file(&p) {
             Err(e) if is_not_found(&e) => return Err(bad(format!("{} is missing", f.path))),
             r => r?,
@@ -947,7 +948,7 @@ fn verify(from: &Path, m: &Manifest) -> Result<(), Error> {
             )));
         }
     }
-    let layout = datadir::inspect(from).map_err(|e| bad(e.to_string()))?;
+    let layout = datadir::inspect(dir).map_err(|e| bad(e.to_string()))?;
     if layout.shard_count != m.shard_count {
         return Err(bad(format!(
             "{META_FILE} has {} shards, the manifest {}",
@@ -995,7 +996,7 @@ fn verify(from: &Path, m: &Manifest) -> Result<(), Error> {
     }
     for s in &m.shards {
         let shard = ShardId(s.shard);
-        let dir = from.join(datadir::shard_dir_name(shard));
+        let dir = dir.join(datadir::shard_dir_name(shard));
         let mut records = Vec::new();
         let mut next: Option<(u64, u64)> = None;
         for g in &s.segments {
@@ -1069,9 +1070,10 @@ impl Restored {
     }
 }
 
-/// Verifies the backup in `from` and installs it as the data directory `to`, which must be
-/// absent or empty: copied into a sibling staging directory, made durable, then renamed into
-/// place, so `to` is either untouched or complete.
+/// Installs the backup in `from` as the data directory `to`, which must be absent or empty:
+/// copied into a sibling staging directory, verified there (so exactly the bytes installed are
+/// the ones checked), made durable, then renamed into place, so `to` is either untouched or
+/// complete.
 pub fn restore(from: &Path, to: &Path) -> Result<Restored, Error> {
     let started = Instant::now();
     if !absent_or_empty(to)? {
@@ -1082,7 +1084,6 @@ pub fn restore(from: &Path, to: &Path) -> Result<Restored, Error> {
         )));
     }
     let manifest = read_manifest(from)?;
-    verify(from, &manifest)?;
     let name = to
         .file_name()
         .ok_or_else(|| Error::Refused(format!("{} names no directory", to.display())))?;
@@ -1095,13 +1096,42 @@ pub fn restore(from: &Path, to: &Path) -> Result<Restored, Error> {
         clear_dir(&staging)?;
     }
     datadir::create_dir_private(&staging).map_err(io("create directory", &staging))?;
+    let installed = install(from, &staging, to, &parent, &manifest);
+    if installed.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    installed.map(|()| Restored {
+        manifest,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Copies the manifest's files from `from` into `staging`, verifies them there, syncs the tree
+/// and renames it to `to` (in `parent`).
+fn install(
+    from: &Path,
+    staging: &Path,
+    to: &Path,
+    parent: &Path,
+    manifest: &Manifest,
+) -> Result<(), Error> {
     for f in &manifest.files {
         let (s, d) = (from.join(&f.path), staging.join(&f.path));
         if let Some(dir) = d.parent() {
             datadir::create_dir_private(dir).map_err(io("create directory", dir))?;
         }
-        copy_file(&s, &d)?;
+        match copy_file(&s, &d) {
+            Err(e) if is_not_found(&e) && !s.exists() => {
+                return Err(Error::Refused(format!(
+                    "backup {} failed verification: {} is missing; nothing restored",
+                    from.display(),
+                    f.path
+                )))
+            }
+            r => r?,
+        };
     }
+    verify(staging, from, manifest)?;
     // Every directory of the staging tree, deepest first, then the rename.
     let mut dirs: Vec<PathBuf> = manifest
         .files
@@ -1113,16 +1143,12 @@ pub fn restore(from: &Path, to: &Path) -> Result<Restored, Error> {
     for d in dirs.iter().rev() {
         sync_dir(d)?;
     }
-    sync_dir(&staging)?;
+    sync_dir(staging)?;
     if to.exists() {
         std::fs::remove_dir(to).map_err(io("remove empty directory", to))?;
     }
-    std::fs::rename(&staging, to).map_err(io("rename", &staging))?;
-    sync_dir(&parent)?;
-    Ok(Restored {
-        manifest,
-        elapsed: started.elapsed(),
-    })
+    std::fs::rename(staging, to).map_err(io("rename", staging))?;
+    sync_dir(parent)
 }
 
 #[cfg(test)]
