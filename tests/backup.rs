@@ -30,9 +30,9 @@ const FRAME_HEARTBEATS: usize = 40;
 /// Frames a client keeps unacknowledged before it waits for an ack.
 const WINDOW_FRAMES: usize = 4;
 /// Longest time the load may take to make every shard roll over to a second segment.
-const FILL_WAIT: Duration = Duration::from_secs(15);
+const FILL_WAIT: Duration = Duration::from_secs(30);
 /// Longest time retention may take to write a checkpoint (it runs every 5 s).
-const RETENTION_WAIT: Duration = Duration::from_secs(20);
+const RETENTION_WAIT: Duration = Duration::from_secs(30);
 
 /// The position of a device's heartbeat, deterministic from its device time (thousandths, which
 /// JSON round-trips exactly).
