@@ -392,6 +392,51 @@ fn copy_tree(src: &Path, dst: &Path, top: bool) -> Result<Vec<PathBuf>, Error> {
     Ok(out)
 }
 
+/// Copies the newest segment `src` to `dst` (0600, created new) from the start up to, not
+/// including, the first all-zero chunk past the header, and gives the copy `src`'s length (the
+/// rest a hole): entries are appended in order, so nothing after a zero chunk was there when it
+/// was read, and the cut lands at or before it anyway. This spares writing the unused part of
+/// the segment (most of 64 MiB); `restore` writes every byte, so the installed segment is fully
+/// allocated as the server requires. Returns the bytes copied.
+fn copy_segment_prefix(src: &Path, dst: &Path) -> Result<usize, Error> {
+    let mut from = File::open(src).map_err(io("open", src))?;
+    let len = from.metadata().map_err(io("stat", src))?.len();
+    let mut to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(dst)
+        .map_err(io("create", dst))?;
+    let mut buf = vec![0u8; BACKUP_COPY_CHUNK_BYTES];
+    let mut copied = 0usize;
+    loop {
+        let k = read_full(&mut from, &mut buf).map_err(io("read", src))?;
+        if k == 0 || (copied >= SEGMENT_HEADER_BYTES && buf[..k].iter().all(|&b| b == 0)) {
+            break;
+        }
+        to.write_all(&buf[..k]).map_err(io("write", dst))?;
+        copied += k;
+    }
+    to.set_len(len.max(copied as u64))
+        .and_then(|()| to.sync_all())
+        .map_err(io("fsync", dst))?;
+    Ok(copied)
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Hard-links `src` at `dst`, or copies it when they are on different file systems (or the file
 /// system has no hard links). Returns whether it linked.
 fn link_or_copy(src: &Path, dst: &Path) -> Result<bool, Error> {
@@ -478,22 +523,26 @@ fn backup_shard_once(
     let mut files = Vec::new();
     let mut segments = Vec::new();
     let last_index = bases.len().checked_sub(1);
+    // Bytes of the last segment copied (the rest of the copy is a hole, reading as zeros).
+    let mut last_copied = 0usize;
     for (i, &base) in bases.iter().enumerate() {
         let name = segment_file_name(base);
         let (s, d) = (src.join(&name), dst.join(&name));
         let linked = if Some(i) == last_index {
+            // Only the written part is copied (see `copy_segment_prefix`).
             // The active segment (or one sealed since the listing): copy it, then make durable
             // everything the copy read. fdatasync writes back every dirty page of the file, so
             // each byte copied from the page cache is on disk in the live directory when it
             // returns: the backup holds only durable entries (also under `--durability relaxed`).
-            let r = copy_file(&s, &d).and_then(|_| {
+            let r = copy_segment_prefix(&s, &d).and_then(|copied| {
                 File::open(&s)
                     .and_then(|f| f.sync_data())
                     .map_err(io("fdatasync", &s))
+                    .map(|()| copied)
             });
             match r {
                 Err(e) if is_not_found(&e) => return Ok(None),
-                r => r?,
+                r => last_copied = r?,
             }
             false
         } else {
@@ -547,7 +596,12 @@ fn backup_shard_once(
             })?;
             // Bytes past the last valid entry: an entry being written while copied, or written
             // after the commit the copy caught. Zero them so the copy ends cleanly.
-            map[s.data_end..].fill(0);
+            // Only up to what was copied: the hole after it is zero already, and writing zeros
+            // there would allocate it.
+            let copied_end = last_copied.min(map.len());
+            if copied_end > s.data_end {
+                map[s.data_end..copied_end].fill(0);
+            }
             map.flush().map_err(io("msync", &path))?;
             Scanned { clean: true, ..s }
         } else {

@@ -329,7 +329,8 @@ fn a_backup_under_load_restores_every_heartbeat_acked_before_it() {
 #[test]
 fn backup_and_restore_refuse_bad_input_with_one_line() {
     // Each refusal exits 2 with one line on stderr naming the problem and the fix, and leaves
-    // nothing behind; a damaged backup is refused before anything is installed.
+    // nothing behind; a damaged backup is refused before anything is installed. Along the way
+    // a backup with the default (64 MiB) segments restores and serves its one heartbeat.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = Server::start(&data, &[]);
@@ -378,6 +379,26 @@ fn backup_and_restore_refuse_bad_input_with_one_line() {
     let good = dir.path().join("good");
     let out = run(&["backup", "--data-dir", d, "--to", good.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // With the default 64 MiB segments only the written start of the open one is copied; the
+    // restore writes it whole and the server serves the heartbeat from it.
+    let ok = dir.path().join("ok");
+    let out = run(&[
+        "restore",
+        "--from",
+        good.to_str().unwrap(),
+        "--data-dir",
+        ok.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    drop(server);
+    let server = Server::start(&ok, &[]);
+    let ops = server.token(&["ops"]);
+    let last = last_location(&server, "err-1", &ops).expect("err-1 after restore");
+    assert_eq!(
+        (last["lat"].as_f64(), last["lon"].as_f64()),
+        (Some(1.5), Some(2.5))
+    );
+    drop(server);
 
     let out = run(&[
         "restore",
