@@ -511,6 +511,12 @@ pub const DEMO_RATE_HZ_MAX: f64 = 100.0;
 pub const SINK_POLL_INTERVAL_MS_RANGE: (u64, u64) = (1, 10_000);
 /// Bounds of the zstd level.
 pub const ZSTD_LEVEL_RANGE: (i32, i32) = (1, 19);
+/// Attempts `geobeat backup` makes at one shard when retention changes it meanwhile.
+pub const BACKUP_ATTEMPTS_MAX: u32 = 8;
+/// Buffer of `geobeat backup` / `restore` file copies and CRCs.
+pub const BACKUP_COPY_CHUNK_BYTES: usize = 1 << 20;
+/// Largest backup manifest `geobeat restore` reads (a line per file; 16,384 segments × 256 shards fit).
+pub const BACKUP_MANIFEST_BYTES_MAX: u64 = 1 << 30;
 
 // Relationships between the bounds above.
 const _: () = assert!(SHUTDOWN_DRAIN_MAX.as_millis() > STOP_POLL_INTERVAL.as_millis());
