@@ -566,7 +566,8 @@ const _: () = assert!(MQTT_TOPIC_BYTES_MAX <= u16::MAX as usize);
 pub const DEVICE_HTTP_BODY_BYTES_MAX: usize = 16 << 10;
 /// Longest `Authorization: Basic` value decoded (base64 of `user:password`: a device id and a
 /// token with room to spare).
-pub const BASIC_CREDENTIALS_BYTES_MAX: usize = 4 * (DEVICE_ID_BYTES_MAX + TOKEN_BYTES_MAX + 2) / 3 + 4;
+pub const BASIC_CREDENTIALS_BYTES_MAX: usize =
+    4 * (DEVICE_ID_BYTES_MAX + TOKEN_BYTES_MAX + 2) / 3 + 4;
 /// How long a device app's request waits for its heartbeat to become durable before it is
 /// answered 503 (the app resends; the heartbeat may still be stored, so a resend can duplicate
 /// it). Below the apps' own request timeouts (Traccar Client 8: 15 s).

@@ -16,8 +16,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
 use crate::limits::{
-    BASIC_CREDENTIALS_BYTES_MAX, FENCE_BODY_BYTES_MAX, FENCE_BULK_BODY_BYTES_MAX, HTTP_BODY_BYTES_MAX, HTTP_HEADERS_MAX,
-    HTTP_HEAD_BYTES_MAX, HTTP_URI_BYTES_MAX,
+    BASIC_CREDENTIALS_BYTES_MAX, FENCE_BODY_BYTES_MAX, FENCE_BULK_BODY_BYTES_MAX,
+    HTTP_BODY_BYTES_MAX, HTTP_HEADERS_MAX, HTTP_HEAD_BYTES_MAX, HTTP_URI_BYTES_MAX,
 };
 use crate::proto::ack::write_json_string;
 
@@ -550,7 +550,10 @@ mod tests {
         // RFC 7617's example, a password holding a colon, absent and malformed credentials.
         let mut buf = Vec::new();
         let r = complete("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==\r\n\r\n");
-        assert_eq!(basic_credentials(&r, &mut buf), Ok(Some(("Aladdin", "open sesame"))));
+        assert_eq!(
+            basic_credentials(&r, &mut buf),
+            Ok(Some(("Aladdin", "open sesame")))
+        );
         let r = complete("GET / HTTP/1.1\r\nHost: x\r\nauthorization: basic ZGV2OmE6Yg==\r\n\r\n");
         assert_eq!(basic_credentials(&r, &mut buf), Ok(Some(("dev", "a:b"))));
         let r = complete("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n");

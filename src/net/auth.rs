@@ -118,8 +118,8 @@ pub fn check_device(shared: &Shared, req: &Request<'_>) -> Result<DeviceCredenti
         Refusal { status, body }
     };
     let mut basic_buf = Vec::new();
-    let basic = parse::basic_credentials(req, &mut basic_buf)
-        .map_err(|e| refuse(&e.to_string()))?;
+    let basic =
+        parse::basic_credentials(req, &mut basic_buf).map_err(|e| refuse(&e.to_string()))?;
     let mut scratch = Vec::new();
     let (token, user) = match (parse::bearer_token(req, &mut scratch), basic) {
         (Ok(Some(t)), None) => (t, None),

@@ -92,9 +92,13 @@ async fn submit_and_wait(
     }
     let probe = &core.probe;
     ExecProbe::add(&probe.accepted, count);
-    let frame =
-        core.acks
-            .frame_begin(key, count, groups.len() as u32, received, &probe.ack_latency);
+    let frame = core.acks.frame_begin(
+        key,
+        count,
+        groups.len() as u32,
+        received,
+        &probe.ack_latency,
+    );
     for (shard, items) in groups {
         if core.owner(shard) == core.index {
             core.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));

@@ -107,11 +107,8 @@ pub fn parse_params(
             "batt" => attrs.number("batt", num("batt")?),
             "hdop" => attrs.number("hdop", num("hdop")?),
             "charge" => attrs.boolean("charge", flag("charge")?),
-            "valid" => {
-                if !flag("valid")? {
-                    attrs.boolean("valid", false);
-                }
-            }
+            // Traccar's flag for a fix the device itself marks invalid; kept when false.
+            "valid" if !flag("valid")? => attrs.boolean("valid", false),
             _ => {}
         }
     }
@@ -351,14 +348,20 @@ mod tests {
         let hb = params("id=p1&speed=36&speed_unit=kmh&lat=1&lon=2").unwrap();
         assert_eq!(hb.speed_mps, Some(10.0), "unit may follow the speed");
         // GPSLogger with no fix quality: %HDOP empty reads as absent, not as a bad value.
-        let hb = params("id=g&lat=1&lon=2&timestamp=2024-05-01T12:00:00.000Z&hdop=&acc=&charge=true&valid=0").unwrap();
+        let hb = params(
+            "id=g&lat=1&lon=2&timestamp=2024-05-01T12:00:00.000Z&hdop=&acc=&charge=true&valid=0",
+        )
+        .unwrap();
         assert_eq!(hb.attrs, br#"{"charge":true,"valid":false}"#);
         // Traccar's `location=lat,lon` form.
         let hb = params("id=a&location=-33.5,151.25").unwrap();
         assert_eq!((hb.lat, hb.lon, hb.ts_ms), (-33.5, 151.25, NOW + 5_000));
         for (q, reason) in [
             ("id=a&location=1", "bad_value:location"),
-            ("id=a&lat=1&lon=2&speed_unit=furlongs", "bad_value:speed_unit"),
+            (
+                "id=a&lat=1&lon=2&speed_unit=furlongs",
+                "bad_value:speed_unit",
+            ),
             ("id=a&lat=1&lon=2&charge=maybe", "bad_value:charge"),
             ("id=a&lat=&lon=2", "bad_value:lat"),
         ] {
