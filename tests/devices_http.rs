@@ -345,8 +345,18 @@ fn refusals_are_json_and_store_nothing() {
         assert_eq!(st, *want, "{args:?}: {body}");
         assert!(reason(&body).starts_with(why), "{args:?}: {body}");
     }
-    // A gateway token may report for any id under its prefix.
+    // A gateway token may report for any id under its prefix; the token may also come as a
+    // bearer header, and the parameters as a form body (Traccar's "form-based payload").
     assert_eq!(curl(&[&q(&gw, "fleet-7", "")]).0, 200);
+    let bearer = format!("authorization: Bearer {gw}");
+    let url = format!("http://{host}/v1/osmand?id=fleet-8&lat=3&lon=4");
+    assert_eq!(curl(&["-H", &bearer, &url]).0, 200);
+    let url = format!("http://{host}/v1/osmand?token={gw}");
+    assert_eq!(curl(&["-d", "id=fleet-9&lat=5&lon=6&speed=0", &url]).0, 200);
+    for (id, lat) in [("fleet-8", 3.0), ("fleet-9", 5.0)] {
+        let last = last_location(&server, id, &ops).expect("stored");
+        assert_eq!(last["lat"].as_f64(), Some(lat));
+    }
     // A body larger than the bound is refused before it is read.
     let big = format!(
         "{{\"_type\":\"location\",\"pad\":\"{}\"}}",
