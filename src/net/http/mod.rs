@@ -8,8 +8,9 @@
 //!
 //! Every error is JSON: `{"error":"<message>"}` plus `"param"` when one parameter is at fault.
 //!
-//! Invariant: the order of refusals per endpoint (404, 405, 400, 401) is the documented one;
-//! a resource parses completely before it touches any shard.
+//! Invariant: the order of refusals per endpoint (404, 405, 400, 401) is the documented one
+//! (the phone apps' endpoints check the token first, as the router does before reading their
+//! body: 405, 401, then 400 and 403); a resource parses completely before it touches any shard.
 
 pub mod device_apps;
 pub mod devices;
