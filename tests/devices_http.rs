@@ -345,6 +345,23 @@ fn refusals_are_json_and_store_nothing() {
         assert_eq!(st, *want, "{args:?}: {body}");
         assert!(reason(&body).starts_with(why), "{args:?}: {body}");
     }
+    // Parse refusals count in the rejection metric under their reason, as WebSocket ones do.
+    let (st, metrics) = server.get("/metrics", None);
+    assert_eq!(st, 200);
+    for why in [
+        "missing:lat",
+        "bad_timestamp",
+        "ts_out_of_range",
+        "encrypted_unsupported",
+    ] {
+        let counted: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("geobeat_heartbeats_rejected_total{"))
+            .filter(|l| l.contains(&format!("reason=\"{why}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(counted, 1.0, "{why} counted once");
+    }
     // A gateway token may report for any id under its prefix; the token may also come as a
     // bearer header, and the parameters as a form body (Traccar's "form-based payload").
     assert_eq!(curl(&[&q(&gw, "fleet-7", "")]).0, 200);

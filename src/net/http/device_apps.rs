@@ -8,6 +8,7 @@
 //! unless [`store`] returned `Ok`.
 
 use crate::auth::Claims;
+use crate::metrics::ExecProbe;
 use crate::net::http::response::Response;
 use crate::net::submit::{self, SubmitError};
 use crate::proto::devices::DeviceError;
@@ -17,8 +18,10 @@ use crate::shard::core::Core;
 
 /// The 400 for a request the parsers refused: `{"error":"<reason>"}` with the reason string of
 /// [`DeviceError::reason`] (`missing:lat`, `ts_out_of_range`, ...) and, when one parameter or
-/// member is at fault, its name as `param`.
-pub fn bad_request(e: DeviceError) -> Response {
+/// member is at fault, its name as `param`. Counted in `probe` under that reason, as a refused
+/// WebSocket heartbeat is.
+pub fn bad_request(probe: &ExecProbe, e: DeviceError) -> Response {
+    probe.reject(e.reason());
     let param = match e {
         DeviceError::Missing(name) | DeviceError::BadValue(name) => Some(name),
         DeviceError::BadTimestamp | DeviceError::TsOutOfRange => Some("timestamp"),

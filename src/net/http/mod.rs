@@ -62,13 +62,13 @@ pub async fn respond(edge: &Edge, req: &Request<'_>, body: &[u8], role: Role) ->
     // The OsmAnd listener serves the protocol at any path (an app's "server URL" is often just
     // `http://host:port`).
     if role == Role::Osmand || path == osmand::PATH {
-        return match Osmand::parse(shared, req, body, crate::rt::now_ms()) {
+        return match Osmand::parse(core, req, body, crate::rt::now_ms()) {
             Ok(cmd) => cmd.apply(core).await,
             Err(r) => r,
         };
     }
     if path == owntracks::PATH {
-        return match OwnTracks::parse(shared, req, body, crate::rt::now_ms()) {
+        return match OwnTracks::parse(core, req, body, crate::rt::now_ms()) {
             Ok(cmd) => cmd.apply(core).await,
             Err(r) => r,
         };

@@ -13,7 +13,6 @@ use crate::http::parse::Request;
 use crate::net::auth;
 use crate::net::http::device_apps;
 use crate::net::http::response::Response;
-use crate::node::Shared;
 use crate::proto::devices::{osmand, DeviceError};
 use crate::proto::TsWindow;
 use crate::record::Heartbeat;
@@ -32,7 +31,7 @@ impl Osmand {
     /// Parses a request of the OsmAnd protocol (`body`: the complete request body, possibly
     /// empty) received at `received_ms`: the command, or the answer to give instead.
     pub fn parse(
-        shared: &Shared,
+        core: &Core,
         req: &Request<'_>,
         body: &[u8],
         received_ms: i64,
@@ -40,7 +39,7 @@ impl Osmand {
         if !matches!(req.method, "GET" | "POST") {
             return Err(Response::error(405, "method not allowed (use GET or POST)"));
         }
-        let creds = auth::check_device(shared, req)?;
+        let creds = auth::check_device(&core.shared, req)?;
         let mut heartbeat = Heartbeat::default();
         let window = TsWindow::default();
         let json = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
@@ -52,11 +51,11 @@ impl Osmand {
         } else {
             // A form body: its parameters after the URL's (a later value of a key wins).
             let form = std::str::from_utf8(body)
-                .map_err(|_| device_apps::bad_request(DeviceError::BadEncoding))?;
+                .map_err(|_| device_apps::bad_request(&core.probe, DeviceError::BadEncoding))?;
             let all = format!("{}&{form}", req.query);
             osmand::parse_params(&all, received_ms, &window, &mut heartbeat)
         };
-        parsed.map_err(device_apps::bad_request)?;
+        parsed.map_err(|e| device_apps::bad_request(&core.probe, e))?;
         device_apps::authorize(&creds.claims, &heartbeat.device_id)?;
         Ok(Osmand { heartbeat })
     }

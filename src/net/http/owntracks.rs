@@ -14,7 +14,6 @@ use crate::http::parse::Request;
 use crate::net::auth;
 use crate::net::http::device_apps;
 use crate::net::http::response::Response;
-use crate::node::Shared;
 use crate::proto::devices::owntracks::{self, Parsed};
 use crate::proto::TsWindow;
 use crate::record::Heartbeat;
@@ -38,7 +37,7 @@ impl OwnTracks {
     /// Parses an OwnTracks HTTP-mode request (`body`: the complete request body) received at
     /// `received_ms`: the command, or the answer to give instead.
     pub fn parse(
-        shared: &Shared,
+        core: &Core,
         req: &Request<'_>,
         body: &[u8],
         received_ms: i64,
@@ -46,7 +45,7 @@ impl OwnTracks {
         if req.method != "POST" {
             return Err(Response::error(405, "method not allowed (use POST)"));
         }
-        let creds = auth::check_device(shared, req)?;
+        let creds = auth::check_device(&core.shared, req)?;
         // The device is the Basic-auth user; a device token alone also names it.
         let device_id = match (creds.user, &creds.claims.scope) {
             (Some(user), _) => user,
@@ -64,7 +63,7 @@ impl OwnTracks {
         match owntracks::parse(body, &device_id, received_ms, &window, &mut heartbeat) {
             Ok(Parsed::Location) => Ok(OwnTracks::Location(heartbeat)),
             Ok(Parsed::Ignored) => Ok(OwnTracks::Ignored),
-            Err(e) => Err(device_apps::bad_request(e)),
+            Err(e) => Err(device_apps::bad_request(&core.probe, e)),
         }
     }
 
