@@ -434,3 +434,69 @@ fn a_200_survives_kill_9() {
     stored.sort_unstable();
     assert_eq!(stored, sent, "every 200 is in the history after kill -9");
 }
+
+#[test]
+fn a_heartbeat_the_shard_refuses_is_a_503_and_not_stored() {
+    // A PostgreSQL sink nobody listens on never consumes the log, so with a small backlog
+    // budget (6 KiB: the segment header plus a few dozen heartbeats) the shard soon refuses every
+    // heartbeat (`sink_backlog_full`). Each such request is answered 503 with that reason (the
+    // app resends later), never 200, and exactly the heartbeats answered 200 are stored.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("geobeat.toml");
+    let port = free_addr().port();
+    std::fs::write(
+        &config,
+        format!(
+            "[[sinks]]\nname = \"db\"\nkind = \"postgres\"\n\
+             url = \"host=127.0.0.1 port={port} user=geobeat dbname=fleet connect_timeout=2\"\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--config",
+            &config.display().to_string(),
+            "--sink-backlog-warn-bytes",
+            "6KiB",
+            "--sink-backlog-max-bytes",
+            "6KiB",
+        ],
+    );
+    let ops = server.token(&["ops"]);
+    let t = server.token(&["device", "full-1"]);
+    let base = now_s() - 500;
+    let (mut stored, mut refused) = (Vec::new(), 0);
+    for i in 0..100 {
+        let ts = base + i;
+        let (st, body) = if i % 2 == 0 {
+            curl(&[&format!(
+                "http://{}/v1/osmand?id=full-1&lat=1&lon=2&timestamp={ts}&token={t}",
+                server.addr
+            )])
+        } else {
+            let body = format!(r#"{{"_type":"location","lat":1,"lon":2,"tst":{ts}}}"#);
+            let url = format!("http://{}/v1/owntracks", server.addr);
+            curl(&["-u", &format!("full-1:{t}"), "-d", &body, &url])
+        };
+        match st {
+            200 => stored.push(ts * 1000),
+            503 => {
+                assert_eq!(reason(&body), "not stored: sink_backlog_full");
+                refused += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(
+        stored.len() >= 5 && refused >= 20,
+        "{} stored, {refused} refused",
+        stored.len()
+    );
+    let mut got: Vec<i64> = history(&server, "full-1", &ops)
+        .iter()
+        .map(|h| h["ts"].as_i64().unwrap())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, stored, "stored exactly what was answered 200");
+}
