@@ -564,3 +564,20 @@ const _: () = assert!(MQTT_INFLIGHT_MAX >= 1 && MQTT_INFLIGHT_MAX <= u16::MAX as
 // Remaining Length is a 4-byte varint: at most 268,435,455 bytes.
 const _: () = assert!(MQTT_PACKET_BYTES_MAX <= 268_435_455);
 const _: () = assert!(MQTT_TOPIC_BYTES_MAX <= u16::MAX as usize);
+
+// HTTP device endpoints for the phone apps (src/net/http/osmand.rs, src/net/http/owntracks.rs).
+/// Largest request body a device app's request may carry (Traccar Client's JSON location is about
+/// 600 bytes, an OwnTracks location with region lists a few KiB). Checked, after the token, before
+/// a byte of the body is read.
+pub const DEVICE_HTTP_BODY_BYTES_MAX: usize = 16 << 10;
+/// Longest `Authorization: Basic` value decoded (base64 of `user:password`: a device id and a
+/// token with room to spare).
+pub const BASIC_CREDENTIALS_BYTES_MAX: usize =
+    4 * (DEVICE_ID_BYTES_MAX + TOKEN_BYTES_MAX + 2) / 3 + 4;
+/// How long a device app's request waits for its heartbeat to become durable before it is
+/// answered 503 (the app resends; the heartbeat may still be stored, so a resend can duplicate
+/// it). Below the apps' own request timeouts (Traccar Client 8: 15 s).
+pub const DEVICE_HTTP_DURABLE_WAIT_MS: u64 = 10_000;
+const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX <= HTTP_BODY_BYTES_MAX);
+const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX + HTTP_URI_BYTES_MAX <= DEVICE_PARAMS_BYTES_MAX);
+const _: () = assert!(BASIC_CREDENTIALS_BYTES_MAX < HTTP_HEAD_BYTES_MAX);

@@ -136,7 +136,7 @@ fn probe_bind(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
 
 /// Runs the server until SIGTERM/SIGINT (or until `stop` is set) and returns after an orderly
 /// drain: every heartbeat already received is made durable and acked before connections close.
-pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeError> {
+pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeError> {
     // The platform first (io_uring allowed, locked memory), then the addresses: a server that
     // cannot run leaves nothing behind in its data directory. See: issue 13 §4.
     crate::preflight::check()?;
@@ -145,6 +145,10 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     let addr = probe_bind(cfg.listen)?;
     if let Some(metrics) = cfg.metrics_listen {
         probe_bind(metrics)?;
+    }
+    // Every executor accepts OsmAnd requests on the same concrete port (SO_REUSEPORT).
+    if let Some(osmand) = cfg.osmand_listen {
+        cfg.osmand_listen = Some(probe_bind(osmand)?);
     }
     // Whatever this process creates from here on (segments, meta, fences, cursors, audit files,
     // and files added later) is private even where a create call names no mode; the start-up
@@ -343,6 +347,17 @@ async fn executor_main(
         listener,
         Role::Main,
     ));
+    if let Some(addr) = shared.cfg.osmand_listen {
+        let osmand = rt::bind(addr)?;
+        if index.0 == 0 {
+            tracing::info!(%addr, "serving the OsmAnd protocol on its own listener, at any path");
+        }
+        rt::spawn(crate::net::router::accept_loop(
+            edge.clone(),
+            osmand,
+            Role::Osmand,
+        ));
+    }
     if let (0, Some(addr)) = (index.0, shared.cfg.metrics_listen) {
         let metrics = rt::bind(addr)?;
         tracing::info!(%addr, "serving /metrics on its own listener");

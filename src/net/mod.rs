@@ -2,7 +2,8 @@
 //! state is an [`edge::Edge`]. The [`router`] accepts, reads one bounded request head, and hands the socket to a connection kind
 //! ([`ingest`], [`subscribe`]: an [`edge::Kind`] each) or answers plain HTTP ([`http`], one file per
 //! resource); WebSocket connections read and write through [`ws`]; every token is checked by
-//! [`auth`]; [`slots`] counts connections against the caps. It does not store, commit or route
+//! [`auth`]; [`slots`] counts connections against the caps; [`submit`] holds a request/response
+//! protocol's answer until its heartbeats are durable. It does not store, commit or route
 //! heartbeats (`shard`), and does not spawn the executor's long-lived tasks (`server`).
 //!
 //! Adding a connection kind is one new file implementing [`edge::Kind`] plus one line in the
@@ -18,5 +19,6 @@ pub mod http;
 pub mod ingest;
 pub mod router;
 pub mod slots;
+pub mod submit;
 pub mod subscribe;
 pub mod ws;
