@@ -330,3 +330,55 @@ fn an_ingest_connection_closes_with_1008_token_expired_when_its_token_expires() 
         "stored == acked (everything read before the close was acked)"
     );
 }
+
+/// A masked client frame (RFC 6455 §5.2) with a short payload.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[test]
+fn a_client_that_closes_right_after_its_heartbeats_still_gets_their_acks() {
+    // The README's websocat example: a client sends its heartbeats and closes at once (here:
+    // the data frames and the Close in one TCP write, so the Close is read long before the
+    // fdatasync ends). The server answers with the acks first, then the close handshake; before
+    // the fix tungstenite answered the Close at once and the acks were lost.
+    use std::io::Write as _;
+    let (_d, server) = setup();
+    let tok = server.token(&["gateway", "cl-"]);
+    for round in 0..5 {
+        let mut ws = ws_connect(&server, &tok).unwrap();
+        let t = now_ms();
+        let mut bytes = Vec::new();
+        for seq in 1..=3u64 {
+            let hb = format!(
+                r#"{{"seq":{seq},"id":"cl-{round}-{seq}","lat":1,"lon":2,"ts":{}}}"#,
+                t + seq as i64
+            );
+            bytes.extend(client_frame(0x1, hb.as_bytes()));
+        }
+        bytes.extend(client_frame(0x8, &1000u16.to_be_bytes()));
+        match ws.get_mut() {
+            tungstenite::stream::MaybeTlsStream::Plain(s) => s.write_all(&bytes).unwrap(),
+            _ => unreachable!("plain test socket"),
+        }
+        let mut acked = 0;
+        let close = loop {
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    acked = v["ack"].as_u64().unwrap_or_else(|| panic!("{v}"));
+                }
+                Ok(Message::Close(c)) => break c.map(|c| u16::from(c.code)),
+                Ok(_) => {}
+                Err(e) => panic!("round {round}: no close handshake after {acked} acked: {e}"),
+            }
+        };
+        assert_eq!(acked, 3, "round {round}: acks before the close");
+        assert_eq!(close, Some(1000), "round {round}");
+    }
+}

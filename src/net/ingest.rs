@@ -33,7 +33,9 @@ use crate::metrics::ExecProbe;
 use crate::net::auth::{self, Need, Refusal};
 use crate::net::edge::{DeviceGrant, Edge, Handoff, Kind};
 use crate::net::slots::ConnSlot;
-use crate::net::ws::{self, Ctl, Data, Metered, Sink, Source, WriteError, WsReader, WsWriter};
+use crate::net::ws::{
+    self, Ctl, Data, Metered, ReadMeter, Sink, Source, WriteError, WsReader, WsWriter,
+};
 use crate::node::ExecutorId;
 use crate::proto::{self, close, Ingest, IngestScope, Outcome};
 use crate::record::Heartbeat;
@@ -154,12 +156,15 @@ async fn serve(
         Some(ws_config(cfg.frame_bytes_max)),
     )
     .await;
+    let gate = meter.clone();
     let (sink, source) = ws::split(ws, meter);
     let key = core.acks.open();
     let signal = core
         .acks
         .with(key, |c| c.signal.clone())
         .expect("just opened");
+    // A client's Close waits until everything read before it is acked (see `write_frames`).
+    gate.gate_close(signal.clone());
     let ctl = Rc::new(Ctl::default());
     let writer = rt::spawn_joinable(write_loop(
         edge.clone(),
@@ -167,6 +172,7 @@ async fn serve(
         sink,
         ctl.clone(),
         signal.clone(),
+        gate,
     ));
     read_loop(&edge, key, source, &ctl, &signal, &grant).await;
     if ctl.close.get().is_none() {
@@ -445,8 +451,12 @@ async fn write_loop(
     sink: Sink,
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
+    gate: Rc<ReadMeter>,
 ) {
-    if let Err(e) = write_frames(&edge, key, sink, &ctl, &signal).await {
+    let res = write_frames(&edge, key, sink, &ctl, &signal, &gate).await;
+    // Never leave the reader behind a held Close.
+    gate.release_close();
+    if let Err(e) = res {
         tracing::debug!(error = %e, "a connection's writes stalled or failed; closing it");
     }
     ctl.writer_ended(&signal);
@@ -461,6 +471,7 @@ async fn write_frames(
     sink: Sink,
     ctl: &Ctl,
     signal: &rt::Signal,
+    gate: &ReadMeter,
 ) -> Result<(), WriteError> {
     let core = &edge.core;
     let mut out = WsWriter::new(sink, core.shared.cfg.idle_timeout);
@@ -479,6 +490,9 @@ async fn write_frames(
         }) else {
             return Ok(());
         };
+        // Taken with `in_flight`: a Close held after this snapshot may follow frames it does not
+        // count yet (the wake below brings the loop back for it).
+        let close_held = gate.close_held();
         // Created after the snapshot above (nothing runs in between), so it misses no change
         // made while the writes below wait, and is not woken by the notify above.
         let wait = signal.wait();
@@ -500,6 +514,11 @@ async fn write_frames(
         }
         if wrote {
             out.flush().await?;
+        }
+        if close_held && in_flight == 0 {
+            // The client closed after its last heartbeat: all of them are acked (above) now, so
+            // its Close may reach tungstenite, which answers it; the reader then ends normally.
+            gate.release_close();
         }
         if let Some((code, reason)) = ctl.close.get() {
             // A graceful close (shutdown, idle, client close, token expiry) first waits until

@@ -9,9 +9,7 @@ pub mod write;
 
 use std::rc::Rc;
 
-use read::ReadMeter;
-
-pub use read::{Ctl, Data, Metered, Source, WsReader};
+pub use read::{Ctl, Data, Metered, ReadMeter, Source, WsReader};
 pub use write::{Sink, WriteError, WsWriter};
 
 /// Splits a server WebSocket read through `Metered` (whose meter is `meter`) into its halves.

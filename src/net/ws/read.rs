@@ -17,6 +17,11 @@
 //! return when the message completes or the connection ends; a connection held back for the
 //! idle timeout is closed like a silent one. See: issue 20 §7.
 //!
+//! The same scan holds back a client's Close frame while a connection kind asks for it
+//! ([`ReadMeter::gate_close`]): tungstenite answers a Close as soon as it parses it and then
+//! refuses to send data, so ingest keeps the Close out of it until every heartbeat read before it
+//! is durable and acked (a client that sends its heartbeats and closes still gets its acks).
+//!
 //! Invariants: the stop and writer-gone waits and one [`rt::Watchdog`] are created once per
 //! connection and kept across messages, so reading a message creates no timer and no waiter; a
 //! connection's charges return to its executor's account when a message completes and when the
@@ -97,6 +102,14 @@ pub struct ReadMeter {
     paused: Cell<bool>,
     /// The task to wake when it may go on.
     waker: RefCell<Option<Waker>>,
+    /// Set by a connection kind that must answer everything it read before the close handshake
+    /// (ingest: the acks): a client's Close frame is then held back until [`Self::release_close`]
+    /// (tungstenite answers a Close as soon as it parses it and refuses to send data after it).
+    close_gate: Cell<bool>,
+    /// A Close frame is held back now.
+    close_held: Cell<bool>,
+    /// Notified when a Close frame starts to be held back (the connection's writer).
+    on_close_held: RefCell<Option<Rc<rt::Signal>>>,
 }
 
 impl ReadMeter {
@@ -116,6 +129,43 @@ impl ReadMeter {
         false
     }
 
+    /// From now on a client's Close frame is held back (not passed to the WebSocket layer) until
+    /// [`Self::release_close`]; `writer` is notified when one starts to be held.
+    pub fn gate_close(&self, writer: Rc<rt::Signal>) {
+        self.close_gate.set(true);
+        *self.on_close_held.borrow_mut() = Some(writer);
+    }
+
+    /// Whether a client's Close frame is being held back.
+    pub fn close_held(&self) -> bool {
+        self.close_held.get()
+    }
+
+    /// Lets a held Close frame (and everything after it) through, and stops holding.
+    pub fn release_close(&self) {
+        self.close_gate.set(false);
+        if self.close_held.replace(false) {
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Whether the frame starting with `first` (its first header byte) must wait: a Close frame
+    /// while the gate is set. Registers the reader to be woken at the release.
+    fn holds(&self, first: u8, cx: &Context<'_>) -> bool {
+        if !self.close_gate.get() || first & 0x0f != OPCODE_CLOSE {
+            return false;
+        }
+        *self.waker.borrow_mut() = Some(cx.waker().clone());
+        if !self.close_held.replace(true) {
+            if let Some(w) = self.on_close_held.borrow().as_ref() {
+                w.notify();
+            }
+        }
+        true
+    }
+
     /// A message completed (or the connection ended): its frames no longer hold memory.
     fn message_done(&self) {
         let n = self.charged.replace(0);
@@ -124,6 +174,9 @@ impl ReadMeter {
         }
     }
 }
+
+/// Opcode of a Close frame (RFC 6455 §5.5.1).
+const OPCODE_CLOSE: u8 = 0x8;
 
 /// Where a connection's byte stream stands relative to WebSocket frame boundaries.
 struct Scan {
@@ -156,8 +209,8 @@ impl Scan {
     }
 
     /// Follows `data` (the next bytes of the stream); returns how many of them may be passed to
-    /// the WebSocket layer now: all, or those before the last byte of the header of a large
-    /// frame the budget does not admit (tungstenite reserves a frame's whole payload as soon as
+    /// the WebSocket layer now: all, those before a Close frame held by the gate, or those
+    /// before the last byte of the header of a large frame the budget does not admit (tungstenite reserves a frame's whole payload as soon as
     /// it has parsed its header, so the header is what must wait).
     fn advance(&mut self, data: &[u8], meter: &Rc<ReadMeter>, cx: &Context<'_>) -> usize {
         let mut i = 0;
@@ -167,6 +220,9 @@ impl Scan {
                 self.payload_left -= step;
                 i += step as usize;
                 continue;
+            }
+            if self.have == 0 && meter.holds(data[i], cx) {
+                return i;
             }
             self.header[self.have] = data[i];
             let have = self.have + 1;
@@ -214,6 +270,9 @@ impl Metered {
             charged: Cell::new(0),
             paused: Cell::new(false),
             waker: RefCell::new(None),
+            close_gate: Cell::new(false),
+            close_held: Cell::new(false),
+            on_close_held: RefCell::new(None),
         });
         let m = Metered {
             inner,
