@@ -587,7 +587,46 @@ mod tests {
             charged: Cell::new(0),
             paused: Cell::new(false),
             waker: RefCell::new(None),
+            close_gate: Cell::new(false),
+            close_held: Cell::new(false),
+            on_close_held: RefCell::new(None),
         })
+    }
+
+    #[test]
+    fn a_gated_close_frame_waits_until_released() {
+        // Data frames, then a Close, then bytes after it: ungated everything passes; gated the
+        // scan stops exactly at the Close's first byte (whole or byte by byte, also when the Close
+        // is the first byte of a read), marks it held, and passes it and the rest once released.
+        let cx = Context::from_waker(Waker::noop());
+        let mut stream: Vec<u8> = [0usize, 5, 300].iter().flat_map(|&n| frame(n)).collect();
+        let at = stream.len();
+        stream.extend_from_slice(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]);
+        stream.extend(frame(3));
+        let pool = PartialFrames::new();
+        let m = meter(&pool);
+        assert_eq!(scan().advance(&stream, &m, &cx), stream.len());
+        assert!(!m.close_held());
+        for piece in [stream.len(), 1, 7] {
+            let m = meter(&pool);
+            m.gate_close(rt::Signal::new());
+            let mut s = scan();
+            let mut passed = 0;
+            for chunk in stream.chunks(piece) {
+                let n = s.advance(chunk, &m, &cx);
+                passed += n;
+                if n < chunk.len() {
+                    break;
+                }
+            }
+            assert_eq!(passed, at, "piece {piece}");
+            assert!(m.close_held());
+            // Asked again (the stash path), it still holds.
+            assert_eq!(s.advance(&stream[at..], &m, &cx), 0);
+            m.release_close();
+            assert!(!m.close_held());
+            assert_eq!(s.advance(&stream[at..], &m, &cx), stream.len() - at);
+        }
     }
 
     fn scan() -> Scan {
