@@ -819,6 +819,13 @@ fn console_end_to_end_in_headless_chromium() {
     // margins above and below it.
     assert!(land * 100 >= area * 5, "land {land} of {area} pixels");
     assert!(water * 100 >= area * 30, "water {water} of {area} pixels");
+    // Open sea where a ring crossing the antimeridian, drawn naively, would lay a sliver of
+    // land across the map (Russia's at about 66°N, Fiji's at about 17°S).
+    for (lat, lon) in [(67.0, -5.0), (-17.0, -125.0)] {
+        let (x, y) = page.map_point(lat, lon);
+        let px = shot.count(WATER_RGB, 3, (x as usize - 2, y as usize - 2, x as usize + 3, y as usize + 3));
+        assert_eq!(px, 25, "not open sea at {lat}, {lon} ({x}, {y})");
+    }
     let west = shot.count(LAND_RGB, 3, (m[0], m[1], mid, m[3]));
     assert!(
         west * 4 >= land / 2 && west < land,

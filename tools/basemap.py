@@ -15,8 +15,9 @@ share, i.e. land borders, without coastlines). A string encodes the positions as
 of 1/Q degree, lon then lat, the first position absolute and the rest as deltas; each integer is
 zigzag-mapped to >= 0 and written as 5-bit groups, least significant first, the sixth bit set on
 every group but the last, each group as one character of the base64url alphabet (the scheme of
-Google's encoded polylines with an alphabet safe in JSON, JavaScript and HTML). Positions that
-round to the previous one are dropped. Deterministic: the same input gives the same bytes.
+Google's encoded polylines with an alphabet safe in JSON, JavaScript and HTML). Longitudes are
+continuous along a ring, so a ring crossing the antimeridian reaches past 180 (at most 360 in
+magnitude). Positions that round to the previous one are dropped. Deterministic: the same input gives the same bytes.
 """
 
 import json
@@ -53,7 +54,25 @@ def ring_points(arcs, ring):
     for k, index in enumerate(ring):
         a = arc_points(arcs, index)
         pts.extend(a if k == 0 else a[1:])
-    return pts
+    return unwrap(pts)
+
+
+def unwrap(pts):
+    """The positions with longitudes made continuous: a ring that crosses the antimeridian
+    (Russia's with Chukotka, Fiji's) jumps from 180 to -180 in the source, which a flat map would
+    draw as a sliver across the whole world; here it goes on past 180 instead (the page draws
+    the basemap once per 360 degrees shown, so the part past 180 shows at -180 too)."""
+    out = []
+    shift = 0.0
+    for lon, lat in pts:
+        if out:
+            prev = out[-1][0]
+            while lon + shift - prev > 180:
+                shift -= 360
+            while lon + shift - prev < -180:
+                shift += 360
+        out.append((lon + shift, lat))
+    return out
 
 
 def polygons(geometry):
