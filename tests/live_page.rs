@@ -1,14 +1,17 @@
-//! The `/live` page on the real binary: it is served publicly with a strict Content-Security-Policy,
-//! and, opened in headless Chromium with an ops token while simulated devices move, it draws them
-//! and they visibly move (asserted on screenshots: pixels of the page's device-dot colour).
+//! The operator console (`/console`, also served at `/live`) on the real binary: it is served
+//! publicly with a strict Content-Security-Policy; opened in headless Chromium with an ops token
+//! while simulated devices move, it draws them and they visibly move (asserted on screenshots:
+//! pixels of the page's device-dot colour); and an operator's session is scripted end to end
+//! (token pasted, basemap, device list and search, details and track, a geofence drawn, saved,
+//! entered and edited, health figures, no console errors, no request off the origin).
 //!
 //! Chromium is driven over the DevTools protocol (`--remote-debugging-port`, spoken here with
 //! tungstenite) rather than with `chromium --screenshot --virtual-time-budget=..`: virtual time
 //! runs ahead of the wall clock while the page only waits on a live WebSocket, so such a
 //! screenshot is taken about two seconds after start whatever the budget, with only the first
 //! few events drawn and no way to take a second one later in the same page. Over the protocol
-//! the test waits (in real time) until the page reports what it drew, then takes two
-//! screenshots 1.5 s apart.
+//! the tests wait (in real time) until the page reports what it did, click and type with
+//! `Input.*` events as a user would, and take screenshots when there is something to see.
 //!
 //! Needs Debian's `chromium` (`apt-get install chromium`; another binary via `GEOBEAT_CHROMIUM`).
 //! Without it the browser test fails, unless `GEOBEAT_SKIP_CHROMIUM=1` is set.
@@ -41,6 +44,14 @@ const VIEWPORT: (u32, u32) = (1000, 700);
 /// instant on a busy 2-core machine have been seen to hang while joining their executors'
 /// channel meshes, see tests/subscribe.rs; not what these tests are about).
 static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The browser tests run one at a time: two Chromiums on a busy 2-core machine slow each other
+/// down several times over (seen: 12 s alone, 70 s side by side), for no added coverage.
+static BROWSING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_browser_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    BROWSING.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn start(dir: &Path) -> Server {
     let _one = STARTING.lock().unwrap_or_else(|p| p.into_inner());
@@ -281,7 +292,10 @@ impl Cdp {
             let Message::Text(text) = frame else { continue };
             let v: Value = serde_json::from_str(text.as_str()).expect("DevTools sends JSON");
             if v.get("method").is_some() {
-                assert!(self.events.len() < CDP_EVENTS_MAX, "too many DevTools events");
+                assert!(
+                    self.events.len() < CDP_EVENTS_MAX,
+                    "too many DevTools events"
+                );
                 self.events.push(v);
                 continue;
             }
@@ -438,7 +452,12 @@ impl Page<'_> {
         self.mouse("mousePressed", a.0, a.1, false);
         for k in 1..=steps {
             let f = f64::from(k) / f64::from(steps);
-            self.mouse("mouseMoved", a.0 + (b.0 - a.0) * f, a.1 + (b.1 - a.1) * f, true);
+            self.mouse(
+                "mouseMoved",
+                a.0 + (b.0 - a.0) * f,
+                a.1 + (b.1 - a.1) * f,
+                true,
+            );
         }
         self.mouse("mouseReleased", b.0, b.1, false);
     }
@@ -466,8 +485,11 @@ impl Page<'_> {
 
     /// Types `text` into the focused element (as an input method would: `input` events fire).
     fn type_text(&mut self, text: &str) {
-        self.cdp
-            .call("Input.insertText", json!({"text": text}), Some(&self.session));
+        self.cdp.call(
+            "Input.insertText",
+            json!({"text": text}),
+            Some(&self.session),
+        );
     }
 
     /// Where the page's map shows (lat, lon), from the view the page publishes on the canvas
@@ -537,7 +559,12 @@ impl Image {
 
     /// Pixels of colour `rgb` (each channel within `tolerance`) inside the box
     /// `x0..x1, y0..y1` (viewport pixels).
-    fn count(&self, rgb: [u8; 3], tolerance: u8, (x0, y0, x1, y1): (usize, usize, usize, usize)) -> usize {
+    fn count(
+        &self,
+        rgb: [u8; 3],
+        tolerance: u8,
+        (x0, y0, x1, y1): (usize, usize, usize, usize),
+    ) -> usize {
         let mut n = 0;
         for y in y0..y1.min(self.height) {
             for x in x0..x1.min(self.width) {
@@ -583,6 +610,7 @@ fn live_page_draws_moving_devices_in_headless_chromium() {
              this test"
         );
     }
+    let _one = one_browser_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let mut server = start(dir.path());
     let ops = server.token(&["ops"]);
@@ -698,7 +726,10 @@ fn stored_corners(server: &Server, ops: &str, name: &str) -> Vec<(f64, f64)> {
     let (st, body) = server.get(&format!("/v1/geofences/{name}"), Some(ops));
     assert_eq!(st, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
-    let ring = v["shape"]["coordinates"][0].as_array().expect("a polygon").clone();
+    let ring = v["shape"]["coordinates"][0]
+        .as_array()
+        .expect("a polygon")
+        .clone();
     assert_eq!(ring.first(), ring.last(), "closed ring: {body}");
     ring[..ring.len() - 1]
         .iter()
@@ -750,6 +781,7 @@ fn console_end_to_end_in_headless_chromium() {
     if !need_chromium("the console test") {
         return;
     }
+    let _one = one_browser_at_a_time();
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
@@ -779,11 +811,18 @@ fn console_end_to_end_in_headless_chromium() {
         page.eval("sessionStorage.getItem('geobeat.token')"),
         json!(ops)
     );
-    assert_eq!(page.eval("document.getElementById('token').value"), json!(""));
+    assert_eq!(
+        page.eval("document.getElementById('token').value"),
+        json!("")
+    );
 
     // 2. The device list shows every device with its last-seen age; the search narrows it.
     let rows = "document.querySelectorAll('#devlist li[data-id]').length";
-    page.wait_js("the device list", secs(10), &format!("{rows} === {DEVICES}"));
+    page.wait_js(
+        "the device list",
+        secs(10),
+        &format!("{rows} === {DEVICES}"),
+    );
     let ages = page.eval(
         "[...document.querySelectorAll('#devlist li[data-id] .age')].map((a) => a.textContent)",
     );
@@ -823,7 +862,16 @@ fn console_end_to_end_in_headless_chromium() {
     // land across the map (Russia's at about 66°N, Fiji's at about 17°S).
     for (lat, lon) in [(67.0, -5.0), (-17.0, -125.0)] {
         let (x, y) = page.map_point(lat, lon);
-        let px = shot.count(WATER_RGB, 3, (x as usize - 2, y as usize - 2, x as usize + 3, y as usize + 3));
+        let px = shot.count(
+            WATER_RGB,
+            3,
+            (
+                x as usize - 2,
+                y as usize - 2,
+                x as usize + 3,
+                y as usize + 3,
+            ),
+        );
         assert_eq!(px, 25, "not open sea at {lat}, {lon} ({x}, {y})");
     }
     let west = shot.count(LAND_RGB, 3, (m[0], m[1], mid, m[3]));
@@ -841,7 +889,10 @@ fn console_end_to_end_in_headless_chromium() {
     );
     let details = page.eval("document.getElementById('details').textContent");
     let details = details.as_str().unwrap();
-    assert!(details.contains("live-3") && details.contains("25.2 km/h"), "{details}");
+    assert!(
+        details.contains("live-3") && details.contains("25.2 km/h"),
+        "{details}"
+    );
     let track = page.eval("Number(document.getElementById('details').dataset.track)");
     assert!(track.as_u64().unwrap() >= 10, "track of {track} positions");
     std::thread::sleep(Duration::from_millis(300));
@@ -854,13 +905,19 @@ fn console_end_to_end_in_headless_chromium() {
     std::thread::sleep(Duration::from_millis(1000));
     let pos = page.eval("Number(document.getElementById('replaypos').value)");
     let pos = pos.as_u64().unwrap();
-    assert!((50..950).contains(&pos), "replay position {pos} after 1 s of 6");
+    assert!(
+        (50..950).contains(&pos),
+        "replay position {pos} after 1 s of 6"
+    );
 
     // 5. Draw a geofence with clicks on the map and save it.
     page.click_on("#fit");
     std::thread::sleep(Duration::from_millis(1500));
     page.click_on("#drawfence");
-    let corners: Vec<(f64, f64)> = FENCE_BOX.iter().map(|&(lat, lon)| page.map_point(lat, lon)).collect();
+    let corners: Vec<(f64, f64)> = FENCE_BOX
+        .iter()
+        .map(|&(lat, lon)| page.map_point(lat, lon))
+        .collect();
     for &(x, y) in &corners {
         page.click_at(x, y);
     }
@@ -882,26 +939,36 @@ fn console_end_to_end_in_headless_chromium() {
     let stored = stored_corners(&server, &ops, "yard-1");
     assert_eq!(stored.len(), 4, "{stored:?}");
     for c in FENCE_BOX {
-        assert!(has_corner(&stored, c, 0.001), "corner {c:?} not in {stored:?}");
+        assert!(
+            has_corner(&stored, c, 0.001),
+            "corner {c:?} not in {stored:?}"
+        );
     }
     page.wait_js(
         "a fence event",
         secs(20),
         "document.querySelector('#fences li[data-fence=\"yard-1\"][data-event=\"enter\"]') !== null",
     );
-    let event = page.eval(
-        "document.querySelector('#fences li[data-fence=\"yard-1\"]').textContent",
-    );
+    let event =
+        page.eval("document.querySelector('#fences li[data-fence=\"yard-1\"]').textContent");
     assert!(event.as_str().unwrap().contains("live-"), "{event}");
     let shot = page.screenshot("console_fence.png");
     // Inside the fence, the land under its translucent fill: most of its pixels (devices,
     // trails, the track and the grid cross parts of it).
     let (x0, y1) = page.map_point(FENCE_BOX[0].0, FENCE_BOX[0].1);
     let (x1, y0) = page.map_point(FENCE_BOX[2].0, FENCE_BOX[2].1);
-    let inner = (x0 as usize + 3, y0 as usize + 3, x1 as usize - 3, y1 as usize - 3);
+    let inner = (
+        x0 as usize + 3,
+        y0 as usize + 3,
+        x1 as usize - 3,
+        y1 as usize - 3,
+    );
     let inner_area = (inner.2 - inner.0) * (inner.3 - inner.1);
     let filled = shot.count(FENCE_FILL_ON_LAND_RGB, 3, inner);
-    assert!(filled * 10 >= inner_area * 6, "{filled} of {inner_area} pixels inside the fence filled");
+    assert!(
+        filled * 10 >= inner_area * 6,
+        "{filled} of {inner_area} pixels inside the fence filled"
+    );
 
     // 6. Edit it: drag its north-east corner and save.
     page.click_on("#fencelist li[data-name='yard-1'] button[data-action='edit']");
@@ -919,7 +986,10 @@ fn console_end_to_end_in_headless_chromium() {
          && document.getElementById('messages').textContent.includes('replaced geofence yard-1')",
     );
     let stored = stored_corners(&server, &ops, "yard-1");
-    assert!(has_corner(&stored, moved_to, 0.002), "{moved_to:?} not in {stored:?}");
+    assert!(
+        has_corner(&stored, moved_to, 0.002),
+        "{moved_to:?} not in {stored:?}"
+    );
     assert!(!has_corner(&stored, FENCE_BOX[2], 0.002), "{stored:?}");
 
     // 7. Health numbers.
@@ -943,7 +1013,10 @@ fn console_end_to_end_in_headless_chromium() {
             "Runtime.exceptionThrown" => panic!("the page threw: {e}"),
             "Runtime.consoleAPICalled" => {
                 let kind = p["type"].as_str().unwrap_or("");
-                assert!(!["error", "warning", "assert"].contains(&kind), "console {kind}: {e}");
+                assert!(
+                    !["error", "warning", "assert"].contains(&kind),
+                    "console {kind}: {e}"
+                );
             }
             "Log.entryAdded" => {
                 let level = p["entry"]["level"].as_str().unwrap_or("");
@@ -956,7 +1029,10 @@ fn console_end_to_end_in_headless_chromium() {
             }
             "Network.webSocketCreated" => {
                 let url = p["url"].as_str().unwrap_or("");
-                assert!(url.starts_with(&ws_origin), "a socket off this origin: {url}");
+                assert!(
+                    url.starts_with(&ws_origin),
+                    "a socket off this origin: {url}"
+                );
             }
             _ => {}
         }
@@ -969,11 +1045,17 @@ fn console_end_to_end_in_headless_chromium() {
                     .is_some_and(|u| u.starts_with(&format!("{origin}{path}")))
         })
     };
-    for path in ["v1/devices/live-3/history", "v1/stats", "v1/geofences/yard-1"] {
+    for path in [
+        "v1/devices/live-3/history",
+        "v1/stats",
+        "v1/geofences/yard-1",
+    ] {
         assert!(saw(path), "no request to /{path} among {requests}");
     }
     assert!(
-        events.iter().any(|e| e["method"] == "Network.webSocketCreated"),
+        events
+            .iter()
+            .any(|e| e["method"] == "Network.webSocketCreated"),
         "no subscription socket"
     );
 

@@ -17,7 +17,8 @@ zigzag-mapped to >= 0 and written as 5-bit groups, least significant first, the 
 every group but the last, each group as one character of the base64url alphabet (the scheme of
 Google's encoded polylines with an alphabet safe in JSON, JavaScript and HTML). Longitudes are
 continuous along a ring, so a ring crossing the antimeridian reaches past 180 (at most 360 in
-magnitude). Positions that round to the previous one are dropped. Deterministic: the same input gives the same bytes.
+magnitude). Positions that round to the previous one are dropped. Deterministic: the same input
+gives the same bytes.
 """
 
 import json

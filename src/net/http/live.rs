@@ -110,13 +110,21 @@ mod tests {
         assert!(!csp.contains("unsafe"), "{csp}");
         assert_eq!(page.matches("<script").count(), 1);
         assert_eq!(page.matches("<style").count(), 1);
-        for banned in [" src=", " href=", "url(", "@import", "http://", "https://", " style="] {
-            assert!(!page.contains(banned), "the console page contains {banned:?}");
+        for banned in [
+            " src=", " href=", "url(", "@import", "http://", "https://", " style=",
+        ] {
+            assert!(
+                !page.contains(banned),
+                "the console page contains {banned:?}"
+            );
         }
         // No inline event handler attributes (` onclick=` ..): the CSP would block them.
         let handler = page.match_indices(" on").find(|(i, _)| {
             let rest = &page[i + 3..];
-            let letters = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_lowercase()).len();
+            let letters = rest.len()
+                - rest
+                    .trim_start_matches(|c: char| c.is_ascii_lowercase())
+                    .len();
             letters > 0 && rest[letters..].starts_with('=')
         });
         assert!(handler.is_none(), "inline handler at {handler:?}");
@@ -152,7 +160,11 @@ mod tests {
                         shift += 5;
                         continue;
                     }
-                    nums.push(if acc & 1 == 1 { -(acc + 1) / 2 } else { acc / 2 });
+                    nums.push(if acc & 1 == 1 {
+                        -(acc + 1) / 2
+                    } else {
+                        acc / 2
+                    });
                     (acc, shift) = (0, 0);
                 }
                 assert_eq!(shift, 0, "{kind}: a line ends inside a number");
@@ -160,7 +172,10 @@ mod tests {
                 let (mut x, mut y) = (0, 0);
                 for p in nums.chunks(2) {
                     (x, y) = (x + p[0], y + p[1]);
-                    assert!(x.abs() <= 360 * q && y.abs() <= 90 * q, "{kind}: ({x}, {y})");
+                    assert!(
+                        x.abs() <= 360 * q && y.abs() <= 90 * q,
+                        "{kind}: ({x}, {y})"
+                    );
                 }
             }
         }
