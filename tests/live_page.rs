@@ -775,8 +775,9 @@ fn console_end_to_end_in_headless_chromium() {
     // halves of the map); clicking a device shows its details and draws its track from the
     // history API (screenshot: track colour); a polygon drawn by clicks on the map and saved is
     // stored (GET /v1/geofences/{name} has the clicked corners) and drawn, a device entering it
-    // shows up in the fence events, and dragging one of its corners in edit mode and saving
-    // moves the stored corner; the health panel shows a positive heartbeat rate. Throughout,
+    // shows up in the fence events, dragging one of its corners in edit mode and saving moves
+    // the stored corner, and deleting it (two clicks) removes it; the health panel shows a
+    // positive heartbeat rate. Throughout,
     // the page logs no error or warning, throws nothing, and requests nothing but this origin.
     if !need_chromium("the console test") {
         return;
@@ -992,7 +993,23 @@ fn console_end_to_end_in_headless_chromium() {
     );
     assert!(!has_corner(&stored, FENCE_BOX[2], 0.002), "{stored:?}");
 
-    // 7. Health numbers.
+    // 7. Delete it: two clicks on its delete button (the first only arms it).
+    let delete = "#fencelist li[data-name='yard-1'] button[data-action$='delete']";
+    page.click_on(delete);
+    assert_eq!(
+        server.get("/v1/geofences/yard-1", Some(&ops)).0,
+        200,
+        "one click deletes nothing"
+    );
+    page.click_on(delete);
+    page.wait_js(
+        "the fence gone from the list",
+        secs(10),
+        "document.querySelector('#fencelist li[data-name=\"yard-1\"]') === null",
+    );
+    assert_eq!(server.get("/v1/geofences/yard-1", Some(&ops)).0, 404);
+
+    // 8. Health numbers.
     page.wait_js(
         "health figures",
         secs(10),
@@ -1004,7 +1021,7 @@ fn console_end_to_end_in_headless_chromium() {
     let ack = page.eval("document.getElementById('h-ack').textContent");
     assert!(ack.as_str().unwrap().contains(" ms"), "{ack}");
 
-    // 8. Nothing went wrong, and nothing left this origin.
+    // 9. Nothing went wrong, and nothing left this origin.
     let events = page.events();
     let mut requests = 0;
     for e in &events {
