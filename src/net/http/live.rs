@@ -62,10 +62,11 @@ pub fn content_security_policy() -> &'static str {
         let page = page_html();
         let script = inline_element(page, "script").expect("console.html has a <script>");
         let style = inline_element(page, "style").expect("console.html has a <style>");
-        // connect-src: 'self' covers fetch (the HTTP API); ws:/wss: cover the WebSocket for
-        // browsers that do not map 'self' to the ws schemes (CSP level 2).
+        // connect-src 'self' covers fetch (the HTTP API) and, in CSP level 3 (every current
+        // browser), the WebSocket to this host and port (ws: or wss: by the page's scheme); no
+        // other host, not even another WebSocket server, can be reached.
         format!(
-            "default-src 'none'; script-src {}; style-src {}; connect-src 'self' ws: wss:; \
+            "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; \
              img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
             hash_source(script),
             hash_source(style)
