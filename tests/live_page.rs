@@ -908,12 +908,15 @@ fn console_end_to_end_in_headless_chromium() {
     let track_px = shot.count(TRACK_RGB, 40, (m[0], m[1], m[2], m[3]));
     assert!(track_px >= 300, "{track_px} track pixels");
     page.click_on("#replay");
-    std::thread::sleep(Duration::from_millis(1000));
-    let pos = page.eval("Number(document.getElementById('replaypos').value)");
-    let pos = pos.as_u64().unwrap();
-    assert!(
-        (50..950).contains(&pos),
-        "replay position {pos} after 1 s of 6"
+    assert_eq!(
+        page.eval("document.getElementById('replaypos').value"),
+        json!("0")
+    );
+    page.wait_js(
+        "the replay under way",
+        secs(5),
+        "(v => v > 0 && v < 1000)(Number(document.getElementById('replaypos').value)) \
+         && document.getElementById('replaytime').textContent !== ''",
     );
 
     // 5. Draw a geofence with clicks on the map and save it.
