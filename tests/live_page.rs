@@ -783,7 +783,8 @@ fn console_end_to_end_in_headless_chromium() {
     // shows up in the fence events, dragging one of its corners in edit mode and saving moves
     // the stored corner, and deleting it (two clicks) removes it; the health panel shows a
     // positive heartbeat rate. Throughout,
-    // the page logs no error or warning, throws nothing, and requests nothing but this origin.
+    // the page logs no error or warning, throws nothing, and requests nothing but this origin;
+    // a reload finds the token again.
     if !need_chromium("the console test") {
         return;
     }
@@ -945,6 +946,11 @@ fn console_end_to_end_in_headless_chromium() {
         "document.querySelector('#fencelist li[data-name=\"yard-1\"]') !== null \
          && Number(document.getElementById('fences').dataset.watching) >= 1",
     );
+    let (st, list) = server.get("/v1/geofences", Some(&ops));
+    assert_eq!(
+        (st, list.as_str()),
+        (200, r#"{"fences":[{"name":"yard-1"}]}"#)
+    );
     let stored = stored_corners(&server, &ops, "yard-1");
     assert_eq!(stored.len(), 4, "{stored:?}");
     for c in FENCE_BOX {
@@ -1029,7 +1035,25 @@ fn console_end_to_end_in_headless_chromium() {
     let ack = page.eval("document.getElementById('h-ack').textContent");
     assert!(ack.as_str().unwrap().contains(" ms"), "{ack}");
 
-    // 9. Nothing went wrong, and nothing left this origin.
+    // 9. The token outlives a reload of the tab (sessionStorage), not pasted again. (The mark
+    // tells the old document from the new one.)
+    page.eval("window.beforeReload = true");
+    let nav = page.cdp.call(
+        "Page.navigate",
+        json!({"url": format!("{origin}console")}),
+        Some(&page.session),
+    );
+    assert!(nav.get("errorText").is_none(), "{nav}");
+    page.wait_js(
+        "connected after a reload",
+        secs(20),
+        &format!(
+            "window.beforeReload === undefined && (s => s !== null && s.dataset.state === \
+             'connected' && s.dataset.devices === '{DEVICES}')(document.getElementById('status'))"
+        ),
+    );
+
+    // 10. Nothing went wrong, and nothing left this origin.
     let events = page.events();
     let mut requests = 0;
     for e in &events {
