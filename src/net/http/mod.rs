@@ -1,6 +1,6 @@
 //! The HTTP endpoints served beside the WebSocket upgrades on the same listener: one file per
-//! resource ([`devices`], [`fences`], [`ops`]; the `/live` page in [`live`]; the phone apps'
-//! ingest in [`osmand`] and [`owntracks`], sharing [`device_apps`]), each parsing a
+//! resource ([`devices`], [`fences`], [`ops`]; the operator console page in [`live`]; the phone
+//! apps' ingest in [`osmand`] and [`owntracks`], sharing [`device_apps`]), each parsing a
 //! request into a command and then applying it (tokio-rs/mini-redis `src/cmd/`). This module
 //! routes a request to its resource and owns [`Response`]; tokens are checked by
 //! [`crate::net::auth`], reads of a device's state are answered by the executor that owns its

@@ -1,5 +1,5 @@
 //! The operator endpoints: `/metrics` (Prometheus and OpenMetrics), `/v1/stats`, `/v1/sinks`,
-//! `/healthz`, `/readyz`, `/openapi.json` and the `/live` page. Parsed into an [`Ops`] command
+//! `/healthz`, `/readyz`, `/openapi.json` and the operator console page (`/console`, `/live`). Parsed into an [`Ops`] command
 //! (method, token), then applied: metrics and stats gather every executor's snapshot over the
 //! control mesh (never behind appends).
 //!
@@ -29,7 +29,7 @@ pub enum Ops {
     },
     /// `GET /openapi.json`.
     OpenApi,
-    /// `GET /live`.
+    /// `GET /console` (also at `/live`).
     Live,
     /// `GET /v1/sinks`.
     Sinks,
@@ -52,7 +52,7 @@ impl Ops {
                 (Ops::Metrics { openmetrics }, false)
             }
             "/openapi.json" => (Ops::OpenApi, false),
-            "/live" => (Ops::Live, false),
+            "/live" | "/console" => (Ops::Live, false),
             "/v1/sinks" => (Ops::Sinks, true),
             "/v1/stats" => (Ops::Stats, true),
             "/healthz" => (Ops::Health, false),
@@ -79,7 +79,7 @@ impl Ops {
             Ops::Live => Response {
                 status: 200,
                 content_type: live::content_type_and_headers(),
-                body: live::PAGE_HTML.to_owned(),
+                body: live::page_html().to_owned(),
             },
             Ops::Sinks => {
                 let rows = shared
