@@ -114,7 +114,12 @@ impl HistoryCursor {
         use base64::Engine as _;
         let mut b = Vec::with_capacity(CURSOR_BYTES);
         b.push(CURSOR_VERSION);
-        for v in [self.snapshot.0, self.resume.0, self.after.0 as u64, self.after.1] {
+        for v in [
+            self.snapshot.0,
+            self.resume.0,
+            self.after.0 as u64,
+            self.after.1,
+        ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
         b.extend_from_slice(&self.from.to_le_bytes());
@@ -404,10 +409,7 @@ mod page_tests {
         let c = page.next.unwrap();
         let text = c.encode("a");
         assert_eq!(HistoryCursor::decode(&text, "a"), Ok(c));
-        assert_eq!(
-            HistoryCursor::decode(&text, "b"),
-            Err(CursorError::Foreign)
-        );
+        assert_eq!(HistoryCursor::decode(&text, "b"), Err(CursorError::Foreign));
         for i in 0..text.len() {
             let mut t = text.clone().into_bytes();
             t[i] = if t[i] == b'A' { b'B' } else { b'A' };
