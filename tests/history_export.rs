@@ -130,7 +130,7 @@ fn export(server: &Server, token: &str, format: &str, window: &str, file: &Path)
     cmd.args(["query", "--url", &format!("http://{}", server.addr)])
         .args(["--token", token, "history", DEVICE, "--format", format])
         .args(window.split(' '))
-        .args(["--limit", "3000", "--out", &file.display().to_string()])
+        .args(["--limit", "6000", "--out", &file.display().to_string()])
         .env("GEOBEAT_QUERY_CONFIG", "")
         .env("HOME", &server.dir);
     run(
@@ -188,10 +188,33 @@ fn paging_and_exports_of_100k_heartbeats() {
     assert_eq!(got.len(), COUNT);
     let first_diff = got.iter().zip(&expected).position(|(a, b)| a != b);
     assert_eq!(first_diff, None, "pages differ from the expected order");
-    // A new paging sees the heartbeats that arrived during the last one.
-    let again = page_all(&server, &ops, "", || {});
-    assert_eq!(again.len(), COUNT + 2 * n);
-    assert_eq!(again[0], COUNT + 2 * n, "the newest is the last sent");
+    // A new paging sees the heartbeats that arrived during the last one: the new ones first,
+    // the late ones in their place.
+    let (st, body) = history_page(&server, DEVICE, "limit=100&cursor=", &ops);
+    assert_eq!(st, 200, "{body}");
+    let first: Vec<usize> = serde_json::from_str::<Value>(&body).unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["acc"].as_f64().unwrap() as usize)
+        .collect();
+    let new_ones: Vec<usize> = (1..=n).rev().map(|k| COUNT + 2 * k).collect();
+    assert_eq!(first[..n], new_ones[..]);
+    let late_ts = base + 50_000 * 600 + 1;
+    let (_, body) = history_page(
+        &server,
+        DEVICE,
+        &format!("from={late_ts}&to={late_ts}"),
+        &ops,
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&body)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        n
+    );
 
     // A window, paged: the same heartbeats as the window of the expected order.
     let (from, to) = (base + 20_000 * 600, base + 32_000 * 600 - 1);
@@ -246,6 +269,18 @@ fn paging_and_exports_of_100k_heartbeats() {
         &ops,
     );
     assert_eq!(st, 200, "{body}");
+    // The page carries what docs/openapi.json's HistoryPage requires.
+    let doc: Value = serde_json::from_str(geobeat::net::http::OPENAPI_JSON).unwrap();
+    let page: Value = serde_json::from_str(&body).unwrap();
+    for k in doc["components"]["schemas"]["HistoryPage"]["required"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(
+            page.get(k.as_str().unwrap()).is_some(),
+            "{k} missing: {body}"
+        );
+    }
     // Old clients: no cursor, no format: the plain array, default limit.
     let (st, body) = history_page(&server, DEVICE, "", &ops);
     assert_eq!(st, 200);
@@ -275,8 +310,27 @@ fn paging_and_exports_of_100k_heartbeats() {
     assert!(body.contains(r#"lon="-180""#), "{body}");
     std::fs::write(&page, &body).unwrap();
     xmllint(&page);
+    // An id with XML and CSV specials is escaped and quoted.
+    let odd = r#"hx-&<q>,"'"#;
+    ws2.send(Message::text(
+        r#"{"seq":2,"id":"hx-&<q>,\"'","lat":1,"lon":2,"ts":TS}"#
+            .replace("TS", &now_ms().to_string()),
+    ))
+    .unwrap();
+    assert!(wait_ack(&mut ws2, 2).is_empty());
+    let (st, body) = history_page(&server, odd, "format=gpx", &ops);
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        body.contains("<name>hx-&amp;&lt;q&gt;,&quot;&apos;</name>"),
+        "{body}"
+    );
+    std::fs::write(&page, &body).unwrap();
+    xmllint(&page);
+    let (st, body) = history_page(&server, odd, "format=csv", &ops);
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("\r\n\"hx-&<q>,\"\"'\","), "{body}");
 
-    // The exports of the window, each spliced from 4 pages of 3,000 by the command line.
+    // The exports of the window, each spliced from 2 pages of 6,000 by the command line.
     let window_args = format!("--from {from} --to {to}");
     let gpx = tmp.path().join("w.gpx");
     let said = export(&server, &ops, "gpx", &window_args, &gpx);
