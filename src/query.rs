@@ -203,15 +203,25 @@ impl HistoryPage {
 pub enum PageError {
     /// This shard has never stored the device.
     UnknownDevice,
-    /// The cursor's resume position holds another device's entry (a cursor made up, or of
-    /// another device that passed the check by chance): refused, nothing read.
+    /// The cursor's resume position holds another device's entry, or none (a cursor made up, or
+    /// of another device that passed the check by chance): refused, nothing read.
     Foreign,
+    /// Retention deleted the segment holding the cursor's resume position since the previous
+    /// page: the rest of this paging is gone (a new paging starts at the oldest retained entry).
+    Expired,
 }
 
 /// Up to `limit` (≥ 1) heartbeats of `device_id` with device time in `[from, to]`, newest first
 /// by `(device time, log position)`: the first page without a cursor, else the page after
 /// `cursor` (whose `from`/`to` the caller checked against the request's). Memory: `limit`
 /// candidates; the walk starts at the cursor's resume position and stops as [`history`]'s does.
+///
+/// Work: the walk reads the chain from the resume position until no older entry can qualify,
+/// a bound from receive times (device time is at most `TS_FUTURE_MS_MAX` after receive time).
+/// Where a device's heartbeats arrived over more than about ten minutes that is about `limit`
+/// entries plus the ten minutes' worth; heartbeats that all arrived within minutes (a bulk
+/// upload) give no bound, and each page then reads the rest of the chain (there is no index by
+/// device time to jump to).
 pub fn history_page(
     store: &ShardStore,
     device_id: &str,
@@ -224,7 +234,13 @@ pub fn history_page(
     store.last(device_id).ok_or(PageError::UnknownDevice)?;
     let (mut chain, upper) = match cursor {
         None => (store.chain(device_id), (i64::MAX, u64::MAX)),
-        Some(c) => (store.log().chain(c.resume), c.after),
+        Some(c) if c.resume < store.log().first_pos() => return Err(PageError::Expired),
+        Some(c) => {
+            if store.log().read(c.resume).is_none() {
+                return Err(PageError::Foreign);
+            }
+            (store.log().chain(c.resume), c.after)
+        }
     };
     let mut best: BinaryHeap<Reverse<(i64, u64)>> = BinaryHeap::with_capacity(limit.min(1024) + 1);
     // The newest-arrival candidate pushed out of `best` (left for a later page).
@@ -431,6 +447,57 @@ mod page_tests {
         assert_eq!(
             history_page(&store, "zz", i64::MIN, i64::MAX, None, 3).unwrap_err(),
             PageError::UnknownDevice
+        );
+        // A position inside an entry is no entry.
+        let inside = HistoryCursor {
+            resume: LogPos(c.resume.0 + 1),
+            ..c
+        };
+        assert_eq!(
+            history_page(&store, "a", i64::MIN, i64::MAX, Some(&inside), 3).unwrap_err(),
+            PageError::Foreign
+        );
+    }
+
+    #[test]
+    fn a_cursor_into_segments_retention_deleted_has_expired() {
+        // Pages of a device whose oldest segments retention deletes between two pages: the
+        // cursor that continues inside them is refused as expired, not answered as the end.
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = StoreConfig::new(dir.path(), ShardId(0));
+        cfg.segment_bytes = crate::limits::SEGMENT_BYTES_MIN;
+        let (mut store, _) = ShardStore::open(&cfg).unwrap();
+        let base = 1_800_000_000_000i64;
+        let first = store.append(&hb("a", base, base)).unwrap();
+        let mut i = 1;
+        while store.stats().segments < 3 {
+            store.append(&hb("a", base + i, base + i)).unwrap();
+            i += 1;
+        }
+        let page = history_page(&store, "a", i64::MIN, i64::MAX, None, 5).unwrap();
+        let deep = HistoryCursor {
+            resume: first,
+            after: (base + 1, first.0 + 1),
+            ..page.next.unwrap()
+        };
+        assert_eq!(
+            history_page(&store, "a", i64::MIN, i64::MAX, Some(&deep), 5)
+                .unwrap()
+                .items
+                .len(),
+            1
+        );
+        let later =
+            std::time::SystemTime::now() + std::time::Duration::from_secs(86_400 * 365 * 30);
+        assert!(
+            store
+                .delete_expired(later, std::time::Duration::ZERO)
+                .unwrap()
+                > 0
+        );
+        assert_eq!(
+            history_page(&store, "a", i64::MIN, i64::MAX, Some(&deep), 5).unwrap_err(),
+            PageError::Expired
         );
     }
 }

@@ -269,6 +269,33 @@ fn paging_and_exports_of_100k_heartbeats() {
         &ops,
     );
     assert_eq!(st, 200, "{body}");
+    // Every CSV row's cursor continues right after that row.
+    let (st, body) = history_page(&server, DEVICE, "format=csv&limit=5", &ops);
+    assert_eq!(st, 200, "{body}");
+    let rows: Vec<(usize, &str)> = body
+        .split("\r\n")
+        .skip(1)
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            let acc = r.split(',').nth(8).unwrap().parse().unwrap();
+            (acc, r.rsplit_once(',').unwrap().1)
+        })
+        .collect();
+    assert_eq!(rows.len(), 5, "{body}");
+    let (_, body) = history_page(
+        &server,
+        DEVICE,
+        &format!("limit=2&cursor={}", rows[1].1),
+        &ops,
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let after: Vec<usize> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["acc"].as_f64().unwrap() as usize)
+        .collect();
+    assert_eq!(after, [rows[2].0, rows[3].0], "{body}");
     // The page carries what docs/openapi.json's HistoryPage requires.
     let doc: Value = serde_json::from_str(geobeat::net::http::OPENAPI_JSON).unwrap();
     let page: Value = serde_json::from_str(&body).unwrap();

@@ -415,6 +415,10 @@ async fn history_page(
             "cursor is damaged or belongs to another device or query",
             "cursor",
         ),
+        Some(Err(PageError::Expired)) => Response::error(
+            410,
+            "retention deleted the heartbeats this cursor continues from; start a new paging",
+        ),
         None => Response::error(503, "shard unavailable"),
     }
 }
