@@ -6,6 +6,11 @@
 //! the rendering of answers. It does not know the server's internals: it speaks only the public
 //! HTTP API and the subscription protocol (docs/openapi.json, docs/PROTOCOL.md).
 //!
+//! `geobeat query history <ID> --format geojson|gpx|csv [--out FILE]` exports a device's whole
+//! history: it follows the server's cursor page by page and splices the pages into one document
+//! as they arrive, so it holds one page at a time (plus, for GeoJSON, the track's coordinates:
+//! 16 bytes a heartbeat, for the LineString written last).
+//!
 //! Invariant: every failure is one line naming the problem and the fix, with exit status 2 for
 //! usage (no token, a bad URL) and 1 for everything the server or the network answered.
 
@@ -69,9 +74,17 @@ pub enum Query {
         /// Newest device time, ms since the Unix epoch.
         #[arg(long)]
         to: Option<i64>,
-        /// Most rows.
+        /// Most rows (with --format: heartbeats per page asked of the server) [default: 1000;
+        /// with --format: 10000]
         #[arg(long)]
         limit: Option<usize>,
+        /// Export every heartbeat in the range (following the server's cursor to the end) as
+        /// one GeoJSON, GPX or CSV document, newest first
+        #[arg(long, value_enum)]
+        format: Option<ExportFormat>,
+        /// Write the export to FILE instead of standard output
+        #[arg(long, value_name = "FILE", requires = "format")]
+        out: Option<PathBuf>,
     },
     /// Devices whose last location is in a box.
     Bbox {
@@ -117,6 +130,17 @@ pub enum Query {
     /// status 0 when it is, 1 with its answer when not. For container and orchestrator health
     /// checks (the image has no curl).
     Ready,
+}
+
+/// The document formats of `geobeat query history --format`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// A GeoJSON FeatureCollection: a Point per heartbeat, then a LineString of the track.
+    Geojson,
+    /// GPX 1.1: one track, one segment.
+    Gpx,
+    /// CSV with a header row (RFC 4180).
+    Csv,
 }
 
 /// Why `geobeat query` failed.
@@ -308,6 +332,13 @@ impl Target {
     /// `GET base + path_and_query` with the token (if any): the parsed JSON body of a 2xx
     /// answer.
     fn get(&self, path_and_query: &str) -> Result<Value, QueryError> {
+        let body = self.get_text(path_and_query)?;
+        serde_json::from_str(&body)
+            .map_err(|_| QueryError::Network("the answer is not JSON".into()))
+    }
+
+    /// `GET base + path_and_query` with the token (if any): the body of a 2xx answer.
+    fn get_text(&self, path_and_query: &str) -> Result<String, QueryError> {
         let mut stream = self.connect()?;
         let auth = if self.token.is_empty() {
             String::new()
@@ -341,10 +372,11 @@ impl Target {
         };
         let status = resp.code.unwrap_or(0);
         let body = &answer[head..];
-        let json: Option<Value> = serde_json::from_slice(body).ok();
         if (200..300).contains(&status) {
-            return json.ok_or_else(|| QueryError::Network("the answer is not JSON".into()));
+            return String::from_utf8(body.to_vec())
+                .map_err(|_| QueryError::Network("the answer is not UTF-8".into()));
         }
+        let json: Option<Value> = serde_json::from_slice(body).ok();
         let message = json
             .as_ref()
             .and_then(|v| v.get("error"))
@@ -381,7 +413,34 @@ pub fn run_with(
             id,
             from,
             to,
+            limit,
+            format: Some(format),
+            out: path,
+        } => {
+            let page = limit.unwrap_or(crate::limits::QUERY_LIMIT_MAX);
+            return match path {
+                None => export(&target, id, *from, *to, page, *format, out).map(drop),
+                Some(p) => {
+                    let file = std::fs::File::create(p).map_err(|e| {
+                        QueryError::Usage(format!("cannot create {}: {e}", p.display()))
+                    })?;
+                    let mut w = std::io::BufWriter::new(file);
+                    let n = export(&target, id, *from, *to, page, *format, &mut w)?;
+                    w.flush().map_err(|e| {
+                        QueryError::Network(format!("writing {}: {e}", p.display()))
+                    })?;
+                    writeln!(out, "exported {n} heartbeats of {id} to {}", p.display())
+                        .map_err(|e| QueryError::Network(format!("writing the answer: {e}")))
+                }
+            };
+        }
+        Query::History {
+            id,
+            from,
+            to,
             limit: l,
+            format: None,
+            out: _,
         } => {
             let mut q = String::new();
             if let Some(f) = from {
@@ -427,8 +486,177 @@ pub fn run_with(
     writeln!(out, "{text}").map_err(|e| QueryError::Network(format!("writing the answer: {e}")))
 }
 
-/// `ts`-style milliseconds as an RFC 3339 UTC time.
-fn iso_ms(ms: i64) -> String {
+/// Exports `id`'s history in `[from, to]` as one `format` document to `out`, asking the server
+/// for pages of `page` heartbeats and following its cursor to the end; the number of heartbeats.
+fn export(
+    target: &Target,
+    id: &str,
+    from: Option<i64>,
+    to: Option<i64>,
+    page: usize,
+    format: ExportFormat,
+    out: &mut dyn Write,
+) -> Result<u64, QueryError> {
+    let name = match format {
+        ExportFormat::Geojson => "geojson",
+        ExportFormat::Gpx => "gpx",
+        ExportFormat::Csv => "csv",
+    };
+    let mut base = format!(
+        "/v1/devices/{}/history?format={name}&limit={page}",
+        encode(id)
+    );
+    if let Some(f) = from {
+        base.push_str(&format!("&from={f}"));
+    }
+    if let Some(t) = to {
+        base.push_str(&format!("&to={t}"));
+    }
+    let io = |e: std::io::Error| QueryError::Network(format!("writing the export: {e}"));
+    let broken = |what: &str| QueryError::Network(format!("the server's {name} page {what}"));
+    let mut cursor: Option<String> = None;
+    let mut count = 0u64;
+    // GeoJSON: the track's coordinates, for the LineString written after the points.
+    let mut track: Vec<[f64; 2]> = Vec::new();
+    let (mut newest, mut oldest) = (None, None);
+    loop {
+        let first = cursor.is_none();
+        let path = match &cursor {
+            None => base.clone(),
+            Some(c) => format!("{base}&cursor={}", encode(c)),
+        };
+        let body = target.get_text(&path)?;
+        let next = match format {
+            ExportFormat::Csv => {
+                let mut records = csv_records(&body);
+                let header = records.next().ok_or_else(|| broken("has no header"))?;
+                let header = header
+                    .strip_suffix(",cursor")
+                    .ok_or_else(|| broken("has no cursor column"))?;
+                if first {
+                    write!(out, "{header}\r\n").map_err(io)?;
+                }
+                let mut next = None;
+                for record in records {
+                    let (row, c) = record
+                        .rsplit_once(',')
+                        .ok_or_else(|| broken("has a row without a cursor"))?;
+                    write!(out, "{row}\r\n").map_err(io)?;
+                    count += 1;
+                    next = (!c.is_empty()).then(|| c.to_owned());
+                }
+                next
+            }
+            ExportFormat::Gpx => {
+                let open = "<trkseg>\n";
+                let start = body.find(open).ok_or_else(|| broken("has no track"))? + open.len();
+                let end = body
+                    .rfind("</trkseg>")
+                    .ok_or_else(|| broken("has no track"))?;
+                let next = body
+                    .split_once("<geobeat:next>")
+                    .and_then(|(_, rest)| rest.split_once("</geobeat:next>"))
+                    .map(|(c, _)| c.to_owned());
+                if first {
+                    // The header without the page's cursor.
+                    let head = &body[..start];
+                    let head = match &next {
+                        Some(c) => head.replace(
+                            &format!("<extensions><geobeat:next>{c}</geobeat:next></extensions>"),
+                            "",
+                        ),
+                        None => head.to_owned(),
+                    };
+                    out.write_all(head.as_bytes()).map_err(io)?;
+                }
+                let points = &body[start..end];
+                count += points.matches("<trkpt ").count() as u64;
+                out.write_all(points.as_bytes()).map_err(io)?;
+                next
+            }
+            ExportFormat::Geojson => {
+                let v: Value = serde_json::from_str(&body).map_err(|_| broken("is not JSON"))?;
+                if first {
+                    out.write_all(b"{\"type\":\"FeatureCollection\",\"features\":[\n")
+                        .map_err(io)?;
+                }
+                let features = v["features"]
+                    .as_array()
+                    .ok_or_else(|| broken("has no features"))?;
+                for f in features {
+                    if f["geometry"]["type"] != "Point" {
+                        continue;
+                    }
+                    let c = &f["geometry"]["coordinates"];
+                    let (Some(lon), Some(lat)) = (c[0].as_f64(), c[1].as_f64()) else {
+                        return Err(broken("has a point without coordinates"));
+                    };
+                    if count > 0 {
+                        out.write_all(b",\n").map_err(io)?;
+                    }
+                    out.write_all(f.to_string().as_bytes()).map_err(io)?;
+                    track.push([lon, lat]);
+                    let ts = f["properties"]["ts"].as_i64();
+                    newest = newest.or(ts);
+                    oldest = ts.or(oldest);
+                    count += 1;
+                }
+                v["next"].as_str().map(str::to_owned)
+            }
+        };
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    match format {
+        ExportFormat::Csv => {}
+        ExportFormat::Gpx => out.write_all(b"</trkseg></trk>\n</gpx>\n").map_err(io)?,
+        ExportFormat::Geojson => {
+            // A LineString needs two positions (RFC 7946 3.1.4).
+            if track.len() >= 2 {
+                let line = serde_json::json!({
+                    "type": "Feature",
+                    "geometry": {"type": "LineString", "coordinates": track},
+                    "properties": {"id": id, "track": true, "count": track.len(), "ts_newest": newest, "ts_oldest": oldest},
+                });
+                write!(out, "{}{line}", if count > 0 { ",\n" } else { "" }).map_err(io)?;
+            }
+            out.write_all(b"\n]}\n").map_err(io)?;
+        }
+    }
+    out.flush().map_err(io)?;
+    Ok(count)
+}
+
+/// The records of an RFC 4180 text (CRLF-separated, quoted fields may hold CR and LF), each
+/// without its line end.
+fn csv_records(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut quoted = false;
+        let b = rest.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'"' => quoted = !quoted,
+                b'\r' if !quoted && b.get(i + 1) == Some(&b'\n') => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        let record = &rest[..i];
+        rest = rest.get(i + 2..).unwrap_or("");
+        Some(record)
+    })
+}
+
+/// `ts`-style milliseconds as an RFC 3339 UTC time (also the `time` of the HTTP history
+/// exports, so the command line and the server write times alike).
+pub fn iso_ms(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -806,6 +1034,14 @@ mod tests {
         assert_eq!(iso_ms(1_732_200_000_123), "2024-11-21T14:40:00.123Z");
         assert_eq!(iso_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(iso_ms(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn csv_records_keep_quoted_line_ends() {
+        let text = "a,b\r\n1,\"x\r\ny,\"\"z\"\"\",c1\r\n2,,c2\r\n";
+        let got: Vec<&str> = csv_records(text).collect();
+        assert_eq!(got, ["a,b", "1,\"x\r\ny,\"\"z\"\"\",c1", "2,,c2"]);
+        assert_eq!(csv_records("").count(), 0);
     }
 
     #[test]

@@ -199,6 +199,10 @@ pub const QUERY_LIMIT_DEFAULT: usize = 1000;
 /// Largest `limit` a history or area query accepts (a larger one is a 400).
 pub const QUERY_LIMIT_MAX: usize = 10_000;
 const _: () = assert!(QUERY_LIMIT_DEFAULT <= QUERY_LIMIT_MAX);
+/// Longest `cursor` parameter of a history page (a cursor is 71 characters; longer text is
+/// refused before decoding). A page holds at most [`QUERY_LIMIT_MAX`] heartbeats in memory,
+/// whatever its format; exports larger than a page are paged, never held whole.
+pub const HISTORY_CURSOR_BYTES_MAX: usize = 128;
 
 /// Most storage sinks (`[[sinks]]`) one server drains its shard logs to.
 pub const SINKS_MAX: usize = 8;

@@ -6,6 +6,13 @@
 //! chain is in arrival order, so the walk keeps the best `limit` candidates and stops only when no
 //! older entry can still qualify: a stored heartbeat's device time is at most
 //! `TS_FUTURE_MS_MAX` after its receive time, and receive times fall along the chain.
+//!
+//! Paged history ([`history_page`], [`HistoryCursor`]) orders by the total key (device time, log
+//! position) and reads a **snapshot**: the first page fixes the chain head, and later pages walk
+//! only entries at or before it, strictly below the last key returned. So a paging client sees
+//! every entry of the snapshot exactly once, newest first, however many heartbeats arrive
+//! meanwhile (they belong to the next paging, not this one). A page holds at most `limit`
+//! entries in memory and starts its walk where the previous page left candidates, not at the head.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -59,6 +66,440 @@ pub fn history(
             .map(|e| e.hb.to_owned_heartbeat())
             .collect(),
     )
+}
+
+/// Where a page of a device's history continues: opaque to clients (see [`HistoryCursor::encode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryCursor {
+    /// The device's chain head when the first page was read: the paging's snapshot (every entry
+    /// it returns is at or before this position).
+    pub snapshot: LogPos,
+    /// The chain position the next walk starts from: every candidate not yet returned is at or
+    /// before it (at most `snapshot`).
+    pub resume: LogPos,
+    /// `(device time, log position)` of the last entry returned: the next page holds entries
+    /// strictly below it.
+    pub after: (i64, u64),
+    /// The query's device time range, ms, inclusive (a cursor is bound to it).
+    pub from: i64,
+    /// See `from`.
+    pub to: i64,
+}
+
+/// Version byte of the encoded cursor.
+const CURSOR_VERSION: u8 = 1;
+/// Bytes of an encoded cursor before base64: version, six 8-byte fields (snapshot, resume,
+/// after's time and position, from, to), check.
+const CURSOR_BYTES: usize = 1 + 6 * 8 + 4;
+const _: () = assert!(CURSOR_BYTES.div_ceil(3) * 4 <= crate::limits::HISTORY_CURSOR_BYTES_MAX);
+
+/// Why a cursor was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CursorError {
+    /// Not a cursor this server wrote (bad base64, length, version or check).
+    #[error("malformed cursor")]
+    Malformed,
+    /// A cursor of another device or another `from`/`to` range, or one damaged in a way only
+    /// the check finds (the two cannot be told apart).
+    #[error("cursor is damaged or belongs to another device or query")]
+    Foreign,
+}
+
+impl HistoryCursor {
+    /// The cursor as URL-safe text: base64url (no padding) of the fields, little-endian, followed
+    /// by a CRC32C over the device id and the fields. The check refuses truncated, altered and
+    /// other devices' cursors; it is not a secret (a reader holds a token for the device anyway,
+    /// and [`history_page`] reads only entries of the device whatever the positions say).
+    pub fn encode(&self, device_id: &str) -> String {
+        use base64::Engine as _;
+        let mut b = Vec::with_capacity(CURSOR_BYTES);
+        b.push(CURSOR_VERSION);
+        for v in [
+            self.snapshot.0,
+            self.resume.0,
+            self.after.0 as u64,
+            self.after.1,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&self.from.to_le_bytes());
+        b.extend_from_slice(&self.to.to_le_bytes());
+        let check = crc32c::crc32c_append(crc32c::crc32c(device_id.as_bytes()), &b);
+        b.extend_from_slice(&check.to_le_bytes());
+        debug_assert_eq!(b.len(), CURSOR_BYTES);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    }
+
+    /// Parses a cursor written by [`HistoryCursor::encode`] for `device_id`.
+    pub fn decode(text: &str, device_id: &str) -> Result<HistoryCursor, CursorError> {
+        use base64::Engine as _;
+        if text.len() > crate::limits::HISTORY_CURSOR_BYTES_MAX {
+            return Err(CursorError::Malformed);
+        }
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .map_err(|_| CursorError::Malformed)?;
+        if b.len() != CURSOR_BYTES || b[0] != CURSOR_VERSION {
+            return Err(CursorError::Malformed);
+        }
+        let body = &b[..CURSOR_BYTES - 4];
+        let check = u32::from_le_bytes(b[CURSOR_BYTES - 4..].try_into().expect("4 bytes"));
+        if crc32c::crc32c_append(crc32c::crc32c(device_id.as_bytes()), body) != check {
+            return Err(CursorError::Foreign);
+        }
+        let word = |i: usize| u64::from_le_bytes(b[1 + 8 * i..9 + 8 * i].try_into().expect("8"));
+        let c = HistoryCursor {
+            snapshot: LogPos(word(0)),
+            resume: LogPos(word(1)),
+            after: (word(2) as i64, word(3)),
+            from: word(4) as i64,
+            to: word(5) as i64,
+        };
+        if c.resume > c.snapshot || c.after.1 > c.snapshot.0 || c.from > c.to {
+            return Err(CursorError::Malformed);
+        }
+        Ok(c)
+    }
+}
+
+/// One page of a device's history.
+#[derive(Debug)]
+pub struct HistoryPage {
+    /// The heartbeats, newest first by `(device time, log position)`, each with its log position.
+    pub items: Vec<(Heartbeat, LogPos)>,
+    /// Where the next page starts; `None` when nothing is left. A page with a `next` is full
+    /// (`limit` items).
+    pub next: Option<HistoryCursor>,
+    /// The cursor that continues after item `i` of this page is this page's snapshot and
+    /// resume position with `after` = that item's key (see [`HistoryPage::cursor_after`]).
+    snapshot: LogPos,
+    /// See `snapshot`.
+    resume: LogPos,
+}
+
+impl HistoryPage {
+    /// The cursor that continues right after `items[index]` (the last item's is `next` when
+    /// there is one, with a tighter resume position). Every candidate left after that item was
+    /// at or before this page's resume position.
+    pub fn cursor_after(&self, index: usize, from: i64, to: i64) -> HistoryCursor {
+        let (hb, pos) = &self.items[index];
+        if index + 1 == self.items.len() {
+            if let Some(n) = self.next {
+                return n;
+            }
+        }
+        HistoryCursor {
+            snapshot: self.snapshot,
+            resume: self.resume,
+            after: (hb.ts_ms, pos.0),
+            from,
+            to,
+        }
+    }
+}
+
+/// Why a page could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageError {
+    /// This shard has never stored the device.
+    UnknownDevice,
+    /// The cursor's resume position holds another device's entry, or none (a cursor made up, or
+    /// of another device that passed the check by chance): refused, nothing read.
+    Foreign,
+    /// Retention deleted the segment holding the cursor's resume position since the previous
+    /// page: the rest of this paging is gone (a new paging starts at the oldest retained entry).
+    Expired,
+}
+
+/// Up to `limit` (≥ 1) heartbeats of `device_id` with device time in `[from, to]`, newest first
+/// by `(device time, log position)`: the first page without a cursor, else the page after
+/// `cursor` (whose `from`/`to` the caller checked against the request's). Memory: `limit`
+/// candidates; the walk starts at the cursor's resume position and stops as [`history`]'s does.
+///
+/// Work: the walk reads the chain from the resume position until no older entry can qualify,
+/// a bound from receive times (device time is at most `TS_FUTURE_MS_MAX` after receive time).
+/// Where a device's heartbeats arrived over more than about ten minutes that is about `limit`
+/// entries plus the ten minutes' worth; heartbeats that all arrived within minutes (a bulk
+/// upload) give no bound, and each page then reads the rest of the chain (there is no index by
+/// device time to jump to).
+pub fn history_page(
+    store: &ShardStore,
+    device_id: &str,
+    from: i64,
+    to: i64,
+    cursor: Option<&HistoryCursor>,
+    limit: usize,
+) -> Result<HistoryPage, PageError> {
+    assert!(limit >= 1, "a page holds at least one entry");
+    store.last(device_id).ok_or(PageError::UnknownDevice)?;
+    let (mut chain, upper) = match cursor {
+        None => (store.chain(device_id), (i64::MAX, u64::MAX)),
+        Some(c) if c.resume < store.log().first_pos() => return Err(PageError::Expired),
+        Some(c) => {
+            if store.log().read(c.resume).is_none() {
+                return Err(PageError::Foreign);
+            }
+            (store.log().chain(c.resume), c.after)
+        }
+    };
+    let mut best: BinaryHeap<Reverse<(i64, u64)>> = BinaryHeap::with_capacity(limit.min(1024) + 1);
+    // The newest-arrival candidate pushed out of `best` (left for a later page).
+    let mut spilled: Option<u64> = None;
+    // The first entry not walked, when the walk stopped with candidates possibly below it.
+    let mut stopped_at: Option<u64> = None;
+    let mut snapshot = cursor.map(|c| c.snapshot);
+    let resume = cursor.map(|c| c.resume);
+    let mut first = true;
+    for entry in chain.by_ref() {
+        if std::mem::take(&mut first) {
+            if cursor.is_some() && entry.hb.device_id.as_str() != device_id {
+                return Err(PageError::Foreign);
+            }
+            snapshot.get_or_insert(entry.pos);
+        }
+        let pos = entry.pos.0;
+        let ts = entry.hb.ts_ms.to_native();
+        let received = entry.hb.received_ms.to_native();
+        // Every older entry (this one included) has ts <= its receive time + TS_FUTURE_MS_MAX
+        // <= this bound.
+        let older_ts_max = received.saturating_add(TS_FUTURE_MS_MAX + CLOCK_STEP_SLACK_MS);
+        if older_ts_max < from {
+            break;
+        }
+        if best.len() == limit
+            && best
+                .peek()
+                .is_some_and(|Reverse((min_ts, _))| older_ts_max < *min_ts)
+        {
+            stopped_at = Some(pos);
+            break;
+        }
+        if ts < from || ts > to || (ts, pos) >= upper {
+            continue;
+        }
+        best.push(Reverse((ts, pos)));
+        if best.len() > limit {
+            let Reverse((_, p)) = best.pop().expect("more than limit");
+            spilled = Some(spilled.map_or(p, |s| s.max(p)));
+        }
+    }
+    let mut picked: Vec<(i64, u64)> = best.into_iter().map(|Reverse(x)| x).collect();
+    picked.sort_unstable_by(|a, b| b.cmp(a));
+    let snapshot = snapshot.unwrap_or(LogPos(0));
+    let next = match (spilled.max(stopped_at), picked.last()) {
+        (Some(r), Some(&last)) => Some(HistoryCursor {
+            snapshot,
+            resume: LogPos(r),
+            after: last,
+            from,
+            to,
+        }),
+        _ => None,
+    };
+    let items = picked
+        .into_iter()
+        .filter_map(|(_, pos)| store.log().read(LogPos(pos)))
+        .map(|e| (e.hb.to_owned_heartbeat(), e.pos))
+        .collect();
+    Ok(HistoryPage {
+        items,
+        next,
+        snapshot,
+        resume: resume.unwrap_or(snapshot),
+    })
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+    use crate::route::ShardId;
+    use crate::store::StoreConfig;
+    use proptest::prelude::*;
+
+    fn hb(id: &str, ts: i64, received: i64) -> Heartbeat {
+        Heartbeat {
+            device_id: id.into(),
+            lat: 1.0,
+            lon: 2.0,
+            ts_ms: ts,
+            received_ms: received,
+            ..Default::default()
+        }
+    }
+
+    /// Pages through `id` with `limit`, appending `during(page)` between pages; the keys seen.
+    fn page_all(
+        store: &mut ShardStore,
+        id: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+        mut during: impl FnMut(&mut ShardStore, usize),
+    ) -> Vec<(i64, u64)> {
+        let mut out = Vec::new();
+        let mut cursor: Option<HistoryCursor> = None;
+        for n in 0.. {
+            let page = history_page(store, id, from, to, cursor.as_ref(), limit).unwrap();
+            assert!(page.items.len() <= limit);
+            if page.next.is_some() {
+                assert_eq!(page.items.len(), limit, "a page with a next is full");
+            }
+            for (i, (h, p)) in page.items.iter().enumerate() {
+                assert_eq!(page.cursor_after(i, from, to).after, (h.ts_ms, p.0));
+                out.push((h.ts_ms, p.0));
+            }
+            // The cursor survives its text form.
+            cursor = page
+                .next
+                .map(|c| HistoryCursor::decode(&c.encode(id), id).unwrap());
+            if cursor.is_none() {
+                break;
+            }
+            during(store, n);
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn paging_returns_the_snapshot_exactly_once_newest_first(
+            // (device time offset s, arrival step s, device): late heartbeats, ties, two devices.
+            hbs in prop::collection::vec((0i64..4000, 0i64..700, 0u8..2), 1..300),
+            appends in prop::collection::vec(0i64..4000, 0..40),
+            limit in 1usize..40,
+            window in prop::option::of((0i64..4000, 0i64..4000)),
+        ) {
+            // Pages over a device whose heartbeats arrive out of device-time order (late ones,
+            // equal device times, another device interleaved) while more arrive between pages:
+            // the pages hold exactly the entries stored before the first page (in the window),
+            // newest first by (ts, position), each once; appends during paging never show up.
+            let dir = tempfile::tempdir().unwrap();
+            let (mut store, _) = ShardStore::open(&StoreConfig::new(dir.path(), ShardId(0))).unwrap();
+            let base = 1_800_000_000_000i64;
+            let mut received = base;
+            let mut model: Vec<(i64, u64)> = Vec::new();
+            for &(t, step, dev) in &hbs {
+                received += step * 1000;
+                let ts = (base + t * 1000).min(received + TS_FUTURE_MS_MAX);
+                let id = if dev == 0 { "a" } else { "b" };
+                let pos = store.append(&hb(id, ts, received)).unwrap();
+                if dev == 0 {
+                    model.push((ts, pos.0));
+                }
+            }
+            prop_assume!(!model.is_empty());
+            let (from, to) = match window {
+                Some((x, y)) => (base + x.min(y) * 1000, base + x.max(y) * 1000),
+                None => (i64::MIN, i64::MAX),
+            };
+            model.retain(|&(ts, _)| ts >= from && ts <= to);
+            model.sort_unstable_by(|a, b| b.cmp(a));
+            let mut k = 0;
+            let got = page_all(&mut store, "a", from, to, limit, |s, _| {
+                for _ in 0..3 {
+                    if let Some(t) = appends.get(k) {
+                        s.append(&hb("a", base + t * 1000, received)).unwrap();
+                    }
+                    k += 1;
+                }
+            });
+            prop_assert_eq!(got, model);
+        }
+    }
+
+    #[test]
+    fn cursors_refuse_damage_other_devices_and_other_positions() {
+        // A cursor decodes only for its device; any altered character is refused; a cursor whose
+        // resume position holds another device's entry reads nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = ShardStore::open(&StoreConfig::new(dir.path(), ShardId(0))).unwrap();
+        let base = 1_800_000_000_000i64;
+        let mut b_pos = LogPos(0);
+        for i in 0..10 {
+            store.append(&hb("a", base + i, base + i)).unwrap();
+            b_pos = store.append(&hb("b", base + i, base + i)).unwrap();
+        }
+        let page = history_page(&store, "a", i64::MIN, i64::MAX, None, 3).unwrap();
+        let c = page.next.unwrap();
+        let text = c.encode("a");
+        assert_eq!(HistoryCursor::decode(&text, "a"), Ok(c));
+        assert_eq!(HistoryCursor::decode(&text, "b"), Err(CursorError::Foreign));
+        for i in 0..text.len() {
+            let mut t = text.clone().into_bytes();
+            t[i] = if t[i] == b'A' { b'B' } else { b'A' };
+            let t = String::from_utf8(t).unwrap();
+            assert!(HistoryCursor::decode(&t, "a").is_err(), "{t}");
+        }
+        for bad in ["", "x", "!!!!", &text[1..], &format!("{text}A")] {
+            assert!(HistoryCursor::decode(bad, "a").is_err(), "{bad}");
+        }
+        let forged = HistoryCursor {
+            resume: b_pos,
+            snapshot: b_pos,
+            ..c
+        };
+        assert_eq!(
+            history_page(&store, "a", i64::MIN, i64::MAX, Some(&forged), 3).unwrap_err(),
+            PageError::Foreign
+        );
+        assert_eq!(
+            history_page(&store, "zz", i64::MIN, i64::MAX, None, 3).unwrap_err(),
+            PageError::UnknownDevice
+        );
+        // A position inside an entry is no entry.
+        let inside = HistoryCursor {
+            resume: LogPos(c.resume.0 + 1),
+            ..c
+        };
+        assert_eq!(
+            history_page(&store, "a", i64::MIN, i64::MAX, Some(&inside), 3).unwrap_err(),
+            PageError::Foreign
+        );
+    }
+
+    #[test]
+    fn a_cursor_into_segments_retention_deleted_has_expired() {
+        // Pages of a device whose oldest segments retention deletes between two pages: the
+        // cursor that continues inside them is refused as expired, not answered as the end.
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = StoreConfig::new(dir.path(), ShardId(0));
+        cfg.segment_bytes = crate::limits::SEGMENT_BYTES_MIN;
+        let (mut store, _) = ShardStore::open(&cfg).unwrap();
+        let base = 1_800_000_000_000i64;
+        let first = store.append(&hb("a", base, base)).unwrap();
+        let mut i = 1;
+        while store.stats().segments < 3 {
+            store.append(&hb("a", base + i, base + i)).unwrap();
+            i += 1;
+        }
+        let page = history_page(&store, "a", i64::MIN, i64::MAX, None, 5).unwrap();
+        let deep = HistoryCursor {
+            resume: first,
+            after: (base + 1, first.0 + 1),
+            ..page.next.unwrap()
+        };
+        assert_eq!(
+            history_page(&store, "a", i64::MIN, i64::MAX, Some(&deep), 5)
+                .unwrap()
+                .items
+                .len(),
+            1
+        );
+        let later =
+            std::time::SystemTime::now() + std::time::Duration::from_secs(86_400 * 365 * 30);
+        assert!(
+            store
+                .delete_expired(later, std::time::Duration::ZERO)
+                .unwrap()
+                > 0
+        );
+        assert_eq!(
+            history_page(&store, "a", i64::MIN, i64::MAX, Some(&deep), 5).unwrap_err(),
+            PageError::Expired
+        );
+    }
 }
 
 #[cfg(test)]

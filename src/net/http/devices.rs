@@ -3,6 +3,13 @@
 //! token, in the documented order of refusals), then applied on the executors that own the
 //! shards (`Core::query`; rendering happens where the records live).
 //!
+//! History pages: without `cursor` and `format` the answer is the JSON array it always was. A
+//! `cursor` parameter (empty for the first page) opts into pages, `{"items":[..],"next":..}`;
+//! `format=geojson|gpx|csv` are exports, always paged, each page a complete document carrying
+//! the next cursor (GeoJSON: a `next` member; GPX: `<geobeat:next>` in the metadata extensions;
+//! CSV: a `cursor` column, the cursor after each row). A page is rendered where its records live
+//! and holds at most `limit` heartbeats; a longer export is the client following the cursor.
+//!
 //! Invariant: a subscriber token reads only devices under its prefix; area queries are ops-only.
 
 use serde::Serialize;
@@ -12,7 +19,7 @@ use crate::limits::{QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX, QUERY_RADIUS_M_MAX};
 use crate::net::auth::{self, Need};
 use crate::net::http::response::Response;
 use crate::node::Shared;
-use crate::query::Area;
+use crate::query::{Area, CursorError, HistoryCursor, HistoryPage, PageError};
 use crate::record::DeviceId;
 use crate::shard::core::Core;
 use crate::subscribe::render::LastLocationBody;
@@ -31,7 +38,7 @@ pub enum Devices {
         /// The device.
         id: DeviceId,
     },
-    /// `GET /v1/devices/{id}/history?from=..&to=..&limit=..`.
+    /// `GET /v1/devices/{id}/history?from=..&to=..&limit=..[&cursor=..][&format=..]`.
     History {
         /// The device.
         id: DeviceId,
@@ -41,7 +48,46 @@ pub enum Devices {
         to: i64,
         /// Most rows.
         limit: usize,
+        /// How the answer is rendered.
+        format: Format,
+        /// `None`: the unpaged JSON array (no `cursor`, no export format); `Some(None)`: the
+        /// first page; `Some(Some(c))`: the page after `c`.
+        page: Option<Option<HistoryCursor>>,
     },
+}
+
+/// The rendering of a history answer (`format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JSON: the array, or with a cursor the `{"items","next"}` page.
+    Json,
+    /// A GeoJSON FeatureCollection: a Point per heartbeat and a LineString of the page's track.
+    GeoJson,
+    /// A GPX 1.1 document with one track segment.
+    Gpx,
+    /// CSV with a header row (RFC 4180).
+    Csv,
+}
+
+impl Format {
+    fn parse(text: &str) -> Option<Format> {
+        match text {
+            "json" => Some(Format::Json),
+            "geojson" => Some(Format::GeoJson),
+            "gpx" => Some(Format::Gpx),
+            "csv" => Some(Format::Csv),
+            _ => None,
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::GeoJson => "application/geo+json",
+            Format::Gpx => "application/gpx+xml",
+            Format::Csv => "text/csv; charset=utf-8; header=present",
+        }
+    }
 }
 
 impl Devices {
@@ -74,17 +120,59 @@ impl Devices {
         if !history {
             return Ok(Devices::Last { id });
         }
-        let from = int_param::<i64>(req, "from")?.unwrap_or(i64::MIN);
-        let to = int_param::<i64>(req, "to")?.unwrap_or(i64::MAX);
+        let from = int_param::<i64>(req, "from")?;
+        let to = int_param::<i64>(req, "to")?;
+        let limit = limit_param(req)?;
+        let mut buf = Vec::new();
+        let format = match parse::query_param(req.query, "format", &mut buf) {
+            Ok(None) => Format::Json,
+            Ok(Some(f)) => Format::parse(f).ok_or_else(|| {
+                Response::param_error("format must be json, geojson, gpx or csv", "format")
+            })?,
+            Err(_) => return Err(Response::param_error("bad percent-encoding", "format")),
+        };
+        let cursor = match parse::query_param(req.query, "cursor", &mut buf) {
+            Ok(None) => None,
+            Ok(Some("")) => Some(None),
+            Ok(Some(text)) => Some(Some(HistoryCursor::decode(text, &id).map_err(|e| {
+                let why = match e {
+                    CursorError::Malformed => "malformed cursor",
+                    CursorError::Foreign => {
+                        "cursor is damaged or belongs to another device or query"
+                    }
+                };
+                Response::param_error(why, "cursor")
+            })?)),
+            Err(_) => return Err(Response::param_error("bad percent-encoding", "cursor")),
+        };
+        // A cursor carries its query's range: `from`/`to` may be repeated, not changed.
+        let (from, to) = match cursor {
+            Some(Some(c)) => {
+                if from.is_some_and(|f| f != c.from) || to.is_some_and(|t| t != c.to) {
+                    return Err(Response::param_error(
+                        "cursor belongs to another from/to range",
+                        "cursor",
+                    ));
+                }
+                (c.from, c.to)
+            }
+            _ => (from.unwrap_or(i64::MIN), to.unwrap_or(i64::MAX)),
+        };
         if from > to {
             return Err(Response::param_error("from must not be after to", "from"));
         }
-        let limit = limit_param(req)?;
+        let page = match (cursor, format) {
+            (None, Format::Json) => None,
+            (None, _) => Some(None),
+            (Some(c), _) => Some(c),
+        };
         Ok(Devices::History {
             id,
             from,
             to,
             limit,
+            format,
+            page,
         })
     }
 
@@ -98,7 +186,17 @@ impl Devices {
                 from,
                 to,
                 limit,
+                format: _,
+                page: None,
             } => history(core, id, from, to, limit).await,
+            Devices::History {
+                id,
+                from,
+                to,
+                limit,
+                format,
+                page: Some(cursor),
+            } => history_page(core, id, from, to, limit, format, cursor).await,
         }
     }
 }
@@ -285,6 +383,217 @@ async fn history(core: &Core, id: DeviceId, from: i64, to: i64, limit: usize) ->
         Some(Some(body)) => Response::json(200, body),
         Some(None) => Response::json(404, r#"{"error":"unknown device","param":"id"}"#.into()),
         None => Response::error(503, "shard unavailable"),
+    }
+}
+
+async fn history_page(
+    core: &Core,
+    id: DeviceId,
+    from: i64,
+    to: i64,
+    limit: usize,
+    format: Format,
+    cursor: Option<HistoryCursor>,
+) -> Response {
+    let shard = core.shared.router.shard_of(&id);
+    let found = core
+        .query(shard, move |store| {
+            crate::query::history_page(store, &id, from, to, cursor.as_ref(), limit)
+                .map(|page| render_page(&id, &page, from, to, format))
+        })
+        .await;
+    match found {
+        Some(Ok(body)) => Response {
+            status: 200,
+            content_type: format.content_type(),
+            body,
+        },
+        Some(Err(PageError::UnknownDevice)) => {
+            Response::json(404, r#"{"error":"unknown device","param":"id"}"#.into())
+        }
+        Some(Err(PageError::Foreign)) => Response::param_error(
+            "cursor is damaged or belongs to another device or query",
+            "cursor",
+        ),
+        Some(Err(PageError::Expired)) => Response::error(
+            410,
+            "retention deleted the heartbeats this cursor continues from; start a new paging",
+        ),
+        None => Response::error(503, "shard unavailable"),
+    }
+}
+
+/// Renders one history page of device `id` in `format` (see the module docs).
+fn render_page(id: &str, page: &HistoryPage, from: i64, to: i64, format: Format) -> String {
+    let next = page.next.map(|c| c.encode(id));
+    match format {
+        Format::Json => {
+            #[derive(Serialize)]
+            struct Page {
+                items: Vec<LastLocationBody>,
+                next: Option<String>,
+            }
+            let items = page
+                .items
+                .iter()
+                .map(|(hb, _)| LastLocationBody::from_heartbeat(hb))
+                .collect();
+            serde_json::to_string(&Page { items, next }).expect("serializable")
+        }
+        Format::GeoJson => render_geojson(id, page, next),
+        Format::Gpx => render_gpx(id, page, next),
+        Format::Csv => render_csv(id, page, from, to),
+    }
+}
+
+/// A GeoJSON (RFC 7946) FeatureCollection: a Point feature per heartbeat, newest first, whose
+/// properties are the heartbeat as `GET /v1/devices/{id}` renders it, then (with two or more
+/// points: a LineString needs two positions) one LineString feature of the page's track, and
+/// the foreign member `next` (the cursor, or null).
+fn render_geojson(id: &str, page: &HistoryPage, next: Option<String>) -> String {
+    use serde_json::json;
+    let mut features: Vec<serde_json::Value> = page
+        .items
+        .iter()
+        .map(|(hb, _)| {
+            json!({
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [hb.lon, hb.lat]},
+                "properties": LastLocationBody::from_heartbeat(hb),
+            })
+        })
+        .collect();
+    if page.items.len() >= 2 {
+        let coordinates: Vec<[f64; 2]> = page.items.iter().map(|(h, _)| [h.lon, h.lat]).collect();
+        let newest = page.items.first().map(|(h, _)| h.ts_ms);
+        let oldest = page.items.last().map(|(h, _)| h.ts_ms);
+        features.push(json!({
+            "type": "Feature",
+            "geometry": {"type": "LineString", "coordinates": coordinates},
+            "properties": {"id": id, "track": true, "count": page.items.len(), "ts_newest": newest, "ts_oldest": oldest},
+        }));
+    }
+    json!({"type": "FeatureCollection", "features": features, "next": next}).to_string()
+}
+
+/// The namespace of geobeat's GPX extension elements (`next`, `speed`, `course`, `acc`).
+pub const GPX_EXTENSION_NS: &str = "urn:geobeat:gpx:1";
+
+/// A GPX 1.1 document: one track named after the device, one segment of track points newest
+/// first (lat, lon, `ele` from the altitude, `time`; speed, course and accuracy as geobeat
+/// extensions), the next cursor in the metadata's extensions. Valid against the GPX 1.1 schema
+/// (tests/history_export.rs checks with xmllint): longitude 180 is written as -180 (the schema's
+/// range is [-180, 180)), extension elements are in their own namespace.
+fn render_gpx(id: &str, page: &HistoryPage, next: Option<String>) -> String {
+    use std::fmt::Write as _;
+    let name = xml_escape(id);
+    let mut out = String::with_capacity(256 + page.items.len() * 200);
+    out.push_str(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<gpx version=\"1.1\" creator=\"geobeat\" \
+         xmlns=\"http://www.topografix.com/GPX/1/1\" \
+         xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" ",
+    );
+    let _ = write!(
+        out,
+        "xmlns:geobeat=\"{GPX_EXTENSION_NS}\" xsi:schemaLocation=\"http://www.topografix.com/GPX/1/1 \
+         http://www.topografix.com/GPX/1/1/gpx.xsd\">\n<metadata><name>{name}</name>"
+    );
+    if let Some(n) = &next {
+        let _ = write!(
+            out,
+            "<extensions><geobeat:next>{n}</geobeat:next></extensions>"
+        );
+    }
+    let _ = write!(out, "</metadata>\n<trk><name>{name}</name><trkseg>\n");
+    for (hb, _) in &page.items {
+        let lon = if hb.lon >= 180.0 { -180.0 } else { hb.lon };
+        let _ = write!(out, "<trkpt lat=\"{}\" lon=\"{lon}\">", hb.lat);
+        if let Some(alt) = hb.alt_m {
+            let _ = write!(out, "<ele>{alt}</ele>");
+        }
+        let _ = write!(out, "<time>{}</time>", crate::client::iso_ms(hb.ts_ms));
+        let ext = [
+            ("speed", hb.speed_mps),
+            ("course", hb.heading_deg),
+            ("acc", hb.acc_m),
+        ];
+        if ext.iter().any(|(_, v)| v.is_some()) {
+            out.push_str("<extensions>");
+            for (tag, v) in ext {
+                if let Some(v) = v {
+                    let _ = write!(out, "<geobeat:{tag}>{v}</geobeat:{tag}>");
+                }
+            }
+            out.push_str("</extensions>");
+        }
+        out.push_str("</trkpt>\n");
+    }
+    out.push_str("</trkseg></trk>\n</gpx>\n");
+    out
+}
+
+fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The CSV header row (without its CRLF).
+pub const CSV_HEADER: &str = "id,ts,time,lat,lon,alt,speed,heading,acc,received_at,attrs,cursor";
+
+/// CSV (RFC 4180: CRLF line ends, a field with a comma, quote, CR or LF quoted, quotes doubled):
+/// [`CSV_HEADER`], then a row per heartbeat, newest first; an absent optional field is empty;
+/// `time` is the device time in RFC 3339 UTC; `attrs` the attribute object as JSON. `cursor` is
+/// the cursor that continues after that row (empty on the last row of the last page), so an
+/// export resumes from any row it kept.
+fn render_csv(id: &str, page: &HistoryPage, from: i64, to: i64) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(128 + page.items.len() * 240);
+    out.push_str(CSV_HEADER);
+    out.push_str("\r\n");
+    let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
+    let last = page.items.len().saturating_sub(1);
+    for (i, (hb, _)) in page.items.iter().enumerate() {
+        let cursor = if i == last && page.next.is_none() {
+            String::new()
+        } else {
+            page.cursor_after(i, from, to).encode(id)
+        };
+        let attrs = std::str::from_utf8(&hb.attrs).unwrap_or_default();
+        let _ = write!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
+            csv_field(&hb.device_id),
+            hb.ts_ms,
+            crate::client::iso_ms(hb.ts_ms),
+            hb.lat,
+            hb.lon,
+            opt(hb.alt_m),
+            opt(hb.speed_mps),
+            opt(hb.heading_deg),
+            opt(hb.acc_m),
+            hb.received_ms,
+            csv_field(attrs),
+            cursor
+        );
+    }
+    out
+}
+
+fn csv_field(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\"")).into()
+    } else {
+        text.into()
     }
 }
 
