@@ -146,6 +146,11 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     if let Some(metrics) = cfg.metrics_listen {
         probe_bind(metrics)?;
     }
+    // MQTT (`--mqtt-listen`): resolved the same way, so every executor binds one concrete port.
+    let mut cfg = cfg;
+    if let Some(mqtt) = cfg.mqtt_listen {
+        cfg.mqtt_listen = Some(probe_bind(mqtt)?);
+    }
     // Whatever this process creates from here on (segments, meta, fences, cursors, audit files,
     // and files added later) is private even where a create call names no mode; the start-up
     // check below refuses anything looser. See: issue 20 §3.
@@ -343,6 +348,14 @@ async fn executor_main(
         listener,
         Role::Main,
     ));
+    if let Some(addr) = shared.cfg.mqtt_listen {
+        // Every executor accepts MQTT on the same port (SO_REUSEPORT), like the main listener.
+        let mqtt = rt::bind(addr)?;
+        if index.0 == 0 {
+            tracing::info!(%addr, "MQTT device ingest on mqtt://{addr} (docs/MQTT.md)");
+        }
+        rt::spawn(crate::net::mqtt::accept_loop(edge.clone(), mqtt));
+    }
     if let (0, Some(addr)) = (index.0, shared.cfg.metrics_listen) {
         let metrics = rt::bind(addr)?;
         tracing::info!(%addr, "serving /metrics on its own listener");

@@ -922,6 +922,7 @@ fn spawn_under_profile(
         .arg(addr.to_string())
         .arg("--data-dir")
         .arg(dir)
+        .env("GEOBEAT_MQTT_LISTEN", "off")
         .env("RUST_LOG", "geobeat=warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

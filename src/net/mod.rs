@@ -16,6 +16,7 @@ pub mod auth;
 pub mod edge;
 pub mod http;
 pub mod ingest;
+pub mod mqtt;
 pub mod router;
 pub mod slots;
 pub mod subscribe;

@@ -17,3 +17,4 @@
 //! hundred lines, property-tested against the spec's layout here.
 
 pub mod codec;
+pub mod session;

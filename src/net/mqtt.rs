@@ -1,0 +1,824 @@
+//! MQTT 3.1.1 / 5 device ingest over TCP (`--mqtt-listen`, docs/MQTT.md): the accept loop of the
+//! MQTT listener and one connection from CONNECT to close. It owns the socket side: reading
+//! packets under the packet-size bound and the keep-alive deadline (1.5 × the keep alive),
+//! decoding PUBLISH payloads (`geobeat/<id>`: the WebSocket JSON heartbeat without `seq`, or an
+//! array; `owntracks/<user>/<device>`: OwnTracks JSON), storing them like a WebSocket frame
+//! (grouped by owning shard, appended here or forwarded over the mesh, settled through the
+//! executor's [`crate::shard::acks::AckLedger`]), writing what the protocol state
+//! ([`crate::proto::mqtt::session`]) answers, and the take-over of a client id. It does not
+//! define the wire format or the acknowledgement rules (`proto::mqtt`), nor spawn anything but
+//! its connections and their writers.
+//!
+//! Each PUBLISH is one ledger frame whose sequence number is the PUBLISH's own (every heartbeat
+//! in it carries that number), so the ledger's "highest seq of the durable prefix" is exactly
+//! "every PUBLISH up to here is durable" and a storage refusal names its PUBLISH.
+//!
+//! Invariants: a PUBACK / PUBREC with success is written only after the ledger settled the
+//! PUBLISH (durable in strict mode) with no refusal; the reader stops reading (backpressure)
+//! while [`MQTT_INFLIGHT_MAX`] QoS 1/2 PUBLISHes or [`CONN_FRAMES_IN_FLIGHT_MAX`] frames are
+//! unsettled; one client id has at most one live connection per executor (a new CONNECT takes the
+//! old connection over, MQTT §3.1.4); on shutdown the connection stops reading, waits for what it
+//! received to become durable and acknowledged, then closes (MQTT 5: DISCONNECT 0x8B).
+//!
+//! Limit, stated honestly: the take-over registry is per executor. Two connections with one
+//! client id that the kernel's SO_REUSEPORT hash puts on different executors both stay open
+//! (each stores and acks correctly; only the "one connection per client id" rule is not
+//! enforced across executors). See docs/MQTT.md.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{ReadHalf, WriteHalf};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+use crate::limits::{
+    CONN_FRAMES_IN_FLIGHT_MAX, DRAIN_BYTES_MAX, MQTT_INFLIGHT_MAX, MQTT_PACKET_BYTES_MAX,
+    REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX, REPEAT_LOG_INTERVAL_MS, TOKEN_EXPIRY_WAIT_MAX,
+};
+use crate::metrics::ExecProbe;
+use crate::net::edge::Edge;
+use crate::net::slots::ConnSlot;
+use crate::proto::devices::owntracks;
+use crate::proto::mqtt::codec::{self, CodecError, Packet, Version};
+use crate::proto::mqtt::session::{
+    self, reason, Admitted, ConnectRefusal, Publish, Refused, Session, Settled, Topic,
+};
+use crate::proto::{self, Ingest, IngestScope, Outcome, Reject, TsWindow};
+use crate::ratelog::LogEvery;
+use crate::record::Heartbeat;
+use crate::route::ShardId;
+use crate::rt::{self, Signal, TcpListener, TcpStream};
+use crate::shard::acks::ConnKey;
+use crate::shard::mesh::Batch;
+
+/// Bytes read from the socket per read call.
+const READ_CHUNK_BYTES: usize = 4096;
+
+/// Accepts MQTT connections until shutdown. Every socket counts against `--connections-max`
+/// like any other; over the cap a CONNECT is answered "server unavailable" (and beyond the
+/// refusals in flight, the socket is closed at once).
+pub async fn accept_loop(edge: Rc<Edge>, listener: TcpListener) {
+    let core = &edge.core;
+    let max = core.shared.cfg.connections_max;
+    let accept_log = LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS));
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            core.stop.wait().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                let e = std::io::Error::from(e);
+                if let Some(suppressed) = accept_log.check() {
+                    tracing::warn!(error = %e, suppressed_since_last = suppressed, "MQTT accept failed; backing off");
+                }
+                rt::sleep(crate::limits::ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        if core.stopping() {
+            return;
+        }
+        let (slot, open) = ConnSlot::open(&core.shared);
+        if open > max + REFUSALS_IN_FLIGHT_MAX {
+            continue; // a flood: close at once
+        }
+        let _ = stream.set_nodelay(true);
+        rt::spawn(serve(edge.clone(), stream, slot, open > max));
+    }
+}
+
+/// How a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Close {
+    /// MQTT 5 DISCONNECT reason code to send first (`None`: send nothing).
+    code: Option<u8>,
+    /// Reason string / log text.
+    why: &'static str,
+    /// Wait until everything received is settled and acknowledged first (shutdown, token
+    /// expiry); otherwise close at once.
+    drain: bool,
+}
+
+/// What the reader and the writer of one connection share.
+struct Conn {
+    /// The acknowledgement state.
+    session: RefCell<Session>,
+    /// Answers the reader queued (PINGRESP, PUBCOMP, SUBACK, a duplicate's PUBREC).
+    out: RefCell<Vec<u8>>,
+    /// Set once the connection is to end.
+    close: Cell<Option<Close>>,
+    /// The writer ended (the reader stops).
+    writer_gone: Cell<bool>,
+    /// Wakes the writer and a paused reader (the ledger's signal of this connection).
+    signal: Rc<Signal>,
+}
+
+impl Conn {
+    /// Ends the connection (the first reason wins) and wakes both halves.
+    fn end(&self, close: Close) {
+        if self.close.get().is_none() {
+            self.close.set(Some(close));
+        }
+        self.signal.notify();
+    }
+}
+
+thread_local! {
+    /// This executor's live connections by client id (for take-over), with a number telling a
+    /// connection's own entry from a successor's.
+    static CLIENTS: RefCell<HashMap<String, (u64, Rc<Conn>)>> = RefCell::new(HashMap::new());
+    /// Numbers connections of this executor (registry entries, assigned client ids).
+    static NEXT_CONN: Cell<u64> = const { Cell::new(1) };
+    /// Rate limit of the "connect refused" info line.
+    static REFUSED_LOG: LogEvery =
+        const { LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS)) };
+}
+
+/// Serves one accepted socket: reads the CONNECT, admits it (or answers the refusal), then runs
+/// the connection to its end. `busy`: over the connection cap, refuse the CONNECT.
+async fn serve(edge: Rc<Edge>, mut stream: TcpStream, slot: ConnSlot, busy: bool) {
+    let _slot = slot;
+    let core = &edge.core;
+    let cfg = &core.shared.cfg;
+    let probe = &core.probe;
+    let mut buf = Vec::with_capacity(512);
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    // The first packet must be a CONNECT, within the handshake timeout.
+    let (admitted, used) = loop {
+        match codec::decode(&buf, None, MQTT_PACKET_BYTES_MAX) {
+            Ok(Some((Packet::Connect(c), used))) => {
+                let verdict = if busy || core.stopping() {
+                    Err(ConnectRefusal {
+                        version: c.version,
+                        code: match c.version {
+                            Version::V311 => session::return_code::SERVER_UNAVAILABLE,
+                            Version::V5 => reason::SERVER_BUSY,
+                        },
+                        reason: "server_busy",
+                    })
+                } else {
+                    let n = NEXT_CONN.with(|c| c.get());
+                    session::admit(
+                        &c,
+                        &core.shared.secret,
+                        rt::now_s(),
+                        cfg.idle_timeout.as_secs(),
+                        || format!("geobeat-{}-{n}", core.index.0),
+                    )
+                };
+                match verdict {
+                    Ok(a) => break (a, used),
+                    Err(r) => {
+                        probe.mqtt_event("connect_refused", 1);
+                        log_refused(&stream, r.reason);
+                        let mut out = Vec::new();
+                        session::connack_refused(&r, &mut out);
+                        finish(&mut stream, &out).await;
+                        return;
+                    }
+                }
+            }
+            Ok(Some(_)) => {
+                // MQTT §3.1: the first packet must be CONNECT; anything else closes.
+                probe.mqtt_event("protocol_error", 1);
+                return;
+            }
+            Err(CodecError::BadLevel { .. }) => {
+                // An unsupported protocol level: CONNACK 0x01 in the 3.1.1 layout (§3.1.2.2).
+                probe.mqtt_event("connect_refused", 1);
+                let r = ConnectRefusal {
+                    version: Version::V311,
+                    code: session::return_code::BAD_VERSION,
+                    reason: "unsupported_version",
+                };
+                let mut out = Vec::new();
+                session::connack_refused(&r, &mut out);
+                finish(&mut stream, &out).await;
+                return;
+            }
+            Err(_) => {
+                probe.mqtt_event("protocol_error", 1);
+                return;
+            }
+            Ok(None) => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut chunk = [0u8; READ_CHUNK_BYTES];
+        match rt::timeout(left, stream.read(&mut chunk)).await {
+            Some(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+    };
+    buf.drain(..used);
+    let mut out = Vec::new();
+    session::connack_accepted(&admitted, &mut out);
+    let write = rt::timeout(cfg.idle_timeout, stream.write_all(&out)).await;
+    if !matches!(write, Some(Ok(()))) {
+        return;
+    }
+    probe.mqtt_event("connect", 1);
+    run(edge.clone(), stream, buf, admitted).await;
+}
+
+/// Writes `out` (a refusal), shuts our side down and reads what the client still sends for a
+/// moment: closing with unread input makes the kernel send a reset that can destroy the answer.
+async fn finish(stream: &mut TcpStream, out: &[u8]) {
+    let _ = rt::timeout(REFUSAL_READ_MAX, stream.write_all(out)).await;
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let mut sink = [0u8; 2048];
+    let mut left = DRAIN_BYTES_MAX;
+    let drain = async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    };
+    let _ = rt::timeout(REFUSAL_READ_MAX, drain).await;
+}
+
+/// Logs a refused CONNECT at info, one line per interval per executor (never the token).
+fn log_refused(stream: &TcpStream, why: &'static str) {
+    REFUSED_LOG.with(|every| {
+        if let Some(suppressed) = every.check() {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(
+                peer,
+                reason = why,
+                suppressed_since_last = suppressed,
+                "MQTT connect refused"
+            );
+        }
+    });
+}
+
+/// Runs an admitted connection: registers it (taking over a live one with the same client id),
+/// runs the reader here and the writer in a task of its own, and unregisters it.
+async fn run(edge: Rc<Edge>, stream: TcpStream, leftover: Vec<u8>, admitted: Admitted) {
+    let core = &edge.core;
+    let probe = &core.probe;
+    let key = core.acks.open();
+    let signal = core
+        .acks
+        .with(key, |c| c.signal.clone())
+        .expect("just opened");
+    let conn = Rc::new(Conn {
+        session: RefCell::new(Session::new(admitted.version)),
+        out: RefCell::new(Vec::new()),
+        close: Cell::new(None),
+        writer_gone: Cell::new(false),
+        signal: signal.clone(),
+    });
+    let number = NEXT_CONN.with(|c| {
+        let n = c.get();
+        c.set(n + 1);
+        n
+    });
+    let previous = CLIENTS.with(|m| {
+        m.borrow_mut()
+            .insert(admitted.client_id.clone(), (number, conn.clone()))
+    });
+    if let Some((_, old)) = previous {
+        // MQTT §3.1.4: the server disconnects the existing client with the same id.
+        probe.mqtt_event("takeover", 1);
+        old.end(Close {
+            code: Some(reason::TAKEN_OVER),
+            why: "session taken over",
+            drain: false,
+        });
+    }
+    gauge_open(probe, 1);
+    let (reader, writer) = futures_lite::io::split(stream);
+    let writer = rt::spawn_joinable(write_loop(edge.clone(), key, conn.clone(), writer));
+    read_loop(&edge, key, &conn, reader, leftover, &admitted).await;
+    conn.end(Close {
+        code: None,
+        why: "",
+        drain: false,
+    });
+    let _ = writer.await;
+    core.acks.close(key);
+    CLIENTS.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.get(&admitted.client_id)
+            .is_some_and(|(n, _)| *n == number)
+        {
+            m.remove(&admitted.client_id);
+        }
+    });
+    gauge_open(probe, -1);
+}
+
+/// Moves the MQTT connection gauge by `delta`.
+fn gauge_open(probe: &ExecProbe, delta: i64) {
+    let c = &probe.mqtt_connections_open;
+    c.set(c.get().saturating_add_signed(delta));
+}
+
+/// What the reader waits for besides bytes.
+enum Wake {
+    /// Bytes (or EOF / an error: `Ok(0)` / `Err`).
+    Read(std::io::Result<usize>),
+    /// The keep-alive or token deadline passed.
+    Deadline,
+    /// The executor is stopping.
+    Stop,
+    /// The connection's signal fired (writer gone, taken over).
+    Signal,
+}
+
+/// Reads and handles packets until the connection is to end (then `conn.close` says how).
+async fn read_loop(
+    edge: &Edge,
+    key: ConnKey,
+    conn: &Conn,
+    mut reader: ReadHalf<TcpStream>,
+    mut buf: Vec<u8>,
+    admitted: &Admitted,
+) {
+    let core = &edge.core;
+    let probe = &core.probe;
+    let version = admitted.version;
+    let Some(scope) = IngestScope::from_scope(&admitted.claims.scope) else {
+        unreachable!("admit refuses scopes that may not ingest");
+    };
+    // MQTT §3.1.2.10: no packet for 1.5 times the keep alive closes the connection.
+    let keep_alive = Duration::from_millis(u64::from(admitted.keep_alive_s) * 1500);
+    // The token's expiry ends the connection (far-future expiries never arm a timer).
+    let expires_in = Duration::from_secs(admitted.claims.expires_at_s.saturating_sub(rt::now_s()))
+        .min(TOKEN_EXPIRY_WAIT_MAX);
+    let expires_at = Instant::now() + expires_in;
+    let mut last_packet = Instant::now();
+    let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
+    let mut scratch = Heartbeat::default();
+    loop {
+        if conn.close.get().is_some() || conn.writer_gone.get() {
+            return;
+        }
+        // Backpressure: stop reading while too much is unsettled.
+        let wait = conn.signal.wait();
+        let Some(frames) = core.acks.with(key, |c| c.frames_in_flight()) else {
+            return;
+        };
+        if frames >= CONN_FRAMES_IN_FLIGHT_MAX
+            || conn.session.borrow().inflight() >= MQTT_INFLIGHT_MAX
+        {
+            futures_lite::future::or(wait, async {
+                core.stop.wait().await;
+            })
+            .await;
+            if core.stopping() {
+                conn.end(shutting_down());
+                return;
+            }
+            continue;
+        }
+        drop(wait);
+        let step = match codec::decode(&buf, Some(version), MQTT_PACKET_BYTES_MAX) {
+            Err(e) => {
+                probe.mqtt_event("protocol_error", 1);
+                let code = match e {
+                    CodecError::TooLarge { .. } => reason::PACKET_TOO_LARGE,
+                    _ => reason::MALFORMED,
+                };
+                tracing::debug!(error = %e, "MQTT packet refused; closing");
+                conn.end(Close {
+                    code: Some(code),
+                    why: if code == reason::PACKET_TOO_LARGE {
+                        "packet too large"
+                    } else {
+                        "malformed packet"
+                    },
+                    drain: false,
+                });
+                return;
+            }
+            Ok(Some((packet, used))) => {
+                last_packet = Instant::now();
+                let step = handle(edge, key, conn, scope, &packet, &mut forwards, &mut scratch);
+                buf.drain(..used);
+                step
+            }
+            Ok(None) => {
+                let deadline = (last_packet + keep_alive).min(expires_at);
+                let left = deadline.saturating_duration_since(Instant::now());
+                let mut chunk = [0u8; READ_CHUNK_BYTES];
+                let signal = conn.signal.wait();
+                let wake = futures_lite::future::or(
+                    async { Wake::Read(reader.read(&mut chunk).await) },
+                    futures_lite::future::or(
+                        async {
+                            rt::sleep(left).await;
+                            Wake::Deadline
+                        },
+                        futures_lite::future::or(
+                            async {
+                                core.stop.wait().await;
+                                Wake::Stop
+                            },
+                            async {
+                                signal.await;
+                                Wake::Signal
+                            },
+                        ),
+                    ),
+                )
+                .await;
+                match wake {
+                    Wake::Read(Ok(n)) if n > 0 => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        continue;
+                    }
+                    // EOF or a reset: the client is gone (what it sent is still stored).
+                    Wake::Read(_) => return,
+                    Wake::Deadline if Instant::now() >= expires_at => {
+                        conn.end(Close {
+                            code: Some(reason::NOT_AUTHORIZED),
+                            why: "token_expired",
+                            drain: true,
+                        });
+                        return;
+                    }
+                    Wake::Deadline => {
+                        probe.mqtt_event("keepalive_expired", 1);
+                        conn.end(Close {
+                            code: Some(reason::KEEP_ALIVE_TIMEOUT),
+                            why: "keep alive timeout",
+                            drain: false,
+                        });
+                        return;
+                    }
+                    Wake::Stop => {
+                        conn.end(shutting_down());
+                        return;
+                    }
+                    Wake::Signal => continue,
+                }
+            }
+        };
+        match step {
+            Step::Done => {}
+            Step::End(close) => {
+                conn.end(close);
+                return;
+            }
+            Step::Forward(frame) => {
+                for (shard, items) in forwards.drain(..) {
+                    let batch = Batch {
+                        conn: key,
+                        frame,
+                        items,
+                        failed: Vec::new(),
+                    };
+                    // Waits for room in the owner's channel: a slow owner slows this reader.
+                    if core.forward(shard, batch).await.is_err() {
+                        tracing::error!(
+                            owner = %core.owner(shard),
+                            "data mesh closed; MQTT heartbeats not stored and not acked"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn shutting_down() -> Close {
+    Close {
+        code: Some(reason::SHUTTING_DOWN),
+        why: "server shutting down",
+        drain: true,
+    }
+}
+
+/// What the reader does after a packet.
+enum Step {
+    /// Carry on.
+    Done,
+    /// End the connection.
+    End(Close),
+    /// Send the groups left in `forwards` to their owners, as parts of this frame.
+    Forward(u64),
+}
+
+/// Handles one packet synchronously (the decoder's borrow never spans an await).
+fn handle(
+    edge: &Edge,
+    key: ConnKey,
+    conn: &Conn,
+    scope: IngestScope<'_>,
+    packet: &Packet<'_>,
+    forwards: &mut Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
+    scratch: &mut Heartbeat,
+) -> Step {
+    let probe = &edge.core.probe;
+    let protocol_error = |why| {
+        probe.mqtt_event("protocol_error", 1);
+        Step::End(Close {
+            code: Some(reason::PROTOCOL_ERROR),
+            why,
+            drain: false,
+        })
+    };
+    let step = match packet {
+        Packet::Publish(p) => publish(edge, key, conn, scope, p, forwards, scratch),
+        Packet::PubRel(a) => {
+            conn.session
+                .borrow_mut()
+                .pubrel(a.packet_id, &mut conn.out.borrow_mut());
+            Step::Done
+        }
+        Packet::PingReq => {
+            codec::encode(
+                &Packet::PingResp,
+                conn.session.borrow().version(),
+                &mut conn.out.borrow_mut(),
+            );
+            Step::Done
+        }
+        Packet::Subscribe(s) => {
+            probe.mqtt_event("subscribe_refused", 1);
+            conn.session.borrow().suback_refused(
+                s.packet_id,
+                s.filters.count(),
+                &mut conn.out.borrow_mut(),
+            );
+            Step::Done
+        }
+        Packet::Unsubscribe(s) => {
+            conn.session.borrow().unsuback(
+                s.packet_id,
+                s.filters.count(),
+                &mut conn.out.borrow_mut(),
+            );
+            Step::Done
+        }
+        // The server sends no PUBLISH, so it expects no PUBACK/PUBREC/PUBCOMP; MQTT 5 AUTH
+        // (enhanced authentication) is not offered. Both end the connection.
+        Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::Auth(_) => {
+            return protocol_error("unexpected packet")
+        }
+        Packet::Connect(_) => return protocol_error("second CONNECT"),
+        Packet::Disconnect(_) => {
+            return Step::End(Close {
+                code: None,
+                why: "client disconnected",
+                drain: false,
+            })
+        }
+        Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+            return protocol_error("server-only packet")
+        }
+    };
+    if !conn.out.borrow().is_empty() {
+        conn.signal.notify();
+    }
+    step
+}
+
+/// Checks a topic's device id against the token: the resolved id, or the refusal.
+fn topic_device(scope: IngestScope<'_>, device: &str, out: &mut String) -> Result<(), Refused> {
+    proto::resolve_device_id(scope, Some(device), out).map_err(|r| match r {
+        Reject::IdMismatch | Reject::IdOutsidePrefix => Refused::not_authorized(r.reason()),
+        other => Refused {
+            code: reason::TOPIC_NAME_INVALID,
+            reason: other.reason(),
+        },
+    })
+}
+
+/// Decodes, checks and stores one PUBLISH (see the module comment).
+fn publish(
+    edge: &Edge,
+    key: ConnKey,
+    conn: &Conn,
+    scope: IngestScope<'_>,
+    p: &codec::Publish<'_>,
+    forwards: &mut Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
+    scratch: &mut Heartbeat,
+) -> Step {
+    let core = &edge.core;
+    let probe = &core.probe;
+    let cfg = &core.shared.cfg;
+    let received = Instant::now();
+    let received_ms = rt::now_ms();
+    probe.mqtt_event("publish", 1);
+    ExecProbe::add(&probe.bytes_in, p.payload.len() as u64);
+    forwards.clear();
+    let mut decoder = edge.decoder.borrow_mut();
+    // Every accepted heartbeat goes into `forwards`, grouped by shard (seq filled in below).
+    let group = |hb: Heartbeat, forwards: &mut Vec<(ShardId, Vec<(u64, Heartbeat)>)>| {
+        let shard = core.shared.router.shard_of(&hb.device_id);
+        let i = match forwards.iter().position(|(s, _)| *s == shard) {
+            Some(i) => i,
+            None => {
+                forwards.push((shard, core.take_batch_vec()));
+                forwards.len() - 1
+            }
+        };
+        forwards[i].1.push((0, hb));
+    };
+    let mut device = std::mem::take(&mut scratch.device_id);
+    let verdict: Result<(), Refused> = (|| {
+        match session::topic(p.topic)? {
+            Topic::Geobeat { device: id } => {
+                topic_device(scope, id, &mut device)?;
+                if p.payload.iter().all(u8::is_ascii_whitespace) {
+                    return Ok(()); // nothing to store (a retained-message clear)
+                }
+                let text =
+                    std::str::from_utf8(p.payload).map_err(|_| Refused::payload("invalid_utf8"))?;
+                let mut ingest = Ingest::new(IngestScope::Device(&device), received_ms);
+                ingest.heartbeats_max = cfg.frame_heartbeats_max;
+                let slots = decoder
+                    .decode_text_seqless(text, &ingest)
+                    .map_err(|e| Refused::payload(e.reason()))?;
+                // A PUBLISH is stored whole or not at all: one refused element refuses it.
+                for slot in slots.iter() {
+                    if let Outcome::Rejected { reason: r, .. } = slot.outcome() {
+                        probe.reject(r.reason());
+                        return Err(match r {
+                            Reject::IdMismatch | Reject::IdOutsidePrefix => {
+                                Refused::not_authorized(r.reason())
+                            }
+                            _ => Refused::payload(r.reason()),
+                        });
+                    }
+                }
+                for slot in slots.iter_mut() {
+                    if let Some(hb) = slot.accepted_mut() {
+                        group(std::mem::take(hb), forwards);
+                    }
+                }
+                Ok(())
+            }
+            Topic::OwnTracks { user, .. } => {
+                topic_device(scope, user, &mut device)?;
+                let window = TsWindow::default();
+                match owntracks::parse(p.payload, &device, received_ms, &window, scratch) {
+                    Ok(owntracks::Parsed::Location) => {
+                        group(std::mem::take(scratch), forwards);
+                        Ok(())
+                    }
+                    Ok(owntracks::Parsed::Ignored) => Ok(()),
+                    Err(e) => {
+                        probe.reject(e.reason());
+                        Err(Refused::payload(e.reason()))
+                    }
+                }
+            }
+        }
+    })();
+    drop(decoder);
+    scratch.device_id = device;
+    if let Err(r) = &verdict {
+        tracing::debug!(topic = p.topic, reason = r.reason, "MQTT PUBLISH refused");
+        for (_, items) in forwards.drain(..) {
+            core.recycle(items);
+        }
+    }
+    let publish = conn.session.borrow_mut().publish(
+        p.qos,
+        p.packet_id,
+        verdict.err(),
+        &mut conn.out.borrow_mut(),
+    );
+    let seq = match publish {
+        Publish::Duplicate => {
+            for (_, items) in forwards.drain(..) {
+                core.recycle(items);
+            }
+            return Step::Done;
+        }
+        Publish::Store(seq) => seq,
+    };
+    let accepted: usize = forwards.iter().map(|(_, v)| v.len()).sum();
+    ExecProbe::add(&probe.accepted, accepted as u64);
+    let frame = core.acks.frame_begin(
+        key,
+        seq,
+        forwards.len() as u32,
+        received,
+        &probe.ack_latency,
+    );
+    let mut i = 0;
+    while i < forwards.len() {
+        for item in forwards[i].1.iter_mut() {
+            item.0 = seq;
+        }
+        if core.owner(forwards[i].0) == core.index {
+            let (shard, items) = forwards.swap_remove(i);
+            core.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
+            core.recycle(items);
+        } else {
+            i += 1;
+        }
+    }
+    if forwards.is_empty() {
+        Step::Done
+    } else {
+        Step::Forward(frame)
+    }
+}
+
+/// Runs the writer, then tells the reader it is gone (whatever ended it).
+async fn write_loop(edge: Rc<Edge>, key: ConnKey, conn: Rc<Conn>, mut w: WriteHalf<TcpStream>) {
+    if let Err(e) = write_packets(&edge, key, &conn, &mut w).await {
+        tracing::debug!(error = %e, "an MQTT connection's writes stalled or failed; closing it");
+    }
+    let _ = rt::timeout(REFUSAL_READ_MAX, w.close()).await;
+    conn.writer_gone.set(true);
+    conn.signal.notify();
+}
+
+/// Writes the answers: the reader's, and the acknowledgements of every PUBLISH the ledger
+/// settled, in order; then the close. Every write must finish within the idle timeout.
+async fn write_packets(
+    edge: &Edge,
+    key: ConnKey,
+    conn: &Conn,
+    w: &mut WriteHalf<TcpStream>,
+) -> std::io::Result<()> {
+    let core = &edge.core;
+    let probe = &core.probe;
+    let stall = core.shared.cfg.idle_timeout;
+    let mut out = Vec::with_capacity(256);
+    loop {
+        let Some((errors, ack_ready, in_flight)) = core.acks.with(key, |c| {
+            let errors: Vec<_> = c.errors.drain(..).collect();
+            if !errors.is_empty() {
+                c.signal.notify(); // room in the error queue for a paused reader
+            }
+            (errors, c.ack_ready, c.frames_in_flight())
+        }) else {
+            return Ok(());
+        };
+        // Created after the snapshot (nothing runs in between): it misses no later change.
+        let wait = conn.signal.wait();
+        let (settled, tally, unsettled) = {
+            let mut s = conn.session.borrow_mut();
+            for (seq, why) in errors {
+                if let Some(seq) = seq {
+                    s.refuse(seq, Refused::storage(why));
+                }
+            }
+            out.append(&mut conn.out.borrow_mut());
+            let settled = s.settle(ack_ready, &mut out);
+            (settled, s.take_tally(), s.unsettled())
+        };
+        probe.mqtt_event("puback_refused", tally.refused_acked);
+        probe.mqtt_event("qos0_refused", tally.refused_qos0);
+        let version = conn.session.borrow().version();
+        if let Settled::Close(why) = settled {
+            // MQTT 3.1.1 cannot say "refused" in a PUBACK: close without acknowledging.
+            probe.mqtt_event("closed_on_refusal", 1);
+            tracing::debug!(reason = why.reason, "MQTT 3.1.1 PUBLISH refused; closing");
+            write(w, &out, stall).await?;
+            return Ok(());
+        }
+        let close = conn.close.get();
+        if let Some(c) = close {
+            if !c.drain || (in_flight == 0 && unsettled == 0) {
+                if let Some(code) = c.code {
+                    session::disconnect(version, code, c.why, &mut out);
+                }
+                write(w, &out, stall).await?;
+                return Ok(());
+            }
+        }
+        if !out.is_empty() {
+            write(w, &out, stall).await?;
+            out.clear();
+        }
+        wait.await;
+    }
+}
+
+/// Writes `bytes` within `stall`.
+async fn write(w: &mut WriteHalf<TcpStream>, bytes: &[u8], stall: Duration) -> std::io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    match rt::timeout(stall, async {
+        w.write_all(bytes).await?;
+        w.flush().await
+    })
+    .await
+    {
+        Some(r) => r,
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "write stalled",
+        )),
+    }
+}
