@@ -16,14 +16,12 @@
 //! Invariants: a PUBACK / PUBREC with success is written only after the ledger settled the
 //! PUBLISH (durable in strict mode) with no refusal; the reader stops reading (backpressure)
 //! while [`MQTT_INFLIGHT_MAX`] QoS 1/2 PUBLISHes or [`CONN_FRAMES_IN_FLIGHT_MAX`] frames are
-//! unsettled; one client id has at most one live connection per executor (a new CONNECT takes the
-//! old connection over, MQTT §3.1.4); on shutdown the connection stops reading, waits for what it
-//! received to become durable and acknowledged, then closes (MQTT 5: DISCONNECT 0x8B).
-//!
-//! Limit, stated honestly: the take-over registry is per executor. Two connections with one
-//! client id that the kernel's SO_REUSEPORT hash puts on different executors both stay open
-//! (each stores and acks correctly; only the "one connection per client id" rule is not
-//! enforced across executors). See docs/MQTT.md.
+//! unsettled; a client id has at most one live connection in the process: a new CONNECT takes
+//! the old connection over (MQTT §3.1.4), on whichever executor it lives (each id has a home
+//! executor, the owner of the shard it routes to, that keeps a directory entry naming the id's
+//! connection; the control mesh carries the look-up and the take-over); on shutdown the
+//! connection stops reading, waits for what it received to become durable and acknowledged,
+//! then closes (MQTT 5: DISCONNECT 0x8B).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -130,14 +128,53 @@ impl Conn {
 }
 
 thread_local! {
-    /// This executor's live connections by client id (for take-over), with a number telling a
-    /// connection's own entry from a successor's.
-    static CLIENTS: RefCell<HashMap<String, (u64, Rc<Conn>)>> = RefCell::new(HashMap::new());
-    /// Numbers connections of this executor (registry entries, assigned client ids).
+    /// This executor's live MQTT connections by connection number (for take-over).
+    static LIVE: RefCell<HashMap<u64, Rc<Conn>>> = RefCell::new(HashMap::new());
+    /// The client-id directory of the ids homed on this executor: where each one's live
+    /// connection is (executor, connection number).
+    static DIRECTORY: RefCell<HashMap<String, (usize, u64)>> = RefCell::new(HashMap::new());
+    /// Numbers connections of this executor (with the executor index: unique in the process).
     static NEXT_CONN: Cell<u64> = const { Cell::new(1) };
     /// Rate limit of the "connect refused" info line.
     static REFUSED_LOG: LogEvery =
         const { LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS)) };
+}
+
+/// On a client id's home executor: records its new connection `at`, returning the previous one.
+fn directory_register(client: String, at: (usize, u64)) -> Option<(usize, u64)> {
+    DIRECTORY.with(|d| d.borrow_mut().insert(client, at))
+}
+
+/// On a client id's home executor: forgets connection `at` if it is still the id's current one.
+fn directory_unregister(client: &str, at: (usize, u64)) {
+    DIRECTORY.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.get(client) == Some(&at) {
+            d.remove(client);
+        }
+    });
+}
+
+/// On the executor holding connection `number`: ends it, taken over (false if it is gone).
+fn take_over_local(number: u64) -> bool {
+    let conn = LIVE.with(|l| l.borrow().get(&number).cloned());
+    match conn {
+        Some(c) => {
+            c.end(Close {
+                code: Some(reason::TAKEN_OVER),
+                why: "session taken over",
+                drain: false,
+            });
+            true
+        }
+        None => false,
+    }
+}
+
+/// The executor keeping `client`'s directory entry: the owner of the shard the id routes to
+/// (any fixed function of the id would do; this one needs no new state).
+fn home_of(core: &crate::shard::core::Core, client: &str) -> crate::node::ExecutorId {
+    core.owner(core.shared.router.shard_of(client))
 }
 
 /// Serves one accepted socket: reads the CONNECT, admits it (or answers the refusal), then runs
@@ -149,6 +186,11 @@ async fn serve(edge: Rc<Edge>, mut stream: TcpStream, slot: ConnSlot, busy: bool
     let probe = &core.probe;
     let mut buf = Vec::with_capacity(512);
     let deadline = Instant::now() + cfg.handshake_timeout;
+    let number = NEXT_CONN.with(|c| {
+        let n = c.get();
+        c.set(n + 1);
+        n
+    });
     // The first packet must be a CONNECT, within the handshake timeout.
     let (admitted, used) = loop {
         match codec::decode(&buf, None, MQTT_PACKET_BYTES_MAX) {
@@ -163,13 +205,12 @@ async fn serve(edge: Rc<Edge>, mut stream: TcpStream, slot: ConnSlot, busy: bool
                         reason: "server_busy",
                     })
                 } else {
-                    let n = NEXT_CONN.with(|c| c.get());
                     session::admit(
                         &c,
                         &core.shared.secret,
                         rt::now_s(),
                         cfg.idle_timeout.as_secs(),
-                        || format!("geobeat-{}-{n}", core.index.0),
+                        || format!("geobeat-{}-{number}", core.index.0),
                     )
                 };
                 match verdict {
@@ -223,7 +264,7 @@ async fn serve(edge: Rc<Edge>, mut stream: TcpStream, slot: ConnSlot, busy: bool
         return;
     }
     probe.mqtt_event("connect", 1);
-    run(edge.clone(), stream, buf, admitted).await;
+    run(edge.clone(), stream, buf, admitted, number).await;
 }
 
 /// Writes `out` (a refusal), shuts our side down and reads what the client still sends for a
@@ -264,7 +305,13 @@ fn log_refused(stream: &TcpStream, why: &'static str) {
 
 /// Runs an admitted connection: registers it (taking over a live one with the same client id),
 /// runs the reader here and the writer in a task of its own, and unregisters it.
-async fn run(edge: Rc<Edge>, stream: TcpStream, leftover: Vec<u8>, admitted: Admitted) {
+async fn run(
+    edge: Rc<Edge>,
+    stream: TcpStream,
+    leftover: Vec<u8>,
+    admitted: Admitted,
+    number: u64,
+) {
     let core = &edge.core;
     let probe = &core.probe;
     let key = core.acks.open();
@@ -279,23 +326,23 @@ async fn run(edge: Rc<Edge>, stream: TcpStream, leftover: Vec<u8>, admitted: Adm
         writer_gone: Cell::new(false),
         signal: signal.clone(),
     });
-    let number = NEXT_CONN.with(|c| {
-        let n = c.get();
-        c.set(n + 1);
-        n
-    });
-    let previous = CLIENTS.with(|m| {
-        m.borrow_mut()
-            .insert(admitted.client_id.clone(), (number, conn.clone()))
-    });
-    if let Some((_, old)) = previous {
-        // MQTT §3.1.4: the server disconnects the existing client with the same id.
-        probe.mqtt_event("takeover", 1);
-        old.end(Close {
-            code: Some(reason::TAKEN_OVER),
-            why: "session taken over",
-            drain: false,
-        });
+    LIVE.with(|l| l.borrow_mut().insert(number, conn.clone()));
+    // MQTT §3.1.4: a new connection with a client id takes over the live one, wherever the
+    // kernel put it: the id's home executor knows where that is.
+    let me = (core.index.0, number);
+    let home = home_of(core, &admitted.client_id);
+    let client = admitted.client_id.clone();
+    let previous = core
+        .run_on(home, move |_| directory_register(client, me))
+        .await
+        .flatten();
+    if let Some((exec, old)) = previous.filter(|p| *p != me) {
+        let ended = core
+            .run_on(crate::node::ExecutorId(exec), move |_| take_over_local(old))
+            .await;
+        if ended == Some(true) {
+            probe.mqtt_event("takeover", 1);
+        }
     }
     gauge_open(probe, 1);
     let (reader, writer) = futures_lite::io::split(stream);
@@ -308,14 +355,11 @@ async fn run(edge: Rc<Edge>, stream: TcpStream, leftover: Vec<u8>, admitted: Adm
     });
     let _ = writer.await;
     core.acks.close(key);
-    CLIENTS.with(|m| {
-        let mut m = m.borrow_mut();
-        if m.get(&admitted.client_id)
-            .is_some_and(|(n, _)| *n == number)
-        {
-            m.remove(&admitted.client_id);
-        }
-    });
+    LIVE.with(|l| l.borrow_mut().remove(&number));
+    let client = admitted.client_id.clone();
+    let _ = core
+        .run_on(home, move |_| directory_unregister(&client, me))
+        .await;
     gauge_open(probe, -1);
 }
 
