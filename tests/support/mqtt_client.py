@@ -10,11 +10,13 @@ Scenarios:
             "reason": text}, {"disconnect": rc}, {"done": true}
   silent    connect with --keepalive and then send nothing (the network loop is not run, so no
             PINGREQ goes out); lines: {"connack": rc}, {"closed_after_s": s, "disconnect": rc}
+  subscribe connect and SUBSCRIBE to --topic; lines: {"connack": rc}, {"suback": [codes]}
   takeover  connect client A, then client B with the same client id; lines: {"a_disconnect": rc},
             {"b_connack": rc}, and B still publishes: {"b_ack": rc}
 """
 import argparse
 import json
+import socket
 import sys
 import threading
 import time
@@ -127,19 +129,28 @@ def scenario_publish(args):
 def scenario_silent(args):
     c = client(args)
     got, result = connect_blocking(c, args, args.keepalive)
-    # Only the CONNECT/CONNACK exchange runs the loop; then nothing is sent at all.
+    # Only the CONNECT/CONNACK exchange runs paho's loop; then paho is never called again (it
+    # would send PINGREQ), and the socket is watched directly until the server closes it.
     deadline = time.time() + 5
     while not got.is_set() and time.time() < deadline:
-        c.loop(timeout=0.1)
+        c.loop(timeout=0.05)
     emit({"connack": result.get("rc")})
     started = time.time()
-    time.sleep(args.silent_s)
-    # Now look: the server must have closed the socket (MQTT 5: after DISCONNECT 0x8D).
-    result.pop("disconnect", None)
-    deadline = time.time() + 5
-    while "disconnect" not in result and time.time() < deadline:
-        c.loop(timeout=0.1)
-    emit({"closed_after_s": round(time.time() - started, 2), "disconnect": result.get("disconnect")})
+    sock = c.socket()
+    sock.setblocking(True)
+    sock.settimeout(args.timeout)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    # An MQTT 5 DISCONNECT is 0xE0, length, reason code.
+    code = data[2] if len(data) >= 3 and data[0] == 0xE0 else None
+    emit({"closed_after_s": round(time.time() - started, 2), "disconnect": code})
 
 
 def scenario_takeover(args):
@@ -176,9 +187,30 @@ def scenario_takeover(args):
     a.loop_stop()
 
 
+def scenario_subscribe(args):
+    c = client(args)
+    got = threading.Event()
+
+    def on_connect(client, userdata, flags, rc, props):
+        emit({"connack": rc_value(rc)})
+        client.subscribe(args.topic, qos=1)
+
+    def on_subscribe(client, userdata, mid, codes, props):
+        emit({"suback": [rc_value(x) for x in codes]})
+        got.set()
+
+    c.on_connect = on_connect
+    c.on_subscribe = on_subscribe
+    c.connect(args.host, args.port, keepalive=30)
+    c.loop_start()
+    got.wait(args.timeout)
+    c.disconnect()
+    c.loop_stop()
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["publish", "silent", "takeover"])
+    p.add_argument("scenario", choices=["publish", "silent", "subscribe", "takeover"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--token")
@@ -195,9 +227,13 @@ def main():
     p.add_argument("--silent-s", type=float, default=3.0)
     p.add_argument("--timeout", type=float, default=10.0)
     args = p.parse_args()
-    {"publish": scenario_publish, "silent": scenario_silent, "takeover": scenario_takeover}[
-        args.scenario
-    ](args)
+    scenarios = {
+        "publish": scenario_publish,
+        "silent": scenario_silent,
+        "subscribe": scenario_subscribe,
+        "takeover": scenario_takeover,
+    }
+    scenarios[args.scenario](args)
 
 
 if __name__ == "__main__":
