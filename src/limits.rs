@@ -550,6 +550,12 @@ pub const MQTT_INFLIGHT_MAX: usize = 64;
 pub const MQTT_FILTERS_MAX: usize = 16;
 /// Longest MQTT 5 reason string the server sends, bytes.
 pub const MQTT_REASON_STRING_BYTES_MAX: usize = 128;
+/// Bytes an MQTT connection reads from its socket at a time (its read buffer grows to at most
+/// one packet, [`MQTT_PACKET_BYTES_MAX`], plus one of these).
+pub const MQTT_READ_CHUNK_BYTES: usize = 4096;
+/// A connection that sends no packet for this many thousandths of its keep alive is closed
+/// (MQTT 3.1.1 §3.1.2.10 and 5 §3.1.2.10: one and a half times).
+pub const MQTT_KEEP_ALIVE_GRACE_PERMILLE: u64 = 1500;
 /// Longest OsmAnd / Traccar query or form body the device parsers read, bytes.
 pub const DEVICE_PARAMS_BYTES_MAX: usize = HTTP_URI_BYTES_MAX + HTTP_BODY_BYTES_MAX;
 const _: () = assert!(MQTT_PACKET_BYTES_MAX > FRAME_BYTES_MAX + MQTT_TOPIC_BYTES_MAX);

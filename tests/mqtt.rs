@@ -442,22 +442,20 @@ fn owntracks_locations_are_stored_and_other_messages_acked_and_ignored() {
     let loc = format!(
         r#"{{"_type":"location","lat":48.85,"lon":2.29,"tst":{tst},"acc":13,"batt":40,"tid":"JJ"}}"#
     );
-    for payload in [
-        loc.as_str(),
-        r#"{"_type":"transition","event":"enter","tst":1}"#,
-        "",
-    ] {
-        let mut args = vec![
-            "-u",
-            "jane",
-            "-P",
-            &tok,
-            "-q",
-            "1",
-            "-r",
-            "-t",
+    for (topic, payload) in [
+        ("owntracks/jane/phone", loc.as_str()),
+        (
             "owntracks/jane/phone",
-        ];
+            r#"{"_type":"transition","event":"enter","tst":1}"#,
+        ),
+        ("owntracks/jane/phone", ""),
+        // The app's event topic (one level more): acknowledged, nothing stored.
+        (
+            "owntracks/jane/phone/event",
+            r#"{"_type":"transition","tst":1}"#,
+        ),
+    ] {
+        let mut args = vec!["-u", "jane", "-P", &tok, "-q", "1", "-r", "-t", topic];
         if payload.is_empty() {
             args.push("-n"); // the empty (retain-clearing) message
         } else {
@@ -466,9 +464,24 @@ fn owntracks_locations_are_stored_and_other_messages_acked_and_ignored() {
         let (ok, text) = mosquitto_pub(mqtt, &args);
         assert!(
             ok && text.contains("received PUBACK (Mid: 1, RC:0)"),
-            "{payload}: {text}"
+            "{topic} {payload}: {text}"
         );
     }
+    // Another user's topic is not this token's device: refused (MQTT 5: 0x87).
+    let lines = paho(
+        mqtt,
+        &[
+            "publish",
+            "--v5",
+            "--token",
+            &tok,
+            "--topic",
+            "owntracks/john/phone",
+            "--payload",
+            &loc,
+        ],
+    );
+    assert_eq!(line(&lines, "ack")["rc"], 0x87, "{lines:?}");
     let ops = server.token(&["ops"]);
     let history = history_all(&server, "jane", &ops).unwrap();
     assert_eq!(history.len(), 1, "{history:?}");

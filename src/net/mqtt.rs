@@ -32,8 +32,9 @@ use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use crate::limits::{
-    CONN_FRAMES_IN_FLIGHT_MAX, DRAIN_BYTES_MAX, MQTT_INFLIGHT_MAX, MQTT_PACKET_BYTES_MAX,
-    REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX, REPEAT_LOG_INTERVAL_MS, TOKEN_EXPIRY_WAIT_MAX,
+    CONN_FRAMES_IN_FLIGHT_MAX, DRAIN_BYTES_MAX, MQTT_INFLIGHT_MAX, MQTT_KEEP_ALIVE_GRACE_PERMILLE,
+    MQTT_PACKET_BYTES_MAX, MQTT_READ_CHUNK_BYTES, REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX,
+    REPEAT_LOG_INTERVAL_MS, TOKEN_EXPIRY_WAIT_MAX,
 };
 use crate::metrics::ExecProbe;
 use crate::net::edge::Edge;
@@ -50,9 +51,6 @@ use crate::route::ShardId;
 use crate::rt::{self, Signal, TcpListener, TcpStream};
 use crate::shard::acks::ConnKey;
 use crate::shard::mesh::Batch;
-
-/// Bytes read from the socket per read call.
-const READ_CHUNK_BYTES: usize = 4096;
 
 /// Accepts MQTT connections until shutdown. Every socket counts against `--connections-max`
 /// like any other; over the cap a CONNECT is answered "server unavailable" (and beyond the
@@ -250,7 +248,7 @@ async fn serve(edge: Rc<Edge>, mut stream: TcpStream, slot: ConnSlot, busy: bool
             Ok(None) => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut chunk = [0u8; READ_CHUNK_BYTES];
+        let mut chunk = [0u8; MQTT_READ_CHUNK_BYTES];
         match rt::timeout(left, stream.read(&mut chunk)).await {
             Some(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
             _ => return,
@@ -397,7 +395,8 @@ async fn read_loop(
         unreachable!("admit refuses scopes that may not ingest");
     };
     // MQTT §3.1.2.10: no packet for 1.5 times the keep alive closes the connection.
-    let keep_alive = Duration::from_millis(u64::from(admitted.keep_alive_s) * 1500);
+    let keep_alive =
+        Duration::from_millis(u64::from(admitted.keep_alive_s) * MQTT_KEEP_ALIVE_GRACE_PERMILLE);
     // The token's expiry ends the connection (far-future expiries never arm a timer).
     let expires_in = Duration::from_secs(admitted.claims.expires_at_s.saturating_sub(rt::now_s()))
         .min(TOKEN_EXPIRY_WAIT_MAX);
@@ -456,7 +455,7 @@ async fn read_loop(
             Ok(None) => {
                 let deadline = (last_packet + keep_alive).min(expires_at);
                 let left = deadline.saturating_duration_since(Instant::now());
-                let mut chunk = [0u8; READ_CHUNK_BYTES];
+                let mut chunk = [0u8; MQTT_READ_CHUNK_BYTES];
                 let signal = conn.signal.wait();
                 let wake = futures_lite::future::or(
                     async { Wake::Read(reader.read(&mut chunk).await) },
@@ -706,6 +705,7 @@ fn publish(
                 }
                 Ok(())
             }
+            Topic::OwnTracksOther { user } => topic_device(scope, user, &mut device),
             Topic::OwnTracks { user, .. } => {
                 topic_device(scope, user, &mut device)?;
                 let window = TsWindow::default();

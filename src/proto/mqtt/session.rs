@@ -279,6 +279,12 @@ pub enum Topic<'a> {
         /// The `<device>` level (the app's device name; kept nowhere).
         device: &'a str,
     },
+    /// `owntracks/<user>/<device>/<more>`: the app's other topics (`event`, `info`,
+    /// `waypoints`, `status`, ...), which carry no location: acknowledged, not stored.
+    OwnTracksOther {
+        /// The `<user>` level (still checked against the token).
+        user: &'a str,
+    },
 }
 
 /// Why a PUBLISH was not stored: the MQTT 5 reason code and a stable reason string (a heartbeat
@@ -341,12 +347,15 @@ pub fn topic(name: &str) -> Result<Topic<'_>, Refused> {
     }
     if let Some(rest) = name.strip_prefix("owntracks/") {
         let (user, device) = rest.split_once('/').unwrap_or((rest, ""));
-        // `owntracks/<user>/<device>` exactly: the app's other topics (`.../event`, `.../cmd`,
-        // `.../info`, `.../waypoints`) have a fourth level and carry no locations.
-        if user.is_empty() || device.is_empty() || device.contains('/') {
-            return Err(invalid("topic_not_owntracks_location"));
+        if user.is_empty() || device.is_empty() || device.starts_with('/') {
+            return Err(invalid("topic_not_owntracks"));
         }
-        return Ok(Topic::OwnTracks { user, device });
+        // `owntracks/<user>/<device>` carries locations; the app's other topics
+        // (`.../event`, `.../info`, `.../waypoints`, ...) have a fourth level.
+        return Ok(match device.split_once('/') {
+            None => Topic::OwnTracks { user, device },
+            Some(_) => Topic::OwnTracksOther { user },
+        });
     }
     Err(invalid("topic_unknown"))
 }
@@ -677,10 +686,14 @@ mod tests {
                 device: "phone"
             })
         );
+        assert_eq!(
+            topic("owntracks/jane/phone/event"),
+            Ok(Topic::OwnTracksOther { user: "jane" })
+        );
         for bad in [
             "geobeat/",
             "owntracks/jane",
-            "owntracks/jane/phone/event",
+            "owntracks//phone",
             "other/x",
             "geobeat/+",
         ] {
