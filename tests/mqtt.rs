@@ -664,3 +664,59 @@ fn a_puback_survives_kill_9_of_the_server() {
         }
     }
 }
+
+/// The fenced blocks of `lang` in `doc`.
+fn doc_blocks<'a>(doc: &'a str, lang: &str) -> Vec<&'a str> {
+    let fence = format!("```{lang}\n");
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(i) = doc[at..].find(&fence) {
+        let start = at + i + fence.len();
+        let end = start + doc[start..].find("```").expect("closed block");
+        out.push(&doc[start..end]);
+        at = end + 3;
+    }
+    out
+}
+
+#[test]
+fn the_client_examples_in_docs_mqtt_work_as_written() {
+    // docs/MQTT.md's mosquitto_pub block (token minted with the CLI in the default ./shards) and
+    // its paho block, run against a server whose MQTT port replaces 1883: both heartbeats of the
+    // shell block and the paho one are stored, and paho prints "durable:".
+    let doc =
+        std::fs::read_to_string(format!("{}/docs/MQTT.md", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let (server, mqtt) = start(&base.path().join("shards"));
+    let port = mqtt.port().to_string();
+    let sh = doc_blocks(&doc, "sh").join("\n");
+    let sh = sh
+        .replace("geobeat token", &format!("{} token", bin()))
+        .replace("-p 1883", &format!("-p {port}"));
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &sh])
+        .current_dir(base.path())
+        .output()
+        .expect("bash");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("received PUBACK (Mid: 1, RC:0)") && text.contains("received PUBCOMP"),
+        "{text}"
+    );
+    let py = doc_blocks(&doc, "python")[0].replace("1883", &port);
+    let tok = server.token(&["device", "truck-1"]);
+    let out = Command::new("python3")
+        .args(["-c", &py])
+        .env("TOK", &tok)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("durable:"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stored_lats(&server, "truck-1"), [52.52, 52.52, 52.52, 52.53]);
+}
