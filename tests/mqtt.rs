@@ -721,3 +721,67 @@ fn the_client_examples_in_docs_mqtt_work_as_written() {
         [52.52, 52.52, 52.52, 52.53]
     );
 }
+
+#[test]
+fn mqtt_over_websocket_on_the_main_listener() {
+    // paho's websockets transport on `/mqtt` (subprotocol `mqtt`): the same CONNECT rules and
+    // durable acks as over TCP; an upgrade without the subprotocol is refused with 400, and with
+    // `--mqtt-listen off` the path is not served.
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = start(dir.path());
+    let http = server.addr;
+    let tok = server.token(&["device", "m-11"]);
+    let payload = r#"{"lat":11,"lon":{i},"ts":{ts}}"#;
+    for v5 in [false, true] {
+        let mut args = vec![
+            "publish",
+            "--ws-path",
+            "/mqtt",
+            "--token",
+            &tok,
+            "--user",
+            "m-11",
+            "--topic",
+            "geobeat/m-11",
+            "--count",
+            "20",
+            "--payload",
+            payload,
+        ];
+        if v5 {
+            args.push("--v5");
+        }
+        let lines = paho(http, &args);
+        let acks: Vec<_> = lines.iter().filter(|l| l.get("ack").is_some()).collect();
+        assert_eq!(acks.len(), 20, "{lines:?}");
+        assert!(acks.iter().all(|a| a["rc"] == 0), "{lines:?}");
+    }
+    let lines = paho(
+        http,
+        &[
+            "publish",
+            "--ws-path",
+            "/mqtt",
+            "--v5",
+            "--token",
+            "bad",
+            "--topic",
+            "geobeat/m-11",
+        ],
+    );
+    assert_eq!(line(&lines, "connack")["connack"], 0x86, "{lines:?}");
+    let ops = server.token(&["ops"]);
+    assert_eq!(history_all(&server, "m-11", &ops).unwrap().len(), 40);
+    let upgrade = "GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let (status, body) = raw_http(http, upgrade.as_bytes()).unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("Sec-WebSocket-Protocol: mqtt"), "{body}");
+    let off = tempfile::tempdir().unwrap();
+    let plain = Server::start(off.path(), &[]);
+    let with_protocol = upgrade.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n");
+    assert_eq!(
+        raw_http(plain.addr, with_protocol.as_bytes()).unwrap().0,
+        404
+    );
+}

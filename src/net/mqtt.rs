@@ -1,5 +1,6 @@
-//! MQTT 3.1.1 / 5 device ingest over TCP (`--mqtt-listen`, docs/MQTT.md): the accept loop of the
-//! MQTT listener and one connection from CONNECT to close. It owns the socket side: reading
+//! MQTT 3.1.1 / 5 device ingest (`--mqtt-listen`, docs/MQTT.md): the accept loop of the MQTT
+//! listener, the `/mqtt` WebSocket connection kind ([`MqttWsKind`], MQTT over WebSocket on the
+//! main listener), and one connection from CONNECT to close over either byte stream. It owns the socket side: reading
 //! packets under the packet-size bound and the keep-alive deadline (1.5 × the keep alive),
 //! decoding PUBLISH payloads (`geobeat/<id>`: the WebSocket JSON heartbeat without `seq`, or an
 //! array; `owntracks/<user>/<device>`: OwnTracks JSON), storing them like a WebSocket frame
@@ -25,20 +26,26 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use async_tungstenite::WebSocketStream;
 use futures_lite::io::{ReadHalf, WriteHalf};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::http::parse::{self, Request};
 use crate::limits::{
     CONN_FRAMES_IN_FLIGHT_MAX, DRAIN_BYTES_MAX, MQTT_INFLIGHT_MAX, MQTT_KEEP_ALIVE_GRACE_PERMILLE,
     MQTT_PACKET_BYTES_MAX, MQTT_READ_CHUNK_BYTES, REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX,
-    REPEAT_LOG_INTERVAL_MS, TOKEN_EXPIRY_WAIT_MAX,
+    REPEAT_LOG_INTERVAL_MS, TOKEN_EXPIRY_WAIT_MAX, WS_READ_BUFFER_BYTES, WS_WRITE_BUFFER_BYTES_MAX,
 };
 use crate::metrics::ExecProbe;
-use crate::net::edge::Edge;
+use crate::net::auth::Refusal;
+use crate::net::edge::{Edge, Kind};
 use crate::net::slots::ConnSlot;
+use crate::net::ws::ByteStream;
 use crate::proto::devices::owntracks;
 use crate::proto::mqtt::codec::{self, CodecError, Packet, Version};
 use crate::proto::mqtt::session::{
@@ -48,9 +55,14 @@ use crate::proto::{self, Ingest, IngestScope, Outcome, Reject, TsWindow};
 use crate::ratelog::LogEvery;
 use crate::record::Heartbeat;
 use crate::route::ShardId;
-use crate::rt::{self, Signal, TcpListener, TcpStream};
+use crate::rt::{self, Signal, TcpListener};
 use crate::shard::acks::ConnKey;
 use crate::shard::mesh::Batch;
+
+/// The byte stream an MQTT connection runs over: a TCP socket, or a WebSocket carrying MQTT
+/// (`/mqtt` on the main listener, [`crate::net::ws::ByteStream`]).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Stream for S {}
 
 /// Accepts MQTT connections until shutdown. Every socket counts against `--connections-max`
 /// like any other; over the cap a CONNECT is answered "server unavailable" (and beyond the
@@ -85,7 +97,76 @@ pub async fn accept_loop(edge: Rc<Edge>, listener: TcpListener) {
             continue; // a flood: close at once
         }
         let _ = stream.set_nodelay(true);
-        rt::spawn(serve(edge.clone(), stream, slot, open > max));
+        let peer = stream.peer_addr().ok();
+        rt::spawn(serve(
+            edge.clone(),
+            stream,
+            Vec::new(),
+            peer,
+            slot,
+            open > max,
+        ));
+    }
+}
+
+/// MQTT over WebSocket: `GET /mqtt` with `Sec-WebSocket-Protocol: mqtt` on the main listener
+/// (for clients that can only reach HTTP ports). The token still travels in the CONNECT; the
+/// upgrade itself needs none. Served while `--mqtt-listen` is on.
+pub struct MqttWsKind;
+
+impl Kind for MqttWsKind {
+    /// The `Sec-WebSocket-Accept` value.
+    type Grant = String;
+
+    fn admit(edge: &Edge, req: &Request<'_>) -> Result<String, Refusal> {
+        let refuse = |status: u16, message: &str| {
+            let (status, body) = parse::json_error(status, message, None);
+            Refusal { status, body }
+        };
+        if edge.core.shared.cfg.mqtt_listen.is_none() {
+            return Err(refuse(404, "MQTT is off (--mqtt-listen off)"));
+        }
+        let accept =
+            parse::websocket_accept(req).map_err(|e| refuse(e.status(), &e.to_string()))?;
+        if !req.sec_websocket_protocol_mqtt {
+            return Err(refuse(
+                400,
+                "MQTT over WebSocket needs Sec-WebSocket-Protocol: mqtt",
+            ));
+        }
+        Ok(accept)
+    }
+
+    async fn serve(
+        edge: Rc<Edge>,
+        mut stream: rt::TcpStream,
+        leftover: Vec<u8>,
+        accept: String,
+        slot: ConnSlot,
+    ) {
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\nsec-websocket-protocol: mqtt\r\n\r\n"
+        );
+        let written = rt::timeout(
+            edge.core.shared.cfg.handshake_timeout,
+            stream.write_all(response.as_bytes()),
+        )
+        .await;
+        if !matches!(written, Some(Ok(()))) {
+            return;
+        }
+        let peer = stream.peer_addr().ok();
+        let mut config = WebSocketConfig::default();
+        config.read_buffer_size = WS_READ_BUFFER_BYTES;
+        config.write_buffer_size = 0;
+        config.max_write_buffer_size = WS_WRITE_BUFFER_BYTES_MAX;
+        // One message never needs to be larger than one packet.
+        config.max_message_size = Some(MQTT_PACKET_BYTES_MAX);
+        config.max_frame_size = Some(MQTT_PACKET_BYTES_MAX);
+        let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config))
+            .await;
+        // The router already counted the socket against the cap.
+        serve(edge, ByteStream::new(ws), Vec::new(), peer, slot, false).await;
     }
 }
 
@@ -177,12 +258,19 @@ fn home_of(core: &crate::shard::core::Core, client: &str) -> crate::node::Execut
 
 /// Serves one accepted socket: reads the CONNECT, admits it (or answers the refusal), then runs
 /// the connection to its end. `busy`: over the connection cap, refuse the CONNECT.
-async fn serve(edge: Rc<Edge>, mut stream: TcpStream, slot: ConnSlot, busy: bool) {
+async fn serve<S: Stream>(
+    edge: Rc<Edge>,
+    mut stream: S,
+    leftover: Vec<u8>,
+    peer: Option<SocketAddr>,
+    slot: ConnSlot,
+    busy: bool,
+) {
     let _slot = slot;
     let core = &edge.core;
     let cfg = &core.shared.cfg;
     let probe = &core.probe;
-    let mut buf = Vec::with_capacity(512);
+    let mut buf = leftover;
     let deadline = Instant::now() + cfg.handshake_timeout;
     let number = NEXT_CONN.with(|c| {
         let n = c.get();
@@ -215,7 +303,7 @@ async fn serve(edge: Rc<Edge>, mut stream: TcpStream, slot: ConnSlot, busy: bool
                     Ok(a) => break (a, used),
                     Err(r) => {
                         probe.mqtt_event("connect_refused", 1);
-                        log_refused(&stream, r.reason);
+                        log_refused(peer, r.reason);
                         let mut out = Vec::new();
                         session::connack_refused(&r, &mut out);
                         finish(&mut stream, &out).await;
@@ -267,9 +355,10 @@ async fn serve(edge: Rc<Edge>, mut stream: TcpStream, slot: ConnSlot, busy: bool
 
 /// Writes `out` (a refusal), shuts our side down and reads what the client still sends for a
 /// moment: closing with unread input makes the kernel send a reset that can destroy the answer.
-async fn finish(stream: &mut TcpStream, out: &[u8]) {
+async fn finish<S: Stream>(stream: &mut S, out: &[u8]) {
     let _ = rt::timeout(REFUSAL_READ_MAX, stream.write_all(out)).await;
-    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    // Shuts our side down (TCP: FIN; WebSocket: the close frame).
+    let _ = rt::timeout(REFUSAL_READ_MAX, stream.close()).await;
     let mut sink = [0u8; 2048];
     let mut left = DRAIN_BYTES_MAX;
     let drain = async {
@@ -284,13 +373,10 @@ async fn finish(stream: &mut TcpStream, out: &[u8]) {
 }
 
 /// Logs a refused CONNECT at info, one line per interval per executor (never the token).
-fn log_refused(stream: &TcpStream, why: &'static str) {
+fn log_refused(peer: Option<SocketAddr>, why: &'static str) {
     REFUSED_LOG.with(|every| {
         if let Some(suppressed) = every.check() {
-            let peer = stream
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            let peer = peer.map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(
                 peer,
                 reason = why,
@@ -303,9 +389,9 @@ fn log_refused(stream: &TcpStream, why: &'static str) {
 
 /// Runs an admitted connection: registers it (taking over a live one with the same client id),
 /// runs the reader here and the writer in a task of its own, and unregisters it.
-async fn run(
+async fn run<S: Stream>(
     edge: Rc<Edge>,
-    stream: TcpStream,
+    stream: S,
     leftover: Vec<u8>,
     admitted: Admitted,
     number: u64,
@@ -380,11 +466,11 @@ enum Wake {
 }
 
 /// Reads and handles packets until the connection is to end (then `conn.close` says how).
-async fn read_loop(
+async fn read_loop<S: Stream>(
     edge: &Edge,
     key: ConnKey,
     conn: &Conn,
-    mut reader: ReadHalf<TcpStream>,
+    mut reader: ReadHalf<S>,
     mut buf: Vec<u8>,
     admitted: &Admitted,
 ) {
@@ -776,7 +862,7 @@ fn publish(
 }
 
 /// Runs the writer, then tells the reader it is gone (whatever ended it).
-async fn write_loop(edge: Rc<Edge>, key: ConnKey, conn: Rc<Conn>, mut w: WriteHalf<TcpStream>) {
+async fn write_loop<S: Stream>(edge: Rc<Edge>, key: ConnKey, conn: Rc<Conn>, mut w: WriteHalf<S>) {
     if let Err(e) = write_packets(&edge, key, &conn, &mut w).await {
         tracing::debug!(error = %e, "an MQTT connection's writes stalled or failed; closing it");
     }
@@ -787,11 +873,11 @@ async fn write_loop(edge: Rc<Edge>, key: ConnKey, conn: Rc<Conn>, mut w: WriteHa
 
 /// Writes the answers: the reader's, and the acknowledgements of every PUBLISH the ledger
 /// settled, in order; then the close. Every write must finish within the idle timeout.
-async fn write_packets(
+async fn write_packets<S: Stream>(
     edge: &Edge,
     key: ConnKey,
     conn: &Conn,
-    w: &mut WriteHalf<TcpStream>,
+    w: &mut WriteHalf<S>,
 ) -> std::io::Result<()> {
     let core = &edge.core;
     let probe = &core.probe;
@@ -849,7 +935,11 @@ async fn write_packets(
 }
 
 /// Writes `bytes` within `stall`.
-async fn write(w: &mut WriteHalf<TcpStream>, bytes: &[u8], stall: Duration) -> std::io::Result<()> {
+async fn write<S: Stream>(
+    w: &mut WriteHalf<S>,
+    bytes: &[u8],
+    stall: Duration,
+) -> std::io::Result<()> {
     if bytes.is_empty() {
         return Ok(());
     }

@@ -3,6 +3,8 @@
 listener and prints one JSON object per line, flushed as it happens, so the Rust test can act on a
 line the moment it arrives (kill -9 the server right after a PUBACK, for instance).
 
+--ws-path /mqtt runs any scenario over a WebSocket (--port is then the HTTP port).
+
 Scenarios:
   publish   connect, publish --count messages (payload --payload with {i} and {ts} filled in:
             the message index and now in ms plus the index), wait until every QoS 1/2 message is
@@ -44,7 +46,11 @@ def client(args, client_id=None):
         client_id=client_id if client_id is not None else args.client_id,
         protocol=proto,
         clean_session=None if args.v5 else True,
+        transport="websockets" if args.ws_path else "tcp",
     )
+    if args.ws_path:
+        # MQTT over WebSocket: paho offers the `mqtt` subprotocol on this path.
+        c.ws_set_options(path=args.ws_path)
     if args.token is not None:
         c.username_pw_set(args.user, args.token)
     # One attempt, no hidden retries: a refused or dropped connection is what the test checks.
@@ -224,6 +230,7 @@ def main():
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--gap-ms", type=int, default=0)
     p.add_argument("--keepalive", type=int, default=30)
+    p.add_argument("--ws-path", help="speak MQTT over a WebSocket on this path (port: HTTP)")
     p.add_argument("--silent-s", type=float, default=3.0)
     p.add_argument("--timeout", type=float, default=10.0)
     args = p.parse_args()
