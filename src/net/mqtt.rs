@@ -817,6 +817,11 @@ fn publish(
             core.recycle(items);
         }
     }
+    // MQTT 3.1.1 cannot refuse in an ack: the connection will close when the writer reaches
+    // this PUBLISH, so nothing after it is read (it would be stored, never acknowledged).
+    let stop_reading = verdict.is_err()
+        && p.qos != codec::QoS::AtMostOnce
+        && conn.session.borrow().version() == Version::V311;
     let publish = conn.session.borrow_mut().publish(
         p.qos,
         p.packet_id,
@@ -853,6 +858,16 @@ fn publish(
         } else {
             i += 1;
         }
+    }
+    if stop_reading {
+        // Refused: nothing was appended or forwarded. The writer answers what came before,
+        // then closes at this PUBLISH.
+        debug_assert!(forwards.is_empty());
+        return Step::End(Close {
+            code: None,
+            why: "publish refused",
+            drain: true,
+        });
     }
     if forwards.is_empty() {
         Step::Done
