@@ -785,3 +785,74 @@ fn mqtt_over_websocket_on_the_main_listener() {
         404
     );
 }
+
+/// Connects with `token` at `version` and reads the CONNACK: the socket (kept open by the
+/// caller) and the CONNACK's code.
+fn raw_connect(
+    mqtt: SocketAddr,
+    token: &str,
+    version: geobeat::proto::mqtt::codec::Version,
+) -> (std::net::TcpStream, u8) {
+    use geobeat::proto::mqtt::codec::{self, Connect, Packet};
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(mqtt).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let connect = Connect {
+        version,
+        clean: true,
+        keep_alive_s: 60,
+        props: &[],
+        client_id: "",
+        will: None,
+        username: Some("m-12"),
+        password: Some(token.as_bytes()),
+    };
+    let mut out = Vec::new();
+    codec::encode(&Packet::Connect(connect), version, &mut out);
+    s.write_all(&out).unwrap();
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 256];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed before the CONNACK");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some((Packet::ConnAck(a), _)) = codec::decode(&buf, Some(version), 1 << 20).unwrap()
+        {
+            return (s, a.code);
+        }
+    }
+}
+
+#[test]
+fn connections_over_the_cap_get_server_unavailable() {
+    // MQTT connections count against --connections-max with every other: with a cap of 3 and 3
+    // MQTT connections held, the next CONNECT gets 0x03 (3.1.1) / 0x89 (5); once one closes, a
+    // CONNECT is accepted again.
+    use geobeat::proto::mqtt::codec::Version;
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt = free_addr();
+    let server = Server::start(
+        dir.path(),
+        &["--mqtt-listen", &mqtt.to_string(), "--connections-max", "3"],
+    );
+    let tok = server.token(&["device", "m-12"]);
+    let mut held: Vec<_> = (0..3)
+        .map(|_| {
+            let (s, code) = raw_connect(mqtt, &tok, Version::V311);
+            assert_eq!(code, 0);
+            s
+        })
+        .collect();
+    assert_eq!(raw_connect(mqtt, &tok, Version::V311).1, 0x03);
+    assert_eq!(raw_connect(mqtt, &tok, Version::V5).1, 0x89);
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_s, code) = raw_connect(mqtt, &tok, Version::V5);
+        if code == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a slot never came free");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -677,6 +677,61 @@ mod tests {
     }
 
     #[test]
+    fn the_v5_connack_states_the_bounds_and_the_assigned_id() {
+        // An MQTT 5 client learns Receive Maximum, Maximum Packet Size, no topic aliases, its
+        // assigned client id and the Server Keep Alive the server chose; 3.1.1 gets 2 bytes.
+        let secret = Secret::generate();
+        let now = 1_700_000_000;
+        let tok = crate::auth::mint(&secret, &Scope::Device("d".into()), now + 60);
+        let mut c = connect(Version::V5, None, Some(tok.as_bytes()));
+        c.client_id = "";
+        c.keep_alive_s = 0;
+        let a = admit(&c, &secret, now, 45, || "geobeat-0-1".into()).unwrap();
+        assert_eq!(
+            (a.keep_alive_s, a.server_keep_alive, a.assigned),
+            (45, true, true)
+        );
+        let mut out = Vec::new();
+        connack_accepted(&a, &mut out);
+        let (p, _) = decode(&out, Some(Version::V5), 1 << 20).unwrap().unwrap();
+        let Packet::ConnAck(ack) = p else {
+            panic!("{p:?}")
+        };
+        use codec::{prop, PropValue, Props};
+        let props = Props(ack.props);
+        assert_eq!(ack.code, 0);
+        assert_eq!(
+            props.get(prop::RECEIVE_MAXIMUM),
+            Some(PropValue::U16(MQTT_INFLIGHT_MAX as u16))
+        );
+        assert_eq!(
+            props.get(prop::MAXIMUM_PACKET_SIZE),
+            Some(PropValue::U32(MQTT_PACKET_BYTES_MAX as u32))
+        );
+        assert_eq!(
+            props.get(prop::TOPIC_ALIAS_MAXIMUM),
+            Some(PropValue::U16(0))
+        );
+        assert_eq!(
+            props.get(prop::ASSIGNED_CLIENT_ID),
+            Some(PropValue::Str("geobeat-0-1"))
+        );
+        assert_eq!(props.get(prop::SERVER_KEEP_ALIVE), Some(PropValue::U16(45)));
+        let mut c311 = connect(Version::V311, Some("d"), Some(tok.as_bytes()));
+        c311.client_id = "";
+        c311.clean = false;
+        let refused = admit(&c311, &secret, now, 45, || "x".into()).unwrap_err();
+        assert_eq!(refused.code, return_code::IDENTIFIER_REJECTED);
+        c311.clean = true;
+        let mut out = Vec::new();
+        connack_accepted(
+            &admit(&c311, &secret, now, 45, || "x".into()).unwrap(),
+            &mut out,
+        );
+        assert_eq!(out, [0x20, 2, 0, 0]);
+    }
+
+    #[test]
     fn topics_name_a_device() {
         assert_eq!(topic("geobeat/a/b"), Ok(Topic::Geobeat { device: "a/b" }));
         assert_eq!(
