@@ -182,6 +182,13 @@ struct Close {
     drain: bool,
 }
 
+/// The client ended the connection (DISCONNECT, end of stream, a broken socket).
+const CLIENT_CLOSED: Close = Close {
+    code: None,
+    why: "client closed",
+    drain: false,
+};
+
 /// What the reader and the writer of one connection share.
 struct Conn {
     /// The acknowledgement state.
@@ -429,16 +436,28 @@ async fn run<S: Stream>(
         }
     }
     gauge_open(probe, 1);
-    let (reader, writer) = futures_lite::io::split(stream);
+    let (mut reader, writer) = futures_lite::io::split(stream);
     let writer = rt::spawn_joinable(write_loop(edge.clone(), key, conn.clone(), writer));
-    read_loop(&edge, key, &conn, reader, leftover, &admitted).await;
-    conn.end(Close {
-        code: None,
-        why: "",
-        drain: false,
-    });
+    read_loop(&edge, key, &conn, &mut reader, leftover, &admitted).await;
+    conn.end(CLIENT_CLOSED);
     let _ = writer.await;
     core.acks.close(key);
+    if conn.close.get() != Some(CLIENT_CLOSED) {
+        // The server ended it (our side is shut down by now): read and drop what the client
+        // still sends for a moment, since closing with unread input makes the kernel send a
+        // reset that can destroy the last acknowledgements and the DISCONNECT.
+        let mut sink = [0u8; 2048];
+        let mut left = DRAIN_BYTES_MAX;
+        let drain = async {
+            while left > 0 {
+                match reader.read(&mut sink).await {
+                    Ok(n) if n > 0 => left = left.saturating_sub(n),
+                    _ => break,
+                }
+            }
+        };
+        let _ = rt::timeout(REFUSAL_READ_MAX, drain).await;
+    }
     LIVE.with(|l| l.borrow_mut().remove(&number));
     let client = admitted.client_id.clone();
     let _ = core
@@ -470,7 +489,7 @@ async fn read_loop<S: Stream>(
     edge: &Edge,
     key: ConnKey,
     conn: &Conn,
-    mut reader: ReadHalf<S>,
+    reader: &mut ReadHalf<S>,
     mut buf: Vec<u8>,
     admitted: &Admitted,
 ) {
@@ -510,6 +529,8 @@ async fn read_loop<S: Stream>(
                 conn.end(shutting_down());
                 return;
             }
+            // The server stopped reading, not the client: the keep-alive clock restarts.
+            last_packet = Instant::now();
             continue;
         }
         drop(wait);
@@ -698,13 +719,7 @@ fn handle(
             return protocol_error("unexpected packet")
         }
         Packet::Connect(_) => return protocol_error("second CONNECT"),
-        Packet::Disconnect(_) => {
-            return Step::End(Close {
-                code: None,
-                why: "client disconnected",
-                drain: false,
-            })
-        }
+        Packet::Disconnect(_) => return Step::End(CLIENT_CLOSED),
         Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
             return protocol_error("server-only packet")
         }
