@@ -149,7 +149,18 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     // MQTT (`--mqtt-listen`): resolved the same way, so every executor binds one concrete port.
     let mut cfg = cfg;
     if let Some(mqtt) = cfg.mqtt_listen {
-        cfg.mqtt_listen = Some(probe_bind(mqtt)?);
+        // Its default (1883) is the port a local MQTT broker uses: say how to move or drop it.
+        let resolved = probe_bind(mqtt).map_err(|e| match e {
+            ServeError::Listen { addr, source } => ServeError::Listen {
+                addr,
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("{source} (the MQTT listener: pass --mqtt-listen ADDR, or off)"),
+                ),
+            },
+            other => other,
+        })?;
+        cfg.mqtt_listen = Some(resolved);
     }
     // Whatever this process creates from here on (segments, meta, fences, cursors, audit files,
     // and files added later) is private even where a create call names no mode; the start-up

@@ -856,3 +856,53 @@ fn connections_over_the_cap_get_server_unavailable() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn an_mqtt_port_in_use_stops_the_start_and_says_how_to_move_it() {
+    // Port 1883 is often a local broker's: the refusal names the address and --mqtt-listen, and
+    // nothing is left running.
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = busy.local_addr().unwrap().to_string();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    let accepting = std::thread::spawn(move || {
+        // Answer the start-up probe's connections like a live broker would.
+        busy.set_nonblocking(true).unwrap();
+        let mut held = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            if let Ok((s, _)) = busy.accept() {
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let log = dir.path().join("serve.log");
+    let data = dir.path().join("data").display().to_string();
+    let listen = free_addr().to_string();
+    let args = [
+        "serve",
+        "--init",
+        "--listen",
+        &listen,
+        "--data-dir",
+        &data,
+        "--mqtt-listen",
+        &taken,
+    ];
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut child = Command::new(bin())
+        .args(&args)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = child.wait().unwrap();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains(&taken) && text.contains("--mqtt-listen"),
+        "{text}"
+    );
+    accepting.join().unwrap();
+}
