@@ -386,6 +386,24 @@ fn refused_heartbeats_are_never_acked_as_stored() {
         ],
     );
     assert!(text.contains("received PUBACK (Mid: 1, RC:135)"), "{text}");
+    let (_, text) = mosquitto_pub(
+        mqtt,
+        &[
+            "-V",
+            "mqttv5",
+            "-u",
+            "m-4",
+            "-P",
+            &dev,
+            "-q",
+            "1",
+            "-t",
+            "geobeat/m-4",
+            "-m",
+            "[]",
+        ],
+    );
+    assert!(text.contains("received PUBACK (Mid: 1, RC:153)"), "{text}");
     // A refused QoS 2 PUBLISH: its PUBREC carries the code (neither client prints a PUBREC's
     // code, so this one exchange is read with geobeat's own codec over a plain socket).
     assert_eq!(
@@ -508,7 +526,30 @@ fn oversize_packets_end_the_connection_without_an_ack() {
     );
     assert!(lines.iter().all(|l| l.get("ack").is_none()), "{lines:?}");
     assert!(line(&lines, "disconnect")["disconnect"] != 0, "{lines:?}");
-    assert!(mqtt_event(&server, "protocol_error") >= 1);
+    // mosquitto_pub, 3.1.1 (MQTT 5 clients hold themselves to the advertised Maximum Packet
+    // Size and never send it): no PUBACK, the connection ends.
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'x'; 70_000]).unwrap();
+    let (_, text) = mosquitto_pub(
+        mqtt,
+        &[
+            "-u",
+            "m-6",
+            "-P",
+            &tok,
+            "-q",
+            "1",
+            "-t",
+            "geobeat/m-6",
+            "-f",
+            big.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        text.contains("received CONNACK (0)") && !text.contains("PUBACK"),
+        "{text}"
+    );
+    assert!(mqtt_event(&server, "protocol_error") >= 2);
     assert!(stored_lats(&server, "m-6").is_empty());
 }
 
