@@ -1,15 +1,17 @@
 //! MQTT 3.1.1 / 5 device ingest (`--mqtt-listen`, docs/MQTT.md): the accept loop of the MQTT
 //! listener, the `/mqtt` WebSocket connection kind ([`MqttWsKind`], MQTT over WebSocket on the
-//! main listener), and one connection from CONNECT to close over either byte stream. It owns the socket side: reading
-//! packets under the packet-size bound and the keep-alive deadline (1.5 × the keep alive),
-//! decoding PUBLISH payloads (`geobeat/<id>`: the WebSocket JSON heartbeat without `seq`, or an
-//! array; `owntracks/<user>/<device>`: OwnTracks JSON), storing them like a WebSocket frame
-//! (grouped by owning shard, appended here or forwarded over the mesh, settled through the
-//! executor's [`crate::shard::acks::AckLedger`]), writing what the protocol state
-//! ([`crate::proto::mqtt::session`]) answers, and the take-over of a client id. It does not
-//! define the wire format or the acknowledgement rules (`proto::mqtt`), nor spawn anything but
-//! its connections and their writers.
-//!
+//! main listener), and one connection from CONNECT to close over either byte stream. It owns
+//! the socket side: reading packets under the packet-size bound and the keep-alive deadline
+//! (1.5 × the keep alive), decoding PUBLISH payloads (`geobeat/<id>`: the WebSocket JSON
+//! heartbeat without `seq`, or an array; `owntracks/<user>/<device>`: OwnTracks JSON), storing
+//! them like a WebSocket frame (grouped by owning shard, appended here or forwarded over the
+//! mesh, settled through the executor's [`crate::shard::acks::AckLedger`]), writing what the
+//! protocol state ([`crate::proto::mqtt::session`]) answers, and the take-over of a client id.
+//! It does not define the wire format or the acknowledgement rules (`proto::mqtt`), nor spawn
+//! anything but its connections and their writers. An MQTT connection stays on the executor
+//! that accepted it (like `--routing forward`; handing the socket to its device's owner, as
+//! `/v1/ingest` does, is future work).
+
 //! Each PUBLISH is one ledger frame whose sequence number is the PUBLISH's own (every heartbeat
 //! in it carries that number), so the ledger's "highest seq of the durable prefix" is exactly
 //! "every PUBLISH up to here is durable" and a storage refusal names its PUBLISH.
@@ -17,12 +19,12 @@
 //! Invariants: a PUBACK / PUBREC with success is written only after the ledger settled the
 //! PUBLISH (durable in strict mode) with no refusal; the reader stops reading (backpressure)
 //! while [`MQTT_INFLIGHT_MAX`] QoS 1/2 PUBLISHes or [`CONN_FRAMES_IN_FLIGHT_MAX`] frames are
-//! unsettled; a client id has at most one live connection in the process: a new CONNECT takes
-//! the old connection over (MQTT §3.1.4), on whichever executor it lives (each id has a home
-//! executor, the owner of the shard it routes to, that keeps a directory entry naming the id's
-//! connection; the control mesh carries the look-up and the take-over); on shutdown the
-//! connection stops reading, waits for what it received to become durable and acknowledged,
-//! then closes (MQTT 5: DISCONNECT 0x8B).
+//! unsettled; a client id keeps one live connection in the process: a new CONNECT takes the
+//! old connection over (MQTT §3.1.4; ended as soon as the look-up returns), on whichever
+//! executor it lives (each id has a home executor, the owner of the shard it routes to, whose
+//! directory names the id's connection; the control mesh carries the look-up and the
+//! take-over); on shutdown the connection stops reading, waits for what it received to become
+//! durable and acknowledged, then closes (MQTT 5: DISCONNECT 0x8B).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
