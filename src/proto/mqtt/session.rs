@@ -837,6 +837,87 @@ mod tests {
         assert_eq!(s.inflight(), 0);
     }
 
+    proptest::proptest! {
+        /// Model check: PUBLISHes of random QoS (QoS 2 ids unique), some refused before
+        /// storing, some refused by the store later, settled in random steps. Every QoS 1/2
+        /// PUBLISH is answered exactly once, in PUBLISH order, with success iff it was never
+        /// refused (MQTT 5); MQTT 3.1.1 answers the prefix before the first refused QoS 1/2
+        /// PUBLISH with success and then closes, answering nothing after it.
+        #[test]
+        fn acks_follow_publish_order_and_never_claim_a_refusal_stored(
+            v5 in proptest::bool::ANY,
+            ops in proptest::collection::vec((0u8..3, 0u8..4, 0u8..3), 1..40),
+        ) {
+            let version = if v5 { Version::V5 } else { Version::V311 };
+            let mut s = Session::new(version);
+            let mut out = Vec::new();
+            // Model: (seq, packet id, qos, refused) per PUBLISH.
+            let mut model: Vec<(u64, Option<u16>, QoS, bool)> = Vec::new();
+            let mut next_id = 1u16;
+            let mut ack_ready = 0u64;
+            let mut closed = false;
+            for (qos, refuse_now, step) in ops {
+                let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][qos as usize];
+                let id = (qos != QoS::AtMostOnce).then(|| { next_id += 1; next_id });
+                let refused = refuse_now == 0;
+                let why = refused.then(|| Refused::payload("x"));
+                let Publish::Store(seq) = s.publish(qos, id, why, &mut out) else {
+                    panic!("fresh ids are never duplicates");
+                };
+                model.push((seq, id, qos, refused));
+                if refuse_now == 1 {
+                    // The store refuses an earlier, unsettled PUBLISH.
+                    let k = model.len() / 2;
+                    if model[k].0 > ack_ready {
+                        s.refuse(model[k].0, Refused::storage("storage_full"));
+                        model[k].3 = true;
+                    }
+                }
+                if step > 0 && !closed {
+                    ack_ready = (ack_ready + u64::from(step)).min(model.len() as u64);
+                    if let Settled::Close(_) = s.settle(ack_ready, &mut out) {
+                        closed = true;
+                    }
+                }
+            }
+            if !closed {
+                closed = matches!(s.settle(model.len() as u64, &mut out), Settled::Close(_));
+            }
+            let got = packets(&out, version);
+            let answered: Vec<_> = model.iter().filter(|m| m.2 != QoS::AtMostOnce).collect();
+            let expect: Vec<String> = match version {
+                Version::V5 => answered
+                    .iter()
+                    .map(|(_, id, qos, _)| {
+                        let kind = if *qos == QoS::ExactlyOnce { "PUBREC" } else { "PUBACK" };
+                        format!("{kind} {}", id.unwrap())
+                    })
+                    .collect(),
+                Version::V311 => answered
+                    .iter()
+                    .take_while(|m| !m.3)
+                    .map(|(_, id, qos, _)| {
+                        let kind = if *qos == QoS::ExactlyOnce { "PUBREC" } else { "PUBACK" };
+                        format!("{kind} {}", id.unwrap())
+                    })
+                    .collect(),
+            };
+            let got_ids: Vec<String> = got
+                .iter()
+                .map(|g| g.rsplit_once(' ').unwrap().0.to_string())
+                .collect();
+            proptest::prop_assert_eq!(&got_ids, &expect);
+            // Success exactly for PUBLISHes never refused.
+            let answered_n = if v5 { answered.len() } else { expect.len() };
+            for (g, m) in got.iter().zip(answered.iter().take(answered_n)) {
+                let success = g.ends_with(" 0x0");
+                proptest::prop_assert_eq!(success, !m.3, "{} for {:?}", g, m);
+            }
+            let any_refused = answered.iter().any(|m| m.3);
+            proptest::prop_assert_eq!(closed, !v5 && any_refused);
+        }
+    }
+
     #[test]
     fn qos0_is_settled_silently() {
         let mut s = Session::new(Version::V311);
