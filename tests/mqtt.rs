@@ -832,6 +832,7 @@ fn mqtt_over_websocket_on_the_main_listener() {
 fn raw_connect(
     mqtt: SocketAddr,
     token: &str,
+    user: &str,
     version: geobeat::proto::mqtt::codec::Version,
 ) -> (std::net::TcpStream, u8) {
     use geobeat::proto::mqtt::codec::{self, Connect, Packet};
@@ -845,7 +846,7 @@ fn raw_connect(
         props: &[],
         client_id: "",
         will: None,
-        username: Some("m-12"),
+        username: Some(user),
         password: Some(token.as_bytes()),
     };
     let mut out = Vec::new();
@@ -876,20 +877,21 @@ fn connections_over_the_cap_get_server_unavailable() {
         dir.path(),
         &["--mqtt-listen", &mqtt.to_string(), "--connections-max", "3"],
     );
-    let tok = server.token(&["device", "m-12"]);
+    const USER: &str = "m-12";
+    let tok = server.token(&["device", USER]);
     let mut held: Vec<_> = (0..3)
         .map(|_| {
-            let (s, code) = raw_connect(mqtt, &tok, Version::V311);
+            let (s, code) = raw_connect(mqtt, &tok, USER, Version::V311);
             assert_eq!(code, 0);
             s
         })
         .collect();
-    assert_eq!(raw_connect(mqtt, &tok, Version::V311).1, 0x03);
-    assert_eq!(raw_connect(mqtt, &tok, Version::V5).1, 0x89);
+    assert_eq!(raw_connect(mqtt, &tok, USER, Version::V311).1, 0x03);
+    assert_eq!(raw_connect(mqtt, &tok, USER, Version::V5).1, 0x89);
     drop(held.pop());
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (_s, code) = raw_connect(mqtt, &tok, Version::V5);
+        let (_s, code) = raw_connect(mqtt, &tok, USER, Version::V5);
         if code == 0 {
             break;
         }
@@ -946,4 +948,115 @@ fn an_mqtt_port_in_use_stops_the_start_and_says_how_to_move_it() {
         "{text}"
     );
     accepting.join().unwrap();
+}
+
+/// Encodes `packets` at `version` into one buffer.
+fn encode_all(
+    packets: &[geobeat::proto::mqtt::codec::Packet<'_>],
+    version: geobeat::proto::mqtt::codec::Version,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in packets {
+        geobeat::proto::mqtt::codec::encode(p, version, &mut out);
+    }
+    out
+}
+
+#[test]
+fn pipelined_qos2_publishes_complete_beyond_the_inflight_bound() {
+    // A 3.1.1 client writes 200 QoS 2 PUBLISHes at once (more than the 64 the server reads
+    // ahead), answering each PUBREC with its PUBREL as it comes: the PUBRELs behind the
+    // PUBLISHes must still be read, so all 200 complete (no deadlock) and all are stored. An
+    // MQTT 5 client that ignores the advertised Receive Maximum (64) instead is disconnected
+    // with 0x93.
+    use geobeat::proto::mqtt::codec::{self, Ack, Packet, Publish, QoS, Version};
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mqtt) = start(dir.path());
+    const USER: &str = "m-13";
+    let tok = server.token(&["device", USER]);
+    let (mut s, code) = raw_connect(mqtt, &tok, USER, Version::V311);
+    assert_eq!(code, 0);
+    let t = now_ms();
+    let payloads: Vec<String> = (0..200)
+        .map(|i| format!(r#"{{"lat":13,"lon":{},"ts":{}}}"#, i as f64 / 10.0, t + i))
+        .collect();
+    let publishes: Vec<Packet> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                topic: "geobeat/m-13",
+                packet_id: Some(i as u16 + 1),
+                props: &[],
+                payload: p.as_bytes(),
+            })
+        })
+        .collect();
+    s.write_all(&encode_all(&publishes, Version::V311)).unwrap();
+    let mut buf = Vec::new();
+    let mut completed = 0;
+    while completed < 200 {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("the server answers within 5 s");
+        assert!(n > 0, "closed after {completed} PUBCOMPs");
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        let mut rels = Vec::new();
+        while let Some((p, used)) = codec::decode(&buf[at..], Some(Version::V311), 1 << 20).unwrap()
+        {
+            match p {
+                Packet::PubRec(a) => rels.push(Packet::PubRel(Ack { props: &[], ..a })),
+                Packet::PubComp(_) => completed += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+            at += used;
+        }
+        let rels = encode_all(&rels, Version::V311);
+        buf.drain(..at);
+        s.write_all(&rels).unwrap();
+    }
+    assert_eq!(
+        history_all(&server, "m-13", &server.token(&["ops"]))
+            .unwrap()
+            .len(),
+        200
+    );
+
+    // MQTT 5: 65 QoS 1 PUBLISHes without waiting while the first 64 are unacknowledged is only
+    // possible if the store is slower than the client; the PUBRELs withheld here make it
+    // certain: 64 QoS 2 PUBLISHes never released, then one more.
+    let (mut s, code) = raw_connect(mqtt, &tok, USER, Version::V5);
+    assert_eq!(code, 0);
+    s.write_all(&encode_all(&publishes[..64], Version::V5))
+        .unwrap();
+    let mut recs = 0;
+    let mut buf = Vec::new();
+    while recs < 64 {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        while let Some((p, used)) = codec::decode(&buf[at..], Some(Version::V5), 1 << 20).unwrap() {
+            assert!(matches!(p, Packet::PubRec(_)), "{p:?}");
+            recs += 1;
+            at += used;
+        }
+        buf.drain(..at);
+    }
+    s.write_all(&encode_all(&publishes[64..65], Version::V5))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let (p, _) = codec::decode(&rest, Some(Version::V5), 1 << 20)
+        .unwrap()
+        .unwrap();
+    let Packet::Disconnect(d) = p else {
+        panic!("{p:?}")
+    };
+    assert_eq!(d.code, 0x93);
 }

@@ -18,12 +18,12 @@
 //!
 //! Invariants: a PUBACK / PUBREC with success is written only after the ledger settled the
 //! PUBLISH (durable in strict mode) with no refusal; the reader stops reading (backpressure)
-//! while [`MQTT_INFLIGHT_MAX`] QoS 1/2 PUBLISHes or [`CONN_FRAMES_IN_FLIGHT_MAX`] frames are
-//! unsettled; a client id keeps one live connection in the process: a new CONNECT takes the
-//! old connection over (MQTT §3.1.4; ended as soon as the look-up returns), on whichever
-//! executor it lives (each id has a home executor, the owner of the shard it routes to, whose
-//! directory names the id's connection; the control mesh carries the look-up and the
-//! take-over); on shutdown the connection stops reading, waits for what it received to become
+//! while [`MQTT_INFLIGHT_MAX`] PUBLISHes or [`CONN_FRAMES_IN_FLIGHT_MAX`] frames wait for the
+//! store (never because of QoS 2 PUBLISHes waiting for a PUBREL: the PUBREL must be read); a
+//! client id keeps one live connection in the process: a new CONNECT takes the old connection
+//! over (MQTT §3.1.4; ended as soon as the look-up returns), on whichever executor it lives
+//! (each id has a home executor, the owner of the shard it routes to, whose directory names
+//! the id's connection; the control mesh carries the look-up and the take-over); on shutdown the connection stops reading, waits for what it received to become
 //! durable and acknowledged, then closes (MQTT 5: DISCONNECT 0x8B).
 
 use std::cell::{Cell, RefCell};
@@ -521,7 +521,7 @@ async fn read_loop<S: Stream>(
             return;
         };
         if frames >= CONN_FRAMES_IN_FLIGHT_MAX
-            || conn.session.borrow().inflight() >= MQTT_INFLIGHT_MAX
+            || conn.session.borrow().unsettled() >= MQTT_INFLIGHT_MAX
         {
             futures_lite::future::or(wait, async {
                 core.stop.wait().await;
@@ -683,6 +683,14 @@ fn handle(
         })
     };
     let step = match packet {
+        Packet::Publish(p) if conn.session.borrow().over_inflight(p.qos) => {
+            probe.mqtt_event("protocol_error", 1);
+            return Step::End(Close {
+                code: Some(reason::RECEIVE_MAXIMUM_EXCEEDED),
+                why: "too many QoS 1/2 PUBLISHes unacknowledged",
+                drain: false,
+            });
+        }
         Packet::Publish(p) => publish(edge, key, conn, scope, p, forwards, scratch),
         Packet::PubRel(a) => {
             conn.session

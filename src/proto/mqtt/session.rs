@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use super::codec::{self, Ack, ConnAck, Connect, Packet, PropsWriter, QoS, SubAck, Version};
 use crate::auth::{Claims, Scope, Secret};
 use crate::limits::{
-    MQTT_CLIENT_ID_BYTES_MAX, MQTT_INFLIGHT_MAX, MQTT_PACKET_BYTES_MAX,
+    MQTT_AWAITING_REL_MAX, MQTT_CLIENT_ID_BYTES_MAX, MQTT_INFLIGHT_MAX, MQTT_PACKET_BYTES_MAX,
     MQTT_REASON_STRING_BYTES_MAX, MQTT_TOPIC_BYTES_MAX,
 };
 
@@ -61,6 +61,8 @@ pub mod reason {
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     /// Payload format invalid.
     pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
+    /// Receive Maximum exceeded.
+    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     /// Topic Alias invalid (geobeat allows no aliases: Topic Alias Maximum is 0).
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
 }
@@ -437,7 +439,7 @@ impl Session {
     }
 
     /// QoS 1/2 PUBLISHes not fully acknowledged (waiting for the store, or a QoS 2 waiting for
-    /// its PUBREL): the caller stops reading at [`MQTT_INFLIGHT_MAX`] (Receive Maximum).
+    /// its PUBREL): what MQTT 5's Receive Maximum ([`MQTT_INFLIGHT_MAX`]) bounds.
     pub fn inflight(&self) -> usize {
         self.pending
             .iter()
@@ -446,9 +448,23 @@ impl Session {
             + self.awaiting_rel.len()
     }
 
-    /// PUBLISHes of any QoS not settled yet.
+    /// PUBLISHes of any QoS not settled yet (waiting for the store): the caller stops reading
+    /// at [`MQTT_INFLIGHT_MAX`]. QoS 2 PUBLISHes waiting for their PUBREL do not count: the
+    /// connection must be read to see those PUBRELs.
     pub fn unsettled(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Whether one more QoS 1/2 PUBLISH breaks the bound: MQTT 5's Receive Maximum (the client
+    /// was told, DISCONNECT 0x93), or, for 3.1.1, QoS 2 PUBLISHes never released
+    /// ([`MQTT_AWAITING_REL_MAX`]).
+    pub fn over_inflight(&self, qos: QoS) -> bool {
+        match (self.version, qos) {
+            (_, QoS::AtMostOnce) => false,
+            (Version::V5, _) => self.inflight() >= MQTT_INFLIGHT_MAX,
+            (Version::V311, QoS::AtLeastOnce) => false,
+            (Version::V311, QoS::ExactlyOnce) => self.awaiting_rel.len() >= MQTT_AWAITING_REL_MAX,
+        }
     }
 
     /// Registers a PUBLISH (`refused`: already refused before storing, e.g. its payload). A
