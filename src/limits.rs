@@ -554,9 +554,12 @@ pub const MQTT_AWAITING_REL_MAX: usize = 1024;
 pub const MQTT_FILTERS_MAX: usize = 16;
 /// Longest MQTT 5 reason string the server sends, bytes.
 pub const MQTT_REASON_STRING_BYTES_MAX: usize = 128;
-/// Bytes an MQTT connection reads from its socket at a time (its read buffer grows to at most
-/// one packet, [`MQTT_PACKET_BYTES_MAX`], plus one of these).
+/// Bytes an MQTT connection reads from its socket at a time inside a packet (its read buffer
+/// grows to at most one packet, [`MQTT_PACKET_BYTES_MAX`], plus one of these).
 pub const MQTT_READ_CHUNK_BYTES: usize = 4096;
+/// Bytes an MQTT connection reads at a time between packets, and the buffer an idle connection
+/// keeps: a heartbeat PUBLISH is about 100 bytes.
+pub const MQTT_IDLE_READ_BYTES: usize = 512;
 /// A connection that sends no packet for this many thousandths of its keep alive is closed
 /// (MQTT 3.1.1 §3.1.2.10 and 5 §3.1.2.10: one and a half times).
 pub const MQTT_KEEP_ALIVE_GRACE_PERMILLE: u64 = 1500;
@@ -566,6 +569,7 @@ const _: () = assert!(MQTT_PACKET_BYTES_MAX > FRAME_BYTES_MAX + MQTT_TOPIC_BYTES
 // Packet ids are u16 and 0 is reserved: the inflight bound must fit Receive Maximum's u16.
 const _: () = assert!(MQTT_INFLIGHT_MAX >= 1 && MQTT_INFLIGHT_MAX <= u16::MAX as usize);
 const _: () = assert!(MQTT_AWAITING_REL_MAX >= MQTT_INFLIGHT_MAX);
+const _: () = assert!(MQTT_IDLE_READ_BYTES <= MQTT_READ_CHUNK_BYTES);
 // Remaining Length is a 4-byte varint: at most 268,435,455 bytes.
 const _: () = assert!(MQTT_PACKET_BYTES_MAX <= 268_435_455);
 const _: () = assert!(MQTT_TOPIC_BYTES_MAX <= u16::MAX as usize);

@@ -39,9 +39,10 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::http::parse::{self, Request};
 use crate::limits::{
-    CONN_FRAMES_IN_FLIGHT_MAX, DRAIN_BYTES_MAX, MQTT_INFLIGHT_MAX, MQTT_KEEP_ALIVE_GRACE_PERMILLE,
-    MQTT_PACKET_BYTES_MAX, MQTT_READ_CHUNK_BYTES, REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX,
-    REPEAT_LOG_INTERVAL_MS, TOKEN_EXPIRY_WAIT_MAX, WS_READ_BUFFER_BYTES, WS_WRITE_BUFFER_BYTES_MAX,
+    CONN_FRAMES_IN_FLIGHT_MAX, DRAIN_BYTES_MAX, MQTT_IDLE_READ_BYTES, MQTT_INFLIGHT_MAX,
+    MQTT_KEEP_ALIVE_GRACE_PERMILLE, MQTT_PACKET_BYTES_MAX, MQTT_READ_CHUNK_BYTES,
+    REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX, REPEAT_LOG_INTERVAL_MS, TOKEN_EXPIRY_WAIT_MAX,
+    WS_READ_BUFFER_BYTES, WS_WRITE_BUFFER_BYTES_MAX,
 };
 use crate::metrics::ExecProbe;
 use crate::net::auth::Refusal;
@@ -345,9 +346,10 @@ async fn serve<S: Stream>(
             Ok(None) => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut chunk = [0u8; MQTT_READ_CHUNK_BYTES];
-        match rt::timeout(left, stream.read(&mut chunk)).await {
-            Some(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+        let len = buf.len();
+        buf.resize(len + MQTT_IDLE_READ_BYTES, 0);
+        match rt::timeout(left, stream.read(&mut buf[len..])).await {
+            Some(Ok(n)) if n > 0 => buf.truncate(len + n),
             _ => return,
         }
     };
@@ -368,7 +370,8 @@ async fn finish<S: Stream>(stream: &mut S, out: &[u8]) {
     let _ = rt::timeout(REFUSAL_READ_MAX, stream.write_all(out)).await;
     // Shuts our side down (TCP: FIN; WebSocket: the close frame).
     let _ = rt::timeout(REFUSAL_READ_MAX, stream.close()).await;
-    let mut sink = [0u8; 2048];
+    // On the heap: this future's state must not carry the buffer while the connection lives.
+    let mut sink = vec![0u8; 2048];
     let mut left = DRAIN_BYTES_MAX;
     let drain = async {
         while left > 0 {
@@ -448,7 +451,8 @@ async fn run<S: Stream>(
         // The server ended it (our side is shut down by now): read and drop what the client
         // still sends for a moment, since closing with unread input makes the kernel send a
         // reset that can destroy the last acknowledgements and the DISCONNECT.
-        let mut sink = [0u8; 2048];
+        // On the heap: this future's state must not carry the buffer while the connection lives.
+        let mut sink = vec![0u8; 2048];
         let mut left = DRAIN_BYTES_MAX;
         let drain = async {
             while left > 0 {
@@ -559,15 +563,27 @@ async fn read_loop<S: Stream>(
                 last_packet = Instant::now();
                 let step = handle(edge, key, conn, scope, &packet, &mut forwards, &mut scratch);
                 buf.drain(..used);
+                if buf.is_empty() && buf.capacity() > MQTT_READ_CHUNK_BYTES {
+                    // After a large packet: an idle connection keeps a small buffer.
+                    buf.shrink_to(MQTT_IDLE_READ_BYTES);
+                }
                 step
             }
             Ok(None) => {
                 let deadline = (last_packet + keep_alive).min(expires_at);
                 let left = deadline.saturating_duration_since(Instant::now());
-                let mut chunk = [0u8; MQTT_READ_CHUNK_BYTES];
+                // Read straight into the buffer: a small read while idle (a heartbeat PUBLISH
+                // is ~100 bytes), a full chunk inside a larger packet.
+                let len = buf.len();
+                let want = if len == 0 {
+                    MQTT_IDLE_READ_BYTES
+                } else {
+                    MQTT_READ_CHUNK_BYTES
+                };
+                buf.resize(len + want, 0);
                 let signal = conn.signal.wait();
                 let wake = futures_lite::future::or(
-                    async { Wake::Read(reader.read(&mut chunk).await) },
+                    async { Wake::Read(reader.read(&mut buf[len..]).await) },
                     futures_lite::future::or(
                         async {
                             rt::sleep(left).await;
@@ -586,9 +602,12 @@ async fn read_loop<S: Stream>(
                     ),
                 )
                 .await;
+                if !matches!(wake, Wake::Read(Ok(n)) if n > 0) {
+                    buf.truncate(len);
+                }
                 match wake {
                     Wake::Read(Ok(n)) if n > 0 => {
-                        buf.extend_from_slice(&chunk[..n]);
+                        buf.truncate(len + n);
                         continue;
                     }
                     // EOF or a reset: the client is gone (what it sent is still stored).
