@@ -113,6 +113,10 @@ pub enum Query {
     },
     /// Server statistics (per executor and shard).
     Stats,
+    /// Whether the server is ready to take heartbeats (`GET /readyz`, no token needed): exit
+    /// status 0 when it is, 1 with its answer when not. For container and orchestrator health
+    /// checks (the image has no curl).
+    Ready,
 }
 
 /// Why `geobeat query` failed.
@@ -232,6 +236,8 @@ fn parse_url(url: &str) -> Result<(String, u16, String), QueryError> {
 
 fn resolve(args: &QueryArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Target, QueryError> {
     let file = load_file(args, env)?;
+    // `ready` asks a public endpoint: a token is not needed (an empty one sends no header).
+    let need_token = !matches!(args.what, Query::Ready);
     let url = args
         .url
         .clone()
@@ -243,6 +249,7 @@ fn resolve(args: &QueryArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Tar
         .clone()
         .or_else(|| env(TOKEN_ENV).filter(|v| !v.is_empty()))
         .or(file.token)
+        .or_else(|| (!need_token).then(String::new))
         .ok_or_else(|| {
             QueryError::Usage(format!(
                 "no token: give --token, set {TOKEN_ENV}, or put `token = \"...\"` in the config \
@@ -298,13 +305,19 @@ impl Target {
         })))
     }
 
-    /// `GET base + path_and_query` with the token: the parsed JSON body of a 2xx answer.
+    /// `GET base + path_and_query` with the token (if any): the parsed JSON body of a 2xx
+    /// answer.
     fn get(&self, path_and_query: &str) -> Result<Value, QueryError> {
         let mut stream = self.connect()?;
+        let auth = if self.token.is_empty() {
+            String::new()
+        } else {
+            format!("authorization: Bearer {}\r\n", self.token)
+        };
         let request = format!(
-            "GET {}{path_and_query} HTTP/1.1\r\nhost: {}:{}\r\nauthorization: Bearer {}\r\n\
+            "GET {}{path_and_query} HTTP/1.1\r\nhost: {}:{}\r\n{auth}\
              accept: application/json\r\nconnection: close\r\n\r\n",
-            self.base, self.host, self.port, self.token
+            self.base, self.host, self.port
         );
         let net = |e: std::io::Error| QueryError::Network(format!("talking to the server: {e}"));
         stream.write_all(request.as_bytes()).map_err(net)?;
@@ -399,6 +412,7 @@ pub fn run_with(
         Query::Fences { name: None } => target.get("/v1/geofences")?,
         Query::Fences { name: Some(n) } => target.get(&format!("/v1/geofences/{}", encode(n)))?,
         Query::Stats => target.get("/v1/stats")?,
+        Query::Ready => target.get("/readyz")?,
         Query::Subscribe {
             devices,
             bbox,
@@ -601,6 +615,22 @@ fn render(what: &Query, v: &Value) -> String {
                     &rows
                 )
             )
+        }
+        Query::Ready => {
+            let failing = v
+                .get("sinks_failing")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .filter(|s| !s.is_empty());
+            match failing {
+                Some(f) => format!("ready (sinks failing: {f})"),
+                None => "ready".to_owned(),
+            }
         }
         Query::Subscribe { .. } => String::new(),
     }

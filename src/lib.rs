@@ -11,6 +11,7 @@
 //!   ledger, the meshes. Knows nothing of sockets.
 //! - [`subscribe`]: subscription interest, event fan-out and delivery queues, JSON rendering.
 //! - [`query`]: history and area queries over one shard store.
+//! - [`backup`]: `geobeat backup` / `geobeat restore`: a consistent copy of a live data directory.
 //! - [`reshard`]: `geobeat reshard` / `geobeat migrate`: the offline rewrite into a new layout.
 //! - [`demo`]: `geobeat demo`'s simulated fleet.
 //! - [`node`]: process-wide server state (configuration, secret, routing, counters, feeds).
@@ -40,6 +41,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod backup;
 pub mod checkpoint;
 pub mod client;
 pub mod config;

@@ -511,6 +511,12 @@ pub const DEMO_RATE_HZ_MAX: f64 = 100.0;
 pub const SINK_POLL_INTERVAL_MS_RANGE: (u64, u64) = (1, 10_000);
 /// Bounds of the zstd level.
 pub const ZSTD_LEVEL_RANGE: (i32, i32) = (1, 19);
+/// Attempts `geobeat backup` makes at one shard when retention changes it meanwhile.
+pub const BACKUP_ATTEMPTS_MAX: u32 = 8;
+/// Buffer of `geobeat backup` / `restore` file copies and CRCs.
+pub const BACKUP_COPY_CHUNK_BYTES: usize = 1 << 20;
+/// Largest backup manifest `geobeat restore` reads (a line per file; 16,384 segments × 256 shards fit).
+pub const BACKUP_MANIFEST_BYTES_MAX: u64 = 1 << 30;
 
 // Relationships between the bounds above.
 const _: () = assert!(SHUTDOWN_DRAIN_MAX.as_millis() > STOP_POLL_INTERVAL.as_millis());
@@ -573,3 +579,20 @@ const _: () = assert!(MQTT_IDLE_READ_BYTES <= MQTT_READ_CHUNK_BYTES);
 // Remaining Length is a 4-byte varint: at most 268,435,455 bytes.
 const _: () = assert!(MQTT_PACKET_BYTES_MAX <= 268_435_455);
 const _: () = assert!(MQTT_TOPIC_BYTES_MAX <= u16::MAX as usize);
+
+// HTTP device endpoints for the phone apps (src/net/http/osmand.rs, src/net/http/owntracks.rs).
+/// Largest request body a device app's request may carry (Traccar Client's JSON location is about
+/// 600 bytes, an OwnTracks location with region lists a few KiB). Checked, after the token, before
+/// a byte of the body is read.
+pub const DEVICE_HTTP_BODY_BYTES_MAX: usize = 16 << 10;
+/// Longest `Authorization: Basic` value decoded (base64 of `user:password`: a device id and a
+/// token with room to spare).
+pub const BASIC_CREDENTIALS_BYTES_MAX: usize =
+    4 * (DEVICE_ID_BYTES_MAX + TOKEN_BYTES_MAX + 2) / 3 + 4;
+/// How long a device app's request waits for its heartbeat to become durable before it is
+/// answered 503 (the app resends; the heartbeat may still be stored, so a resend can duplicate
+/// it). Below the apps' own request timeouts (Traccar Client 8: 15 s).
+pub const DEVICE_HTTP_DURABLE_WAIT_MS: u64 = 10_000;
+const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX <= HTTP_BODY_BYTES_MAX);
+const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX + HTTP_URI_BYTES_MAX <= DEVICE_PARAMS_BYTES_MAX);
+const _: () = assert!(BASIC_CREDENTIALS_BYTES_MAX < HTTP_HEAD_BYTES_MAX);

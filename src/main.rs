@@ -1,6 +1,7 @@
 //! The `geobeat` binary: parses the command line, sets up logging, runs `serve`, `token`,
-//! `demo`, `sinks`, `reshard`, `migrate` or `query`, and maps failures to exit codes (1: runtime failure,
-//! 2: bad configuration or usage, or a data directory that must be migrated or is refused as is).
+//! `demo`, `sinks`, `reshard`, `migrate`, `query`, `backup` or `restore`, and maps failures to
+//! exit codes (1: runtime failure, 2: bad configuration or usage, or a data directory that must
+//! be migrated or is refused as is).
 //! Everything else lives in the library.
 
 use std::process::ExitCode;
@@ -58,6 +59,34 @@ fn main() -> ExitCode {
                 segment_bytes: args.segment_bytes,
             };
             rewrite("migrate", &req)
+        }
+        Command::Backup(args) => {
+            private_files();
+            let root = geobeat::config::offline_data_dir(args.data_dir.as_ref());
+            match geobeat::backup::backup(&root, &args.to) {
+                Ok(r) => {
+                    println!("geobeat backup: {}", r.summary(&root, &args.to));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("geobeat backup: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Command::Restore(args) => {
+            private_files();
+            let to = geobeat::config::offline_data_dir(args.data_dir.as_ref());
+            match geobeat::backup::restore(&args.from, &to) {
+                Ok(r) => {
+                    println!("geobeat restore: {}", r.summary(&args.from, &to));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("geobeat restore: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
         }
         Command::Query(args) => {
             let mut out = std::io::stdout().lock();

@@ -136,7 +136,7 @@ fn probe_bind(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
 
 /// Runs the server until SIGTERM/SIGINT (or until `stop` is set) and returns after an orderly
 /// drain: every heartbeat already received is made durable and acked before connections close.
-pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeError> {
+pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeError> {
     // The platform first (io_uring allowed, locked memory), then the addresses: a server that
     // cannot run leaves nothing behind in its data directory. See: issue 13 §4.
     crate::preflight::check()?;
@@ -146,8 +146,11 @@ pub fn run(cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), ServeE
     if let Some(metrics) = cfg.metrics_listen {
         probe_bind(metrics)?;
     }
+    // Every executor accepts OsmAnd requests on the same concrete port (SO_REUSEPORT).
+    if let Some(osmand) = cfg.osmand_listen {
+        cfg.osmand_listen = Some(probe_bind(osmand)?);
+    }
     // MQTT (`--mqtt-listen`): resolved the same way, so every executor binds one concrete port.
-    let mut cfg = cfg;
     if let Some(mqtt) = cfg.mqtt_listen {
         // Its default (1883) is the port a local MQTT broker uses: say how to move or drop it.
         let resolved = probe_bind(mqtt).map_err(|e| match e {
@@ -359,6 +362,17 @@ async fn executor_main(
         listener,
         Role::Main,
     ));
+    if let Some(addr) = shared.cfg.osmand_listen {
+        let osmand = rt::bind(addr)?;
+        if index.0 == 0 {
+            tracing::info!(%addr, "serving the OsmAnd protocol on its own listener, at any path");
+        }
+        rt::spawn(crate::net::router::accept_loop(
+            edge.clone(),
+            osmand,
+            Role::Osmand,
+        ));
+    }
     if let Some(addr) = shared.cfg.mqtt_listen {
         // Every executor accepts MQTT on the same port (SO_REUSEPORT), like the main listener.
         let mqtt = rt::bind(addr)?;

@@ -4,10 +4,13 @@
 //! query uses it, and every label they group or match by exists; `promtool check rules` and
 //! `promtool test rules` pass; the Kubernetes manifests validate offline against the
 //! Kubernetes schemas (`kubernetes-validate`, PyPI); the compose file and the systemd unit are
-//! consistent with the server's flags.
+//! consistent with the server's flags; the container image's root filesystem runs the server as
+//! its non-root user (chroot in a private mount namespace) and answers its health check, and the
+//! Containerfile builds with podman into the image the manifests expect.
 //!
-//! Tools: promtool (Debian package prometheus) and python3 with PyYAML and kubernetes-validate
-//! (.ci/run installs them). A missing tool fails the test with a message naming it.
+//! Tools: promtool (Debian package prometheus), python3 with PyYAML and kubernetes-validate,
+//! podman, unshare and chroot (.ci/run installs what is missing); the container tests need root.
+//! A missing tool fails the test with a message naming it.
 
 mod common;
 use common::*;
@@ -993,4 +996,208 @@ fn seccomp_profile_allows_io_uring_and_its_absence_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started without io_uring: {err}");
     assert!(err.contains("io_uring is blocked"), "{err}");
+}
+
+// ----- Item 1: the container image. -----
+
+/// `deploy/container/rootfs.sh BINARY OUT`.
+fn assemble_rootfs(out: &Path) {
+    let st = Command::new("sh")
+        .arg(deploy("container/rootfs.sh"))
+        .arg(bin())
+        .arg(out)
+        .status()
+        .expect("sh");
+    assert!(st.success(), "rootfs.sh failed");
+}
+
+/// Runs `args` inside `root` as the image's user (10001), the way an engine would: a private
+/// mount namespace with /proc, /sys and /dev bound in, then chroot. `--kill-child`: killing the
+/// returned process kills the server too.
+fn in_rootfs(root: &Path, args: &[&str]) -> Command {
+    let r = root.display();
+    let mut script = format!(
+        "mount --bind /proc {r}/proc && mount --rbind /sys {r}/sys && mount --rbind /dev {r}/dev \
+         && exec chroot --userspec=10001:10001 {r}"
+    );
+    for a in args {
+        script.push(' ');
+        script.push_str(a);
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--fork", "--kill-child", "sh", "-c", &script])
+        .env_remove("HOME");
+    cmd
+}
+
+#[test]
+fn container_root_filesystem_serves_as_a_non_root_user_with_its_health_check() {
+    // The image's root filesystem (deploy/container/rootfs.sh, what the Containerfile's runtime
+    // stage holds) is complete: run the real binary inside it as uid 10001 (podman run is not
+    // possible on this machine: crun's setrlimit is refused), take heartbeats, answer the
+    // image's HEALTHCHECK command from inside, and keep the data private to the user.
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rootfs");
+    assemble_rootfs(&root);
+    for lib in [
+        "usr/local/bin/geobeat",
+        "etc/passwd",
+        "etc/group",
+        "etc/hosts",
+    ] {
+        assert!(root.join(lib).is_file(), "{lib} missing from the rootfs");
+    }
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    assert!(passwd.contains("geobeat:x:10001:10001:"), "{passwd}");
+    let data = root.join("var/lib/geobeat");
+    let meta = std::fs::metadata(&data).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (10001, 0o700)
+    );
+    // Nothing but the binary, its loader and the libraries ldd names.
+    let ldd = run(Command::new("ldd").arg(bin()));
+    let wanted = ldd
+        .lines()
+        .filter(|l| l.contains(" /") || l.trim_start().starts_with('/'));
+    let mut libs = Vec::new();
+    for dir in ["lib", "lib64", "usr/lib"] {
+        if root.join(dir).is_dir() {
+            libs.extend(walk(&root.join(dir)).into_iter().filter(|p| p.is_file()));
+        }
+    }
+    assert_eq!(libs.len(), wanted.count(), "{libs:?} vs ldd:\n{ldd}");
+    assert!(
+        !root.join("bin/sh").exists(),
+        "the runtime image has no shell"
+    );
+
+    let addr = free_addr();
+    let listen = addr.to_string();
+    let child = in_rootfs(
+        &root,
+        &[
+            "/usr/local/bin/geobeat",
+            "serve",
+            "--init",
+            "--shards",
+            "1",
+            "--listen",
+            &listen,
+            "--data-dir",
+            "/var/lib/geobeat",
+            // Port 1883 may be taken by another test's server: MQTT is not what this checks.
+            "--mqtt-listen",
+            "off",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("unshare (util-linux) and chroot (coreutils)");
+    let server = Server {
+        child,
+        addr,
+        dir: data.clone(),
+        args: Vec::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(http(addr, "GET", "/readyz", None), Ok((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "the server in the rootfs never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let health = in_rootfs(
+        &root,
+        &[
+            "/usr/local/bin/geobeat",
+            "query",
+            "ready",
+            "--url",
+            &format!("http://{addr}"),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "ready");
+
+    let tok = server.token(&["gateway", "c-"]);
+    let mut ws = ws_connect(&server, &tok).unwrap();
+    let t = now_ms();
+    ws.send(Message::text(format!(
+        r#"{{"seq":1,"id":"c-1","lat":1,"lon":2,"ts":{t}}}"#
+    )))
+    .unwrap();
+    assert!(wait_ack(&mut ws, 1).is_empty());
+    drop(ws);
+    drop(server);
+    // Everything the server wrote belongs to the image's user and no one else can read it.
+    for e in walk(&data) {
+        let m = std::fs::symlink_metadata(&e).unwrap();
+        assert_eq!(m.uid(), 10001, "{}", e.display());
+        assert_eq!(m.permissions().mode() & 0o077, 0, "{}", e.display());
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn container_image_builds_with_podman_from_the_containerfile() {
+    // deploy/container/build.sh builds the Containerfile with podman (the offline way: the
+    // assembled rootfs replaces the build stage) and the image is what the README and the
+    // compose/Kubernetes files expect: non-root user, the data volume, both ports, the
+    // HEALTHCHECK on /readyz, geobeat as entrypoint, and small.
+    let tag = format!("localhost/geobeat-test:{}", std::process::id());
+    let out = Command::new("bash")
+        .arg(deploy("container/build.sh"))
+        .args(["--tag", &tag, "--binary", bin()])
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "build.sh failed (podman: apt-get install podman; .ci/run installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = Command::new("podman")
+        .args(["image", "inspect", &tag])
+        .output()
+        .unwrap();
+    let _ = Command::new("podman").args(["rmi", "-f", &tag]).output();
+    assert!(inspect.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let img = &v[0];
+    let cfg = &img["Config"];
+    assert_eq!(cfg["User"], "10001:10001");
+    assert_eq!(cfg["Entrypoint"][0], "/usr/local/bin/geobeat");
+    assert!(cfg["Volumes"].get("/var/lib/geobeat").is_some(), "{cfg}");
+    for port in ["8080/tcp", "9464/tcp"] {
+        assert!(cfg["ExposedPorts"].get(port).is_some(), "{cfg}");
+    }
+    let cmd: Vec<String> = strings(&cfg["Cmd"]);
+    assert_known_flags("Containerfile CMD", &cmd[1..], &serve_flags());
+    let health = strings(&img["Healthcheck"]["Test"]).join(" ");
+    assert!(
+        health.contains("/usr/local/bin/geobeat query ready"),
+        "{health}"
+    );
+    let size = img["Size"].as_u64().unwrap();
+    assert!(size < 64 << 20, "image is {size} bytes");
 }

@@ -94,7 +94,11 @@ fn every_documented_operation_answers_as_documented() {
             if path.starts_with("/v1/geofences/") {
                 assert_eq!(put_fence(&target).0, 200);
             }
-            let (st, body) = if upper == "PUT" {
+            let (st, body) = if path == "/v1/osmand" || path == "/v1/owntracks" {
+                // The phone apps' endpoints: a valid location with the device's token
+                // (tests/devices_http.rs drives them as the apps do).
+                device_app(&server, &upper, path, &dev)
+            } else if upper == "PUT" {
                 put_fence(&target)
             } else if upper == "POST" {
                 // The one POST is the bulk fence import: a valid one-entry batch.
@@ -157,6 +161,38 @@ fn every_documented_operation_answers_as_documented() {
             "{undocumented}"
         );
     }
+}
+
+/// A valid request of a phone app's endpoint for device `oa-1` (its token `dev`).
+fn device_app(server: &Server, method: &str, path: &str, dev: &str) -> (u16, String) {
+    let (target, auth, body) = match (method, path) {
+        ("GET", "/v1/osmand") => (
+            format!("/v1/osmand?id=oa-1&lat=52.5&lon=13.4&speed=2&token={dev}"),
+            String::new(),
+            String::new(),
+        ),
+        ("POST", "/v1/osmand") => (
+            path.to_owned(),
+            format!("authorization: Bearer {dev}\r\n"),
+            "id=oa-1&lat=52.5&lon=13.4".to_owned(),
+        ),
+        ("POST", "/v1/owntracks") => {
+            use base64::Engine as _;
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!("oa-1:{dev}"));
+            let tst = now_ms() / 1000;
+            (
+                path.to_owned(),
+                format!("authorization: Basic {basic}\r\n"),
+                format!(r#"{{"_type":"location","lat":52.5,"lon":13.4,"tst":{tst}}}"#),
+            )
+        }
+        other => panic!("no valid request written for {other:?}"),
+    };
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nhost: x\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    raw_http(server.addr, req.as_bytes()).unwrap()
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `geobeat query` against the real server: last location, history, bbox and near areas,
 //! geofences and stats as tables and as JSON, live events from `subscribe`, and the one-line
-//! refusals (no token, a refused token, no server, an unknown device) with their exit codes.
+//! refusals (no token, a refused token, no server, an unknown device) with their exit codes, and
+//! `ready` (the container health check).
 
 mod common;
 use common::*;
@@ -174,4 +175,16 @@ fn query_answers_tables_json_events_and_clear_refusals() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Readiness, the image's health check: no token needed; exit 0 while ready, 1 with the
+    // server's answer when it is not (here: no server at all).
+    let text = ok(&query(&server, None, &["ready"]));
+    assert_eq!(text.trim(), "ready");
+    let out = Command::new(bin())
+        .args(["query", "ready", "--url"])
+        .arg(format!("http://{}", free_addr()))
+        .env_remove("GEOBEAT_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
 }

@@ -42,6 +42,35 @@ pub enum Command {
     /// Ask a running server: a device's last location or history, devices in an area,
     /// geofences, live events, stats.
     Query(crate::client::QueryArgs),
+    /// Copy a data directory consistently, also while a server runs on it.
+    Backup(BackupArgs),
+    /// Verify a backup and install it as a new data directory.
+    Restore(RestoreArgs),
+}
+
+/// `backup` settings.
+#[derive(Args, Debug, Clone)]
+pub struct BackupArgs {
+    /// Data directory to back up (a server may be running on it) [env: GEOBEAT_DATA_DIR]
+    /// [default: ./shards]
+    #[arg(long, value_name = "DIR", value_parser = parse_path)]
+    pub data_dir: Option<PathBuf>,
+    /// New (absent or empty) directory to write the backup into, outside the data directory;
+    /// sealed segments are hard-linked when it is on the same file system
+    #[arg(long, value_name = "PATH", value_parser = parse_path)]
+    pub to: PathBuf,
+}
+
+/// `restore` settings.
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// Backup directory written by `geobeat backup`
+    #[arg(long, value_name = "PATH", value_parser = parse_path)]
+    pub from: PathBuf,
+    /// Data directory to create (must be absent or empty) [env: GEOBEAT_DATA_DIR]
+    /// [default: ./shards]
+    #[arg(long, value_name = "DIR", value_parser = parse_path)]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// `reshard` settings.

@@ -16,8 +16,8 @@ use super::settings::{
     Setting, Typed, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
     CONNECTIONS_MAX, DATA_DIR, DURABILITY, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
     HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY,
-    METRICS_LISTEN, MQTT_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES, SETTINGS, SHARDS,
-    SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
+    METRICS_LISTEN, MQTT_LISTEN, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES,
+    SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -28,6 +28,8 @@ use crate::limits::{OPEN_FILES_RESERVE, SHARDS_MAX};
 pub struct ServeConfig {
     /// Address for devices and the HTTP API.
     pub listen: SocketAddr,
+    /// Address of the OsmAnd-protocol-only listener, if any.
+    pub osmand_listen: Option<SocketAddr>,
     /// Directory of shard logs and the secret file.
     pub data_dir: PathBuf,
     /// Executors.
@@ -369,9 +371,24 @@ impl ServeArgs {
                 .and_then(ByteLimit::bytes),
         };
         let sinks = r.file.as_ref().map(|f| f.sinks.clone()).unwrap_or_default();
+        let listen = r.get(&LISTEN, &self.listen)?;
+        let osmand_listen = match r.pick(&OSMAND_LISTEN, &self.osmand_listen)? {
+            // Both listeners bind with SO_REUSEPORT: one address would silently split them.
+            Some((Some(a), origin)) if a == listen || Some(a) == metrics_addr(metrics) => {
+                return Err(ConfigError::Invalid {
+                    setting: OSMAND_LISTEN.meta.flag,
+                    value: a.to_string(),
+                    origin: origin.to_string(),
+                    reason: "must differ from --listen and --metrics-listen".into(),
+                })
+            }
+            Some((a, _)) => a,
+            None => OSMAND_LISTEN.fixed_default().flatten(),
+        };
         Ok(ServeConfig {
             init: self.init,
-            listen: r.get(&LISTEN, &self.listen)?,
+            listen,
+            osmand_listen,
             data_dir: r.get(&DATA_DIR, &self.data_dir)?,
             // The computed default: the available cores.
             shards: r
@@ -398,14 +415,8 @@ impl ServeArgs {
             frame_bytes_max: r.get(&FRAME_BYTES_MAX_S, &self.frame_bytes_max)?,
             frame_heartbeats_max: r.get(&FRAME_HEARTBEATS_MAX_S, &self.frame_heartbeats_max)?,
             mesh_capacity: r.get(&MESH_CAPACITY, &self.mesh_capacity)?,
-            metrics_listen: match metrics {
-                MetricsListen::On(a) => Some(a),
-                MetricsListen::Off => None,
-            },
-            mqtt_listen: match mqtt {
-                MetricsListen::On(a) => Some(a),
-                MetricsListen::Off => None,
-            },
+            metrics_listen: metrics_addr(metrics),
+            mqtt_listen: metrics_addr(mqtt),
             log_level: r.get(&LOG_LEVEL, &self.log_level)?,
             log_format: r.get(&LOG_FORMAT, &self.log_format)?,
             sinks,
@@ -439,6 +450,14 @@ impl ServeArgs {
             cores,
         };
         self.resolve(&sources)
+    }
+}
+
+/// The metrics listener's address, if it has one.
+fn metrics_addr(m: MetricsListen) -> Option<SocketAddr> {
+    match m {
+        MetricsListen::On(a) => Some(a),
+        MetricsListen::Off => None,
     }
 }
 

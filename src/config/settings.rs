@@ -239,6 +239,17 @@ settings! {
         parse: parse_socket_addr,
         help: "Address for devices and the HTTP API",
     }
+    setting OSMAND_LISTEN osmand_listen: Option<SocketAddr> {
+        flag: "--osmand-listen",
+        env: "GEOBEAT_OSMAND_LISTEN",
+        key: Some("osmand_listen"),
+        value: "ADDR",
+        default: Text("off"),
+        parse: parse_osmand_listen,
+        help: "Address for a listener serving only the OsmAnd protocol (Traccar Client, OsmAnd, \
+               GPSLogger) at any path, so an app's server URL can be http://host:port (Traccar \
+               uses port 5055), or `off`; the main listener serves it at /v1/osmand",
+    }
     setting DATA_DIR data_dir: PathBuf {
         flag: "--data-dir",
         env: "GEOBEAT_DATA_DIR",
@@ -695,6 +706,15 @@ fn parse_metrics_listen(text: &str) -> Result<MetricsListen, String> {
 fn parse_mqtt_listen(text: &str) -> Result<MetricsListen, String> {
     // The same shape as `--metrics-listen`: an address, or `off`.
     parse_metrics_listen(text)
+}
+
+fn parse_osmand_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text.trim() == "off" {
+        return Ok(None);
+    }
+    parse_socket_addr(text)
+        .map(Some)
+        .map_err(|e| format!("{e}, or `off`"))
 }
 
 fn parse_log_format(text: &str) -> Result<LogFormat, String> {

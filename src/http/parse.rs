@@ -16,8 +16,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
 use crate::limits::{
-    FENCE_BODY_BYTES_MAX, FENCE_BULK_BODY_BYTES_MAX, HTTP_BODY_BYTES_MAX, HTTP_HEADERS_MAX,
-    HTTP_HEAD_BYTES_MAX, HTTP_URI_BYTES_MAX,
+    BASIC_CREDENTIALS_BYTES_MAX, FENCE_BODY_BYTES_MAX, FENCE_BULK_BODY_BYTES_MAX,
+    HTTP_BODY_BYTES_MAX, HTTP_HEADERS_MAX, HTTP_HEAD_BYTES_MAX, HTTP_URI_BYTES_MAX,
 };
 use crate::proto::ack::write_json_string;
 
@@ -408,6 +408,36 @@ pub fn bearer_token<'a>(
     Ok(query_param(req.query, "token", buf)?.filter(|t| !t.is_empty()))
 }
 
+/// `Authorization: Basic` credentials that are not base64 of UTF-8 `user:password` (or are
+/// longer than [`BASIC_CREDENTIALS_BYTES_MAX`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed Basic credentials")]
+pub struct BadBasic;
+
+/// The user and password of `Authorization: Basic <base64(user:password)>` (scheme
+/// case-insensitive, RFC 7617), decoded into `buf`; `Ok(None)` when the request has no Basic
+/// credentials. For apps that cannot set headers but can put credentials in a URL.
+pub fn basic_credentials<'a>(
+    req: &Request<'_>,
+    buf: &'a mut Vec<u8>,
+) -> Result<Option<(&'a str, &'a str)>, BadBasic> {
+    let Some((scheme, rest)) = req.authorization.and_then(|a| a.split_once(' ')) else {
+        return Ok(None);
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Ok(None);
+    }
+    let encoded = rest.trim();
+    if encoded.len() > BASIC_CREDENTIALS_BYTES_MAX {
+        return Err(BadBasic);
+    }
+    buf.clear();
+    STANDARD.decode_vec(encoded, buf).map_err(|_| BadBasic)?;
+    let text = std::str::from_utf8(buf).map_err(|_| BadBasic)?;
+    let (user, password) = text.split_once(':').ok_or(BadBasic)?;
+    Ok(Some((user, password)))
+}
+
 /// Why a request is not an acceptable WebSocket upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum UpgradeError {
@@ -517,6 +547,26 @@ mod tests {
         match parse_head(head.as_bytes()) {
             Ok(Parsed::Complete(r)) => r,
             other => panic!("expected a complete head, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn basic_credentials_are_decoded() {
+        // RFC 7617's example, a password holding a colon, absent and malformed credentials.
+        let mut buf = Vec::new();
+        let r = complete("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==\r\n\r\n");
+        assert_eq!(
+            basic_credentials(&r, &mut buf),
+            Ok(Some(("Aladdin", "open sesame")))
+        );
+        let r = complete("GET / HTTP/1.1\r\nHost: x\r\nauthorization: basic ZGV2OmE6Yg==\r\n\r\n");
+        assert_eq!(basic_credentials(&r, &mut buf), Ok(Some(("dev", "a:b"))));
+        let r = complete("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n");
+        assert_eq!(basic_credentials(&r, &mut buf), Ok(None));
+        for bad in ["Basic !!!", "Basic bm9jb2xvbg==", "Basic //8="] {
+            let head = format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: {bad}\r\n\r\n");
+            let r = complete(&head);
+            assert_eq!(basic_credentials(&r, &mut buf), Err(BadBasic), "{bad}");
         }
     }
 

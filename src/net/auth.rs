@@ -2,7 +2,9 @@
 //! upgrades, HTTP reads and writes) goes through [`check`] with what it needs ([`Need`]). It owns
 //! finding the bearer token, verifying it against the server's secret and clock, the scope rules
 //! of each need, and the exact refusal each gets (docs/PROTOCOL.md, docs/openapi.json); it does
-//! not answer the request (the caller sends the [`Refusal`]).
+//! not answer the request (the caller sends the [`Refusal`]). The phone apps' HTTP endpoints,
+//! which cannot set a bearer header, go through [`check_device`] (token also from the
+//! `Authorization: Basic` password).
 //!
 //! Invariant: every refusal is a 401 whose body never echoes the token; WebSocket upgrades name
 //! the parameter at fault (`"param":"token"`), HTTP endpoints do not (their documented bodies).
@@ -93,6 +95,50 @@ pub fn check(shared: &Shared, req: &Request<'_>, need: Need<'_>) -> Result<Claim
         .map_err(|e| refuse(&e.to_string()))?;
     need.allows(&claims.scope).map_err(refuse)?;
     Ok(claims)
+}
+
+/// A device app's verified credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCredentials {
+    /// The token's claims (a device or gateway scope).
+    pub claims: Claims,
+    /// The `Authorization: Basic` user name, if the token came as its password (OwnTracks puts
+    /// its device there).
+    pub user: Option<String>,
+}
+
+/// Checks the token of a phone app's request (OsmAnd, Traccar Client, GPSLogger, OwnTracks):
+/// from `Authorization: Bearer`, else the `Authorization: Basic` password, else the `token`
+/// query parameter, the apps being able to set a URL but rarely a header. The token must allow
+/// ingest (a device or gateway token); which device it may report for is the caller's check.
+/// Refusals are HTTP-style 401 bodies (no `param`).
+pub fn check_device(shared: &Shared, req: &Request<'_>) -> Result<DeviceCredentials, Refusal> {
+    let refuse = |message: &str| {
+        let (status, body) = parse::json_error(401, message, None);
+        Refusal { status, body }
+    };
+    let mut basic_buf = Vec::new();
+    let basic =
+        parse::basic_credentials(req, &mut basic_buf).map_err(|e| refuse(&e.to_string()))?;
+    let mut scratch = Vec::new();
+    let (token, user) = match (parse::bearer_token(req, &mut scratch), basic) {
+        (Ok(Some(t)), None) => (t, None),
+        (_, Some((user, password))) if !password.is_empty() => (password, Some(user)),
+        (Ok(Some(t)), Some((user, _))) => (t, Some(user)),
+        (Err(_), _) => return Err(refuse("malformed token")),
+        _ => {
+            return Err(refuse(
+                "missing token (give ?token= in the URL or the Basic-auth password)",
+            ))
+        }
+    };
+    let claims = crate::auth::verify(&shared.secret, token, crate::rt::now_s())
+        .map_err(|e| refuse(&e.to_string()))?;
+    Need::Ingest.allows(&claims.scope).map_err(refuse)?;
+    Ok(DeviceCredentials {
+        claims,
+        user: user.filter(|u| !u.is_empty()).map(str::to_owned),
+    })
 }
 
 #[cfg(test)]

@@ -62,6 +62,9 @@ pub enum Role {
     Main,
     /// Only `/metrics` (`--metrics-listen`).
     Metrics,
+    /// Only the OsmAnd protocol, at any path (`--osmand-listen`), for apps whose server URL is
+    /// just `http://host:port`.
+    Osmand,
 }
 
 /// A device connection handed to the executor that owns its device's shard, so its heartbeats

@@ -3,7 +3,8 @@
 //! ([`ingest`], [`subscribe`], MQTT over WebSocket in [`mqtt`]: an [`edge::Kind`] each; [`mqtt`]
 //! also has a TCP listener of its own) or answers plain HTTP ([`http`], one file per
 //! resource); WebSocket connections read and write through [`ws`]; every token is checked by
-//! [`auth`]; [`slots`] counts connections against the caps. It does not store, commit or route
+//! [`auth`]; [`slots`] counts connections against the caps; [`submit`] holds a request/response
+//! protocol's answer until its heartbeats are durable. It does not store, commit or route
 //! heartbeats (`shard`), and does not spawn the executor's long-lived tasks (`server`).
 //!
 //! Adding a connection kind is one new file implementing [`edge::Kind`] plus one line in the
@@ -20,5 +21,6 @@ pub mod ingest;
 pub mod mqtt;
 pub mod router;
 pub mod slots;
+pub mod submit;
 pub mod subscribe;
 pub mod ws;

@@ -5,7 +5,8 @@
 //! connection then lives is its kind's business.
 //!
 //! Slow clients cannot hold the cap: a request (head and body) must arrive within a deadline,
-//! bodies are read only for the endpoints that take one and only from ops, and plain HTTP
+//! bodies are read only for the endpoints that take one and only from ops (or, bounded by
+//! `DEVICE_HTTP_BODY_BYTES_MAX`, from devices on the phone apps' endpoints), and plain HTTP
 //! sockets may hold only part of the cap: the rest is kept for sockets that send an
 //! authenticated WebSocket upgrade at once.
 //!
@@ -254,16 +255,31 @@ async fn handle(
             return;
         }
         if body_len > 0 {
-            if role != Role::Main || !crate::net::http::takes_body(req.method, req.path) {
+            // A phone app's request (OsmAnd, OwnTracks) carries its location in a small body,
+            // read once its device or gateway token checked out.
+            let device_app = crate::net::http::is_device_app(role, req.path);
+            if !device_app
+                && (role != Role::Main || !crate::net::http::takes_body(req.method, req.path))
+            {
                 let (st, body) =
                     parse::json_error(413, "this endpoint takes no request body", None);
                 answer_and_close(&mut stream, st, &body).await;
                 return;
             }
-            // Only ops may make the server read and buffer a body (PUT /v1/geofences/{name},
-            // POST /v1/geofences).
-            let ops = crate::net::auth::Need::Read(None);
-            if let Err(r) = crate::net::auth::check(&edge.core.shared, &req, ops) {
+            if device_app && body_len > crate::limits::DEVICE_HTTP_BODY_BYTES_MAX {
+                let (st, body) = parse::json_error(413, "request body too large", None);
+                answer_and_close(&mut stream, st, &body).await;
+                return;
+            }
+            // Otherwise only ops may make the server read and buffer a body
+            // (PUT /v1/geofences/{name}, POST /v1/geofences).
+            let shared = &edge.core.shared;
+            let checked = if device_app {
+                crate::net::auth::check_device(shared, &req).map(drop)
+            } else {
+                crate::net::auth::check(shared, &req, crate::net::auth::Need::Read(None)).map(drop)
+            };
+            if let Err(r) = checked {
                 log_refused(&stream, req.path, r.status, &r.body);
                 answer_and_close(&mut stream, r.status, &r.body).await;
                 return;

@@ -171,6 +171,21 @@ impl Workload {
         }
     }
 
+    /// Light load (issue 15): a low open-loop rate where per-message and per-commit fixed costs
+    /// dominate; geobeat and its references only.
+    fn light(devices: usize, rate_per_s: f64) -> Workload {
+        Workload {
+            name: format!("light-{}-json", short_count(devices)),
+            title: format!(
+                "light load: {} heartbeats/s over {} devices, open loop, JSON",
+                thousands(rate_per_s as u64),
+                thousands(devices as u64)
+            ),
+            peers: false,
+            ..Workload::open(devices, rate_per_s)
+        }
+    }
+
     /// Whether `system` runs this workload.
     pub fn runs_on(&self, system: System) -> bool {
         if self.format == Format::Binary && !system.speaks_geobeat() {
@@ -209,8 +224,9 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
-/// The workloads of full mode: saturation and the reference rate on every system, and the
-/// issue-3 ingest figures (10,000 connections, binary frames) on geobeat and its ceiling.
+/// The workloads of full mode: saturation and the reference rate on every system, the issue-3
+/// ingest figures (10,000 connections, binary frames) and issue 15's light load on geobeat and
+/// its references (null, floor).
 pub fn full_workloads() -> Vec<Workload> {
     vec![
         Workload::closed(1000, Format::Json, true),
@@ -218,6 +234,7 @@ pub fn full_workloads() -> Vec<Workload> {
         Workload::closed(10_000, Format::Json, false),
         Workload::closed(1000, Format::Binary, false),
         Workload::closed(10_000, Format::Binary, false),
+        Workload::light(1000, 2000.0),
     ]
 }
 
@@ -394,6 +411,10 @@ pub struct RunInfo {
     pub tools: BTreeMap<String, String>,
     /// Load average at start and end.
     pub loadavg: Vec<String>,
+    /// Median time of one 4 KiB write + fdatasync in the work directory, µs, measured before
+    /// the runs (issue 15's light-load latency target: floor p50 + one fdatasync).
+    #[serde(default)]
+    pub fdatasync_p50_us: Option<f64>,
 }
 
 /// How one server was run.
@@ -478,6 +499,16 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
         .map_err(io_err(format!("create {}", out_dir.display())))?;
     eprintln!("geobeat-compare: results in {}", out_dir.display());
 
+    info.fdatasync_p50_us = match fdatasync_median_us(&work_dir) {
+        Ok(us) => Some(us),
+        Err(e) => {
+            eprintln!(
+                "geobeat-compare: could not time fdatasync in {}: {e}",
+                work_dir.display()
+            );
+            None
+        }
+    };
     // Start every server needed, once; they stay up for all rounds.
     let mut servers: BTreeMap<ServerKind, Server> = BTreeMap::new();
     for system in &systems {
@@ -490,7 +521,10 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
         info.servers.insert(
             kind.name().into(),
             ServerInfo {
-                version: if kind == ServerKind::Geobeat || kind == ServerKind::Null {
+                version: if matches!(
+                    kind,
+                    ServerKind::Geobeat | ServerKind::Null | ServerKind::Floor
+                ) {
                     format!("{} at {}", kind.name(), info.commit)
                 } else {
                     server.version.clone()
@@ -518,7 +552,7 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
                 }
                 let server = &servers[&system.server()];
                 let mut target_args = system.load_args(server);
-                if system == System::Null {
+                if matches!(system, System::Null | System::Floor) {
                     if let Some(secret) = &geobeat_secret {
                         target_args.push("--secret-file".into());
                         target_args.push(secret.display().to_string());
@@ -576,6 +610,32 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
     Ok(rows.iter().all(Row::clean))
 }
 
+/// Median of 200 rounds of "write 4 KiB at the end of a file, then fdatasync" in `dir`, in µs:
+/// what one durable group costs the data disk at the least.
+fn fdatasync_median_us(dir: &Path) -> std::io::Result<f64> {
+    use std::os::unix::fs::FileExt as _;
+    const ROUNDS: usize = 200;
+    let path = dir.join("fdatasync-probe");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let block = [0x5au8; 4096];
+    let mut times = Vec::with_capacity(ROUNDS);
+    for i in 0..ROUNDS {
+        file.write_all_at(&block, (i * block.len()) as u64)?;
+        let t = std::time::Instant::now();
+        file.sync_data()?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(file);
+    let _ = fs::remove_file(&path);
+    times.sort_by(f64::total_cmp);
+    Ok(times[ROUNDS / 2])
+}
+
 /// Writes plots, the results README and (unless disabled, or in quick mode without
 /// `--results-md`) the "## Comparison" section of RESULTS.md, and prints the summary.
 fn publish(
@@ -589,7 +649,11 @@ fn publish(
         .iter()
         .filter_map(|s| System::from_name(s))
         .collect();
-    let summary = report::Summary::of(rows, &info.workloads, &systems);
+    let summary = report::Summary::of(rows, &info.workloads, &systems).with_light_latency_target(
+        rows,
+        &info.workloads,
+        info.fdatasync_p50_us,
+    );
     let plots = match crate::plot::draw_all(out_dir, rows, &info.workloads, &systems) {
         Ok(plots) => plots,
         Err(e) => {
@@ -955,8 +1019,8 @@ mod tests {
 
     #[test]
     fn workloads_have_the_documented_shapes() {
-        // Checks names and shapes of the full-mode workloads, that binary workloads run only
-        // on geobeat and null, and that the reference rate is 33,334/s over 10,000 devices.
+        // Checks names and shapes of the full-mode workloads, that binary workloads and light
+        // load run only on geobeat and its references (null, floor), and that the reference rate is 33,334/s over 10,000 devices.
         let full = full_workloads();
         let names: Vec<&str> = full.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(
@@ -966,9 +1030,15 @@ mod tests {
                 "ref-10k-json",
                 "sat-10k-json",
                 "sat-1k-bin",
-                "sat-10k-bin"
+                "sat-10k-bin",
+                "light-1k-json"
             ]
         );
+        let light = &full[5];
+        assert_eq!((light.devices, light.rate_per_s), (1000, Some(2000.0)));
+        assert_eq!(light.mode, Mode::Open);
+        assert!(light.runs_on(System::Floor));
+        assert!(!light.runs_on(System::RedisAlways));
         let reference = &full[1];
         assert_eq!(reference.rate_per_s, Some(33_334.0));
         assert_eq!(reference.devices, 10_000);

@@ -181,6 +181,39 @@ impl Summary {
         }
     }
 
+    /// Adds issue 15's light-load latency target (geobeat's ack p50 within the floor's p50 plus
+    /// one median fdatasync of the data disk, both from this run) when a light workload ran.
+    pub fn with_light_latency_target(
+        mut self,
+        rows: &[Row],
+        workloads: &[Workload],
+        fdatasync_p50_us: Option<f64>,
+    ) -> Summary {
+        for w in workloads.iter().filter(|w| w.name.starts_with("light-")) {
+            let gap = paired_median(rows, &w.name, System::Geobeat, System::Floor, |g, f| {
+                g.p50_us as f64 - f.p50_us as f64
+            });
+            let figure = match (gap, fdatasync_p50_us) {
+                (Some(gap), Some(sync)) => format!(
+                    "geobeat p50 − floor p50 = {} ms; one fdatasync (median) = {} ms",
+                    ms(gap),
+                    ms(sync)
+                ),
+                (Some(gap), None) => format!("geobeat p50 − floor p50 = {} ms", ms(gap)),
+                (None, _) => "not measured".into(),
+            };
+            self.targets.push(Target {
+                goal: format!(
+                    "`{}`: geobeat ack p50 ≤ floor p50 + one median fdatasync",
+                    w.name
+                ),
+                figure,
+                met: gap.zip(fdatasync_p50_us).map(|(gap, sync)| gap <= sync),
+            });
+        }
+        self
+    }
+
     /// The aggregate of (workload, system), if it ran.
     pub fn cell(&self, workload: &str, system: System) -> Option<&Cell> {
         self.cells
@@ -189,9 +222,30 @@ impl Summary {
     }
 }
 
-/// Per-round ratios `f(a) / f(b)` on `workload`, then their median; `None` if no round has both.
-/// A run that acked none of its measured heartbeats has no latency and is not comparable, so its
-/// round is left out.
+/// Per-round `f(a, b)` on `workload`, then their median; `None` if no round has both. A run that
+/// acked none of its measured heartbeats has no latency and is not comparable, so its round is
+/// left out, as are non-finite values.
+fn paired_median(
+    rows: &[Row],
+    workload: &str,
+    a: System,
+    b: System,
+    f: impl Fn(&Row, &Row) -> f64,
+) -> Option<f64> {
+    let rounds = rows.iter().map(|r| r.round).max().unwrap_or(0);
+    let find = |round: usize, system: System| {
+        rows.iter().find(|r| {
+            r.round == round && r.workload == workload && r.system == system.name() && r.acked > 0
+        })
+    };
+    let values: Vec<f64> = (1..=rounds)
+        .filter_map(|round| Some(f(find(round, a)?, find(round, b)?)))
+        .collect();
+    let m = median(&values);
+    m.is_finite().then_some(m)
+}
+
+/// Per-round ratios `f(a) / f(b)` on `workload`, then their median (see [`paired_median`]).
 pub fn paired_ratio(
     rows: &[Row],
     workload: &str,
@@ -199,23 +253,14 @@ pub fn paired_ratio(
     b: System,
     f: fn(&Row) -> f64,
 ) -> Option<f64> {
-    let rounds = rows.iter().map(|r| r.round).max().unwrap_or(0);
-    let find = |round: usize, system: System| {
-        rows.iter()
-            .find(|r| r.round == round && r.workload == workload && r.system == system.name())
-    };
-    let ratios: Vec<f64> = (1..=rounds)
-        .filter_map(|round| {
-            let (x, y) = (find(round, a)?, find(round, b)?);
-            if x.acked == 0 || y.acked == 0 {
-                return None;
-            }
-            let (x, y) = (f(x), f(y));
-            (y > 0.0 && x.is_finite()).then(|| x / y)
-        })
-        .collect();
-    let m = median(&ratios);
-    m.is_finite().then_some(m)
+    paired_median(rows, workload, a, b, |x, y| {
+        let (x, y) = (f(x), f(y));
+        if y > 0.0 && x.is_finite() {
+            x / y
+        } else {
+            f64::NAN
+        }
+    })
 }
 
 fn throughput(r: &Row) -> f64 {
@@ -311,6 +356,46 @@ fn targets(rows: &[Row], workloads: &[Workload]) -> Vec<Target> {
             },
             met: measured.then(|| worst.is_some_and(|(r, _)| r < 1.0)),
         });
+    }
+    out.extend(floor_targets(rows, workloads));
+    out
+}
+
+/// Issue 15's targets against the floor server: saturation at 1,000 connections (throughput ≥
+/// 0.8×, server CPU per heartbeat ≤ 1.5×), the reference rate (CPU ≤ 1.25×) and light load
+/// (CPU ≤ 2.5×).
+fn floor_targets(rows: &[Row], workloads: &[Workload]) -> Vec<Target> {
+    let cpu = |r: &Row| r.server_cpu_s_per_million;
+    let mut out = Vec::new();
+    let mut push = |w: &Workload, what: &str, f: fn(&Row) -> f64, bound: f64, at_least: bool| {
+        let r = paired_ratio(rows, &w.name, System::Geobeat, System::Floor, f);
+        out.push(Target {
+            goal: format!(
+                "`{}`: geobeat {what} {} {bound:.2}× the floor's",
+                w.name,
+                if at_least { "≥" } else { "≤" }
+            ),
+            figure: r.map_or_else(
+                || "not measured".into(),
+                |r| format!("{r:.2}× (geobeat / floor)"),
+            ),
+            met: r.map(|r| if at_least { r >= bound } else { r <= bound }),
+        });
+    };
+    for w in workloads {
+        match w.mode {
+            Mode::Closed if w.devices == 1000 => {
+                push(w, "heartbeats/s", throughput, 0.8, true);
+                push(w, "server CPU per heartbeat", cpu, 1.5, false);
+            }
+            Mode::Open if w.name.starts_with("light-") => {
+                push(w, "server CPU per heartbeat", cpu, 2.5, false);
+            }
+            Mode::Open if w.peers => {
+                push(w, "server CPU per heartbeat", cpu, 1.25, false);
+            }
+            _ => {}
+        }
     }
     out
 }
@@ -803,6 +888,68 @@ mod tests {
         assert_eq!(find("Redis").met, Some(false));
         assert_eq!(find("batched").met, None);
         assert_eq!(summary.cell("sat-1k-json", System::Null).unwrap().runs, 1);
+    }
+
+    #[test]
+    fn floor_targets_and_light_latency() {
+        // Issue 15: saturation throughput 0.8× the floor (met at 0.8, missed at 0.5), CPU per
+        // heartbeat 1.5× (missed at 2×), and the light-load p50 gap measured against one
+        // fdatasync (2 ms gap vs 1 ms sync: missed; unknown sync: not measured).
+        let full = super::super::full_workloads();
+        let (sat, light) = (full[0].clone(), full[5].clone());
+        let mut rows = vec![
+            row(1, System::Geobeat, 80.0, 10),
+            Row {
+                server_cpu_s_per_million: 0.5,
+                ..row(1, System::Floor, 100.0, 8)
+            },
+        ];
+        for (system, p50_us) in [(System::Geobeat, 2500), (System::Floor, 500)] {
+            rows.push(Row {
+                workload: light.name.clone(),
+                ..row(1, system, 2000.0, p50_us)
+            });
+        }
+        let workloads = vec![sat, light];
+        let all = super::super::systems::ALL_SYSTEMS;
+        let find = |summary: &Summary, needle: &str| {
+            summary
+                .targets
+                .iter()
+                .find(|t| t.goal.contains(needle))
+                .unwrap_or_else(|| panic!("no target {needle}"))
+                .clone()
+        };
+        let summary = Summary::of(&rows, &workloads, &all).with_light_latency_target(
+            &rows,
+            &workloads,
+            Some(1000.0),
+        );
+        assert_eq!(
+            find(&summary, "sat-1k-json`: geobeat heartbeats/s ≥ 0.80").met,
+            Some(true)
+        );
+        let cpu = find(
+            &summary,
+            "sat-1k-json`: geobeat server CPU per heartbeat ≤ 1.50",
+        );
+        assert_eq!(
+            (cpu.met, cpu.figure.as_str()),
+            (Some(false), "2.00× (geobeat / floor)")
+        );
+        assert_eq!(
+            find(&summary, "light-1k-json`: geobeat server CPU").met,
+            Some(true)
+        );
+        let lat = find(&summary, "ack p50 ≤ floor p50");
+        assert_eq!(lat.met, Some(false), "{}", lat.figure);
+        assert!(lat.figure.contains("2.00 ms"), "{}", lat.figure);
+        let unknown =
+            Summary::of(&rows, &workloads, &all).with_light_latency_target(&rows, &workloads, None);
+        assert_eq!(find(&unknown, "ack p50 ≤ floor p50").met, None);
+        rows[0].throughput_per_s = 50.0;
+        let slow = Summary::of(&rows, &workloads, &all);
+        assert_eq!(find(&slow, "heartbeats/s ≥ 0.80").met, Some(false));
     }
 
     #[test]

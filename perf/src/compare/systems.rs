@@ -83,6 +83,8 @@ pub enum ServerKind {
     Geobeat,
     /// `geobeat-null`: same network stack, stores nothing.
     Null,
+    /// `geobeat-floor`: plain epoll, hand-written framing, stores nothing.
+    Floor,
     /// redis-server, AOF with `appendfsync always`.
     RedisAlways,
     /// redis-server, AOF with `appendfsync everysec`.
@@ -99,6 +101,7 @@ impl ServerKind {
         match self {
             ServerKind::Geobeat => "geobeat",
             ServerKind::Null => "geobeat-null",
+            ServerKind::Floor => "geobeat-floor",
             ServerKind::RedisAlways => "redis-always",
             ServerKind::RedisEverysec => "redis-everysec",
             ServerKind::Postgres => "postgres",
@@ -114,6 +117,9 @@ pub enum System {
     Geobeat,
     /// The null server: the machine's network-and-protocol ceiling.
     Null,
+    /// The floor server: the kernel's socket work plus the least framing code (issue 15's
+    /// reference).
+    Floor,
     /// Redis, AOF fsync before every reply.
     RedisAlways,
     /// Redis, AOF fsync once a second.
@@ -127,9 +133,10 @@ pub enum System {
 }
 
 /// Every system, in the order runs interleave (geobeat next to its ceiling).
-pub const ALL_SYSTEMS: [System; 7] = [
+pub const ALL_SYSTEMS: [System; 8] = [
     System::Geobeat,
     System::Null,
+    System::Floor,
     System::RedisAlways,
     System::RedisEverysec,
     System::PostgresTx1,
@@ -143,6 +150,7 @@ impl System {
         match self {
             System::Geobeat => "geobeat",
             System::Null => "null",
+            System::Floor => "floor",
             System::RedisAlways => "redis-always",
             System::RedisEverysec => "redis-everysec",
             System::PostgresTx1 => "postgres-tx1",
@@ -161,6 +169,7 @@ impl System {
         match self {
             System::Geobeat => ServerKind::Geobeat,
             System::Null => ServerKind::Null,
+            System::Floor => ServerKind::Floor,
             System::RedisAlways => ServerKind::RedisAlways,
             System::RedisEverysec => ServerKind::RedisEverysec,
             System::PostgresTx1 | System::PostgresBatch => ServerKind::Postgres,
@@ -178,7 +187,7 @@ impl System {
 
     /// Whether it speaks geobeat's device protocol (and so can take binary frames).
     pub fn speaks_geobeat(self) -> bool {
-        matches!(self, System::Geobeat | System::Null)
+        matches!(self, System::Geobeat | System::Null | System::Floor)
     }
 
     /// What an ack means, for the tables.
@@ -186,6 +195,7 @@ impl System {
         match self {
             System::Geobeat => "durable: fdatasync of the shard log before the ack; keeps history + last location",
             System::Null => "nothing stored (ceiling: same network stack, acks at once)",
+            System::Floor => "nothing stored (floor: plain epoll, hand-written framing, acks coalesced per loop)",
             System::RedisAlways => "durable: AOF write + fsync before the reply (GEOADD last + XADD history)",
             System::RedisEverysec => "not durable: AOF fsync once a second (GEOADD last + XADD history)",
             System::PostgresTx1 => "durable: WAL flush per commit, one heartbeat per transaction (history insert + last upsert)",
@@ -198,7 +208,7 @@ impl System {
     pub fn load_args(self, server: &Server) -> Vec<String> {
         let port = server.port;
         let mut args: Vec<String> = match self {
-            System::Geobeat | System::Null => vec![
+            System::Geobeat | System::Null | System::Floor => vec![
                 "--target".into(),
                 "ws".into(),
                 "--url".into(),
@@ -403,12 +413,8 @@ pub fn start(
     let mut secret_file = None;
     let mut settings = Vec::new();
     let (mut command, version) = match kind {
-        ServerKind::Geobeat | ServerKind::Null => {
-            let program = programs.ours(if kind == ServerKind::Geobeat {
-                "geobeat"
-            } else {
-                "geobeat-null"
-            })?;
+        ServerKind::Geobeat | ServerKind::Null | ServerKind::Floor => {
+            let program = programs.ours(kind.name())?;
             let mut command = Command::new(&program);
             if kind == ServerKind::Geobeat {
                 command
@@ -646,7 +652,7 @@ fn probe(server: &Server, addr: SocketAddr) -> Result<(), String> {
         // PostgreSQL: an SSLRequest is answered with one byte ('N' here) by a running server.
         ServerKind::Postgres => (&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f], b"N"),
         // Accepting the connection is all the null server and Mosquitto need to show.
-        ServerKind::Null | ServerKind::Mosquitto => return Ok(()),
+        ServerKind::Null | ServerKind::Floor | ServerKind::Mosquitto => return Ok(()),
     };
     stream.write_all(request).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];

@@ -48,6 +48,10 @@ pub enum DeviceError {
     /// The request is larger than the parsers' bound (`too_large`).
     #[error("request too large")]
     TooLarge,
+    /// An OwnTracks `_type:"encrypted"` message: geobeat holds no key to read it, and
+    /// acknowledging it would drop the location it carries (`encrypted_unsupported`).
+    #[error("encrypted payloads are not supported")]
+    Encrypted,
     /// A record rule failed (`lat_out_of_range`, `id_empty`, ...).
     #[error("{}", .0.reason())]
     Invalid(Invalid),
@@ -75,6 +79,10 @@ macro_rules! named {
             "vel" => concat!($prefix, "vel"),
             "cog" => concat!($prefix, "cog"),
             "vac" => concat!($prefix, "vac"),
+            "speed_unit" => concat!($prefix, "speed_unit"),
+            "charge" => concat!($prefix, "charge"),
+            "valid" => concat!($prefix, "valid"),
+            "user" => concat!($prefix, "user"),
             _ => $prefix,
         }
     };
@@ -92,6 +100,7 @@ impl DeviceError {
             DeviceError::NotAnObject => "not_an_object",
             DeviceError::BadEncoding => "bad_encoding",
             DeviceError::TooLarge => "too_large",
+            DeviceError::Encrypted => "encrypted_unsupported",
             DeviceError::Invalid(i) => i.reason(),
         }
     }

@@ -1,13 +1,16 @@
 //! OsmAnd protocol (Traccar Client, OsmAnd's online tracking, GPSLogger's custom URL): query or
-//! form parameters `id|deviceid, lat, lon, timestamp, speed, bearing|heading, altitude, accuracy,
-//! batt, hdop`, and Traccar Client ≥ 9's JSON body. It owns the parameter names and units; it does
-//! not check the id against a token.
+//! form parameters `id|deviceid, lat, lon` (or `location=lat,lon`), `timestamp, speed,
+//! bearing|heading, altitude, accuracy, batt, hdop, charge, valid`, and Traccar Client ≥ 9's JSON
+//! body. It owns the parameter names and units; it does not check the id against a token.
 //!
-//! Units: `speed` is in knots (the OsmAnd protocol's unit, as Traccar's server decodes it; Traccar
-//! Client converts before sending), converted to m/s; the JSON body's `coords.speed` is already
-//! m/s. `batt` (percent) and `hdop` go into `attrs` as `batt` and `hdop`; the JSON body's
-//! `battery.level` (0..1) becomes `batt` in percent and `battery.is_charging` becomes `charge`.
-//! Unknown parameters are ignored (apps add their own). Invariant: as the parent module's.
+//! Units: `speed` is in knots (the OsmAnd protocol's unit as Traccar's server decodes it, and
+//! what Traccar Client up to 8.x sends), converted to m/s, unless `speed_unit` says `mps` (the
+//! OsmAnd app's `{5}` and GPSLogger's `%SPD` are m/s) or `kmh`; the JSON body's `coords.speed` is
+//! already m/s. `batt` (percent), `hdop`, `charge` and `valid=false` go into `attrs`; the JSON
+//! body's `battery.level` (0..1) becomes `batt` in percent and `battery.is_charging` becomes
+//! `charge`. An optional parameter sent empty (GPSLogger's `%HDOP` without a fix) reads as
+//! absent, a heading of 360° as 0°. Unknown parameters are ignored (apps add their own).
+//! Invariant: as the parent module's.
 
 use std::borrow::Cow;
 
@@ -20,6 +23,24 @@ use crate::record::Heartbeat;
 
 /// m/s per knot.
 const MPS_PER_KNOT: f64 = 0.514_444;
+
+/// Speed units the `speed_unit` parameter may name (the protocol's default is knots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpeedUnit {
+    Knots,
+    MetresPerSecond,
+    KilometresPerHour,
+}
+
+impl SpeedUnit {
+    fn to_mps(self, v: f64) -> f64 {
+        match self {
+            SpeedUnit::Knots => v * MPS_PER_KNOT,
+            SpeedUnit::MetresPerSecond => v,
+            SpeedUnit::KilometresPerHour => v / 3.6,
+        }
+    }
+}
 
 /// Parses OsmAnd parameters (`a=1&b=2`, the query string or an `application/x-www-form-urlencoded`
 /// body) into `out` (cleared first), stamped with `received_ms`.
@@ -34,36 +55,69 @@ pub fn parse_params(
     }
     out.clear();
     let (mut lat, mut lon, mut ts, mut id) = (None, None, None, None);
+    let (mut speed, mut unit) = (None, SpeedUnit::Knots);
     let mut attrs = Attrs::default();
     for pair in params.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let k = unescape(k)?;
         let v = unescape(v)?;
+        let v = v.trim();
         let num = |name: &'static str| -> Result<f64, DeviceError> {
-            v.trim()
-                .parse::<f64>()
+            v.parse::<f64>()
                 .ok()
                 .filter(|x| x.is_finite())
                 .ok_or(DeviceError::BadValue(name))
         };
-        match &*k {
-            "id" | "deviceid" => id = Some(v.clone().into_owned()),
+        let flag = |name: &'static str| -> Result<bool, DeviceError> {
+            match v {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(DeviceError::BadValue(name)),
+            }
+        };
+        let key = &*k;
+        if v.is_empty() && !matches!(key, "id" | "deviceid" | "lat" | "lon" | "location") {
+            continue; // an optional reading the app had no value for
+        }
+        match key {
+            "id" | "deviceid" => id = Some(v.to_owned()),
             "lat" => lat = Some(num("lat")?),
             "lon" => lon = Some(num("lon")?),
-            "timestamp" => ts = Some(parse_timestamp(&v)?),
-            "speed" => out.speed_mps = measurement(Some(num("speed")? * MPS_PER_KNOT)),
-            "bearing" | "heading" => out.heading_deg = measurement(Some(num("bearing")?)),
+            "location" => {
+                let (a, b) = v.split_once(',').ok_or(DeviceError::BadValue("location"))?;
+                let parse = |x: &str| x.trim().parse::<f64>().ok().filter(|x| x.is_finite());
+                lat = Some(parse(a).ok_or(DeviceError::BadValue("location"))?);
+                lon = Some(parse(b).ok_or(DeviceError::BadValue("location"))?);
+            }
+            "timestamp" => ts = Some(parse_timestamp(v)?),
+            "speed" => speed = Some(num("speed")?),
+            "speed_unit" => {
+                unit = match v {
+                    "kn" | "knots" => SpeedUnit::Knots,
+                    "mps" | "m/s" => SpeedUnit::MetresPerSecond,
+                    "kmh" | "km/h" => SpeedUnit::KilometresPerHour,
+                    _ => return Err(DeviceError::BadValue("speed_unit")),
+                }
+            }
+            "bearing" | "heading" => {
+                out.heading_deg = measurement(Some(num("bearing")?)).map(|h| h % 360.0)
+            }
             "altitude" => out.alt_m = Some(num("altitude")? as f32),
             "accuracy" => out.acc_m = measurement(Some(num("accuracy")?)),
             "batt" => attrs.number("batt", num("batt")?),
             "hdop" => attrs.number("hdop", num("hdop")?),
+            "charge" => attrs.boolean("charge", flag("charge")?),
+            // Traccar's flag for a fix the device itself marks invalid; kept when false.
+            "valid" if !flag("valid")? => attrs.boolean("valid", false),
             _ => {}
         }
     }
     out.device_id = id.ok_or(DeviceError::Missing("id"))?;
     out.lat = lat.ok_or(DeviceError::Missing("lat"))?;
     out.lon = lon.ok_or(DeviceError::Missing("lon"))?;
-    // Without a timestamp the fix is taken as of now (OsmAnd always sends one; curl tests may not).
+    // -1 (and any negative) is the apps' "unknown".
+    out.speed_mps = measurement(speed.map(|s| unit.to_mps(s)));
+    // Without a timestamp the fix is taken as of now (as Traccar's server does).
     out.ts_ms = ts.unwrap_or(received_ms);
     attrs.finish(&mut out.attrs);
     finish(out, received_ms, window)
@@ -279,6 +333,40 @@ mod tests {
             params("id=%ff&lat=1&lon=2").unwrap_err(),
             DeviceError::BadEncoding
         );
+    }
+
+    #[test]
+    fn what_each_app_sends() {
+        // Traccar Client 8.x (ProtocolFormatter): seconds, knots, every reading present.
+        let hb = params("id=4711&timestamp=1714564800&lat=52.52&lon=13.405&speed=19.438&bearing=360.0&altitude=34.0&accuracy=5.0&batt=77.0").unwrap();
+        assert!((hb.speed_mps.unwrap() - 10.0).abs() < 1e-3, "knots");
+        assert_eq!(hb.heading_deg, Some(0.0), "360 degrees is north");
+        assert_eq!(hb.attrs, br#"{"batt":77}"#);
+        // The OsmAnd app's template: ms timestamps, m/s speed declared with speed_unit.
+        let hb = params("id=p1&speed_unit=mps&lat=52.52&lon=13.405&timestamp=1714564800000&hdop=3.0&altitude=40.1&speed=2.5&bearing=90.0").unwrap();
+        assert_eq!((hb.ts_ms, hb.speed_mps), (NOW, Some(2.5)));
+        let hb = params("id=p1&speed=36&speed_unit=kmh&lat=1&lon=2").unwrap();
+        assert_eq!(hb.speed_mps, Some(10.0), "unit may follow the speed");
+        // GPSLogger with no fix quality: %HDOP empty reads as absent, not as a bad value.
+        let hb = params(
+            "id=g&lat=1&lon=2&timestamp=2024-05-01T12:00:00.000Z&hdop=&acc=&charge=true&valid=0",
+        )
+        .unwrap();
+        assert_eq!(hb.attrs, br#"{"charge":true,"valid":false}"#);
+        // Traccar's `location=lat,lon` form.
+        let hb = params("id=a&location=-33.5,151.25").unwrap();
+        assert_eq!((hb.lat, hb.lon, hb.ts_ms), (-33.5, 151.25, NOW + 5_000));
+        for (q, reason) in [
+            ("id=a&location=1", "bad_value:location"),
+            (
+                "id=a&lat=1&lon=2&speed_unit=furlongs",
+                "bad_value:speed_unit",
+            ),
+            ("id=a&lat=1&lon=2&charge=maybe", "bad_value:charge"),
+            ("id=a&lat=&lon=2", "bad_value:lat"),
+        ] {
+            assert_eq!(params(q).unwrap_err().reason(), reason, "{q}");
+        }
     }
 
     fn json(body: &str) -> Result<Heartbeat, DeviceError> {

@@ -1,11 +1,12 @@
 //! OwnTracks JSON (HTTP mode body and MQTT payload): `_type:"location"` objects with `lat, lon,
-//! tst` (seconds) and optional `acc, alt, vel` (km/h), `cog`, `batt`, `tid`, `conn`, `t`. Other
-//! `_type`s (`transition`, `waypoint`, `card`, `lwt`, ...) and empty bodies are [`Parsed::Ignored`]:
-//! the caller acknowledges them without storing. It owns the field mapping, not the device id:
+//! tst` (seconds) and optional `acc, alt, vel` (km/h), `cog`, `batt`, `bs`, `tid`, `conn`, `t`.
+//! Other `_type`s (`transition`, `waypoint`, `card`, `lwt`, ...) and empty bodies are
+//! [`Parsed::Ignored`]: the caller acknowledges them without storing. `_type:"encrypted"` is
+//! refused ([`DeviceError::Encrypted`]): it may carry a location, which acknowledging would drop. It owns the field mapping, not the device id:
 //! the caller passes the id (HTTP: the Basic-auth user; MQTT: the `<user>` topic level).
 //!
-//! Mapping: `acc`→accuracy, `alt`→altitude, `vel` km/h→m/s, `cog`→heading; `batt`, `tid`,
-//! `conn` (connectivity), `t` (trigger) and `vac` go into `attrs`. Invariant: as the parent module's.
+//! Mapping: `acc`→accuracy, `alt`→altitude, `vel` km/h→m/s, `cog`→heading; `batt`, `bs`
+//! (battery status), `tid`, `conn` (connectivity), `t` (trigger) and `vac` go into `attrs`. Invariant: as the parent module's.
 
 use super::{finish, measurement, Attrs, DeviceError};
 use crate::limits::DEVICE_PARAMS_BYTES_MAX;
@@ -54,6 +55,9 @@ pub fn parse(
     };
     match obj.get("_type") {
         Some(serde_json::Value::String(t)) if t == "location" => {}
+        Some(serde_json::Value::String(t)) if t == "encrypted" => {
+            return Err(DeviceError::Encrypted)
+        }
         Some(serde_json::Value::String(_)) => return Ok(Parsed::Ignored),
         Some(_) => return Err(DeviceError::BadValue("_type")),
         None => return Err(DeviceError::Missing("_type")),
@@ -71,7 +75,7 @@ pub fn parse(
     out.speed_mps = measurement(num(obj, "vel")?.map(|v| v / 3.6));
     out.heading_deg = measurement(num(obj, "cog")?).filter(|h| *h < 360.0);
     let mut attrs = Attrs::default();
-    for key in ["batt", "vac"] {
+    for key in ["batt", "bs", "vac"] {
         if let Some(v) = num(obj, key)? {
             attrs.number(key, v);
         }
@@ -150,6 +154,11 @@ mod tests {
         assert_eq!(
             parse_one(r#"{"_type":"location","lat":1,"lon":2,"tst":5}"#).unwrap_err(),
             DeviceError::TsOutOfRange
+        );
+        assert_eq!(
+            parse_one(r#"{"_type":"encrypted","data":"c2VjcmV0"}"#).unwrap_err(),
+            DeviceError::Encrypted,
+            "an encrypted location must not be acknowledged and dropped"
         );
         assert_eq!(parse_one("[]").unwrap_err(), DeviceError::NotAnObject);
         assert_eq!(parse_one("{x").unwrap_err(), DeviceError::InvalidJson);
