@@ -92,7 +92,7 @@ for workload in "${workloads[@]}"; do
     esac
     port="$(free_port)"
     data="$work/data-$workload"
-    server_cmd=("$bin/geobeat" serve --listen "127.0.0.1:$port" --data-dir "$data")
+    server_cmd=("$bin/geobeat" serve --mqtt-listen off --listen "127.0.0.1:$port" --data-dir "$data")
     "${server_cmd[@]}" >"$work/server-$workload.log" 2>&1 &
     server_pid=$!
     wait_ready "$port"

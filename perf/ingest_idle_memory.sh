@@ -9,7 +9,7 @@ port=${PORT:-18210}
 devices=${DEVICES:-10000}
 d=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$d"' EXIT
-"$bin/geobeat" serve --init --data-dir "$d" --listen 127.0.0.1:$port --log-level warn --connections-max 12000 &
+"$bin/geobeat" serve --mqtt-listen off --init --data-dir "$d" --listen 127.0.0.1:$port --log-level warn --connections-max 12000 &
 pid=$!
 for _ in $(seq 100); do curl -sf http://127.0.0.1:$port/healthz >/dev/null && break; sleep 0.1; done
 before=$(awk '/RssAnon/ {print $2}' /proc/$pid/status)

@@ -9,7 +9,7 @@ port=${PORT:-18200}
 run() {
   local routing=$1; shift
   local d; d=$(mktemp -d)
-  "$bin/geobeat" serve --init --data-dir "$d" --listen 127.0.0.1:$port --log-level warn --routing "$routing" &
+  "$bin/geobeat" serve --mqtt-listen off --init --data-dir "$d" --listen 127.0.0.1:$port --log-level warn --routing "$routing" &
   local pid=$!
   for _ in $(seq 100); do curl -sf http://127.0.0.1:$port/healthz >/dev/null && break; sleep 0.1; done
   "$bin/geobeat-load" --url ws://127.0.0.1:$port/v1/ingest --secret-file "$d/secret" "$@" --json-out "$d/out.json" \

@@ -89,7 +89,7 @@ run_one() { # round rate system
     log="$out/$system-$rate-r$round"
     mkdir -p "$data"
     if [ "$system" = geobeat ]; then
-        "$bin/geobeat" serve --init --listen "127.0.0.1:$port" --data-dir "$data" >"$log.server.log" 2>&1 &
+        "$bin/geobeat" serve --mqtt-listen off --init --listen "127.0.0.1:$port" --data-dir "$data" >"$log.server.log" 2>&1 &
         server_pid=$!
         wait_port "$port" /readyz
     else

@@ -7,7 +7,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$root/target/release
 port=${PORT:-18230}
 d=$(mktemp -d)
-"$bin/geobeat" serve --init --data-dir "$d" --listen 127.0.0.1:$port --log-level warn &
+"$bin/geobeat" serve --mqtt-listen off --init --data-dir "$d" --listen 127.0.0.1:$port --log-level warn &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$d"' EXIT
 for _ in $(seq 100); do curl -sf http://127.0.0.1:$port/healthz >/dev/null && break; sleep 0.1; done

@@ -121,7 +121,7 @@ EOF
 
 # Starts the server on the data directory $1/data, logging to $1/server.log; waits until healthy.
 start_server() {
-  "$bin/geobeat" serve --init --data-dir "$1/data" --listen "127.0.0.1:$port" --log-level warn >>"$1/server.log" 2>&1 &
+  "$bin/geobeat" serve --mqtt-listen off --init --data-dir "$1/data" --listen "127.0.0.1:$port" --log-level warn >>"$1/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.05; done
   curl -sf "http://127.0.0.1:$port/healthz" >/dev/null || { echo "subscribe.sh: server did not start" >&2; cat "$1/server.log" >&2; exit 1; }

@@ -556,15 +556,30 @@ pub const MQTT_CLIENT_ID_BYTES_MAX: usize = 128;
 /// QoS 1/2 PUBLISHes one connection may have unacknowledged (waiting to be durable, or a QoS 2
 /// waiting for PUBREL); advertised to MQTT 5 clients as Receive Maximum.
 pub const MQTT_INFLIGHT_MAX: usize = 64;
+/// QoS 2 packet ids an MQTT 3.1.1 connection may leave waiting for their PUBREL (3.1.1 has no
+/// Receive Maximum, and a connection must keep reading to see PUBRELs, so this is enforced by
+/// closing the connection, not by backpressure).
+pub const MQTT_AWAITING_REL_MAX: usize = 1024;
 /// Most topic filters in one SUBSCRIBE or UNSUBSCRIBE.
 pub const MQTT_FILTERS_MAX: usize = 16;
 /// Longest MQTT 5 reason string the server sends, bytes.
 pub const MQTT_REASON_STRING_BYTES_MAX: usize = 128;
+/// Bytes an MQTT connection reads from its socket at a time inside a packet (its read buffer
+/// grows to at most one packet, [`MQTT_PACKET_BYTES_MAX`], plus one of these).
+pub const MQTT_READ_CHUNK_BYTES: usize = 4096;
+/// Bytes an MQTT connection reads at a time between packets, and the buffer an idle connection
+/// keeps: a heartbeat PUBLISH is about 100 bytes.
+pub const MQTT_IDLE_READ_BYTES: usize = 512;
+/// A connection that sends no packet for this many thousandths of its keep alive is closed
+/// (MQTT 3.1.1 §3.1.2.10 and 5 §3.1.2.10: one and a half times).
+pub const MQTT_KEEP_ALIVE_GRACE_PERMILLE: u64 = 1500;
 /// Longest OsmAnd / Traccar query or form body the device parsers read, bytes.
 pub const DEVICE_PARAMS_BYTES_MAX: usize = HTTP_URI_BYTES_MAX + HTTP_BODY_BYTES_MAX;
 const _: () = assert!(MQTT_PACKET_BYTES_MAX > FRAME_BYTES_MAX + MQTT_TOPIC_BYTES_MAX);
 // Packet ids are u16 and 0 is reserved: the inflight bound must fit Receive Maximum's u16.
 const _: () = assert!(MQTT_INFLIGHT_MAX >= 1 && MQTT_INFLIGHT_MAX <= u16::MAX as usize);
+const _: () = assert!(MQTT_AWAITING_REL_MAX >= MQTT_INFLIGHT_MAX);
+const _: () = assert!(MQTT_IDLE_READ_BYTES <= MQTT_READ_CHUNK_BYTES);
 // Remaining Length is a 4-byte varint: at most 268,435,455 bytes.
 const _: () = assert!(MQTT_PACKET_BYTES_MAX <= 268_435_455);
 const _: () = assert!(MQTT_TOPIC_BYTES_MAX <= u16::MAX as usize);

@@ -119,6 +119,10 @@ pub struct ExecProbe {
     pub received_from: Vec<Cell<u64>>,
     /// Frame receipt to ack, seconds.
     pub ack_latency: Hist,
+    /// MQTT connections held (see `net::mqtt`).
+    pub mqtt_connections_open: Cell<u64>,
+    /// MQTT protocol events by name (connects, refusals, take-overs; a small fixed set).
+    pub mqtt_events: RefCell<Vec<(&'static str, u64)>>,
 }
 
 impl ExecProbe {
@@ -132,12 +136,26 @@ impl ExecProbe {
             sent_to: (0..executors).map(|_| Cell::new(0)).collect(),
             received_from: (0..executors).map(|_| Cell::new(0)).collect(),
             ack_latency: Hist::new(LATENCY_BOUNDS_S),
+            mqtt_connections_open: Cell::new(0),
+            mqtt_events: RefCell::new(Vec::new()),
         }
     }
 
     /// Adds `n` to a counter cell.
     pub fn add(cell: &Cell<u64>, n: u64) {
         cell.set(cell.get() + n);
+    }
+
+    /// Counts `n` MQTT events named `event`.
+    pub fn mqtt_event(&self, event: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut r = self.mqtt_events.borrow_mut();
+        match r.iter_mut().find(|(k, _)| *k == event) {
+            Some((_, c)) => *c += n,
+            None => r.push((event, n)),
+        }
     }
 
     /// Counts one rejected heartbeat.
@@ -228,6 +246,10 @@ pub struct ExecSnapshot {
     pub events_delivered: u64,
     /// Subscription events dropped for subscribers held here (full queues or channels).
     pub events_missed: u64,
+    /// MQTT connections held.
+    pub mqtt_connections_open: u64,
+    /// MQTT protocol events by name.
+    pub mqtt_events: Vec<(String, u64)>,
 }
 
 impl ExecProbe {
@@ -252,6 +274,13 @@ impl ExecProbe {
             subscribers_open: 0,
             events_delivered: 0,
             events_missed: 0,
+            mqtt_connections_open: self.mqtt_connections_open.get(),
+            mqtt_events: self
+                .mqtt_events
+                .borrow()
+                .iter()
+                .map(|(k, n)| (k.to_string(), *n))
+                .collect(),
         }
     }
 }
@@ -522,6 +551,34 @@ impl prometheus_client::collector::Collector for Exposition {
             "Subscription events dropped because a subscriber's queue or channel was full (each reported to it as {\"missed\":N})",
             None,
             &per_exec(&|x| x.events_missed),
+        )?;
+        self.gauge(
+            e,
+            "geobeat_mqtt_connections_open",
+            "MQTT device connections held by the executor (label: executor index)",
+            &per_exec(&|x| x.mqtt_connections_open)
+                .into_iter()
+                .map(|(l, v)| (l, v as i64))
+                .collect::<Vec<_>>(),
+        )?;
+        let mqtt: Vec<(Labels, u64)> = self
+            .execs
+            .iter()
+            .flat_map(|x| {
+                x.mqtt_events.iter().map(move |(ev, n)| {
+                    (
+                        vec![("executor", x.executor.to_string()), ("event", ev.clone())],
+                        *n,
+                    )
+                })
+            })
+            .collect();
+        self.counter(
+            e,
+            "geobeat_mqtt_events",
+            "MQTT protocol events, by event (docs/MQTT.md: connects, refusals, take-overs, keep-alive expiries)",
+            None,
+            &mqtt,
         )?;
         self.gauge(
             e,

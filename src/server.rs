@@ -150,6 +150,21 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
     if let Some(osmand) = cfg.osmand_listen {
         cfg.osmand_listen = Some(probe_bind(osmand)?);
     }
+    // MQTT (`--mqtt-listen`): resolved the same way, so every executor binds one concrete port.
+    if let Some(mqtt) = cfg.mqtt_listen {
+        // Its default (1883) is the port a local MQTT broker uses: say how to move or drop it.
+        let resolved = probe_bind(mqtt).map_err(|e| match e {
+            ServeError::Listen { addr, source } => ServeError::Listen {
+                addr,
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("{source} (the MQTT listener: pass --mqtt-listen ADDR, or off)"),
+                ),
+            },
+            other => other,
+        })?;
+        cfg.mqtt_listen = Some(resolved);
+    }
     // Whatever this process creates from here on (segments, meta, fences, cursors, audit files,
     // and files added later) is private even where a create call names no mode; the start-up
     // check below refuses anything looser. See: issue 20 §3.
@@ -357,6 +372,14 @@ async fn executor_main(
             osmand,
             Role::Osmand,
         ));
+    }
+    if let Some(addr) = shared.cfg.mqtt_listen {
+        // Every executor accepts MQTT on the same port (SO_REUSEPORT), like the main listener.
+        let mqtt = rt::bind(addr)?;
+        if index.0 == 0 {
+            tracing::info!(%addr, "MQTT device ingest on mqtt://{addr} (docs/MQTT.md)");
+        }
+        rt::spawn(crate::net::mqtt::accept_loop(edge.clone(), mqtt));
     }
     if let (0, Some(addr)) = (index.0, shared.cfg.metrics_listen) {
         let metrics = rt::bind(addr)?;

@@ -19,6 +19,7 @@ fn the_demo_names_devices_that_exist_and_reports_every_heartbeat_acked() {
         .arg(addr.to_string())
         .arg("--data-dir")
         .arg(dir.path())
+        .env(MQTT_OFF.0, MQTT_OFF.1)
         .env("RUST_LOG", "geobeat=warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

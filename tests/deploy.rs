@@ -925,6 +925,7 @@ fn spawn_under_profile(
         .arg(addr.to_string())
         .arg("--data-dir")
         .arg(dir)
+        .env("GEOBEAT_MQTT_LISTEN", "off")
         .env("RUST_LOG", "geobeat=warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -1086,6 +1087,9 @@ fn container_root_filesystem_serves_as_a_non_root_user_with_its_health_check() {
             &listen,
             "--data-dir",
             "/var/lib/geobeat",
+            // Port 1883 may be taken by another test's server: MQTT is not what this checks.
+            "--mqtt-listen",
+            "off",
         ],
     )
     .stdout(std::process::Stdio::null())

@@ -438,6 +438,7 @@ fn rings_that_are_not_simple_and_fences_over_the_vertex_budget_are_refused() {
     std::fs::write(&path, text.replacen("\n]}", &format!(",\n{extra}\n]}}"), 1)).unwrap();
     let out = std::process::Command::new(bin())
         .args(&server.args)
+        .env(MQTT_OFF.0, MQTT_OFF.1)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

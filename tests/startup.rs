@@ -47,6 +47,7 @@ fn serve_cmd(addr: std::net::SocketAddr, data: &Path, extra: &[&str]) -> Command
     .arg(data)
     .args(["--shards", "2"])
     .args(extra)
+    .env(MQTT_OFF.0, MQTT_OFF.1)
     .env("RUST_LOG", "geobeat=info");
     cmd
 }
@@ -453,7 +454,7 @@ fn data_files_are_private_and_looser_modes_are_refused() {
     ] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         let mut cmd = Command::new(bin());
-        cmd.args(&server.args);
+        cmd.args(&server.args).env(MQTT_OFF.0, MQTT_OFF.1);
         let (status, out) = run_to_exit(cmd, &tmp.path().join("refused.log"));
         assert!(status.is_some_and(|s| !s.success()), "{status:?}\n{out}");
         for n in [
@@ -576,6 +577,7 @@ fn a_missing_data_directory_or_secret_is_never_silently_recreated() {
         cmd.args(["serve", "--listen", &free_addr().to_string(), "--data-dir"])
             .arg(data)
             .args(["--shards", "1"])
+            .env(MQTT_OFF.0, MQTT_OFF.1)
             .env("RUST_LOG", "geobeat=info");
         cmd
     };
@@ -638,6 +640,7 @@ fn a_missing_data_directory_or_secret_is_never_silently_recreated() {
         .args(["serve", "--listen", &addr.to_string(), "--data-dir"])
         .arg(&shipped)
         .args(["--shards", "1"])
+        .env(MQTT_OFF.0, MQTT_OFF.1)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

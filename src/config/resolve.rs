@@ -16,8 +16,8 @@ use super::settings::{
     Setting, Typed, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
     CONNECTIONS_MAX, DATA_DIR, DURABILITY, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
     HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY,
-    METRICS_LISTEN, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES, SETTINGS,
-    SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
+    METRICS_LISTEN, MQTT_LISTEN, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES,
+    SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub mesh_capacity: usize,
     /// Metrics listener address, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// MQTT listener address, if any (`--mqtt-listen`).
+    pub mqtt_listen: Option<SocketAddr>,
     /// Log filter directives (validated).
     pub log_level: String,
     /// Log line format.
@@ -344,6 +346,7 @@ impl ServeArgs {
         }
         let retention = r.get(&RETENTION, &self.retention)?;
         let metrics = r.get(&METRICS_LISTEN, &self.metrics_listen)?;
+        let mqtt = r.get(&MQTT_LISTEN, &self.mqtt_listen)?;
         let backlog_warn = r
             .get(&SINK_BACKLOG_WARN_BYTES, &self.sink_backlog_warn_bytes)?
             .bytes();
@@ -413,6 +416,7 @@ impl ServeArgs {
             frame_heartbeats_max: r.get(&FRAME_HEARTBEATS_MAX_S, &self.frame_heartbeats_max)?,
             mesh_capacity: r.get(&MESH_CAPACITY, &self.mesh_capacity)?,
             metrics_listen: metrics_addr(metrics),
+            mqtt_listen: metrics_addr(mqtt),
             log_level: r.get(&LOG_LEVEL, &self.log_level)?,
             log_format: r.get(&LOG_FORMAT, &self.log_format)?,
             sinks,

@@ -33,6 +33,8 @@ pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 5000;
 pub const IDLE_TIMEOUT_S_DEFAULT: u64 = 60;
 /// Default capacity of each cross-executor channel.
 pub const MESH_CAPACITY_DEFAULT: usize = 1024;
+/// Default MQTT listen address (the IANA port of unencrypted MQTT, loopback only).
+pub const MQTT_LISTEN_DEFAULT: &str = "127.0.0.1:1883";
 /// Default log filter.
 pub const LOG_LEVEL_DEFAULT: &str = "info";
 /// Default simulated devices for `demo`.
@@ -422,6 +424,15 @@ settings! {
         parse: parse_metrics_listen,
         help: "Address for the Prometheus /metrics endpoint, or `off`",
     }
+    setting MQTT_LISTEN mqtt_listen: MetricsListen {
+        flag: "--mqtt-listen",
+        env: "GEOBEAT_MQTT_LISTEN",
+        key: Some("mqtt_listen"),
+        value: "ADDR",
+        default: Text(MQTT_LISTEN_DEFAULT),
+        parse: parse_mqtt_listen,
+        help: "Address for MQTT 3.1.1/5 device ingest over TCP (docs/MQTT.md), or `off`",
+    }
     setting LOG_LEVEL log_level: String {
         flag: "--log-level",
         env: "GEOBEAT_LOG_LEVEL",
@@ -537,7 +548,8 @@ impl ByteLimit {
     }
 }
 
-/// Whether and where to serve metrics.
+/// Whether and where to serve a listener that may be switched off (`--metrics-listen`,
+/// `--mqtt-listen`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricsListen {
     /// Serve `/metrics` on this address.
@@ -689,6 +701,11 @@ fn parse_metrics_listen(text: &str) -> Result<MetricsListen, String> {
     parse_socket_addr(text)
         .map(MetricsListen::On)
         .map_err(|e| format!("{e}, or `off`"))
+}
+
+fn parse_mqtt_listen(text: &str) -> Result<MetricsListen, String> {
+    // The same shape as `--metrics-listen`: an address, or `off`.
+    parse_metrics_listen(text)
 }
 
 fn parse_osmand_listen(text: &str) -> Result<Option<SocketAddr>, String> {
@@ -860,6 +877,10 @@ mod tests {
         assert_eq!(
             SINK_BACKLOG_WARN_BYTES.fixed_default(),
             Some(ByteLimit::Bytes(SINK_BACKLOG_WARN_BYTES_DEFAULT))
+        );
+        assert_eq!(
+            MQTT_LISTEN.fixed_default(),
+            MQTT_LISTEN_DEFAULT.parse().ok().map(MetricsListen::On)
         );
         assert_eq!(SHARDS.fixed_default(), None);
     }

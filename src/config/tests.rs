@@ -466,3 +466,26 @@ fn token_and_demo_arguments_parse() {
     assert!(Cli::try_parse_from(["geobeat", "demo", "--rate-hz", "0"]).is_err());
     Cli::command().debug_assert();
 }
+
+#[test]
+fn mqtt_listen_defaults_to_loopback_1883_and_can_be_switched_off() {
+    // `--mqtt-listen`: the default, `off` from the environment, an address from the file, and a
+    // flag over all of them; a bad value names the setting.
+    let mqtt = |args: &ServeArgs, env: &[(&str, &str)], file: Option<&str>| {
+        resolve(args, env, file).unwrap().mqtt_listen
+    };
+    let none = ServeArgs::default();
+    assert_eq!(mqtt(&none, &[], None), "127.0.0.1:1883".parse().ok());
+    assert_eq!(mqtt(&none, &[("GEOBEAT_MQTT_LISTEN", "off")], None), None);
+    assert_eq!(
+        mqtt(&none, &[], Some("mqtt_listen = \"0.0.0.0:8883\"")),
+        "0.0.0.0:8883".parse().ok()
+    );
+    let flag = serve_args(&["--mqtt-listen", "127.0.0.1:1999"]);
+    assert_eq!(
+        mqtt(&flag, &[("GEOBEAT_MQTT_LISTEN", "off")], None),
+        "127.0.0.1:1999".parse().ok()
+    );
+    let err = resolve(&none, &[("GEOBEAT_MQTT_LISTEN", "1883")], None).unwrap_err();
+    assert!(err.to_string().contains("--mqtt-listen"), "{err}");
+}

@@ -54,6 +54,8 @@ pub struct Request<'b> {
     pub sec_websocket_key: Option<&'b str>,
     /// `Sec-WebSocket-Version`.
     pub sec_websocket_version: Option<&'b str>,
+    /// Some `Sec-WebSocket-Protocol` header lists `mqtt` (MQTT over WebSocket).
+    pub sec_websocket_protocol_mqtt: bool,
     /// `Accept` (first one; content negotiation for `/metrics`).
     pub accept: Option<&'b str>,
     /// `Content-Length`, parsed.
@@ -171,6 +173,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed<'_>, HeadError> {
         connection_has_close: false,
         sec_websocket_key: None,
         sec_websocket_version: None,
+        sec_websocket_protocol_mqtt: false,
         accept: None,
         content_length: None,
         chunked: false,
@@ -192,6 +195,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed<'_>, HeadError> {
             r.connection.get_or_insert(v);
             r.connection_has_upgrade |= list_has(v, "upgrade");
             r.connection_has_close |= list_has(v, "close");
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            r.sec_websocket_protocol_mqtt |= list_has(value()?, "mqtt");
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             once(
                 &mut r.sec_websocket_key,

@@ -1,6 +1,7 @@
 //! The network edge of one executor: sockets, protocols and HTTP, above the shard core. Its
 //! state is an [`edge::Edge`]. The [`router`] accepts, reads one bounded request head, and hands the socket to a connection kind
-//! ([`ingest`], [`subscribe`]: an [`edge::Kind`] each) or answers plain HTTP ([`http`], one file per
+//! ([`ingest`], [`subscribe`], MQTT over WebSocket in [`mqtt`]: an [`edge::Kind`] each; [`mqtt`]
+//! also has a TCP listener of its own) or answers plain HTTP ([`http`], one file per
 //! resource); WebSocket connections read and write through [`ws`]; every token is checked by
 //! [`auth`]; [`slots`] counts connections against the caps; [`submit`] holds a request/response
 //! protocol's answer until its heartbeats are durable. It does not store, commit or route
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod edge;
 pub mod http;
 pub mod ingest;
+pub mod mqtt;
 pub mod router;
 pub mod slots;
 pub mod submit;

@@ -27,6 +27,7 @@ use crate::limits::{
 };
 use crate::net::edge::{Edge, Kind, Role};
 use crate::net::ingest::IngestKind;
+use crate::net::mqtt::MqttWsKind;
 use crate::net::slots::{ConnSlot, HttpSlot};
 use crate::net::subscribe::SubscribeKind;
 use crate::ratelog::LogEvery;
@@ -230,6 +231,7 @@ async fn handle(
             "/v1/subscribe" if upgrading => {
                 return open::<SubscribeKind>(edge, stream, buf, slot, http).await
             }
+            "/mqtt" if upgrading => return open::<MqttWsKind>(edge, stream, buf, slot, http).await,
             _ => {}
         }
         if reserved {

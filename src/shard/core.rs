@@ -439,6 +439,24 @@ impl Core {
             .map_err(|_| MeshClosed)
     }
 
+    /// Runs `job` on executor `to`'s core (here directly if it is this one) and returns its
+    /// answer; `None` if that executor cannot answer (its mesh closed at shutdown).
+    pub async fn run_on<T: Send + 'static>(
+        &self,
+        to: ExecutorId,
+        job: impl FnOnce(&Core) -> T + Send + 'static,
+    ) -> Option<T> {
+        if to == self.index {
+            return Some(job(self));
+        }
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let run: CoreJob = Box::new(move |core: &Core| {
+            let _ = tx.send(job(core));
+        });
+        self.send_control(to, Control::Run(run)).await.ok()?;
+        rx.await.ok()
+    }
+
     /// Runs `job` on every executor's core (here directly, elsewhere over the control mesh) and
     /// collects the answers in executor order; executors that cannot answer are left out.
     pub async fn on_all<T: Send + 'static>(

@@ -16,6 +16,11 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_geobeat")
 }
 
+/// The environment that switches the MQTT listener off for a server a test starts (its default
+/// address, 127.0.0.1:1883, cannot serve several test servers at once); a `--mqtt-listen` flag
+/// still wins.
+pub const MQTT_OFF: (&str, &str) = ("GEOBEAT_MQTT_LISTEN", "off");
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -56,6 +61,9 @@ impl Server {
         let (addr, args) = serve_args(dir, extra);
         let child = Command::new(bin())
             .args(&args)
+            // The MQTT listener's default port (1883) would be shared by every server a test
+            // binary starts at once; tests/mqtt.rs passes `--mqtt-listen`, which wins.
+            .env(MQTT_OFF.0, MQTT_OFF.1)
             .env(
                 "RUST_LOG",
                 std::env::var("GB_TEST_LOG").unwrap_or("geobeat=warn".into()),
@@ -77,6 +85,7 @@ impl Server {
     pub fn restart(&mut self) {
         let child = Command::new(bin())
             .args(&self.args)
+            .env(MQTT_OFF.0, MQTT_OFF.1)
             .env(
                 "RUST_LOG",
                 std::env::var("GB_TEST_LOG").unwrap_or("geobeat=warn".into()),
@@ -302,6 +311,7 @@ pub fn spawn_logged(args: &[String], log: &Path) -> Child {
     let out = file.try_clone().expect("clone log handle");
     Command::new(bin())
         .args(args)
+        .env(MQTT_OFF.0, MQTT_OFF.1)
         .env(
             "RUST_LOG",
             std::env::var("GB_TEST_LOG").unwrap_or("geobeat=info".into()),

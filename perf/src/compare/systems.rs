@@ -423,9 +423,14 @@ pub fn start(
                     .arg("--listen")
                     .arg(format!("127.0.0.1:{port}"))
                     .arg("--data-dir")
-                    .arg(&data_dir);
+                    .arg(&data_dir)
+                    // Measured over WebSocket; no MQTT listener to collide with Mosquitto's port.
+                    .arg("--mqtt-listen")
+                    .arg("off");
                 secret_file = Some(data_dir.join("secret"));
-                settings.push("defaults: --durability strict, one shard per core".into());
+                settings.push(
+                    "defaults: --durability strict, one shard per core; --mqtt-listen off".into(),
+                );
             } else {
                 command.arg("--listen").arg(format!("127.0.0.1:{port}"));
             }

@@ -2,13 +2,16 @@
 //! (the next data frame under the idle, shutdown, writer-gone and expiry rules; the partial-frame
 //! bound) and [`mod@write`] (bounded writes and the close sequence). They take a connection's small
 //! handles (the executor's [`crate::rt::Stop`], its partial-frame account, the timeouts), never
-//! the executor; what the frames mean is the connection kind's.
+//! the executor; what the frames mean is the connection kind's. [`bytes`] turns a WebSocket into
+//! a byte stream (MQTT over WebSocket).
 
+pub mod bytes;
 pub mod read;
 pub mod write;
 
 use std::rc::Rc;
 
+pub use bytes::ByteStream;
 pub use read::{Ctl, Data, Metered, ReadMeter, Source, WsReader};
 pub use write::{Sink, WriteError, WsWriter};
 
