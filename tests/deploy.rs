@@ -1188,7 +1188,7 @@ fn container_image_builds_with_podman_from_the_containerfile() {
     assert_eq!(cfg["User"], "10001:10001");
     assert_eq!(cfg["Entrypoint"][0], "/usr/local/bin/geobeat");
     assert!(cfg["Volumes"].get("/var/lib/geobeat").is_some(), "{cfg}");
-    for port in ["8080/tcp", "9464/tcp"] {
+    for port in ["8080/tcp", "9464/tcp", "1883/tcp"] {
         assert!(cfg["ExposedPorts"].get(port).is_some(), "{cfg}");
     }
     let cmd: Vec<String> = strings(&cfg["Cmd"]);
