@@ -1011,22 +1011,32 @@ fn assemble_rootfs(out: &Path) {
     assert!(st.success(), "rootfs.sh failed");
 }
 
-/// Runs `args` inside `root` as the image's user (10001), the way an engine would: a private
-/// mount namespace with /proc, /sys and /dev bound in, then chroot. `--kill-child`: killing the
-/// returned process kills the server too.
+/// Runs `args` inside `root` as the image's user (10001), the way an engine would: private mount
+/// and PID namespaces with /proc, /sys and /dev bound in, then chroot. Killing the returned
+/// process kills the server too: `--kill-child` kills the namespace's first process (the shell,
+/// which keeps its parent-death signal; the server's is cleared when chroot switches users) and
+/// the kernel then kills everything else in the namespace.
 fn in_rootfs(root: &Path, args: &[&str]) -> Command {
     let r = root.display();
     let mut script = format!(
         "mount --bind /proc {r}/proc && mount --rbind /sys {r}/sys && mount --rbind /dev {r}/dev \
-         && exec chroot --userspec=10001:10001 {r}"
+         && chroot --userspec=10001:10001 {r}"
     );
     for a in args {
         script.push(' ');
         script.push_str(a);
     }
     let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--fork", "--kill-child", "sh", "-c", &script])
-        .env_remove("HOME");
+    cmd.args([
+        "--mount",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .env_remove("HOME");
     cmd
 }
 
