@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::limits::{STOP_POLL_INTERVAL, SYNC_FILES_MAX};
+use crate::limits::{COMMIT_NO_SPACE_RETRY_INTERVAL, STOP_POLL_INTERVAL, SYNC_FILES_MAX};
 use crate::log::Commit;
 use crate::route::ShardId;
 use crate::rt::{self, SyncFile};
@@ -49,14 +49,28 @@ impl Core {
     /// Commits one shard: makes everything appended so far durable, then completes waiters.
     async fn commit_slot(&self, slot: &StoreSlot) {
         let started = Instant::now();
-        slot.probe
-            .group_entries
-            .observe(slot.pending_entries.get() as f64);
+        let pending = slot.pending_entries.get();
+        slot.probe.group_entries.observe(pending as f64);
         slot.pending_entries.set(0);
-        slot.pending_since.set(None);
+        let pending_since = slot.pending_since.take();
         let durable_before = slot.store.borrow().durable();
         let begun = slot.store.borrow_mut().commit_begin();
         let durable = match begun {
+            Err(e @ crate::store::Error::Log(crate::log::Error::NoSpace { .. })) => {
+                // The log could not write its staged entries (a full copy-on-write file system):
+                // they stay staged, nothing is durable or acked, the log is not poisoned. Try
+                // again after a pause (the next commit writes them, as a later append would).
+                if let Some(suppressed) = slot.refusal_log.check() {
+                    tracing::warn!(shard = %slot.shard, error = %e, suppressed_since_last = suppressed, "commit deferred: no space to write the group; retrying");
+                }
+                rt::sleep(COMMIT_NO_SPACE_RETRY_INTERVAL).await;
+                slot.pending_entries
+                    .set(slot.pending_entries.get() + pending);
+                if slot.pending_since.get().is_none() {
+                    slot.pending_since.set(pending_since);
+                }
+                return;
+            }
             Err(e) => {
                 tracing::error!(shard = %slot.shard, error = %e, "commit refused; shard log poisoned");
                 self.storage_fault(slot.shard, &e);
