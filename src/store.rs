@@ -517,6 +517,12 @@ impl ShardStore {
         (self.table.id_at(slot), self.table.get_at(slot))
     }
 
+    /// See [`Log::write_staged`]: puts the entries appended so far into the page cache (where a
+    /// process crash keeps them) without making them durable.
+    pub fn write_staged(&mut self) -> Result<(), Error> {
+        Ok(self.log.write_staged()?)
+    }
+
     /// See [`Log::commit_begin`].
     pub fn commit_begin(&mut self) -> Result<Commit, Error> {
         Ok(self.log.commit_begin()?)
