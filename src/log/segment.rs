@@ -7,10 +7,11 @@
 //! `Log` and `recovery`.
 //!
 //! Invariant: a file named `<base>.seg` always has a complete, synced header and is fully
-//! allocated *and written* (no unwritten extents), so writing through the mapping can never fault
-//! for lack of space (a sparse file would SIGBUS on ENOSPC) and an fdatasync of it never depends on
-//! converting unwritten extents (which ext4 may fail after reporting success, losing acknowledged
-//! data; see issue 20 §2); a segment being created lives under a `.seg.tmp` name until then.
+//! allocated *and written* (no unwritten extents), so writing entries (with `pwrite` or through
+//! a mapping) needs no allocation, a mapping can never fault for lack of space (a sparse file
+//! would SIGBUS on ENOSPC), and an fdatasync of it never depends on converting unwritten extents
+//! (which ext4 may fail after reporting success, losing acknowledged data; see issue 20 §2); a
+//! segment being created lives under a `.seg.tmp` name until then.
 
 use std::io;
 use std::os::fd::AsRawFd;

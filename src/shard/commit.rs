@@ -2,8 +2,9 @@
 //! the group), makes each shard's log durable with an io_uring `fdatasync` (or a DAX flush)
 //! while the executor keeps serving, then completes the groups waiting on it and releases their
 //! subscription events. It owns the commit policy (Strict: start at once, or after the linger;
-//! Relaxed: on the interval) and marking a shard whose log failed a sync (`/readyz`). It does
-//! not append (`shard`) and does not write acks (`net`).
+//! Relaxed: on the interval) and marking a shard whose log failed a sync (`/readyz`); a commit
+//! whose log found no space to write its group (`log::Error::NoSpace`) is retried after a pause,
+//! not marked. It does not append (`shard`) and does not write acks (`net`).
 //!
 //! Invariant: waiters complete only for positions below the durable position the log reported
 //! after its sync; a poisoned log completes nothing more.
