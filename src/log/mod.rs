@@ -11,10 +11,10 @@
 //! operation goes through [`storage::Disk`]: the real file system, or the simulated disk of the
 //! crash tests ([`sim`]; then the spare segment is prepared inline, not on a thread).
 //!
-//! Entries reach a segment file in one of two ways ([`WriteMode`]): by default they are encoded
-//! into the log's in-memory *stage* and written to the file with one `pwrite` per commit (and
-//! before a rollover, or when the stage is full), the file being mapped read-only for reads;
-//! or they are written straight into a read-write mapping. On DAX they always go through the
+//! Entries reach a segment file in one of two ways ([`WriteMode`]): encoded into the log's
+//! in-memory *stage* and written to the file with one `pwrite` per commit (and before a rollover,
+//! or when the stage is full), the file being mapped read-only for reads; or (the default)
+//! written straight into a read-write mapping. On DAX they always go through the
 //! `MAP_SYNC` mapping.
 //!
 //! Invariants: positions are contiguous across segments (a segment's base is its predecessor's
@@ -98,14 +98,18 @@ impl std::fmt::Display for SyncMode {
 ///
 /// See: issue 15 §3 and `perf/RESULTS.md`, "Commit path": writing through a shared mapping
 /// makes every durable group pay write-protect faults and TLB shootdowns after each writeback.
+/// The default stays [`WriteMode::Mmap`] for now: in the server A/B ("Commit path by pwrite")
+/// `Pwrite` gave more throughput at saturation and lower ack latency at light load, but more
+/// server CPU per heartbeat, so it did not win outright.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WriteMode {
     /// Entries are encoded into the log's in-memory stage and written to the file with `pwrite`
-    /// (one call per commit, rollover, or full stage); the file is mapped read-only for reads.
-    #[default]
+    /// (one call per commit, rollover, full stage, or Relaxed group); the file is mapped
+    /// read-only for reads.
     Pwrite,
     /// Entries are written straight into a shared read-write mapping of the file (the way
-    /// before issue 15 §3; kept so the two can be measured against each other).
+    /// before issue 15 §3).
+    #[default]
     Mmap,
 }
 

@@ -333,6 +333,12 @@ fn cfg_mode(dir: &Path, write_mode: WriteMode) -> LogConfig {
     }
 }
 
+fn open_pwrite(dir: &Path) -> Log {
+    Log::open(&cfg_mode(dir, WriteMode::Pwrite), |_, _| {})
+        .unwrap()
+        .0
+}
+
 /// The bytes of `len` bytes at `pos` of the (first) segment file, read with `pread`.
 fn file_bytes(dir: &Path, pos: LogPos, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
@@ -357,7 +363,7 @@ fn pwrite_mode_stages_entries_until_the_commit_writes_them() {
     // commit writes them (one pwrite) before its fdatasync, after which the file holds exactly
     // the bytes the reads returned.
     let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path());
+    let mut log = open_pwrite(dir.path());
     assert_eq!(log.write_mode(), WriteMode::Pwrite);
     let p1 = log.append(&hb("a", 1), None).unwrap();
     let p2 = log.append(&hb("b", 2), None).unwrap();
@@ -443,13 +449,14 @@ fn dropping_a_log_writes_its_staged_entries() {
     // Staged entries are written (not synced) when the log is dropped, so a reopen in the same
     // boot finds them, as it found entries written into the mapping before.
     let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path());
+    let mut log = open_pwrite(dir.path());
     log.append(&hb("a", 1), None).unwrap();
     log.append(&hb("b", 2), None).unwrap();
     assert!(log.staged_bytes() > 0);
     drop(log);
     let mut n = 0;
-    let (log, report) = Log::open(&cfg(dir.path()), |_, _| n += 1).unwrap();
+    let cfg = cfg_mode(dir.path(), WriteMode::Pwrite);
+    let (log, report) = Log::open(&cfg, |_, _| n += 1).unwrap();
     assert_eq!((n, report.entries), (2, 2));
     assert_eq!(log.durable(), log.written());
 }
@@ -555,7 +562,7 @@ fn rollover_writes_the_stage_into_the_sealed_segment() {
     // A rollover writes the stage before sealing: the sealed segment file holds every entry
     // appended to it (the checkpoint writer and the tail reader read sealed files directly).
     let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path());
+    let mut log = open_pwrite(dir.path());
     let mut ts = 0;
     while log.stats().segments == 1 {
         ts += 1;
