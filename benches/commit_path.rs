@@ -1,6 +1,8 @@
 //! What one durable group commit costs on this disk, per way of writing it (issue 15 §3): the
-//! log's way today (a memcpy into a shared mapping, then `fdatasync`), `msync` of the range,
-//! `pwrite` + `fdatasync`, `pwritev2(RWF_DSYNC)`, and a `pwrite` on an `O_DSYNC` descriptor. Each
+//! log's way before issue 15 §3 (a memcpy into a shared mapping, then `fdatasync`), `msync` of the
+//! range, `pwrite` + `fdatasync`, the log's way since (`pwrite` + `fdatasync` while the file is also
+//! mapped read-only and each group is read back through that mapping, as queries do),
+//! `pwritev2(RWF_DSYNC)`, and a `pwrite` on an `O_DSYNC` descriptor. Each
 //! writes groups of `G` heartbeat-sized entries (140 bytes) one after another into a
 //! preallocated, zero-filled 64 MiB file (like a log segment), waiting for each group to be
 //! durable before the next, and prints per variant and group size: groups per second, p50 and p99
@@ -27,6 +29,9 @@ enum Way {
     MmapFdatasync,
     MmapMsync,
     PwriteFdatasync,
+    /// `pwrite` + `fdatasync` with a read-only shared mapping of the file whose pages the group's
+    /// bytes land in are read through it after each write (`log::WriteMode::Pwrite`).
+    PwriteMappedFdatasync,
     PwritevDsync,
     ODsync,
 }
@@ -82,13 +87,18 @@ fn run(way: Way, group: usize, groups: usize, dir: &std::path::Path) -> String {
     let file = zero_file(&path, dsync);
     let fd = file.as_raw_fd();
     let map = match way {
-        Way::MmapFdatasync | Way::MmapMsync => {
+        Way::MmapFdatasync | Way::MmapMsync | Way::PwriteMappedFdatasync => {
+            let prot = if matches!(way, Way::PwriteMappedFdatasync) {
+                libc::PROT_READ
+            } else {
+                libc::PROT_READ | libc::PROT_WRITE
+            };
             // SAFETY: a shared mapping of a file we own, unmapped below.
             let p = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
                     FILE_BYTES,
-                    libc::PROT_READ | libc::PROT_WRITE,
+                    prot,
                     libc::MAP_SHARED,
                     fd,
                     0,
@@ -106,6 +116,7 @@ fn run(way: Way, group: usize, groups: usize, dir: &std::path::Path) -> String {
     let mut lat = Vec::with_capacity(groups);
     let (cpu0, mach0, t0) = (cpu_self(), cpu_machine(), Instant::now());
     let mut off = 0usize;
+    let mut read_back = 0u64;
     for _ in 0..groups {
         let start = Instant::now();
         match way {
@@ -130,6 +141,20 @@ fn run(way: Way, group: usize, groups: usize, dir: &std::path::Path) -> String {
                 // SAFETY: fdatasync on our descriptor.
                 assert_eq!(unsafe { libc::fdatasync(fd) }, 0);
             }
+            Way::PwriteMappedFdatasync => {
+                file.write_all_at(&buf, off as u64).unwrap();
+                // SAFETY: fdatasync on our descriptor.
+                assert_eq!(unsafe { libc::fdatasync(fd) }, 0);
+                let p = map.unwrap();
+                // Read every entry's first byte back through the mapping (faults its pages in,
+                // as the log's reads do), and check the page cache and the mapping agree.
+                for e in (0..buf.len()).step_by(ENTRY_BYTES) {
+                    // SAFETY: inside the mapping; the file is never truncated while mapped.
+                    let b = unsafe { std::ptr::read_volatile(p.add(off + e)) };
+                    assert_eq!(b, buf[e]);
+                    read_back += u64::from(b);
+                }
+            }
             Way::PwritevDsync => {
                 let iov = libc::iovec {
                     iov_base: buf.as_ptr() as *mut _,
@@ -145,6 +170,7 @@ fn run(way: Way, group: usize, groups: usize, dir: &std::path::Path) -> String {
         off += buf.len();
     }
     let wall = t0.elapsed();
+    std::hint::black_box(read_back);
     let cpu = cpu_self() - cpu0;
     let mach = cpu_machine().saturating_sub(mach0);
     // SAFETY: sysconf is always safe.
@@ -188,6 +214,7 @@ fn main() {
             Way::MmapFdatasync,
             Way::MmapMsync,
             Way::PwriteFdatasync,
+            Way::PwriteMappedFdatasync,
             Way::PwritevDsync,
             Way::ODsync,
         ] {

@@ -20,6 +20,12 @@ pub const SEGMENT_HEADER_BYTES: usize = 4096;
 /// Bytes of zeros written per `pwrite` when a new segment is zero-filled (one static buffer of
 /// this size, shared by every preparation).
 pub const SEGMENT_ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes of appended entries one shard log holds in memory (its stage) before it writes them to
+/// the segment file with one `pwrite` (`log::WriteMode::Pwrite`); commits and rollovers write them
+/// sooner, so in practice the stage holds one commit group. 256 KiB is about 1,800 entries of 140
+/// bytes: more than a 2 ms commit interval's worth at the highest ingest rate one core has reached
+/// here (~300,000 heartbeats/s), so a full stage is rare. Allocated once per log.
+pub const LOG_STAGE_BYTES_MAX: usize = 256 << 10;
 /// Smallest and largest segment file size accepted by configuration.
 pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
 /// See [`SEGMENT_BYTES_MIN`].
@@ -124,6 +130,10 @@ pub const TABLE_CHUNKS_MAX: usize = 1 << 14;
 pub const CHECKPOINT_RECORDS_MAX: usize = TABLE_DEVICES_MAX;
 
 const _: () = assert!(ENTRY_HEADER_BYTES % ENTRY_ALIGN_BYTES == 0);
+// The stage holds at least one entry of the largest size (an append never waits for room twice).
+const _: () = assert!(
+    LOG_STAGE_BYTES_MAX >= ENTRY_HEADER_BYTES + ENTRY_PAYLOAD_BYTES_MAX + ENTRY_ALIGN_BYTES
+);
 const _: () = assert!(SEGMENT_HEADER_BYTES as u64 % PAGE_BYTES == 0);
 const _: () = assert!(VSHARDS.is_power_of_two() && VSHARDS >= SHARDS_MAX && VSHARDS <= 1 << 16);
 const _: () = assert!(SEGMENT_BYTES_MIN % PAGE_BYTES == 0);
@@ -367,6 +377,10 @@ pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
 pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How often executors look at the process-wide stop flag.
 pub const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a shard's commit waits before trying again after its log could not write staged
+/// entries for lack of space (`log::Error::NoSpace` from a commit): the entries stay staged and
+/// their waiters un-acked until a later try writes them.
+pub const COMMIT_NO_SPACE_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 /// Connections over the cap that are still answered with a 503 (beyond that they are closed
 /// at once, so a flood cannot exhaust descriptors).
 pub const REFUSALS_IN_FLIGHT_MAX: usize = 256;

@@ -262,6 +262,7 @@ pub fn run(req: &Request) -> Result<Outcome, Error> {
             dir: dir.clone(),
             shard,
             segment_bytes,
+            write_mode: crate::log::WriteMode::default(),
         };
         Log::init_at(&cfg, base, next_seq)?;
         let mut scfg = StoreConfig::new(dir, shard);
@@ -412,6 +413,7 @@ fn open_old_shards(root: &Path, layout: &Layout) -> Result<Vec<OldShard>, Error>
             shard,
             // Only used if the shard has no segment at all; keep that one small.
             segment_bytes: SEGMENT_BYTES_MIN,
+            write_mode: crate::log::WriteMode::default(),
         };
         let log = match Log::open(&cfg, |_, _| {}) {
             Ok((log, _)) => log,

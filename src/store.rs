@@ -23,6 +23,7 @@ use crate::checkpoint::{self, Builder, Checkpoint, Record};
 use crate::limits::{SEGMENT_BYTES_DEFAULT, TABLE_POS_MAX};
 use crate::log::{
     self, Chain, Commit, Entry, Log, LogConfig, LogPos, LogStats, RecoveryReport, SyncJob,
+    WriteMode,
 };
 use crate::record::Heartbeat;
 use crate::route::ShardId;
@@ -40,6 +41,8 @@ pub struct StoreConfig {
     pub segment_bytes: u64,
     /// Devices to reserve table room for up front (0 to grow on demand).
     pub expected_devices: usize,
+    /// How entries are written to segment files (see `LogConfig::write_mode`).
+    pub write_mode: WriteMode,
 }
 
 impl StoreConfig {
@@ -50,6 +53,7 @@ impl StoreConfig {
             shard,
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             expected_devices: 0,
+            write_mode: WriteMode::default(),
         }
     }
 }
@@ -350,6 +354,7 @@ impl ShardStore {
             dir: cfg.dir.clone(),
             shard: cfg.shard,
             segment_bytes: cfg.segment_bytes,
+            write_mode: cfg.write_mode,
         };
         let (log, report) = Log::open(&log_cfg, |pos, e: &Entry<'_>| {
             // Below the covered position the checkpoint holds what is still last.
@@ -510,6 +515,12 @@ impl ShardStore {
     pub fn slot_location(&self, key: u32) -> (&str, LastLocation) {
         let slot = crate::table::Slot::from_raw(key);
         (self.table.id_at(slot), self.table.get_at(slot))
+    }
+
+    /// See [`Log::write_staged`]: puts the entries appended so far into the page cache (where a
+    /// process crash keeps them) without making them durable.
+    pub fn write_staged(&mut self) -> Result<(), Error> {
+        Ok(self.log.write_staged()?)
     }
 
     /// See [`Log::commit_begin`].

@@ -35,6 +35,7 @@ fn config(dir: &Path) -> StoreConfig {
         shard: ShardId(0),
         segment_bytes: SEGMENT_BYTES_MIN,
         expected_devices: DEVICES as usize,
+        write_mode: geobeat::log::WriteMode::default(),
     }
 }
 

@@ -54,6 +54,7 @@ fn appends_and_recovery_do_not_allocate_per_heartbeat() {
             dir: dir.clone(),
             shard: ShardId(0),
             segment_bytes: 4 * SEGMENT_BYTES_MIN,
+            write_mode: geobeat::log::WriteMode::default(),
         };
         let (mut log, _) = Log::open(&cfg, |_, _| {}).unwrap();
         for i in 0..entries {

@@ -33,6 +33,7 @@ fn config(dir: &Path) -> StoreConfig {
         shard: ShardId(0),
         segment_bytes: SEGMENT_BYTES_MIN,
         expected_devices: 0,
+        write_mode: geobeat::log::WriteMode::default(),
     }
 }
 

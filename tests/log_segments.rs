@@ -32,6 +32,7 @@ fn store_cfg(dir: &Path, segment_bytes: u64) -> StoreConfig {
         shard: ShardId(1),
         segment_bytes,
         expected_devices: 0,
+        write_mode: geobeat::log::WriteMode::default(),
     }
 }
 
@@ -438,6 +439,7 @@ fn unusable_first_segment_refuses_to_open_and_stale_temp_files_are_removed() {
         dir: dir.clone(),
         shard: ShardId(1),
         segment_bytes: SEGMENT_BYTES_MIN,
+        write_mode: geobeat::log::WriteMode::default(),
     };
     let (mut log, _) = Log::open(&cfg, |_, _| {}).unwrap();
     log.append(&hb("a", 1), None).unwrap();
@@ -475,6 +477,7 @@ fn data_dir_feeds_one_store_per_shard() {
                     shard: ShardId(s),
                     segment_bytes: SEGMENT_BYTES_MIN,
                     expected_devices: 0,
+                    write_mode: geobeat::log::WriteMode::default(),
                 };
                 ShardStore::open(&cfg).unwrap().0
             })

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use geobeat::log::sim::SimDisk;
-use geobeat::log::{Commit, Disk, Log, LogConfig, LogPos, ScanEnd, SyncJob};
+use geobeat::log::{Commit, Disk, Log, LogConfig, LogPos, ScanEnd, SyncJob, WriteMode};
 use geobeat::record::Heartbeat;
 use geobeat::route::ShardId;
 use rand::{Rng, RngCore};
@@ -94,11 +94,18 @@ struct Model {
     deleting_below: LogPos,
 }
 
-fn cfg() -> LogConfig {
+/// The log's configuration for `seed`: half the seeds (long ones included) write entries with
+/// `pwrite` from the log's stage, the other half through a read-write mapping.
+fn cfg(seed: u64) -> LogConfig {
     LogConfig {
         dir: PathBuf::from("/sim/shard-0"),
         shard: ShardId(0),
         segment_bytes: geobeat::limits::SEGMENT_BYTES_MIN,
+        write_mode: if (seed / LONG_SEED_EVERY) % 2 == 0 {
+            WriteMode::Pwrite
+        } else {
+            WriteMode::Mmap
+        },
     }
 }
 
@@ -140,7 +147,7 @@ fn workload(seed: u64, rng: &mut Rng64, disk: &SimDisk, model: &mut Model) -> Re
     } else {
         (rng.gen_range(1..400u64), rng.gen_range(0..=256))
     };
-    let (mut log, _) = match Log::open_on(&cfg(), Disk::Sim(disk.clone()), |_, _| {}) {
+    let (mut log, _) = match Log::open_on(&cfg(seed), Disk::Sim(disk.clone()), |_, _| {}) {
         Ok(x) => x,
         Err(e) if disk.crashed() => {
             let _ = e;
@@ -345,8 +352,13 @@ fn check_recovered(log: &Log, model: &Model, damage_min: Option<LogPos>) -> Resu
     Ok(recovered.len() as u64)
 }
 
-fn open_checked(disk: &SimDisk, model: &Model, cov: &mut Coverage) -> Result<Log, String> {
-    let (log, report) = Log::open_on(&cfg(), Disk::Sim(disk.clone()), |_, _| {})
+fn open_checked(
+    seed: u64,
+    disk: &SimDisk,
+    model: &Model,
+    cov: &mut Coverage,
+) -> Result<Log, String> {
+    let (log, report) = Log::open_on(&cfg(seed), Disk::Sim(disk.clone()), |_, _| {})
         .map_err(|e| format!("recovery failed: {e}"))?;
     let damage_min = report.damaged.iter().map(|d| d.pos).min();
     check_recovered(&log, model, damage_min)?;
@@ -373,7 +385,7 @@ fn run_seed(seed: u64, cov: &mut Coverage) -> Result<(), String> {
     let disk = disk.reboot(seed ^ 0x5eed, None);
     cov.retention += u64::from(model.deleting_below > LogPos(0));
     cov.two_phase += u64::from(model.two_phase);
-    let mut log = open_checked(&disk, &model, cov)?;
+    let mut log = open_checked(seed, &disk, &model, cov)?;
     // The recovered log accepts appends, and they survive a crash once synced.
     let before = log.next_seq();
     let (_, hb) = heartbeat(&mut rng, 1_000_000, 64);
@@ -392,7 +404,7 @@ fn run_seed(seed: u64, cov: &mut Coverage) -> Result<(), String> {
     drop(log);
     disk.crash_now();
     let disk = disk.reboot(seed ^ 0xc0ffee, None);
-    let (log, _) = Log::open_on(&cfg(), Disk::Sim(disk), |_, _| {})
+    let (log, _) = Log::open_on(&cfg(seed), Disk::Sim(disk), |_, _| {})
         .map_err(|e| format!("second recovery failed: {e}"))?;
     if log.written() < durable || log.read_raw(pos).map(|(_, r)| r.to_vec()) != Some(raw) {
         return Err("an entry synced after recovery was lost by the next crash".into());
@@ -465,7 +477,7 @@ fn sim_disk_keeps_synced_bytes_and_may_lose_the_rest() {
     let mut lost_some = false;
     for seed in 0..64 {
         let disk = SimDisk::new(seed, None);
-        let (log, _) = Log::open_on(&cfg(), Disk::Sim(disk.clone()), |_, _| {}).unwrap();
+        let (log, _) = Log::open_on(&cfg(seed), Disk::Sim(disk.clone()), |_, _| {}).unwrap();
         drop(log);
         let path = disk
             .files()
@@ -478,11 +490,13 @@ fn sim_disk_keeps_synced_bytes_and_may_lose_the_rest() {
         assert_eq!(before, after, "a synced file is kept whole");
         // Now an unsynced append.
         let disk = SimDisk::new(seed, None);
-        let (mut log, _) = Log::open_on(&cfg(), Disk::Sim(disk.clone()), |_, _| {}).unwrap();
+        let (mut log, _) = Log::open_on(&cfg(seed), Disk::Sim(disk.clone()), |_, _| {}).unwrap();
         let mut rng = Rng64(seed);
         for i in 0..50 {
             log.append(&heartbeat(&mut rng, i, 200).1, None).unwrap();
         }
+        // Staged entries (WriteMode::Pwrite) reach the file's page cache, not yet synced.
+        log.write_staged().unwrap();
         let written = disk.file_bytes(&path).unwrap();
         disk.crash_now();
         let torn = disk.reboot(seed, None).file_bytes(&path).unwrap();

@@ -508,6 +508,7 @@ mod tests {
             dir: dir.to_path_buf(),
             shard: ShardId(1),
             segment_bytes: crate::limits::SEGMENT_BYTES_MIN,
+            write_mode: crate::log::WriteMode::default(),
         };
         let (mut log, _) = Log::open(&cfg, |_, _| {}).unwrap();
         for (i, t) in times.iter().enumerate() {

@@ -189,6 +189,7 @@ mod tests {
             dir: dir.path().to_path_buf(),
             shard: ShardId(5),
             segment_bytes: crate::limits::SEGMENT_BYTES_MIN,
+            write_mode: crate::log::WriteMode::default(),
         };
         let (mut log, _) = Log::open(&cfg, |_, _| {}).unwrap();
         let pos = log.append(hb, None).unwrap();

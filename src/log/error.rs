@@ -27,13 +27,19 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
-    /// Preallocating a new segment failed for lack of space. Nothing was written and the log
-    /// position did not move; the next append tries again.
-    #[error("shard {shard}: no space to preallocate segment {} ({bytes} bytes): {source}", path.display())]
+    /// Preallocating a new segment failed for lack of space (`op` "preallocate"): nothing was
+    /// written and the log position did not move; the next append tries again. Or writing staged
+    /// entries into the active segment did (`op` "write entries to"; only a file system that
+    /// allocates on overwrite, e.g. copy-on-write, can do that to a preallocated file): the
+    /// entries stay staged, nothing became durable, the log is not poisoned, and the next commit
+    /// or append writes them again.
+    #[error("shard {shard}: no space to {op} segment {} ({bytes} bytes): {source}", path.display())]
     NoSpace {
         /// Shard whose log is full.
         shard: ShardId,
-        /// Segment that could not be created.
+        /// What needed the space: "preallocate" or "write entries to".
+        op: &'static str,
+        /// Segment that could not be created or written.
         path: PathBuf,
         /// Bytes requested.
         bytes: u64,
@@ -51,6 +57,17 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
+    /// Writing staged entries into the active segment failed with another error than ENOSPC.
+    /// The log is now poisoned, like after a failed sync: what reached the page cache is unknown.
+    #[error("shard {shard}: write of log entries to {} failed, log poisoned: {source}", path.display())]
+    WriteFailed {
+        /// Shard whose log failed.
+        shard: ShardId,
+        /// The segment file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The shard directory was removed or replaced while the log was open (its `LOCK` file is no
     /// longer the one this process holds): new data would go to files nobody can find after a
     /// restart. The log is now poisoned, like after a failed sync.
@@ -61,9 +78,9 @@ pub enum Error {
         /// The shard directory.
         path: PathBuf,
     },
-    /// An earlier sync failed (or the directory vanished); the log refuses all appends and commits
-    /// until reopened.
-    #[error("shard {shard}: log poisoned by an earlier failure (failed sync or shard directory removed); reopen the shard to recover")]
+    /// An earlier sync or write failed (or the directory vanished); the log refuses all appends
+    /// and commits until reopened.
+    #[error("shard {shard}: log poisoned by an earlier failure (failed sync or write, or shard directory removed); reopen the shard to recover")]
     Poisoned {
         /// Shard whose log is poisoned.
         shard: ShardId,

@@ -11,11 +11,21 @@
 //! operation goes through [`storage::Disk`]: the real file system, or the simulated disk of the
 //! crash tests ([`sim`]; then the spare segment is prepared inline, not on a thread).
 //!
+//! Entries reach a segment file in one of two ways ([`WriteMode`]): encoded into the log's
+//! in-memory *stage* and written to the file with one `pwrite` per commit (and before a rollover,
+//! or when the stage is full), the file being mapped read-only for reads; or (the default)
+//! written straight into a read-write mapping. On DAX they always go through the
+//! `MAP_SYNC` mapping.
+//!
 //! Invariants: positions are contiguous across segments (a segment's base is its predecessor's
 //! base plus its size) and data once written never moves; sequence numbers are contiguous; an
 //! entry at position `p` is durable iff `p < durable()`; a segment that has a successor is
 //! complete and durable (it is synced before the successor is created), so only the last segment
-//! can have a torn tail.
+//! can have a torn tail. Staged bytes are the positions `[stage_pos, written)` of the active
+//! segment, and `durable() <= stage_pos`: the log's own reads (`read`, `chain`, `scan_from`) take
+//! staged entries from the stage, and every reader of the files (the tail reader, checkpoint
+//! writer, recovery) reads only below `durable()` or in sealed segments, which hold no staged
+//! bytes (a rollover writes the stage first), so no reader ever sees a byte not yet written.
 
 pub mod dax;
 pub mod error;
@@ -49,7 +59,8 @@ use segment::Segment;
 
 use crate::limits::{
     ENTRY_PAYLOAD_BYTES_MAX, LOG_CONSUMERS_MAX, LOG_CONSUMER_NAME_BYTES_MAX, LOG_SEGMENTS_MAX,
-    PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES,
+    LOG_STAGE_BYTES_MAX, PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+    SEGMENT_HEADER_BYTES,
 };
 use crate::record::{self, ArchivedHeartbeat, Heartbeat};
 use crate::route::{self, ShardId};
@@ -82,6 +93,35 @@ impl std::fmt::Display for SyncMode {
     }
 }
 
+/// How appended entries reach a segment file on an ordinary (non-DAX) file system. On a DAX file
+/// system entries are always written through the `MAP_SYNC` mapping (commit = cache-line flushes).
+///
+/// See: issue 15 §3 and `perf/RESULTS.md`, "Commit path": writing through a shared mapping
+/// makes every durable group pay write-protect faults and TLB shootdowns after each writeback.
+/// The default stays [`WriteMode::Mmap`] for now: in the server A/B ("Commit path by pwrite")
+/// `Pwrite` gave more throughput at saturation and lower ack latency at light load, but more
+/// server CPU per heartbeat, so it did not win outright.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// Entries are encoded into the log's in-memory stage and written to the file with `pwrite`
+    /// (one call per commit, rollover, full stage, or Relaxed group); the file is mapped
+    /// read-only for reads.
+    Pwrite,
+    /// Entries are written straight into a shared read-write mapping of the file (the way
+    /// before issue 15 §3).
+    #[default]
+    Mmap,
+}
+
+impl std::fmt::Display for WriteMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriteMode::Pwrite => "pwrite",
+            WriteMode::Mmap => "mmap",
+        })
+    }
+}
+
 /// Where a shard log lives and how big new segments are.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -92,15 +132,18 @@ pub struct LogConfig {
     /// Size of newly created segment files: a multiple of the page size within
     /// `SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX`. Existing segments keep the size in their header.
     pub segment_bytes: u64,
+    /// How entries are written to segment files (ignored on DAX, where the mapping is written).
+    pub write_mode: WriteMode,
 }
 
 impl LogConfig {
-    /// A configuration with the default segment size.
+    /// A configuration with the default segment size and write mode.
     pub fn new(dir: impl Into<PathBuf>, shard: ShardId) -> LogConfig {
         LogConfig {
             dir: dir.into(),
             shard,
             segment_bytes: SEGMENT_BYTES_DEFAULT,
+            write_mode: WriteMode::default(),
         }
     }
 
@@ -216,6 +259,15 @@ pub struct Log {
     job_in_flight: bool,
     /// Reused encoding buffer (no per-append allocation once warm).
     scratch: AlignedVec,
+    /// How new segments are written (see [`WriteMode`]).
+    write_mode: WriteMode,
+    /// Entries appended to the active segment and not yet written to its file (only when the
+    /// active segment is written with `pwrite`): the bytes of positions `[stage_pos, written)`.
+    /// Allocated once with `LOG_STAGE_BYTES_MAX` and never grown (it is written out first).
+    stage: AlignedVec,
+    /// Position of the stage's first byte; equals `written` when the stage is empty. Always an
+    /// entry boundary, and `durable <= stage_pos`.
+    stage_pos: u64,
     /// Reused serializer scratch space (kept here, not in rkyv's thread-local arena: cheaper, and
     /// no thread-locals).
     arena: Arena,
@@ -261,6 +313,12 @@ impl SpareWork {
 
 impl Drop for Log {
     fn drop(&mut self) {
+        // Staged entries go to the page cache, as entries written into a mapping would have:
+        // not durable, but a reopen in this boot finds them (best effort: they were never
+        // acknowledged, and a failure here changes nothing a caller was told).
+        if !self.poisoned {
+            let _ = self.write_stage();
+        }
         // A spare still being written belongs to this directory: let it finish (a leftover
         // `.seg.tmp` is deleted at the next open anyway).
         if let Some(spare) = self.spare.take() {
@@ -428,7 +486,7 @@ impl Log {
             }
             Disk::Sim(_) => (None, None),
         };
-        let recovered = recovery::recover(&disk, shard, &dir, on_entry)?;
+        let recovered = recovery::recover(&disk, shard, &dir, cfg.write_mode, on_entry)?;
         let mut segments = recovered.segments;
         let report = recovered.report;
         let next_seq = recovered.next_seq.unwrap_or(FIRST_SEQ);
@@ -454,6 +512,7 @@ impl Log {
                 next_seq,
                 now_ms(),
                 false,
+                cfg.write_mode,
             )?);
         }
         let last_index = segments.len() - 1;
@@ -491,6 +550,9 @@ impl Log {
             poisoned: false,
             job_in_flight: false,
             scratch: AlignedVec::with_capacity(ENTRY_PAYLOAD_BYTES_MAX),
+            write_mode: cfg.write_mode,
+            stage: AlignedVec::with_capacity(LOG_STAGE_BYTES_MAX),
+            stage_pos: written,
             arena: Arena::new(),
             consumers: Vec::new(),
             disk,
@@ -550,6 +612,7 @@ impl Log {
             first_seq,
             now_ms(),
             false,
+            cfg.write_mode,
         )?;
         Ok(())
     }
@@ -567,6 +630,22 @@ impl Log {
     /// Sync mode of the active segment.
     pub fn sync_mode(&self) -> SyncMode {
         self.active().mode()
+    }
+
+    /// How entries reach the active segment's file: [`WriteMode::Pwrite`] or
+    /// [`WriteMode::Mmap`] as configured, except that a DAX segment is always written through its
+    /// mapping ([`WriteMode::Mmap`]).
+    pub fn write_mode(&self) -> WriteMode {
+        if self.active().by_pwrite() {
+            WriteMode::Pwrite
+        } else {
+            WriteMode::Mmap
+        }
+    }
+
+    /// Bytes of appended entries not yet written to the segment file (see [`WriteMode::Pwrite`]).
+    pub fn staged_bytes(&self) -> usize {
+        self.stage.len()
     }
 
     /// Sequence number the next append will get.
@@ -641,6 +720,11 @@ impl Log {
                 self.roll_over()?;
             }
         }
+        if self.active().by_pwrite() && self.stage.len() + total as usize > LOG_STAGE_BYTES_MAX {
+            // The stage never grows past its allocation: write it out first (an error leaves
+            // this entry unwritten and the position where it was).
+            self.write_stage()?;
+        }
         let hash_low = route::device_hash(&hb.device_id);
         let seg = self
             .segments
@@ -654,17 +738,101 @@ impl Log {
             "entry {off}+{total} past segment end"
         );
         debug_assert_eq!(off % crate::limits::ENTRY_ALIGN_BYTES as u64, 0);
-        write_entry(
-            &mut seg.data_mut()[off as usize..],
-            self.next_seq,
-            prev_raw,
-            hash_low,
-            &self.scratch,
-        );
+        if seg.by_pwrite() {
+            debug_assert_eq!(
+                self.stage_pos + self.stage.len() as u64,
+                seg.base + off,
+                "the stage ends where the next entry goes"
+            );
+            let at = self.stage.len();
+            // Within the stage's capacity (checked above): no allocation.
+            self.stage.resize(at + total as usize, 0);
+            write_entry(
+                &mut self.stage[at..],
+                self.next_seq,
+                prev_raw,
+                hash_low,
+                &self.scratch,
+            );
+        } else {
+            write_entry(
+                &mut seg.data_mut()[off as usize..],
+                self.next_seq,
+                prev_raw,
+                hash_low,
+                &self.scratch,
+            );
+        }
         seg.data_end += total;
         self.written = seg.base + seg.data_end;
+        if self.stage.is_empty() {
+            self.stage_pos = self.written;
+        }
         self.next_seq += 1;
         Ok(LogPos(seg.base + off))
+    }
+
+    /// Writes the entries appended so far to the segment file now, without making them durable
+    /// (a commit does this itself; nothing to do in [`WriteMode::Mmap`] or on DAX). For tools and
+    /// tests that look at the files of a log still open, and for a caller that wants the page
+    /// cache to hold its appends before it waits. Errors as [`Log::commit_begin`]'s.
+    pub fn write_staged(&mut self) -> Result<(), Error> {
+        if self.poisoned {
+            return Err(self.poisoned_err());
+        }
+        self.write_stage()
+    }
+
+    /// Writes the staged entries to the active segment's file with one `pwrite` (see
+    /// [`WriteMode::Pwrite`]). ENOSPC is [`Error::NoSpace`] and keeps them staged (the log is not
+    /// poisoned; the next call writes them again); any other failure poisons the log
+    /// ([`Error::WriteFailed`]).
+    fn write_stage(&mut self) -> Result<(), Error> {
+        if self.stage.is_empty() {
+            return Ok(());
+        }
+        let shard = self.shard;
+        let seg = self
+            .segments
+            .back_mut()
+            .expect("a log always has a segment");
+        // The stage's invariant: it holds exactly the active segment's last, unwritten bytes.
+        assert!(
+            seg.by_pwrite(),
+            "only a segment written with pwrite is staged"
+        );
+        assert_eq!(
+            self.stage_pos + self.stage.len() as u64,
+            self.written,
+            "the stage ends at written"
+        );
+        assert!(
+            self.stage_pos >= seg.base + SEGMENT_HEADER_BYTES as u64
+                && self.durable <= self.stage_pos
+        );
+        match seg.write_at(self.stage_pos - seg.base, &self.stage) {
+            Ok(()) => {
+                self.stage.clear();
+                self.stage_pos = self.written;
+                Ok(())
+            }
+            Err(source) if source.raw_os_error() == Some(libc::ENOSPC) => Err(Error::NoSpace {
+                op: "write entries to",
+                shard,
+                path: seg.path.clone(),
+                bytes: self.stage.len() as u64,
+                source,
+            }),
+            Err(source) => {
+                self.poisoned = true;
+                tracing::error!(shard = shard.0, path = %seg.path.display(), error = %source, "write of log entries failed; log poisoned");
+                Err(Error::WriteFailed {
+                    shard,
+                    path: seg.path.clone(),
+                    source,
+                })
+            }
+        }
     }
 
     /// Seals the active segment (makes it durable) and creates its successor. On failure nothing
@@ -676,6 +844,9 @@ impl Log {
                 segments: self.segments.len(),
             });
         }
+        // The sealed segment must hold every byte appended to it (readers of sealed files, and
+        // recovery's "a segment with a successor is complete", depend on it).
+        self.write_stage()?;
         let shard = self.shard;
         let old = self
             .segments
@@ -705,6 +876,7 @@ impl Log {
             self.next_seq,
             now_ms(),
             prepared,
+            self.write_mode,
         )?;
         tracing::debug!(shard = shard.0, base, mode = %new.mode(), "new log segment");
         let old = self
@@ -724,6 +896,9 @@ impl Log {
         );
         old.file = None;
         self.segments.push_back(new);
+        debug_assert!(self.stage.is_empty(), "written out above");
+        // The new segment's first entry (the append that rolled over sets `written` there).
+        self.stage_pos = self.active().base + SEGMENT_HEADER_BYTES as u64;
         self.spare = spawn_spare(
             &self.disk,
             shard,
@@ -746,6 +921,7 @@ impl Log {
             Ok(Ok(())) if fits => Ok(true),
             Ok(Ok(())) => Ok(false),
             Ok(Err(source)) if source.raw_os_error() == Some(libc::ENOSPC) => Err(Error::NoSpace {
+                op: "preallocate",
                 shard: self.shard,
                 path: self.dir.join(format::segment_file_name(spare.base)),
                 bytes: spare.bytes,
@@ -771,6 +947,8 @@ impl Log {
         if self.written == self.durable {
             return Ok(Commit::Idle);
         }
+        // One pwrite for the whole group, then the job's fdatasync covers it.
+        self.write_stage()?;
         let mut files = Vec::new();
         for seg in self.segments.iter_mut().rev() {
             if seg.base + seg.data_end <= self.durable {
@@ -830,6 +1008,10 @@ impl Log {
         self.check_directory()?;
         self.durable = self.durable.max(job.target.0);
         debug_assert!(self.durable <= self.written, "durable past written");
+        debug_assert!(
+            self.durable <= self.stage_pos,
+            "durable past the written-out bytes"
+        );
         Ok(LogPos(self.durable))
     }
 
@@ -882,14 +1064,33 @@ impl Log {
         }
     }
 
-    fn entry_in(seg: &Segment, off: u64) -> Option<Entry<'_>> {
-        decode_entry(seg.data(), seg.base, off).ok()
+    /// The bytes holding offset `off` of segment `index` onward, and the position of their first
+    /// byte: the stage for staged positions of the active segment, else the mapping.
+    #[inline]
+    fn bytes_at(&self, index: usize, off: u64) -> (&[u8], u64) {
+        let seg = &self.segments[index];
+        if seg.base + off >= self.stage_pos
+            && !self.stage.is_empty()
+            && index + 1 == self.segments.len()
+        {
+            (&self.stage[..], self.stage_pos)
+        } else {
+            (seg.data(), seg.base)
+        }
+    }
+
+    /// The entry at offset `off` of segment `index`, validated (from the stage if staged).
+    fn entry_in(&self, index: usize, off: u64) -> Option<Entry<'_>> {
+        let (data, base) = self.bytes_at(index, off);
+        let pos = self.segments[index].base + off;
+        decode_entry(data, base, pos - base).ok()
     }
 
     /// The entry at `pos`, validated (CRC, then rkyv + record rules); `None` if `pos` is not an
     /// entry of a retained segment.
     pub fn read(&self, pos: LogPos) -> Option<Entry<'_>> {
-        let seg = &self.segments[self.segment_index(pos.0)?];
+        let index = self.segment_index(pos.0)?;
+        let seg = &self.segments[index];
         let off = pos.0 - seg.base;
         if off < SEGMENT_HEADER_BYTES as u64
             || off % crate::limits::ENTRY_ALIGN_BYTES as u64 != 0
@@ -897,16 +1098,17 @@ impl Log {
         {
             return None;
         }
-        Self::entry_in(seg, off)
+        self.entry_in(index, off)
     }
 
     /// Like [`Log::read`], also returning the entry's bytes exactly as stored (header, payload,
     /// padding), e.g. to copy them into the last-location checkpoint.
     pub fn read_raw(&self, pos: LogPos) -> Option<(Entry<'_>, &[u8])> {
         let e = self.read(pos)?;
-        let seg = &self.segments[self.segment_index(pos.0)?];
-        let off = (pos.0 - seg.base) as usize;
-        Some((e, &seg.data()[off..off + e.len_bytes as usize]))
+        let index = self.segment_index(pos.0)?;
+        let (data, base) = self.bytes_at(index, pos.0 - self.segments[index].base);
+        let off = (pos.0 - base) as usize;
+        Some((e, &data[off..off + e.len_bytes as usize]))
     }
 
     /// Walks one device's entries newest first, starting at `head` and following back-pointers
@@ -1115,6 +1317,7 @@ impl Log {
     /// an ordinary mapping (new segments are ordinary again).
     #[cfg(test)]
     fn force_dax_for_test(&mut self) {
+        self.write_stage().expect("stage written");
         for seg in self.segments.iter_mut() {
             if seg.file.is_some() {
                 seg.force_dax_for_test();
@@ -1228,7 +1431,7 @@ impl<'a> Iterator for Scan<'a> {
                 self.damaged = true;
                 return None;
             }
-            return match Log::entry_in(seg, self.off) {
+            return match log.entry_in(self.seg_index, self.off) {
                 Some(e) => {
                     self.off += u64::from(e.len_bytes);
                     Some(e)

@@ -19,7 +19,7 @@ use super::format::{
 };
 use super::segment::{sync_dir, Opened, Segment};
 use super::storage::Disk;
-use super::{Entry, LogPos};
+use super::{Entry, LogPos, WriteMode};
 use crate::limits::{ENTRY_ALIGN_BYTES, SEGMENT_HEADER_BYTES};
 use crate::record;
 use crate::route::ShardId;
@@ -228,6 +228,7 @@ pub(crate) fn recover<F>(
     disk: &Disk,
     shard: ShardId,
     dir: &Path,
+    write_mode: WriteMode,
     mut on_entry: F,
 ) -> Result<Recovered, Error>
 where
@@ -262,7 +263,7 @@ where
     while i < files.len() {
         let (base, path) = &files[i];
         let is_last_file = i + 1 == files.len();
-        let mut seg = match Segment::open(disk, path, shard, *base)? {
+        let mut seg = match Segment::open(disk, path, shard, *base, write_mode)? {
             Opened::Ok(seg) => seg,
             Opened::Bad(reason) => {
                 if segments.is_empty() {
@@ -352,7 +353,8 @@ where
                 report.torn_tail_bytes += (dirty_end - scan.end) as u64;
             }
             // Zero the bad bytes and sync before anything is appended after them.
-            seg.data_mut()[scan.end..dirty_end].fill(0);
+            seg.write_zeros(scan.end as u64, dirty_end as u64)
+                .map_err(|e| Error::io(shard, "zero torn tail", path, e))?;
             seg.sync_range(scan.end as u64, dirty_end as u64)
                 .map_err(|e| Error::io(shard, "sync zeroed tail", path, e))?;
         }

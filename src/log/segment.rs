@@ -1,20 +1,23 @@
 //! One segment file of a shard log: preparing it (preallocated with `fallocate`, then every byte
 //! written with zeros and synced, possibly ahead of time on a helper thread), creating it (header
 //! written and synced, then atomically renamed into place), opening an existing one, its shared
-//! mapping (DAX or ordinary), and making byte ranges of it durable. It does not decide where
-//! entries go, roll over, or judge damage: that is `Log` and `recovery`.
+//! mapping (DAX; ordinary read-only, written with `pwrite`; or ordinary read-write, per
+//! [`WriteMode`]), writing bytes into it ([`Segment::write_at`]) and making byte ranges of it
+//! durable. It does not decide where entries go, stage them, roll over, or judge damage: that is
+//! `Log` and `recovery`.
 //!
 //! Invariant: a file named `<base>.seg` always has a complete, synced header and is fully
-//! allocated *and written* (no unwritten extents), so writing through the mapping can never fault
-//! for lack of space (a sparse file would SIGBUS on ENOSPC) and an fdatasync of it never depends on
-//! converting unwritten extents (which ext4 may fail after reporting success, losing acknowledged
-//! data; see issue 20 §2); a segment being created lives under a `.seg.tmp` name until then.
+//! allocated *and written* (no unwritten extents), so writing entries (with `pwrite` or through
+//! a mapping) needs no allocation, a mapping can never fault for lack of space (a sparse file
+//! would SIGBUS on ENOSPC), and an fdatasync of it never depends on converting unwritten extents
+//! (which ext4 may fail after reporting success, losing acknowledged data; see issue 20 §2); a
+//! segment being created lives under a `.seg.tmp` name until then.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use memmap2::MmapMut;
+use memmap2::{Mmap, MmapMut};
 
 use super::dax::DaxMap;
 use super::error::Error;
@@ -23,14 +26,19 @@ use super::format::{
 };
 use super::sim::SimMap;
 use super::storage::{Disk, SegFile};
-use super::SyncMode;
+use super::{SyncMode, WriteMode};
 use crate::limits::{SEGMENT_HEADER_BYTES, SEGMENT_ZERO_FILL_CHUNK_BYTES};
 use crate::route::ShardId;
 
 /// The mapping of a segment: DAX (flush with cache-line write-backs) or ordinary (fdatasync).
 #[derive(Debug)]
 pub(crate) enum Mapping {
-    /// Ordinary shared mapping, made durable by `fdatasync` on the file.
+    /// Ordinary shared read-only mapping ([`WriteMode::Pwrite`]): bytes reach the file with
+    /// `pwrite` (the page cache and a shared mapping are coherent, so reads through it see them
+    /// at once), and it is made durable by `fdatasync` on the file.
+    Read(Mmap),
+    /// Ordinary shared read-write mapping ([`WriteMode::Mmap`]), written in place, made durable
+    /// by `fdatasync` on the file.
     Plain(MmapMut),
     /// MAP_SYNC mapping on a DAX file system.
     Dax(DaxMap),
@@ -39,8 +47,8 @@ pub(crate) enum Mapping {
 }
 
 impl Mapping {
-    /// Maps the whole file, DAX if the file system allows it.
-    fn map(file: &SegFile, len: usize) -> io::Result<Mapping> {
+    /// Maps the whole file, DAX if the file system allows it, else as `write_mode` says.
+    fn map(file: &SegFile, len: usize, write_mode: WriteMode) -> io::Result<Mapping> {
         let file = match file {
             SegFile::Real(f) => f,
             SegFile::Sim(f) => return f.map(len).map(Mapping::Sim),
@@ -48,20 +56,34 @@ impl Mapping {
         if let Some(dax) = DaxMap::try_map(file, len)? {
             return Ok(Mapping::Dax(dax));
         }
-        // SAFETY: the segment file is never truncated while mapped (segments are only ever
-        // deleted whole, after unmapping) and the shard's LOCK file keeps other processes from
-        // writing it; every write goes through this mapping.
-        let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(file)? };
-        Ok(Mapping::Plain(map))
+        let map = match write_mode {
+            // SAFETY: the segment file is never truncated while mapped (segments are only ever
+            // deleted whole, after unmapping) and the shard's LOCK file keeps other processes
+            // from writing it; this process writes it only with `pwrite` of bytes past every
+            // position a reader was handed out (data once written never changes).
+            WriteMode::Pwrite => {
+                Mapping::Read(unsafe { memmap2::MmapOptions::new().len(len).map(file)? })
+            }
+            // SAFETY: as above; every write goes through this mapping.
+            WriteMode::Mmap => {
+                Mapping::Plain(unsafe { memmap2::MmapOptions::new().len(len).map_mut(file)? })
+            }
+        };
+        Ok(map)
     }
 
     fn mode(&self) -> SyncMode {
         match self {
-            Mapping::Plain(_) | Mapping::Sim(_) => SyncMode::Fdatasync,
+            Mapping::Read(_) | Mapping::Plain(_) | Mapping::Sim(_) => SyncMode::Fdatasync,
             Mapping::Dax(_) => SyncMode::Dax,
         }
     }
 }
+
+/// Zeros for `pwrite`s of zeros (preallocation, recovery's zeroing): a static buffer (zero pages
+/// in .bss), so the spare thread allocates nothing and never shows in the hot path's allocation
+/// counts while it runs beside appends.
+static ZEROS: [u8; SEGMENT_ZERO_FILL_CHUNK_BYTES] = [0; SEGMENT_ZERO_FILL_CHUNK_BYTES];
 
 /// One mapped segment file.
 #[derive(Debug)]
@@ -76,6 +98,9 @@ pub(crate) struct Segment {
     /// segments drop it so a long log does not hold thousands of descriptors.
     pub file: Option<SegFile>,
     map: Mapping,
+    /// Whether bytes are written to the file with `pwrite` ([`Segment::write_at`]) rather than
+    /// into the mapping: a read-only mapping, or a simulated file in [`WriteMode::Pwrite`].
+    by_pwrite: bool,
     /// Sequence number of the first entry in this segment.
     pub first_seq: u64,
     /// Creation time from the header, ms since the Unix epoch.
@@ -133,9 +158,6 @@ fn preallocate(file: &SegFile, from: u64, len: u64) -> io::Result<()> {
         }
     }
     use std::os::unix::fs::FileExt;
-    // A static buffer (zero pages in .bss): the spare thread allocates nothing, so it never
-    // shows in the hot path's allocation counts while it runs beside appends.
-    static ZEROS: [u8; SEGMENT_ZERO_FILL_CHUNK_BYTES] = [0; SEGMENT_ZERO_FILL_CHUNK_BYTES];
     let zeros = &ZEROS[..];
     let mut at = from;
     while at < len {
@@ -186,11 +208,12 @@ impl Segment {
         first_seq: u64,
         created_ms: i64,
         prepared: bool,
+        write_mode: WriteMode,
     ) -> Result<Segment, Error> {
         let path = dir.join(segment_file_name(base));
         let tmp = tmp_path(dir, base);
         let result = Self::create_at(
-            disk, &tmp, &path, dir, shard, base, bytes, first_seq, created_ms, prepared,
+            disk, &tmp, &path, dir, shard, base, bytes, first_seq, created_ms, prepared, write_mode,
         );
         match result {
             Ok(seg) => Ok(seg),
@@ -201,6 +224,7 @@ impl Segment {
                 Err(match err {
                     Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                         Error::NoSpace {
+                            op: "preallocate",
                             shard,
                             path,
                             bytes,
@@ -225,6 +249,7 @@ impl Segment {
         first_seq: u64,
         created_ms: i64,
         prepared: bool,
+        write_mode: WriteMode,
     ) -> Result<Segment, Error> {
         let file = disk
             .open(tmp, true, !prepared)
@@ -244,6 +269,7 @@ impl Segment {
         } else if let Err(source) = preallocate(&file, 0, bytes) {
             return Err(if source.raw_os_error() == Some(libc::ENOSPC) {
                 Error::NoSpace {
+                    op: "preallocate",
                     shard,
                     path: path.to_path_buf(),
                     bytes,
@@ -253,7 +279,7 @@ impl Segment {
                 Error::io(shard, "fallocate segment", tmp, source)
             });
         }
-        let mut map = Mapping::map(&file, bytes as usize)
+        let map = Mapping::map(&file, bytes as usize, write_mode)
             .map_err(|e| Error::io(shard, "mmap segment", tmp, e))?;
         let header = SegmentHeader {
             shard: shard.0,
@@ -262,22 +288,13 @@ impl Segment {
             first_seq,
             created_ms,
         };
-        match &mut map {
-            Mapping::Plain(m) => header.encode(&mut m[..]),
-            Mapping::Dax(d) => header.encode(d.as_mut_slice()),
-            Mapping::Sim(m) => header.encode(m.as_mut_slice()),
-        }
-        let mut seg = Segment {
-            base,
-            bytes,
-            path: path.to_path_buf(),
-            file: Some(file),
-            map,
-            first_seq,
-            created_ms,
-            data_end: SEGMENT_HEADER_BYTES as u64,
-            flushed: SEGMENT_HEADER_BYTES as u64,
-        };
+        let mut seg = Segment::new(
+            base, bytes, path, file, map, write_mode, first_seq, created_ms,
+        );
+        let mut head = [0u8; SEGMENT_HEADER_BYTES];
+        header.encode(&mut head);
+        seg.write_at(0, &head)
+            .map_err(|e| Error::io(shard, "write segment header", tmp, e))?;
         seg.sync_range(0, SEGMENT_HEADER_BYTES as u64)
             .map_err(|e| Error::io(shard, "sync segment header", tmp, e))?;
         disk.rename(tmp, path)
@@ -289,7 +306,13 @@ impl Segment {
     /// Opens and maps an existing segment whose name says it starts at `base`. A short file (which
     /// only outside interference can produce) is extended with zeros to its recorded size so the
     /// mapping never reaches past the end of the file.
-    pub fn open(disk: &Disk, path: &Path, shard: ShardId, base: u64) -> Result<Opened, Error> {
+    pub fn open(
+        disk: &Disk,
+        path: &Path,
+        shard: ShardId,
+        base: u64,
+        write_mode: WriteMode,
+    ) -> Result<Opened, Error> {
         let file = disk
             .open(path, false, false)
             .map_err(|e| Error::io(shard, "open segment", path, e))?;
@@ -337,19 +360,92 @@ impl Segment {
             preallocate(&file, file_len, header.segment_bytes)
                 .map_err(|e| Error::io(shard, "extend short segment", path, e))?;
         }
-        let map = Mapping::map(&file, header.segment_bytes as usize)
+        let map = Mapping::map(&file, header.segment_bytes as usize, write_mode)
             .map_err(|e| Error::io(shard, "mmap segment", path, e))?;
-        Ok(Opened::Ok(Segment {
+        Ok(Opened::Ok(Segment::new(
             base,
-            bytes: header.segment_bytes,
+            header.segment_bytes,
+            path,
+            file,
+            map,
+            write_mode,
+            header.first_seq,
+            header.created_ms,
+        )))
+    }
+
+    /// A segment with no entries yet (`data_end` at the header's end).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        base: u64,
+        bytes: u64,
+        path: &Path,
+        file: SegFile,
+        map: Mapping,
+        write_mode: WriteMode,
+        first_seq: u64,
+        created_ms: i64,
+    ) -> Segment {
+        let by_pwrite = match map {
+            Mapping::Read(_) => true,
+            Mapping::Sim(_) => write_mode == WriteMode::Pwrite,
+            Mapping::Plain(_) | Mapping::Dax(_) => false,
+        };
+        Segment {
+            base,
+            bytes,
             path: path.to_path_buf(),
             file: Some(file),
             map,
-            first_seq: header.first_seq,
-            created_ms: header.created_ms,
+            by_pwrite,
+            first_seq,
+            created_ms,
             data_end: SEGMENT_HEADER_BYTES as u64,
             flushed: SEGMENT_HEADER_BYTES as u64,
-        }))
+        }
+    }
+
+    /// Whether bytes reach this segment's file with `pwrite` (then the log stages entries and
+    /// writes them in batches), rather than by writing into the mapping.
+    #[inline]
+    pub fn by_pwrite(&self) -> bool {
+        self.by_pwrite
+    }
+
+    /// Writes `bytes` at offset `off`: with `pwrite` on the file (a short write is continued; an
+    /// error leaves an unknown prefix written, which a retry of the same bytes overwrites), or
+    /// into the mapping. Not durable until [`Segment::sync_range`] or a commit covers it.
+    pub fn write_at(&mut self, off: u64, bytes: &[u8]) -> io::Result<()> {
+        let end = off + bytes.len() as u64;
+        assert!(
+            end <= self.bytes,
+            "write of {off}..{end} past the segment's end"
+        );
+        if self.by_pwrite {
+            return self
+                .file
+                .as_ref()
+                .expect("a segment being written keeps its file open")
+                .write_all_at(bytes, off);
+        }
+        self.data_mut()[off as usize..end as usize].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Writes zeros over `[start, end)` (recovery's repair of a torn or damaged tail).
+    pub fn write_zeros(&mut self, start: u64, end: u64) -> io::Result<()> {
+        assert!(start <= end && end <= self.bytes, "zeroing {start}..{end}");
+        if !self.by_pwrite {
+            self.data_mut()[start as usize..end as usize].fill(0);
+            return Ok(());
+        }
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(ZEROS.len() as u64) as usize;
+            self.write_at(at, &ZEROS[..n])?;
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// How this segment is made durable.
@@ -366,16 +462,18 @@ impl Segment {
     #[inline]
     pub fn data(&self) -> &[u8] {
         match &self.map {
+            Mapping::Read(m) => &m[..],
             Mapping::Plain(m) => &m[..],
             Mapping::Dax(d) => d.as_slice(),
             Mapping::Sim(m) => m.as_slice(),
         }
     }
 
-    /// The mapped segment bytes, writable.
+    /// The mapped segment bytes, writable (not for a segment written with `pwrite`).
     #[inline]
     pub fn data_mut(&mut self) -> &mut [u8] {
         match &mut self.map {
+            Mapping::Read(_) => unreachable!("a read-only mapping is written with pwrite"),
             Mapping::Plain(m) => &mut m[..],
             Mapping::Dax(d) => d.as_mut_slice(),
             Mapping::Sim(m) => m.as_mut_slice(),
@@ -385,8 +483,14 @@ impl Segment {
     /// Asks the kernel to read the whole segment ahead (recovery is about to scan it): turns the
     /// 4 KiB page faults of a cold scan into large sequential reads. Advisory; failures ignored.
     pub fn prefetch(&self) {
-        if let Mapping::Plain(m) = &self.map {
-            let _ = m.advise(memmap2::Advice::WillNeed);
+        match &self.map {
+            Mapping::Read(m) => {
+                let _ = m.advise(memmap2::Advice::WillNeed);
+            }
+            Mapping::Plain(m) => {
+                let _ = m.advise(memmap2::Advice::WillNeed);
+            }
+            Mapping::Dax(_) | Mapping::Sim(_) => {}
         }
     }
 
@@ -400,7 +504,7 @@ impl Segment {
                 self.flushed = self.flushed.max(end);
                 Ok(())
             }
-            Mapping::Plain(_) | Mapping::Sim(_) => {
+            Mapping::Read(_) | Mapping::Plain(_) | Mapping::Sim(_) => {
                 let file = self
                     .file
                     .as_ref()
@@ -421,7 +525,7 @@ impl Segment {
                 }
                 true
             }
-            Mapping::Plain(_) | Mapping::Sim(_) => false,
+            Mapping::Read(_) | Mapping::Plain(_) | Mapping::Sim(_) => false,
         }
     }
 
@@ -438,5 +542,6 @@ impl Segment {
         let len = self.bytes as usize;
         let fake = unsafe { DaxMap::fake_from_file(file, len) };
         self.map = Mapping::Dax(fake);
+        self.by_pwrite = false;
     }
 }

@@ -9,7 +9,8 @@
 //! I/O errors other than the crash, space limits, or file locks, and it is for tests and tools
 //! only: it runs on the thread that created it (asserted), so the log's writes through the mapping
 //! never race with a sync reading them. In the style of TigerBeetle `src/testing/storage.zig` and
-//! the redb crash tests.
+//! the redb crash tests. Writes ([`SimFile::write_at`], the log's `pwrite`) can be made to fail with
+//! a chosen OS error ([`SimDisk::fail_writes`]), to test what the log does with ENOSPC or EIO.
 //!
 //! Invariant: a byte is in the crash image with its written value if it was written before a
 //! completed sync of its file; any other byte of the image is either its value at the last sync of
@@ -180,6 +181,8 @@ struct State {
     crash_at: Option<u64>,
     /// Set once crashed: the post-crash image.
     image: Option<Image>,
+    /// While set, every [`SimFile::write_at`] fails with this OS error and writes nothing.
+    write_error: Option<i32>,
 }
 
 /// A simulated disk, shared by handle (cloning shares the disk).
@@ -227,6 +230,7 @@ impl SimDisk {
                 syncs: 0,
                 crash_at,
                 image: None,
+                write_error: None,
             })),
         }
     }
@@ -259,6 +263,12 @@ impl SimDisk {
             return Err(crashed_error());
         }
         Ok(s)
+    }
+
+    /// Makes every later write ([`SimFile::write_at`]) fail with OS error `errno` and write
+    /// nothing, until called with `None`. Preallocation and syncs are not affected.
+    pub fn fail_writes(&self, errno: Option<i32>) {
+        self.lock().write_error = errno;
     }
 
     /// Syncs attempted so far (the crash point, if reached, included).
@@ -531,6 +541,29 @@ impl SimFile {
             let mem = unsafe { s.inodes[self.ino].mem.get_mut() };
             mem[from as usize..upto as usize].fill(0);
         }
+        Ok(())
+    }
+
+    /// `pwrite`: copies `buf` into the file's bytes at `off` (the page cache; durable at the next
+    /// sync). The file does not grow: a write past its end is refused. Fails without writing
+    /// while [`SimDisk::fail_writes`] is set.
+    pub(crate) fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let s = self.disk.op()?;
+        if let Some(errno) = s.write_error {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        // SAFETY: single thread (asserted by `op`); the log calls this with `&mut` access to the
+        // segment, so no borrow of the mapped bytes (`SimMap::as_slice`) is live.
+        let mem = unsafe { s.inodes[self.ino].mem.get_mut() };
+        let (off, len) = (off as usize, mem.len());
+        let dst = mem.get_mut(off..off + buf.len()).ok_or_else(|| {
+            io::Error::other(format!(
+                "write of {}..{} past the end of a {len}-byte simulated file",
+                off,
+                off + buf.len(),
+            ))
+        })?;
+        dst.copy_from_slice(buf);
         Ok(())
     }
 

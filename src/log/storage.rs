@@ -1,10 +1,12 @@
 //! The storage seam under the shard log: every file-system operation the log performs on its shard
-//! directory and segment files (list, create/open, preallocate, read a header, map, fdatasync,
-//! rename, delete, copy, directory sync) goes through [`Disk`] and [`SegFile`], so the same log
-//! code runs on the real file system or on the simulated disk of crash tests ([`super::sim`]). It
-//! does not decide what to do with files (that is `segment`, `recovery` and `Log`), and it is not
-//! on the append path: appends write into the segment's mapping, whose simulated arm is one more
-//! arm of the `match` the mapping already had (static dispatch, no call through a pointer).
+//! directory and segment files (list, create/open, preallocate, read a header, map, write with
+//! `pwrite`, fdatasync, rename, delete, copy, directory sync) goes through [`Disk`] and
+//! [`SegFile`], so the same log code runs on the real file system or on the simulated disk of
+//! crash tests ([`super::sim`]). It does not decide what to do with files (that is `segment`,
+//! `recovery` and `Log`). On the append path it is one `match` per batch of staged entries
+//! ([`SegFile::write_all_at`], static dispatch, no call through a pointer); in
+//! [`super::WriteMode::Mmap`] appends write into the segment's mapping instead, whose simulated arm
+//! is one more arm of the `match` the mapping already had.
 //!
 //! Invariant: on `Disk::Real` every operation is the same system call the log made before the
 //! seam existed; `Disk::Sim` only ever touches its own in-memory disk.
@@ -148,6 +150,14 @@ impl SegFile {
         match self {
             SegFile::Real(f) => std::os::unix::fs::FileExt::read_exact_at(f, buf, off),
             SegFile::Sim(f) => f.read_exact_at(buf, off),
+        }
+    }
+
+    /// `pwrite` of all of `buf` at `off` (continued after a short write; retried on EINTR).
+    pub(crate) fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        match self {
+            SegFile::Real(f) => std::os::unix::fs::FileExt::write_all_at(f, buf, off),
+            SegFile::Sim(f) => f.write_at(buf, off),
         }
     }
 

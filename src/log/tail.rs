@@ -460,6 +460,7 @@ mod tests {
             dir: dir.to_path_buf(),
             shard: ShardId(3),
             segment_bytes: SEG,
+            write_mode: crate::log::WriteMode::default(),
         };
         Log::open(&cfg, |_, _| {}).expect("open").0
     }

@@ -21,6 +21,7 @@ fn cfg(dir: &Path) -> LogConfig {
         dir: dir.to_path_buf(),
         shard: ShardId(3),
         segment_bytes: SEGMENT_BYTES_MIN,
+        write_mode: WriteMode::default(),
     }
 }
 
@@ -323,4 +324,260 @@ fn segments_are_zero_filled_with_no_unwritten_extents() {
     let tmp = segment::tmp_path(dir.path(), spare.base);
     assert_eq!(std::fs::metadata(&tmp).unwrap().len(), SEGMENT_BYTES_MIN);
     assert_eq!(has_unwritten_extents(&tmp), Some(false));
+}
+
+fn cfg_mode(dir: &Path, write_mode: WriteMode) -> LogConfig {
+    LogConfig {
+        write_mode,
+        ..cfg(dir)
+    }
+}
+
+fn open_pwrite(dir: &Path) -> Log {
+    Log::open(&cfg_mode(dir, WriteMode::Pwrite), |_, _| {})
+        .unwrap()
+        .0
+}
+
+/// The bytes of `len` bytes at `pos` of the (first) segment file, read with `pread`.
+fn file_bytes(dir: &Path, pos: LogPos, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(dir.join(format::segment_file_name(0))).unwrap();
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, pos.0).unwrap();
+    buf
+}
+
+/// A log on a simulated disk (whose writes can be made to fail).
+fn open_sim(disk: &sim::SimDisk, write_mode: WriteMode) -> Log {
+    let cfg = cfg_mode(Path::new("/sim/shard-3"), write_mode);
+    Log::open_on(&cfg, Disk::Sim(disk.clone()), |_, _| {})
+        .unwrap()
+        .0
+}
+
+#[test]
+fn pwrite_mode_stages_entries_until_the_commit_writes_them() {
+    // The default write mode keeps appended entries in the log's stage: the log's own reads
+    // (read, read_raw, chain, scans) see them at once, the file does not hold them yet, and the
+    // commit writes them (one pwrite) before its fdatasync, after which the file holds exactly
+    // the bytes the reads returned.
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_pwrite(dir.path());
+    assert_eq!(log.write_mode(), WriteMode::Pwrite);
+    let p1 = log.append(&hb("a", 1), None).unwrap();
+    let p2 = log.append(&hb("b", 2), None).unwrap();
+    let p3 = log.append(&hb("a", 3), Some(p1)).unwrap();
+    let staged = (log.written().0 - p1.0) as usize;
+    assert_eq!(log.staged_bytes(), staged);
+    assert_eq!(log.read(p2).unwrap().hb.to_owned_heartbeat(), hb("b", 2));
+    let chain: Vec<u64> = log.chain(p3).map(|e| e.seq).collect();
+    assert_eq!(chain, vec![FIRST_SEQ + 2, FIRST_SEQ]);
+    let all: Vec<i64> = log
+        .scan_from(LogPos(0), ScanEnd::Written)
+        .map(|e| e.hb.ts_ms.to_native())
+        .collect();
+    assert_eq!(all, vec![1, 2, 3]);
+    let raw: Vec<u8> = (log.read_raw(p1).unwrap().1.to_vec().into_iter())
+        .chain(log.read_raw(p2).unwrap().1.iter().copied())
+        .chain(log.read_raw(p3).unwrap().1.iter().copied())
+        .collect();
+    assert_eq!(raw.len(), staged);
+    assert!(file_bytes(dir.path(), p1, staged).iter().all(|&b| b == 0));
+    // Nothing below durable() is staged: a scan bounded by it sees nothing yet.
+    assert_eq!(log.scan_from(LogPos(0), ScanEnd::Durable).count(), 0);
+    assert_eq!(log.sync_blocking().unwrap(), log.written());
+    assert_eq!(log.staged_bytes(), 0);
+    assert_eq!(file_bytes(dir.path(), p1, staged), raw);
+    // Reads now come from the read-only mapping, unchanged.
+    assert_eq!(
+        log.read_raw(p2).unwrap().1,
+        &raw[(p2.0 - p1.0) as usize..(p3.0 - p1.0) as usize]
+    );
+}
+
+#[test]
+fn both_write_modes_store_the_same_bytes_and_read_each_other() {
+    // The write mode changes how bytes reach the file, not the format: the same appends give the
+    // same file bytes (Mmap writes them at once, Pwrite at the commit), and a log written in one
+    // mode reopens and continues in the other.
+    let mut files = Vec::new();
+    for mode in [WriteMode::Mmap, WriteMode::Pwrite] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(&cfg_mode(dir.path(), mode), |_, _| {}).unwrap().0;
+        assert_eq!(log.write_mode(), mode);
+        let p1 = log.append(&hb("a", 1), None).unwrap();
+        log.append(&hb("a", 2), Some(p1)).unwrap();
+        let len = (log.written().0 - p1.0) as usize;
+        let before_commit = file_bytes(dir.path(), p1, len);
+        assert_eq!(
+            before_commit.iter().any(|&b| b != 0),
+            mode == WriteMode::Mmap
+        );
+        log.sync_blocking().unwrap();
+        drop(log);
+        // Reopen in the other mode, append, reopen again: everything is there, in order.
+        let other = match mode {
+            WriteMode::Mmap => WriteMode::Pwrite,
+            WriteMode::Pwrite => WriteMode::Mmap,
+        };
+        let mut log = Log::open(&cfg_mode(dir.path(), other), |_, _| {})
+            .unwrap()
+            .0;
+        log.append(&hb("a", 3), None).unwrap();
+        log.sync_blocking().unwrap();
+        drop(log);
+        let mut seen = Vec::new();
+        let (log, report) = Log::open(&cfg_mode(dir.path(), mode), |_, e| {
+            seen.push(e.hb.ts_ms.to_native())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![1, 2, 3]);
+        assert!(report.damaged.is_empty() && report.torn_tail_bytes == 0);
+        files.push(file_bytes(
+            dir.path(),
+            p1,
+            (log.written().0 - p1.0) as usize,
+        ));
+    }
+    // Same entries (created_ms lives in the segment header, not in these bytes).
+    assert_eq!(files[0], files[1]);
+}
+
+#[test]
+fn dropping_a_log_writes_its_staged_entries() {
+    // Staged entries are written (not synced) when the log is dropped, so a reopen in the same
+    // boot finds them, as it found entries written into the mapping before.
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_pwrite(dir.path());
+    log.append(&hb("a", 1), None).unwrap();
+    log.append(&hb("b", 2), None).unwrap();
+    assert!(log.staged_bytes() > 0);
+    drop(log);
+    let mut n = 0;
+    let cfg = cfg_mode(dir.path(), WriteMode::Pwrite);
+    let (log, report) = Log::open(&cfg, |_, _| n += 1).unwrap();
+    assert_eq!((n, report.entries), (2, 2));
+    assert_eq!(log.durable(), log.written());
+}
+
+#[test]
+fn no_space_for_the_stage_keeps_it_and_poisons_nothing() {
+    // ENOSPC when the commit writes the stage: commit_begin returns NoSpace ("write entries to"),
+    // durable() does not move, the log is not poisoned, staged entries stay readable and appends
+    // go on; once writes succeed again the next commit makes everything durable, and a crash
+    // after it loses nothing.
+    let disk = sim::SimDisk::new(7, None);
+    let mut log = open_sim(&disk, WriteMode::Pwrite);
+    let p1 = log.append(&hb("a", 1), None).unwrap();
+    let durable = log.durable();
+    disk.fail_writes(Some(libc::ENOSPC));
+    let err = log.commit_begin().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NoSpace {
+                op: "write entries to",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!log.is_poisoned());
+    assert_eq!(log.durable(), durable);
+    assert_eq!(log.read(p1).unwrap().hb.ts_ms.to_native(), 1);
+    let p2 = log.append(&hb("a", 2), Some(p1)).unwrap();
+    disk.fail_writes(None);
+    assert_eq!(log.sync_blocking().unwrap(), log.written());
+    assert!(log.durable() > p2);
+    disk.crash_now();
+    let disk = disk.reboot(8, None);
+    let mut seen = Vec::new();
+    let cfg = cfg_mode(Path::new("/sim/shard-3"), WriteMode::Pwrite);
+    Log::open_on(&cfg, Disk::Sim(disk), |_, e| {
+        seen.push(e.hb.ts_ms.to_native())
+    })
+    .unwrap();
+    assert_eq!(seen, vec![1, 2]);
+}
+
+#[test]
+fn no_space_with_a_full_stage_refuses_the_append_unwritten() {
+    // When the stage is full the append writes it first; ENOSPC there refuses this append with
+    // NoSpace and changes nothing (written(), next_seq), like a failed preallocation. The staged
+    // entries stay readable, and appends resume once writes succeed.
+    let disk = sim::SimDisk::new(9, None);
+    let mut log = open_sim(&disk, WriteMode::Pwrite);
+    disk.fail_writes(Some(libc::ENOSPC));
+    let mut ts = 0;
+    let err = loop {
+        ts += 1;
+        match log.append(&hb("a", ts), None) {
+            Ok(_) => assert!(log.staged_bytes() <= LOG_STAGE_BYTES_MAX),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::NoSpace { .. }), "{err}");
+    assert!(log.staged_bytes() > LOG_STAGE_BYTES_MAX / 2);
+    let before = (log.written(), log.next_seq());
+    assert!(log.append(&hb("a", ts), None).is_err());
+    assert_eq!((log.written(), log.next_seq()), before);
+    assert_eq!(
+        log.scan_from(LogPos(0), ScanEnd::Written).count() as i64,
+        ts - 1
+    );
+    disk.fail_writes(None);
+    log.append(&hb("a", ts), None).unwrap();
+    assert!(log.staged_bytes() < LOG_STAGE_BYTES_MAX / 2);
+    log.sync_blocking().unwrap();
+    assert_eq!(
+        log.scan_from(LogPos(0), ScanEnd::Durable).count() as i64,
+        ts
+    );
+}
+
+#[test]
+fn failed_write_poisons_the_log() {
+    // Any other write error (EIO) poisons the log like a failed sync: WriteFailed once, then
+    // Poisoned for every append and commit, and durable() never moves.
+    let disk = sim::SimDisk::new(11, None);
+    let mut log = open_sim(&disk, WriteMode::Pwrite);
+    log.append(&hb("a", 1), None).unwrap();
+    let durable = log.durable();
+    disk.fail_writes(Some(libc::EIO));
+    let err = log.commit_begin().unwrap_err();
+    assert!(matches!(err, Error::WriteFailed { .. }), "{err}");
+    assert!(log.is_poisoned());
+    disk.fail_writes(None);
+    assert!(matches!(
+        log.append(&hb("a", 2), None),
+        Err(Error::Poisoned { .. })
+    ));
+    assert!(matches!(log.commit_begin(), Err(Error::Poisoned { .. })));
+    assert_eq!(log.durable(), durable);
+}
+
+#[test]
+fn rollover_writes_the_stage_into_the_sealed_segment() {
+    // A rollover writes the stage before sealing: the sealed segment file holds every entry
+    // appended to it (the checkpoint writer and the tail reader read sealed files directly).
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_pwrite(dir.path());
+    let mut ts = 0;
+    while log.stats().segments == 1 {
+        ts += 1;
+        log.append(&hb("dev", ts), None).unwrap();
+    }
+    let sealed = &log.segments[0];
+    let end = sealed.data_end as usize;
+    let bytes = std::fs::read(&sealed.path).unwrap();
+    let mut off = SEGMENT_HEADER_BYTES;
+    let mut n = 0;
+    while off < end {
+        let e = decode_entry(&bytes, 0, off as u64).expect("entry in the sealed file");
+        off += e.len_bytes as usize;
+        n += 1;
+    }
+    assert_eq!(n, ts - 1, "every entry but the one that rolled over");
+    assert!(log.durable().0 >= sealed.end() - (sealed.bytes - sealed.data_end));
 }

@@ -2,8 +2,9 @@
 //! the group), makes each shard's log durable with an io_uring `fdatasync` (or a DAX flush)
 //! while the executor keeps serving, then completes the groups waiting on it and releases their
 //! subscription events. It owns the commit policy (Strict: start at once, or after the linger;
-//! Relaxed: on the interval) and marking a shard whose log failed a sync (`/readyz`). It does
-//! not append (`shard`) and does not write acks (`net`).
+//! Relaxed: on the interval) and marking a shard whose log failed a sync (`/readyz`); a commit
+//! whose log found no space to write its group (`log::Error::NoSpace`) is retried after a pause,
+//! not marked. It does not append (`shard`) and does not write acks (`net`).
 //!
 //! Invariant: waiters complete only for positions below the durable position the log reported
 //! after its sync; a poisoned log completes nothing more.
@@ -12,7 +13,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::limits::{STOP_POLL_INTERVAL, SYNC_FILES_MAX};
+use crate::limits::{COMMIT_NO_SPACE_RETRY_INTERVAL, STOP_POLL_INTERVAL, SYNC_FILES_MAX};
 use crate::log::Commit;
 use crate::route::ShardId;
 use crate::rt::{self, SyncFile};
@@ -49,14 +50,28 @@ impl Core {
     /// Commits one shard: makes everything appended so far durable, then completes waiters.
     async fn commit_slot(&self, slot: &StoreSlot) {
         let started = Instant::now();
-        slot.probe
-            .group_entries
-            .observe(slot.pending_entries.get() as f64);
+        let pending = slot.pending_entries.get();
+        slot.probe.group_entries.observe(pending as f64);
         slot.pending_entries.set(0);
-        slot.pending_since.set(None);
+        let pending_since = slot.pending_since.take();
         let durable_before = slot.store.borrow().durable();
         let begun = slot.store.borrow_mut().commit_begin();
         let durable = match begun {
+            Err(e @ crate::store::Error::Log(crate::log::Error::NoSpace { .. })) => {
+                // The log could not write its staged entries (a full copy-on-write file system):
+                // they stay staged, nothing is durable or acked, the log is not poisoned. Try
+                // again after a pause (the next commit writes them, as a later append would).
+                if let Some(suppressed) = slot.refusal_log.check() {
+                    tracing::warn!(shard = %slot.shard, error = %e, suppressed_since_last = suppressed, "commit deferred: no space to write the group; retrying");
+                }
+                rt::sleep(COMMIT_NO_SPACE_RETRY_INTERVAL).await;
+                slot.pending_entries
+                    .set(slot.pending_entries.get() + pending);
+                if slot.pending_since.get().is_none() {
+                    slot.pending_since.set(pending_since);
+                }
+                return;
+            }
             Err(e) => {
                 tracing::error!(shard = %slot.shard, error = %e, "commit refused; shard log poisoned");
                 self.storage_fault(slot.shard, &e);

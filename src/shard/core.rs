@@ -293,8 +293,14 @@ impl Core {
 
     fn register(&self, slot: &StoreSlot, pos: Option<LogPos>, target: Target) {
         let relaxed = self.shared.cfg.durability == crate::config::Durability::Relaxed;
+        // Relaxed acks once the group is in the page cache, where a process crash keeps it: the
+        // log may still hold it in its stage (`log::WriteMode::Pwrite`), so write it out first
+        // (one pwrite per group). If that fails (no space, poisoned) the group waits for
+        // durability like a strict one.
+        let in_page_cache =
+            relaxed && pos.is_some() && slot.store.borrow_mut().write_staged().is_ok();
         match pos {
-            Some(pos) if !relaxed && slot.store.borrow().durable() <= pos => {
+            Some(pos) if !in_page_cache && slot.store.borrow().durable() <= pos => {
                 let mut waiters = slot.waiters.borrow_mut();
                 // Waiters complete in position order: each registers behind the last.
                 debug_assert!(waiters.back().is_none_or(|w| w.pos < pos));
