@@ -69,7 +69,11 @@ fn the_demo_names_devices_that_exist_and_reports_every_heartbeat_acked() {
     let status = demo.wait().unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(demo.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    printed.extend(rx.try_iter());
+    // Everything the demo printed: the reader thread ends at EOF (the demo has exited), so wait
+    // for it rather than taking only what it forwarded so far.
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
+        printed.push(line);
+    }
     assert!(status.success(), "demo exit {status}: {printed:?} {stderr}");
     let summary = printed
         .iter()
