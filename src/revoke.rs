@@ -152,7 +152,8 @@ impl Revocations {
     pub fn sorted(&self) -> Vec<&Revocation> {
         let mut v: Vec<&Revocation> = self.entries.values().collect();
         v.sort_by(|a, b| {
-            (scope_kind(&a.scope), a.scope.subject()).cmp(&(scope_kind(&b.scope), b.scope.subject()))
+            (scope_kind(&a.scope), a.scope.subject())
+                .cmp(&(scope_kind(&b.scope), b.scope.subject()))
         });
         v
     }
@@ -230,7 +231,8 @@ impl Revocations {
         }
         let mut out = Revocations::default();
         for (i, e) in file.revocations.into_iter().enumerate() {
-            let scope = scope_of(&e.kind, &e.subject).map_err(|r| bad(format!("entry {i}: {r}")))?;
+            let scope =
+                scope_of(&e.kind, &e.subject).map_err(|r| bad(format!("entry {i}: {r}")))?;
             if out.entries.contains_key(&scope) {
                 return Err(bad(format!(
                     "entry {i}: {} {:?} appears twice",
@@ -391,7 +393,9 @@ pub fn parse_time(text: &str) -> Result<u64, TimeError> {
     }
     if t.bytes().all(|b| b.is_ascii_digit()) {
         if t.len() > 11 {
-            return Err(err("too large for Unix seconds (milliseconds are not accepted)"));
+            return Err(err(
+                "too large for Unix seconds (milliseconds are not accepted)",
+            ));
         }
         let s: u64 = t.parse().map_err(|_| err("not a number"))?;
         return Ok(s * 1000);
@@ -399,8 +403,9 @@ pub fn parse_time(text: &str) -> Result<u64, TimeError> {
     let b = t.as_bytes();
     let num = |at: usize, len: usize| -> Option<i64> {
         let d = b.get(at..at + len)?;
-        d.iter()
-            .try_fold(0i64, |acc, c| c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0')))
+        d.iter().try_fold(0i64, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
     };
     let shape = || err("not RFC 3339 (YYYY-MM-DDTHH:MM:SS with Z or an offset)");
     let (y, mo, d) = (
@@ -413,7 +418,11 @@ pub fn parse_time(text: &str) -> Result<u64, TimeError> {
         num(14, 2).ok_or_else(shape)?,
         num(17, 2).ok_or_else(shape)?,
     );
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':'
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
     {
         return Err(shape());
     }
@@ -586,7 +595,8 @@ mod tests {
         // Exact subject; strictly before the not-before; no issue time counts as before.
         let mut l = Revocations::default();
         let p = Path::new("r");
-        l.revoke(Scope::Gateway("fleet-".into()), 1000, 5, p).unwrap();
+        l.revoke(Scope::Gateway("fleet-".into()), 1000, 5, p)
+            .unwrap();
         let gw = Scope::Gateway("fleet-".into());
         assert!(l.refuses(&gw, &issue(Some(999))).is_some());
         assert!(l.refuses(&gw, &issue(Some(1000))).is_none());
@@ -599,7 +609,10 @@ mod tests {
             .is_none());
         // Only ever later; lift removes.
         assert_eq!(l.revoke(gw.clone(), 500, 6, p).unwrap().not_before_ms, 1000);
-        assert_eq!(l.revoke(gw.clone(), 2000, 7, p).unwrap().not_before_ms, 2000);
+        assert_eq!(
+            l.revoke(gw.clone(), 2000, 7, p).unwrap().not_before_ms,
+            2000
+        );
         assert!(l.lift(&gw).is_some());
         assert!(l.refuses(&gw, &issue(None)).is_none());
     }
@@ -626,7 +639,10 @@ mod tests {
         for (bad, needle) in [
             ("", "not valid JSON"),
             (r#"{"format":"x","version":1,"revocations":[]}"#, "format"),
-            (r#"{"format":"geobeat-revocations","version":2,"revocations":[]}"#, "version 2"),
+            (
+                r#"{"format":"geobeat-revocations","version":2,"revocations":[]}"#,
+                "version 2",
+            ),
             (
                 r#"{"format":"geobeat-revocations","version":1,"revocations":[{"kind":"ops","subject":"x","not_before_ms":1,"recorded_ms":1}]}"#,
                 "empty subject",
@@ -641,7 +657,10 @@ mod tests {
             ),
         ] {
             let e = Revocations::parse(bad, p).unwrap_err().to_string();
-            assert!(e.contains(needle) && e.contains("/d/revocations"), "{bad}: {e}");
+            assert!(
+                e.contains(needle) && e.contains("/d/revocations"),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -654,7 +673,9 @@ mod tests {
         for i in 0..REVOCATIONS_MAX {
             l.revoke(Scope::Device(format!("d-{i}")), 1, 1, p).unwrap();
         }
-        let e = l.revoke(Scope::Device("one-more".into()), 1, 1, p).unwrap_err();
+        let e = l
+            .revoke(Scope::Device("one-more".into()), 1, 1, p)
+            .unwrap_err();
         assert!(e.to_string().contains("unrevoke"), "{e}");
         l.revoke(Scope::Device("d-7".into()), 9, 1, p).unwrap();
         assert!((l.to_text().len() as u64) < REVOCATIONS_FILE_BYTES_MAX);
@@ -705,7 +726,9 @@ mod tests {
             Ok(((), true))
         })
         .unwrap();
-        let mode = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().mode();
+        let mode = std::fs::metadata(dir.path().join(FILE_NAME))
+            .unwrap()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(reg.refresh().unwrap());
         assert!(!reg.refresh().unwrap());
@@ -714,7 +737,10 @@ mod tests {
         std::fs::write(dir.path().join(FILE_NAME), "{broken").unwrap();
         assert!(reg.refresh().is_err());
         assert!(!reg.refresh().unwrap(), "reported once");
-        assert!(reg.refuses(&Scope::Ops, &issue(Some(9))).is_some(), "last good list");
+        assert!(
+            reg.refuses(&Scope::Ops, &issue(Some(9))).is_some(),
+            "last good list"
+        );
         assert!(Registry::open(dir.path()).is_err(), "a start refuses it");
         std::fs::remove_file(dir.path().join(FILE_NAME)).unwrap();
         assert!(reg.refresh().unwrap());

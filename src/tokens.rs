@@ -179,11 +179,13 @@ fn run_revocation_command(
             }
         }
         let check = |scope: &Scope| {
-            scope.check_subject().map_err(|reason| MintError::BadSubject {
-                kind: scope_kind(scope),
-                subject: scope.subject().to_owned(),
-                reason,
-            })
+            scope
+                .check_subject()
+                .map_err(|reason| MintError::BadSubject {
+                    kind: scope_kind(scope),
+                    subject: scope.subject().to_owned(),
+                    reason,
+                })
         };
         match &args.kind {
             TokenKind::Revoke { subject, before } => {

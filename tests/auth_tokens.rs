@@ -9,9 +9,7 @@ use std::path::Path;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use clap::Parser as _;
-use geobeat::auth::{
-    mint, try_mint, verify, Scope, Secret, TokenError, TokenId, SECRET_FILE_NAME,
-};
+use geobeat::auth::{mint, try_mint, verify, Scope, Secret, TokenError, TokenId, SECRET_FILE_NAME};
 use geobeat::config::{Cli, Command, TokenArgs};
 use geobeat::tokens::{run_token_command_with, TokenCommandError};
 use proptest::prelude::*;
@@ -81,7 +79,12 @@ fn gb1_tokens_still_verify_without_an_issue_time() {
     assert_eq!(claims.scope, Scope::Device("truck-9".into()));
     assert_eq!((claims.expires_at_s, claims.issue.at_ms), (NOW + 60, None));
     assert_eq!(claims.issue.id, TokenId::of(&t));
-    assert_eq!(verify(&s, &t, NOW + 60), Err(TokenError::Expired { expires_at_s: NOW + 60 }));
+    assert_eq!(
+        verify(&s, &t, NOW + 60),
+        Err(TokenError::Expired {
+            expires_at_s: NOW + 60
+        })
+    );
     let parts: Vec<&str> = t.split('.').collect();
     let as_gb2 = format!("gb2.d.{}.0.{}.{}", parts[2], parts[3], parts[4]);
     assert_eq!(verify(&s, &as_gb2, NOW), Err(TokenError::BadSignature));
@@ -142,11 +145,16 @@ fn tampered_parts_are_bad_signature() {
         )
     };
     let issued = (NOW * 1000).to_string();
-    let forge = |letter: &str, subject: &str, expiry: &str| forge_at(letter, subject, &issued, expiry);
+    let forge =
+        |letter: &str, subject: &str, expiry: &str| forge_at(letter, subject, &issued, expiry);
     // A later issue time (to escape a revocation) breaks the signature too.
     let later_issue = (NOW * 1000 + 1).to_string();
     assert_eq!(
-        verify(&s, &forge_at("d", "d-1", &later_issue, &(NOW + 60).to_string()), NOW),
+        verify(
+            &s,
+            &forge_at("d", "d-1", &later_issue, &(NOW + 60).to_string()),
+            NOW
+        ),
         Err(TokenError::BadSignature)
     );
     let exp = (NOW + 60).to_string();
@@ -181,7 +189,11 @@ fn forged_mac_is_bad_signature() {
     let s = secret(4);
     let forged = format!("gb1.o..{}.{}", NOW + 60, URL_SAFE_NO_PAD.encode([0x5a; 32]));
     assert_eq!(verify(&s, &forged, NOW), Err(TokenError::BadSignature));
-    let forged = format!("gb2.o..1.{}.{}", NOW + 60, URL_SAFE_NO_PAD.encode([0x5a; 32]));
+    let forged = format!(
+        "gb2.o..1.{}.{}",
+        NOW + 60,
+        URL_SAFE_NO_PAD.encode([0x5a; 32])
+    );
     assert_eq!(verify(&s, &forged, NOW), Err(TokenError::BadSignature));
 }
 
@@ -295,7 +307,11 @@ fn token_command_never_creates_a_secret() {
     );
     let claims = verify(&secret, &token, NOW).unwrap();
     assert_eq!(claims.scope, Scope::Device("truck-1".into()));
-    assert_eq!(claims.issue.at_ms, Some(NOW * 1000), "issued at the command's clock");
+    assert_eq!(
+        claims.issue.at_ms,
+        Some(NOW * 1000),
+        "issued at the command's clock"
+    );
     assert_eq!(
         claims.expires_at_s,
         NOW + 365 * 86_400,

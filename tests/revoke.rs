@@ -42,7 +42,10 @@ fn revoke(dir: &Path, args: &[&str]) {
     full.extend_from_slice(args);
     let (code, out, err) = cli(dir, &full);
     assert_eq!(code, 0, "revoke {args:?}: {err}");
-    assert!(out.starts_with("revoked ") || out.contains("already revoked"), "{out}");
+    assert!(
+        out.starts_with("revoked ") || out.contains("already revoked"),
+        "{out}"
+    );
 }
 
 /// The id `geobeat token id` gives `token` (read from standard input).
@@ -71,7 +74,10 @@ struct Client {
 
 impl Client {
     fn spawn(args: &[&str]) -> Client {
-        let script = format!("{}/tests/support/revoke_client.py", env!("CARGO_MANIFEST_DIR"));
+        let script = format!(
+            "{}/tests/support/revoke_client.py",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let mut child = Command::new("python3")
             .arg(script)
             .args(args)
@@ -245,24 +251,47 @@ fn a_revoked_token_is_refused_at_connect_and_newer_ones_work() {
     let r = ws.expect("refused", Duration::from_secs(10));
     assert_eq!(r["refused"], 401, "{r}");
     let body: Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
-    assert!(body["error"].as_str().unwrap().starts_with("token_revoked"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("token_revoked"),
+        "{body}"
+    );
     assert_eq!(body["param"], "token");
     // paho reports a 3.1.1 return code 5 as 135 (its MQTT 5 equivalent); mosquitto_pub shows
     // the raw 3.1.1 code.
     for (v5, code) in [(false, 135), (true, 0x86)] {
         let m = Client::mqtt(mqtt, &old, v5, "rv-1");
-        assert_eq!(m.expect("connack", Duration::from_secs(10))["connack"], code, "v5 {v5}");
+        assert_eq!(
+            m.expect("connack", Duration::from_secs(10))["connack"],
+            code,
+            "v5 {v5}"
+        );
     }
     let out = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &mqtt.port().to_string(), "-d", "-q", "1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &mqtt.port().to_string(),
+            "-d",
+            "-q",
+            "1",
+        ])
         .args(["-u", "rv-1", "-P", &old, "-t", "geobeat/rv-1", "-m", "{}"])
         .output()
         .expect("mosquitto_pub (apt-get install mosquitto-clients; .ci/run installs it)");
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success() && text.contains("not authorised"), "{text}");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && text.contains("not authorised"),
+        "{text}"
+    );
 
     let new = server.token(&["device", "rv-1"]);
-    assert_eq!(osmand(&server, "rv-1", &new).0, 200, "a token minted since works");
+    assert_eq!(
+        osmand(&server, "rv-1", &new).0,
+        200,
+        "a token minted since works"
+    );
     let ws = Client::ws(&server, "/v1/ingest", &new, true);
     ws.expect("open", Duration::from_secs(10));
     assert_eq!(ws.expect("ack", Duration::from_secs(10))["ack"], 1);
@@ -315,7 +344,10 @@ fn live_connections_are_closed_within_seconds() {
         assert_eq!(closed["reason"], "token_revoked", "{}", c.what);
     }
     let d5 = m5.expect("disconnect", CLOSE_WITHIN);
-    assert_eq!(d5["disconnect"], 0x8c, "MQTT 5 DISCONNECT reason code: {d5}");
+    assert_eq!(
+        d5["disconnect"], 0x8c,
+        "MQTT 5 DISCONNECT reason code: {d5}"
+    );
     m3.expect("disconnect", CLOSE_WITHIN);
     assert!(revoked_at.elapsed() < CLOSE_WITHIN);
     // The unrevoked connection is untouched (its client would have printed "closed").
@@ -373,7 +405,11 @@ fn gateway_prefix_ops_before_and_old_tokens() {
     let ops = server.token(&["ops"]);
     let legacy = gb1_token(&dir, "d", "old-1", (now_ms() / 1000) as u64 + 3600);
     let spared = server.token(&["device", "spared-1"]);
-    assert_eq!(osmand(&server, "old-1", &legacy).0, 200, "gb1 tokens still verify");
+    assert_eq!(
+        osmand(&server, "old-1", &legacy).0,
+        200,
+        "gb1 tokens still verify"
+    );
     assert_eq!(curl_get(&server, "/v1/devices/nope", &ops).0, 404);
 
     revoke(&dir, &["gateway", "fleet-"]);
@@ -381,16 +417,30 @@ fn gateway_prefix_ops_before_and_old_tokens() {
     // Both --before forms, an hour ago: the tokens minted above were issued after that.
     let hour_ago_s = (now_ms() / 1000 - 3600).to_string();
     revoke(&dir, &["device", "spared-1", "--before", &hour_ago_s]);
-    revoke(&dir, &["device", "old-1", "--before", "2020-01-01T00:00:00Z"]);
+    revoke(
+        &dir,
+        &["device", "old-1", "--before", "2020-01-01T00:00:00Z"],
+    );
     eventually(CLOSE_WITHIN, "the gateway revocation applies", || {
         osmand(&server, "fleet-1", &fleet).0 == 401
     });
-    assert_eq!(osmand(&server, "fleet-a-1", &fleet_a).0, 200, "exact prefix only");
+    assert_eq!(
+        osmand(&server, "fleet-a-1", &fleet_a).0,
+        200,
+        "exact prefix only"
+    );
     let (st, body) = curl_get(&server, "/v1/devices/nope", &ops);
     assert_eq!(st, 401, "{body}");
     assert!(body.contains("token_revoked"), "{body}");
-    assert_eq!(curl_get(&server, "/v1/devices/nope", &server.token(&["ops"])).0, 404);
-    assert_eq!(osmand(&server, "spared-1", &spared).0, 200, "issued after --before");
+    assert_eq!(
+        curl_get(&server, "/v1/devices/nope", &server.token(&["ops"])).0,
+        404
+    );
+    assert_eq!(
+        osmand(&server, "spared-1", &spared).0,
+        200,
+        "issued after --before"
+    );
     let (st, body) = osmand(&server, "old-1", &legacy);
     assert_eq!(st, 401, "a gb1 token of a revoked subject: {body}");
     assert!(body.contains("gb1"), "{body}");
@@ -424,11 +474,22 @@ fn revocations_survive_restarts_and_the_cli_works_without_a_server() {
     server.kill9();
     revoke(&dir, &["device", "keep-b"]);
     server.restart_logged(&log);
-    assert_eq!(osmand(&server, "keep-a", &a).0, 401, "kept across a restart");
-    assert_eq!(osmand(&server, "keep-b", &b).0, 401, "recorded while stopped");
+    assert_eq!(
+        osmand(&server, "keep-a", &a).0,
+        401,
+        "kept across a restart"
+    );
+    assert_eq!(
+        osmand(&server, "keep-b", &b).0,
+        401,
+        "recorded while stopped"
+    );
     let (code, out, err) = cli(&dir, &["unrevoke", "device", "keep-a"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("lifted the revocation of device \"keep-a\""), "{out}");
+    assert!(
+        out.starts_with("lifted the revocation of device \"keep-a\""),
+        "{out}"
+    );
     eventually(CLOSE_WITHIN, "the lifted token works again", || {
         osmand(&server, "keep-a", &a).0 == 200
     });
@@ -469,18 +530,46 @@ fn bad_cli_input_gets_one_line_naming_the_problem_and_the_fix() {
     std::fs::create_dir_all(&other).unwrap();
     let future = (now_ms() / 1000 + 86_400).to_string();
     let cases: Vec<(Vec<&str>, &Path, &[&str])> = vec![
-        (vec!["revoke", "ops", "--before", "yesterday"], &dir, &["yesterday", "RFC 3339", "Unix seconds"]),
-        (vec!["revoke", "ops", "--before", "1796475600000"], &dir, &["milliseconds"]),
-        (vec!["revoke", "ops", "--before", &future], &dir, &["in the future", "leave --before out"]),
+        (
+            vec!["revoke", "ops", "--before", "yesterday"],
+            &dir,
+            &["yesterday", "RFC 3339", "Unix seconds"],
+        ),
+        (
+            vec!["revoke", "ops", "--before", "1796475600000"],
+            &dir,
+            &["milliseconds"],
+        ),
+        (
+            vec!["revoke", "ops", "--before", &future],
+            &dir,
+            &["in the future", "leave --before out"],
+        ),
         (vec!["revoke", "device", ""], &dir, &["device", "id"]),
-        (vec!["revoke", "ops"], &other, &["not a geobeat data directory", "--data-dir"]),
-        (vec!["revoke", "ops", "--ttl", "3d"], &dir, &["--ttl", "leave it out"]),
-        (vec!["unrevoke", "device", "never"], &dir, &["no revocation", "geobeat token revocations"]),
+        (
+            vec!["revoke", "ops"],
+            &other,
+            &["not a geobeat data directory", "--data-dir"],
+        ),
+        (
+            vec!["revoke", "ops", "--ttl", "3d"],
+            &dir,
+            &["--ttl", "leave it out"],
+        ),
+        (
+            vec!["unrevoke", "device", "never"],
+            &dir,
+            &["no revocation", "geobeat token revocations"],
+        ),
     ];
     for (args, d, needles) in cases {
         let (code, out, err) = cli(d, &args);
         assert_ne!(code, 0, "{args:?} succeeded: {out}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line, got:\n{err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line, got:\n{err}"
+        );
         for n in needles {
             assert!(err.contains(n), "{args:?}: {n:?} missing from {err}");
         }

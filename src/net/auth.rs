@@ -21,8 +21,8 @@ use crate::auth::{scope_kind, Claims, Issue, Scope};
 use crate::http::parse::{self, Request};
 use crate::limits::REPEAT_LOG_INTERVAL_MS;
 use crate::node::Shared;
-use crate::proto::mqtt::session::{self, reason, Admitted, ConnectRefusal};
 use crate::proto::mqtt::codec::Version;
+use crate::proto::mqtt::session::{self, reason, Admitted, ConnectRefusal};
 use crate::ratelog::LogEvery;
 use crate::revoke::Revocation;
 

@@ -9,9 +9,9 @@
 //! Invariants: an ack is written only for seqs whose frames are complete in the executor's
 //! [`crate::shard::acks::AckLedger`] (durable);
 //! the reader stops reading while too many frames await durability, so a slow shard slows its
-//! devices instead of buffering; on shutdown (and when its token expires) the connection stops
-//! reading, waits for what it received to become durable, sends the final ack and closes with
-//! 1001 (1008 `token_expired`).
+//! devices instead of buffering; on shutdown (and when its token expires or is revoked) the
+//! connection stops reading, waits for what it received to become durable, sends the final ack
+//! and closes with 1001 (1008 `token_expired`, `token_revoked`).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;

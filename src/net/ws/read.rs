@@ -566,7 +566,10 @@ impl<'a> WsReader<'a> {
                     return None;
                 }
                 Next::Revocations => {
-                    let r = self.revoke.as_mut().expect("only a reader with a revoke end waits");
+                    let r = self
+                        .revoke
+                        .as_mut()
+                        .expect("only a reader with a revoke end waits");
                     r.wait = r.changed.wait();
                     if (r.revoked)() {
                         let reason = r.reason;
