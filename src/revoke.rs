@@ -264,7 +264,7 @@ impl Revocations {
             out.push_str(if i == 0 { "\n  " } else { ",\n  " });
             out.push_str(&serde_json::to_string(&json).expect("plain fields serialize"));
         }
-        out.push_str("\n]}\n");
+        out.push_str(if self.is_empty() { "]}\n" } else { "\n]}\n" });
         out
     }
 }
@@ -636,6 +636,8 @@ mod tests {
         }
         let text = l.to_text();
         assert_eq!(Revocations::parse(&text, p).unwrap(), l);
+        let empty = Revocations::default();
+        assert_eq!(Revocations::parse(&empty.to_text(), p).unwrap(), empty);
         for (bad, needle) in [
             ("", "not valid JSON"),
             (r#"{"format":"x","version":1,"revocations":[]}"#, "format"),

@@ -213,10 +213,11 @@ fn run_revocation_command(
                 Ok(if changed {
                     format!(
                         "revoked {who}: its tokens issued before {when} are refused (recorded in \
-                         {}; a running server applies it within {} s and closes the connections \
-                         that use them)",
+                         {}; a running server applies it within about {} s and closes the \
+                         connections that use them)",
                         file.display(),
-                        REVOCATIONS_POLL_INTERVAL.as_secs().max(1)
+                        // One interval for a reload, one for every executor's look.
+                        2 * REVOCATIONS_POLL_INTERVAL.as_secs().max(1)
                     )
                 } else {
                     format!(
