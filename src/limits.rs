@@ -614,3 +614,22 @@ pub const DEVICE_HTTP_DURABLE_WAIT_MS: u64 = 10_000;
 const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX <= HTTP_BODY_BYTES_MAX);
 const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX + HTTP_URI_BYTES_MAX <= DEVICE_PARAMS_BYTES_MAX);
 const _: () = assert!(BASIC_CREDENTIALS_BYTES_MAX < HTTP_HEAD_BYTES_MAX);
+
+// TLS (src/net/tls.rs: wss:// and https on `--tls-listen`, mqtts:// on `--mqtts-listen`).
+/// Time from TCP accept to a completed TLS handshake; a client that has not finished by then is
+/// closed (a stalled handshake holds a connection slot and a rustls session of a few KiB).
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// TLS handshakes each executor starts per second, sustained. A reconnect storm (a whole fleet
+/// after a network outage) would otherwise spend every core on public-key operations (about
+/// 170 µs per ECDSA P-256 handshake here, 280 µs for RSA-2048) while live devices wait. Sockets
+/// beyond the rate are closed before a byte of TLS is read (cheap: no key operation) and counted
+/// (`geobeat_tls_events{event="rate_refused"}`); their clients retry with their own backoff.
+/// 2,000/s is at most about a third of a core for ECDSA P-256.
+pub const TLS_HANDSHAKES_PER_S_MAX: u32 = 2_000;
+/// Handshakes an executor may start at once above the rate (the token bucket's depth), so a
+/// brief burst after a quiet spell is not refused.
+pub const TLS_HANDSHAKE_BURST_MAX: u32 = 500;
+/// Largest certificate chain, private key or client-CA PEM file read, bytes.
+pub const TLS_PEM_BYTES_MAX: u64 = 1 << 20;
+const _: () = assert!(TLS_HANDSHAKE_TIMEOUT_MS >= 100);
+const _: () = assert!(TLS_HANDSHAKE_BURST_MAX >= 1 && TLS_HANDSHAKES_PER_S_MAX >= 1);

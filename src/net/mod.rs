@@ -23,4 +23,5 @@ pub mod router;
 pub mod slots;
 pub mod submit;
 pub mod subscribe;
+pub mod tls;
 pub mod ws;
