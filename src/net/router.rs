@@ -359,8 +359,14 @@ async fn handle<S: Conn>(
         )
         .await
         .is_err()
-            || !keep_alive
         {
+            return;
+        }
+        if !keep_alive {
+            if stream.is_tls() {
+                // TLS: close_notify, so the client sees a clean end (not a truncation).
+                let _ = rt::timeout(REFUSAL_READ_MAX, stream.shutdown_write()).await;
+            }
             return;
         }
         buf.drain(..head_len + body_len);
