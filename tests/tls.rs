@@ -44,8 +44,7 @@ impl Ca {
     fn leaf(&self, cn: &str, sans: &[&str], expired: bool, client: bool) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut p =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.extended_key_usages = vec![if client {
             ExtendedKeyUsagePurpose::ClientAuth
@@ -177,7 +176,11 @@ fn s_client(addr: SocketAddr, ca: &Path, input: &str) -> (bool, String) {
             "-verify_return_error",
         ])
         // With input, wait for the server's answer after sending it.
-        .args(if input.is_empty() { &[][..] } else { &["-ign_eof"][..] })
+        .args(if input.is_empty() {
+            &[][..]
+        } else {
+            &["-ign_eof"][..]
+        })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -224,7 +227,12 @@ fn wait_stored(server: &Server, id: &str, n: usize) {
 }
 
 /// A server with both TLS listeners on free ports and `cert`/`key`; `extra` flags after.
-fn start_tls(dir: &Path, cert: &Path, key: &Path, extra: &[&str]) -> (Server, SocketAddr, SocketAddr) {
+fn start_tls(
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+    extra: &[&str],
+) -> (Server, SocketAddr, SocketAddr) {
     let (tls, mqtts) = (free_addr(), free_addr());
     let mut args = vec![
         "--tls-listen".to_string(),
@@ -300,8 +308,14 @@ fn wss_https_and_mqtts_work_with_real_clients_and_a_wrong_ca_is_refused() {
 
     // Plain HTTP on the TLS port: no answer, a failed handshake counted.
     let before = tls_event(&server, "handshake_failed");
-    let r = raw_http(tls, b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-    assert!(!matches!(r, Ok((200, _))), "plain HTTP on the TLS port: {r:?}");
+    let r = raw_http(
+        tls,
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(
+        !matches!(r, Ok((200, _))),
+        "plain HTTP on the TLS port: {r:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while tls_event(&server, "handshake_failed") <= before {
         assert!(Instant::now() < deadline, "handshake_failed not counted");
@@ -377,7 +391,10 @@ fn an_expired_certificate_is_refused_then_sighup_reload_serves_the_new_one_and_k
     let lines = wait_for_cn(&server, tls, &both, "geobeat-b");
     assert!(has(&lines, "done"), "{lines:?}");
     let lines = client(&wss(tls, &b_pem, &tok2, "new-1", 1));
-    assert!(has(&lines, "done"), "trusting only CA b now works: {lines:?}");
+    assert!(
+        has(&lines, "done"),
+        "trusting only CA b now works: {lines:?}"
+    );
     let lines = client(&wss(tls, &a_pem, &tok2, "new-1", 1));
     assert_eq!(get(&lines, "refused")["refused"], "ssl", "{lines:?}");
 
@@ -457,15 +474,31 @@ fn mtls_a_device_certificate_must_name_the_tokens_device() {
     let t1 = server.token(&["device", "dev-1"]);
     let t2 = server.token(&["device", "dev-2"]);
 
-    let ok = client(&with_client_cert(wss(tls, &ca_pem, &t1, "dev-1", 2), &d1c, &d1k));
+    let ok = client(&with_client_cert(
+        wss(tls, &ca_pem, &t1, "dev-1", 2),
+        &d1c,
+        &d1k,
+    ));
     assert!(has(&ok, "done"), "{ok:?}");
-    let ok = client(&with_client_cert(wss(tls, &ca_pem, &t2, "dev-2", 1), &d2c, &d2k));
+    let ok = client(&with_client_cert(
+        wss(tls, &ca_pem, &t2, "dev-2", 1),
+        &d2c,
+        &d2k,
+    ));
     assert!(has(&ok, "done"), "SAN names the device: {ok:?}");
     let none = client(&wss(tls, &ca_pem, &t1, "dev-1", 1));
     assert_eq!(get(&none, "refused")["status"], 403, "{none:?}");
-    let other = client(&with_client_cert(wss(tls, &ca_pem, &t1, "dev-1", 1), &d2c, &d2k));
+    let other = client(&with_client_cert(
+        wss(tls, &ca_pem, &t1, "dev-1", 1),
+        &d2c,
+        &d2k,
+    ));
     assert_eq!(get(&other, "refused")["status"], 403, "{other:?}");
-    let rogue_lines = client(&with_client_cert(wss(tls, &ca_pem, &t1, "dev-1", 1), &rc, &rk));
+    let rogue_lines = client(&with_client_cert(
+        wss(tls, &ca_pem, &t1, "dev-1", 1),
+        &rc,
+        &rk,
+    ));
     assert!(
         has(&rogue_lines, "refused") || has(&rogue_lines, "closed"),
         "a certificate from another CA is not served: {rogue_lines:?}"
@@ -515,15 +548,30 @@ fn startup_problems_are_one_clear_line_and_a_non_zero_exit() {
     let missing = dir.join("missing.pem");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec!["--tls-cert".into(), s(&missing), "--tls-key".into(), s(&other_key)],
+            vec![
+                "--tls-cert".into(),
+                s(&missing),
+                "--tls-key".into(),
+                s(&other_key),
+            ],
             "missing.pem",
         ),
         (
-            vec!["--tls-cert".into(), s(&cert), "--tls-key".into(), s(&other_key)],
+            vec![
+                "--tls-cert".into(),
+                s(&cert),
+                "--tls-key".into(),
+                s(&other_key),
+            ],
             "does not match",
         ),
         (
-            vec!["--tls-cert".into(), s(&garbage), "--tls-key".into(), s(&other_key)],
+            vec![
+                "--tls-cert".into(),
+                s(&garbage),
+                "--tls-key".into(),
+                s(&other_key),
+            ],
             "no PEM CERTIFICATE",
         ),
         (vec![], "--tls-cert"),
@@ -548,7 +596,10 @@ fn startup_problems_are_one_clear_line_and_a_non_zero_exit() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} must fail: {err}");
-        assert!(err.contains(expect), "{args:?}: expected {expect:?} in: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in: {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
 }

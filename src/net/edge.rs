@@ -16,9 +16,9 @@ use crate::http::parse::Request;
 use crate::metrics::ExecProbe;
 use crate::net::auth::Refusal;
 use crate::net::slots::ConnSlot;
+use crate::net::tls::Conn;
 use crate::net::ws::read::PartialFrames;
 use crate::node::ExecutorId;
-use crate::net::tls::Conn;
 use crate::rt;
 use crate::shard::core::{Core, MeshClosed};
 

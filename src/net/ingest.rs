@@ -33,6 +33,7 @@ use crate::metrics::ExecProbe;
 use crate::net::auth::{self, Need, Refusal};
 use crate::net::edge::{DeviceGrant, Edge, Handoff, Kind};
 use crate::net::slots::ConnSlot;
+use crate::net::tls::{self, Conn};
 use crate::net::ws::{
     self, Ctl, Data, Metered, ReadMeter, Sink, Source, WriteError, WsReader, WsWriter,
 };
@@ -40,7 +41,6 @@ use crate::node::ExecutorId;
 use crate::proto::{self, close, Ingest, IngestScope, Outcome};
 use crate::record::Heartbeat;
 use crate::route::ShardId;
-use crate::net::tls::{self, Conn};
 use crate::rt;
 use crate::shard::acks::{ConnAcks, ConnKey};
 use crate::shard::mesh::Batch;

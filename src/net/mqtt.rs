@@ -48,6 +48,7 @@ use crate::metrics::ExecProbe;
 use crate::net::auth::Refusal;
 use crate::net::edge::{Edge, Kind};
 use crate::net::slots::ConnSlot;
+use crate::net::tls::{Acceptor, ClientCert};
 use crate::net::ws::ByteStream;
 use crate::proto::devices::owntracks;
 use crate::proto::mqtt::codec::{self, CodecError, Packet, Version};
@@ -58,7 +59,6 @@ use crate::proto::{self, Ingest, IngestScope, Outcome, Reject, TsWindow};
 use crate::ratelog::LogEvery;
 use crate::record::Heartbeat;
 use crate::route::ShardId;
-use crate::net::tls::{Acceptor, ClientCert};
 use crate::rt::{self, Signal, TcpListener};
 use crate::shard::acks::ConnKey;
 use crate::shard::mesh::Batch;
@@ -203,7 +203,16 @@ impl Kind for MqttWsKind {
             .await;
         // The router already counted the socket against the cap; the client certificate (MQTT
         // over wss on `--tls-listen`) binds the CONNECT's token like on `--mqtts-listen`.
-        serve(edge, ByteStream::new(ws), Vec::new(), peer, slot, false, cert).await;
+        serve(
+            edge,
+            ByteStream::new(ws),
+            Vec::new(),
+            peer,
+            slot,
+            false,
+            cert,
+        )
+        .await;
     }
 }
 

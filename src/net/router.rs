@@ -30,8 +30,8 @@ use crate::net::ingest::IngestKind;
 use crate::net::mqtt::MqttWsKind;
 use crate::net::slots::{ConnSlot, HttpSlot};
 use crate::net::subscribe::SubscribeKind;
-use crate::ratelog::LogEvery;
 use crate::net::tls::{Acceptor, Conn};
+use crate::ratelog::LogEvery;
 use crate::rt::{self, TcpListener, TcpStream};
 
 /// Accepts until shutdown.
@@ -46,12 +46,7 @@ pub async fn accept_loop_tls(edge: Rc<Edge>, listener: TcpListener, tls: Rc<Acce
     accept_each(edge, listener, Role::Main, Some(tls)).await
 }
 
-async fn accept_each(
-    edge: Rc<Edge>,
-    listener: TcpListener,
-    role: Role,
-    tls: Option<Rc<Acceptor>>,
-) {
+async fn accept_each(edge: Rc<Edge>, listener: TcpListener, role: Role, tls: Option<Rc<Acceptor>>) {
     let core = &edge.core;
     let max = core.shared.cfg.connections_max;
     let accept_log = LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS));
@@ -89,7 +84,11 @@ async fn accept_each(
         if let Some(tls) = &tls {
             // Over the cap a TLS socket is closed at once: a 503 would cost a handshake.
             if open > max || !tls.admit() {
-                let event = if open > max { "cap_refused" } else { "rate_refused" };
+                let event = if open > max {
+                    "cap_refused"
+                } else {
+                    "rate_refused"
+                };
                 core.probe.tls_event(event, 1);
                 continue;
             }
@@ -269,7 +268,9 @@ async fn handle<S: Conn>(
             "/v1/subscribe" if upgrading => {
                 return open::<SubscribeKind, S>(edge, stream, buf, slot, http).await
             }
-            "/mqtt" if upgrading => return open::<MqttWsKind, S>(edge, stream, buf, slot, http).await,
+            "/mqtt" if upgrading => {
+                return open::<MqttWsKind, S>(edge, stream, buf, slot, http).await
+            }
             _ => {}
         }
         if reserved {

@@ -33,10 +33,10 @@ use crate::limits::{
 use crate::net::auth::{self, Need, Refusal};
 use crate::net::edge::{Edge, Kind};
 use crate::net::slots::{ConnSlot, SubscriberSlot};
+use crate::net::tls::Conn;
 use crate::net::ws::{self, Ctl, Data, Metered, Sink, Source, WriteError, WsReader, WsWriter};
 use crate::proto::{self, close};
 use crate::record::DeviceId;
-use crate::net::tls::Conn;
 use crate::rt;
 use crate::shard::core::Core;
 use crate::slab::Key as ConnKey;

@@ -550,7 +550,9 @@ mod tests {
                     .with_safe_default_protocol_versions()
                     .unwrap()
                     .with_no_client_auth()
-                    .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new())),
+                    .with_cert_resolver(
+                        Arc::new(rustls::server::ResolvesServerCertUsingSni::new()),
+                    ),
             )),
             generation: AtomicU64::new(0),
         });
@@ -573,7 +575,10 @@ mod tests {
         let cert = dir.path().join("cert.pem");
         let key = dir.path().join("key.pem");
         let e = build(&cert, &key, None).unwrap_err().to_string();
-        assert!(e.starts_with("--tls-cert ") && e.contains("cert.pem"), "{e}");
+        assert!(
+            e.starts_with("--tls-cert ") && e.contains("cert.pem"),
+            "{e}"
+        );
         std::fs::write(&cert, "hello").unwrap();
         let e = build(&cert, &key, None).unwrap_err().to_string();
         assert!(e.contains("no PEM CERTIFICATE"), "{e}");

@@ -43,8 +43,8 @@ use crate::limits::{
     FRAME_BYTES_MAX, IDLE_STRIKES_MAX, PARTIAL_FRAME_BYTES_EXEC_MAX, PARTIAL_FRAME_SMALL_BYTES,
     TOKEN_EXPIRY_WAIT_MAX,
 };
-use crate::proto::close;
 use crate::net::tls::Conn;
+use crate::proto::close;
 use crate::rt::{self, TcpStream};
 use crate::rt::{now_s, Stop};
 
