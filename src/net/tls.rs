@@ -570,6 +570,32 @@ mod tests {
     }
 
     #[test]
+    fn a_device_certificate_must_name_the_tokens_device_or_gateway_prefix() {
+        let names = ClientCert::Names(vec!["fleet device".into(), "dev-1".into()]);
+        let device = |id: &str| Scope::Device(id.into());
+        assert_eq!(names.check(&device("dev-1")), Ok(()));
+        assert_eq!(names.check(&device("dev-2")), Err(IdentityError::Mismatch));
+        // A gateway's certificate names its prefix exactly (not a device under it).
+        let gw = ClientCert::Names(vec!["fleet-a/".into()]);
+        assert_eq!(gw.check(&Scope::Gateway("fleet-a/".into())), Ok(()));
+        assert_eq!(
+            names.check(&Scope::Gateway("dev-".into())),
+            Err(IdentityError::Mismatch)
+        );
+        assert_eq!(
+            ClientCert::Missing.check(&device("dev-1")),
+            Err(IdentityError::Missing)
+        );
+        // Plain TCP or no client CA: the token alone decides; so it does for ops and subscribers.
+        assert_eq!(ClientCert::Unchecked.check(&device("dev-1")), Ok(()));
+        assert_eq!(ClientCert::Missing.check(&Scope::Ops), Ok(()));
+        assert_eq!(
+            ClientCert::Missing.check(&Scope::Subscriber(String::new())),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn missing_and_garbage_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let cert = dir.path().join("cert.pem");
