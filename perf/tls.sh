@@ -45,10 +45,12 @@ for kind in ecdsa rsa; do
   python3 "$bench" handshakes --pid $pid --port $tls --ca ca.pem --workers 2 --seconds $secs
   stop
 done
+echo "-- idle connections (a fresh server for each)"
 start ecdsa
 tok=$("$bin" token gateway "" --data-dir "$d/data-ecdsa")
-echo "-- idle connections"
 python3 "$bench" idle --pid $pid --port $port --token "$tok" --conns $conns
+stop
+start ecdsa
 python3 "$bench" idle --pid $pid --port $tls --ca ca.pem --token "$tok" --conns $conns
 echo "-- CPU per heartbeat at $rate/s over 200 connections"
 python3 "$bench" rate --pid $pid --port $port --token "$tok" --conns 200 --rate $rate --seconds $secs

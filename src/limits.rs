@@ -629,7 +629,13 @@ pub const TLS_HANDSHAKES_PER_S_MAX: u32 = 2_000;
 /// Handshakes an executor may start at once above the rate (the token bucket's depth), so a
 /// brief burst after a quiet spell is not refused.
 pub const TLS_HANDSHAKE_BURST_MAX: u32 = 500;
+/// Most bytes one read of a TLS connection's socket asks for (rustls offers a 4 KiB window; glommio
+/// pins a buffer of the requested size while the read is pending, i.e. for as long as the
+/// connection is idle). A heartbeat's TLS record is a few hundred bytes.
+pub const TLS_READ_BYTES: usize = 1024;
 /// Largest certificate chain, private key or client-CA PEM file read, bytes.
 pub const TLS_PEM_BYTES_MAX: u64 = 1 << 20;
 const _: () = assert!(TLS_HANDSHAKE_TIMEOUT_MS >= 100);
+// At least one TLS record header and a small record per read.
+const _: () = assert!(TLS_READ_BYTES >= 512);
 const _: () = assert!(TLS_HANDSHAKE_BURST_MAX >= 1 && TLS_HANDSHAKES_PER_S_MAX >= 1);

@@ -50,11 +50,54 @@ use rustls::ServerConfig;
 use crate::auth::Scope;
 use crate::limits::{
     TLS_HANDSHAKES_PER_S_MAX, TLS_HANDSHAKE_BURST_MAX, TLS_HANDSHAKE_TIMEOUT_MS, TLS_PEM_BYTES_MAX,
+    TLS_READ_BYTES,
 };
 use crate::rt::{self, TcpStream};
 
-/// A TLS server stream over a TCP socket.
-pub type TlsStream = futures_rustls::server::TlsStream<TcpStream>;
+/// A TLS server session over a TCP socket, boxed once per connection: the session state (about
+/// a kilobyte inline) would otherwise be laid out again in every nested connection future that
+/// holds the stream (router, kind, WebSocket), which multiplied the idle cost per connection.
+pub type TlsStream = Box<futures_rustls::server::TlsStream<TlsSocket>>;
+
+/// The TCP socket under a TLS session, its reads capped at [`TLS_READ_BYTES`]: rustls reads into
+/// a 4 KiB window, and glommio pins a buffer of the requested size for every pending read, so an
+/// idle TLS connection would hold 4 KiB there instead of the plain path's 1 KiB.
+pub struct TlsSocket(TcpStream);
+
+impl AsyncRead for TlsSocket {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let n = buf.len().min(TLS_READ_BYTES);
+        std::pin::Pin::new(&mut self.0).poll_read(cx, &mut buf[..n])
+    }
+}
+
+impl AsyncWrite for TlsSocket {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_close(cx)
+    }
+}
 
 /// A connection's byte stream as the router and the connection kinds see it: a TCP socket or a
 /// TLS session over one. Generic (monomorphised), so the plain path pays nothing for TLS.
@@ -99,7 +142,7 @@ impl Conn for TcpStream {
 
 impl Conn for TlsStream {
     fn peer(&self) -> Option<SocketAddr> {
-        self.get_ref().0.peer_addr().ok()
+        self.get_ref().0 .0.peer_addr().ok()
     }
     fn handoff_fd(&self) -> Option<RawFd> {
         None
@@ -112,7 +155,7 @@ impl Conn for TlsStream {
         true
     }
     fn socket_fd(&self) -> RawFd {
-        self.get_ref().0.as_raw_fd()
+        self.get_ref().0 .0.as_raw_fd()
     }
     async fn shutdown_write(&mut self) -> std::io::Result<()> {
         futures_lite::AsyncWriteExt::close(self).await
@@ -523,11 +566,11 @@ impl Acceptor {
         };
         match rt::timeout(
             Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS),
-            acceptor.accept(stream),
+            acceptor.accept(TlsSocket(stream)),
         )
         .await
         {
-            Some(Ok(s)) => Ok(s),
+            Some(Ok(s)) => Ok(Box::new(s)),
             Some(Err(_)) => Err("handshake_failed"),
             None => Err("handshake_timeout"),
         }
