@@ -414,8 +414,8 @@ impl ServeArgs {
         if let Some(setting) = tls_missing {
             return Err(ConfigError::Invalid {
                 setting,
-                value: String::new(),
-                origin: "no source".into(),
+                value: "(unset)".into(),
+                origin: "neither flag, environment nor config file".into(),
                 reason: "--tls-listen and --mqtts-listen need --tls-cert and --tls-key".into(),
             });
         }
