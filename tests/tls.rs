@@ -603,3 +603,39 @@ fn startup_problems_are_one_clear_line_and_a_non_zero_exit() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn a_reconnect_storm_beyond_the_handshake_rate_is_refused_cheaply_and_counted() {
+    // 6,000 TCP connections opened back to back on the TLS port (a fleet reconnecting at once,
+    // far above 2,000 handshakes/s per executor with a burst of 500): the sockets over the rate
+    // are closed before any TLS work and counted as `rate_refused`; a second later a real
+    // client is served as usual.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new(dir, "ca");
+    let (cert, key) = ca.write_leaf(dir, "server", server_leaf(&ca, "geobeat", false));
+    let (server, tls, _) = start_tls(dir, &cert, &key, &[]);
+    let started = Instant::now();
+    for _ in 0..6000 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&tls, Duration::from_secs(2)) {
+            drop(s);
+        }
+    }
+    let storm = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tls_event(&server, "rate_refused") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no socket refused over the rate (storm took {storm:?})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "storm of 6000 connects in {storm:?}: {} refused over the rate",
+        tls_event(&server, "rate_refused")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let tok = server.token(&["device", "after-storm"]);
+    let lines = client(&wss(tls, &dir.join("ca.pem"), &tok, "after-storm", 1));
+    assert!(has(&lines, "done"), "{lines:?}");
+}
