@@ -4,9 +4,16 @@
 //! permissions, environment form); the `geobeat token` command is `tokens`. It does not decide what a
 //! scope may do on an endpoint: callers match on [`Scope`].
 //!
-//! Token text: `gb1.<d|g|o|s>.<base64url-nopad subject>.<expiry unix seconds>.<base64url-nopad mac>`
-//! where the MAC is HMAC-SHA256 over the exact text before the last dot. Tokens carry no
-//! server-side state, so revocation means rotating the secret (every token becomes invalid).
+//! Token text: `gb2.<d|g|o|s>.<base64url-nopad subject>.<issued unix ms>.<expiry unix
+//! seconds>.<base64url-nopad mac>` where the MAC is HMAC-SHA256 over the exact text before the
+//! last dot. Tokens minted before issue 16 have the `gb1` form, the same without the issue time;
+//! they still verify (with no issue time, which a revocation of their subject treats as "issued
+//! before any time": see `crate::revoke`). Tokens carry no server-side state; a subject's tokens
+//! issued before a time are revoked through the data directory's revocation list
+//! (`crate::revoke`), every token at once by rotating the secret.
+//!
+//! A [`TokenId`] names a token in logs and answers (a short hash of its text): log lines never
+//! carry the token itself.
 //!
 //! Invariants: a token verifies only if its MAC matches under the secret (compared in constant
 //! time), it is not expired, and its scope and subject obey the same rules [`mint`] enforces;
@@ -29,8 +36,10 @@ use crate::record::validate_device_id;
 
 /// Bytes of server secret.
 pub const SECRET_BYTES: usize = 32;
-/// Version tag at the start of every token.
-pub const TOKEN_VERSION: &str = "gb1";
+/// Version tag at the start of every token minted now (with an issue time).
+pub const TOKEN_VERSION: &str = "gb2";
+/// Version tag of tokens minted before issue 16 (no issue time); still accepted.
+pub const TOKEN_VERSION_1: &str = "gb1";
 /// Name of the secret file inside the data directory.
 pub const SECRET_FILE_NAME: &str = "secret";
 /// Environment variable holding the secret itself (64 hex digits or base64 of 32 bytes).
@@ -42,7 +51,7 @@ pub const DATA_DIR_ENV: &str = "GEOBEAT_DATA_DIR";
 /// Default data directory.
 pub const DATA_DIR_DEFAULT: &str = "./shards";
 /// Default lifetime of device, gateway and subscriber tokens: a year (devices in the field are
-/// costly to re-provision; rotate the secret to revoke).
+/// costly to re-provision; `geobeat token revoke` revokes a subject's tokens).
 pub const TTL_DEFAULT_LONG: Duration = Duration::from_secs(365 * 86_400);
 /// Default lifetime of ops tokens: 30 days (they read every device's location).
 pub const TTL_DEFAULT_OPS: Duration = Duration::from_secs(30 * 86_400);
@@ -342,6 +351,54 @@ pub struct Claims {
     pub scope: Scope,
     /// Expiry, Unix seconds (the token is valid strictly before it).
     pub expires_at_s: u64,
+    /// When and which: what a revocation and a log line need.
+    pub issue: Issue,
+}
+
+/// When a token was issued and its id: what a connection keeps of its token for revocation
+/// checks and log lines (never the token itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Issue {
+    /// Issue time, Unix milliseconds; `None` for a `gb1` token (minted before issue times).
+    pub at_ms: Option<u64>,
+    /// The token's id.
+    pub id: TokenId,
+}
+
+/// Bytes of SHA-256 kept in a [`TokenId`].
+const TOKEN_ID_BYTES: usize = 6;
+
+/// A token's id: the first 48 bits of SHA-256 over the token's text, shown as 12 hex digits. Log
+/// lines and refusals name tokens by it, never by their text (which is a bearer credential). It
+/// is defined for any text, so a malformed or forged token has one too; it reveals nothing of
+/// the MAC. Whoever holds a token computes its id with `geobeat token id`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenId([u8; TOKEN_ID_BYTES]);
+
+impl TokenId {
+    /// The id of `token` (any text).
+    pub fn of(token: &str) -> TokenId {
+        use sha2::Digest as _;
+        let digest = Sha256::digest(token.as_bytes());
+        let mut id = [0u8; TOKEN_ID_BYTES];
+        id.copy_from_slice(&digest[..TOKEN_ID_BYTES]);
+        TokenId(id)
+    }
+}
+
+impl std::fmt::Display for TokenId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for TokenId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenId({self})")
+    }
 }
 
 /// Why a token was refused. Callers answer all three with 401 and must not echo the token.
@@ -386,18 +443,25 @@ fn mac_over(secret: &Secret, text: &str) -> HmacSha256 {
     mac
 }
 
-/// Mints a token for `scope` valid until `expires_at_s` (Unix seconds).
+/// Mints a token for `scope` issued now (the wall clock) and valid until `expires_at_s` (Unix
+/// seconds).
 ///
 /// # Panics
 /// If the scope's subject breaks its rules (an invalid device id, an over-long prefix): callers
 /// with trusted, already-checked subjects use this; untrusted input goes through [`try_mint`].
 pub fn mint(secret: &Secret, scope: &Scope, expires_at_s: u64) -> String {
-    try_mint(secret, scope, expires_at_s).unwrap_or_else(|e| panic!("{e}"))
+    let issued_at_ms = crate::rt::now_ms().max(0) as u64;
+    try_mint(secret, scope, issued_at_ms, expires_at_s).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Mints a token for `scope` valid until `expires_at_s` (Unix seconds), refusing a subject that
-/// breaks the scope's rules.
-pub fn try_mint(secret: &Secret, scope: &Scope, expires_at_s: u64) -> Result<String, MintError> {
+/// Mints a token for `scope` issued at `issued_at_ms` (Unix milliseconds) and valid until
+/// `expires_at_s` (Unix seconds), refusing a subject that breaks the scope's rules.
+pub fn try_mint(
+    secret: &Secret,
+    scope: &Scope,
+    issued_at_ms: u64,
+    expires_at_s: u64,
+) -> Result<String, MintError> {
     scope
         .check_subject()
         .map_err(|reason| MintError::BadSubject {
@@ -406,7 +470,7 @@ pub fn try_mint(secret: &Secret, scope: &Scope, expires_at_s: u64) -> Result<Str
             reason,
         })?;
     let mut text = format!(
-        "{TOKEN_VERSION}.{}.{}.{expires_at_s}",
+        "{TOKEN_VERSION}.{}.{}.{issued_at_ms}.{expires_at_s}",
         scope.letter(),
         URL_SAFE_NO_PAD.encode(scope.subject())
     );
@@ -430,8 +494,16 @@ pub fn scope_kind(scope: &Scope) -> &'static str {
     }
 }
 
+/// A decimal number of at most 20 digits (no sign, no spaces), or `None`.
+fn decimal(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 20 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 /// Verifies `token` at time `now_s` (Unix seconds): structure, then MAC (constant-time), then
-/// subject rules, then expiry.
+/// subject rules, then expiry. Both token versions verify (`gb1` without an issue time).
 pub fn verify(secret: &Secret, token: &str, now_s: u64) -> Result<Claims, TokenError> {
     if token.len() > TOKEN_BYTES_MAX {
         return Err(TokenError::Malformed("too long"));
@@ -440,21 +512,38 @@ pub fn verify(secret: &Secret, token: &str, now_s: u64) -> Result<Claims, TokenE
         .rsplit_once('.')
         .ok_or(TokenError::Malformed("missing parts"))?;
     let mut parts = signed.split('.');
-    let (Some(version), Some(letter), Some(subject_b64), Some(expiry), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return Err(TokenError::Malformed("expected 5 dot-separated parts"));
+    let version = parts.next().unwrap_or_default();
+    let fields = match version {
+        TOKEN_VERSION_1 => 3,
+        TOKEN_VERSION => 4,
+        _ => return Err(TokenError::Malformed("unknown token version")),
     };
-    if version != TOKEN_VERSION {
-        return Err(TokenError::Malformed("unknown token version"));
+    let mut field = [""; 4];
+    for slot in field.iter_mut().take(fields) {
+        *slot = parts.next().ok_or(TokenError::Malformed(
+            "expected 6 dot-separated parts (5 for a gb1 token)",
+        ))?;
     }
+    if parts.next().is_some() {
+        return Err(TokenError::Malformed(
+            "expected 6 dot-separated parts (5 for a gb1 token)",
+        ));
+    }
+    let (letter, subject_b64) = (field[0], field[1]);
+    let (issued, expiry) = if fields == 4 {
+        (Some(field[2]), field[3])
+    } else {
+        (None, field[2])
+    };
     if !matches!(letter, "d" | "g" | "o" | "s") {
         return Err(TokenError::Malformed("unknown scope letter"));
     }
+    let issued_at_ms = match issued {
+        None => None,
+        Some(text) => Some(
+            decimal(text).ok_or(TokenError::Malformed("issue time is not unix milliseconds"))?,
+        ),
+    };
     if expiry.is_empty() || expiry.len() > 20 || !expiry.bytes().all(|b| b.is_ascii_digit()) {
         return Err(TokenError::Malformed("expiry is not unix seconds"));
     }
@@ -483,6 +572,10 @@ pub fn verify(secret: &Secret, token: &str, now_s: u64) -> Result<Claims, TokenE
     Ok(Claims {
         scope,
         expires_at_s,
+        issue: Issue {
+            at_ms: issued_at_ms,
+            id: TokenId::of(token),
+        },
     })
 }
 
@@ -579,10 +672,10 @@ mod tests {
     fn mint_refuses_bad_subjects() {
         // An invalid device id or an over-long prefix cannot be minted.
         let s = Secret::generate();
-        assert!(try_mint(&s, &Scope::Device(String::new()), 10).is_err());
-        assert!(try_mint(&s, &Scope::Gateway("x".repeat(65)), 10).is_err());
-        assert!(try_mint(&s, &Scope::Subscriber("a\nb".into()), 10).is_err());
-        assert!(try_mint(&s, &Scope::Gateway(String::new()), 10).is_ok());
+        assert!(try_mint(&s, &Scope::Device(String::new()), 1, 10).is_err());
+        assert!(try_mint(&s, &Scope::Gateway("x".repeat(65)), 1, 10).is_err());
+        assert!(try_mint(&s, &Scope::Subscriber("a\nb".into()), 1, 10).is_err());
+        assert!(try_mint(&s, &Scope::Gateway(String::new()), 1, 10).is_ok());
         let caught = std::panic::catch_unwind(|| mint(&s, &Scope::Device("a\u{0}".into()), 10));
         assert!(caught.is_err(), "mint panics on an invalid subject");
     }

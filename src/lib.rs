@@ -24,7 +24,10 @@
 //! - [`http`]: pure HTTP request-head parsing and WebSocket upgrade helpers.
 //! - [`proto`]: the device ingest protocol (frame decoding, verdicts, acks, abuse guards).
 //! - [`fence`]: geofences (polygons, circles), their spatial index and persistence.
-//! - [`tokens`]: `geobeat token`: minting from the command line.
+//! - [`tokens`]: `geobeat token`: minting, revoking and listing revocations from the command
+//!   line.
+//! - [`revoke`]: the revocation list (per subject, a not-before time) in the data directory,
+//!   and the copy a running server enforces.
 //! - [`logging`]: log output on stderr (text without colours unless a terminal, or JSON lines).
 //! - [`config`]: command line and configuration resolution.
 //! - [`datadir`]: the data directory (meta file, lock, shard directories, layout swaps).
@@ -62,6 +65,7 @@ pub mod query;
 pub mod ratelog;
 pub mod record;
 pub mod reshard;
+pub mod revoke;
 pub mod route;
 pub mod rt;
 pub mod server;

@@ -509,6 +509,18 @@ pub const JSON_KEY_BYTES_MAX: usize = 16;
 pub const TOKEN_TTL_MAX: Duration = Duration::from_secs(10 * 366 * 86_400);
 /// Largest secret file read (a hex secret is 65 bytes; anything much larger is not a secret file).
 pub const SECRET_FILE_BYTES_MAX: u64 = 1024;
+/// Most entries in the revocation list (`<data-dir>/revocations`, `crate::revoke`): one per
+/// revoked subject (a device, a gateway prefix, ops, a subscriber prefix). Every connect looks
+/// the token's subject up in a hash map, so the size costs memory (about 150 bytes an entry),
+/// not time; 10,000 covers a fleet's lost and stolen devices for years. Full, `geobeat token
+/// revoke` refuses and says to lift old entries (or rotate the secret).
+pub const REVOCATIONS_MAX: usize = 10_000;
+/// Largest revocation file read: `REVOCATIONS_MAX` entries of the longest form (a 64-byte
+/// subject JSON-escaped, two 13-digit times) fit with room to spare.
+pub const REVOCATIONS_FILE_BYTES_MAX: u64 = 8 << 20;
+/// How often each executor checks the revocation file for a change (one `stat`); a revocation
+/// reaches live connections within about this long.
+pub const REVOCATIONS_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest meta file read (a table of 4096 ranges is about 50 KiB).
 pub const META_BYTES_MAX: u64 = 256 << 10;
 /// Deepest level below the data directory [`crate::datadir::check_private`] looks at (the
@@ -614,6 +626,10 @@ pub const DEVICE_HTTP_DURABLE_WAIT_MS: u64 = 10_000;
 const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX <= HTTP_BODY_BYTES_MAX);
 const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX + HTTP_URI_BYTES_MAX <= DEVICE_PARAMS_BYTES_MAX);
 const _: () = assert!(BASIC_CREDENTIALS_BYTES_MAX < HTTP_HEAD_BYTES_MAX);
+// An entry's JSON is at most about 6 times a 64-byte subject (\u escapes) plus 120 bytes.
+const _: () = assert!(
+    REVOCATIONS_FILE_BYTES_MAX >= (REVOCATIONS_MAX * (6 * DEVICE_ID_BYTES_MAX + 120)) as u64
+);
 
 // TLS (src/net/tls.rs: wss:// and https on `--tls-listen`, mqtts:// on `--mqtts-listen`).
 /// Time from TCP accept to a completed TLS handshake; a client that has not finished by then is

@@ -98,7 +98,7 @@ fn rfc3339_now() -> String {
 }
 
 /// Formats Unix milliseconds as RFC 3339 UTC (the civil-from-days algorithm of H. Hinnant).
-fn rfc3339_ms(ms: i64) -> String {
+pub fn rfc3339_ms(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);

@@ -32,6 +32,8 @@ pub struct Shared {
     pub cfg: ServeConfig,
     /// The token secret.
     pub secret: Secret,
+    /// The revocation list in force (reloaded from the data directory when it changes).
+    pub revocations: crate::revoke::Registry,
     /// Logical shard count of the data directory.
     pub shard_count: u32,
     /// The data directory's routing table (device → virtual shard → shard).

@@ -53,6 +53,9 @@ pub enum ServeError {
     /// The geofences file could not be read.
     #[error("geofences: {0}")]
     Fences(crate::fence::FenceError),
+    /// The revocation list could not be read (a server does not start without it).
+    #[error("{0}")]
+    Revocations(crate::revoke::Error),
     /// The storage sinks could not be started.
     #[error("sinks: {0}")]
     Sinks(String),
@@ -233,6 +236,8 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
     let secret = cfg
         .load_secret()
         .map_err(|e| ServeError::Secret(e.to_string()))?;
+    let revocations =
+        crate::revoke::Registry::open(&cfg.data_dir).map_err(ServeError::Revocations)?;
     let executors = cfg.shards.max(1);
     let feeds: Vec<crate::flusher::ShardFeed> = (0..datadir.shard_count())
         .map(|k| {
@@ -261,6 +266,7 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
         router: datadir.router().clone(),
         executors,
         secret,
+        revocations,
         executors_ready: AtomicUsize::new(0),
         connections_open: AtomicUsize::new(0),
         connections_http: AtomicUsize::new(0),
@@ -375,6 +381,7 @@ async fn executor_main(
     rt::spawn(fanout_flush_loop(core.clone()));
     let commit = rt::spawn_joinable(core.clone().commit_loop());
     rt::spawn(core.clone().retention_loop());
+    rt::spawn(crate::net::revoke::watch_loop(edge.clone()));
 
     let listener = rt::bind(
         *shared

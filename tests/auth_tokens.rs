@@ -1,6 +1,7 @@
 //! Token minting and verification: round trips for every scope, and refusal of forged, expired,
-//! tampered, wrongly-signed and malformed tokens; plus the `geobeat token` command (secret source
-//! order, default TTLs, output is only the token).
+//! tampered, wrongly-signed and malformed tokens; `gb1` tokens (before issue times) still
+//! verify; token ids; plus the `geobeat token` command (secret source order, default TTLs,
+//! output is only the token, the issue time is the command's clock).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,7 +9,7 @@ use std::path::Path;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use clap::Parser as _;
-use geobeat::auth::{mint, verify, Claims, Scope, Secret, TokenError, SECRET_FILE_NAME};
+use geobeat::auth::{mint, try_mint, verify, Scope, Secret, TokenError, TokenId, SECRET_FILE_NAME};
 use geobeat::config::{Cli, Command, TokenArgs};
 use geobeat::tokens::{run_token_command_with, TokenCommandError};
 use proptest::prelude::*;
@@ -32,22 +33,76 @@ fn scopes() -> Vec<Scope> {
 
 #[test]
 fn every_scope_round_trips() {
-    // mint -> verify yields the same scope and expiry, before expiry.
+    // mint -> verify yields the same scope, expiry and issue time, before expiry; the id is
+    // the token's.
     let s = secret(1);
     for scope in scopes() {
-        let token = mint(&s, &scope, NOW + 60);
+        let token = try_mint(&s, &scope, NOW * 1000 + 7, NOW + 60).unwrap();
         assert!(
-            token.starts_with(&format!("gb1.{}.", scope.letter())),
+            token.starts_with(&format!("gb2.{}.", scope.letter())),
             "{token}"
         );
-        assert_eq!(
-            verify(&s, &token, NOW),
-            Ok(Claims {
-                scope: scope.clone(),
-                expires_at_s: NOW + 60
-            })
-        );
+        let claims = verify(&s, &token, NOW).unwrap();
+        assert_eq!(claims.scope, scope);
+        assert_eq!(claims.expires_at_s, NOW + 60);
+        assert_eq!(claims.issue.at_ms, Some(NOW * 1000 + 7));
+        assert_eq!(claims.issue.id, TokenId::of(&token));
     }
+    // `mint` stamps the wall clock.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let claims = verify(&s, &mint(&s, &Scope::Ops, u64::MAX / 2), NOW).unwrap();
+    assert!(claims.issue.at_ms.unwrap() >= before);
+}
+
+/// A `gb1` token, as builds before issue times minted it.
+fn gb1(s_bytes: [u8; 32], letter: &str, subject: &str, expiry: u64) -> String {
+    use hmac::{Hmac, Mac as _};
+    let signed = format!("gb1.{letter}.{}.{expiry}", URL_SAFE_NO_PAD.encode(subject));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&s_bytes).unwrap();
+    mac.update(signed.as_bytes());
+    format!(
+        "{signed}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+#[test]
+fn gb1_tokens_still_verify_without_an_issue_time() {
+    // Tokens minted before issue times keep working (no issue time); tampering still fails; a
+    // gb1 token's parts cannot be passed off as a gb2 token.
+    let s = secret(8);
+    let t = gb1([8; 32], "d", "truck-9", NOW + 60);
+    let claims = verify(&s, &t, NOW).unwrap();
+    assert_eq!(claims.scope, Scope::Device("truck-9".into()));
+    assert_eq!((claims.expires_at_s, claims.issue.at_ms), (NOW + 60, None));
+    assert_eq!(claims.issue.id, TokenId::of(&t));
+    assert_eq!(
+        verify(&s, &t, NOW + 60),
+        Err(TokenError::Expired {
+            expires_at_s: NOW + 60
+        })
+    );
+    let parts: Vec<&str> = t.split('.').collect();
+    let as_gb2 = format!("gb2.d.{}.0.{}.{}", parts[2], parts[3], parts[4]);
+    assert_eq!(verify(&s, &as_gb2, NOW), Err(TokenError::BadSignature));
+}
+
+#[test]
+fn token_ids_are_short_stable_and_distinct() {
+    // 12 hex digits, the same for the same text, different for different tokens, never a part
+    // of the token.
+    let s = secret(9);
+    let a = try_mint(&s, &Scope::Ops, 1, NOW).unwrap();
+    let b = try_mint(&s, &Scope::Ops, 2, NOW).unwrap();
+    let id = TokenId::of(&a).to_string();
+    assert_eq!(id.len(), 12);
+    assert!(id.bytes().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(id, TokenId::of(&a).to_string());
+    assert_ne!(id, TokenId::of(&b).to_string());
+    assert!(!a.contains(&id));
 }
 
 #[test]
@@ -80,15 +135,28 @@ fn wrong_secret_is_bad_signature() {
 fn tampered_parts_are_bad_signature() {
     // Changing scope letter, subject or expiry (keeping the MAC) breaks the signature.
     let s = secret(3);
-    let token = mint(&s, &Scope::Device("d-1".into()), NOW + 60);
+    let token = try_mint(&s, &Scope::Device("d-1".into()), NOW * 1000, NOW + 60).unwrap();
     let parts: Vec<&str> = token.split('.').collect();
-    let forge = |letter: &str, subject: &str, expiry: &str| {
+    let forge_at = |letter: &str, subject: &str, issued: &str, expiry: &str| {
         format!(
-            "gb1.{letter}.{}.{expiry}.{}",
+            "gb2.{letter}.{}.{issued}.{expiry}.{}",
             URL_SAFE_NO_PAD.encode(subject),
-            parts[4]
+            parts[5]
         )
     };
+    let issued = (NOW * 1000).to_string();
+    let forge =
+        |letter: &str, subject: &str, expiry: &str| forge_at(letter, subject, &issued, expiry);
+    // A later issue time (to escape a revocation) breaks the signature too.
+    let later_issue = (NOW * 1000 + 1).to_string();
+    assert_eq!(
+        verify(
+            &s,
+            &forge_at("d", "d-1", &later_issue, &(NOW + 60).to_string()),
+            NOW
+        ),
+        Err(TokenError::BadSignature)
+    );
     let exp = (NOW + 60).to_string();
     assert!(verify(&s, &forge("d", "d-1", &exp), NOW).is_ok(), "control");
     assert_eq!(
@@ -121,6 +189,12 @@ fn forged_mac_is_bad_signature() {
     let s = secret(4);
     let forged = format!("gb1.o..{}.{}", NOW + 60, URL_SAFE_NO_PAD.encode([0x5a; 32]));
     assert_eq!(verify(&s, &forged, NOW), Err(TokenError::BadSignature));
+    let forged = format!(
+        "gb2.o..1.{}.{}",
+        NOW + 60,
+        URL_SAFE_NO_PAD.encode([0x5a; 32])
+    );
+    assert_eq!(verify(&s, &forged, NOW), Err(TokenError::BadSignature));
 }
 
 #[test]
@@ -142,6 +216,11 @@ fn malformed_tokens() {
         format!("gb1.d.ZA.{}.{mac}=", NOW + 60),
         format!("gb1.d.ZA.{}.{}", NOW + 60, "!".repeat(43)),
         format!("gb1.d.ZA.99999999999999999999999.{mac}"),
+        format!("gb3.d.ZA.1.{}.{mac}", NOW + 60),
+        format!("gb2.d.ZA.x1.{}.{mac}", NOW + 60),
+        format!("gb2.d.ZA..{}.{mac}", NOW + 60),
+        format!("gb2.d.ZA.1.{}.{mac}.x", NOW + 60),
+        format!("gb2.d.ZA.-1.{}.{mac}", NOW + 60),
         "x".repeat(600),
     ];
     for token in cases {
@@ -192,7 +271,7 @@ fn run(argv: &[&str], env: &[(&str, &str)]) -> Result<String, TokenCommandError>
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    run_token_command_with(&token_args(argv), &|k| map.get(k).cloned(), NOW)
+    run_token_command_with(&token_args(argv), &|k| map.get(k).cloned(), NOW * 1000)
 }
 
 fn dir_arg(dir: &Path) -> String {
@@ -228,6 +307,11 @@ fn token_command_never_creates_a_secret() {
     );
     let claims = verify(&secret, &token, NOW).unwrap();
     assert_eq!(claims.scope, Scope::Device("truck-1".into()));
+    assert_eq!(
+        claims.issue.at_ms,
+        Some(NOW * 1000),
+        "issued at the command's clock"
+    );
     assert_eq!(
         claims.expires_at_s,
         NOW + 365 * 86_400,

@@ -61,33 +61,29 @@ fn foreign(scope: &Scope) -> String {
     mint(&Secret::from_bytes([0x42; 32]), scope, u64::MAX / 2)
 }
 
+/// `token` with its part `index` replaced (the signature left as it was). Works on both token
+/// forms: `gb2.<scope>.<subject>.<issued>.<expiry>.<mac>` and the older `gb1` without `<issued>`.
+fn with_part(token: &str, index: usize, value: &str) -> String {
+    let mut parts: Vec<&str> = token.split('.').collect();
+    assert!(matches!(parts.len(), 5 | 6), "{token}");
+    parts[index] = value;
+    parts.join(".")
+}
+
 /// `token` with its subject replaced (the signature left as it was).
 fn with_subject(token: &str, subject: &str) -> String {
-    let parts: Vec<&str> = token.split('.').collect();
-    assert_eq!(parts.len(), 5, "{token}");
-    let sub = URL_SAFE_NO_PAD.encode(subject);
-    format!(
-        "{}.{}.{}.{}.{}",
-        parts[0], parts[1], sub, parts[3], parts[4]
-    )
+    with_part(token, 2, &URL_SAFE_NO_PAD.encode(subject))
 }
 
 /// `token` with its scope letter replaced (the signature left as it was).
 fn with_letter(token: &str, letter: &str) -> String {
-    let parts: Vec<&str> = token.split('.').collect();
-    format!(
-        "{}.{letter}.{}.{}.{}",
-        parts[0], parts[2], parts[3], parts[4]
-    )
+    with_part(token, 1, letter)
 }
 
 /// `token` with a later expiry (the signature left as it was).
 fn with_expiry(token: &str, expiry: u64) -> String {
-    let parts: Vec<&str> = token.split('.').collect();
-    format!(
-        "{}.{}.{}.{expiry}.{}",
-        parts[0], parts[1], parts[2], parts[4]
-    )
+    let at = token.split('.').count() - 2;
+    with_part(token, at, &expiry.to_string())
 }
 
 #[test]

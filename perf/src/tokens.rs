@@ -200,7 +200,10 @@ impl Credentials {
             } => {
                 let id = generated_id(id_prefix, index)?;
                 let scope = geobeat::auth::Scope::Device(id);
-                let token = geobeat::auth::mint(secret, &scope, *expires_at_s);
+                // Issue time 0 (not the wall clock), so every process mints device n the same
+                // token; a revocation of the device would refuse it, as it should.
+                let token = geobeat::auth::try_mint(secret, &scope, 0, *expires_at_s)
+                    .unwrap_or_else(|e| panic!("{e}"));
                 Ok(DeviceCredential {
                     token,
                     frame_id: None,

@@ -29,7 +29,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the ingest server.
     Serve(ServeArgs),
-    /// Mint an access token and print it (only the token, on one line).
+    /// Mint an access token and print it (only the token, on one line); revoke tokens.
     Token(TokenArgs),
     /// Run the server together with simulated devices (a self-contained demonstration).
     Demo(DemoArgs),
@@ -42,6 +42,9 @@ pub enum Command {
     /// Ask a running server: a device's last location or history, devices in an area,
     /// geofences, live events, stats.
     Query(crate::client::QueryArgs),
+    /// A device's history as a document: `geobeat history export <id> --format
+    /// geojson|gpx|csv [--out FILE]`.
+    History(crate::client::HistoryArgs),
     /// Copy a data directory consistently, also while a server runs on it.
     Backup(BackupArgs),
     /// Verify a backup and install it as a new data directory.
@@ -178,6 +181,53 @@ pub enum TokenKind {
     /// A subscriber token: read devices whose id starts with PREFIX
     Subscriber {
         /// The device-id prefix (may be empty: all devices)
+        prefix: String,
+    },
+    /// Revoke a subject's tokens issued before a time (default: now), without rotating the
+    /// secret; recorded in the data directory, applied by a running server within seconds
+    Revoke {
+        /// Whose tokens
+        #[command(subcommand)]
+        subject: TokenSubject,
+        /// Refuse the subject's tokens issued before TIME: RFC 3339 (2026-12-05T13:00:00Z) or
+        /// Unix seconds [default: now]
+        #[arg(long, global = true, value_name = "TIME")]
+        before: Option<String>,
+    },
+    /// Lift a subject's revocation (its tokens work again)
+    Unrevoke {
+        /// Whose revocation
+        #[command(subcommand)]
+        subject: TokenSubject,
+    },
+    /// List the revocations recorded in the data directory
+    Revocations,
+    /// Print a token's id, the name log lines give it (the token is read from standard input
+    /// when not given, so it stays out of the process list)
+    Id {
+        /// The token
+        token: Option<String>,
+    },
+}
+
+/// Whose tokens `geobeat token revoke` / `unrevoke` name: a scope and its exact subject.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum TokenSubject {
+    /// The tokens minted for this device id
+    Device {
+        /// The device id
+        id: String,
+    },
+    /// The gateway tokens minted for exactly this prefix
+    Gateway {
+        /// The device-id prefix the gateway tokens were minted for (may be empty)
+        prefix: String,
+    },
+    /// Every ops token
+    Ops,
+    /// The subscriber tokens minted for exactly this prefix
+    Subscriber {
+        /// The device-id prefix the subscriber tokens were minted for (may be empty)
         prefix: String,
     },
 }

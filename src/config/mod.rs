@@ -28,12 +28,12 @@ mod tests;
 pub use crate::limits::{AUDIT_ROTATE_BYTES_RANGE, AUDIT_ROTATE_SECS_RANGE};
 pub use cli::{
     offline_data_dir, Cli, Command, DemoArgs, MigrateArgs, ReshardArgs, SinksArgs, TokenArgs,
-    TokenKind,
+    TokenKind, TokenSubject,
 };
 pub use resolve::{raise_open_files_limit, ConfigError, ServeConfig, Sources};
 pub use settings::{
     parse_size, ByteLimit, DefaultValue, Durability, LogFormat, MetricsListen, Retention, Routing,
-    ServeArgs, Setting, CONNECTIONS_MAX_DEFAULT, DEMO_DEVICES_DEFAULT,
+    ServeArgs, Setting, WriteMode, CONNECTIONS_MAX_DEFAULT, DEMO_DEVICES_DEFAULT,
     HANDSHAKE_TIMEOUT_MS_DEFAULT, IDLE_TIMEOUT_S_DEFAULT, LISTEN_DEFAULT, LOG_LEVEL_DEFAULT,
     MESH_CAPACITY_DEFAULT, RETENTION_DEFAULT, SETTINGS, SINKS_KEY, SINK_BACKLOG_WARN_BYTES_DEFAULT,
 };

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use super::settings::{
     known_keys, ByteLimit, Durability, LogFormat, MetricsListen, Retention, Routing, ServeArgs,
-    Setting, Typed, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
+    Setting, Typed, WriteMode, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
     CONNECTIONS_MAX, DATA_DIR, DURABILITY, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
     HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY,
     METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE,
     SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
-    TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN,
+    TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN, WRITE_MODE,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -49,6 +49,8 @@ pub struct ServeConfig {
     pub routing: Routing,
     /// Ack policy.
     pub durability: Durability,
+    /// How heartbeats reach the log's files.
+    pub write_mode: WriteMode,
     /// Data age after which it may be deleted; `None`: keep forever.
     pub retention: Option<Duration>,
     /// Most concurrent client connections.
@@ -442,6 +444,7 @@ impl ServeArgs {
             commit_linger: Duration::from_micros(r.get(&COMMIT_LINGER_US, &self.commit_linger_us)?),
             routing: r.get(&ROUTING, &self.routing)?,
             durability: r.get(&DURABILITY, &self.durability)?,
+            write_mode: r.get(&WRITE_MODE, &self.write_mode)?,
             retention: match retention {
                 Retention::For(d) => Some(d),
                 Retention::Forever => None,

@@ -394,6 +394,18 @@ settings! {
         help: "strict: ack only once data is on stable storage; relaxed: ack once written to \
                the mapped log (survives a process crash, not a power loss)",
     }
+    setting WRITE_MODE write_mode: WriteMode {
+        flag: "--write-mode",
+        env: "GEOBEAT_WRITE_MODE",
+        key: Some("write_mode"),
+        value: "MODE",
+        default: Text("mmap"),
+        parse: parse_write_mode,
+        help: "How heartbeats reach the log's files: mmap writes them into a shared mapping \
+               (fdatasync writes the mapping back); pwrite stages each group and writes it \
+               with one pwrite before the fdatasync (the files mapped read-only). Both keep \
+               --durability's meaning; see perf/RESULTS.md \"Commit path by pwrite\"",
+    }
     setting RETENTION retention: Retention {
         flag: "--retention",
         env: "GEOBEAT_RETENTION",
@@ -547,6 +559,16 @@ pub enum Durability {
     Relaxed,
 }
 
+/// How heartbeats are written to the log's segment files (`--write-mode`; the log's own
+/// `WriteMode` below this layer mirrors it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Into a shared read-write mapping of the segment.
+    Mmap,
+    /// Staged per group and written with one `pwrite`.
+    Pwrite,
+}
+
 /// How log lines are written (see `--log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -693,6 +715,14 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
         "strict" => Ok(Durability::Strict),
         "relaxed" => Ok(Durability::Relaxed),
         _ => Err("expected `strict` or `relaxed`".into()),
+    }
+}
+
+fn parse_write_mode(text: &str) -> Result<WriteMode, String> {
+    match text.trim() {
+        "mmap" => Ok(WriteMode::Mmap),
+        "pwrite" => Ok(WriteMode::Pwrite),
+        _ => Err("expected `mmap` or `pwrite`".into()),
     }
 }
 

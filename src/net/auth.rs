@@ -6,12 +6,29 @@
 //! which cannot set a bearer header, go through [`check_device`] (token also from the
 //! `Authorization: Basic` password).
 //!
+//! It also applies the revocation list (`crate::revoke`, the server's copy in `Shared`): a
+//! revoked token is refused at connect like an expired one (401 `token_revoked: ...`; MQTT:
+//! [`admit_mqtt`]), and [`revoked_live`] is what a live connection asks when the list changed
+//! (the per-executor watch is `net::revoke`). Refusals and closes for a revoked token are logged
+//! with the token's id ([`crate::auth::TokenId`]), never the token.
+//!
 //! Invariant: every refusal is a 401 whose body never echoes the token; WebSocket upgrades name
 //! the parameter at fault (`"param":"token"`), HTTP endpoints do not (their documented bodies).
 
-use crate::auth::{Claims, Scope};
+use std::time::Duration;
+
+use crate::auth::{scope_kind, Claims, Issue, Scope};
 use crate::http::parse::{self, Request};
+use crate::limits::REPEAT_LOG_INTERVAL_MS;
 use crate::node::Shared;
+use crate::proto::mqtt::codec::Version;
+use crate::proto::mqtt::session::{self, reason, Admitted, ConnectRefusal};
+use crate::ratelog::LogEvery;
+use crate::revoke::Revocation;
+
+/// The WebSocket close reason (with 1008), MQTT reason string and refusal prefix when a token is
+/// revoked.
+pub const TOKEN_REVOKED: &str = "token_revoked";
 
 /// What a request needs its token to allow.
 #[derive(Debug, Clone, Copy)]
@@ -93,8 +110,111 @@ pub fn check(shared: &Shared, req: &Request<'_>, need: Need<'_>) -> Result<Claim
     };
     let claims = crate::auth::verify(&shared.secret, token, crate::rt::now_s())
         .map_err(|e| refuse(&e.to_string()))?;
+    not_revoked(shared, &claims).map_err(|m| refuse(&m))?;
     need.allows(&claims.scope).map_err(refuse)?;
     Ok(claims)
+}
+
+thread_local! {
+    /// Rate limit of the "token refused: revoked" line, per executor thread.
+    static REVOKED_LOG: LogEvery =
+        const { LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS)) };
+    /// Rate limit of the "connection closed: token revoked" line, per executor thread.
+    static CLOSED_LOG: LogEvery =
+        const { LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS)) };
+}
+
+/// The refusal text for a token `r` revokes: names the subject, the time, the token's id and
+/// the fix, never the token.
+fn revoked_message(scope: &Scope, issue: &Issue, r: &Revocation) -> String {
+    let who = match scope {
+        Scope::Ops => "ops".to_owned(),
+        s => format!("{} {:?}", scope_kind(s), s.subject()),
+    };
+    let before = crate::revoke::format_time(r.not_before_ms);
+    match issue.at_ms {
+        Some(_) => format!(
+            "{TOKEN_REVOKED}: the {who} tokens issued before {before} are revoked (this token's \
+             id: {}); use a token minted since",
+            issue.id
+        ),
+        None => format!(
+            "{TOKEN_REVOKED}: the {who} tokens are revoked up to {before} and this token (id {}) \
+             is an old gb1 token without an issue time, so it counts as issued before; use a \
+             token minted since",
+            issue.id
+        ),
+    }
+}
+
+thread_local! {
+    /// This executor's "the revocation list changed" signal: `net::revoke`'s watch notifies it,
+    /// live WebSocket connections wait on it (one waiter slot each, no timer).
+    static REVOCATIONS_CHANGED: std::rc::Rc<crate::rt::Signal> = crate::rt::Signal::new();
+}
+
+/// This executor's "the revocation list changed" signal (see [`revoked_live`]).
+pub fn revocations_changed() -> std::rc::Rc<crate::rt::Signal> {
+    REVOCATIONS_CHANGED.with(|s| s.clone())
+}
+
+/// `Err` with the refusal text if `claims`' token is revoked (logged with its id).
+fn not_revoked(shared: &Shared, claims: &Claims) -> Result<(), String> {
+    let Some(r) = shared.revocations.refuses(&claims.scope, &claims.issue) else {
+        return Ok(());
+    };
+    REVOKED_LOG.with(|every| {
+        if let Some(suppressed) = every.check() {
+            tracing::info!(
+                token_id = %claims.issue.id,
+                kind = scope_kind(&claims.scope),
+                subject = claims.scope.subject(),
+                not_before = %crate::revoke::format_time(r.not_before_ms),
+                suppressed_since_last = suppressed,
+                "token refused: revoked"
+            );
+        }
+    });
+    Err(revoked_message(&claims.scope, &claims.issue, &r))
+}
+
+/// Refuses an admitted MQTT CONNECT whose token is revoked: CONNACK 0x05 (3.1.1) or 0x86 "bad
+/// user name or password" (5), as for an expired token, with the reason `token_revoked`.
+pub fn admit_mqtt(shared: &Shared, admitted: Admitted) -> Result<Admitted, ConnectRefusal> {
+    match not_revoked(shared, &admitted.claims) {
+        Ok(()) => Ok(admitted),
+        Err(_) => Err(ConnectRefusal {
+            version: admitted.version,
+            code: match admitted.version {
+                Version::V311 => session::return_code::NOT_AUTHORIZED,
+                Version::V5 => reason::BAD_CREDENTIALS,
+            },
+            reason: TOKEN_REVOKED,
+        }),
+    }
+}
+
+/// Whether a live connection's token (of `scope`, issued as `issue`) is revoked now; if so,
+/// logs the close (`what`: the connection kind) with the token's id. Connections ask this when
+/// their executor's revocation signal fires (`net::revoke`).
+pub fn revoked_live(shared: &Shared, scope: &Scope, issue: &Issue, what: &'static str) -> bool {
+    let Some(r) = shared.revocations.refuses(scope, issue) else {
+        return false;
+    };
+    CLOSED_LOG.with(|every| {
+        if let Some(suppressed) = every.check() {
+            tracing::info!(
+                token_id = %issue.id,
+                kind = scope_kind(scope),
+                subject = scope.subject(),
+                not_before = %crate::revoke::format_time(r.not_before_ms),
+                connection = what,
+                suppressed_since_last = suppressed,
+                "closing a connection: token revoked"
+            );
+        }
+    });
+    true
 }
 
 /// A device app's verified credentials.
@@ -134,6 +254,7 @@ pub fn check_device(shared: &Shared, req: &Request<'_>) -> Result<DeviceCredenti
     };
     let claims = crate::auth::verify(&shared.secret, token, crate::rt::now_s())
         .map_err(|e| refuse(&e.to_string()))?;
+    not_revoked(shared, &claims).map_err(|m| refuse(&m))?;
     Need::Ingest.allows(&claims.scope).map_err(refuse)?;
     Ok(DeviceCredentials {
         claims,

@@ -89,6 +89,8 @@ pub struct DeviceGrant {
     pub scope: Scope,
     /// When the token expires (Unix seconds): the connection is closed then.
     pub expires_at_s: u64,
+    /// When the token was issued and its id (revocation checks, log lines).
+    pub issue: crate::auth::Issue,
 }
 
 /// A connection kind reached by a WebSocket upgrade: how its request is admitted and how the

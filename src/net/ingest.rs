@@ -9,9 +9,9 @@
 //! Invariants: an ack is written only for seqs whose frames are complete in the executor's
 //! [`crate::shard::acks::AckLedger`] (durable);
 //! the reader stops reading while too many frames await durability, so a slow shard slows its
-//! devices instead of buffering; on shutdown (and when its token expires) the connection stops
-//! reading, waits for what it received to become durable, sends the final ack and closes with
-//! 1001 (1008 `token_expired`).
+//! devices instead of buffering; on shutdown (and when its token expires or is revoked) the
+//! connection stops reading, waits for what it received to become durable, sends the final ack
+//! and closes with 1001 (1008 `token_expired`, `token_revoked`).
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -81,6 +81,7 @@ impl Kind for IngestKind {
             accept_key,
             scope: claims.scope,
             expires_at_s: claims.expires_at_s,
+            issue: claims.issue,
         })
     }
 
@@ -209,7 +210,10 @@ async fn read_loop<S: Conn>(
     let mut seqs = proto::SeqTracker::new();
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
     let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
-    // At expiry the reader stops; the writer sends the acks of what was read, then closes.
+    // At expiry (or revocation) the reader stops; the writer sends the acks of what was read,
+    // then closes.
+    let changed = auth::revocations_changed();
+    let revoked = || auth::revoked_live(&core.shared, &grant.scope, &grant.issue, "ingest");
     let mut reader = WsReader::new(
         &core.stop,
         core.shared.cfg.ping_interval(),
@@ -217,7 +221,8 @@ async fn read_loop<S: Conn>(
         ctl,
         writer,
     )
-    .end_at_expiry(grant.expires_at_s, TOKEN_EXPIRED);
+    .end_at_expiry(grant.expires_at_s, TOKEN_EXPIRED)
+    .end_if_revoked(&changed, &revoked, auth::TOKEN_REVOKED);
     loop {
         // Backpressure: stop reading while this connection has too much in flight.
         loop {
@@ -535,7 +540,8 @@ async fn write_frames<S: Conn>(
             // frame); abuse and protocol errors close at once.
             let graceful = code == close::GOING_AWAY
                 || code == CLOSE_NORMAL
-                || (code, reason) == (close::POLICY, TOKEN_EXPIRED);
+                || (code, reason) == (close::POLICY, TOKEN_EXPIRED)
+                || (code, reason) == (close::POLICY, auth::TOKEN_REVOKED);
             if !graceful || in_flight == 0 {
                 out.close(code, reason).await;
                 return Ok(());

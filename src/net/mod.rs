@@ -21,6 +21,7 @@ pub mod edge;
 pub mod http;
 pub mod ingest;
 pub mod mqtt;
+pub mod revoke;
 pub mod router;
 pub mod slots;
 pub mod submit;

@@ -247,6 +247,8 @@ struct Conn {
     writer_gone: Cell<bool>,
     /// Wakes the writer and a paused reader (the ledger's signal of this connection).
     signal: Rc<Signal>,
+    /// The token's claims (revocation checks).
+    claims: crate::auth::Claims,
 }
 
 impl Conn {
@@ -303,6 +305,29 @@ fn take_over_local(number: u64) -> bool {
     }
 }
 
+/// On this executor: ends every live connection whose token the revocation list now refuses
+/// (`net::revoke`'s watch calls it when the list changed).
+pub fn end_revoked(shared: &crate::node::Shared) {
+    LIVE.with(|l| {
+        for c in l.borrow().values() {
+            end_if_revoked(shared, c);
+        }
+    });
+}
+
+/// Ends `conn` if its token is revoked: like a token expiry, what was received is acknowledged
+/// first; then MQTT 5 gets DISCONNECT 0x8C `token_revoked`, 3.1.1 a close.
+fn end_if_revoked(shared: &crate::node::Shared, conn: &Conn) {
+    let (scope, issue) = (&conn.claims.scope, &conn.claims.issue);
+    if crate::net::auth::revoked_live(shared, scope, issue, "mqtt") {
+        conn.end(Close {
+            code: Some(reason::BAD_AUTH_METHOD),
+            why: crate::net::auth::TOKEN_REVOKED,
+            drain: true,
+        });
+    }
+}
+
 /// The executor keeping `client`'s directory entry: the owner of the shard the id routes to
 /// (any fixed function of the id would do; this one needs no new state).
 fn home_of(core: &crate::shard::core::Core, client: &str) -> crate::node::ExecutorId {
@@ -353,6 +378,7 @@ async fn serve<S: Stream>(
                         cfg.idle_timeout.as_secs(),
                         || format!("geobeat-{}-{number}", core.index.0),
                     )
+                    .and_then(|a| crate::net::auth::admit_mqtt(&core.shared, a))
                     .and_then(|a| match cert.check(&a.claims.scope) {
                         Ok(()) => Ok(a),
                         Err(e) => Err(ConnectRefusal {
@@ -480,8 +506,11 @@ async fn run<S: Stream>(
         close: Cell::new(None),
         writer_gone: Cell::new(false),
         signal: signal.clone(),
+        claims: admitted.claims.clone(),
     });
     LIVE.with(|l| l.borrow_mut().insert(number, conn.clone()));
+    // A revocation that arrived since the CONNECT was admitted.
+    end_if_revoked(&core.shared, &conn);
     // MQTT §3.1.4: a new connection with a client id takes over the live one, wherever the
     // kernel put it: the id's home executor knows where that is.
     let me = (core.index.0, number);

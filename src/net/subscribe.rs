@@ -55,6 +55,8 @@ pub struct Grant {
     pub prefix: Option<String>,
     /// When the token expires (Unix seconds): the connection is closed with 1008 then.
     pub expires_at_s: u64,
+    /// When the token was issued and its id (revocation checks, log lines).
+    pub issue: crate::auth::Issue,
     /// The connection's place under the subscriber cap.
     pub slot: SubscriberSlot,
 }
@@ -86,6 +88,7 @@ impl Kind for SubscribeKind {
             accept_key,
             prefix,
             expires_at_s: claims.expires_at_s,
+            issue: claims.issue,
             slot,
         })
     }
@@ -209,6 +212,12 @@ async fn read_loop<S: Conn>(
     subs: &mut Subs,
 ) {
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
+    let scope = match &upgrade.prefix {
+        Some(p) => Scope::Subscriber(p.clone()),
+        None => Scope::Ops,
+    };
+    let changed = auth::revocations_changed();
+    let revoked = || auth::revoked_live(&core.shared, &scope, &upgrade.issue, "subscribe");
     let mut reader = WsReader::new(
         &core.stop,
         core.shared.cfg.ping_interval(),
@@ -216,7 +225,8 @@ async fn read_loop<S: Conn>(
         ctl,
         writer,
     )
-    .end_at_expiry(upgrade.expires_at_s, "token expired");
+    .end_at_expiry(upgrade.expires_at_s, "token expired")
+    .end_if_revoked(&changed, &revoked, auth::TOKEN_REVOKED);
     loop {
         // Backpressure: a client that sends ops but never reads the answers is paused.
         loop {

@@ -2,7 +2,9 @@
 //! deadlines, and [`Ctl`], the flags its reader and writer share. It owns waiting for the next
 //! data frame against the executor's shutdown, the writer's end, the idle policy (a ping after
 //! one ping interval of silence, close 1001 "idle timeout" after the second) and an optional
-//! fixed end (a token's expiry: ingest and subscribe close with 1008 then), and it turns read errors into close codes (1009, 1007, 1002).
+//! fixed end (a token's expiry: ingest and subscribe close with 1008 then), an optional end on
+//! revocation (when the executor's revocation signal fires and the connection's check says its
+//! token is revoked: 1008 too), and it turns read errors into close codes (1009, 1007, 1002).
 //! It does not interpret frames and does not decide when to pause reading (backpressure is the
 //! connection's).
 //!
@@ -400,6 +402,8 @@ enum Next {
     Stop,
     WriterGone,
     End,
+    /// The executor's revocation list changed.
+    Revocations,
 }
 
 /// A WebSocket source read under the connection's idle, shutdown and writer-gone rules.
@@ -418,6 +422,19 @@ pub struct WsReader<'a, S = TcpStream> {
     idle_strikes: u32,
     /// A fixed end: when, and the close code and reason then.
     end: Option<(Instant, (u16, &'static str))>,
+    /// The end on revocation, if asked for.
+    revoke: Option<Revoke<'a>>,
+}
+
+/// A reader's end on revocation: the executor's "revocations changed" signal, a wait on it kept
+/// across messages (renewed after each notification), and the connection's check.
+struct Revoke<'a> {
+    changed: &'a rt::Signal,
+    wait: rt::SignalWait<'a>,
+    /// True when the connection's token is now revoked.
+    revoked: &'a dyn Fn() -> bool,
+    /// The close reason (with 1008) then.
+    reason: &'static str,
 }
 
 impl<'a, S: Conn> WsReader<'a, S> {
@@ -442,7 +459,31 @@ impl<'a, S: Conn> WsReader<'a, S> {
             ping_after,
             idle_strikes: 0,
             end: None,
+            revoke: None,
         }
+    }
+
+    /// Also ends reading, closing with 1008 and `reason`, once `revoked()` says so: asked now
+    /// and whenever `changed` (the executor's revocation signal) fires. No timer: one waiter
+    /// slot on the signal.
+    pub fn end_if_revoked(
+        mut self,
+        changed: &'a rt::Signal,
+        revoked: &'a dyn Fn() -> bool,
+        reason: &'static str,
+    ) -> WsReader<'a, S> {
+        // The wait first, then the check: no change can slip between them (one thread).
+        let wait = changed.wait();
+        if revoked() {
+            self.end = Some((Instant::now(), (close::POLICY, reason)));
+        }
+        self.revoke = Some(Revoke {
+            changed,
+            wait,
+            revoked,
+            reason,
+        });
+        self
     }
 
     /// Also ends reading at `at`, closing with `code` and `reason`.
@@ -478,6 +519,7 @@ impl<'a, S: Conn> WsReader<'a, S> {
                 wd,
                 ping_after,
                 end,
+                revoke,
                 ..
             } = self;
             // Silence is measured from the start of this wait, so time the connection spent
@@ -494,6 +536,11 @@ impl<'a, S: Conn> WsReader<'a, S> {
                 }
                 if ctl.writer_gone.get() || Pin::new(&mut *gone).poll(cx).is_ready() {
                     return Poll::Ready(Next::WriterGone);
+                }
+                if let Some(r) = revoke {
+                    if Pin::new(&mut r.wait).poll(cx).is_ready() {
+                        return Poll::Ready(Next::Revocations);
+                    }
                 }
                 // One watchdog serves both deadlines: it stays armed for the earlier one.
                 if let Some((at, _)) = end {
@@ -518,6 +565,18 @@ impl<'a, S: Conn> WsReader<'a, S> {
                         self.close(code, reason);
                     }
                     return None;
+                }
+                Next::Revocations => {
+                    let r = self
+                        .revoke
+                        .as_mut()
+                        .expect("only a reader with a revoke end waits");
+                    r.wait = r.changed.wait();
+                    if (r.revoked)() {
+                        let reason = r.reason;
+                        self.close(close::POLICY, reason);
+                        return None;
+                    }
                 }
                 Next::Idle => {
                     self.idle_strikes += 1;

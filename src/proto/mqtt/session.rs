@@ -49,6 +49,9 @@ pub mod reason {
     pub const SHUTTING_DOWN: u8 = 0x8b;
     /// Keep alive timeout.
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8d;
+    /// Bad authentication method: sent in the DISCONNECT that ends a connection whose token was
+    /// revoked (issue 16 names this code for it).
+    pub const BAD_AUTH_METHOD: u8 = 0x8c;
     /// Session taken over.
     pub const TAKEN_OVER: u8 = 0x8e;
     /// Topic name invalid.
