@@ -630,3 +630,28 @@ const _: () = assert!(BASIC_CREDENTIALS_BYTES_MAX < HTTP_HEAD_BYTES_MAX);
 const _: () = assert!(
     REVOCATIONS_FILE_BYTES_MAX >= (REVOCATIONS_MAX * (6 * DEVICE_ID_BYTES_MAX + 120)) as u64
 );
+
+// TLS (src/net/tls.rs: wss:// and https on `--tls-listen`, mqtts:// on `--mqtts-listen`).
+/// Time from TCP accept to a completed TLS handshake; a client that has not finished by then is
+/// closed (a stalled handshake holds a connection slot and a rustls session of a few KiB).
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// TLS handshakes each executor starts per second, sustained. A reconnect storm (a whole fleet
+/// after a network outage) would otherwise spend every core on public-key operations (about
+/// 170 µs per ECDSA P-256 handshake here, 280 µs for RSA-2048) while live devices wait. Sockets
+/// beyond the rate are closed before a byte of TLS is read (cheap: no key operation) and counted
+/// (`geobeat_tls_events{event="rate_refused"}`); their clients retry with their own backoff.
+/// 2,000/s is at most about a third of a core for ECDSA P-256.
+pub const TLS_HANDSHAKES_PER_S_MAX: u32 = 2_000;
+/// Handshakes an executor may start at once above the rate (the token bucket's depth), so a
+/// brief burst after a quiet spell is not refused.
+pub const TLS_HANDSHAKE_BURST_MAX: u32 = 500;
+/// Most bytes one read of a TLS connection's socket asks for (rustls offers a 4 KiB window; glommio
+/// pins a buffer of the requested size while the read is pending, i.e. for as long as the
+/// connection is idle). A heartbeat's TLS record is a few hundred bytes.
+pub const TLS_READ_BYTES: usize = 1024;
+/// Largest certificate chain, private key or client-CA PEM file read, bytes.
+pub const TLS_PEM_BYTES_MAX: u64 = 1 << 20;
+const _: () = assert!(TLS_HANDSHAKE_TIMEOUT_MS >= 100);
+// At least one TLS record header and a small record per read.
+const _: () = assert!(TLS_READ_BYTES >= 512);
+const _: () = assert!(TLS_HANDSHAKE_BURST_MAX >= 1 && TLS_HANDSHAKES_PER_S_MAX >= 1);

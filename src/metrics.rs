@@ -123,6 +123,9 @@ pub struct ExecProbe {
     pub mqtt_connections_open: Cell<u64>,
     /// MQTT protocol events by name (connects, refusals, take-overs; a small fixed set).
     pub mqtt_events: RefCell<Vec<(&'static str, u64)>>,
+    /// TLS events by name (handshakes, failures, timeouts, refusals over the rate; a small
+    /// fixed set, see `net::tls`).
+    pub tls_events: RefCell<Vec<(&'static str, u64)>>,
 }
 
 impl ExecProbe {
@@ -138,6 +141,7 @@ impl ExecProbe {
             ack_latency: Hist::new(LATENCY_BOUNDS_S),
             mqtt_connections_open: Cell::new(0),
             mqtt_events: RefCell::new(Vec::new()),
+            tls_events: RefCell::new(Vec::new()),
         }
     }
 
@@ -152,6 +156,15 @@ impl ExecProbe {
             return;
         }
         let mut r = self.mqtt_events.borrow_mut();
+        match r.iter_mut().find(|(k, _)| *k == event) {
+            Some((_, c)) => *c += n,
+            None => r.push((event, n)),
+        }
+    }
+
+    /// Counts `n` TLS events named `event`.
+    pub fn tls_event(&self, event: &'static str, n: u64) {
+        let mut r = self.tls_events.borrow_mut();
         match r.iter_mut().find(|(k, _)| *k == event) {
             Some((_, c)) => *c += n,
             None => r.push((event, n)),
@@ -250,6 +263,8 @@ pub struct ExecSnapshot {
     pub mqtt_connections_open: u64,
     /// MQTT protocol events by name.
     pub mqtt_events: Vec<(String, u64)>,
+    /// TLS events by name.
+    pub tls_events: Vec<(String, u64)>,
 }
 
 impl ExecProbe {
@@ -277,6 +292,12 @@ impl ExecProbe {
             mqtt_connections_open: self.mqtt_connections_open.get(),
             mqtt_events: self
                 .mqtt_events
+                .borrow()
+                .iter()
+                .map(|(k, n)| (k.to_string(), *n))
+                .collect(),
+            tls_events: self
+                .tls_events
                 .borrow()
                 .iter()
                 .map(|(k, n)| (k.to_string(), *n))
@@ -579,6 +600,25 @@ impl prometheus_client::collector::Collector for Exposition {
             "MQTT protocol events, by event (docs/MQTT.md: connects, refusals, take-overs, keep-alive expiries)",
             None,
             &mqtt,
+        )?;
+        let tls: Vec<(Labels, u64)> = self
+            .execs
+            .iter()
+            .flat_map(|x| {
+                x.tls_events.iter().map(move |(ev, n)| {
+                    (
+                        vec![("executor", x.executor.to_string()), ("event", ev.clone())],
+                        *n,
+                    )
+                })
+            })
+            .collect();
+        self.counter(
+            e,
+            "geobeat_tls_events",
+            "TLS events, by event: handshake (completed), handshake_failed, handshake_timeout, rate_refused (closed unread over the per-executor handshake rate), cap_refused",
+            None,
+            &tls,
         )?;
         self.gauge(
             e,

@@ -67,6 +67,9 @@ pub enum ServeError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS certificate, key or client CA could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::net::tls::TlsError),
     /// The platform cannot run geobeat (io_uring blocked, locked-memory limit too low).
     #[error("{0}")]
     Platform(#[from] crate::preflight::PreflightError),
@@ -168,6 +171,29 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
         })?;
         cfg.mqtt_listen = Some(resolved);
     }
+    // TLS: the listeners resolved like the others, the files loaded before anything is created
+    // (a missing or mismatched certificate is one clear line and a non-zero exit).
+    if let Some(a) = cfg.tls_listen {
+        cfg.tls_listen = Some(probe_bind(a)?);
+    }
+    if let Some(a) = cfg.mqtts_listen {
+        cfg.mqtts_listen = Some(probe_bind(a)?);
+    }
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) if cfg.tls_listen.is_some() || cfg.mqtts_listen.is_some() => {
+            Some(Arc::new(crate::net::tls::TlsFiles::load(
+                cert.clone(),
+                key.clone(),
+                cfg.tls_client_ca.clone(),
+            )?))
+        }
+        _ => None,
+    };
+    // SIGHUP re-reads them; the watcher ends with `run`.
+    let _hup = match &tls {
+        Some(files) => Some(crate::net::tls::HupWatch::start(files.clone())?),
+        None => None,
+    };
     // Whatever this process creates from here on (segments, meta, fences, cursors, audit files,
     // and files added later) is private even where a create call names no mode; the start-up
     // check below refuses anything looser. See: issue 20 §3.
@@ -296,6 +322,7 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
                 meshes,
                 handoff,
                 stop_flag.clone(),
+                tls.clone(),
             )
         }
     })?;
@@ -325,6 +352,7 @@ async fn executor_main(
     meshes: Meshes<Core>,
     handoff: HandoffMesh,
     stop_flag: Arc<AtomicBool>,
+    tls: Option<Arc<crate::net::tls::TlsFiles>>,
 ) -> Result<(), std::io::Error> {
     let stores = crate::shard::core::open_stores(index, &shared, &datadir);
     // glommio can lose the wake-up that completes a mesh join; keep this executor awake.
@@ -387,6 +415,28 @@ async fn executor_main(
             tracing::info!(%addr, "MQTT device ingest on mqtt://{addr} (docs/MQTT.md)");
         }
         rt::spawn(crate::net::mqtt::accept_loop(edge.clone(), mqtt));
+    }
+    if let Some(files) = tls {
+        // One acceptor per executor: its handshake rate bound covers both TLS listeners.
+        let acceptor = Rc::new(crate::net::tls::Acceptor::new(files));
+        if let Some(addr) = shared.cfg.tls_listen {
+            let l = rt::bind(addr)?;
+            if index.0 == 0 {
+                tracing::info!(%addr, "TLS: devices wss://{addr}/v1/ingest, HTTP API https://{addr}");
+            }
+            rt::spawn(crate::net::router::accept_loop_tls(
+                edge.clone(),
+                l,
+                acceptor.clone(),
+            ));
+        }
+        if let Some(addr) = shared.cfg.mqtts_listen {
+            let l = rt::bind(addr)?;
+            if index.0 == 0 {
+                tracing::info!(%addr, "MQTT device ingest over TLS on mqtts://{addr} (docs/MQTT.md)");
+            }
+            rt::spawn(crate::net::mqtt::accept_loop_tls(edge.clone(), l, acceptor));
+        }
     }
     if let (0, Some(addr)) = (index.0, shared.cfg.metrics_listen) {
         let metrics = rt::bind(addr)?;

@@ -16,8 +16,9 @@ use super::settings::{
     Setting, Typed, WriteMode, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
     CONNECTIONS_MAX, DATA_DIR, DURABILITY, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
     HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY,
-    METRICS_LISTEN, MQTT_LISTEN, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES,
-    SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES, WRITE_MODE,
+    METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE,
+    SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
+    TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN, WRITE_MODE,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -68,6 +69,16 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// MQTT listener address, if any (`--mqtt-listen`).
     pub mqtt_listen: Option<SocketAddr>,
+    /// TLS listener (wss://, https) address, if any (`--tls-listen`).
+    pub tls_listen: Option<SocketAddr>,
+    /// MQTT-over-TLS listener address, if any (`--mqtts-listen`).
+    pub mqtts_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listeners.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA for client certificates (mTLS), if any.
+    pub tls_client_ca: Option<PathBuf>,
     /// Log filter directives (validated).
     pub log_level: String,
     /// Log line format.
@@ -387,7 +398,35 @@ impl ServeArgs {
             Some((a, _)) => a,
             None => OSMAND_LISTEN.fixed_default().flatten(),
         };
+        let tls_listen = r.get(&TLS_LISTEN, &self.tls_listen)?;
+        let mqtts_listen = r.get(&MQTTS_LISTEN, &self.mqtts_listen)?;
+        let tls_cert = r.pick(&TLS_CERT, &self.tls_cert)?.map(|(p, _)| p);
+        let tls_key = r.pick(&TLS_KEY, &self.tls_key)?.map(|(p, _)| p);
+        let tls_client_ca = r.pick(&TLS_CLIENT_CA, &self.tls_client_ca)?.map(|(p, _)| p);
+        let tls_on = tls_listen.is_some() || mqtts_listen.is_some();
+        let tls_missing = if !tls_on {
+            None
+        } else if tls_cert.is_none() {
+            Some(TLS_CERT.meta.flag)
+        } else if tls_key.is_none() {
+            Some(TLS_KEY.meta.flag)
+        } else {
+            None
+        };
+        if let Some(setting) = tls_missing {
+            return Err(ConfigError::Invalid {
+                setting,
+                value: "(unset)".into(),
+                origin: "neither flag, environment nor config file".into(),
+                reason: "--tls-listen and --mqtts-listen need --tls-cert and --tls-key".into(),
+            });
+        }
         Ok(ServeConfig {
+            tls_listen,
+            mqtts_listen,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
             init: self.init,
             listen,
             osmand_listen,

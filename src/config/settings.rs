@@ -250,6 +250,51 @@ settings! {
                GPSLogger) at any path, so an app's server URL can be http://host:port (Traccar \
                uses port 5055), or `off`; the main listener serves it at /v1/osmand",
     }
+    setting TLS_LISTEN tls_listen: Option<SocketAddr> {
+        flag: "--tls-listen",
+        env: "GEOBEAT_TLS_LISTEN",
+        key: Some("tls_listen"),
+        value: "ADDR",
+        default: Text("off"),
+        parse: parse_osmand_listen,
+        help: "Address for TLS: devices on wss://host:port/v1/ingest, subscribers and the HTTP                API on https (needs --tls-cert and --tls-key), or `off`",
+    }
+    setting MQTTS_LISTEN mqtts_listen: Option<SocketAddr> {
+        flag: "--mqtts-listen",
+        env: "GEOBEAT_MQTTS_LISTEN",
+        key: Some("mqtts_listen"),
+        value: "ADDR",
+        default: Text("off"),
+        parse: parse_osmand_listen,
+        help: "Address for MQTT 3.1.1/5 device ingest over TLS, mqtts:// (the IANA port is                8883; needs --tls-cert and --tls-key), or `off`",
+    }
+    setting TLS_CERT tls_cert: PathBuf {
+        flag: "--tls-cert",
+        env: "GEOBEAT_TLS_CERT",
+        key: Some("tls_cert"),
+        value: "FILE",
+        default: Unset,
+        parse: parse_path,
+        help: "PEM certificate chain (leaf first) for --tls-listen and --mqtts-listen; ECDSA                P-256 is recommended (cheaper handshakes than RSA); re-read on SIGHUP",
+    }
+    setting TLS_KEY tls_key: PathBuf {
+        flag: "--tls-key",
+        env: "GEOBEAT_TLS_KEY",
+        key: Some("tls_key"),
+        value: "FILE",
+        default: Unset,
+        parse: parse_path,
+        help: "PEM private key of --tls-cert (PKCS#8, SEC1 or PKCS#1); re-read on SIGHUP",
+    }
+    setting TLS_CLIENT_CA tls_client_ca: PathBuf {
+        flag: "--tls-client-ca",
+        env: "GEOBEAT_TLS_CLIENT_CA",
+        key: Some("tls_client_ca"),
+        value: "FILE",
+        default: Unset,
+        parse: parse_path,
+        help: "PEM CA certificates for client certificates (mTLS): device connections over TLS                must then present one naming the token's device id (CN or a DNS/URI SAN) or                gateway prefix, besides the token",
+    }
     setting DATA_DIR data_dir: PathBuf {
         flag: "--data-dir",
         env: "GEOBEAT_DATA_DIR",

@@ -16,9 +16,10 @@ use crate::http::parse::Request;
 use crate::metrics::ExecProbe;
 use crate::net::auth::Refusal;
 use crate::net::slots::ConnSlot;
+use crate::net::tls::Conn;
 use crate::net::ws::read::PartialFrames;
 use crate::node::ExecutorId;
-use crate::rt::{self, TcpStream};
+use crate::rt;
 use crate::shard::core::{Core, MeshClosed};
 
 /// One executor's network edge: its shard core plus what only connections need.
@@ -103,10 +104,11 @@ pub trait Kind {
     /// Checks the upgrade headers, the token and any cap of the kind.
     fn admit(edge: &Edge, req: &Request<'_>) -> Result<Self::Grant, Refusal>;
 
-    /// Serves the connection to its end; `leftover` are the bytes read past the head.
-    fn serve(
+    /// Serves the connection to its end; `leftover` are the bytes read past the head. `stream`
+    /// is a TCP socket or a TLS session (monomorphised: the plain path pays nothing for TLS).
+    fn serve<S: Conn>(
         edge: Rc<Edge>,
-        stream: TcpStream,
+        stream: S,
         leftover: Vec<u8>,
         grant: Self::Grant,
         slot: ConnSlot,

@@ -13,7 +13,7 @@
 //! connection stops reading, waits for what it received to become durable, sends the final ack
 //! and closes with 1001 (1008 `token_expired`, `token_revoked`).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -33,6 +33,7 @@ use crate::metrics::ExecProbe;
 use crate::net::auth::{self, Need, Refusal};
 use crate::net::edge::{DeviceGrant, Edge, Handoff, Kind};
 use crate::net::slots::ConnSlot;
+use crate::net::tls::{self, Conn};
 use crate::net::ws::{
     self, Ctl, Data, Metered, ReadMeter, Sink, Source, WriteError, WsReader, WsWriter,
 };
@@ -40,7 +41,7 @@ use crate::node::ExecutorId;
 use crate::proto::{self, close, Ingest, IngestScope, Outcome};
 use crate::record::Heartbeat;
 use crate::route::ShardId;
-use crate::rt::{self, TcpStream};
+use crate::rt;
 use crate::shard::acks::{ConnAcks, ConnKey};
 use crate::shard::mesh::Batch;
 
@@ -85,20 +86,28 @@ impl Kind for IngestKind {
     }
 
     /// Serves a device connection on the executor that owns its shard (handing the socket over
-    /// if that is another executor); gateways stay here.
-    async fn serve(
+    /// if that is another executor); gateways stay here, and so does a TLS connection (its
+    /// session cannot move: its heartbeats cross the mesh instead, see [`crate::net::tls`]).
+    async fn serve<S: Conn>(
         edge: Rc<Edge>,
-        stream: TcpStream,
+        mut stream: S,
         leftover: Vec<u8>,
         grant: Grant,
         slot: ConnSlot,
     ) {
         let core = &edge.core;
-        if let Scope::Device(id) = &grant.scope {
+        let mtls = core.shared.cfg.tls_client_ca.is_some();
+        if let Err(e) = tls::ClientCert::of(&stream, mtls).check(&grant.scope) {
+            // mTLS: the client certificate must name the token's device (docs/PROTOCOL.md).
+            let (status, body) = parse::json_error(403, e.reason(), None);
+            let _ = crate::net::router::write_response(&mut stream, status, &body, true).await;
+            return;
+        }
+        if let (Scope::Device(id), Some(fd)) = (&grant.scope, stream.handoff_fd()) {
             let owner = core.owner(core.shared.router.shard_of(id));
             if owner != core.index && core.shared.cfg.routing == crate::config::Routing::Migrate {
                 // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
-                let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+                let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
                 if dup >= 0 {
                     // SAFETY: `dup` is a fresh descriptor nothing else owns.
                     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
@@ -132,9 +141,9 @@ pub fn adopt(edge: Rc<Edge>, from: ExecutorId, msg: Handoff) {
 }
 
 /// Serves one upgraded ingest connection to its end.
-async fn serve(
+async fn serve<S: Conn>(
     edge: Rc<Edge>,
-    mut stream: TcpStream,
+    mut stream: S,
     leftover: Vec<u8>,
     grant: Grant,
     slot: ConnSlot,
@@ -184,10 +193,10 @@ async fn serve(
     core.acks.close(key);
 }
 
-async fn read_loop(
+async fn read_loop<S: Conn>(
     edge: &Edge,
     key: ConnKey,
-    source: Source,
+    source: Source<S>,
     ctl: &Ctl,
     writer: &rt::Signal,
     grant: &Grant,
@@ -450,10 +459,10 @@ fn now_ms_u64() -> u64 {
 }
 
 /// Runs the writer, then tells the reader it is gone (whatever ended it).
-async fn write_loop(
+async fn write_loop<S: Conn>(
     edge: Rc<Edge>,
     key: ConnKey,
-    sink: Sink,
+    sink: Sink<S>,
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
     gate: Rc<ReadMeter>,
@@ -470,10 +479,10 @@ async fn write_loop(
 /// Writes error frames, coalesced acks, pings and the close frame. Every write must finish within
 /// the idle timeout: a client that stops reading (or vanished without FIN) would otherwise hold
 /// the connection, its slot and its buffers forever.
-async fn write_frames(
+async fn write_frames<S: Conn>(
     edge: &Edge,
     key: ConnKey,
-    sink: Sink,
+    sink: Sink<S>,
     ctl: &Ctl,
     signal: &rt::Signal,
     gate: &ReadMeter,

@@ -3,7 +3,9 @@
 //! ([`ingest`], [`subscribe`], MQTT over WebSocket in [`mqtt`]: an [`edge::Kind`] each; [`mqtt`]
 //! also has a TCP listener of its own) or answers plain HTTP ([`http`], one file per
 //! resource); WebSocket connections read and write through [`ws`]; every token is checked by
-//! [`auth`]; [`slots`] counts connections against the caps; [`submit`] holds a request/response
+//! [`auth`]; [`tls`] terminates TLS (wss/https on `--tls-listen`, mqtts on `--mqtts-listen`) in
+//! front of the same kinds, which are generic over the stream ([`tls::Conn`]); [`slots`] counts
+//! connections against the caps; [`submit`] holds a request/response
 //! protocol's answer until its heartbeats are durable. It does not store, commit or route
 //! heartbeats (`shard`), and does not spawn the executor's long-lived tasks (`server`).
 //!
@@ -24,4 +26,5 @@ pub mod router;
 pub mod slots;
 pub mod submit;
 pub mod subscribe;
+pub mod tls;
 pub mod ws;

@@ -48,6 +48,7 @@ use crate::metrics::ExecProbe;
 use crate::net::auth::Refusal;
 use crate::net::edge::{Edge, Kind};
 use crate::net::slots::ConnSlot;
+use crate::net::tls::{Acceptor, ClientCert};
 use crate::net::ws::ByteStream;
 use crate::proto::devices::owntracks;
 use crate::proto::mqtt::codec::{self, CodecError, Packet, Version};
@@ -71,6 +72,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Stream for S {}
 /// like any other; over the cap a CONNECT is answered "server unavailable" (and beyond the
 /// refusals in flight, the socket is closed at once).
 pub async fn accept_loop(edge: Rc<Edge>, listener: TcpListener) {
+    accept_each(edge, listener, None).await
+}
+
+/// Accepts MQTT over TLS (`--mqtts-listen`) until shutdown: the same caps as the plain listener,
+/// then the executor's handshake rate bound (over it, the socket is closed unread and counted),
+/// then the handshake under its timeout; with `--tls-client-ca`, the CONNECT's token must belong
+/// to the device (or gateway prefix) the client certificate names.
+pub async fn accept_loop_tls(edge: Rc<Edge>, listener: TcpListener, tls: Rc<Acceptor>) {
+    accept_each(edge, listener, Some(tls)).await
+}
+
+async fn accept_each(edge: Rc<Edge>, listener: TcpListener, tls: Option<Rc<Acceptor>>) {
     let core = &edge.core;
     let max = core.shared.cfg.connections_max;
     let accept_log = LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS));
@@ -101,14 +114,33 @@ pub async fn accept_loop(edge: Rc<Edge>, listener: TcpListener) {
         }
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().ok();
-        rt::spawn(serve(
-            edge.clone(),
-            stream,
-            Vec::new(),
-            peer,
-            slot,
-            open > max,
-        ));
+        let Some(tls) = &tls else {
+            rt::spawn(serve(
+                edge.clone(),
+                stream,
+                Vec::new(),
+                peer,
+                slot,
+                open > max,
+                ClientCert::Unchecked,
+            ));
+            continue;
+        };
+        if !tls.admit() {
+            core.probe.tls_event("rate_refused", 1);
+            continue;
+        }
+        let (edge, tls) = (edge.clone(), tls.clone());
+        rt::spawn(async move {
+            match tls.handshake(stream).await {
+                Ok(s) => {
+                    edge.core.probe.tls_event("handshake", 1);
+                    let cert = ClientCert::of(&s, tls.mtls());
+                    serve(edge, s, Vec::new(), peer, slot, open > max, cert).await
+                }
+                Err(why) => edge.core.probe.tls_event(why, 1),
+            }
+        });
     }
 }
 
@@ -140,9 +172,9 @@ impl Kind for MqttWsKind {
         Ok(accept)
     }
 
-    async fn serve(
+    async fn serve<C: crate::net::tls::Conn>(
         edge: Rc<Edge>,
-        mut stream: rt::TcpStream,
+        mut stream: C,
         leftover: Vec<u8>,
         accept: String,
         slot: ConnSlot,
@@ -158,7 +190,8 @@ impl Kind for MqttWsKind {
         if !matches!(written, Some(Ok(()))) {
             return;
         }
-        let peer = stream.peer_addr().ok();
+        let cert = ClientCert::of(&stream, edge.core.shared.cfg.tls_client_ca.is_some());
+        let peer = stream.peer();
         let mut config = WebSocketConfig::default();
         config.read_buffer_size = WS_READ_BUFFER_BYTES;
         config.write_buffer_size = 0;
@@ -168,8 +201,18 @@ impl Kind for MqttWsKind {
         config.max_frame_size = Some(MQTT_PACKET_BYTES_MAX);
         let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config))
             .await;
-        // The router already counted the socket against the cap.
-        serve(edge, ByteStream::new(ws), Vec::new(), peer, slot, false).await;
+        // The router already counted the socket against the cap; the client certificate (MQTT
+        // over wss on `--tls-listen`) binds the CONNECT's token like on `--mqtts-listen`.
+        serve(
+            edge,
+            ByteStream::new(ws),
+            Vec::new(),
+            peer,
+            slot,
+            false,
+            cert,
+        )
+        .await;
     }
 }
 
@@ -292,7 +335,8 @@ fn home_of(core: &crate::shard::core::Core, client: &str) -> crate::node::Execut
 }
 
 /// Serves one accepted socket: reads the CONNECT, admits it (or answers the refusal), then runs
-/// the connection to its end. `busy`: over the connection cap, refuse the CONNECT.
+/// the connection to its end. `busy`: over the connection cap, refuse the CONNECT. `cert`: the
+/// client certificate the token's device must match (mTLS, see [`crate::net::tls`]).
 async fn serve<S: Stream>(
     edge: Rc<Edge>,
     mut stream: S,
@@ -300,6 +344,7 @@ async fn serve<S: Stream>(
     peer: Option<SocketAddr>,
     slot: ConnSlot,
     busy: bool,
+    cert: ClientCert,
 ) {
     let _slot = slot;
     let core = &edge.core;
@@ -334,6 +379,20 @@ async fn serve<S: Stream>(
                         || format!("geobeat-{}-{number}", core.index.0),
                     )
                     .and_then(|a| crate::net::auth::admit_mqtt(&core.shared, a))
+                    .and_then(|a| match cert.check(&a.claims.scope) {
+                        Ok(()) => Ok(a),
+                        Err(e) => Err(ConnectRefusal {
+                            version: c.version,
+                            code: match c.version {
+                                Version::V311 => session::return_code::NOT_AUTHORIZED,
+                                Version::V5 => reason::NOT_AUTHORIZED,
+                            },
+                            reason: match e {
+                                crate::net::tls::IdentityError::Missing => "client_cert_missing",
+                                crate::net::tls::IdentityError::Mismatch => "client_cert_mismatch",
+                            },
+                        }),
+                    })
                 };
                 match verdict {
                     Ok(a) => break (a, used),

@@ -30,11 +30,23 @@ use crate::net::ingest::IngestKind;
 use crate::net::mqtt::MqttWsKind;
 use crate::net::slots::{ConnSlot, HttpSlot};
 use crate::net::subscribe::SubscribeKind;
+use crate::net::tls::{Acceptor, Conn};
 use crate::ratelog::LogEvery;
 use crate::rt::{self, TcpListener, TcpStream};
 
 /// Accepts until shutdown.
 pub async fn accept_loop(edge: Rc<Edge>, listener: TcpListener, role: Role) {
+    accept_each(edge, listener, role, None).await
+}
+
+/// Accepts TLS connections (`--tls-listen`: wss:// and https) until shutdown: the same caps as
+/// the plain listener, then the executor's handshake rate bound (over it, the socket is closed
+/// unread and counted), then the handshake under its timeout, then the same HTTP routing.
+pub async fn accept_loop_tls(edge: Rc<Edge>, listener: TcpListener, tls: Rc<Acceptor>) {
+    accept_each(edge, listener, Role::Main, Some(tls)).await
+}
+
+async fn accept_each(edge: Rc<Edge>, listener: TcpListener, role: Role, tls: Option<Rc<Acceptor>>) {
     let core = &edge.core;
     let max = core.shared.cfg.connections_max;
     let accept_log = LogEvery::new(Duration::from_millis(REPEAT_LOG_INTERVAL_MS));
@@ -69,7 +81,18 @@ pub async fn accept_loop(edge: Rc<Edge>, listener: TcpListener, role: Role) {
             drop(slot);
             continue;
         }
-        if open > max {
+        if let Some(tls) = &tls {
+            // Over the cap a TLS socket is closed at once: a 503 would cost a handshake.
+            if open > max || !tls.admit() {
+                let event = if open > max {
+                    "cap_refused"
+                } else {
+                    "rate_refused"
+                };
+                core.probe.tls_event(event, 1);
+                continue;
+            }
+        } else if open > max {
             rt::spawn(refuse_over_cap(stream, slot));
             continue;
         }
@@ -79,7 +102,21 @@ pub async fn accept_loop(edge: Rc<Edge>, listener: TcpListener, role: Role) {
         let (http, over_share) = HttpSlot::acquire(&core.shared);
         let reserved = over_share && role == Role::Main;
         let _ = stream.set_nodelay(true);
-        rt::spawn(handle(edge.clone(), stream, slot, http, reserved, role));
+        match &tls {
+            None => rt::spawn(handle(edge.clone(), stream, slot, http, reserved, role)),
+            Some(tls) => {
+                let (edge, tls) = (edge.clone(), tls.clone());
+                rt::spawn(async move {
+                    match tls.handshake(stream).await {
+                        Ok(s) => {
+                            edge.core.probe.tls_event("handshake", 1);
+                            handle(edge, s, slot, http, reserved, role).await
+                        }
+                        Err(why) => edge.core.probe.tls_event(why, 1),
+                    }
+                })
+            }
+        }
     }
 }
 
@@ -95,9 +132,9 @@ async fn refuse_over_cap(mut stream: TcpStream, _slot: ConnSlot) {
 /// Sends a final answer and closes gracefully: our side is shut down first and what the client
 /// still sends is read and dropped for a moment, because closing a socket with unread input makes
 /// the kernel send a reset that can destroy the answer before the client reads it.
-async fn answer_and_close(stream: &mut TcpStream, status: u16, body: &str) {
+async fn answer_and_close<S: Conn>(stream: &mut S, status: u16, body: &str) {
     let _ = rt::timeout(REFUSAL_READ_MAX, write_response(stream, status, body, true)).await;
-    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let _ = stream.shutdown_write().await;
     let mut sink = [0u8; 2048];
     let mut left = DRAIN_BYTES_MAX;
     let drain = async {
@@ -112,8 +149,8 @@ async fn answer_and_close(stream: &mut TcpStream, status: u16, body: &str) {
 }
 
 /// Writes a complete HTTP/1.1 response with a JSON (or given) body.
-pub async fn write_response(
-    stream: &mut TcpStream,
+pub async fn write_response<S: Conn>(
+    stream: &mut S,
     status: u16,
     body: &str,
     close: bool,
@@ -122,8 +159,8 @@ pub async fn write_response(
 }
 
 /// Writes a complete HTTP/1.1 response with the given content type.
-pub async fn write_response_typed(
-    stream: &mut TcpStream,
+pub async fn write_response_typed<S: Conn>(
+    stream: &mut S,
     status: u16,
     content_type: &str,
     body: &str,
@@ -156,8 +193,8 @@ enum HeadError {
 
 /// Reads until `buf` holds a complete request head, bounded in size and by `deadline`: the time
 /// the request's first byte was seen, or why there is no head.
-async fn read_head(
-    stream: &mut TcpStream,
+async fn read_head<S: Conn>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<Instant, HeadError> {
@@ -190,9 +227,9 @@ async fn read_head(
 /// plain HTTP socket until then; a `reserved` socket (admitted beyond the share of the cap plain
 /// HTTP may hold) has [`CONN_RESERVED_HEAD_MS`] to send its head, which must be a WebSocket
 /// upgrade (503 otherwise).
-async fn handle(
+async fn handle<S: Conn>(
     edge: Rc<Edge>,
-    mut stream: TcpStream,
+    mut stream: S,
     slot: ConnSlot,
     http: HttpSlot,
     reserved: bool,
@@ -226,12 +263,14 @@ async fn handle(
         let upgrading = role == Role::Main && (req.upgrade.is_some() || req.method != "GET");
         match req.path {
             "/v1/ingest" if upgrading => {
-                return open::<IngestKind>(edge, stream, buf, slot, http).await
+                return open::<IngestKind, S>(edge, stream, buf, slot, http).await
             }
             "/v1/subscribe" if upgrading => {
-                return open::<SubscribeKind>(edge, stream, buf, slot, http).await
+                return open::<SubscribeKind, S>(edge, stream, buf, slot, http).await
             }
-            "/mqtt" if upgrading => return open::<MqttWsKind>(edge, stream, buf, slot, http).await,
+            "/mqtt" if upgrading => {
+                return open::<MqttWsKind, S>(edge, stream, buf, slot, http).await
+            }
             _ => {}
         }
         if reserved {
@@ -321,8 +360,14 @@ async fn handle(
         )
         .await
         .is_err()
-            || !keep_alive
         {
+            return;
+        }
+        if !keep_alive {
+            if stream.is_tls() {
+                // TLS: close_notify, so the client sees a clean end (not a truncation).
+                let _ = rt::timeout(REFUSAL_READ_MAX, stream.shutdown_write()).await;
+            }
             return;
         }
         buf.drain(..head_len + body_len);
@@ -342,16 +387,13 @@ thread_local! {
 /// Logs a refused token (a 401) at info, one line per interval per executor with the number
 /// suppressed. The line names the peer, the path and the answer sent (which never echoes the
 /// token; the path carries no query string), never the token itself. See: issue 13 §4.
-fn log_refused(stream: &TcpStream, path: &str, status: u16, answer: &str) {
+fn log_refused<S: Conn>(stream: &S, path: &str, status: u16, answer: &str) {
     if status != 401 {
         return;
     }
     REFUSED_LOG.with(|every| {
         if let Some(suppressed) = every.check() {
-            let peer = stream
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            let peer = stream.peer().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(
                 peer,
                 path,
@@ -366,9 +408,9 @@ fn log_refused(stream: &TcpStream, path: &str, status: u16, answer: &str) {
 /// Hands an upgrade request (the complete head in `buf`) to connection kind `K`: admitted, the
 /// head buffer is freed (idle memory budget) and the connection served; refused, the refusal is
 /// answered and the socket closed.
-async fn open<K: Kind>(
+async fn open<K: Kind, S: Conn>(
     edge: Rc<Edge>,
-    mut stream: TcpStream,
+    mut stream: S,
     buf: Vec<u8>,
     slot: ConnSlot,
     http: HttpSlot,

@@ -12,7 +12,6 @@
 //! full queue counts them as missed.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,10 +33,11 @@ use crate::limits::{
 use crate::net::auth::{self, Need, Refusal};
 use crate::net::edge::{Edge, Kind};
 use crate::net::slots::{ConnSlot, SubscriberSlot};
+use crate::net::tls::Conn;
 use crate::net::ws::{self, Ctl, Data, Metered, Sink, Source, WriteError, WsReader, WsWriter};
 use crate::proto::{self, close};
 use crate::record::DeviceId;
-use crate::rt::{self, TcpStream};
+use crate::rt;
 use crate::shard::core::Core;
 use crate::slab::Key as ConnKey;
 use crate::spatial::BBox;
@@ -93,9 +93,9 @@ impl Kind for SubscribeKind {
         })
     }
 
-    async fn serve(
+    async fn serve<S: Conn>(
         edge: Rc<Edge>,
-        stream: TcpStream,
+        stream: S,
         leftover: Vec<u8>,
         grant: Grant,
         slot: ConnSlot,
@@ -116,12 +116,12 @@ fn ws_config() -> WebSocketConfig {
 }
 
 /// Bounds what a stalled subscriber pins in the kernel.
-fn limit_send_buffer(stream: &TcpStream) {
+fn limit_send_buffer<S: Conn>(stream: &S) {
     let bytes = SUB_SOCKET_SEND_BYTES as libc::c_int;
     // SAFETY: setsockopt on a socket this connection owns, with a correctly sized int option.
     unsafe {
         libc::setsockopt(
-            stream.as_raw_fd(),
+            stream.socket_fd(),
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
             &bytes as *const libc::c_int as *const libc::c_void,
@@ -138,9 +138,9 @@ struct Subs {
 }
 
 /// Serves one upgraded subscriber connection to its end.
-async fn serve(
+async fn serve<S: Conn>(
     edge: Rc<Edge>,
-    mut stream: TcpStream,
+    mut stream: S,
     leftover: Vec<u8>,
     upgrade: Grant,
     slot: ConnSlot,
@@ -202,10 +202,10 @@ async fn broadcast(core: &Core, op: InterestOp) {
     core.on_all(move |c: &Core| c.fanout.apply(&op)).await;
 }
 
-async fn read_loop(
+async fn read_loop<S: Conn>(
     core: &Core,
     key: ConnKey,
-    source: Source,
+    source: Source<S>,
     ctl: &Ctl,
     writer: &rt::Signal,
     upgrade: &Grant,
@@ -543,10 +543,10 @@ fn ok_json(op: &str, sub: &str) -> String {
 }
 
 /// Runs the writer, then tells the reader it is gone.
-async fn write_loop(
+async fn write_loop<S: Conn>(
     core: Rc<Core>,
     key: ConnKey,
-    sink: Sink,
+    sink: Sink<S>,
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
 ) {
@@ -560,10 +560,10 @@ async fn write_loop(
 /// finish within the idle timeout: a client that stops reading for that long is closed (until
 /// then its queue overflows into the missed count). Once shutdown began, writes get at most
 /// [`STOP_WRITE_GRACE`].
-async fn write_frames(
+async fn write_frames<S: Conn>(
     core: &Core,
     key: ConnKey,
-    sink: Sink,
+    sink: Sink<S>,
     ctl: &Ctl,
     signal: &rt::Signal,
 ) -> Result<(), WriteError> {

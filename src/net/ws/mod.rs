@@ -16,10 +16,10 @@ pub use read::{Ctl, Data, Metered, ReadMeter, Source, WsReader};
 pub use write::{Sink, WriteError, WsWriter};
 
 /// Splits a server WebSocket read through `Metered` (whose meter is `meter`) into its halves.
-pub fn split(
-    ws: async_tungstenite::WebSocketStream<Metered>,
+pub fn split<S: crate::net::tls::Conn>(
+    ws: async_tungstenite::WebSocketStream<Metered<S>>,
     meter: Rc<ReadMeter>,
-) -> (Sink, Source) {
+) -> (Sink<S>, Source<S>) {
     let (sink, stream) = futures_util::StreamExt::split(ws);
     (sink, Source { stream, meter })
 }

@@ -45,13 +45,14 @@ use crate::limits::{
     FRAME_BYTES_MAX, IDLE_STRIKES_MAX, PARTIAL_FRAME_BYTES_EXEC_MAX, PARTIAL_FRAME_SMALL_BYTES,
     TOKEN_EXPIRY_WAIT_MAX,
 };
+use crate::net::tls::Conn;
 use crate::proto::close;
 use crate::rt::{self, TcpStream};
 use crate::rt::{now_s, Stop};
 
 /// The read half of a server WebSocket, with its connection's partial-frame meter.
-pub struct Source {
-    pub(super) stream: futures_util::stream::SplitStream<WebSocketStream<Metered>>,
+pub struct Source<S = TcpStream> {
+    pub(super) stream: futures_util::stream::SplitStream<WebSocketStream<Metered<S>>>,
     pub(super) meter: Rc<ReadMeter>,
 }
 
@@ -247,10 +248,10 @@ impl Scan {
     }
 }
 
-/// A TCP stream read through a frame-boundary scan that holds back the start of a large frame
-/// while its executor's [`PartialFrames`] are over their bound.
-pub struct Metered {
-    inner: TcpStream,
+/// A connection's stream (TCP or TLS) read through a frame-boundary scan that holds back the
+/// start of a large frame while its executor's [`PartialFrames`] are over their bound.
+pub struct Metered<S = TcpStream> {
+    inner: S,
     meter: Rc<ReadMeter>,
     scan: Scan,
     /// Bytes read but not yet passed on (the bytes past the HTTP head, or a held-back header and
@@ -259,14 +260,14 @@ pub struct Metered {
     stash_pos: usize,
 }
 
-impl Metered {
+impl<S: Conn> Metered<S> {
     /// Wraps a connection's stream whose first bytes are `leftover` (read past the HTTP head;
     /// pass them here, not to the WebSocket layer), charging `pool` (its executor's account).
     pub fn new(
-        inner: TcpStream,
+        inner: S,
         leftover: Vec<u8>,
         pool: &Rc<PartialFrames>,
-    ) -> (Metered, Rc<ReadMeter>) {
+    ) -> (Metered<S>, Rc<ReadMeter>) {
         let meter = Rc::new(ReadMeter {
             pool: pool.clone(),
             charged: Cell::new(0),
@@ -291,14 +292,14 @@ impl Metered {
     }
 }
 
-impl Drop for Metered {
+impl<S> Drop for Metered<S> {
     fn drop(&mut self) {
         // The connection's buffers go with it.
         self.meter.message_done();
     }
 }
 
-impl futures_lite::AsyncRead for Metered {
+impl<S: Conn> futures_lite::AsyncRead for Metered<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -340,7 +341,7 @@ impl futures_lite::AsyncRead for Metered {
     }
 }
 
-impl futures_lite::AsyncWrite for Metered {
+impl<S: Conn> futures_lite::AsyncWrite for Metered<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -406,8 +407,8 @@ enum Next {
 }
 
 /// A WebSocket source read under the connection's idle, shutdown and writer-gone rules.
-pub struct WsReader<'a> {
-    source: Source,
+pub struct WsReader<'a, S = TcpStream> {
+    source: Source<S>,
     stop_handle: &'a Stop,
     ctl: &'a Ctl,
     /// The writer's wake-up signal (told when a ping is due).
@@ -436,17 +437,17 @@ struct Revoke<'a> {
     reason: &'static str,
 }
 
-impl<'a> WsReader<'a> {
+impl<'a, S: Conn> WsReader<'a, S> {
     /// Wraps `source` of a connection whose executor stops with `stop`, whose writer watches
     /// `ctl` and wakes on `writer`, and which is pinged after `ping_after` of silence. Create it
     /// on the connection's executor.
     pub fn new(
         stop: &'a Stop,
         ping_after: Duration,
-        source: Source,
+        source: Source<S>,
         ctl: &'a Ctl,
         writer: &'a rt::Signal,
-    ) -> WsReader<'a> {
+    ) -> WsReader<'a, S> {
         WsReader {
             source,
             stop_handle: stop,
@@ -470,7 +471,7 @@ impl<'a> WsReader<'a> {
         changed: &'a rt::Signal,
         revoked: &'a dyn Fn() -> bool,
         reason: &'static str,
-    ) -> WsReader<'a> {
+    ) -> WsReader<'a, S> {
         // The wait first, then the check: no change can slip between them (one thread).
         let wait = changed.wait();
         if revoked() {
@@ -486,14 +487,14 @@ impl<'a> WsReader<'a> {
     }
 
     /// Also ends reading at `at`, closing with `code` and `reason`.
-    pub fn end_at(mut self, at: Instant, code: u16, reason: &'static str) -> WsReader<'a> {
+    pub fn end_at(mut self, at: Instant, code: u16, reason: &'static str) -> WsReader<'a, S> {
         self.end = Some((at, (code, reason)));
         self
     }
 
     /// Also ends reading when a token valid until `expires_at_s` (Unix seconds) expires,
     /// closing with 1008 and `reason`.
-    pub fn end_at_expiry(self, expires_at_s: u64, reason: &'static str) -> WsReader<'a> {
+    pub fn end_at_expiry(self, expires_at_s: u64, reason: &'static str) -> WsReader<'a, S> {
         let expires_in = Duration::from_secs(expires_at_s.saturating_sub(now_s()));
         if expires_in > TOKEN_EXPIRY_WAIT_MAX {
             return self;

@@ -23,7 +23,8 @@ use futures_util::SinkExt;
 use crate::rt;
 
 /// The write half of a server WebSocket.
-pub type Sink = futures_util::stream::SplitSink<WebSocketStream<super::read::Metered>, Message>;
+pub type Sink<S = crate::rt::TcpStream> =
+    futures_util::stream::SplitSink<WebSocketStream<super::read::Metered<S>>, Message>;
 
 /// Why a write did not complete; the connection's writer ends either way.
 #[derive(Debug, thiserror::Error)]
@@ -46,17 +47,17 @@ struct StopBound<'a> {
 }
 
 /// A WebSocket sink whose writes are bounded by one per-connection watchdog.
-pub struct WsWriter<'a> {
-    sink: Sink,
+pub struct WsWriter<'a, S = crate::rt::TcpStream> {
+    sink: Sink<S>,
     wd: rt::Watchdog,
     stall: Duration,
     stop: Option<StopBound<'a>>,
 }
 
-impl<'a> WsWriter<'a> {
+impl<'a, S: crate::net::tls::Conn> WsWriter<'a, S> {
     /// Wraps `sink`; every feed and flush must finish within `stall`. Create it on the
     /// connection's executor.
-    pub fn new(sink: Sink, stall: Duration) -> WsWriter<'a> {
+    pub fn new(sink: Sink<S>, stall: Duration) -> WsWriter<'a, S> {
         WsWriter {
             sink,
             wd: rt::Watchdog::new(),
@@ -68,7 +69,7 @@ impl<'a> WsWriter<'a> {
     /// Also bounds writes by the executor's shutdown (`stop`): a write begun once the executor
     /// is stopping gets at most `grace`; one pending when it begins stopping ends at most `grace`
     /// later.
-    pub fn stop_bounded(mut self, stop: &'a rt::Stop, grace: Duration) -> WsWriter<'a> {
+    pub fn stop_bounded(mut self, stop: &'a rt::Stop, grace: Duration) -> WsWriter<'a, S> {
         self.stop = Some(StopBound {
             stopping: stop,
             wait: stop.wait(),
