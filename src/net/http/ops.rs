@@ -136,6 +136,7 @@ fn process_info(shared: &Shared) -> ProcessInfo {
         durability: match shared.cfg.durability {
             Durability::Strict => "strict",
             Durability::Relaxed => "relaxed",
+            Durability::Replicated => "replicated",
         },
         connections_total: shared
             .connections_open
@@ -177,6 +178,9 @@ async fn stats(core: &Core) -> Response {
         connections_total: usize,
         shard_count: u32,
         executors: Vec<ExecSnapshot>,
+        /// `--durability replicated`: per shard, durable vs replicated positions and the lag.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replication: Option<serde_json::Value>,
     }
     let info = process_info(&core.shared);
     let body = Stats {
@@ -185,6 +189,11 @@ async fn stats(core: &Core) -> Response {
         connections_total: info.connections_total,
         shard_count: core.shared.shard_count,
         executors: core.on_all(|c: &Core| c.snapshot()).await,
+        replication: core
+            .shared
+            .replication
+            .as_ref()
+            .map(|plan| plan.report(|k| core.shared.feeds[k].durable().0)),
     };
     Response::json(200, serde_json::to_string(&body).expect("serializable"))
 }
