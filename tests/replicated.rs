@@ -155,9 +155,11 @@ fn stream_contents(nats: &NatsCluster, plan: &Plan) -> HashMap<(String, i64), us
             assert!(ids.insert(id.clone()), "message id {id} stored twice");
             let entries = batch::decode(&m.data).expect("batch decodes");
             assert!(!entries.is_empty());
-            let first = entries[0].pos.0;
+            let last = entries[entries.len() - 1].pos.0;
             let unit = plan.unit_of(geobeat::route::vshard_of(&entries[0].hb.device_id));
-            assert_eq!(id, format!("{unit}:0:{first}"));
+            assert_eq!(id, format!("{unit}:0:{last}"));
+            let end: u64 = wire::header(&m.headers, "Geobeat-End").unwrap().parse().unwrap();
+            assert!(end > last, "Geobeat-End {end} not past the last entry {last}");
             assert_eq!(m.subject, plan.subject(unit));
             for e in entries {
                 assert_eq!(plan.unit_of(geobeat::route::vshard_of(&e.hb.device_id)), unit);

@@ -24,6 +24,7 @@ pub struct Builder {
     buf: Vec<u8>,
     count: u32,
     first: Option<LogPos>,
+    last: Option<LogPos>,
     end: LogPos,
 }
 
@@ -42,6 +43,7 @@ impl Builder {
         self.buf.extend_from_slice(&0u32.to_le_bytes());
         self.count = 0;
         self.first = None;
+        self.last = None;
         self.end = LogPos(0);
     }
 
@@ -53,6 +55,7 @@ impl Builder {
         self.buf.extend_from_slice(raw);
         self.count += 1;
         self.first.get_or_insert(pos);
+        self.last = Some(pos);
         self.end = end;
         self.buf[4..8].copy_from_slice(&self.count.to_le_bytes());
     }
@@ -67,9 +70,16 @@ impl Builder {
         self.buf.len()
     }
 
-    /// Position of the first entry (names the batch in its `Nats-Msg-Id`).
+    /// Position of the first entry.
     pub fn first(&self) -> Option<LogPos> {
         self.first
+    }
+
+    /// Position of the last entry (names the batch in its `Nats-Msg-Id`: a batch re-formed
+    /// after a lost PubAck may hold more entries from the same first one, so only the last
+    /// entry identifies the content).
+    pub fn last(&self) -> Option<LogPos> {
+        self.last
     }
 
     /// Position just past the last entry.
@@ -178,6 +188,7 @@ mod tests {
             pos += 3 * raw.len() as u64;
         }
         assert_eq!((b.count(), b.first()), (5, Some(LogPos(64))));
+        assert!(b.last() > b.first() && b.last().unwrap() < b.end());
         let got = decode(b.bytes()).unwrap();
         assert_eq!(got.iter().map(|d| &d.hb).collect::<Vec<_>>(), hbs.iter().collect::<Vec<_>>());
         assert_eq!(got[0].pos, LogPos(64));

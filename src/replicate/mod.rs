@@ -12,7 +12,7 @@
 //! shards, so one writer publishes on a subject); unit `u` (named by its first vshard) publishes
 //! on subject `geobeat.hb.<k>.<u>` of stream `GEOBEAT_HB_<k>`, `k = u * streams / 4096`
 //! (streams hold vshard ranges, so their Raft leaders spread over the servers). A batch's
-//! `Nats-Msg-Id` is `<u>:<epoch>:<log position of its first entry>`; the epoch is the unit's
+//! `Nats-Msg-Id` is `<u>:<epoch>:<log position of its last entry>`; the epoch is the unit's
 //! ownership epoch, 0 until ownership exists (issue 17 item 2 increments it at each takeover).
 //!
 //! Invariant: per subject, batches are stored in log order with no gap: a unit has at most one
@@ -200,9 +200,9 @@ impl Plan {
         stream_name(self.stream_index(u))
     }
 
-    /// The message id of unit `u`'s batch starting at log position `first`.
-    pub fn msg_id(&self, u: u16, first: crate::log::LogPos) -> String {
-        format!("{u}:{}:{}", self.epoch, first.0)
+    /// The message id of unit `u`'s batch whose last entry is at log position `last`.
+    pub fn msg_id(&self, u: u16, last: crate::log::LogPos) -> String {
+        format!("{u}:{}:{}", self.epoch, last.0)
     }
 
     /// Replicated position of logical shard `k`.

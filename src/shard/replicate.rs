@@ -3,11 +3,14 @@
 //! (one per unit — a vshard range of one shard — per round, see `replicate`), and once every
 //! batch of a round has its PubAck, moves each shard's replicated position and completes the
 //! ack waiters below it. It owns the retry rule: a batch without an answer (timeout, no
-//! responders, lost connection) is resent unchanged (same `Nats-Msg-Id`, same expected subject
-//! sequence) until it is stored; a batch refused for a wrong last subject sequence makes the
-//! loop read that subject's tail from the stream and form the round again from there. While
-//! NATS is unreachable or slow nothing more is acked (the ack ledger's bounds then pause the
-//! connections' readers): nothing is ever acked on a local fdatasync alone in this mode.
+//! responders) is resent unchanged (same `Nats-Msg-Id`, same expected subject sequence) until
+//! it is stored. A batch refused for a wrong last subject sequence, or answered as a duplicate
+//! (a resend whose first try landed, or a batch formed again after a lost connection), makes the
+//! loop read that subject's tail from the stream and form the round again from there: the
+//! entries the tail covers are skipped, so nothing is stored twice and nothing is skipped
+//! unstored. While NATS is unreachable or slow nothing more is acked (the ack ledger's bounds
+//! then pause the connections' readers): nothing is ever acked on a local fdatasync alone in
+//! this mode.
 //!
 //! On start it reads, per unit of its shards, the last batch in the stream (its end position
 //! and stream sequence) and resumes each shard from the highest `Geobeat-Replicated` it finds:
@@ -195,10 +198,10 @@ impl Core {
         }
         for p in &mut batches {
             let tail = tails.get(&p.unit).copied().unwrap_or_default();
-            let first = p.batch.first().expect("batches are never empty");
+            let last = p.batch.last().expect("batches are never empty");
             let shard = self.shared.router.shard_of_vshard(crate::route::VShard(p.unit));
             p.headers = vec![
-                (replicate::HDR_MSG_ID, plan.msg_id(p.unit, first)),
+                (replicate::HDR_MSG_ID, plan.msg_id(p.unit, last)),
                 (
                     replicate::HDR_EXPECTED_LAST_SUBJECT_SEQ,
                     tail.seq.to_string(),
@@ -246,7 +249,16 @@ impl Core {
                 let b = &mut batches[i];
                 let st = &plan.status[self.shared.router.shard_of_vshard(crate::route::VShard(b.unit)).0 as usize];
                 match &acks[k] {
-                    Some(PubAck::Stored { seq, duplicate, .. }) => {
+                    Some(PubAck::Stored {
+                        duplicate: true, ..
+                    }) => {
+                        // The id was stored before (a resend whose first try landed): the
+                        // stored batch is this one only if the subject's tail says so. Re-read
+                        // it and re-form the round from there (rare: a lost PubAck).
+                        st.duplicates.fetch_add(1, Ordering::Relaxed);
+                        refetch.push(b.unit);
+                    }
+                    Some(PubAck::Stored { seq, .. }) => {
                         b.done = true;
                         tails.insert(
                             b.unit,
@@ -256,14 +268,11 @@ impl Core {
                             },
                         );
                         st.batches.fetch_add(1, Ordering::Relaxed);
-                        if *duplicate {
-                            st.duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
                     }
                     Some(PubAck::Refused { err_code, description })
                         if *err_code == ERR_WRONG_LAST_SEQUENCE =>
                     {
-                        tracing::warn!(unit = b.unit, error = %description, "subject tail moved; re-reading it");
+                        tracing::info!(unit = b.unit, error = %description, "subject tail moved; re-reading it");
                         refetch.push(b.unit);
                     }
                     other => {
