@@ -380,3 +380,53 @@ fn nats_unreachable_at_start_refuses_to_start_with_a_clear_line() {
     assert!(!status.unwrap().success());
     assert!(text.contains("only with --durability replicated"), "{text}");
 }
+
+#[test]
+fn jetstream_refuses_stale_expected_subject_sequences_and_dedupes_message_ids() {
+    // The JetStream behaviour the replication loop relies on, checked on the real server:
+    // `Nats-Expected-Last-Subject-Sequence: 0` means "no message on the subject yet" (a second
+    // first batch is refused, error 10071), a right expectation is stored, and a resend with the
+    // same `Nats-Msg-Id` is answered as a duplicate with the original sequence.
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let nats = NatsCluster::start();
+    let plan = plan_for(&nats, 1);
+    plan.prepare(Duration::from_secs(20)).expect("streams");
+    let mut c = nats.client();
+    let subject = plan.subject(64);
+    let mut publish = |id: &str, expect: u64| {
+        let r = c
+            .request(
+                &subject,
+                &[
+                    ("Nats-Msg-Id", id),
+                    ("Nats-Expected-Last-Subject-Sequence", &expect.to_string()),
+                ],
+                b"x",
+                Duration::from_secs(10),
+            )
+            .expect("reply");
+        wire::pub_ack(&wire::Msg {
+            subject: b"",
+            reply: None,
+            headers: r.headers.as_deref(),
+            payload: &r.payload,
+        })
+        .expect("pub ack")
+    };
+    let first = publish("64:0:100", 0);
+    let wire::PubAck::Stored { seq, duplicate: false, .. } = first else {
+        panic!("first publish: {first:?}")
+    };
+    assert_eq!(
+        publish("64:0:100", 0),
+        wire::PubAck::Stored { stream: plan.stream_of(64), seq, duplicate: true }
+    );
+    assert!(matches!(
+        publish("64:0:200", 0),
+        wire::PubAck::Refused { err_code: wire::ERR_WRONG_LAST_SEQUENCE, .. }
+    ));
+    assert!(matches!(
+        publish("64:0:200", seq),
+        wire::PubAck::Stored { duplicate: false, .. }
+    ));
+}

@@ -147,6 +147,18 @@ fn process_info(shared: &Shared) -> ProcessInfo {
             .map(|s| s.status())
             .unwrap_or_default(),
         os: crate::metrics::ProcStats::read(),
+        replication_lag: shared
+            .replication
+            .as_ref()
+            .map(|plan| {
+                (0..shared.shard_count as usize)
+                    .map(|k| {
+                        let durable = shared.feeds[k].durable().0;
+                        (k as u32, durable.saturating_sub(plan.replicated(k)))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
