@@ -66,7 +66,8 @@ impl Load {
                     };
                     if let tungstenite::stream::MaybeTlsStream::Plain(sock) = ws.get_ref() {
                         // Acks pause through a stream leader election (~5 s).
-                        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                        sock.set_read_timeout(Some(Duration::from_secs(30)))
+                            .unwrap();
                     }
                     let mut seq = 0u64;
                     let mut ts = t0;
@@ -138,7 +139,9 @@ impl Load {
 /// A WebSocket ingest connection to `addr` with a bearer token.
 fn ws_connect_addr(addr: std::net::SocketAddr, token: &str) -> Option<Ws> {
     use tungstenite::client::IntoClientRequest;
-    let mut req = format!("ws://{addr}/v1/ingest").into_client_request().unwrap();
+    let mut req = format!("ws://{addr}/v1/ingest")
+        .into_client_request()
+        .unwrap();
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     tungstenite::connect(req).ok().map(|(ws, _)| ws)
@@ -151,18 +154,29 @@ fn stream_contents(nats: &NatsCluster, plan: &Plan) -> HashMap<(String, i64), us
     let mut ids = HashSet::new();
     for k in 0..plan.streams {
         for m in nats.read_stream(&geobeat::replicate::stream_name(k)) {
-            let id = wire::header(&m.headers, "Nats-Msg-Id").expect("msg id").to_string();
+            let id = wire::header(&m.headers, "Nats-Msg-Id")
+                .expect("msg id")
+                .to_string();
             assert!(ids.insert(id.clone()), "message id {id} stored twice");
             let entries = batch::decode(&m.data).expect("batch decodes");
             assert!(!entries.is_empty());
             let last = entries[entries.len() - 1].pos.0;
             let unit = plan.unit_of(geobeat::route::vshard_of(&entries[0].hb.device_id));
             assert_eq!(id, format!("{unit}:0:{last}"));
-            let end: u64 = wire::header(&m.headers, "Geobeat-End").unwrap().parse().unwrap();
-            assert!(end > last, "Geobeat-End {end} not past the last entry {last}");
+            let end: u64 = wire::header(&m.headers, "Geobeat-End")
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                end > last,
+                "Geobeat-End {end} not past the last entry {last}"
+            );
             assert_eq!(m.subject, plan.subject(unit));
             for e in entries {
-                assert_eq!(plan.unit_of(geobeat::route::vshard_of(&e.hb.device_id)), unit);
+                assert_eq!(
+                    plan.unit_of(geobeat::route::vshard_of(&e.hb.device_id)),
+                    unit
+                );
                 *out.entry((e.hb.device_id.clone(), e.hb.ts_ms)).or_default() += 1;
             }
         }
@@ -198,7 +212,12 @@ fn wait_replicated(server: &Server) -> serde_json::Value {
 /// twice, and nothing was stored that was never sent.
 fn assert_exactly_once(stored: &HashMap<(String, i64), usize>, ledger: &Ledger) {
     for a in &ledger.acked {
-        assert_eq!(stored.get(a).copied(), Some(1), "acked {a:?} stored {:?} times", stored.get(a));
+        assert_eq!(
+            stored.get(a).copied(),
+            Some(1),
+            "acked {a:?} stored {:?} times",
+            stored.get(a)
+        );
     }
     for (k, n) in stored {
         assert_eq!(*n, 1, "{k:?} stored {n} times");
@@ -234,12 +253,23 @@ fn every_acked_heartbeat_is_in_the_stream_exactly_once_and_in_the_local_history(
     let load = Load::start(&server, 2, 40, now_ms() - 86_400_000 + 1_000_000);
     std::thread::sleep(load_time());
     let ledger = load.finish();
-    assert!(ledger.acked.len() >= 80, "too little load: {}", ledger.acked.len());
+    assert!(
+        ledger.acked.len() >= 80,
+        "too little load: {}",
+        ledger.acked.len()
+    );
     let report = wait_replicated(&server);
     let stored = stream_contents(&nats, &plan_for(&nats, 2));
     assert_exactly_once(&stored, &ledger);
-    assert_eq!(stored.len(), ledger.sent.len(), "every sent heartbeat was acked and stored");
-    assert!(report["shards"][0]["batches"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(
+        stored.len(),
+        ledger.sent.len(),
+        "every sent heartbeat was acked and stored"
+    );
+    assert!(
+        report["shards"][0]["batches"].as_u64().unwrap() > 0,
+        "{report}"
+    );
     // The local history holds the same heartbeats.
     let token = server.token_fast(Scope::Ops);
     let mut per_device: HashMap<&str, usize> = HashMap::new();
@@ -335,7 +365,11 @@ fn geobeat_killed_and_restarted_resumes_from_the_stream_tail_without_duplicates_
             local += 1;
         }
     }
-    assert_eq!(local, stored.len(), "the streams hold exactly the local log");
+    assert_eq!(
+        local,
+        stored.len(),
+        "the streams hold exactly the local log"
+    );
 }
 
 #[test]
@@ -368,13 +402,27 @@ fn nats_unreachable_at_start_refuses_to_start_with_a_clear_line() {
     assert!(text.contains(&dead.to_string()), "{text}");
     assert!(started.elapsed() < Duration::from_secs(40));
     let (status, text) = serve_until_exit(
-        &["serve", "--init", "--data-dir", data.to_str().unwrap(), "--durability", "replicated"],
+        &[
+            "serve",
+            "--init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--durability",
+            "replicated",
+        ],
         &log,
     );
     assert!(!status.unwrap().success());
     assert!(text.contains("needs --nats-url"), "{text}");
     let (status, text) = serve_until_exit(
-        &["serve", "--init", "--data-dir", data.to_str().unwrap(), "--nats-url", "nats://127.0.0.1:4222"],
+        &[
+            "serve",
+            "--init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+        ],
         &log,
     );
     assert!(!status.unwrap().success());
@@ -414,19 +462,34 @@ fn jetstream_refuses_stale_expected_subject_sequences_and_dedupes_message_ids() 
         .expect("pub ack")
     };
     let first = publish("64:0:100", 0);
-    let wire::PubAck::Stored { seq, duplicate: false, .. } = first else {
+    let wire::PubAck::Stored {
+        seq,
+        duplicate: false,
+        ..
+    } = first
+    else {
         panic!("first publish: {first:?}")
     };
     assert_eq!(
         publish("64:0:100", 0),
-        wire::PubAck::Stored { stream: plan.stream_of(64), seq, duplicate: true }
+        wire::PubAck::Stored {
+            stream: plan.stream_of(64),
+            seq,
+            duplicate: true
+        }
     );
     assert!(matches!(
         publish("64:0:200", 0),
-        wire::PubAck::Refused { err_code: wire::ERR_WRONG_LAST_SEQUENCE, .. }
+        wire::PubAck::Refused {
+            err_code: wire::ERR_WRONG_LAST_SEQUENCE,
+            ..
+        }
     ));
     assert!(matches!(
         publish("64:0:200", seq),
-        wire::PubAck::Stored { duplicate: false, .. }
+        wire::PubAck::Stored {
+            duplicate: false,
+            ..
+        }
     ));
 }

@@ -137,9 +137,11 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Decoded>, DecodeError> {
         if off + 8 > b.len() {
             return Err(DecodeError::Length);
         }
-        let pos = LogPos(u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes")));
+        let pos = LogPos(u64::from_le_bytes(
+            b[off..off + 8].try_into().expect("8 bytes"),
+        ));
         off += 8;
-        let raw = parse_entry(&b[..], off).map_err(|_| DecodeError::Entry { index })?;
+        let raw = parse_entry(b, off).map_err(|_| DecodeError::Entry { index })?;
         let hb = crate::record::access(raw.payload).ok_or(DecodeError::Entry { index })?;
         out.push(Decoded {
             pos,
@@ -190,13 +192,19 @@ mod tests {
         assert_eq!((b.count(), b.first()), (5, Some(LogPos(64))));
         assert!(b.last() > b.first() && b.last().unwrap() < b.end());
         let got = decode(b.bytes()).unwrap();
-        assert_eq!(got.iter().map(|d| &d.hb).collect::<Vec<_>>(), hbs.iter().collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|d| &d.hb).collect::<Vec<_>>(),
+            hbs.iter().collect::<Vec<_>>()
+        );
         assert_eq!(got[0].pos, LogPos(64));
         let mut bad = b.bytes().to_vec();
         let n = bad.len();
         bad[n - 20] ^= 1;
         assert!(decode(&bad).is_err());
-        assert_eq!(decode(&b.bytes()[..n - 8]), Err(DecodeError::Entry { index: 4 }));
+        assert_eq!(
+            decode(&b.bytes()[..n - 8]),
+            Err(DecodeError::Entry { index: 4 })
+        );
         assert_eq!(decode(b"XXXX\0\0\0\0"), Err(DecodeError::Header));
     }
 }

@@ -112,10 +112,12 @@ impl Client {
             if let Some((op, used)) = parsed {
                 let op = match op {
                     ServerOp::Ping => {
-                        self.sock.write_all(b"PONG\r\n").map_err(|source| Error::Io {
-                            addr: self.addr.clone(),
-                            source,
-                        })?;
+                        self.sock
+                            .write_all(b"PONG\r\n")
+                            .map_err(|source| Error::Io {
+                                addr: self.addr.clone(),
+                                source,
+                            })?;
                         Op::Other
                     }
                     ServerOp::Pong => Op::Pong,
@@ -200,7 +202,11 @@ impl Client {
 
     /// A JetStream API request: JSON in, JSON out; an `error` object becomes [`Error::Api`], a
     /// 503 status (no responders) too, with code 503.
-    pub fn api(&mut self, subject: &str, body: &serde_json::Value) -> Result<serde_json::Value, Error> {
+    pub fn api(
+        &mut self,
+        subject: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, Error> {
         let r = self.request(
             subject,
             &[],
@@ -231,20 +237,32 @@ impl Client {
 
     /// `$JS.API.STREAM.INFO.<name>`.
     pub fn stream_info(&mut self, name: &str) -> Result<serde_json::Value, Error> {
-        self.api(&format!("$JS.API.STREAM.INFO.{name}"), &serde_json::json!({}))
+        self.api(
+            &format!("$JS.API.STREAM.INFO.{name}"),
+            &serde_json::json!({}),
+        )
     }
 
     /// `$JS.API.STREAM.CREATE.<name>` with `config`.
-    pub fn stream_create(&mut self, config: &serde_json::Value) -> Result<serde_json::Value, Error> {
+    pub fn stream_create(
+        &mut self,
+        config: &serde_json::Value,
+    ) -> Result<serde_json::Value, Error> {
         let name = config["name"].as_str().expect("stream config has a name");
         self.api(&format!("$JS.API.STREAM.CREATE.{name}"), config)
     }
 
     /// `$JS.API.STREAM.MSG.GET.<stream>` by sequence or `last_by_subj`; `None` if no such message.
-    pub fn msg_get(&mut self, stream: &str, req: &serde_json::Value) -> Result<Option<Stored>, Error> {
+    pub fn msg_get(
+        &mut self,
+        stream: &str,
+        req: &serde_json::Value,
+    ) -> Result<Option<Stored>, Error> {
         match self.api(&format!("$JS.API.STREAM.MSG.GET.{stream}"), req) {
             Ok(v) => parse_stored(&v).map(Some),
-            Err(Error::Api { err_code: 10037, .. }) => Ok(None),
+            Err(Error::Api {
+                err_code: 10037, ..
+            }) => Ok(None),
             Err(e) => Err(e),
         }
     }

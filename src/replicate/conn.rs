@@ -44,7 +44,11 @@ pub struct Conn {
 
 enum Op {
     Pong,
-    Msg { subject: String, headers: Option<Vec<u8>>, payload: Vec<u8> },
+    Msg {
+        subject: String,
+        headers: Option<Vec<u8>>,
+        payload: Vec<u8>,
+    },
     Other,
 }
 
@@ -248,7 +252,13 @@ impl Conn {
         for (i, p) in pubs.iter().enumerate() {
             let headers: Vec<(&str, &str)> =
                 p.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            wire::hpublish(&mut out, p.subject, &format!("{prefix}{i}"), &headers, p.payload);
+            wire::hpublish(
+                &mut out,
+                p.subject,
+                &format!("{prefix}{i}"),
+                &headers,
+                p.payload,
+            );
         }
         self.write(&out).await?;
         let deadline = Instant::now() + timeout;

@@ -30,6 +30,8 @@ use std::time::Duration;
 use crate::limits::{REPLICATE_DEDUPE_WINDOW, REPLICATE_VSHARDS_PER_SUBJECT, VSHARDS};
 use crate::route::{Router, VShard};
 
+/// The log consumer that keeps retention from deleting entries the streams do not hold yet.
+pub const CONSUMER_NAME: &str = "replicate";
 /// Prefix of stream names (`GEOBEAT_HB_0`, ...).
 pub const STREAM_PREFIX: &str = "GEOBEAT_HB_";
 /// Prefix of subjects (`geobeat.hb.<stream>.<unit>`).
@@ -100,7 +102,9 @@ pub enum Error {
         description: String,
     },
     /// A stream exists with another configuration than geobeat needs.
-    #[error("stream {stream} exists but {reason}; delete it or fix --nats-streams/--nats-replicas")]
+    #[error(
+        "stream {stream} exists but {reason}; delete it or fix --nats-streams/--nats-replicas"
+    )]
     StreamMismatch {
         /// The stream.
         stream: String,
@@ -284,19 +288,19 @@ impl Plan {
                         }
                         break;
                     }
-                    Err(Error::Api { err_code: 10059, .. }) => {
-                        match client.stream_create(&self.stream_config(k)) {
-                            Ok(_) => {
-                                tracing::info!(stream = %name, replicas = self.replicas, "created JetStream stream");
-                                break;
-                            }
-                            Err(e) if std::time::Instant::now() < deadline => {
-                                tracing::debug!(stream = %name, error = %e, "stream create: retrying");
-                                std::thread::sleep(Duration::from_millis(200));
-                            }
-                            Err(e) => return Err(e),
+                    Err(Error::Api {
+                        err_code: 10059, ..
+                    }) => match client.stream_create(&self.stream_config(k)) {
+                        Ok(_) => {
+                            tracing::info!(stream = %name, replicas = self.replicas, "created JetStream stream");
+                            break;
                         }
-                    }
+                        Err(e) if std::time::Instant::now() < deadline => {
+                            tracing::debug!(stream = %name, error = %e, "stream create: retrying");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        Err(e) => return Err(e),
+                    },
                     // No meta leader yet (a cluster still forming): 503 / timeouts.
                     Err(e) if std::time::Instant::now() < deadline => {
                         tracing::debug!(stream = %name, error = %e, "stream info: retrying");

@@ -139,7 +139,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<(ServerOp<'_>, usize)>, WireError> {
             };
             return Ok(Some((ServerOp::Msg(msg), after + total + 2)));
         }
-        _ => return Err(WireError::Malformed(String::from_utf8_lossy(line).into_owned())),
+        _ => {
+            return Err(WireError::Malformed(
+                String::from_utf8_lossy(line).into_owned(),
+            ))
+        }
     };
     Ok(Some((op, after)))
 }
@@ -306,7 +310,10 @@ mod tests {
         assert_eq!(op, ServerOp::Info(b"{\"a\":1}"));
         let (op, k) = parse(&buf[n + m..]).unwrap().unwrap();
         let ServerOp::Msg(msg) = op else { panic!() };
-        assert_eq!((msg.subject, msg.reply, msg.payload), (&b"in.1"[..], None, &b"hello"[..]));
+        assert_eq!(
+            (msg.subject, msg.reply, msg.payload),
+            (&b"in.1"[..], None, &b"hello"[..])
+        );
         assert_eq!(n + m + k, buf.len());
         // Every strict prefix of a message is "need more".
         let full = b"HMSG s 1 r 12 14\r\nNATS/1.0\r\n\r\nhi\r\n";
@@ -326,15 +333,27 @@ mod tests {
         let long = vec![b'A'; PROTO_LINE_BYTES_MAX + 1];
         assert_eq!(parse(&long), Err(WireError::LineTooLong));
         let big = format!("MSG s 1 {}\r\n", NATS_MSG_BYTES_MAX + 1);
-        assert!(matches!(parse(big.as_bytes()), Err(WireError::MsgTooLarge(_))));
+        assert!(matches!(
+            parse(big.as_bytes()),
+            Err(WireError::MsgTooLarge(_))
+        ));
         assert!(matches!(parse(b"BOGUS\r\n"), Err(WireError::Malformed(_))));
-        assert!(matches!(parse(b"MSG s 1 2\r\nabXY"), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            parse(b"MSG s 1 2\r\nabXY"),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[test]
     fn builds_hpub_that_round_trips_through_the_parser_as_hmsg() {
         let mut out = Vec::new();
-        hpublish(&mut out, "geobeat.hb.0.64", "_INBOX.x.1", &[("Nats-Msg-Id", "64:0:4096")], b"data");
+        hpublish(
+            &mut out,
+            "geobeat.hb.0.64",
+            "_INBOX.x.1",
+            &[("Nats-Msg-Id", "64:0:4096")],
+            b"data",
+        );
         let text = String::from_utf8(out.clone()).unwrap();
         assert!(text.starts_with("HPUB geobeat.hb.0.64 _INBOX.x.1 "));
         // The server delivers the same bytes as HMSG: swap the verb and add a sid.
@@ -356,7 +375,11 @@ mod tests {
         };
         assert_eq!(
             pub_ack(&msg(None, br#"{"stream":"S","seq":7,"duplicate":true}"#)).unwrap(),
-            PubAck::Stored { stream: "S".into(), seq: 7, duplicate: true }
+            PubAck::Stored {
+                stream: "S".into(),
+                seq: 7,
+                duplicate: true
+            }
         );
         assert_eq!(
             pub_ack(&msg(

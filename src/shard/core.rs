@@ -129,7 +129,7 @@ pub fn open_stores(
         if shared.replication.is_some() {
             // Retention keeps what the streams do not hold yet.
             store
-                .register_consumer(crate::shard::replicate::CONSUMER_NAME)
+                .register_consumer(crate::replicate::CONSUMER_NAME)
                 .map_err(|e| std::io::Error::other(format!("shard {shard}: {e}")))?;
         }
         shared.feeds[k].publish_durable(store.durable());

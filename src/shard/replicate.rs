@@ -39,9 +39,6 @@ use crate::route::vshard_of;
 use crate::rt;
 use crate::shard::core::Core;
 
-/// The log consumer name that keeps retention from deleting entries not yet replicated.
-pub const CONSUMER_NAME: &str = "replicate";
-
 /// What the stream holds of one unit.
 #[derive(Debug, Clone, Copy, Default)]
 struct Tail {
@@ -126,7 +123,9 @@ impl Core {
                     h(replicate::HDR_REPLICATED),
                 ))
             }
-            Err(replicate::Error::Api { err_code: 10037, .. }) => Ok((Tail::default(), 0)),
+            Err(replicate::Error::Api {
+                err_code: 10037, ..
+            }) => Ok((Tail::default(), 0)),
             Err(e) => Err(e),
         }
     }
@@ -175,7 +174,8 @@ impl Core {
                     batches.len() - 1
                 });
                 let b = &mut batches[i].batch;
-                if b.count() > 0 && b.len_bytes() + 8 + e.len_bytes as usize > REPLICATE_BATCH_BYTES_MAX
+                if b.count() > 0
+                    && b.len_bytes() + 8 + e.len_bytes as usize > REPLICATE_BATCH_BYTES_MAX
                 {
                     full = true;
                     end = e.pos;
@@ -199,7 +199,10 @@ impl Core {
         for p in &mut batches {
             let tail = tails.get(&p.unit).copied().unwrap_or_default();
             let last = p.batch.last().expect("batches are never empty");
-            let shard = self.shared.router.shard_of_vshard(crate::route::VShard(p.unit));
+            let shard = self
+                .shared
+                .router
+                .shard_of_vshard(crate::route::VShard(p.unit));
             p.headers = vec![
                 (replicate::HDR_MSG_ID, plan.msg_id(p.unit, last)),
                 (
@@ -247,7 +250,11 @@ impl Core {
             let mut retry = false;
             for (k, &i) in open.iter().enumerate() {
                 let b = &mut batches[i];
-                let st = &plan.status[self.shared.router.shard_of_vshard(crate::route::VShard(b.unit)).0 as usize];
+                let st = &plan.status[self
+                    .shared
+                    .router
+                    .shard_of_vshard(crate::route::VShard(b.unit))
+                    .0 as usize];
                 match &acks[k] {
                     Some(PubAck::Stored {
                         duplicate: true, ..
@@ -269,16 +276,21 @@ impl Core {
                         );
                         st.batches.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some(PubAck::Refused { err_code, description })
-                        if *err_code == ERR_WRONG_LAST_SEQUENCE =>
-                    {
+                    Some(PubAck::Refused {
+                        err_code,
+                        description,
+                    }) if *err_code == ERR_WRONG_LAST_SEQUENCE => {
                         tracing::info!(unit = b.unit, error = %description, "subject tail moved; re-reading it");
                         refetch.push(b.unit);
                     }
                     other => {
                         st.retries.fetch_add(1, Ordering::Relaxed);
                         retry = true;
-                        if let Some(PubAck::Refused { err_code, description }) = other {
+                        if let Some(PubAck::Refused {
+                            err_code,
+                            description,
+                        }) = other
+                        {
                             tracing::warn!(unit = b.unit, err_code, error = %description, "publish refused; retrying");
                         }
                     }
@@ -318,7 +330,11 @@ impl Core {
                 Some(c) => c,
                 None => match Conn::connect(&plan.addrs, next_addr, &name).await {
                     Ok(c) => {
-                        tracing::info!(executor = self.index.0, server = c.addr(), "connected to NATS");
+                        tracing::info!(
+                            executor = self.index.0,
+                            server = c.addr(),
+                            "connected to NATS"
+                        );
                         conn.insert(c)
                     }
                     Err(e) => {
@@ -345,7 +361,11 @@ impl Core {
             }
             let (mut batches, ends) = self.build_round(&tails);
             if ends.is_empty() {
-                rt::timeout(STOP_POLL_INTERVAL.max(Duration::from_millis(100)), self.replicate_signal.wait()).await;
+                rt::timeout(
+                    STOP_POLL_INTERVAL.max(Duration::from_millis(100)),
+                    self.replicate_signal.wait(),
+                )
+                .await;
                 if last_io.elapsed() >= REPLICATE_KEEPALIVE_INTERVAL {
                     last_io = Instant::now();
                     if let Err(e) = c.ping().await {
@@ -379,7 +399,10 @@ impl Core {
                 let before = st.replicated.fetch_max(end.0, Ordering::AcqRel);
                 debug_assert!(end.0 >= before, "replicated position went back");
                 debug_assert!(end <= slot.store.borrow().durable());
-                let _ = slot.store.borrow_mut().set_consumed(CONSUMER_NAME, end);
+                let _ = slot
+                    .store
+                    .borrow_mut()
+                    .set_consumed(replicate::CONSUMER_NAME, end);
                 self.complete_below(slot, end);
             }
         }

@@ -48,14 +48,23 @@ impl NatsCluster {
                 std::fs::read_to_string(repo.join(format!("deploy/nats/n{}.conf", i + 1)))
                     .expect("deploy/nats config");
             for j in 0..3 {
-                text = text.replace(&format!("{}:6222", ips[j]), &format!("{}:{}", ips[j], route[j]));
+                text = text.replace(
+                    &format!("{}:6222", ips[j]),
+                    &format!("{}:{}", ips[j], route[j]),
+                );
             }
             text = text
-                .replace(&format!("{}:4222", ips[i]), &format!("{}:{}", ips[i], client[i]))
+                .replace(
+                    &format!("{}:4222", ips[i]),
+                    &format!("{}:{}", ips[i], client[i]),
+                )
                 .replace(&format!("http: {}:8222", ips[i]), "")
                 .replace(
                     &format!("/tmp/geobeat-nats/n{}", i + 1),
-                    &dir.path().join(format!("js{}", i + 1)).display().to_string(),
+                    &dir.path()
+                        .join(format!("js{}", i + 1))
+                        .display()
+                        .to_string(),
                 );
             assert!(text.contains("sync_interval: always"));
             let conf = dir.path().join(format!("n{}.conf", i + 1));
@@ -63,7 +72,9 @@ impl NatsCluster {
             confs.push(conf);
         }
         let mut c = NatsCluster {
-            client_addrs: (0..3).map(|i| format!("{}:{}", ips[i], client[i])).collect(),
+            client_addrs: (0..3)
+                .map(|i| format!("{}:{}", ips[i], client[i]))
+                .collect(),
             procs: (0..3).map(|_| None).collect(),
             confs,
             dir,
