@@ -493,3 +493,49 @@ fn jetstream_refuses_stale_expected_subject_sequences_and_dedupes_message_ids() 
         }
     ));
 }
+
+#[test]
+fn acks_wait_while_every_nats_server_is_down_and_resume_when_they_return() {
+    // Stop all three servers under a running geobeat: a heartbeat is made durable locally but
+    // not acked (never on the local fdatasync alone), the connection stays open, /v1/stats shows
+    // the lag; once the cluster is back the ack arrives and the heartbeat is stored once.
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut nats = NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let server = start_server(&dir.path().join("data"), &nats, &log);
+    let id = "outage-dev";
+    let mut ws = ws_connect(&server, &server.token_fast(Scope::Device(id.into()))).unwrap();
+    let t0 = now_ms() - 60_000;
+    ws.send(Message::text(hb_json(1, 1.0, 2.0, t0))).unwrap();
+    wait_ack(&mut ws, 1);
+    for i in 0..3 {
+        nats.kill9(i);
+    }
+    ws.send(Message::text(hb_json(2, 1.5, 2.5, t0 + 1))).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    }
+    match ws.read() {
+        Err(tungstenite::Error::Io(e))
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+        other => panic!("expected no ack while NATS is down, got {other:?}"),
+    }
+    // Durable locally (the history has it), lag visible.
+    let ops = server.token_fast(Scope::Ops);
+    assert_eq!(history_all(&server, id, &ops).unwrap().len(), 2);
+    let (_, body) = server.get("/v1/stats", Some(&ops));
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(stats["replication"]["lag_bytes"].as_u64().unwrap() > 0, "{body}");
+    for i in 0..3 {
+        nats.start_server(i);
+    }
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    }
+    wait_ack(&mut ws, 2);
+    wait_replicated(&server);
+    let stored = stream_contents(&nats, &plan_for(&nats, 2));
+    assert_eq!(stored.get(&(id.to_string(), t0 + 1)).copied(), Some(1));
+    assert_eq!(stored.len(), 2, "{stored:?}");
+}
