@@ -231,12 +231,13 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
     };
     let sinks = flusher.as_ref().map(|f| f.status_reader());
     let replication = if cfg.durability == crate::config::Durability::Replicated {
-        let plan = crate::replicate::Plan::new(
+        let mut plan = crate::replicate::Plan::new(
             datadir.router(),
             &cfg.nats_urls,
             cfg.nats_streams,
             cfg.nats_replicas,
         );
+        plan.log_id = datadir.created_ms();
         // Refuse to start rather than hold every ack from the first heartbeat: the streams must
         // exist (a misconfigured URL shows at once, not as devices that never get an ack).
         plan.prepare(crate::limits::REPLICATE_STARTUP_WAIT)

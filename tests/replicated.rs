@@ -280,6 +280,28 @@ fn every_acked_heartbeat_is_in_the_stream_exactly_once_and_in_the_local_history(
         let h = history_all(&server, d, &token).expect("history");
         assert_eq!(h.len(), *n, "history of {d}");
     }
+    // Another (fresh) data directory against these streams is refused: its log positions are
+    // not the ones the streams' batches name, so skipping "already stored" entries would ack
+    // heartbeats that are not in the streams.
+    drop(server);
+    let other = dir.path().join("other");
+    let (status, text) = serve_until_exit(
+        &[
+            "serve",
+            "--init",
+            "--listen",
+            &free_addr().to_string(),
+            "--data-dir",
+            other.to_str().unwrap(),
+            "--durability",
+            "replicated",
+            "--nats-url",
+            &nats.urls(),
+        ],
+        &dir.path().join("other.log"),
+    );
+    assert!(!status.expect("serve exits").success(), "{text}");
+    assert!(text.contains("belong to another data directory"), "{text}");
 }
 
 #[test]
@@ -512,13 +534,17 @@ fn acks_wait_while_every_nats_server_is_down_and_resume_when_they_return() {
     for i in 0..3 {
         nats.kill9(i);
     }
-    ws.send(Message::text(hb_json(2, 1.5, 2.5, t0 + 1))).unwrap();
+    ws.send(Message::text(hb_json(2, 1.5, 2.5, t0 + 1)))
+        .unwrap();
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     }
     match ws.read() {
         Err(tungstenite::Error::Io(e))
-            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
         other => panic!("expected no ack while NATS is down, got {other:?}"),
     }
     // Durable locally (the history has it), lag visible.
@@ -526,7 +552,10 @@ fn acks_wait_while_every_nats_server_is_down_and_resume_when_they_return() {
     assert_eq!(history_all(&server, id, &ops).unwrap().len(), 2);
     let (_, body) = server.get("/v1/stats", Some(&ops));
     let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert!(stats["replication"]["lag_bytes"].as_u64().unwrap() > 0, "{body}");
+    assert!(
+        stats["replication"]["lag_bytes"].as_u64().unwrap() > 0,
+        "{body}"
+    );
     for i in 0..3 {
         nats.start_server(i);
     }
@@ -538,4 +567,65 @@ fn acks_wait_while_every_nats_server_is_down_and_resume_when_they_return() {
     let stored = stream_contents(&nats, &plan_for(&nats, 2));
     assert_eq!(stored.get(&(id.to_string(), t0 + 1)).copied(), Some(1));
     assert_eq!(stored.len(), 2, "{stored:?}");
+}
+
+#[test]
+fn a_data_directory_behind_its_streams_acks_nothing_more() {
+    // A node restarted on an older copy of its data directory (a restored backup): the streams
+    // hold entries past its log end, so new entries would take positions the streams already
+    // name. It must ack nothing (and say why) rather than skip them as stored.
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let nats = NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let data = dir.path().join("data");
+    let mut server = start_server(&data, &nats, &log);
+    let id = "behind-dev";
+    let token = server.token_fast(Scope::Device(id.into()));
+    let t0 = now_ms() - 60_000;
+    let mut ws = ws_connect(&server, &token).unwrap();
+    ws.send(Message::text(hb_json(1, 1.0, 2.0, t0))).unwrap();
+    wait_ack(&mut ws, 1);
+    drop(ws);
+    assert!(server.sigterm().success());
+    let copy = dir.path().join("copy");
+    let cp = std::process::Command::new("cp")
+        .args(["-a", data.to_str().unwrap(), copy.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    server.restart_logged(&log);
+    let mut ws = ws_connect(&server, &token).unwrap();
+    for k in 2..=20u64 {
+        ws.send(Message::text(hb_json(k, 1.0, 2.0, t0 + k as i64)))
+            .unwrap();
+    }
+    wait_ack(&mut ws, 20);
+    drop(ws);
+    assert!(server.sigterm().success());
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::rename(&copy, &data).unwrap();
+    server.restart_logged(&log);
+    let mut ws = ws_connect(&server, &token).unwrap();
+    ws.send(Message::text(hb_json(21, 1.0, 2.0, t0 + 21)))
+        .unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    }
+    match ws.read() {
+        Err(tungstenite::Error::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("expected no ack from a log behind its streams, got {other:?}"),
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("the local log went back"),
+        "{}",
+        log_tail(&log, 20)
+    );
+    let stored = stream_contents(&nats, &plan_for(&nats, 2));
+    assert_eq!(stored.len(), 20, "only the 20 acked heartbeats are stored");
 }

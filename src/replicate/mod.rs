@@ -41,6 +41,9 @@ pub const HDR_END: &str = "Geobeat-End";
 /// Header: every entry of the origin shard below this position was already in the streams when
 /// the batch was formed (where a restarted node resumes scanning).
 pub const HDR_REPLICATED: &str = "Geobeat-Replicated";
+/// Header: the origin data directory (its creation time in ms, from `geobeat.meta`): log
+/// positions mean something only within one data directory.
+pub const HDR_LOG: &str = "Geobeat-Log";
 /// Header: the origin shard.
 pub const HDR_SHARD: &str = "Geobeat-Shard";
 /// JetStream's message id header (dedupe within the stream's duplicate window).
@@ -101,6 +104,37 @@ pub enum Error {
         /// Its text.
         description: String,
     },
+    /// A subject holds batches of another data directory: its positions are not this log's.
+    #[error(
+        "subject {subject} holds batches of the data directory created at {theirs} ms, this one \
+         was created at {ours} ms: the streams belong to another data directory (rebuilding a \
+         node from the streams is issue 17 item 4); use that data directory or delete the streams"
+    )]
+    ForeignLog {
+        /// The subject.
+        subject: String,
+        /// The `Geobeat-Log` of its last batch.
+        theirs: i64,
+        /// This data directory's.
+        ours: i64,
+    },
+    /// A subject's stream holds entries past the shard's durable log end.
+    #[error(
+        "subject {subject} holds entries up to position {stream_end} but shard {shard}'s log ends \
+         at {durable}: the local log went back (an older backup restored, or a lost tail); \
+         nothing more is replicated or acked for it (rebuilding from the streams is issue 17 \
+         item 4)"
+    )]
+    LogBehind {
+        /// The subject.
+        subject: String,
+        /// Its last batch's `Geobeat-End`.
+        stream_end: u64,
+        /// The shard.
+        shard: u32,
+        /// The shard's durable position.
+        durable: u64,
+    },
     /// A stream exists with another configuration than geobeat needs.
     #[error(
         "stream {stream} exists but {reason}; delete it or fix --nats-streams/--nats-replicas"
@@ -145,6 +179,8 @@ pub struct Plan {
     pub replicas: u32,
     /// Ownership epoch in message ids (0: no ownership yet; issue 17 item 2).
     pub epoch: u64,
+    /// This data directory's identity in every batch (`Geobeat-Log`: its creation time, ms).
+    pub log_id: i64,
     /// `unit[v]`: the first vshard of vshard `v`'s unit.
     unit: Vec<u16>,
     /// Per logical shard, its replication progress.
@@ -168,6 +204,7 @@ impl Plan {
             streams,
             replicas,
             epoch: 0,
+            log_id: 0,
             unit,
             status: (0..router.shard_count())
                 .map(|_| ShardStatus::default())
@@ -262,8 +299,22 @@ impl Plan {
         })
     }
 
+    /// Checks that the last batch of unit `u`'s subject (its `headers`) comes from this data
+    /// directory.
+    pub fn check_log(&self, u: u16, headers: &[u8]) -> Result<(), Error> {
+        match wire::header(headers, HDR_LOG).and_then(|v| v.parse::<i64>().ok()) {
+            Some(theirs) if theirs != self.log_id => Err(Error::ForeignLog {
+                subject: self.subject(u),
+                theirs,
+                ours: self.log_id,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Connects (waiting up to `wait` for a server and a JetStream meta leader) and creates the
-    /// streams that are missing; refuses streams that exist with other subjects or replicas.
+    /// streams that are missing; refuses streams that exist with other subjects or replicas, and
+    /// subjects whose last batch comes from another data directory.
     pub fn prepare(&self, wait: Duration) -> Result<(), Error> {
         let deadline = std::time::Instant::now() + wait;
         let mut client = blocking::Client::connect_until(&self.addrs, deadline)?;
@@ -308,6 +359,12 @@ impl Plan {
                     }
                     Err(e) => return Err(e),
                 }
+            }
+        }
+        for u in self.units() {
+            let req = serde_json::json!({ "last_by_subj": self.subject(u) });
+            if let Some(m) = client.msg_get(&self.stream_of(u), &req)? {
+                self.check_log(u, &m.headers)?;
             }
         }
         Ok(())

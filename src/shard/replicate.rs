@@ -85,10 +85,25 @@ impl Core {
                 tails.insert(u, tail.0);
             }
             let st = &plan.status[slot.shard.0 as usize];
-            // Never past what this node has durable (the streams may hold more only if the
-            // local log lost it, which recovery already reported).
             let durable = slot.store.borrow().durable().0;
-            let resume = resume.min(durable);
+            // Only durable entries are ever published: a stream ahead of the local log means
+            // this log went back (restored from an older backup, or lost its tail). Its new
+            // entries would take positions the streams already name and be skipped as stored:
+            // replicate nothing (acks wait) rather than ack what is not in the streams.
+            if let Some((&u, t)) = tails
+                .iter()
+                .filter(|(&u, _)| {
+                    self.shared.router.shard_of_vshard(crate::route::VShard(u)) == slot.shard
+                })
+                .find(|(_, t)| t.end > durable)
+            {
+                return Err(replicate::Error::LogBehind {
+                    subject: plan.subject(u),
+                    stream_end: t.end,
+                    shard: slot.shard.0,
+                    durable,
+                });
+            }
             st.replicated.fetch_max(resume, Ordering::AcqRel);
             tracing::info!(shard = %slot.shard, resume, durable, "replication resumes");
         }
@@ -110,6 +125,7 @@ impl Core {
         {
             Ok(v) => {
                 let m = replicate::blocking::parse_stored(&v)?;
+                plan.check_log(u, &m.headers)?;
                 let h = |name| {
                     replicate::wire::header(&m.headers, name)
                         .and_then(|v| v.parse::<u64>().ok())
@@ -215,6 +231,7 @@ impl Core {
                     plan.replicated(shard.0 as usize).to_string(),
                 ),
                 (replicate::HDR_SHARD, shard.0.to_string()),
+                (replicate::HDR_LOG, plan.log_id.to_string()),
             ];
         }
         (batches, ends)
@@ -351,7 +368,9 @@ impl Core {
                 match self.resync(c, &mut tails).await {
                     Ok(()) => synced = true,
                     Err(e) => {
-                        tracing::warn!(executor = self.index.0, error = %e, "reading the stream tails failed; retrying");
+                        if let Some(n) = warn.check() {
+                            tracing::error!(executor = self.index.0, error = %e, suppressed_since_last = n, "reading the stream tails failed; acks wait; retrying");
+                        }
                         conn = None;
                         next_addr += 1;
                         rt::sleep(REPLICATE_RETRY_BACKOFF).await;
