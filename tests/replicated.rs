@@ -556,6 +556,31 @@ fn acks_wait_while_every_nats_server_is_down_and_resume_when_they_return() {
         stats["replication"]["lag_bytes"].as_u64().unwrap() > 0,
         "{body}"
     );
+    // The HTTP device endpoint (OsmAnd protocol) answers 200 only on the same ack: while the
+    // streams cannot store, it answers 503 after its wait, never 200.
+    let http_id = "outage-http";
+    let tok = server.token_fast(Scope::Device(http_id.into()));
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "30",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+        ])
+        .arg(format!(
+            "http://{}/v1/osmand?token={tok}&id={http_id}&lat=3&lon=4&timestamp={}",
+            server.addr,
+            t0 / 1000 + 2
+        ))
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(code, "503", "OsmAnd request during the outage");
     for i in 0..3 {
         nats.start_server(i);
     }
@@ -566,7 +591,13 @@ fn acks_wait_while_every_nats_server_is_down_and_resume_when_they_return() {
     wait_replicated(&server);
     let stored = stream_contents(&nats, &plan_for(&nats, 2));
     assert_eq!(stored.get(&(id.to_string(), t0 + 1)).copied(), Some(1));
-    assert_eq!(stored.len(), 2, "{stored:?}");
+    // The OsmAnd heartbeat was durable (not acked): it is stored once too, once NATS is back.
+    assert_eq!(
+        stored.keys().filter(|(d, _)| d == http_id).count(),
+        1,
+        "{stored:?}"
+    );
+    assert_eq!(stored.len(), 3, "{stored:?}");
 }
 
 #[test]

@@ -165,21 +165,33 @@ impl NatsCluster {
     }
 
     /// Every message of `stream`, in sequence order (bounded by the stream's last sequence).
+    /// Retries (bounded) while the cluster is still electing leaders after a restart.
     pub fn read_stream(&self, stream: &str) -> Vec<Stored> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.try_read_stream(stream) {
+                Ok(v) => return v,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("reading {stream}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("reading {stream}: {e}"),
+            }
+        }
+    }
+
+    fn try_read_stream(&self, stream: &str) -> Result<Vec<Stored>, geobeat::replicate::Error> {
         let mut c = self.client();
-        let info = c.stream_info(stream).expect("stream info");
+        let info = c.stream_info(stream)?;
         let first = info["state"]["first_seq"].as_u64().unwrap_or(1).max(1);
         let last = info["state"]["last_seq"].as_u64().unwrap_or(0);
         let mut out = Vec::new();
         for seq in first..=last {
-            if let Some(m) = c
-                .msg_get(stream, &serde_json::json!({ "seq": seq }))
-                .expect("message get")
-            {
+            if let Some(m) = c.msg_get(stream, &serde_json::json!({ "seq": seq }))? {
                 out.push(m);
             }
         }
-        out
+        Ok(out)
     }
 }
 
