@@ -132,6 +132,79 @@ pub enum Query {
     Ready,
 }
 
+/// `geobeat history` settings: the same server, token and config as `geobeat query`.
+#[derive(Args, Debug, Clone)]
+pub struct HistoryArgs {
+    /// Server address, `http://host:port` [env: GEOBEAT_URL] [default: http://127.0.0.1:8080]
+    #[arg(long, value_name = "URL", global = true)]
+    pub url: Option<String>,
+    /// Access token (ops, or subscriber for its devices) [env: GEOBEAT_TOKEN]
+    #[arg(long, value_name = "TOKEN", global = true)]
+    pub token: Option<String>,
+    /// Config file with `url = ".."` and `token = ".."` [env: GEOBEAT_QUERY_CONFIG] [default:
+    /// ~/.config/geobeat/query.toml when it exists]
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    /// What to do with the history.
+    #[command(subcommand)]
+    pub what: HistoryCommand,
+}
+
+/// The things `geobeat history` does.
+#[derive(Subcommand, Debug, Clone)]
+pub enum HistoryCommand {
+    /// Export every heartbeat of a device in a time range as one GeoJSON, GPX or CSV document,
+    /// newest first (the server's cursor followed to the end; the same as `geobeat query history
+    /// --format`).
+    Export {
+        /// Device id.
+        id: String,
+        /// The document format.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Oldest device time, ms since the Unix epoch.
+        #[arg(long)]
+        from: Option<i64>,
+        /// Newest device time, ms since the Unix epoch.
+        #[arg(long)]
+        to: Option<i64>,
+        /// Heartbeats per page asked of the server [default: 10000]
+        #[arg(long)]
+        page: Option<usize>,
+        /// Write the export to FILE instead of standard output
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+impl HistoryArgs {
+    /// The `geobeat query` question this command asks.
+    pub fn as_query(&self) -> QueryArgs {
+        let HistoryCommand::Export {
+            id,
+            format,
+            from,
+            to,
+            page,
+            out,
+        } = &self.what;
+        QueryArgs {
+            url: self.url.clone(),
+            token: self.token.clone(),
+            config: self.config.clone(),
+            json: false,
+            what: Query::History {
+                id: id.clone(),
+                from: *from,
+                to: *to,
+                limit: *page,
+                format: Some(*format),
+                out: out.clone(),
+            },
+        }
+    }
+}
+
 /// The document formats of `geobeat query history --format`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {

@@ -98,6 +98,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::History(args) => {
+            let mut out = std::io::stdout().lock();
+            match geobeat::client::run(&args.as_query(), &mut out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("geobeat history: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         Command::Token(args) => match geobeat::tokens::run_token_command(&args) {
             Ok(token) => {
                 println!("{token}");

@@ -9,7 +9,8 @@
 //!
 //! Clients never resend, and every heartbeat of a device has a unique device time, so a duplicate
 //! can only come from the server. Rounds alternate `--durability strict` and `relaxed` (both
-//! promise that a process crash loses nothing acked). `GB_CRASH_ROUNDS` and `GB_SEED` override the
+//! promise that a process crash loses nothing acked), and every two rounds `--write-mode mmap`
+//! and `pwrite`. `GB_CRASH_ROUNDS` and `GB_SEED` override the
 //! round count and the random seed (printed, so a failing run can be replayed).
 
 mod common;
@@ -378,12 +379,25 @@ fn sigkill_under_load_loses_no_acked_heartbeat() {
             assert!(Instant::now() < deadline, "clients did not stop");
             std::thread::sleep(Duration::from_millis(5));
         }
-        // Alternate durability modes across restarts of the same data directory.
+        // Alternate durability modes, and every two rounds the write mode, across restarts of
+        // the same data directory (a segment written by one mode is continued by the other).
         let mode = if round % 2 == 0 { "relaxed" } else { "strict" };
-        server
-            .args
-            .retain(|a| a != "relaxed" && a != "strict" && a != "--durability");
-        server.args.extend(["--durability".into(), mode.into()]);
+        let writes = if round % 4 < 2 { "mmap" } else { "pwrite" };
+        let ours = [
+            "relaxed",
+            "strict",
+            "--durability",
+            "mmap",
+            "pwrite",
+            "--write-mode",
+        ];
+        server.args.retain(|a| !ours.contains(&a.as_str()));
+        server.args.extend([
+            "--durability".into(),
+            mode.into(),
+            "--write-mode".into(),
+            writes.into(),
+        ]);
         server.restart_logged(&log);
         let checked = Instant::now();
         let n = verify(&server, &ops, &clients);
@@ -391,8 +405,8 @@ fn sigkill_under_load_loses_no_acked_heartbeat() {
         stored = n;
         survived += 1;
         eprintln!(
-            "round {round}: killed after {run_ms} ms, restarted ({mode}); stored {n}, acked so far \
-             {}, verified in {verify_ms} ms",
+            "round {round}: killed after {run_ms} ms, restarted ({mode}, {writes}); stored {n}, acked \
+             so far {}, verified in {verify_ms} ms",
             counters.acked.load(Ordering::Relaxed)
         );
     }

@@ -371,8 +371,17 @@ fn paging_and_exports_of_100k_heartbeats() {
     );
     let geo = tmp.path().join("w.geojson");
     export(&server, &ops, "geojson", &window_args, &geo);
+    // CSV through `geobeat history export`, the same export under its own command.
     let csv = tmp.path().join("w.csv");
-    export(&server, &ops, "csv", &window_args, &csv);
+    let mut cmd = Command::new(bin());
+    cmd.args(["history", "export", DEVICE, "--format", "csv"])
+        .args(["--url", &format!("http://{}", server.addr), "--token", &ops])
+        .args(window_args.split(' '))
+        .args(["--page", "6000", "--out", &csv.display().to_string()])
+        .env("GEOBEAT_QUERY_CONFIG", "")
+        .env("HOME", &server.dir);
+    let said = run(&mut cmd, "geobeat history export --format csv");
+    assert!(said.contains("exported 12000 heartbeats"), "{said}");
     // Python: geojson's validation, csv's reader; both report the indices in order.
     let script = r#"
 import csv, json, sys, geojson

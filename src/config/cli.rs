@@ -42,6 +42,9 @@ pub enum Command {
     /// Ask a running server: a device's last location or history, devices in an area,
     /// geofences, live events, stats.
     Query(crate::client::QueryArgs),
+    /// A device's history as a document: `geobeat history export <id> --format
+    /// geojson|gpx|csv [--out FILE]`.
+    History(crate::client::HistoryArgs),
     /// Copy a data directory consistently, also while a server runs on it.
     Backup(BackupArgs),
     /// Verify a backup and install it as a new data directory.

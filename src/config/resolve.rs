@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use super::settings::{
     known_keys, ByteLimit, Durability, LogFormat, MetricsListen, Retention, Routing, ServeArgs,
-    Setting, Typed, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
+    Setting, Typed, WriteMode, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
     CONNECTIONS_MAX, DATA_DIR, DURABILITY, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
     HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY,
     METRICS_LISTEN, MQTT_LISTEN, NATS_REPLICAS, NATS_STREAMS, NATS_URL, OSMAND_LISTEN, RETENTION,
     ROUTING, SECRET_FILE, SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES,
-    SINK_BACKLOG_WARN_BYTES,
+    SINK_BACKLOG_WARN_BYTES, WRITE_MODE,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -55,6 +55,8 @@ pub struct ServeConfig {
     pub nats_streams: u32,
     /// `--nats-replicas`.
     pub nats_replicas: u32,
+    /// How heartbeats reach the log's files.
+    pub write_mode: WriteMode,
     /// Data age after which it may be deleted; `None`: keep forever.
     pub retention: Option<Duration>,
     /// Most concurrent client connections.
@@ -434,6 +436,7 @@ impl ServeArgs {
             nats_urls: nats_urls.map(|(u, _)| u.0).unwrap_or_default(),
             nats_streams: r.get(&NATS_STREAMS, &self.nats_streams)?,
             nats_replicas: r.get(&NATS_REPLICAS, &self.nats_replicas)?,
+            write_mode: r.get(&WRITE_MODE, &self.write_mode)?,
             retention: match retention {
                 Retention::For(d) => Some(d),
                 Retention::Forever => None,

@@ -381,6 +381,18 @@ settings! {
         help: "Replicated mode: replicas of each stream geobeat creates, 1..=5 (R3: a stream \
                survives the loss of one server)",
     }
+    setting WRITE_MODE write_mode: WriteMode {
+        flag: "--write-mode",
+        env: "GEOBEAT_WRITE_MODE",
+        key: Some("write_mode"),
+        value: "MODE",
+        default: Text("mmap"),
+        parse: parse_write_mode,
+        help: "How heartbeats reach the log's files: mmap writes them into a shared mapping \
+               (fdatasync writes the mapping back); pwrite stages each group and writes it \
+               with one pwrite before the fdatasync (the files mapped read-only). Both keep \
+               --durability's meaning; see perf/RESULTS.md \"Commit path by pwrite\"",
+    }
     setting RETENTION retention: Retention {
         flag: "--retention",
         env: "GEOBEAT_RETENTION",
@@ -539,6 +551,16 @@ pub enum Durability {
 /// The NATS servers of `--nats-url`, as given (`nats://host:port` or `host:port`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsUrls(pub Vec<String>);
+
+/// How heartbeats are written to the log's segment files (`--write-mode`; the log's own
+/// `WriteMode` below this layer mirrors it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Into a shared read-write mapping of the segment.
+    Mmap,
+    /// Staged per group and written with one `pwrite`.
+    Pwrite,
+}
 
 /// How log lines are written (see `--log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -721,6 +743,14 @@ fn parse_nats_streams(text: &str) -> Result<u32, String> {
 
 fn parse_nats_replicas(text: &str) -> Result<u32, String> {
     parse_int(text, 1, 5)
+}
+
+fn parse_write_mode(text: &str) -> Result<WriteMode, String> {
+    match text.trim() {
+        "mmap" => Ok(WriteMode::Mmap),
+        "pwrite" => Ok(WriteMode::Pwrite),
+        _ => Err("expected `mmap` or `pwrite`".into()),
+    }
 }
 
 fn parse_retention(text: &str) -> Result<Retention, String> {

@@ -117,6 +117,10 @@ pub fn open_stores(
         let shard = ShardId(k as u32);
         let mut cfg = StoreConfig::new(datadir.shard_dir(shard), shard);
         cfg.segment_bytes = shared.cfg.segment_bytes;
+        cfg.write_mode = match shared.cfg.write_mode {
+            crate::config::WriteMode::Mmap => crate::log::WriteMode::Mmap,
+            crate::config::WriteMode::Pwrite => crate::log::WriteMode::Pwrite,
+        };
         let started = Instant::now();
         let (mut store, report) = ShardStore::open(&cfg)
             .map_err(|e| std::io::Error::other(format!("opening shard {shard}: {e}")))?;
