@@ -16,6 +16,8 @@
 //! - [`demo`]: `geobeat demo`'s simulated fleet.
 //! - [`node`]: process-wide server state (configuration, secret, routing, counters, feeds).
 //! - [`metrics`]: per-executor probes and the Prometheus exposition.
+//! - [`replicate`]: `--durability replicated`: NATS JetStream streams, subjects, batches, the
+//!   NATS clients (the shard's replication loop drives them).
 //! - [`flusher`]: drains durable log entries to storage sinks (audit files, PostgreSQL).
 //! - [`store`]: one shard's log plus table behind a small facade.
 //! - [`checkpoint`]: the per-shard last-location checkpoint (last entries retention deleted).
@@ -64,6 +66,7 @@ pub mod proto;
 pub mod query;
 pub mod ratelog;
 pub mod record;
+pub mod replicate;
 pub mod reshard;
 pub mod revoke;
 pub mod route;

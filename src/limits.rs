@@ -655,3 +655,45 @@ const _: () = assert!(TLS_HANDSHAKE_TIMEOUT_MS >= 100);
 // At least one TLS record header and a small record per read.
 const _: () = assert!(TLS_READ_BYTES >= 512);
 const _: () = assert!(TLS_HANDSHAKE_BURST_MAX >= 1 && TLS_HANDSHAKES_PER_S_MAX >= 1);
+
+// Replication to NATS JetStream (`--durability replicated`: src/replicate, src/shard/replicate.rs).
+/// Consecutive vshards of one shard that share a subject (a *unit*): 64 units for the 4096
+/// vshards, so a batch carries the heartbeats of many devices even at low per-device rates
+/// (a subject per vshard would make batches of one heartbeat at fleet rates), while a unit
+/// still moves between nodes as a block (issue 17 item 2).
+pub const REPLICATE_VSHARDS_PER_SUBJECT: usize = 64;
+/// Most heartbeats one executor publishes in one round (all its units together): bounds the
+/// batches in flight and the memory they hold (entries are about 100-300 bytes).
+pub const REPLICATE_ROUND_ENTRIES_MAX: usize = 20_000;
+/// Largest batch payload, bytes: below NATS's default `max_payload` (1 MiB).
+pub const REPLICATE_BATCH_BYTES_MAX: usize = 512 << 10;
+/// How long a round waits for its PubAcks before resending what got no answer (same message
+/// ids): above one fsynced R3 publish (~3 ms) by far, below a stream leader election (~4.5 s)
+/// so a lost publish is resent soon after the new leader is up.
+pub const REPLICATE_PUBACK_TIMEOUT: Duration = Duration::from_millis(2000);
+/// Pause before resending after "no responders" (no stream leader) or a failed connect.
+pub const REPLICATE_RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// An idle replication connection is PINGed this often (a dead server shows before the next
+/// round needs it).
+pub const REPLICATE_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Time allowed for one JetStream API request (stream info, create, message get) and a connect.
+pub const REPLICATE_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `serve` waits at start-up for a NATS server and a JetStream meta leader before it
+/// refuses to start (replicated durability needs the streams).
+pub const REPLICATE_STARTUP_WAIT: Duration = Duration::from_secs(10);
+/// The streams' duplicate window (`Nats-Msg-Id` dedupe): covers every resend of a batch (they
+/// follow within seconds; a restarted node finds the tail in the stream instead).
+pub const REPLICATE_DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+/// Most servers in `--nats-url`.
+pub const NATS_URLS_MAX: usize = 16;
+/// Most streams (`--nats-streams`).
+pub const NATS_STREAMS_MAX: u32 = 64;
+/// Longest NATS protocol line (INFO of a large cluster included), bytes.
+pub const PROTO_LINE_BYTES_MAX: usize = 64 << 10;
+/// Largest NATS message geobeat accepts (a reply carrying a batch, base64 in JSON), bytes.
+pub const NATS_MSG_BYTES_MAX: usize = 4 << 20;
+/// Bytes a NATS client reads from its socket at a time.
+pub const NATS_READ_CHUNK_BYTES: usize = 16 << 10;
+const _: () = assert!(VSHARDS % REPLICATE_VSHARDS_PER_SUBJECT == 0);
+const _: () = assert!(REPLICATE_BATCH_BYTES_MAX * 2 <= NATS_MSG_BYTES_MAX);
+const _: () = assert!(NATS_STREAMS_MAX as usize <= VSHARDS / REPLICATE_VSHARDS_PER_SUBJECT);

@@ -311,7 +311,7 @@ impl ExecProbe {
 pub struct ProcessInfo {
     /// Seconds since start.
     pub uptime_s: f64,
-    /// `strict` or `relaxed`.
+    /// `strict`, `relaxed` or `replicated`.
     pub durability: &'static str,
     /// Client connections open (all kinds, all executors).
     pub connections_total: usize,
@@ -319,6 +319,9 @@ pub struct ProcessInfo {
     pub sinks: Vec<crate::flusher::SinkStatus>,
     /// The process's CPU, memory and file descriptors (`None` where `/proc` is unreadable).
     pub os: Option<ProcStats>,
+    /// `--durability replicated`: per logical shard, durable log bytes not yet stored by the
+    /// JetStream streams (empty in the other modes).
+    pub replication_lag: Vec<(u32, u64)>,
 }
 
 /// The standard Prometheus process figures, read from `/proc/self` when scraped.
@@ -540,7 +543,7 @@ impl prometheus_client::collector::Collector for Exposition {
                 )
             })
             .collect();
-        self.gauge(e, "geobeat_durability_mode", "Durability mode per shard: sync = dax (MAP_SYNC + cache-line flush) or fdatasync; ack = strict or relaxed", &modes)?;
+        self.gauge(e, "geobeat_durability_mode", "Durability mode per shard: sync = dax (MAP_SYNC + cache-line flush) or fdatasync; ack = strict, relaxed or replicated", &modes)?;
         self.gauge(
             e,
             "geobeat_connections_open",
@@ -796,6 +799,20 @@ impl prometheus_client::collector::Collector for Exposition {
             Some(&Unit::Seconds),
             &acks,
         )?;
+        if !self.process.replication_lag.is_empty() {
+            let lag: Vec<(Labels, i64)> = self
+                .process
+                .replication_lag
+                .iter()
+                .map(|&(k, v)| (vec![("shard", k.to_string())], v as i64))
+                .collect();
+            self.gauge(
+                e,
+                "geobeat_replication_lag_bytes",
+                "Replicated durability: durable log bytes of the shard not yet stored by NATS JetStream (acks wait for them)",
+                &lag,
+            )?;
+        }
         let sinks = &self.process.sinks;
         let per_sink_gauge =
             |f: &dyn Fn(&crate::flusher::SinkStatus) -> i64| -> Vec<(Labels, i64)> {
@@ -990,6 +1007,7 @@ mod tests {
                 connections_total: 5,
                 sinks,
                 os,
+                replication_lag: vec![(3, 4096)],
             },
         )
     }
@@ -1011,6 +1029,7 @@ mod tests {
             "geobeat_ack_latency_seconds_count{executor=\"1\"} 1",
             "geobeat_connections_open{executor=\"1\"} 5",
             "geobeat_log_bytes{shard=\"3\"} 1048576",
+            "geobeat_replication_lag_bytes{shard=\"3\"} 4096",
         ] {
             assert!(text.contains(family), "missing {family} in\n{text}");
         }

@@ -73,6 +73,8 @@ pub struct Shared {
     /// set once by the owning executor; a poisoned log stays so until the process restarts.
     /// `/readyz` reports these.
     pub storage_faults: Vec<std::sync::OnceLock<String>>,
+    /// `--durability replicated`: the streams' naming and each shard's replicated position.
+    pub replication: Option<Arc<crate::replicate::Plan>>,
 }
 
 impl Shared {

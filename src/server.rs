@@ -59,6 +59,9 @@ pub enum ServeError {
     /// The storage sinks could not be started.
     #[error("sinks: {0}")]
     Sinks(String),
+    /// `--durability replicated` could not reach NATS JetStream or set up its streams.
+    #[error("replicated durability: {0} (geobeat refuses to start without the streams; see docs/cluster.md)")]
+    Replication(crate::replicate::Error),
     /// A listen address could not be bound (in use, not local, not permitted).
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -258,7 +261,25 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
         Some(handle)
     };
     let sinks = flusher.as_ref().map(|f| f.status_reader());
+    let replication = if cfg.durability == crate::config::Durability::Replicated {
+        let mut plan = crate::replicate::Plan::new(
+            datadir.router(),
+            &cfg.nats_urls,
+            cfg.nats_streams,
+            cfg.nats_replicas,
+        );
+        plan.log_id = datadir.created_ms();
+        // Refuse to start rather than hold every ack from the first heartbeat: the streams must
+        // exist (a misconfigured URL shows at once, not as devices that never get an ack).
+        plan.prepare(crate::limits::REPLICATE_STARTUP_WAIT)
+            .map_err(ServeError::Replication)?;
+        tracing::info!(servers = %cfg.nats_urls.join(","), streams = cfg.nats_streams, replicas = cfg.nats_replicas, "JetStream streams ready");
+        Some(Arc::new(plan))
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
+        replication,
         feeds,
         fences,
         sinks,
@@ -382,6 +403,9 @@ async fn executor_main(
     let commit = rt::spawn_joinable(core.clone().commit_loop());
     rt::spawn(core.clone().retention_loop());
     rt::spawn(crate::net::revoke::watch_loop(edge.clone()));
+    if shared.replication.is_some() {
+        rt::spawn(core.clone().replicate_loop());
+    }
 
     let listener = rt::bind(
         *shared

@@ -16,9 +16,10 @@ use super::settings::{
     Setting, Typed, WriteMode, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
     CONNECTIONS_MAX, DATA_DIR, DURABILITY, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
     HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY,
-    METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE,
-    SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
-    TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN, WRITE_MODE,
+    METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN, NATS_REPLICAS, NATS_STREAMS, NATS_URL, OSMAND_LISTEN,
+    RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY,
+    SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES, TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN,
+    WRITE_MODE,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -49,6 +50,12 @@ pub struct ServeConfig {
     pub routing: Routing,
     /// Ack policy.
     pub durability: Durability,
+    /// `--nats-url`: the JetStream servers (required by, and only with, replicated durability).
+    pub nats_urls: Vec<String>,
+    /// `--nats-streams`.
+    pub nats_streams: u32,
+    /// `--nats-replicas`.
+    pub nats_replicas: u32,
     /// How heartbeats reach the log's files.
     pub write_mode: WriteMode,
     /// Data age after which it may be deleted; `None`: keep forever.
@@ -421,6 +428,27 @@ impl ServeArgs {
                 reason: "--tls-listen and --mqtts-listen need --tls-cert and --tls-key".into(),
             });
         }
+        let durability = r.pick_or_default(&DURABILITY, &self.durability)?;
+        let nats_urls = r.pick(&NATS_URL, &self.nats_url)?;
+        match (&durability, &nats_urls) {
+            ((Durability::Replicated, origin), None) => {
+                return Err(ConfigError::Invalid {
+                    setting: DURABILITY.meta.flag,
+                    value: "replicated".into(),
+                    origin: origin.to_string(),
+                    reason: "needs --nats-url (the JetStream cluster's servers)".into(),
+                })
+            }
+            ((d, _), Some((urls, origin))) if *d != Durability::Replicated => {
+                return Err(ConfigError::Invalid {
+                    setting: NATS_URL.meta.flag,
+                    value: urls.0.join(","),
+                    origin: origin.to_string(),
+                    reason: "is used only with --durability replicated".into(),
+                })
+            }
+            _ => {}
+        }
         Ok(ServeConfig {
             tls_listen,
             mqtts_listen,
@@ -443,7 +471,10 @@ impl ServeArgs {
             commit_entries_max: r.get(&COMMIT_ENTRIES_MAX_S, &self.commit_entries_max)?,
             commit_linger: Duration::from_micros(r.get(&COMMIT_LINGER_US, &self.commit_linger_us)?),
             routing: r.get(&ROUTING, &self.routing)?,
-            durability: r.get(&DURABILITY, &self.durability)?,
+            durability: durability.0,
+            nats_urls: nats_urls.map(|(u, _)| u.0).unwrap_or_default(),
+            nats_streams: r.get(&NATS_STREAMS, &self.nats_streams)?,
+            nats_replicas: r.get(&NATS_REPLICAS, &self.nats_replicas)?,
             write_mode: r.get(&WRITE_MODE, &self.write_mode)?,
             retention: match retention {
                 Retention::For(d) => Some(d),

@@ -392,7 +392,39 @@ settings! {
         default: Text("strict"),
         parse: parse_durability,
         help: "strict: ack only once data is on stable storage; relaxed: ack once written to \
-               the mapped log (survives a process crash, not a power loss)",
+               the mapped log (survives a process crash, not a power loss); replicated: ack once \
+               on stable storage and stored by NATS JetStream (--nats-url, docs/cluster.md)",
+    }
+    setting NATS_URL nats_url: NatsUrls {
+        flag: "--nats-url",
+        env: "GEOBEAT_NATS_URL",
+        key: Some("nats_url"),
+        value: "URLS",
+        default: Unset,
+        parse: parse_nats_urls,
+        help: "NATS servers of the JetStream cluster for --durability replicated, comma-separated \
+               (nats://host:port); tried in turn",
+    }
+    setting NATS_STREAMS nats_streams: u32 {
+        flag: "--nats-streams",
+        env: "GEOBEAT_NATS_STREAMS",
+        key: Some("nats_streams"),
+        value: "N",
+        default: Text("3"),
+        parse: parse_nats_streams,
+        help: "Replicated mode: number of JetStream streams the vshards are spread over (each \
+               holds a vshard range; their Raft leaders spread over the servers), 1..=64; the same \
+               on every node",
+    }
+    setting NATS_REPLICAS nats_replicas: u32 {
+        flag: "--nats-replicas",
+        env: "GEOBEAT_NATS_REPLICAS",
+        key: Some("nats_replicas"),
+        value: "N",
+        default: Text("3"),
+        parse: parse_nats_replicas,
+        help: "Replicated mode: replicas of each stream geobeat creates, 1..=5 (R3: a stream \
+               survives the loss of one server)",
     }
     setting WRITE_MODE write_mode: WriteMode {
         flag: "--write-mode",
@@ -557,7 +589,13 @@ pub enum Durability {
     Strict,
     /// Ack once written to the mapped log (survives a process crash, not a power loss).
     Relaxed,
+    /// Ack once on stable storage and stored by the NATS JetStream streams (docs/cluster.md).
+    Replicated,
 }
+
+/// The NATS servers of `--nats-url`, as given (`nats://host:port` or `host:port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsUrls(pub Vec<String>);
 
 /// How heartbeats are written to the log's segment files (`--write-mode`; the log's own
 /// `WriteMode` below this layer mirrors it).
@@ -714,8 +752,42 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
     match text.trim() {
         "strict" => Ok(Durability::Strict),
         "relaxed" => Ok(Durability::Relaxed),
-        _ => Err("expected `strict` or `relaxed`".into()),
+        "replicated" => Ok(Durability::Replicated),
+        _ => Err("expected `strict`, `relaxed` or `replicated`".into()),
     }
+}
+
+fn parse_nats_urls(text: &str) -> Result<NatsUrls, String> {
+    let mut urls = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let addr = part.strip_prefix("nats://").unwrap_or(part);
+        if addr.contains("://") {
+            return Err(format!("{part}: only nats:// URLs (no TLS yet)"));
+        }
+        let (host, port) = addr
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{part}: expected nats://host:port"))?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!("{part}: expected nats://host:port"));
+        }
+        urls.push(part.to_string());
+    }
+    if urls.is_empty() || urls.len() > crate::limits::NATS_URLS_MAX {
+        return Err(format!(
+            "expected 1..={} comma-separated nats://host:port",
+            crate::limits::NATS_URLS_MAX
+        ));
+    }
+    Ok(NatsUrls(urls))
+}
+
+fn parse_nats_streams(text: &str) -> Result<u32, String> {
+    parse_int(text, 1, crate::limits::NATS_STREAMS_MAX)
+}
+
+fn parse_nats_replicas(text: &str) -> Result<u32, String> {
+    parse_int(text, 1, 5)
 }
 
 fn parse_write_mode(text: &str) -> Result<WriteMode, String> {

@@ -489,3 +489,56 @@ fn mqtt_listen_defaults_to_loopback_1883_and_can_be_switched_off() {
     let err = resolve(&none, &[("GEOBEAT_MQTT_LISTEN", "1883")], None).unwrap_err();
     assert!(err.to_string().contains("--mqtt-listen"), "{err}");
 }
+
+#[test]
+fn replicated_durability_pairs_with_nats_urls_from_any_source() {
+    // `replicated` needs `--nats-url`; `--nats-url` is refused without it; URLs are checked
+    // (scheme, host:port) and may come from the environment or the file like any setting.
+    let c = resolve(
+        &serve_args(&[
+            "--durability",
+            "replicated",
+            "--nats-url",
+            "nats://127.0.0.1:4222, 127.0.0.2:4222",
+        ]),
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(c.durability, Durability::Replicated);
+    assert_eq!(c.nats_urls, vec!["nats://127.0.0.1:4222", "127.0.0.2:4222"]);
+    assert_eq!((c.nats_streams, c.nats_replicas), (3, 3));
+    let c = resolve(
+        &ServeArgs::default(),
+        &[
+            ("GEOBEAT_DURABILITY", "replicated"),
+            ("GEOBEAT_NATS_STREAMS", "8"),
+        ],
+        Some("nats_url = \"nats://n1:4222\"\nnats_replicas = 1\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        (c.nats_urls.len(), c.nats_streams, c.nats_replicas),
+        (1, 8, 1)
+    );
+    let e = resolve(&serve_args(&["--durability", "replicated"]), &[], None).unwrap_err();
+    assert!(e.to_string().contains("needs --nats-url"), "{e}");
+    let e = resolve(
+        &serve_args(&[]),
+        &[("GEOBEAT_NATS_URL", "nats://h:1")],
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("only with --durability replicated"),
+        "{e}"
+    );
+    for bad in ["tls://h:4222", "nats://h", "nats://:4222", "h:port", ""] {
+        assert!(
+            Cli::try_parse_from(["geobeat", "serve", "--nats-url", bad]).is_err(),
+            "{bad:?} accepted"
+        );
+    }
+    assert!(Cli::try_parse_from(["geobeat", "serve", "--nats-streams", "65"]).is_err());
+    assert!(Cli::try_parse_from(["geobeat", "serve", "--nats-replicas", "0"]).is_err());
+}

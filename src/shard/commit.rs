@@ -124,18 +124,29 @@ impl Core {
         // Subscription events of this group go out now that it is durable.
         self.fanout
             .durable(self.shared.owner(slot.shard).1, durable);
+        if self.shared.replication.is_some() {
+            // Replicated mode: the replication loop acks once the streams hold it too.
+            self.replicate_signal.notify();
+            return;
+        }
+        self.complete_below(slot, durable);
+    }
+
+    /// Completes the waiters of `slot` whose group ends below `upto` (durable, and in
+    /// replicated mode also in the streams).
+    pub(super) fn complete_below(&self, slot: &StoreSlot, upto: crate::log::LogPos) {
         loop {
             let next = {
                 let mut w = slot.waiters.borrow_mut();
                 match w.front() {
-                    Some(front) if front.pos < durable => w.pop_front(),
+                    Some(front) if front.pos < upto => w.pop_front(),
                     _ => None,
                 }
             };
             match next {
                 Some(w) => {
                     // The precondition of every ack: the group's last entry is durable.
-                    debug_assert!(w.pos < durable);
+                    debug_assert!(w.pos < slot.store.borrow().durable());
                     self.complete(w.target)
                 }
                 None => break,

@@ -100,6 +100,8 @@ pub struct Core {
     pub fanout: Fanout,
     /// Wakes the commit loop after appends.
     pub(super) commit_signal: Rc<Signal>,
+    /// Wakes the replication loop after commits (`--durability replicated`).
+    pub(super) replicate_signal: Rc<Signal>,
     links: Links,
     batch_pool: RefCell<Vec<Vec<(u64, Heartbeat)>>>,
 }
@@ -126,6 +128,12 @@ pub fn open_stores(
         if !shared.cfg.sinks.is_empty() {
             store
                 .register_consumer(crate::flusher::CONSUMER_NAME)
+                .map_err(|e| std::io::Error::other(format!("shard {shard}: {e}")))?;
+        }
+        if shared.replication.is_some() {
+            // Retention keeps what the streams do not hold yet.
+            store
+                .register_consumer(crate::replicate::CONSUMER_NAME)
                 .map_err(|e| std::io::Error::other(format!("shard {shard}: {e}")))?;
         }
         shared.feeds[k].publish_durable(store.durable());
@@ -177,6 +185,7 @@ impl Core {
             probe: ExecProbe::new(peers),
             fanout,
             commit_signal: Signal::new(),
+            replicate_signal: Signal::new(),
             links,
             batch_pool: RefCell::new(Vec::new()),
         }
@@ -303,8 +312,14 @@ impl Core {
         // durability like a strict one.
         let in_page_cache =
             relaxed && pos.is_some() && slot.store.borrow_mut().write_staged().is_ok();
+        // Replicated mode: an ack also waits for the streams (the replication loop's position,
+        // never past the durable one).
+        let floor = match &self.shared.replication {
+            Some(plan) => crate::log::LogPos(plan.replicated(slot.shard.0 as usize)),
+            None => slot.store.borrow().durable(),
+        };
         match pos {
-            Some(pos) if !in_page_cache && slot.store.borrow().durable() <= pos => {
+            Some(pos) if !in_page_cache && floor <= pos => {
                 let mut waiters = slot.waiters.borrow_mut();
                 // Waiters complete in position order: each registers behind the last.
                 debug_assert!(waiters.back().is_none_or(|w| w.pos < pos));

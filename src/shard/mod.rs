@@ -20,4 +20,5 @@ pub mod acks;
 pub mod commit;
 pub mod core;
 pub mod mesh;
+pub mod replicate;
 pub mod retention;

@@ -136,6 +136,7 @@ fn process_info(shared: &Shared) -> ProcessInfo {
         durability: match shared.cfg.durability {
             Durability::Strict => "strict",
             Durability::Relaxed => "relaxed",
+            Durability::Replicated => "replicated",
         },
         connections_total: shared
             .connections_open
@@ -146,6 +147,18 @@ fn process_info(shared: &Shared) -> ProcessInfo {
             .map(|s| s.status())
             .unwrap_or_default(),
         os: crate::metrics::ProcStats::read(),
+        replication_lag: shared
+            .replication
+            .as_ref()
+            .map(|plan| {
+                (0..shared.shard_count as usize)
+                    .map(|k| {
+                        let durable = shared.feeds[k].durable().0;
+                        (k as u32, durable.saturating_sub(plan.replicated(k)))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -177,6 +190,9 @@ async fn stats(core: &Core) -> Response {
         connections_total: usize,
         shard_count: u32,
         executors: Vec<ExecSnapshot>,
+        /// `--durability replicated`: per shard, durable vs replicated positions and the lag.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replication: Option<serde_json::Value>,
     }
     let info = process_info(&core.shared);
     let body = Stats {
@@ -185,6 +201,11 @@ async fn stats(core: &Core) -> Response {
         connections_total: info.connections_total,
         shard_count: core.shared.shard_count,
         executors: core.on_all(|c: &Core| c.snapshot()).await,
+        replication: core
+            .shared
+            .replication
+            .as_ref()
+            .map(|plan| plan.report(|k| core.shared.feeds[k].durable().0)),
     };
     Response::json(200, serde_json::to_string(&body).expect("serializable"))
 }

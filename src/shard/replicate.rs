@@ -1,0 +1,429 @@
+//! The replication loop of one executor (`--durability replicated`, an `impl Core` block like
+//! the commit loop): reads what its shards made durable, publishes it to JetStream in batches
+//! (one per unit — a vshard range of one shard — per round, see `replicate`), and once every
+//! batch of a round has its PubAck, moves each shard's replicated position and completes the
+//! ack waiters below it. It owns the retry rule: a batch without an answer (timeout, no
+//! responders) is resent unchanged (same `Nats-Msg-Id`, same expected subject sequence) until
+//! it is stored. A batch refused for a wrong last subject sequence, or answered as a duplicate
+//! (a resend whose first try landed, or a batch formed again after a lost connection), makes the
+//! loop read that subject's tail from the stream and form the round again from there: the
+//! entries the tail covers are skipped, so nothing is stored twice and nothing is skipped
+//! unstored. While NATS is unreachable or slow nothing more is acked (the ack ledger's bounds
+//! then pause the connections' readers): nothing is ever acked on a local fdatasync alone in
+//! this mode.
+//!
+//! On start it reads, per unit of its shards, the last batch in the stream (its end position
+//! and stream sequence) and resumes each shard from the highest `Geobeat-Replicated` it finds:
+//! entries a unit already stored are skipped, so a restart publishes neither twice nor with a
+//! gap.
+//!
+//! Invariants: a shard's replicated position never passes its durable position, never goes
+//! back, and everything below it is in the streams; a unit has at most one batch in flight.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::limits::{
+    REPLICATE_BATCH_BYTES_MAX, REPLICATE_KEEPALIVE_INTERVAL, REPLICATE_PUBACK_TIMEOUT,
+    REPLICATE_RETRY_BACKOFF, REPLICATE_ROUND_ENTRIES_MAX, STOP_POLL_INTERVAL,
+};
+use crate::log::{LogPos, ScanEnd};
+use crate::replicate::batch::Builder;
+use crate::replicate::conn::{Conn, Publish};
+use crate::replicate::wire::{PubAck, ERR_WRONG_LAST_SEQUENCE};
+use crate::replicate::{self, Plan};
+use crate::route::vshard_of;
+use crate::rt;
+use crate::shard::core::Core;
+
+/// What the stream holds of one unit.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tail {
+    /// Position just past the unit's last stored entry (0: none).
+    end: u64,
+    /// Stream sequence of its last batch (0: none): the next publish's expected last subject
+    /// sequence.
+    seq: u64,
+}
+
+/// One batch of a round.
+struct Pending {
+    unit: u16,
+    subject: String,
+    headers: Vec<(&'static str, String)>,
+    batch: Builder,
+    done: bool,
+}
+
+impl Core {
+    fn plan(&self) -> &Arc<Plan> {
+        self.shared
+            .replication
+            .as_ref()
+            .expect("replication loop runs only with a plan")
+    }
+
+    /// Reads the tail of every unit of this executor's shards from the streams, and each
+    /// shard's resume position.
+    async fn resync(
+        &self,
+        conn: &mut Conn,
+        tails: &mut HashMap<u16, Tail>,
+    ) -> Result<(), replicate::Error> {
+        let plan = self.plan().clone();
+        for slot in &self.stores {
+            let mut resume = 0u64;
+            for u in plan.units() {
+                if self.shared.router.shard_of_vshard(crate::route::VShard(u)) != slot.shard {
+                    continue;
+                }
+                let tail = self.fetch_tail(conn, &plan, u).await?;
+                resume = resume.max(tail.1);
+                tails.insert(u, tail.0);
+            }
+            let st = &plan.status[slot.shard.0 as usize];
+            let durable = slot.store.borrow().durable().0;
+            // Only durable entries are ever published: a stream ahead of the local log means
+            // this log went back (restored from an older backup, or lost its tail). Its new
+            // entries would take positions the streams already name and be skipped as stored:
+            // replicate nothing (acks wait) rather than ack what is not in the streams.
+            if let Some((&u, t)) = tails
+                .iter()
+                .filter(|(&u, _)| {
+                    self.shared.router.shard_of_vshard(crate::route::VShard(u)) == slot.shard
+                })
+                .find(|(_, t)| t.end > durable)
+            {
+                return Err(replicate::Error::LogBehind {
+                    subject: plan.subject(u),
+                    stream_end: t.end,
+                    shard: slot.shard.0,
+                    durable,
+                });
+            }
+            st.replicated.fetch_max(resume, Ordering::AcqRel);
+            tracing::info!(shard = %slot.shard, resume, durable, "replication resumes");
+        }
+        Ok(())
+    }
+
+    /// Unit `u`'s tail and the `Geobeat-Replicated` of its last batch.
+    async fn fetch_tail(
+        &self,
+        conn: &mut Conn,
+        plan: &Plan,
+        u: u16,
+    ) -> Result<(Tail, u64), replicate::Error> {
+        let stream = plan.stream_of(u);
+        let req = serde_json::json!({ "last_by_subj": plan.subject(u) });
+        match conn
+            .api(&format!("$JS.API.STREAM.MSG.GET.{stream}"), &req)
+            .await
+        {
+            Ok(v) => {
+                let m = replicate::blocking::parse_stored(&v)?;
+                plan.check_log(u, &m.headers)?;
+                let h = |name| {
+                    replicate::wire::header(&m.headers, name)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                Ok((
+                    Tail {
+                        end: h(replicate::HDR_END),
+                        seq: m.seq,
+                    },
+                    h(replicate::HDR_REPLICATED),
+                ))
+            }
+            Err(replicate::Error::Api {
+                err_code: 10037, ..
+            }) => Ok((Tail::default(), 0)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forms the next round from the durable entries not yet replicated: one batch per unit,
+    /// at most [`REPLICATE_ROUND_ENTRIES_MAX`] entries and [`REPLICATE_BATCH_BYTES_MAX`] bytes
+    /// per batch. Returns the batches and each shard's round end (local index, position).
+    fn build_round(&self, tails: &HashMap<u16, Tail>) -> (Vec<Pending>, Vec<(usize, LogPos)>) {
+        let plan = self.plan();
+        let mut batches: Vec<Pending> = Vec::new();
+        let mut by_unit: HashMap<u16, usize> = HashMap::new();
+        let mut ends = Vec::new();
+        let mut entries = 0usize;
+        for (local, slot) in self.stores.iter().enumerate() {
+            let from = LogPos(plan.replicated(slot.shard.0 as usize));
+            let store = slot.store.borrow();
+            let durable = store.durable();
+            if from >= durable {
+                continue;
+            }
+            let log = store.log();
+            let mut scan = log.scan_from(from, ScanEnd::Durable);
+            let mut end = from;
+            let mut full = false;
+            for e in scan.by_ref() {
+                if entries >= REPLICATE_ROUND_ENTRIES_MAX {
+                    full = true;
+                    end = e.pos;
+                    break;
+                }
+                let unit = plan.unit_of(vshard_of(e.hb.device_id.as_str()));
+                let tail = tails.get(&unit).copied().unwrap_or_default();
+                if e.pos.0 < tail.end {
+                    // Stored before a restart or by a batch this loop re-formed.
+                    end = e.end();
+                    continue;
+                }
+                let i = *by_unit.entry(unit).or_insert_with(|| {
+                    batches.push(Pending {
+                        unit,
+                        subject: plan.subject(unit),
+                        headers: Vec::new(),
+                        batch: Builder::new(),
+                        done: false,
+                    });
+                    batches.len() - 1
+                });
+                let b = &mut batches[i].batch;
+                if b.count() > 0
+                    && b.len_bytes() + 8 + e.len_bytes as usize > REPLICATE_BATCH_BYTES_MAX
+                {
+                    full = true;
+                    end = e.pos;
+                    break;
+                }
+                let (_, raw) = log.read_raw(e.pos).expect("a scanned entry reads back");
+                b.push(e.pos, raw, e.end());
+                entries += 1;
+                end = e.end();
+            }
+            if !full {
+                end = end.max(scan.next_pos()).min(durable);
+            }
+            if end > from {
+                ends.push((local, end));
+            }
+            if full {
+                break;
+            }
+        }
+        for p in &mut batches {
+            let tail = tails.get(&p.unit).copied().unwrap_or_default();
+            let last = p.batch.last().expect("batches are never empty");
+            let shard = self
+                .shared
+                .router
+                .shard_of_vshard(crate::route::VShard(p.unit));
+            p.headers = vec![
+                (replicate::HDR_MSG_ID, plan.msg_id(p.unit, last)),
+                (
+                    replicate::HDR_EXPECTED_LAST_SUBJECT_SEQ,
+                    tail.seq.to_string(),
+                ),
+                (replicate::HDR_END, p.batch.end().0.to_string()),
+                (
+                    replicate::HDR_REPLICATED,
+                    plan.replicated(shard.0 as usize).to_string(),
+                ),
+                (replicate::HDR_SHARD, shard.0.to_string()),
+                (replicate::HDR_LOG, plan.log_id.to_string()),
+            ];
+        }
+        (batches, ends)
+    }
+
+    /// Publishes `batches` until each is stored. `Ok(false)`: a unit's tail moved under it (a
+    /// wrong last subject sequence): re-form the round. `Err`: the connection failed.
+    async fn ship(
+        &self,
+        conn: &mut Conn,
+        batches: &mut [Pending],
+        tails: &mut HashMap<u16, Tail>,
+    ) -> Result<bool, replicate::Error> {
+        let plan = self.plan().clone();
+        let mut acks = Vec::new();
+        loop {
+            let open: Vec<usize> = (0..batches.len()).filter(|&i| !batches[i].done).collect();
+            if open.is_empty() {
+                return Ok(true);
+            }
+            let pubs: Vec<Publish<'_>> = open
+                .iter()
+                .map(|&i| Publish {
+                    subject: &batches[i].subject,
+                    headers: &batches[i].headers,
+                    payload: batches[i].batch.bytes(),
+                })
+                .collect();
+            conn.publish_round(&pubs, REPLICATE_PUBACK_TIMEOUT, &mut acks)
+                .await?;
+            drop(pubs);
+            let mut refetch = Vec::new();
+            let mut retry = false;
+            for (k, &i) in open.iter().enumerate() {
+                let b = &mut batches[i];
+                let st = &plan.status[self
+                    .shared
+                    .router
+                    .shard_of_vshard(crate::route::VShard(b.unit))
+                    .0 as usize];
+                match &acks[k] {
+                    Some(PubAck::Stored {
+                        duplicate: true, ..
+                    }) => {
+                        // The id was stored before (a resend whose first try landed): the
+                        // stored batch is this one only if the subject's tail says so. Re-read
+                        // it and re-form the round from there (rare: a lost PubAck).
+                        st.duplicates.fetch_add(1, Ordering::Relaxed);
+                        refetch.push(b.unit);
+                    }
+                    Some(PubAck::Stored { seq, .. }) => {
+                        b.done = true;
+                        tails.insert(
+                            b.unit,
+                            Tail {
+                                end: b.batch.end().0,
+                                seq: *seq,
+                            },
+                        );
+                        st.batches.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(PubAck::Refused {
+                        err_code,
+                        description,
+                    }) if *err_code == ERR_WRONG_LAST_SEQUENCE => {
+                        tracing::info!(unit = b.unit, error = %description, "subject tail moved; re-reading it");
+                        refetch.push(b.unit);
+                    }
+                    other => {
+                        st.retries.fetch_add(1, Ordering::Relaxed);
+                        retry = true;
+                        if let Some(PubAck::Refused {
+                            err_code,
+                            description,
+                        }) = other
+                        {
+                            tracing::warn!(unit = b.unit, err_code, error = %description, "publish refused; retrying");
+                        }
+                    }
+                }
+            }
+            if !refetch.is_empty() {
+                for u in refetch {
+                    let (tail, _) = self.fetch_tail(conn, &plan, u).await?;
+                    tails.insert(u, tail);
+                }
+                return Ok(false);
+            }
+            if retry {
+                rt::sleep(REPLICATE_RETRY_BACKOFF).await;
+            }
+        }
+    }
+
+    /// The replication loop (see the module comment). Spawned once per executor by `server`
+    /// when `--durability replicated`.
+    pub async fn replicate_loop(self: Rc<Self>) {
+        let plan = self.plan().clone();
+        let name = format!("geobeat-{}", self.index.0);
+        let mut conn: Option<Conn> = None;
+        let mut next_addr = self.index.0;
+        let mut tails: HashMap<u16, Tail> = HashMap::new();
+        let mut synced = false;
+        let mut last_io = Instant::now();
+        let warn = crate::ratelog::LogEvery::new(Duration::from_secs(5));
+        loop {
+            if self.stopping()
+                && self.shared.executors_drained.load(Ordering::Acquire) == self.shared.executors
+            {
+                return;
+            }
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match Conn::connect(&plan.addrs, next_addr, &name).await {
+                    Ok(c) => {
+                        tracing::info!(
+                            executor = self.index.0,
+                            server = c.addr(),
+                            "connected to NATS"
+                        );
+                        conn.insert(c)
+                    }
+                    Err(e) => {
+                        if let Some(n) = warn.check() {
+                            tracing::warn!(executor = self.index.0, error = %e, suppressed_since_last = n, "NATS unreachable; acks wait");
+                        }
+                        next_addr += 1;
+                        rt::sleep(REPLICATE_RETRY_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            if !synced {
+                match self.resync(c, &mut tails).await {
+                    Ok(()) => synced = true,
+                    Err(e) => {
+                        if let Some(n) = warn.check() {
+                            tracing::error!(executor = self.index.0, error = %e, suppressed_since_last = n, "reading the stream tails failed; acks wait; retrying");
+                        }
+                        conn = None;
+                        next_addr += 1;
+                        rt::sleep(REPLICATE_RETRY_BACKOFF).await;
+                        continue;
+                    }
+                }
+            }
+            let (mut batches, ends) = self.build_round(&tails);
+            if ends.is_empty() {
+                rt::timeout(
+                    STOP_POLL_INTERVAL.max(Duration::from_millis(100)),
+                    self.replicate_signal.wait(),
+                )
+                .await;
+                if last_io.elapsed() >= REPLICATE_KEEPALIVE_INTERVAL {
+                    last_io = Instant::now();
+                    if let Err(e) = c.ping().await {
+                        tracing::warn!(executor = self.index.0, error = %e, "NATS connection lost; reconnecting");
+                        conn = None;
+                        next_addr += 1;
+                    }
+                }
+                continue;
+            }
+            last_io = Instant::now();
+            match self.ship(c, &mut batches, &mut tails).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    if let Some(n) = warn.check() {
+                        tracing::warn!(executor = self.index.0, error = %e, suppressed_since_last = n, "NATS connection lost mid-round; reconnecting, the round is resent");
+                    }
+                    // The round is formed again: a batch that was stored before the failure is
+                    // resent with the same message id and expected sequence, and JetStream
+                    // answers it as a duplicate (or with a wrong last sequence, which re-reads
+                    // the tail): never stored twice.
+                    conn = None;
+                    next_addr += 1;
+                    continue;
+                }
+            }
+            for (local, end) in ends {
+                let slot = &self.stores[local];
+                let st = &plan.status[slot.shard.0 as usize];
+                let before = st.replicated.fetch_max(end.0, Ordering::AcqRel);
+                debug_assert!(end.0 >= before, "replicated position went back");
+                debug_assert!(end <= slot.store.borrow().durable());
+                let _ = slot
+                    .store
+                    .borrow_mut()
+                    .set_consumed(replicate::CONSUMER_NAME, end);
+                self.complete_below(slot, end);
+            }
+        }
+    }
+}
