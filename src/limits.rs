@@ -614,3 +614,14 @@ pub const DEVICE_HTTP_DURABLE_WAIT_MS: u64 = 10_000;
 const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX <= HTTP_BODY_BYTES_MAX);
 const _: () = assert!(DEVICE_HTTP_BODY_BYTES_MAX + HTTP_URI_BYTES_MAX <= DEVICE_PARAMS_BYTES_MAX);
 const _: () = assert!(BASIC_CREDENTIALS_BYTES_MAX < HTTP_HEAD_BYTES_MAX);
+
+// Exactly once from the device (issue 18: src/table/device_seq.rs, src/store.rs, src/shard/core.rs).
+/// Reordering tolerated below a device's high-water mark: a heartbeat whose device sequence is at
+/// most this far below the highest stored one is still stored if it never was (a buffered send
+/// overtaken by a later one); further below, it is acknowledged as a duplicate and counted.
+pub const DEVICE_SEQ_WINDOW: u64 = 64;
+/// Devices without sequence numbers (HTTP apps: OsmAnd, OwnTracks) are deduplicated on
+/// (device, device timestamp) against this many of the device's most recently stored entries
+/// (a walk back its chain in the log; nothing kept in memory).
+pub const DEDUPE_DEVICE_TIME_ENTRIES_MAX: usize = 16;
+const _: () = assert!(DEVICE_SEQ_WINDOW <= 64 && DEDUPE_DEVICE_TIME_ENTRIES_MAX >= 1);

@@ -43,6 +43,7 @@ use crate::route::ShardId;
 use crate::rt::{self, TcpStream};
 use crate::shard::acks::{ConnAcks, ConnKey};
 use crate::shard::mesh::Batch;
+use crate::store::Dedupe;
 
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
@@ -76,10 +77,12 @@ impl Kind for IngestKind {
             Refusal { status, body }
         })?;
         let claims = auth::check(&edge.core.shared, req, Need::Ingest)?;
+        let epoch = declared_epoch(req, &claims.scope)?;
         Ok(Grant {
             accept_key,
             scope: claims.scope,
             expires_at_s: claims.expires_at_s,
+            epoch,
         })
     }
 
@@ -120,6 +123,42 @@ impl Kind for IngestKind {
     }
 }
 
+/// The device-sequence epoch of an upgrade (`?epoch=E`, 0 ..= 2^32-1; issue 18): only with a
+/// device token, since the marks are per device. 400 for anything else.
+fn declared_epoch(req: &Request<'_>, scope: &Scope) -> Result<Option<u32>, Refusal> {
+    let bad = |why: &str| {
+        let (status, body) = parse::json_error(400, why, Some("epoch"));
+        Refusal { status, body }
+    };
+    let mut buf = Vec::new();
+    let Some(raw) = parse::query_param(req.query, "epoch", &mut buf)
+        .map_err(|_| bad("epoch: bad percent-encoding"))?
+    else {
+        return Ok(None);
+    };
+    let epoch = raw
+        .parse::<u32>()
+        .map_err(|_| bad("epoch must be an integer in 0..=4294967295"))?;
+    if !matches!(scope, Scope::Device(_)) {
+        return Err(bad("epoch (device-scoped sequence numbers) needs a device token"));
+    }
+    Ok(Some(epoch))
+}
+
+/// The resume frame of a connection that declared `epoch`: the device's durable high-water mark
+/// from the shard that owns it (`(epoch, 0)` for a device with none yet).
+async fn resume_frame(core: &crate::shard::core::Core, id: &str, epoch: u32) -> Option<String> {
+    let shard = core.shared.router.shard_of(id);
+    let owned = id.to_string();
+    let mark = core
+        .query(shard, move |store| store.audit(&owned).and_then(|a| a.mark))
+        .await?;
+    let (e, n) = mark.map_or((epoch, 0), |m| (m.epoch, m.seq));
+    let mut text = String::new();
+    proto::ack::write_resume(&mut text, e, n);
+    Some(text)
+}
+
 /// Takes over a connection handed over by executor `from` (from the hand-off mesh).
 pub fn adopt(edge: Rc<Edge>, from: ExecutorId, msg: Handoff) {
     use std::os::fd::IntoRawFd;
@@ -158,6 +197,14 @@ async fn serve(
     .await;
     let gate = meter.clone();
     let (sink, source) = ws::split(ws, meter);
+    // Issue 18: a device that declared an epoch hears its mark first.
+    let resume = match (&grant.scope, grant.epoch) {
+        (Scope::Device(id), Some(epoch)) => match resume_frame(core, id, epoch).await {
+            Some(text) => Some(text),
+            None => return,
+        },
+        _ => None,
+    };
     let key = core.acks.open();
     let signal = core
         .acks
@@ -169,6 +216,7 @@ async fn serve(
     let writer = rt::spawn_joinable(write_loop(
         edge.clone(),
         key,
+        resume,
         sink,
         ctl.clone(),
         signal.clone(),
@@ -197,6 +245,7 @@ async fn read_loop(
             .set(Some((close::POLICY, "token scope does not allow ingest")));
         return;
     };
+    let dedupe = grant.epoch.map_or(Dedupe::Off, Dedupe::Seq);
     let mut seqs = proto::SeqTracker::new();
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
     let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
@@ -237,6 +286,7 @@ async fn read_loop(
             key,
             payload,
             scope,
+            dedupe,
             &mut seqs,
             &mut budget,
             &mut forwards,
@@ -253,6 +303,7 @@ async fn read_loop(
                         frame,
                         items,
                         failed: Vec::new(),
+                        dedupe,
                     };
                     // Waits for room in the owner's channel: a slow owner slows this reader.
                     if core.forward(shard, batch).await.is_err() {
@@ -291,6 +342,7 @@ fn process_frame(
     key: ConnKey,
     payload: Payload<'_>,
     scope: IngestScope<'_>,
+    dedupe: Dedupe,
     seqs: &mut proto::SeqTracker,
     budget: &mut proto::ErrorBudget,
     forwards: &mut Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
@@ -391,6 +443,7 @@ fn process_frame(
             first_shard,
             key,
             frame,
+            dedupe,
             slots.iter().filter_map(accepted_pair),
         );
         return Step::Done;
@@ -420,7 +473,13 @@ fn process_frame(
     while i < forwards.len() {
         if core.owner(forwards[i].0) == core.index {
             let (shard, items) = forwards.swap_remove(i);
-            core.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
+            core.append_local(
+                shard,
+                key,
+                frame,
+                dedupe,
+                items.iter().map(|(s, h)| (*s, h)),
+            );
             core.recycle(items);
         } else {
             i += 1;
@@ -448,12 +507,13 @@ fn now_ms_u64() -> u64 {
 async fn write_loop(
     edge: Rc<Edge>,
     key: ConnKey,
+    resume: Option<String>,
     sink: Sink,
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
     gate: Rc<ReadMeter>,
 ) {
-    let res = write_frames(&edge, key, sink, &ctl, &signal, &gate).await;
+    let res = write_frames(&edge, key, resume, sink, &ctl, &signal, &gate).await;
     // Never leave the reader behind a held Close.
     gate.release_close();
     if let Err(e) = res {
@@ -468,6 +528,7 @@ async fn write_loop(
 async fn write_frames(
     edge: &Edge,
     key: ConnKey,
+    resume: Option<String>,
     sink: Sink,
     ctl: &Ctl,
     signal: &rt::Signal,
@@ -475,6 +536,10 @@ async fn write_frames(
 ) -> Result<(), WriteError> {
     let core = &edge.core;
     let mut out = WsWriter::new(sink, core.shared.cfg.idle_timeout);
+    if let Some(text) = resume {
+        out.feed(Message::text(text)).await?;
+        out.flush().await?;
+    }
     let mut acked = 0u64;
     let mut text = String::with_capacity(64);
     loop {

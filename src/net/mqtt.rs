@@ -650,6 +650,7 @@ async fn read_loop<S: Stream>(
                         frame,
                         items,
                         failed: Vec::new(),
+                        dedupe: crate::store::Dedupe::Off,
                     };
                     // Waits for room in the owner's channel: a slow owner slows this reader.
                     if core.forward(shard, batch).await.is_err() {
@@ -897,7 +898,13 @@ fn publish(
         }
         if core.owner(forwards[i].0) == core.index {
             let (shard, items) = forwards.swap_remove(i);
-            core.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
+            core.append_local(
+                shard,
+                key,
+                frame,
+                crate::store::Dedupe::Off,
+                items.iter().map(|(s, h)| (*s, h)),
+            );
             core.recycle(items);
         } else {
             i += 1;

@@ -21,7 +21,7 @@ use crate::node::{ExecutorId, Shared};
 use crate::record::Heartbeat;
 use crate::route::ShardId;
 use crate::rt::{self, Signal, Stop, SyncFile};
-use crate::store::{ShardStore, StoreConfig};
+use crate::store::{Dedupe, Outcome, ShardStore, StoreConfig};
 use crate::subscribe::Fanout;
 
 use crate::shard::acks::{AckLedger, ConnKey};
@@ -219,10 +219,13 @@ impl Core {
 
     /// Appends `items` to a local shard; the group completes `target` once durable. Items that
     /// cannot be stored (disk full, poisoned log) are reported through the target's failure list.
+    /// With `dedupe` on, a duplicate is not stored, but the group's position becomes at least
+    /// that of the entry it duplicates, so its ack waits until that entry is durable too.
     fn append_group<'a>(
         &self,
         slot: &StoreSlot,
         items: impl Iterator<Item = (u64, &'a Heartbeat)>,
+        dedupe: Dedupe,
         failed: &mut Vec<(u64, &'static str)>,
     ) -> Option<LogPos> {
         let mut last = None;
@@ -257,12 +260,29 @@ impl Core {
                 slot.shard,
                 "device routed to the wrong shard"
             );
-            let result = match fanout {
-                None => store.append(hb),
-                Some(local) => store.append_tracked(hb).map(|a| {
+            let result = match (fanout, dedupe) {
+                (None, Dedupe::Off) => store.append(hb),
+                (Some(local), Dedupe::Off) => store.append_tracked(hb).map(|a| {
                     self.fanout.on_append(local, hb, &a);
                     a.pos
                 }),
+                (_, dedupe) => match store.append_dedupe(hb, seq, dedupe) {
+                    Ok(Outcome::Stored(a)) => {
+                        if let Some(local) = fanout {
+                            self.fanout.on_append(local, hb, &a);
+                        }
+                        Ok(a.pos)
+                    }
+                    Ok(Outcome::Duplicate(original)) => {
+                        // Acked with the group, never before the original is durable.
+                        self.probe.duplicate();
+                        if store.durable() <= original {
+                            last = Some(last.map_or(original, |l: LogPos| l.max(original)));
+                        }
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
             };
             match result {
                 Ok(pos) => {
@@ -302,8 +322,10 @@ impl Core {
         match pos {
             Some(pos) if !in_page_cache && slot.store.borrow().durable() <= pos => {
                 let mut waiters = slot.waiters.borrow_mut();
-                // Waiters complete in position order: each registers behind the last.
-                debug_assert!(waiters.back().is_none_or(|w| w.pos < pos));
+                // Waiters complete in position order: each registers behind the last. A group of
+                // duplicates only waits for an earlier entry: it waits behind the last waiter
+                // instead (a little longer, never shorter).
+                let pos = waiters.back().map_or(pos, |w| w.pos.max(pos));
                 waiters.push_back(Waiter { pos, target });
             }
             _ => self.complete(target),
@@ -316,11 +338,12 @@ impl Core {
         shard: ShardId,
         conn: ConnKey,
         frame: u64,
+        dedupe: Dedupe,
         items: impl Iterator<Item = (u64, &'a Heartbeat)>,
     ) {
         let slot = self.slot(shard);
         let mut failed = Vec::new();
-        let pos = self.append_group(slot, items, &mut failed);
+        let pos = self.append_group(slot, items, dedupe, &mut failed);
         self.register(
             slot,
             pos,
@@ -338,7 +361,12 @@ impl Core {
         ExecProbe::add(&self.probe.received_from[peer.0], 1);
         let slot = self.slot(shard);
         let mut failed = std::mem::take(&mut batch.failed);
-        let pos = self.append_group(slot, batch.items.iter().map(|(s, h)| (*s, h)), &mut failed);
+        let pos = self.append_group(
+            slot,
+            batch.items.iter().map(|(s, h)| (*s, h)),
+            batch.dedupe,
+            &mut failed,
+        );
         batch.failed = failed;
         self.register(slot, pos, Target::Remote { peer, batch });
     }
@@ -498,6 +526,7 @@ impl Core {
         for slot in &self.stores {
             let store = slot.store.borrow();
             let stats = store.stats();
+            let (seq_gaps, duplicates_dropped) = store.table().audit_totals();
             snap.shards.push(ShardSnapshot {
                 shard: slot.shard.0,
                 executor: self.index.0,
@@ -508,6 +537,9 @@ impl Core {
                 durable: stats.durable.0,
                 devices: store.table().len(),
                 table_bytes: store.table().heap_bytes(),
+                seq_devices: store.table().audits().count(),
+                seq_gaps,
+                duplicates_dropped,
                 sync_mode: stats.sync_mode.to_string(),
                 group_entries: slot.probe.group_entries.snapshot(),
                 commit_latency: slot.probe.commit_latency.snapshot(),
