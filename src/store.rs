@@ -103,6 +103,15 @@ pub enum Dedupe {
     Off,
     /// The item's `seq` is a device-scoped sequence number in this epoch: stored at most once.
     Seq(u32),
+    /// Like `Seq`, but the group's items (one device's, in order) carry the device-scoped
+    /// sequence numbers `first`, `first + 1`, ... (an MQTT PUBLISH with a `seq` User Property,
+    /// whose item seqs are the connection's own).
+    SeqFrom {
+        /// The epoch.
+        epoch: u32,
+        /// The sequence number of the group's first item.
+        first: u64,
+    },
     /// No sequence numbers: a heartbeat with the same device timestamp as one of the device's
     /// last `limits::DEDUPE_DEVICE_TIME_ENTRIES_MAX` stored entries is a duplicate.
     DeviceTime,
@@ -471,6 +480,11 @@ impl ShardStore {
     ) -> Result<Outcome, Error> {
         match dedupe {
             Dedupe::Off => self.append_inner(hb, None).map(Outcome::Stored),
+            Dedupe::SeqFrom { epoch, first } => {
+                // Resolved per item by the caller (`shard::core`); as a whole group it means
+                // the first item.
+                self.append_dedupe(hb, first, Dedupe::Seq(epoch))
+            }
             Dedupe::Seq(epoch) => {
                 let d = DeviceSeq { epoch, seq };
                 if let Some(a) = self.table.audit(&hb.device_id) {
@@ -499,6 +513,20 @@ impl ShardStore {
                 self.append_inner(hb, None).map(Outcome::Stored)
             }
         }
+    }
+
+    /// Appends an entry copied from another log (reshard, migrate) with the device sequence it
+    /// carried, rebuilding the device's exactly-once state as recovery would; never deduplicates.
+    pub fn append_carried(
+        &mut self,
+        hb: &Heartbeat,
+        dseq: Option<DeviceSeq>,
+    ) -> Result<LogPos, Error> {
+        let a = self.append_inner(hb, dseq)?;
+        if let Some(d) = dseq {
+            self.table.audit_mut(&hb.device_id).apply(d, a.pos);
+        }
+        Ok(a.pos)
     }
 
     fn append_inner(&mut self, hb: &Heartbeat, dseq: Option<DeviceSeq>) -> Result<Appended, Error> {

@@ -252,7 +252,12 @@ impl Core {
         if fanout.is_some() {
             self.fanout.poll_fences();
         }
-        for (seq, hb) in items {
+        for (index, (seq, hb)) in items.enumerate() {
+            // An MQTT PUBLISH numbers its heartbeats from its `seq` property.
+            let (dseq, dedupe) = match dedupe {
+                Dedupe::SeqFrom { epoch, first } => (first + index as u64, Dedupe::Seq(epoch)),
+                other => (seq, other),
+            };
             // The storage call's precondition: the device routes to this shard (glommio's
             // sharding example asserts the same in its handler).
             assert_eq!(
@@ -266,7 +271,7 @@ impl Core {
                     self.fanout.on_append(local, hb, &a);
                     a.pos
                 }),
-                (_, dedupe) => match store.append_dedupe(hb, seq, dedupe) {
+                (_, dedupe) => match store.append_dedupe(hb, dseq, dedupe) {
                     Ok(Outcome::Stored(a)) => {
                         if let Some(local) = fanout {
                             self.fanout.on_append(local, hb, &a);

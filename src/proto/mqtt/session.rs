@@ -109,6 +109,9 @@ pub struct Admitted {
     pub server_keep_alive: bool,
     /// The token's claims (a device or gateway scope).
     pub claims: Claims,
+    /// The device-sequence epoch declared with the CONNECT User Property `epoch` (MQTT 5,
+    /// device tokens; issue 18): PUBLISHes with a User Property `seq` are then stored once.
+    pub epoch: Option<u32>,
 }
 
 /// Admits or refuses a CONNECT: the password must be a geobeat device or gateway token valid at
@@ -173,6 +176,19 @@ pub fn admit(
             ))
         }
     }
+    let epoch = match codec::Props(c.props).user("epoch") {
+        None => None,
+        Some(e) => match (e.parse::<u32>(), &claims.scope) {
+            (Ok(e), Scope::Device(_)) => Some(e),
+            _ => {
+                return Err(refuse(
+                    return_code::NOT_AUTHORIZED,
+                    reason::PROTOCOL_ERROR,
+                    "bad_epoch",
+                ))
+            }
+        },
+    };
     let (client_id, assigned) = if c.client_id.is_empty() {
         (assigned_id(), true)
     } else {
@@ -191,13 +207,16 @@ pub fn admit(
         keep_alive_s,
         server_keep_alive,
         claims,
+        epoch,
     })
 }
 
 /// Appends the CONNACK for an admitted connection: MQTT 5 also learns the server's bounds
 /// (Receive Maximum, Maximum Packet Size), that there are no topic aliases, wildcard, shared or
 /// identified subscriptions, its assigned client id and the Server Keep Alive if it chose one.
-pub fn connack_accepted(a: &Admitted, out: &mut Vec<u8>) {
+/// With `resume` (a connection that declared an epoch), the device's durable high-water mark as
+/// the User Property `resume` = `{"epoch":E,"seq":N}`.
+pub fn connack_accepted(a: &Admitted, resume: Option<(u32, u64)>, out: &mut Vec<u8>) {
     let mut props = PropsWriter::default();
     if a.version == Version::V5 {
         use codec::prop;
@@ -217,6 +236,9 @@ pub fn connack_accepted(a: &Admitted, out: &mut Vec<u8>) {
         }
         if a.server_keep_alive {
             props.u16(prop::SERVER_KEEP_ALIVE, a.keep_alive_s);
+        }
+        if let Some((e, n)) = resume {
+            props.user("resume", &format!("{{\"epoch\":{e},\"seq\":{n}}}"));
         }
     }
     let ack = ConnAck {
