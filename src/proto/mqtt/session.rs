@@ -730,7 +730,7 @@ mod tests {
             (45, true, true)
         );
         let mut out = Vec::new();
-        connack_accepted(&a, &mut out);
+        connack_accepted(&a, Some((2, 41)), &mut out);
         let (p, _) = decode(&out, Some(Version::V5), 1 << 20).unwrap().unwrap();
         let Packet::ConnAck(ack) = p else {
             panic!("{p:?}")
@@ -755,6 +755,7 @@ mod tests {
             Some(PropValue::Str("geobeat-0-1"))
         );
         assert_eq!(props.get(prop::SERVER_KEEP_ALIVE), Some(PropValue::U16(45)));
+        assert_eq!(props.user("resume"), Some(r#"{"epoch":2,"seq":41}"#));
         let mut c311 = connect(Version::V311, Some("d"), Some(tok.as_bytes()));
         c311.client_id = "";
         c311.clean = false;
@@ -764,6 +765,7 @@ mod tests {
         let mut out = Vec::new();
         connack_accepted(
             &admit(&c311, &secret, now, 45, || "x".into()).unwrap(),
+            None,
             &mut out,
         );
         assert_eq!(out, [0x20, 2, 0, 0]);
