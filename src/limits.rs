@@ -624,4 +624,7 @@ pub const DEVICE_SEQ_WINDOW: u64 = 64;
 /// (device, device timestamp) against this many of the device's most recently stored entries
 /// (a walk back its chain in the log; nothing kept in memory).
 pub const DEDUPE_DEVICE_TIME_ENTRIES_MAX: usize = 16;
+/// How long a resume frame (or CONNACK) waits for the device's mark to become durable before
+/// the connection is closed instead (only a failing log makes it wait more than a commit).
+pub const RESUME_DURABLE_WAIT_MS: u64 = 10_000;
 const _: () = assert!(DEVICE_SEQ_WINDOW <= 64 && DEDUPE_DEVICE_TIME_ENTRIES_MAX >= 1);

@@ -146,13 +146,9 @@ fn declared_epoch(req: &Request<'_>, scope: &Scope) -> Result<Option<u32>, Refus
 }
 
 /// The resume frame of a connection that declared `epoch`: the device's durable high-water mark
-/// from the shard that owns it (`(epoch, 0)` for a device with none yet).
+/// from the shard that owns it (`(epoch, 0)` for a device with none yet); `None` closes.
 async fn resume_frame(core: &crate::shard::core::Core, id: &str, epoch: u32) -> Option<String> {
-    let shard = core.shared.router.shard_of(id);
-    let owned = id.to_string();
-    let mark = core
-        .query(shard, move |store| store.audit(&owned).and_then(|a| a.mark))
-        .await?;
+    let mark = core.durable_mark(id).await?;
     let (e, n) = mark.map_or((epoch, 0), |m| (m.epoch, m.seq));
     let mut text = String::new();
     proto::ack::write_resume(&mut text, e, n);

@@ -360,12 +360,7 @@ async fn serve<S: Stream>(
     // Issue 18: a device that declared an epoch learns its durable mark in the CONNACK.
     let resume = match (&admitted.claims.scope, admitted.epoch) {
         (crate::auth::Scope::Device(id), Some(epoch)) => {
-            let shard = core.shared.router.shard_of(id);
-            let owned = id.clone();
-            let Some(mark) = core
-                .query(shard, move |store| store.audit(&owned).and_then(|a| a.mark))
-                .await
-            else {
+            let Some(mark) = core.durable_mark(id).await else {
                 return;
             };
             Some(mark.map_or((epoch, 0), |m| (m.epoch, m.seq)))

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::datadir::DataDir;
-use crate::limits::{BATCH_POOL_MAX, REPEAT_LOG_INTERVAL_MS};
+use crate::limits::{BATCH_POOL_MAX, REPEAT_LOG_INTERVAL_MS, RESUME_DURABLE_WAIT_MS};
 use crate::log::LogPos;
 use crate::metrics::{ExecProbe, ExecSnapshot, ShardSnapshot, StoreProbe};
 use crate::node::{ExecutorId, Shared};
-use crate::record::Heartbeat;
+use crate::record::{DeviceSeq, Heartbeat};
 use crate::route::ShardId;
 use crate::rt::{self, Signal, Stop, SyncFile};
 use crate::store::{Dedupe, Outcome, ShardStore, StoreConfig};
@@ -476,6 +476,32 @@ impl Core {
             .send_to(to.0, msg)
             .await
             .map_err(|_| MeshClosed)
+    }
+
+    /// The durable high-water mark of `device_id` (issue 18), for a resume frame: the mark as
+    /// appended, once the log is durable past its entry (a device drops everything at or below
+    /// the mark it is told, so it must never be told a mark a crash could still take back).
+    /// `Some(None)`: no mark yet. `None`: the shard cannot answer, or its log did not become
+    /// durable within `limits::RESUME_DURABLE_WAIT_MS` (a failing disk): close the connection.
+    pub async fn durable_mark(&self, device_id: &str) -> Option<Option<DeviceSeq>> {
+        let shard = self.shared.router.shard_of(device_id);
+        let deadline = Instant::now() + Duration::from_millis(RESUME_DURABLE_WAIT_MS);
+        loop {
+            let id = device_id.to_owned();
+            let (mark, durable) = self
+                .query(shard, move |store| {
+                    let a = store.audit(&id).filter(|a| a.mark.is_some());
+                    (a.and_then(|a| a.mark), a.is_none_or(|a| store.durable() > a.mark_pos))
+                })
+                .await?;
+            if durable {
+                return Some(mark);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            rt::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Runs `job` on executor `to`'s core (here directly if it is this one) and returns its
