@@ -145,7 +145,10 @@ impl Report {
                 t.below_cursor,
                 t.exported,
                 if t.before_log > 0 {
-                    format!(" ({} older than the retained log, not compared)", t.before_log)
+                    format!(
+                        " ({} older than the retained log, not compared)",
+                        t.before_log
+                    )
                 } else {
                     String::new()
                 }
@@ -167,8 +170,15 @@ type Counts = BTreeMap<String, u64>;
 
 /// One sink to check: its name and how to count its records of a shard in `[from, to)`.
 enum SinkReader {
-    Audit { name: String, dir: PathBuf },
-    Postgres { name: String, client: Box<postgres::Client>, schema: String },
+    Audit {
+        name: String,
+        dir: PathBuf,
+    },
+    Postgres {
+        name: String,
+        client: Box<postgres::Client>,
+        schema: String,
+    },
 }
 
 impl SinkReader {
@@ -181,15 +191,14 @@ impl SinkReader {
     /// Per device records with a position in `[from, to)`, and records below `from`.
     fn count(&mut self, shard: ShardId, from: u64, to: u64) -> Result<(Counts, u64), AuditError> {
         match self {
-            SinkReader::Audit { name, dir } => count_audit_dir(
-                &dir.join(shard_dir_name(shard)),
-                from,
-                to,
-            )
-            .map_err(|reason| AuditError::Sink {
-                sink: name.clone(),
-                reason,
-            }),
+            SinkReader::Audit { name, dir } => {
+                count_audit_dir(&dir.join(shard_dir_name(shard)), from, to).map_err(|reason| {
+                    AuditError::Sink {
+                        sink: name.clone(),
+                        reason,
+                    }
+                })
+            }
             SinkReader::Postgres {
                 name,
                 client,
@@ -346,7 +355,11 @@ fn count_log(dir: &Path, shard: ShardId, from: LogPos, to: LogPos) -> Result<Cou
     let mut tail = Tail::new(dir, shard, from, None);
     loop {
         match tail.next(to) {
-            Ok(Some(e)) => *counts.entry(e.hb.device_id.as_str().to_owned()).or_default() += 1,
+            Ok(Some(e)) => {
+                *counts
+                    .entry(e.hb.device_id.as_str().to_owned())
+                    .or_default() += 1
+            }
             Ok(None) => return Ok(counts),
             Err(e) => {
                 return Err(AuditError::Log {
@@ -377,13 +390,17 @@ pub fn reconcile(args: &ReconcileArgs) -> Result<Report, AuditError> {
         });
     }
     if let Some(url) = &args.postgres {
-        let name = pick_sink(&root, layout.shard_count, args.postgres_sink.as_deref(), false)?;
-        let client = postgres::Client::connect(url, postgres::NoTls).map_err(|e| {
-            AuditError::Sink {
+        let name = pick_sink(
+            &root,
+            layout.shard_count,
+            args.postgres_sink.as_deref(),
+            false,
+        )?;
+        let client =
+            postgres::Client::connect(url, postgres::NoTls).map_err(|e| AuditError::Sink {
                 sink: name.clone(),
                 reason: format!("connecting: {e}"),
-            }
-        })?;
+            })?;
         if !args
             .schema
             .bytes()
@@ -479,7 +496,12 @@ mod tests {
         .unwrap();
         std::fs::write(
             dir.path().join("2026-01-01T00-01-00.ndjson.tmp"),
-            [line("a", 5200), line("b", 9000), "{\"id\":\"b\",\"po".into()].concat(),
+            [
+                line("a", 5200),
+                line("b", 9000),
+                "{\"id\":\"b\",\"po".into(),
+            ]
+            .concat(),
         )
         .unwrap();
         let (counts, before) = count_audit_dir(dir.path(), 4096, 9000).unwrap();

@@ -607,7 +607,10 @@ mod tests {
             bad[i] ^= 0x01;
             assert!(decode_audits(&bad).is_err(), "flip at {i} accepted");
         }
-        assert_eq!(decode_audits(&encode_audits(std::iter::empty())).unwrap(), vec![]);
+        assert_eq!(
+            decode_audits(&encode_audits(std::iter::empty())).unwrap(),
+            vec![]
+        );
     }
 
     /// The bytes of a log entry holding a heartbeat of `id`.

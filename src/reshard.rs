@@ -169,7 +169,11 @@ impl Rewriter {
     /// Appends one heartbeat to the shard the new table routes it to. Callers append each
     /// device's heartbeats in their original order.
     /// The device sequence an entry carried (issue 18) travels with it.
-    fn append(&mut self, hb: &Heartbeat, dseq: Option<crate::record::DeviceSeq>) -> Result<(), Error> {
+    fn append(
+        &mut self,
+        hb: &Heartbeat,
+        dseq: Option<crate::record::DeviceSeq>,
+    ) -> Result<(), Error> {
         let shard = self.router.shard_of(&hb.device_id);
         self.stores[shard.0 as usize].append_carried(hb, dseq)?;
         self.entries += 1;

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::checkpoint::{self, Builder, Checkpoint, Record};
 
+use crate::limits::DEDUPE_DEVICE_TIME_ENTRIES_MAX;
 use crate::limits::{SEGMENT_BYTES_DEFAULT, TABLE_POS_MAX};
 use crate::log::{
     self, Chain, Commit, Entry, Log, LogConfig, LogPos, LogStats, RecoveryReport, SyncJob,
     WriteMode,
 };
-use crate::limits::DEDUPE_DEVICE_TIME_ENTRIES_MAX;
 use crate::record::{DeviceSeq, Heartbeat};
 use crate::route::ShardId;
 use crate::spatial::Grid;
@@ -495,9 +495,7 @@ impl ShardStore {
                     }
                 }
                 let appended = self.append_inner(hb, Some(d))?;
-                self.table
-                    .audit_mut(&hb.device_id)
-                    .apply(d, appended.pos);
+                self.table.audit_mut(&hb.device_id).apply(d, appended.pos);
                 Ok(Outcome::Stored(appended))
             }
             Dedupe::DeviceTime => {

@@ -93,7 +93,10 @@ fn killed_devices_and_servers_store_every_heartbeat_exactly_once() {
             args.extend(["--pause-ms", "5"]);
             let after = Duration::from_millis(20 + 30 * (round as u64 % 4));
             let (code, lines) = device(&mut server, &token, &state, &args, Some(after));
-            assert!(code == 4 || code == 0, "round {round}: exit {code}: {lines:?}");
+            assert!(
+                code == 4 || code == 0,
+                "round {round}: exit {code}: {lines:?}"
+            );
             server_kills += 1;
             server.restart();
         }
@@ -116,21 +119,35 @@ fn killed_devices_and_servers_store_every_heartbeat_exactly_once() {
     }
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "stored more than once: {twice:?}");
-    assert_eq!(history.len(), generated, "every numbered heartbeat stored once");
+    assert_eq!(
+        history.len(),
+        generated,
+        "every numbered heartbeat stored once"
+    );
 
     let a = audit(&server, id, &ops);
-    assert_eq!(a["gaps"], skipped, "gaps are exactly the skipped numbers: {a}");
+    assert_eq!(
+        a["gaps"], skipped,
+        "gaps are exactly the skipped numbers: {a}"
+    );
     // (Duplicates are counted in memory since the shard opened: the SIGKILLs reset them, so
     // their exact count is checked in `resume_frame_and_handshake_rules`.)
     let next = st["next"].as_u64().unwrap();
-    assert_eq!(a["seq"], next - 1, "the mark is the highest number sent: {a}");
+    assert_eq!(
+        a["seq"],
+        next - 1,
+        "the mark is the highest number sent: {a}"
+    );
 
     // The mark and the gaps survive a restart (rebuilt from the log), and a resend of an old
     // number after it is still a duplicate.
     server.kill9();
     server.restart();
     let b = audit(&server, id, &ops);
-    assert_eq!((&b["epoch"], &b["seq"], &b["gaps"]), (&a["epoch"], &a["seq"], &a["gaps"]));
+    assert_eq!(
+        (&b["epoch"], &b["seq"], &b["gaps"]),
+        (&a["epoch"], &a["seq"], &a["gaps"])
+    );
 
     // A new epoch (the device lost its counter) starts over at 1 and is stored.
     let (code, lines) = device(
@@ -142,7 +159,10 @@ fn killed_devices_and_servers_store_every_heartbeat_exactly_once() {
     );
     assert_eq!(code, 0, "epoch 1: {lines:?}");
     let c = audit(&server, id, &ops);
-    assert_eq!((&c["epoch"], &c["seq"], &c["gaps"]), (&1.into(), &50.into(), &a["gaps"]));
+    assert_eq!(
+        (&c["epoch"], &c["seq"], &c["gaps"]),
+        (&1.into(), &50.into(), &a["gaps"])
+    );
     assert_eq!(
         history_all(&server, id, &ops).unwrap().len(),
         generated + 50
@@ -207,7 +227,10 @@ fn resume_frame_and_handshake_rules() {
     assert_eq!(history_all(&server, "r-1", &ops).unwrap().len(), 3);
     let a = last_location(&server, "r-1", &ops).unwrap()["audit"].clone();
     // Numbers 1..=4 of epoch 7 were never sent: gaps.
-    assert_eq!(a, serde_json::json!({"epoch":7,"seq":7,"gaps":4,"duplicates":1}));
+    assert_eq!(
+        a,
+        serde_json::json!({"epoch":7,"seq":7,"gaps":4,"duplicates":1})
+    );
     for (q, tok) in [("epoch=x", &token), ("epoch=-1", &token), ("epoch=1", &gw)] {
         match connect(q, tok) {
             Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 400, "{q}"),
@@ -216,16 +239,41 @@ fn resume_frame_and_handshake_rules() {
     }
     // Without an epoch: no resume frame, the first frame is the ack (old clients unchanged).
     let (mut ws, _) = connect("", &token).unwrap();
-    ws.send(Message::text(hb_json(1, 1.0, 2.0, now_ms()))).unwrap();
+    ws.send(Message::text(hb_json(1, 1.0, 2.0, now_ms())))
+        .unwrap();
     assert_eq!(next_json(&mut ws), serde_json::json!({"ack":1}));
 }
 
 /// Runs tests/support/seq_mqtt.py; its JSON lines.
-fn mqtt_device(port: u16, token: &str, device: &str, epoch: u32, seqs: &str, base: i64) -> Vec<Value> {
+fn mqtt_device(
+    port: u16,
+    token: &str,
+    device: &str,
+    epoch: u32,
+    seqs: &str,
+    base: i64,
+) -> Vec<Value> {
     let out = Command::new("python3")
-        .arg(format!("{}/tests/support/seq_mqtt.py", env!("CARGO_MANIFEST_DIR")))
-        .args(["--port", &port.to_string(), "--token", token, "--device", device])
-        .args(["--epoch", &epoch.to_string(), "--seqs", seqs, "--base-ms", &base.to_string()])
+        .arg(format!(
+            "{}/tests/support/seq_mqtt.py",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--token",
+            token,
+            "--device",
+            device,
+        ])
+        .args([
+            "--epoch",
+            &epoch.to_string(),
+            "--seqs",
+            seqs,
+            "--base-ms",
+            &base.to_string(),
+        ])
         .output()
         .expect("python3 (with paho-mqtt)");
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
@@ -263,11 +311,17 @@ fn mqtt5_devices_resume_and_are_stored_once() {
     let l = run("55-64,66-70");
     assert_eq!(l[0]["resume"], serde_json::json!({"epoch":5,"seq":60}));
     let history = history_all(&server, id, &ops).unwrap();
-    let mut ts: Vec<i64> = history.iter().map(|h| h["ts"].as_i64().unwrap() - base).collect();
+    let mut ts: Vec<i64> = history
+        .iter()
+        .map(|h| h["ts"].as_i64().unwrap() - base)
+        .collect();
     ts.sort();
     let want: Vec<i64> = (1..=70).filter(|n| *n != 65).collect();
     assert_eq!(ts, want, "each numbered PUBLISH stored once");
     let a = audit(&server, id, &ops);
     // Duplicates since the restart: 55..=60.
-    assert_eq!(a, serde_json::json!({"epoch":5,"seq":70,"gaps":1,"duplicates":6}));
+    assert_eq!(
+        a,
+        serde_json::json!({"epoch":5,"seq":70,"gaps":1,"duplicates":6})
+    );
 }

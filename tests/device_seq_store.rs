@@ -47,13 +47,19 @@ fn sequences_survive_reopen_and_retention_and_duplicates_wait_for_their_original
     let dev = "seq-dev";
     let mut mark_pos = None;
     for s in (1..=10u64).filter(|s| *s != 4) {
-        match store.append_dedupe(&hb(dev, BASE_MS + s as i64), s, Dedupe::Seq(2)).unwrap() {
+        match store
+            .append_dedupe(&hb(dev, BASE_MS + s as i64), s, Dedupe::Seq(2))
+            .unwrap()
+        {
             Outcome::Stored(a) => mark_pos = Some(a.pos),
             other => panic!("{s}: {other:?}"),
         }
     }
     let mark_pos = mark_pos.unwrap();
-    match store.append_dedupe(&hb(dev, BASE_MS + 5), 5, Dedupe::Seq(2)).unwrap() {
+    match store
+        .append_dedupe(&hb(dev, BASE_MS + 5), 5, Dedupe::Seq(2))
+        .unwrap()
+    {
         Outcome::Duplicate(wait) => {
             assert_eq!(wait, mark_pos);
             assert!(store.durable() <= wait, "the original is not durable yet");
@@ -63,24 +69,41 @@ fn sequences_survive_reopen_and_retention_and_duplicates_wait_for_their_original
     store.sync_blocking().unwrap();
     assert!(store.durable() > mark_pos);
     let a = store.audit(dev).unwrap();
-    assert_eq!((a.mark, a.gaps(), a.duplicates), (Some(DeviceSeq { epoch: 2, seq: 10 }), 1, 1));
+    assert_eq!(
+        (a.mark, a.gaps(), a.duplicates),
+        (Some(DeviceSeq { epoch: 2, seq: 10 }), 1, 1)
+    );
     let e = store.log().read(mark_pos).unwrap();
-    assert_eq!(e.dseq, Some(DeviceSeq { epoch: 2, seq: 10 }), "the entry carries its sequence");
+    assert_eq!(
+        e.dseq,
+        Some(DeviceSeq { epoch: 2, seq: 10 }),
+        "the entry carries its sequence"
+    );
     drop(store);
 
     let mut store = open(dir.path());
     let a = store.audit(dev).unwrap();
-    assert_eq!((a.mark, a.gaps(), a.duplicates), (Some(DeviceSeq { epoch: 2, seq: 10 }), 1, 0));
+    assert_eq!(
+        (a.mark, a.gaps(), a.duplicates),
+        (Some(DeviceSeq { epoch: 2, seq: 10 }), 1, 0)
+    );
     // Fill segments with other devices, then retention of zero deletes all sealed segments.
     let mut i = 0u64;
     let target = store.stats().segments + 3;
     while store.stats().segments < target {
-        store.append(&hb(&format!("busy-{}", i % 50), BASE_MS + i as i64)).unwrap();
+        store
+            .append(&hb(&format!("busy-{}", i % 50), BASE_MS + i as i64))
+            .unwrap();
         i += 1;
     }
     store.sync_blocking().unwrap();
-    store.delete_expired(SystemTime::now(), Duration::ZERO).unwrap();
-    assert!(store.log().read(mark_pos).is_none(), "seq-dev's entries are gone");
+    store
+        .delete_expired(SystemTime::now(), Duration::ZERO)
+        .unwrap();
+    assert!(
+        store.log().read(mark_pos).is_none(),
+        "seq-dev's entries are gone"
+    );
     assert!(dir.path().join(AUDITS_FILE).is_file());
     drop(store);
 
@@ -94,10 +117,25 @@ fn sequences_survive_reopen_and_retention_and_duplicates_wait_for_their_original
     let a = store.audit(dev).unwrap();
     // (Duplicates are not in the log: the count restarted at the previous reopen, and the
     // snapshot kept that.)
-    assert_eq!((a.mark, a.gaps(), a.duplicates), (Some(DeviceSeq { epoch: 2, seq: 10 }), 1, 0));
-    assert!(!stored(store.append_dedupe(&hb(dev, BASE_MS + 7), 7, Dedupe::Seq(2)).unwrap()));
-    assert!(stored(store.append_dedupe(&hb(dev, BASE_MS + 4), 4, Dedupe::Seq(2)).unwrap()));
-    assert_eq!(store.audit(dev).unwrap().gaps(), 0, "the late 4 filled its hole");
+    assert_eq!(
+        (a.mark, a.gaps(), a.duplicates),
+        (Some(DeviceSeq { epoch: 2, seq: 10 }), 1, 0)
+    );
+    assert!(!stored(
+        store
+            .append_dedupe(&hb(dev, BASE_MS + 7), 7, Dedupe::Seq(2))
+            .unwrap()
+    ));
+    assert!(stored(
+        store
+            .append_dedupe(&hb(dev, BASE_MS + 4), 4, Dedupe::Seq(2))
+            .unwrap()
+    ));
+    assert_eq!(
+        store.audit(dev).unwrap().gaps(),
+        0,
+        "the late 4 filled its hole"
+    );
     drop(store);
 
     // The same directory without its snapshot has forgotten seq-dev's mark.
@@ -113,11 +151,23 @@ fn window_bounds_reordering() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
     let top = 1000u64;
-    assert!(stored(store.append_dedupe(&hb("w", BASE_MS), top, Dedupe::Seq(0)).unwrap()));
+    assert!(stored(
+        store
+            .append_dedupe(&hb("w", BASE_MS), top, Dedupe::Seq(0))
+            .unwrap()
+    ));
     let inside = top - DEVICE_SEQ_WINDOW;
     let outside = inside - 1;
-    assert!(stored(store.append_dedupe(&hb("w", BASE_MS + 1), inside, Dedupe::Seq(0)).unwrap()));
-    assert!(!stored(store.append_dedupe(&hb("w", BASE_MS + 2), outside, Dedupe::Seq(0)).unwrap()));
+    assert!(stored(
+        store
+            .append_dedupe(&hb("w", BASE_MS + 1), inside, Dedupe::Seq(0))
+            .unwrap()
+    ));
+    assert!(!stored(
+        store
+            .append_dedupe(&hb("w", BASE_MS + 2), outside, Dedupe::Seq(0))
+            .unwrap()
+    ));
     let a = store.audit("w").unwrap();
     assert_eq!((a.gaps(), a.duplicates), (top - 2, 1));
 }
@@ -128,23 +178,41 @@ fn device_time_dedupe_covers_the_last_entries_of_the_device() {
     // device's last DEDUPE_DEVICE_TIME_ENTRIES_MAX stored entries, and stored again after.
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
-    let first = store.append_dedupe(&hb("app", BASE_MS), 0, Dedupe::DeviceTime).unwrap();
-    let Outcome::Stored(orig) = first else { panic!() };
+    let first = store
+        .append_dedupe(&hb("app", BASE_MS), 0, Dedupe::DeviceTime)
+        .unwrap();
+    let Outcome::Stored(orig) = first else {
+        panic!()
+    };
     assert_eq!(
-        store.append_dedupe(&hb("app", BASE_MS), 0, Dedupe::DeviceTime).unwrap(),
+        store
+            .append_dedupe(&hb("app", BASE_MS), 0, Dedupe::DeviceTime)
+            .unwrap(),
         Outcome::Duplicate(orig.pos)
     );
     for k in 1..DEDUPE_DEVICE_TIME_ENTRIES_MAX as i64 {
-        assert!(stored(store.append_dedupe(&hb("app", BASE_MS + k), 0, Dedupe::DeviceTime).unwrap()));
+        assert!(stored(
+            store
+                .append_dedupe(&hb("app", BASE_MS + k), 0, Dedupe::DeviceTime)
+                .unwrap()
+        ));
     }
-    assert!(!stored(store.append_dedupe(&hb("app", BASE_MS), 0, Dedupe::DeviceTime).unwrap()));
+    assert!(!stored(
+        store
+            .append_dedupe(&hb("app", BASE_MS), 0, Dedupe::DeviceTime)
+            .unwrap()
+    ));
     assert!(stored(
         store
             .append_dedupe(&hb("app", BASE_MS + 100), 0, Dedupe::DeviceTime)
             .unwrap()
     ));
     // Now the original is 17 entries back: stored again.
-    assert!(stored(store.append_dedupe(&hb("app", BASE_MS), 0, Dedupe::DeviceTime).unwrap()));
+    assert!(stored(
+        store
+            .append_dedupe(&hb("app", BASE_MS), 0, Dedupe::DeviceTime)
+            .unwrap()
+    ));
     assert_eq!(store.audit("app").unwrap().duplicates, 2);
     assert_eq!(store.audit("app").unwrap().mark, None);
 }

@@ -140,8 +140,19 @@ fn sigkill_mid_drain_exactly_once() {
         kill(child);
         // Killed mid-batch: open files may end past their cursors, torn; reconcile compares
         // what the cursors cover and finds nothing missing or doubled (issue 18).
-        assert_reconciled(&data, &["--audit-dir", plain.to_str().unwrap(), "--audit-sink", "plain"]);
-        assert_reconciled(&data, &["--audit-dir", zst.to_str().unwrap(), "--audit-sink", "zst"]);
+        assert_reconciled(
+            &data,
+            &[
+                "--audit-dir",
+                plain.to_str().unwrap(),
+                "--audit-sink",
+                "plain",
+            ],
+        );
+        assert_reconciled(
+            &data,
+            &["--audit-dir", zst.to_str().unwrap(), "--audit-sink", "zst"],
+        );
     }
     let status = drain_in_process(&data, sinks);
     assert!(status
@@ -149,7 +160,15 @@ fn sigkill_mid_drain_exactly_once() {
         .all(|s| s.lag_bytes == 0 && s.skipped_bytes == 0));
     verify_audit(&plain, &data, 60_000);
     verify_audit(&zst, &data, 60_000);
-    assert_reconciled(&data, &["--audit-dir", plain.to_str().unwrap(), "--audit-sink", "plain"]);
+    assert_reconciled(
+        &data,
+        &[
+            "--audit-dir",
+            plain.to_str().unwrap(),
+            "--audit-sink",
+            "plain",
+        ],
+    );
     // A line removed from a sealed file is named (device, shard, counts) and fails the check.
     let shard0 = plain.join("shard-0000");
     let mut sealed: Vec<_> = std::fs::read_dir(&shard0)
@@ -167,7 +186,15 @@ fn sigkill_mid_drain_exactly_once() {
         .unwrap()
         .to_string();
     std::fs::write(victim, rest).unwrap();
-    let (code, out) = reconcile(&data, &["--audit-dir", plain.to_str().unwrap(), "--audit-sink", "plain"]);
+    let (code, out) = reconcile(
+        &data,
+        &[
+            "--audit-dir",
+            plain.to_str().unwrap(),
+            "--audit-sink",
+            "plain",
+        ],
+    );
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("shard 0 device {id:?}")), "{out}");
     assert!(out.ends_with("1 differences\n"), "{out}");

@@ -201,7 +201,8 @@ pub fn parse_entry(seg: &[u8], off: usize) -> Result<RawEntry<'_>, EntryFault> {
     let payload = &seg[off + ENTRY_HEADER_BYTES..off + ENTRY_HEADER_BYTES + len];
     let covered = &seg[off + 8..off + ENTRY_HEADER_BYTES + len];
     let flags = u32_at(h, 28);
-    if flags & !crate::record::ENTRY_FLAGS_KNOWN != 0 || entry_crc(&h[0..4], covered) != u32_at(h, 4)
+    if flags & !crate::record::ENTRY_FLAGS_KNOWN != 0
+        || entry_crc(&h[0..4], covered) != u32_at(h, 4)
     {
         return Err(EntryFault::Crc);
     }

@@ -140,7 +140,9 @@ fn declared_epoch(req: &Request<'_>, scope: &Scope) -> Result<Option<u32>, Refus
         .parse::<u32>()
         .map_err(|_| bad("epoch must be an integer in 0..=4294967295"))?;
     if !matches!(scope, Scope::Device(_)) {
-        return Err(bad("epoch (device-scoped sequence numbers) needs a device token"));
+        return Err(bad(
+            "epoch (device-scoped sequence numbers) needs a device token",
+        ));
     }
     Ok(Some(epoch))
 }

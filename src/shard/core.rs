@@ -491,7 +491,10 @@ impl Core {
             let (mark, durable) = self
                 .query(shard, move |store| {
                     let a = store.audit(&id).filter(|a| a.mark.is_some());
-                    (a.and_then(|a| a.mark), a.is_none_or(|a| store.durable() > a.mark_pos))
+                    (
+                        a.and_then(|a| a.mark),
+                        a.is_none_or(|a| store.durable() > a.mark_pos),
+                    )
                 })
                 .await?;
             if durable {

@@ -171,7 +171,11 @@ mod tests {
         a.apply(ds(0, 5000), LogPos(3));
         assert_eq!(a.gaps(), 999 + 3998);
         assert_eq!(a.check(ds(0, 5000 - 64)), Verdict::New);
-        assert_eq!(a.check(ds(0, 5000 - 65)), Verdict::Duplicate, "below the window");
+        assert_eq!(
+            a.check(ds(0, 5000 - 65)),
+            Verdict::Duplicate,
+            "below the window"
+        );
     }
 
     #[test]
@@ -207,7 +211,11 @@ mod tests {
                 };
                 top = top.max(seq);
                 let d = ds(epoch, seq);
-                let max = stored.iter().filter(|(e, _)| *e == epoch).map(|x| x.1).max();
+                let max = stored
+                    .iter()
+                    .filter(|(e, _)| *e == epoch)
+                    .map(|x| x.1)
+                    .max();
                 let newest_epoch = stored.iter().map(|x| x.0).max().unwrap_or(0);
                 let expect_new = !stored.contains(&(epoch, seq))
                     && epoch >= newest_epoch

@@ -629,7 +629,10 @@ pub fn reconcile(root: &Path, args: &[&str]) -> (i32, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let code = out.status.code().unwrap_or(-1);
-    assert!(code == 0 || code == 1, "reconcile failed ({code}): {stderr}");
+    assert!(
+        code == 0 || code == 1,
+        "reconcile failed ({code}): {stderr}"
+    );
     (code, stdout)
 }
 
