@@ -22,8 +22,14 @@ import os
 import sys
 import time
 
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+try:  # websockets >= 13
+    from websockets.asyncio.client import connect
+    HEADERS_ARG = "additional_headers"
+except ImportError:  # websockets 12 (.ci/run accepts >= 12)
+    from websockets.client import connect
+    HEADERS_ARG = "extra_headers"
 
 
 def load(path, epoch):
@@ -60,7 +66,7 @@ async def run(a):
     url = f"{a.url}?epoch={a.epoch}"
     headers = {"Authorization": f"Bearer {a.token}"}
     try:
-        async with connect(url, additional_headers=headers, max_size=None) as ws:
+        async with connect(url, max_size=None, **{HEADERS_ARG: headers}) as ws:
             first = json.loads(await ws.recv())
             resume = first.get("resume")
             assert resume is not None, f"first frame is not a resume frame: {first}"
