@@ -1,7 +1,8 @@
 //! The device side of `/v1/ingest`: one WebSocket connection from the 101 response to the close
 //! frame. It owns the reader (frame limits, decoding, seq and error-budget checks, grouping the
 //! accepted heartbeats by owning shard, appending locally or forwarding, and backpressure), and
-//! the writer (error frames, coalesced `{"ack":N}` frames, pings, the close frame).
+//! the writer (error frames, coalesced `{"ack":N}` frames, pings, the close frame; first, on a
+//! connection that declared a device-sequence `epoch`, the `{"resume":...}` frame of issue 18).
 //!
 //! It is a connection [`Kind`]: admitted with a device or gateway token; a device connection
 //! accepted on an executor that does not own its shard is handed to the one that does.
