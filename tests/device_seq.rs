@@ -328,3 +328,26 @@ fn mqtt5_devices_resume_and_are_stored_once() {
         serde_json::json!({"epoch":5,"seq":70,"gaps":1,"duplicates":6})
     );
 }
+
+#[test]
+fn osmand_resends_are_stored_once() {
+    // An OsmAnd/Traccar resend (same device, same device timestamp) is answered 200 and not
+    // stored again; a new timestamp is stored; the duplicate is counted in the device's audit.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let tok = server.token(&["device", "osm-1"]);
+    let ops = server.token(&["ops"]);
+    let ts = now_ms() / 1000;
+    let get = |t: i64| {
+        let path = format!("/v1/osmand?token={tok}&id=osm-1&timestamp={t}&lat=48.85&lon=2.35");
+        http(server.addr, "GET", &path, None).unwrap().0
+    };
+    assert_eq!(get(ts), 200);
+    assert_eq!(get(ts), 200, "the resend is answered like the original");
+    assert_eq!(get(ts + 1), 200);
+    assert_eq!(history_all(&server, "osm-1", &ops).unwrap().len(), 2);
+    assert_eq!(
+        last_location(&server, "osm-1", &ops).unwrap()["audit"],
+        serde_json::json!({"gaps":0,"duplicates":1})
+    );
+}
