@@ -256,7 +256,7 @@ fn scan_segment(bytes: &[u8], shard: ShardId, base: u64) -> Result<Scanned, Stri
     let mut seq = header.first_seq;
     let mut entries = 0;
     while let Ok(raw) = parse_entry(bytes, off) {
-        if raw.seq != seq || record::access(raw.payload).is_none() {
+        if raw.seq != seq || record::access_payload(raw.payload, raw.flags).is_none() {
             break;
         }
         seq += 1;

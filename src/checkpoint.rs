@@ -22,6 +22,7 @@ use memmap2::Mmap;
 use crate::limits::{CHECKPOINT_RECORDS_MAX, ENTRY_ALIGN_BYTES};
 use crate::log::{self, Entry, LogPos};
 use crate::route::ShardId;
+use crate::table::DeviceAudit;
 
 /// Name of the checkpoint file inside a shard directory.
 pub const CHECKPOINT_FILE: &str = "last-locations.ckpt";
@@ -437,8 +438,18 @@ impl Builder {
 /// Writes `bytes` as `dir`'s checkpoint, atomically and durably: a temporary file is written and
 /// fsynced, renamed over the checkpoint, and the directory fsynced. Blocking; any thread.
 pub fn write_durable(shard: ShardId, dir: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = dir.join(CHECKPOINT_TMP_FILE);
-    let path = dir.join(CHECKPOINT_FILE);
+    write_file_durable(shard, dir, CHECKPOINT_TMP_FILE, CHECKPOINT_FILE, bytes)
+}
+
+fn write_file_durable(
+    shard: ShardId,
+    dir: &Path,
+    tmp: &str,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), Error> {
+    let tmp = dir.join(tmp);
+    let path = dir.join(name);
     let io = |op: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::Io {
@@ -466,10 +477,141 @@ pub fn write_durable(shard: ShardId, dir: &Path, bytes: &[u8]) -> Result<(), Err
     Ok(())
 }
 
+/// Name of the exactly-once snapshot beside the checkpoint (issue 18).
+pub const AUDITS_FILE: &str = "device-seqs.ckpt";
+/// Name of an exactly-once snapshot being written.
+pub const AUDITS_TMP_FILE: &str = "device-seqs.ckpt.tmp";
+/// First eight bytes of an exactly-once snapshot.
+pub const AUDITS_MAGIC: [u8; 8] = *b"GEOBSEQ\0";
+/// Version of the snapshot layout.
+pub const AUDITS_VERSION: u32 = 1;
+/// Bytes of one snapshot record after its id: epoch u32, has-mark u32, seq, mark position,
+/// missing bitmap, gaps out, duplicates (u64 each).
+const AUDIT_RECORD_BYTES: usize = 8 + 5 * 8;
+
+/// The bytes of an exactly-once snapshot of `audits` (see `shards/README.md`, "Exactly-once
+/// snapshot"): magic, version u32, count u32, then per device `id_len u8, id, record`, then the
+/// CRC32C of everything before it.
+pub fn encode_audits<'a>(audits: impl Iterator<Item = (&'a str, &'a DeviceAudit)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&AUDITS_MAGIC);
+    out.extend_from_slice(&AUDITS_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let mut count = 0u32;
+    for (id, a) in audits {
+        debug_assert!(id.len() <= u8::MAX as usize);
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        let mark = a.mark.unwrap_or_default();
+        out.extend_from_slice(&mark.epoch.to_le_bytes());
+        out.extend_from_slice(&u32::from(a.mark.is_some()).to_le_bytes());
+        for v in [mark.seq, a.mark_pos.0, a.missing, a.gaps_out, a.duplicates] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        count += 1;
+    }
+    out[12..16].copy_from_slice(&count.to_le_bytes());
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Writes an exactly-once snapshot atomically and durably (as [`write_durable`]).
+pub fn write_audits_durable(shard: ShardId, dir: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_file_durable(shard, dir, AUDITS_TMP_FILE, AUDITS_FILE, bytes)
+}
+
+/// Reads `dir`'s exactly-once snapshot (empty if there is none); a damaged file is refused as a
+/// whole, like the checkpoint.
+pub fn open_audits(shard: ShardId, dir: &Path) -> Result<Vec<(String, DeviceAudit)>, Error> {
+    let path = dir.join(AUDITS_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(shard, "read", &path)(e)),
+    };
+    decode_audits(&bytes).map_err(|reason| Error::Corrupt {
+        shard,
+        path,
+        reason: reason.to_string(),
+    })
+}
+
+/// Decodes snapshot bytes (see [`encode_audits`]).
+pub fn decode_audits(bytes: &[u8]) -> Result<Vec<(String, DeviceAudit)>, &'static str> {
+    if bytes.len() < 20 || bytes[..8] != AUDITS_MAGIC {
+        return Err("bad magic or too short");
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body) != u32_at(crc, 0) {
+        return Err("CRC mismatch");
+    }
+    if u32_at(body, 8) != AUDITS_VERSION {
+        return Err("unknown version");
+    }
+    let count = u32_at(body, 12) as usize;
+    let mut out = Vec::with_capacity(count.min(body.len() / AUDIT_RECORD_BYTES));
+    let mut at = 16;
+    for _ in 0..count {
+        let len = *body.get(at).ok_or("truncated")? as usize;
+        let end = at + 1 + len + AUDIT_RECORD_BYTES;
+        if end > body.len() {
+            return Err("truncated");
+        }
+        let id = std::str::from_utf8(&body[at + 1..at + 1 + len]).map_err(|_| "id not UTF-8")?;
+        crate::record::validate_device_id(id).map_err(|_| "invalid device id")?;
+        let r = &body[at + 1 + len..end];
+        let has_mark = u32_at(r, 4);
+        if has_mark > 1 {
+            return Err("bad mark flag");
+        }
+        let audit = DeviceAudit {
+            mark: (has_mark == 1).then(|| crate::record::DeviceSeq {
+                epoch: u32_at(r, 0),
+                seq: u64_at(r, 8),
+            }),
+            mark_pos: LogPos(u64_at(r, 16)),
+            missing: u64_at(r, 24),
+            gaps_out: u64_at(r, 32),
+            duplicates: u64_at(r, 40),
+        };
+        out.push((id.to_string(), audit));
+        at = end;
+    }
+    if at != body.len() {
+        return Err("trailing bytes");
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::record::Heartbeat;
+
+    #[test]
+    fn audit_snapshots_round_trip_and_damage_is_refused() {
+        // A snapshot of two devices decodes to the same states; any flipped byte is refused.
+        let mut a = DeviceAudit::default();
+        a.apply(crate::record::DeviceSeq { epoch: 3, seq: 10 }, LogPos(4096));
+        a.duplicates = 5;
+        let b = DeviceAudit {
+            duplicates: 2,
+            ..DeviceAudit::default()
+        };
+        let bytes = encode_audits([("dev-a", &a), ("ü-b", &b)].into_iter());
+        let got = decode_audits(&bytes).unwrap();
+        assert_eq!(got, vec![("dev-a".to_string(), a), ("ü-b".to_string(), b)]);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            assert!(decode_audits(&bad).is_err(), "flip at {i} accepted");
+        }
+        assert_eq!(
+            decode_audits(&encode_audits(std::iter::empty())).unwrap(),
+            vec![]
+        );
+    }
 
     /// The bytes of a log entry holding a heartbeat of `id`.
     fn entry(id: &str, seq: u64) -> Vec<u8> {

@@ -11,6 +11,7 @@
 //!   ledger, the meshes. Knows nothing of sockets.
 //! - [`subscribe`]: subscription interest, event fan-out and delivery queues, JSON rendering.
 //! - [`query`]: history and area queries over one shard store.
+//! - [`audit`]: `geobeat audit reconcile`: per device counts across the shard logs and the sinks.
 //! - [`backup`]: `geobeat backup` / `geobeat restore`: a consistent copy of a live data directory.
 //! - [`reshard`]: `geobeat reshard` / `geobeat migrate`: the offline rewrite into a new layout.
 //! - [`demo`]: `geobeat demo`'s simulated fleet.
@@ -45,6 +46,7 @@
 //! - [`limits`]: every hard bound, with compile-time relationships.
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod auth;
 pub mod backup;
 pub mod checkpoint;

@@ -697,3 +697,17 @@ pub const NATS_READ_CHUNK_BYTES: usize = 16 << 10;
 const _: () = assert!(VSHARDS % REPLICATE_VSHARDS_PER_SUBJECT == 0);
 const _: () = assert!(REPLICATE_BATCH_BYTES_MAX * 2 <= NATS_MSG_BYTES_MAX);
 const _: () = assert!(NATS_STREAMS_MAX as usize <= VSHARDS / REPLICATE_VSHARDS_PER_SUBJECT);
+
+// Exactly once from the device (issue 18: src/table/device_seq.rs, src/store.rs, src/shard/core.rs).
+/// Reordering tolerated below a device's high-water mark: a heartbeat whose device sequence is at
+/// most this far below the highest stored one is still stored if it never was (a buffered send
+/// overtaken by a later one); further below, it is acknowledged as a duplicate and counted.
+pub const DEVICE_SEQ_WINDOW: u64 = 64;
+/// Devices without sequence numbers (HTTP apps: OsmAnd, OwnTracks) are deduplicated on
+/// (device, device timestamp) against this many of the device's most recently stored entries
+/// (a walk back its chain in the log; nothing kept in memory).
+pub const DEDUPE_DEVICE_TIME_ENTRIES_MAX: usize = 16;
+/// How long a resume frame (or CONNACK) waits for the device's mark to become durable before
+/// the connection is closed instead (only a failing log makes it wait more than a commit).
+pub const RESUME_DURABLE_WAIT_MS: u64 = 10_000;
+const _: () = assert!(DEVICE_SEQ_WINDOW <= 64 && DEDUPE_DEVICE_TIME_ENTRIES_MAX >= 1);

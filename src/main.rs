@@ -88,6 +88,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Audit(args) => match &args.command {
+            geobeat::audit::AuditCommand::Reconcile(r) => match geobeat::audit::reconcile(r) {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    if report.differences.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("geobeat audit reconcile: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            },
+        },
         Command::Query(args) => {
             let mut out = std::io::stdout().lock();
             match geobeat::client::run(&args, &mut out) {

@@ -111,6 +111,8 @@ pub struct ExecProbe {
     pub bytes_in: Cell<u64>,
     /// Heartbeats accepted (handed to a shard).
     pub accepted: Cell<u64>,
+    /// Heartbeats acknowledged but not stored again: duplicates (issue 18).
+    pub duplicates: Cell<u64>,
     /// Heartbeats rejected, by reason (rare: a small list, searched linearly).
     pub rejected: RefCell<Vec<(&'static str, u64)>>,
     /// Mesh messages sent to each executor.
@@ -135,6 +137,7 @@ impl ExecProbe {
             frames_in: Cell::new(0),
             bytes_in: Cell::new(0),
             accepted: Cell::new(0),
+            duplicates: Cell::new(0),
             rejected: RefCell::new(Vec::new()),
             sent_to: (0..executors).map(|_| Cell::new(0)).collect(),
             received_from: (0..executors).map(|_| Cell::new(0)).collect(),
@@ -169,6 +172,11 @@ impl ExecProbe {
             Some((_, c)) => *c += n,
             None => r.push((event, n)),
         }
+    }
+
+    /// Counts one duplicate dropped by the append path.
+    pub fn duplicate(&self) {
+        Self::add(&self.duplicates, 1);
     }
 
     /// Counts one rejected heartbeat.
@@ -220,6 +228,13 @@ pub struct ShardSnapshot {
     pub devices: usize,
     /// Bytes the last-location table holds.
     pub table_bytes: usize,
+    /// Devices with exactly-once state (issue 18).
+    pub seq_devices: usize,
+    /// Sequence numbers skipped, summed over the shard's devices.
+    pub seq_gaps: u64,
+    /// Duplicates dropped, summed over the shard's devices (including those restored from the
+    /// exactly-once snapshot).
+    pub duplicates_dropped: u64,
     /// `dax` or `fdatasync`.
     pub sync_mode: String,
     /// Entries per commit.
@@ -243,6 +258,8 @@ pub struct ExecSnapshot {
     pub bytes_in: u64,
     /// Heartbeats accepted.
     pub accepted: u64,
+    /// Duplicates dropped since start.
+    pub duplicates: u64,
     /// Heartbeats rejected by reason.
     pub rejected: Vec<(String, u64)>,
     /// Mesh messages sent, per destination executor.
@@ -276,6 +293,7 @@ impl ExecProbe {
             frames_in: self.frames_in.get(),
             bytes_in: self.bytes_in.get(),
             accepted: self.accepted.get(),
+            duplicates: self.duplicates.get(),
             rejected: self
                 .rejected
                 .borrow()
@@ -650,6 +668,13 @@ impl prometheus_client::collector::Collector for Exposition {
             None,
             &per_exec(&|x| x.accepted),
         )?;
+        self.counter(
+            e,
+            "geobeat_heartbeats_duplicate",
+            "Heartbeats acknowledged without being stored again (device-sequence or device-time duplicates)",
+            None,
+            &per_exec(&|x| x.duplicates),
+        )?;
         let rejected: Vec<(Labels, u64)> = self
             .execs
             .iter()
@@ -764,6 +789,24 @@ impl prometheus_client::collector::Collector for Exposition {
             "geobeat_last_location_table_bytes",
             "Memory held by the last-location table",
             &per_shard(&|s| s.table_bytes as i64),
+        )?;
+        self.gauge(
+            e,
+            "geobeat_device_seq_devices",
+            "Devices with a device-sequence high-water mark or dropped duplicates",
+            &per_shard(&|s| s.seq_devices as i64),
+        )?;
+        self.gauge(
+            e,
+            "geobeat_device_seq_gaps",
+            "Device sequence numbers skipped (numbered by a device, never stored), summed over devices",
+            &per_shard(&|s| s.seq_gaps as i64),
+        )?;
+        self.gauge(
+            e,
+            "geobeat_device_duplicates_dropped",
+            "Duplicates dropped, summed over devices (kept across restarts)",
+            &per_shard(&|s| s.duplicates_dropped as i64),
         )?;
         let groups: Vec<(Labels, &HistSnap)> = self
             .shards()
@@ -992,6 +1035,9 @@ mod tests {
             durable: 90,
             devices: 3,
             table_bytes: 500,
+            seq_devices: 0,
+            seq_gaps: 0,
+            duplicates_dropped: 0,
             sync_mode: "fdatasync".into(),
             group_entries: store.group_entries.snapshot(),
             commit_latency: store.commit_latency.snapshot(),

@@ -230,6 +230,66 @@ pub fn access(bytes: &[u8]) -> Option<&ArchivedHeartbeat> {
     Some(hb)
 }
 
+/// A device-scoped sequence number (issue 18): `epoch` is bumped by the device when it loses its
+/// counter, `seq` increases across connections within an epoch. Ordered as the pair
+/// `(epoch, seq)`. Stored beside the rkyv payload of a log entry (a trailer, see
+/// [`DEVICE_SEQ_TRAILER_BYTES`] and `shards/README.md`, "Entries"), never inside the archived
+/// [`Heartbeat`], so entries written before it existed still decode zero-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct DeviceSeq {
+    /// The device's counter generation (0 ..= u32::MAX).
+    pub epoch: u32,
+    /// The sequence number within the epoch (1 ..= 2^53-1 on the wire).
+    pub seq: u64,
+}
+
+/// Bytes of the device-sequence trailer after an entry's rkyv payload: epoch u32, zero u32, seq u64.
+pub const DEVICE_SEQ_TRAILER_BYTES: usize = 16;
+
+/// Entry flag (entry header bytes 28..32): the payload ends with a device-sequence trailer.
+pub const ENTRY_FLAG_DEVICE_SEQ: u32 = 1;
+/// Every entry flag this build knows; an entry with any other bit set is refused.
+pub const ENTRY_FLAGS_KNOWN: u32 = ENTRY_FLAG_DEVICE_SEQ;
+
+impl DeviceSeq {
+    /// The trailer bytes appended after the rkyv payload.
+    pub fn trailer(self) -> [u8; DEVICE_SEQ_TRAILER_BYTES] {
+        let mut b = [0u8; DEVICE_SEQ_TRAILER_BYTES];
+        b[0..4].copy_from_slice(&self.epoch.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+
+    /// Parses a trailer; `None` if its reserved bytes are not zero.
+    pub fn from_trailer(b: &[u8]) -> Option<DeviceSeq> {
+        if b.len() != DEVICE_SEQ_TRAILER_BYTES || b[4..8] != [0; 4] {
+            return None;
+        }
+        Some(DeviceSeq {
+            epoch: u32::from_le_bytes(b[0..4].try_into().ok()?),
+            seq: u64::from_le_bytes(b[8..16].try_into().ok()?),
+        })
+    }
+}
+
+/// Reads an entry payload written with entry `flags`: the archived heartbeat (validated as by
+/// [`access`]) and, when [`ENTRY_FLAG_DEVICE_SEQ`] is set, the device sequence of its trailer.
+/// `None` for unknown flags, a bad trailer or a payload that fails validation.
+pub fn access_payload(
+    payload: &[u8],
+    flags: u32,
+) -> Option<(&ArchivedHeartbeat, Option<DeviceSeq>)> {
+    if flags & !ENTRY_FLAGS_KNOWN != 0 {
+        return None;
+    }
+    if flags & ENTRY_FLAG_DEVICE_SEQ == 0 {
+        return access(payload).map(|hb| (hb, None));
+    }
+    let split = payload.len().checked_sub(DEVICE_SEQ_TRAILER_BYTES)?;
+    let dseq = DeviceSeq::from_trailer(&payload[split..])?;
+    access(&payload[..split]).map(|hb| (hb, Some(dseq)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,5 +348,36 @@ mod tests {
                 .collect::<Vec<u8>>(),
         );
         assert!(access(&buf).is_none());
+    }
+
+    #[test]
+    fn device_seq_trailer_round_trips_and_old_payloads_still_decode() {
+        // A payload without the flag (every entry written before device sequences) decodes as
+        // before; with the flag the trailer comes back exactly; a damaged trailer or an unknown
+        // flag bit is refused.
+        let hb = sample();
+        let mut buf = rkyv::util::AlignedVec::<16>::new();
+        buf.extend_from_slice(&{
+            let mut b = rkyv::util::AlignedVec::new();
+            hb.encode_into(&mut b);
+            b.to_vec()
+        });
+        let (old, none) = access_payload(&buf, 0).expect("flagless payload");
+        assert_eq!(old.to_owned_heartbeat(), hb);
+        assert_eq!(none, None);
+        let d = DeviceSeq {
+            epoch: 7,
+            seq: (1 << 53) - 1,
+        };
+        buf.extend_from_slice(&d.trailer());
+        let (got, dseq) = access_payload(&buf, ENTRY_FLAG_DEVICE_SEQ).expect("trailer");
+        assert_eq!(got.to_owned_heartbeat(), hb);
+        assert_eq!(dseq, Some(d));
+        assert!(access_payload(&buf, 2).is_none(), "unknown flag");
+        let n = buf.len();
+        buf[n - 12] = 1; // reserved trailer byte
+        assert!(access_payload(&buf, ENTRY_FLAG_DEVICE_SEQ).is_none());
+        assert!(access_payload(&buf[..8], ENTRY_FLAG_DEVICE_SEQ).is_none());
+        assert!(DeviceSeq { epoch: 1, seq: 1 } > DeviceSeq { epoch: 0, seq: 99 });
     }
 }

@@ -168,9 +168,14 @@ struct Rewriter {
 impl Rewriter {
     /// Appends one heartbeat to the shard the new table routes it to. Callers append each
     /// device's heartbeats in their original order.
-    fn append(&mut self, hb: &Heartbeat) -> Result<(), Error> {
+    /// The device sequence an entry carried (issue 18) travels with it.
+    fn append(
+        &mut self,
+        hb: &Heartbeat,
+        dseq: Option<crate::record::DeviceSeq>,
+    ) -> Result<(), Error> {
         let shard = self.router.shard_of(&hb.device_id);
-        self.stores[shard.0 as usize].append(hb)?;
+        self.stores[shard.0 as usize].append_carried(hb, dseq)?;
         self.entries += 1;
         Ok(())
     }
@@ -286,14 +291,14 @@ pub fn run(req: &Request) -> Result<Outcome, Error> {
             for r in ckpt.iter_checked() {
                 let r = r?;
                 if r.entry.pos < first {
-                    rw.append(&r.entry.hb.to_owned_heartbeat())?;
+                    rw.append(&r.entry.hb.to_owned_heartbeat(), r.entry.dseq)?;
                     bytes += u64::from(r.entry.len_bytes);
                 }
             }
         }
         let mut scan = old.log.scan_from(LogPos(0), ScanEnd::Written);
         for e in &mut scan {
-            rw.append(&e.hb.to_owned_heartbeat())?;
+            rw.append(&e.hb.to_owned_heartbeat(), e.dseq)?;
             bytes += u64::from(e.len_bytes);
         }
         if scan.hit_damage() {

@@ -20,15 +20,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::checkpoint::{self, Builder, Checkpoint, Record};
 
+use crate::limits::DEDUPE_DEVICE_TIME_ENTRIES_MAX;
 use crate::limits::{SEGMENT_BYTES_DEFAULT, TABLE_POS_MAX};
 use crate::log::{
     self, Chain, Commit, Entry, Log, LogConfig, LogPos, LogStats, RecoveryReport, SyncJob,
     WriteMode,
 };
-use crate::record::Heartbeat;
+use crate::record::{DeviceSeq, Heartbeat};
 use crate::route::ShardId;
 use crate::spatial::Grid;
-use crate::table::{LastLocation, LastLocationTable, Observation, TableError};
+use crate::table::{
+    DeviceAudit, LastLocation, LastLocationTable, Observation, TableError, Verdict,
+};
 
 /// Where and how to open one shard's store.
 #[derive(Debug, Clone)]
@@ -90,6 +93,40 @@ pub enum Error {
     },
 }
 
+/// How an append is deduplicated (issue 18). Decided per connection by the protocol layer; the
+/// decision itself is made by the store of the shard that owns the device, so two connections
+/// of one device cannot both store the same heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dedupe {
+    /// Stored as sent (at least once: the pre-issue-18 behaviour).
+    #[default]
+    Off,
+    /// The item's `seq` is a device-scoped sequence number in this epoch: stored at most once.
+    Seq(u32),
+    /// Like `Seq`, but the group's items (one device's, in order) carry the device-scoped
+    /// sequence numbers `first`, `first + 1`, ... (an MQTT PUBLISH with a `seq` User Property,
+    /// whose item seqs are the connection's own).
+    SeqFrom {
+        /// The epoch.
+        epoch: u32,
+        /// The sequence number of the group's first item.
+        first: u64,
+    },
+    /// No sequence numbers: a heartbeat with the same device timestamp as one of the device's
+    /// last `limits::DEDUPE_DEVICE_TIME_ENTRIES_MAX` stored entries is a duplicate.
+    DeviceTime,
+}
+
+/// What [`ShardStore::append_dedupe`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// Stored.
+    Stored(Appended),
+    /// Not stored again: a duplicate of what is (or will be, once this position is durable)
+    /// in the log. Acknowledge it once `durable() > pos`.
+    Duplicate(LogPos),
+}
+
 /// What one append did, beyond its position.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Appended {
@@ -137,6 +174,9 @@ pub struct CheckpointJob {
     below: Vec<(u64, u64)>,
     /// Next table chunk to collect.
     next_chunk: usize,
+    /// The exactly-once snapshot (issue 18), taken with the first slice: written before the
+    /// checkpoint, so the states of devices whose sequenced entries retention deletes survive.
+    audits: Vec<u8>,
     /// The written file, reopened (set by `write`).
     written: Option<Checkpoint>,
     /// Records in the file (set by `write`).
@@ -167,6 +207,9 @@ impl CheckpointJob {
         if self.next_chunk == 0 {
             // At most one record per device: no reallocation (and copy) in a later slice.
             self.below.reserve(table.len());
+            // A snapshot taken now is at least as new as the covered position: replaying the
+            // log over it at open changes nothing it holds (`DeviceAudit::apply`).
+            self.audits = checkpoint::encode_audits(table.audits());
         }
         if self.next_chunk < table.chunk_count() {
             let covered = self.covered;
@@ -192,6 +235,7 @@ impl CheckpointJob {
         let bytes = self.build()?;
         self.build_time = started.elapsed();
         let started = Instant::now();
+        checkpoint::write_audits_durable(self.shard, &self.dir, &self.audits)?;
         checkpoint::write_durable(self.shard, &self.dir, &bytes)?;
         self.file_bytes = bytes.len();
         drop(bytes);
@@ -356,7 +400,15 @@ impl ShardStore {
             segment_bytes: cfg.segment_bytes,
             write_mode: cfg.write_mode,
         };
+        // Exactly-once state saved by retention (the log below its position may be gone); the
+        // replay below re-applies what the log still holds, which changes nothing it had.
+        for (id, audit) in checkpoint::open_audits(cfg.shard, &cfg.dir)? {
+            *table.audit_mut(&id) = audit;
+        }
         let (log, report) = Log::open(&log_cfg, |pos, e: &Entry<'_>| {
+            if let Some(d) = e.dseq {
+                table.audit_mut(e.hb.device_id.as_str()).apply(d, pos);
+            }
             // Below the covered position the checkpoint holds what is still last.
             if table_err.is_some() || pos < covered {
                 return;
@@ -414,6 +466,68 @@ impl ShardStore {
     /// location) and whether this heartbeat became its last location (a late one does not):
     /// what geofence transitions are computed from.
     pub fn append_tracked(&mut self, hb: &Heartbeat) -> Result<Appended, Error> {
+        self.append_inner(hb, None)
+    }
+
+    /// Appends `hb` (sent with `seq`) unless `dedupe` finds it stored already. A sequenced
+    /// heartbeat carries its `(epoch, seq)` into the log entry and moves the device's mark; a
+    /// duplicate is counted in the device's audit counters.
+    pub fn append_dedupe(
+        &mut self,
+        hb: &Heartbeat,
+        seq: u64,
+        dedupe: Dedupe,
+    ) -> Result<Outcome, Error> {
+        match dedupe {
+            Dedupe::Off => self.append_inner(hb, None).map(Outcome::Stored),
+            Dedupe::SeqFrom { epoch, first } => {
+                // Resolved per item by the caller (`shard::core`); as a whole group it means
+                // the first item.
+                self.append_dedupe(hb, first, Dedupe::Seq(epoch))
+            }
+            Dedupe::Seq(epoch) => {
+                let d = DeviceSeq { epoch, seq };
+                if let Some(a) = self.table.audit(&hb.device_id) {
+                    if a.check(d) == Verdict::Duplicate {
+                        let wait = a.mark_pos;
+                        self.table.audit_mut(&hb.device_id).duplicates += 1;
+                        return Ok(Outcome::Duplicate(wait));
+                    }
+                }
+                let appended = self.append_inner(hb, Some(d))?;
+                self.table.audit_mut(&hb.device_id).apply(d, appended.pos);
+                Ok(Outcome::Stored(appended))
+            }
+            Dedupe::DeviceTime => {
+                let twin = self
+                    .chain(&hb.device_id)
+                    .take(DEDUPE_DEVICE_TIME_ENTRIES_MAX)
+                    .find(|e| e.hb.ts_ms.to_native() == hb.ts_ms)
+                    .map(|e| e.pos);
+                if let Some(pos) = twin {
+                    self.table.audit_mut(&hb.device_id).duplicates += 1;
+                    return Ok(Outcome::Duplicate(pos));
+                }
+                self.append_inner(hb, None).map(Outcome::Stored)
+            }
+        }
+    }
+
+    /// Appends an entry copied from another log (reshard, migrate) with the device sequence it
+    /// carried, rebuilding the device's exactly-once state as recovery would; never deduplicates.
+    pub fn append_carried(
+        &mut self,
+        hb: &Heartbeat,
+        dseq: Option<DeviceSeq>,
+    ) -> Result<LogPos, Error> {
+        let a = self.append_inner(hb, dseq)?;
+        if let Some(d) = dseq {
+            self.table.audit_mut(&hb.device_id).apply(d, a.pos);
+        }
+        Ok(a.pos)
+    }
+
+    fn append_inner(&mut self, hb: &Heartbeat, dseq: Option<DeviceSeq>) -> Result<Appended, Error> {
         let shard = self.log.shard();
         let slot = self.table.find(&hb.device_id);
         let prev = slot.map(|s| self.table.head_at(s));
@@ -435,7 +549,7 @@ impl ShardStore {
                 source: TableError::PositionTooLarge(worst_end),
             });
         }
-        let pos = self.log.append(hb, prev)?;
+        let pos = self.log.append_seq(hb, dseq, prev)?;
         // Chains point backwards: the table's head for this device is an earlier entry.
         debug_assert!(
             prev.is_none_or(|p| p < pos),
@@ -457,6 +571,11 @@ impl ShardStore {
             prev_last,
             became_last,
         })
+    }
+
+    /// The exactly-once state and audit counters of `device_id` (issue 18), if it has any.
+    pub fn audit(&self, device_id: &str) -> Option<DeviceAudit> {
+        self.table.audit(device_id).copied()
     }
 
     /// The last location (newest by device time) of `device_id`.
@@ -623,6 +742,7 @@ impl ShardStore {
                 .collect(),
             below: Vec::new(),
             next_chunk: 0,
+            audits: Vec::new(),
             written: None,
             records: 0,
             file_bytes: 0,

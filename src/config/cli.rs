@@ -49,6 +49,9 @@ pub enum Command {
     Backup(BackupArgs),
     /// Verify a backup and install it as a new data directory.
     Restore(RestoreArgs),
+    /// Audit tools: `geobeat audit reconcile --data-dir DIR [--audit-dir D] [--postgres URL]`
+    /// counts entries per device across the log and the sinks and prints any difference.
+    Audit(crate::audit::AuditArgs),
 }
 
 /// `backup` settings.

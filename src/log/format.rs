@@ -13,8 +13,12 @@ use crate::limits::{
 
 /// First eight bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"GEOBLOG\0";
-/// Version of the segment and entry layout written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the segment and entry layout written by this build. Version 2 (issue 18) gives the
+/// entry header's formerly reserved word (bytes 28..32) a meaning: entry flags
+/// (`record::ENTRY_FLAG_DEVICE_SEQ`: the payload ends with a device-sequence trailer).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest segment layout this build still reads (version 1: flags always zero).
+pub const FORMAT_VERSION_MIN: u32 = 1;
 /// `prev_pos` value meaning "this device has no earlier entry".
 pub const POS_NONE: u64 = u64::MAX;
 /// Sequence number of the first entry of a brand-new shard log. Starting at 1 means an all-zero
@@ -108,7 +112,7 @@ impl SegmentHeader {
         if crc32c::crc32c(&b[..SEGMENT_HEADER_CRC_OFFSET]) != u32_at(b, 48) {
             return Err(HeaderFault::Crc);
         }
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(HeaderFault::Version(version));
         }
         let segment_bytes = u64_at(b, 24);
@@ -155,7 +159,9 @@ pub struct RawEntry<'a> {
     pub prev_pos: u64,
     /// `route::device_hash(device_id)` (CRC32C; format-1 data directories: low 32 bits of ahash).
     pub device_hash_low: u32,
-    /// The rkyv payload (not yet validated).
+    /// Entry flags (header bytes 28..32; zero in format-1 segments), see `record::ENTRY_FLAGS_KNOWN`.
+    pub flags: u32,
+    /// The payload: rkyv bytes, then the trailers the flags name (not yet validated).
     pub payload: &'a [u8],
     /// Total bytes the entry occupies, padding included.
     pub total_bytes: usize,
@@ -168,7 +174,7 @@ pub enum EntryFault {
     End,
     /// Length out of range, or the entry would run past the segment end.
     Length,
-    /// Reserved field not zero or CRC mismatch.
+    /// Unknown flag bits or CRC mismatch.
     Crc,
 }
 
@@ -194,13 +200,17 @@ pub fn parse_entry(seg: &[u8], off: usize) -> Result<RawEntry<'_>, EntryFault> {
     }
     let payload = &seg[off + ENTRY_HEADER_BYTES..off + ENTRY_HEADER_BYTES + len];
     let covered = &seg[off + 8..off + ENTRY_HEADER_BYTES + len];
-    if u32_at(h, 28) != 0 || entry_crc(&h[0..4], covered) != u32_at(h, 4) {
+    let flags = u32_at(h, 28);
+    if flags & !crate::record::ENTRY_FLAGS_KNOWN != 0
+        || entry_crc(&h[0..4], covered) != u32_at(h, 4)
+    {
         return Err(EntryFault::Crc);
     }
     Ok(RawEntry {
         seq: u64_at(h, 8),
         prev_pos: u64_at(h, 16),
         device_hash_low: u32_at(h, 24),
+        flags,
         payload,
         total_bytes,
     })
@@ -217,6 +227,20 @@ pub fn write_entry(
     device_hash_low: u32,
     payload: &[u8],
 ) -> usize {
+    write_entry_flagged(dst, seq, prev_pos, device_hash_low, 0, payload)
+}
+
+/// [`write_entry`] with entry `flags` (the payload already carries the trailers they name).
+#[inline]
+pub fn write_entry_flagged(
+    dst: &mut [u8],
+    seq: u64,
+    prev_pos: u64,
+    device_hash_low: u32,
+    flags: u32,
+    payload: &[u8],
+) -> usize {
+    debug_assert_eq!(flags & !crate::record::ENTRY_FLAGS_KNOWN, 0);
     let len = payload.len();
     assert!(
         (1..=ENTRY_PAYLOAD_BYTES_MAX).contains(&len),
@@ -230,7 +254,7 @@ pub fn write_entry(
     dst[8..16].copy_from_slice(&seq.to_le_bytes());
     dst[16..24].copy_from_slice(&prev_pos.to_le_bytes());
     dst[24..28].copy_from_slice(&device_hash_low.to_le_bytes());
-    dst[28..32].fill(0);
+    dst[28..32].copy_from_slice(&flags.to_le_bytes());
     let len_field = (len as u32).to_le_bytes();
     let crc = entry_crc(&len_field, &dst[8..ENTRY_HEADER_BYTES + len]);
     dst[4..8].copy_from_slice(&crc.to_le_bytes());

@@ -54,7 +54,7 @@ pub use recovery::{Damage, RecoveryReport};
 pub use storage::Disk;
 pub use sync::{Commit, SyncFile, SyncJob, UringSyncer};
 
-use format::{entry_bytes, parse_entry, write_entry, FIRST_SEQ, POS_NONE};
+use format::{entry_bytes, parse_entry, write_entry_flagged, FIRST_SEQ, POS_NONE};
 use segment::Segment;
 
 use crate::limits::{
@@ -62,7 +62,7 @@ use crate::limits::{
     LOG_STAGE_BYTES_MAX, PAGE_BYTES, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
     SEGMENT_HEADER_BYTES,
 };
-use crate::record::{self, ArchivedHeartbeat, Heartbeat};
+use crate::record::{self, ArchivedHeartbeat, DeviceSeq, Heartbeat, ENTRY_FLAG_DEVICE_SEQ};
 use crate::route::{self, ShardId};
 
 /// A global byte position within one shard's log (segment base + offset in the segment).
@@ -172,6 +172,8 @@ pub struct Entry<'a> {
     pub prev: Option<LogPos>,
     /// The heartbeat (zero-copy, validated).
     pub hb: &'a ArchivedHeartbeat,
+    /// The device-scoped sequence it was sent with, if the device declared one (issue 18).
+    pub dseq: Option<DeviceSeq>,
     /// `route::device_hash` (CRC32C) of the device id (format-1 data directories: the low 32
     /// bits of their ahash).
     pub device_hash_low: u32,
@@ -202,12 +204,13 @@ pub(crate) enum DecodeFault {
 #[inline]
 pub(crate) fn decode_entry(data: &[u8], base: u64, off: u64) -> Result<Entry<'_>, DecodeFault> {
     let raw = parse_entry(data, off as usize).map_err(DecodeFault::Frame)?;
-    let hb = record::access(raw.payload).ok_or(DecodeFault::Record)?;
+    let (hb, dseq) = record::access_payload(raw.payload, raw.flags).ok_or(DecodeFault::Record)?;
     Ok(Entry {
         pos: LogPos(base + off),
         seq: raw.seq,
         prev: (raw.prev_pos != POS_NONE).then_some(LogPos(raw.prev_pos)),
         hb,
+        dseq,
         device_hash_low: raw.device_hash_low,
         len_bytes: raw.total_bytes as u32,
     })
@@ -685,6 +688,18 @@ impl Log {
     /// returns the new entry's position. The heartbeat is validated first; nothing is written on
     /// any error. Not durable until a commit covers it.
     pub fn append(&mut self, hb: &Heartbeat, prev: Option<LogPos>) -> Result<LogPos, Error> {
+        self.append_seq(hb, None, prev)
+    }
+
+    /// [`Log::append`] of a heartbeat sent with a device-scoped sequence `dseq`, stored in the
+    /// entry's trailer (flag `record::ENTRY_FLAG_DEVICE_SEQ`) so recovery can rebuild the device's
+    /// high-water mark.
+    pub fn append_seq(
+        &mut self,
+        hb: &Heartbeat,
+        dseq: Option<DeviceSeq>,
+        prev: Option<LogPos>,
+    ) -> Result<LogPos, Error> {
         debug_assert!(self.durable <= self.written, "durable past written");
         debug_assert_eq!(
             self.written,
@@ -706,6 +721,13 @@ impl Log {
             None => POS_NONE,
         };
         encode(&mut self.arena, &mut self.scratch, hb);
+        let flags = match dseq {
+            Some(d) => {
+                self.scratch.extend_from_slice(&d.trailer());
+                ENTRY_FLAG_DEVICE_SEQ
+            }
+            None => 0,
+        };
         let len = self.scratch.len();
         if len > ENTRY_PAYLOAD_BYTES_MAX {
             return Err(Error::TooLarge {
@@ -747,19 +769,21 @@ impl Log {
             let at = self.stage.len();
             // Within the stage's capacity (checked above): no allocation.
             self.stage.resize(at + total as usize, 0);
-            write_entry(
+            write_entry_flagged(
                 &mut self.stage[at..],
                 self.next_seq,
                 prev_raw,
                 hash_low,
+                flags,
                 &self.scratch,
             );
         } else {
-            write_entry(
+            write_entry_flagged(
                 &mut seg.data_mut()[off as usize..],
                 self.next_seq,
                 prev_raw,
                 hash_low,
+                flags,
                 &self.scratch,
             );
         }

@@ -93,7 +93,7 @@ fn find_valid_entry(data: &[u8], from: usize, to: usize) -> Option<usize> {
     let mut off = from + ENTRY_ALIGN_BYTES;
     while off < to {
         if let Ok(raw) = parse_entry(data, off) {
-            if record::access(raw.payload).is_some() {
+            if record::access_payload(raw.payload, raw.flags).is_some() {
                 return Some(off);
             }
         }
@@ -129,7 +129,7 @@ where
                 if raw.seq != seq {
                     break Some(format!("sequence {} where {seq} was expected", raw.seq));
                 }
-                let Some(hb) = record::access(raw.payload) else {
+                let Some((hb, dseq)) = record::access_payload(raw.payload, raw.flags) else {
                     break Some("payload fails record validation".to_string());
                 };
                 let pos = LogPos(seg.base + off as u64);
@@ -138,6 +138,7 @@ where
                     seq,
                     prev: (raw.prev_pos != POS_NONE).then_some(LogPos(raw.prev_pos)),
                     hb,
+                    dseq,
                     device_hash_low: raw.device_hash_low,
                     len_bytes: raw.total_bytes as u32,
                 };

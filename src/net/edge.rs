@@ -91,6 +91,9 @@ pub struct DeviceGrant {
     pub expires_at_s: u64,
     /// When the token was issued and its id (revocation checks, log lines).
     pub issue: crate::auth::Issue,
+    /// The device-sequence epoch the device declared (`?epoch=E`, issue 18): its frame `seq`s
+    /// are then device-scoped and deduplicated. `None`: per-connection seqs (at least once).
+    pub epoch: Option<u32>,
 }
 
 /// A connection kind reached by a WebSocket upgrade: how its request is admitted and how the

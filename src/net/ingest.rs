@@ -1,7 +1,8 @@
 //! The device side of `/v1/ingest`: one WebSocket connection from the 101 response to the close
 //! frame. It owns the reader (frame limits, decoding, seq and error-budget checks, grouping the
 //! accepted heartbeats by owning shard, appending locally or forwarding, and backpressure), and
-//! the writer (error frames, coalesced `{"ack":N}` frames, pings, the close frame).
+//! the writer (error frames, coalesced `{"ack":N}` frames, pings, the close frame; first, on a
+//! connection that declared a device-sequence `epoch`, the `{"resume":...}` frame of issue 18).
 //!
 //! It is a connection [`Kind`]: admitted with a device or gateway token; a device connection
 //! accepted on an executor that does not own its shard is handed to the one that does.
@@ -44,6 +45,7 @@ use crate::route::ShardId;
 use crate::rt;
 use crate::shard::acks::{ConnAcks, ConnKey};
 use crate::shard::mesh::Batch;
+use crate::store::Dedupe;
 
 /// Close code for a normal closure (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
@@ -77,11 +79,13 @@ impl Kind for IngestKind {
             Refusal { status, body }
         })?;
         let claims = auth::check(&edge.core.shared, req, Need::Ingest)?;
+        let epoch = declared_epoch(req, &claims.scope)?;
         Ok(Grant {
             accept_key,
             scope: claims.scope,
             expires_at_s: claims.expires_at_s,
             issue: claims.issue,
+            epoch,
         })
     }
 
@@ -130,6 +134,40 @@ impl Kind for IngestKind {
     }
 }
 
+/// The device-sequence epoch of an upgrade (`?epoch=E`, 0 ..= 2^32-1; issue 18): only with a
+/// device token, since the marks are per device. 400 for anything else.
+fn declared_epoch(req: &Request<'_>, scope: &Scope) -> Result<Option<u32>, Refusal> {
+    let bad = |why: &str| {
+        let (status, body) = parse::json_error(400, why, Some("epoch"));
+        Refusal { status, body }
+    };
+    let mut buf = Vec::new();
+    let Some(raw) = parse::query_param(req.query, "epoch", &mut buf)
+        .map_err(|_| bad("epoch: bad percent-encoding"))?
+    else {
+        return Ok(None);
+    };
+    let epoch = raw
+        .parse::<u32>()
+        .map_err(|_| bad("epoch must be an integer in 0..=4294967295"))?;
+    if !matches!(scope, Scope::Device(_)) {
+        return Err(bad(
+            "epoch (device-scoped sequence numbers) needs a device token",
+        ));
+    }
+    Ok(Some(epoch))
+}
+
+/// The resume frame of a connection that declared `epoch`: the device's durable high-water mark
+/// from the shard that owns it (`(epoch, 0)` for a device with none yet); `None` closes.
+async fn resume_frame(core: &crate::shard::core::Core, id: &str, epoch: u32) -> Option<String> {
+    let mark = core.durable_mark(id).await?;
+    let (e, n) = mark.map_or((epoch, 0), |m| (m.epoch, m.seq));
+    let mut text = String::new();
+    proto::ack::write_resume(&mut text, e, n);
+    Some(text)
+}
+
 /// Takes over a connection handed over by executor `from` (from the hand-off mesh).
 pub fn adopt(edge: Rc<Edge>, from: ExecutorId, msg: Handoff) {
     use std::os::fd::IntoRawFd;
@@ -168,6 +206,14 @@ async fn serve<S: Conn>(
     .await;
     let gate = meter.clone();
     let (sink, source) = ws::split(ws, meter);
+    // Issue 18: a device that declared an epoch hears its mark first.
+    let resume = match (&grant.scope, grant.epoch) {
+        (Scope::Device(id), Some(epoch)) => match resume_frame(core, id, epoch).await {
+            Some(text) => Some(text),
+            None => return,
+        },
+        _ => None,
+    };
     let key = core.acks.open();
     let signal = core
         .acks
@@ -179,6 +225,7 @@ async fn serve<S: Conn>(
     let writer = rt::spawn_joinable(write_loop(
         edge.clone(),
         key,
+        resume,
         sink,
         ctl.clone(),
         signal.clone(),
@@ -207,6 +254,7 @@ async fn read_loop<S: Conn>(
             .set(Some((close::POLICY, "token scope does not allow ingest")));
         return;
     };
+    let dedupe = grant.epoch.map_or(Dedupe::Off, Dedupe::Seq);
     let mut seqs = proto::SeqTracker::new();
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
     let mut forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)> = Vec::new();
@@ -251,6 +299,7 @@ async fn read_loop<S: Conn>(
             key,
             payload,
             scope,
+            dedupe,
             &mut seqs,
             &mut budget,
             &mut forwards,
@@ -267,6 +316,7 @@ async fn read_loop<S: Conn>(
                         frame,
                         items,
                         failed: Vec::new(),
+                        dedupe,
                     };
                     // Waits for room in the owner's channel: a slow owner slows this reader.
                     if core.forward(shard, batch).await.is_err() {
@@ -300,11 +350,15 @@ enum Step {
 /// Decodes one frame with the executor's decoder, checks seqs and the error budget, queues error
 /// frames, and appends every group owned by this executor. Groups owned elsewhere are left in
 /// `forwards`. Synchronous: the decoder's borrow never spans an await.
+// One more argument than clippy's default since issue 18's `dedupe` (kept a plain parameter so
+// the hook stays small beside the other changes to this file).
+#[allow(clippy::too_many_arguments)]
 fn process_frame(
     edge: &Edge,
     key: ConnKey,
     payload: Payload<'_>,
     scope: IngestScope<'_>,
+    dedupe: Dedupe,
     seqs: &mut proto::SeqTracker,
     budget: &mut proto::ErrorBudget,
     forwards: &mut Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
@@ -405,6 +459,7 @@ fn process_frame(
             first_shard,
             key,
             frame,
+            dedupe,
             slots.iter().filter_map(accepted_pair),
         );
         return Step::Done;
@@ -434,7 +489,13 @@ fn process_frame(
     while i < forwards.len() {
         if core.owner(forwards[i].0) == core.index {
             let (shard, items) = forwards.swap_remove(i);
-            core.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
+            core.append_local(
+                shard,
+                key,
+                frame,
+                dedupe,
+                items.iter().map(|(s, h)| (*s, h)),
+            );
             core.recycle(items);
         } else {
             i += 1;
@@ -462,12 +523,13 @@ fn now_ms_u64() -> u64 {
 async fn write_loop<S: Conn>(
     edge: Rc<Edge>,
     key: ConnKey,
+    resume: Option<String>,
     sink: Sink<S>,
     ctl: Rc<Ctl>,
     signal: Rc<rt::Signal>,
     gate: Rc<ReadMeter>,
 ) {
-    let res = write_frames(&edge, key, sink, &ctl, &signal, &gate).await;
+    let res = write_frames(&edge, key, resume, sink, &ctl, &signal, &gate).await;
     // Never leave the reader behind a held Close.
     gate.release_close();
     if let Err(e) = res {
@@ -482,6 +544,7 @@ async fn write_loop<S: Conn>(
 async fn write_frames<S: Conn>(
     edge: &Edge,
     key: ConnKey,
+    resume: Option<String>,
     sink: Sink<S>,
     ctl: &Ctl,
     signal: &rt::Signal,
@@ -489,6 +552,10 @@ async fn write_frames<S: Conn>(
 ) -> Result<(), WriteError> {
     let core = &edge.core;
     let mut out = WsWriter::new(sink, core.shared.cfg.idle_timeout);
+    if let Some(text) = resume {
+        out.feed(Message::text(text)).await?;
+        out.flush().await?;
+    }
     let mut acked = 0u64;
     let mut text = String::with_capacity(64);
     loop {

@@ -62,6 +62,7 @@ use crate::route::ShardId;
 use crate::rt::{self, Signal, TcpListener};
 use crate::shard::acks::ConnKey;
 use crate::shard::mesh::Batch;
+use crate::store::Dedupe;
 
 /// The byte stream an MQTT connection runs over: a TCP socket, or a WebSocket carrying MQTT
 /// (`/mqtt` on the main listener, [`crate::net::ws::ByteStream`]).
@@ -249,6 +250,8 @@ struct Conn {
     signal: Rc<Signal>,
     /// The token's claims (revocation checks).
     claims: crate::auth::Claims,
+    /// The device-sequence epoch the CONNECT declared (issue 18), if any.
+    epoch: Option<u32>,
 }
 
 impl Conn {
@@ -439,8 +442,18 @@ async fn serve<S: Stream>(
         }
     };
     buf.drain(..used);
+    // Issue 18: a device that declared an epoch learns its durable mark in the CONNACK.
+    let resume = match (&admitted.claims.scope, admitted.epoch) {
+        (crate::auth::Scope::Device(id), Some(epoch)) => {
+            let Some(mark) = core.durable_mark(id).await else {
+                return;
+            };
+            Some(mark.map_or((epoch, 0), |m| (m.epoch, m.seq)))
+        }
+        _ => None,
+    };
     let mut out = Vec::new();
-    session::connack_accepted(&admitted, &mut out);
+    session::connack_accepted(&admitted, resume, &mut out);
     let write = rt::timeout(cfg.idle_timeout, stream.write_all(&out)).await;
     if !matches!(write, Some(Ok(()))) {
         return;
@@ -507,6 +520,7 @@ async fn run<S: Stream>(
         writer_gone: Cell::new(false),
         signal: signal.clone(),
         claims: admitted.claims.clone(),
+        epoch: admitted.epoch,
     });
     LIVE.with(|l| l.borrow_mut().insert(number, conn.clone()));
     // A revocation that arrived since the CONNECT was admitted.
@@ -731,13 +745,14 @@ async fn read_loop<S: Stream>(
                 conn.end(close);
                 return;
             }
-            Step::Forward(frame) => {
+            Step::Forward(frame, dedupe) => {
                 for (shard, items) in forwards.drain(..) {
                     let batch = Batch {
                         conn: key,
                         frame,
                         items,
                         failed: Vec::new(),
+                        dedupe,
                     };
                     // Waits for room in the owner's channel: a slow owner slows this reader.
                     if core.forward(shard, batch).await.is_err() {
@@ -766,8 +781,8 @@ enum Step {
     Done,
     /// End the connection.
     End(Close),
-    /// Send the groups left in `forwards` to their owners, as parts of this frame.
-    Forward(u64),
+    /// Send the groups left in `forwards` to their owners, as parts of this frame, deduplicated so.
+    Forward(u64, Dedupe),
 }
 
 /// Handles one packet synchronously (the decoder's borrow never spans an await).
@@ -889,8 +904,19 @@ fn publish(
         };
         forwards[i].1.push((0, hb));
     };
+    // Issue 18: on a connection that declared an epoch, a PUBLISH with the User Property `seq`
+    // numbers its heartbeats from it (device-scoped, stored once); without it, at least once.
+    let mut dedupe = Dedupe::Off;
     let mut device = std::mem::take(&mut scratch.device_id);
     let verdict: Result<(), Refused> = (|| {
+        if let (Some(epoch), Some(seq)) = (conn.epoch, codec::Props(p.props).user("seq")) {
+            match seq.parse::<u64>() {
+                Ok(first) if (1..=crate::limits::SEQ_MAX).contains(&first) => {
+                    dedupe = Dedupe::SeqFrom { epoch, first };
+                }
+                _ => return Err(Refused::payload("seq_out_of_range")),
+            }
+        }
         match session::topic(p.topic)? {
             Topic::Geobeat { device: id } => {
                 topic_device(scope, id, &mut device)?;
@@ -985,7 +1011,13 @@ fn publish(
         }
         if core.owner(forwards[i].0) == core.index {
             let (shard, items) = forwards.swap_remove(i);
-            core.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
+            core.append_local(
+                shard,
+                key,
+                frame,
+                dedupe,
+                items.iter().map(|(s, h)| (*s, h)),
+            );
             core.recycle(items);
         } else {
             i += 1;
@@ -1004,7 +1036,7 @@ fn publish(
     if forwards.is_empty() {
         Step::Done
     } else {
-        Step::Forward(frame)
+        Step::Forward(frame, dedupe)
     }
 }
 

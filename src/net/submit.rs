@@ -7,7 +7,8 @@
 //!
 //! Invariant: `Ok` means every heartbeat is durable (the ledger's ack covers the request's
 //! whole frame and no group reported a storage refusal); any error means some may not be, and
-//! the client must resend (a resend may duplicate what was stored: at least once).
+//! the client must resend. A resend is deduplicated on (device, device timestamp) against the
+//! device's last `limits::DEDUPE_DEVICE_TIME_ENTRIES_MAX` stored entries (`store::Dedupe`).
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use crate::rt;
 use crate::shard::acks::{AckLedger, ConnKey};
 use crate::shard::core::Core;
 use crate::shard::mesh::Batch;
+use crate::store::Dedupe;
 
 /// Why submitted heartbeats are not (known to be) durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -101,7 +103,13 @@ async fn submit_and_wait(
     );
     for (shard, items) in groups {
         if core.owner(shard) == core.index {
-            core.append_local(shard, key, frame, items.iter().map(|(s, h)| (*s, h)));
+            core.append_local(
+                shard,
+                key,
+                frame,
+                Dedupe::DeviceTime,
+                items.iter().map(|(s, h)| (*s, h)),
+            );
             core.recycle(items);
         } else {
             let batch = Batch {
@@ -109,6 +117,7 @@ async fn submit_and_wait(
                 frame,
                 items,
                 failed: Vec::new(),
+                dedupe: Dedupe::DeviceTime,
             };
             // Waits for room in the owner's channel: a slow owner slows this request.
             core.forward(shard, batch)

@@ -17,6 +17,17 @@ pub fn write_ack(out: &mut String, seq: Seq) {
     out.push('}');
 }
 
+/// Writes the resume frame `{"resume":{"epoch":E,"seq":N}}` (issue 18: the device's durable
+/// high-water mark, sent first on a connection that declared an epoch) into `out` (cleared first).
+pub fn write_resume(out: &mut String, epoch: u32, seq: u64) {
+    out.clear();
+    out.push_str("{\"resume\":{\"epoch\":");
+    out.push_str(itoa::Buffer::new().format(epoch));
+    out.push_str(",\"seq\":");
+    out.push_str(itoa::Buffer::new().format(seq));
+    out.push_str("}}");
+}
+
 /// Writes `{"seq":N,"error":"<reason>"}`, or `{"seq":null,...}` without a seq, into `out`
 /// (cleared first).
 pub fn write_error(out: &mut String, seq: Option<Seq>, reason: &str) {

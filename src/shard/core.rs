@@ -14,14 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::datadir::DataDir;
-use crate::limits::{BATCH_POOL_MAX, REPEAT_LOG_INTERVAL_MS};
+use crate::limits::{BATCH_POOL_MAX, REPEAT_LOG_INTERVAL_MS, RESUME_DURABLE_WAIT_MS};
 use crate::log::LogPos;
 use crate::metrics::{ExecProbe, ExecSnapshot, ShardSnapshot, StoreProbe};
 use crate::node::{ExecutorId, Shared};
-use crate::record::Heartbeat;
+use crate::record::{DeviceSeq, Heartbeat};
 use crate::route::ShardId;
 use crate::rt::{self, Signal, Stop, SyncFile};
-use crate::store::{ShardStore, StoreConfig};
+use crate::store::{Dedupe, Outcome, ShardStore, StoreConfig};
 use crate::subscribe::Fanout;
 
 use crate::shard::acks::{AckLedger, ConnKey};
@@ -232,10 +232,13 @@ impl Core {
 
     /// Appends `items` to a local shard; the group completes `target` once durable. Items that
     /// cannot be stored (disk full, poisoned log) are reported through the target's failure list.
+    /// With `dedupe` on, a duplicate is not stored, but the group's position becomes at least
+    /// that of the entry it duplicates, so its ack waits until that entry is durable too.
     fn append_group<'a>(
         &self,
         slot: &StoreSlot,
         items: impl Iterator<Item = (u64, &'a Heartbeat)>,
+        dedupe: Dedupe,
         failed: &mut Vec<(u64, &'static str)>,
     ) -> Option<LogPos> {
         let mut last = None;
@@ -262,7 +265,12 @@ impl Core {
         if fanout.is_some() {
             self.fanout.poll_fences();
         }
-        for (seq, hb) in items {
+        for (index, (seq, hb)) in items.enumerate() {
+            // An MQTT PUBLISH numbers its heartbeats from its `seq` property.
+            let (dseq, dedupe) = match dedupe {
+                Dedupe::SeqFrom { epoch, first } => (first + index as u64, Dedupe::Seq(epoch)),
+                other => (seq, other),
+            };
             // The storage call's precondition: the device routes to this shard (glommio's
             // sharding example asserts the same in its handler).
             assert_eq!(
@@ -270,12 +278,29 @@ impl Core {
                 slot.shard,
                 "device routed to the wrong shard"
             );
-            let result = match fanout {
-                None => store.append(hb),
-                Some(local) => store.append_tracked(hb).map(|a| {
+            let result = match (fanout, dedupe) {
+                (None, Dedupe::Off) => store.append(hb),
+                (Some(local), Dedupe::Off) => store.append_tracked(hb).map(|a| {
                     self.fanout.on_append(local, hb, &a);
                     a.pos
                 }),
+                (_, dedupe) => match store.append_dedupe(hb, dseq, dedupe) {
+                    Ok(Outcome::Stored(a)) => {
+                        if let Some(local) = fanout {
+                            self.fanout.on_append(local, hb, &a);
+                        }
+                        Ok(a.pos)
+                    }
+                    Ok(Outcome::Duplicate(original)) => {
+                        // Acked with the group, never before the original is durable.
+                        self.probe.duplicate();
+                        if store.durable() <= original {
+                            last = Some(last.map_or(original, |l: LogPos| l.max(original)));
+                        }
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
             };
             match result {
                 Ok(pos) => {
@@ -321,8 +346,10 @@ impl Core {
         match pos {
             Some(pos) if !in_page_cache && floor <= pos => {
                 let mut waiters = slot.waiters.borrow_mut();
-                // Waiters complete in position order: each registers behind the last.
-                debug_assert!(waiters.back().is_none_or(|w| w.pos < pos));
+                // Waiters complete in position order: each registers behind the last. A group of
+                // duplicates only waits for an earlier entry: it waits behind the last waiter
+                // instead (a little longer, never shorter).
+                let pos = waiters.back().map_or(pos, |w| w.pos.max(pos));
                 waiters.push_back(Waiter { pos, target });
             }
             _ => self.complete(target),
@@ -335,11 +362,12 @@ impl Core {
         shard: ShardId,
         conn: ConnKey,
         frame: u64,
+        dedupe: Dedupe,
         items: impl Iterator<Item = (u64, &'a Heartbeat)>,
     ) {
         let slot = self.slot(shard);
         let mut failed = Vec::new();
-        let pos = self.append_group(slot, items, &mut failed);
+        let pos = self.append_group(slot, items, dedupe, &mut failed);
         self.register(
             slot,
             pos,
@@ -357,7 +385,12 @@ impl Core {
         ExecProbe::add(&self.probe.received_from[peer.0], 1);
         let slot = self.slot(shard);
         let mut failed = std::mem::take(&mut batch.failed);
-        let pos = self.append_group(slot, batch.items.iter().map(|(s, h)| (*s, h)), &mut failed);
+        let pos = self.append_group(
+            slot,
+            batch.items.iter().map(|(s, h)| (*s, h)),
+            batch.dedupe,
+            &mut failed,
+        );
         batch.failed = failed;
         self.register(slot, pos, Target::Remote { peer, batch });
     }
@@ -464,6 +497,35 @@ impl Core {
             .map_err(|_| MeshClosed)
     }
 
+    /// The durable high-water mark of `device_id` (issue 18), for a resume frame: the mark as
+    /// appended, once the log is durable past its entry (a device drops everything at or below
+    /// the mark it is told, so it must never be told a mark a crash could still take back).
+    /// `Some(None)`: no mark yet. `None`: the shard cannot answer, or its log did not become
+    /// durable within `limits::RESUME_DURABLE_WAIT_MS` (a failing disk): close the connection.
+    pub async fn durable_mark(&self, device_id: &str) -> Option<Option<DeviceSeq>> {
+        let shard = self.shared.router.shard_of(device_id);
+        let deadline = Instant::now() + Duration::from_millis(RESUME_DURABLE_WAIT_MS);
+        loop {
+            let id = device_id.to_owned();
+            let (mark, durable) = self
+                .query(shard, move |store| {
+                    let a = store.audit(&id).filter(|a| a.mark.is_some());
+                    (
+                        a.and_then(|a| a.mark),
+                        a.is_none_or(|a| store.durable() > a.mark_pos),
+                    )
+                })
+                .await?;
+            if durable {
+                return Some(mark);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            rt::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Runs `job` on executor `to`'s core (here directly if it is this one) and returns its
     /// answer; `None` if that executor cannot answer (its mesh closed at shutdown).
     pub async fn run_on<T: Send + 'static>(
@@ -517,6 +579,7 @@ impl Core {
         for slot in &self.stores {
             let store = slot.store.borrow();
             let stats = store.stats();
+            let (seq_gaps, duplicates_dropped) = store.table().audit_totals();
             snap.shards.push(ShardSnapshot {
                 shard: slot.shard.0,
                 executor: self.index.0,
@@ -527,6 +590,9 @@ impl Core {
                 durable: stats.durable.0,
                 devices: store.table().len(),
                 table_bytes: store.table().heap_bytes(),
+                seq_devices: store.table().audits().count(),
+                seq_gaps,
+                duplicates_dropped,
                 sync_mode: stats.sync_mode.to_string(),
                 group_entries: slot.probe.group_entries.snapshot(),
                 commit_latency: slot.probe.commit_latency.snapshot(),

@@ -28,6 +28,8 @@ pub struct Batch {
     pub items: Vec<(u64, Heartbeat)>,
     /// Seqs the owner could not store, with the reason (filled by the owner).
     pub failed: Vec<(u64, &'static str)>,
+    /// How the owner deduplicates the items (issue 18; `Off` for connections that did not opt in).
+    pub dedupe: crate::store::Dedupe,
 }
 
 /// A job run on the owning executor against one of its shard stores (queries). The closure sends

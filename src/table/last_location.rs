@@ -15,6 +15,7 @@ use hashbrown::HashTable;
 use crate::limits::{TABLE_CHUNKS_MAX, TABLE_CHUNK_BYTES, TABLE_DEVICES_MAX, TABLE_POS_MAX};
 use crate::log::LogPos;
 use crate::record::{ArchivedHeartbeat, Heartbeat};
+use crate::table::device_seq::DeviceAudit;
 
 /// A device's last location as the table keeps it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -212,6 +213,10 @@ fn rec_at_mut(chunks: &mut [Chunk], r: u32) -> &mut [u8] {
 
 /// Device id → last location, for one shard.
 pub struct LastLocationTable {
+    /// Exactly-once state and audit counters of the devices that ever sent a device sequence or
+    /// had a duplicate dropped (issue 18); kept beside the compact records so devices that never
+    /// do pay nothing.
+    audits: hashbrown::HashMap<Box<str>, DeviceAudit, ahash::RandomState>,
     index: HashTable<u32>,
     chunks: Vec<Chunk>,
     devices: usize,
@@ -243,6 +248,7 @@ impl LastLocationTable {
     pub fn with_capacity(devices: usize, id_bytes: usize) -> Self {
         let arena = devices.saturating_mul(record_bytes(id_bytes));
         LastLocationTable {
+            audits: hashbrown::HashMap::with_hasher(ahash::RandomState::new()),
             index: HashTable::with_capacity(devices),
             chunks: Vec::with_capacity(arena.div_ceil(TABLE_CHUNK_BYTES).min(TABLE_CHUNKS_MAX)),
             devices: 0,
@@ -267,6 +273,33 @@ impl LastLocationTable {
         self.chunks.len() * TABLE_CHUNK_BYTES
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + self.index.allocation_size()
+            + self.audits.allocation_size()
+            + self.audits.keys().map(|k| k.len()).sum::<usize>()
+    }
+
+    /// The exactly-once state of `device_id`, if it has any.
+    pub fn audit(&self, device_id: &str) -> Option<&DeviceAudit> {
+        self.audits.get(device_id)
+    }
+
+    /// The exactly-once state of `device_id`, created empty on first use.
+    pub fn audit_mut(&mut self, device_id: &str) -> &mut DeviceAudit {
+        if !self.audits.contains_key(device_id) {
+            self.audits.insert(device_id.into(), DeviceAudit::default());
+        }
+        self.audits.get_mut(device_id).expect("just inserted")
+    }
+
+    /// Every device with exactly-once state.
+    pub fn audits(&self) -> impl Iterator<Item = (&str, &DeviceAudit)> + '_ {
+        self.audits.iter().map(|(k, v)| (&**k, v))
+    }
+
+    /// Sum of every device's gaps and duplicates (for metrics).
+    pub fn audit_totals(&self) -> (u64, u64) {
+        self.audits
+            .values()
+            .fold((0, 0), |(g, d), a| (g + a.gaps(), d + a.duplicates))
     }
 
     #[inline]

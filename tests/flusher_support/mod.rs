@@ -617,3 +617,29 @@ impl Drop for Pg {
         self.stop();
     }
 }
+
+/// Runs the real `geobeat audit reconcile --data-dir root <args>`: its exit code and stdout.
+pub fn reconcile(root: &Path, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_geobeat"))
+        .args(["audit", "reconcile", "--data-dir"])
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("run geobeat audit reconcile");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 1,
+        "reconcile failed ({code}): {stderr}"
+    );
+    (code, stdout)
+}
+
+/// Asserts that reconcile finds zero differences (and compared something).
+pub fn assert_reconciled(root: &Path, args: &[&str]) {
+    let (code, out) = reconcile(root, args);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("0 differences\n"), "{out}");
+    assert!(out.contains(" exported"), "{out}");
+}

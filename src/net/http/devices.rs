@@ -597,14 +597,39 @@ fn csv_field(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Adds the device's exactly-once audit (issue 18) to a rendered object, as its last field:
+/// `"audit":{"epoch":E,"seq":N,"gaps":G,"duplicates":D}` (`epoch` and `seq`, the durable
+/// high-water mark, only for a device that sent device sequences).
+fn append_audit(text: &mut String, a: &crate::table::DeviceAudit) {
+    use std::fmt::Write;
+    debug_assert!(text.ends_with('}'));
+    text.pop();
+    text.push_str(",\"audit\":{");
+    if let Some(m) = a.mark {
+        let _ = write!(text, "\"epoch\":{},\"seq\":{},", m.epoch, m.seq);
+    }
+    let _ = write!(
+        text,
+        "\"gaps\":{},\"duplicates\":{}}}}}",
+        a.gaps(),
+        a.duplicates
+    );
+}
+
 async fn last_location(core: &Core, id: DeviceId) -> Response {
     let shard = core.shared.router.shard_of(&id);
     let found = core
-        .query(shard, move |store| device_body(store, &id))
+        .query(shard, move |store| {
+            device_body(store, &id).map(|b| (b, store.audit(&id)))
+        })
         .await;
     match found {
-        Some(Some(body)) => {
-            Response::json(200, serde_json::to_string(&body).expect("serializable"))
+        Some(Some((body, audit))) => {
+            let mut text = serde_json::to_string(&body).expect("serializable");
+            if let Some(a) = audit {
+                append_audit(&mut text, &a);
+            }
+            Response::json(200, text)
         }
         Some(None) => Response::json(404, r#"{"error":"unknown device","param":"id"}"#.into()),
         None => Response::error(503, "shard unavailable"),

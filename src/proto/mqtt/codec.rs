@@ -765,6 +765,8 @@ pub mod prop {
     pub const SUBSCRIPTION_ID_AVAILABLE: u8 = 0x29;
     /// Shared Subscription Available (byte).
     pub const SHARED_SUBSCRIPTION_AVAILABLE: u8 = 0x2a;
+    /// User Property (string pair).
+    pub const USER_PROPERTY: u8 = 0x26;
 }
 
 /// The value of one MQTT 5 property.
@@ -830,6 +832,14 @@ impl<'a> Props<'a> {
     pub fn get(&self, id: u8) -> Option<PropValue<'a>> {
         self.iter().find(|(i, _)| *i == id).map(|(_, v)| v)
     }
+
+    /// The value of the first User Property named `name`.
+    pub fn user(&self, name: &str) -> Option<&'a str> {
+        self.iter().find_map(|(_, v)| match v {
+            PropValue::Pair(k, v) if k == name => Some(v),
+            _ => None,
+        })
+    }
 }
 
 fn read_prop<'a>(r: &mut Reader<'a>) -> Result<(u8, PropValue<'a>), CodecError> {
@@ -873,6 +883,14 @@ impl PropsWriter {
     pub fn u32(&mut self, id: u8, v: u32) -> &mut Self {
         self.bytes.push(id);
         self.bytes.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    /// Appends a User Property (both strings short: geobeat's own names and values).
+    pub fn user(&mut self, name: &str, value: &str) -> &mut Self {
+        debug_assert!(name.len() <= 255 && value.len() <= 255);
+        self.bytes.push(prop::USER_PROPERTY);
+        put_str(&mut self.bytes, name);
+        put_str(&mut self.bytes, value);
         self
     }
     /// Appends a string property, truncated at a char boundary to `bytes_max` bytes.

@@ -112,6 +112,9 @@ pub struct Admitted {
     pub server_keep_alive: bool,
     /// The token's claims (a device or gateway scope).
     pub claims: Claims,
+    /// The device-sequence epoch declared with the CONNECT User Property `epoch` (MQTT 5,
+    /// device tokens; issue 18): PUBLISHes with a User Property `seq` are then stored once.
+    pub epoch: Option<u32>,
 }
 
 /// Admits or refuses a CONNECT: the password must be a geobeat device or gateway token valid at
@@ -176,6 +179,19 @@ pub fn admit(
             ))
         }
     }
+    let epoch = match codec::Props(c.props).user("epoch") {
+        None => None,
+        Some(e) => match (e.parse::<u32>(), &claims.scope) {
+            (Ok(e), Scope::Device(_)) => Some(e),
+            _ => {
+                return Err(refuse(
+                    return_code::NOT_AUTHORIZED,
+                    reason::PROTOCOL_ERROR,
+                    "bad_epoch",
+                ))
+            }
+        },
+    };
     let (client_id, assigned) = if c.client_id.is_empty() {
         (assigned_id(), true)
     } else {
@@ -194,13 +210,16 @@ pub fn admit(
         keep_alive_s,
         server_keep_alive,
         claims,
+        epoch,
     })
 }
 
 /// Appends the CONNACK for an admitted connection: MQTT 5 also learns the server's bounds
 /// (Receive Maximum, Maximum Packet Size), that there are no topic aliases, wildcard, shared or
 /// identified subscriptions, its assigned client id and the Server Keep Alive if it chose one.
-pub fn connack_accepted(a: &Admitted, out: &mut Vec<u8>) {
+/// With `resume` (a connection that declared an epoch), the device's durable high-water mark as
+/// the User Property `resume` = `{"epoch":E,"seq":N}`.
+pub fn connack_accepted(a: &Admitted, resume: Option<(u32, u64)>, out: &mut Vec<u8>) {
     let mut props = PropsWriter::default();
     if a.version == Version::V5 {
         use codec::prop;
@@ -220,6 +239,9 @@ pub fn connack_accepted(a: &Admitted, out: &mut Vec<u8>) {
         }
         if a.server_keep_alive {
             props.u16(prop::SERVER_KEEP_ALIVE, a.keep_alive_s);
+        }
+        if let Some((e, n)) = resume {
+            props.user("resume", &format!("{{\"epoch\":{e},\"seq\":{n}}}"));
         }
     }
     let ack = ConnAck {
@@ -711,7 +733,7 @@ mod tests {
             (45, true, true)
         );
         let mut out = Vec::new();
-        connack_accepted(&a, &mut out);
+        connack_accepted(&a, Some((2, 41)), &mut out);
         let (p, _) = decode(&out, Some(Version::V5), 1 << 20).unwrap().unwrap();
         let Packet::ConnAck(ack) = p else {
             panic!("{p:?}")
@@ -736,6 +758,7 @@ mod tests {
             Some(PropValue::Str("geobeat-0-1"))
         );
         assert_eq!(props.get(prop::SERVER_KEEP_ALIVE), Some(PropValue::U16(45)));
+        assert_eq!(props.user("resume"), Some(r#"{"epoch":2,"seq":41}"#));
         let mut c311 = connect(Version::V311, Some("d"), Some(tok.as_bytes()));
         c311.client_id = "";
         c311.clean = false;
@@ -745,6 +768,7 @@ mod tests {
         let mut out = Vec::new();
         connack_accepted(
             &admit(&c311, &secret, now, 45, || "x".into()).unwrap(),
+            None,
             &mut out,
         );
         assert_eq!(out, [0x20, 2, 0, 0]);
