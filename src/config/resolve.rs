@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::settings::{
-    known_keys, ByteLimit, Durability, LogFormat, MetricsListen, Retention, Routing, ServeArgs,
+    known_keys, ByteLimit, Durability, Engine, LogFormat, MetricsListen, Retention, Routing, ServeArgs,
     Setting, Typed, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
-    CONNECTIONS_MAX, DATA_DIR, DURABILITY, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
+    CONNECTIONS_MAX, DATA_DIR, DURABILITY, ENGINE, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
     HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY,
     METRICS_LISTEN, MQTT_LISTEN, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES,
     SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
@@ -46,6 +46,8 @@ pub struct ServeConfig {
     pub commit_linger: Duration,
     /// Where device connections live.
     pub routing: Routing,
+    /// What drives device WebSocket connections.
+    pub engine: Engine,
     /// Ack policy.
     pub durability: Durability,
     /// Data age after which it may be deleted; `None`: keep forever.
@@ -402,6 +404,7 @@ impl ServeArgs {
             commit_entries_max: r.get(&COMMIT_ENTRIES_MAX_S, &self.commit_entries_max)?,
             commit_linger: Duration::from_micros(r.get(&COMMIT_LINGER_US, &self.commit_linger_us)?),
             routing: r.get(&ROUTING, &self.routing)?,
+            engine: r.get(&ENGINE, &self.engine)?,
             durability: r.get(&DURABILITY, &self.durability)?,
             retention: match retention {
                 Retention::For(d) => Some(d),

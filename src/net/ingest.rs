@@ -45,7 +45,7 @@ use crate::shard::acks::{ConnAcks, ConnKey};
 use crate::shard::mesh::Batch;
 
 /// Close code for a normal closure (RFC 6455).
-const CLOSE_NORMAL: u16 = 1000;
+pub(crate) const CLOSE_NORMAL: u16 = 1000;
 /// Close reason (with 1008) when the connection's token expires.
 pub const TOKEN_EXPIRED: &str = "token_expired";
 
@@ -92,32 +92,49 @@ impl Kind for IngestKind {
         grant: Grant,
         slot: ConnSlot,
     ) {
-        let core = &edge.core;
-        if let Scope::Device(id) = &grant.scope {
-            let owner = core.owner(core.shared.router.shard_of(id));
-            if owner != core.index && core.shared.cfg.routing == crate::config::Routing::Migrate {
-                // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
-                let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-                if dup >= 0 {
-                    // SAFETY: `dup` is a fresh descriptor nothing else owns.
-                    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-                    let msg = Handoff {
-                        fd,
-                        leftover,
-                        grant,
-                    };
-                    slot.hand_over(); // the adopting executor counts it from now on
-                    drop(stream);
-                    if edge.hand_off(owner, msg).await.is_err() {
-                        tracing::warn!("could not hand a connection over; closing it");
-                        drop(ConnSlot::take_over(&core.shared));
-                    }
-                    return;
+        if let Some((stream, leftover, grant, slot)) =
+            hand_over_foreign(&edge, stream, leftover, grant, slot).await
+        {
+            serve(edge, stream, leftover, grant, slot).await;
+        }
+    }
+}
+
+/// Hands a device connection accepted here to the executor that owns its shard, if that is
+/// another one and routing migrates (`None`: handed over, or closed when the hand-off failed);
+/// otherwise gives everything back to be served here.
+pub async fn hand_over_foreign(
+    edge: &Edge,
+    stream: TcpStream,
+    leftover: Vec<u8>,
+    grant: Grant,
+    slot: ConnSlot,
+) -> Option<(TcpStream, Vec<u8>, Grant, ConnSlot)> {
+    let core = &edge.core;
+    if let Scope::Device(id) = &grant.scope {
+        let owner = core.owner(core.shared.router.shard_of(id));
+        if owner != core.index && core.shared.cfg.routing == crate::config::Routing::Migrate {
+            // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
+            let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if dup >= 0 {
+                // SAFETY: `dup` is a fresh descriptor nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+                let msg = Handoff {
+                    fd,
+                    leftover,
+                    grant,
+                };
+                slot.hand_over(); // the adopting executor counts it from now on
+                drop(stream);
+                if edge.hand_off(owner, msg).await.is_err() {
+                    tracing::warn!("could not hand a connection over; closing it");
+                    drop(ConnSlot::take_over(&core.shared));
                 }
+                return None;
             }
         }
-        serve(edge, stream, leftover, grant, slot).await;
     }
+    Some((stream, leftover, grant, slot))
 }
 
 /// Takes over a connection handed over by executor `from` (from the hand-off mesh).
@@ -268,13 +285,13 @@ async fn read_loop(
 }
 
 /// A frame's payload.
-enum Payload<'a> {
+pub(crate) enum Payload<'a> {
     Text(&'a str),
     Binary(&'a [u8]),
 }
 
 /// What the reader does after a frame was processed.
-enum Step {
+pub(crate) enum Step {
     /// Nothing more (everything was local, or rejected).
     Done,
     /// Close the connection.
@@ -285,8 +302,9 @@ enum Step {
 
 /// Decodes one frame with the executor's decoder, checks seqs and the error budget, queues error
 /// frames, and appends every group owned by this executor. Groups owned elsewhere are left in
-/// `forwards`. Synchronous: the decoder's borrow never spans an await.
-fn process_frame(
+/// `forwards`. Synchronous: the decoder's borrow never spans an await. The connection engine
+/// (`net::engine`) calls it too, so both engines judge frames alike.
+pub(crate) fn process_frame(
     edge: &Edge,
     key: ConnKey,
     payload: Payload<'_>,

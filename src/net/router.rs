@@ -26,6 +26,8 @@ use crate::limits::{
     REPEAT_LOG_INTERVAL_MS,
 };
 use crate::net::edge::{Edge, Kind, Role};
+use crate::config::Engine;
+use crate::net::engine::RingIngestKind;
 use crate::net::ingest::IngestKind;
 use crate::net::mqtt::MqttWsKind;
 use crate::net::slots::{ConnSlot, HttpSlot};
@@ -225,6 +227,9 @@ async fn handle(
         // connection kind. A new kind is one line here.
         let upgrading = role == Role::Main && (req.upgrade.is_some() || req.method != "GET");
         match req.path {
+            "/v1/ingest" if upgrading && edge.core.shared.cfg.engine == Engine::Ring => {
+                return open::<RingIngestKind>(edge, stream, buf, slot, http).await
+            }
             "/v1/ingest" if upgrading => {
                 return open::<IngestKind>(edge, stream, buf, slot, http).await
             }
