@@ -192,6 +192,7 @@ async fn run(edge: Rc<Edge>) {
             }
         }
     };
+    tracing::debug!(executor = edge.core.index.0, "connection engine started");
     let stop = &edge.core.stop;
     let mut stop_wait = std::pin::pin!(stop.wait());
     let mut watchdog = rt::Watchdog::new();
