@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
+use crate::config::Engine;
 use crate::http::parse::{self, Parsed};
 use crate::limits::{
     ACCEPT_BACKOFF, CONN_RESERVED_HEAD_MS, DRAIN_BYTES_MAX, HTTP_BODY_BYTES_PER_S_MIN,
@@ -26,7 +27,6 @@ use crate::limits::{
     REPEAT_LOG_INTERVAL_MS,
 };
 use crate::net::edge::{Edge, Kind, Role};
-use crate::config::Engine;
 use crate::net::engine::RingIngestKind;
 use crate::net::ingest::IngestKind;
 use crate::net::mqtt::MqttWsKind;

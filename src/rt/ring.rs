@@ -129,7 +129,9 @@ impl BufRing {
     #[cfg(test)]
     fn published_tail(&self) -> u16 {
         // SAFETY: as in `publish`.
-        unsafe { (*(types::BufRingEntry::tail(self.entries) as *const AtomicU16)).load(Ordering::Acquire) }
+        unsafe {
+            (*(types::BufRingEntry::tail(self.entries) as *const AtomicU16)).load(Ordering::Acquire)
+        }
     }
 
     /// Buffer `bid`'s first `len` bytes (a completion handed it out).
@@ -142,7 +144,10 @@ impl BufRing {
     /// Notes that the kernel handed buffer out (a completion named it).
     fn taken(&mut self) {
         self.out += 1;
-        assert!(self.out <= usize::from(self.count), "more buffers out than exist");
+        assert!(
+            self.out <= usize::from(self.count),
+            "more buffers out than exist"
+        );
     }
 }
 
@@ -173,7 +178,12 @@ pub struct Ring {
 impl Ring {
     /// A ring of `sq_entries` submissions (completions: `cq_entries`) with `buf_count` provided
     /// buffers of `buf_bytes`. Create it on the executor that will drive it.
-    pub fn new(sq_entries: u32, cq_entries: u32, buf_count: u16, buf_bytes: usize) -> io::Result<Ring> {
+    pub fn new(
+        sq_entries: u32,
+        cq_entries: u32,
+        buf_count: u16,
+        buf_bytes: usize,
+    ) -> io::Result<Ring> {
         let uring = IoUring::builder()
             .setup_cqsize(cq_entries)
             .setup_submit_all()
@@ -245,7 +255,9 @@ impl Ring {
     /// Queues the cancellation of the operation named `target` (its own completion follows);
     /// this request's completion carries `user_data`.
     pub fn cancel(&mut self, target: u64, user_data: u64) {
-        let sqe = opcode::AsyncCancel::new(target).build().user_data(user_data);
+        let sqe = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(user_data);
         self.push(sqe);
     }
 
@@ -332,7 +344,9 @@ mod tests {
         // SAFETY: reading back entries we wrote (slots 4 & 3 = 0 and 5 & 3 = 1).
         let bid_at = |slot: usize| unsafe { (*r.entries.add(slot)).bid() };
         assert_eq!((bid_at(0), bid_at(1)), (2, 0));
-        assert_eq!(r.get_mut(2, 64).as_ptr() as u64, unsafe { (*r.entries).addr() });
+        assert_eq!(r.get_mut(2, 64).as_ptr() as u64, unsafe {
+            (*r.entries).addr()
+        });
         r.tail = u16::MAX;
         r.taken();
         r.push(3);
@@ -363,7 +377,10 @@ mod tests {
         let got = crate::rt::run_executors(1, |_| async {
             let mut fds = [0; 2];
             // SAFETY: plain syscall into a local array.
-            assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) }, 0);
+            assert_eq!(
+                unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
+                0
+            );
             // SAFETY: fresh descriptors owned here.
             let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
             let mut ring = Ring::new(8, 32, 2, 8).unwrap();
@@ -371,7 +388,10 @@ mod tests {
             ring.submit().unwrap();
             let write = |s: &[u8]| {
                 // SAFETY: writes from a live slice.
-                assert_eq!(unsafe { libc::write(b.as_raw_fd(), s.as_ptr().cast(), s.len()) }, s.len() as isize);
+                assert_eq!(
+                    unsafe { libc::write(b.as_raw_fd(), s.as_ptr().cast(), s.len()) },
+                    s.len() as isize
+                );
             };
             let mut cqes = Vec::new();
             let mut seen = Vec::new();
@@ -403,6 +423,9 @@ mod tests {
             seen
         })
         .unwrap();
-        assert_eq!(got[0], vec![b"hello".to_vec(), b"world!".to_vec(), b"x".to_vec()]);
+        assert_eq!(
+            got[0],
+            vec![b"hello".to_vec(), b"world!".to_vec(), b"x".to_vec()]
+        );
     }
 }

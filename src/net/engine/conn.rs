@@ -22,8 +22,7 @@ use tungstenite::protocol::frame::FrameHeader;
 use crate::limits::{
     CLOSE_STEP_BOUND, CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_QUEUED_MAX, CONN_ERRORS_WINDOW_MS,
     CONN_FRAMES_IN_FLIGHT_MAX, ENGINE_PAUSED_BYTES_MAX, ENGINE_WHEEL_TICK, FRAME_BYTES_MAX,
-    IDLE_STRIKES_MAX, PARTIAL_FRAME_SMALL_BYTES, TOKEN_EXPIRY_WAIT_MAX,
-    WS_WRITE_BUFFER_BYTES_MAX,
+    IDLE_STRIKES_MAX, PARTIAL_FRAME_SMALL_BYTES, TOKEN_EXPIRY_WAIT_MAX, WS_WRITE_BUFFER_BYTES_MAX,
 };
 use crate::net::edge::Edge;
 use crate::net::ingest::{self, Grant, Payload, Step, CLOSE_NORMAL, TOKEN_EXPIRED};
@@ -254,6 +253,8 @@ pub struct Conn {
     sending: Vec<u8>,
     sent: usize,
     send_in_flight: bool,
+    /// A cancellation of the send in flight was requested (the connection is aborting).
+    send_cancelling: bool,
     send_since: Option<Instant>,
     acked: u64,
     ping_due: bool,
@@ -325,6 +326,7 @@ impl Conn {
             sending: Vec::new(),
             sent: 0,
             send_in_flight: false,
+            send_cancelling: false,
             send_since: None,
             acked: 0,
             ping_due: false,
@@ -549,8 +551,10 @@ impl Conn {
             match std::str::from_utf8(payload) {
                 Ok(t) => Payload::Text(t),
                 Err(_) => {
-                    return self
-                        .end_read(edge, (close::INVALID_PAYLOAD, "invalid UTF-8 in text frame"))
+                    return self.end_read(
+                        edge,
+                        (close::INVALID_PAYLOAD, "invalid UTF-8 in text frame"),
+                    )
                 }
             }
         } else {
@@ -620,6 +624,7 @@ impl Conn {
     pub fn on_send_done(&mut self, result: i32, now: Instant) {
         self.ops -= 1;
         self.send_in_flight = false;
+        self.send_cancelling = false;
         if result < 0 {
             self.abort();
             return;
@@ -648,9 +653,7 @@ impl Conn {
     pub fn on_deadline(&mut self, params: &Params, now: Instant) {
         match self.phase {
             Phase::Open => {
-                if self.send_in_flight
-                    && self.send_since.is_some_and(|s| now >= s + params.stall)
-                {
+                if self.send_in_flight && self.send_since.is_some_and(|s| now >= s + params.stall) {
                     tracing::debug!("a connection's writes stalled; closing it");
                     return self.abort();
                 }
@@ -746,8 +749,10 @@ impl Conn {
             }
             _ => {}
         }
-        if matches!(self.phase, Phase::Closing { shut: true, .. } | Phase::Aborting)
-            && self.ops == 0
+        if matches!(
+            self.phase,
+            Phase::Closing { shut: true, .. } | Phase::Aborting
+        ) && self.ops == 0
         {
             self.phase = Phase::Done;
         }
@@ -861,8 +866,21 @@ impl Conn {
             self.recv_armed = true;
             self.ops += 1;
         } else if !want && self.recv_armed && !self.recv_cancelling {
-            ring.cancel(user_data(Op::Recv, self.key), user_data(Op::Cancel, self.key));
+            ring.cancel(
+                user_data(Op::Recv, self.key),
+                user_data(Op::Cancel, self.key),
+            );
             self.recv_cancelling = true;
+            self.ops += 1;
+        }
+        if self.phase == Phase::Aborting && self.send_in_flight && !self.send_cancelling {
+            // The shutdown normally fails it at once; the cancel covers a send the kernel
+            // still holds.
+            ring.cancel(
+                user_data(Op::Send, self.key),
+                user_data(Op::Cancel, self.key),
+            );
+            self.send_cancelling = true;
             self.ops += 1;
         }
     }
@@ -976,7 +994,11 @@ mod tests {
             let data: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(37)).collect();
             let mut wide = data.clone();
             unmask(&mut wide, mask);
-            let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+            let slow: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i % 4])
+                .collect();
             assert_eq!(wide, slow, "len {len}");
         }
     }
@@ -1005,9 +1027,19 @@ mod tests {
         }
         assert_eq!(close_reply(&[]), Ok(vec![]));
         assert_eq!(close_reply(&[3]), Err((1002, "protocol error")));
-        assert_eq!(close_reply(&[0x03, 0xe8, b'b', b'y']), Ok(vec![0x03, 0xe8, b'b', b'y']));
-        assert_eq!(&close_reply(&[0x03, 0xed]).unwrap()[..2], &[0x03, 0xea], "1005 is refused");
-        assert!(close_reply(&[0x03, 0xe8, 0xff]).is_err(), "reason not UTF-8");
+        assert_eq!(
+            close_reply(&[0x03, 0xe8, b'b', b'y']),
+            Ok(vec![0x03, 0xe8, b'b', b'y'])
+        );
+        assert_eq!(
+            &close_reply(&[0x03, 0xed]).unwrap()[..2],
+            &[0x03, 0xea],
+            "1005 is refused"
+        );
+        assert!(
+            close_reply(&[0x03, 0xe8, 0xff]).is_err(),
+            "reason not UTF-8"
+        );
     }
 
     #[test]

@@ -305,7 +305,8 @@ impl Engine {
 
         let now_tick = self.tick_passed(now);
         self.fired.clear();
-        self.wheel.advance(now_tick.max(self.wheel.now()), &mut self.fired);
+        self.wheel
+            .advance(now_tick.max(self.wheel.now()), &mut self.fired);
         let fired = std::mem::take(&mut self.fired);
         for &(tick, key) in &fired {
             if let Some(c) = self.conns.get_mut(key) {
@@ -396,7 +397,13 @@ impl Engine {
             return;
         };
         c.queued = false;
-        c.service(&self.edge, &self.params, &mut self.ring, &mut self.scratch, now);
+        c.service(
+            &self.edge,
+            &self.params,
+            &mut self.ring,
+            &mut self.scratch,
+            now,
+        );
         if c.finished() {
             let c = self.conns.remove(key);
             c.finish(&self.edge);
