@@ -263,7 +263,9 @@ impl Ring {
 
     /// Hands every queued request to the kernel (one `io_uring_enter`, none if nothing queued).
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.queued > 0 || self.uring.submission().need_wakeup() {
+        // An overflowed completion queue is flushed only by an enter (the kernel keeps the
+        // overflow; it is not lost).
+        if self.queued > 0 || self.uring.submission().cq_overflow() {
             self.uring.submit()?;
             self.queued = 0;
         }
@@ -302,10 +304,25 @@ impl Ring {
         self.bufs.publish();
     }
 
-    /// Ready once the ring may have new completions (its eventfd was signalled since the last
-    /// ready), registering `cx` with glommio's reactor otherwise. Drain with [`Ring::reap`]
-    /// after each ready: a completion posted after the eventfd was read signals it again.
+    /// Stops the kernel from signalling the eventfd per completion while the caller is awake
+    /// and reaping anyway ([`Ring::poll_wake`] turns it back on before the caller sleeps).
+    pub fn quiet(&mut self) {
+        self.uring.completion().disable_eventfd();
+    }
+
+    /// Ready once the ring may have new completions, registering `cx` with glommio's reactor
+    /// otherwise (a read of the eventfd through glommio's own ring: the executor sleeps in
+    /// glommio's `io_uring_enter` and wakes when this ring completes something). Drain with
+    /// [`Ring::reap`] after each ready.
     pub fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // Notifications on, then look: a completion posted before this is seen here, one
+        // posted after it signals the eventfd.
+        let mut cq = self.uring.completion();
+        cq.enable_eventfd();
+        cq.sync();
+        if !cq.is_empty() {
+            return Poll::Ready(());
+        }
         let read = self.wake_read.get_or_insert_with(|| {
             let file = self.wake.clone();
             Box::pin(async move {
