@@ -29,12 +29,13 @@ for r in $(seq "$rounds"); do
       --duration "$duration" --systems "$systems" --workloads "$workloads" --no-results-md \
       --out "$dir" > "$dir.log" 2>&1 || echo "run $engine-$r failed (see $dir.log)"
     [ -f "$dir/raw.csv" ] || continue
-    # workload, system, hb/s, CPU-s per M, p50 µs, p99 µs, load before, problems
+    # round, workload, system, hb/s, server CPU-s per M, p50 µs, p99 µs, and two more columns
+    # of raw.csv (see its header: the server RSS peak and the run's wall seconds in this version)
     awk -F, -v e="$engine" -v r="$r" 'NR > 1 {
       sys = $3 == "geobeat" ? "geobeat-" e : $3;
       printf "%s\t%s\t%s\t%.0f\t%.2f\t%d\t%d\t%s\t%s\n", r, $2, sys, $6, $18, $11, $13, $21, $28
     }' "$dir/raw.csv" | tee -a "$out/summary.tsv"
   done
 done
-echo "round	workload	system	hb/s	cpu-s/M	p50_us	p99_us	load	problems"
+echo "round	workload	system	hb/s	cpu-s/M	p50_us	p99_us	rss_peak	wall_s"
 sort -t$'\t' -k2,2 -k3,3 -k1,1n "$out/summary.tsv"

@@ -26,7 +26,8 @@ fn the_wheel_pings_silent_connections_and_closes_them_at_the_idle_timeout() {
         assert!(wait_ack(ws, 1).is_empty());
     }
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = lively.get_ref() {
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
     }
     let start = Instant::now();
     let mut pinged = false;
