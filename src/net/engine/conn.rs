@@ -513,8 +513,8 @@ impl Conn {
                 }
                 m.data.extend_from_slice(payload);
                 if header.is_final {
-                    let mut m = self.message.take().expect("checked above");
-                    self.message_done(edge, m.text, &mut m.data, now);
+                    let m = self.message.take().expect("checked above");
+                    self.message_done(edge, m.text, &m.data, now);
                 }
             }
             OpCode::Data(_) if self.message.is_some() => {
