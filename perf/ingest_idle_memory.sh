@@ -4,7 +4,7 @@
 # idle) are open. Needs release builds: cargo build --release --workspace --features geobeat-perf/mint
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=$root/target/release
+bin=${CARGO_TARGET_DIR:-$root/target}/release
 port=${PORT:-18210}
 devices=${DEVICES:-10000}
 d=$(mktemp -d)

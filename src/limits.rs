@@ -711,3 +711,31 @@ pub const DEDUPE_DEVICE_TIME_ENTRIES_MAX: usize = 16;
 /// the connection is closed instead (only a failing log makes it wait more than a commit).
 pub const RESUME_DURABLE_WAIT_MS: u64 = 10_000;
 const _: () = assert!(DEVICE_SEQ_WINDOW <= 64 && DEDUPE_DEVICE_TIME_ENTRIES_MAX >= 1);
+
+// The connection engine (`net::engine`, `--engine ring`): one io_uring per executor.
+
+/// Submission queue entries of an executor's engine ring. A full queue is submitted and reused,
+/// so this bounds only the requests per `io_uring_enter`, not the connections.
+pub const ENGINE_SQ_ENTRIES: u32 = 1024;
+/// Completion queue entries of the engine ring: multishot receives post many completions per
+/// submission; an overflow is kept by the kernel (no loss), this only sizes the fast path.
+pub const ENGINE_CQ_ENTRIES: u32 = 8192;
+/// Provided receive buffers per executor (a power of two). Buffers are held only while their
+/// completion is processed (what a frame leaves unfinished is copied to its connection), so no
+/// buffer is pinned by an idle connection; 512 × 4 KiB = 2 MiB per executor.
+pub const ENGINE_BUF_COUNT: u16 = 512;
+/// Bytes per provided receive buffer: a few whole heartbeat frames.
+pub const ENGINE_BUF_BYTES: usize = 4096;
+/// Bytes an engine connection may receive while its parsing is paused (too many frames in
+/// flight, errors queued, a forward under way) before its receive is cancelled: backpressure
+/// by not reading, with one frame's worth of slack so a short pause costs no cancel/re-arm.
+pub const ENGINE_PAUSED_BYTES_MAX: usize = FRAME_BYTES_MAX;
+/// Granularity of the engine's timing wheel (idle, token-expiry, write-stall and close-step
+/// deadlines): a deadline fires at most this late.
+pub const ENGINE_WHEEL_TICK: Duration = Duration::from_millis(10);
+/// Slots of the timing wheel (a power of two): one turn is 40.96 s at 10 ms; later deadlines
+/// wait in their slot for their turn.
+pub const ENGINE_WHEEL_SLOTS: usize = 4096;
+const _: () = assert!(ENGINE_BUF_COUNT.is_power_of_two());
+const _: () = assert!(ENGINE_WHEEL_SLOTS.is_power_of_two());
+const _: () = assert!(ENGINE_BUF_BYTES >= 2 * 14);

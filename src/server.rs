@@ -550,7 +550,11 @@ fn spawn_mesh_loops(
         let (e, h) = (edge.clone(), handoff.clone());
         rt::spawn(async move {
             while let Ok(Some(msg)) = h.recv_from(peer.0).await {
-                crate::net::ingest::adopt(e.clone(), peer, msg);
+                if e.core.shared.cfg.engine == crate::config::Engine::Ring {
+                    crate::net::engine::adopt(e.clone(), peer, msg);
+                } else {
+                    crate::net::ingest::adopt(e.clone(), peer, msg);
+                }
             }
         });
     }

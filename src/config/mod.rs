@@ -32,10 +32,11 @@ pub use cli::{
 };
 pub use resolve::{raise_open_files_limit, ConfigError, ServeConfig, Sources};
 pub use settings::{
-    parse_size, ByteLimit, DefaultValue, Durability, LogFormat, MetricsListen, NatsUrls, Retention,
-    Routing, ServeArgs, Setting, WriteMode, CONNECTIONS_MAX_DEFAULT, DEMO_DEVICES_DEFAULT,
-    HANDSHAKE_TIMEOUT_MS_DEFAULT, IDLE_TIMEOUT_S_DEFAULT, LISTEN_DEFAULT, LOG_LEVEL_DEFAULT,
-    MESH_CAPACITY_DEFAULT, RETENTION_DEFAULT, SETTINGS, SINKS_KEY, SINK_BACKLOG_WARN_BYTES_DEFAULT,
+    parse_size, ByteLimit, DefaultValue, Durability, Engine, LogFormat, MetricsListen, NatsUrls,
+    Retention, Routing, ServeArgs, Setting, WriteMode, CONNECTIONS_MAX_DEFAULT,
+    DEMO_DEVICES_DEFAULT, HANDSHAKE_TIMEOUT_MS_DEFAULT, IDLE_TIMEOUT_S_DEFAULT, LISTEN_DEFAULT,
+    LOG_LEVEL_DEFAULT, MESH_CAPACITY_DEFAULT, RETENTION_DEFAULT, SETTINGS, SINKS_KEY,
+    SINK_BACKLOG_WARN_BYTES_DEFAULT,
 };
 pub use sinks::{
     load_sinks, parse_rotate, redact_url, valid_sink_name, Compression, Rotation, SinkConfig,

@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::settings::{
-    known_keys, ByteLimit, Durability, LogFormat, MetricsListen, Retention, Routing, ServeArgs,
-    Setting, Typed, WriteMode, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS, COMMIT_LINGER_US, CONFIG,
-    CONNECTIONS_MAX, DATA_DIR, DURABILITY, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S,
-    HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY,
-    METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN, NATS_REPLICAS, NATS_STREAMS, NATS_URL, OSMAND_LISTEN,
-    RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY,
-    SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES, TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN,
-    WRITE_MODE,
+    known_keys, ByteLimit, Durability, Engine, LogFormat, MetricsListen, Retention, Routing,
+    ServeArgs, Setting, Typed, WriteMode, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS,
+    COMMIT_LINGER_US, CONFIG, CONNECTIONS_MAX, DATA_DIR, DURABILITY, ENGINE, FRAME_BYTES_MAX_S,
+    FRAME_HEARTBEATS_MAX_S, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL,
+    MESH_CAPACITY, METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN, NATS_REPLICAS, NATS_STREAMS,
+    NATS_URL, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES, SETTINGS, SHARDS,
+    SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES, TLS_CERT, TLS_CLIENT_CA, TLS_KEY,
+    TLS_LISTEN, WRITE_MODE,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -48,6 +48,8 @@ pub struct ServeConfig {
     pub commit_linger: Duration,
     /// Where device connections live.
     pub routing: Routing,
+    /// What drives device WebSocket connections.
+    pub engine: Engine,
     /// Ack policy.
     pub durability: Durability,
     /// `--nats-url`: the JetStream servers (required by, and only with, replicated durability).
@@ -476,6 +478,7 @@ impl ServeArgs {
             nats_streams: r.get(&NATS_STREAMS, &self.nats_streams)?,
             nats_replicas: r.get(&NATS_REPLICAS, &self.nats_replicas)?,
             write_mode: r.get(&WRITE_MODE, &self.write_mode)?,
+            engine: r.get(&ENGINE, &self.engine)?,
             retention: match retention {
                 Retention::For(d) => Some(d),
                 Retention::Forever => None,

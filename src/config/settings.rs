@@ -384,6 +384,17 @@ settings! {
                that owns the device's shard; `forward` keeps it where it was accepted and \
                forwards every frame over the channel mesh (gateways always forward)",
     }
+    setting ENGINE engine: Engine {
+        flag: "--engine",
+        env: "GEOBEAT_ENGINE",
+        key: Some("engine"),
+        value: "ENGINE",
+        default: Text("glommio"),
+        parse: parse_engine,
+        help: "What drives device WebSocket connections after the upgrade: `glommio` (a reader \
+               and a writer task per connection) or `ring` (one io_uring engine per executor: \
+               multishot receives into shared buffers, acks of all connections sent together)",
+    }
     setting DURABILITY durability: Durability {
         flag: "--durability",
         env: "GEOBEAT_DURABILITY",
@@ -625,6 +636,15 @@ pub enum Routing {
     Forward,
 }
 
+/// What drives device WebSocket connections (see `--engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// A reader and a writer task per connection, over glommio's TcpStream.
+    Glommio,
+    /// The per-executor io_uring connection engine (`net::engine`).
+    Ring,
+}
+
 /// How long log data is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retention {
@@ -745,6 +765,14 @@ fn parse_routing(text: &str) -> Result<Routing, String> {
         "migrate" => Ok(Routing::Migrate),
         "forward" => Ok(Routing::Forward),
         _ => Err("expected `migrate` or `forward`".into()),
+    }
+}
+
+fn parse_engine(text: &str) -> Result<Engine, String> {
+    match text.trim() {
+        "glommio" => Ok(Engine::Glommio),
+        "ring" => Ok(Engine::Ring),
+        _ => Err("expected `glommio` or `ring`".into()),
     }
 }
 

@@ -48,7 +48,7 @@ use crate::shard::mesh::Batch;
 use crate::store::Dedupe;
 
 /// Close code for a normal closure (RFC 6455).
-const CLOSE_NORMAL: u16 = 1000;
+pub(crate) const CLOSE_NORMAL: u16 = 1000;
 /// Close reason (with 1008) when the connection's token expires.
 pub const TOKEN_EXPIRED: &str = "token_expired";
 
@@ -99,39 +99,57 @@ impl Kind for IngestKind {
         grant: Grant,
         slot: ConnSlot,
     ) {
-        let core = &edge.core;
-        let mtls = core.shared.cfg.tls_client_ca.is_some();
+        let mtls = edge.core.shared.cfg.tls_client_ca.is_some();
         if let Err(e) = tls::ClientCert::of(&stream, mtls).check(&grant.scope) {
             // mTLS: the client certificate must name the token's device (docs/PROTOCOL.md).
             let (status, body) = parse::json_error(403, e.reason(), None);
             let _ = crate::net::router::write_response(&mut stream, status, &body, true).await;
             return;
         }
-        if let (Scope::Device(id), Some(fd)) = (&grant.scope, stream.handoff_fd()) {
-            let owner = core.owner(core.shared.router.shard_of(id));
-            if owner != core.index && core.shared.cfg.routing == crate::config::Routing::Migrate {
-                // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
-                let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-                if dup >= 0 {
-                    // SAFETY: `dup` is a fresh descriptor nothing else owns.
-                    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-                    let msg = Handoff {
-                        fd,
-                        leftover,
-                        grant,
-                    };
-                    slot.hand_over(); // the adopting executor counts it from now on
-                    drop(stream);
-                    if edge.hand_off(owner, msg).await.is_err() {
-                        tracing::warn!("could not hand a connection over; closing it");
-                        drop(ConnSlot::take_over(&core.shared));
-                    }
-                    return;
+        if let Some((stream, leftover, grant, slot)) =
+            hand_over_foreign(&edge, stream, leftover, grant, slot).await
+        {
+            serve(edge, stream, leftover, grant, slot).await;
+        }
+    }
+}
+
+/// Hands a device connection accepted here to the executor that owns its shard, if that is
+/// another one, routing migrates and the connection can move (a plain socket; a TLS session
+/// stays) (`None`: handed over, or closed when the hand-off failed); otherwise gives everything
+/// back to be served here.
+pub async fn hand_over_foreign<S: Conn>(
+    edge: &Edge,
+    stream: S,
+    leftover: Vec<u8>,
+    grant: Grant,
+    slot: ConnSlot,
+) -> Option<(S, Vec<u8>, Grant, ConnSlot)> {
+    let core = &edge.core;
+    if let (Scope::Device(id), Some(fd)) = (&grant.scope, stream.handoff_fd()) {
+        let owner = core.owner(core.shared.router.shard_of(id));
+        if owner != core.index && core.shared.cfg.routing == crate::config::Routing::Migrate {
+            // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup >= 0 {
+                // SAFETY: `dup` is a fresh descriptor nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+                let msg = Handoff {
+                    fd,
+                    leftover,
+                    grant,
+                };
+                slot.hand_over(); // the adopting executor counts it from now on
+                drop(stream);
+                if edge.hand_off(owner, msg).await.is_err() {
+                    tracing::warn!("could not hand a connection over; closing it");
+                    drop(ConnSlot::take_over(&core.shared));
                 }
+                return None;
             }
         }
-        serve(edge, stream, leftover, grant, slot).await;
     }
+    Some((stream, leftover, grant, slot))
 }
 
 /// The device-sequence epoch of an upgrade (`?epoch=E`, 0 ..= 2^32-1; issue 18): only with a
@@ -156,6 +174,19 @@ fn declared_epoch(req: &Request<'_>, scope: &Scope) -> Result<Option<u32>, Refus
         ));
     }
     Ok(Some(epoch))
+}
+
+/// The frame a connection of `grant` hears first: the resume frame if it declared an epoch
+/// (`Ok(None)` if not); `Err(())` closes the connection (the mark could not be read). Both
+/// engines call it.
+pub(crate) async fn resume_of(
+    core: &crate::shard::core::Core,
+    grant: &Grant,
+) -> Result<Option<String>, ()> {
+    match (&grant.scope, grant.epoch) {
+        (Scope::Device(id), Some(epoch)) => resume_frame(core, id, epoch).await.map(Some).ok_or(()),
+        _ => Ok(None),
+    }
 }
 
 /// The resume frame of a connection that declared `epoch`: the device's durable high-water mark
@@ -207,12 +238,8 @@ async fn serve<S: Conn>(
     let gate = meter.clone();
     let (sink, source) = ws::split(ws, meter);
     // Issue 18: a device that declared an epoch hears its mark first.
-    let resume = match (&grant.scope, grant.epoch) {
-        (Scope::Device(id), Some(epoch)) => match resume_frame(core, id, epoch).await {
-            Some(text) => Some(text),
-            None => return,
-        },
-        _ => None,
+    let Ok(resume) = resume_of(core, &grant).await else {
+        return;
     };
     let key = core.acks.open();
     let signal = core
@@ -332,13 +359,13 @@ async fn read_loop<S: Conn>(
 }
 
 /// A frame's payload.
-enum Payload<'a> {
+pub(crate) enum Payload<'a> {
     Text(&'a str),
     Binary(&'a [u8]),
 }
 
 /// What the reader does after a frame was processed.
-enum Step {
+pub(crate) enum Step {
     /// Nothing more (everything was local, or rejected).
     Done,
     /// Close the connection.
@@ -349,11 +376,12 @@ enum Step {
 
 /// Decodes one frame with the executor's decoder, checks seqs and the error budget, queues error
 /// frames, and appends every group owned by this executor. Groups owned elsewhere are left in
-/// `forwards`. Synchronous: the decoder's borrow never spans an await.
+/// `forwards`. Synchronous: the decoder's borrow never spans an await. The connection engine
+/// (`net::engine`) calls it too, so both engines judge frames alike.
 // One more argument than clippy's default since issue 18's `dedupe` (kept a plain parameter so
 // the hook stays small beside the other changes to this file).
 #[allow(clippy::too_many_arguments)]
-fn process_frame(
+pub(crate) fn process_frame(
     edge: &Edge,
     key: ConnKey,
     payload: Payload<'_>,

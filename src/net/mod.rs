@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod edge;
+pub mod engine;
 pub mod http;
 pub mod ingest;
 pub mod mqtt;

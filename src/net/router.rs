@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
+use crate::config::Engine;
 use crate::http::parse::{self, Parsed};
 use crate::limits::{
     ACCEPT_BACKOFF, CONN_RESERVED_HEAD_MS, DRAIN_BYTES_MAX, HTTP_BODY_BYTES_PER_S_MIN,
@@ -26,6 +27,7 @@ use crate::limits::{
     REPEAT_LOG_INTERVAL_MS,
 };
 use crate::net::edge::{Edge, Kind, Role};
+use crate::net::engine::RingIngestKind;
 use crate::net::ingest::IngestKind;
 use crate::net::mqtt::MqttWsKind;
 use crate::net::slots::{ConnSlot, HttpSlot};
@@ -262,6 +264,9 @@ async fn handle<S: Conn>(
         // connection kind. A new kind is one line here.
         let upgrading = role == Role::Main && (req.upgrade.is_some() || req.method != "GET");
         match req.path {
+            "/v1/ingest" if upgrading && edge.core.shared.cfg.engine == Engine::Ring => {
+                return open::<RingIngestKind, S>(edge, stream, buf, slot, http).await
+            }
             "/v1/ingest" if upgrading => {
                 return open::<IngestKind, S>(edge, stream, buf, slot, http).await
             }

@@ -79,7 +79,18 @@ impl PartialFrames {
         self.held.get()
     }
 
-    fn release(&self, n: usize) {
+    /// Charges `len` bytes of a large frame read outside tungstenite (the connection engine) if
+    /// they fit the bound; the caller returns them with [`Self::release`].
+    pub fn try_charge(&self, len: usize) -> bool {
+        if self.held.get() + len > PARTIAL_FRAME_BYTES_EXEC_MAX {
+            return false;
+        }
+        self.held.set(self.held.get() + len);
+        true
+    }
+
+    /// Returns `n` charged bytes, waking the connections waiting for room once there is some.
+    pub fn release(&self, n: usize) {
         let held = self.held.get() - n;
         self.held.set(held);
         // Hysteresis: wake the waiting only once an eighth of the bound is free again, so a total

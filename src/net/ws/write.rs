@@ -136,7 +136,7 @@ thread_local! {
 /// Logs a close for bad input (1007 invalid payload, 1008 policy: abuse, scope, expiry, 1009
 /// too big; also 1002 protocol error) at info, one line per interval per executor with the
 /// number suppressed. Normal and going-away closes are not logged. See: issue 13 §4.
-fn log_refusal_close(code: u16, reason: &str) {
+pub(crate) fn log_refusal_close(code: u16, reason: &str) {
     use crate::proto::close;
     if !matches!(
         code,

@@ -3,9 +3,11 @@
 //! (one pinned executor per core, explicit `io_memory` and `ring_depth`), local task spawning,
 //! timers, the cross-executor channel mesh, an io_uring `fdatasync`, a tiny single-threaded
 //! notification primitive, an executor's stop handle ([`Stop`]) and the wall clock ([`now_ms`],
-//! [`now_s`]: the one "now" every layer reads). It owns no geobeat logic.
+//! [`now_s`]: the one "now" every layer reads), and [`ring`], an io_uring of its own per
+//! executor for the connection engine (multishot receives into provided buffers). It owns no
+//! geobeat logic.
 //!
-//! Invariant: nothing outside this module names `glommio`.
+//! Invariant: nothing outside this module names `glommio` or `io_uring`.
 
 use crate::limits::{IO_MEMORY_BYTES, IO_RING_DEPTH, NUDGE_INTERVAL};
 use std::cell::{Cell, RefCell};
@@ -18,6 +20,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 pub use glommio::net::{TcpListener, TcpStream};
+
+pub mod ring;
 
 /// Starts `count` executors, executor `i` pinned to CPU `i % online CPUs`, each running `main(i)`;
 /// blocks until every one has returned, and returns their results in order.
@@ -326,6 +330,9 @@ pub struct Signal {
     waiters: RefCell<Vec<Option<Waker>>>,
     /// Free slots of `waiters`.
     free: RefCell<Vec<usize>>,
+    /// Woken at every notify and kept (not drained): the connection engine's per-connection
+    /// waker, so a connection costs no waiter registration per wake-up.
+    hook: RefCell<Option<Waker>>,
 }
 
 impl Signal {
@@ -342,6 +349,14 @@ impl Signal {
             w.wake();
         }
         self.free.borrow_mut().clear();
+        if let Some(w) = self.hook.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Wakes `waker` at every later notify, until replaced (see the field).
+    pub fn set_hook(&self, waker: Waker) {
+        *self.hook.borrow_mut() = Some(waker);
     }
 
     /// Waits until the next [`Signal::notify`] after this call.
