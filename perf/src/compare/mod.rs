@@ -51,8 +51,8 @@ pub struct CompareArgs {
     /// Measured seconds per run (default 10, quick 2).
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Comma-separated systems to run (default all): geobeat, null, redis-always,
-    /// redis-everysec, postgres-tx1, postgres-batch, mosquitto.
+    /// Comma-separated systems to run (default all): geobeat, null, floor, redis-always,
+    /// redis-everysec, postgres-tx1, postgres-batch, geobeat-mqtt, mosquitto.
     #[arg(long, value_delimiter = ',')]
     pub systems: Vec<String>,
     /// Comma-separated workload names to run (default all of the mode).
