@@ -366,10 +366,13 @@ fn targets(rows: &[Row], workloads: &[Workload]) -> Vec<Target> {
 /// and the reference rate): durable QoS 1 throughput ≥ Mosquitto's non-durable one at
 /// saturation, and server CPU per message ≤ Mosquitto's at both.
 fn mqtt_targets(rows: &[Row], workloads: &[Workload]) -> Vec<Target> {
+    /// What is compared, how a row gives it, and whether geobeat-mqtt must be at least (else at
+    /// most) Mosquitto's figure.
+    type Check = (&'static str, fn(&Row) -> f64, bool);
     let cpu = |r: &Row| r.server_cpu_s_per_million;
     let mut out = Vec::new();
     for w in workloads.iter().filter(|w| w.peers) {
-        let mut checks: Vec<(&str, fn(&Row) -> f64, bool)> = Vec::new();
+        let mut checks: Vec<Check> = Vec::new();
         if w.mode == Mode::Closed {
             checks.push(("durable QoS 1 messages/s", throughput, true));
         }

@@ -75,7 +75,11 @@ impl MqttLink {
     /// Connects to `addr` as client `device_id` and waits for the CONNACK. A non-empty `token`
     /// goes as the password with the device id as user name (MQTT 3.1.1 needs a user name with a
     /// password; geobeat wants the token's device id there).
-    pub async fn connect(addr: SocketAddr, device_id: &str, token: &str) -> Result<Self, LoadError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        device_id: &str,
+        token: &str,
+    ) -> Result<Self, LoadError> {
         let stream = TcpStream::connect(addr).await.map_err(LoadError::Connect)?;
         stream.set_nodelay(true).map_err(LoadError::Connect)?;
         let mut link = Self {
