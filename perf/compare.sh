@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # geobeat vs its ceiling (geobeat-null) vs what people use for this job today (Redis with
 # appendfsync always and everysec, PostgreSQL with one transaction per heartbeat and batched,
-# Mosquitto QoS 1), on this machine, with the same heartbeat stream from geobeat-load.
+# Mosquitto QoS 1 next to geobeat's own MQTT ingest), on this machine, with the same heartbeat
+# stream from geobeat-load.
 #
 #   bash perf/compare.sh            full run for the record: 3 interleaved rounds of 10 s runs
 #                                   (about 25 minutes); writes perf/runs/<date>-<host>/ and the
@@ -11,6 +12,8 @@
 #
 # Any other flag goes to geobeat-compare (see `target/release/geobeat-compare --help`), e.g.
 #   bash perf/compare.sh --rounds 1 --systems geobeat,null --workloads sat-1k-json
+#   bash perf/compare.sh --systems geobeat-mqtt,mosquitto --workloads sat-1k-json,ref-10k-json \
+#       --no-results-md           issue 16: geobeat over MQTT vs Mosquitto (about 5 minutes)
 #
 # Installs redis-server, postgresql and mosquitto from Debian's packages when missing (needs root
 # or passwordless apt), builds the release binaries, and runs geobeat-compare, which starts each

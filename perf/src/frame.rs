@@ -131,6 +131,25 @@ pub fn encode_json(
     common: &Common<'_>,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
+    write_json(samples, common, true, out)
+}
+
+/// Like [`encode_json`] but without `seq`: the MQTT payload of geobeat's `geobeat/<id>` topic,
+/// where the PUBLISH's packet id names the acknowledgement (docs/MQTT.md).
+pub fn encode_json_seqless(
+    samples: &[Sample],
+    common: &Common<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    write_json(samples, common, false, out)
+}
+
+fn write_json(
+    samples: &[Sample],
+    common: &Common<'_>,
+    with_seq: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
     check_common(samples.len(), common)?;
     let array = samples.len() > 1;
     if array {
@@ -141,10 +160,14 @@ pub fn encode_json(
             out.push(b',');
         }
         // Writing into a Vec cannot fail; the results are ignored for that reason.
+        out.push(b'{');
+        if with_seq {
+            let _ = write!(out, "\"seq\":{},", sample.seq);
+        }
         let _ = write!(
             out,
-            "{{\"seq\":{},\"lat\":{},\"lon\":{},\"ts\":{}",
-            sample.seq, sample.lat, sample.lon, sample.ts_ms
+            "\"lat\":{},\"lon\":{},\"ts\":{}",
+            sample.lat, sample.lon, sample.ts_ms
         );
         if let Some(id) = common.id {
             out.extend_from_slice(b",\"id\":");
@@ -289,6 +312,30 @@ mod tests {
         assert_eq!(value["ts"].as_i64().unwrap(), s.ts_ms);
         assert!(value.get("id").is_none());
         assert!(value.get("alt").is_none());
+    }
+
+    #[test]
+    fn seqless_json_is_the_same_heartbeat_without_seq() {
+        // Checks the MQTT payload: the same text as the WebSocket frame minus the `seq` member,
+        // for one heartbeat and for an array.
+        for samples in [vec![sample(7)], vec![sample(1), sample(2)]] {
+            let common = Common {
+                id: Some("sim-3"),
+                attrs_json: None,
+            };
+            let (mut with, mut without) = (Vec::new(), Vec::new());
+            encode_json(&samples, &common, &mut with).unwrap();
+            encode_json_seqless(&samples, &common, &mut without).unwrap();
+            let mut stripped = String::from_utf8(with).unwrap();
+            for s in &samples {
+                stripped = stripped.replace(&format!("\"seq\":{},", s.seq), "");
+            }
+            assert_eq!(String::from_utf8(without.clone()).unwrap(), stripped);
+            let value: serde_json::Value = serde_json::from_slice(&without).unwrap();
+            let first = if value.is_array() { &value[0] } else { &value };
+            assert!(first.get("seq").is_none());
+            assert_eq!(first["id"], "sim-3");
+        }
     }
 
     #[test]

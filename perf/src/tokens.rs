@@ -63,6 +63,9 @@ pub struct DeviceCredential {
     pub token: String,
     /// Id carried in every heartbeat (gateway mode), or `None` when the token names the device.
     pub frame_id: Option<String>,
+    /// The device's id: the generated `<prefix><n>` (gateway, minted) or the tokens file's id.
+    /// MQTT sends it as the CONNECT user name and in the topic.
+    pub device_id: String,
 }
 
 /// Where device credentials come from.
@@ -177,12 +180,16 @@ impl Credentials {
     /// The credential of the device with global index `index`.
     pub fn for_device(&self, index: usize) -> Result<DeviceCredential, TokenError> {
         match self {
-            Credentials::Gateway { token, id_prefix } => Ok(DeviceCredential {
-                token: token.clone(),
-                frame_id: Some(generated_id(id_prefix, index)?),
-            }),
+            Credentials::Gateway { token, id_prefix } => {
+                let id = generated_id(id_prefix, index)?;
+                Ok(DeviceCredential {
+                    token: token.clone(),
+                    frame_id: Some(id.clone()),
+                    device_id: id,
+                })
+            }
             Credentials::Table { entries } => {
-                let (_, token) = entries.get(index).ok_or_else(|| TokenError::TooFew {
+                let (id, token) = entries.get(index).ok_or_else(|| TokenError::TooFew {
                     path: PathBuf::from("(tokens file)"),
                     available: entries.len(),
                     needed: index,
@@ -190,6 +197,7 @@ impl Credentials {
                 Ok(DeviceCredential {
                     token: token.clone(),
                     frame_id: None,
+                    device_id: id.clone(),
                 })
             }
             #[cfg(feature = "mint")]
@@ -199,7 +207,7 @@ impl Credentials {
                 expires_at_s,
             } => {
                 let id = generated_id(id_prefix, index)?;
-                let scope = geobeat::auth::Scope::Device(id);
+                let scope = geobeat::auth::Scope::Device(id.clone());
                 // Issue time 0 (not the wall clock), so every process mints device n the same
                 // token; a revocation of the device would refuse it, as it should.
                 let token = geobeat::auth::try_mint(secret, &scope, 0, *expires_at_s)
@@ -207,6 +215,7 @@ impl Credentials {
                 Ok(DeviceCredential {
                     token,
                     frame_id: None,
+                    device_id: id,
                 })
             }
         }
@@ -238,7 +247,8 @@ mod tests {
             creds.for_device(41).unwrap(),
             DeviceCredential {
                 token: "gw".into(),
-                frame_id: Some("sim-41".into())
+                frame_id: Some("sim-41".into()),
+                device_id: "sim-41".into(),
             }
         );
         creds.check(10_000).unwrap();
@@ -262,7 +272,8 @@ mod tests {
             creds.for_device(1).unwrap(),
             DeviceCredential {
                 token: "tok1".into(),
-                frame_id: None
+                frame_id: None,
+                device_id: "d1".into(),
             }
         );
         creds.check(2).unwrap();

@@ -51,8 +51,8 @@ pub struct CompareArgs {
     /// Measured seconds per run (default 10, quick 2).
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Comma-separated systems to run (default all): geobeat, null, redis-always,
-    /// redis-everysec, postgres-tx1, postgres-batch, mosquitto.
+    /// Comma-separated systems to run (default all): geobeat, null, floor, redis-always,
+    /// redis-everysec, postgres-tx1, postgres-batch, geobeat-mqtt, mosquitto.
     #[arg(long, value_delimiter = ',')]
     pub systems: Vec<String>,
     /// Comma-separated workload names to run (default all of the mode).
@@ -523,7 +523,10 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
             ServerInfo {
                 version: if matches!(
                     kind,
-                    ServerKind::Geobeat | ServerKind::Null | ServerKind::Floor
+                    ServerKind::Geobeat
+                        | ServerKind::GeobeatMqtt
+                        | ServerKind::Null
+                        | ServerKind::Floor
                 ) {
                     format!("{} at {}", kind.name(), info.commit)
                 } else {
@@ -537,6 +540,9 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
     }
     let geobeat_secret = servers
         .get(&ServerKind::Geobeat)
+        .and_then(|s| s.secret_file.clone());
+    let geobeat_mqtt_secret = servers
+        .get(&ServerKind::GeobeatMqtt)
         .and_then(|s| s.secret_file.clone());
 
     let mut csv = fs::File::create(out_dir.join("raw.csv")).map_err(io_err("create raw.csv"))?;
@@ -559,6 +565,16 @@ pub fn run(args: &CompareArgs) -> Result<bool, CompareError> {
                     } else {
                         target_args.push("--gateway-token".into());
                         target_args.push("ignored-by-null".into());
+                    }
+                }
+                if system == System::Mosquitto {
+                    // Mosquitto accepts any user name and password (allow_anonymous, no password
+                    // file): with geobeat's minted tokens it gets the very CONNECT and PUBLISH
+                    // bytes geobeat-mqtt gets. Without a geobeat server the devices connect
+                    // anonymously and name themselves in the payload (`"id"`).
+                    if let Some(secret) = geobeat_mqtt_secret.as_ref().or(geobeat_secret.as_ref()) {
+                        target_args.push("--secret-file".into());
+                        target_args.push(secret.display().to_string());
                     }
                 }
                 let quiesce_s = quiesce(&servers);

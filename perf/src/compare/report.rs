@@ -358,6 +358,41 @@ fn targets(rows: &[Row], workloads: &[Workload]) -> Vec<Target> {
         });
     }
     out.extend(floor_targets(rows, workloads));
+    out.extend(mqtt_targets(rows, workloads));
+    out
+}
+
+/// Issue 16's targets for geobeat over MQTT against Mosquitto on the peer workloads (saturation
+/// and the reference rate): durable QoS 1 throughput ≥ Mosquitto's non-durable one at
+/// saturation, and server CPU per message ≤ Mosquitto's at both.
+fn mqtt_targets(rows: &[Row], workloads: &[Workload]) -> Vec<Target> {
+    /// What is compared, how a row gives it, and whether geobeat-mqtt must be at least (else at
+    /// most) Mosquitto's figure.
+    type Check = (&'static str, fn(&Row) -> f64, bool);
+    let cpu = |r: &Row| r.server_cpu_s_per_million;
+    let mut out = Vec::new();
+    for w in workloads.iter().filter(|w| w.peers) {
+        let mut checks: Vec<Check> = Vec::new();
+        if w.mode == Mode::Closed {
+            checks.push(("durable QoS 1 messages/s", throughput, true));
+        }
+        checks.push(("server CPU per message", cpu, false));
+        for (what, f, at_least) in checks {
+            let r = paired_ratio(rows, &w.name, System::GeobeatMqtt, System::Mosquitto, f);
+            out.push(Target {
+                goal: format!(
+                    "`{}`: geobeat-mqtt {what} {} Mosquitto's (issue 16)",
+                    w.name,
+                    if at_least { "≥" } else { "≤" }
+                ),
+                figure: r.map_or_else(
+                    || "not measured".into(),
+                    |r| format!("{r:.2}× (geobeat-mqtt / mosquitto)"),
+                ),
+                met: r.map(|r| if at_least { r >= 1.0 } else { r <= 1.0 }),
+            });
+        }
+    }
     out
 }
 
@@ -579,10 +614,13 @@ const SETUP_NOTES: &str = "\
   schedule, latency from the intended send time (no coordinated omission), HDR histograms.
 - **geobeat and null**: one WebSocket per device, device tokens minted from geobeat's secret
   (the null server ignores them, so both get byte-identical frames).
-- **Mosquitto**: one MQTT connection per device, one QoS 1 PUBLISH per heartbeat on `hb/<id>`,
-  the JSON heartbeat as payload; the ack is the PUBACK. Persistence is on, but Mosquitto writes it
-  only every `autosave_interval` (1800 s) and at shutdown, and with no subscriber it keeps neither
-  history nor last location: it is a relay, not a store.
+- **geobeat-mqtt and Mosquitto** (issue 16): one MQTT 3.1.1 connection per device (clean
+  session, client id and user name = device id, the minted device token as password), one QoS 1
+  PUBLISH per heartbeat on `geobeat/<id>` with the JSON heartbeat without `seq` as payload; the
+  ack is the PUBACK. Both get byte-identical packets. geobeat-mqtt is a second `geobeat serve`
+  (strict durability, MQTT listener on): its PUBACK follows the fdatasync. Mosquitto runs with
+  persistence off (its default; nothing is written to disk) and, with no subscriber, keeps
+  neither history nor last location: it is a relay, not a store.
 - **Redis and PostgreSQL**: a gateway process (inside `geobeat-load`) holds 16 connections per
   server and pins each device to one of them; each connection sends everything queued as one
   pipeline (Redis: `GEOADD last` + `XADD h:<id>` per heartbeat) or one transaction
@@ -888,6 +926,44 @@ mod tests {
         assert_eq!(find("Redis").met, Some(false));
         assert_eq!(find("batched").met, None);
         assert_eq!(summary.cell("sat-1k-json", System::Null).unwrap().runs, 1);
+    }
+
+    #[test]
+    fn mqtt_targets_compare_geobeat_mqtt_with_mosquitto() {
+        // Issue 16: at saturation geobeat-mqtt's throughput ≥ Mosquitto's (0.9×: missed) and
+        // CPU per message ≤ Mosquitto's (0.8×: met); at the reference rate only CPU is checked,
+        // and without Mosquitto rows the target is "not measured", never met.
+        let full = super::super::full_workloads();
+        let (sat, reference) = (full[0].clone(), full[1].clone());
+        let mut rows = vec![
+            Row {
+                server_cpu_s_per_million: 0.8,
+                ..row(1, System::GeobeatMqtt, 90.0, 10)
+            },
+            row(1, System::Mosquitto, 100.0, 8),
+        ];
+        rows.push(Row {
+            workload: reference.name.clone(),
+            ..row(1, System::GeobeatMqtt, 100.0, 10)
+        });
+        let summary = Summary::of(
+            &rows,
+            &[sat, reference],
+            &super::super::systems::ALL_SYSTEMS,
+        );
+        let mqtt: Vec<&Target> = summary
+            .targets
+            .iter()
+            .filter(|t| t.goal.contains("issue 16"))
+            .collect();
+        assert_eq!(mqtt.len(), 3, "{mqtt:?}");
+        assert!(mqtt[0].goal.contains("sat-1k-json") && mqtt[0].goal.contains("messages/s"));
+        assert_eq!(mqtt[0].met, Some(false));
+        assert_eq!(mqtt[0].figure, "0.90× (geobeat-mqtt / mosquitto)");
+        assert!(mqtt[1].goal.contains("CPU"));
+        assert_eq!(mqtt[1].met, Some(true));
+        assert!(mqtt[2].goal.contains("ref-10k-json"));
+        assert_eq!(mqtt[2].met, None);
     }
 
     #[test]

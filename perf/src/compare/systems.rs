@@ -1,6 +1,6 @@
-//! The systems the comparison runs and the servers behind them: geobeat, the null (ceiling)
-//! server, Redis with `appendfsync always` and `everysec`, PostgreSQL (one transaction per
-//! heartbeat, or per batch) and Mosquitto. It owns starting each server from the machine's own
+//! The systems the comparison runs and the servers behind them: geobeat (over WebSocket, and over
+//! MQTT on a second instance), the null (ceiling) server, Redis with `appendfsync always` and
+//! `everysec`, PostgreSQL (one transaction per heartbeat, or per batch) and Mosquitto. It owns starting each server from the machine's own
 //! packages on 127.0.0.1 with its own data directory and configuration, waiting until it serves,
 //! the `geobeat-load` arguments that point a run at it, and stopping it. It does not run loads or
 //! judge results. Invariant: every server this module starts is stopped when its [`Server`] is
@@ -79,8 +79,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError
 /// A server program configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ServerKind {
-    /// `geobeat serve`, strict durability (acks after fdatasync).
+    /// `geobeat serve`, strict durability (acks after fdatasync), MQTT listener off.
     Geobeat,
+    /// A second `geobeat serve`, strict durability, with its MQTT listener on a free port.
+    GeobeatMqtt,
     /// `geobeat-null`: same network stack, stores nothing.
     Null,
     /// `geobeat-floor`: plain epoll, hand-written framing, stores nothing.
@@ -91,7 +93,7 @@ pub enum ServerKind {
     RedisEverysec,
     /// PostgreSQL with `synchronous_commit=on`.
     Postgres,
-    /// Mosquitto with persistence on.
+    /// Mosquitto with persistence off (its default).
     Mosquitto,
 }
 
@@ -100,6 +102,7 @@ impl ServerKind {
     pub fn name(self) -> &'static str {
         match self {
             ServerKind::Geobeat => "geobeat",
+            ServerKind::GeobeatMqtt => "geobeat-mqtt",
             ServerKind::Null => "geobeat-null",
             ServerKind::Floor => "geobeat-floor",
             ServerKind::RedisAlways => "redis-always",
@@ -128,12 +131,15 @@ pub enum System {
     PostgresTx1,
     /// PostgreSQL, one transaction per batch of queued heartbeats.
     PostgresBatch,
+    /// geobeat over MQTT 3.1.1, QoS 1, every PUBACK after fdatasync (issue 16).
+    GeobeatMqtt,
     /// Mosquitto, QoS 1.
     Mosquitto,
 }
 
-/// Every system, in the order runs interleave (geobeat next to its ceiling).
-pub const ALL_SYSTEMS: [System; 8] = [
+/// Every system, in the order runs interleave (geobeat next to its ceiling, geobeat over MQTT
+/// next to Mosquitto).
+pub const ALL_SYSTEMS: [System; 9] = [
     System::Geobeat,
     System::Null,
     System::Floor,
@@ -141,6 +147,7 @@ pub const ALL_SYSTEMS: [System; 8] = [
     System::RedisEverysec,
     System::PostgresTx1,
     System::PostgresBatch,
+    System::GeobeatMqtt,
     System::Mosquitto,
 ];
 
@@ -155,6 +162,7 @@ impl System {
             System::RedisEverysec => "redis-everysec",
             System::PostgresTx1 => "postgres-tx1",
             System::PostgresBatch => "postgres-batch",
+            System::GeobeatMqtt => "geobeat-mqtt",
             System::Mosquitto => "mosquitto",
         }
     }
@@ -173,6 +181,7 @@ impl System {
             System::RedisAlways => ServerKind::RedisAlways,
             System::RedisEverysec => ServerKind::RedisEverysec,
             System::PostgresTx1 | System::PostgresBatch => ServerKind::Postgres,
+            System::GeobeatMqtt => ServerKind::GeobeatMqtt,
             System::Mosquitto => ServerKind::Mosquitto,
         }
     }
@@ -181,7 +190,11 @@ impl System {
     pub fn durable(self) -> bool {
         matches!(
             self,
-            System::Geobeat | System::RedisAlways | System::PostgresTx1 | System::PostgresBatch
+            System::Geobeat
+                | System::GeobeatMqtt
+                | System::RedisAlways
+                | System::PostgresTx1
+                | System::PostgresBatch
         )
     }
 
@@ -200,7 +213,8 @@ impl System {
             System::RedisEverysec => "not durable: AOF fsync once a second (GEOADD last + XADD history)",
             System::PostgresTx1 => "durable: WAL flush per commit, one heartbeat per transaction (history insert + last upsert)",
             System::PostgresBatch => "durable: WAL flush per commit, one transaction per batch of queued heartbeats",
-            System::Mosquitto => "not durable: PUBACK from memory, not a disk write; keeps neither history nor last location",
+            System::GeobeatMqtt => "durable: PUBACK after fdatasync of the shard log (MQTT 3.1.1, QoS 1); keeps history + last location",
+            System::Mosquitto => "not durable: PUBACK from memory (persistence off, its default); keeps neither history nor last location",
         }
     }
 
@@ -232,11 +246,11 @@ impl System {
                     "batch".into()
                 },
             ],
-            System::Mosquitto => vec![
+            System::GeobeatMqtt | System::Mosquitto => vec![
                 "--target".into(),
                 "mqtt".into(),
                 "--url".into(),
-                format!("mqtt://127.0.0.1:{port}"),
+                format!("mqtt://127.0.0.1:{}", server.mqtt_port.unwrap_or(port)),
             ],
         };
         if let Some(secret) = &server.secret_file {
@@ -353,8 +367,10 @@ pub struct Server {
     child: Child,
     /// Its pid (root of the process tree whose CPU is measured).
     pub pid: u32,
-    /// Loopback port it serves on.
+    /// Loopback port it serves on (geobeat: the HTTP/WebSocket listener).
     pub port: u16,
+    /// geobeat's MQTT listener port, when it has one on.
+    pub mqtt_port: Option<u16>,
     /// Its data directory.
     pub data_dir: PathBuf,
     /// Its log file.
@@ -411,12 +427,18 @@ pub fn start(
             .map_err(io_err(format!("open {}", log.display())))
     };
     let mut secret_file = None;
+    let mut mqtt_port = None;
     let mut settings = Vec::new();
     let (mut command, version) = match kind {
-        ServerKind::Geobeat | ServerKind::Null | ServerKind::Floor => {
-            let program = programs.ours(kind.name())?;
+        ServerKind::Geobeat | ServerKind::GeobeatMqtt | ServerKind::Null | ServerKind::Floor => {
+            let binary = if kind == ServerKind::GeobeatMqtt {
+                "geobeat"
+            } else {
+                kind.name()
+            };
+            let program = programs.ours(binary)?;
             let mut command = Command::new(&program);
-            if kind == ServerKind::Geobeat {
+            if matches!(kind, ServerKind::Geobeat | ServerKind::GeobeatMqtt) {
                 command
                     .arg("serve")
                     .arg("--init")
@@ -424,13 +446,26 @@ pub fn start(
                     .arg(format!("127.0.0.1:{port}"))
                     .arg("--data-dir")
                     .arg(&data_dir)
-                    // Measured over WebSocket; no MQTT listener to collide with Mosquitto's port.
-                    .arg("--mqtt-listen")
-                    .arg("off");
+                    .arg("--mqtt-listen");
                 secret_file = Some(data_dir.join("secret"));
-                settings.push(
-                    "defaults: --durability strict, one shard per core; --mqtt-listen off".into(),
-                );
+                if kind == ServerKind::GeobeatMqtt {
+                    let mqtt = free_port()?;
+                    command.arg(format!("127.0.0.1:{mqtt}"));
+                    mqtt_port = Some(mqtt);
+                    settings.push(
+                        "defaults: --durability strict, one shard per core; \
+                         --mqtt-listen 127.0.0.1:<free port> (MQTT 3.1.1 devices, QoS 1)"
+                            .into(),
+                    );
+                } else {
+                    // Measured over WebSocket; no MQTT listener to collide with Mosquitto's
+                    // or the MQTT instance's port.
+                    command.arg("off");
+                    settings.push(
+                        "defaults: --durability strict, one shard per core; --mqtt-listen off"
+                            .into(),
+                    );
+                }
             } else {
                 command.arg("--listen").arg(format!("127.0.0.1:{port}"));
             }
@@ -499,10 +534,18 @@ pub fn start(
             let conf = data_dir.join("mosquitto.conf");
             let lines = [
                 format!("listener {port} 127.0.0.1"),
+                // No password file: any user name and password are accepted, so the devices can
+                // send the same CONNECT (device id, geobeat token) as to geobeat.
                 "allow_anonymous true".to_owned(),
-                "persistence true".to_owned(),
-                format!("persistence_location {}/", data_dir.display()),
-                "autosave_interval 1800".to_owned(),
+                // Its default: a PUBACK means "in memory"; nothing is written to disk.
+                "persistence false".to_owned(),
+                // Defaults, written out: they bound QoS 1/2 deliveries *to subscribers* (in flight
+                // per client, then queued); there are none here. An incoming QoS 1 PUBLISH from a
+                // 3.1.1 client is PUBACKed as soon as it is read, with no inflight cap.
+                "max_inflight_messages 20".to_owned(),
+                "max_queued_messages 1000".to_owned(),
+                // No cap on connections (the default -1); the open-file limit is the bound.
+                "max_connections -1".to_owned(),
                 // Stay root so the data directory needs no chown; the broker runs on loopback only.
                 "user root".to_owned(),
                 // Mosquitto's default leaves Nagle on, which would delay PUBACKs.
@@ -549,6 +592,7 @@ pub fn start(
         child,
         pid,
         port,
+        mqtt_port,
         data_dir,
         log,
         secret_file,
@@ -643,13 +687,18 @@ fn wait_ready(server: &mut Server) -> Result<(), ServerError> {
 /// One readiness check: the server answers its protocol's simplest request.
 fn probe(server: &Server, addr: SocketAddr) -> Result<(), String> {
     let timeout = Duration::from_secs(2);
+    if let Some(mqtt) = server.mqtt_port {
+        // geobeat's MQTT listener: accepting is enough (the HTTP probe below checks the rest).
+        TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], mqtt)), timeout)
+            .map_err(|e| format!("connect to the MQTT listener: {e}"))?;
+    }
     let mut stream =
         TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let (request, expect): (&[u8], &[u8]) = match server.kind {
-        ServerKind::Geobeat => (
+        ServerKind::Geobeat | ServerKind::GeobeatMqtt => (
             b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
             b"HTTP/1.1 200",
         ),

@@ -42,8 +42,9 @@ pub enum Mode {
 pub enum Target {
     /// geobeat or the null server: one WebSocket per device (`ws://host:port/v1/ingest`).
     Ws,
-    /// An MQTT 3.1.1 broker: one connection per device, QoS 1 PUBLISH per frame on
-    /// `hb/<id>`, PUBACK as the ack (`mqtt://host:port`).
+    /// geobeat's MQTT listener or a broker (MQTT 3.1.1): one connection per device, QoS 1
+    /// PUBLISH per frame on `geobeat/<id>` (JSON without `seq`), PUBACK as the ack
+    /// (`mqtt://host:port`); a token, if given, is the password with the device id as user name.
     Mqtt,
     /// Redis: GEOADD (last location) + XADD (history) per heartbeat, pipelined over a pool of
     /// `--backend-connections` connections (`redis://host:port`).

@@ -109,10 +109,7 @@ pub async fn run_device(shared: Arc<Shared>, local: usize) {
             return;
         }
     };
-    let device_id: Arc<str> = match &credential.frame_id {
-        Some(id) => Arc::from(id.as_str()),
-        None => Arc::from(format!("{}{global}", shared.plan.args.id_prefix)),
-    };
+    let device_id: Arc<str> = Arc::from(credential.device_id.as_str());
     let Some(mut link) = connect(&shared, global, &credential, &device_id, &mut counters).await
     else {
         shared.stats.with(global, |s| s.counters.add(&counters));

@@ -76,7 +76,7 @@ impl Link {
                 WsLink::connect(shared, credential).await?,
             ))),
             Target::Mqtt => Ok(Link::Mqtt(Box::new(
-                MqttLink::connect(shared.plan.addr, device_id).await?,
+                MqttLink::connect(shared.plan.addr, device_id, &credential.token).await?,
             ))),
             Target::Redis | Target::Postgres => {
                 let pool = shared.pool.as_ref().expect("pooled targets have a pool");

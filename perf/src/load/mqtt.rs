@@ -1,14 +1,18 @@
-//! One simulated device speaking MQTT 3.1.1 to a broker (Mosquitto in the comparison): CONNECT
-//! with a clean session, then one QoS 1 PUBLISH per frame on the device's own topic
-//! (`hb/<device id>`), the frame's JSON text as payload. The broker's PUBACK is the ack. Packet
-//! encoding and decoding come from `rumqttc`'s MQTT codec; this module owns the socket, the
-//! packet-id allocation and the mapping of PUBACKs back to heartbeat seqs. It does not own pacing
-//! or statistics. Invariant: `Reply::Ack(n)` is reported only when every PUBLISH up to the one
-//! carrying seq n has been PUBACKed, even if the broker acknowledged them out of order.
+//! One simulated device speaking MQTT 3.1.1 to geobeat's MQTT listener or to a broker (Mosquitto
+//! in the comparison): CONNECT with a clean session, client id and user name = the device id and,
+//! when the run has one, the device's geobeat token as password (docs/MQTT.md); then one QoS 1
+//! PUBLISH per frame on `geobeat/<device id>`, the frame's JSON without `seq` as payload (the
+//! packet id names the ack). The PUBACK is the ack. Packet encoding and decoding come from
+//! `rumqttc`'s MQTT codec (no client state machine, no task per connection); this module owns
+//! the socket, the packet-id allocation and the mapping of PUBACKs back to heartbeat seqs. It
+//! does not own pacing or statistics. Invariant: `Reply::Ack(n)` is reported only when every
+//! PUBLISH up to the one carrying seq n has been PUBACKed, even if the server acknowledged them
+//! out of order.
 //!
-//! A PUBACK says the broker has the message in memory, not on disk: Mosquitto writes its
-//! persistence file only every `autosave_interval` and at shutdown, and with no subscriber keeps
-//! neither history nor last location. The comparison reports it as a relay, not a store.
+//! What a PUBACK means depends on the server: geobeat sends it once the heartbeats are durable
+//! (fdatasync'd with `--durability strict`); Mosquitto as the comparison runs it (persistence
+//! off, its default) once the message is in memory, and with no subscriber keeps neither history
+//! nor last location. The comparison reports Mosquitto as a relay, not a store.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -22,9 +26,12 @@ use tokio::net::TcpStream;
 
 use super::link::{Incoming, LinkClosed};
 use super::LoadError;
-use crate::frame::{self, Common, Format, Sample};
+use crate::frame::{self, Common, Sample};
 use crate::reply::Reply;
 
+/// Topic of a device's heartbeats: geobeat's (docs/MQTT.md), used for every MQTT server so the
+/// byte stream is the same.
+pub const TOPIC_PREFIX: &str = "geobeat/";
 /// Largest packet accepted from the broker (PUBACKs are 4 bytes).
 const PACKET_BYTES_MAX: usize = 64 << 10;
 /// Read buffer per connection: PUBACKs are tiny, so a small buffer keeps 10,000 connections cheap.
@@ -54,7 +61,7 @@ pub struct MqttLink {
     read_buf: BytesMut,
     /// Encoded packets not yet written.
     write_buf: BytesMut,
-    /// `hb/<device id>`.
+    /// `geobeat/<device id>`.
     topic: String,
     /// Scratch buffer for the JSON payload.
     payload: Vec<u8>,
@@ -65,15 +72,21 @@ pub struct MqttLink {
 }
 
 impl MqttLink {
-    /// Connects to the broker at `addr` as client `device_id` and waits for the CONNACK.
-    pub async fn connect(addr: SocketAddr, device_id: &str) -> Result<Self, LoadError> {
+    /// Connects to `addr` as client `device_id` and waits for the CONNACK. A non-empty `token`
+    /// goes as the password with the device id as user name (MQTT 3.1.1 needs a user name with a
+    /// password; geobeat wants the token's device id there).
+    pub async fn connect(
+        addr: SocketAddr,
+        device_id: &str,
+        token: &str,
+    ) -> Result<Self, LoadError> {
         let stream = TcpStream::connect(addr).await.map_err(LoadError::Connect)?;
         stream.set_nodelay(true).map_err(LoadError::Connect)?;
         let mut link = Self {
             stream,
             read_buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
             write_buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
-            topic: format!("hb/{device_id}"),
+            topic: format!("{TOPIC_PREFIX}{device_id}"),
             payload: Vec::new(),
             next_pkid: 1,
             pending: VecDeque::new(),
@@ -81,6 +94,9 @@ impl MqttLink {
         let mut connect = Connect::new(device_id);
         connect.keep_alive = KEEP_ALIVE_S;
         connect.clean_session = true;
+        if !token.is_empty() {
+            connect.set_login(device_id, token);
+        }
         connect
             .write(&mut link.write_buf)
             .map_err(|e| LoadError::Mqtt(format!("encode CONNECT: {e:?}")))?;
@@ -92,6 +108,9 @@ impl MqttLink {
                 code: v4::ConnectReturnCode::Success,
                 ..
             }))) => Ok(link),
+            Ok(Ok(Packet::ConnAck(ConnAck { code, .. }))) => Err(LoadError::Mqtt(format!(
+                "CONNACK refused the connection: {code:?}"
+            ))),
             Ok(Ok(other)) => Err(LoadError::Mqtt(format!(
                 "expected a successful CONNACK, got {other:?}"
             ))),
@@ -119,7 +138,7 @@ impl MqttLink {
     /// Encodes one QoS 1 PUBLISH carrying `samples` as a JSON frame.
     pub fn feed(&mut self, samples: &[Sample], common: &Common<'_>) -> Result<(), LinkClosed> {
         self.payload.clear();
-        if let Err(e) = frame::encode(Format::Json, samples, common, &mut self.payload) {
+        if let Err(e) = frame::encode_json_seqless(samples, common, &mut self.payload) {
             unreachable!("frame encoding failed after validation: {e}");
         }
         let pkid = self.next_pkid;
@@ -222,8 +241,10 @@ mod tests {
 
     #[tokio::test]
     async fn pubacks_complete_frames_in_order_even_when_out_of_order() {
-        // Checks the PUBACK-to-seq mapping: three PUBLISHes; the broker acks the second first
-        // (nothing is complete yet), then the first (both complete: ack of seq 2), then the third.
+        // Checks the CONNECT credentials (client id and user name = device id, token as
+        // password), the PUBLISHes (QoS 1 on `geobeat/<id>`, JSON without `seq`) and the
+        // PUBACK-to-seq mapping: three PUBLISHes; the server acks the second first (nothing is
+        // complete yet), then the first (both complete: ack of seq 2), then the third.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
@@ -231,7 +252,12 @@ mod tests {
             let mut buf = BytesMut::new();
             loop {
                 match v4::read(&mut buf, PACKET_BYTES_MAX) {
-                    Ok(Packet::Connect(_)) => break,
+                    Ok(Packet::Connect(connect)) => {
+                        assert_eq!(connect.client_id, "dev-1");
+                        assert_eq!(connect.login, Some(v4::Login::new("dev-1", "tok-1")));
+                        assert!(connect.clean_session);
+                        break;
+                    }
                     Ok(other) => panic!("expected CONNECT, got {other:?}"),
                     Err(_) => {
                         socket.read_buf(&mut buf).await.unwrap();
@@ -243,9 +269,19 @@ mod tests {
                 .write(&mut out)
                 .unwrap();
             socket.write_all(&out).await.unwrap();
-            socket
+            let mut publishes = Vec::new();
+            while publishes.len() < 3 {
+                match v4::read(&mut buf, PACKET_BYTES_MAX) {
+                    Ok(Packet::Publish(publish)) => publishes.push(publish),
+                    Ok(other) => panic!("expected PUBLISH, got {other:?}"),
+                    Err(_) => {
+                        socket.read_buf(&mut buf).await.unwrap();
+                    }
+                }
+            }
+            (socket, publishes)
         });
-        let mut link = MqttLink::connect(addr, "dev-1").await.unwrap();
+        let mut link = MqttLink::connect(addr, "dev-1", "tok-1").await.unwrap();
         let sample = |seq| Sample {
             seq,
             lat: 1.0,
@@ -260,8 +296,15 @@ mod tests {
             link.feed(&[sample(seq)], &Common::default()).unwrap();
         }
         link.flush().await.unwrap();
-        assert_eq!(link.topic, "hb/dev-1");
-        let mut socket = server.await.unwrap();
+        let (mut socket, publishes) = server.await.unwrap();
+        for (publish, pkid) in publishes.iter().zip(1u16..) {
+            assert_eq!(publish.topic, "geobeat/dev-1");
+            assert_eq!(publish.qos, QoS::AtLeastOnce);
+            assert_eq!(publish.pkid, pkid);
+            let value: serde_json::Value = serde_json::from_slice(&publish.payload).unwrap();
+            assert!(value.get("seq").is_none(), "{value}");
+            assert_eq!(value["lat"], 1.0);
+        }
         let mut out = BytesMut::new();
         for pkid in [2u16, 1, 3] {
             v4::PubAck::new(pkid).write(&mut out).unwrap();
