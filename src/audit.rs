@@ -22,43 +22,7 @@ use crate::log::tail::{log_end, Tail};
 use crate::log::LogPos;
 use crate::route::ShardId;
 
-/// `geobeat audit` settings.
-#[derive(clap::Args, Debug, Clone)]
-pub struct AuditArgs {
-    /// What to check.
-    #[command(subcommand)]
-    pub command: AuditCommand,
-}
-
-/// `geobeat audit` subcommands.
-#[derive(clap::Subcommand, Debug, Clone)]
-pub enum AuditCommand {
-    /// Count entries per device across the log and the sinks; print any difference (exit 1 if any).
-    Reconcile(ReconcileArgs),
-}
-
-/// `geobeat audit reconcile` settings.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ReconcileArgs {
-    /// Data directory [env: GEOBEAT_DATA_DIR] [default: ./shards]
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Directory of an audit sink (the `dir` of its `[[sinks]]` entry)
-    #[arg(long, value_name = "D")]
-    pub audit_dir: Option<PathBuf>,
-    /// Name of the audit sink [default: the only sink whose cursors name audit files]
-    #[arg(long, value_name = "NAME")]
-    pub audit_sink: Option<String>,
-    /// PostgreSQL URL of a PostgreSQL sink (its `url`)
-    #[arg(long, value_name = "URL")]
-    pub postgres: Option<String>,
-    /// Schema of the PostgreSQL sink's tables
-    #[arg(long, value_name = "SCHEMA", default_value = crate::config::PG_SCHEMA_DEFAULT)]
-    pub schema: String,
-    /// Name of the PostgreSQL sink [default: the only sink whose cursors name no audit file]
-    #[arg(long, value_name = "NAME")]
-    pub postgres_sink: Option<String>,
-}
+pub use crate::config::{AuditArgs, AuditCommand, ReconcileArgs};
 
 /// Why reconciling could not be done (as opposed to differences found).
 #[derive(Debug, thiserror::Error)]

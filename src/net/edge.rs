@@ -117,3 +117,35 @@ pub trait Kind {
         slot: ConnSlot,
     ) -> impl Future<Output = ()>;
 }
+
+/// Writes a complete HTTP/1.1 response with a JSON (or given) body.
+pub async fn write_response<S: Conn>(
+    stream: &mut S,
+    status: u16,
+    body: &str,
+    close: bool,
+) -> std::io::Result<()> {
+    write_response_typed(stream, status, "application/json", body, close).await
+}
+
+/// Writes a complete HTTP/1.1 response with the given content type.
+pub async fn write_response_typed<S: Conn>(
+    stream: &mut S,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    close: bool,
+) -> std::io::Result<()> {
+    // Head and body in one buffer, one write: a client that reads the head (e.g. a refused
+    // WebSocket upgrade) finds the body with it, and small answers cost one send.
+    let response = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}{}\r\n{body}",
+        crate::http::parse::status_text(status),
+        body.len(),
+        if close { "connection: close\r\n" } else { "" },
+        // RFC 6455 4.4: say which WebSocket version we speak.
+        if status == 426 { "sec-websocket-version: 13\r\n" } else { "" }
+    );
+    futures_lite::AsyncWriteExt::write_all(stream, response.as_bytes()).await?;
+    futures_lite::AsyncWriteExt::flush(stream).await
+}

@@ -103,7 +103,7 @@ impl Kind for IngestKind {
         if let Err(e) = tls::ClientCert::of(&stream, mtls).check(&grant.scope) {
             // mTLS: the client certificate must name the token's device (docs/PROTOCOL.md).
             let (status, body) = parse::json_error(403, e.reason(), None);
-            let _ = crate::net::router::write_response(&mut stream, status, &body, true).await;
+            let _ = crate::net::edge::write_response(&mut stream, status, &body, true).await;
             return;
         }
         if let Some((stream, leftover, grant, slot)) =

@@ -17,7 +17,7 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncReadExt;
 
 use crate::config::Engine;
 use crate::http::parse::{self, Parsed};
@@ -26,6 +26,7 @@ use crate::limits::{
     HTTP_HEAD_BYTES_MAX, HTTP_REQUESTS_PER_CONN_MAX, REFUSALS_IN_FLIGHT_MAX, REFUSAL_READ_MAX,
     REPEAT_LOG_INTERVAL_MS,
 };
+pub use crate::net::edge::{write_response, write_response_typed};
 use crate::net::edge::{Edge, Kind, Role};
 use crate::net::engine::RingIngestKind;
 use crate::net::ingest::IngestKind;
@@ -148,38 +149,6 @@ async fn answer_and_close<S: Conn>(stream: &mut S, status: u16, body: &str) {
         }
     };
     let _ = rt::timeout(REFUSAL_READ_MAX, drain).await;
-}
-
-/// Writes a complete HTTP/1.1 response with a JSON (or given) body.
-pub async fn write_response<S: Conn>(
-    stream: &mut S,
-    status: u16,
-    body: &str,
-    close: bool,
-) -> std::io::Result<()> {
-    write_response_typed(stream, status, "application/json", body, close).await
-}
-
-/// Writes a complete HTTP/1.1 response with the given content type.
-pub async fn write_response_typed<S: Conn>(
-    stream: &mut S,
-    status: u16,
-    content_type: &str,
-    body: &str,
-    close: bool,
-) -> std::io::Result<()> {
-    // Head and body in one buffer, one write: a client that reads the head (e.g. a refused
-    // WebSocket upgrade) finds the body with it, and small answers cost one send.
-    let response = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}{}\r\n{body}",
-        parse::status_text(status),
-        body.len(),
-        if close { "connection: close\r\n" } else { "" },
-        // RFC 6455 4.4: say which WebSocket version we speak.
-        if status == 426 { "sec-websocket-version: 13\r\n" } else { "" }
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.flush().await
 }
 
 /// Why no complete request head was read.

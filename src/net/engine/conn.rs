@@ -863,7 +863,8 @@ impl Conn {
         if let Some((code, reason)) = self.close {
             let graceful = code == close::GOING_AWAY
                 || code == CLOSE_NORMAL
-                || (code, reason) == (close::POLICY, TOKEN_EXPIRED);
+                || (code, reason) == (close::POLICY, TOKEN_EXPIRED)
+                || (code, reason) == (close::POLICY, auth::TOKEN_REVOKED);
             if !graceful || in_flight == 0 {
                 crate::net::ws::write::log_refusal_close(code, reason);
                 let mut p = Vec::with_capacity(2 + reason.len());

@@ -9,6 +9,13 @@
 //! engine task per executor, a [`wheel::Wheel`] for every deadline, and a waker per connection
 //! hooked on its ack-ledger signal that only records the connection as dirty.
 //!
+//! Like the glommio ingest it sends a device that declared an epoch its resume frame first
+//! (issue 18; the frame is read before the connection is handed to the engine), deduplicates
+//! such a device's heartbeats, and closes a connection whose token is revoked (1008
+//! `token_revoked`, once everything read is acked): the executor's revocation signal hooks the
+//! engine, which then asks every connection. A TLS session is not the engine's: it stays with the
+//! glommio ingest on the executor that accepted it.
+//!
 //! It owns ingest connections after the upgrade only: admission, the 101's accept key and the
 //! hand-off to the owning executor stay with the router and `net::ingest`; what frames mean,
 //! when an ack is due (the [`crate::shard::acks::AckLedger`]) and storage are not its.
@@ -500,7 +507,7 @@ impl Engine {
     ) -> Poll<()> {
         let pending_inbox = INBOX.with(|i| {
             let mut i = i.borrow_mut();
-            if i.new.is_empty() && i.dirty.is_empty() {
+            if i.new.is_empty() && i.dirty.is_empty() && !i.revocations_changed {
                 match &i.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => i.waker = Some(cx.waker().clone()),
