@@ -452,14 +452,9 @@ async fn serve<S: Stream>(
         }
         _ => None,
     };
-    let mut out = Vec::new();
-    session::connack_accepted(&admitted, resume, &mut out);
-    let write = rt::timeout(cfg.idle_timeout, stream.write_all(&out)).await;
-    if !matches!(write, Some(Ok(()))) {
-        return;
-    }
-    probe.mqtt_event("connect", 1);
-    run(edge.clone(), stream, buf, admitted, number).await;
+    let mut connack = Vec::new();
+    session::connack_accepted(&admitted, resume, &mut connack);
+    run(edge.clone(), stream, buf, admitted, connack, number).await;
 }
 
 /// Writes `out` (a refusal), shuts our side down and reads what the client still sends for a
@@ -498,12 +493,16 @@ fn log_refused(peer: Option<SocketAddr>, why: &'static str) {
 }
 
 /// Runs an admitted connection: registers it (taking over a live one with the same client id),
-/// runs the reader here and the writer in a task of its own, and unregisters it.
+/// sends its CONNACK, runs the reader here and the writer in a task of its own, and unregisters
+/// it. The CONNACK goes out only once the connection is registered: a client holding it is
+/// findable, so a later connection with its id always takes it over (never the other way round,
+/// which happened when the CONNACK went first and the two registrations crossed executors).
 async fn run<S: Stream>(
     edge: Rc<Edge>,
-    stream: S,
+    mut stream: S,
     leftover: Vec<u8>,
     admitted: Admitted,
+    connack: Vec<u8>,
     number: u64,
 ) {
     let core = &edge.core;
@@ -542,13 +541,38 @@ async fn run<S: Stream>(
             probe.mqtt_event("takeover", 1);
         }
     }
+    let write = rt::timeout(core.shared.cfg.idle_timeout, stream.write_all(&connack)).await;
+    drop(connack);
+    if matches!(write, Some(Ok(()))) {
+        probe.mqtt_event("connect", 1);
+        serve_registered(&edge, key, &conn, stream, leftover, &admitted).await;
+    }
+    core.acks.close(key);
+    LIVE.with(|l| l.borrow_mut().remove(&number));
+    let client = admitted.client_id.clone();
+    let _ = core
+        .run_on(home, move |_| directory_unregister(&client, me))
+        .await;
+}
+
+/// Serves a registered connection whose CONNACK is out: the reader here, the writer in a task
+/// of its own, until it ends.
+async fn serve_registered<S: Stream>(
+    edge: &Rc<Edge>,
+    key: ConnKey,
+    conn: &Rc<Conn>,
+    stream: S,
+    leftover: Vec<u8>,
+    admitted: &Admitted,
+) {
+    let core = &edge.core;
+    let probe = &core.probe;
     gauge_open(probe, 1);
     let (mut reader, writer) = futures_lite::io::split(stream);
     let writer = rt::spawn_joinable(write_loop(edge.clone(), key, conn.clone(), writer));
-    read_loop(&edge, key, &conn, &mut reader, leftover, &admitted).await;
+    read_loop(edge, key, conn, &mut reader, leftover, admitted).await;
     conn.end(CLIENT_CLOSED);
     let _ = writer.await;
-    core.acks.close(key);
     if conn.close.get() != Some(CLIENT_CLOSED) {
         // The server ended it (our side is shut down by now): read and drop what the client
         // still sends for a moment, since closing with unread input makes the kernel send a
@@ -566,11 +590,6 @@ async fn run<S: Stream>(
         };
         let _ = rt::timeout(REFUSAL_READ_MAX, drain).await;
     }
-    LIVE.with(|l| l.borrow_mut().remove(&number));
-    let client = admitted.client_id.clone();
-    let _ = core
-        .run_on(home, move |_| directory_unregister(&client, me))
-        .await;
     gauge_open(probe, -1);
 }
 
