@@ -1,20 +1,43 @@
 //! Fuzz target: access tokens (`geobeat::auth::verify` and `try_mint`). Even first byte: the rest
 //! is verified as a token string under a fixed secret (almost always refused; never a panic, and
-//! never accepted unless it is exactly what `mint` would produce for its claims). Odd first byte:
+//! never accepted unless it is exactly what `try_mint` would produce for its claims). Odd first byte:
 //! a token is minted from fuzz-chosen scope letter, subject and expiry, must verify to the same
 //! claims (before expiry) or be refused (at or after it), and after one fuzz-chosen edit must be
 //! refused or verify to the very same claims.
 #![no_main]
 
-use geobeat::auth::{mint, try_mint, verify, Claims, Scope, Secret};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use geobeat::auth::{try_mint, verify, Claims, Scope, Secret};
+use hmac::{Hmac, Mac as _};
 use libfuzzer_sys::fuzz_target;
+use sha2::Sha256;
 
-fn canonical(secret: &Secret, claims: &Claims) -> String {
-    mint(secret, &claims.scope, claims.expires_at_s)
+/// The token minted for `claims`: by `try_mint` (`gb2`, with an issue time), or as builds before
+/// issue times minted a `gb1` token (HMAC-SHA256 over the same fields without the issue time).
+fn canonical(secret_bytes: [u8; 32], claims: &Claims) -> String {
+    let secret = Secret::from_bytes(secret_bytes);
+    if let Some(at_ms) = claims.issue.at_ms {
+        return try_mint(&secret, &claims.scope, at_ms, claims.expires_at_s)
+            .expect("verified claims mint");
+    }
+    let signed = format!(
+        "gb1.{}.{}.{}",
+        claims.scope.letter(),
+        URL_SAFE_NO_PAD.encode(claims.scope.subject()),
+        claims.expires_at_s
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(&secret_bytes).expect("any key length");
+    mac.update(signed.as_bytes());
+    format!(
+        "{signed}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
 }
 
 fuzz_target!(|data: &[u8]| {
-    let secret = Secret::from_bytes([7u8; 32]);
+    let secret_bytes = [7u8; 32];
+    let secret = Secret::from_bytes(secret_bytes);
     let now_s = 1_732_200_000u64;
     let Some((&mode, rest)) = data.split_first() else {
         return;
@@ -23,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         let token = String::from_utf8_lossy(rest);
         if let Ok(claims) = verify(&secret, &token, now_s) {
             assert_eq!(
-                canonical(&secret, &claims),
+                canonical(secret_bytes, &claims),
                 token,
                 "only minted tokens verify"
             );
@@ -46,7 +69,8 @@ fuzz_target!(|data: &[u8]| {
         _ => Scope::Subscriber(subject),
     };
     let expires = now_s - 1000 + u64::from(delta);
-    let Ok(token) = try_mint(&secret, &scope, expires) else {
+    let issued_ms = (now_s - 500 + u64::from(delta % 1000)) * 1000 + u64::from(edit_byte);
+    let Ok(token) = try_mint(&secret, &scope, issued_ms, expires) else {
         return;
     };
     match verify(&secret, &token, now_s) {
@@ -54,6 +78,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(now_s < expires);
             assert_eq!(claims.scope, scope);
             assert_eq!(claims.expires_at_s, expires);
+            assert_eq!(claims.issue.at_ms, Some(issued_ms));
         }
         Err(e) => assert!(now_s >= expires, "a fresh token was refused: {e}"),
     }
