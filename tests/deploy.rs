@@ -762,6 +762,108 @@ fn kubernetes_manifests_validate_offline_and_fit_the_server() {
 /// Starts the real server with `toml` as its settings file (listen address and data directory
 /// given as flags, which win over the file) and checks it answers /healthz and, when the file
 /// sets `metrics_listen`, that the port given on the command line serves /metrics.
+/// Where `ours` sets a key the chart's defaults do not have (a typo the chart would silently
+/// ignore), or a value of another kind than the default's. Below a default that is an empty map
+/// (`merge: {}`, `topologySpreadConstraints: {}`, `resources: {}`) anything goes: the chart
+/// passes those through. A null default takes any value.
+fn helm_value_problems(
+    path: &str,
+    ours: &serde_json::Value,
+    chart: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (ours, chart) {
+        (_, Value::Null) => {}
+        // A free-form map: the chart merges it as given.
+        (Value::Object(_), Value::Object(c)) if c.is_empty() => {}
+        (Value::Object(o), Value::Object(c)) => {
+            for (k, v) in o {
+                let at = format!("{path}.{k}");
+                match c.get(k) {
+                    Some(d) => helm_value_problems(&at, v, d, out),
+                    None => out.push(format!("{at}: the chart has no such key")),
+                }
+            }
+        }
+        (Value::Bool(_), Value::Bool(_)) | (Value::Array(_), Value::Array(_)) => {}
+        // Sizes and counts may be written either way (`size: 20Gi`, `cpu: "1"`, `port: 8222`).
+        (Value::String(_) | Value::Number(_), Value::String(_) | Value::Number(_)) => {}
+        (o, c) => out.push(format!(
+            "{path}: {o} where the chart expects a value like {c}"
+        )),
+    }
+}
+
+#[test]
+fn nats_helm_values_use_only_keys_the_chart_reads_and_keep_jetstream_durable() {
+    // deploy/nats/helm-values.yaml against the official chart's own defaults (vendored: no
+    // network, no helm here): every key must exist there (the chart ignores unknown keys, so a
+    // typo would silently drop a setting), and the settings geobeat's promises rest on are set:
+    // JetStream on file storage, three clustered servers (R3 needs a majority), and
+    // `sync_interval: always` as in the test cluster's configs. The checker is shown to fail on
+    // a misspelt key first.
+    let chart = yaml_docs(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nats-helm-2.14.2-values.yaml"),
+    )
+    .remove(0);
+    let ours = yaml_docs(&deploy("nats/helm-values.yaml")).remove(0);
+
+    let mut typo = ours.clone();
+    typo["config"]["jetstream"]["fileStorage"] = serde_json::json!({"enabled": true});
+    typo["config"]["cluster"]["replicas"] = serde_json::json!(true);
+    let mut found = Vec::new();
+    helm_value_problems("", &typo, &chart, &mut found);
+    assert_eq!(
+        found.len(),
+        2,
+        "the checker must catch both planted faults: {found:?}"
+    );
+
+    let mut problems = Vec::new();
+    helm_value_problems("", &ours, &chart, &mut problems);
+    assert!(
+        problems.is_empty(),
+        "deploy/nats/helm-values.yaml: {problems:#?}"
+    );
+
+    let js = &ours["config"]["jetstream"];
+    assert_eq!(js["enabled"], true, "JetStream must be enabled");
+    assert_eq!(
+        js["fileStore"]["enabled"], true,
+        "geobeat's streams are file-backed"
+    );
+    assert_eq!(
+        js["fileStore"]["pvc"]["enabled"], true,
+        "the store must outlive the pod"
+    );
+    assert_eq!(
+        js["merge"]["sync_interval"], "always",
+        "without sync_interval: always JetStream may lose acknowledged messages"
+    );
+    let cluster = &ours["config"]["cluster"];
+    assert_eq!(cluster["enabled"], true);
+    assert!(
+        cluster["replicas"].as_u64().unwrap_or(0) >= 3,
+        "R3 streams need 3 servers"
+    );
+    for n in ["n1", "n2", "n3"] {
+        let conf = std::fs::read_to_string(deploy(&format!("nats/{n}.conf"))).unwrap();
+        assert!(
+            conf.lines().any(|l| l.trim() == "sync_interval: always"),
+            "deploy/nats/{n}.conf must sync every write too"
+        );
+    }
+    // geobeat creates its streams on file storage (what the values' file store holds).
+    let plan =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/replicate/mod.rs"))
+            .unwrap();
+    assert!(
+        plan.contains(r#""storage": "file""#),
+        "streams must be file-backed"
+    );
+}
+
 fn start_with_config(toml: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("geobeat.toml");
