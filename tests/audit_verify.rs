@@ -2,8 +2,8 @@
 //! through the real `ShardStore` (whose chain thread writes the `.chain` sidecars), audit files
 //! through the real flusher; then the binary checks them. Untouched data verifies clean (exit 0);
 //! a byte flipped in a sealed segment, and a line deleted from an audit file, are each named
-//! (exit 1); a writer killed with SIGKILL mid-stream leaves a log whose chain the next open
-//! extends, and that verifies clean.
+//! (exit 1); verify beside a live writer exits 0; a writer killed with SIGKILL mid-stream leaves
+//! a log whose chain the next open extends, and that verifies clean.
 
 mod flusher_support;
 
@@ -65,6 +65,7 @@ fn untouched_data_verifies_clean_and_a_flipped_byte_in_a_sealed_segment_is_named
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("verified: no mismatch"), "{t}");
+    println!("{t}");
     assert!(t.contains("0 newest entries not yet chained"), "{t}");
     let shard1 = data.join("shard-0001");
     let b = bases(&shard1);
@@ -80,6 +81,7 @@ fn untouched_data_verifies_clean_and_a_flipped_byte_in_a_sealed_segment_is_named
     let out = verify(&data, &[]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
+    println!("{t}");
     assert!(t.contains("MISMATCH: shard 1 segment"), "{t}");
     assert!(t.contains(&segment_file_name(b[0])), "{t}");
     let pos: u64 = t
@@ -116,6 +118,7 @@ fn a_deleted_audit_line_is_named() {
         let t = text(&out);
         assert_eq!(out.status.code(), Some(0), "{t}");
         assert!(t.contains("audit shard 0:"), "{t}");
+        println!("{t}");
         assert!(!t.contains(" 0 lines in"), "{t}");
     }
     let shard0 = plain.join("shard-0000");
@@ -135,6 +138,7 @@ fn a_deleted_audit_line_is_named() {
     let out = verify(&data, &["--audit-dir", plain.to_str().unwrap()]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
+    println!("{t}");
     let name = victim.file_name().unwrap().to_str().unwrap();
     assert!(
         t.contains(&format!("{name} line {}:", k + 1)),
@@ -145,8 +149,8 @@ fn a_deleted_audit_line_is_named() {
 
 #[test]
 fn after_sigkill_the_next_open_extends_the_chain_and_it_verifies() {
-    // A child process appends and syncs continuously (its chain thread a little behind) and is
-    // killed with SIGKILL. The next open recovers the log and extends the chain from it (a torn
+    // A child process appends and syncs continuously (its chain thread a little behind); verify
+    // run beside it exits 0; then the child is killed with SIGKILL. The next open recovers the log and extends the chain from it (a torn
     // sidecar record is cut off); after a clean stop verify exits 0 with nothing unchained.
     if let Ok(dir) = std::env::var("GEOBEAT_TEST_CHAIN_CHILD") {
         let mut stores = open_stores(Path::new(&dir), 1);
@@ -174,6 +178,9 @@ fn after_sigkill_the_next_open_extends_the_chain_and_it_verifies() {
         assert!(std::time::Instant::now() < deadline, "the child writes");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Live: verify beside the writer only reads, and finds nothing wrong.
+    let out = verify(&data, &[]);
+    assert_eq!(out.status.code(), Some(0), "live: {}", text(&out));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     // Killed: verify sees a consistent prefix (the chain may lag, nothing mismatches).
