@@ -8,6 +8,12 @@
 //! while a server runs (a snapshot: the cursor is read before the sink, and only positions below
 //! it are compared, so a sink that moves on meanwhile adds nothing to the comparison).
 //!
+//! `geobeat audit verify` (issue 18 item 3) recomputes every shard's hash chain from its segment
+//! files (`log::chain::verify_shard`) and, with `--audit-dir`, every audit file's digests
+//! (`flusher::audit::verify_shard_files`), and names the first entry or line that does not
+//! match. It is read-only too: on a running server it checks what the chain already covers and
+//! counts the newest, not yet chained entries apart.
+//!
 //! Invariant: a difference is reported whenever, for some device and shard, the number of log
 //! entries below a sink's cursor differs from the number of sink records of that device with a
 //! position in the same range (a duplicate in the sink counts twice, so it shows as a difference).
@@ -127,6 +133,104 @@ impl Report {
         s.push_str(&format!("{} differences\n", self.differences.len()));
         s
     }
+}
+
+/// The result of `geobeat audit verify`.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Per shard: what its log's chain check found.
+    pub shards: Vec<crate::log::chain::ShardVerify>,
+    /// Per shard of the audit directory: what its files' check found.
+    pub audit: Vec<crate::flusher::audit::FilesVerify>,
+}
+
+impl VerifyReport {
+    /// Whether anything did not match.
+    pub fn failed(&self) -> bool {
+        self.shards.iter().any(|s| s.mismatch.is_some())
+            || self.audit.iter().any(|a| a.mismatch.is_some())
+    }
+
+    /// The human report: one line per shard (and audit shard), each mismatch, then a verdict.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        for (k, v) in self.shards.iter().enumerate() {
+            let start = match v.start {
+                Some((base, true)) => format!(
+                    ", chain starts at {base} from a sealed digest recorded there (earlier segments deleted)"
+                ),
+                Some((base, false)) => format!(", chain starts at {base} (genesis)"),
+                None => String::new(),
+            };
+            s.push_str(&format!(
+                "log shard {k}: {} segments ({} sealed), {} entries in {} groups verified, {} newest entries not yet chained{start}\n",
+                v.segments, v.sealed, v.entries, v.groups, v.unchained
+            ));
+            if let Some(m) = &v.mismatch {
+                s.push_str(&format!("MISMATCH: {m}\n"));
+            }
+        }
+        for a in &self.audit {
+            s.push_str(&format!(
+                "audit shard {}: {} files, {} lines in {} batches verified, {} lines not yet covered\n",
+                a.shard, a.files, a.lines, a.batches, a.uncovered
+            ));
+            if let Some(m) = &a.mismatch {
+                s.push_str(&format!("MISMATCH: {m}\n"));
+            }
+        }
+        let bad = self.shards.iter().filter(|s| s.mismatch.is_some()).count()
+            + self.audit.iter().filter(|a| a.mismatch.is_some()).count();
+        s.push_str(&if bad == 0 {
+            "verified: no mismatch\n".to_string()
+        } else {
+            format!("{bad} mismatches\n")
+        });
+        s
+    }
+}
+
+/// Runs `geobeat audit verify` over the data directory `data_dir` and, if given, the audit
+/// directory `audit_dir`.
+pub fn verify(
+    data_dir: Option<&PathBuf>,
+    audit_dir: Option<&Path>,
+) -> Result<VerifyReport, AuditError> {
+    let root = crate::config::offline_data_dir(data_dir);
+    let layout = crate::datadir::inspect(&root)
+        .map_err(|e| AuditError::Usage(format!("{}: {e}", root.display())))?;
+    let mut report = VerifyReport::default();
+    for k in 0..layout.shard_count {
+        let shard = ShardId(k);
+        let dir = root.join(shard_dir_name(shard));
+        let v = crate::log::chain::verify_shard(&dir, shard).map_err(|e| AuditError::Log {
+            shard,
+            reason: e.to_string(),
+        })?;
+        report.shards.push(v);
+    }
+    if let Some(d) = audit_dir {
+        if !d.is_dir() {
+            return Err(AuditError::Usage(format!(
+                "{}: not a directory",
+                d.display()
+            )));
+        }
+        for k in 0..layout.shard_count {
+            let shard = ShardId(k);
+            if !crate::flusher::audit::shard_dir(d, shard).is_dir() {
+                continue;
+            }
+            let v = crate::flusher::audit::verify_shard_files(d, shard).map_err(|reason| {
+                AuditError::Sink {
+                    sink: d.display().to_string(),
+                    reason,
+                }
+            })?;
+            report.audit.push(v);
+        }
+    }
+    Ok(report)
 }
 
 /// Per device counts of one shard.

@@ -42,6 +42,7 @@ use crate::datadir::{
 };
 use crate::limits::{BACKUP_ATTEMPTS_MAX, BACKUP_COPY_CHUNK_BYTES, BACKUP_MANIFEST_BYTES_MAX};
 use crate::limits::{ENTRY_ALIGN_BYTES, SEGMENT_HEADER_BYTES};
+use crate::log::chain::CHAIN_SUFFIX;
 use crate::log::format::{parse_entry, parse_segment_file_name, segment_file_name, SegmentHeader};
 use crate::record;
 use crate::route::ShardId;
@@ -358,6 +359,7 @@ fn copy_tree(src: &Path, dst: &Path, top: bool) -> Result<Vec<PathBuf>, Error> {
             || n == SHARD_LOCK_FILE
             || n == CHECKPOINT_FILE
             || parse_segment_file_name(n).is_some()
+            || n.ends_with(CHAIN_SUFFIX)
             || (top && n.starts_with("shard-"));
         if skip {
             continue;
@@ -386,6 +388,37 @@ fn copy_tree(src: &Path, dst: &Path, top: bool) -> Result<Vec<PathBuf>, Error> {
                     r?;
                     out.push(d);
                 }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Copies the hash-chain sidecars (`log::chain`) of the shard directory `src` into `dst`, newest
+/// first, before the segments are taken: a sidecar covers only entries durable when it was
+/// written, so none covers more than the segments copied after it; and since a sidecar is
+/// created only after its predecessor's seal record was synced, copying newest first never
+/// pairs a sidecar with an unsealed predecessor (only the newest one can end in a record being
+/// written, which the next open cuts back). Returns the copied files.
+fn copy_chain_sidecars(src: &Path, dst: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut names: Vec<String> = std::fs::read_dir(src)
+        .map_err(io("list", src))?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(CHAIN_SUFFIX))
+        .collect();
+    names.sort_unstable_by(|a, b| b.cmp(a));
+    let mut out = Vec::new();
+    for n in names {
+        let (s, d) = (src.join(&n), dst.join(&n));
+        match copy_file(&s, &d) {
+            // Deleted with its segment by retention since the listing.
+            Err(e) if is_not_found(&e) && !s.exists() => {
+                let _ = std::fs::remove_file(&d);
+            }
+            r => {
+                r?;
+                out.push(d);
             }
         }
     }
@@ -883,6 +916,7 @@ fn backup_into(
         let mut attempt = 0;
         loop {
             let mut files = copy_tree(&src, &dst, false)?;
+            files.extend(copy_chain_sidecars(&src, &dst)?);
             if let Some((record, more)) = backup_shard_once(shard, &src, &dst, taken)? {
                 files.extend(more);
                 paths.extend(files);

@@ -739,3 +739,29 @@ pub const ENGINE_WHEEL_SLOTS: usize = 4096;
 const _: () = assert!(ENGINE_BUF_COUNT.is_power_of_two());
 const _: () = assert!(ENGINE_WHEEL_SLOTS.is_power_of_two());
 const _: () = assert!(ENGINE_BUF_BYTES >= 2 * 14);
+
+// The log's hash chain (`log::chain`, issue 18 item 3).
+/// Log entries one hash-chain group covers: one SHA-256 digest and one 72-byte sidecar record
+/// per group (about 0.7% of a segment's bytes for 150-byte entries). A smaller group names a
+/// tampered entry more closely; a larger one writes less. Groups also close early, at a segment's
+/// seal and when the chain has waited [`CHAIN_GROUP_IDLE_MS`] with nothing more to add.
+pub const CHAIN_GROUP_ENTRIES: u32 = 64;
+/// How often a shard's chain thread looks for newly durable entries, ms: the chain's lag behind
+/// the durable position when it keeps up (the ack path only stores one atomic per commit).
+pub const CHAIN_POLL_INTERVAL_MS: u64 = 10;
+/// A partial group is closed (its record written) once the chain is caught up and the group's
+/// first entry has waited this long, ms: what a verify of a quiet live shard leaves unchained.
+pub const CHAIN_GROUP_IDLE_MS: u64 = 1000;
+/// Entries the chain thread hashes before it looks at its stop flag again.
+pub const CHAIN_STEP_ENTRIES_MAX: usize = 16_384;
+/// Longest retention (`ShardStore::retention_begin`) waits for the chain to seal the segments it
+/// would delete, ms; it then deletes only what the chain has sealed and leaves the rest to its
+/// next run. Expired segments were normally sealed long before (the chain lags by milliseconds):
+/// the wait happens only just after an open over a long unchained log, or in tests with no
+/// retention period.
+pub const CHAIN_RETENTION_WAIT_MS: u64 = 2_000;
+/// Longest a stopping chain thread keeps hashing to catch up with the durable position before
+/// it closes its group and exits, ms (the next open extends the rest).
+pub const CHAIN_STOP_CATCH_UP_MS: u64 = 1000;
+const _: () = assert!(CHAIN_GROUP_ENTRIES >= 1 && CHAIN_GROUP_ENTRIES <= 1 << 16);
+const _: () = assert!(CHAIN_STEP_ENTRIES_MAX >= CHAIN_GROUP_ENTRIES as usize);

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::checkpoint::{self, Builder, Checkpoint, Record};
 
 use crate::limits::DEDUPE_DEVICE_TIME_ENTRIES_MAX;
-use crate::limits::{SEGMENT_BYTES_DEFAULT, TABLE_POS_MAX};
+use crate::limits::{SEGMENT_BYTES_DEFAULT, SEGMENT_HEADER_BYTES, TABLE_POS_MAX};
+use crate::log::chain::{sidecar_path, ChainThread};
 use crate::log::{
     self, Chain, Commit, Entry, Log, LogConfig, LogPos, LogStats, RecoveryReport, SyncJob,
     WriteMode,
@@ -141,6 +142,9 @@ pub struct Appended {
 /// One shard's log and last-location table.
 #[derive(Debug)]
 pub struct ShardStore {
+    /// The log's hash chain, extended on its own thread from the durable entries (first, so it
+    /// stops before the log releases the shard directory's lock).
+    chain: ChainThread,
     log: Log,
     table: LastLocationTable,
     /// Spatial index over the table's last locations (keys are table slots).
@@ -254,6 +258,13 @@ impl CheckpointJob {
         for path in &self.delete {
             let io = |op| checkpoint::Error::io(self.shard, op, path);
             std::fs::remove_file(path).map_err(io("delete segment"))?;
+            // Its hash-chain sidecar (absent for a log the chain never reached).
+            match std::fs::remove_file(sidecar_path(path)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io("delete chain sidecar")(e))
+                }
+                _ => {}
+            }
             std::fs::File::open(&self.dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io("fsync directory after deleting"))?;
@@ -445,8 +456,11 @@ impl ShardStore {
         for (slot, _, loc) in table.iter_slots() {
             grid.update(slot.raw(), loc.lat, loc.lon);
         }
+        // Recovery synced everything it kept: the chain may cover all of it.
+        let chain = ChainThread::spawn(&cfg.dir, cfg.shard, log.durable());
         Ok((
             ShardStore {
+                chain,
                 log,
                 table,
                 grid,
@@ -644,17 +658,33 @@ impl ShardStore {
 
     /// See [`Log::commit_begin`].
     pub fn commit_begin(&mut self) -> Result<Commit, Error> {
-        Ok(self.log.commit_begin()?)
+        let c = self.log.commit_begin()?;
+        if let Commit::Done(pos) = c {
+            self.chain.publish_durable(pos);
+        }
+        Ok(c)
     }
 
     /// See [`Log::commit_end`].
+    /// Publishes the new durable position to the hash chain's thread (one atomic store; the
+    /// hashing happens there, off the ack's path).
     pub fn commit_end(&mut self, job: SyncJob, res: std::io::Result<()>) -> Result<LogPos, Error> {
-        Ok(self.log.commit_end(job, res)?)
+        let pos = self.log.commit_end(job, res)?;
+        self.chain.publish_durable(pos);
+        Ok(pos)
     }
 
     /// See [`Log::sync_blocking`].
     pub fn sync_blocking(&mut self) -> Result<LogPos, Error> {
-        Ok(self.log.sync_blocking()?)
+        let pos = self.log.sync_blocking()?;
+        self.chain.publish_durable(pos);
+        Ok(pos)
+    }
+
+    /// Position below which every segment is sealed in the log's hash chain (`u64::MAX` if the
+    /// chain thread stopped on an error).
+    pub fn chain_sealed_below(&self) -> LogPos {
+        self.chain.sealed_below()
     }
 
     /// See [`Log::durable`].
@@ -708,10 +738,29 @@ impl ShardStore {
     /// this store until it returns true (the store may take appends between slices), then
     /// [`CheckpointJob::write`] (any thread), then [`ShardStore::retention_end`]. Only one job
     /// at a time per store.
+    ///
+    /// Only segments the hash chain has sealed are deleted (their successors' sidecars record
+    /// the chain's start); the others wait for a later run.
     pub fn retention_begin(&self, now: SystemTime, retention: Duration) -> RetentionStep {
         let Some(end) = self.log.expired_end(now, retention) else {
             return RetentionStep::Nothing;
         };
+        // Expired segments were normally sealed in the chain long ago; it is behind only just
+        // after an open over a long unchained log (then the wait is bounded and the rest
+        // waits for a later run).
+        if self.chain.sealed_below() < end {
+            self.chain.publish_durable(self.log.durable());
+            self.chain.wait_sealed(
+                end,
+                Duration::from_millis(crate::limits::CHAIN_RETENTION_WAIT_MS),
+            );
+        }
+        let end = end.min(self.chain.sealed_below());
+        if self.log.segment_end(end).is_none()
+            || end.0 + SEGMENT_HEADER_BYTES as u64 <= self.log.first_pos().0
+        {
+            return RetentionStep::Nothing;
+        }
         if self.ckpt.as_ref().is_some_and(|c| c.covered() >= end) {
             return RetentionStep::Delete(end);
         }

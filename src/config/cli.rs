@@ -50,7 +50,9 @@ pub enum Command {
     /// Verify a backup and install it as a new data directory.
     Restore(RestoreArgs),
     /// Audit tools: `geobeat audit reconcile --data-dir DIR [--audit-dir D] [--postgres URL]`
-    /// counts entries per device across the log and the sinks and prints any difference.
+    /// counts entries per device across the log and the sinks and prints any difference;
+    /// `geobeat audit verify --data-dir DIR [--audit-dir D]` checks the logs' hash chains (and
+    /// the audit files' digests) and names the first entry that does not match.
     Audit(AuditArgs),
 }
 
@@ -67,6 +69,21 @@ pub struct AuditArgs {
 pub enum AuditCommand {
     /// Count entries per device across the log and the sinks; print any difference (exit 1 if any).
     Reconcile(ReconcileArgs),
+    /// Recompute every shard's hash chain from its segments (and check the audit files against
+    /// their digests); name the first entry that does not match (exit 1 if any).
+    Verify(VerifyArgs),
+}
+
+/// `geobeat audit verify` settings.
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// Data directory (read only; a server may be running on it) [env: GEOBEAT_DATA_DIR]
+    /// [default: ./shards]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory of an audit sink (the `dir` of its `[[sinks]]` entry): check its files too
+    #[arg(long, value_name = "D")]
+    pub audit_dir: Option<PathBuf>,
 }
 
 /// `geobeat audit reconcile` settings.

@@ -27,6 +27,7 @@
 //! writer, recovery) reads only below `durable()` or in sealed segments, which hold no staged
 //! bytes (a rollover writes the stage first), so no reader ever sees a byte not yet written.
 
+pub mod chain;
 pub mod dax;
 pub mod error;
 pub mod format;
@@ -1308,6 +1309,13 @@ impl Log {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                 Err(e) => return Err(Error::io(self.shard, "delete segment", &path, e)),
             };
+            // Its hash-chain sidecar goes with it (the next sidecar records its chain start).
+            let sidecar = chain::sidecar_path(&path);
+            match self.disk.remove(&sidecar) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(self.shard, "delete chain sidecar", &sidecar, e)),
+            }
             retired
                 .segments
                 .push(self.segments.pop_front().expect("checked above"));
