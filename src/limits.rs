@@ -754,11 +754,11 @@ pub const CHAIN_POLL_INTERVAL_MS: u64 = 10;
 pub const CHAIN_GROUP_IDLE_MS: u64 = 1000;
 /// Entries the chain thread hashes before it looks at its stop flag again.
 pub const CHAIN_STEP_ENTRIES_MAX: usize = 16_384;
-/// Longest retention (`ShardStore::retention_begin`) waits for the chain to seal the segments it
-/// would delete, ms; it then deletes only what the chain has sealed and leaves the rest to its
-/// next run. Expired segments were normally sealed long before (the chain lags by milliseconds):
-/// the wait happens only just after an open over a long unchained log, or in tests with no
-/// retention period.
+/// Longest `ShardStore::retention_begin` (tools and tests) blocks waiting for the chain to seal
+/// the segments it would delete, ms; it then deletes only what the chain has sealed and leaves
+/// the rest to its next run. A server's executors never wait (`retention_begin_within` with no
+/// wait): expired segments were normally sealed long before (the chain lags by milliseconds),
+/// and after an open over a long unchained log the rest is deleted at a later run.
 pub const CHAIN_RETENTION_WAIT_MS: u64 = 2_000;
 /// Longest a stopping chain thread keeps hashing to catch up with the durable position before
 /// it closes its group and exits, ms (the next open extends the rest).

@@ -741,19 +741,35 @@ impl ShardStore {
     ///
     /// Only segments the hash chain has sealed are deleted (their successors' sidecars record
     /// the chain's start); the others wait for a later run.
+    ///
+    /// This form waits (blocking, at most [`crate::limits::CHAIN_RETENTION_WAIT_MS`]) for a
+    /// chain that is behind: for tools and tests. An executor uses
+    /// [`ShardStore::retention_begin_within`] with no wait.
     pub fn retention_begin(&self, now: SystemTime, retention: Duration) -> RetentionStep {
+        let wait = Duration::from_millis(crate::limits::CHAIN_RETENTION_WAIT_MS);
+        self.retention_begin_within(now, retention, wait)
+    }
+
+    /// [`ShardStore::retention_begin`], waiting at most `chain_wait` for the hash chain to seal
+    /// the expired segments (zero: never blocks; the chain thread is nudged and what it has not
+    /// sealed yet waits for a later run).
+    pub fn retention_begin_within(
+        &self,
+        now: SystemTime,
+        retention: Duration,
+        chain_wait: Duration,
+    ) -> RetentionStep {
         let Some(end) = self.log.expired_end(now, retention) else {
             return RetentionStep::Nothing;
         };
         // Expired segments were normally sealed in the chain long ago; it is behind only just
-        // after an open over a long unchained log (then the wait is bounded and the rest
-        // waits for a later run).
+        // after an open over a long unchained log (then the rest waits for a later run).
         if self.chain.sealed_below() < end {
             self.chain.publish_durable(self.log.durable());
-            self.chain.wait_sealed(
-                end,
-                Duration::from_millis(crate::limits::CHAIN_RETENTION_WAIT_MS),
-            );
+            self.chain.kick();
+            if !chain_wait.is_zero() {
+                self.chain.wait_sealed(end, chain_wait);
+            }
         }
         let end = end.min(self.chain.sealed_below());
         if self.log.segment_end(end).is_none()

@@ -70,10 +70,11 @@ impl Core {
         slot: &StoreSlot,
         retention: Duration,
     ) -> Result<usize, crate::store::Error> {
-        let step = slot
-            .store
-            .borrow()
-            .retention_begin(std::time::SystemTime::now(), retention);
+        let step = slot.store.borrow().retention_begin_within(
+            std::time::SystemTime::now(),
+            retention,
+            Duration::ZERO,
+        );
         match step {
             RetentionStep::Nothing => Ok(0),
             RetentionStep::Delete(end) => slot.store.borrow_mut().delete_below(end),
