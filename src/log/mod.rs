@@ -52,7 +52,7 @@ pub use error::Error;
 pub use policy::{Durability, GroupPolicy};
 pub use recovery::{Damage, RecoveryReport};
 pub use storage::Disk;
-pub use sync::{Commit, SyncFile, SyncJob, UringSyncer};
+pub use sync::{Commit, DsyncTarget, DsyncWrite, SyncFile, SyncJob, UringSyncer};
 
 use format::{entry_bytes, parse_entry, write_entry_flagged, FIRST_SEQ, POS_NONE};
 use segment::Segment;
@@ -111,6 +111,14 @@ pub enum WriteMode {
     /// before issue 15 §3).
     #[default]
     Mmap,
+    /// Entries are staged as in [`WriteMode::Pwrite`], and a commit writes the group with one
+    /// write on a descriptor opened with `O_DSYNC` (a [`SyncJob`] carrying the bytes, run
+    /// through io_uring by the caller): the write completing is the durability point, with no
+    /// separate fdatasync. Segments are preallocated and zero-filled (written extents), so such
+    /// a write has no metadata to sync; the file is mapped read-only for reads, so there are no
+    /// write-protect faults. See: issue 15 §3, `perf/RESULTS.md` "Commit path: dsync and
+    /// adaptive linger".
+    Dsync,
 }
 
 impl std::fmt::Display for WriteMode {
@@ -118,6 +126,7 @@ impl std::fmt::Display for WriteMode {
         f.write_str(match self {
             WriteMode::Pwrite => "pwrite",
             WriteMode::Mmap => "mmap",
+            WriteMode::Dsync => "dsync",
         })
     }
 }
@@ -520,7 +529,7 @@ impl Log {
         }
         let last_index = segments.len() - 1;
         for seg in segments.iter_mut().take(last_index) {
-            seg.file = None;
+            seg.close_files();
         }
         let last = segments.back_mut().expect("at least one segment");
         // Entries recovered from the page cache after a process crash may not be on disk yet:
@@ -635,11 +644,13 @@ impl Log {
         self.active().mode()
     }
 
-    /// How entries reach the active segment's file: [`WriteMode::Pwrite`] or
-    /// [`WriteMode::Mmap`] as configured, except that a DAX segment is always written through its
-    /// mapping ([`WriteMode::Mmap`]).
+    /// How entries reach the active segment's file: [`WriteMode::Pwrite`],
+    /// [`WriteMode::Dsync`] or [`WriteMode::Mmap`] as configured, except that a DAX segment is
+    /// always written through its mapping ([`WriteMode::Mmap`]).
     pub fn write_mode(&self) -> WriteMode {
-        if self.active().by_pwrite() {
+        if self.active().dsync() {
+            WriteMode::Dsync
+        } else if self.active().by_pwrite() {
             WriteMode::Pwrite
         } else {
             WriteMode::Mmap
@@ -918,7 +929,7 @@ impl Log {
             new.first_seq, self.next_seq,
             "sequence numbers are contiguous"
         );
-        old.file = None;
+        old.close_files();
         self.segments.push_back(new);
         debug_assert!(self.stage.is_empty(), "written out above");
         // The new segment's first entry (the append that rolled over sets `written` there).
@@ -971,6 +982,9 @@ impl Log {
         if self.written == self.durable {
             return Ok(Commit::Idle);
         }
+        if self.active().dsync() {
+            return self.dsync_job();
+        }
         // One pwrite for the whole group, then the job's fdatasync covers it.
         self.write_stage()?;
         let mut files = Vec::new();
@@ -998,7 +1012,65 @@ impl Log {
         Ok(Commit::Sync(SyncJob {
             target: LogPos(self.written),
             files,
+            write: None,
         }))
+    }
+
+    /// [`WriteMode::Dsync`]'s commit: a job carrying a copy of every byte from the durable
+    /// position (or the active segment's first entry) to `written`, to be written on the
+    /// segment's `O_DSYNC` descriptor. The bytes are copied, not moved: the stage keeps them
+    /// (the log's own reads take them from there) until `commit_end` knows they are in the file.
+    /// Bytes a full stage already wrote to the page cache (not durable) come from the mapping,
+    /// which shows them; writing them again is what makes them durable.
+    fn dsync_job(&mut self) -> Result<Commit, Error> {
+        let seg = self.active();
+        let first = seg.base + SEGMENT_HEADER_BYTES as u64;
+        // A rollover made its segment durable, so everything not yet durable is in the active
+        // segment; the stage holds its last bytes and starts at or after the durable position.
+        assert!(
+            self.durable >= seg.base || self.durable == self.segments_durable_end(),
+            "bytes of a sealed segment are not durable"
+        );
+        let from = self.durable.max(first);
+        assert!(
+            from <= self.stage_pos && self.stage_pos <= self.written,
+            "durable {from} / stage {} / written {}",
+            self.stage_pos,
+            self.written
+        );
+        let mut bytes = Vec::with_capacity((self.written - from) as usize);
+        bytes.extend_from_slice(
+            &seg.data()[(from - seg.base) as usize..(self.stage_pos - seg.base) as usize],
+        );
+        bytes.extend_from_slice(&self.stage);
+        debug_assert_eq!(bytes.len() as u64, self.written - from);
+        let target = seg
+            .dsync_target()
+            .map_err(|e| Error::io(self.shard, "dup segment fd", &seg.path, e))?;
+        let write = DsyncWrite::new(
+            target,
+            seg.path.clone(),
+            LogPos(seg.base),
+            from - seg.base,
+            bytes,
+        );
+        self.job_in_flight = true;
+        Ok(Commit::Sync(SyncJob {
+            target: LogPos(self.written),
+            files: Vec::new(),
+            write: Some(write),
+        }))
+    }
+
+    /// The end of the data of the segment before the active one (the durable position a
+    /// rollover left), or the active segment's base if it is the only one.
+    fn segments_durable_end(&self) -> u64 {
+        let n = self.segments.len();
+        if n < 2 {
+            return self.active().base;
+        }
+        let prev = &self.segments[n - 2];
+        prev.base + prev.data_end
     }
 
     /// Finishes a commit with the outcome of running `job`. On success the durable position moves
@@ -1016,12 +1088,20 @@ impl Log {
             return Err(self.poisoned_err());
         }
         if let Err(source) = res {
+            let path = job.first_path();
+            if job.write.is_some() && source.raw_os_error() == Some(libc::ENOSPC) {
+                // An `O_DSYNC` write of the group found no space (a copy-on-write file system):
+                // nothing of it is reported durable, the stage still holds it, and the next
+                // commit writes the same bytes again (as `write_stage` keeps them on ENOSPC).
+                return Err(Error::NoSpace {
+                    op: "write entries to",
+                    shard: self.shard,
+                    path,
+                    bytes: job.target.0.saturating_sub(self.durable),
+                    source,
+                });
+            }
             self.poisoned = true;
-            let path = job
-                .files
-                .first()
-                .map(|f| f.path().to_path_buf())
-                .unwrap_or_default();
             tracing::error!(shard = self.shard.0, path = %path.display(), error = %source, "log sync failed; log poisoned");
             return Err(Error::SyncFailed {
                 shard: self.shard,
@@ -1031,6 +1111,21 @@ impl Log {
         }
         self.check_directory()?;
         self.durable = self.durable.max(job.target.0);
+        if job.write.is_some() && self.durable > self.stage_pos {
+            // The `O_DSYNC` write put the stage's first bytes in the file: drop them from the
+            // stage (a rollover since the job began wrote the whole stage out already, and then
+            // `stage_pos` is past the target).
+            let n = (self.durable - self.stage_pos) as usize;
+            assert!(
+                n <= self.stage.len(),
+                "a dsync job writes only staged or written bytes"
+            );
+            let len = self.stage.len();
+            self.stage.as_mut_slice().copy_within(n..len, 0);
+            // Shrinks, never reallocates.
+            self.stage.resize(len - n, 0);
+            self.stage_pos = self.durable;
+        }
         debug_assert!(self.durable <= self.written, "durable past written");
         debug_assert!(
             self.durable <= self.stage_pos,
