@@ -115,7 +115,9 @@ impl Core {
                     // A simulated disk's job (never in a server): run it inline.
                     None => job.run_blocking(),
                 };
-                match slot.store.borrow_mut().commit_end(job, result) {
+                // The store's borrow ends here, before any await below.
+                let ended = slot.store.borrow_mut().commit_end(job, result);
+                match ended {
                     Ok(p) => p,
                     Err(e @ crate::store::Error::Log(crate::log::Error::NoSpace { .. })) => {
                         self.defer_no_space(slot, &e, pending, pending_since).await;
