@@ -27,12 +27,16 @@ modes=${MODES:-mmap,pwrite,dsync}
 lingers=${LINGERS:-0,300}
 out=${OUT:-perf/runs/$(date -u +%F)-commit-ab}
 bin="${CARGO_TARGET_DIR:-target}/release"
+# The commit the binaries are built from (-dirty: with uncommitted changes), taken before the
+# build.
+commit="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+git diff --quiet HEAD 2>/dev/null || commit="$commit-dirty"
 cargo build --release --bin geobeat
 cargo build --release -p geobeat-perf --features mint --bins
 mkdir -p "$out"
 : > "$out/summary.tsv"
 {
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "commit: $commit"
   echo "date: $(date -u +%FT%TZ)"
   echo "host: $(uname -n) $(uname -r), $(nproc) cores"
   echo "rounds=$rounds duration=$duration workloads=$workloads modes=$modes lingers=$lingers"
