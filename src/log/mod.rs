@@ -11,11 +11,13 @@
 //! operation goes through [`storage::Disk`]: the real file system, or the simulated disk of the
 //! crash tests ([`sim`]; then the spare segment is prepared inline, not on a thread).
 //!
-//! Entries reach a segment file in one of two ways ([`WriteMode`]): encoded into the log's
+//! Entries reach a segment file in one of three ways ([`WriteMode`]): encoded into the log's
 //! in-memory *stage* and written to the file with one `pwrite` per commit (and before a rollover,
-//! or when the stage is full), the file being mapped read-only for reads; or (the default)
-//! written straight into a read-write mapping. On DAX they always go through the
-//! `MAP_SYNC` mapping.
+//! or when the stage is full), the file being mapped read-only for reads; staged the same way
+//! and written by the commit's job with one write on an `O_DSYNC` descriptor (the job carries a
+//! copy of the group; the stage keeps it until `commit_end`, and that write is the group's
+//! durability point, no fdatasync); or (the default) written straight into a read-write
+//! mapping. On DAX they always go through the `MAP_SYNC` mapping.
 //!
 //! Invariants: positions are contiguous across segments (a segment's base is its predecessor's
 //! base plus its size) and data once written never moves; sequence numbers are contiguous; an
