@@ -1029,8 +1029,10 @@ impl Log {
         let first = seg.base + SEGMENT_HEADER_BYTES as u64;
         // A rollover made its segment durable, so everything not yet durable is in the active
         // segment; the stage holds its last bytes and starts at or after the durable position.
+        // (Retention may have deleted the sealed segments since: then there is nothing to check.)
         assert!(
-            self.durable >= seg.base || self.durable == self.segments_durable_end(),
+            self.durable >= seg.base
+                || self.sealed_data_end().is_none_or(|end| end <= self.durable),
             "bytes of a sealed segment are not durable"
         );
         let from = self.durable.max(first);
@@ -1064,15 +1066,14 @@ impl Log {
         }))
     }
 
-    /// The end of the data of the segment before the active one (the durable position a
-    /// rollover left), or the active segment's base if it is the only one.
-    fn segments_durable_end(&self) -> u64 {
+    /// The end of the data of the newest sealed segment (the durable position its rollover
+    /// left), if one is retained.
+    fn sealed_data_end(&self) -> Option<u64> {
         let n = self.segments.len();
-        if n < 2 {
-            return self.active().base;
-        }
-        let prev = &self.segments[n - 2];
-        prev.base + prev.data_end
+        (n >= 2).then(|| {
+            let prev = &self.segments[n - 2];
+            prev.base + prev.data_end
+        })
     }
 
     /// Finishes a commit with the outcome of running `job`. On success the durable position moves

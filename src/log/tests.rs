@@ -762,3 +762,33 @@ fn dsync_no_space_keeps_the_group_and_eio_poisons() {
     assert_eq!(&seen[..2], &[1, 2]);
     assert!(seen.len() <= 3);
 }
+
+#[test]
+fn dsync_commit_after_retention_deleted_the_sealed_segments() {
+    // A rollover leaves durable() at the sealed segment's data end, below the active segment's
+    // base; retention may then delete every sealed segment before the next commit. That commit
+    // must still write the active segment's group (found by the simulated-disk crash test,
+    // SIM_DISK_SEEDS=1200, where an over-strict assertion fired).
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_dsync(dir.path());
+    let mut i = 0;
+    while log.stats().segments < 2 {
+        i += 1;
+        log.append(&hb("dev", i), None).unwrap();
+    }
+    assert!(log.durable().0 < log.active().base);
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    let end = log.expired_end(far, Duration::ZERO).unwrap();
+    assert_eq!(log.delete_below(end).unwrap(), 1);
+    assert_eq!(log.stats().segments, 1);
+    let p = log.append(&hb("dev", i + 1), None).unwrap();
+    assert_eq!(log.sync_blocking().unwrap(), log.written());
+    assert!(log.durable() > p);
+    drop(log);
+    let mut last = 0;
+    Log::open(&cfg_mode(dir.path(), WriteMode::Dsync), |_, e| {
+        last = e.hb.ts_ms.to_native()
+    })
+    .unwrap();
+    assert_eq!(last, i + 1);
+}
