@@ -765,3 +765,21 @@ pub const CHAIN_RETENTION_WAIT_MS: u64 = 2_000;
 pub const CHAIN_STOP_CATCH_UP_MS: u64 = 1000;
 const _: () = assert!(CHAIN_GROUP_ENTRIES >= 1 && CHAIN_GROUP_ENTRIES <= 1 << 16);
 const _: () = assert!(CHAIN_STEP_ENTRIES_MAX >= CHAIN_GROUP_ENTRIES as usize);
+
+// The commit path of issue 15 §3 (`--write-mode dsync`, `--commit-linger-adaptive-us`).
+
+/// Largest `--commit-linger-adaptive-us`: the longest, in µs, a small group may wait for company
+/// before its durable write starts (0 = never wait). A few hundred µs is about one sync of a
+/// consumer SSD; past 1 ms the wait would cost more ack latency than one more sync.
+pub const COMMIT_LINGER_ADAPTIVE_US_MAX: u64 = 1000;
+/// The adaptive linger waits only while the running average of recent group sizes (heartbeats
+/// per group commit, per executor) is below this: small groups mean each sync carries few
+/// heartbeats, so waiting a little shares one sync among more of them; large groups already
+/// share it (they grew while the previous sync was in flight) and never wait.
+pub const COMMIT_ADAPTIVE_SMALL_GROUP_ENTRIES: u64 = 8;
+/// Weight of the newest group in that running average: `avg += (group - avg) / this` (an
+/// exponentially weighted average over roughly the last this-many groups).
+pub const COMMIT_ADAPTIVE_AVERAGE_WEIGHT: u64 = 8;
+const _: () = assert!(COMMIT_LINGER_ADAPTIVE_US_MAX <= GROUP_INTERVAL_US_MAX);
+const _: () = assert!(COMMIT_ADAPTIVE_SMALL_GROUP_ENTRIES >= 2);
+const _: () = assert!(COMMIT_ADAPTIVE_AVERAGE_WEIGHT >= 1);

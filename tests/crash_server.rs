@@ -9,8 +9,9 @@
 //!
 //! Clients never resend, and every heartbeat of a device has a unique device time, so a duplicate
 //! can only come from the server. Rounds alternate `--durability strict` and `relaxed` (both
-//! promise that a process crash loses nothing acked), and every two rounds `--write-mode mmap`
-//! and `pwrite`. `GB_CRASH_ROUNDS` and `GB_SEED` override the
+//! promise that a process crash loses nothing acked), and the write modes cycle `--write-mode
+//! mmap`, `pwrite` and `dsync` (dsync always strict, every other time with
+//! `--commit-linger-adaptive-us`). `GB_CRASH_ROUNDS` and `GB_SEED` override the
 //! round count and the random seed (printed, so a failing run can be replayed).
 
 mod common;
@@ -379,24 +380,44 @@ fn sigkill_under_load_loses_no_acked_heartbeat() {
             assert!(Instant::now() < deadline, "clients did not stop");
             std::thread::sleep(Duration::from_millis(5));
         }
-        // Alternate durability modes, and every two rounds the write mode, across restarts of
-        // the same data directory (a segment written by one mode is continued by the other).
-        let mode = if round % 2 == 0 { "relaxed" } else { "strict" };
-        let writes = if round % 4 < 2 { "mmap" } else { "pwrite" };
+        // Alternate durability modes, and cycle the write modes, across restarts of the same
+        // data directory (a segment written by one mode is continued by the next). dsync runs
+        // with strict durability only (relaxed refuses it), every other time with the adaptive
+        // linger on.
+        let writes = ["mmap", "pwrite", "dsync"][round % 3];
+        let mode = if round % 2 == 0 && writes != "dsync" {
+            "relaxed"
+        } else {
+            "strict"
+        };
+        let adaptive = if writes == "dsync" && round % 2 == 1 {
+            "300"
+        } else {
+            "0"
+        };
         let ours = [
-            "relaxed",
-            "strict",
             "--durability",
-            "mmap",
-            "pwrite",
             "--write-mode",
+            "--commit-linger-adaptive-us",
         ];
-        server.args.retain(|a| !ours.contains(&a.as_str()));
+        // Each of our flags is followed by its value: drop both.
+        let mut kept = Vec::new();
+        let mut args = std::mem::take(&mut server.args).into_iter();
+        while let Some(a) = args.next() {
+            if ours.contains(&a.as_str()) {
+                args.next();
+            } else {
+                kept.push(a);
+            }
+        }
+        server.args = kept;
         server.args.extend([
             "--durability".into(),
             mode.into(),
             "--write-mode".into(),
             writes.into(),
+            "--commit-linger-adaptive-us".into(),
+            adaptive.into(),
         ]);
         server.restart_logged(&log);
         let checked = Instant::now();
@@ -405,7 +426,8 @@ fn sigkill_under_load_loses_no_acked_heartbeat() {
         stored = n;
         survived += 1;
         eprintln!(
-            "round {round}: killed after {run_ms} ms, restarted ({mode}, {writes}); stored {n}, acked \
+            "round {round}: killed after {run_ms} ms, restarted ({mode}, {writes}, adaptive \
+             linger {adaptive} µs); stored {n}, acked \
              so far {}, verified in {verify_ms} ms",
             counters.acked.load(Ordering::Relaxed)
         );

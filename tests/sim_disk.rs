@@ -94,17 +94,19 @@ struct Model {
     deleting_below: LogPos,
 }
 
-/// The log's configuration for `seed`: half the seeds (long ones included) write entries with
-/// `pwrite` from the log's stage, the other half through a read-write mapping.
+/// The log's configuration for `seed`: a third of the seeds (long ones included) write entries
+/// with `pwrite` from the log's stage, a third through a read-write mapping, and a third with
+/// `O_DSYNC` writes of each group (`WriteMode::Dsync`: the simulated write, then its sync, so a
+/// crash at that sync tears the group as a crash during a real `O_DSYNC` write may).
 fn cfg(seed: u64) -> LogConfig {
     LogConfig {
         dir: PathBuf::from("/sim/shard-0"),
         shard: ShardId(0),
         segment_bytes: geobeat::limits::SEGMENT_BYTES_MIN,
-        write_mode: if (seed / LONG_SEED_EVERY) % 2 == 0 {
-            WriteMode::Pwrite
-        } else {
-            WriteMode::Mmap
+        write_mode: match (seed / LONG_SEED_EVERY) % 3 {
+            0 => WriteMode::Pwrite,
+            1 => WriteMode::Mmap,
+            _ => WriteMode::Dsync,
         },
     }
 }

@@ -14,12 +14,12 @@ use std::time::Duration;
 use super::settings::{
     known_keys, ByteLimit, Durability, Engine, LogFormat, MetricsListen, Retention, Routing,
     ServeArgs, Setting, Typed, WriteMode, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS,
-    COMMIT_LINGER_US, CONFIG, CONNECTIONS_MAX, DATA_DIR, DURABILITY, ENGINE, FRAME_BYTES_MAX_S,
-    FRAME_HEARTBEATS_MAX_S, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL,
-    MESH_CAPACITY, METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN, NATS_REPLICAS, NATS_STREAMS,
-    NATS_URL, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE, SEGMENT_BYTES, SETTINGS, SHARDS,
-    SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES, TLS_CERT, TLS_CLIENT_CA, TLS_KEY,
-    TLS_LISTEN, WRITE_MODE,
+    COMMIT_LINGER_ADAPTIVE_US, COMMIT_LINGER_US, CONFIG, CONNECTIONS_MAX, DATA_DIR, DURABILITY,
+    ENGINE, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S,
+    LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY, METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN,
+    NATS_REPLICAS, NATS_STREAMS, NATS_URL, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE,
+    SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
+    TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN, WRITE_MODE,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -46,6 +46,9 @@ pub struct ServeConfig {
     pub commit_entries_max: usize,
     /// Strict mode: how long a group may wait to grow (zero: adaptive).
     pub commit_linger: Duration,
+    /// Strict mode: the longest a group waits for company while recent groups were small
+    /// (`--commit-linger-adaptive-us`; zero: off). Never set together with `commit_linger`.
+    pub commit_linger_adaptive: Duration,
     /// Where device connections live.
     pub routing: Routing,
     /// What drives device WebSocket connections.
@@ -451,6 +454,35 @@ impl ServeArgs {
             }
             _ => {}
         }
+        // `--write-mode dsync` makes the group's write its durability point; relaxed durability
+        // acks before any durability point, so the two do not combine: refused, naming the fix,
+        // rather than silently running another write mode than the one asked for.
+        let write_mode = r.pick_or_default(&WRITE_MODE, &self.write_mode)?;
+        if let ((WriteMode::Dsync, origin), (Durability::Relaxed, _)) = (&write_mode, &durability) {
+            return Err(ConfigError::Invalid {
+                setting: WRITE_MODE.meta.flag,
+                value: "dsync".into(),
+                origin: origin.to_string(),
+                reason: "needs --durability strict or replicated (relaxed acks before any sync; \
+                         use --write-mode pwrite or mmap with relaxed)"
+                    .into(),
+            });
+        }
+        let linger = r.pick_or_default(&COMMIT_LINGER_US, &self.commit_linger_us)?;
+        let adaptive =
+            r.pick_or_default(&COMMIT_LINGER_ADAPTIVE_US, &self.commit_linger_adaptive_us)?;
+        if adaptive.0 > 0 && linger.0 > 0 {
+            return Err(ConfigError::Invalid {
+                setting: COMMIT_LINGER_ADAPTIVE_US.meta.flag,
+                value: adaptive.0.to_string(),
+                origin: adaptive.1.to_string(),
+                reason: format!(
+                    "cannot be combined with --commit-linger-us {} (a fixed linger); set one of \
+                     them to 0",
+                    linger.0
+                ),
+            });
+        }
         Ok(ServeConfig {
             tls_listen,
             mqtts_listen,
@@ -471,13 +503,14 @@ impl ServeArgs {
                 r.get(&COMMIT_INTERVAL_MS, &self.commit_interval_ms)?,
             ),
             commit_entries_max: r.get(&COMMIT_ENTRIES_MAX_S, &self.commit_entries_max)?,
-            commit_linger: Duration::from_micros(r.get(&COMMIT_LINGER_US, &self.commit_linger_us)?),
+            commit_linger: Duration::from_micros(linger.0),
+            commit_linger_adaptive: Duration::from_micros(adaptive.0),
             routing: r.get(&ROUTING, &self.routing)?,
             durability: durability.0,
             nats_urls: nats_urls.map(|(u, _)| u.0).unwrap_or_default(),
             nats_streams: r.get(&NATS_STREAMS, &self.nats_streams)?,
             nats_replicas: r.get(&NATS_REPLICAS, &self.nats_replicas)?,
-            write_mode: r.get(&WRITE_MODE, &self.write_mode)?,
+            write_mode: write_mode.0,
             engine: r.get(&ENGINE, &self.engine)?,
             retention: match retention {
                 Retention::For(d) => Some(d),

@@ -373,6 +373,18 @@ settings! {
                previous one completes, so a group is whatever arrived meanwhile — lowest \
                latency, and groups grow with load",
     }
+    setting COMMIT_LINGER_ADAPTIVE_US commit_linger_adaptive_us: u64 {
+        flag: "--commit-linger-adaptive-us",
+        env: "GEOBEAT_COMMIT_LINGER_ADAPTIVE_US",
+        key: Some("commit_linger_adaptive_us"),
+        value: "US",
+        default: Text("0"),
+        parse: parse_commit_linger_adaptive_us,
+        help: "Strict durability: adaptive group commit. While the recent groups were small (a \
+               running average below 8 heartbeats per group) a group waits up to this many µs \
+               for company before its sync starts; large groups, and a group that reaches \
+               --commit-entries-max, never wait. 0..=1000, 0 = off. Not with --commit-linger-us",
+    }
     setting ROUTING routing: Routing {
         flag: "--routing",
         env: "GEOBEAT_ROUTING",
@@ -446,8 +458,12 @@ settings! {
         parse: parse_write_mode,
         help: "How heartbeats reach the log's files: mmap writes them into a shared mapping \
                (fdatasync writes the mapping back); pwrite stages each group and writes it \
-               with one pwrite before the fdatasync (the files mapped read-only). Both keep \
-               --durability's meaning; see perf/RESULTS.md \"Commit path by pwrite\"",
+               with one pwrite before the fdatasync (the files mapped read-only); dsync stages \
+               each group and writes it through io_uring on an O_DSYNC descriptor, the write's \
+               completion being the durability point (no fdatasync; files mapped read-only; \
+               strict or replicated durability only: refused with relaxed). All keep \
+               --durability's meaning; see perf/RESULTS.md \"Commit path by pwrite\" and \
+               \"Commit path: dsync and adaptive linger\"",
     }
     setting RETENTION retention: Retention {
         flag: "--retention",
@@ -616,6 +632,8 @@ pub enum WriteMode {
     Mmap,
     /// Staged per group and written with one `pwrite`.
     Pwrite,
+    /// Staged per group and written with one `O_DSYNC` write through io_uring (no fdatasync).
+    Dsync,
 }
 
 /// How log lines are written (see `--log-format`).
@@ -760,6 +778,10 @@ fn parse_commit_linger_us(text: &str) -> Result<u64, String> {
     parse_int(text, 0, 5000)
 }
 
+fn parse_commit_linger_adaptive_us(text: &str) -> Result<u64, String> {
+    parse_int(text, 0, crate::limits::COMMIT_LINGER_ADAPTIVE_US_MAX)
+}
+
 fn parse_routing(text: &str) -> Result<Routing, String> {
     match text.trim() {
         "migrate" => Ok(Routing::Migrate),
@@ -822,7 +844,8 @@ fn parse_write_mode(text: &str) -> Result<WriteMode, String> {
     match text.trim() {
         "mmap" => Ok(WriteMode::Mmap),
         "pwrite" => Ok(WriteMode::Pwrite),
-        _ => Err("expected `mmap` or `pwrite`".into()),
+        "dsync" => Ok(WriteMode::Dsync),
+        _ => Err("expected `mmap`, `pwrite` or `dsync`".into()),
     }
 }
 

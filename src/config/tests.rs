@@ -542,3 +542,109 @@ fn replicated_durability_pairs_with_nats_urls_from_any_source() {
     assert!(Cli::try_parse_from(["geobeat", "serve", "--nats-streams", "65"]).is_err());
     assert!(Cli::try_parse_from(["geobeat", "serve", "--nats-replicas", "0"]).is_err());
 }
+
+#[test]
+fn dsync_write_mode_and_adaptive_linger_resolve_and_refuse_clearly() {
+    // `--write-mode dsync` and `--commit-linger-adaptive-us` come from any source; the defaults
+    // stay mmap and off; out-of-range lingers, dsync with relaxed durability and the two lingers
+    // together are refused with a message naming the setting, the value and the fix.
+    let c = resolve(&ServeArgs::default(), &[], None).unwrap();
+    assert_eq!(c.write_mode, WriteMode::Mmap);
+    assert_eq!(c.commit_linger_adaptive, Duration::ZERO);
+    let c = resolve(
+        &serve_args(&[
+            "--write-mode",
+            "dsync",
+            "--commit-linger-adaptive-us",
+            "300",
+        ]),
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(c.write_mode, WriteMode::Dsync);
+    assert_eq!(c.commit_linger_adaptive, Duration::from_micros(300));
+    let c = resolve(
+        &ServeArgs::default(),
+        &[("GEOBEAT_COMMIT_LINGER_ADAPTIVE_US", "1000")],
+        Some("write_mode = \"dsync\"\n"),
+    )
+    .unwrap();
+    assert_eq!(c.write_mode, WriteMode::Dsync);
+    assert_eq!(c.commit_linger_adaptive, Duration::from_micros(1000));
+    // Replicated durability is strict locally: dsync is allowed.
+    let c = resolve(
+        &serve_args(&[
+            "--write-mode",
+            "dsync",
+            "--durability",
+            "replicated",
+            "--nats-url",
+            "nats://h:4222",
+        ]),
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(c.write_mode, WriteMode::Dsync);
+    // Out of range: the bound is in the message, from every source.
+    let e = resolve(
+        &ServeArgs::default(),
+        &[("GEOBEAT_COMMIT_LINGER_ADAPTIVE_US", "1001")],
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--commit-linger-adaptive-us") && e.contains("0..=1000") && e.contains("1001"),
+        "{e}"
+    );
+    let e = Cli::try_parse_from(["geobeat", "serve", "--commit-linger-adaptive-us", "5000"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("0..=1000"), "{e}");
+    let e = Cli::try_parse_from(["geobeat", "serve", "--write-mode", "osync"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`dsync`"), "{e}");
+    // dsync with relaxed durability: refused, naming both settings and the way out.
+    let e = resolve(
+        &serve_args(&["--durability", "relaxed"]),
+        &[("GEOBEAT_WRITE_MODE", "dsync")],
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--write-mode")
+            && e.contains("GEOBEAT_WRITE_MODE")
+            && e.contains("--durability strict")
+            && e.contains("pwrite or mmap"),
+        "{e}"
+    );
+    // A fixed linger and the adaptive one together: refused.
+    let e = resolve(
+        &serve_args(&[
+            "--commit-linger-us",
+            "200",
+            "--commit-linger-adaptive-us",
+            "300",
+        ]),
+        &[],
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--commit-linger-adaptive-us") && e.contains("--commit-linger-us 200"),
+        "{e}"
+    );
+    // `serve --help` documents both.
+    let help = Cli::command()
+        .find_subcommand_mut("serve")
+        .unwrap()
+        .render_long_help()
+        .to_string();
+    assert!(help.contains("--commit-linger-adaptive-us"), "{help}");
+    assert!(help.contains("O_DSYNC"), "{help}");
+}

@@ -11,11 +11,13 @@
 //! operation goes through [`storage::Disk`]: the real file system, or the simulated disk of the
 //! crash tests ([`sim`]; then the spare segment is prepared inline, not on a thread).
 //!
-//! Entries reach a segment file in one of two ways ([`WriteMode`]): encoded into the log's
+//! Entries reach a segment file in one of three ways ([`WriteMode`]): encoded into the log's
 //! in-memory *stage* and written to the file with one `pwrite` per commit (and before a rollover,
-//! or when the stage is full), the file being mapped read-only for reads; or (the default)
-//! written straight into a read-write mapping. On DAX they always go through the
-//! `MAP_SYNC` mapping.
+//! or when the stage is full), the file being mapped read-only for reads; staged the same way
+//! and written by the commit's job with one write on an `O_DSYNC` descriptor (the job carries a
+//! copy of the group; the stage keeps it until `commit_end`, and that write is the group's
+//! durability point, no fdatasync); or (the default) written straight into a read-write
+//! mapping. On DAX they always go through the `MAP_SYNC` mapping.
 //!
 //! Invariants: positions are contiguous across segments (a segment's base is its predecessor's
 //! base plus its size) and data once written never moves; sequence numbers are contiguous; an
@@ -53,7 +55,7 @@ pub use error::Error;
 pub use policy::{Durability, GroupPolicy};
 pub use recovery::{Damage, RecoveryReport};
 pub use storage::Disk;
-pub use sync::{Commit, SyncFile, SyncJob, UringSyncer};
+pub use sync::{Commit, DsyncTarget, DsyncWrite, SyncFile, SyncJob, UringSyncer};
 
 use format::{entry_bytes, parse_entry, write_entry_flagged, FIRST_SEQ, POS_NONE};
 use segment::Segment;
@@ -112,6 +114,14 @@ pub enum WriteMode {
     /// before issue 15 §3).
     #[default]
     Mmap,
+    /// Entries are staged as in [`WriteMode::Pwrite`], and a commit writes the group with one
+    /// write on a descriptor opened with `O_DSYNC` (a [`SyncJob`] carrying the bytes, run
+    /// through io_uring by the caller): the write completing is the durability point, with no
+    /// separate fdatasync. Segments are preallocated and zero-filled (written extents), so such
+    /// a write has no metadata to sync; the file is mapped read-only for reads, so there are no
+    /// write-protect faults. See: issue 15 §3, `perf/RESULTS.md` "Commit path: dsync and
+    /// adaptive linger".
+    Dsync,
 }
 
 impl std::fmt::Display for WriteMode {
@@ -119,6 +129,7 @@ impl std::fmt::Display for WriteMode {
         f.write_str(match self {
             WriteMode::Pwrite => "pwrite",
             WriteMode::Mmap => "mmap",
+            WriteMode::Dsync => "dsync",
         })
     }
 }
@@ -521,7 +532,7 @@ impl Log {
         }
         let last_index = segments.len() - 1;
         for seg in segments.iter_mut().take(last_index) {
-            seg.file = None;
+            seg.close_files();
         }
         let last = segments.back_mut().expect("at least one segment");
         // Entries recovered from the page cache after a process crash may not be on disk yet:
@@ -636,11 +647,13 @@ impl Log {
         self.active().mode()
     }
 
-    /// How entries reach the active segment's file: [`WriteMode::Pwrite`] or
-    /// [`WriteMode::Mmap`] as configured, except that a DAX segment is always written through its
-    /// mapping ([`WriteMode::Mmap`]).
+    /// How entries reach the active segment's file: [`WriteMode::Pwrite`],
+    /// [`WriteMode::Dsync`] or [`WriteMode::Mmap`] as configured, except that a DAX segment is
+    /// always written through its mapping ([`WriteMode::Mmap`]).
     pub fn write_mode(&self) -> WriteMode {
-        if self.active().by_pwrite() {
+        if self.active().dsync() {
+            WriteMode::Dsync
+        } else if self.active().by_pwrite() {
             WriteMode::Pwrite
         } else {
             WriteMode::Mmap
@@ -919,7 +932,7 @@ impl Log {
             new.first_seq, self.next_seq,
             "sequence numbers are contiguous"
         );
-        old.file = None;
+        old.close_files();
         self.segments.push_back(new);
         debug_assert!(self.stage.is_empty(), "written out above");
         // The new segment's first entry (the append that rolled over sets `written` there).
@@ -972,6 +985,9 @@ impl Log {
         if self.written == self.durable {
             return Ok(Commit::Idle);
         }
+        if self.active().dsync() {
+            return self.dsync_job();
+        }
         // One pwrite for the whole group, then the job's fdatasync covers it.
         self.write_stage()?;
         let mut files = Vec::new();
@@ -999,7 +1015,66 @@ impl Log {
         Ok(Commit::Sync(SyncJob {
             target: LogPos(self.written),
             files,
+            write: None,
         }))
+    }
+
+    /// [`WriteMode::Dsync`]'s commit: a job carrying a copy of every byte from the durable
+    /// position (or the active segment's first entry) to `written`, to be written on the
+    /// segment's `O_DSYNC` descriptor. The bytes are copied, not moved: the stage keeps them
+    /// (the log's own reads take them from there) until `commit_end` knows they are in the file.
+    /// Bytes a full stage already wrote to the page cache (not durable) come from the mapping,
+    /// which shows them; writing them again is what makes them durable.
+    fn dsync_job(&mut self) -> Result<Commit, Error> {
+        let seg = self.active();
+        let first = seg.base + SEGMENT_HEADER_BYTES as u64;
+        // A rollover made its segment durable, so everything not yet durable is in the active
+        // segment; the stage holds its last bytes and starts at or after the durable position.
+        // (Retention may have deleted the sealed segments since: then there is nothing to check.)
+        assert!(
+            self.durable >= seg.base
+                || self.sealed_data_end().is_none_or(|end| end <= self.durable),
+            "bytes of a sealed segment are not durable"
+        );
+        let from = self.durable.max(first);
+        assert!(
+            from <= self.stage_pos && self.stage_pos <= self.written,
+            "durable {from} / stage {} / written {}",
+            self.stage_pos,
+            self.written
+        );
+        let mut bytes = Vec::with_capacity((self.written - from) as usize);
+        bytes.extend_from_slice(
+            &seg.data()[(from - seg.base) as usize..(self.stage_pos - seg.base) as usize],
+        );
+        bytes.extend_from_slice(&self.stage);
+        debug_assert_eq!(bytes.len() as u64, self.written - from);
+        let target = seg
+            .dsync_target()
+            .map_err(|e| Error::io(self.shard, "dup segment fd", &seg.path, e))?;
+        let write = DsyncWrite::new(
+            target,
+            seg.path.clone(),
+            LogPos(seg.base),
+            from - seg.base,
+            bytes,
+        );
+        self.job_in_flight = true;
+        Ok(Commit::Sync(SyncJob {
+            target: LogPos(self.written),
+            files: Vec::new(),
+            write: Some(write),
+        }))
+    }
+
+    /// The end of the data of the newest sealed segment (the durable position its rollover
+    /// left), if one is retained.
+    fn sealed_data_end(&self) -> Option<u64> {
+        let n = self.segments.len();
+        (n >= 2).then(|| {
+            let prev = &self.segments[n - 2];
+            prev.base + prev.data_end
+        })
     }
 
     /// Finishes a commit with the outcome of running `job`. On success the durable position moves
@@ -1017,12 +1092,20 @@ impl Log {
             return Err(self.poisoned_err());
         }
         if let Err(source) = res {
+            let path = job.first_path();
+            if job.write.is_some() && source.raw_os_error() == Some(libc::ENOSPC) {
+                // An `O_DSYNC` write of the group found no space (a copy-on-write file system):
+                // nothing of it is reported durable, the stage still holds it, and the next
+                // commit writes the same bytes again (as `write_stage` keeps them on ENOSPC).
+                return Err(Error::NoSpace {
+                    op: "write entries to",
+                    shard: self.shard,
+                    path,
+                    bytes: job.target.0.saturating_sub(self.durable),
+                    source,
+                });
+            }
             self.poisoned = true;
-            let path = job
-                .files
-                .first()
-                .map(|f| f.path().to_path_buf())
-                .unwrap_or_default();
             tracing::error!(shard = self.shard.0, path = %path.display(), error = %source, "log sync failed; log poisoned");
             return Err(Error::SyncFailed {
                 shard: self.shard,
@@ -1032,6 +1115,21 @@ impl Log {
         }
         self.check_directory()?;
         self.durable = self.durable.max(job.target.0);
+        if job.write.is_some() && self.durable > self.stage_pos {
+            // The `O_DSYNC` write put the stage's first bytes in the file: drop them from the
+            // stage (a rollover since the job began wrote the whole stage out already, and then
+            // `stage_pos` is past the target).
+            let n = (self.durable - self.stage_pos) as usize;
+            assert!(
+                n <= self.stage.len(),
+                "a dsync job writes only staged or written bytes"
+            );
+            let len = self.stage.len();
+            self.stage.as_mut_slice().copy_within(n..len, 0);
+            // Shrinks, never reallocates.
+            self.stage.resize(len - n, 0);
+            self.stage_pos = self.durable;
+        }
         debug_assert!(self.durable <= self.written, "durable past written");
         debug_assert!(
             self.durable <= self.stage_pos,

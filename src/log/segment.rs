@@ -2,8 +2,9 @@
 //! written with zeros and synced, possibly ahead of time on a helper thread), creating it (header
 //! written and synced, then atomically renamed into place), opening an existing one, its shared
 //! mapping (DAX; ordinary read-only, written with `pwrite`; or ordinary read-write, per
-//! [`WriteMode`]), writing bytes into it ([`Segment::write_at`]) and making byte ranges of it
-//! durable. It does not decide where entries go, stage them, roll over, or judge damage: that is
+//! [`WriteMode`]), its second descriptor opened with `O_DSYNC` in [`WriteMode::Dsync`] (handed to
+//! commit jobs, never written here), writing bytes into it ([`Segment::write_at`]) and making
+//! byte ranges of it durable. It does not decide where entries go, stage them, roll over, or judge damage: that is
 //! `Log` and `recovery`.
 //!
 //! Invariant: a file named `<base>.seg` always has a complete, synced header and is fully
@@ -13,6 +14,7 @@
 //! (which ext4 may fail after reporting success, losing acknowledged data; see issue 20 §2); a
 //! segment being created lives under a `.seg.tmp` name until then.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,7 @@ use super::format::{
 };
 use super::sim::SimMap;
 use super::storage::{Disk, SegFile};
+use super::sync::DsyncTarget;
 use super::{SyncMode, WriteMode};
 use crate::limits::{SEGMENT_HEADER_BYTES, SEGMENT_ZERO_FILL_CHUNK_BYTES};
 use crate::route::ShardId;
@@ -61,7 +64,8 @@ impl Mapping {
             // deleted whole, after unmapping) and the shard's LOCK file keeps other processes
             // from writing it; this process writes it only with `pwrite` of bytes past every
             // position a reader was handed out (data once written never changes).
-            WriteMode::Pwrite => {
+            // (Dsync: the same, the writes being made on the `O_DSYNC` descriptor.)
+            WriteMode::Pwrite | WriteMode::Dsync => {
                 Mapping::Read(unsafe { memmap2::MmapOptions::new().len(len).map(file)? })
             }
             // SAFETY: as above; every write goes through this mapping.
@@ -99,8 +103,15 @@ pub(crate) struct Segment {
     pub file: Option<SegFile>,
     map: Mapping,
     /// Whether bytes are written to the file with `pwrite` ([`Segment::write_at`]) rather than
-    /// into the mapping: a read-only mapping, or a simulated file in [`WriteMode::Pwrite`].
+    /// into the mapping: a read-only mapping, or a simulated file in [`WriteMode::Pwrite`] or
+    /// [`WriteMode::Dsync`].
     by_pwrite: bool,
+    /// Whether commits make this segment's bytes durable by a write on an `O_DSYNC` descriptor
+    /// ([`WriteMode::Dsync`] on an ordinary or simulated file; never on DAX). Implies `by_pwrite`.
+    dsync: bool,
+    /// The `O_DSYNC` descriptor of a real file in [`WriteMode::Dsync`] (none on a simulated
+    /// disk, whose jobs write and sync the file itself); closed with `file`.
+    dsync_file: Option<File>,
     /// Sequence number of the first entry in this segment.
     pub first_seq: u64,
     /// Creation time from the header, ms since the Unix epoch.
@@ -166,6 +177,31 @@ fn preallocate(file: &SegFile, from: u64, len: u64) -> io::Result<()> {
         at += n as u64;
     }
     file.sync_data()
+}
+
+/// Opens the second, `O_DSYNC` descriptor of a segment file written in [`WriteMode::Dsync`]
+/// (none in other modes, on DAX, or on a simulated disk). `path` is where the file is now (the
+/// descriptor follows the file through its rename).
+fn open_dsync(
+    file: &SegFile,
+    map: &Mapping,
+    write_mode: WriteMode,
+    path: &Path,
+) -> io::Result<Option<File>> {
+    if write_mode != WriteMode::Dsync || !matches!(map, Mapping::Read(_)) {
+        return Ok(None);
+    }
+    match file {
+        SegFile::Real(_) => {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DSYNC)
+                .open(path)
+                .map(Some)
+        }
+        SegFile::Sim(_) => Ok(None),
+    }
 }
 
 /// Prepares `<dir>/<base>.seg.tmp` ahead of use: created, preallocated, zero-filled and synced
@@ -288,8 +324,10 @@ impl Segment {
             first_seq,
             created_ms,
         };
+        let dsync_file = open_dsync(&file, &map, write_mode, tmp)
+            .map_err(|e| Error::io(shard, "open segment O_DSYNC", tmp, e))?;
         let mut seg = Segment::new(
-            base, bytes, path, file, map, write_mode, first_seq, created_ms,
+            base, bytes, path, file, dsync_file, map, write_mode, first_seq, created_ms,
         );
         let mut head = [0u8; SEGMENT_HEADER_BYTES];
         header.encode(&mut head);
@@ -362,11 +400,14 @@ impl Segment {
         }
         let map = Mapping::map(&file, header.segment_bytes as usize, write_mode)
             .map_err(|e| Error::io(shard, "mmap segment", path, e))?;
+        let dsync_file = open_dsync(&file, &map, write_mode, path)
+            .map_err(|e| Error::io(shard, "open segment O_DSYNC", path, e))?;
         Ok(Opened::Ok(Segment::new(
             base,
             header.segment_bytes,
             path,
             file,
+            dsync_file,
             map,
             write_mode,
             header.first_seq,
@@ -381,6 +422,7 @@ impl Segment {
         bytes: u64,
         path: &Path,
         file: SegFile,
+        dsync_file: Option<File>,
         map: Mapping,
         write_mode: WriteMode,
         first_seq: u64,
@@ -388,9 +430,10 @@ impl Segment {
     ) -> Segment {
         let by_pwrite = match map {
             Mapping::Read(_) => true,
-            Mapping::Sim(_) => write_mode == WriteMode::Pwrite,
+            Mapping::Sim(_) => matches!(write_mode, WriteMode::Pwrite | WriteMode::Dsync),
             Mapping::Plain(_) | Mapping::Dax(_) => false,
         };
+        let dsync = by_pwrite && write_mode == WriteMode::Dsync;
         Segment {
             base,
             bytes,
@@ -398,6 +441,8 @@ impl Segment {
             file: Some(file),
             map,
             by_pwrite,
+            dsync,
+            dsync_file,
             first_seq,
             created_ms,
             data_end: SEGMENT_HEADER_BYTES as u64,
@@ -410,6 +455,35 @@ impl Segment {
     #[inline]
     pub fn by_pwrite(&self) -> bool {
         self.by_pwrite
+    }
+
+    /// Whether commits write this segment's groups on an `O_DSYNC` descriptor
+    /// ([`WriteMode::Dsync`]) instead of syncing the file.
+    #[inline]
+    pub fn dsync(&self) -> bool {
+        self.dsync
+    }
+
+    /// Where a commit job writes this segment's group durably: a duplicate of the `O_DSYNC`
+    /// descriptor (real disk) or the simulated file (written, then synced). Only for a segment
+    /// in [`WriteMode::Dsync`] that still has its files open.
+    pub fn dsync_target(&self) -> io::Result<DsyncTarget> {
+        assert!(self.dsync, "only a dsync segment has an O_DSYNC target");
+        if let Some(f) = &self.dsync_file {
+            use std::os::fd::AsFd;
+            return Ok(DsyncTarget::Fd(f.as_fd().try_clone_to_owned()?));
+        }
+        match self.file.as_ref() {
+            Some(SegFile::Sim(f)) => Ok(DsyncTarget::Sim(f.clone())),
+            _ => unreachable!("a dsync segment being committed keeps its files open"),
+        }
+    }
+
+    /// Closes the descriptors of a sealed segment (its mapping stays): a long log does not hold
+    /// thousands of them.
+    pub fn close_files(&mut self) {
+        self.file = None;
+        self.dsync_file = None;
     }
 
     /// Writes `bytes` at offset `off`: with `pwrite` on the file (a short write is continued; an
@@ -543,5 +617,7 @@ impl Segment {
         let fake = unsafe { DaxMap::fake_from_file(file, len) };
         self.map = Mapping::Dax(fake);
         self.by_pwrite = false;
+        self.dsync = false;
+        self.dsync_file = None;
     }
 }

@@ -1,12 +1,16 @@
 //! Asynchronous durability for the Fdatasync mode: the [`SyncJob`] a log hands out from
 //! `commit_begin` (dup'ed descriptors of the segments with unsynced bytes plus the position that
-//! becomes durable when they are synced), the [`Commit`] outcome, and [`UringSyncer`], a small
-//! io_uring that runs the fdatasyncs while the caller keeps appending. It does not touch the log's
-//! state: only `Log::commit_end` turns a finished job into a new durable position.
+//! becomes durable when they are synced; in `WriteMode::Dsync` instead one [`DsyncWrite`]: the
+//! group's bytes, to be written on an `O_DSYNC` descriptor), the [`Commit`] outcome, and
+//! [`UringSyncer`], a small io_uring that runs the fdatasyncs (or the `O_DSYNC` write) while the
+//! caller keeps appending. It does not touch the log's state: only `Log::commit_end` turns a
+//! finished job into a new durable position.
 //!
-//! Invariant: a job's target is the log's written position when the job was made, and every
-//! segment holding bytes below it that were not yet durable has a descriptor in the job; syncing
-//! all of them (whole files) therefore makes everything below the target durable.
+//! Invariant: a job's target is the log's written position when the job was made, and either
+//! every segment holding bytes below it that were not yet durable has a descriptor in the job
+//! (syncing all of them, whole files, makes everything below the target durable), or the job's
+//! [`DsyncWrite`] holds every byte from the durable position (or its segment's first entry) up
+//! to the target, all in one segment, so writing them with `O_DSYNC` makes them durable.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -73,16 +77,143 @@ impl SyncFile {
     }
 }
 
-/// A pending fdatasync of some segment files. Run it (fdatasync every file, whole file), then give
-/// it back with the outcome to `Log::commit_end`.
+/// Where a [`DsyncWrite`] goes: an `O_DSYNC` descriptor of the segment file, or a file of a
+/// simulated disk (written, then synced: a crash between the two tears the write, as a crash
+/// during a real `O_DSYNC` write may).
+#[derive(Debug)]
+pub enum DsyncTarget {
+    /// A duplicate of the segment's `O_DSYNC` descriptor, owned by the job.
+    Fd(OwnedFd),
+    /// The file on a simulated disk.
+    Sim(SimFile),
+}
+
+/// The group of a `WriteMode::Dsync` commit: bytes to write at an offset of one segment file on
+/// an `O_DSYNC` descriptor. The write completing (all of it) is the durability point.
+#[derive(Debug)]
+pub struct DsyncWrite {
+    target: DsyncTarget,
+    path: PathBuf,
+    base: LogPos,
+    offset: u64,
+    bytes: Vec<u8>,
+}
+
+impl DsyncWrite {
+    pub(crate) fn new(
+        target: DsyncTarget,
+        path: PathBuf,
+        base: LogPos,
+        offset: u64,
+        bytes: Vec<u8>,
+    ) -> DsyncWrite {
+        DsyncWrite {
+            target,
+            path,
+            base,
+            offset,
+            bytes,
+        }
+    }
+
+    /// The `O_DSYNC` descriptor (none on a simulated disk).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.target {
+            DsyncTarget::Fd(fd) => {
+                use std::os::fd::AsFd;
+                Some(fd.as_fd())
+            }
+            DsyncTarget::Sim(_) => None,
+        }
+    }
+
+    /// Path of the segment file (for error messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Base position of the segment (a key for caching per-segment handles).
+    pub fn base(&self) -> LogPos {
+        self.base
+    }
+
+    /// Offset in the segment file where the bytes go.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The bytes to write.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Writes all the bytes on this thread: `pwrite(2)` on the `O_DSYNC` descriptor (continued
+    /// after a short write, retried on EINTR), or the simulated write plus fdatasync.
+    fn run_blocking(&self) -> io::Result<()> {
+        match &self.target {
+            DsyncTarget::Sim(f) => {
+                f.write_at(&self.bytes, self.offset)?;
+                f.sync_data()
+            }
+            DsyncTarget::Fd(fd) => {
+                let mut done = 0;
+                while done < self.bytes.len() {
+                    let rest = &self.bytes[done..];
+                    // SAFETY: plain syscall on a descriptor owned by the job, reading from a
+                    // live slice of `rest.len()` bytes.
+                    let n = unsafe {
+                        libc::pwrite(
+                            fd.as_raw_fd(),
+                            rest.as_ptr().cast(),
+                            rest.len(),
+                            (self.offset + done as u64) as libc::off_t,
+                        )
+                    };
+                    if n < 0 {
+                        let e = io::Error::last_os_error();
+                        if e.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(e);
+                    }
+                    if n == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    done += n as usize;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A pending fdatasync of some segment files (or, in `WriteMode::Dsync`, one `O_DSYNC` write).
+/// Run it (fdatasync every file, whole file; or write the bytes), then give it back with the
+/// outcome to `Log::commit_end`.
 #[derive(Debug)]
 #[must_use = "a sync job must be run and handed back to commit_end"]
 pub struct SyncJob {
     pub(crate) target: LogPos,
     pub(crate) files: Vec<SyncFile>,
+    /// The `O_DSYNC` write of a `WriteMode::Dsync` group (then `files` is empty).
+    pub(crate) write: Option<DsyncWrite>,
 }
 
 impl SyncJob {
+    /// The `O_DSYNC` write of a `WriteMode::Dsync` commit (then there are no files to sync).
+    pub fn dsync_write(&self) -> Option<&DsyncWrite> {
+        self.write.as_ref()
+    }
+
+    /// Path of the job's (first) file, for error messages.
+    pub(crate) fn first_path(&self) -> PathBuf {
+        match (&self.write, self.files.first()) {
+            (Some(w), _) => w.path.clone(),
+            (None, Some(f)) => f.path.clone(),
+            (None, None) => PathBuf::new(),
+        }
+    }
+
     /// The position that becomes `durable()` once every file is synced.
     pub fn target(&self) -> LogPos {
         self.target
@@ -101,6 +232,9 @@ impl SyncJob {
     /// Runs the job on the calling thread with `fdatasync(2)` (the simulated fdatasync for files
     /// of a simulated disk), returning the first error.
     pub fn run_blocking(&self) -> io::Result<()> {
+        if let Some(w) = &self.write {
+            return w.run_blocking();
+        }
         let mut result = Ok(());
         for f in &self.files {
             if let Some(sim) = &f.sim {
@@ -131,7 +265,8 @@ pub enum Commit {
     Idle,
     /// DAX mode: everything written is already durable (flushed inline); the new durable position.
     Done(LogPos),
-    /// Fdatasync mode: run this job, then call `commit_end`.
+    /// Fdatasync mode: run this job (the fdatasyncs, or the `O_DSYNC` write in
+    /// `WriteMode::Dsync`), then call `commit_end`.
     Sync(SyncJob),
 }
 
@@ -145,6 +280,8 @@ pub struct UringSyncer {
     result: io::Result<()>,
     /// Whether a job was submitted and its outcome not yet returned by `poll`/`wait`.
     busy: bool,
+    /// Bytes of the `O_DSYNC` write in flight, if the job is one (to catch a short write).
+    write_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for UringSyncer {
@@ -164,6 +301,7 @@ impl UringSyncer {
             pending: 0,
             result: Ok(()),
             busy: false,
+            write_bytes: None,
         })
     }
 
@@ -172,13 +310,36 @@ impl UringSyncer {
         self.busy
     }
 
-    /// Submits one `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC` per file of `job`. The job must
-    /// stay alive (its descriptors open) until `poll` or `wait` returns its outcome.
-    /// Jobs of a simulated disk have no descriptors (run them with `SyncJob::run_blocking`).
+    /// Submits one `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC` per file of `job` (or, for a
+    /// `WriteMode::Dsync` job, one `IORING_OP_WRITE` of its bytes on the `O_DSYNC` descriptor; a
+    /// short write, which a regular file gives only when it cannot take more, is reported as
+    /// `WriteZero`). The job must stay alive (its descriptors open, its bytes in place) until
+    /// `poll` or `wait` returns its outcome. Jobs of a simulated disk have no descriptors (run
+    /// them with `SyncJob::run_blocking`).
     pub fn submit(&mut self, job: &SyncJob) -> io::Result<()> {
         assert!(!self.busy, "UringSyncer runs one job at a time");
         self.result = Ok(());
         self.pending = 0;
+        self.write_bytes = None;
+        if let Some(w) = &job.write {
+            let DsyncTarget::Fd(fd) = &w.target else {
+                return Err(taken_fd_error());
+            };
+            let len = u32::try_from(w.bytes.len()).expect("a group is far below 4 GiB");
+            let entry = opcode::Write::new(types::Fd(fd.as_raw_fd()), w.bytes.as_ptr(), len)
+                .offset(w.offset)
+                .build()
+                .user_data(u64::MAX);
+            // SAFETY: the buffer and the descriptor belong to the job, which the caller keeps
+            // alive and unchanged until completion; the queue was empty (one job at a time).
+            unsafe { self.ring.submission().push(&entry) }
+                .expect("an empty submission queue has room for one entry");
+            self.pending = 1;
+            self.write_bytes = Some(w.bytes.len());
+            self.ring.submit()?;
+            self.busy = true;
+            return Ok(());
+        }
         for (i, f) in job.files.iter().enumerate() {
             let fd = f.fd.as_ref().ok_or_else(taken_fd_error)?;
             let entry = opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
@@ -207,6 +368,12 @@ impl UringSyncer {
             self.pending -= 1;
             if cqe.result() < 0 && self.result.is_ok() {
                 self.result = Err(io::Error::from_raw_os_error(-cqe.result()));
+            }
+            let short = cqe.user_data() == u64::MAX
+                && cqe.result() >= 0
+                && Some(cqe.result() as usize) != self.write_bytes;
+            if short && self.result.is_ok() {
+                self.result = Err(io::ErrorKind::WriteZero.into());
             }
         }
     }

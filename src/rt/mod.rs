@@ -294,6 +294,27 @@ impl SyncFile {
     pub async fn fdatasync(&self) -> io::Result<()> {
         self.0.fdatasync().await.map_err(io::Error::from)
     }
+
+    /// Writes all of `bytes` at `pos` through the executor's io_uring (continued after a short
+    /// write). On a descriptor opened with `O_DSYNC` (`log::WriteMode::Dsync`) the completion is
+    /// the durability point; the shard keeps serving meanwhile (the kernel runs the blocking
+    /// part of the write in its io_uring workers). glommio takes an owned buffer: one copy of
+    /// the group per write.
+    pub async fn write_all_at(&self, bytes: &[u8], pos: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < bytes.len() {
+            let n = self
+                .0
+                .write_at(bytes[done..].to_vec(), pos + done as u64)
+                .await
+                .map_err(io::Error::from)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 /// Bounded channels between every pair of executors (glommio's channel mesh).

@@ -1,19 +1,27 @@
 //! The group commit of one executor's shards: waits for appends (optionally lingering to grow
-//! the group), makes each shard's log durable with an io_uring `fdatasync` (or a DAX flush)
-//! while the executor keeps serving, then completes the groups waiting on it and releases their
-//! subscription events. It owns the commit policy (Strict: start at once, or after the linger;
-//! Relaxed: on the interval) and marking a shard whose log failed a sync (`/readyz`); a commit
-//! whose log found no space to write its group (`log::Error::NoSpace`) is retried after a pause,
-//! not marked. It does not append (`shard`) and does not write acks (`net`).
+//! the group), makes each shard's log durable with an io_uring `fdatasync` (or, in
+//! `--write-mode dsync`, an io_uring write on an `O_DSYNC` descriptor; or a DAX flush) while the
+//! executor keeps serving, then completes the groups waiting on it and releases their
+//! subscription events. It owns the commit policy (Strict: start at once, after the fixed
+//! linger, or, with the adaptive linger, after a bounded wait for company while recent groups
+//! were small; Relaxed: on the interval) and marking a shard whose log failed a sync
+//! (`/readyz`); a commit whose log found no space to write its group (`log::Error::NoSpace`) is
+//! retried after a pause, not marked. It does not append (`shard`) and does not write acks
+//! (`net`).
 //!
 //! Invariant: waiters complete only for positions below the durable position the log reported
-//! after its sync; a poisoned log completes nothing more.
+//! after its sync (or its `O_DSYNC` write) completed; a poisoned log completes nothing more; a
+//! group never waits past its linger (fixed or adaptive) from its first append, and a full group
+//! (`--commit-entries-max`) never waits.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::limits::{COMMIT_NO_SPACE_RETRY_INTERVAL, STOP_POLL_INTERVAL, SYNC_FILES_MAX};
+use crate::limits::{
+    COMMIT_ADAPTIVE_AVERAGE_WEIGHT, COMMIT_ADAPTIVE_SMALL_GROUP_ENTRIES,
+    COMMIT_NO_SPACE_RETRY_INTERVAL, STOP_POLL_INTERVAL, SYNC_FILES_MAX,
+};
 use crate::log::Commit;
 use crate::route::ShardId;
 use crate::rt::{self, SyncFile};
@@ -47,8 +55,30 @@ impl Core {
         let _ = self.shared.storage_faults[shard.0 as usize].set(e.to_string());
     }
 
+    /// A commit found no space to write its group (a full copy-on-write file system): the
+    /// entries stay staged, nothing is durable or acked, the log is not poisoned. Waits a pause
+    /// and hands the group back to the next commit (which writes them, as a later append would).
+    async fn defer_no_space(
+        &self,
+        slot: &StoreSlot,
+        e: &crate::store::Error,
+        pending: usize,
+        pending_since: Option<Instant>,
+    ) {
+        if let Some(suppressed) = slot.refusal_log.check() {
+            tracing::warn!(shard = %slot.shard, error = %e, suppressed_since_last = suppressed, "commit deferred: no space to write the group; retrying");
+        }
+        rt::sleep(COMMIT_NO_SPACE_RETRY_INTERVAL).await;
+        slot.pending_entries
+            .set(slot.pending_entries.get() + pending);
+        if slot.pending_since.get().is_none() {
+            slot.pending_since.set(pending_since);
+        }
+    }
+
     /// Commits one shard: makes everything appended so far durable, then completes waiters.
-    async fn commit_slot(&self, slot: &StoreSlot) {
+    /// Returns the size of the group it committed (0 if it committed nothing).
+    async fn commit_slot(&self, slot: &StoreSlot) -> usize {
         let started = Instant::now();
         let pending = slot.pending_entries.get();
         slot.probe.group_entries.observe(pending as f64);
@@ -58,27 +88,48 @@ impl Core {
         let begun = slot.store.borrow_mut().commit_begin();
         let durable = match begun {
             Err(e @ crate::store::Error::Log(crate::log::Error::NoSpace { .. })) => {
-                // The log could not write its staged entries (a full copy-on-write file system):
-                // they stay staged, nothing is durable or acked, the log is not poisoned. Try
-                // again after a pause (the next commit writes them, as a later append would).
-                if let Some(suppressed) = slot.refusal_log.check() {
-                    tracing::warn!(shard = %slot.shard, error = %e, suppressed_since_last = suppressed, "commit deferred: no space to write the group; retrying");
-                }
-                rt::sleep(COMMIT_NO_SPACE_RETRY_INTERVAL).await;
-                slot.pending_entries
-                    .set(slot.pending_entries.get() + pending);
-                if slot.pending_since.get().is_none() {
-                    slot.pending_since.set(pending_since);
-                }
-                return;
+                self.defer_no_space(slot, &e, pending, pending_since).await;
+                return 0;
             }
             Err(e) => {
                 tracing::error!(shard = %slot.shard, error = %e, "commit refused; shard log poisoned");
                 self.storage_fault(slot.shard, &e);
-                return;
+                return 0;
             }
             Ok(Commit::Idle) => slot.store.borrow().durable(),
             Ok(Commit::Done(p)) => p,
+            Ok(Commit::Sync(job)) if job.dsync_write().is_some() => {
+                // `--write-mode dsync`: one io_uring write of the group on the segment's
+                // `O_DSYNC` descriptor; its completion is the durability point.
+                let w = job.dsync_write().expect("checked by the guard");
+                let result = match w.fd() {
+                    Some(fd) => {
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
+                        // Cached per segment like the fdatasync handles: a log's segments are
+                        // all written in one mode, so a base names one kind of descriptor.
+                        match self.sync_file(slot, w.base().0, fd).await {
+                            Ok(f) => f.write_all_at(w.bytes(), w.offset()).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    // A simulated disk's job (never in a server): run it inline.
+                    None => job.run_blocking(),
+                };
+                // The store's borrow ends here, before any await below.
+                let ended = slot.store.borrow_mut().commit_end(job, result);
+                match ended {
+                    Ok(p) => p,
+                    Err(e @ crate::store::Error::Log(crate::log::Error::NoSpace { .. })) => {
+                        self.defer_no_space(slot, &e, pending, pending_since).await;
+                        return 0;
+                    }
+                    Err(e) => {
+                        tracing::error!(shard = %slot.shard, error = %e, "commit failed; shard log poisoned");
+                        self.storage_fault(slot.shard, &e);
+                        return 0;
+                    }
+                }
+            }
             Ok(Commit::Sync(job)) => {
                 let mut result = Ok(());
                 let targets: Vec<(u64, Option<std::os::fd::RawFd>)> = job
@@ -109,7 +160,7 @@ impl Core {
                         // un-acked; devices see no ack and resend elsewhere after restart.
                         tracing::error!(shard = %slot.shard, error = %e, "commit failed; shard log poisoned");
                         self.storage_fault(slot.shard, &e);
-                        return;
+                        return 0;
                     }
                 }
             }
@@ -127,9 +178,10 @@ impl Core {
         if self.shared.replication.is_some() {
             // Replicated mode: the replication loop acks once the streams hold it too.
             self.replicate_signal.notify();
-            return;
+            return pending;
         }
         self.complete_below(slot, durable);
+        pending
     }
 
     /// Completes the waiters of `slot` whose group ends below `upto` (durable, and in
@@ -164,6 +216,17 @@ impl Core {
         } else {
             policy.commit_linger.min(policy.commit_interval)
         };
+        // The adaptive linger (Strict and Replicated only; config refuses it beside a fixed
+        // linger). `average` is the running average of this executor's group sizes times
+        // `COMMIT_ADAPTIVE_AVERAGE_WEIGHT` (integer arithmetic); it starts at the threshold, so
+        // nobody waits before the groups have shown they are small.
+        let adaptive = if relaxed || !linger.is_zero() {
+            Duration::ZERO
+        } else {
+            policy.commit_linger_adaptive
+        };
+        let small_scaled = COMMIT_ADAPTIVE_SMALL_GROUP_ENTRIES * COMMIT_ADAPTIVE_AVERAGE_WEIGHT;
+        let mut average = small_scaled;
         loop {
             if !self.any_pending() {
                 if self.stopping()
@@ -197,12 +260,87 @@ impl Core {
                     .await;
                 }
             }
+            if !adaptive.is_zero() && average < small_scaled {
+                self.linger_for_company(adaptive).await;
+            }
             let commits = self
                 .stores
                 .iter()
                 .filter(|s| s.pending_entries.get() > 0)
                 .map(|s| self.commit_slot(s));
-            futures_util::future::join_all(commits).await;
+            for group in futures_util::future::join_all(commits).await {
+                if group > 0 {
+                    average = adaptive_average(average, group as u64);
+                }
+            }
         }
+    }
+
+    /// The adaptive linger's wait: until a shard's group is full (`--commit-entries-max`), or
+    /// the oldest pending append has waited `most`, whichever comes first (woken by every
+    /// append to look again; never longer than `most` from the group's first append).
+    async fn linger_for_company(&self, most: Duration) {
+        let full = self.shared.cfg.commit_entries_max;
+        loop {
+            if self.stores.iter().any(|s| s.pending_entries.get() >= full) {
+                return;
+            }
+            let Some(oldest) = self
+                .stores
+                .iter()
+                .filter(|s| s.pending_entries.get() > 0)
+                .filter_map(|s| s.pending_since.get())
+                .min()
+            else {
+                return;
+            };
+            let waited = oldest.elapsed();
+            if waited >= most {
+                return;
+            }
+            rt::timeout(most - waited, self.commit_signal.wait()).await;
+        }
+    }
+}
+
+/// The running average of group sizes, scaled by `COMMIT_ADAPTIVE_AVERAGE_WEIGHT`, after one
+/// more group of `group` heartbeats: `avg += (group - avg) / weight`, in integers.
+pub(crate) fn adaptive_average(scaled: u64, group: u64) -> u64 {
+    scaled - scaled / COMMIT_ADAPTIVE_AVERAGE_WEIGHT + group
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adaptive_average;
+    use crate::limits::{COMMIT_ADAPTIVE_AVERAGE_WEIGHT, COMMIT_ADAPTIVE_SMALL_GROUP_ENTRIES};
+
+    /// Checks the running average the adaptive linger decides on: a run of small groups brings
+    /// it below the threshold within a few dozen groups, a run of large ones above it, and it
+    /// settles at the group size (times the weight) for a steady load.
+    #[test]
+    fn adaptive_average_follows_the_recent_group_sizes() {
+        let w = COMMIT_ADAPTIVE_AVERAGE_WEIGHT;
+        let small = COMMIT_ADAPTIVE_SMALL_GROUP_ENTRIES * w;
+        let mut avg = small;
+        for _ in 0..64 {
+            avg = adaptive_average(avg, 1);
+        }
+        assert!(avg < small, "small groups make the average small: {avg}");
+        assert!(avg / w <= 2, "it settles near 1: {avg}");
+        for _ in 0..64 {
+            avg = adaptive_average(avg, 500);
+        }
+        assert!(avg >= small, "large groups make it large: {avg}");
+        assert!(
+            avg / w >= 490 && avg / w <= 500,
+            "it settles near 500: {avg}"
+        );
+        // One large group among small ones does not switch it for long.
+        let mut avg = w;
+        avg = adaptive_average(avg, 100);
+        for _ in 0..32 {
+            avg = adaptive_average(avg, 1);
+        }
+        assert!(avg < small);
     }
 }

@@ -120,6 +120,7 @@ pub fn open_stores(
         cfg.write_mode = match shared.cfg.write_mode {
             crate::config::WriteMode::Mmap => crate::log::WriteMode::Mmap,
             crate::config::WriteMode::Pwrite => crate::log::WriteMode::Pwrite,
+            crate::config::WriteMode::Dsync => crate::log::WriteMode::Dsync,
         };
         let started = Instant::now();
         let (mut store, report) = ShardStore::open(&cfg)
