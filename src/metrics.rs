@@ -561,7 +561,7 @@ impl prometheus_client::collector::Collector for Exposition {
                 )
             })
             .collect();
-        self.gauge(e, "geobeat_durability_mode", "Durability mode per shard: sync = dax (MAP_SYNC + cache-line flush) or fdatasync; ack = strict, relaxed or replicated", &modes)?;
+        self.gauge(e, "geobeat_durability_mode", "Durability mode per shard: sync = dax (MAP_SYNC + cache-line flush), fdatasync, or dsync (--write-mode dsync: O_DSYNC writes); ack = strict, relaxed or replicated", &modes)?;
         self.gauge(
             e,
             "geobeat_connections_open",

@@ -594,7 +594,14 @@ impl Core {
                 seq_devices: store.table().audits().count(),
                 seq_gaps,
                 duplicates_dropped,
-                sync_mode: stats.sync_mode.to_string(),
+                // `dsync` for `--write-mode dsync` on an fdatasync-mode file: its durability
+                // point is the O_DSYNC write, not an fdatasync.
+                sync_mode: match (stats.sync_mode, store.log().write_mode()) {
+                    (crate::log::SyncMode::Fdatasync, crate::log::WriteMode::Dsync) => {
+                        "dsync".to_owned()
+                    }
+                    (mode, _) => mode.to_string(),
+                },
                 group_entries: slot.probe.group_entries.snapshot(),
                 commit_latency: slot.probe.commit_latency.snapshot(),
                 waiters: slot.waiters.borrow().len(),
