@@ -408,3 +408,69 @@ fn placement_converges_non_owners_redirect_and_a_killed_owner_is_taken_over() {
     a.server.kill9();
     eprintln!("test took {:?}", t_start.elapsed());
 }
+
+#[test]
+fn haproxy_config_is_valid_and_routes_units_like_the_placement() {
+    // deploy/haproxy: `haproxy -c` accepts the config (with the map at its repository path), and
+    // the map sends unit rank i to node i mod 3, the placement's rule, where rank = vshard / 64
+    // is the unit rank of the default two-shard layout (so HAProxy's crc32c,mod(4096),div(64)
+    // lands on the unit geobeat computes).
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy");
+    let map = std::fs::read_to_string(repo.join("geobeat-units.map")).unwrap();
+    let nodes = ["be_geobeat_a", "be_geobeat_b", "be_geobeat_c"];
+    let rows: Vec<(usize, &str)> = map
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (u, b) = l.split_once(' ').unwrap();
+            (u.parse().unwrap(), b.trim())
+        })
+        .collect();
+    let plan = geobeat::replicate::Plan::new(
+        &geobeat::route::Router::contiguous(2).unwrap(),
+        &["h:1".into()],
+        3,
+        3,
+    );
+    let units: Vec<u16> = plan.units().collect();
+    assert_eq!(rows.len(), units.len());
+    for (i, (rank, backend)) in rows.iter().enumerate() {
+        assert_eq!(*rank, i);
+        assert_eq!(
+            Some(*backend),
+            geobeat::replicate::placement::assigned(i, 3).map(|n| nodes[n])
+        );
+        assert_eq!(units[i] as usize / 64, i);
+    }
+    for d in 0..1000 {
+        let id = format!("device-{d}");
+        let v = geobeat::route::vshard_of(&id);
+        let haproxy_rank = (crc32c::crc32c(id.as_bytes()) % 4096 / 64) as usize;
+        assert_eq!(units[haproxy_rank], plan.unit_of(v));
+    }
+    let Ok(out) = std::process::Command::new("haproxy").arg("-v").output() else {
+        eprintln!("haproxy not installed (.ci/run installs it): config check skipped");
+        return;
+    };
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = std::fs::read_to_string(repo.join("haproxy.cfg"))
+        .unwrap()
+        .replace(
+            "/etc/haproxy/geobeat-units.map",
+            &repo.join("geobeat-units.map").display().to_string(),
+        );
+    std::fs::write(dir.path().join("haproxy.cfg"), cfg).unwrap();
+    let out = std::process::Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(dir.path().join("haproxy.cfg"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "haproxy -c: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
