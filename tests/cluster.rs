@@ -2,7 +2,8 @@
 //! `--node-id`/`--advertise` on one real three-server NATS JetStream cluster (the PyPI wheel's
 //! nats-server, configs from deploy/nats/, all on 127.0.0.0/8). Checks that placement converges
 //! (every unit owned by exactly one node), that a non-owner redirects a device (WebSocket 307
-//! with the owner's `Location`), and that after kill -9 of an owner its units are taken over
+//! with the owner's `Location`, MQTT 5 CONNACK 0x9C with a Server Reference, MQTT 3.1.1 CONNACK
+//! 0x03), and that after kill -9 of an owner its units are taken over
 //! within the documented bound and its devices keep sending through the new owner, with every
 //! acked heartbeat in the streams exactly once; and that a frozen owner (SIGSTOP) whose units
 //! moved steps down when it wakes (SIGCONT): its late publishes are refused by the new owner's
@@ -36,6 +37,17 @@ struct Node {
 /// Starts node `id` on a free port, advertising that port; `secret`: the secret file shared by
 /// every node (tokens verify on any node).
 fn start_node(root: &Path, id: &str, nats: &NatsCluster, secret: Option<&Path>) -> Node {
+    start_node_mqtt(root, id, nats, secret, None)
+}
+
+/// [`start_node`] with an MQTT listener at `mqtt`.
+fn start_node_mqtt(
+    root: &Path,
+    id: &str,
+    nats: &NatsCluster,
+    secret: Option<&Path>,
+    mqtt: Option<SocketAddr>,
+) -> Node {
     let dir = root.join(id);
     let log = root.join(format!("{id}.log"));
     let addr = free_addr_outside_ephemeral();
@@ -59,6 +71,9 @@ fn start_node(root: &Path, id: &str, nats: &NatsCluster, secret: Option<&Path>) 
     ];
     if let Some(s) = secret {
         args.extend(["--secret-file".into(), s.display().to_string()]);
+    }
+    if let Some(m) = mqtt {
+        args.extend(["--mqtt-listen".into(), m.to_string()]);
     }
     let child = spawn_logged(&args, &log);
     let mut server = Server {
@@ -167,6 +182,49 @@ fn send_acked(ws: &mut Ws, seq: u64, id: &str, ts: i64) -> bool {
             }
             Ok(_) => {}
             Err(_) => return false,
+        }
+    }
+}
+
+/// The CONNACK (reason code, Server Reference) a device's MQTT CONNECT at `mqtt` gets.
+fn mqtt_connack(mqtt: SocketAddr, token: &str, v5: bool) -> (u8, Option<String>) {
+    use geobeat::proto::mqtt::codec::{self, Connect, Packet, PropValue, Props, Version};
+    use std::io::{Read, Write};
+    let version = if v5 { Version::V5 } else { Version::V311 };
+    let mut s = std::net::TcpStream::connect(mqtt).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let connect = Connect {
+        version,
+        clean: true,
+        keep_alive_s: 30,
+        props: &[],
+        client_id: "cluster-test",
+        will: None,
+        // MQTT 3.1.1 allows a password only with a user name; an empty one names no device.
+        username: Some(""),
+        password: Some(token.as_bytes()),
+    };
+    codec::encode(&Packet::Connect(connect), version, &mut out);
+    s.write_all(&out).unwrap();
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 512];
+        let n = s.read(&mut chunk).unwrap();
+        if n == 0 {
+            return (
+                0xff,
+                Some(format!("closed before the CONNACK after {buf:?}")),
+            );
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some((Packet::ConnAck(a), _)) = codec::decode(&buf, Some(version), 1 << 16).unwrap()
+        {
+            let reference = match Props(a.props).get(0x1c) {
+                Some(PropValue::Str(r)) => Some(r.to_string()),
+                _ => None,
+            };
+            return (a.code, reference);
         }
     }
 }
@@ -303,7 +361,8 @@ fn placement_converges_non_owners_redirect_and_a_killed_owner_is_taken_over() {
     let t_start = Instant::now();
     let nats = NatsCluster::start();
     let root = tempfile::tempdir().unwrap();
-    let a = start_node(root.path(), "a", &nats, None);
+    let a_mqtt = free_addr_outside_ephemeral();
+    let a = start_node_mqtt(root.path(), "a", &nats, None, Some(a_mqtt));
     let secret = a.server.dir.join("secret");
     let mut b = start_node(root.path(), "b", &nats, Some(&secret));
     let ops = a.server.token_fast(Scope::Ops);
@@ -330,6 +389,15 @@ fn placement_converges_non_owners_redirect_and_a_killed_owner_is_taken_over() {
         }
     }
     let (id, token) = device.expect("some device belongs to b");
+    // Over MQTT, a sends it to b too: MQTT 5 CONNACK 0x9C with b as Server Reference; 3.1.1
+    // CONNACK 0x03 (server unavailable).
+    assert_eq!(
+        mqtt_connack(a_mqtt, &token, true),
+        (0x9c, Some(b.server.addr.to_string())),
+        "{}",
+        log_tail(&a.log, 20)
+    );
+    assert_eq!(mqtt_connack(a_mqtt, &token, false), (0x03, None));
 
     // It sends through b; every heartbeat waits for its ack.
     let t0 = now_ms() - 3_600_000;
