@@ -783,3 +783,20 @@ pub const COMMIT_ADAPTIVE_AVERAGE_WEIGHT: u64 = 8;
 const _: () = assert!(COMMIT_LINGER_ADAPTIVE_US_MAX <= GROUP_INTERVAL_US_MAX);
 const _: () = assert!(COMMIT_ADAPTIVE_SMALL_GROUP_ENTRIES >= 2);
 const _: () = assert!(COMMIT_ADAPTIVE_AVERAGE_WEIGHT >= 1);
+
+// Ownership of replication units (issue 17 item 2: src/replicate/placement.rs, docs/cluster.md).
+/// How often a node re-puts its lease in the placement bucket and re-reads placement.
+pub const PLACEMENT_LEASE_INTERVAL: Duration = Duration::from_secs(1);
+/// A node whose lease revision has not moved for this long (as seen by the observer's own
+/// clock: no clock is compared across machines) is dead and its units are taken over.
+pub const PLACEMENT_DEAD_AFTER: Duration = Duration::from_secs(5);
+/// Most nodes in one cluster (lease keys read per tick).
+pub const PLACEMENT_NODES_MAX: usize = 64;
+/// Longest `--node-id`, bytes (it is a KV key token and appears in every claim).
+pub const NODE_ID_BYTES_MAX: usize = 64;
+/// Skipped positions (entries of units this node does not own) one shard remembers until the
+/// ack waiters covering them are passed: at most one round of entries.
+pub const PLACEMENT_SKIPPED_MAX: usize = REPLICATE_ROUND_ENTRIES_MAX;
+// A live node re-puts its lease several times before anyone may call it dead.
+const _: () = assert!(PLACEMENT_DEAD_AFTER.as_millis() >= 3 * PLACEMENT_LEASE_INTERVAL.as_millis());
+const _: () = assert!(PLACEMENT_NODES_MAX >= 1);

@@ -340,6 +340,9 @@ pub struct ProcessInfo {
     /// `--durability replicated`: per logical shard, durable log bytes not yet stored by the
     /// JetStream streams (empty in the other modes).
     pub replication_lag: Vec<(u32, u64)>,
+    /// Ownership (`--node-id`): units this node stopped writing (claim lost or publish fenced);
+    /// `None` without ownership.
+    pub ownership_stepdowns: Option<u64>,
 }
 
 /// The standard Prometheus process figures, read from `/proc/self` when scraped.
@@ -856,6 +859,15 @@ impl prometheus_client::collector::Collector for Exposition {
                 &lag,
             )?;
         }
+        if let Some(n) = self.process.ownership_stepdowns {
+            self.counter(
+                e,
+                "geobeat_ownership_stepdowns",
+                "Ownership: units this node stopped writing because another node claimed them or fenced their subject (their unreplicated heartbeats are not acked)",
+                None,
+                &[(vec![], n)],
+            )?;
+        }
         let sinks = &self.process.sinks;
         let per_sink_gauge =
             |f: &dyn Fn(&crate::flusher::SinkStatus) -> i64| -> Vec<(Labels, i64)> {
@@ -1054,6 +1066,7 @@ mod tests {
                 sinks,
                 os,
                 replication_lag: vec![(3, 4096)],
+                ownership_stepdowns: None,
             },
         )
     }

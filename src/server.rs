@@ -269,6 +269,13 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
             cfg.nats_replicas,
         );
         plan.log_id = datadir.created_ms();
+        if let Some(own) = &cfg.ownership {
+            plan.placement = Some(Arc::new(crate::replicate::placement::Placement::new(
+                &plan,
+                &own.node_id,
+                &own.advertise,
+            )));
+        }
         // Refuse to start rather than hold every ack from the first heartbeat: the streams must
         // exist (a misconfigured URL shows at once, not as devices that never get an ack).
         plan.prepare(crate::limits::REPLICATE_STARTUP_WAIT)
@@ -277,6 +284,18 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
         Some(Arc::new(plan))
     } else {
         None
+    };
+    // Ownership: the placement thread leases, claims and fences units until shutdown.
+    let placement_stop = Arc::new(AtomicBool::new(false));
+    let placement = match &replication {
+        Some(plan) if plan.placement.is_some() => {
+            tracing::info!(node = %cfg.ownership.as_ref().map_or("", |o| o.node_id.as_str()), "ownership on: placement in the GEOBEAT_PLACEMENT bucket");
+            Some(crate::replicate::placement::start(
+                plan.clone(),
+                placement_stop.clone(),
+            )?)
+        }
+        _ => None,
     };
     let shared = Arc::new(Shared {
         replication,
@@ -350,6 +369,10 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
     // The flusher drains what became durable up to the end, then stops; its cursors make the
     // next start resume exactly there.
     flusher_stop.store(true, Ordering::Release);
+    placement_stop.store(true, Ordering::Release);
+    if let Some(p) = placement {
+        let _ = p.join();
+    }
     if let Some(f) = flusher {
         if let Err(e) = f.join() {
             tracing::error!(error = %e, "storage flusher stopped with an error");

@@ -30,7 +30,7 @@ pub use cli::{
     offline_data_dir, AuditArgs, AuditCommand, Cli, Command, DemoArgs, MigrateArgs, ReconcileArgs,
     ReshardArgs, SinksArgs, TokenArgs, TokenKind, TokenSubject,
 };
-pub use resolve::{raise_open_files_limit, ConfigError, ServeConfig, Sources};
+pub use resolve::{raise_open_files_limit, ConfigError, Ownership, ServeConfig, Sources};
 pub use settings::{
     parse_size, ByteLimit, DefaultValue, Durability, Engine, LogFormat, MetricsListen, NatsUrls,
     Retention, Routing, ServeArgs, Setting, WriteMode, CONNECTIONS_MAX_DEFAULT,

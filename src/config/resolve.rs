@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use super::settings::{
     known_keys, ByteLimit, Durability, Engine, LogFormat, MetricsListen, Retention, Routing,
-    ServeArgs, Setting, Typed, WriteMode, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS,
+    ServeArgs, Setting, Typed, WriteMode, ADVERTISE, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS,
     COMMIT_LINGER_ADAPTIVE_US, COMMIT_LINGER_US, CONFIG, CONNECTIONS_MAX, DATA_DIR, DURABILITY,
     ENGINE, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S,
     LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY, METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN,
-    NATS_REPLICAS, NATS_STREAMS, NATS_URL, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE,
+    NATS_REPLICAS, NATS_STREAMS, NATS_URL, NODE_ID, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE,
     SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
     TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN, WRITE_MODE,
 };
@@ -61,6 +61,9 @@ pub struct ServeConfig {
     pub nats_streams: u32,
     /// `--nats-replicas`.
     pub nats_replicas: u32,
+    /// `--node-id` and `--advertise`: ownership of units in a cluster (replicated only; both or
+    /// neither).
+    pub ownership: Option<Ownership>,
     /// How heartbeats reach the log's files.
     pub write_mode: WriteMode,
     /// Data age after which it may be deleted; `None`: keep forever.
@@ -103,6 +106,15 @@ pub struct ServeConfig {
     pub sink_backlog_warn_bytes: Option<u64>,
     /// Unconsumed bytes per shard above which to stop acknowledging; `None`: never.
     pub sink_backlog_max_bytes: Option<u64>,
+}
+
+/// This node's identity in a cluster (`--node-id`, `--advertise`; docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    /// The node id.
+    pub node_id: String,
+    /// Where devices are redirected for the units this node owns.
+    pub advertise: String,
 }
 
 impl ServeConfig {
@@ -483,7 +495,54 @@ impl ServeArgs {
                 ),
             });
         }
+        let node_id = r.pick(&NODE_ID, &self.node_id)?;
+        let advertise = r.pick(&ADVERTISE, &self.advertise)?;
+        let ownership = match (node_id, advertise) {
+            (None, None) => None,
+            (Some((id, origin)), None) => {
+                return Err(ConfigError::Invalid {
+                    setting: NODE_ID.meta.flag,
+                    value: id,
+                    origin: origin.to_string(),
+                    reason: "needs --advertise HOST:PORT too (where devices are redirected for \
+                             this node's units)"
+                        .into(),
+                })
+            }
+            (None, Some((addr, origin))) => {
+                return Err(ConfigError::Invalid {
+                    setting: ADVERTISE.meta.flag,
+                    value: addr,
+                    origin: origin.to_string(),
+                    reason: "needs --node-id ID too (this node's name in the cluster)".into(),
+                })
+            }
+            (Some((node_id, origin)), Some((advertise, _))) => {
+                if durability.0 != Durability::Replicated {
+                    return Err(ConfigError::Invalid {
+                        setting: NODE_ID.meta.flag,
+                        value: node_id,
+                        origin: origin.to_string(),
+                        reason: "ownership needs --durability replicated and --nats-url (the \
+                                 placement lives in JetStream)"
+                            .into(),
+                    });
+                }
+                if r.get(&ENGINE, &self.engine)? == Engine::Ring {
+                    return Err(ConfigError::Invalid {
+                        setting: ENGINE.meta.flag,
+                        value: "ring".into(),
+                        origin: origin.to_string(),
+                        reason: "cannot redirect devices to a unit's owner (--node-id): use \
+                                 --engine glommio in a cluster"
+                            .into(),
+                    });
+                }
+                Some(Ownership { node_id, advertise })
+            }
+        };
         Ok(ServeConfig {
+            ownership,
             tls_listen,
             mqtts_listen,
             tls_cert,

@@ -449,6 +449,28 @@ settings! {
         help: "Replicated mode: replicas of each stream geobeat creates, 1..=5 (R3: a stream \
                survives the loss of one server)",
     }
+    setting NODE_ID node_id: String {
+        flag: "--node-id",
+        env: "GEOBEAT_NODE_ID",
+        key: Some("node_id"),
+        value: "ID",
+        default: Unset,
+        parse: parse_node_id,
+        help: "Replicated mode: this node's name in the cluster (letters, digits, `-`, `_`; \
+               unique per node, stable across restarts). With --advertise it turns on ownership: \
+               each unit of vshards has one writer, placed in the GEOBEAT_PLACEMENT bucket \
+               (docs/cluster.md)",
+    }
+    setting ADVERTISE advertise: String {
+        flag: "--advertise",
+        env: "GEOBEAT_ADVERTISE",
+        key: Some("advertise"),
+        value: "HOST:PORT",
+        default: Unset,
+        parse: parse_advertise,
+        help: "Replicated mode with --node-id: the address devices are redirected to for the \
+               units this node owns (its --listen as reachable from devices)",
+    }
     setting WRITE_MODE write_mode: WriteMode {
         flag: "--write-mode",
         env: "GEOBEAT_WRITE_MODE",
@@ -838,6 +860,37 @@ fn parse_nats_streams(text: &str) -> Result<u32, String> {
 
 fn parse_nats_replicas(text: &str) -> Result<u32, String> {
     parse_int(text, 1, 5)
+}
+
+fn parse_node_id(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    let ok = !t.is_empty()
+        && t.len() <= crate::limits::NODE_ID_BYTES_MAX
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(t.to_string())
+    } else {
+        Err(format!(
+            "expected 1..={} letters, digits, `-` or `_`",
+            crate::limits::NODE_ID_BYTES_MAX
+        ))
+    }
+}
+
+fn parse_advertise(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    match t.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty()
+                && !host.contains('/')
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+        {
+            Ok(t.to_string())
+        }
+        _ => Err("expected host:port (the address devices can reach this node at)".into()),
+    }
 }
 
 fn parse_write_mode(text: &str) -> Result<WriteMode, String> {

@@ -648,3 +648,52 @@ fn dsync_write_mode_and_adaptive_linger_resolve_and_refuse_clearly() {
     assert!(help.contains("--commit-linger-adaptive-us"), "{help}");
     assert!(help.contains("O_DSYNC"), "{help}");
 }
+
+#[test]
+fn ownership_needs_node_id_and_advertise_together_with_replicated_durability() {
+    // `--node-id` and `--advertise` turn ownership on only together, only with replicated
+    // durability, and not with the ring engine; each refusal names the fix.
+    let repl = [
+        "--durability",
+        "replicated",
+        "--nats-url",
+        "nats://127.0.0.1:4222",
+    ];
+    let with = |extra: &[&str]| {
+        let mut a: Vec<&str> = repl.to_vec();
+        a.extend_from_slice(extra);
+        resolve(&serve_args(&a), &[], None)
+    };
+    let c = with(&["--node-id", "a-1", "--advertise", "10.0.0.1:8080"]).unwrap();
+    let o = c.ownership.expect("ownership on");
+    assert_eq!(
+        (o.node_id.as_str(), o.advertise.as_str()),
+        ("a-1", "10.0.0.1:8080")
+    );
+    assert!(with(&[]).unwrap().ownership.is_none());
+    let e = with(&["--node-id", "a"]).unwrap_err();
+    assert!(e.to_string().contains("needs --advertise"), "{e}");
+    let e = with(&["--advertise", "h:1"]).unwrap_err();
+    assert!(e.to_string().contains("needs --node-id"), "{e}");
+    let e = with(&["--node-id", "a", "--advertise", "h:1", "--engine", "ring"]).unwrap_err();
+    assert!(e.to_string().contains("--engine glommio"), "{e}");
+    let e = resolve(
+        &serve_args(&["--node-id", "a", "--advertise", "h:1"]),
+        &[],
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("--durability replicated"), "{e}");
+    for bad in ["", "a.b", "a b", &"x".repeat(65)] {
+        assert!(
+            Cli::try_parse_from(["geobeat", "serve", "--node-id", bad]).is_err(),
+            "{bad:?} accepted"
+        );
+    }
+    for bad in ["h", "h:0", ":80", "h:port"] {
+        assert!(
+            Cli::try_parse_from(["geobeat", "serve", "--advertise", bad]).is_err(),
+            "{bad:?} accepted"
+        );
+    }
+}

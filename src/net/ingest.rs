@@ -79,6 +79,13 @@ impl Kind for IngestKind {
             Refusal { status, body }
         })?;
         let claims = auth::check(&edge.core.shared, req, Need::Ingest)?;
+        // Ownership: a device whose unit another node writes goes there before the upgrade.
+        if let Scope::Device(id) = &claims.scope {
+            let route = crate::net::owner::route(&edge.core.shared, id);
+            if let Some(r) = crate::net::owner::ws_refusal(&route, req) {
+                return Err(r);
+            }
+        }
         let epoch = declared_epoch(req, &claims.scope)?;
         Ok(Grant {
             accept_key,

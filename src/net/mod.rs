@@ -22,6 +22,7 @@ pub mod engine;
 pub mod http;
 pub mod ingest;
 pub mod mqtt;
+pub mod owner;
 pub mod revoke;
 pub mod router;
 pub mod slots;

@@ -442,6 +442,15 @@ async fn serve<S: Stream>(
         }
     };
     buf.drain(..used);
+    // Ownership: a device whose unit another node writes is sent there (net::owner).
+    if let crate::auth::Scope::Device(id) = &admitted.claims.scope {
+        let route = crate::net::owner::route(&core.shared, id);
+        if let Some(out) = crate::net::owner::mqtt_connack(&route, admitted.version) {
+            probe.mqtt_event("connect_redirected", 1);
+            finish(&mut stream, &out).await;
+            return;
+        }
+    }
     // Issue 18: a device that declared an epoch learns its durable mark in the CONNACK.
     let resume = match (&admitted.claims.scope, admitted.epoch) {
         (crate::auth::Scope::Device(id), Some(epoch)) => {

@@ -402,6 +402,20 @@ async fn open<K: Kind, S: Conn>(
             drop(http);
             K::serve(edge, stream, leftover, grant, slot).await
         }
+        Err((_, r)) if r.status == 307 => {
+            // Ownership: the device's unit is written by another node (net::owner).
+            if let Some(location) = crate::net::owner::location_of(&r.body) {
+                let response = crate::net::owner::redirect_response(&location, &r.body);
+                let _ = rt::timeout(REFUSAL_READ_MAX, async {
+                    let _ =
+                        futures_lite::AsyncWriteExt::write_all(&mut stream, response.as_bytes())
+                            .await;
+                    let _ = futures_lite::AsyncWriteExt::flush(&mut stream).await;
+                })
+                .await;
+                let _ = stream.shutdown_write().await;
+            }
+        }
         Err((path, r)) => {
             log_refused(&stream, &path, r.status, &r.body);
             answer_and_close(&mut stream, r.status, &r.body).await;

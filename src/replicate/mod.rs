@@ -22,6 +22,7 @@
 pub mod batch;
 pub mod blocking;
 pub mod conn;
+pub mod placement;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -185,6 +186,9 @@ pub struct Plan {
     unit: Vec<u16>,
     /// Per logical shard, its replication progress.
     pub status: Vec<ShardStatus>,
+    /// Ownership of units (`--node-id`/`--advertise`): `None` on a node without a cluster,
+    /// where every unit is written at epoch 0 (see [`placement`]).
+    pub placement: Option<std::sync::Arc<placement::Placement>>,
 }
 
 impl Plan {
@@ -209,6 +213,7 @@ impl Plan {
             status: (0..router.shard_count())
                 .map(|_| ShardStatus::default())
                 .collect(),
+            placement: None,
         }
     }
 
@@ -243,7 +248,12 @@ impl Plan {
 
     /// The message id of unit `u`'s batch whose last entry is at log position `last`.
     pub fn msg_id(&self, u: u16, last: crate::log::LogPos) -> String {
-        format!("{u}:{}:{}", self.epoch, last.0)
+        self.msg_id_at(u, self.epoch, last)
+    }
+
+    /// The message id of unit `u`'s batch at ownership epoch `epoch`.
+    pub fn msg_id_at(&self, u: u16, epoch: u64, last: crate::log::LogPos) -> String {
+        format!("{u}:{epoch}:{}", last.0)
     }
 
     /// Replicated position of logical shard `k`.
@@ -280,6 +290,7 @@ impl Plan {
             "streams": self.streams,
             "replicas": self.replicas,
             "epoch": self.epoch,
+            "ownership": self.placement.as_ref().map(|p| p.report()),
             "lag_bytes": lag_total,
             "shards": shards,
         })
@@ -360,6 +371,10 @@ impl Plan {
                     Err(e) => return Err(e),
                 }
             }
+        }
+        if self.placement.is_some() {
+            // Units move between nodes: a subject's last batch may be another node's.
+            return placement::prepare_bucket(&mut client, self.replicas);
         }
         for u in self.units() {
             let req = serde_json::json!({ "last_by_subj": self.subject(u) });

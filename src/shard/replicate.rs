@@ -17,10 +17,19 @@
 //! entries a unit already stored are skipped, so a restart publishes neither twice nor with a
 //! gap.
 //!
+//! Ownership (`--node-id`, `replicate::placement`): a unit is published only while this node
+//! holds its claim, at the claim's epoch (in `Nats-Msg-Id` and `Geobeat-Epoch`), starting from
+//! the subject's tail as read after the claim (the new owner's fence). Entries of units it does
+//! not hold, and entries appended before its claim, are passed over unpublished and the ack
+//! waiters covering them are dropped, never acked (the devices resend through the owner). A
+//! publish refused for a wrong last subject sequence whose re-read tail is another node's (or a
+//! newer epoch) makes the loop step down for that unit (`geobeat_ownership_stepdowns_total`).
+//!
 //! Invariants: a shard's replicated position never passes its durable position, never goes
-//! back, and everything below it is in the streams; a unit has at most one batch in flight.
+//! back, and everything below it that was acked is in the streams; a unit has at most one
+//! batch in flight; nothing is acked for a unit this node does not hold.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -37,7 +46,7 @@ use crate::replicate::wire::{PubAck, ERR_WRONG_LAST_SEQUENCE};
 use crate::replicate::{self, Plan};
 use crate::route::vshard_of;
 use crate::rt;
-use crate::shard::core::Core;
+use crate::shard::core::{Core, StoreSlot};
 
 /// What the stream holds of one unit.
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,6 +56,23 @@ struct Tail {
     /// Stream sequence of its last batch (0: none): the next publish's expected last subject
     /// sequence.
     seq: u64,
+    /// Ownership: the last batch (or fence) was published by another data directory, at
+    /// `epoch` (its `Geobeat-Epoch`, 0 if none).
+    foreign: bool,
+    /// Ownership: the epoch of the last batch or fence (0: none or no ownership).
+    epoch: u64,
+}
+
+/// Per unit of this executor's shards, what ownership means to the loop (only with
+/// `--node-id`; see the module comment).
+#[derive(Debug, Clone, Copy, Default)]
+struct Held {
+    /// The epoch the loop synced the unit's tail at (0: not owned, nothing is published).
+    epoch: u64,
+    /// Entries of the unit below this log position were appended before this node's claim:
+    /// never published (a device may have resent them through the previous owner), never
+    /// acked.
+    fresh_from: u64,
 }
 
 /// One batch of a round.
@@ -125,16 +151,37 @@ impl Core {
         {
             Ok(v) => {
                 let m = replicate::blocking::parse_stored(&v)?;
-                plan.check_log(u, &m.headers)?;
                 let h = |name| {
                     replicate::wire::header(&m.headers, name)
                         .and_then(|v| v.parse::<u64>().ok())
                         .unwrap_or(0)
                 };
+                let epoch = h(replicate::placement::HDR_EPOCH);
+                if plan.placement.is_some() {
+                    // Units move between nodes: another data directory's last batch says only
+                    // where the subject's sequence is (its positions are not this log's).
+                    let theirs = replicate::wire::header(&m.headers, replicate::HDR_LOG)
+                        .and_then(|v| v.parse::<i64>().ok());
+                    if theirs.is_some_and(|t| t != plan.log_id) {
+                        return Ok((
+                            Tail {
+                                end: 0,
+                                seq: m.seq,
+                                foreign: true,
+                                epoch,
+                            },
+                            0,
+                        ));
+                    }
+                } else {
+                    plan.check_log(u, &m.headers)?;
+                }
                 Ok((
                     Tail {
                         end: h(replicate::HDR_END),
                         seq: m.seq,
+                        foreign: false,
+                        epoch,
                     },
                     h(replicate::HDR_REPLICATED),
                 ))
@@ -149,7 +196,16 @@ impl Core {
     /// Forms the next round from the durable entries not yet replicated: one batch per unit,
     /// at most [`REPLICATE_ROUND_ENTRIES_MAX`] entries and [`REPLICATE_BATCH_BYTES_MAX`] bytes
     /// per batch. Returns the batches and each shard's round end (local index, position).
-    fn build_round(&self, tails: &HashMap<u16, Tail>) -> (Vec<Pending>, Vec<(usize, LogPos)>) {
+    ///
+    /// With ownership, entries of a unit this node does not hold (or appended before its claim)
+    /// are passed over: their positions go to `skipped[local]`, so the waiters covering them
+    /// are never acked.
+    fn build_round(
+        &self,
+        tails: &HashMap<u16, Tail>,
+        held: &HashMap<u16, Held>,
+        skipped: &mut [VecDeque<u64>],
+    ) -> (Vec<Pending>, Vec<(usize, LogPos)>) {
         let plan = self.plan();
         let mut batches: Vec<Pending> = Vec::new();
         let mut by_unit: HashMap<u16, usize> = HashMap::new();
@@ -173,6 +229,15 @@ impl Core {
                     break;
                 }
                 let unit = plan.unit_of(vshard_of(e.hb.device_id.as_str()));
+                if let Some(p) = &plan.placement {
+                    let h = held.get(&unit).copied().unwrap_or_default();
+                    if h.epoch == 0 || p.epoch(unit) != h.epoch || e.pos.0 < h.fresh_from {
+                        skipped[local].push_back(e.pos.0);
+                        entries += 1;
+                        end = e.end();
+                        continue;
+                    }
+                }
                 let tail = tails.get(&unit).copied().unwrap_or_default();
                 if e.pos.0 < tail.end {
                     // Stored before a restart or by a batch this loop re-formed.
@@ -219,8 +284,9 @@ impl Core {
                 .shared
                 .router
                 .shard_of_vshard(crate::route::VShard(p.unit));
+            let epoch = held.get(&p.unit).map_or(plan.epoch, |h| h.epoch);
             p.headers = vec![
-                (replicate::HDR_MSG_ID, plan.msg_id(p.unit, last)),
+                (replicate::HDR_MSG_ID, plan.msg_id_at(p.unit, epoch, last)),
                 (
                     replicate::HDR_EXPECTED_LAST_SUBJECT_SEQ,
                     tail.seq.to_string(),
@@ -233,6 +299,12 @@ impl Core {
                 (replicate::HDR_SHARD, shard.0.to_string()),
                 (replicate::HDR_LOG, plan.log_id.to_string()),
             ];
+            if let Some(pl) = &plan.placement {
+                p.headers
+                    .push((replicate::placement::HDR_EPOCH, epoch.to_string()));
+                p.headers
+                    .push((replicate::placement::HDR_NODE, pl.node_id.clone()));
+            }
         }
         (batches, ends)
     }
@@ -244,6 +316,7 @@ impl Core {
         conn: &mut Conn,
         batches: &mut [Pending],
         tails: &mut HashMap<u16, Tail>,
+        held: &mut HashMap<u16, Held>,
     ) -> Result<bool, replicate::Error> {
         let plan = self.plan().clone();
         let mut acks = Vec::new();
@@ -289,6 +362,8 @@ impl Core {
                             Tail {
                                 end: b.batch.end().0,
                                 seq: *seq,
+                                foreign: false,
+                                epoch: held.get(&b.unit).map_or(0, |h| h.epoch),
                             },
                         );
                         st.batches.fetch_add(1, Ordering::Relaxed);
@@ -316,6 +391,16 @@ impl Core {
             if !refetch.is_empty() {
                 for u in refetch {
                     let (tail, _) = self.fetch_tail(conn, &plan, u).await?;
+                    if let Some(p) = &plan.placement {
+                        // Fenced: another node claimed the unit and its fence (or batch) is
+                        // the subject's tail now. Stop writing it; what this node held of it
+                        // is never acked (devices resend through the new owner).
+                        let mine = held.get(&u).map_or(0, |h| h.epoch);
+                        if tail.foreign || tail.epoch > mine {
+                            p.step_down(u, mine);
+                            held.insert(u, Held::default());
+                        }
+                    }
                     tails.insert(u, tail);
                 }
                 return Ok(false);
@@ -326,6 +411,87 @@ impl Core {
         }
     }
 
+    /// Ownership: brings `held` up to date with the placement table. A unit claimed since the
+    /// last look gets its tail re-read (the fence is its last message) and starts at the log's
+    /// written end: entries appended before the claim are not published.
+    async fn sync_held(
+        &self,
+        conn: &mut Conn,
+        held: &mut HashMap<u16, Held>,
+        tails: &mut HashMap<u16, Tail>,
+    ) -> Result<(), replicate::Error> {
+        let plan = self.plan().clone();
+        let p = plan
+            .placement
+            .as_ref()
+            .expect("sync_held runs only with ownership");
+        for slot in &self.stores {
+            for u in plan.units() {
+                if self.shared.router.shard_of_vshard(crate::route::VShard(u)) != slot.shard {
+                    continue;
+                }
+                let now = p.epoch(u);
+                let h = held.entry(u).or_default();
+                if now == h.epoch {
+                    continue;
+                }
+                if now == 0 {
+                    *h = Held::default();
+                    continue;
+                }
+                let fresh_from = slot.store.borrow().written().0;
+                let (tail, _) = self.fetch_tail(conn, &plan, u).await?;
+                tails.insert(u, tail);
+                held.insert(
+                    u,
+                    Held {
+                        epoch: now,
+                        fresh_from,
+                    },
+                );
+                tracing::info!(
+                    unit = u,
+                    epoch = now,
+                    tail = tail.seq,
+                    fresh_from,
+                    "writing a claimed unit"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Core::complete_below`] under ownership: a waiter whose group holds a skipped entry
+    /// (a unit this node does not own) is dropped, never acked: its device resends through the
+    /// owner. `skipped` is in position order.
+    fn complete_below_owned(&self, slot: &StoreSlot, upto: LogPos, skipped: &mut VecDeque<u64>) {
+        loop {
+            let next = {
+                let mut w = slot.waiters.borrow_mut();
+                match w.front() {
+                    Some(front) if front.pos < upto => w.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some(w) = next else { break };
+            let mut hit = false;
+            while skipped.front().is_some_and(|&d| d <= w.pos.0) {
+                skipped.pop_front();
+                hit = true;
+            }
+            if !hit {
+                debug_assert!(w.pos < slot.store.borrow().durable());
+                self.complete(w.target);
+            }
+        }
+        // A skipped entry no waiter covers (its group was acked on another path, or never
+        // waited) is forgotten once no waiter is left that could hold it.
+        if slot.waiters.borrow().is_empty() {
+            skipped.clear();
+        }
+        debug_assert!(skipped.len() <= crate::limits::PLACEMENT_SKIPPED_MAX);
+    }
+
     /// The replication loop (see the module comment). Spawned once per executor by `server`
     /// when `--durability replicated`.
     pub async fn replicate_loop(self: Rc<Self>) {
@@ -334,6 +500,8 @@ impl Core {
         let mut conn: Option<Conn> = None;
         let mut next_addr = self.index.0;
         let mut tails: HashMap<u16, Tail> = HashMap::new();
+        let mut held: HashMap<u16, Held> = HashMap::new();
+        let mut skipped: Vec<VecDeque<u64>> = self.stores.iter().map(|_| VecDeque::new()).collect();
         let mut synced = false;
         let mut last_io = Instant::now();
         let warn = crate::ratelog::LogEvery::new(Duration::from_secs(5));
@@ -378,7 +546,18 @@ impl Core {
                     }
                 }
             }
-            let (mut batches, ends) = self.build_round(&tails);
+            if plan.placement.is_some() {
+                if let Err(e) = self.sync_held(c, &mut held, &mut tails).await {
+                    if let Some(n) = warn.check() {
+                        tracing::warn!(executor = self.index.0, error = %e, suppressed_since_last = n, "reading a claimed unit's tail failed; reconnecting");
+                    }
+                    conn = None;
+                    next_addr += 1;
+                    rt::sleep(REPLICATE_RETRY_BACKOFF).await;
+                    continue;
+                }
+            }
+            let (mut batches, ends) = self.build_round(&tails, &held, &mut skipped);
             if ends.is_empty() {
                 rt::timeout(
                     STOP_POLL_INTERVAL.max(Duration::from_millis(100)),
@@ -396,7 +575,7 @@ impl Core {
                 continue;
             }
             last_io = Instant::now();
-            match self.ship(c, &mut batches, &mut tails).await {
+            match self.ship(c, &mut batches, &mut tails, &mut held).await {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
@@ -422,7 +601,11 @@ impl Core {
                     .store
                     .borrow_mut()
                     .set_consumed(replicate::CONSUMER_NAME, end);
-                self.complete_below(slot, end);
+                if plan.placement.is_some() {
+                    self.complete_below_owned(slot, end, &mut skipped[local]);
+                } else {
+                    self.complete_below(slot, end);
+                }
             }
         }
     }

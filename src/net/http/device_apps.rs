@@ -67,6 +67,13 @@ pub fn authorize(claims: &Claims, id: &str) -> Result<(), Response> {
 /// heartbeat the log refuses as invalid).
 pub async fn store(core: &Core, heartbeats: Vec<Heartbeat>) -> Result<usize, Response> {
     let count = heartbeats.len();
+    // Ownership: a device whose unit another node writes is told where (net::owner).
+    for hb in &heartbeats {
+        let route = crate::net::owner::route(&core.shared, &hb.device_id);
+        if let Some((status, body)) = crate::net::owner::http_refusal(&route) {
+            return Err(Response::json(status, body));
+        }
+    }
     match submit::submit_durable(core, heartbeats).await {
         Ok(()) => Ok(count),
         Err(SubmitError::Refused("invalid")) => Err(Response::error(400, "invalid")),

@@ -159,6 +159,11 @@ fn process_info(shared: &Shared) -> ProcessInfo {
                     .collect()
             })
             .unwrap_or_default(),
+        ownership_stepdowns: shared
+            .replication
+            .as_ref()
+            .and_then(|plan| plan.placement.as_ref())
+            .map(|p| p.stepdowns.load(std::sync::atomic::Ordering::Relaxed)),
     }
 }
 
