@@ -759,9 +759,116 @@ fn kubernetes_manifests_validate_offline_and_fit_the_server() {
     assert!(secret["stringData"][r["key"].as_str().unwrap()].is_string());
 }
 
-/// Starts the real server with `toml` as its settings file (listen address and data directory
-/// given as flags, which win over the file) and checks it answers /healthz and, when the file
-/// sets `metrics_listen`, that the port given on the command line serves /metrics.
+#[test]
+fn kubernetes_cluster_manifests_validate_offline_and_fit_the_server() {
+    // deploy/k8s/cluster/ (a three-node cluster on NATS JetStream, applied with the single-node
+    // Secret, headless Service and PDB): kubernetes-validate passes it; every settings key of its
+    // ConfigMap and every GEOBEAT_* variable of its pod is one `geobeat serve` knows; each pod's
+    // node id is its own (stable) name and it advertises its DNS name under the headless
+    // service, with variables defined before they are used (Kubernetes expands `$(VAR)` only
+    // from earlier entries); durability is replicated, on the NATS service the Helm values make.
+    let dir = deploy("k8s/cluster");
+    let files: Vec<PathBuf> = ["configmap.yaml", "statefulset.yaml"]
+        .iter()
+        .map(|f| dir.join(f))
+        .chain(["secret.yaml", "service.yaml", "pdb.yaml"].map(|f| deploy("k8s").join(f)))
+        .collect();
+    let out = kubernetes_validate(&files);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubernetes-validate failed:\n{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 5, "{text}");
+
+    let sts = yaml_docs(&dir.join("statefulset.yaml")).remove(0);
+    let cm = yaml_docs(&dir.join("configmap.yaml")).remove(0);
+    let svc = yaml_docs(&deploy("k8s/service.yaml")).remove(0);
+    assert_eq!(sts["spec"]["serviceName"], svc["metadata"]["name"]);
+    assert!(sts["spec"]["replicas"].as_u64().unwrap() >= 3);
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let args = strings(&c["args"]);
+    let flags = serve_flags();
+    assert_known_flags("cluster statefulset", &args, &flags);
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"], cm["metadata"]["name"],
+        "the pod mounts the cluster settings"
+    );
+
+    // Settings keys are flags with `_` for `-`.
+    let toml = cm["data"]["geobeat.toml"].as_str().expect("geobeat.toml");
+    let mut keys = BTreeMap::new();
+    for line in toml.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line.split_once('=').expect("key = value");
+        keys.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+    }
+    for k in keys.keys() {
+        let flag = format!("--{}", k.replace('_', "-"));
+        assert!(
+            flags.contains(&flag),
+            "cluster configmap: unknown setting {k}"
+        );
+    }
+    assert_eq!(keys["durability"], "replicated");
+    let helm = yaml_docs(&deploy("nats/helm-values.yaml")).remove(0);
+    assert_eq!(
+        keys["nats_url"],
+        format!("nats://{}:4222", helm["fullnameOverride"].as_str().unwrap()),
+        "geobeat connects to the service the NATS Helm values create"
+    );
+
+    // The environment: known variables, defined before use.
+    let help = run(Command::new(bin()).args(["serve", "--help"]));
+    let env = c["env"].as_array().unwrap();
+    let mut defined = BTreeSet::new();
+    for e in env {
+        let name = e["name"].as_str().unwrap();
+        if name.starts_with("GEOBEAT_") {
+            // A setting's variable (`[env: NAME]`), or one its help names (GEOBEAT_SECRET).
+            let named = help
+                .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+                .any(|w| w == name);
+            assert!(named, "{name} is not a variable geobeat serve reads");
+        }
+        if let Some(v) = e["value"].as_str() {
+            for used in v.split("$(").skip(1).map(|r| r.split(')').next().unwrap()) {
+                assert!(
+                    defined.contains(used),
+                    "{name} uses $({used}) before it is defined"
+                );
+            }
+        }
+        defined.insert(name.to_string());
+    }
+    let var = |n: &str| {
+        env.iter()
+            .find(|e| e["name"] == n)
+            .unwrap_or_else(|| panic!("{n}"))
+    };
+    assert_eq!(
+        var("GEOBEAT_NODE_ID")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name",
+        "a node id is the pod's stable name"
+    );
+    let advertise = var("GEOBEAT_ADVERTISE")["value"].as_str().unwrap();
+    let svc_name = svc["metadata"]["name"].as_str().unwrap();
+    assert!(
+        advertise.starts_with(&format!("$(GEOBEAT_NODE_ID).{svc_name}.")),
+        "advertise the pod's DNS name under the headless service: {advertise}"
+    );
+    let http_port = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "http")
+        .unwrap()["containerPort"]
+        .as_u64()
+        .unwrap();
+    assert!(advertise.ends_with(&format!(":{http_port}")), "{advertise}");
+}
+
 /// Where `ours` sets a key the chart's defaults do not have (a typo the chart would silently
 /// ignore), or a value of another kind than the default's. Below a default that is an empty map
 /// (`merge: {}`, `topologySpreadConstraints: {}`, `resources: {}`) anything goes: the chart
@@ -864,6 +971,9 @@ fn nats_helm_values_use_only_keys_the_chart_reads_and_keep_jetstream_durable() {
     );
 }
 
+/// Starts the real server with `toml` as its settings file (listen address and data directory
+/// given as flags, which win over the file) and checks it answers /healthz and, when the file
+/// sets `metrics_listen`, that the port given on the command line serves /metrics.
 fn start_with_config(toml: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("geobeat.toml");
