@@ -162,9 +162,15 @@ fn ws_device(addr: SocketAddr, token: &str) -> Result<Ws, (u16, Option<String>)>
 /// Sends one heartbeat (`ts`) and waits for its ack; `false` if the connection broke or no ack
 /// came in time (the device then reconnects and resends, as the protocol says).
 fn send_acked(ws: &mut Ws, seq: u64, id: &str, ts: i64) -> bool {
+    send_acked_within(ws, seq, id, ts, Duration::from_secs(3))
+}
+
+/// [`send_acked`], waiting up to `wait` for the ack (a unit's first replicated batch may wait
+/// for its stream's Raft leader on a crowded machine).
+fn send_acked_within(ws: &mut Ws, seq: u64, id: &str, ts: i64, wait: Duration) -> bool {
     use tungstenite::Message;
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.set_read_timeout(Some(wait)).unwrap();
     }
     let text = format!(r#"[{{"seq":{seq},"id":"{id}","lat":1.0,"lon":2.0,"ts":{ts}}}]"#);
     if ws.send(Message::text(text)).is_err() {
@@ -279,6 +285,28 @@ fn connect_until(node: &Node, token: &str, since: Instant, limit: Duration) -> W
     }
 }
 
+/// Waits until process `pid` is stopped (state `T` in /proc), so a SIGSTOP has taken effect.
+fn wait_stopped(pid: i32) {
+    let t = Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        if state == Some("T") {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "pid {pid} did not stop: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn a_frozen_owner_steps_down_when_it_wakes_and_nothing_is_stored_twice() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -294,17 +322,26 @@ fn a_frozen_owner_steps_down_when_it_wakes_and_nothing_is_stored_twice() {
     let mut acked: Vec<i64> = Vec::new();
     let mut ws = ws_device(b.server.addr, &token).expect("b serves its device");
     for k in 0..10 {
-        assert!(send_acked(&mut ws, k as u64 + 1, &id, t0 + k), "b acks");
+        let wait = Duration::from_secs(15);
+        assert!(
+            send_acked_within(&mut ws, k as u64 + 1, &id, t0 + k, wait),
+            "b acks\n{}",
+            log_tail(&b.log, 30)
+        );
         acked.push(t0 + k);
     }
-    // A heartbeat b receives and then freezes on: never acked; the device resends it through
-    // the new owner. If b published it late as well, it would be stored twice.
+    // A heartbeat sent to b after it froze (it waits in b's socket buffer): never acked; the
+    // device resends it through the new owner. b reads it when it wakes; if b then published
+    // it late, it would be stored twice. (Sent after the SIGSTOP so that b cannot have
+    // published it before freezing: that would be an ordinary publish whose ack was lost, a
+    // duplicate only device-scoped sequences remove, not a late publish.)
     let pending = t0 + 10;
-    let text = format!(r#"[{{"seq":11,"id":"{id}","lat":1.0,"lon":2.0,"ts":{pending}}}]"#);
-    ws.send(tungstenite::Message::text(text)).unwrap();
     let pid = b.server.child.id() as i32;
     // SAFETY: signals to a child process this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_stopped(pid);
+    let text = format!(r#"[{{"seq":11,"id":"{id}","lat":1.0,"lon":2.0,"ts":{pending}}}]"#);
+    ws.send(tungstenite::Message::text(text)).unwrap();
     drop(ws);
     let frozen = Instant::now();
     let mut ws = connect_until(&a, &token, frozen, TAKEOVER_MAX);

@@ -125,6 +125,11 @@ pub struct Placement {
     units: Vec<u16>,
     /// Per vshard index of a unit's first vshard: the epoch this node owns it at (0: not owned).
     owned: Vec<AtomicU64>,
+    /// Per unit as `owned`: the epoch the shard's replication loop has taken up (read the
+    /// unit's stream tail and noted the log position its writes start from). Devices are served
+    /// here only once it equals `owned`: a heartbeat appended between a claim and its take-up
+    /// would lie before the position the loop publishes from and never be acked.
+    adopted: Vec<AtomicU64>,
     /// Live nodes.
     view: RwLock<Arc<View>>,
     /// Whether placement has been read at least once.
@@ -144,6 +149,7 @@ impl Placement {
             advertise: advertise.to_string(),
             units: plan.units().collect(),
             owned: (0..VSHARDS).map(|_| AtomicU64::new(0)).collect(),
+            adopted: (0..VSHARDS).map(|_| AtomicU64::new(0)).collect(),
             view: RwLock::new(Arc::new(View::default())),
             ready: AtomicBool::new(false),
             stepdowns: AtomicU64::new(0),
@@ -156,9 +162,24 @@ impl Placement {
         self.owned[u as usize].load(Ordering::Acquire)
     }
 
-    /// Units this node owns now.
+    /// Units this node owns now and serves (claimed and taken up by its replication loop).
     pub fn owned_count(&self) -> usize {
-        self.units.iter().filter(|&&u| self.epoch(u) != 0).count()
+        self.units.iter().filter(|&&u| self.serving(u) != 0).count()
+    }
+
+    /// Records that the replication loop writes unit `u` from `epoch` on (0: no longer).
+    pub fn adopt(&self, u: u16, epoch: u64) {
+        self.adopted[u as usize].store(epoch, Ordering::Release);
+    }
+
+    /// The epoch this node serves unit `u`'s devices at: owned and taken up, else 0.
+    pub fn serving(&self, u: u16) -> u64 {
+        let e = self.epoch(u);
+        if e != 0 && self.adopted[u as usize].load(Ordering::Acquire) == e {
+            e
+        } else {
+            0
+        }
     }
 
     /// Stops writing unit `u` if it is still owned at `epoch` (a publish was refused as stale:
@@ -178,7 +199,12 @@ impl Placement {
     pub fn owner(&self, u: u16) -> Owner {
         let e = self.epoch(u);
         if e != 0 {
-            return Owner::Local(e);
+            // Claimed: served once the replication loop took the claim up.
+            return if self.serving(u) == e {
+                Owner::Local(e)
+            } else {
+                Owner::Pending
+            };
         }
         let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
         let Ok(rank) = self.units.binary_search(&u) else {

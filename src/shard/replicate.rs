@@ -437,6 +437,7 @@ impl Core {
                 }
                 if now == 0 {
                     *h = Held::default();
+                    p.adopt(u, 0);
                     continue;
                 }
                 let fresh_from = slot.store.borrow().written().0;
@@ -449,6 +450,9 @@ impl Core {
                         fresh_from,
                     },
                 );
+                // Devices of the unit are served from here on (`Placement::owner`): what they
+                // append now lies at or after `fresh_from`.
+                p.adopt(u, now);
                 tracing::info!(
                     unit = u,
                     epoch = now,
