@@ -555,7 +555,12 @@ mod tests {
         assert_eq!(p.owned_count(), 0);
         assert_eq!(p.owner(0), Owner::Pending);
         p.owned[64].store(3, Ordering::Release);
+        // Claimed but not yet taken up by the replication loop: devices wait.
+        assert_eq!(p.owner(64), Owner::Pending);
+        assert_eq!(p.owned_count(), 0);
+        p.adopt(64, 3);
         assert_eq!(p.owner(64), Owner::Local(3));
+        assert_eq!(p.owned_count(), 1);
         assert!(!p.step_down(64, 2));
         assert!(p.step_down(64, 3));
         assert_eq!(p.stepdowns.load(Ordering::Relaxed), 1);
