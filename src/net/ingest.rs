@@ -324,6 +324,17 @@ async fn read_loop<S: Conn>(
         let Some(data) = reader.next().await else {
             return;
         };
+        // Ownership: this node stopped writing the device's unit (another node claimed it):
+        // close at once, unacked; the device reconnects and is redirected to the owner.
+        if let Scope::Device(id) = &grant.scope {
+            if crate::net::owner::route(&core.shared, id) != crate::net::owner::Route::Here {
+                ctl.close.set(Some((
+                    crate::net::owner::WS_CLOSE_TRY_AGAIN,
+                    crate::net::owner::NOT_OWNER,
+                )));
+                return;
+            }
+        }
         let payload = match &data {
             Data::Text(t) => Payload::Text(t.as_str()),
             Data::Binary(b) => Payload::Binary(b),

@@ -16,6 +16,11 @@ use crate::proto::mqtt::codec::{self, ConnAck, Packet, PropsWriter, Version};
 use crate::replicate::placement::Owner;
 use crate::route::vshard_of;
 
+/// WebSocket close code for a device connection whose unit moved away: Try Again Later (its
+/// reconnect is redirected to the owner).
+pub const WS_CLOSE_TRY_AGAIN: u16 = 1013;
+/// Close reason of such a connection.
+pub const NOT_OWNER: &str = "not_owner";
 /// MQTT 5 reason code: Use another server.
 pub const MQTT5_USE_ANOTHER_SERVER: u8 = 0x9C;
 /// MQTT 5 reason code: Server unavailable.

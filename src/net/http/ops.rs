@@ -4,7 +4,8 @@
 //! control mesh (never behind appends).
 //!
 //! Invariant: `/healthz` answers while the process serves at all; `/readyz` is 503 while any
-//! shard's log refuses writes or before every executor recovered.
+//! shard's log refuses writes, before every executor recovered, and (ownership) before the
+//! placement was first read.
 
 use serde::Serialize;
 
@@ -111,6 +112,16 @@ fn health(shared: &Shared, ready: bool) -> Response {
     }
     if !shared.ready() {
         return Response::json(503, r#"{"status":"starting"}"#.into());
+    }
+    // Ownership: not ready until the placement was read once (before that every device would
+    // be told to retry); a load balancer sends devices elsewhere meanwhile.
+    let placing = shared
+        .replication
+        .as_ref()
+        .and_then(|plan| plan.placement.as_ref())
+        .is_some_and(|p| !p.ready.load(std::sync::atomic::Ordering::Acquire));
+    if ready && placing {
+        return Response::json(503, r#"{"status":"placing"}"#.into());
     }
     // A sink that cannot be reached does not make the server unready: ingest goes on and the
     // shard logs hold the backlog. /readyz names it (details, with the server's message, are in
