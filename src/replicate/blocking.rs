@@ -23,6 +23,35 @@ pub struct Reply {
     pub payload: Vec<u8>,
 }
 
+impl Reply {
+    /// The reply of a JetStream request (an API call or a publish) to `subject` as JSON; an
+    /// `error` object becomes [`Error::Api`], a 503 status (no responders: JetStream not
+    /// ready) too, with code 503.
+    pub fn api_json(&self, subject: &str) -> Result<serde_json::Value, Error> {
+        if self.headers.as_deref().and_then(wire::status) == Some(503) {
+            return Err(Error::Api {
+                subject: subject.to_string(),
+                err_code: 503,
+                description: "no responders (JetStream not ready)".into(),
+            });
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&self.payload).map_err(|e| Error::Api {
+                subject: subject.to_string(),
+                err_code: 0,
+                description: format!("reply is not JSON: {e}"),
+            })?;
+        if let Some(e) = v.get("error") {
+            return Err(Error::Api {
+                subject: subject.to_string(),
+                err_code: e["err_code"].as_u64().unwrap_or(0) as u32,
+                description: e["description"].as_str().unwrap_or("").to_string(),
+            });
+        }
+        Ok(v)
+    }
+}
+
 /// A message read back from a stream (`$JS.API.STREAM.MSG.GET`).
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -215,26 +244,7 @@ impl Client {
             body.to_string().as_bytes(),
             REPLICATE_REQUEST_TIMEOUT,
         )?;
-        if r.headers.as_deref().and_then(wire::status) == Some(503) {
-            return Err(Error::Api {
-                subject: subject.to_string(),
-                err_code: 503,
-                description: "no responders (JetStream not ready)".into(),
-            });
-        }
-        let v: serde_json::Value = serde_json::from_slice(&r.payload).map_err(|e| Error::Api {
-            subject: subject.to_string(),
-            err_code: 0,
-            description: format!("reply is not JSON: {e}"),
-        })?;
-        if let Some(e) = v.get("error") {
-            return Err(Error::Api {
-                subject: subject.to_string(),
-                err_code: e["err_code"].as_u64().unwrap_or(0) as u32,
-                description: e["description"].as_str().unwrap_or("").to_string(),
-            });
-        }
-        Ok(v)
+        r.api_json(subject)
     }
 
     /// `$JS.API.STREAM.INFO.<name>`.

@@ -270,25 +270,7 @@ fn publish(
     payload: &[u8],
 ) -> Result<u64, Error> {
     let r = client.request(subject, headers, payload, REPLICATE_REQUEST_TIMEOUT)?;
-    if r.headers.as_deref().and_then(super::wire::status) == Some(503) {
-        return Err(Error::Api {
-            subject: subject.to_string(),
-            err_code: 503,
-            description: "no responders".into(),
-        });
-    }
-    let v: serde_json::Value = serde_json::from_slice(&r.payload).map_err(|e| Error::Api {
-        subject: subject.to_string(),
-        err_code: 0,
-        description: format!("PubAck is not JSON: {e}"),
-    })?;
-    if let Some(e) = v.get("error") {
-        return Err(Error::Api {
-            subject: subject.to_string(),
-            err_code: e["err_code"].as_u64().unwrap_or(0) as u32,
-            description: e["description"].as_str().unwrap_or("").to_string(),
-        });
-    }
+    let v = r.api_json(subject)?;
     Ok(v["seq"].as_u64().unwrap_or(0))
 }
 
