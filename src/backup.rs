@@ -380,15 +380,7 @@ fn copy_tree(src: &Path, dst: &Path, top: bool) -> Result<Vec<PathBuf>, Error> {
                 r => out.extend(r?),
             }
         } else if meta.is_file() {
-            match copy_file(&s, &d) {
-                Err(e) if is_not_found(&e) && !s.exists() => {
-                    let _ = std::fs::remove_file(&d);
-                }
-                r => {
-                    r?;
-                    out.push(d);
-                }
-            }
+            out.extend(copy_unless_gone(&s, &d)?);
         }
     }
     Ok(out)
@@ -410,19 +402,25 @@ fn copy_chain_sidecars(src: &Path, dst: &Path) -> Result<Vec<PathBuf>, Error> {
     names.sort_unstable_by(|a, b| b.cmp(a));
     let mut out = Vec::new();
     for n in names {
-        let (s, d) = (src.join(&n), dst.join(&n));
-        match copy_file(&s, &d) {
-            // Deleted with its segment by retention since the listing.
-            Err(e) if is_not_found(&e) && !s.exists() => {
-                let _ = std::fs::remove_file(&d);
-            }
-            r => {
-                r?;
-                out.push(d);
-            }
-        }
+        // A sidecar deleted with its segment by retention since the listing is skipped.
+        out.extend(copy_unless_gone(&src.join(&n), &dst.join(&n))?);
     }
     Ok(out)
+}
+
+/// Copies file `s` to `d` and returns `d`, or `None` (and no partial `d`) if `s` vanished
+/// meanwhile (retention deleted it since the listing).
+fn copy_unless_gone(s: &Path, d: &Path) -> Result<Option<PathBuf>, Error> {
+    match copy_file(s, d) {
+        Err(e) if is_not_found(&e) && !s.exists() => {
+            let _ = std::fs::remove_file(d);
+            Ok(None)
+        }
+        r => {
+            r?;
+            Ok(Some(d.to_path_buf()))
+        }
+    }
 }
 
 /// Copies the newest segment `src` to `dst` (0600, created new) from the start up to, not
