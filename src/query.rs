@@ -674,7 +674,10 @@ pub fn area_with_view(
     store.grid().candidates(&bbox, |key| {
         let (id, loc) = store.slot_location(key);
         // A device whose newer location another node wrote is where the view says.
-        if view.and_then(|v| v.get(id)).is_some_and(|v| view_wins(Some(&loc), v)) {
+        if view
+            .and_then(|v| v.get(id))
+            .is_some_and(|v| view_wins(Some(&loc), v))
+        {
             return;
         }
         hits.extend(hit(id, loc.lat, loc.lon, loc.ts_ms));

@@ -330,7 +330,8 @@ async fn handle<S: Conn>(
             // redirect with its `Location`, then close.
             if let Some(location) = crate::net::owner::location_of(&resp.body) {
                 let response = crate::net::owner::redirect_response(&location, &resp.body);
-                let _ = futures_lite::AsyncWriteExt::write_all(&mut stream, response.as_bytes()).await;
+                let _ =
+                    futures_lite::AsyncWriteExt::write_all(&mut stream, response.as_bytes()).await;
                 let _ = futures_lite::AsyncWriteExt::flush(&mut stream).await;
                 return;
             }

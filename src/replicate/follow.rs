@@ -27,7 +27,10 @@ use crate::limits::{
 /// (`$JS.API.CONSUMER.CREATE.<stream>`): the subjects it
 /// follows, starting just past stream sequence `after` (0: from the first message).
 pub fn consumer_config(stream: &str, subjects: &[String], after: u64) -> serde_json::Value {
-    assert!(!subjects.is_empty(), "a consumer follows at least one subject");
+    assert!(
+        !subjects.is_empty(),
+        "a consumer follows at least one subject"
+    );
     let mut cfg = serde_json::json!({
         "ack_policy": "none",
         "replay_policy": "instant",
@@ -60,9 +63,12 @@ pub fn pull_request() -> serde_json::Value {
     })
 }
 
-/// What a delivered message's reply subject says about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a delivered message's reply subject says about it. (A pulled message arrives on its
+/// own subject, not on the pull's inbox: the reply subject is what names its stream.)
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
+    /// Its stream.
+    pub stream: String,
     /// Its stream sequence.
     pub stream_seq: u64,
     /// Messages of the consumer's subjects after it, not yet delivered.
@@ -87,6 +93,7 @@ impl Delivery {
             _ => return None,
         };
         Some(Delivery {
+            stream: t[d - 2].to_string(),
             stream_seq: t[d + 1].parse().ok()?,
             ts_ns: t[d + 3].parse().ok()?,
             pending: t[d + 4].parse().ok()?,
@@ -238,6 +245,7 @@ mod tests {
         assert_eq!(
             Delivery::parse("$JS.ACK.GEOBEAT_HB_0.c1.1.42.7.1700000000000000000.3"),
             Some(Delivery {
+                stream: "GEOBEAT_HB_0".into(),
                 stream_seq: 42,
                 pending: 3,
                 ts_ns: 1_700_000_000_000_000_000
@@ -246,6 +254,7 @@ mod tests {
         assert_eq!(
             Delivery::parse("$JS.ACK.dom.hash.GEOBEAT_HB_0.c1.1.42.7.1700.0.tok"),
             Some(Delivery {
+                stream: "GEOBEAT_HB_0".into(),
                 stream_seq: 42,
                 pending: 0,
                 ts_ns: 1700
@@ -285,7 +294,9 @@ mod tests {
         s.progress(0, 0).applied_ts_ms.store(1, Ordering::Release);
         s.progress(1, 0).applied.store(8, Ordering::Release);
         s.progress(1, 0).pending.store(3, Ordering::Release);
-        s.progress(1, 0).applied_ts_ms.store(96_000, Ordering::Release);
+        s.progress(1, 0)
+            .applied_ts_ms
+            .store(96_000, Ordering::Release);
         // Stream 1: followed by executor 1 only, pending but nothing applied yet.
         s.progress(1, 1).following.store(true, Ordering::Release);
         s.progress(1, 1).pending.store(5, Ordering::Release);

@@ -199,6 +199,7 @@ impl Core {
             }
         }
         let inbox = conn.inbox().to_string();
+        let warn = crate::ratelog::LogEvery::new(Duration::from_secs(5));
         loop {
             if self.stopping() {
                 return Restart::Silent;
@@ -227,12 +228,35 @@ impl Core {
                 }
                 continue;
             };
-            // `<inbox>.<k>.<pull>`
-            let Some((k, pull)) = m
+            // A pulled message arrives on its own subject (its reply subject names its
+            // stream); a pull's status on the pull's inbox, `<inbox>.<k>.<pull>`.
+            let Some(rest) = m
                 .subject
                 .strip_prefix(&inbox)
                 .and_then(|r| r.strip_prefix('.'))
-                .and_then(|r| r.split_once('.'))
+            else {
+                let Some(d) = m.reply.as_deref().and_then(Delivery::parse) else {
+                    if let Some(n) = warn.check() {
+                        tracing::warn!(executor = self.index.0, subject = %m.subject, reply = ?m.reply, suppressed_since_last = n, "view: a message without JetStream delivery info; skipped");
+                    }
+                    continue;
+                };
+                let Some(f) = streams.iter_mut().find(|f| f.stream == d.stream) else {
+                    continue;
+                };
+                f.overdue = 0;
+                self.apply_delivered(f, &m, &d);
+                f.delivered += 1;
+                if f.delivered >= VIEW_PULL_BATCH_MAX {
+                    if let Err(e) = self.send_pull(conn, f).await {
+                        return Restart::Nats(e);
+                    }
+                }
+                rt::yield_if_needed().await;
+                continue;
+            };
+            let Some((k, pull)) = rest
+                .split_once('.')
                 .and_then(|(k, p)| Some((k.parse::<usize>().ok()?, p.parse::<u64>().ok()?)))
             else {
                 continue;
@@ -257,19 +281,24 @@ impl Core {
                     }
                     continue;
                 }
-                Some(_) => continue,
+                Some(c) => {
+                    if pull == f.pull {
+                        let text =
+                            String::from_utf8_lossy(m.headers.as_deref().unwrap_or_default())
+                                .into_owned();
+                        if let Some(n) = warn.check() {
+                            tracing::warn!(executor = self.index.0, stream = %f.stream, status = c, text = %text.trim(), suppressed_since_last = n, "view: a pull was refused; pulling again");
+                        }
+                        rt::sleep(REPLICATE_RETRY_BACKOFF).await;
+                        if let Err(e) = self.send_pull(conn, f).await {
+                            return Restart::Nats(e);
+                        }
+                    }
+                    continue;
+                }
                 None => {}
             }
-            self.apply_delivered(f, &m);
-            if pull == f.pull {
-                f.delivered += 1;
-                if f.delivered >= VIEW_PULL_BATCH_MAX {
-                    if let Err(e) = self.send_pull(conn, f).await {
-                        return Restart::Nats(e);
-                    }
-                }
-            }
-            rt::yield_if_needed().await;
+            // Anything else on the inbox (a late API reply) is not the follower's.
         }
     }
 
@@ -289,13 +318,9 @@ impl Core {
     }
 
     /// Applies one pulled message (a batch) and records the progress.
-    fn apply_delivered(&self, f: &Followed, m: &Delivered) {
+    fn apply_delivered(&self, f: &Followed, m: &Delivered, d: &Delivery) {
         let status = self.follow_status();
         let p = status.progress(self.index.0, f.k);
-        let Some(d) = m.reply.as_deref().and_then(Delivery::parse) else {
-            tracing::warn!(executor = self.index.0, stream = %f.stream, reply = ?m.reply, "view: a delivered message without JetStream delivery info; skipped");
-            return;
-        };
         if d.stream_seq <= p.applied.load(Ordering::Acquire) {
             // A redelivery after a consumer was recreated: applied already.
             return;

@@ -101,8 +101,7 @@ impl ViewTable {
 
     /// Calls `f` with every entry whose cell overlaps `bbox` (a superset of those inside it).
     pub fn candidates(&self, bbox: &BBox, mut f: impl FnMut(&Heartbeat)) {
-        self.grid
-            .candidates(bbox, |k| f(&self.entries[k as usize]));
+        self.grid.candidates(bbox, |k| f(&self.entries[k as usize]));
     }
 }
 
@@ -136,7 +135,10 @@ mod tests {
         assert_eq!((o.prev, o.became_last), (None, true));
         // A late heartbeat does not move "last".
         let o = v.observe(&hb("a", 50, 2.0)).unwrap();
-        assert_eq!((o.prev, o.became_last), (Some((1.0, 10.0, 100, 105)), false));
+        assert_eq!(
+            (o.prev, o.became_last),
+            (Some((1.0, 10.0, 100, 105)), false)
+        );
         assert_eq!(v.get("a").unwrap().lat, 1.0);
         // A tie goes to the later one.
         v.observe(&hb("a", 100, 3.0)).unwrap();
