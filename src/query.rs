@@ -780,4 +780,49 @@ mod area_tests {
             }
         }
     }
+
+    #[test]
+    fn a_device_counts_once_at_its_newest_location_across_table_and_view() {
+        // Device "a" is in the local table at (1, 1) and in the cluster view at (5, 5) with a
+        // newer device time; "b" is newer locally; "c" is only in the view. Each device is
+        // found once, where its newest location is.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) =
+            ShardStore::open(&StoreConfig::new(dir.path().join("0"), ShardId(0))).unwrap();
+        let hb = |id: &str, ts: i64, at: f64| Heartbeat {
+            device_id: id.into(),
+            lat: at,
+            lon: at,
+            ts_ms: ts,
+            received_ms: ts,
+            ..Default::default()
+        };
+        store.append(&hb("a", 10, 1.0)).unwrap();
+        store.append(&hb("b", 30, 1.0)).unwrap();
+        let mut view = ViewTable::new();
+        view.observe(&hb("a", 20, 5.0)).unwrap();
+        view.observe(&hb("b", 20, 5.0)).unwrap();
+        view.observe(&hb("c", 1, 5.0)).unwrap();
+        let around =
+            |at: f64| Area::BBox(BBox::new(at - 0.5, at - 0.5, at + 0.5, at + 0.5).unwrap());
+        let ids = |hits: Vec<AreaHit>| hits.into_iter().map(|h| h.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(area_with_view(&store, Some(&view), &around(1.0), 10)),
+            vec!["b"]
+        );
+        assert_eq!(
+            ids(area_with_view(&store, Some(&view), &around(5.0), 10)),
+            vec!["a", "c"]
+        );
+        // Without the view: the local table alone.
+        assert_eq!(ids(area(&store, &around(1.0), 10)), vec!["a", "b"]);
+        let near = Area::Near {
+            lat: 5.0,
+            lon: 5.0,
+            radius_m: 1000.0,
+        };
+        let hits = area_with_view(&store, Some(&view), &near, 1);
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].distance_m, Some(0.0));
+    }
 }
