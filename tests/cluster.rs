@@ -7,7 +7,10 @@
 //! within the documented bound and its devices keep sending through the new owner, with every
 //! acked heartbeat in the streams exactly once; and that a frozen owner (SIGSTOP) whose units
 //! moved steps down when it wakes (SIGCONT): its late publishes are refused by the new owner's
-//! fence, nothing it held unacked lands, nothing is stored twice. Bounded: about 40 s.
+//! fence, nothing it held unacked lands, nothing is stored twice. And that any node answers for
+//! the whole fleet (issue 17 item 3): last location, area queries, subscriptions and fence
+//! events of a device another node writes, the view's lag, history by redirect. Bounded: about
+//! 60 s.
 
 mod common;
 #[path = "common/nats.rs"]
@@ -683,10 +686,11 @@ fn any_node_answers_for_the_fleet_and_keeps_answering_after_the_writer_dies() {
     // Issue 17 item 3: a device written by node a is known on node b within seconds: b answers
     // its last location and a bbox query containing it, b's subscribers get its heartbeats and
     // its geofence enter, b's view lag goes to 0 in /v1/stats and metrics, and b redirects its
-    // history to a (307). After kill -9 of a, b still answers the device's last location (from
+    // history to a (307). After kill -9 of a NATS server its followers read through, b
+    // recreates its consumers and keeps following. After kill -9 of a, b still answers the device's last location (from
     // the view, before and after b takes a's units over).
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let nats = NatsCluster::start();
+    let mut nats = NatsCluster::start();
     let root = tempfile::tempdir().unwrap();
     let mut a = start_node(root.path(), "a", &nats, None);
     let secret = a.server.dir.join("secret");
@@ -725,9 +729,8 @@ fn any_node_answers_for_the_fleet_and_keeps_answering_after_the_writer_dies() {
             log_tail(&a.log, 30)
         );
     }
-    let last_ts = t0 + 4;
     let v = wait_last(&b, &id, &ops, Duration::from_secs(10), |v| {
-        v["ts"] == last_ts
+        v["ts"] == t0 + 4
     });
     eprintln!(
         "b knew a's device {:?} after its last ack",
@@ -827,6 +830,23 @@ fn any_node_answers_for_the_fleet_and_keeps_answering_after_the_writer_dies() {
             .len(),
         5
     );
+
+    // kill -9 of the NATS server b's first executor follows through: its follower reconnects
+    // and recreates its consumers past what it applied; the next heartbeat still reaches b.
+    let created = view_stats(&b, &ops)["consumers_created"].as_u64().unwrap();
+    nats.kill9(1);
+    let last_ts = t0 + 5;
+    assert!(
+        send_at(&mut ws, 6, &id, last_ts, 1.0, 2.0),
+        "a acks with one NATS server down\n{}",
+        log_tail(&a.log, 30)
+    );
+    wait_last(&b, &id, &ops, Duration::from_secs(20), |v| {
+        v["ts"] == last_ts
+    });
+    let v = view_stats(&b, &ops);
+    assert!(v["consumers_created"].as_u64().unwrap() > created, "{v}");
+    assert_eq!(v["damaged_batches"], 0, "{v}");
 
     // kill -9 a: b still answers its device, from the view, before and after taking a's units.
     drop(ws);

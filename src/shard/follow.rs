@@ -300,10 +300,12 @@ impl Core {
                 // Idle heartbeat / flow control: nothing to do.
                 Some(100) => continue,
                 // The pull ended (no messages, expired, batch or bytes complete): pull again.
-                Some(404 | 408) | Some(409) if pull == f.pull => {
+                Some(404 | 408 | 409 | 503) if pull == f.pull => {
                     let text = String::from_utf8_lossy(m.headers.as_deref().unwrap_or_default())
                         .into_owned();
-                    if code == Some(409) && text.contains("Deleted") {
+                    // No responders: the consumer (one replica, in memory) went with its server;
+                    // a deleted consumer says so. Recreate it past what was applied.
+                    if code == Some(503) || (code == Some(409) && text.contains("Deleted")) {
                         return Restart::ConsumerGone(text);
                     }
                     if let Err(e) = self.send_pull(conn, f).await {
