@@ -698,6 +698,32 @@ const _: () = assert!(VSHARDS % REPLICATE_VSHARDS_PER_SUBJECT == 0);
 const _: () = assert!(REPLICATE_BATCH_BYTES_MAX * 2 <= NATS_MSG_BYTES_MAX);
 const _: () = assert!(NATS_STREAMS_MAX as usize <= VSHARDS / REPLICATE_VSHARDS_PER_SUBJECT);
 
+// The cluster-wide view (issue 17 item 3: src/replicate/follow.rs, src/shard/follow.rs,
+// src/table/view.rs). Every executor of a cluster node follows the subjects of its own shards'
+// units with one JetStream pull consumer per stream; what is in flight is bounded per pull.
+/// Most messages (batches) one pull asks for: with at most one pull in flight per stream per
+/// executor, at most this many batches are between the stream and the view at a time.
+pub const VIEW_PULL_BATCH_MAX: usize = 16;
+/// Most payload bytes one pull asks for (JetStream's `max_bytes`): a few full batches
+/// ([`REPLICATE_BATCH_BYTES_MAX`]), so a pull never holds more than this per stream and executor.
+pub const VIEW_PULL_BYTES_MAX: usize = 2 << 20;
+/// How long a pull waits on the server for new messages before it expires (the follower then
+/// pulls again): an idle follower costs one request per stream this often.
+pub const VIEW_PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// Extra time the follower waits past a pull's expiry for the server's 408 before it treats the
+/// connection as dead and reconnects.
+pub const VIEW_PULL_GRACE: Duration = Duration::from_secs(3);
+/// A follower's consumer unused this long is deleted by the server (a node that died leaves no
+/// consumer behind for long; a live follower pulls far more often).
+pub const VIEW_CONSUMER_INACTIVE: Duration = Duration::from_secs(60);
+/// Devices one shard's view may hold (the devices of that shard written by other nodes): the
+/// same bound as the local table; a device past it is refused, logged and counted
+/// (`geobeat_view_refused_total`), never dropped silently.
+pub const VIEW_DEVICES_MAX: usize = TABLE_DEVICES_MAX;
+const _: () = assert!(VIEW_PULL_BYTES_MAX >= 2 * REPLICATE_BATCH_BYTES_MAX);
+const _: () = assert!(VIEW_PULL_BYTES_MAX < NATS_MSG_BYTES_MAX);
+const _: () = assert!(VIEW_PULL_BATCH_MAX >= 1);
+
 // Exactly once from the device (issue 18: src/table/device_seq.rs, src/store.rs, src/shard/core.rs).
 /// Reordering tolerated below a device's high-water mark: a heartbeat whose device sequence is at
 /// most this far below the highest stored one is still stored if it never was (a buffered send

@@ -343,6 +343,12 @@ pub struct ProcessInfo {
     /// Ownership (`--node-id`): units this node stopped writing (claim lost or publish fenced);
     /// `None` without ownership.
     pub ownership_stepdowns: Option<u64>,
+    /// The cluster-wide view (issue 17 item 3), per stream: its name, messages not applied yet
+    /// and seconds behind (NaN: nothing applied yet while messages are pending); empty on a
+    /// node that does not follow the streams.
+    pub view_lag: Vec<(String, u64, f64)>,
+    /// The view's damaged batches and refused heartbeats (`None`: no view).
+    pub view_problems: Option<(u64, u64)>,
 }
 
 /// The standard Prometheus process figures, read from `/proc/self` when scraped.
@@ -494,6 +500,20 @@ impl Exposition {
                 return ConstGauge::new(*v).encode(me);
             }
         }
+        for (labels, v) in series {
+            ConstGauge::new(*v).encode(me.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn gauge_f64_series(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        series: &[(Labels, f64)],
+    ) -> fmt::Result {
+        let mut me = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
         for (labels, v) in series {
             ConstGauge::new(*v).encode(me.encode_family(labels)?)?;
         }
@@ -868,6 +888,45 @@ impl prometheus_client::collector::Collector for Exposition {
                 &[(vec![], n)],
             )?;
         }
+        if !self.process.view_lag.is_empty() {
+            let label = |s: &str| vec![("stream", s.to_string())];
+            let messages: Vec<(Labels, i64)> = self
+                .process
+                .view_lag
+                .iter()
+                .map(|(s, m, _)| (label(s), *m as i64))
+                .collect();
+            self.gauge(
+                e,
+                "geobeat_view_lag_messages",
+                "Cluster view: messages (batches) of the stream this node's followers have not applied yet",
+                &messages,
+            )?;
+            let seconds: Vec<(Labels, f64)> = self
+                .process
+                .view_lag
+                .iter()
+                .map(|(s, _, secs)| (label(s), *secs))
+                .collect();
+            self.gauge_f64_series(
+                e,
+                "geobeat_view_lag_seconds",
+                "Cluster view: 0 when caught up, else the age of the newest applied message of a follower that is behind (NaN: none applied yet)",
+                &seconds,
+            )?;
+        }
+        if let Some((damaged, refused)) = self.process.view_problems {
+            self.counter(
+                e,
+                "geobeat_view_problems",
+                "Cluster view: batches that failed their checks (kind=damaged) and heartbeats the view refused (kind=refused), each logged",
+                None,
+                &[
+                    (vec![("kind", "damaged".to_string())], damaged),
+                    (vec![("kind", "refused".to_string())], refused),
+                ],
+            )?;
+        }
         let sinks = &self.process.sinks;
         let per_sink_gauge =
             |f: &dyn Fn(&crate::flusher::SinkStatus) -> i64| -> Vec<(Labels, i64)> {
@@ -1067,6 +1126,8 @@ mod tests {
                 os,
                 replication_lag: vec![(3, 4096)],
                 ownership_stepdowns: None,
+                view_lag: vec![("GEOBEAT_HB_0".into(), 2, 1.5)],
+                view_problems: Some((0, 1)),
             },
         )
     }
@@ -1085,6 +1146,9 @@ mod tests {
             "geobeat_queue_depth{executor=\"0\",from=\"1\"} 3",
             "geobeat_cross_shard_messages_total{executor=\"1\",to=\"0\"} 3",
             "geobeat_durability_mode{shard=\"3\",sync=\"fdatasync\",ack=\"strict\"} 1",
+            "geobeat_view_lag_messages{stream=\"GEOBEAT_HB_0\"} 2",
+            "geobeat_view_lag_seconds{stream=\"GEOBEAT_HB_0\"} 1.5",
+            "geobeat_view_problems_total{kind=\"refused\"} 1",
             "geobeat_ack_latency_seconds_count{executor=\"1\"} 1",
             "geobeat_connections_open{executor=\"1\"} 5",
             "geobeat_log_bytes{shard=\"3\"} 1048576",

@@ -21,6 +21,7 @@ use crate::limits::{CLOCK_STEP_SLACK_MS, TS_FUTURE_MS_MAX};
 use crate::log::LogPos;
 use crate::record::Heartbeat;
 use crate::store::ShardStore;
+use crate::table::view::{view_wins, ViewTable};
 
 /// Up to `limit` heartbeats of `device_id` with device time in `[from, to]`, newest first by
 /// device time (ties: newest arrival first). `None` for a device this shard has never stored.
@@ -630,6 +631,17 @@ pub fn hit_order(a: &AreaHit, b: &AreaHit) -> std::cmp::Ordering {
 
 /// The first `limit` devices of this shard whose last location lies in `area`, in API order.
 pub fn area(store: &ShardStore, area: &Area, limit: usize) -> Vec<AreaHit> {
+    area_with_view(store, None, area, limit)
+}
+
+/// [`area`] over the shard's local table and, on a cluster node, its cluster view
+/// (`table::view`): each device counts once, at its last location by [`view_wins`]'s rule.
+pub fn area_with_view(
+    store: &ShardStore,
+    view: Option<&ViewTable>,
+    area: &Area,
+    limit: usize,
+) -> Vec<AreaHit> {
     let (bbox, centre) = match *area {
         Area::BBox(b) => (b, None),
         Area::Near { lat, lon, radius_m } => (
@@ -637,28 +649,47 @@ pub fn area(store: &ShardStore, area: &Area, limit: usize) -> Vec<AreaHit> {
             Some((lat, lon, radius_m)),
         ),
     };
-    let mut hits = Vec::new();
-    store.grid().candidates(&bbox, |key| {
-        let (id, loc) = store.slot_location(key);
+    // The exact test of the area and the hit it makes.
+    let hit = |id: &str, lat: f64, lon: f64, ts: i64| -> Option<AreaHit> {
         let distance_m = match centre {
-            None if bbox.contains(loc.lat, loc.lon) => None,
-            None => return,
-            Some((lat, lon, r)) => {
-                let d = crate::spatial::haversine_m(lat, lon, loc.lat, loc.lon);
+            None if bbox.contains(lat, lon) => None,
+            None => return None,
+            Some((clat, clon, r)) => {
+                let d = crate::spatial::haversine_m(clat, clon, lat, lon);
                 if d > r {
-                    return;
+                    return None;
                 }
                 Some(d)
             }
         };
-        hits.push(AreaHit {
+        Some(AreaHit {
             id: id.to_owned(),
-            lat: loc.lat,
-            lon: loc.lon,
-            ts: loc.ts_ms,
+            lat,
+            lon,
+            ts,
             distance_m,
-        });
+        })
+    };
+    let mut hits = Vec::new();
+    store.grid().candidates(&bbox, |key| {
+        let (id, loc) = store.slot_location(key);
+        // A device whose newer location another node wrote is where the view says.
+        if view
+            .and_then(|v| v.get(id))
+            .is_some_and(|v| view_wins(Some(&loc), v))
+        {
+            return;
+        }
+        hits.extend(hit(id, loc.lat, loc.lon, loc.ts_ms));
     });
+    if let Some(view) = view {
+        view.candidates(&bbox, |hb| {
+            if !view_wins(store.last(&hb.device_id).as_ref(), hb) {
+                return;
+            }
+            hits.extend(hit(&hb.device_id, hb.lat, hb.lon, hb.ts_ms));
+        });
+    }
     hits.sort_unstable_by(hit_order);
     hits.truncate(limit);
     hits
@@ -748,5 +779,50 @@ mod area_tests {
                 prop_assert_eq!(got, want);
             }
         }
+    }
+
+    #[test]
+    fn a_device_counts_once_at_its_newest_location_across_table_and_view() {
+        // Device "a" is in the local table at (1, 1) and in the cluster view at (5, 5) with a
+        // newer device time; "b" is newer locally; "c" is only in the view. Each device is
+        // found once, where its newest location is.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) =
+            ShardStore::open(&StoreConfig::new(dir.path().join("0"), ShardId(0))).unwrap();
+        let hb = |id: &str, ts: i64, at: f64| Heartbeat {
+            device_id: id.into(),
+            lat: at,
+            lon: at,
+            ts_ms: ts,
+            received_ms: ts,
+            ..Default::default()
+        };
+        store.append(&hb("a", 10, 1.0)).unwrap();
+        store.append(&hb("b", 30, 1.0)).unwrap();
+        let mut view = ViewTable::new();
+        view.observe(&hb("a", 20, 5.0)).unwrap();
+        view.observe(&hb("b", 20, 5.0)).unwrap();
+        view.observe(&hb("c", 1, 5.0)).unwrap();
+        let around =
+            |at: f64| Area::BBox(BBox::new(at - 0.5, at - 0.5, at + 0.5, at + 0.5).unwrap());
+        let ids = |hits: Vec<AreaHit>| hits.into_iter().map(|h| h.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(area_with_view(&store, Some(&view), &around(1.0), 10)),
+            vec!["b"]
+        );
+        assert_eq!(
+            ids(area_with_view(&store, Some(&view), &around(5.0), 10)),
+            vec!["a", "c"]
+        );
+        // Without the view: the local table alone.
+        assert_eq!(ids(area(&store, &around(1.0), 10)), vec!["a", "b"]);
+        let near = Area::Near {
+            lat: 5.0,
+            lon: 5.0,
+            radius_m: 1000.0,
+        };
+        let hits = area_with_view(&store, Some(&view), &near, 1);
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].distance_m, Some(0.0));
     }
 }

@@ -275,6 +275,11 @@ pub fn run(mut cfg: ServeConfig, stop: Option<Arc<AtomicBool>>) -> Result<(), Se
                 &own.node_id,
                 &own.advertise,
             )));
+            // Every node of a cluster follows the streams (issue 17 item 3).
+            plan.view = Some(crate::replicate::follow::FollowStatus::new(
+                executors,
+                cfg.nats_streams as usize,
+            ));
         }
         // Refuse to start rather than hold every ack from the first heartbeat: the streams must
         // exist (a misconfigured URL shows at once, not as devices that never get an ack).
@@ -428,6 +433,13 @@ async fn executor_main(
     rt::spawn(crate::net::revoke::watch_loop(edge.clone()));
     if shared.replication.is_some() {
         rt::spawn(core.clone().replicate_loop());
+    }
+    if shared
+        .replication
+        .as_ref()
+        .is_some_and(|plan| plan.view.is_some())
+    {
+        rt::spawn(core.clone().follow_loop());
     }
 
     let listener = rt::bind(

@@ -7,7 +7,10 @@
 //! within the documented bound and its devices keep sending through the new owner, with every
 //! acked heartbeat in the streams exactly once; and that a frozen owner (SIGSTOP) whose units
 //! moved steps down when it wakes (SIGCONT): its late publishes are refused by the new owner's
-//! fence, nothing it held unacked lands, nothing is stored twice. Bounded: about 40 s.
+//! fence, nothing it held unacked lands, nothing is stored twice. And that any node answers for
+//! the whole fleet (issue 17 item 3): last location, area queries, subscriptions and fence
+//! events of a device another node writes, the view's lag, history by redirect. Bounded: about
+//! 60 s.
 
 mod common;
 #[path = "common/nats.rs"]
@@ -254,9 +257,15 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Finds a device whose unit `owner` writes: `from` answers its upgrade with 307 to `owner`.
 fn device_of(from: &Node, owner: &Node) -> (String, String) {
+    device_minted_by(from, owner, from)
+}
+
+/// [`device_of`] with tokens minted from `minter`'s data directory (the node holding the
+/// shared secret file).
+fn device_minted_by(from: &Node, owner: &Node, minter: &Node) -> (String, String) {
     for i in 0..400 {
         let id = format!("dev-{i}");
-        let token = from.server.token_fast(Scope::Device(id.clone()));
+        let token = minter.server.token_fast(Scope::Device(id.clone()));
         match ws_device(from.server.addr, &token) {
             Err((307, Some(loc))) => {
                 assert_eq!(loc, format!("ws://{}/v1/ingest", owner.server.addr));
@@ -578,4 +587,281 @@ fn haproxy_config_is_valid_and_routes_units_like_the_placement() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Sends one heartbeat of `id` at (`lat`, `lon`), device time `ts`, and waits for its ack.
+fn send_at(ws: &mut Ws, seq: u64, id: &str, ts: i64, lat: f64, lon: f64) -> bool {
+    use tungstenite::Message;
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    }
+    let text = format!(r#"[{{"seq":{seq},"id":"{id}","lat":{lat},"lon":{lon},"ts":{ts}}}]"#);
+    if ws.send(Message::text(text)).is_err() {
+        return false;
+    }
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                match v["ack"].as_u64() {
+                    Some(a) if a >= seq => return true,
+                    Some(_) => {}
+                    None => panic!("error frame: {v}"),
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A subscriber WebSocket on `node` (ops token).
+fn subscriber(node: &Node, ops: &str) -> Ws {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/v1/subscribe", node.server.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {ops}").parse().unwrap());
+    let tcp = std::net::TcpStream::connect(node.server.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (ws, _) = tungstenite::client::client(req, tungstenite::stream::MaybeTlsStream::Plain(tcp))
+        .expect("subscriber handshake");
+    ws
+}
+
+/// Sends a subscriber op and expects its `ok` answer.
+fn sub_op(ws: &mut Ws, op: serde_json::Value) {
+    use tungstenite::Message;
+    let sub = op["sub"].as_str().unwrap().to_string();
+    ws.send(Message::text(op.to_string())).unwrap();
+    assert_eq!(
+        next_json(ws),
+        serde_json::json!({"ok": "subscribe", "sub": sub})
+    );
+}
+
+/// The `replication.view` section of a node's `/v1/stats`.
+fn view_stats(node: &Node, ops: &str) -> serde_json::Value {
+    let (st, body) = node.server.get("/v1/stats", Some(ops));
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["replication"]["view"].clone()
+}
+
+/// Polls `node` until `f` accepts the device's last location there, or panics after `limit`.
+fn wait_last(
+    node: &Node,
+    id: &str,
+    ops: &str,
+    limit: Duration,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = last_location(&node.server, id, ops) {
+            if f(&v) {
+                return v;
+            }
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "no matching last location of {id} on the node within {limit:?}: {:?}\nview: {}\n{}",
+            last_location(&node.server, id, ops),
+            view_stats(node, ops),
+            std::fs::read_to_string(&node.log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("view"))
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn any_node_answers_for_the_fleet_and_keeps_answering_after_the_writer_dies() {
+    // Issue 17 item 3: a device written by node a is known on node b within seconds: b answers
+    // its last location and a bbox query containing it, b's subscribers get its heartbeats and
+    // its geofence enter, b's view lag goes to 0 in /v1/stats and metrics, and b redirects its
+    // history to a (307). After kill -9 of a NATS server its followers read through, b
+    // recreates its consumers and keeps following. After kill -9 of a, b still answers the device's last location (from
+    // the view, before and after b takes a's units over).
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut nats = NatsCluster::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut a = start_node(root.path(), "a", &nats, None);
+    let secret = a.server.dir.join("secret");
+    let mut b = start_node(root.path(), "b", &nats, Some(&secret));
+    let ops = a.server.token_fast(Scope::Ops);
+    wait_converged(&[&a, &b], &ops, 2, Duration::from_secs(20));
+    // A device a writes (b redirects it to a), and a geofence on b around where it goes.
+    let (id, token) = device_minted_by(&b, &a, &a);
+    let (st, body) = http_body(
+        &b.server,
+        "PUT",
+        "/v1/geofences/zone",
+        Some(&ops),
+        r#"{"center": [2.0, 1.0], "radius_m": 5000}"#,
+    );
+    assert_eq!(st, 200, "{body}");
+    let mut sub = subscriber(&b, &ops);
+    sub_op(
+        &mut sub,
+        serde_json::json!({"op": "subscribe", "sub": "dev", "devices": [id]}),
+    );
+    sub_op(
+        &mut sub,
+        serde_json::json!({"op": "subscribe", "sub": "zone", "fence": "zone"}),
+    );
+
+    // Five heartbeats through a: the first outside the zone, the rest inside.
+    let t0 = now_ms() - 60_000;
+    let mut ws = ws_device(a.server.addr, &token).expect("a serves its device");
+    let sent_at = Instant::now();
+    for k in 0..5u64 {
+        let (lat, lon) = if k == 0 { (10.0, 20.0) } else { (1.0, 2.0) };
+        assert!(
+            send_at(&mut ws, k + 1, &id, t0 + k as i64, lat, lon),
+            "a acks\n{}",
+            log_tail(&a.log, 30)
+        );
+    }
+    let v = wait_last(&b, &id, &ops, Duration::from_secs(10), |v| {
+        v["ts"] == t0 + 4
+    });
+    eprintln!(
+        "b knew a's device {:?} after its last ack",
+        sent_at.elapsed()
+    );
+    assert_eq!(
+        (v["lat"].as_f64(), v["lon"].as_f64()),
+        (Some(1.0), Some(2.0))
+    );
+    // A bbox query on b finds it; one that does not contain it does not.
+    let (st, body) = b.server.get("/v1/devices?bbox=1.5,0.5,2.5,1.5", Some(&ops));
+    assert_eq!(st, 200, "{body}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(rows.iter().any(|r| r["id"] == id.as_str()), "{body}");
+    let (_, body) = b
+        .server
+        .get("/v1/devices?bbox=19.5,9.5,20.5,10.5", Some(&ops));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(
+        !rows.iter().any(|r| r["id"] == id.as_str()),
+        "the device moved out of this box: {body}"
+    );
+    let (st, body) = b
+        .server
+        .get("/v1/devices?near=1.0,2.0&radius=1000", Some(&ops));
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains(&format!("\"{id}\"")), "{body}");
+
+    // b's subscriber got the five heartbeats, in order, and one enter.
+    let mut ts_seen = Vec::new();
+    let mut enters = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ts_seen.len() < 5 || enters < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "events on b: {ts_seen:?}, enters {enters}"
+        );
+        let e = next_json(&mut sub);
+        match e["sub"].as_str() {
+            Some("dev") => {
+                assert_eq!(e["id"], id.as_str());
+                ts_seen.push(e["ts"].as_i64().unwrap());
+            }
+            Some("zone") => {
+                assert_eq!(
+                    (e["id"].as_str(), e["event"].as_str()),
+                    (Some(id.as_str()), Some("enter")),
+                    "{e}"
+                );
+                assert_eq!(e["ts"], t0 + 1);
+                enters += 1;
+            }
+            other => panic!("unexpected event {other:?}: {e}"),
+        }
+    }
+    assert_eq!(ts_seen, (0..5).map(|k| t0 + k).collect::<Vec<_>>());
+
+    // b's view lag goes to 0 and shows what it applied; the metrics carry it.
+    let t = Instant::now();
+    loop {
+        let v = view_stats(&b, &ops);
+        if v["lag_messages"] == 0 && v["applied_entries"].as_u64().unwrap_or(0) >= 5 {
+            assert_eq!(v["lag_seconds"], 0.0, "{v}");
+            assert!(v["skipped_fences"].as_u64().unwrap() > 0, "{v}");
+            assert_eq!(v["damaged_batches"], 0, "{v}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "view lag on b: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // a skipped its own batches (the device is in its local table).
+    let va = view_stats(&a, &ops);
+    assert!(va["skipped_own_batches"].as_u64().unwrap() > 0, "{va}");
+    let (st, metrics) = b.server.get("/metrics", None);
+    assert_eq!(st, 200);
+    assert!(
+        metrics.contains("geobeat_view_lag_messages{stream=\"GEOBEAT_HB_0\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("geobeat_view_lag_seconds{"), "{metrics}");
+
+    // History lives with the writer: b redirects it to a, which answers it.
+    let path = format!("/v1/devices/{id}/history?limit=10");
+    let (st, body) = b.server.get(&path, Some(&ops));
+    assert_eq!(st, 307, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["location"],
+        format!("http://{}{path}", a.server.addr),
+        "{body}"
+    );
+    let (st, body) = a.server.get(&path, Some(&ops));
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Vec<serde_json::Value>>(&body)
+            .unwrap()
+            .len(),
+        5
+    );
+
+    // kill -9 of the NATS server b's first executor follows through: its follower reconnects
+    // and recreates its consumers past what it applied; the next heartbeat still reaches b.
+    let created = view_stats(&b, &ops)["consumers_created"].as_u64().unwrap();
+    nats.kill9(1);
+    let last_ts = t0 + 5;
+    assert!(
+        send_at(&mut ws, 6, &id, last_ts, 1.0, 2.0),
+        "a acks with one NATS server down\n{}",
+        log_tail(&a.log, 30)
+    );
+    wait_last(&b, &id, &ops, Duration::from_secs(20), |v| {
+        v["ts"] == last_ts
+    });
+    let v = view_stats(&b, &ops);
+    assert!(v["consumers_created"].as_u64().unwrap() > created, "{v}");
+    assert_eq!(v["damaged_batches"], 0, "{v}");
+
+    // kill -9 a: b still answers its device, from the view, before and after taking a's units.
+    drop(ws);
+    a.server.kill9();
+    let v = last_location(&b.server, &id, &ops).expect("b still knows the device");
+    assert_eq!(v["ts"], last_ts);
+    wait_converged(&[&b], &ops, 1, TAKEOVER_MAX);
+    let v = last_location(&b.server, &id, &ops).expect("b still knows the device");
+    assert_eq!(v["ts"], last_ts);
+    // Now b writes the device: a newer heartbeat through b wins over the view.
+    let mut ws = connect_until(&b, &token, Instant::now(), TAKEOVER_MAX);
+    assert!(send_at(&mut ws, 6, &id, last_ts + 1, 5.0, 6.0), "b acks");
+    let v = wait_last(&b, &id, &ops, Duration::from_secs(5), |v| {
+        v["ts"] == last_ts + 1
+    });
+    assert_eq!(v["lat"].as_f64(), Some(5.0));
+    b.server.kill9();
 }

@@ -76,6 +76,12 @@ fn body(node: &str, addr: &str, location: Option<&str>) -> String {
     .to_string()
 }
 
+/// The body of a 307 to `location` on the owner (`node`, `addr`) of a device's unit: a history
+/// request on a node that does not write the device (`net::http::devices`).
+pub fn redirect_body(node: &str, addr: &str, location: &str) -> String {
+    body(node, addr, Some(location))
+}
+
 /// The JSON body while a unit has no writer yet.
 fn pending_body() -> String {
     serde_json::json!({

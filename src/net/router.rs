@@ -325,6 +325,17 @@ async fn handle<S: Conn>(
         let resp =
             crate::net::http::respond(&edge, &req, &buf[head_len..head_len + body_len], role).await;
         log_refused(&stream, req.path, resp.status, &resp.body);
+        if resp.status == 307 {
+            // A history request of a device another cluster node writes (net::owner): the
+            // redirect with its `Location`, then close.
+            if let Some(location) = crate::net::owner::location_of(&resp.body) {
+                let response = crate::net::owner::redirect_response(&location, &resp.body);
+                let _ =
+                    futures_lite::AsyncWriteExt::write_all(&mut stream, response.as_bytes()).await;
+                let _ = futures_lite::AsyncWriteExt::flush(&mut stream).await;
+                return;
+            }
+        }
         if write_response_typed(
             &mut stream,
             resp.status,

@@ -46,10 +46,25 @@ enum Op {
     Pong,
     Msg {
         subject: String,
+        reply: Option<String>,
         headers: Option<Vec<u8>>,
         payload: Vec<u8>,
     },
     Other,
+}
+
+/// A message delivered to this connection's inbox (a pulled stream message: its reply subject
+/// is JetStream's `$JS.ACK...` delivery info; or a pull's status: headers with a status line).
+#[derive(Debug)]
+pub struct Delivered {
+    /// The inbox subject it arrived on.
+    pub subject: String,
+    /// Its reply subject.
+    pub reply: Option<String>,
+    /// Its header block, if any.
+    pub headers: Option<Vec<u8>>,
+    /// Its payload.
+    pub payload: Vec<u8>,
 }
 
 impl Conn {
@@ -135,6 +150,7 @@ impl Conn {
                     }
                     ServerOp::Msg(m) => Op::Msg {
                         subject: String::from_utf8_lossy(m.subject).into_owned(),
+                        reply: m.reply.map(|r| String::from_utf8_lossy(r).into_owned()),
                         headers: m.headers.map(<[u8]>::to_vec),
                         payload: m.payload.to_vec(),
                     },
@@ -182,6 +198,43 @@ impl Conn {
         }
     }
 
+    /// This connection's inbox prefix: replies to `<inbox>.<anything>` arrive through
+    /// [`Conn::next_delivered`].
+    pub fn inbox(&self) -> &str {
+        &self.inbox
+    }
+
+    /// Publishes `payload` on `subject` with reply subject `reply`, without waiting.
+    pub async fn send(&mut self, subject: &str, reply: &str, payload: &[u8]) -> Result<(), Error> {
+        let mut out = Vec::new();
+        wire::publish(&mut out, subject, reply, payload);
+        self.write(&out).await
+    }
+
+    /// The next message delivered to the inbox; `Ok(None)` if none came before `deadline`.
+    pub async fn next_delivered(&mut self, deadline: Instant) -> Result<Option<Delivered>, Error> {
+        loop {
+            match self.next_op(deadline, "pull").await {
+                Ok(Op::Msg {
+                    subject,
+                    reply,
+                    headers,
+                    payload,
+                }) => {
+                    return Ok(Some(Delivered {
+                        subject,
+                        reply,
+                        headers,
+                        payload,
+                    }))
+                }
+                Ok(_) => {}
+                Err(Error::Timeout { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Sends a PING and waits for its PONG (a dead connection shows here while idle).
     pub async fn ping(&mut self) -> Result<(), Error> {
         self.write(b"PING\r\n").await?;
@@ -208,6 +261,7 @@ impl Conn {
                 subject: s,
                 headers,
                 payload,
+                ..
             } = self.next_op(deadline, subject).await?
             {
                 if s == reply {
@@ -275,6 +329,7 @@ impl Conn {
                 subject,
                 headers,
                 payload,
+                ..
             } = op
             else {
                 continue;

@@ -22,6 +22,7 @@
 pub mod batch;
 pub mod blocking;
 pub mod conn;
+pub mod follow;
 pub mod placement;
 pub mod wire;
 
@@ -189,6 +190,9 @@ pub struct Plan {
     /// Ownership of units (`--node-id`/`--advertise`): `None` on a node without a cluster,
     /// where every unit is written at epoch 0 (see [`placement`]).
     pub placement: Option<std::sync::Arc<placement::Placement>>,
+    /// The cluster-wide view's progress (issue 17 item 3): set with ownership, where every
+    /// executor follows the streams ([`follow`]); `None` otherwise.
+    pub view: Option<follow::FollowStatus>,
 }
 
 impl Plan {
@@ -214,6 +218,7 @@ impl Plan {
                 .map(|_| ShardStatus::default())
                 .collect(),
             placement: None,
+            view: None,
         }
     }
 
@@ -291,6 +296,7 @@ impl Plan {
             "replicas": self.replicas,
             "epoch": self.epoch,
             "ownership": self.placement.as_ref().map(|p| p.report()),
+            "view": self.view.as_ref().map(|v| v.report(crate::rt::now_ms())),
             "lag_bytes": lag_total,
             "shards": shards,
         })

@@ -70,6 +70,9 @@ pub struct StoreSlot {
     pub(super) refusal_log: crate::ratelog::LogEvery,
     /// Commit counters.
     pub probe: StoreProbe,
+    /// The shard's devices written by other nodes of the cluster, as followed from the streams
+    /// (`shard::follow`; empty on a node without a cluster). Never in the log or checkpoint.
+    pub view: RefCell<crate::table::view::ViewTable>,
 }
 
 /// This executor's mesh senders and the outgoing replies waiting for room.
@@ -149,6 +152,7 @@ pub fn open_stores(
                 REPEAT_LOG_INTERVAL_MS,
             )),
             probe: StoreProbe::default(),
+            view: RefCell::new(crate::table::view::ViewTable::new()),
         });
     }
     Ok(stores)
@@ -279,15 +283,22 @@ impl Core {
                 slot.shard,
                 "device routed to the wrong shard"
             );
+            // On a cluster node the device's last location may be one another node wrote (the
+            // shard's view): fence transitions start from it.
+            let view_prev = fanout.and_then(|_| {
+                crate::shard::follow::view_before(&store, &slot.view.borrow(), &hb.device_id)
+            });
             let result = match (fanout, dedupe) {
                 (None, Dedupe::Off) => store.append(hb),
                 (Some(local), Dedupe::Off) => store.append_tracked(hb).map(|a| {
+                    let a = crate::shard::follow::with_view(a, view_prev, hb);
                     self.fanout.on_append(local, hb, &a);
                     a.pos
                 }),
                 (_, dedupe) => match store.append_dedupe(hb, dseq, dedupe) {
                     Ok(Outcome::Stored(a)) => {
                         if let Some(local) = fanout {
+                            let a = crate::shard::follow::with_view(a, view_prev, hb);
                             self.fanout.on_append(local, hb, &a);
                         }
                         Ok(a.pos)
@@ -487,6 +498,22 @@ impl Core {
             .await
             .ok()?;
         rx.await.ok()
+    }
+
+    /// Runs `job` against the store of `shard` and its cluster view, wherever they live, and
+    /// returns its answer (`None`: that executor cannot answer).
+    pub async fn query_view<T: Send + 'static>(
+        &self,
+        shard: ShardId,
+        job: impl FnOnce(&ShardStore, &crate::table::view::ViewTable) -> T + Send + 'static,
+    ) -> Option<T> {
+        self.run_on(self.owner(shard), move |core: &Core| {
+            let slot = core.slot(shard);
+            let store = slot.store.borrow();
+            let view = slot.view.borrow();
+            job(&store, &view)
+        })
+        .await
     }
 
     async fn send_control(&self, to: ExecutorId, msg: Control) -> Result<(), MeshClosed> {

@@ -11,6 +11,9 @@
 //! that position the waiter completes its group (in the local [`acks::AckLedger`], or by a reply
 //! to the executor that holds the connection).
 //!
+//! On a cluster node its follower ([`follow`]) also keeps each shard's cluster-wide view (the
+//! shard's devices other nodes write, followed from the streams) beside the shard's store.
+//!
 //! Invariants: an ack never covers a heartbeat that is not durable (Strict mode); a heartbeat is
 //! appended only to the shard its device routes to, on the executor that owns that shard (both
 //! asserted at the storage call); all state here is touched by this executor's thread only
@@ -19,6 +22,7 @@
 pub mod acks;
 pub mod commit;
 pub mod core;
+pub mod follow;
 pub mod mesh;
 pub mod replicate;
 pub mod retention;

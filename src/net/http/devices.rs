@@ -10,6 +10,11 @@
 //! CSV: a `cursor` column, the cursor after each row). A page is rendered where its records live
 //! and holds at most `limit` heartbeats; a longer export is the client following the cursor.
 //!
+//! On a cluster node (issue 17 item 3) the last location and area queries also consult each
+//! shard's cluster view (the devices other nodes write, `table::view`), and a history request
+//! for a device whose unit another node writes is answered 307 with the same request on the
+//! owner's advertise address (docs/cluster.md: its limits).
+//!
 //! Invariant: a subscriber token reads only devices under its prefix; area queries are ops-only.
 
 use serde::Serialize;
@@ -161,6 +166,10 @@ impl Devices {
         if from > to {
             return Err(Response::param_error("from must not be after to", "from"));
         }
+        // A cluster node keeps the history of the devices it writes only.
+        if let Some(r) = history_redirect(shared, req.path, req.query, &id) {
+            return Err(r);
+        }
         let page = match (cursor, format) {
             (None, Format::Json) => None,
             (None, _) => Some(None),
@@ -302,15 +311,17 @@ fn area_params(req: &Request<'_>) -> Result<(Area, usize), Response> {
 
 async fn area(core: &Core, area: Area, limit: usize) -> Response {
     // Each shard renders its hits' records where the records live (the same reader and renderer
-    // as `GET /v1/devices/{id}`), so a row carries every field that endpoint returns.
+    // as `GET /v1/devices/{id}`), so a row carries every field that endpoint returns. On a
+    // cluster node the shard's view of the devices other nodes write is searched beside it.
     let shards = (0..core.shared.shard_count).map(|k| {
-        core.query(crate::route::ShardId(k), move |store| {
-            crate::query::area(store, &area, limit)
+        core.query_view(crate::route::ShardId(k), move |store, view| {
+            crate::query::area_with_view(store, Some(view), &area, limit)
                 .into_iter()
                 .map(|hit| {
-                    let device = device_body(store, &hit.id)
+                    let device = view_body(store, view, &hit.id)
+                        .or_else(|| device_body(store, &hit.id))
                         .or_else(|| table_body(store, &hit.id))
-                        .expect("an area hit is a device in this shard's table");
+                        .expect("an area hit is a device in this shard's table or view");
                     (hit, device)
                 })
                 .collect::<Vec<_>>()
@@ -329,6 +340,18 @@ async fn area(core: &Core, area: Area, limit: usize) -> Response {
             })
             .collect();
     Response::json(200, serde_json::to_string(&rows).expect("serializable"))
+}
+
+/// The body of a device whose last location is in the shard's cluster view (another node wrote
+/// it: `table::view`), `None` if the local table's is newer or the view does not know it.
+fn view_body(
+    store: &crate::store::ShardStore,
+    view: &crate::table::view::ViewTable,
+    id: &str,
+) -> Option<LastLocationBody> {
+    let hb = view.get(id)?;
+    crate::table::view::view_wins(store.last(id).as_ref(), hb)
+        .then(|| LastLocationBody::from_heartbeat(hb))
 }
 
 /// One device of an area answer: its `GET /v1/devices/{id}` body plus, for near queries, its
@@ -619,7 +642,12 @@ fn append_audit(text: &mut String, a: &crate::table::DeviceAudit) {
 async fn last_location(core: &Core, id: DeviceId) -> Response {
     let shard = core.shared.router.shard_of(&id);
     let found = core
-        .query(shard, move |store| {
+        .query_view(shard, move |store, view| {
+            // On a cluster node, a device another node wrote is answered from the view (its
+            // exactly-once audit lives with its writer).
+            if let Some(body) = view_body(store, view, &id) {
+                return Some((body, None));
+            }
             device_body(store, &id).map(|b| (b, store.audit(&id)))
         })
         .await;
@@ -633,5 +661,25 @@ async fn last_location(core: &Core, id: DeviceId) -> Response {
         }
         Some(None) => Response::json(404, r#"{"error":"unknown device","param":"id"}"#.into()),
         None => Response::error(503, "shard unavailable"),
+    }
+}
+
+/// On a cluster node, the 307 for a history request of a device whose unit another node writes
+/// (its history is in that node's log): `Location` is the same request on the owner's advertise
+/// address. `None`: answer here (no cluster, the unit is written here, or nobody writes it yet).
+fn history_redirect(shared: &Shared, req_path: &str, query: &str, id: &str) -> Option<Response> {
+    match crate::net::owner::route(shared, id) {
+        crate::net::owner::Route::Elsewhere { node, addr } => {
+            let location = if query.is_empty() {
+                format!("http://{addr}{req_path}")
+            } else {
+                format!("http://{addr}{req_path}?{query}")
+            };
+            Some(Response::json(
+                307,
+                crate::net::owner::redirect_body(&node, &addr, &location),
+            ))
+        }
+        _ => None,
     }
 }

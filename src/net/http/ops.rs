@@ -175,6 +175,31 @@ fn process_info(shared: &Shared) -> ProcessInfo {
             .as_ref()
             .and_then(|plan| plan.placement.as_ref())
             .map(|p| p.stepdowns.load(std::sync::atomic::Ordering::Relaxed)),
+        view_lag: shared
+            .replication
+            .as_ref()
+            .and_then(|plan| plan.view.as_ref())
+            .map(|v| {
+                v.lag(crate::rt::now_ms())
+                    .into_iter()
+                    .map(|l| {
+                        (
+                            crate::replicate::stream_name(l.stream as u32),
+                            l.messages,
+                            l.seconds.unwrap_or(f64::NAN),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        view_problems: shared
+            .replication
+            .as_ref()
+            .and_then(|plan| plan.view.as_ref())
+            .map(|v| {
+                use std::sync::atomic::Ordering::Relaxed;
+                (v.damaged.load(Relaxed), v.refused.load(Relaxed))
+            }),
     }
 }
 
