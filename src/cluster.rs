@@ -200,6 +200,12 @@ pub struct UnitSummary {
     pub unplaced: Vec<u16>,
     /// Units whose owner is not live.
     pub owner_down: Vec<u16>,
+    /// Units whose claim names a live node other than the one the assignment gives them now
+    /// (a node joined or came back: the claimant released them or is about to, the assigned
+    /// node claims them within a lease interval or two).
+    pub moving: Vec<u16>,
+    /// Nodes seen live.
+    pub live_nodes: usize,
 }
 
 /// Everything `cluster status` read.
@@ -570,6 +576,12 @@ fn assemble(
             .count(),
         unplaced: pick(UnitState::Unplaced),
         owner_down: pick(UnitState::OwnerDown),
+        moving: units
+            .iter()
+            .filter(|u| u.state == UnitState::Placed && u.node != u.assigned)
+            .map(|u| u.unit)
+            .collect(),
+        live_nodes: live.len(),
     };
     Status {
         nats,
@@ -608,9 +620,12 @@ fn ranges(units: &[&UnitInfo]) -> String {
 }
 
 impl Status {
-    /// The exit status: 0 when every unit has a live owner, else 1.
-    pub fn exit_code(&self) -> u8 {
-        if self.ok {
+    /// The exit status: 0 when every unit has a live owner, else 1; with `expect_nodes`, 1 also
+    /// while fewer nodes are live or some unit is still moving (the placement has not settled).
+    pub fn exit_code(&self, expect_nodes: Option<usize>) -> u8 {
+        let settled = expect_nodes
+            .is_none_or(|n| self.summary.live_nodes >= n && self.summary.moving.is_empty());
+        if self.ok && settled {
             0
         } else {
             1
@@ -693,6 +708,13 @@ impl Status {
                 .filter(|u| u.state == UnitState::Unplaced)
                 .collect();
             let _ = writeln!(o, "\nunits never claimed: {}", ranges(&down));
+        }
+        if !self.summary.moving.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nunits moving to the node the assignment gives them (claimed by another live node): {}",
+                self.summary.moving.len()
+            );
         }
         if !self.summary.owner_down.is_empty() {
             let _ = writeln!(
@@ -914,7 +936,7 @@ pub fn run_status(args: &ClusterStatusArgs, out: &mut impl Write) -> u8 {
             }
         }
     }
-    status.exit_code()
+    status.exit_code(args.expect_nodes)
 }
 
 #[cfg(test)]
@@ -950,7 +972,8 @@ mod tests {
             .collect();
         let both = vec![node("a", NodeState::Live), node("b-2", NodeState::Live)];
         let s = assemble("n".into(), Duration::ZERO, both, &claims, None, Vec::new());
-        assert!(s.ok && s.exit_code() == 0);
+        assert!(s.ok && s.exit_code(None) == 0 && s.exit_code(Some(2)) == 0);
+        assert_eq!(s.exit_code(Some(3)), 1);
         assert_eq!(s.summary.total, 64);
         let map = s.haproxy_map();
         assert!(
@@ -961,9 +984,22 @@ mod tests {
         // live node: where the assignment puts them).
         let one = vec![node("a", NodeState::Live), node("b-2", NodeState::Dead)];
         let s = assemble("n".into(), Duration::ZERO, one, &claims, None, Vec::new());
-        assert_eq!(s.exit_code(), 1);
+        assert_eq!(s.exit_code(None), 1);
         assert_eq!(s.summary.owner_down.len(), 32);
         assert_eq!(s.summary.owner_down[0], 64);
+        // a's own units stay where they are; nothing is "moving" while b's are owner_down.
+        assert!(s.summary.moving.is_empty());
+        // b back, c joined: units claimed by a or b but assigned to c are moving; live owners,
+        // so exit 0, but not settled for a script expecting three nodes.
+        let three = vec![
+            node("a", NodeState::Live),
+            node("b-2", NodeState::Live),
+            node("c", NodeState::Live),
+        ];
+        let s3 = assemble("n".into(), Duration::ZERO, three, &claims, None, Vec::new());
+        assert_eq!(s3.exit_code(None), 0);
+        assert!(!s3.summary.moving.is_empty());
+        assert_eq!(s3.exit_code(Some(3)), 1);
         let map = s.haproxy_map();
         let rows: Vec<&str> = map
             .lines()

@@ -331,6 +331,11 @@ fn status_lists_the_nodes_then_a_killed_node_dead_then_its_units_moved_and_write
         assert!(j["stats"]["replication_lag_bytes"].is_u64(), "{v}");
     }
     assert!(v["ok"].as_bool().unwrap());
+    assert_eq!(v["summary"]["live_nodes"], 2, "{v}");
+    assert_eq!(v["summary"]["moving"].as_array().unwrap().len(), 0, "{v}");
+    // --expect-nodes: settled for two nodes, not for three.
+    assert_eq!(status(&urls, &["--expect-nodes", "2"]).0, 0);
+    assert_eq!(status(&urls, &["--expect-nodes", "3"]).0, 1);
     assert!(v["units"]
         .as_array()
         .unwrap()

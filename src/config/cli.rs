@@ -147,6 +147,10 @@ pub struct ClusterStatusArgs {
     /// power-of-two `--shards` up to 64)
     #[arg(long, value_name = "N", value_parser = parse_shards)]
     pub shards: Option<usize>,
+    /// Exit 1 also unless at least N nodes are live and every unit is claimed by the node the
+    /// assignment gives it (the placement settled): for scripts waiting for a new cluster
+    #[arg(long, value_name = "N")]
+    pub expect_nodes: Option<usize>,
     /// Write HAProxy's unit map (deploy/haproxy/geobeat-units.map's format) from the live
     /// placement to FILE, atomically (write, fsync, rename)
     #[arg(long, value_name = "FILE", value_parser = parse_path)]
