@@ -29,6 +29,17 @@ struct Node {
 
 /// Starts node `id` on a free port advertising it (every node with the shared `secret`).
 fn start_node(root: &Path, id: &str, nats: &NatsCluster, secret: &Path) -> Node {
+    start_node_mqtt(root, id, nats, secret, None)
+}
+
+/// [`start_node`] with an MQTT listener at `mqtt`.
+fn start_node_mqtt(
+    root: &Path,
+    id: &str,
+    nats: &NatsCluster,
+    secret: &Path,
+    mqtt: Option<std::net::SocketAddr>,
+) -> Node {
     let dir = root.join(id);
     let log = root.join(format!("{id}.log"));
     let addr = free_addr_outside_ephemeral();
@@ -55,6 +66,10 @@ fn start_node(root: &Path, id: &str, nats: &NatsCluster, secret: &Path) -> Node 
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let mut args = args;
+    if let Some(m) = mqtt {
+        args.extend(["--mqtt-listen".into(), m.to_string()]);
+    }
     let child = spawn_logged(&args, &log);
     let server = Server {
         child,
@@ -477,4 +492,209 @@ fn nats_unreachable_is_exit_2_with_one_line_naming_the_url() {
     let (code, _, err) = status("http://x:1", &[]);
     assert_eq!(code, 2);
     assert!(err.contains("--nats-url"), "{err}");
+}
+
+/// A raw MQTT client (geobeat's own codec, so the DISCONNECT's reason code and properties are
+/// checked byte for byte).
+struct Mqtt {
+    sock: std::net::TcpStream,
+    version: geobeat::proto::mqtt::codec::Version,
+    buf: Vec<u8>,
+}
+
+/// What the server sent.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    ConnAck(u8),
+    PubAck(u8),
+    /// Reason code and Server Reference.
+    Disconnect(u8, Option<String>),
+    /// End of stream (or a reset).
+    Closed,
+}
+
+impl Mqtt {
+    /// Connects with `token` as client `client`; panics unless CONNACK 0.
+    fn connect(addr: std::net::SocketAddr, client: &str, token: &str, v5: bool) -> Mqtt {
+        use geobeat::proto::mqtt::codec::{self, Connect, Packet, Version};
+        use std::io::Write;
+        let version = if v5 { Version::V5 } else { Version::V311 };
+        let mut sock = std::net::TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut out = Vec::new();
+        let c = Connect {
+            version,
+            clean: true,
+            keep_alive_s: 60,
+            props: &[],
+            client_id: client,
+            will: None,
+            username: Some(""),
+            password: Some(token.as_bytes()),
+        };
+        codec::encode(&Packet::Connect(c), version, &mut out);
+        sock.write_all(&out).unwrap();
+        let mut m = Mqtt {
+            sock,
+            version,
+            buf: Vec::new(),
+        };
+        assert_eq!(m.next(), Answer::ConnAck(0), "{client}");
+        m
+    }
+
+    /// PUBLISH QoS 1 (packet id `pid`) of one heartbeat of `id` on `geobeat/<id>`; the answer.
+    fn publish(&mut self, id: &str, pid: u16, ts: i64) -> Answer {
+        use geobeat::proto::mqtt::codec::{self, Packet, Publish, QoS};
+        use std::io::Write;
+        let topic = format!("geobeat/{id}");
+        let payload = format!(r#"{{"lat":1.5,"lon":2.5,"ts":{ts}}}"#);
+        let mut out = Vec::new();
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: &topic,
+            packet_id: Some(pid),
+            props: &[],
+            payload: payload.as_bytes(),
+        };
+        codec::encode(&Packet::Publish(p), self.version, &mut out);
+        if self.sock.write_all(&out).is_err() {
+            return Answer::Closed;
+        }
+        self.next()
+    }
+
+    /// The next packet the server sent.
+    fn next(&mut self) -> Answer {
+        use geobeat::proto::mqtt::codec::{self, Packet, PropValue, Props};
+        use std::io::Read;
+        loop {
+            if let Some((p, used)) = codec::decode(&self.buf, Some(self.version), 1 << 16).unwrap()
+            {
+                let a = match p {
+                    Packet::ConnAck(c) => Answer::ConnAck(c.code),
+                    Packet::PubAck(a) => Answer::PubAck(a.code),
+                    Packet::Disconnect(d) => Answer::Disconnect(
+                        d.code,
+                        match Props(d.props).get(0x1c) {
+                            Some(PropValue::Str(r)) => Some(r.to_string()),
+                            _ => None,
+                        },
+                    ),
+                    other => panic!("unexpected {other:?}"),
+                };
+                self.buf.drain(..used);
+                return a;
+            }
+            let mut chunk = [0u8; 4096];
+            match self.sock.read(&mut chunk) {
+                Ok(0) => return Answer::Closed,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Answer::Closed,
+                Err(e) => panic!("MQTT read: {e}"),
+            }
+        }
+    }
+}
+
+/// A device whose unit has rank `rank mod 2 == parity` in the two-shard layout (rank parity
+/// decides its node once two nodes are live: rank mod 2 over the sorted ids).
+fn device_with_rank_parity(prefix: &str, parity: usize) -> String {
+    let plan = geobeat::replicate::Plan::new(
+        &geobeat::route::Router::contiguous(2).unwrap(),
+        &["h:1".into()],
+        3,
+        3,
+    );
+    let units: Vec<u16> = plan.units().collect();
+    (0..1000)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| {
+            let u = plan.unit_of(geobeat::route::vshard_of(id));
+            units.iter().position(|x| *x == u).unwrap() % 2 == parity
+        })
+        .expect("a device of that parity")
+}
+
+#[test]
+fn mqtt_connections_of_a_unit_that_moved_away_are_closed_at_their_next_publish() {
+    // Node a alone owns every unit; an MQTT 5 and an MQTT 3.1.1 device whose units go to b once
+    // b joins publish (acked). b joins and the placement settles (b claims odd ranks). Their next
+    // PUBLISH on a: MQTT 5 gets DISCONNECT 0x9C with b's address as Server Reference, 3.1.1 a
+    // plain close, neither a PUBACK; a device whose unit stayed on a is still acked; through b
+    // the moved devices are served.
+    let nats = NatsCluster::start();
+    let urls = nats.urls();
+    let root = tempfile::tempdir().unwrap();
+    let secret = root.path().join("secret");
+    std::fs::write(&secret, format!("{}\n", "cd".repeat(32))).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let a_mqtt = free_addr_outside_ephemeral();
+    let a = start_node_mqtt(root.path(), "geobeat-a", &nats, &secret, Some(a_mqtt));
+    status_until(
+        &urls,
+        Duration::from_secs(25),
+        "a owns every unit",
+        |c, v| c == 0 && node(v, "geobeat-a")["units"] == 64,
+    );
+    let moving5 = device_with_rank_parity("m5", 1);
+    let moving3 = device_with_rank_parity("m3", 1);
+    let staying = device_with_rank_parity("st", 0);
+    let key = geobeat::auth::Secret::load(&secret).unwrap();
+    let tok = |id: &str| {
+        let exp = (now_ms() / 1000) as u64 + 3600;
+        geobeat::auth::mint(&key, &geobeat::auth::Scope::Device(id.to_string()), exp)
+    };
+    let t0 = now_ms() - 60_000;
+    let mut m5 = Mqtt::connect(a_mqtt, "c-m5", &tok(&moving5), true);
+    let mut m3 = Mqtt::connect(a_mqtt, "c-m3", &tok(&moving3), false);
+    let mut st = Mqtt::connect(a_mqtt, "c-st", &tok(&staying), true);
+    assert_eq!(m5.publish(&moving5, 1, t0), Answer::PubAck(0));
+    assert_eq!(m3.publish(&moving3, 1, t0), Answer::PubAck(0));
+    assert_eq!(st.publish(&staying, 1, t0), Answer::PubAck(0));
+
+    let b_mqtt = free_addr_outside_ephemeral();
+    let b = start_node_mqtt(root.path(), "geobeat-b", &nats, &secret, Some(b_mqtt));
+    let (_, v) = status_until(
+        &urls,
+        Duration::from_secs(25),
+        "b took its units",
+        |c, v| {
+            c == 0
+                && v["summary"]["live_nodes"] == 2
+                && v["summary"]["moving"].as_array().unwrap().is_empty()
+                && node(v, "geobeat-b")["units"] == 32
+        },
+    );
+    assert_eq!(node(&v, "geobeat-a")["units"], 32);
+    // a learns of b within a lease interval of b's first lease: give it one more tick.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        m5.publish(&moving5, 2, t0 + 1),
+        Answer::Disconnect(0x9c, Some(b.server.addr.to_string())),
+        "{}",
+        log_tail(&a.log, 20)
+    );
+    assert_eq!(m5.next(), Answer::Closed);
+    assert_eq!(m3.publish(&moving3, 2, t0 + 1), Answer::Closed);
+    assert_eq!(st.publish(&staying, 2, t0 + 1), Answer::PubAck(0));
+    // Redirected, the moved device is served by b.
+    let mut m5b = Mqtt::connect(b_mqtt, "c-m5", &tok(&moving5), true);
+    assert_eq!(
+        m5b.publish(&moving5, 2, t0 + 1),
+        Answer::PubAck(0),
+        "{}",
+        log_tail(&b.log, 20)
+    );
+    let (code, body) = http(a.server.addr, "GET", "/metrics", None).unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("geobeat_mqtt_events_total{") && l.contains("closed_not_owner")),
+        "no closed_not_owner count"
+    );
 }
