@@ -15,6 +15,8 @@
 //! - [`backup`]: `geobeat backup` / `geobeat restore`: a consistent copy of a live data directory.
 //! - [`reshard`]: `geobeat reshard` / `geobeat migrate`: the offline rewrite into a new layout.
 //! - [`demo`]: `geobeat demo`'s simulated fleet.
+//! - [`cluster`]: `geobeat cluster status`: nodes, units and streams of a cluster from NATS, and
+//!   HAProxy's unit map from the live placement.
 //! - [`node`]: process-wide server state (configuration, secret, routing, counters, feeds).
 //! - [`metrics`]: per-executor probes and the Prometheus exposition.
 //! - [`replicate`]: `--durability replicated`: NATS JetStream streams, subjects, batches, the
@@ -51,6 +53,7 @@ pub mod auth;
 pub mod backup;
 pub mod checkpoint;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod demo;

@@ -826,3 +826,22 @@ pub const PLACEMENT_SKIPPED_MAX: usize = REPLICATE_ROUND_ENTRIES_MAX;
 // A live node re-puts its lease several times before anyone may call it dead.
 const _: () = assert!(PLACEMENT_DEAD_AFTER.as_millis() >= 3 * PLACEMENT_LEASE_INTERVAL.as_millis());
 const _: () = assert!(PLACEMENT_NODES_MAX >= 1);
+
+// `geobeat cluster status` (src/cluster.rs, docs/cluster.md "Cluster status").
+/// Time between the two reads of the leases: a live node re-puts its lease every
+/// [`PLACEMENT_LEASE_INTERVAL`], so a lease whose revision did not move in this window belongs
+/// to a node that is not running its placement loop now.
+pub const CLUSTER_STATUS_WINDOW: Duration = Duration::from_millis(2_000);
+/// How long `cluster status` tries the NATS servers before saying they are unreachable.
+pub const CLUSTER_STATUS_CONNECT_WAIT: Duration = Duration::from_secs(3);
+/// Connect and read timeout of the best-effort `/metrics` read of each node.
+pub const CLUSTER_STATUS_HTTP_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest `/metrics` answer read from a node.
+pub const CLUSTER_STATUS_METRICS_BYTES_MAX: usize = 4 << 20;
+/// Connect and read timeout of one HAProxy runtime API command.
+pub const CLUSTER_HAPROXY_SOCKET_TIMEOUT: Duration = Duration::from_secs(2);
+/// Units `cluster status` reads claims for (one claim per unit; units are vshard runs).
+pub const CLUSTER_STATUS_UNITS_MAX: usize = VSHARDS;
+const _: () =
+    assert!(CLUSTER_STATUS_WINDOW.as_millis() >= 2 * PLACEMENT_LEASE_INTERVAL.as_millis());
+const _: () = assert!(CLUSTER_STATUS_WINDOW.as_millis() < PLACEMENT_DEAD_AFTER.as_millis());

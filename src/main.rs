@@ -1,5 +1,5 @@
 //! The `geobeat` binary: parses the command line, sets up logging, runs `serve`, `token`,
-//! `demo`, `sinks`, `reshard`, `migrate`, `query`, `backup` or `restore`, and maps failures to
+//! `demo`, `sinks`, `reshard`, `migrate`, `query`, `backup`, `restore` or `cluster`, and maps failures to
 //! exit codes (1: runtime failure, 2: bad configuration or usage, or a data directory that must
 //! be migrated or is refused as is).
 //! Everything else lives in the library.
@@ -118,6 +118,12 @@ fn main() -> ExitCode {
                         ExitCode::from(e.exit_code())
                     }
                 }
+            }
+        },
+        Command::Cluster(args) => match &args.command {
+            geobeat::config::ClusterCommand::Status(s) => {
+                let mut out = std::io::stdout().lock();
+                ExitCode::from(geobeat::cluster::run_status(s, &mut out))
             }
         },
         Command::Query(args) => {

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use super::settings::{
-    parse_int, parse_path, parse_segment_bytes, parse_shards, ServeArgs, DEMO_DEVICES_DEFAULT,
+    parse_int, parse_nats_urls, parse_path, parse_segment_bytes, parse_shards, NatsUrls, ServeArgs,
+    DEMO_DEVICES_DEFAULT,
 };
 use crate::limits::{DEMO_DEVICES_MAX, DEMO_RATE_HZ_MAX};
 
@@ -54,6 +55,10 @@ pub enum Command {
     /// `geobeat audit verify --data-dir DIR [--audit-dir D]` checks the logs' hash chains (and
     /// the audit files' digests) and names the first entry that does not match.
     Audit(AuditArgs),
+    /// Cluster tools: `geobeat cluster status --nats-url URLS [--json] [--haproxy-map FILE]`
+    /// reads the placement bucket and the streams and prints nodes, units, owners and streams
+    /// (exit 0: every unit has a live owner; 1: some unit has none; 2: NATS unreachable).
+    Cluster(ClusterArgs),
 }
 
 /// `geobeat audit` settings.
@@ -107,6 +112,54 @@ pub struct ReconcileArgs {
     /// Name of the PostgreSQL sink [default: the only sink whose cursors name no audit file]
     #[arg(long, value_name = "NAME")]
     pub postgres_sink: Option<String>,
+}
+
+/// `geobeat cluster` settings.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+/// `geobeat cluster` subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum ClusterCommand {
+    /// Nodes (live or dead by their leases), units per node, each unit's owner and epoch, units
+    /// without a live owner, the streams and their replicas, each node's replication lag; with
+    /// `--haproxy-map`, write HAProxy's unit map from the live placement (exit 0: every unit
+    /// has a live owner; 1: some unit is unplaced or owned by a dead node; 2: NATS unreachable;
+    /// 3: the map could not be written or pushed)
+    Status(ClusterStatusArgs),
+}
+
+/// `geobeat cluster status` settings.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterStatusArgs {
+    /// The cluster's NATS servers, comma-separated (as `serve --nats-url`) [env: GEOBEAT_NATS_URL]
+    #[arg(long, value_name = "URLS", env = "GEOBEAT_NATS_URL", value_parser = parse_nats_urls)]
+    pub nats_url: NatsUrls,
+    /// Print one JSON object instead of text (shape: docs/cluster.md "Cluster status")
+    #[arg(long)]
+    pub json: bool,
+    /// The nodes' `--shards` (every node uses the same): names every unit exactly; without it
+    /// the units are the 64 runs of 64 vshards plus any other unit a claim names (exact for a
+    /// power-of-two `--shards` up to 64)
+    #[arg(long, value_name = "N", value_parser = parse_shards)]
+    pub shards: Option<usize>,
+    /// Exit 1 also unless at least N nodes are live and every unit is claimed by the node the
+    /// assignment gives it (the placement settled): for scripts waiting for a new cluster
+    #[arg(long, value_name = "N")]
+    pub expect_nodes: Option<usize>,
+    /// Write HAProxy's unit map (deploy/haproxy/geobeat-units.map's format) from the live
+    /// placement to FILE, atomically (write, fsync, rename)
+    #[arg(long, value_name = "FILE", value_parser = parse_path)]
+    pub haproxy_map: Option<PathBuf>,
+    /// Push the map into a running HAProxy through its runtime API socket (`set map`, else
+    /// `add map`), for the map HAProxy loaded from `--haproxy-map`'s path (default
+    /// /etc/haproxy/geobeat-units.map)
+    #[arg(long, value_name = "PATH", value_parser = parse_path)]
+    pub haproxy_socket: Option<PathBuf>,
 }
 
 /// `backup` settings.

@@ -829,7 +829,7 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
     }
 }
 
-fn parse_nats_urls(text: &str) -> Result<NatsUrls, String> {
+pub(super) fn parse_nats_urls(text: &str) -> Result<NatsUrls, String> {
     let mut urls = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let addr = part.strip_prefix("nats://").unwrap_or(part);

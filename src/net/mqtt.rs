@@ -252,6 +252,9 @@ struct Conn {
     claims: crate::auth::Claims,
     /// The device-sequence epoch the CONNECT declared (issue 18), if any.
     epoch: Option<u32>,
+    /// Ownership: the node that writes this device's unit now, once it moved away (the MQTT 5
+    /// DISCONNECT 0x9C names it as Server Reference).
+    server_reference: RefCell<Option<String>>,
 }
 
 impl Conn {
@@ -529,6 +532,7 @@ async fn run<S: Stream>(
         signal: signal.clone(),
         claims: admitted.claims.clone(),
         epoch: admitted.epoch,
+        server_reference: RefCell::new(None),
     });
     LIVE.with(|l| l.borrow_mut().insert(number, conn.clone()));
     // A revocation that arrived since the CONNECT was admitted.
@@ -841,7 +845,13 @@ fn handle(
                 drain: false,
             });
         }
-        Packet::Publish(p) => publish(edge, key, conn, scope, p, forwards, scratch),
+        Packet::Publish(p) => match moved_away(edge, conn) {
+            Some(close) => {
+                probe.mqtt_event("closed_not_owner", 1);
+                return Step::End(close);
+            }
+            None => publish(edge, key, conn, scope, p, forwards, scratch),
+        },
         Packet::PubRel(a) => {
             conn.session
                 .borrow_mut()
@@ -888,6 +898,32 @@ fn handle(
         conn.signal.notify();
     }
     step
+}
+
+/// Ownership: the close of a device connection whose unit this node no longer writes (another
+/// node claimed it, or it is being placed), as the WebSocket path closes with 1013 `not_owner`:
+/// the PUBLISH that found it is neither stored nor acknowledged; MQTT 5 gets DISCONNECT 0x9C
+/// (Use another server) with the owner as Server Reference (0x88 Server unavailable while the
+/// unit has no writer), 3.1.1 a plain close; the device reconnects and is redirected. `None`:
+/// still served here (always without ownership, and for gateway tokens, which are not
+/// redirected).
+fn moved_away(edge: &Edge, conn: &Conn) -> Option<Close> {
+    let crate::auth::Scope::Device(id) = &conn.claims.scope else {
+        return None;
+    };
+    let code = match crate::net::owner::route(&edge.core.shared, id) {
+        crate::net::owner::Route::Here => return None,
+        crate::net::owner::Route::Elsewhere { addr, .. } => {
+            *conn.server_reference.borrow_mut() = Some(addr);
+            crate::net::owner::MQTT5_USE_ANOTHER_SERVER
+        }
+        crate::net::owner::Route::Pending => crate::net::owner::MQTT5_SERVER_UNAVAILABLE,
+    };
+    Some(Close {
+        code: Some(code),
+        why: crate::net::owner::NOT_OWNER,
+        drain: false,
+    })
 }
 
 /// Checks a topic's device id against the token: the resolved id, or the refusal.
@@ -1127,7 +1163,8 @@ async fn write_packets<S: Stream>(
         if let Some(c) = close {
             if !c.drain || (in_flight == 0 && unsettled == 0) {
                 if let Some(code) = c.code {
-                    session::disconnect(version, code, c.why, &mut out);
+                    let reference = conn.server_reference.borrow();
+                    session::disconnect_to(version, code, c.why, reference.as_deref(), &mut out);
                 }
                 write(w, &out, stall).await?;
                 return Ok(());

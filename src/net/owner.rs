@@ -28,7 +28,7 @@ pub const MQTT5_SERVER_UNAVAILABLE: u8 = 0x88;
 /// MQTT 3.1.1 CONNACK return code: server unavailable.
 pub const MQTT311_SERVER_UNAVAILABLE: u8 = 0x03;
 /// MQTT 5 property: Server Reference.
-pub const PROP_SERVER_REFERENCE: u8 = 0x1C;
+pub const PROP_SERVER_REFERENCE: u8 = codec::prop::SERVER_REFERENCE;
 
 /// Where a device's heartbeats go.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -275,7 +275,7 @@ fn publish(
 }
 
 /// The last value of KV key `key` and its revision (`None`: never written).
-fn kv_get(client: &mut Client, key: &str) -> Result<Option<(u64, Vec<u8>)>, Error> {
+pub fn kv_get(client: &mut Client, key: &str) -> Result<Option<(u64, Vec<u8>)>, Error> {
     let req = serde_json::json!({ "last_by_subj": key_subject(key) });
     Ok(client
         .msg_get(&bucket_stream(), &req)?
@@ -284,12 +284,19 @@ fn kv_get(client: &mut Client, key: &str) -> Result<Option<(u64, Vec<u8>)>, Erro
 
 /// The lease keys present (`lease.<node>`), at most [`PLACEMENT_NODES_MAX`].
 fn lease_nodes(client: &mut Client) -> Result<Vec<String>, Error> {
-    let prefix = key_subject("lease.");
+    let mut nodes = kv_keys(client, "lease.")?;
+    nodes.truncate(PLACEMENT_NODES_MAX);
+    Ok(nodes)
+}
+
+/// The keys of the bucket that start with `prefix` (`lease.`, `claim.`), without it, sorted.
+pub fn kv_keys(client: &mut Client, prefix: &str) -> Result<Vec<String>, Error> {
+    let prefix = key_subject(prefix);
     let v = client.api(
         &format!("$JS.API.STREAM.INFO.{}", bucket_stream()),
         &serde_json::json!({ "subjects_filter": format!("{prefix}>") }),
     )?;
-    let mut nodes: Vec<String> = v["state"]["subjects"]
+    let mut keys: Vec<String> = v["state"]["subjects"]
         .as_object()
         .map(|m| {
             m.keys()
@@ -297,9 +304,8 @@ fn lease_nodes(client: &mut Client) -> Result<Vec<String>, Error> {
                 .collect()
         })
         .unwrap_or_default();
-    nodes.sort();
-    nodes.truncate(PLACEMENT_NODES_MAX);
-    Ok(nodes)
+    keys.sort();
+    Ok(keys)
 }
 
 /// The placement thread's state between ticks.

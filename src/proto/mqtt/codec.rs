@@ -747,6 +747,8 @@ pub mod prop {
     pub const ASSIGNED_CLIENT_ID: u8 = 0x12;
     /// Server Keep Alive (u16).
     pub const SERVER_KEEP_ALIVE: u8 = 0x13;
+    /// Server Reference (string): where a client should connect instead (with reason 0x9C).
+    pub const SERVER_REFERENCE: u8 = 0x1c;
     /// Reason String (string).
     pub const REASON_STRING: u8 = 0x1f;
     /// Receive Maximum (u16).

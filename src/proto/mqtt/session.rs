@@ -263,6 +263,38 @@ pub fn connack_refused(r: &ConnectRefusal, out: &mut Vec<u8>) {
     codec::encode(&Packet::ConnAck(ack), r.version, out);
 }
 
+/// [`disconnect`] naming another server to use (MQTT 5 Server Reference, with reason 0x9C).
+pub fn disconnect_to(
+    version: Version,
+    code: u8,
+    why: &str,
+    reference: Option<&str>,
+    out: &mut Vec<u8>,
+) {
+    let Some(to) = reference.filter(|_| version == Version::V5) else {
+        return disconnect(version, code, why, out);
+    };
+    let mut p = PropsWriter::default();
+    p.str(
+        codec::prop::SERVER_REFERENCE,
+        to,
+        MQTT_REASON_STRING_BYTES_MAX,
+    );
+    p.str(
+        codec::prop::REASON_STRING,
+        why,
+        MQTT_REASON_STRING_BYTES_MAX,
+    );
+    codec::encode(
+        &Packet::Disconnect(codec::Reasoned {
+            code,
+            props: &p.bytes,
+        }),
+        version,
+        out,
+    );
+}
+
 /// Appends an MQTT 5 DISCONNECT with `code` and a reason string (nothing for 3.1.1, whose server
 /// never sends DISCONNECT: it just closes).
 pub fn disconnect(version: Version, code: u8, why: &str, out: &mut Vec<u8>) {
