@@ -139,6 +139,19 @@ pub struct Appended {
     pub became_last: bool,
 }
 
+impl Appended {
+    /// This append's outcome as subscriptions see it when the device's last location was the
+    /// cluster view's `view_prev` (see [`ShardStore::view_before`]): transitions start there,
+    /// and the heartbeat is the device's last only if it is not older than that.
+    pub fn with_view(mut self, view_prev: Option<(f64, f64, i64, i64)>, hb: &Heartbeat) -> Self {
+        if let Some((lat, lon, ts, rcv)) = view_prev {
+            self.prev_last = Some((lat, lon));
+            self.became_last = self.became_last && (hb.ts_ms, hb.received_ms) >= (ts, rcv);
+        }
+        self
+    }
+}
+
 /// One shard's log and last-location table.
 #[derive(Debug)]
 pub struct ShardStore {
@@ -590,6 +603,26 @@ impl ShardStore {
     /// The exactly-once state and audit counters of `device_id` (issue 18), if it has any.
     pub fn audit(&self, device_id: &str) -> Option<DeviceAudit> {
         self.table.audit(device_id).copied()
+    }
+
+    /// For a local append with subscriptions active on a cluster node: `device_id`'s entry in
+    /// the shard's cluster `view` as `(lat, lon, ts_ms, received_ms)`, if it is newer than this
+    /// store's table's (`None`: the table alone decides, as on a node without a cluster).
+    pub fn view_before(
+        &self,
+        view: &crate::table::view::ViewTable,
+        device_id: &str,
+    ) -> Option<(f64, f64, i64, i64)> {
+        if view.is_empty() {
+            return None;
+        }
+        let v = view.get(device_id)?;
+        crate::table::view::view_wins(self.last(device_id).as_ref(), v).then_some((
+            v.lat,
+            v.lon,
+            v.ts_ms,
+            v.received_ms,
+        ))
     }
 
     /// The last location (newest by device time) of `device_id`.

@@ -285,20 +285,19 @@ impl Core {
             );
             // On a cluster node the device's last location may be one another node wrote (the
             // shard's view): fence transitions start from it.
-            let view_prev = fanout.and_then(|_| {
-                crate::shard::follow::view_before(&store, &slot.view.borrow(), &hb.device_id)
-            });
+            let view_prev =
+                fanout.and_then(|_| store.view_before(&slot.view.borrow(), &hb.device_id));
             let result = match (fanout, dedupe) {
                 (None, Dedupe::Off) => store.append(hb),
                 (Some(local), Dedupe::Off) => store.append_tracked(hb).map(|a| {
-                    let a = crate::shard::follow::with_view(a, view_prev, hb);
+                    let a = a.with_view(view_prev, hb);
                     self.fanout.on_append(local, hb, &a);
                     a.pos
                 }),
                 (_, dedupe) => match store.append_dedupe(hb, dseq, dedupe) {
                     Ok(Outcome::Stored(a)) => {
                         if let Some(local) = fanout {
-                            let a = crate::shard::follow::with_view(a, view_prev, hb);
+                            let a = a.with_view(view_prev, hb);
                             self.fanout.on_append(local, hb, &a);
                         }
                         Ok(a.pos)

@@ -79,36 +79,6 @@ impl std::fmt::Display for Restart {
     }
 }
 
-/// For a local append with subscriptions active: the device's entry in the shard's view as
-/// `(lat, lon, ts_ms, received_ms)`, if it is newer than the local table's (`None`: the local
-/// table alone decides, as on a node without a cluster).
-pub(super) fn view_before(
-    store: &crate::store::ShardStore,
-    view: &crate::table::view::ViewTable,
-    device_id: &str,
-) -> Option<(f64, f64, i64, i64)> {
-    if view.is_empty() {
-        return None;
-    }
-    let v = view.get(device_id)?;
-    view_wins(store.last(device_id).as_ref(), v).then_some((v.lat, v.lon, v.ts_ms, v.received_ms))
-}
-
-/// A local append's outcome as subscriptions see it when the device's last location was the
-/// view's `view_prev` (see [`view_before`]): transitions start there, and the heartbeat is the
-/// device's last only if it is not older than that.
-pub(super) fn with_view(
-    mut a: Appended,
-    view_prev: Option<(f64, f64, i64, i64)>,
-    hb: &crate::record::Heartbeat,
-) -> Appended {
-    if let Some((lat, lon, ts, rcv)) = view_prev {
-        a.prev_last = Some((lat, lon));
-        a.became_last = a.became_last && (hb.ts_ms, hb.received_ms) >= (ts, rcv);
-    }
-    a
-}
-
 impl Core {
     fn follow_plan(&self) -> &Plan {
         self.shared
@@ -472,12 +442,12 @@ mod tests {
             became_last: true,
         };
         // No view entry newer than the local table: unchanged.
-        assert_eq!(with_view(first_here, None, &hb), first_here);
+        assert_eq!(first_here.with_view(None, &hb), first_here);
         // The view knew the device at (1, 2), older: transitions start there.
-        let a = with_view(first_here, Some((1.0, 2.0, 90, 95)), &hb);
+        let a = first_here.with_view(Some((1.0, 2.0, 90, 95)), &hb);
         assert_eq!((a.prev_last, a.became_last), (Some((1.0, 2.0)), true));
         // The view's entry is newer: this heartbeat is late, no transition.
-        let a = with_view(first_here, Some((1.0, 2.0, 150, 160)), &hb);
+        let a = first_here.with_view(Some((1.0, 2.0, 150, 160)), &hb);
         assert_eq!((a.prev_last, a.became_last), (Some((1.0, 2.0)), false));
     }
 }
