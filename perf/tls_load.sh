@@ -9,7 +9,7 @@
 # ws:// and wss:// (IDLE=N: N device connections at 10 heartbeats/s in total, fresh server each).
 # Needs release builds: cargo build --release --bin geobeat &&
 #   cargo build --release -p geobeat-perf --features mint --bins
-# QUICK=1: 200 devices at 1,000/s for 2 s, one round (smoke run).
+# QUICK=1: 200 devices at 1,000/s for 3 s, one round (smoke run, about 25 s; CI runs it).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${CARGO_TARGET_DIR:-$root/target}/release
@@ -21,7 +21,7 @@ rounds=${ROUNDS:-3}
 kinds=${KINDS:-ws wss mqtt mqtts}
 idle=${IDLE:-0}
 connect_rate=${CONNECT_RATE:-2000}
-[ -n "${QUICK:-}" ] && { devices=200; rate=1000; secs=2; rounds=1; }
+[ -n "${QUICK:-}" ] && { devices=200; rate=1000; secs=3; rounds=1; }
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 d=$(mktemp -d)
 pid=
