@@ -8,7 +8,8 @@
   idle        opens --conns WebSocket device connections to /v1/ingest (wss:// with --ca, or
               ws:// without) with one gateway token, each sending one heartbeat, then holds them
               idle; prints the server's RssAnon before and with them open, and the difference per
-              connection (user-space memory per idle connection).
+              connection (user-space memory per idle connection); --no-heartbeat: connect only,
+              so the figure holds no per-device state (last location, sequence) either.
   rate        --conns wss:// or ws:// device connections sending --rate heartbeats/s in total for
               --seconds; prints the server's CPU time per acked heartbeat.
 
@@ -99,9 +100,10 @@ async def open_conn(args, ctx, i, held):
         ping_interval=None,
         max_queue=1,
     )
-    await ws.send(json.dumps({"seq": 1, "id": f"idle-{i}", "lat": 52.5, "lon": 13.4,
-                              "ts": int(time.time() * 1000)}))
-    await ws.recv()
+    if not args.no_heartbeat:
+        await ws.send(json.dumps({"seq": 1, "id": f"idle-{i}", "lat": 52.5, "lon": 13.4,
+                                  "ts": int(time.time() * 1000)}))
+        await ws.recv()
     held.append(ws)
 
 
@@ -109,7 +111,7 @@ async def idle(args):
     ctx = ssl.create_default_context(cafile=args.ca) if args.ca else None
     before = rss_anon_kb(args.pid)
     held = []
-    sem = asyncio.Semaphore(64)
+    sem = asyncio.Semaphore(args.concurrency)
 
     async def one(i):
         async with sem:
@@ -196,6 +198,9 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--conns", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=64, help="idle: connections opened at once")
+    p.add_argument("--no-heartbeat", action="store_true",
+                   help="idle: connect only (no heartbeat, so no per-device state on the server)")
     p.add_argument("--rate", type=float, default=2000)
     args = p.parse_args()
     if args.mode == "handshakes":

@@ -645,15 +645,24 @@ pub const TLS_HANDSHAKES_PER_S_MAX: u32 = 2_000;
 /// Handshakes an executor may start at once above the rate (the token bucket's depth), so a
 /// brief burst after a quiet spell is not refused.
 pub const TLS_HANDSHAKE_BURST_MAX: u32 = 500;
-/// Most bytes one read of a TLS connection's socket asks for (rustls offers a 4 KiB window; glommio
-/// pins a buffer of the requested size while the read is pending, i.e. for as long as the
-/// connection is idle). A heartbeat's TLS record is a few hundred bytes.
+/// Most bytes one read of a TLS connection's socket asks for (glommio pins a buffer of the
+/// requested size while the read is pending, i.e. for as long as the connection is idle). A
+/// heartbeat's TLS record is a few hundred bytes.
 pub const TLS_READ_BYTES: usize = 1024;
+/// Most TLS bytes a session buffers before they make a whole record (src/net/tls/session.rs):
+/// one handshake message of up to 64 KiB (a client certificate chain; rustls's own bound) plus
+/// one record of ciphertext (16 KiB of data and TLS 1.2's expansion, with its header). Held only
+/// while a record is arriving; an idle session holds none.
+pub const TLS_INCOMING_BYTES_MAX: usize = 0xFFFF + 18_437;
+/// Most plaintext bytes one write encrypts (one TLS record's worth); the session accepts the next
+/// write only once these are on the socket, so this bounds its write buffer.
+pub const TLS_WRITE_PLAINTEXT_BYTES: usize = 16 * 1024;
 /// Largest certificate chain, private key or client-CA PEM file read, bytes.
 pub const TLS_PEM_BYTES_MAX: u64 = 1 << 20;
 const _: () = assert!(TLS_HANDSHAKE_TIMEOUT_MS >= 100);
 // At least one TLS record header and a small record per read.
 const _: () = assert!(TLS_READ_BYTES >= 512);
+const _: () = assert!(TLS_INCOMING_BYTES_MAX > TLS_READ_BYTES && TLS_WRITE_PLAINTEXT_BYTES >= 1024);
 const _: () = assert!(TLS_HANDSHAKE_BURST_MAX >= 1 && TLS_HANDSHAKES_PER_S_MAX >= 1);
 
 // Replication to NATS JetStream (`--durability replicated`: src/replicate, src/shard/replicate.rs).

@@ -137,7 +137,9 @@ async fn accept_each(edge: Rc<Edge>, listener: TcpListener, tls: Option<Rc<Accep
                 Ok(s) => {
                     edge.core.probe.tls_event("handshake", 1);
                     let cert = ClientCert::of(&s, tls.mtls());
-                    serve(edge, s, Vec::new(), peer, slot, open > max, cert).await
+                    // A task of its own: this one is sized for the handshake's state, which a
+                    // long-lived idle connection would otherwise keep allocated.
+                    rt::spawn(serve(edge, s, Vec::new(), peer, slot, open > max, cert));
                 }
                 Err(why) => edge.core.probe.tls_event(why, 1),
             }

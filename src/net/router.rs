@@ -230,20 +230,27 @@ async fn handle<S: Conn>(
         };
         let head_len = req.head_bytes;
         // A WebSocket upgrade (or a non-GET, which the kind refuses properly) goes to its
-        // connection kind. A new kind is one line here.
+        // connection kind, in a task of its own: this task's future is sized for the largest
+        // plain-HTTP answer (and, over TLS, the handshake), and a long-lived connection served
+        // inside it would keep that allocation (about 4 KiB per idle connection, perf/RESULTS.md
+        // "Edge figures"). A new kind is one line here.
         let upgrading = role == Role::Main && (req.upgrade.is_some() || req.method != "GET");
         match req.path {
             "/v1/ingest" if upgrading && edge.core.shared.cfg.engine == Engine::Ring => {
-                return open::<RingIngestKind, S>(edge, stream, buf, slot, http).await
+                rt::spawn(open::<RingIngestKind, S>(edge, stream, buf, slot, http));
+                return;
             }
             "/v1/ingest" if upgrading => {
-                return open::<IngestKind, S>(edge, stream, buf, slot, http).await
+                rt::spawn(open::<IngestKind, S>(edge, stream, buf, slot, http));
+                return;
             }
             "/v1/subscribe" if upgrading => {
-                return open::<SubscribeKind, S>(edge, stream, buf, slot, http).await
+                rt::spawn(open::<SubscribeKind, S>(edge, stream, buf, slot, http));
+                return;
             }
             "/mqtt" if upgrading => {
-                return open::<MqttWsKind, S>(edge, stream, buf, slot, http).await
+                rt::spawn(open::<MqttWsKind, S>(edge, stream, buf, slot, http));
+                return;
             }
             _ => {}
         }

@@ -7,7 +7,8 @@
 //! [`check_identity`]). It does not read HTTP, WebSocket or MQTT: a finished handshake yields a
 //! stream that the router ([`crate::net::router`]) or the MQTT connection
 //! ([`crate::net::mqtt`]) serves exactly like a TCP socket (generic over [`Conn`],
-//! monomorphised: the plain TCP path is unchanged).
+//! monomorphised: the plain TCP path is unchanged). The session itself, on rustls's unbuffered
+//! API so that an idle connection holds no TLS buffer, is [`session`]'s.
 //!
 //! Where a TLS connection lives: on the executor that accepted it. A TLS session cannot be handed
 //! to another executor the way `/v1/ingest` hands a plain socket to its device's owner (the
@@ -50,54 +51,16 @@ use rustls::ServerConfig;
 use crate::auth::Scope;
 use crate::limits::{
     TLS_HANDSHAKES_PER_S_MAX, TLS_HANDSHAKE_BURST_MAX, TLS_HANDSHAKE_TIMEOUT_MS, TLS_PEM_BYTES_MAX,
-    TLS_READ_BYTES,
 };
 use crate::rt::{self, TcpStream};
 
-/// A TLS server session over a TCP socket, boxed once per connection: the session state (about
-/// a kilobyte inline) would otherwise be laid out again in every nested connection future that
-/// holds the stream (router, kind, WebSocket), which multiplied the idle cost per connection.
-pub type TlsStream = Box<futures_rustls::server::TlsStream<TlsSocket>>;
+mod session;
 
-/// The TCP socket under a TLS session, its reads capped at [`TLS_READ_BYTES`]: rustls reads into
-/// a 4 KiB window, and glommio pins a buffer of the requested size for every pending read, so an
-/// idle TLS connection would hold 4 KiB there instead of the plain path's 1 KiB.
-pub struct TlsSocket(TcpStream);
-
-impl AsyncRead for TlsSocket {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut [u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let n = buf.len().min(TLS_READ_BYTES);
-        std::pin::Pin::new(&mut self.0).poll_read(cx, &mut buf[..n])
-    }
-}
-
-impl AsyncWrite for TlsSocket {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_close(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_close(cx)
-    }
-}
+/// A TLS server session over a TCP socket (rustls's unbuffered API, see [`session`]), boxed once
+/// per connection: the session state (about a kilobyte inline) would otherwise be laid out again
+/// in every nested connection future that holds the stream (router, kind, WebSocket), which
+/// multiplied the idle cost per connection.
+pub type TlsStream = Box<session::Session>;
 
 /// A connection's byte stream as the router and the connection kinds see it: a TCP socket or a
 /// TLS session over one. Generic (monomorphised), so the plain path pays nothing for TLS.
@@ -142,20 +105,20 @@ impl Conn for TcpStream {
 
 impl Conn for TlsStream {
     fn peer(&self) -> Option<SocketAddr> {
-        self.get_ref().0 .0.peer_addr().ok()
+        self.socket().peer_addr().ok()
     }
     fn handoff_fd(&self) -> Option<RawFd> {
         None
     }
     fn client_names(&self) -> Option<Vec<String>> {
-        let cert = self.get_ref().1.peer_certificates()?.first()?;
+        let cert = self.peer_certificates()?.first()?;
         Some(peer_names(cert))
     }
     fn is_tls(&self) -> bool {
         true
     }
     fn socket_fd(&self) -> RawFd {
-        self.get_ref().0 .0.as_raw_fd()
+        self.socket().as_raw_fd()
     }
     async fn shutdown_write(&mut self) -> std::io::Result<()> {
         futures_lite::AsyncWriteExt::close(self).await
@@ -506,8 +469,8 @@ impl Drop for HupWatch {
 /// bound (a token bucket in thousandths of a handshake).
 pub struct Acceptor {
     files: Arc<TlsFiles>,
-    /// The generation and acceptor last taken from `files`.
-    cached: RefCell<(u64, futures_rustls::TlsAcceptor)>,
+    /// The generation and configuration last taken from `files`.
+    cached: RefCell<(u64, Arc<ServerConfig>)>,
     /// Thousandths of handshakes that may start now.
     tokens_milli: Cell<u64>,
     /// When the bucket was last refilled.
@@ -520,7 +483,7 @@ impl Acceptor {
         let (generation, config) = files.snapshot();
         Acceptor {
             files,
-            cached: RefCell::new((generation, futures_rustls::TlsAcceptor::from(config))),
+            cached: RefCell::new((generation, config)),
             tokens_milli: Cell::new(u64::from(TLS_HANDSHAKE_BURST_MAX) * 1000),
             refilled: Cell::new(Instant::now()),
         }
@@ -555,18 +518,17 @@ impl Acceptor {
     /// Runs the server handshake on `stream` with the newest configuration, within
     /// [`TLS_HANDSHAKE_TIMEOUT_MS`]: the session, or why not (a short reason for the metric).
     pub async fn handshake(&self, stream: TcpStream) -> Result<TlsStream, &'static str> {
-        let acceptor = {
+        let config = {
             let latest = self.files.generation.load(Ordering::Acquire);
             let mut cached = self.cached.borrow_mut();
             if cached.0 != latest {
-                let (generation, config) = self.files.snapshot();
-                *cached = (generation, futures_rustls::TlsAcceptor::from(config));
+                *cached = self.files.snapshot();
             }
             cached.1.clone()
         };
         match rt::timeout(
             Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS),
-            acceptor.accept(TlsSocket(stream)),
+            session::Session::accept(stream, config),
         )
         .await
         {

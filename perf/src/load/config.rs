@@ -13,6 +13,8 @@ use thiserror::Error;
 use crate::frame::{self, Common, Format, Sample, FRAME_BYTES_MAX, FRAME_HEARTBEATS_MAX};
 use crate::tokens::{Credentials, TokenError};
 
+use super::tls::TlsClient;
+
 /// Most devices one run may simulate (far beyond what one machine's port range allows).
 pub const DEVICES_MAX: usize = 1_000_000;
 /// Most child processes one run may spawn.
@@ -58,8 +60,8 @@ impl Target {
     /// URL schemes this target accepts, and its default port.
     fn schemes(self) -> (&'static [&'static str], u16) {
         match self {
-            Target::Ws => (&["ws"], 80),
-            Target::Mqtt => (&["mqtt", "tcp"], 1883),
+            Target::Ws => (&["ws", "wss"], 80),
+            Target::Mqtt => (&["mqtt", "tcp", "mqtts", "ssl"], 1883),
             Target::Redis => (&["redis"], 6379),
             Target::Postgres => (&["postgres", "postgresql"], 5432),
         }
@@ -109,9 +111,13 @@ pub struct LoadArgs {
     #[arg(long, value_enum, default_value_t = Target::Ws)]
     pub target: Target,
     /// Endpoint: ws://host:port/v1/ingest, mqtt://host:port, redis://host:port or
-    /// postgres://user@host:port/db, matching --target.
+    /// postgres://user@host:port/db, matching --target; wss:// and mqtts:// (or ssl://) connect
+    /// over TLS and need --tls-ca.
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ingest")]
     pub url: String,
+    /// PEM CA certificate(s) to verify the server's TLS certificate against (wss://, mqtts://).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
     /// Redis/PostgreSQL: pool connections per process (devices are pinned to one each).
     #[arg(long, default_value_t = BACKEND_CONNECTIONS_DEFAULT)]
     pub backend_connections: usize,
@@ -253,6 +259,8 @@ pub struct Plan {
     pub target: Target,
     /// Server address the URL resolves to.
     pub addr: SocketAddr,
+    /// TLS client for wss:// and mqtts:// URLs (`None`: plain TCP).
+    pub tls: Option<TlsClient>,
     /// Devices this process runs.
     pub devices: usize,
     /// Global index of this process's first device.
@@ -362,7 +370,20 @@ impl Plan {
         let drain = seconds("drain", args.drain, true)?;
         let connect_timeout = seconds("connect-timeout", args.connect_timeout, false)?;
         let target = args.target;
-        let addr = resolve(&args.url, target)?;
+        let (addr, host, tls_scheme) = resolve(&args.url, target)?;
+        let tls = match (tls_scheme, &args.tls_ca) {
+            (true, Some(ca)) => Some(TlsClient::new(ca, &host).map_err(ConfigError::Invalid)?),
+            (true, None) => {
+                return Err(invalid(format!(
+                    "{} needs --tls-ca FILE (the CA that signed the server's certificate)",
+                    args.url
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(invalid("--tls-ca applies to wss:// and mqtts:// URLs only"))
+            }
+            (false, None) => None,
+        };
         if target.is_pooled() {
             if args.backend_connections == 0 || args.backend_connections > BACKEND_CONNECTIONS_MAX {
                 return Err(invalid(format!(
@@ -405,6 +426,7 @@ impl Plan {
             drain,
             connect_timeout,
             addr,
+            tls,
             credentials,
             args,
         })
@@ -452,7 +474,8 @@ pub fn split(total: usize, parts: usize, index: usize) -> (usize, usize) {
     (start, len)
 }
 
-fn resolve(url: &str, target: Target) -> Result<SocketAddr, ConfigError> {
+/// The URL's address, its host (for the TLS server name) and whether its scheme means TLS.
+fn resolve(url: &str, target: Target) -> Result<(SocketAddr, String, bool), ConfigError> {
     let err = |reason: &str| ConfigError::Url {
         url: url.to_owned(),
         reason: reason.to_owned(),
@@ -473,12 +496,19 @@ fn resolve(url: &str, target: Target) -> Result<SocketAddr, ConfigError> {
     }
     let host = uri.host().ok_or_else(|| err("no host"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
+    let tls = matches!(uri.scheme_str(), Some("wss" | "mqtts" | "ssl"));
+    let default_port = match uri.scheme_str() {
+        Some("wss") => 443,
+        Some("mqtts" | "ssl") => 8883,
+        _ => default_port,
+    };
     let port = uri.port_u16().unwrap_or(default_port);
-    (host, port)
+    let addr = (host, port)
         .to_socket_addrs()
         .map_err(|e| err(&e.to_string()))?
         .next()
-        .ok_or_else(|| err("host resolves to no address"))
+        .ok_or_else(|| err("host resolves to no address"))?;
+    Ok((addr, host.to_owned(), tls))
 }
 
 fn credentials(args: &LoadArgs) -> Result<Credentials, ConfigError> {
@@ -599,6 +629,23 @@ mod tests {
         assert!(parse(&["--gateway-token", "x", "--attrs", "[1]"]).is_err());
         assert!(parse(&["--gateway-token", "x", "--duration", "0"]).is_err());
         assert!(parse(&["--gateway-token", "x", "--url", "http://h/v1/ingest"]).is_err());
+        // TLS URLs need the CA to trust, and the CA applies to TLS URLs only.
+        let wss = [
+            "--gateway-token",
+            "x",
+            "--url",
+            "wss://127.0.0.1:9/v1/ingest",
+        ];
+        let e = parse(&wss).unwrap_err().to_string();
+        assert!(e.contains("--tls-ca"), "{e}");
+        let e = parse(&["--gateway-token", "x", "--tls-ca", "/nonexistent.pem"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wss://"), "{e}");
+        let e = parse(&[&wss[..], &["--tls-ca", "/nonexistent.pem"]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent.pem"), "{e}");
         let open = parse(&["--gateway-token", "x", "--mode", "open", "--rate", "50"]).unwrap();
         assert_eq!(open.rate_per_s, Some(50.0));
         assert_eq!(open.inflight_max, OPEN_INFLIGHT_DEFAULT);

@@ -25,13 +25,14 @@ use super::config::Target;
 use super::device::Shared;
 use super::mqtt::MqttLink;
 use super::pool::PoolRequest;
+use super::tls::Transport;
 use super::LoadError;
 use crate::frame::{self, Common, Format, Sample};
 use crate::reply::{parse_reply, Reply};
 use crate::tokens::DeviceCredential;
 
-/// The WebSocket stream type of a device connection.
-pub type DeviceStream = WebSocketStream<TokioAdapter<TcpStream>>;
+/// The WebSocket stream type of a device connection (ws:// or wss://).
+pub type DeviceStream = WebSocketStream<TokioAdapter<Transport>>;
 
 /// One event from a link, classified for the device loop.
 #[derive(Debug)]
@@ -76,7 +77,13 @@ impl Link {
                 WsLink::connect(shared, credential).await?,
             ))),
             Target::Mqtt => Ok(Link::Mqtt(Box::new(
-                MqttLink::connect(shared.plan.addr, device_id, &credential.token).await?,
+                MqttLink::connect(
+                    shared.plan.addr,
+                    shared.plan.tls.as_ref(),
+                    device_id,
+                    &credential.token,
+                )
+                .await?,
             ))),
             Target::Redis | Target::Postgres => {
                 let pool = shared.pool.as_ref().expect("pooled targets have a pool");
@@ -172,6 +179,10 @@ impl WsLink {
             .await
             .map_err(LoadError::Connect)?;
         tcp.set_nodelay(true).map_err(LoadError::Connect)?;
+        let transport = match &shared.plan.tls {
+            Some(tls) => tls.connect(tcp).await.map_err(LoadError::Tls)?,
+            None => Transport::Plain(tcp),
+        };
         let args = &shared.plan.args;
         let mut request = if args.token_in_query {
             let separator = if args.url.contains('?') { '&' } else { '?' };
@@ -192,7 +203,7 @@ impl WsLink {
         }
         let (ws, _response) = async_tungstenite::client_async_with_config(
             request,
-            TokioAdapter::new(tcp),
+            TokioAdapter::new(transport),
             Some(shared.ws_config),
         )
         .await

@@ -4,7 +4,7 @@
 //! PostgreSQL; see [`link`]). This module owns running a [`Plan`] on tokio runtimes inside one
 //! process ([`run`]) and splitting a run over child processes and merging their summaries
 //! ([`run_processes`]); flags live in [`config`], the per-device loop in [`device`], transports
-//! in [`link`], [`mqtt`] and [`pool`]. Invariant: every process of a run shares one start time,
+//! in [`link`], [`mqtt`] and [`pool`] (TLS under WebSocket and MQTT in [`tls`]). Invariant: every process of a run shares one start time,
 //! ramp and measured window, so merged counters and histograms describe one interval.
 
 pub mod config;
@@ -13,6 +13,7 @@ pub mod link;
 pub mod mqtt;
 pub mod pool;
 pub mod report;
+pub mod tls;
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
@@ -39,6 +40,9 @@ pub enum LoadError {
     /// TCP connect or socket option failed.
     #[error("tcp: {0}")]
     Connect(std::io::Error),
+    /// The TLS handshake failed (wss://, mqtts://).
+    #[error("tls: {0}")]
+    Tls(std::io::Error),
     /// The WebSocket upgrade failed (includes HTTP 401 and other non-101 answers).
     #[error("upgrade: {0}")]
     Upgrade(Box<tungstenite::Error>),

@@ -19,12 +19,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt as _;
 use rumqttc::mqttbytes::v4::{self, ConnAck, Connect, Packet, Publish};
 use rumqttc::mqttbytes::{self, QoS};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::link::{Incoming, LinkClosed};
+use super::tls::{TlsClient, Transport};
 use super::LoadError;
 use crate::frame::{self, Common, Sample};
 use crate::reply::Reply;
@@ -55,8 +57,8 @@ struct Pending {
 /// A device's MQTT connection.
 #[derive(Debug)]
 pub struct MqttLink {
-    /// The broker connection.
-    stream: TcpStream,
+    /// The broker connection (TCP, or TLS for mqtts://).
+    stream: Transport,
     /// Bytes received and not yet decoded.
     read_buf: BytesMut,
     /// Encoded packets not yet written.
@@ -77,11 +79,16 @@ impl MqttLink {
     /// password; geobeat wants the token's device id there).
     pub async fn connect(
         addr: SocketAddr,
+        tls: Option<&TlsClient>,
         device_id: &str,
         token: &str,
     ) -> Result<Self, LoadError> {
-        let stream = TcpStream::connect(addr).await.map_err(LoadError::Connect)?;
-        stream.set_nodelay(true).map_err(LoadError::Connect)?;
+        let tcp = TcpStream::connect(addr).await.map_err(LoadError::Connect)?;
+        tcp.set_nodelay(true).map_err(LoadError::Connect)?;
+        let stream = match tls {
+            Some(tls) => tls.connect(tcp).await.map_err(LoadError::Tls)?,
+            None => Transport::Plain(tcp),
+        };
         let mut link = Self {
             stream,
             read_buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
@@ -219,7 +226,16 @@ impl MqttLink {
             return Some(incoming);
         }
         self.read_buf.reserve(READ_BUFFER_BYTES);
-        match self.stream.try_read_buf(&mut self.read_buf) {
+        let read = match self.stream.plain() {
+            Some(tcp) => tcp.try_read_buf(&mut self.read_buf),
+            // TLS: one poll of the session's read (cancel-safe, like `read_buf` everywhere).
+            None => self
+                .stream
+                .read_buf(&mut self.read_buf)
+                .now_or_never()
+                .unwrap_or_else(|| Err(std::io::ErrorKind::WouldBlock.into())),
+        };
+        match read {
             Ok(0) => Some(Incoming::Closed),
             Ok(_) => self.decode(),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
@@ -281,7 +297,9 @@ mod tests {
             }
             (socket, publishes)
         });
-        let mut link = MqttLink::connect(addr, "dev-1", "tok-1").await.unwrap();
+        let mut link = MqttLink::connect(addr, None, "dev-1", "tok-1")
+            .await
+            .unwrap();
         let sample = |seq| Sample {
             seq,
             lat: 1.0,
