@@ -12,7 +12,15 @@
 //! files (`log::chain::verify_shard`) and, with `--audit-dir`, every audit file's digests
 //! (`flusher::audit::verify_shard_files`), and names the first entry or line that does not
 //! match. It is read-only too: on a running server it checks what the chain already covers and
-//! counts the newest, not yet chained entries apart.
+//! counts the newest, not yet chained entries apart. With `--postgres URL` it also recomputes the
+//! digest chain of the sink's `history` rows ([`crate::flusher::rowdigest`]) shard by shard in
+//! `pos` order and names the first row whose digest does not match; rows without a digest
+//! (written by an older build) are counted as "unchained" if they precede every chained row of
+//! their shard, and are a mismatch after one (a cleared digest or an inserted row). With a data
+//! directory as well it compares every row with the log entry at its position (naming the
+//! column that differs, a row with no entry: "inserted", an entry below the sink's cursor, or
+//! below a later row, with no row: "deleted"), which also catches what a chain alone cannot: the
+//! newest rows deleted, or every digest cleared.
 //!
 //! Invariant: a difference is reported whenever, for some device and shard, the number of log
 //! entries below a sink's cursor differs from the number of sink records of that device with a
@@ -28,7 +36,8 @@ use crate::log::tail::{log_end, Tail};
 use crate::log::LogPos;
 use crate::route::ShardId;
 
-pub use crate::config::{AuditArgs, AuditCommand, ReconcileArgs};
+pub use crate::config::{AuditArgs, AuditCommand, ReconcileArgs, VerifyArgs};
+use crate::flusher::rowdigest::{row_digest, RowFields, GENESIS};
 
 /// Why reconciling could not be done (as opposed to differences found).
 #[derive(Debug, thiserror::Error)]
@@ -142,13 +151,44 @@ pub struct VerifyReport {
     pub shards: Vec<crate::log::chain::ShardVerify>,
     /// Per shard of the audit directory: what its files' check found.
     pub audit: Vec<crate::flusher::audit::FilesVerify>,
+    /// Per shard of the PostgreSQL sink: what its rows' check found.
+    pub postgres: Vec<PgVerify>,
+}
+
+/// What `geobeat audit verify --postgres` found in one shard's `history` rows.
+#[derive(Debug, Clone, Default)]
+pub struct PgVerify {
+    /// The shard.
+    pub shard: u32,
+    /// Rows read.
+    pub rows: u64,
+    /// Rows with a digest, verified up to the first mismatch.
+    pub chained: u64,
+    /// Rows without a digest before the shard's first chained row (written by an older build).
+    pub unchained: u64,
+    /// Rows compared with the log entry at their position (`None`: no data directory given).
+    pub compared: Option<u64>,
+    /// The first row whose digest does not match.
+    pub chain_mismatch: Option<String>,
+    /// The first row that differs from the log (or is missing from or absent in it).
+    pub log_mismatch: Option<String>,
 }
 
 impl VerifyReport {
     /// Whether anything did not match.
     pub fn failed(&self) -> bool {
-        self.shards.iter().any(|s| s.mismatch.is_some())
-            || self.audit.iter().any(|a| a.mismatch.is_some())
+        self.mismatches() > 0
+    }
+
+    /// How many shards (of logs, audit files, PostgreSQL rows) have a mismatch.
+    fn mismatches(&self) -> usize {
+        self.shards.iter().filter(|s| s.mismatch.is_some()).count()
+            + self.audit.iter().filter(|a| a.mismatch.is_some()).count()
+            + self
+                .postgres
+                .iter()
+                .filter(|p| p.chain_mismatch.is_some() || p.log_mismatch.is_some())
+                .count()
     }
 
     /// The human report: one line per shard (and audit shard), each mismatch, then a verdict.
@@ -179,8 +219,21 @@ impl VerifyReport {
                 s.push_str(&format!("MISMATCH: {m}\n"));
             }
         }
-        let bad = self.shards.iter().filter(|s| s.mismatch.is_some()).count()
-            + self.audit.iter().filter(|a| a.mismatch.is_some()).count();
+        for p in &self.postgres {
+            s.push_str(&format!(
+                "postgres shard {}: {} rows, {} chained, {} unchained (written before digests){}\n",
+                p.shard,
+                p.rows,
+                p.chained,
+                p.unchained,
+                p.compared
+                    .map_or(String::new(), |c| format!(", {c} compared with the log")),
+            ));
+            for m in [&p.chain_mismatch, &p.log_mismatch].into_iter().flatten() {
+                s.push_str(&format!("MISMATCH: {m}\n"));
+            }
+        }
+        let bad = self.mismatches();
         s.push_str(&if bad == 0 {
             "verified: no mismatch\n".to_string()
         } else {
@@ -231,6 +284,336 @@ pub fn verify(
         }
     }
     Ok(report)
+}
+
+/// Runs `geobeat audit verify` with its arguments: the logs (and the audit files) unless
+/// `--postgres` is given without a data directory, then the PostgreSQL rows.
+pub fn verify_args(args: &VerifyArgs) -> Result<VerifyReport, AuditError> {
+    let data_given =
+        args.data_dir.is_some() || std::env::var("GEOBEAT_DATA_DIR").is_ok_and(|v| !v.is_empty());
+    let mut report = if args.postgres.is_none() || data_given || args.audit_dir.is_some() {
+        verify(args.data_dir.as_ref(), args.audit_dir.as_deref())?
+    } else {
+        VerifyReport::default()
+    };
+    if let Some(url) = &args.postgres {
+        check_schema(&args.schema)?;
+        let root = data_given.then(|| crate::config::offline_data_dir(args.data_dir.as_ref()));
+        report.postgres = verify_postgres(
+            url,
+            &args.schema,
+            root.as_deref(),
+            args.postgres_sink.as_deref(),
+        )?;
+    }
+    Ok(report)
+}
+
+/// Refuses a schema name that is not a plain lower-case SQL identifier.
+fn check_schema(schema: &str) -> Result<(), AuditError> {
+    if schema.is_empty()
+        || !schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(AuditError::Usage(
+            "--schema must be a lower-case SQL identifier".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The log side of a PostgreSQL check: where the shard logs are and the sink whose cursors say
+/// which rows must exist.
+struct PgLogs<'a> {
+    root: &'a Path,
+    shard_count: u32,
+    sink: String,
+}
+
+/// One shard's log, walked in step with its rows.
+struct LogWalk {
+    tail: Tail,
+    /// The oldest retained entry (rows below it are not compared).
+    first: LogPos,
+    /// The log's end when the walk started.
+    end: LogPos,
+    /// The sink's cursor: every entry below it must have a row.
+    cursor: u64,
+    /// The next entry not yet matched with a row.
+    next: Option<RowFields>,
+}
+
+impl LogWalk {
+    fn open(logs: &PgLogs<'_>, shard: u32) -> Result<Option<LogWalk>, AuditError> {
+        if shard >= logs.shard_count {
+            return Ok(None);
+        }
+        let shard = ShardId(shard);
+        let dir = logs.root.join(shard_dir_name(shard));
+        let log_err = |e: crate::log::tail::TailError| AuditError::Log {
+            shard,
+            reason: e.to_string(),
+        };
+        let end = log_end(&dir, shard).map_err(log_err)?.unwrap_or(LogPos(0));
+        let first = Tail::new(&dir, shard, LogPos(0), None)
+            .oldest()
+            .map_err(log_err)?
+            .unwrap_or(end);
+        let cursor = cursors(&dir)
+            .into_iter()
+            .find(|(n, _)| *n == logs.sink)
+            .map_or(0, |(_, c)| c.pos);
+        Ok(Some(LogWalk {
+            tail: Tail::new(&dir, shard, first, None),
+            first,
+            end,
+            cursor,
+            next: None,
+        }))
+    }
+
+    /// The next unmatched entry below `bound`, read if needed.
+    fn peek(&mut self, bound: LogPos) -> Result<Option<&RowFields>, AuditError> {
+        if self.next.is_none() {
+            let shard = self.tail_shard();
+            self.next = self
+                .tail
+                .next(bound)
+                .map_err(|e| AuditError::Log {
+                    shard,
+                    reason: e.to_string(),
+                })?
+                .map(|e| RowFields::from_entry(shard, &e));
+        }
+        Ok(self.next.as_ref().filter(|e| e.pos < bound.0))
+    }
+
+    fn tail_shard(&self) -> ShardId {
+        self.tail.shard()
+    }
+}
+
+/// The check of one shard's rows, fed in `pos` order.
+struct PgShardCheck {
+    v: PgVerify,
+    /// The digest the next row chains from, and the position of the row it belongs to.
+    prev: (Vec<u8>, Option<u64>),
+    /// Whether a chained row was seen.
+    seen_chained: bool,
+    /// The shard's log, with a data directory.
+    log: Option<LogWalk>,
+    /// Whether a data directory was given (a shard it does not have is then a mismatch).
+    with_logs: bool,
+    canon: Vec<u8>,
+}
+
+impl PgShardCheck {
+    fn new(shard: u32, logs: Option<&PgLogs<'_>>) -> Result<PgShardCheck, AuditError> {
+        let log = match logs {
+            Some(l) => LogWalk::open(l, shard)?,
+            None => None,
+        };
+        Ok(PgShardCheck {
+            v: PgVerify {
+                shard,
+                compared: logs.map(|_| 0),
+                ..PgVerify::default()
+            },
+            prev: (GENESIS.to_vec(), None),
+            seen_chained: false,
+            log,
+            with_logs: logs.is_some(),
+            canon: Vec::new(),
+        })
+    }
+
+    fn name(f: &RowFields) -> String {
+        format!("postgres shard {} pos {} device {:?}", f.shard, f.pos, f.id)
+    }
+
+    fn row(&mut self, f: &RowFields, digest: Option<&[u8]>) -> Result<(), AuditError> {
+        self.v.rows += 1;
+        if self.v.chain_mismatch.is_none() {
+            match digest {
+                None if self.seen_chained => {
+                    self.v.chain_mismatch = Some(format!(
+                        "{}: no digest after chained rows (an inserted row, or its digest was cleared)",
+                        Self::name(f)
+                    ));
+                }
+                None => {
+                    self.v.unchained += 1;
+                    self.prev = (GENESIS.to_vec(), Some(f.pos));
+                }
+                Some(d) => {
+                    self.canon.clear();
+                    f.canonical(&mut self.canon);
+                    if row_digest(&self.prev.0, &self.canon)[..] == *d {
+                        self.v.chained += 1;
+                    } else {
+                        let before = match self.prev.1 {
+                            Some(p) => format!("the row before it, pos {p}"),
+                            None => "none: it is the shard's first row".into(),
+                        };
+                        self.v.chain_mismatch = Some(format!(
+                            "{}: the digest does not match the row and its predecessor ({before}): \
+                             this row was edited, or rows right before it were deleted or inserted{}",
+                            Self::name(f),
+                            if self.with_logs {
+                                ""
+                            } else {
+                                " (add --data-dir to compare with the log)"
+                            }
+                        ));
+                    }
+                    self.seen_chained = true;
+                    self.prev = (d.to_vec(), Some(f.pos));
+                }
+            }
+        }
+        if self.v.log_mismatch.is_some() || !self.with_logs {
+            return Ok(());
+        }
+        let Some(log) = &mut self.log else {
+            self.v.log_mismatch = Some(format!(
+                "{}: inserted (the data directory has no such shard)",
+                Self::name(f)
+            ));
+            return Ok(());
+        };
+        if f.pos < log.first.0 {
+            return Ok(()); // older than the retained log: the chain alone covers it
+        }
+        let end = log.end;
+        if let Some(e) = log.peek(end)?.filter(|e| e.pos < f.pos) {
+            self.v.log_mismatch = Some(format!(
+                "{}: deleted (the log holds this entry, the table has no row for it; the next row is pos {})",
+                Self::name(e),
+                f.pos
+            ));
+            return Ok(());
+        }
+        match log.peek(end)? {
+            Some(e) if e.pos == f.pos => {
+                if let Some((column, row, entry)) = f.first_difference(e) {
+                    self.v.log_mismatch = Some(format!(
+                        "{}: edited: {column} is {row} in the row, {entry} in the log",
+                        Self::name(f)
+                    ));
+                } else {
+                    *self.v.compared.get_or_insert(0) += 1;
+                }
+                log.next = None;
+            }
+            _ => {
+                self.v.log_mismatch = Some(format!(
+                    "{}: inserted (no log entry at this position)",
+                    Self::name(f)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the shard: entries below the sink's cursor that no row matched are deleted rows.
+    fn finish(mut self) -> Result<PgVerify, AuditError> {
+        if let (None, Some(log)) = (&self.v.log_mismatch, &mut self.log) {
+            let bound = LogPos(log.cursor.min(log.end.0));
+            if let Some(e) = log.peek(bound)? {
+                self.v.log_mismatch = Some(format!(
+                    "{}: deleted (the log holds this entry below the sink's cursor {}, the table has no row for it)",
+                    Self::name(e),
+                    log.cursor
+                ));
+            }
+        }
+        Ok(self.v)
+    }
+}
+
+/// Checks the `history` rows of the PostgreSQL sink at `url`: their digest chain, and with a
+/// data directory `root`, their content against the logs (see the module docs).
+fn verify_postgres(
+    url: &str,
+    schema: &str,
+    root: Option<&Path>,
+    sink: Option<&str>,
+) -> Result<Vec<PgVerify>, AuditError> {
+    use postgres::fallible_iterator::FallibleIterator as _;
+    let logs = match root {
+        Some(root) => {
+            let layout = crate::datadir::inspect(root)
+                .map_err(|e| AuditError::Usage(format!("{}: {e}", root.display())))?;
+            let sink = pick_sink(root, layout.shard_count, sink, false)?;
+            Some(PgLogs {
+                root,
+                shard_count: layout.shard_count,
+                sink,
+            })
+        }
+        None => None,
+    };
+    let label = logs
+        .as_ref()
+        .map_or_else(|| "postgres".to_string(), |l| l.sink.clone());
+    let err = |e: postgres::Error| AuditError::Sink {
+        sink: label.clone(),
+        reason: crate::flusher::FlushError::Postgres {
+            sink: label.clone(),
+            op: "verify",
+            source: e,
+        }
+        .to_string(),
+    };
+    let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(&err)?;
+    let sql = format!(
+        "SELECT shard, pos, seq, id, lat, lon, ts, received_at, alt, speed, heading, acc, \
+         attrs::text, digest FROM {schema}.history ORDER BY shard, pos"
+    );
+    let mut rows = client
+        .query_raw(&sql, std::iter::empty::<i32>())
+        .map_err(&err)?;
+    let mut out = Vec::new();
+    let mut check: Option<PgShardCheck> = None;
+    while let Some(r) = rows.next().map_err(&err)? {
+        let f = RowFields {
+            shard: r.get::<_, i32>(0) as u32,
+            pos: r.get::<_, i64>(1) as u64,
+            seq: r.get::<_, i64>(2) as u64,
+            id: r.get(3),
+            lat: r.get(4),
+            lon: r.get(5),
+            ts: r.get(6),
+            received_at: r.get(7),
+            opt: [r.get(8), r.get(9), r.get(10), r.get(11)],
+            attrs: r.get(12),
+        };
+        let digest: Option<Vec<u8>> = r.get(13);
+        if check.as_ref().is_none_or(|c| c.v.shard != f.shard) {
+            if let Some(c) = check.take() {
+                out.push(c.finish()?);
+            }
+            check = Some(PgShardCheck::new(f.shard, logs.as_ref())?);
+        }
+        check
+            .as_mut()
+            .expect("set above")
+            .row(&f, digest.as_deref())?;
+    }
+    if let Some(c) = check.take() {
+        out.push(c.finish()?);
+    }
+    // A shard with no row at all: every entry below the cursor is a deleted row.
+    if let Some(l) = &logs {
+        for k in 0..l.shard_count {
+            if !out.iter().any(|p| p.shard == k) {
+                out.push(PgShardCheck::new(k, Some(l))?.finish()?);
+            }
+        }
+        out.sort_by_key(|p| p.shard);
+    }
+    Ok(out)
 }
 
 /// Per device counts of one shard.
@@ -469,15 +852,7 @@ pub fn reconcile(args: &ReconcileArgs) -> Result<Report, AuditError> {
                 sink: name.clone(),
                 reason: format!("connecting: {e}"),
             })?;
-        if !args
-            .schema
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        {
-            return Err(AuditError::Usage(
-                "--schema must be a lower-case SQL identifier".into(),
-            ));
-        }
+        check_schema(&args.schema)?;
         sinks.push(SinkReader::Postgres {
             name,
             client: Box::new(client),

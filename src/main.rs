@@ -103,22 +103,20 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             },
-            geobeat::audit::AuditCommand::Verify(v) => {
-                match geobeat::audit::verify(v.data_dir.as_ref(), v.audit_dir.as_deref()) {
-                    Ok(report) => {
-                        print!("{}", report.render());
-                        if report.failed() {
-                            ExitCode::from(1)
-                        } else {
-                            ExitCode::SUCCESS
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("geobeat audit verify: {e}");
-                        ExitCode::from(e.exit_code())
+            geobeat::audit::AuditCommand::Verify(v) => match geobeat::audit::verify_args(v) {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    if report.failed() {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
                     }
                 }
-            }
+                Err(e) => {
+                    eprintln!("geobeat audit verify: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            },
         },
         Command::Cluster(args) => match &args.command {
             geobeat::config::ClusterCommand::Status(s) => {

@@ -157,7 +157,7 @@ impl Appended {
 pub struct ShardStore {
     /// The log's hash chain, extended on its own thread from the durable entries (first, so it
     /// stops before the log releases the shard directory's lock).
-    chain: ChainThread,
+    chain: Option<ChainThread>,
     log: Log,
     table: LastLocationTable,
     /// Spatial index over the table's last locations (keys are table slots).
@@ -392,6 +392,15 @@ pub enum RetentionStep {
 impl ShardStore {
     /// Opens the shard, recovering the log and rebuilding the table from it.
     pub fn open(cfg: &StoreConfig) -> Result<(ShardStore, RecoveryReport), Error> {
+        ShardStore::open_chained(cfg, true)
+    }
+
+    /// [`ShardStore::open`], with the log's hash chain thread only if `chain` (`--audit-chain`):
+    /// without it no sidecar is written, and retention does not wait for seals.
+    pub fn open_chained(
+        cfg: &StoreConfig,
+        chain: bool,
+    ) -> Result<(ShardStore, RecoveryReport), Error> {
         let mut table = LastLocationTable::with_capacity(cfg.expected_devices, 24);
         let table_err_of = |source| Error::Table {
             shard: cfg.shard,
@@ -470,7 +479,7 @@ impl ShardStore {
             grid.update(slot.raw(), loc.lat, loc.lon);
         }
         // Recovery synced everything it kept: the chain may cover all of it.
-        let chain = ChainThread::spawn(&cfg.dir, cfg.shard, log.durable());
+        let chain = chain.then(|| ChainThread::spawn(&cfg.dir, cfg.shard, log.durable()));
         Ok((
             ShardStore {
                 chain,
@@ -693,7 +702,7 @@ impl ShardStore {
     pub fn commit_begin(&mut self) -> Result<Commit, Error> {
         let c = self.log.commit_begin()?;
         if let Commit::Done(pos) = c {
-            self.chain.publish_durable(pos);
+            self.publish_chain(pos);
         }
         Ok(c)
     }
@@ -703,21 +712,30 @@ impl ShardStore {
     /// hashing happens there, off the ack's path).
     pub fn commit_end(&mut self, job: SyncJob, res: std::io::Result<()>) -> Result<LogPos, Error> {
         let pos = self.log.commit_end(job, res)?;
-        self.chain.publish_durable(pos);
+        self.publish_chain(pos);
         Ok(pos)
     }
 
     /// See [`Log::sync_blocking`].
     pub fn sync_blocking(&mut self) -> Result<LogPos, Error> {
         let pos = self.log.sync_blocking()?;
-        self.chain.publish_durable(pos);
+        self.publish_chain(pos);
         Ok(pos)
     }
 
     /// Position below which every segment is sealed in the log's hash chain (`u64::MAX` if the
     /// chain thread stopped on an error).
     pub fn chain_sealed_below(&self) -> LogPos {
-        self.chain.sealed_below()
+        self.chain
+            .as_ref()
+            .map_or(LogPos(u64::MAX), ChainThread::sealed_below)
+    }
+
+    /// Tells the chain thread (if any) the new durable position.
+    fn publish_chain(&self, pos: LogPos) {
+        if let Some(c) = &self.chain {
+            c.publish_durable(pos);
+        }
     }
 
     /// See [`Log::durable`].
@@ -797,14 +815,14 @@ impl ShardStore {
         };
         // Expired segments were normally sealed in the chain long ago; it is behind only just
         // after an open over a long unchained log (then the rest waits for a later run).
-        if self.chain.sealed_below() < end {
-            self.chain.publish_durable(self.log.durable());
-            self.chain.kick();
+        if let Some(chain) = self.chain.as_ref().filter(|c| c.sealed_below() < end) {
+            chain.publish_durable(self.log.durable());
+            chain.kick();
             if !chain_wait.is_zero() {
-                self.chain.wait_sealed(end, chain_wait);
+                chain.wait_sealed(end, chain_wait);
             }
         }
-        let end = end.min(self.chain.sealed_below());
+        let end = end.min(self.chain_sealed_below());
         if self.log.segment_end(end).is_none()
             || end.0 + SEGMENT_HEADER_BYTES as u64 <= self.log.first_pos().0
         {

@@ -6,8 +6,11 @@
 //! writer thread appends and PostgreSQL is stopped and started again. After each scenario
 //! `history` must hold every durable heartbeat exactly once (by `(shard, pos)`) with the right
 //! content, and `last_location` each device's newest heartbeat by device time (ties: later
-//! append), which must also equal the server's own last-location table.
+//! append), which must also equal the server's own last-location table. One scenario runs the
+//! real server with the sink configured in its TOML file and checks `geobeat audit verify
+//! --postgres` on the rows' digest chain: clean, an edited row, a deleted row, an upgrade.
 
+mod common;
 mod flusher_support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,6 +70,11 @@ fn verify(pg: &Pg, root: &std::path::Path) {
         let l = stores[*shard as usize].last(id).expect("device in table");
         assert_eq!((l.ts_ms, l.pos.0), (*ts, *pos), "{id}");
     }
+    // The rows' digest chain holds (across restarts, kills, outages and replays) and every row
+    // equals its log entry.
+    let (code, out) = audit_verify(&["--postgres", &pg.url, "--data-dir", root.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains(" 0 chained"), "{out}");
 }
 
 /// Every row below each cursor is in `history` (a cursor never runs ahead of the database).
@@ -371,6 +379,282 @@ fn a_missing_database_is_reported_with_the_servers_message() {
     assert_eq!(rows, total as i64);
 }
 
+/// Runs `geobeat audit verify` with `args`; returns the exit code and the output.
+fn audit_verify(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_geobeat"))
+        .args(["audit", "verify"])
+        .args(args)
+        .env_remove("GEOBEAT_DATA_DIR")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Sends heartbeats `range` (with attrs) for 16 devices over one WebSocket and waits for the
+/// acks; returns how many were sent.
+fn send_through_server(server: &common::Server, range: std::ops::Range<u64>) -> u64 {
+    let tok = server.token(&["gateway", "v-"]);
+    let mut ws = common::ws_connect(server, &tok).unwrap();
+    let t = common::now_ms();
+    for (seq, i) in range.clone().enumerate() {
+        let frame = format!(
+            r#"{{"seq":{},"id":"v-{}","lat":{},"lon":{},"ts":{},"speed":{},"attrs":{{"n":{i},"s":"a b","f":1.50,"z":{{"k":[1e3,true]}}}}}}"#,
+            seq + 1,
+            i % 16,
+            52.0 + i as f64 * 1e-4,
+            13.0 - i as f64 * 1e-4,
+            t + i as i64,
+            (i % 30) as f32 * 0.5,
+        );
+        ws.send(common::Message::text(frame)).unwrap();
+    }
+    let n = range.end - range.start;
+    assert!(common::wait_ack(&mut ws, n).is_empty());
+    n
+}
+
+fn audit_verify_names_edited_and_deleted_rows() {
+    // 600 heartbeats go through the real server (WebSocket) into a PostgreSQL sink from its
+    // TOML file; the server is restarted and 200 more follow (the chain goes on across the
+    // restart). `audit verify --postgres` then exits 0, with and without the data directory.
+    // (b) one row's lat changed: exit 1 naming its shard, pos and device (and, with the log,
+    // the column); restored: exit 0. (c) one row deleted: exit 1 naming the gap (with the log:
+    // "deleted" at its position; without: the next row); restored: exit 0. (d) a shard's newest
+    // row deleted: only the log comparison sees it (below the sink's cursor). (e) upgrade: the
+    // digest column dropped (an older build's table), the server restarted (adds the column)
+    // and 100 more heartbeats: the old rows are "unchained", the new ones chain, exit 0.
+    let pg = pg();
+    pg.reset();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("geobeat.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[sinks]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{}\"\npoll_interval_ms = 20\n",
+            pg.url
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let mut server = common::Server::start(&data, &["--config", &config.display().to_string()]);
+    let mut sent = send_through_server(&server, 0..600);
+    wait_for("600 rows", Duration::from_secs(30), || {
+        pg.history_count() == sent as i64
+    });
+    assert!(server.sigterm().success());
+    server.restart();
+    sent += send_through_server(&server, 600..800);
+    wait_for("800 rows", Duration::from_secs(30), || {
+        pg.history_count() == sent as i64
+    });
+    assert!(server.sigterm().success());
+    let d = data.to_str().unwrap();
+    let url = pg.url.as_str();
+    let clean = |what: &str| {
+        for args in [
+            vec!["--postgres", url],
+            vec!["--postgres", url, "--data-dir", d],
+        ] {
+            let (code, out) = audit_verify(&args);
+            assert_eq!(code, 0, "{what}: {args:?}: {out}");
+            assert!(out.contains("verified: no mismatch"), "{out}");
+        }
+    };
+    clean("untouched");
+    let (_, out) = audit_verify(&["--postgres", url, "--data-dir", d]);
+    let chained: u64 = out
+        .lines()
+        .filter(|l| l.starts_with("postgres shard"))
+        .map(|l| {
+            assert!(
+                l.contains(" 0 unchained") && l.contains("compared with the log"),
+                "{l}"
+            );
+            l.split(", ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(chained, sent, "{out}");
+    let row = |offset: i64| -> (i32, i64, String) {
+        let r = pg
+            .client()
+            .query_one(
+                "SELECT shard, pos, id FROM history ORDER BY shard, pos OFFSET $1 LIMIT 1",
+                &[&offset],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    let named = |(shard, pos, id): &(i32, i64, String)| {
+        format!("postgres shard {shard} pos {pos} device {id:?}")
+    };
+
+    // (b) An edited lat.
+    let victim = row(300);
+    let edit = "UPDATE history SET lat = lat + 0.5 WHERE shard = $1 AND pos = $2";
+    assert_eq!(
+        pg.client().execute(edit, &[&victim.0, &victim.1]).unwrap(),
+        1
+    );
+    let (code, out) = audit_verify(&["--postgres", url]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "MISMATCH: {}: the digest does not match",
+            named(&victim)
+        )),
+        "{out}"
+    );
+    let (code, out) = audit_verify(&["--postgres", url, "--data-dir", d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("MISMATCH: {}: edited: lat is ", named(&victim))),
+        "{out}"
+    );
+    println!("{out}");
+    let undo = "UPDATE history SET lat = lat - 0.5 WHERE shard = $1 AND pos = $2";
+    pg.client().execute(undo, &[&victim.0, &victim.1]).unwrap();
+    clean("lat restored");
+
+    // (c) A deleted row in the middle.
+    let victim = row(200);
+    let next = row(201);
+    assert_eq!(victim.0, next.0, "same shard");
+    let mut c = pg.client();
+    c.execute(
+        "CREATE TABLE saved AS SELECT * FROM history WHERE shard = $1 AND pos = $2",
+        &[&victim.0, &victim.1],
+    )
+    .unwrap();
+    c.execute(
+        "DELETE FROM history WHERE shard = $1 AND pos = $2",
+        &[&victim.0, &victim.1],
+    )
+    .unwrap();
+    let (code, out) = audit_verify(&["--postgres", url]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "MISMATCH: {}: the digest does not match",
+            named(&next)
+        )),
+        "{out}"
+    );
+    let (code, out) = audit_verify(&["--postgres", url, "--data-dir", d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("MISMATCH: {}: deleted", named(&victim))),
+        "{out}"
+    );
+    println!("{out}");
+    c.batch_execute("INSERT INTO history SELECT * FROM saved; DROP TABLE saved")
+        .unwrap();
+    clean("row restored");
+
+    // (d) The newest row of shard 0 deleted: the chain cannot tell, the cursor can.
+    let newest: (i32, i64, String) = {
+        let r = c
+            .query_one(
+                "SELECT shard, pos, id FROM history WHERE shard = 0 ORDER BY pos DESC LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    c.execute(
+        "CREATE TABLE saved AS SELECT * FROM history WHERE shard = $1 AND pos = $2",
+        &[&newest.0, &newest.1],
+    )
+    .unwrap();
+    c.execute(
+        "DELETE FROM history WHERE shard = $1 AND pos = $2",
+        &[&newest.0, &newest.1],
+    )
+    .unwrap();
+    let (code, out) = audit_verify(&["--postgres", url]);
+    assert_eq!(
+        code, 0,
+        "a chain alone cannot see a deleted newest row: {out}"
+    );
+    let (code, out) = audit_verify(&["--postgres", url, "--data-dir", d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("MISMATCH: {}: deleted", named(&newest))) && out.contains("cursor"),
+        "{out}"
+    );
+    c.batch_execute("INSERT INTO history SELECT * FROM saved; DROP TABLE saved")
+        .unwrap();
+    clean("newest restored");
+
+    // (e) An older build's table: no digest column. The sink adds it; old rows stay NULL.
+    c.batch_execute("ALTER TABLE history DROP COLUMN digest")
+        .unwrap();
+    server.restart();
+    sent += send_through_server(&server, 800..900);
+    wait_for("900 rows", Duration::from_secs(30), || {
+        pg.history_count() == sent as i64
+    });
+    assert!(server.sigterm().success());
+    clean("upgraded");
+    let (_, out) = audit_verify(&["--postgres", url]);
+    let unchained: u64 = out
+        .lines()
+        .filter(|l| l.starts_with("postgres shard"))
+        .map(|l| {
+            let at = l.find(" unchained").unwrap();
+            l[..at].rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(unchained, 800, "{out}");
+    let chained: i64 = c
+        .query_one("SELECT count(*) FROM history WHERE digest IS NOT NULL", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(chained, 100);
+    // A cleared digest after chained rows is not "unchained": it is named.
+    let last = {
+        let r = c
+            .query_one("SELECT shard, pos, id FROM history WHERE digest IS NOT NULL ORDER BY shard, pos LIMIT 1 OFFSET 10", &[])
+            .unwrap();
+        (
+            r.get::<_, i32>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, String>(2),
+        )
+    };
+    let prior_chained: i64 = c
+        .query_one(
+            "SELECT count(*) FROM history WHERE shard = $1 AND pos < $2 AND digest IS NOT NULL",
+            &[&last.0, &last.1],
+        )
+        .unwrap()
+        .get(0);
+    if prior_chained > 0 {
+        c.execute(
+            "UPDATE history SET digest = NULL WHERE shard = $1 AND pos = $2",
+            &[&last.0, &last.1],
+        )
+        .unwrap();
+        let (code, out) = audit_verify(&["--postgres", url]);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains(&format!("{}: no digest after chained rows", named(&last))),
+            "{out}"
+        );
+    }
+}
+
 fn main() {
     if child_main() {
         return;
@@ -389,6 +673,10 @@ fn main() {
         (
             "a_missing_database_is_reported_with_the_servers_message",
             a_missing_database_is_reported_with_the_servers_message,
+        ),
+        (
+            "audit_verify_names_edited_and_deleted_rows",
+            audit_verify_names_edited_and_deleted_rows,
         ),
     ]);
     if let Some(pg) = PG.get() {

@@ -52,8 +52,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Audit tools: `geobeat audit reconcile --data-dir DIR [--audit-dir D] [--postgres URL]`
     /// counts entries per device across the log and the sinks and prints any difference;
-    /// `geobeat audit verify --data-dir DIR [--audit-dir D]` checks the logs' hash chains (and
-    /// the audit files' digests) and names the first entry that does not match.
+    /// `geobeat audit verify --data-dir DIR [--audit-dir D] [--postgres URL]` checks the logs'
+    /// hash chains (and the audit files' and PostgreSQL rows' digests) and names the first entry
+    /// that does not match.
     Audit(AuditArgs),
     /// Cluster tools: `geobeat cluster status --nats-url URLS [--json] [--haproxy-map FILE]`
     /// reads the placement bucket and the streams and prints nodes, units, owners and streams
@@ -74,8 +75,9 @@ pub struct AuditArgs {
 pub enum AuditCommand {
     /// Count entries per device across the log and the sinks; print any difference (exit 1 if any).
     Reconcile(ReconcileArgs),
-    /// Recompute every shard's hash chain from its segments (and check the audit files against
-    /// their digests); name the first entry that does not match (exit 1 if any).
+    /// Recompute every shard's hash chain from its segments (and check the audit files and the
+    /// PostgreSQL rows against their digests); name the first entry that does not match (exit 1
+    /// if any).
     Verify(VerifyArgs),
 }
 
@@ -89,6 +91,18 @@ pub struct VerifyArgs {
     /// Directory of an audit sink (the `dir` of its `[[sinks]]` entry): check its files too
     #[arg(long, value_name = "D")]
     pub audit_dir: Option<PathBuf>,
+    /// PostgreSQL URL of a PostgreSQL sink (its `url`): recompute its rows' digest chain too,
+    /// and with a data directory (`--data-dir` or GEOBEAT_DATA_DIR) compare the rows with the
+    /// log entries; alone it checks only the rows
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
+    /// Schema of the PostgreSQL sink's tables
+    #[arg(long, value_name = "SCHEMA", default_value = super::PG_SCHEMA_DEFAULT)]
+    pub schema: String,
+    /// Name of the PostgreSQL sink (whose cursors say which rows must exist) [default: the only
+    /// sink whose cursors name no audit file]
+    #[arg(long, value_name = "NAME")]
+    pub postgres_sink: Option<String>,
 }
 
 /// `geobeat audit reconcile` settings.

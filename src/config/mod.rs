@@ -29,7 +29,7 @@ pub use crate::limits::{AUDIT_ROTATE_BYTES_RANGE, AUDIT_ROTATE_SECS_RANGE};
 pub use cli::{
     offline_data_dir, AuditArgs, AuditCommand, Cli, ClusterArgs, ClusterCommand, ClusterStatusArgs,
     Command, DemoArgs, MigrateArgs, ReconcileArgs, ReshardArgs, SinksArgs, TokenArgs, TokenKind,
-    TokenSubject,
+    TokenSubject, VerifyArgs,
 };
 pub use resolve::{raise_open_files_limit, ConfigError, Ownership, ServeConfig, Sources};
 pub use settings::{

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use super::settings::{
     known_keys, ByteLimit, Durability, Engine, LogFormat, MetricsListen, Retention, Routing,
-    ServeArgs, Setting, Typed, WriteMode, ADVERTISE, COMMIT_ENTRIES_MAX_S, COMMIT_INTERVAL_MS,
-    COMMIT_LINGER_ADAPTIVE_US, COMMIT_LINGER_US, CONFIG, CONNECTIONS_MAX, DATA_DIR, DURABILITY,
-    ENGINE, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_S,
-    LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY, METRICS_LISTEN, MQTTS_LISTEN, MQTT_LISTEN,
-    NATS_REPLICAS, NATS_STREAMS, NATS_URL, NODE_ID, OSMAND_LISTEN, RETENTION, ROUTING, SECRET_FILE,
-    SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES, SINK_BACKLOG_WARN_BYTES,
-    TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN, WRITE_MODE,
+    ServeArgs, Setting, Typed, WriteMode, ADVERTISE, AUDIT_CHAIN, COMMIT_ENTRIES_MAX_S,
+    COMMIT_INTERVAL_MS, COMMIT_LINGER_ADAPTIVE_US, COMMIT_LINGER_US, CONFIG, CONNECTIONS_MAX,
+    DATA_DIR, DURABILITY, ENGINE, FRAME_BYTES_MAX_S, FRAME_HEARTBEATS_MAX_S, HANDSHAKE_TIMEOUT_MS,
+    IDLE_TIMEOUT_S, LISTEN, LOG_FORMAT, LOG_LEVEL, MESH_CAPACITY, METRICS_LISTEN, MQTTS_LISTEN,
+    MQTT_LISTEN, NATS_REPLICAS, NATS_STREAMS, NATS_URL, NODE_ID, OSMAND_LISTEN, RETENTION, ROUTING,
+    SECRET_FILE, SEGMENT_BYTES, SETTINGS, SHARDS, SINKS_KEY, SINK_BACKLOG_MAX_BYTES,
+    SINK_BACKLOG_WARN_BYTES, TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TLS_LISTEN, WRITE_MODE,
 };
 use super::sinks::{parse_sinks, SinkConfig};
 use crate::auth::{resolve_secret, Secret, SecretError, SECRET_ENV};
@@ -66,6 +66,8 @@ pub struct ServeConfig {
     pub ownership: Option<Ownership>,
     /// How heartbeats reach the log's files.
     pub write_mode: WriteMode,
+    /// `--audit-chain`: whether the shard logs get their hash chain.
+    pub audit_chain: bool,
     /// Data age after which it may be deleted; `None`: keep forever.
     pub retention: Option<Duration>,
     /// Most concurrent client connections.
@@ -570,6 +572,7 @@ impl ServeArgs {
             nats_streams: r.get(&NATS_STREAMS, &self.nats_streams)?,
             nats_replicas: r.get(&NATS_REPLICAS, &self.nats_replicas)?,
             write_mode: write_mode.0,
+            audit_chain: r.get(&AUDIT_CHAIN, &self.audit_chain)?,
             engine: r.get(&ENGINE, &self.engine)?,
             retention: match retention {
                 Retention::For(d) => Some(d),

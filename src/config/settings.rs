@@ -487,6 +487,18 @@ settings! {
                --durability's meaning; see perf/RESULTS.md \"Commit path by pwrite\" and \
                \"Commit path: dsync and adaptive linger\"",
     }
+    setting AUDIT_CHAIN audit_chain: bool {
+        flag: "--audit-chain",
+        env: "GEOBEAT_AUDIT_CHAIN",
+        key: Some("audit_chain"),
+        value: "on|off",
+        default: Text("on"),
+        parse: parse_on_off,
+        help: "Whether each shard's log gets its hash chain (`.chain` sidecars written by a helper \
+               thread off the ack's path; `geobeat audit verify`): off writes none, and the next \
+               start with it on chains what it finds from the newest sealed sidecar on (for \
+               measuring its cost; see perf/RESULTS.md \"Hash chain on vs off\")",
+    }
     setting RETENTION retention: Retention {
         flag: "--retention",
         env: "GEOBEAT_RETENTION",
@@ -890,6 +902,14 @@ fn parse_advertise(text: &str) -> Result<String, String> {
             Ok(t.to_string())
         }
         _ => Err("expected host:port (the address devices can reach this node at)".into()),
+    }
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
     }
 }
 

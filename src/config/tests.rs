@@ -697,3 +697,40 @@ fn ownership_needs_node_id_and_advertise_together_with_replicated_durability() {
         );
     }
 }
+
+#[test]
+fn audit_chain_is_on_by_default_and_switches_from_every_source() {
+    // `--audit-chain` defaults to on; off comes from the flag, the environment or the file;
+    // anything but on/off is refused naming the setting.
+    assert!(
+        resolve(&ServeArgs::default(), &[], None)
+            .unwrap()
+            .audit_chain
+    );
+    assert!(
+        !resolve(&serve_args(&["--audit-chain", "off"]), &[], None)
+            .unwrap()
+            .audit_chain
+    );
+    assert!(
+        !resolve(
+            &ServeArgs::default(),
+            &[("GEOBEAT_AUDIT_CHAIN", "off")],
+            None
+        )
+        .unwrap()
+        .audit_chain
+    );
+    assert!(
+        !resolve(&ServeArgs::default(), &[], Some("audit_chain = \"off\"\n"))
+            .unwrap()
+            .audit_chain
+    );
+    let e = Cli::try_parse_from(["geobeat", "serve", "--audit-chain", "maybe"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--audit-chain") && e.contains("on or off"),
+        "{e}"
+    );
+}

@@ -23,6 +23,7 @@ mod driver;
 pub mod encode;
 pub mod postgres;
 pub mod report;
+pub mod rowdigest;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

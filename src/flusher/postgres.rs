@@ -8,6 +8,19 @@
 //! It owns the schema (created if absent, under an advisory lock), the SQL and the connection
 //! (dropped on any error and opened again on the next attempt; the driver backs off).
 //!
+//! Every `history` row carries a `digest` (issue 18 item 3): SHA-256 of the digest of the row
+//! before it in the same shard, by `pos` (the sink's exactly-once order), followed by the row's
+//! canonical bytes ([`super::rowdigest`]); a shard's first row, and the first row after rows an
+//! older build wrote without digests (`NULL`, reported as "unchained" by `geobeat audit
+//! verify`), chain from [`super::rowdigest::GENESIS`]. The predecessor is the row with the
+//! largest `pos` below the batch's first one: kept in memory after each commit, and looked up in
+//! the table (inside the batch's transaction) after every (re)start or failure, so the chain
+//! holds across flusher restarts and PostgreSQL outages. A replayed batch recomputes the same
+//! digests for the rows the table already holds (same predecessor, same bytes), and the rows past
+//! them chain from the digest the table holds for the last of them (looked up after the
+//! conflict-checked insert), so a re-sent batch never forks the chain. Tables made by an older
+//! build get the column with `ALTER TABLE ... ADD COLUMN IF NOT EXISTS`.
+//!
 //! Invariants: replaying a batch changes nothing (history rows are keyed by their log position;
 //! the upsert only replaces a row by a strictly newer `(ts, pos)`, which a replay never is), so
 //! at-least-once delivery yields exactly-once content. Only positions above the largest one known
@@ -24,6 +37,7 @@ use crate::route::ShardId;
 use super::cursor::Cursor;
 use super::driver::{Push, Sink};
 use super::encode::{write_copy_row, COPY_COLUMNS};
+use super::rowdigest::{row_digest, RowFields, GENESIS};
 use super::FlushError;
 
 /// Advisory lock key serialising schema creation between concurrent sinks.
@@ -72,6 +86,7 @@ struct Sql {
     copy_stage: String,
     copy_direct: String,
     max_pos: String,
+    prev_digest: String,
     insert_staged: String,
     upsert_last: String,
 }
@@ -93,7 +108,7 @@ impl Sql {
                     "seq bigint NOT NULL",
                     "id text NOT NULL",
                 ],
-                &["PRIMARY KEY (shard, pos)"],
+                &["digest bytea", "PRIMARY KEY (shard, pos)"],
             ),
             create_table(
                 &format!("{schema}.last_location"),
@@ -101,17 +116,25 @@ impl Sql {
                 &["shard integer NOT NULL", "pos bigint NOT NULL"],
             ),
         );
+        // A table made by a build without digests: its rows stay NULL ("unchained").
+        let ddl =
+            format!("{ddl}\nALTER TABLE {schema}.history ADD COLUMN IF NOT EXISTS digest bytea;");
         let stage = format!(
             "CREATE TEMP TABLE IF NOT EXISTS geobeat_stage (LIKE {schema}.history) \
              ON COMMIT DELETE ROWS"
         );
-        let copy_stage = format!("COPY pg_temp.geobeat_stage ({COPY_COLUMNS}) FROM STDIN");
-        let copy_direct = format!("COPY {schema}.history ({COPY_COLUMNS}) FROM STDIN");
+        let cols = format!("{COPY_COLUMNS}, digest");
+        let copy_stage = format!("COPY pg_temp.geobeat_stage ({cols}) FROM STDIN");
+        let copy_direct = format!("COPY {schema}.history ({cols}) FROM STDIN");
         let max_pos = format!("SELECT max(pos) FROM {schema}.history WHERE shard = $1");
+        let prev_digest = format!(
+            "SELECT digest FROM {schema}.history WHERE shard = $1 AND pos < $2 \
+             ORDER BY pos DESC LIMIT 1"
+        );
         let last_cols = format!("id, {}, shard, pos", fix_column_names().join(", "));
         let insert_staged = format!(
-            "INSERT INTO {schema}.history ({COPY_COLUMNS})\n\
-               SELECT {COPY_COLUMNS} FROM pg_temp.geobeat_stage\n\
+            "INSERT INTO {schema}.history ({cols})\n\
+               SELECT {cols} FROM pg_temp.geobeat_stage\n\
                ON CONFLICT (shard, pos) DO NOTHING"
         );
         let upsert_last = format!(
@@ -132,11 +155,15 @@ impl Sql {
             copy_stage,
             copy_direct,
             max_pos,
+            prev_digest,
             insert_staged,
             upsert_last,
         }
     }
 }
+
+/// The position and digest of the last row of a shard's chain.
+type ChainHead = (u64, [u8; 32]);
 
 /// Writes batches into PostgreSQL (see the module docs).
 pub struct PgSink {
@@ -144,17 +171,25 @@ pub struct PgSink {
     config: postgres::Config,
     sql: Sql,
     client: Option<postgres::Client>,
-    /// COPY text of the batch in hand.
+    /// COPY text of the batch in hand, rows without their digest column and newline.
     pending: Vec<u8>,
+    /// Canonical bytes ([`RowFields::canonical`]) of the batch in hand's rows.
+    canon: Vec<u8>,
+    /// COPY text with digests of the part of the batch being sent (reused).
+    out: Vec<u8>,
     /// Reused attrs buffer.
     scratch: Vec<u8>,
     /// Shard of the batch in hand.
     pending_shard: Option<ShardId>,
-    /// Position and end offset in `pending` of each row of the batch in hand (reused).
-    rows: Vec<(u64, usize)>,
+    /// Position, end offset in `pending` and end offset in `canon` of each row of the batch in
+    /// hand (reused).
+    rows: Vec<(u64, usize, usize)>,
     /// Per shard: the largest `pos` known to be in `history` (`None`: none), once looked up.
     /// Dropped when the shard resumes (after a start or a failure).
     known_max: std::collections::HashMap<u32, Option<u64>>,
+    /// Per shard: the position and digest of the last row this sink wrote (the chain's head),
+    /// once known. Dropped when the shard resumes; looked up in the table then.
+    head: std::collections::HashMap<u32, ChainHead>,
 }
 
 impl std::fmt::Debug for PgSink {
@@ -190,10 +225,13 @@ impl PgSink {
             sql: Sql::new(schema),
             client: None,
             pending: Vec::new(),
+            canon: Vec::new(),
+            out: Vec::new(),
             scratch: Vec::new(),
             pending_shard: None,
             rows: Vec::new(),
             known_max: std::collections::HashMap::new(),
+            head: std::collections::HashMap::new(),
         })
     }
 
@@ -246,13 +284,61 @@ impl PgSink {
         finished.map(|_| ())
     }
 
+    /// The digest of the row of `shard` with the largest position below `pos` in `tx`
+    /// ([`GENESIS`] when there is none, or it has no digest).
+    fn prev_digest(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        shard: ShardId,
+        pos: u64,
+    ) -> Result<Vec<u8>, FlushError> {
+        let row = tx
+            .query_opt(&self.sql.prev_digest, &[&(shard.0 as i32), &(pos as i64)])
+            .map_err(self.err("look up the previous digest"))?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<Vec<u8>>>(0))
+            .unwrap_or_else(|| GENESIS.to_vec()))
+    }
+
+    /// Fills `out` with the COPY text of rows `range` of the batch in hand, each followed by
+    /// its digest chained from `prev`; returns the last digest.
+    fn chain_rows(
+        &self,
+        out: &mut Vec<u8>,
+        range: std::ops::Range<usize>,
+        prev: &[u8],
+    ) -> [u8; 32] {
+        assert!(!range.is_empty());
+        out.clear();
+        let mut digest = [0u8; 32];
+        let mut prev = prev;
+        for k in range {
+            let (text_from, canon_from) = match k {
+                0 => (0, 0),
+                _ => (self.rows[k - 1].1, self.rows[k - 1].2),
+            };
+            let (_, text_to, canon_to) = self.rows[k];
+            digest = row_digest(prev, &self.canon[canon_from..canon_to]);
+            prev = &digest;
+            out.extend_from_slice(&self.pending[text_from..text_to]);
+            // A bytea in COPY text: `\x` and hex, its backslash escaped.
+            out.extend_from_slice(b"\t\\\\x");
+            for b in digest {
+                out.extend_from_slice(&HEX[b as usize * 2..b as usize * 2 + 2]);
+            }
+            out.push(b'\n');
+        }
+        digest
+    }
+
     /// Writes the batch in hand of `shard` in one transaction; returns the largest position now
-    /// known to be in `history` for the shard.
+    /// known to be in `history` for the shard, and the chain's new head if known.
     fn write_batch(
         &self,
         client: &mut postgres::Client,
         shard: ShardId,
-    ) -> Result<u64, FlushError> {
+        out: &mut Vec<u8>,
+    ) -> Result<(u64, Option<ChainHead>), FlushError> {
         let (first, last) = match (self.rows.first(), self.rows.last()) {
             (Some(f), Some(l)) => (f.0, l.0),
             _ => unreachable!("a batch has rows"),
@@ -270,18 +356,24 @@ impl PgSink {
         // Rows at or below `known` may be in the table already (a replay): stage them and insert
         // without conflicts; copy the rest straight in.
         let replayed = known.map_or(0, |k| self.rows.partition_point(|r| r.0 <= k));
-        let split = if replayed == 0 {
-            0
-        } else {
-            self.rows[replayed - 1].1
-        };
-        if split > 0 {
-            self.copy(&mut tx, &self.sql.copy_stage, &self.pending[..split])?;
+        if replayed > 0 {
+            let prev = self.prev_digest(&mut tx, shard, first)?;
+            self.chain_rows(out, 0..replayed, &prev);
+            self.copy(&mut tx, &self.sql.copy_stage, out)?;
             tx.execute(&self.sql.insert_staged, &[])
                 .map_err(self.err("insert replayed rows"))?;
         }
-        if split < self.pending.len() {
-            self.copy(&mut tx, &self.sql.copy_direct, &self.pending[split..])?;
+        let mut head = None;
+        if replayed < self.rows.len() {
+            let from = self.rows[replayed].0;
+            let prev = match self.head.get(&shard.0) {
+                Some((pos, digest)) if replayed == 0 && *pos < first => digest.to_vec(),
+                // After a (re)start or a replay: what the table holds now.
+                _ => self.prev_digest(&mut tx, shard, from)?,
+            };
+            let digest = self.chain_rows(out, replayed..self.rows.len(), &prev);
+            self.copy(&mut tx, &self.sql.copy_direct, out)?;
+            head = Some((last, digest));
         }
         tx.execute(
             &self.sql.upsert_last,
@@ -289,9 +381,22 @@ impl PgSink {
         )
         .map_err(self.err("upsert last_location"))?;
         tx.commit().map_err(self.err("commit"))?;
-        Ok(known.map_or(last, |k| k.max(last)))
+        Ok((known.map_or(last, |k| k.max(last)), head))
     }
 }
+
+/// Lower-case hex digits of every byte value, two per byte.
+const HEX: &[u8; 512] = &{
+    let digits = b"0123456789abcdef";
+    let mut t = [0u8; 512];
+    let mut b = 0;
+    while b < 256 {
+        t[b * 2] = digits[b >> 4];
+        t[b * 2 + 1] = digits[b & 15];
+        b += 1;
+    }
+    t
+};
 
 impl Sink for PgSink {
     fn check(&mut self) -> Result<(), FlushError> {
@@ -305,6 +410,7 @@ impl Sink for PgSink {
         self.discard();
         // Whatever a failed or interrupted commit left behind is unknown: look it up again.
         self.known_max.remove(&shard.0);
+        self.head.remove(&shard.0);
         Ok(())
     }
 
@@ -314,18 +420,23 @@ impl Sink for PgSink {
             None => self.pending_shard = Some(shard),
         }
         write_copy_row(&mut self.pending, &mut self.scratch, shard, e);
-        self.rows.push((e.pos.0, self.pending.len()));
+        // The digest column goes before the newline once the predecessor is known (commit).
+        assert_eq!(self.pending.pop(), Some(b'\n'));
+        RowFields::from_entry(shard, e).canonical(&mut self.canon);
+        self.rows
+            .push((e.pos.0, self.pending.len(), self.canon.len()));
         Ok(Push::Taken)
     }
 
     fn discard(&mut self) {
         self.pending.clear();
+        self.canon.clear();
         self.rows.clear();
         self.pending_shard = None;
     }
 
     fn pending_bytes(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.canon.len()
     }
 
     fn commit(&mut self, shard: ShardId, _next: &mut Cursor) -> Result<(), FlushError> {
@@ -340,8 +451,15 @@ impl Sink for PgSink {
         };
         // On error the connection is dropped: its state (an aborted transaction, a half-done
         // COPY) is unknown, and a fresh one costs little next to the backoff.
-        let known = self.write_batch(&mut client, shard)?;
+        let mut out = std::mem::take(&mut self.out);
+        let written = self.write_batch(&mut client, shard, &mut out);
+        self.out = out;
+        let (known, head) = written?;
         self.known_max.insert(shard.0, Some(known));
+        match head {
+            Some(h) => self.head.insert(shard.0, h),
+            None => self.head.remove(&shard.0),
+        };
         self.client = Some(client);
         self.discard();
         Ok(())
@@ -387,11 +505,16 @@ mod tests {
                 sql.ddl
             );
             let history = table_columns(&sql.ddl, &format!("{schema}.history"));
-            let copy: Vec<&str> = COPY_COLUMNS.split(", ").collect();
+            let mut copy: Vec<&str> = COPY_COLUMNS.split(", ").collect();
+            copy.push("digest");
             assert_eq!(history, copy);
             assert!(sql
                 .ddl
-                .contains("attrs jsonb,\nPRIMARY KEY (shard, pos)\n);"));
+                .contains("attrs jsonb,\ndigest bytea,\nPRIMARY KEY (shard, pos)\n);"));
+            assert!(sql.ddl.ends_with(&format!(
+                "\nALTER TABLE {schema}.history ADD COLUMN IF NOT EXISTS digest bytea;"
+            )));
+            assert!(sql.copy_direct.contains(", attrs, digest) FROM STDIN"));
             let last = table_columns(&sql.ddl, &format!("{schema}.last_location"));
             let upsert_head = format!("INSERT INTO {schema}.last_location AS l (");
             let cols = sql.upsert_last.strip_prefix(&upsert_head).unwrap();

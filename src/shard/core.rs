@@ -126,7 +126,7 @@ pub fn open_stores(
             crate::config::WriteMode::Dsync => crate::log::WriteMode::Dsync,
         };
         let started = Instant::now();
-        let (mut store, report) = ShardStore::open(&cfg)
+        let (mut store, report) = ShardStore::open_chained(&cfg, shared.cfg.audit_chain)
             .map_err(|e| std::io::Error::other(format!("opening shard {shard}: {e}")))?;
         tracing::info!(shard = %shard, executor = index.0, elapsed_ms = started.elapsed().as_millis() as u64, report = ?report, "shard recovered");
         if !shared.cfg.sinks.is_empty() {
