@@ -28,7 +28,7 @@ use crate::limits::{
 };
 pub use crate::net::edge::{write_response, write_response_typed};
 use crate::net::edge::{Edge, Kind, Role};
-use crate::net::engine::RingIngestKind;
+use crate::net::engine::{RingIngestKind, RingSubscribeKind};
 use crate::net::ingest::IngestKind;
 use crate::net::mqtt::MqttWsKind;
 use crate::net::slots::{ConnSlot, HttpSlot};
@@ -238,6 +238,9 @@ async fn handle<S: Conn>(
             }
             "/v1/ingest" if upgrading => {
                 return open::<IngestKind, S>(edge, stream, buf, slot, http).await
+            }
+            "/v1/subscribe" if upgrading && edge.core.shared.cfg.engine == Engine::Ring => {
+                return open::<RingSubscribeKind, S>(edge, stream, buf, slot, http).await
             }
             "/v1/subscribe" if upgrading => {
                 return open::<SubscribeKind, S>(edge, stream, buf, slot, http).await

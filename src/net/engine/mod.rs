@@ -45,12 +45,13 @@ use crate::metrics::ExecProbe;
 use crate::net::edge::{Edge, Handoff, Kind};
 use crate::net::ingest::{Grant, IngestKind};
 use crate::net::slots::ConnSlot;
+use crate::net::subscribe::{self, SubscribeKind};
 use crate::net::tls::Conn as NetConn;
 use crate::node::ExecutorId;
 use crate::rt;
 use crate::rt::ring::{Cqe, Ring};
 
-use conn::Conn;
+use conn::{Conn, Start};
 use wheel::Wheel;
 
 /// The device ingest connection kind served by the engine (`/v1/ingest` with `--engine ring`):
@@ -99,7 +100,46 @@ impl Kind for RingIngestKind {
         }
         // SAFETY: `dup` is a fresh descriptor nothing else owns.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-        start(&edge, fd, leftover, grant, resume, slot);
+        start(&edge, fd, leftover, Start::Ingest(grant, resume), slot);
+    }
+}
+
+/// The subscriber connection kind served by the engine (`/v1/subscribe` with `--engine ring`):
+/// admitted like [`SubscribeKind`], then served by this executor's engine (subscribers stay
+/// where they were accepted; events come to them).
+pub struct RingSubscribeKind;
+
+impl Kind for RingSubscribeKind {
+    type Grant = subscribe::Grant;
+
+    fn admit(
+        edge: &Edge,
+        req: &crate::http::parse::Request<'_>,
+    ) -> Result<subscribe::Grant, crate::net::auth::Refusal> {
+        SubscribeKind::admit(edge, req)
+    }
+
+    /// A plain socket goes to the engine; a TLS session stays with the glommio subscriber.
+    async fn serve<S: NetConn>(
+        edge: Rc<Edge>,
+        stream: S,
+        leftover: Vec<u8>,
+        grant: subscribe::Grant,
+        slot: ConnSlot,
+    ) {
+        let Some(fd) = stream.handoff_fd() else {
+            return SubscribeKind::serve(edge, stream, leftover, grant, slot).await;
+        };
+        // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        drop(stream);
+        if dup < 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "could not take over a subscriber socket");
+            return;
+        }
+        // SAFETY: `dup` is a fresh descriptor nothing else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        start(&edge, fd, leftover, Start::Subscribe(grant), slot);
     }
 }
 
@@ -109,12 +149,24 @@ pub fn adopt(edge: Rc<Edge>, from: ExecutorId, msg: Handoff) {
     ExecProbe::add(&edge.core.probe.received_from[from.0], 1);
     let slot = ConnSlot::take_over(&edge.core.shared);
     if msg.grant.epoch.is_none() {
-        return start(&edge, msg.fd, msg.leftover, msg.grant, None, slot);
+        return start(
+            &edge,
+            msg.fd,
+            msg.leftover,
+            Start::Ingest(msg.grant, None),
+            slot,
+        );
     }
     // A device that declared an epoch hears its mark first (read from this executor's shard).
     rt::spawn(async move {
         if let Ok(resume) = crate::net::ingest::resume_of(&edge.core, &msg.grant).await {
-            start(&edge, msg.fd, msg.leftover, msg.grant, resume, slot);
+            start(
+                &edge,
+                msg.fd,
+                msg.leftover,
+                Start::Ingest(msg.grant, resume),
+                slot,
+            );
         }
     });
 }
@@ -123,9 +175,8 @@ pub fn adopt(edge: Rc<Edge>, from: ExecutorId, msg: Handoff) {
 struct NewConn {
     fd: OwnedFd,
     leftover: Vec<u8>,
-    grant: Grant,
-    /// The resume frame to send after the 101 (issue 18).
-    resume: Option<String>,
+    /// What it is for (with the resume frame an ingest connection sends after the 101).
+    start: Start,
     slot: ConnSlot,
 }
 
@@ -151,21 +202,13 @@ thread_local! {
 
 /// Hands an upgraded connection (`fd`, the bytes read past its request head) to this
 /// executor's engine, starting the engine on first use.
-fn start(
-    edge: &Rc<Edge>,
-    fd: OwnedFd,
-    leftover: Vec<u8>,
-    grant: Grant,
-    resume: Option<String>,
-    slot: ConnSlot,
-) {
+fn start(edge: &Rc<Edge>, fd: OwnedFd, leftover: Vec<u8>, start: Start, slot: ConnSlot) {
     let first = INBOX.with(|i| {
         let mut i = i.borrow_mut();
         i.new.push(NewConn {
             fd,
             leftover,
-            grant,
-            resume,
+            start,
             slot,
         });
         if let Some(w) = i.waker.take() {
@@ -230,7 +273,7 @@ async fn run(edge: Rc<Edge>) {
         Ok(e) => e,
         Err(e) => {
             // Nothing to fall back on for connections already upgraded: close them.
-            tracing::error!(error = %e, "the connection engine's io_uring could not be set up; closing ingest connections");
+            tracing::error!(error = %e, "the connection engine's io_uring could not be set up; closing its connections");
             loop {
                 let new = INBOX.with(|i| std::mem::take(&mut i.borrow_mut().new));
                 drop(new);
@@ -287,8 +330,8 @@ struct Engine {
     stop_seen: bool,
     /// The executor's shared settings for connections.
     params: conn::Params,
-    /// Scratch for the JSON of acks and error frames.
-    scratch: String,
+    /// Scratch for the JSON of acks, error frames and events, and a subscriber's batch.
+    scratch: conn::Scratch,
 }
 
 impl Engine {
@@ -317,7 +360,10 @@ impl Engine {
             touched: Vec::new(),
             stop_seen: false,
             params,
-            scratch: String::with_capacity(64),
+            scratch: conn::Scratch {
+                text: String::with_capacity(256),
+                items: Vec::with_capacity(crate::limits::SUB_WRITE_BATCH_MAX),
+            },
         })
     }
 
@@ -425,18 +471,14 @@ impl Engine {
         let NewConn {
             fd,
             mut leftover,
-            grant,
-            resume,
+            start,
             slot,
         } = n;
         let edge = &self.edge;
         let key = self
             .conns
-            .insert(|key| Conn::new(edge, key, fd, grant, slot, conn_waker(key), now));
+            .insert(|key| Conn::new(edge, key, fd, start, slot, conn_waker(key), now));
         let c = self.conns.get_mut(key).expect("just inserted");
-        if let Some(text) = resume {
-            c.queue_resume(&text);
-        }
         // Revoked between admission and now: the list's change may have been seen already.
         c.end_if_revoked(&self.edge);
         if self.stop_seen {
