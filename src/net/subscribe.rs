@@ -6,6 +6,12 @@
 //! Matching and queueing events is `subscribe::fanout`'s. It is a connection [`Kind`]: admitted
 //! with an ops or subscriber token while the subscriber cap has room.
 //!
+//! The rules live in sans-io pieces that both engines call: [`on_text`] judges a client op
+//! (answering refusals, charging the error budget) and leaves an [`Apply`] to run,
+//! [`take_batch`] turns the connection's queue into text frames, [`conn_closed`] gives back what
+//! a connection held. The glommio tasks below wrap them in a reader and a writer task; the ring
+//! engine (`net::engine`, `--engine ring`) drives plain-socket subscribers with them instead.
+//!
 //! Invariants: an `ok` is queued only once every executor applied the change, so every heartbeat
 //! appended after the client read `ok` is matched; a subscriber token only ever receives devices
 //! under its prefix; the reader pauses while answers pile up unread, and events never wait: a
@@ -650,10 +656,21 @@ pub fn take_batch(
     key: ConnKey,
     items: &mut Vec<Out>,
     text: &mut String,
-    mut emit: impl FnMut(&str),
+    emit: impl FnMut(&str),
 ) -> Option<Batch> {
     items.clear();
-    let mut missed = core.fanout.take(key, SUB_WRITE_BATCH_MAX, items)?;
+    let missed = core.fanout.take(key, SUB_WRITE_BATCH_MAX, items)?;
+    Some(render_batch(items, missed, text, emit))
+}
+
+/// Renders taken `items` (drained) and the `missed` count to report first into text frames
+/// handed to `emit` in order (see [`take_batch`]).
+fn render_batch(
+    items: &mut Vec<Out>,
+    mut missed: u64,
+    text: &mut String,
+    mut emit: impl FnMut(&str),
+) -> Batch {
     let mut batch = Batch {
         took: items.len(),
         controls: false,
@@ -679,7 +696,7 @@ pub fn take_batch(
     if missed > 0 {
         emit(&missed_json(missed));
     }
-    Some(batch)
+    batch
 }
 
 fn missed_json(missed: u64) -> String {
@@ -756,6 +773,55 @@ async fn write_frames<S: Conn>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn render(items: Vec<Out>, missed: u64) -> (Vec<String>, Batch) {
+        let mut items = items;
+        let (mut text, mut frames) = (String::new(), Vec::new());
+        let batch = render_batch(&mut items, missed, &mut text, |t| frames.push(t.to_owned()));
+        assert!(items.is_empty(), "every item taken is written");
+        (frames, batch)
+    }
+
+    fn event(sub: &str, n: u32) -> Out {
+        Out::Event {
+            sub: sub.into(),
+            text: format!(r#"{{"n":{n}}}"#).into(),
+        }
+    }
+
+    #[test]
+    fn a_batch_says_what_was_missed_before_the_next_event_or_alone() {
+        // Answers go out as they are and in order; the missed count comes right before the
+        // first event after the loss (not before an answer), and only once.
+        let (frames, batch) = render(
+            vec![Out::Control("a".into()), event("s", 1), event("s", 2)],
+            3,
+        );
+        assert_eq!(frames.len(), 4);
+        assert_eq!(frames[0], "a");
+        assert_eq!(frames[1], r#"{"missed":3}"#);
+        assert!(frames[2].contains(r#""n":1"#) && frames[2].contains(r#""s""#));
+        assert!(frames[3].contains(r#""n":2"#));
+        assert_eq!(
+            batch,
+            Batch {
+                took: 3,
+                controls: true,
+                delivered: 2
+            }
+        );
+        // Nothing to deliver: the notice goes out at once, alone.
+        let (frames, batch) = render(vec![Out::Control("b".into())], 5);
+        assert_eq!(frames, vec!["b".to_string(), r#"{"missed":5}"#.to_string()]);
+        assert_eq!((batch.took, batch.delivered), (1, 0));
+        // Events only, nothing missed: no notice, no answer flagged.
+        let (frames, batch) = render(vec![event("t", 7)], 0);
+        assert_eq!(frames.len(), 1);
+        assert!(!batch.controls);
+        let (frames, batch) = render(Vec::new(), 0);
+        assert!(frames.is_empty());
+        assert_eq!(batch.took, 0);
+    }
 
     fn reason(text: &str, prefix: Option<&str>) -> &'static str {
         parse_op(text, prefix).unwrap_err().reason

@@ -1,13 +1,17 @@
 //! One engine connection ([`Conn`]) and the engine's connection [`Table`]. A `Conn` owns its
 //! socket, its parse state (the bytes of an unfinished frame, a fragmented message), its
 //! output (frames queued, the bytes of the one send in flight) and its deadlines as plain
-//! fields; the engine calls it on completions, on deadlines and when its ack-ledger signal
-//! fired. It does not submit anything by itself except through the [`Ring`] the engine lends
+//! fields, and a role: a device ingest connection (its ack-ledger entry, sequence tracking,
+//! forwards) or a subscriber (its fan-out queue, subscriptions, the op being applied); what a
+//! frame means is `net::ingest`'s or `net::subscribe`'s. The engine calls it on completions, on
+//! deadlines and when its ack-ledger or fan-out signal fired. It does not submit anything by itself except through the [`Ring`] the engine lends
 //! it, and it never waits.
 //!
 //! Invariants: at most one receive and one send are in flight per connection, and `ops` counts
-//! every operation not yet completed (the engine frees a connection only at zero); bytes are
-//! parsed in stream order, each once; an ack is written for the ledger's `ack_ready` only.
+//! every operation not yet completed (the engine frees a connection only at zero, and only once
+//! no subscriber op is being applied); bytes are parsed in stream order, each once; an ack is
+//! written for the ledger's `ack_ready` only; a subscriber's queue is taken from only while
+//! none of its bytes are being sent.
 
 use std::cell::Cell;
 use std::io::Cursor;
@@ -1207,6 +1211,15 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subscriber_role_does_not_grow_ingest_connections() {
+        // The subscriber role is boxed: an idle device connection pays one enum tag at most
+        // beside its ingest state (issue 15's memory target counts every byte of it).
+        let role = std::mem::size_of::<Role>();
+        let ingest = std::mem::size_of::<IngestRole>();
+        assert!(role <= ingest + 8, "role {role} B, ingest state {ingest} B");
+    }
 
     #[test]
     fn unmasking_matches_the_byte_by_byte_rule() {

@@ -1,5 +1,6 @@
 //! The connection engine (`--engine ring`): one per executor, it drives every device WebSocket
-//! ingest connection of its executor from the upgrade's 101 to the close, on an io_uring of its
+//! ingest connection and every subscriber (`/v1/subscribe`) of its executor from the upgrade's
+//! 101 to the close, on an io_uring of its
 //! own ([`crate::rt::ring`]): one multishot `recv` per connection into a provided buffer ring
 //! shared by all connections (an idle connection pins no buffer), frames parsed in place
 //! (tungstenite's `FrameHeader::parse` for headers), the frame judged and appended by
@@ -15,6 +16,30 @@
 //! `token_revoked`, once everything read is acked): the executor's revocation signal hooks the
 //! engine, which then asks every connection. A TLS session is not the engine's: it stays with the
 //! glommio ingest on the executor that accepted it.
+//!
+//! A subscriber is a connection with a subscriber role ([`conn`]): the same framing, deadlines
+//! (ping after one interval of silence, 1001 "idle timeout" after the second, 1008 at token
+//! expiry or revocation) and writes, with `net::subscribe`'s sans-io pieces for what its frames
+//! mean: a text frame is an op judged by `subscribe::on_text`; the connection's fan-out queue
+//! signal is hooked to its waker, and a batch of answers, events and `{"missed":N}` notices is
+//! taken (`subscribe::take_batch`) only while nothing of it is being sent, so a slow reader
+//! fills the bounded queue, which counts overflow as missed, never this buffer. Reading pauses
+//! while `SUB_CONTROL_QUEUED_MAX` answers wait unread. An accepted op's interest change must be
+//! applied on every executor before its `ok` (a broadcast over the control mesh that waits for
+//! all of them): the engine spawns one short task per op rather than keeping a pending state
+//! machine per connection, because ops are rare (a client's setup, not a per-event cost), the
+//! broadcast is `Core::on_all`'s future already, and the task costs nothing while the
+//! connection idles; while it runs the connection reads nothing more (ops are answered in
+//! order) and is not freed (the close's `RemoveConn` must follow the op's change). Closing
+//! likewise spawns one task for the `RemoveConn` broadcast. Subscribers stay on the executor
+//! that accepted them (no hand-off: events come to them), and TLS subscribers stay on glommio.
+//!
+//! Plain HTTP request/response connections (queries, the /live and /console pages, metrics)
+//! stay on glommio tasks: their cost is per request on short-lived or keep-alive connections,
+//! not per heartbeat, and moving them would mean a request-head parser and a body writer on
+//! the engine plus an async handler per request (the query handlers await shard reads over the
+//! mesh), i.e. a task per request anyway. See perf/RESULTS.md ("Subscriptions on the ring
+//! engine").
 //!
 //! It owns ingest connections after the upgrade only: admission, the 101's accept key and the
 //! hand-off to the owning executor stay with the router and `net::ingest`; what frames mean,
