@@ -441,6 +441,15 @@ impl Conn {
         }
     }
 
+    /// The largest message this connection takes: the configured one for ingest, the fixed
+    /// `FRAME_BYTES_MAX` for a subscriber's ops (as the glommio subscriber's).
+    fn frame_bytes_max(&self, params: &Params) -> usize {
+        match self.role {
+            Role::Ingest(_) => params.frame_bytes_max,
+            Role::Subscribe(_) => FRAME_BYTES_MAX,
+        }
+    }
+
     /// Work of this connection outside the ring that must end before it is freed (a
     /// subscriber's op being applied on every executor).
     fn busy(&self) -> bool {
@@ -573,7 +582,7 @@ impl Conn {
                 }
             };
             let header_len = cursor.position() as usize;
-            if len > params.frame_bytes_max as u64 {
+            if len > self.frame_bytes_max(params) as u64 {
                 self.end_read(edge, (close::TOO_BIG, "frame too large"));
                 break;
             }
@@ -636,10 +645,11 @@ impl Conn {
                 }
             }
             OpCode::Data(Data::Continue) => {
+                let max = self.frame_bytes_max(params);
                 let Some(m) = self.message.as_mut() else {
                     return self.end_read(edge, (CLOSE_PROTOCOL, "protocol error"));
                 };
-                if m.data.len() + payload.len() > params.frame_bytes_max {
+                if m.data.len() + payload.len() > max {
                     return self.end_read(edge, (close::TOO_BIG, "frame too large"));
                 }
                 m.data.extend_from_slice(payload);
