@@ -26,8 +26,8 @@ use tungstenite::protocol::frame::FrameHeader;
 use crate::limits::{
     CLOSE_STEP_BOUND, CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_QUEUED_MAX, CONN_ERRORS_WINDOW_MS,
     CONN_FRAMES_IN_FLIGHT_MAX, ENGINE_PAUSED_BYTES_MAX, ENGINE_WHEEL_TICK, FRAME_BYTES_MAX,
-    IDLE_STRIKES_MAX, PARTIAL_FRAME_SMALL_BYTES, SUB_CONTROL_QUEUED_MAX, TOKEN_EXPIRY_WAIT_MAX,
-    WS_WRITE_BUFFER_BYTES_MAX,
+    IDLE_STRIKES_MAX, PARTIAL_FRAME_SMALL_BYTES, SUB_CONTROL_QUEUED_MAX, SUB_WRITE_BATCH_MAX,
+    TOKEN_EXPIRY_WAIT_MAX, WS_WRITE_BUFFER_BYTES_MAX,
 };
 use crate::net::auth;
 use crate::net::edge::Edge;
@@ -249,6 +249,10 @@ pub struct Scratch {
     pub text: String,
     /// Items taken from a subscriber's queue.
     pub items: Vec<Out>,
+    /// Subscriber queue items this turn may still render.
+    pub sub_items_left: usize,
+    /// The connection serviced last left a batch for a later turn (the turn's budget is spent).
+    pub deferred: bool,
 }
 
 /// One connection driven by the engine (see the module comment).
@@ -1050,6 +1054,10 @@ impl Conn {
                 if closing || self.send_in_flight || !self.sending.is_empty() {
                     return Some((in_flight, false));
                 }
+                if scratch.sub_items_left < SUB_WRITE_BATCH_MAX {
+                    scratch.deferred = true;
+                    return Some((in_flight, false));
+                }
                 let out = &mut self.out;
                 let core = &edge.core;
                 let batch = subscribe::take_batch(
@@ -1061,6 +1069,7 @@ impl Conn {
                 )?;
                 let d = &core.fanout.delivered;
                 d.set(d.get() + batch.delivered);
+                scratch.sub_items_left -= batch.took;
                 Some((in_flight, batch.controls))
             }
         }

@@ -23,7 +23,10 @@
 //! mean: a text frame is an op judged by `subscribe::on_text`; the connection's fan-out queue
 //! signal is hooked to its waker, and a batch of answers, events and `{"missed":N}` notices is
 //! taken (`subscribe::take_batch`) only while nothing of it is being sent, so a slow reader
-//! fills the bounded queue, which counts overflow as missed, never this buffer. Reading pauses
+//! fills the bounded queue, which counts overflow as missed, never this buffer. One turn renders
+//! at most `ENGINE_SUB_ITEMS_PER_TURN_MAX` queue items over all its subscribers; the rest wait
+//! for the next turn, after the executor's other tasks ran, so a deep fan-out backlog does not
+//! hold the same turn's ingest acks back. Reading pauses
 //! while `SUB_CONTROL_QUEUED_MAX` answers wait unread. An accepted op's interest change must be
 //! applied on every executor before its `ok` (a broadcast over the control mesh that waits for
 //! all of them): the engine spawns one short task per op rather than keeping a pending state
@@ -64,7 +67,8 @@ use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
 use crate::limits::{
-    ENGINE_BUF_BYTES, ENGINE_BUF_COUNT, ENGINE_CQ_ENTRIES, ENGINE_SQ_ENTRIES, ENGINE_WHEEL_TICK,
+    ENGINE_BUF_BYTES, ENGINE_BUF_COUNT, ENGINE_CQ_ENTRIES, ENGINE_SQ_ENTRIES,
+    ENGINE_SUB_ITEMS_PER_TURN_MAX, ENGINE_WHEEL_TICK,
 };
 use crate::metrics::ExecProbe;
 use crate::net::edge::{Edge, Handoff, Kind};
@@ -351,6 +355,8 @@ struct Engine {
     dirty: Vec<u64>,
     /// Connections to service at the end of this turn (deduplicated by their `queued` flag).
     touched: Vec<conn::Key>,
+    /// Subscribers whose batch waits for the next turn (this turn's budget was spent).
+    deferred: Vec<conn::Key>,
     /// Shutdown was seen (every connection told).
     stop_seen: bool,
     /// The executor's shared settings for connections.
@@ -388,7 +394,10 @@ impl Engine {
             scratch: conn::Scratch {
                 text: String::with_capacity(256),
                 items: Vec::with_capacity(crate::limits::SUB_WRITE_BATCH_MAX),
+                sub_items_left: 0,
+                deferred: false,
             },
+            deferred: Vec::new(),
         })
     }
 
@@ -438,6 +447,9 @@ impl Engine {
         for n in new {
             self.open(n, now);
         }
+        for key in std::mem::take(&mut self.deferred) {
+            self.touch(key);
+        }
         for &packed in &dirty {
             let key = conn::Key::unpack(packed);
             if self.conns.get(key).is_some() {
@@ -474,6 +486,7 @@ impl Engine {
         }
 
         // Service every touched connection: parse what waits, write, arm, close, finish.
+        self.scratch.sub_items_left = ENGINE_SUB_ITEMS_PER_TURN_MAX;
         while let Some(key) = self.touched.pop() {
             self.service(key, now);
         }
@@ -543,6 +556,7 @@ impl Engine {
             return;
         };
         c.queued = false;
+        self.scratch.deferred = false;
         c.service(
             &self.edge,
             &self.params,
@@ -550,6 +564,9 @@ impl Engine {
             &mut self.scratch,
             now,
         );
+        if self.scratch.deferred {
+            self.deferred.push(key);
+        }
         if c.finished() {
             let c = self.conns.remove(key);
             c.finish(&self.edge);
@@ -599,6 +616,11 @@ impl Engine {
             if watchdog.poll_elapsed(cx, now, due.saturating_duration_since(now)) {
                 return Poll::Ready(());
             }
+        }
+        if !self.deferred.is_empty() {
+            // Subscriber batches wait for the next turn: after the executor's other tasks
+            // (the commit path, the event mesh) had theirs, not at once.
+            cx.waker().wake_by_ref();
         }
         Poll::Pending
     }
