@@ -21,8 +21,11 @@
 # over subscribers (geobeat-subload's window, which lies inside the load's), event lag p50/p99
 # (server receive -> subscriber), and server CPU per acked heartbeat (utime+stime of the server
 # over the whole load run, connect ramp and drain included, divided by every acked heartbeat;
-# subscriber fan-out is part of it). Client CPU shares the machine: see each tool's report in
-# the work directory (kept with KEEP=1).
+# subscriber fan-out is part of it), and server CPU per delivered event (utime+stime sampled at
+# the start and end of the subscriber window, divided by the events delivered in it: ingest of
+# the window's heartbeats is part of it). Client CPU shares the machine: see each tool's report
+# in the work directory (kept with KEEP=1). GEOBEAT_ENGINE=glommio|ring (the server reads it)
+# picks the connection engine.
 #
 # Usage: bash perf/subscribe.sh [run ...]     (default: base subs-world subs-ids fences fences-sub)
 # Settings (environment): DURATION (s, default 10; each run takes about DURATION + 8 s),
@@ -128,7 +131,7 @@ start_server() {
 }
 
 run() {
-  local name=$1 subs=0 fences=0 sub_args=()
+  local name=$1 subs=0 fences=0 sub_args=() win_pid=""
   KIND=random
   case $name in
     base) ;;
@@ -168,6 +171,9 @@ run() {
       --subscribers "$subs" "${sub_args[@]}" --warmup 3.5 --duration "$((DURATION - 1))" \
       --json-out "$d/sub.json" >"$d/sub.out" 2>&1 &
     sub_pid=$!
+    # Server CPU over the subscriber's window (its start and end, as above).
+    (sleep 3.5; ticks "$server_pid" >"$d/win.ticks"; sleep "$((DURATION - 1))"; ticks "$server_pid" >>"$d/win.ticks") &
+    win_pid=$!
   fi
   sleep 1
   local t0; t0=$(ticks "$server_pid")
@@ -179,21 +185,24 @@ run() {
   hb=$(json "$d/load.json" "round(throughput_acked_per_s)")
   acked=$(json "$d/load.json" "counters['acked_total']")
   cpu=$(python3 -c "print(round(($t1-$t0)/$(getconf CLK_TCK)*1e6/max(1,$acked), 2))")
-  local ev="-" missed="-" lag="-"
+  local ev="-" missed="-" lag="-" per_ev="-"
   if [ -n "$sub_pid" ]; then
     wait "$sub_pid" || { echo "subscribe.sh: geobeat-subload failed:" >&2; cat "$d/sub.out" >&2; exit 1; }
     sub_pid=""
     ev=$(json "$d/sub.json" "round(events_per_s)")
     missed=$(json "$d/sub.json" "round(missed_per_s)")
     lag=$(json "$d/sub.json" "'%.1f/%.1f' % (lag['p50_us']/1000, lag['p99_us']/1000)")
+    wait "$win_pid"
+    local events; events=$(json "$d/sub.json" "events")
+    per_ev=$(python3 -c "t=[int(x) for x in open('$d/win.ticks').read().split()]; print(round((t[1]-t[0])/$(getconf CLK_TCK)*1e6/max(1,$events), 3))")
     local subscribed; subscribed=$(json "$d/sub.json" "subscribed")
     [ "$subscribed" -eq "$subs" ] || echo "subscribe.sh: warning: only $subscribed of $subs subscribed ($d/sub.out)" >&2
   fi
   kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
-  printf '%-11s %6s %7s %13s %13s %11s %15s %14s\n' "$name" "$subs" "$fences" "$hb" "$ev" "$missed" "$lag" "$cpu"
+  printf '%-11s %6s %7s %13s %13s %11s %15s %14s %12s\n' "$name" "$subs" "$fences" "$hb" "$ev" "$missed" "$lag" "$cpu" "$per_ev"
 }
 
-echo "subscribe.sh: $DEVICES devices closed loop window $WINDOW, ${DURATION} s windows; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-11s %6s %7s %13s %13s %11s %15s %14s\n' run subs fences heartbeats/s events/s missed/s "lag p50/p99 ms" "server us/hb"
+echo "subscribe.sh: $DEVICES devices closed loop window $WINDOW, ${DURATION} s windows; $(nproc) cores; engine ${GEOBEAT_ENGINE:-glommio}; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-11s %6s %7s %13s %13s %11s %15s %14s %12s\n' run subs fences heartbeats/s events/s missed/s "lag p50/p99 ms" "server us/hb" "us/event"
 for r in "${runs[@]}"; do run "$r"; done
 echo "subscribe.sh: load average after $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -771,6 +771,11 @@ pub const ENGINE_WHEEL_TICK: Duration = Duration::from_millis(10);
 /// Slots of the timing wheel (a power of two): one turn is 40.96 s at 10 ms; later deadlines
 /// wait in their slot for their turn.
 pub const ENGINE_WHEEL_SLOTS: usize = 4096;
+/// Subscriber queue items (events, answers) one engine turn renders, over all its subscribers:
+/// past it, subscribers wait for the next turn, so a deep fan-out backlog cannot hold the
+/// ingest acks of the same turn back for long (about 4 ms of rendering here).
+pub const ENGINE_SUB_ITEMS_PER_TURN_MAX: usize = 4096;
+const _: () = assert!(ENGINE_SUB_ITEMS_PER_TURN_MAX >= SUB_WRITE_BATCH_MAX);
 const _: () = assert!(ENGINE_BUF_COUNT.is_power_of_two());
 const _: () = assert!(ENGINE_WHEEL_SLOTS.is_power_of_two());
 const _: () = assert!(ENGINE_BUF_BYTES >= 2 * 14);

@@ -28,7 +28,7 @@ use crate::limits::{
 };
 pub use crate::net::edge::{write_response, write_response_typed};
 use crate::net::edge::{Edge, Kind, Role};
-use crate::net::engine::RingIngestKind;
+use crate::net::engine::{RingIngestKind, RingSubscribeKind};
 use crate::net::ingest::IngestKind;
 use crate::net::mqtt::MqttWsKind;
 use crate::net::slots::{ConnSlot, HttpSlot};
@@ -242,6 +242,10 @@ async fn handle<S: Conn>(
             }
             "/v1/ingest" if upgrading => {
                 rt::spawn(open::<IngestKind, S>(edge, stream, buf, slot, http));
+                return;
+            }
+            "/v1/subscribe" if upgrading && edge.core.shared.cfg.engine == Engine::Ring => {
+                rt::spawn(open::<RingSubscribeKind, S>(edge, stream, buf, slot, http));
                 return;
             }
             "/v1/subscribe" if upgrading => {

@@ -6,6 +6,12 @@
 //! Matching and queueing events is `subscribe::fanout`'s. It is a connection [`Kind`]: admitted
 //! with an ops or subscriber token while the subscriber cap has room.
 //!
+//! The rules live in sans-io pieces that both engines call: [`on_text`] judges a client op
+//! (answering refusals, charging the error budget) and leaves an [`Apply`] to run,
+//! [`take_batch`] turns the connection's queue into text frames, [`conn_closed`] gives back what
+//! a connection held. The glommio tasks below wrap them in a reader and a writer task; the ring
+//! engine (`net::engine`, `--engine ring`) drives plain-socket subscribers with them instead.
+//!
 //! Invariants: an `ok` is queued only once every executor applied the change, so every heartbeat
 //! appended after the client read `ok` is matched; a subscriber token only ever receives devices
 //! under its prefix; the reader pauses while answers pile up unread, and events never wait: a
@@ -117,11 +123,16 @@ fn ws_config() -> WebSocketConfig {
 
 /// Bounds what a stalled subscriber pins in the kernel.
 fn limit_send_buffer<S: Conn>(stream: &S) {
+    limit_send_buffer_fd(stream.socket_fd());
+}
+
+/// Bounds what a stalled subscriber on socket `fd` (which the caller owns) pins in the kernel.
+pub fn limit_send_buffer_fd(fd: std::os::fd::RawFd) {
     let bytes = SUB_SOCKET_SEND_BYTES as libc::c_int;
-    // SAFETY: setsockopt on a socket this connection owns, with a correctly sized int option.
+    // SAFETY: setsockopt on a socket the caller owns, with a correctly sized int option.
     unsafe {
         libc::setsockopt(
-            stream.socket_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
             &bytes as *const libc::c_int as *const libc::c_void,
@@ -131,10 +142,97 @@ fn limit_send_buffer<S: Conn>(stream: &S) {
 }
 
 /// This connection's subscriptions, as the reader knows them.
-struct Subs {
+pub struct Subs {
     /// name -> (id, device ids it holds in the server-wide count).
     by_name: HashMap<String, (u32, usize)>,
     next_id: u32,
+}
+
+impl Subs {
+    /// No subscription yet.
+    pub fn new() -> Subs {
+        Subs {
+            by_name: HashMap::new(),
+            next_id: 1,
+        }
+    }
+}
+
+impl Default for Subs {
+    fn default() -> Self {
+        Subs::new()
+    }
+}
+
+impl Grant {
+    /// The token's scope (revocation checks).
+    pub fn scope(&self) -> Scope {
+        match &self.prefix {
+            Some(p) => Scope::Subscriber(p.clone()),
+            None => Scope::Ops,
+        }
+    }
+}
+
+/// The close a binary frame from a subscriber gets.
+pub const BINARY_REFUSED: (u16, &str) = (close::POLICY, "binary frames are not accepted here");
+
+/// The close reason of a subscriber whose token expired (1008).
+pub const TOKEN_EXPIRED: &str = "token expired";
+
+/// What one client text frame leads to (see [`on_text`]).
+pub enum Step {
+    /// Answered (an error frame is queued) or nothing to do.
+    Done,
+    /// A valid op whose interest change every executor must apply before its answer
+    /// ([`Apply::run`]); the reader reads nothing more until then.
+    Apply(Apply),
+    /// Too many errors: close with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// Judges one client text frame (sans-io: the glommio reader and the connection engine both call
+/// it): parses and checks the op against this connection and the server, queueing its error
+/// answer (charged to `budget`) when it is refused.
+pub fn on_text(
+    core: &Core,
+    key: ConnKey,
+    subs: &mut Subs,
+    prefix: Option<&str>,
+    budget: &mut proto::ErrorBudget,
+    text: &str,
+) -> Step {
+    match parse_op(text, prefix).and_then(|op| plan_op(core, key, subs, op)) {
+        Ok(apply) => Step::Apply(apply),
+        Err(e) => {
+            core.fanout.push_control(key, e.to_json());
+            let now = rt::now_ms().max(0) as u64;
+            match budget.charge(now) {
+                Ok(()) => Step::Done,
+                Err(a) => Step::Close(a.close_code(), a.reason()),
+            }
+        }
+    }
+}
+
+/// An accepted op's remaining work: its interest change, applied on every executor, then (for
+/// `subscribe`) its confirmation and `ok`.
+pub struct Apply {
+    op: InterestOp,
+    /// `(id, name, replaced id, ok)`: confirmed once every executor applied `op`.
+    then: Option<(u32, String, Option<u32>, String)>,
+    key: ConnKey,
+}
+
+impl Apply {
+    /// Broadcasts the change and returns once every executor applied it and the answer is
+    /// queued.
+    pub async fn run(self, core: &Core) {
+        broadcast(core, self.op).await;
+        if let Some((id, sub, replaces, ok)) = self.then {
+            core.fanout.confirm(self.key, id, &sub, replaces, ok);
+        }
+    }
 }
 
 /// Serves one upgraded subscriber connection to its end.
@@ -168,36 +266,36 @@ async fn serve<S: Conn>(
         ctl.clone(),
         signal.clone(),
     ));
-    let mut subs = Subs {
-        by_name: HashMap::new(),
-        next_id: 1,
-    };
+    let mut subs = Subs::new();
     read_loop(core, key, source, &ctl, &signal, &upgrade, &mut subs).await;
     if ctl.close.get().is_none() {
         ctl.close.set(Some((CLOSE_NORMAL, "")));
     }
     signal.notify();
     let _ = writer.await;
+    if let Some(op) = conn_closed(core, key, subs) {
+        broadcast(core, op).await;
+    }
+}
+
+/// Gives back what a closed subscriber connection held: its queue and signal, its device ids
+/// in the server-wide count. Returns the change every executor's interest replica still has
+/// to apply (none when it held no subscription, or at shutdown).
+pub fn conn_closed(core: &Core, key: ConnKey, subs: Subs) -> Option<InterestOp> {
     core.fanout.conn_close(key);
     let devices: usize = subs.by_name.values().map(|(_, n)| n).sum();
     core.shared
         .sub_devices_total
         .fetch_sub(devices, Ordering::AcqRel);
-    if !subs.by_name.is_empty() && !core.stopping() {
-        broadcast(
-            core,
-            InterestOp::RemoveConn {
-                exec: core.index.0 as u32,
-                conn: key,
-            },
-        )
-        .await;
-    }
+    (!subs.by_name.is_empty() && !core.stopping()).then_some(InterestOp::RemoveConn {
+        exec: core.index.0 as u32,
+        conn: key,
+    })
 }
 
 /// Applies an interest change on every executor (here directly, elsewhere over the control
 /// mesh) and returns once all have.
-async fn broadcast(core: &Core, op: InterestOp) {
+pub async fn broadcast(core: &Core, op: InterestOp) {
     let op = Arc::new(op);
     core.on_all(move |c: &Core| c.fanout.apply(&op)).await;
 }
@@ -212,10 +310,7 @@ async fn read_loop<S: Conn>(
     subs: &mut Subs,
 ) {
     let mut budget = proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS);
-    let scope = match &upgrade.prefix {
-        Some(p) => Scope::Subscriber(p.clone()),
-        None => Scope::Ops,
-    };
+    let scope = upgrade.scope();
     let changed = auth::revocations_changed();
     let revoked = || auth::revoked_live(&core.shared, &scope, &upgrade.issue, "subscribe");
     let mut reader = WsReader::new(
@@ -225,7 +320,7 @@ async fn read_loop<S: Conn>(
         ctl,
         writer,
     )
-    .end_at_expiry(upgrade.expires_at_s, "token expired")
+    .end_at_expiry(upgrade.expires_at_s, TOKEN_EXPIRED)
     .end_if_revoked(&changed, &revoked, auth::TOKEN_REVOKED);
     loop {
         // Backpressure: a client that sends ops but never reads the answers is paused.
@@ -244,21 +339,17 @@ async fn read_loop<S: Conn>(
         let text = match reader.next().await {
             None => return,
             Some(Data::Binary(_)) => {
-                ctl.close
-                    .set(Some((close::POLICY, "binary frames are not accepted here")));
+                ctl.close.set(Some(BINARY_REFUSED));
                 return;
             }
             Some(Data::Text(t)) => t,
         };
-        let answer = match parse_op(text.as_str(), upgrade.prefix.as_deref()) {
-            Ok(op) => apply_op(core, key, subs, op).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = answer {
-            core.fanout.push_control(key, e.to_json());
-            let now = rt::now_ms().max(0) as u64;
-            if let Err(a) = budget.charge(now) {
-                ctl.close.set(Some((a.close_code(), a.reason())));
+        let prefix = upgrade.prefix.as_deref();
+        match on_text(core, key, subs, prefix, &mut budget, text.as_str()) {
+            Step::Done => {}
+            Step::Apply(apply) => apply.run(core).await,
+            Step::Close(code, reason) => {
+                ctl.close.set(Some((code, reason)));
                 return;
             }
         }
@@ -456,8 +547,9 @@ fn parse_bbox(v: &Value, sub: &str) -> Result<BBox, OpError> {
     BBox::new(nums[0], nums[1], nums[2], nums[3]).map_err(bad)
 }
 
-/// Applies a valid op against this connection and the server: `Ok` once its `ok` is queued.
-async fn apply_op(core: &Core, key: ConnKey, subs: &mut Subs, op: Op) -> Result<(), OpError> {
+/// Checks a valid op against this connection and the server and books it (the connection's
+/// names, the server-wide device count); what is left is its [`Apply`].
+fn plan_op(core: &Core, key: ConnKey, subs: &mut Subs, op: Op) -> Result<Apply, OpError> {
     match op {
         Op::Unsubscribe { sub } => {
             let Some((id, devices)) = subs.by_name.remove(&sub) else {
@@ -472,8 +564,11 @@ async fn apply_op(core: &Core, key: ConnKey, subs: &mut Subs, op: Op) -> Result<
                 .fetch_sub(devices, Ordering::AcqRel);
             // No event for it is queued from here on; then every replica forgets it.
             core.fanout.unconfirm(key, id, ok_json("unsubscribe", &sub));
-            broadcast(core, InterestOp::Remove(sub_key(core, key, id))).await;
-            Ok(())
+            Ok(Apply {
+                op: InterestOp::Remove(sub_key(core, key, id)),
+                then: None,
+                key,
+            })
         }
         Op::Subscribe { sub, filter } => {
             let old = subs.by_name.get(&sub).copied();
@@ -514,18 +609,16 @@ async fn apply_op(core: &Core, key: ConnKey, subs: &mut Subs, op: Op) -> Result<
             let id = subs.next_id;
             subs.next_id += 1;
             subs.by_name.insert(sub.clone(), (id, devices));
-            broadcast(
-                core,
-                InterestOp::Put {
+            let ok = ok_json("subscribe", &sub);
+            Ok(Apply {
+                op: InterestOp::Put {
                     key: sub_key(core, key, id),
                     filter: Arc::new(filter),
                     replaces: old.map(|(old_id, _)| sub_key(core, key, old_id)),
                 },
-            )
-            .await;
-            core.fanout
-                .confirm(key, id, &sub, old.map(|o| o.0), ok_json("subscribe", &sub));
-            Ok(())
+                then: Some((id, sub, old.map(|o| o.0), ok)),
+                key,
+            })
         }
     }
 }
@@ -540,6 +633,74 @@ fn sub_key(core: &Core, conn: ConnKey, id: u32) -> SubKey {
 
 fn ok_json(op: &str, sub: &str) -> String {
     serde_json::json!({"ok": op, "sub": sub}).to_string()
+}
+
+/// What one [`take_batch`] took and wrote.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batch {
+    /// Queue items taken (a full batch means more may wait).
+    pub took: usize,
+    /// Answers among them (the reader may be paused on unread answers).
+    pub controls: bool,
+    /// Events among them.
+    pub delivered: u64,
+}
+
+/// Takes up to [`SUB_WRITE_BATCH_MAX`] items from the connection's queue and hands each text
+/// frame to `emit` in order: answers as they are, a `{"missed":N}` notice before the first event
+/// after a loss (or alone, when nothing else is queued, so it is said at once), then each event
+/// rendered. Sans-io: the glommio writer and the connection engine both call it. `None` once
+/// the connection is closed. `items` and `text` are scratch.
+pub fn take_batch(
+    core: &Core,
+    key: ConnKey,
+    items: &mut Vec<Out>,
+    text: &mut String,
+    emit: impl FnMut(&str),
+) -> Option<Batch> {
+    items.clear();
+    let missed = core.fanout.take(key, SUB_WRITE_BATCH_MAX, items)?;
+    Some(render_batch(items, missed, text, emit))
+}
+
+/// Renders taken `items` (drained) and the `missed` count to report first into text frames
+/// handed to `emit` in order (see [`take_batch`]).
+fn render_batch(
+    items: &mut Vec<Out>,
+    mut missed: u64,
+    text: &mut String,
+    mut emit: impl FnMut(&str),
+) -> Batch {
+    let mut batch = Batch {
+        took: items.len(),
+        controls: false,
+        delivered: 0,
+    };
+    for item in items.drain(..) {
+        match item {
+            Out::Control(t) => {
+                batch.controls = true;
+                emit(&t);
+            }
+            Out::Event { sub, text: ev } => {
+                if missed > 0 {
+                    emit(&missed_json(missed));
+                    missed = 0;
+                }
+                write_event(text, &sub, &ev);
+                emit(text.as_str());
+                batch.delivered += 1;
+            }
+        }
+    }
+    if missed > 0 {
+        emit(&missed_json(missed));
+    }
+    batch
+}
+
+fn missed_json(missed: u64) -> String {
+    format!(r#"{{"missed":{missed}}}"#)
 }
 
 /// Runs the writer, then tells the reader it is gone.
@@ -570,6 +731,7 @@ async fn write_frames<S: Conn>(
     let mut out = WsWriter::new(sink, core.shared.cfg.idle_timeout)
         .stop_bounded(&core.stop, STOP_WRITE_GRACE);
     let mut items = Vec::with_capacity(SUB_WRITE_BATCH_MAX);
+    let mut frames: Vec<String> = Vec::with_capacity(SUB_WRITE_BATCH_MAX + 1);
     let mut text = String::with_capacity(256);
     loop {
         let wait = signal.wait();
@@ -577,38 +739,15 @@ async fn write_frames<S: Conn>(
             out.close(code, reason).await;
             return Ok(());
         }
-        items.clear();
-        let Some(mut missed) = core.fanout.take(key, SUB_WRITE_BATCH_MAX, &mut items) else {
+        frames.clear();
+        let Some(batch) = take_batch(core, key, &mut items, &mut text, |t| {
+            frames.push(t.to_owned())
+        }) else {
             return Ok(());
         };
-        let took = items.len();
-        let mut wrote = false;
-        let mut controls = false;
-        let mut delivered = 0u64;
-        for item in items.drain(..) {
-            match item {
-                Out::Control(t) => {
-                    controls = true;
-                    out.feed(Message::text(t)).await?;
-                }
-                Out::Event { sub, text: ev } => {
-                    if missed > 0 {
-                        out.feed(Message::text(format!(r#"{{"missed":{missed}}}"#)))
-                            .await?;
-                        missed = 0;
-                    }
-                    write_event(&mut text, &sub, &ev);
-                    out.feed(Message::text(text.as_str())).await?;
-                    delivered += 1;
-                }
-            }
-            wrote = true;
-        }
-        if missed > 0 {
-            // Nothing to deliver right now: say it at once rather than at the next event.
-            out.feed(Message::text(format!(r#"{{"missed":{missed}}}"#)))
-                .await?;
-            wrote = true;
+        let mut wrote = !frames.is_empty();
+        for t in frames.drain(..) {
+            out.feed(Message::text(t)).await?;
         }
         if ctl.ping.replace(false) {
             out.feed(Message::Ping(Default::default())).await?;
@@ -618,11 +757,12 @@ async fn write_frames<S: Conn>(
             out.flush().await?;
         }
         let d = &core.fanout.delivered;
-        d.set(d.get() + delivered);
-        if controls {
+        d.set(d.get() + batch.delivered);
+        if batch.controls {
             // The reader may be paused on unread answers.
             signal.notify();
         }
+        let took = batch.took;
         if took == SUB_WRITE_BATCH_MAX {
             continue;
         }
@@ -633,6 +773,55 @@ async fn write_frames<S: Conn>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn render(items: Vec<Out>, missed: u64) -> (Vec<String>, Batch) {
+        let mut items = items;
+        let (mut text, mut frames) = (String::new(), Vec::new());
+        let batch = render_batch(&mut items, missed, &mut text, |t| frames.push(t.to_owned()));
+        assert!(items.is_empty(), "every item taken is written");
+        (frames, batch)
+    }
+
+    fn event(sub: &str, n: u32) -> Out {
+        Out::Event {
+            sub: sub.into(),
+            text: format!(r#"{{"n":{n}}}"#).into(),
+        }
+    }
+
+    #[test]
+    fn a_batch_says_what_was_missed_before_the_next_event_or_alone() {
+        // Answers go out as they are and in order; the missed count comes right before the
+        // first event after the loss (not before an answer), and only once.
+        let (frames, batch) = render(
+            vec![Out::Control("a".into()), event("s", 1), event("s", 2)],
+            3,
+        );
+        assert_eq!(frames.len(), 4);
+        assert_eq!(frames[0], "a");
+        assert_eq!(frames[1], r#"{"missed":3}"#);
+        assert!(frames[2].contains(r#""n":1"#) && frames[2].contains(r#""s""#));
+        assert!(frames[3].contains(r#""n":2"#));
+        assert_eq!(
+            batch,
+            Batch {
+                took: 3,
+                controls: true,
+                delivered: 2
+            }
+        );
+        // Nothing to deliver: the notice goes out at once, alone.
+        let (frames, batch) = render(vec![Out::Control("b".into())], 5);
+        assert_eq!(frames, vec!["b".to_string(), r#"{"missed":5}"#.to_string()]);
+        assert_eq!((batch.took, batch.delivered), (1, 0));
+        // Events only, nothing missed: no notice, no answer flagged.
+        let (frames, batch) = render(vec![event("t", 7)], 0);
+        assert_eq!(frames.len(), 1);
+        assert!(!batch.controls);
+        let (frames, batch) = render(Vec::new(), 0);
+        assert!(frames.is_empty());
+        assert_eq!(batch.took, 0);
+    }
 
     fn reason(text: &str, prefix: Option<&str>) -> &'static str {
         parse_op(text, prefix).unwrap_err().reason

@@ -1,13 +1,17 @@
 //! One engine connection ([`Conn`]) and the engine's connection [`Table`]. A `Conn` owns its
 //! socket, its parse state (the bytes of an unfinished frame, a fragmented message), its
 //! output (frames queued, the bytes of the one send in flight) and its deadlines as plain
-//! fields; the engine calls it on completions, on deadlines and when its ack-ledger signal
-//! fired. It does not submit anything by itself except through the [`Ring`] the engine lends
+//! fields, and a role: a device ingest connection (its ack-ledger entry, sequence tracking,
+//! forwards) or a subscriber (its fan-out queue, subscriptions, the op being applied); what a
+//! frame means is `net::ingest`'s or `net::subscribe`'s. The engine calls it on completions, on
+//! deadlines and when its ack-ledger or fan-out signal fired. It does not submit anything by itself except through the [`Ring`] the engine lends
 //! it, and it never waits.
 //!
 //! Invariants: at most one receive and one send are in flight per connection, and `ops` counts
-//! every operation not yet completed (the engine frees a connection only at zero); bytes are
-//! parsed in stream order, each once; an ack is written for the ledger's `ack_ready` only.
+//! every operation not yet completed (the engine frees a connection only at zero, and only once
+//! no subscriber op is being applied); bytes are parsed in stream order, each once; an ack is
+//! written for the ledger's `ack_ready` only; a subscriber's queue is taken from only while
+//! none of its bytes are being sent.
 
 use std::cell::Cell;
 use std::io::Cursor;
@@ -22,12 +26,14 @@ use tungstenite::protocol::frame::FrameHeader;
 use crate::limits::{
     CLOSE_STEP_BOUND, CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_QUEUED_MAX, CONN_ERRORS_WINDOW_MS,
     CONN_FRAMES_IN_FLIGHT_MAX, ENGINE_PAUSED_BYTES_MAX, ENGINE_WHEEL_TICK, FRAME_BYTES_MAX,
-    IDLE_STRIKES_MAX, PARTIAL_FRAME_SMALL_BYTES, TOKEN_EXPIRY_WAIT_MAX, WS_WRITE_BUFFER_BYTES_MAX,
+    IDLE_STRIKES_MAX, PARTIAL_FRAME_SMALL_BYTES, SUB_CONTROL_QUEUED_MAX, SUB_WRITE_BATCH_MAX,
+    TOKEN_EXPIRY_WAIT_MAX, WS_WRITE_BUFFER_BYTES_MAX,
 };
 use crate::net::auth;
 use crate::net::edge::Edge;
 use crate::net::ingest::{self, Grant, Payload, Step, CLOSE_NORMAL, TOKEN_EXPIRED};
 use crate::net::slots::ConnSlot;
+use crate::net::subscribe::{self, Subs};
 use crate::proto::{self, close, IngestScope};
 use crate::record::Heartbeat;
 use crate::route::ShardId;
@@ -36,6 +42,7 @@ use crate::rt::{self, now_s};
 use crate::shard::acks::ConnKey;
 use crate::shard::mesh::Batch;
 use crate::store::Dedupe;
+use crate::subscribe::Out;
 
 /// Close code for a protocol error (RFC 6455).
 const CLOSE_PROTOCOL: u16 = 1002;
@@ -197,13 +204,62 @@ struct Message {
     data: Vec<u8>,
 }
 
-/// One ingest connection driven by the engine (see the module comment).
-pub struct Conn {
-    fd: OwnedFd,
-    key: Key,
+/// What a new connection is for, with what its admission granted.
+pub enum Start {
+    /// A device ingest connection, with the resume frame to send first (issue 18).
+    Ingest(Grant, Option<String>),
+    /// A subscriber connection (`/v1/subscribe`).
+    Subscribe(subscribe::Grant),
+}
+
+/// The state of an ingest connection that is not framing.
+struct IngestRole {
     /// The connection's entry in the executor's ack ledger.
     acks: ConnKey,
     grant: Grant,
+    seqs: proto::SeqTracker,
+    forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
+    /// A frame's remote groups are being sent to their owners; set when done.
+    forwarding: Option<Rc<Cell<bool>>>,
+}
+
+/// The state of a subscriber connection that is not framing: its queue in the executor's
+/// fan-out (hooked to this connection's waker), its subscriptions, the op being applied.
+pub struct SubRole {
+    /// The connection's queue in the executor's fan-out.
+    key: crate::slab::Key,
+    grant: subscribe::Grant,
+    subs: Subs,
+    /// An op's interest change is being applied on every executor (one short task per op,
+    /// see the module comment); set when its answer is queued.
+    applying: Option<Rc<Cell<bool>>>,
+}
+
+/// What a connection is for.
+enum Role {
+    Ingest(IngestRole),
+    /// Boxed: an idle device connection stays as small as it was.
+    Subscribe(Box<SubRole>),
+}
+
+/// Scratch the engine lends every connection it services.
+#[derive(Default)]
+pub struct Scratch {
+    /// The JSON of acks, error frames and events.
+    pub text: String,
+    /// Items taken from a subscriber's queue.
+    pub items: Vec<Out>,
+    /// Subscriber queue items this turn may still render.
+    pub sub_items_left: usize,
+    /// The connection serviced last left a batch for a later turn (the turn's budget is spent).
+    pub deferred: bool,
+}
+
+/// One connection driven by the engine (see the module comment).
+pub struct Conn {
+    fd: OwnedFd,
+    key: Key,
+    role: Role,
     _slot: ConnSlot,
     /// Marks this connection dirty (hooked on its ledger signal; given to forward tasks).
     waker: Waker,
@@ -235,13 +291,9 @@ pub struct Conn {
     close_held: Option<Vec<u8>>,
     /// The client's end of the stream was seen (EOF), or the socket failed (`Some(false)`).
     eof: Option<bool>,
-    /// A frame's remote groups are being sent to their owners; set when done.
-    forwarding: Option<Rc<Cell<bool>>>,
     /// Reading paused for backpressure or a forward (silence then is not the client's).
     paused: bool,
-    seqs: proto::SeqTracker,
     budget: proto::ErrorBudget,
-    forwards: Vec<(ShardId, Vec<(u64, Heartbeat)>)>,
     /// Silence is measured from here.
     idle_since: Instant,
     idle_strikes: u32,
@@ -270,7 +322,7 @@ impl Conn {
         edge: &Rc<Edge>,
         key: Key,
         fd: OwnedFd,
-        grant: Grant,
+        start: Start,
         slot: ConnSlot,
         waker: Waker,
         now: Instant,
@@ -284,21 +336,53 @@ impl Conn {
                 libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
             }
         }
-        let acks = core.acks.open();
-        core.acks
-            .with(acks, |c| c.signal.set_hook(waker.clone()))
-            .expect("just opened");
-        let expires_in = Duration::from_secs(grant.expires_at_s.saturating_sub(now_s()));
-        let expiry = (expires_in <= TOKEN_EXPIRY_WAIT_MAX).then(|| now + expires_in);
         let mut out = Vec::new();
         out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
-        out.extend_from_slice(grant.accept_key.as_bytes());
+        let (role, expires_at_s, resume) = match start {
+            Start::Ingest(mut grant, resume) => {
+                let acks = core.acks.open();
+                core.acks
+                    .with(acks, |c| c.signal.set_hook(waker.clone()))
+                    .expect("just opened");
+                out.extend_from_slice(grant.accept_key.as_bytes());
+                // The accept key is not needed again (idle memory).
+                grant.accept_key = String::new();
+                let expires_at_s = grant.expires_at_s;
+                let role = IngestRole {
+                    acks,
+                    grant,
+                    seqs: proto::SeqTracker::new(),
+                    forwards: Vec::new(),
+                    forwarding: None,
+                };
+                (Role::Ingest(role), expires_at_s, resume)
+            }
+            Start::Subscribe(mut grant) => {
+                subscribe::limit_send_buffer_fd(fd.as_raw_fd());
+                let key = core.fanout.conn_open();
+                core.fanout
+                    .signal(key)
+                    .expect("just opened")
+                    .set_hook(waker.clone());
+                out.extend_from_slice(grant.accept_key.as_bytes());
+                grant.accept_key = String::new();
+                let expires_at_s = grant.expires_at_s;
+                let role = SubRole {
+                    key,
+                    grant,
+                    subs: Subs::new(),
+                    applying: None,
+                };
+                (Role::Subscribe(Box::new(role)), expires_at_s, None)
+            }
+        };
         out.extend_from_slice(b"\r\n\r\n");
+        let expires_in = Duration::from_secs(expires_at_s.saturating_sub(now_s()));
+        let expiry = (expires_in <= TOKEN_EXPIRY_WAIT_MAX).then(|| now + expires_in);
         let mut c = Conn {
             fd,
             key,
-            acks,
-            grant,
+            role,
             _slot: slot,
             waker,
             queued: false,
@@ -316,11 +400,8 @@ impl Conn {
             waiting_room: false,
             close_held: None,
             eof: None,
-            forwarding: None,
             paused: false,
-            seqs: proto::SeqTracker::new(),
             budget: proto::ErrorBudget::new(CONN_ERRORS_PER_WINDOW_MAX, CONN_ERRORS_WINDOW_MS),
-            forwards: Vec::new(),
             idle_since: now,
             idle_strikes: 0,
             expiry,
@@ -334,10 +415,14 @@ impl Conn {
             ping_due: false,
             close: None,
         };
-        // The accept key is not needed again (idle memory).
-        c.grant.accept_key = String::new();
-        if IngestScope::from_scope(&c.grant.scope).is_none() {
-            c.end_read(edge, (close::POLICY, "token scope does not allow ingest"));
+        if let Some(text) = resume {
+            // Issue 18: a device that declared an epoch hears its durable mark first.
+            push_frame(&mut c.out, 0x1, text.as_bytes());
+        }
+        if let Role::Ingest(i) = &c.role {
+            if IngestScope::from_scope(&i.grant.scope).is_none() {
+                c.end_read(edge, (close::POLICY, "token scope does not allow ingest"));
+            }
         }
         c
     }
@@ -352,30 +437,45 @@ impl Conn {
         }
     }
 
-    /// Queues the resume frame (issue 18: a device that declared an epoch hears its durable mark
-    /// first). Called right after [`Conn::new`], before anything else is queued.
-    pub fn queue_resume(&mut self, text: &str) {
-        push_frame(&mut self.out, 0x1, text.as_bytes());
+    /// The close reason of an expired token (each kind keeps its documented one).
+    fn expired_reason(&self) -> &'static str {
+        match self.role {
+            Role::Ingest(_) => TOKEN_EXPIRED,
+            Role::Subscribe(_) => subscribe::TOKEN_EXPIRED,
+        }
     }
 
-    /// How this connection's heartbeats are deduplicated (issue 18: device-scoped sequences
-    /// once it declared an epoch).
-    fn dedupe(&self) -> Dedupe {
-        self.grant.epoch.map_or(Dedupe::Off, Dedupe::Seq)
+    /// The largest message this connection takes: the configured one for ingest, the fixed
+    /// `FRAME_BYTES_MAX` for a subscriber's ops (as the glommio subscriber's).
+    fn frame_bytes_max(&self, params: &Params) -> usize {
+        match self.role {
+            Role::Ingest(_) => params.frame_bytes_max,
+            Role::Subscribe(_) => FRAME_BYTES_MAX,
+        }
+    }
+
+    /// Work of this connection outside the ring that must end before it is freed (a
+    /// subscriber's op being applied on every executor).
+    fn busy(&self) -> bool {
+        matches!(&self.role, Role::Subscribe(s) if s.applying.is_some())
     }
 
     /// Ends reading if this connection's token is revoked now (the executor's revocation list
     /// changed, or the connection just opened): closes 1008 `token_revoked` once everything read
     /// is acked, as the glommio engine does. Logs the close (rate limited).
     pub fn end_if_revoked(&mut self, edge: &Edge) {
-        if self.reading
-            && auth::revoked_live(
+        let revoked = match &self.role {
+            Role::Ingest(i) => {
+                auth::revoked_live(&edge.core.shared, &i.grant.scope, &i.grant.issue, "ingest")
+            }
+            Role::Subscribe(s) => auth::revoked_live(
                 &edge.core.shared,
-                &self.grant.scope,
-                &self.grant.issue,
-                "ingest",
-            )
-        {
+                &s.grant.scope(),
+                &s.grant.issue,
+                "subscribe",
+            ),
+        };
+        if self.reading && revoked {
             self.end_read(edge, (close::POLICY, auth::TOKEN_REVOKED));
         }
     }
@@ -408,15 +508,29 @@ impl Conn {
         if !self.reading || self.waiting_room || self.close_held.is_some() {
             return false;
         }
-        let busy = self.forwarding.is_some()
-            || edge
-                .core
-                .acks
-                .with(self.acks, |c| {
-                    c.frames_in_flight() >= CONN_FRAMES_IN_FLIGHT_MAX
-                        || c.errors.len() >= CONN_ERRORS_QUEUED_MAX
-                })
-                .unwrap_or(true);
+        let busy = match &self.role {
+            Role::Ingest(i) => {
+                i.forwarding.is_some()
+                    || edge
+                        .core
+                        .acks
+                        .with(i.acks, |c| {
+                            c.frames_in_flight() >= CONN_FRAMES_IN_FLIGHT_MAX
+                                || c.errors.len() >= CONN_ERRORS_QUEUED_MAX
+                        })
+                        .unwrap_or(true)
+            }
+            // A client that sends ops but never reads the answers is paused; so is one
+            // whose op is being applied (ops are answered in order).
+            Role::Subscribe(s) => {
+                s.applying.is_some()
+                    || edge
+                        .core
+                        .fanout
+                        .controls_queued(s.key)
+                        .is_none_or(|q| q >= SUB_CONTROL_QUEUED_MAX)
+            }
+        };
         self.paused |= busy;
         !busy
     }
@@ -472,7 +586,7 @@ impl Conn {
                 }
             };
             let header_len = cursor.position() as usize;
-            if len > params.frame_bytes_max as u64 {
+            if len > self.frame_bytes_max(params) as u64 {
                 self.end_read(edge, (close::TOO_BIG, "frame too large"));
                 break;
             }
@@ -535,10 +649,11 @@ impl Conn {
                 }
             }
             OpCode::Data(Data::Continue) => {
+                let max = self.frame_bytes_max(params);
                 let Some(m) = self.message.as_mut() else {
                     return self.end_read(edge, (CLOSE_PROTOCOL, "protocol error"));
                 };
-                if m.data.len() + payload.len() > params.frame_bytes_max {
+                if m.data.len() + payload.len() > max {
                     return self.end_read(edge, (close::TOO_BIG, "frame too large"));
                 }
                 m.data.extend_from_slice(payload);
@@ -590,17 +705,51 @@ impl Conn {
         } else {
             Payload::Binary(payload)
         };
-        let scope = IngestScope::from_scope(&self.grant.scope).expect("checked at open");
-        let step = ingest::process_frame(
-            edge,
-            self.acks,
-            payload,
-            scope,
-            self.dedupe(),
-            &mut self.seqs,
-            &mut self.budget,
-            &mut self.forwards,
-        );
+        let step = match &mut self.role {
+            Role::Ingest(i) => {
+                let scope = IngestScope::from_scope(&i.grant.scope).expect("checked at open");
+                ingest::process_frame(
+                    edge,
+                    i.acks,
+                    payload,
+                    scope,
+                    dedupe(&i.grant),
+                    &mut i.seqs,
+                    &mut self.budget,
+                    &mut i.forwards,
+                )
+            }
+            Role::Subscribe(s) => {
+                let Payload::Text(text) = payload else {
+                    return self.end_read(edge, subscribe::BINARY_REFUSED);
+                };
+                let prefix = s.grant.prefix.as_deref();
+                match subscribe::on_text(
+                    &edge.core,
+                    s.key,
+                    &mut s.subs,
+                    prefix,
+                    &mut self.budget,
+                    text,
+                ) {
+                    subscribe::Step::Done => Step::Done,
+                    subscribe::Step::Close(code, reason) => Step::Close(code, reason),
+                    subscribe::Step::Apply(apply) => {
+                        // One short task per op: the broadcast waits for every executor.
+                        let done = Rc::new(Cell::new(false));
+                        s.applying = Some(done.clone());
+                        self.paused = true;
+                        let (core, waker) = (edge.core.clone(), self.waker.clone());
+                        rt::spawn(async move {
+                            apply.run(&core).await;
+                            done.set(true);
+                            waker.wake();
+                        });
+                        Step::Done
+                    }
+                }
+            }
+        };
         match step {
             Step::Done => {}
             Step::Close(code, reason) => self.end_read(edge, (code, reason)),
@@ -611,12 +760,15 @@ impl Conn {
     /// Sends the frame's remote groups to their owners from a task of their own (waiting for
     /// room in the mesh), pausing this connection's parsing until it is done.
     fn forward(&mut self, edge: &Rc<Edge>, frame: u64) {
-        let groups = std::mem::take(&mut self.forwards);
+        let Role::Ingest(i) = &mut self.role else {
+            unreachable!("only ingest frames are forwarded");
+        };
+        let groups = std::mem::take(&mut i.forwards);
         let done = Rc::new(Cell::new(false));
-        self.forwarding = Some(done.clone());
+        i.forwarding = Some(done.clone());
         self.paused = true;
-        let (edge, conn, waker) = (edge.clone(), self.acks, self.waker.clone());
-        let dedupe = self.dedupe();
+        let (edge, conn, waker) = (edge.clone(), i.acks, self.waker.clone());
+        let dedupe = dedupe(&i.grant);
         rt::spawn(async move {
             let core = &edge.core;
             for (shard, items) in groups {
@@ -695,7 +847,7 @@ impl Conn {
                 }
                 if self.expiry.is_some_and(|e| now >= e) {
                     self.reading = false;
-                    self.close = Some((close::POLICY, TOKEN_EXPIRED));
+                    self.close = Some((close::POLICY, self.expired_reason()));
                     self.close_held = None;
                     self.pending = Vec::new();
                     return;
@@ -753,9 +905,16 @@ impl Conn {
         edge: &Rc<Edge>,
         params: &Params,
         ring: &mut Ring,
-        scratch: &mut String,
+        scratch: &mut Scratch,
         now: Instant,
     ) {
+        match &mut self.role {
+            Role::Ingest(i) if i.forwarding.as_ref().is_some_and(|d| d.get()) => {
+                i.forwarding = None
+            }
+            Role::Subscribe(s) if s.applying.as_ref().is_some_and(|d| d.get()) => s.applying = None,
+            _ => {}
+        }
         if self.phase == Phase::Open {
             self.service_open(edge, params, ring, scratch, now);
         }
@@ -786,6 +945,7 @@ impl Conn {
             self.phase,
             Phase::Closing { shut: true, .. } | Phase::Aborting
         ) && self.ops == 0
+            && !self.busy()
         {
             self.phase = Phase::Done;
         }
@@ -796,13 +956,10 @@ impl Conn {
         edge: &Rc<Edge>,
         params: &Params,
         ring: &mut Ring,
-        scratch: &mut String,
+        scratch: &mut Scratch,
         now: Instant,
     ) {
         let _ = ring;
-        if self.forwarding.as_ref().is_some_and(|d| d.get()) {
-            self.forwarding = None;
-        }
         if self.paused && self.reading && self.can_parse_quiet(edge) {
             // Silence is counted again from now (a pause is not the client's).
             self.paused = false;
@@ -819,21 +976,9 @@ impl Conn {
                 }
             }
         }
-        let Some((ack_ready, in_flight, drained)) = edge.core.acks.with(self.acks, |c| {
-            let drained = !c.errors.is_empty();
-            for (seq, reason) in c.errors.drain(..) {
-                proto::ack::write_error(scratch, seq.map(proto::Seq), reason);
-                push_frame(&mut self.out, 0x1, scratch.as_bytes());
-            }
-            (c.ack_ready, c.frames_in_flight(), drained)
-        }) else {
+        let Some((in_flight, drained)) = self.write_role(edge, scratch) else {
             return self.abort();
         };
-        if ack_ready > self.acked {
-            proto::ack::write_ack(scratch, proto::Seq(ack_ready));
-            push_frame(&mut self.out, 0x1, scratch.as_bytes());
-            self.acked = ack_ready;
-        }
         if std::mem::take(&mut self.ping_due) {
             push_frame(&mut self.out, 0x9, &[]);
         }
@@ -863,7 +1008,7 @@ impl Conn {
         if let Some((code, reason)) = self.close {
             let graceful = code == close::GOING_AWAY
                 || code == CLOSE_NORMAL
-                || (code, reason) == (close::POLICY, TOKEN_EXPIRED)
+                || (code, reason) == (close::POLICY, self.expired_reason())
                 || (code, reason) == (close::POLICY, auth::TOKEN_REVOKED);
             if !graceful || in_flight == 0 {
                 crate::net::ws::write::log_refusal_close(code, reason);
@@ -875,6 +1020,57 @@ impl Conn {
                     until: now + CLOSE_STEP_BOUND,
                     shut: false,
                 };
+            }
+        }
+    }
+
+    /// Queues what the connection's role has to say: an ingest connection's error frames and
+    /// ack; a subscriber's answers, events and `{"missed":N}` notices (a batch taken only while
+    /// nothing is being sent, so its queue, not this buffer, is what fills up while the client
+    /// reads slowly). Returns the frames still in flight (for a graceful close: a subscriber's
+    /// op being applied counts) and whether room was made for reading, or `None` when its
+    /// executor state is gone.
+    fn write_role(&mut self, edge: &Edge, scratch: &mut Scratch) -> Option<(usize, bool)> {
+        match &mut self.role {
+            Role::Ingest(i) => {
+                let (ack_ready, in_flight, drained) = edge.core.acks.with(i.acks, |c| {
+                    let drained = !c.errors.is_empty();
+                    for (seq, reason) in c.errors.drain(..) {
+                        proto::ack::write_error(&mut scratch.text, seq.map(proto::Seq), reason);
+                        push_frame(&mut self.out, 0x1, scratch.text.as_bytes());
+                    }
+                    (c.ack_ready, c.frames_in_flight(), drained)
+                })?;
+                if ack_ready > self.acked {
+                    proto::ack::write_ack(&mut scratch.text, proto::Seq(ack_ready));
+                    push_frame(&mut self.out, 0x1, scratch.text.as_bytes());
+                    self.acked = ack_ready;
+                }
+                Some((in_flight, drained))
+            }
+            Role::Subscribe(s) => {
+                let in_flight = usize::from(s.applying.is_some());
+                let closing = self.close.is_some() || self.close_held.is_some();
+                if closing || self.send_in_flight || !self.sending.is_empty() {
+                    return Some((in_flight, false));
+                }
+                if scratch.sub_items_left < SUB_WRITE_BATCH_MAX {
+                    scratch.deferred = true;
+                    return Some((in_flight, false));
+                }
+                let out = &mut self.out;
+                let core = &edge.core;
+                let batch = subscribe::take_batch(
+                    core,
+                    s.key,
+                    &mut scratch.items,
+                    &mut scratch.text,
+                    |t| push_frame(out, 0x1, t.as_bytes()),
+                )?;
+                let d = &core.fanout.delivered;
+                d.set(d.get() + batch.delivered);
+                scratch.sub_items_left -= batch.took;
+                Some((in_flight, batch.controls))
             }
         }
     }
@@ -956,9 +1152,25 @@ impl Conn {
     /// Gives back what the connection holds in the executor: its ledger entry, its charges.
     pub fn finish(mut self, edge: &Edge) {
         assert_eq!(self.ops, 0, "a connection freed with operations in flight");
+        assert!(!self.busy(), "a connection freed with an op being applied");
         self.release_charge(edge);
-        edge.core.acks.close(self.acks);
+        match self.role {
+            Role::Ingest(i) => edge.core.acks.close(i.acks),
+            Role::Subscribe(s) => {
+                if let Some(op) = subscribe::conn_closed(&edge.core, s.key, s.subs) {
+                    // Every executor's replica forgets its subscriptions (a broadcast: a task).
+                    let core = edge.core.clone();
+                    rt::spawn(async move { subscribe::broadcast(&core, op).await });
+                }
+            }
+        }
     }
+}
+
+/// How an ingest connection's heartbeats are deduplicated (issue 18: device-scoped sequences
+/// once it declared an epoch).
+fn dedupe(grant: &Grant) -> Dedupe {
+    grant.epoch.map_or(Dedupe::Off, Dedupe::Seq)
 }
 
 /// The reply to a client's Close payload (tungstenite's: the same code and reason, 1002 for a
@@ -1018,6 +1230,15 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subscriber_role_does_not_grow_ingest_connections() {
+        // The subscriber role is boxed: an idle device connection pays one enum tag at most
+        // beside its ingest state (issue 15's memory target counts every byte of it).
+        let role = std::mem::size_of::<Role>();
+        let ingest = std::mem::size_of::<IngestRole>();
+        assert!(role <= ingest + 8, "role {role} B, ingest state {ingest} B");
+    }
 
     #[test]
     fn unmasking_matches_the_byte_by_byte_rule() {

@@ -1,5 +1,6 @@
 //! The connection engine (`--engine ring`): one per executor, it drives every device WebSocket
-//! ingest connection of its executor from the upgrade's 101 to the close, on an io_uring of its
+//! ingest connection and every subscriber (`/v1/subscribe`) of its executor from the upgrade's
+//! 101 to the close, on an io_uring of its
 //! own ([`crate::rt::ring`]): one multishot `recv` per connection into a provided buffer ring
 //! shared by all connections (an idle connection pins no buffer), frames parsed in place
 //! (tungstenite's `FrameHeader::parse` for headers), the frame judged and appended by
@@ -15,6 +16,33 @@
 //! `token_revoked`, once everything read is acked): the executor's revocation signal hooks the
 //! engine, which then asks every connection. A TLS session is not the engine's: it stays with the
 //! glommio ingest on the executor that accepted it.
+//!
+//! A subscriber is a connection with a subscriber role ([`conn`]): the same framing, deadlines
+//! (ping after one interval of silence, 1001 "idle timeout" after the second, 1008 at token
+//! expiry or revocation) and writes, with `net::subscribe`'s sans-io pieces for what its frames
+//! mean: a text frame is an op judged by `subscribe::on_text`; the connection's fan-out queue
+//! signal is hooked to its waker, and a batch of answers, events and `{"missed":N}` notices is
+//! taken (`subscribe::take_batch`) only while nothing of it is being sent, so a slow reader
+//! fills the bounded queue, which counts overflow as missed, never this buffer. One turn renders
+//! at most `ENGINE_SUB_ITEMS_PER_TURN_MAX` queue items over all its subscribers; the rest wait
+//! for the next turn, after the executor's other tasks ran, so a deep fan-out backlog does not
+//! hold the same turn's ingest acks back. Reading pauses
+//! while `SUB_CONTROL_QUEUED_MAX` answers wait unread. An accepted op's interest change must be
+//! applied on every executor before its `ok` (a broadcast over the control mesh that waits for
+//! all of them): the engine spawns one short task per op rather than keeping a pending state
+//! machine per connection, because ops are rare (a client's setup, not a per-event cost), the
+//! broadcast is `Core::on_all`'s future already, and the task costs nothing while the
+//! connection idles; while it runs the connection reads nothing more (ops are answered in
+//! order) and is not freed (the close's `RemoveConn` must follow the op's change). Closing
+//! likewise spawns one task for the `RemoveConn` broadcast. Subscribers stay on the executor
+//! that accepted them (no hand-off: events come to them), and TLS subscribers stay on glommio.
+//!
+//! Plain HTTP request/response connections (queries, the /live and /console pages, metrics)
+//! stay on glommio tasks: their cost is per request on short-lived or keep-alive connections,
+//! not per heartbeat, and moving them would mean a request-head parser and a body writer on
+//! the engine plus an async handler per request (the query handlers await shard reads over the
+//! mesh), i.e. a task per request anyway. See perf/RESULTS.md ("Subscriptions on the ring
+//! engine").
 //!
 //! It owns ingest connections after the upgrade only: admission, the 101's accept key and the
 //! hand-off to the owning executor stay with the router and `net::ingest`; what frames mean,
@@ -39,18 +67,20 @@ use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
 use crate::limits::{
-    ENGINE_BUF_BYTES, ENGINE_BUF_COUNT, ENGINE_CQ_ENTRIES, ENGINE_SQ_ENTRIES, ENGINE_WHEEL_TICK,
+    ENGINE_BUF_BYTES, ENGINE_BUF_COUNT, ENGINE_CQ_ENTRIES, ENGINE_SQ_ENTRIES,
+    ENGINE_SUB_ITEMS_PER_TURN_MAX, ENGINE_WHEEL_TICK,
 };
 use crate::metrics::ExecProbe;
 use crate::net::edge::{Edge, Handoff, Kind};
 use crate::net::ingest::{Grant, IngestKind};
 use crate::net::slots::ConnSlot;
+use crate::net::subscribe::{self, SubscribeKind};
 use crate::net::tls::Conn as NetConn;
 use crate::node::ExecutorId;
 use crate::rt;
 use crate::rt::ring::{Cqe, Ring};
 
-use conn::Conn;
+use conn::{Conn, Start};
 use wheel::Wheel;
 
 /// The device ingest connection kind served by the engine (`/v1/ingest` with `--engine ring`):
@@ -99,7 +129,46 @@ impl Kind for RingIngestKind {
         }
         // SAFETY: `dup` is a fresh descriptor nothing else owns.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-        start(&edge, fd, leftover, grant, resume, slot);
+        start(&edge, fd, leftover, Start::Ingest(grant, resume), slot);
+    }
+}
+
+/// The subscriber connection kind served by the engine (`/v1/subscribe` with `--engine ring`):
+/// admitted like [`SubscribeKind`], then served by this executor's engine (subscribers stay
+/// where they were accepted; events come to them).
+pub struct RingSubscribeKind;
+
+impl Kind for RingSubscribeKind {
+    type Grant = subscribe::Grant;
+
+    fn admit(
+        edge: &Edge,
+        req: &crate::http::parse::Request<'_>,
+    ) -> Result<subscribe::Grant, crate::net::auth::Refusal> {
+        SubscribeKind::admit(edge, req)
+    }
+
+    /// A plain socket goes to the engine; a TLS session stays with the glommio subscriber.
+    async fn serve<S: NetConn>(
+        edge: Rc<Edge>,
+        stream: S,
+        leftover: Vec<u8>,
+        grant: subscribe::Grant,
+        slot: ConnSlot,
+    ) {
+        let Some(fd) = stream.handoff_fd() else {
+            return SubscribeKind::serve(edge, stream, leftover, grant, slot).await;
+        };
+        // SAFETY: dup of a descriptor we own; the duplicate is owned by the OwnedFd.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        drop(stream);
+        if dup < 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "could not take over a subscriber socket");
+            return;
+        }
+        // SAFETY: `dup` is a fresh descriptor nothing else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        start(&edge, fd, leftover, Start::Subscribe(grant), slot);
     }
 }
 
@@ -109,12 +178,24 @@ pub fn adopt(edge: Rc<Edge>, from: ExecutorId, msg: Handoff) {
     ExecProbe::add(&edge.core.probe.received_from[from.0], 1);
     let slot = ConnSlot::take_over(&edge.core.shared);
     if msg.grant.epoch.is_none() {
-        return start(&edge, msg.fd, msg.leftover, msg.grant, None, slot);
+        return start(
+            &edge,
+            msg.fd,
+            msg.leftover,
+            Start::Ingest(msg.grant, None),
+            slot,
+        );
     }
     // A device that declared an epoch hears its mark first (read from this executor's shard).
     rt::spawn(async move {
         if let Ok(resume) = crate::net::ingest::resume_of(&edge.core, &msg.grant).await {
-            start(&edge, msg.fd, msg.leftover, msg.grant, resume, slot);
+            start(
+                &edge,
+                msg.fd,
+                msg.leftover,
+                Start::Ingest(msg.grant, resume),
+                slot,
+            );
         }
     });
 }
@@ -123,9 +204,8 @@ pub fn adopt(edge: Rc<Edge>, from: ExecutorId, msg: Handoff) {
 struct NewConn {
     fd: OwnedFd,
     leftover: Vec<u8>,
-    grant: Grant,
-    /// The resume frame to send after the 101 (issue 18).
-    resume: Option<String>,
+    /// What it is for (with the resume frame an ingest connection sends after the 101).
+    start: Start,
     slot: ConnSlot,
 }
 
@@ -151,21 +231,13 @@ thread_local! {
 
 /// Hands an upgraded connection (`fd`, the bytes read past its request head) to this
 /// executor's engine, starting the engine on first use.
-fn start(
-    edge: &Rc<Edge>,
-    fd: OwnedFd,
-    leftover: Vec<u8>,
-    grant: Grant,
-    resume: Option<String>,
-    slot: ConnSlot,
-) {
+fn start(edge: &Rc<Edge>, fd: OwnedFd, leftover: Vec<u8>, start: Start, slot: ConnSlot) {
     let first = INBOX.with(|i| {
         let mut i = i.borrow_mut();
         i.new.push(NewConn {
             fd,
             leftover,
-            grant,
-            resume,
+            start,
             slot,
         });
         if let Some(w) = i.waker.take() {
@@ -230,7 +302,7 @@ async fn run(edge: Rc<Edge>) {
         Ok(e) => e,
         Err(e) => {
             // Nothing to fall back on for connections already upgraded: close them.
-            tracing::error!(error = %e, "the connection engine's io_uring could not be set up; closing ingest connections");
+            tracing::error!(error = %e, "the connection engine's io_uring could not be set up; closing its connections");
             loop {
                 let new = INBOX.with(|i| std::mem::take(&mut i.borrow_mut().new));
                 drop(new);
@@ -283,12 +355,14 @@ struct Engine {
     dirty: Vec<u64>,
     /// Connections to service at the end of this turn (deduplicated by their `queued` flag).
     touched: Vec<conn::Key>,
+    /// Subscribers whose batch waits for the next turn (this turn's budget was spent).
+    deferred: Vec<conn::Key>,
     /// Shutdown was seen (every connection told).
     stop_seen: bool,
     /// The executor's shared settings for connections.
     params: conn::Params,
-    /// Scratch for the JSON of acks and error frames.
-    scratch: String,
+    /// Scratch for the JSON of acks, error frames and events, and a subscriber's batch.
+    scratch: conn::Scratch,
 }
 
 impl Engine {
@@ -317,7 +391,13 @@ impl Engine {
             touched: Vec::new(),
             stop_seen: false,
             params,
-            scratch: String::with_capacity(64),
+            scratch: conn::Scratch {
+                text: String::with_capacity(256),
+                items: Vec::with_capacity(crate::limits::SUB_WRITE_BATCH_MAX),
+                sub_items_left: 0,
+                deferred: false,
+            },
+            deferred: Vec::new(),
         })
     }
 
@@ -367,6 +447,9 @@ impl Engine {
         for n in new {
             self.open(n, now);
         }
+        for key in std::mem::take(&mut self.deferred) {
+            self.touch(key);
+        }
         for &packed in &dirty {
             let key = conn::Key::unpack(packed);
             if self.conns.get(key).is_some() {
@@ -403,6 +486,7 @@ impl Engine {
         }
 
         // Service every touched connection: parse what waits, write, arm, close, finish.
+        self.scratch.sub_items_left = ENGINE_SUB_ITEMS_PER_TURN_MAX;
         while let Some(key) = self.touched.pop() {
             self.service(key, now);
         }
@@ -425,18 +509,14 @@ impl Engine {
         let NewConn {
             fd,
             mut leftover,
-            grant,
-            resume,
+            start,
             slot,
         } = n;
         let edge = &self.edge;
         let key = self
             .conns
-            .insert(|key| Conn::new(edge, key, fd, grant, slot, conn_waker(key), now));
+            .insert(|key| Conn::new(edge, key, fd, start, slot, conn_waker(key), now));
         let c = self.conns.get_mut(key).expect("just inserted");
-        if let Some(text) = resume {
-            c.queue_resume(&text);
-        }
         // Revoked between admission and now: the list's change may have been seen already.
         c.end_if_revoked(&self.edge);
         if self.stop_seen {
@@ -476,6 +556,7 @@ impl Engine {
             return;
         };
         c.queued = false;
+        self.scratch.deferred = false;
         c.service(
             &self.edge,
             &self.params,
@@ -483,6 +564,9 @@ impl Engine {
             &mut self.scratch,
             now,
         );
+        if self.scratch.deferred {
+            self.deferred.push(key);
+        }
         if c.finished() {
             let c = self.conns.remove(key);
             c.finish(&self.edge);
@@ -532,6 +616,11 @@ impl Engine {
             if watchdog.poll_elapsed(cx, now, due.saturating_duration_since(now)) {
                 return Poll::Ready(());
             }
+        }
+        if !self.deferred.is_empty() {
+            // Subscriber batches wait for the next turn: after the executor's other tasks
+            // (the commit path, the event mesh) had theirs, not at once.
+            cx.waker().wake_by_ref();
         }
         Poll::Pending
     }
