@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Smoke benchmark for CI: build geobeat-perf in release, start geobeat-null on a free loopback
+# Smoke benchmark for CI: build geobeat and geobeat-perf in release, start geobeat-null on a free loopback
 # port, run geobeat-load against it for a few seconds in closed loop (JSON) and open loop
 # (binary) with 100 devices, and fail unless both runs acked heartbeats with no errors.
 # Takes well under 60 s after the build. Prints both reports.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-cargo build --release -p geobeat-perf --bins
+# The same two builds as latency_sweep.sh, compare.sh and tls_load.sh (same packages, same
+# features), so CI compiles the release binaries once for all of them.
+cargo build --release --bin geobeat
+cargo build --release -p geobeat-perf --features mint --bins
 bin="${CARGO_TARGET_DIR:-target}/release"
 
 work="$(mktemp -d)"

@@ -12,16 +12,19 @@
 //! events of a device another node writes, the view's lag, history by redirect. Bounded: about
 //! 60 s.
 
+#[path = "common/cluster_node.rs"]
+mod cluster_node;
 mod common;
 #[path = "common/nats.rs"]
 mod nats;
 
+use cluster_node::{start_node, start_node_mqtt, Node};
 use common::*;
 use nats::NatsCluster;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use geobeat::auth::Scope;
@@ -30,78 +33,6 @@ use geobeat::replicate::{batch, wire};
 /// The takeover bound the test holds the cluster to: the dead-lease bound plus a few lease
 /// intervals for the survivor to see it, claim, fence, and the device to reconnect.
 const TAKEOVER_MAX: Duration = Duration::from_secs(15);
-
-/// One geobeat node of the test cluster.
-struct Node {
-    server: Server,
-    log: PathBuf,
-}
-
-/// Starts node `id` on a free port, advertising that port; `secret`: the secret file shared by
-/// every node (tokens verify on any node).
-fn start_node(root: &Path, id: &str, nats: &NatsCluster, secret: Option<&Path>) -> Node {
-    start_node_mqtt(root, id, nats, secret, None)
-}
-
-/// [`start_node`] with an MQTT listener at `mqtt`.
-fn start_node_mqtt(
-    root: &Path,
-    id: &str,
-    nats: &NatsCluster,
-    secret: Option<&Path>,
-    mqtt: Option<SocketAddr>,
-) -> Node {
-    let dir = root.join(id);
-    let log = root.join(format!("{id}.log"));
-    let addr = free_addr_outside_ephemeral();
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--init".into(),
-        "--listen".into(),
-        addr.to_string(),
-        "--data-dir".into(),
-        dir.display().to_string(),
-        "--shards".into(),
-        "2".into(),
-        "--durability".into(),
-        "replicated".into(),
-        "--nats-url".into(),
-        nats.urls(),
-        "--node-id".into(),
-        id.into(),
-        "--advertise".into(),
-        addr.to_string(),
-    ];
-    if let Some(s) = secret {
-        args.extend(["--secret-file".into(), s.display().to_string()]);
-    }
-    if let Some(m) = mqtt {
-        args.extend(["--mqtt-listen".into(), m.to_string()]);
-    }
-    let child = spawn_logged(&args, &log);
-    let mut server = Server {
-        child,
-        addr,
-        dir,
-        args,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            panic!("{id} exited early: {st}\n{}", log_tail(&log, 40));
-        }
-        if let Ok((200, _)) = http(server.addr, "GET", "/healthz", None) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id} not healthy\n{}",
-            log_tail(&log, 40)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Node { server, log }
-}
 
 /// The ownership section of a node's `/v1/stats`.
 fn ownership(node: &Node, ops: &str) -> serde_json::Value {

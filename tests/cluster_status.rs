@@ -10,91 +10,19 @@
 //! into a running HAProxy (read back with `show map`); and that NATS unreachable gives exit 2 with
 //! one line naming the URL. Bounded: about 45 s.
 
+#[path = "common/cluster_node.rs"]
+mod cluster_node;
 mod common;
 #[path = "common/nats.rs"]
 mod nats;
 
+use cluster_node::{start_node, start_node_mqtt};
 use common::*;
 use nats::NatsCluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// One geobeat node of the test cluster.
-struct Node {
-    server: Server,
-    log: PathBuf,
-}
-
-/// Starts node `id` on a free port advertising it (every node with the shared `secret`).
-fn start_node(root: &Path, id: &str, nats: &NatsCluster, secret: &Path) -> Node {
-    start_node_mqtt(root, id, nats, secret, None)
-}
-
-/// [`start_node`] with an MQTT listener at `mqtt`.
-fn start_node_mqtt(
-    root: &Path,
-    id: &str,
-    nats: &NatsCluster,
-    secret: &Path,
-    mqtt: Option<std::net::SocketAddr>,
-) -> Node {
-    let dir = root.join(id);
-    let log = root.join(format!("{id}.log"));
-    let addr = free_addr_outside_ephemeral();
-    let args: Vec<String> = [
-        "serve",
-        "--init",
-        "--listen",
-        &addr.to_string(),
-        "--data-dir",
-        &dir.display().to_string(),
-        "--shards",
-        "2",
-        "--durability",
-        "replicated",
-        "--nats-url",
-        &nats.urls(),
-        "--node-id",
-        id,
-        "--advertise",
-        &addr.to_string(),
-        "--secret-file",
-        &secret.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut args = args;
-    if let Some(m) = mqtt {
-        args.extend(["--mqtt-listen".into(), m.to_string()]);
-    }
-    let child = spawn_logged(&args, &log);
-    let server = Server {
-        child,
-        addr,
-        dir,
-        args,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut server = server;
-    loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            panic!("{id} exited early: {st}\n{}", log_tail(&log, 40));
-        }
-        if let Ok((200, _)) = http(server.addr, "GET", "/healthz", None) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id} not healthy\n{}",
-            log_tail(&log, 40)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Node { server, log }
-}
 
 /// Runs `geobeat cluster status` with `args`: (exit code, stdout, stderr).
 fn status(urls: &str, args: &[&str]) -> (i32, String, String) {
@@ -320,8 +248,8 @@ fn status_lists_the_nodes_then_a_killed_node_dead_then_its_units_moved_and_write
     std::fs::write(&secret, format!("{}\n", "ab".repeat(32))).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let a = start_node(root.path(), "geobeat-a", &nats, &secret);
-    let mut b = start_node(root.path(), "geobeat-b", &nats, &secret);
+    let a = start_node(root.path(), "geobeat-a", &nats, Some(&secret));
+    let mut b = start_node(root.path(), "geobeat-b", &nats, Some(&secret));
 
     // Converged: both live, every unit placed (32 each), exit 0.
     let (_, v) = status_until(
@@ -634,7 +562,7 @@ fn mqtt_connections_of_a_unit_that_moved_away_are_closed_at_their_next_publish()
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let a_mqtt = free_addr_outside_ephemeral();
-    let a = start_node_mqtt(root.path(), "geobeat-a", &nats, &secret, Some(a_mqtt));
+    let a = start_node_mqtt(root.path(), "geobeat-a", &nats, Some(&secret), Some(a_mqtt));
     status_until(
         &urls,
         Duration::from_secs(25),
@@ -658,7 +586,7 @@ fn mqtt_connections_of_a_unit_that_moved_away_are_closed_at_their_next_publish()
     assert_eq!(st.publish(&staying, 1, t0), Answer::PubAck(0));
 
     let b_mqtt = free_addr_outside_ephemeral();
-    let b = start_node_mqtt(root.path(), "geobeat-b", &nats, &secret, Some(b_mqtt));
+    let b = start_node_mqtt(root.path(), "geobeat-b", &nats, Some(&secret), Some(b_mqtt));
     let (_, v) = status_until(
         &urls,
         Duration::from_secs(25),
