@@ -31,12 +31,7 @@ fn present(tool: &str, arg: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-// Opt-in until a placement churn it hit is understood: in one fresh-clone CI run (2026-12-06,
-// b8e4ca1) the three nodes kept releasing and re-claiming units and `cluster status` never
-// settled within the 100 s budget (it passed in the run before and every run by hand). Run it
-// with `cargo test --test quickstart -- --ignored`.
 #[test]
-#[ignore = "opt-in: cargo test --test quickstart -- --ignored (placement churn seen once in CI)"]
 fn the_readme_three_node_quick_start_runs_as_written() {
     let missing: Vec<&str> = [
         ("nats-server", "--version"),

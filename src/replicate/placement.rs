@@ -312,12 +312,41 @@ pub fn kv_keys(client: &mut Client, prefix: &str) -> Result<Vec<String>, Error> 
 struct Tracker {
     /// Per node: the lease revision last seen, when it last moved (this clock), its address.
     leases: HashMap<String, (u64, Instant, String)>,
+    /// When this node's own lease was last stored.
+    renewed: Option<Instant>,
 }
 
 impl Tracker {
-    /// Reads every lease and returns the live nodes, sorted by id (this node included when
-    /// `self_ok`: its own lease was just put).
-    fn live(&mut self, client: &mut Client, me: &Node, self_ok: bool) -> Result<Vec<Node>, Error> {
+    /// Stores this node's lease (`value`: its advertise address, or [`LEAVING`]). A failure is
+    /// the tick's failure: ownership is left as it is, never released because one put timed out.
+    fn renew(&mut self, client: &mut Client, p: &Placement, value: &str) -> Result<(), Error> {
+        publish(
+            client,
+            &key_subject(&format!("lease.{}", p.node_id)),
+            &[],
+            value.as_bytes(),
+        )?;
+        self.renewed = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Renews the lease if a lease interval has passed since the last put: a tick that claims
+    /// and fences many units (each a fsynced publish on every NATS replica) can outlast
+    /// [`PLACEMENT_DEAD_AFTER`] on a loaded machine, and a lease left unmoved that long makes
+    /// the other nodes take this node's units, which it then claims back: churn.
+    fn keep_alive(&mut self, client: &mut Client, p: &Placement) -> Result<(), Error> {
+        if self
+            .renewed
+            .is_some_and(|at| at.elapsed() < PLACEMENT_LEASE_INTERVAL)
+        {
+            return Ok(());
+        }
+        self.renew(client, p, &p.advertise)
+    }
+
+    /// Reads every lease and returns the live nodes, sorted by id (this node included: its own
+    /// lease was just put).
+    fn live(&mut self, client: &mut Client, me: &Node) -> Result<Vec<Node>, Error> {
         let now = Instant::now();
         let mut live = Vec::new();
         for id in lease_nodes(client)? {
@@ -339,9 +368,7 @@ impl Tracker {
                 live.push(Node { id, addr });
             }
         }
-        if self_ok {
-            live.push(me.clone());
-        }
+        live.push(me.clone());
         live.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(live)
     }
@@ -398,20 +425,14 @@ fn tick(
         id: p.node_id.clone(),
         addr: p.advertise.clone(),
     };
-    let value = if leaving { LEAVING } else { &p.advertise };
-    let self_ok = publish(
-        client,
-        &key_subject(&format!("lease.{}", p.node_id)),
-        &[],
-        value.as_bytes(),
-    )
-    .is_ok();
     if leaving {
-        return Ok(());
+        return tracker.renew(client, p, LEAVING);
     }
-    let live = tracker.live(client, &me, self_ok)?;
+    tracker.renew(client, p, &p.advertise)?;
+    let live = tracker.live(client, &me)?;
     *p.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(View { live: live.clone() });
     for (rank, &u) in p.units.iter().enumerate() {
+        tracker.keep_alive(client, p)?;
         let mine = assigned(rank, live.len()).is_some_and(|i| live[i].id == p.node_id);
         let held = p.epoch(u);
         let key = format!("claim.{u}");
@@ -437,7 +458,7 @@ fn tick(
             }
             continue;
         }
-        if !mine || !self_ok {
+        if !mine {
             continue;
         }
         let next = Claim {
@@ -485,6 +506,7 @@ pub fn start(
                 .clone();
             let mut tracker = Tracker {
                 leases: HashMap::new(),
+                renewed: None,
             };
             let mut client: Option<Client> = None;
             let warn = crate::ratelog::LogEvery::new(Duration::from_secs(5));
@@ -506,6 +528,9 @@ pub fn start(
                             tracing::warn!(error = %e, suppressed_since_last = n, "placement: tick failed; reconnecting");
                         }
                         client = None;
+                    } else if started.elapsed() > 2 * PLACEMENT_LEASE_INTERVAL {
+                        // The lease was renewed inside it; slow NATS round trips are worth a line.
+                        tracing::info!(took_ms = started.elapsed().as_millis() as u64, "placement: slow tick");
                     }
                 }
                 let left = PLACEMENT_LEASE_INTERVAL.saturating_sub(started.elapsed());
