@@ -685,6 +685,11 @@ pub const REPLICATE_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 /// An idle replication connection is PINGed this often (a dead server shows before the next
 /// round needs it).
 pub const REPLICATE_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// `/readyz` answers 503 `replication_unavailable` once a shard's replication loop has had no
+/// working NATS connection for this long (acks wait meanwhile: a load balancer should send
+/// devices to a node that can reach the streams). Above one reconnect backoff, so a single
+/// dropped connection that reconnects at once does not flap readiness.
+pub const REPLICATE_UNREADY_AFTER: Duration = Duration::from_secs(2);
 /// Time allowed for one JetStream API request (stream info, create, message get) and a connect.
 pub const REPLICATE_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long `serve` waits at start-up for a NATS server and a JetStream meta leader before it
@@ -693,6 +698,7 @@ pub const REPLICATE_STARTUP_WAIT: Duration = Duration::from_secs(10);
 /// The streams' duplicate window (`Nats-Msg-Id` dedupe): covers every resend of a batch (they
 /// follow within seconds; a restarted node finds the tail in the stream instead).
 pub const REPLICATE_DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+const _: () = assert!(REPLICATE_UNREADY_AFTER.as_millis() > REPLICATE_RETRY_BACKOFF.as_millis());
 /// Most servers in `--nats-url`.
 pub const NATS_URLS_MAX: usize = 16;
 /// Most streams (`--nats-streams`).

@@ -432,7 +432,8 @@ fn placement_converges_non_owners_redirect_and_a_killed_owner_is_taken_over() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(
-        stats["units_owned"], stats["units"],
+        stats["units_owned"],
+        stats["units"],
         "a owns every unit within {:?} of the kill: {stats}",
         TAKEOVER_MAX * 2
     );

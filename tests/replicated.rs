@@ -547,6 +547,33 @@ fn acks_wait_while_every_nats_server_is_down_and_resume_when_they_return() {
             ) => {}
         other => panic!("expected no ack while NATS is down, got {other:?}"),
     }
+    // /readyz turns 503 "replication_unavailable" (a load balancer sends devices elsewhere)
+    // within the bound plus a reconnect attempt, naming the shards; /healthz stays 200.
+    let down = Instant::now();
+    let body = loop {
+        let (st, body) = server.get("/readyz", None);
+        if st == 503 {
+            break body;
+        }
+        assert_eq!(st, 200, "{body}");
+        assert!(
+            down.elapsed() < Duration::from_secs(15),
+            "/readyz still 200 {:?} after NATS went down: {body}",
+            down.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["status"], "replication_unavailable", "{body}");
+    let shards = ready["shards"].as_array().expect("shards listed");
+    assert!(!shards.is_empty(), "{body}");
+    assert!(
+        shards
+            .iter()
+            .all(|s| s["nats_unreachable_ms"].as_u64().unwrap() >= 2000),
+        "{body}"
+    );
+    assert_eq!(server.get("/healthz", None).0, 200);
     // Durable locally (the history has it), lag visible.
     let ops = server.token_fast(Scope::Ops);
     assert_eq!(history_all(&server, id, &ops).unwrap().len(), 2);
@@ -589,6 +616,20 @@ fn acks_wait_while_every_nats_server_is_down_and_resume_when_they_return() {
     }
     wait_ack(&mut ws, 2);
     wait_replicated(&server);
+    // Ready again once the streams store (both shards' loops reconnect; an idle one within a
+    // keep-alive interval).
+    let back = Instant::now();
+    loop {
+        let (st, body) = server.get("/readyz", None);
+        if st == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "/readyz still {st} after NATS came back: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let stored = stream_contents(&nats, &plan_for(&nats, 2));
     assert_eq!(stored.get(&(id.to_string(), t0 + 1)).copied(), Some(1));
     // The OsmAnd heartbeat was durable (not acked): it is stored once too, once NATS is back.

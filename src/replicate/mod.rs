@@ -26,7 +26,7 @@ pub mod follow;
 pub mod placement;
 pub mod wire;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::limits::{REPLICATE_DEDUPE_WINDOW, REPLICATE_VSHARDS_PER_SUBJECT, VSHARDS};
@@ -167,6 +167,37 @@ pub struct ShardStatus {
     pub retries: AtomicU64,
     /// Publishes JetStream reported as duplicates (a retry whose first try had landed).
     pub duplicates: AtomicU64,
+    /// Wall-clock ms since which the shard's replication loop has had no working NATS
+    /// connection (0: it has one). Read by `/readyz`.
+    pub unreachable_since_ms: AtomicI64,
+}
+
+impl ShardStatus {
+    /// Notes that the loop lost (or could not make) its NATS connection at `now_ms`; the first
+    /// failure's time stays until [`ShardStatus::reachable`].
+    pub fn unreachable(&self, now_ms: i64) {
+        let _ = self.unreachable_since_ms.compare_exchange(
+            0,
+            now_ms.max(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Notes a NATS round trip that worked.
+    pub fn reachable(&self) {
+        if self.unreachable_since_ms.load(Ordering::Relaxed) != 0 {
+            self.unreachable_since_ms.store(0, Ordering::Release);
+        }
+    }
+
+    /// For how long (ms) the shard has had no working NATS connection at `now_ms`, 0 if it has.
+    pub fn unreachable_for_ms(&self, now_ms: i64) -> u64 {
+        match self.unreachable_since_ms.load(Ordering::Acquire) {
+            0 => 0,
+            since => now_ms.saturating_sub(since).max(0) as u64,
+        }
+    }
 }
 
 /// The cluster-wide naming and settings of replication (see the module comment), shared by
@@ -287,6 +318,7 @@ impl Plan {
                     "batches": s.batches.load(Ordering::Relaxed),
                     "retries": s.retries.load(Ordering::Relaxed),
                     "duplicates": s.duplicates.load(Ordering::Relaxed),
+                    "nats_unreachable_ms": s.unreachable_for_ms(crate::rt::now_ms()),
                 })
             })
             .collect();

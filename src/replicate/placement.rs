@@ -25,7 +25,7 @@
 //! refused (error 10071): at most one writer's batches land per subject after a takeover.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -139,6 +139,9 @@ pub struct Placement {
     pub stepdowns: AtomicU64,
     /// Units taken over (claims won).
     pub claims: AtomicU64,
+    /// Wall-clock ms of this node's last stored lease (0: none yet). Read by `/readyz`: a node
+    /// whose lease stands still is about to be seen dead by the others.
+    pub renewed_ms: AtomicI64,
 }
 
 impl Placement {
@@ -154,6 +157,7 @@ impl Placement {
             ready: AtomicBool::new(false),
             stepdowns: AtomicU64::new(0),
             claims: AtomicU64::new(0),
+            renewed_ms: AtomicI64::new(0),
         }
     }
 
@@ -223,6 +227,14 @@ impl Placement {
             .unwrap_or_else(|p| p.into_inner())
             .live
             .clone()
+    }
+
+    /// How long ago (ms, at `now_ms`) this node last stored its lease; `None` before the first.
+    pub fn lease_age_ms(&self, now_ms: i64) -> Option<u64> {
+        match self.renewed_ms.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(now_ms.saturating_sub(at).max(0) as u64),
+        }
     }
 
     /// The ownership section of `/v1/stats`.
@@ -327,6 +339,7 @@ impl Tracker {
             value.as_bytes(),
         )?;
         self.renewed = Some(Instant::now());
+        p.renewed_ms.store(crate::rt::now_ms(), Ordering::Release);
         Ok(())
     }
 

@@ -406,7 +406,12 @@ impl Core {
                 return Ok(false);
             }
             if retry {
+                // Connected, yet the streams do not store (no leader, quorum lost, timeouts):
+                // as unavailable for `/readyz` as an unreachable server.
+                self.nats_down();
                 rt::sleep(REPLICATE_RETRY_BACKOFF).await;
+            } else {
+                self.nats_up();
             }
         }
     }
@@ -496,6 +501,21 @@ impl Core {
         debug_assert!(skipped.len() <= crate::limits::PLACEMENT_SKIPPED_MAX);
     }
 
+    /// Notes for `/readyz` that this executor's shards have no working NATS connection.
+    fn nats_down(&self) {
+        let now = rt::now_ms();
+        for slot in &self.stores {
+            self.plan().status[slot.shard.0 as usize].unreachable(now);
+        }
+    }
+
+    /// Notes a NATS round trip that worked.
+    fn nats_up(&self) {
+        for slot in &self.stores {
+            self.plan().status[slot.shard.0 as usize].reachable();
+        }
+    }
+
     /// The replication loop (see the module comment). Spawned once per executor by `server`
     /// when `--durability replicated`.
     pub async fn replicate_loop(self: Rc<Self>) {
@@ -519,6 +539,7 @@ impl Core {
                 Some(c) => c,
                 None => match Conn::connect(&plan.addrs, next_addr, &name).await {
                     Ok(c) => {
+                        self.nats_up();
                         tracing::info!(
                             executor = self.index.0,
                             server = c.addr(),
@@ -527,6 +548,7 @@ impl Core {
                         conn.insert(c)
                     }
                     Err(e) => {
+                        self.nats_down();
                         if let Some(n) = warn.check() {
                             tracing::warn!(executor = self.index.0, error = %e, suppressed_since_last = n, "NATS unreachable; acks wait");
                         }
@@ -538,8 +560,12 @@ impl Core {
             };
             if !synced {
                 match self.resync(c, &mut tails).await {
-                    Ok(()) => synced = true,
+                    Ok(()) => {
+                        synced = true;
+                        self.nats_up();
+                    }
                     Err(e) => {
+                        self.nats_down();
                         if let Some(n) = warn.check() {
                             tracing::error!(executor = self.index.0, error = %e, suppressed_since_last = n, "reading the stream tails failed; acks wait; retrying");
                         }
@@ -552,6 +578,7 @@ impl Core {
             }
             if plan.placement.is_some() {
                 if let Err(e) = self.sync_held(c, &mut held, &mut tails).await {
+                    self.nats_down();
                     if let Some(n) = warn.check() {
                         tracing::warn!(executor = self.index.0, error = %e, suppressed_since_last = n, "reading a claimed unit's tail failed; reconnecting");
                     }
@@ -570,19 +597,24 @@ impl Core {
                 .await;
                 if last_io.elapsed() >= REPLICATE_KEEPALIVE_INTERVAL {
                     last_io = Instant::now();
-                    if let Err(e) = c.ping().await {
-                        tracing::warn!(executor = self.index.0, error = %e, "NATS connection lost; reconnecting");
-                        conn = None;
-                        next_addr += 1;
+                    match c.ping().await {
+                        Ok(_) => self.nats_up(),
+                        Err(e) => {
+                            self.nats_down();
+                            tracing::warn!(executor = self.index.0, error = %e, "NATS connection lost; reconnecting");
+                            conn = None;
+                            next_addr += 1;
+                        }
                     }
                 }
                 continue;
             }
             last_io = Instant::now();
             match self.ship(c, &mut batches, &mut tails, &mut held).await {
-                Ok(true) => {}
+                Ok(true) => self.nats_up(),
                 Ok(false) => continue,
                 Err(e) => {
+                    self.nats_down();
                     if let Some(n) = warn.check() {
                         tracing::warn!(executor = self.index.0, error = %e, suppressed_since_last = n, "NATS connection lost mid-round; reconnecting, the round is resent");
                     }

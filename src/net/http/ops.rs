@@ -4,8 +4,8 @@
 //! control mesh (never behind appends).
 //!
 //! Invariant: `/healthz` answers while the process serves at all; `/readyz` is 503 while any
-//! shard's log refuses writes, before every executor recovered, and (ownership) before the
-//! placement was first read.
+//! shard's log refuses writes, before every executor recovered, (ownership) before the
+//! placement was first read, and (replicated durability) while the streams cannot store.
 
 use serde::Serialize;
 
@@ -122,6 +122,11 @@ fn health(shared: &Shared, ready: bool) -> Response {
         .is_some_and(|p| !p.ready.load(std::sync::atomic::Ordering::Acquire));
     if ready && placing {
         return Response::json(503, r#"{"status":"placing"}"#.into());
+    }
+    if ready {
+        if let Some(body) = replication_unavailable_body(shared) {
+            return Response::json(503, body);
+        }
     }
     // A sink that cannot be reached does not make the server unready: ingest goes on and the
     // shard logs hold the backlog. /readyz names it (details, with the server's message, are in
@@ -249,6 +254,45 @@ async fn stats(core: &Core) -> Response {
             .map(|plan| plan.report(|k| core.shared.feeds[k].durable().0)),
     };
     Response::json(200, serde_json::to_string(&body).expect("serializable"))
+}
+
+/// `/readyz`'s body while replicated durability cannot ack: some shard's replication loop has
+/// had no working NATS connection (or the streams stored nothing it sent) for
+/// [`REPLICATE_UNREADY_AFTER`], or this cluster node's lease has not been stored for that long
+/// plus a lease interval (the other nodes are about to take its units):
+/// `{"status":"replication_unavailable","shards":[{"shard":N,"error":..,"nats_unreachable_ms":M}],
+/// "lease_age_ms":L}`; `None` otherwise (and always without replication).
+fn replication_unavailable_body(shared: &Shared) -> Option<String> {
+    use crate::limits::{PLACEMENT_LEASE_INTERVAL, REPLICATE_UNREADY_AFTER};
+    let plan = shared.replication.as_ref()?;
+    let now = crate::rt::now_ms();
+    let after = REPLICATE_UNREADY_AFTER.as_millis() as u64;
+    let shards: Vec<serde_json::Value> = plan
+        .status
+        .iter()
+        .enumerate()
+        .filter_map(|(k, st)| {
+            let ms = st.unreachable_for_ms(now);
+            (ms >= after).then(|| {
+                serde_json::json!({
+                    "shard": k,
+                    "error": format!("no working NATS connection for {ms} ms: acks wait"),
+                    "nats_unreachable_ms": ms,
+                })
+            })
+        })
+        .collect();
+    let lease_age = plan.placement.as_ref().and_then(|p| p.lease_age_ms(now));
+    let lease_stale =
+        lease_age.is_some_and(|ms| ms >= after + PLACEMENT_LEASE_INTERVAL.as_millis() as u64);
+    if shards.is_empty() && !lease_stale {
+        return None;
+    }
+    let mut body = serde_json::json!({"status": "replication_unavailable", "shards": shards});
+    if let Some(ms) = lease_age {
+        body["lease_age_ms"] = ms.into();
+    }
+    Some(body.to_string())
 }
 
 /// `/readyz`'s body while some shard's log refuses writes (failed sync, directory removed):
