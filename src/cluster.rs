@@ -102,6 +102,14 @@ pub struct NodeStats {
     /// The sum of `geobeat_replication_lag_bytes` over its shards.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication_lag_bytes: Option<u64>,
+    /// The sum of `geobeat_view_lag_messages` over its streams: messages of other nodes not yet
+    /// in its cluster-wide view (issue 17 item 3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub view_lag_messages: Option<u64>,
+    /// The largest `geobeat_view_lag_seconds` over its streams: how far behind the newest
+    /// stored message its view is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub view_lag_seconds: Option<f64>,
     /// Why not, when not reachable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -370,14 +378,21 @@ fn stream_info(name: &str, info: &serde_json::Value) -> StreamInfo {
 /// Reads `/metrics` at `addr` (best effort, [`CLUSTER_STATUS_HTTP_TIMEOUT`]).
 pub fn node_stats(addr: &str) -> NodeStats {
     match read_metrics(addr) {
-        Ok(text) => NodeStats {
-            reachable: true,
-            replication_lag_bytes: Some(replication_lag(&text)),
-            error: None,
-        },
+        Ok(text) => {
+            let (view_lag_messages, view_lag_seconds) = view_lag(&text);
+            NodeStats {
+                reachable: true,
+                replication_lag_bytes: Some(replication_lag(&text)),
+                view_lag_messages,
+                view_lag_seconds,
+                error: None,
+            }
+        }
         Err(e) => NodeStats {
             reachable: false,
             replication_lag_bytes: None,
+            view_lag_messages: None,
+            view_lag_seconds: None,
             error: Some(e),
         },
     }
@@ -427,6 +442,25 @@ pub fn replication_lag(text: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v.max(0.0) as u64)
         .sum()
+}
+
+/// The view lag in a Prometheus exposition: the sum of `geobeat_view_lag_messages` and the
+/// largest `geobeat_view_lag_seconds` over the streams (`None`: the node has no view, i.e. the
+/// metric is absent).
+pub fn view_lag(text: &str) -> (Option<u64>, Option<f64>) {
+    let values = |name: &str| -> Vec<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .collect()
+    };
+    let msgs = values("geobeat_view_lag_messages");
+    let secs = values("geobeat_view_lag_seconds");
+    (
+        (!msgs.is_empty()).then(|| msgs.iter().map(|v| v.max(0.0) as u64).sum()),
+        secs.into_iter().map(|v| v.max(0.0)).reduce(f64::max),
+    )
 }
 
 /// The units: those of `--shards` when given, else every 64-vshard run plus any unit a claim
@@ -666,8 +700,16 @@ impl Status {
                 Some(NodeStats {
                     reachable: true,
                     replication_lag_bytes: Some(l),
+                    view_lag_messages,
+                    view_lag_seconds,
                     ..
-                }) => format!("replication lag {l} B"),
+                }) => match (view_lag_messages, view_lag_seconds) {
+                    (Some(m), s) => format!(
+                        "replication lag {l} B  view lag {m} msgs{}",
+                        s.map_or(String::new(), |s| format!(" {s:.1}s"))
+                    ),
+                    _ => format!("replication lag {l} B"),
+                },
                 Some(s) => format!(
                     "stats unreachable ({})",
                     s.error.as_deref().unwrap_or("no answer")
@@ -1035,6 +1077,20 @@ mod tests {
             Vec::new(),
         );
         assert!(s.summary.total > 64);
+    }
+
+    #[test]
+    fn view_lag_sums_messages_and_takes_the_largest_age() {
+        let text = "geobeat_view_lag_messages{stream=\"GEOBEAT_HB_0\"} 2\n\
+                    geobeat_view_lag_messages{stream=\"GEOBEAT_HB_1\"} 5\n\
+                    geobeat_view_lag_seconds{stream=\"GEOBEAT_HB_0\"} 1.5\n\
+                    geobeat_view_lag_seconds{stream=\"GEOBEAT_HB_1\"} 0.25\n\
+                    geobeat_view_lag_messages_total 9\n";
+        assert_eq!(view_lag(text), (Some(7), Some(1.5)));
+        assert_eq!(
+            view_lag("geobeat_replication_lag_bytes{shard=\"0\"} 1\n"),
+            (None, None)
+        );
     }
 
     #[test]

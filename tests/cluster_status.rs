@@ -272,6 +272,8 @@ fn status_lists_the_nodes_then_a_killed_node_dead_then_its_units_moved_and_write
         assert_eq!(j["addr"], n.server.addr.to_string());
         assert_eq!(j["stats"]["reachable"], true, "{v}");
         assert!(j["stats"]["replication_lag_bytes"].is_u64(), "{v}");
+        // Every cluster node follows the streams: its view lag is shown.
+        assert!(j["stats"]["view_lag_messages"].is_u64(), "{v}");
     }
     assert!(v["ok"].as_bool().unwrap());
     assert_eq!(v["summary"]["live_nodes"], 2, "{v}");
