@@ -1,69 +1,15 @@
 #!/usr/bin/env bash
-# Log hash chain on vs off (issue 18 item 3): the same closed-loop JSON load (device tokens,
-# one connection per device) against a fresh release server started with `--audit-chain off`
-# and then `--audit-chain on` (the default: a helper thread per shard hashes the durable entries
-# into `.chain` sidecars), alternating OFF/ON for ROUNDS rounds. Prints per run the acked
-# heartbeats/s, the server's CPU seconds (utime + stime from /proc, the chain threads included)
-# per million acked heartbeats, and the 1-minute load average at the end of the run.
+# Log hash chain on vs off (issue 18 item 3): a fresh release server started with
+# `--audit-chain off` and then `--audit-chain on` (the default: a helper thread per shard hashes
+# the durable entries into `.chain` sidecars), alternating for ROUNDS rounds under the same
+# closed-loop load; the measurement and its knobs are perf/onoff.sh's.
 #
 #   bash perf/audit_chain.sh           # ROUNDS=3 DEVICES=1000 DURATION=15 WINDOW=8
 #
 # Needs release builds: cargo build --release --bin geobeat
 #                       cargo build --release -p geobeat-perf --features mint --bin geobeat-load
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bin="${CARGO_TARGET_DIR:-target}/release"
-rounds="${ROUNDS:-3}" devices="${DEVICES:-1000}" duration="${DURATION:-15}" window="${WINDOW:-8}"
-work="$(mktemp -d /var/tmp/geobeat-chain-bench.XXXXXX)"
-pid=""
-cleanup() {
-    [[ -n "$pid" ]] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-cpu_s() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
-
-run() { # $1 = off|on
-    local data="$work/data-$1-$RANDOM" port
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    GEOBEAT_MQTT_LISTEN=off RUST_LOG=geobeat=warn "$bin/geobeat" serve --init --listen "127.0.0.1:$port" \
-        --data-dir "$data" --shards 2 --audit-chain "$1" >"$work/server.log" 2>&1 &
-    pid=$!
-    for _ in $(seq 200); do
-        curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
-        sleep 0.05
-    done
-    local url="ws://127.0.0.1:$port/v1/ingest"
-    local before after
-    before=$(cpu_s "$pid")
-    "$bin/geobeat-load" --url "$url" --secret-file "$data/secret" --devices "$devices" \
-        --mode closed --window "$window" --warmup 2 --duration "$duration" --drain 5 \
-        --json-out "$work/$1.json" >"$work/load.out" 2>&1
-    after=$(cpu_s "$pid")
-    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
-    python3 - "$work/$1.json" "$1" "$before" "$after" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-def find(d, key):
-    if isinstance(d, dict):
-        for k, v in d.items():
-            if k == key:
-                return v
-            f = find(v, key)
-            if f is not None:
-                return f
-    return None
-rate = find(r, "throughput_acked_per_s")
-acked = find(r, "acked_total") or find(r, "acked")
-cpu = float(sys.argv[4]) - float(sys.argv[3])
-import os
-print(f"{sys.argv[2]:>3}  {rate:10.0f} heartbeats/s  {cpu / max(acked, 1) * 1e6:6.2f} server CPU-s per M  (acked {acked}, server CPU {cpu:.1f} s, load average {os.getloadavg()[0]:.1f})")
-EOF
-    rm -rf "$data"
-}
-
-echo "audit_chain.sh: $rounds rounds, $devices devices, window $window, ${duration}s, $(nproc) cores, $(uname -r)"
-for _ in $(seq "$rounds"); do
-    run off
-    run on
-done
+server_args() { printf '%s\n' --audit-chain "$1"; }
+url_query() { :; }
+source "$(dirname "$0")/onoff.sh"
+onoff_main audit_chain.sh
